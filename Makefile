@@ -1,0 +1,34 @@
+# l4lb: `make` builds the standalone BPF object (for iproute2) and the release binary.
+# build.rs builds the skeleton's object through this same rule, so the clang
+# flags live here only.
+
+BPF_SRC   := src/bpf/l4lb_xdp.bpf.c
+BPF_DEPS  := $(wildcard src/bpf/*.h) $(wildcard include/*.h)
+BPF_OBJ   ?= l4lb_xdp.o
+CLANG     ?= clang
+BPF_CFLAGS := -g -O2 -target bpf -Wall -Wextra -Werror \
+	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu
+
+CARGO     ?= cargo
+
+.PHONY: all build deps test demo bench clean
+all: $(BPF_OBJ) build
+
+$(BPF_OBJ): $(BPF_SRC) $(BPF_DEPS)
+	$(CLANG) $(BPF_CFLAGS) -c $(BPF_SRC) -o $@
+
+build:
+	$(CARGO) build --release
+
+deps:
+	scripts/install-deps.sh
+
+test: deps
+	scripts/test.sh
+
+demo: deps
+	scripts/demo.sh
+
+clean:
+	rm -f l4lb_xdp.o
+	$(CARGO) clean

@@ -1,0 +1,106 @@
+//! Builds the XDP object through the Makefile's rule (the clang flags live there
+//! only) and generates the libbpf-rs skeleton from it.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+use std::sync::{Arc, Mutex};
+
+use bindgen::callbacks::{EnumVariantValue, ParseCallbacks};
+use libbpf_cargo::SkeletonBuilder;
+
+const BPF_SOURCE: &str = "src/bpf/l4lb_xdp.bpf.c";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let object = out_dir.join("l4lb_xdp.o");
+
+    let status = Command::new("make")
+        .arg("--no-print-directory")
+        .arg("-C")
+        .arg(&manifest_dir)
+        .arg(format!("BPF_OBJ={}", object.display()))
+        .arg(&object)
+        .status()
+        .expect("running make to build the BPF object (is make installed?)");
+    assert!(status.success(), "building {} failed (see the compiler output above)", BPF_SOURCE);
+
+    SkeletonBuilder::new()
+        .source(manifest_dir.join(BPF_SOURCE))
+        .obj(&object)
+        .generate(out_dir.join("l4lb_xdp.skel.rs"))
+        .expect("generating the BPF skeleton");
+
+    // Constants and the counter enum of include/l4lb.h (BTF carries the struct
+    // layouts into the skeleton, but not #defines or enums the code only uses).
+    let counter_names = CounterNames::default();
+    bindgen::Builder::default()
+        .parse_callbacks(Box::new(counter_names.clone()))
+        .header(manifest_dir.join("include/l4lb.h").display().to_string())
+        .allowlist_var("L4LB_.*")
+        .allowlist_type("l4lb_counter")
+        .constified_enum_module("l4lb_counter")
+        .use_core()
+        .generate()
+        .expect("generating constants from include/l4lb.h")
+        .write_to_file(out_dir.join("l4lb_consts.rs"))
+        .expect("writing l4lb_consts.rs");
+    counter_names.write(&out_dir.join("l4lb_counter_names.rs"));
+
+    // Tests load the very object the skeleton embeds (iproute2, offload checks).
+    println!("cargo:rustc-env=L4LB_BPF_OBJECT={}", object.display());
+    println!("cargo:rerun-if-changed=Makefile");
+    for dir in ["src/bpf", "include"] {
+        println!("cargo:rerun-if-changed={dir}");
+        for entry in std::fs::read_dir(manifest_dir.join(dir)).expect("listing BPF sources").flatten() {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+    }
+}
+
+/// Collects the members of `enum l4lb_counter` while bindgen parses the header,
+/// so that the host's counter names follow the C enum (`L4LB_CNT_DROP_BAD_IHL`
+/// becomes "drop_bad_ihl") without a hand-kept list.
+#[derive(Debug, Default, Clone)]
+struct CounterNames(Arc<Mutex<Vec<(i64, String)>>>);
+
+impl ParseCallbacks for CounterNames {
+    fn enum_variant_name(
+        &self,
+        enum_name: Option<&str>,
+        original_variant_name: &str,
+        value: EnumVariantValue,
+    ) -> Option<String> {
+        let is_counter_enum = enum_name.is_some_and(|name| name.contains("l4lb_counter"));
+        if let (true, Some(short)) = (is_counter_enum, original_variant_name.strip_prefix("L4LB_CNT_")) {
+            if short != "MAX" {
+                let value = match value {
+                    EnumVariantValue::Boolean(v) => v as i64,
+                    EnumVariantValue::Signed(v) => v,
+                    EnumVariantValue::Unsigned(v) => v as i64,
+                };
+                self.0.lock().unwrap().push((value, short.to_ascii_lowercase()));
+            }
+        }
+        None
+    }
+}
+
+impl CounterNames {
+    fn write(&self, path: &std::path::Path) {
+        let mut names = self.0.lock().unwrap().clone();
+        names.sort();
+        for (expected, (value, name)) in names.iter().enumerate() {
+            assert_eq!(*value, expected as i64, "enum l4lb_counter must be dense from 0 ({name})");
+        }
+        let list: Vec<String> = names.iter().map(|(_, name)| format!("{name:?}")).collect();
+        let text = format!(
+            "/// Names of `enum l4lb_counter` members, indexed by value.\npub const COUNTER_NAMES: [&str; {}] = [{}];\n",
+            list.len(),
+            list.join(", ")
+        );
+        std::fs::write(path, text).expect("writing counter names");
+    }
+}

@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The datapath's maps. Only ARRAY maps with flags 0: the subset that XDP
+ * hardware offload (NFP) accepts. The host may switch the two counter maps to
+ * per-CPU arrays before loading in driver or generic mode, so that counters
+ * do not bounce cache lines between CPUs; the source stays the same.
+ */
+#ifndef L4LB_MAPS_H
+#define L4LB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "l4lb.h"
+
+/* Key 0: struct l4lb_config. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l4lb_config);
+} l4lb_config SEC(".maps");
+
+/* Destinations, indexed by backend number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct l4lb_backend);
+} l4lb_backends SEC(".maps");
+
+/* Lookup table: slot (hash & L4LB_TABLE_MASK) -> backend number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_TABLE_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+} l4lb_slots SEC(".maps");
+
+/* Per-destination packets and bytes, same index as l4lb_backends. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct l4lb_backend_stats);
+} l4lb_be_stats SEC(".maps");
+
+/* Global counters, indexed by enum l4lb_counter. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} l4lb_counters SEC(".maps");
+
+#endif /* L4LB_MAPS_H */
