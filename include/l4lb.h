@@ -38,8 +38,9 @@ struct l4lb_config {
 };
 
 /* l4lb_config.flags */
-#define L4LB_CONFIG_SEED_SET 0x1U     /* hash_seed chosen by the operator */
-#define L4LB_CONFIG_SRC_SET 0x2U      /* src_addr has been configured */
+#define L4LB_CONFIG_SEED_SET 0x1U     /* hash_seed has been chosen (random or fixed) */
+#define L4LB_CONFIG_SEED_FIXED 0x2U   /* ... and was given by the operator */
+#define L4LB_CONFIG_SRC_SET 0x4U      /* src_addr has been configured */
 
 /* One destination (slot of l4lb_backends, indexed by backend number). */
 struct l4lb_backend {

@@ -1,4 +1,9 @@
-mod skel {
-    include!(concat!(env!("OUT_DIR"), "/l4lb_xdp.skel.rs"));
+use clap::Parser;
+
+fn main() {
+    let cli = l4lb::cli::Cli::parse();
+    if let Err(err) = l4lb::commands::run(cli.command) {
+        eprintln!("l4lb: error: {err:#}");
+        std::process::exit(1);
+    }
 }
-fn main() {}

@@ -1,0 +1,52 @@
+//! Facts about a network interface: index, IPv4 address, MTU.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+
+/// A network interface, resolved by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+}
+
+impl Interface {
+    pub fn by_name(name: &str) -> Result<Self> {
+        if name.is_empty() || name.len() >= nix::libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+            bail!("`{name}` is not a valid interface name");
+        }
+        let index = nix::net::if_::if_nametoindex(name)
+            .map_err(|_| anyhow::anyhow!("no such interface: {name}"))?;
+        Ok(Interface { name: name.to_string(), index })
+    }
+
+    /// The first IPv4 address configured on the interface.
+    pub fn ipv4_addr(&self) -> Result<Option<Ipv4Addr>> {
+        let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
+        Ok(addrs
+            .filter(|a| a.interface_name == self.name)
+            .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())))
+            .next())
+    }
+
+    /// The interface MTU (largest L3 packet it sends).
+    pub fn mtu(&self) -> Result<u32> {
+        let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .context("opening a socket to ask for the MTU")?;
+        // SAFETY: ifreq is plain data; the name fits (checked in by_name).
+        let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in request.ifr_name.iter_mut().zip(self.name.bytes()) {
+            *dst = src as nix::libc::c_char;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of a valid ifreq.
+        let rc = unsafe { nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCGIFMTU, &mut request) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("{}: reading the MTU", self.name));
+        }
+        // SAFETY: SIOCGIFMTU filled the ifru_mtu member.
+        Ok(unsafe { request.ifr_ifru.ifru_mtu } as u32)
+    }
+}

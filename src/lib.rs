@@ -1,0 +1,16 @@
+//! l4lb host library: everything the `l4lb` binary does, split by concern so
+//! that the pure parts (file parsing, table computation, statistics) are
+//! tested without root.
+
+pub mod attach;
+pub mod bpf;
+pub mod cli;
+pub mod commands;
+pub mod destinations;
+pub mod discover;
+pub mod flow_hash;
+pub mod iface;
+pub mod libbpf_log;
+pub mod maps;
+pub mod stats;
+pub mod table;
