@@ -224,6 +224,6 @@ fn status(name: &str) -> Result<()> {
             format!("{:.3}%", 100.0 * slots as f64 / table.slots.len() as f64),
         ]);
     }
-    println!("{out}");
+    print!("{}", stats::table_text(&out));
     Ok(())
 }

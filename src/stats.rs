@@ -112,8 +112,8 @@ pub fn render_table(report: &Report) -> String {
         ]);
     }
     table.add_row(vec![
-        Cell::new("[Totals]"),
         Cell::new(""),
+        Cell::new("[Totals]"),
         Cell::new(format!("{} pkts/s", thousands(report.totals.pps))),
         Cell::new(format!("{} bits/s", thousands(report.totals.bps))),
     ]);
@@ -128,12 +128,17 @@ pub fn render_table(report: &Report) -> String {
         .filter(|(name, value)| !name.starts_with("drop_") || value.as_u64() != Some(0))
         .map(|(name, value)| format!("{name} {}", thousands(value.as_u64().unwrap_or(0) as f64)))
         .collect();
-    let rows: String = table.lines().map(|line| format!("{}\n", line.trim_end())).collect();
     format!(
-        "== Load balancer outbound statistics [{}] ==\n{rows}Counters: {}\n",
+        "== Load balancer outbound statistics [{}] ==\n{}Counters: {}\n",
         report.mode_label,
+        table_text(&table),
         counters.join(", ")
     )
+}
+
+/// A borderless table's text, without the padding it leaves at line ends.
+pub fn table_text(table: &Table) -> String {
+    table.lines().map(|line| format!("{}\n", line.trim_end())).collect()
 }
 
 pub fn render_json(report: &Report) -> String {
@@ -179,7 +184,7 @@ mod tests {
         assert_eq!(lines[0], "== Load balancer outbound statistics [Offload] ==");
         assert!(lines[2].contains(" 1 ") && lines[2].contains("10.0.0.57"), "{text}");
         assert!(lines[2].ends_with("1,029,744 pkts/s  1,186,264,224 bits/s"), "{text}");
-        assert!(lines[3].starts_with(" [Totals]") && lines[3].ends_with("1,029,744 pkts/s  1,186,264,224 bits/s"), "{text}");
+        assert!(lines[3].trim_start().starts_with("[Totals]") && lines[3].ends_with("1,029,744 pkts/s  1,186,264,224 bits/s"), "{text}");
         assert_eq!(lines[4], "Counters: rx 1,029,744, tx 0, pass 0");
     }
 
