@@ -133,7 +133,7 @@ fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> 
     let removed = current.backends.iter().flatten().count() + added - list.destinations.len();
     let changed = plan.backend_writes.len() - added;
     println!(
-        "{}: {} destinations ({added} added, {removed} removed, {changed} changed), {} of {TABLE_SIZE} slots moved, outer source {source}",
+        "{}: {} destinations ({added} added, {removed} removed, {changed} changed), {} of {TABLE_SIZE} slots written, outer source {source}",
         iface.name,
         list.destinations.len(),
         plan.slot_writes.len()
