@@ -44,6 +44,20 @@ fn open_l4lb(name: &str) -> Result<(Interface, discover::AttachedProgram, LbMaps
     Ok((iface, program, maps))
 }
 
+/// Serialises updates of one interface's maps: two `l4lb map` runs at once
+/// would each plan against a state the other is changing. Held until dropped.
+fn update_lock(iface: &Interface) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = std::path::PathBuf::from(format!("/run/l4lb-{}.lock", iface.name));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: opening the update lock", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow!("{}: taking the update lock: {errno}", path.display()))
+}
+
 fn random_seed() -> Result<u32> {
     let mut bytes = [0u8; 4];
     getrandom::getrandom(&mut bytes).map_err(|err| anyhow!("reading a random hash seed: {err}"))?;
@@ -77,6 +91,7 @@ fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>) -> Resul
     let iface = Interface::by_name(name)?;
     let mode = Mode::from(mode);
     let mtu = iface.mtu()?;
+    let _lock = update_lock(&iface)?;
     let id = crate::attach::attach(&iface, mode, force)?;
     let (_, _, maps) = open_l4lb(name)?;
     let source = iface.ipv4_addr()?;
@@ -101,6 +116,7 @@ fn detach(name: &str) -> Result<()> {
 fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> Result<()> {
     let list = destinations::load(file)?;
     let (iface, _, maps) = open_l4lb(name)?;
+    let _lock = update_lock(&iface)?;
     let source = match source {
         Some(addr) => addr,
         None => iface

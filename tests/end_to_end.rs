@@ -1,4 +1,895 @@
+//! End to end: the `l4lb` binary and the BPF object on a veth pair between
+//! two network namespaces. A generator namespace sends crafted frames to the
+//! balancer's veth; the encapsulated frames the balancer sends back (XDP_TX)
+//! are captured on the generator side and checked byte for byte, and the
+//! counters `l4lb stats` reports are compared with what was captured.
+//!
+//! Each test builds its own namespaces (`l4lbt-<pid>-<n>-gen`, `-lb`); a guard
+//! deletes them, and with them the veth and its XDP programs, even when an
+//! assertion fails.
+
 mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::fail;
+use l4lb::table::TableState;
+use libtest_mimic::Failed;
+use nix::libc;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+type TestResult<T = ()> = Result<T, Failed>;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+const BPF_OBJECT: &str = env!("L4LB_BPF_OBJECT");
+const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/destination_samples");
+/// Namespaces, interfaces and temporary directories of this suite start with this.
+const PREFIX: &str = "l4lbt";
+const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Frames per traffic check.
+const N: usize = 200;
+
 fn main() {
-    common::run_suite("offload_subset", "placeholder", vec![]);
+    if common::is_root() {
+        remove_leftovers();
+    }
+    common::run_suite(
+        "end_to_end",
+        "network namespaces and XDP need root",
+        vec![
+            ("iproute2_load_then_map_balances_and_counts", iproute2_load_then_map_balances_and_counts),
+            ("attach_driver_mode_with_outer_source_flag", attach_driver_mode_with_outer_source_flag),
+            ("attach_refuses_without_force_and_generic_mode_works", attach_refuses_without_force_and_generic_mode_works),
+            ("bad_destination_files_leave_maps_byte_identical", bad_destination_files_leave_maps_byte_identical),
+            ("clear_errors_without_an_l4lb_program", clear_errors_without_an_l4lb_program),
+            ("map_without_address_needs_source_and_foreign_program_is_left_alone", map_without_address_needs_source_and_foreign_program_is_left_alone),
+            ("remap_keeps_counters_and_flows_of_staying_destinations", remap_keeps_counters_and_flows_of_staying_destinations),
+        ],
+    );
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($message:tt)+) => {
+        if !$cond {
+            return Err(format!($($message)+).into());
+        }
+    };
+}
+
+// ---------------------------------------------------------------- commands
+
+/// A finished (or timed-out) command.
+struct Outcome {
+    what: String,
+    /// None: killed after COMMAND_TIMEOUT, or could not be started.
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn describe(&self) -> String {
+        format!("`{}` exited with {:?}\nstdout:\n{}\nstderr:\n{}", self.what, self.code, self.stdout, self.stderr)
+    }
+
+    fn success(self) -> TestResult<Self> {
+        ensure!(self.code == Some(0), "expected success: {}", self.describe());
+        Ok(self)
+    }
+
+    /// A clean non-zero exit (not a timeout, not a signal).
+    fn failure(self) -> TestResult<Self> {
+        ensure!(matches!(self.code, Some(code) if code != 0), "expected a non-zero exit: {}", self.describe());
+        Ok(self)
+    }
+}
+
+/// Runs a command with output capture and a timeout.
+fn run(program: &str, args: &[&str]) -> Outcome {
+    let what = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
+    let mut child = match Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        Ok(child) => child,
+        Err(err) => return Outcome { what, code: None, stdout: String::new(), stderr: format!("cannot start: {err}") },
+    };
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let mut stderr = stderr.join().unwrap_or_default();
+    if code.is_none() {
+        stderr.push_str(&format!("\n(killed after {COMMAND_TIMEOUT:?} or by a signal)"));
+    }
+    Outcome { what, code, stdout, stderr }
+}
+
+/// `ip ARGS`, which must succeed; its stdout.
+fn ip(args: &[&str]) -> TestResult<String> {
+    Ok(run("ip", args).success()?.stdout)
+}
+
+fn sample(name: &str) -> String {
+    format!("{SAMPLES}/{name}")
+}
+
+/// Deletes namespaces and directories of earlier runs whose process is gone
+/// (a run of this suite in another process keeps its own).
+fn remove_leftovers() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { return false };
+        let pid = rest.split('-').next().unwrap_or("");
+        pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for line in run("ip", &["netns", "list"]).stdout.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if dead(name) {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if dead(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- topology
+
+/// Two namespaces joined by a veth pair; deleting them on drop removes the
+/// veth and every XDP program attached to it.
+struct Topology {
+    gen: String,
+    lb: String,
+    gen_dev: String,
+    lb_dev: String,
+    lb_mac: [u8; 6],
+    gen_mac: [u8; 6],
+    /// Scratch directory for destination files.
+    dir: PathBuf,
+}
+
+impl Topology {
+    /// gen (192.0.2.1/24, XDP_PASS program so it receives XDP_TX frames)
+    /// <-> lb (192.0.2.2/24 when `lb_address`, no XDP program yet).
+    fn new(lb_address: bool) -> TestResult<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let base = format!("{PREFIX}-{}-{n}", std::process::id());
+        let mut topo = Topology {
+            gen: format!("{base}-gen"),
+            lb: format!("{base}-lb"),
+            gen_dev: format!("{PREFIX}{n}g"),
+            lb_dev: format!("{PREFIX}{n}l"),
+            lb_mac: [0; 6],
+            gen_mac: [0; 6],
+            dir: std::env::temp_dir().join(&base),
+        };
+        // From here on the guard exists: a failure below still cleans up.
+        std::fs::create_dir_all(&topo.dir)?;
+        for ns in [&topo.gen, &topo.lb] {
+            ip(&["netns", "add", ns])?;
+            // No IPv6: no router solicitations or MLD reports to disturb counters.
+            run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+                .success()?;
+        }
+        let (gen, lb, gen_dev, lb_dev) = (&topo.gen, &topo.lb, &topo.gen_dev, &topo.lb_dev);
+        ip(&["-n", gen, "link", "add", gen_dev, "type", "veth", "peer", "name", lb_dev, "netns", lb])?;
+        ip(&["-n", gen, "addr", "add", &format!("{GEN_ADDR}/24"), "dev", gen_dev])?;
+        if lb_address {
+            ip(&["-n", lb, "addr", "add", &format!("{LB_ADDR}/24"), "dev", lb_dev])?;
+        }
+        ip(&["-n", gen, "link", "set", "dev", gen_dev, "up"])?;
+        ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
+        topo.gen_mac = link_mac(gen, gen_dev)?;
+        topo.lb_mac = link_mac(lb, lb_dev)?;
+        attach_xdp_pass(&topo.gen, &topo.gen_dev)?;
+        Ok(topo)
+    }
+
+    /// `l4lb ARGS` inside the lb namespace.
+    fn l4lb(&self, args: &[&str]) -> Outcome {
+        let mut full = vec!["netns", "exec", &self.lb, BIN];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Writes a file into the scratch directory; returns its path.
+    fn file(&self, name: &str, contents: &[u8]) -> TestResult<String> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents)?;
+        Ok(path.display().to_string())
+    }
+
+    /// The XDP programs on the lb veth as `ip -j -d link show` lists them:
+    /// (mode as iproute2 names it: "xdp" (driver), "xdpgeneric", "xdpoffload";
+    /// program id; program name).
+    fn lb_xdp_programs(&self) -> TestResult<Vec<(String, u32, String)>> {
+        let json: Value = serde_json::from_str(&ip(&["-n", &self.lb, "-j", "-d", "link", "show", "dev", &self.lb_dev])?)?;
+        let xdp = &json[0]["xdp"];
+        let attached = match xdp["attached"].as_array() {
+            Some(list) => list.clone(),
+            None if xdp.is_object() => vec![xdp.clone()],
+            None => Vec::new(),
+        };
+        attached
+            .iter()
+            .map(|entry| {
+                let mode = match entry["mode"].as_u64() {
+                    Some(1) => "xdp",
+                    Some(2) => "xdpgeneric",
+                    Some(3) => "xdpoffload",
+                    _ => return Err(fail(format!("unknown XDP mode in {entry}"))),
+                };
+                let id = entry["prog"]["id"].as_u64().ok_or_else(|| fail(format!("no program id in {entry}")))?;
+                Ok((mode.to_string(), id as u32, entry["prog"]["name"].as_str().unwrap_or("").to_string()))
+            })
+            .collect()
+    }
+
+    /// Asserts that the lb veth has no XDP program at all.
+    fn assert_no_xdp(&self) -> TestResult {
+        let text = ip(&["-n", &self.lb, "-d", "link", "show", "dev", &self.lb_dev])?;
+        ensure!(!text.contains("prog/xdp") && !text.contains(" xdp"), "{} still has an XDP program:\n{text}", self.lb_dev);
+        Ok(())
+    }
+
+    /// Runs `f` on the maps of the l4lb program on the lb veth, through the library.
+    fn with_maps<T: Send>(&self, f: impl FnOnce(&l4lb::maps::LbMaps) -> anyhow::Result<T> + Send) -> TestResult<T> {
+        in_netns(&self.lb, || {
+            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
+            let program = l4lb::discover::find_l4lb(&iface)?;
+            let maps = l4lb::maps::LbMaps::open(&program)?;
+            Ok(f(&maps)?)
+        })
+    }
+
+    /// Every byte of every map of the l4lb program.
+    fn dump(&self) -> TestResult<Vec<u8>> {
+        self.with_maps(|maps| maps.dump())
+    }
+
+    /// (hash seed, table) of the l4lb program, to predict each flow's destination.
+    fn model(&self) -> TestResult<(u32, TableState)> {
+        self.with_maps(|maps| Ok((maps.read_config()?.hash_seed, maps.read_table()?)))
+    }
+
+    /// Two `l4lb stats --json` samples, parsed.
+    fn stats(&self) -> TestResult<Vec<Value>> {
+        let out = self.l4lb(&["stats", "-i", &self.lb_dev, "--json", "--count", "2", "--interval", "0.2"]).success()?;
+        let samples: Vec<Value> = out
+            .stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).map_err(|err| fail(format!("stats line {line:?} is not JSON: {err}"))))
+            .collect::<TestResult<_>>()?;
+        ensure!(samples.len() == 2, "expected 2 JSON lines from stats --count 2:\n{}", out.stdout);
+        Ok(samples)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.gen, &self.lb] {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
+    let json: Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;
+    let text = json[0]["address"].as_str().ok_or_else(|| fail(format!("no MAC for {dev} in {json}")))?;
+    Ok(text.parse::<macaddr::MacAddr6>()?.into_array())
+}
+
+/// Runs `f` in a thread that has entered network namespace `ns` (setns
+/// affects only the calling thread). Panics in `f` are passed on.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> TestResult<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let file = File::open(&path).map_err(|err| fail(format!("{path}: {err}")))?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| fail(format!("setns {path}: {err}")))?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Loads `r0 = XDP_PASS; exit` and attaches it to `dev` in driver mode. The
+/// attachment outlives the program fd (netlink attach).
+fn attach_xdp_pass(ns: &str, dev: &str) -> TestResult {
+    in_netns(ns, || {
+        let index = nix::net::if_::if_nametoindex(dev)?;
+        // SAFETY: bpf_insn is plain data; all-zero is a valid value.
+        let mut insns: [libbpf_sys::bpf_insn; 2] = unsafe { std::mem::zeroed() };
+        insns[0].code = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+        insns[0].imm = 2; // XDP_PASS
+        insns[1].code = 0x95; // BPF_JMP | BPF_EXIT
+        // SAFETY: valid instruction array of 2, NUL-terminated strings, null opts.
+        let fd = unsafe {
+            libbpf_sys::bpf_prog_load(libbpf_sys::BPF_PROG_TYPE_XDP, c"l4lbt_pass".as_ptr(), c"GPL".as_ptr(), insns.as_ptr(), 2, std::ptr::null_mut())
+        };
+        ensure!(fd >= 0, "loading the XDP_PASS program: {}", std::io::Error::from_raw_os_error(-fd));
+        // SAFETY: fd was just returned to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscall wrapper with a valid fd, null options.
+        let rc = unsafe { libbpf_sys::bpf_xdp_attach(index as i32, fd.as_raw_fd(), libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null()) };
+        ensure!(rc == 0, "attaching the XDP_PASS program to {dev}: {}", std::io::Error::from_raw_os_error(-rc));
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- frames
+
+/// An AF_PACKET socket bound to one interface (of the calling thread's namespace).
+struct PacketSocket {
+    fd: OwnedFd,
+}
+
+const PACKET_OUTGOING: u8 = 4;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+impl PacketSocket {
+    fn bind(dev: &str) -> TestResult<Self> {
+        let protocol = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol as libc::c_int) };
+        ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just returned to us.
+        let socket = PacketSocket { fd: unsafe { OwnedFd::from_raw_fd(fd) } };
+        // SAFETY: sockaddr_ll is plain data.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = nix::net::if_::if_nametoindex(dev)? as i32;
+        // SAFETY: addr is a valid sockaddr_ll of the given size.
+        let rc = unsafe {
+            libc::bind(fd, &addr as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        };
+        ensure!(rc == 0, "binding to {dev}: {}", std::io::Error::last_os_error());
+        socket.option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(16i32 << 20))?;
+        socket.option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &libc::timeval { tv_sec: 0, tv_usec: 50_000 })?;
+        // Older kernels lack it; outgoing frames are filtered in recv() too.
+        let _ = socket.option(libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32);
+        Ok(socket)
+    }
+
+    fn option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> TestResult {
+        // SAFETY: value points to a T of the given size.
+        let rc = unsafe {
+            libc::setsockopt(self.fd.as_raw_fd(), level, name, value as *const T as *const libc::c_void, std::mem::size_of::<T>() as u32)
+        };
+        ensure!(rc == 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    fn send(&self, frame: &[u8]) -> TestResult {
+        // SAFETY: frame is a valid buffer of frame.len() bytes.
+        let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
+        ensure!(sent == frame.len() as isize, "sending a {}-byte frame: {}", frame.len(), std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    /// The next incoming frame; None after the receive timeout or for an outgoing one.
+    fn recv(&self) -> TestResult<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: sockaddr_ll is plain data.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: buf and addr are valid for the sizes given.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+                &mut addr as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut len,
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(fail(format!("receiving: {err}"))),
+            };
+        }
+        if addr.sll_pkttype == PACKET_OUTGOING {
+            return Ok(None);
+        }
+        buf.truncate(n as usize);
+        Ok(Some(buf))
+    }
+}
+
+/// Identifies a sent frame: (IP protocol, source address, source port).
+type FlowKey = (u8, Ipv4Addr, u16);
+
+/// The flow key and the flow as the datapath hashes it, from an IPv4 packet.
+fn flow_of(packet: &[u8]) -> Option<(FlowKey, l4lb::flow_hash::Flow)> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let ports = packet.get(ihl..ihl + 4)?;
+    let flow = l4lb::flow_hash::Flow {
+        saddr: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+        daddr: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto: packet[9],
+    };
+    Some(((flow.proto, flow.saddr, flow.sport), flow))
+}
+
+/// RFC 1071 checksum, computed here independently of etherparse and the datapath.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `count` TCP and UDP frames from gen to the lb veth's MAC, with distinct
+/// source ports starting at `first_port`, varied addresses, TOS, DF and
+/// payload sizes (deterministic for a given `first_port`).
+fn probe_frames(topo: &Topology, count: usize, first_port: u16) -> Vec<Vec<u8>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(first_port));
+    (0..count)
+        .map(|i| {
+            let saddr = Ipv4Addr::new(192, 0, 2, rng.gen_range(100..=250));
+            let daddr = if i % 4 == 3 { Ipv4Addr::new(192, 0, 2, 50) } else { LB_ADDR };
+            let sport = first_port + i as u16;
+            let dport = [80, 443, 53, 8080, rng.gen()][i % 5];
+            let payload: Vec<u8> = (0..rng.gen_range(0..300)).map(|_| rng.gen()).collect();
+            let builder = etherparse::PacketBuilder::ethernet2(topo.gen_mac, topo.lb_mac).ipv4(saddr.octets(), daddr.octets(), 64);
+            let mut frame = Vec::new();
+            if i % 2 == 0 {
+                builder.udp(sport, dport).write(&mut frame, &payload).expect("building a UDP frame");
+            } else {
+                builder.tcp(sport, dport, rng.gen(), 65535).syn().write(&mut frame, &payload).expect("building a TCP frame");
+            }
+            // Vary what the outer header copies (TOS, DF) and the id; fix the checksum.
+            frame[15] = rng.gen();
+            frame[18..20].copy_from_slice(&(i as u16).to_be_bytes());
+            frame[20..22].copy_from_slice(&(if i % 3 == 0 { 0u16 } else { 0x4000 }).to_be_bytes());
+            frame[24..26].fill(0);
+            let check = internet_checksum(&frame[14..34]);
+            frame[24..26].copy_from_slice(&check.to_be_bytes());
+            frame
+        })
+        .collect()
+}
+
+/// Sends `frames` out of the gen veth and returns every IPv4-in-IPv4 frame
+/// that comes back: until as many as were sent arrived and 300 ms passed
+/// without more, or 5 s in all.
+fn exchange(topo: &Topology, frames: &[Vec<u8>]) -> TestResult<Vec<Vec<u8>>> {
+    in_netns(&topo.gen, || {
+        let socket = PacketSocket::bind(&topo.gen_dev)?;
+        for (i, frame) in frames.iter().enumerate() {
+            socket.send(frame)?;
+            if i % 32 == 31 {
+                std::thread::sleep(Duration::from_millis(2)); // keep the veth rings (256) from overflowing
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut quiet_until: Option<Instant> = None;
+        let mut received = Vec::new();
+        while Instant::now() < deadline {
+            if received.len() >= frames.len() && *quiet_until.get_or_insert(Instant::now() + Duration::from_millis(300)) <= Instant::now() {
+                break;
+            }
+            if let Some(frame) = socket.recv()? {
+                if frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 4 {
+                    received.push(frame);
+                }
+            }
+        }
+        Ok(received)
+    })
+}
+
+/// What every encapsulated frame must look like.
+struct Expectation {
+    lb_mac: [u8; 6],
+    outer_src: Ipv4Addr,
+    /// Active destinations: address -> MAC.
+    destinations: BTreeMap<Ipv4Addr, [u8; 6]>,
+    /// (hash seed, table) from the maps: each flow's destination is predicted.
+    model: (u32, TableState),
+}
+
+impl Expectation {
+    fn new(topo: &Topology, outer_src: Ipv4Addr, destinations: &[(Ipv4Addr, [u8; 6])]) -> TestResult<Self> {
+        Ok(Expectation { lb_mac: topo.lb_mac, outer_src, destinations: destinations.iter().copied().collect(), model: topo.model()? })
+    }
+}
+
+/// Checks one captured frame against the frame sent for its flow; returns
+/// the flow and the outer destination.
+fn check_encapsulated(frame: &[u8], sent: &HashMap<FlowKey, &Vec<u8>>, expect: &Expectation) -> Result<(FlowKey, Ipv4Addr), String> {
+    ensure!(frame.len() >= 14 + 20 + 20, "{}-byte frame is too short for Ethernet + 2 IPv4 headers", frame.len());
+    let inner = &frame[34..];
+    let (key, flow) = flow_of(inner).ok_or("inner packet has no ports")?;
+    let original = sent.get(&key).ok_or_else(|| format!("inner packet of flow {key:?} was never sent"))?;
+    ensure!(inner == &original[14..], "inner packet of flow {key:?} differs from what was sent:\n sent {:02x?}\n got  {:02x?}", &original[14..], inner);
+
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).map_err(|err| format!("outer header of {key:?}: {err}"))?;
+    let dst = outer.destination_addr();
+    let mac = expect.destinations.get(&dst).ok_or_else(|| format!("flow {key:?}: outer destination {dst} is not an active destination"))?;
+    ensure!(frame[0..6] == mac[..], "flow {key:?}: Ethernet destination {:02x?}, want {dst}'s MAC {:02x?}", &frame[0..6], mac);
+    ensure!(frame[6..12] == expect.lb_mac, "flow {key:?}: Ethernet source {:02x?}, want the lb veth's {:02x?}", &frame[6..12], expect.lb_mac);
+    ensure!(frame[14] == 0x45, "flow {key:?}: outer version/IHL byte {:#04x}, want 0x45", frame[14]);
+    ensure!(outer.source_addr() == expect.outer_src, "flow {key:?}: outer source {}, want {}", outer.source_addr(), expect.outer_src);
+    ensure!(outer.ttl() == 64, "flow {key:?}: outer TTL {}", outer.ttl());
+    ensure!(outer.protocol().0 == 4, "flow {key:?}: outer protocol {}", outer.protocol().0);
+    ensure!(usize::from(outer.total_len()) == frame.len() - 14, "flow {key:?}: outer total length {} for {} bytes after Ethernet", outer.total_len(), frame.len() - 14);
+    ensure!(internet_checksum(&frame[14..34]) == 0, "flow {key:?}: outer header checksum {:#06x} is wrong", outer.header_checksum());
+    ensure!(frame[15] == inner[1], "flow {key:?}: outer TOS {:#04x}, inner {:#04x}", frame[15], inner[1]);
+    let df = u16::from_be_bytes([inner[6], inner[7]]) & 0x4000;
+    ensure!(u16::from_be_bytes([frame[20], frame[21]]) == df, "flow {key:?}: outer flags/offset {:02x?}, want only the inner DF ({df:#06x})", &frame[20..22]);
+
+    let (seed, table) = &expect.model;
+    let predicted = table.slot_backend(flow.slot(*seed)).map(|(_, d)| d.addr);
+    ensure!(predicted == Some(dst), "flow {key:?} went to {dst}; its slot in the table leads to {predicted:?}");
+    Ok((key, dst))
+}
+
+/// Packets and bytes per destination.
+type Tally = BTreeMap<Ipv4Addr, (u64, u64)>;
+
+/// Sends `frames`, checks that exactly one encapsulated frame comes back for
+/// each and that each is right; returns the flows' destinations and the tally
+/// per destination (every active destination present, maybe with 0).
+fn send_and_check(topo: &Topology, frames: &[Vec<u8>], expect: &Expectation) -> TestResult<(HashMap<FlowKey, Ipv4Addr>, Tally)> {
+    let sent: HashMap<FlowKey, &Vec<u8>> = frames.iter().map(|f| (flow_of(&f[14..]).expect("probe has ports").0, f)).collect();
+    assert_eq!(sent.len(), frames.len(), "probe flows must be distinct");
+    let received = exchange(topo, frames)?;
+    let mut tally: Tally = expect.destinations.keys().map(|&addr| (addr, (0, 0))).collect();
+    let mut routes = HashMap::new();
+    let mut problems = Vec::new();
+    for frame in &received {
+        match check_encapsulated(frame, &sent, expect) {
+            Ok((key, dst)) => {
+                if routes.insert(key, dst).is_some() {
+                    problems.push(format!("flow {key:?} came back more than once"));
+                }
+                let entry = tally.get_mut(&dst).expect("checked destination");
+                entry.0 += 1;
+                entry.1 += frame.len() as u64;
+            }
+            Err(problem) => problems.push(problem),
+        }
+    }
+    ensure!(
+        received.len() == frames.len() && problems.is_empty(),
+        "sent {} frames, received {} encapsulated frames; {} problems, first ones:\n{}",
+        frames.len(),
+        received.len(),
+        problems.len(),
+        problems.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
+    Ok((routes, tally))
+}
+
+/// Destinations of a sample file, read here independently of l4lb's parser.
+fn read_destinations(path: &str) -> TestResult<Vec<(Ipv4Addr, [u8; 6])>> {
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        let row = line.split('#').next().unwrap_or("").trim();
+        if let Some((addr, mac)) = row.split_once(',') {
+            out.push((addr.trim().parse()?, mac.trim().parse::<macaddr::MacAddr6>()?.into_array()));
+        }
+    }
+    Ok(out)
+}
+
+fn destinations_text(destinations: &[(Ipv4Addr, [u8; 6])]) -> String {
+    destinations.iter().map(|(addr, mac)| format!("{addr}, {}\n", macaddr::MacAddr6::from(*mac))).collect()
+}
+
+/// Packets and bytes per destination of one stats sample.
+fn stats_tally(sample: &Value) -> TestResult<Tally> {
+    let rows = sample["destinations"].as_array().ok_or_else(|| fail(format!("no destinations in {sample}")))?;
+    let mut tally = Tally::new();
+    for row in rows {
+        let addr: Ipv4Addr = row["addr"].as_str().unwrap_or("").parse().map_err(|_| fail(format!("bad addr in {row}")))?;
+        let packets = row["packets"].as_u64().ok_or_else(|| fail(format!("no packets in {row}")))?;
+        let bytes = row["bytes"].as_u64().ok_or_else(|| fail(format!("no bytes in {row}")))?;
+        ensure!(tally.insert(addr, (packets, bytes)).is_none(), "{addr} listed twice in {sample}");
+    }
+    Ok(tally)
+}
+
+/// Both stats samples show `mode`, exactly `expected` per destination, and
+/// counters saying that all `frames` frames seen were sent back, nothing else.
+fn check_stats(samples: &[Value], mode: &str, expected: &Tally, frames: usize) -> TestResult {
+    let packets: u64 = expected.values().map(|v| v.0).sum();
+    let bytes: u64 = expected.values().map(|v| v.1).sum();
+    let frames = frames as u64;
+    for sample in samples {
+        ensure!(sample["mode"] == mode, "stats mode {}, want {mode}: {sample}", sample["mode"]);
+        let tally = stats_tally(sample)?;
+        ensure!(&tally == expected, "stats per destination (packets, bytes) {tally:?}, captured {expected:?}");
+        ensure!(sample["totals"]["packets"] == packets, "totals.packets {}, want {packets}", sample["totals"]["packets"]);
+        ensure!(sample["totals"]["bytes"] == bytes, "totals.bytes {}, want {bytes}", sample["totals"]["bytes"]);
+        let counters = sample["counters"].as_object().ok_or_else(|| fail(format!("no counters in {sample}")))?;
+        ensure!(counters["tx"] == frames, "counters.tx {}, want {frames}", counters["tx"]);
+        ensure!(counters["rx"] == frames, "counters.rx {}, want {frames} (no other traffic)", counters["rx"]);
+        for (name, value) in counters.iter().filter(|(name, _)| name.as_str() != "rx" && name.as_str() != "tx") {
+            ensure!(value == 0, "counter {name} is {value}, want 0: {sample}");
+        }
+    }
+    Ok(())
+}
+
+fn sum(a: &Tally, b: &Tally) -> Tally {
+    let mut out = a.clone();
+    for (addr, (p, by)) in b {
+        let entry = out.entry(*addr).or_default();
+        entry.0 += p;
+        entry.1 += by;
+    }
+    out
+}
+
+// ---------------------------------------------------------------- tests
+
+/// (a) iproute2 loads the object; `l4lb map` fills it; traffic, stats, status, detach.
+fn iproute2_load_then_map_balances_and_counts() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    ip(&["-n", &topo.lb, "link", "set", "dev", dev, "xdpdrv", "obj", BPF_OBJECT, "sec", "xdp"])?;
+    let programs = topo.lb_xdp_programs()?;
+    ensure!(programs.len() == 1 && programs[0].0 == "xdp" && programs[0].2 == "l4lb_balance", "after ip link set: {programs:?}");
+
+    let file = sample("4_destinations.csv");
+    let destinations = read_destinations(&file)?;
+    assert_eq!(destinations.len(), 4);
+    topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
+
+    let expect = Expectation::new(&topo, LB_ADDR, &destinations)?;
+    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, N, 10_000), &expect)?;
+    check_stats(&topo.stats()?, "driver", &tally, N)?;
+
+    let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
+    ensure!(status.contains("Destinations:  4"), "status does not show 4 destinations:\n{status}");
+    ensure!(status.contains("Driver mode") && status.contains("l4lb_balance"), "status:\n{status}");
+    ensure!(status.contains(&format!("Outer source:  {LB_ADDR}")), "status:\n{status}");
+    for (addr, _) in &destinations {
+        ensure!(status.contains(&format!(" {addr} ")), "status does not list {addr}:\n{status}");
+    }
+
+    topo.l4lb(&["detach", "-i", dev]).success()?;
+    topo.assert_no_xdp()?;
+    let status = topo.l4lb(&["status", "-i", dev]).failure()?;
+    ensure!(status.stderr.contains("no l4lb program"), "status after detach: {}", status.describe());
+    Ok(())
+}
+
+/// (b) `l4lb attach` (driver mode, per-CPU counters) and `map -s`.
+fn attach_driver_mode_with_outer_source_flag() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    topo.l4lb(&["attach", "-i", dev]).success()?;
+    let file = sample("4_destinations.csv");
+    let source = Ipv4Addr::new(192, 0, 2, 99);
+    topo.l4lb(&["map", "-i", dev, "-f", &file, "-s", &source.to_string()]).success()?;
+
+    let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
+    ensure!(status.contains("Driver mode") && status.contains("per-CPU"), "status:\n{status}");
+    ensure!(status.contains(&format!("Outer source:  {source}")), "status:\n{status}");
+    ensure!(status.contains("Destinations:  4"), "status:\n{status}");
+
+    let expect = Expectation::new(&topo, source, &read_destinations(&file)?)?;
+    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, N, 20_000), &expect)?;
+    check_stats(&topo.stats()?, "driver", &tally, N)?;
+
+    topo.l4lb(&["detach", "-i", dev]).success()?;
+    topo.assert_no_xdp()
+}
+
+/// (b) attach over an attached program needs --force; generic mode works.
+fn attach_refuses_without_force_and_generic_mode_works() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    topo.l4lb(&["attach", "-i", dev]).success()?;
+    let first = topo.lb_xdp_programs()?;
+    ensure!(first.len() == 1 && first[0].0 == "xdp" && first[0].2 == "l4lb_balance", "after attach: {first:?}");
+
+    for args in [&["attach", "-i", dev][..], &["attach", "-i", dev, "--mode", "skb"][..]] {
+        let refused = topo.l4lb(args).failure()?;
+        ensure!(refused.stderr.contains("--force"), "refusal does not mention --force: {}", refused.describe());
+        ensure!(topo.lb_xdp_programs()? == first, "a refused attach changed the programs: {:?}", topo.lb_xdp_programs()?);
+    }
+
+    topo.l4lb(&["attach", "-i", dev, "--force"]).success()?;
+    let replaced = topo.lb_xdp_programs()?;
+    ensure!(replaced.len() == 1 && replaced[0].0 == "xdp" && replaced[0].1 != first[0].1, "after attach --force: {replaced:?} (was {first:?})");
+
+    topo.l4lb(&["attach", "-i", dev, "--mode", "skb", "--force"]).success()?;
+    let generic = topo.lb_xdp_programs()?;
+    ensure!(generic.len() == 1 && generic[0].0 == "xdpgeneric" && generic[0].2 == "l4lb_balance", "after --mode skb --force: {generic:?}");
+    let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
+    ensure!(status.contains("Generic mode"), "status does not say Generic:\n{status}");
+
+    let file = sample("4_destinations.csv");
+    topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
+    let expect = Expectation::new(&topo, LB_ADDR, &read_destinations(&file)?)?;
+    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, 50, 30_000), &expect)?;
+    check_stats(&topo.stats()?, "generic", &tally, 50)?;
+
+    topo.l4lb(&["detach", "-i", dev]).success()?;
+    topo.assert_no_xdp()
+}
+
+/// (c) every bad destination file is refused with one clear line, and no map changes.
+fn bad_destination_files_leave_maps_byte_identical() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    topo.l4lb(&["attach", "-i", dev]).success()?;
+    let file = sample("4_destinations.csv");
+    topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
+    // Some traffic first, so that the counters are not all zero.
+    let expect = Expectation::new(&topo, LB_ADDR, &read_destinations(&file)?)?;
+    send_and_check(&topo, &probe_frames(&topo, 50, 40_000), &expect)?;
+    let before = topo.dump()?;
+
+    let directory = topo.dir.join("destinations.d");
+    std::fs::create_dir_all(&directory)?;
+    let good = "10.0.1.1, 02:00:0a:00:01:01\n";
+    // (name, path, line the error must name)
+    let cases: Vec<(&str, String, Option<usize>)> = vec![
+        ("missing file", topo.dir.join("missing.csv").display().to_string(), None),
+        ("empty file", topo.file("empty.csv", b"")?, None),
+        ("only comments", topo.file("comments.csv", b"# IP, MAC\n\n   # nothing else\n")?, None),
+        ("bad IP", topo.file("bad_ip.csv", format!("{good}10.0.1.256, 02:00:0a:00:01:02\n").as_bytes())?, Some(2)),
+        ("bad MAC", topo.file("bad_mac.csv", format!("# lab\n{good}10.0.1.2, 02:00:0a:00:01:0g\n").as_bytes())?, Some(3)),
+        ("3 fields", topo.file("three.csv", b"10.0.1.1, 02:00:0a:00:01:01, 7\n")?, Some(1)),
+        ("duplicate address", topo.file("dup.csv", format!("{good}10.0.1.2, 02:00:0a:00:01:02\n10.0.1.1, 02:00:0a:00:01:03\n").as_bytes())?, Some(3)),
+        ("binary garbage", topo.file("garbage.csv", &[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0xff, 0xfe, 0x80, 0, b',', 0xc3])?, Some(1)),
+        ("a directory", directory.display().to_string(), None),
+    ];
+    let mut problems = Vec::new();
+    for (name, path, line) in &cases {
+        let out = topo.l4lb(&["map", "-i", dev, "-f", path]);
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let names_place = match line {
+            Some(line) => out.stderr.contains(&format!("{path}:{line}:")),
+            None => out.stderr.contains(path.as_str()),
+        };
+        if !matches!(out.code, Some(code) if code != 0)
+            || lines.len() != 1
+            || !lines[0].starts_with("l4lb: error:")
+            || !names_place
+        {
+            problems.push(format!("{name}: want one `l4lb: error:` line naming {path}{}: {}", line.map(|l| format!(":{l}")).unwrap_or_default(), out.describe()));
+        }
+        if topo.dump()? != before {
+            problems.push(format!("{name}: the maps changed"));
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+/// (d) errors without an l4lb program: unknown interface, nothing attached, offload on veth.
+fn clear_errors_without_an_l4lb_program() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    let file = sample("4_destinations.csv");
+
+    let out = topo.l4lb(&["map", "-i", "nosuchdev0", "-f", &file]).failure()?;
+    ensure!(out.stderr.starts_with("l4lb: error:") && out.stderr.contains("nosuchdev0"), "{}", out.describe());
+
+    for args in [
+        &["stats", "-i", dev, "--count", "1", "--interval", "0.1"][..],
+        &["stats", "-i", dev][..],
+        &["status", "-i", dev][..],
+        &["map", "-i", dev, "-f", &file][..],
+        &["detach", "-i", dev][..],
+    ] {
+        let out = topo.l4lb(args).failure()?;
+        ensure!(out.stderr.contains("no l4lb program"), "{}", out.describe());
+    }
+
+    let out = topo.l4lb(&["attach", "-i", dev, "--mode", "hw"]).failure()?;
+    ensure!(out.stderr.to_lowercase().contains("offload"), "offload failure does not say so: {}", out.describe());
+    topo.assert_no_xdp()?;
+    Ok(())
+}
+
+/// (d) `map` without an address needs -s; a foreign XDP program is left alone.
+fn map_without_address_needs_source_and_foreign_program_is_left_alone() -> TestResult {
+    let topo = Topology::new(false)?;
+    let dev = topo.lb_dev.as_str();
+    let file = sample("4_destinations.csv");
+
+    topo.l4lb(&["attach", "-i", dev]).success()?;
+    let before = topo.dump()?;
+    let out = topo.l4lb(&["map", "-i", dev, "-f", &file]).failure()?;
+    ensure!(out.stderr.starts_with("l4lb: error:") && out.stderr.contains("-s"), "map without address: {}", out.describe());
+    ensure!(topo.dump()? == before, "a refused map changed the maps");
+    topo.l4lb(&["map", "-i", dev, "-f", &file, "-s", "192.0.2.98"]).success()?;
+    topo.l4lb(&["detach", "-i", dev]).success()?;
+    topo.assert_no_xdp()?;
+
+    attach_xdp_pass(&topo.lb, dev)?;
+    let foreign = topo.lb_xdp_programs()?;
+    ensure!(foreign.len() == 1 && foreign[0].2 == "l4lbt_pass", "foreign program: {foreign:?}");
+    let out = topo.l4lb(&["detach", "-i", dev]).failure()?;
+    ensure!(out.stderr.contains("not l4lb"), "detach of a foreign program: {}", out.describe());
+    ensure!(topo.lb_xdp_programs()? == foreign, "detach removed or changed the foreign program");
+    let out = topo.l4lb(&["map", "-i", dev, "-f", &file, "-s", "192.0.2.98"]).failure()?;
+    ensure!(out.stderr.contains("not l4lb"), "map on a foreign program: {}", out.describe());
+    let out = topo.l4lb(&["attach", "-i", dev]).failure()?;
+    ensure!(out.stderr.contains("--force"), "attach over a foreign program: {}", out.describe());
+    ensure!(topo.lb_xdp_programs()? == foreign, "refused commands changed the foreign program");
+    Ok(())
+}
+
+/// (e) a second `map` with one destination removed and one added keeps the
+/// counters, and the flows, of the destinations that stay.
+fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
+    let topo = Topology::new(true)?;
+    let dev = topo.lb_dev.as_str();
+    topo.l4lb(&["attach", "-i", dev]).success()?;
+    let file = sample("4_destinations.csv");
+    let old = read_destinations(&file)?;
+    topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
+    let frames = probe_frames(&topo, N, 50_000);
+    let (old_routes, first) = send_and_check(&topo, &frames, &Expectation::new(&topo, LB_ADDR, &old)?)?;
+    check_stats(&topo.stats()?, "driver", &first, N)?;
+
+    let removed = old[3];
+    let added = (Ipv4Addr::new(10, 0, 1, 5), [0x02, 0x00, 0x0a, 0x00, 0x01, 0x05]);
+    let new: Vec<_> = old[..3].iter().copied().chain([added]).collect();
+    let path = topo.file("swapped.csv", destinations_text(&new).as_bytes())?;
+    topo.l4lb(&["map", "-i", dev, "-f", &path]).success()?;
+
+    let after = stats_tally(&topo.stats()?[1])?;
+    let mut expected: Tally = first.clone();
+    expected.remove(&removed.0);
+    expected.insert(added.0, (0, 0));
+    ensure!(after == expected, "after the update stats show {after:?}, want {expected:?} (staying counters kept, new one at 0)");
+
+    // The same flows again: those on staying destinations stay there.
+    let (new_routes, second) = send_and_check(&topo, &frames, &Expectation::new(&topo, LB_ADDR, &new)?)?;
+    let moved: Vec<_> = old_routes.iter().filter(|(key, dst)| **dst != removed.0 && new_routes[*key] != **dst).collect();
+    ensure!(moved.is_empty(), "{} flows of staying destinations moved, e.g. {:?}", moved.len(), moved.first());
+    let staying: HashSet<Ipv4Addr> = new.iter().map(|d| d.0).collect();
+    ensure!(new_routes.values().all(|dst| staying.contains(dst)), "traffic still goes to removed {}", removed.0);
+    // Per destination: kept counts plus the second batch; rx/tx: both batches.
+    check_stats(&topo.stats()?, "driver", &sum(&expected, &second), 2 * N)?;
+    Ok(())
 }
