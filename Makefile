@@ -2,9 +2,10 @@
 # build.rs builds the skeleton's object through this same rule, so the clang
 # flags live here only.
 
-BPF_SRC   := src/bpf/l4lb_xdp.bpf.c
+BPF_NAME  ?= l4lb_xdp
+BPF_SRC   := src/bpf/$(BPF_NAME).bpf.c
 BPF_DEPS  := $(wildcard src/bpf/*.h) $(wildcard include/*.h)
-BPF_OBJ   ?= l4lb_xdp.o
+BPF_OBJ   ?= $(BPF_NAME).o
 CLANG     ?= clang
 BPF_CFLAGS := -g -O2 -target bpf -Wall -Wextra -Werror \
 	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu

@@ -10,28 +10,19 @@ use std::sync::{Arc, Mutex};
 use bindgen::callbacks::{EnumVariantValue, ParseCallbacks};
 use libbpf_cargo::SkeletonBuilder;
 
-const BPF_SOURCE: &str = "src/bpf/l4lb_xdp.bpf.c";
+/// BPF programs under src/bpf/NAME.bpf.c: each is built to OUT_DIR/NAME.o
+/// and gets a skeleton OUT_DIR/NAME.skel.rs and the variable NAME_OBJECT
+/// (upper case) holding the object's path, for tests and tools.
+const BPF_PROGRAMS: &[&str] = &["l4lb_xdp"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let object = out_dir.join("l4lb_xdp.o");
-
-    let status = Command::new("make")
-        .arg("--no-print-directory")
-        .arg("-C")
-        .arg(&manifest_dir)
-        .arg(format!("BPF_OBJ={}", object.display()))
-        .arg(&object)
-        .status()
-        .expect("running make to build the BPF object (is make installed?)");
-    assert!(status.success(), "building {} failed (see the compiler output above)", BPF_SOURCE);
-
-    SkeletonBuilder::new()
-        .source(manifest_dir.join(BPF_SOURCE))
-        .obj(&object)
-        .generate(out_dir.join("l4lb_xdp.skel.rs"))
-        .expect("generating the BPF skeleton");
+    for name in BPF_PROGRAMS {
+        build_program(&manifest_dir, &out_dir, name);
+    }
+    // The balancer's object under the name the tests use.
+    println!("cargo:rustc-env=L4LB_BPF_OBJECT={}", out_dir.join("l4lb_xdp.o").display());
 
     // Constants and the counter enum of include/l4lb.h (BTF carries the struct
     // layouts into the skeleton, but not #defines or enums the code only uses).
@@ -49,8 +40,6 @@ fn main() {
         .expect("writing l4lb_consts.rs");
     counter_names.write(&out_dir.join("l4lb_counter_names.rs"));
 
-    // Tests load the very object the skeleton embeds (iproute2, offload checks).
-    println!("cargo:rustc-env=L4LB_BPF_OBJECT={}", object.display());
     println!("cargo:rerun-if-changed=Makefile");
     for dir in ["src/bpf", "include"] {
         println!("cargo:rerun-if-changed={dir}");
@@ -58,6 +47,29 @@ fn main() {
             println!("cargo:rerun-if-changed={}", entry.path().display());
         }
     }
+}
+
+/// Builds one BPF object with the Makefile's rule and generates its skeleton.
+fn build_program(manifest_dir: &std::path::Path, out_dir: &std::path::Path, name: &str) {
+    let source = manifest_dir.join(format!("src/bpf/{name}.bpf.c"));
+    let object = out_dir.join(format!("{name}.o"));
+    let status = Command::new("make")
+        .arg("--no-print-directory")
+        .arg("-C")
+        .arg(manifest_dir)
+        .arg(format!("BPF_NAME={name}"))
+        .arg(format!("BPF_OBJ={}", object.display()))
+        .arg(&object)
+        .status()
+        .expect("running make to build a BPF object (is make installed?)");
+    assert!(status.success(), "building {} failed (see the compiler output above)", source.display());
+    SkeletonBuilder::new()
+        .source(&source)
+        .obj(&object)
+        .generate(out_dir.join(format!("{name}.skel.rs")))
+        .expect("generating a BPF skeleton");
+    // Tests load the very object the skeleton embeds (iproute2, offload checks).
+    println!("cargo:rustc-env={}_OBJECT={}", name.to_ascii_uppercase(), object.display());
 }
 
 /// Collects the members of `enum l4lb_counter` while bindgen parses the header,
