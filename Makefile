@@ -30,6 +30,16 @@ test: deps
 demo: deps
 	scripts/demo.sh
 
+# Throughput benchmark (root, about 90 s): l4lb against two floors measured in
+# the same run. Tables in bench-results/results.txt, chart in
+# bench-results/ratios.svg. More: make bench BENCH_ARGS="--rounds 8 --variants"
+BENCH_ARGS ?=
+bench: deps
+	$(CARGO) build --release
+	mkdir -p bench-results
+	target/release/l4lb bench --chart bench-results/ratios.svg $(BENCH_ARGS) > bench-results/results.txt
+	cat bench-results/results.txt
+
 clean:
 	rm -f l4lb_xdp.o
 	$(CARGO) clean

@@ -13,7 +13,7 @@ use libbpf_cargo::SkeletonBuilder;
 /// BPF programs under src/bpf/NAME.bpf.c: each is built to OUT_DIR/NAME.o
 /// and gets a skeleton OUT_DIR/NAME.skel.rs and the variable NAME_OBJECT
 /// (upper case) holding the object's path, for tests and tools.
-const BPF_PROGRAMS: &[&str] = &["l4lb_xdp"];
+const BPF_PROGRAMS: &[&str] = &["l4lb_xdp", "l4lb_bench", "l4lb_decap"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
@@ -24,21 +24,30 @@ fn main() {
     // The balancer's object under the name the tests use.
     println!("cargo:rustc-env=L4LB_BPF_OBJECT={}", out_dir.join("l4lb_xdp.o").display());
 
-    // Constants and the counter enum of include/l4lb.h (BTF carries the struct
+    // Constants and the counter enums of include/l4lb.h (BTF carries the struct
     // layouts into the skeleton, but not #defines or enums the code only uses).
-    let counter_names = CounterNames::default();
-    bindgen::Builder::default()
-        .parse_callbacks(Box::new(counter_names.clone()))
+    let counter_enums = [
+        CounterNames::new("l4lb_counter", "L4LB_CNT_", "COUNTER_NAMES"),
+        CounterNames::new("l4lb_decap_counter", "L4LB_DECAP_CNT_", "DECAP_COUNTER_NAMES"),
+    ];
+    let mut builder = bindgen::Builder::default()
         .header(manifest_dir.join("include/l4lb.h").display().to_string())
         .allowlist_var("L4LB_.*")
-        .allowlist_type("l4lb_counter")
-        .constified_enum_module("l4lb_counter")
-        .use_core()
+        .use_core();
+    for names in &counter_enums {
+        builder = builder
+            .parse_callbacks(Box::new(names.clone()))
+            .allowlist_type(names.enum_name)
+            .constified_enum_module(names.enum_name);
+    }
+    builder
         .generate()
         .expect("generating constants from include/l4lb.h")
         .write_to_file(out_dir.join("l4lb_consts.rs"))
         .expect("writing l4lb_consts.rs");
-    counter_names.write(&out_dir.join("l4lb_counter_names.rs"));
+    for names in &counter_enums {
+        names.write(&out_dir.join(format!("{}_names.rs", names.enum_name)));
+    }
 
     println!("cargo:rerun-if-changed=Makefile");
     for dir in ["src/bpf", "include"] {
@@ -72,11 +81,19 @@ fn build_program(manifest_dir: &std::path::Path, out_dir: &std::path::Path, name
     println!("cargo:rustc-env={}_OBJECT={}", name.to_ascii_uppercase(), object.display());
 }
 
-/// Collects the members of `enum l4lb_counter` while bindgen parses the header,
+/// Collects the members of one counter enum while bindgen parses the header,
 /// so that the host's counter names follow the C enum (`L4LB_CNT_DROP_BAD_IHL`
-/// becomes "drop_bad_ihl") without a hand-kept list.
-#[derive(Debug, Default, Clone)]
-struct CounterNames(Arc<Mutex<Vec<(i64, String)>>>);
+/// becomes "drop_bad_ihl") without a hand-kept list. Written out as
+/// `pub const <const_name>: [&str; N]`, indexed by value, into
+/// OUT_DIR/<enum_name>_names.rs.
+#[derive(Debug, Clone)]
+struct CounterNames {
+    enum_name: &'static str,
+    /// Prefix of every member; `<prefix>MAX` (the count) is left out.
+    prefix: &'static str,
+    const_name: &'static str,
+    members: Arc<Mutex<Vec<(i64, String)>>>,
+}
 
 impl ParseCallbacks for CounterNames {
     fn enum_variant_name(
@@ -85,15 +102,16 @@ impl ParseCallbacks for CounterNames {
         original_variant_name: &str,
         value: EnumVariantValue,
     ) -> Option<String> {
-        let is_counter_enum = enum_name.is_some_and(|name| name.contains("l4lb_counter"));
-        if let (true, Some(short)) = (is_counter_enum, original_variant_name.strip_prefix("L4LB_CNT_")) {
+        // bindgen names the enum "enum NAME" or "NAME" depending on the version.
+        let is_this_enum = enum_name.is_some_and(|name| name.trim_start_matches("enum ") == self.enum_name);
+        if let (true, Some(short)) = (is_this_enum, original_variant_name.strip_prefix(self.prefix)) {
             if short != "MAX" {
                 let value = match value {
                     EnumVariantValue::Boolean(v) => v as i64,
                     EnumVariantValue::Signed(v) => v,
                     EnumVariantValue::Unsigned(v) => v as i64,
                 };
-                self.0.lock().unwrap().push((value, short.to_ascii_lowercase()));
+                self.members.lock().unwrap().push((value, short.to_ascii_lowercase()));
             }
         }
         None
@@ -101,15 +119,22 @@ impl ParseCallbacks for CounterNames {
 }
 
 impl CounterNames {
+    fn new(enum_name: &'static str, prefix: &'static str, const_name: &'static str) -> Self {
+        CounterNames { enum_name, prefix, const_name, members: Arc::default() }
+    }
+
     fn write(&self, path: &std::path::Path) {
-        let mut names = self.0.lock().unwrap().clone();
+        let mut names = self.members.lock().unwrap().clone();
         names.sort();
+        assert!(!names.is_empty(), "no members of enum {} found in include/l4lb.h", self.enum_name);
         for (expected, (value, name)) in names.iter().enumerate() {
-            assert_eq!(*value, expected as i64, "enum l4lb_counter must be dense from 0 ({name})");
+            assert_eq!(*value, expected as i64, "enum {} must be dense from 0 ({name})", self.enum_name);
         }
         let list: Vec<String> = names.iter().map(|(_, name)| format!("{name:?}")).collect();
         let text = format!(
-            "/// Names of `enum l4lb_counter` members, indexed by value.\npub const COUNTER_NAMES: [&str; {}] = [{}];\n",
+            "/// Names of `enum {}` members, indexed by value.\npub const {}: [&str; {}] = [{}];\n",
+            self.enum_name,
+            self.const_name,
             list.len(),
             list.join(", ")
         );

@@ -79,4 +79,50 @@ enum l4lb_counter {
 	L4LB_CNT_MAX,
 };
 
+/* ------------------------------------------------------------------------
+ * Backend side: l4lb_decap (src/bpf/l4lb_decap.bpf.c) strips the outer header
+ * the balancer pushed, for the backend's own addresses, and passes the
+ * client's packet to the stack.
+ */
+
+/* Addresses a backend decapsulates for (entries of the decap_addrs map). */
+#define L4LB_DECAP_MAX_ADDRS 64
+
+/* l4lb_decap_addr.family: the IP version of the address. */
+#define L4LB_DECAP_FAMILY_IPV4 4
+#define L4LB_DECAP_FAMILY_IPV6 6   /* reserved: IPv6 outer headers are not handled yet */
+
+/* Key of decap_addrs: one of the backend's addresses, as outer destination.
+ * Room for an IPv6 address so that IPv6 outer headers can be added without
+ * changing the map; an IPv4 address takes addr[0..3] (network order) and the
+ * rest stays zero. No implicit padding: the key is hashed byte for byte.
+ */
+struct l4lb_decap_addr {
+	__u8 family;       /* L4LB_DECAP_FAMILY_* */
+	__u8 pad[3];       /* zero */
+	__u8 addr[16];
+};
+
+/* Decap counters (decap_counters, one per-CPU __u64 per entry). Every frame
+ * seen ends in exactly one of DECAPSULATED, PASSED or a DROP_* counter. Drops
+ * happen only to IPIP addressed to one of the backend's addresses.
+ */
+enum l4lb_decap_counter {
+	L4LB_DECAP_CNT_SEEN = 0,             /* frames seen by the program */
+	L4LB_DECAP_CNT_DECAPSULATED,         /* outer header stripped, client's packet passed on */
+	L4LB_DECAP_CNT_PASSED,               /* not IPIP for a local address: passed untouched */
+	/* Faults of the outer, then of the inner header (enum ipv4_fault). */
+	L4LB_DECAP_CNT_DROP_BAD_VERSION,     /* outer version field not 4 */
+	L4LB_DECAP_CNT_DROP_BAD_IHL,         /* outer IHL below 5 words */
+	L4LB_DECAP_CNT_DROP_SHORT_OUTER,     /* outer options cut off by the frame's end */
+	L4LB_DECAP_CNT_DROP_BAD_TOT_LEN,     /* outer tot_len beyond the frame or below the header */
+	L4LB_DECAP_CNT_DROP_INNER_VERSION,   /* inner version field not 4 */
+	L4LB_DECAP_CNT_DROP_INNER_IHL,       /* inner IHL below 5 words */
+	L4LB_DECAP_CNT_DROP_SHORT_INNER,     /* inner header (with options) not whole in the outer packet */
+	L4LB_DECAP_CNT_DROP_INNER_TOT_LEN,   /* inner tot_len beyond the outer packet or below its header */
+	L4LB_DECAP_CNT_DROP_FRAGMENT,        /* outer packet is a fragment: XDP cannot reassemble */
+	L4LB_DECAP_CNT_DROP_DECAP_FAILED,    /* bpf_xdp_adjust_head refused to strip the outer header */
+	L4LB_DECAP_CNT_MAX,
+};
+
 #endif /* L4LB_H */

@@ -1,66 +1,102 @@
 #!/usr/bin/env bash
-# The seed demo on one machine: a generator namespace and a balancer namespace
-# joined by a veth pair; l4lb attached in driver mode on the balancer's end,
-# 32 destinations loaded, a random-source SYN flood from the generator
-# (hping3 --rand-source --flood, as the seed did) and the live statistics for
-# DEMO_SECONDS (default 10) seconds. Everything is removed at the end, also on
-# Ctrl-C or failure.
+# The demo on one machine, on the lab network (scripts/lab): a client, the
+# balancer and 4 backends on one L2 segment in network namespaces. l4lb is
+# attached in driver mode on the balancer and loaded with the lab's backends;
+# a few HTTP requests from different client source ports are answered by
+# different backends straight back to the client (direct server return); then
+# a random-source SYN flood from the client (hping3 --rand-source --flood, as
+# the seed did) with the live statistics for DEMO_SECONDS (default 10)
+# seconds. The lab is removed at the end, also on Ctrl-C or failure, unless
+# KEEP=1 (`make demo KEEP=1`): then it stays up for you to try.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_TO_RUN=${DEMO_SECONDS:-10}
-GEN_NS=l4lb-demo-gen
-LB_NS=l4lb-demo-lb
-GEN_DEV=l4lbdemo-gen
-LB_DEV=l4lbdemo-lb
-GEN_ADDR=192.0.2.1
-LB_ADDR=192.0.2.2   # the address the generator floods (TEST-NET-1, only inside these namespaces)
-DESTINATIONS=destination_samples/32_destinations.csv
+case ${KEEP:-} in ""|0|no|false) KEEP="" ;; *) KEEP=1 ;; esac
+export LAB_PREFIX=${LAB_PREFIX:-l4lb-lab}
+STATE=${LAB_STATE_DIR:-/run/$LAB_PREFIX}
 L4LB=$PWD/target/release/l4lb
+export L4LB
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "demo: needs root (network namespaces, XDP): run it with sudo" >&2
   exit 1
 fi
+[[ $SECONDS_TO_RUN =~ ^[1-9][0-9]*$ ]] || { echo "demo: DEMO_SECONDS must be a whole number of seconds" >&2; exit 1; }
 
 flood_pid=""
+lab_started=""
 cleanup() {
-  [ -n "$flood_pid" ] && kill "$flood_pid" 2>/dev/null || true
-  ip netns del "$GEN_NS" 2>/dev/null || true
-  ip netns del "$LB_NS" 2>/dev/null || true
+  local status=$?
+  if [ -n "$flood_pid" ]; then
+    kill "$flood_pid" 2>/dev/null || true
+    wait "$flood_pid" 2>/dev/null || true
+  fi
+  if [ -n "$lab_started" ]; then
+    if [ -n "$KEEP" ]; then
+      step "the lab stays up (KEEP=1)"
+      echo "try:    ip netns exec $LAB_PREFIX-client curl http://203.0.113.10/"
+      echo "        ip netns exec $LAB_PREFIX-lb target/release/l4lb stats -i lb0"
+      echo "        scripts/lab status"
+      echo "remove: scripts/lab down"
+    else
+      step "tear down"
+      scripts/lab down
+    fi
+  fi
+  exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-cleanup   # leftovers of an interrupted run
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { printf '$ %s\n' "$*"; "$@"; }
+show() { local line="$*"; printf '$ %s\n' "${line//$PWD\//}"; "$@"; }
 
 step "build"
 make --no-print-directory all
 
-step "network: $GEN_NS ($GEN_ADDR) <-veth-> $LB_NS ($LB_ADDR)"
-ip netns add "$GEN_NS"
-ip netns add "$LB_NS"
-ip link add "$GEN_DEV" netns "$GEN_NS" type veth peer name "$LB_DEV" netns "$LB_NS"
-ip -n "$GEN_NS" addr add "$GEN_ADDR/24" dev "$GEN_DEV"
-ip -n "$LB_NS" addr add "$LB_ADDR/24" dev "$LB_DEV"
-ip -n "$GEN_NS" link set "$GEN_DEV" up
-ip -n "$LB_NS" link set "$LB_DEV" up
-ip -n "$GEN_NS" neigh add "$LB_ADDR" lladdr "$(ip netns exec "$LB_NS" cat /sys/class/net/$LB_DEV/address)" dev "$GEN_DEV"
+step "the lab: client, balancer (l4lb in driver mode) and 4 backends (l4lb decap, HTTP) on one bridge"
+lab_started=1
+scripts/lab up --backends 4
+# shellcheck disable=SC1091
+. "$STATE/lab.env"
 
-step "attach l4lb (driver mode) and load $DESTINATIONS"
-show ip netns exec "$LB_NS" "$L4LB" attach -i "$LB_DEV" --mode drv
-show ip netns exec "$LB_NS" "$L4LB" map -i "$LB_DEV" -f "$DESTINATIONS"
-show ip netns exec "$LB_NS" "$L4LB" status -i "$LB_DEV" | head -12
+step "l4lb on the balancer"
+show ip netns exec "$LB_NS" "$L4LB" status -i "$LB_DEV"
 
-step "flood: hping3 $LB_ADDR --rand-source --flood -S -p 80 (for ${SECONDS_TO_RUN}s)"
-ip netns exec "$GEN_NS" hping3 "$LB_ADDR" --rand-source --flood -S -p 80 -q >/dev/null 2>&1 &
+step "HTTP from the client to $VIP, one source port after the other, until every backend has answered"
+# curl closes first, so each port it used stays in TIME_WAIT for 60 s: start
+# from a random port, so that the demo can run again right away on a kept lab.
+declare -A seen=()
+first_port=$((40000 + RANDOM % 200 * 100))
+for ((port = first_port, tries = 1; tries <= 24; port++, tries++)); do
+  answer=$(ip netns exec "$CLIENT_NS" curl -sS --max-time 3 --local-port "$port" "http://$VIP/")
+  printf '$ curl --local-port %s http://%s/   ->  %s\n' "$port" "$VIP" "$answer"
+  seen[${answer%% *}]=1
+  [ "${#seen[@]}" -lt "$BACKENDS" ] || [ "$tries" -lt 6 ] || break
+done
+echo "(each answer went from its backend straight to the client: the balancer only sees the client's packets)"
+
+step "flood: hping3 $VIP --rand-source --flood -S -p 80 from the client, live l4lb stats for ${SECONDS_TO_RUN}s"
+# Started directly (not through a shell function) so that $! is hping3 itself.
+ip netns exec "$CLIENT_NS" hping3 "$VIP" --rand-source --flood -S -p 80 -q >/dev/null 2>&1 &
 flood_pid=$!
 ip netns exec "$LB_NS" "$L4LB" stats -i "$LB_DEV" --interval 1 --count "$SECONDS_TO_RUN"
 kill "$flood_pid" 2>/dev/null || true
 wait "$flood_pid" 2>/dev/null || true
 flood_pid=""
+sleep 0.5   # let the last frames drain
 
-step "detach and clean up"
-show ip netns exec "$LB_NS" "$L4LB" detach -i "$LB_DEV"
+step "what l4lb sent to each backend, and what each backend decapsulated (l4lb decap stats)"
+lb_json=$(ip netns exec "$LB_NS" "$L4LB" stats -i "$LB_DEV" --json --count 1 --interval 0.1)
+printf '%-8s %-14s %14s %14s\n' backend address "l4lb sent" decapsulated
+for ((k = 1; k <= BACKENDS; k++)); do
+  addr=$(grep -v '^#' "$DESTINATIONS" | sed -n "${k}s/,.*//p")
+  decap_json=$(ip netns exec "$BACKEND_NS_PREFIX$k" "$L4LB" decap stats -i "be$k" --json --count 1 --interval 0.1)
+  python3 - "$k" "$addr" "$lb_json" "$decap_json" <<'PY'
+import json, sys
+k, addr, lb, decap = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+sent = next((d["packets"] for d in lb["destinations"] if d["addr"] == addr), 0)
+print(f"{'be' + k:<8} {addr:<14} {sent:>14,} {decap['counters']['decapsulated']:>14,}")
+PY
+done

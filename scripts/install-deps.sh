@@ -10,6 +10,7 @@ packages=(
   linux-libc-dev      # linux/bpf.h and friends
   bpftool iproute2    # loading and inspecting from the shell
   ethtool hping3 tcpdump  # demo traffic and inspection
+  curl python3        # the lab (scripts/lab): HTTP servers on the backends, requests from the client
   make
 )
 missing=()

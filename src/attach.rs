@@ -1,14 +1,15 @@
 //! Loading the datapath through the skeleton, attaching it, detaching it.
+//! The attach and detach steps serve the decap program too (`crate::decap`).
 
 use std::mem::MaybeUninit;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapType, Xdp, XdpFlags};
 
 use crate::bpf::skel::L4lbXdpSkelBuilder;
-use crate::discover::{self, AttachedProgram, Mode};
+use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
 use crate::libbpf_log;
 
@@ -16,11 +17,7 @@ use crate::libbpf_log;
 /// netlink one: it stays after this process exits. Returns the program id.
 pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
     let present = discover::attached_programs(iface)?;
-    if let Some(other) = present.first() {
-        if !force {
-            bail!("{} already has XDP program {other}; use --force to replace it", iface.name);
-        }
-    }
+    refuse_unless_forced(iface, &present, force)?;
 
     libbpf_log::capture();
     let mut storage = MaybeUninit::uninit();
@@ -54,7 +51,24 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
         anyhow!("the kernel refused the l4lb program{hint}: {err}{}", libbpf_log::tail(12))
     })?;
 
-    let program_fd = skel.progs.l4lb_balance.as_fd();
+    attach_fd(iface, skel.progs.l4lb_balance.as_fd(), mode, force, &present)?;
+    let id = discover::find_l4lb(iface)?.id;
+    Ok(id)
+}
+
+/// Refuses to go on when the interface already has an XDP program (`present`,
+/// as listed before loading anything) and `force` was not given.
+pub fn refuse_unless_forced(iface: &Interface, present: &[AttachedProgram], force: bool) -> Result<()> {
+    match present.first() {
+        Some(other) if !force => bail!("{} already has XDP program {other}; use --force to replace it", iface.name),
+        _ => Ok(()),
+    }
+}
+
+/// Attaches a loaded XDP program in `mode` (a netlink attachment: it stays
+/// after this process exits). Programs of `present` in other modes are
+/// removed first; one in the same mode is replaced only with `force`.
+pub fn attach_fd(iface: &Interface, program: BorrowedFd<'_>, mode: Mode, force: bool, present: &[AttachedProgram]) -> Result<()> {
     // Only one mode may hold a program at a time: clear the others first.
     for other in present.iter().filter(|p| p.mode != mode) {
         detach_program(iface, other)?;
@@ -63,26 +77,30 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
     if !force {
         flags |= XdpFlags::UPDATE_IF_NOEXIST;
     }
-    Xdp::new(program_fd).attach(iface.index as i32, flags).map_err(|err| {
+    Xdp::new(program).attach(iface.index as i32, flags).map_err(|err| {
         let hint = match mode {
             Mode::Offload => format!(": {} does not support XDP hardware offload", iface.name),
             Mode::Driver => format!(": {} may lack native XDP support (try --mode skb)", iface.name),
             Mode::Generic => String::new(),
         };
         anyhow!("attaching to {} in {mode} mode failed{hint} ({err})", iface.name)
-    })?;
-    let id = discover::find_l4lb(iface)?.id;
-    Ok(id)
+    })
 }
 
 /// Detaches every l4lb program on the interface; returns what was removed.
 pub fn detach(iface: &Interface) -> Result<Vec<AttachedProgram>> {
+    detach_kind(iface, &discover::L4LB)
+}
+
+/// Detaches every program of this kind on the interface, whatever its mode;
+/// returns what was removed. Another program is left alone, and named.
+pub fn detach_kind(iface: &Interface, kind: &Kind) -> Result<Vec<AttachedProgram>> {
     let present = discover::attached_programs(iface)?;
-    let ours: Vec<AttachedProgram> = present.iter().filter(|p| p.is_l4lb()).cloned().collect();
+    let ours: Vec<AttachedProgram> = present.iter().filter(|p| p.is(kind)).cloned().collect();
     if ours.is_empty() {
         match present.first() {
-            Some(other) => bail!("{} has XDP program {other}, which is not l4lb: leaving it", iface.name),
-            None => bail!("no l4lb program on {}", iface.name),
+            Some(other) => bail!("{} has XDP program {other}, which is not {}: leaving it", iface.name, kind.label),
+            None => bail!("no {} program on {}", kind.label, iface.name),
         }
     }
     for program in &ours {

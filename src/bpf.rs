@@ -7,14 +7,23 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/l4lb_xdp.skel.rs"));
 }
 
+/// The backend's decapsulation program (src/bpf/l4lb_decap.bpf.c); see `crate::decap`.
+#[allow(clippy::all, unused_imports, dead_code, non_camel_case_types, non_snake_case)]
+pub mod decap_skel {
+    include!(concat!(env!("OUT_DIR"), "/l4lb_decap.skel.rs"));
+}
+
 #[allow(dead_code, non_camel_case_types, non_upper_case_globals)]
 pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/l4lb_consts.rs"));
     include!(concat!(env!("OUT_DIR"), "/l4lb_counter_names.rs"));
+    include!(concat!(env!("OUT_DIR"), "/l4lb_decap_counter_names.rs"));
 }
 
 pub use consts::l4lb_counter as counter;
-pub use consts::COUNTER_NAMES;
+pub use consts::l4lb_decap_counter as decap_counter;
+pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
+pub use decap_skel::types::l4lb_decap_addr as DecapAddr;
 pub use skel::types::{
     l4lb_backend as Backend, l4lb_backend_stats as BackendStats, l4lb_config as Config,
 };
@@ -23,6 +32,7 @@ pub use skel::types::{
 unsafe impl plain::Plain for Backend {}
 unsafe impl plain::Plain for BackendStats {}
 unsafe impl plain::Plain for Config {}
+unsafe impl plain::Plain for DecapAddr {}
 
 /// The XDP program's name as the kernel reports it.
 pub const PROG_NAME: &str = "l4lb_balance";

@@ -1,6 +1,6 @@
 //! The command line.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -87,6 +87,83 @@ pub enum Command {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
     },
+    /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
+    Bench {
+        /// Rounds: each measures every packet kind through l4lb and both floors, in turn
+        #[arg(long, default_value = "4", value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Seconds per program, packet kind and round
+        #[arg(long, default_value = "1", value_parser = crate::bench::parse_seconds)]
+        seconds: f64,
+        /// Also write the ratios as a bar chart (SVG) to PATH
+        #[arg(long, value_name = "PATH")]
+        chart: Option<PathBuf>,
+        /// Print the results as one JSON object instead of tables
+        #[arg(long)]
+        json: bool,
+        /// Also measure l4lb's stages added one by one to the encapsulation floor (64-byte TCP)
+        #[arg(long)]
+        variants: bool,
+    },
+    /// Backend side: strip the balancer's IPIP header in XDP (no ipip module needed)
+    Decap {
+        #[command(subcommand)]
+        command: DecapCommand,
+    },
+}
+
+/// XDP modes the decap program runs in (it is never offloaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DecapMode {
+    /// Native driver mode (XDP_FLAGS_DRV_MODE)
+    Drv,
+    /// Generic mode in the stack (XDP_FLAGS_SKB_MODE)
+    Skb,
+}
+
+impl From<DecapMode> for Mode {
+    fn from(mode: DecapMode) -> Mode {
+        match mode {
+            DecapMode::Drv => Mode::Driver,
+            DecapMode::Skb => Mode::Generic,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecapCommand {
+    /// Load the decap program and attach it to a backend's interface (stays attached after exit)
+    Attach {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        #[arg(short, long, value_enum, default_value = "drv")]
+        mode: DecapMode,
+        /// Replace an XDP program already attached to DEV
+        #[arg(long)]
+        force: bool,
+        /// Outer destination addresses to decapsulate for [default: DEV's IPv4 addresses]
+        #[arg(long = "addr", value_name = "ADDR", num_args = 1..)]
+        addrs: Vec<IpAddr>,
+    },
+    /// Remove the decap program from an interface, whatever its mode
+    Detach {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+    },
+    /// Show the decap counters, redrawn every interval
+    Stats {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// Seconds between samples
+        #[arg(long, default_value = "1", value_parser = parse_interval)]
+        interval: f64,
+        /// Print this many samples, then exit (default: until interrupted)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// One JSON object per line per sample
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_seed(text: &str) -> Result<u32, String> {
@@ -137,5 +214,33 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "-s", "10.0.0"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "attach", "-i", "eth0", "--mode", "turbo"]).is_err());
+    }
+
+    #[test]
+    fn decap_commands_parse() {
+        let addrs = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Decap { command: DecapCommand::Attach { addrs, .. } }) => Ok(addrs),
+            other => Err(format!("{other:?}")),
+        };
+        let a: IpAddr = "192.0.2.2".parse().unwrap();
+        let b: IpAddr = "203.0.113.10".parse().unwrap();
+        assert_eq!(addrs(&["l4lb", "decap", "attach", "-i", "eth0"]), Ok(vec![]));
+        assert_eq!(addrs(&["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2.2", "203.0.113.10"]), Ok(vec![a, b]));
+        assert_eq!(addrs(&["l4lb", "decap", "attach", "--addr", "192.0.2.2", "--addr", "203.0.113.10", "-i", "eth0"]), Ok(vec![a, b]));
+        match Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--mode", "skb", "--force"]).unwrap().command {
+            Command::Decap { command: DecapCommand::Attach { mode, force, .. } } => assert_eq!((mode, force), (DecapMode::Skb, true)),
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--mode", "hw"]).is_err());
+        assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2"]).is_err());
+        assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr"]).is_err());
+        match Cli::try_parse_from(["l4lb", "decap", "stats", "-i", "eth0", "--json", "--count", "1", "--interval", "0.2"]).unwrap().command {
+            Command::Decap { command: DecapCommand::Stats { interface, interval, count, json } } => {
+                assert_eq!((interface.as_str(), interval, count, json), ("eth0", 0.2, Some(1), true))
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["l4lb", "decap", "detach", "-i", "eth0"]).is_ok());
+        assert!(Cli::try_parse_from(["l4lb", "decap", "stats", "-i", "eth0", "--count", "0"]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! `attach`, `discover` and `maps`, and leaves the computing to pure modules.
 
 use std::io::{IsTerminal, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use comfy_table::{presets, Table};
 
 use crate::bpf::{consts, Config, TABLE_SIZE};
-use crate::cli::{AttachMode, Command};
+use crate::cli::{AttachMode, Command, DecapCommand, DecapMode};
+use crate::decap::{self, DecapMaps};
 use crate::destinations::{self, check_unicast_ipv4};
 use crate::discover::{self, Mode};
 use crate::iface::Interface;
@@ -26,6 +27,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Map { interface, file, source, seed } => map(&interface, &file, source, seed),
         Command::Stats { interface, interval, count, json } => stats(&interface, interval, count, json),
         Command::Status { interface } => status(&interface),
+        Command::Bench { rounds, seconds, chart, json, variants } => {
+            crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants })
+        }
+        Command::Decap { command } => match command {
+            DecapCommand::Attach { interface, mode, force, addrs } => decap_attach(&interface, mode, force, addrs),
+            DecapCommand::Detach { interface } => decap_detach(&interface),
+            DecapCommand::Stats { interface, interval, count, json } => decap_stats(&interface, interval, count, json),
+        },
     }
 }
 
@@ -157,7 +166,8 @@ fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> 
     Ok(())
 }
 
-fn sample(maps: &LbMaps) -> Result<Sample> {
+/// One `l4lb stats` sample (also timed by `l4lb bench`).
+pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
     let backends = maps.read_backends()?;
     let traffic = maps.read_backend_stats()?;
     let destinations = backends
@@ -170,16 +180,32 @@ fn sample(maps: &LbMaps) -> Result<Sample> {
 
 fn stats(name: &str, interval: f64, count: Option<u64>, json: bool) -> Result<()> {
     let (_, program, maps) = open_l4lb(name)?;
+    print_samples(interval, count, json, || sample(&maps), |before, now, elapsed| {
+        let report = stats::report(program.mode, before, now, elapsed);
+        if json { stats::render_json(&report) + "\n" } else { stats::render_table(&report) }
+    })
+}
+
+/// Prints a report every `interval` seconds, `count` times or until
+/// interrupted: `take` samples the counters, `render` turns two samples and
+/// the time between them into text. The screen is redrawn in place when
+/// stdout is a terminal and the output is not JSON.
+fn print_samples<S>(
+    interval: f64,
+    count: Option<u64>,
+    json: bool,
+    mut take: impl FnMut() -> Result<S>,
+    mut render: impl FnMut(&S, &S, Duration) -> String,
+) -> Result<()> {
     let redraw = !json && std::io::stdout().is_terminal();
-    let mut before = sample(&maps)?;
+    let mut before = take()?;
     let mut taken = Instant::now();
     let mut printed = 0u64;
     while count.is_none_or(|n| printed < n) {
         std::thread::sleep(Duration::from_secs_f64(interval));
-        let now = sample(&maps)?;
+        let now = take()?;
         let at = Instant::now();
-        let report = stats::report(program.mode, &before, &now, at - taken);
-        let text = if json { stats::render_json(&report) + "\n" } else { stats::render_table(&report) };
+        let text = render(&before, &now, at - taken);
         let mut out = std::io::stdout().lock();
         if redraw {
             write!(out, "\x1b[H\x1b[2J")?;
@@ -242,4 +268,45 @@ fn status(name: &str) -> Result<()> {
     }
     print!("{}", stats::table_text(&out));
     Ok(())
+}
+
+fn decap_attach(name: &str, mode: DecapMode, force: bool, addrs: Vec<IpAddr>) -> Result<()> {
+    let iface = Interface::by_name(name)?;
+    let mode = Mode::from(mode);
+    let (addrs, origin) = if addrs.is_empty() {
+        let own: Vec<IpAddr> = iface.ipv4_addrs()?.into_iter().map(IpAddr::V4).collect();
+        if own.is_empty() {
+            bail!("{} has no IPv4 address: give the addresses to decapsulate for with --addr ADDR", iface.name);
+        }
+        (own, format!("{}'s addresses", iface.name))
+    } else {
+        (addrs, "--addr".to_string())
+    };
+    let program = decap::attach(&iface, mode, force, &addrs)?;
+    let addrs = DecapMaps::open(&program)?.read_addrs()?;
+    println!("l4lb decap attached to {} in {mode} mode (program id {})", iface.name, program.id);
+    println!("decapsulating IPIP for {} (from {origin})", join_addrs(&addrs));
+    Ok(())
+}
+
+fn decap_detach(name: &str) -> Result<()> {
+    let iface = Interface::by_name(name)?;
+    for program in decap::detach(&iface)? {
+        println!("detached {program} from {}", iface.name);
+    }
+    Ok(())
+}
+
+fn decap_stats(name: &str, interval: f64, count: Option<u64>, json: bool) -> Result<()> {
+    let iface = Interface::by_name(name)?;
+    let (program, maps) = DecapMaps::find(&iface)?;
+    let addrs = maps.read_addrs()?;
+    print_samples(interval, count, json, || maps.read_counters(), |before, now, elapsed| {
+        let report = stats::decap_report(program.mode, &addrs, before, now, elapsed);
+        if json { stats::render_json(&report) + "\n" } else { stats::render_decap_table(&report) }
+    })
+}
+
+fn join_addrs(addrs: &[IpAddr]) -> String {
+    addrs.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
 }

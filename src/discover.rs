@@ -62,9 +62,25 @@ pub struct AttachedProgram {
 
 impl AttachedProgram {
     pub fn is_l4lb(&self) -> bool {
-        self.name == PROG_NAME
+        self.is(&L4LB)
+    }
+
+    pub fn is(&self, kind: &Kind) -> bool {
+        self.name == kind.prog_name
     }
 }
+
+/// A kind of program l4lb attaches: what the kernel calls it, what errors
+/// call it, and the command that attaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub prog_name: &'static str,
+    pub label: &'static str,
+    pub attach_command: &'static str,
+}
+
+/// The balancer.
+pub const L4LB: Kind = Kind { prog_name: PROG_NAME, label: "l4lb", attach_command: "l4lb attach" };
 
 impl fmt::Display for AttachedProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,12 +129,23 @@ fn program_info(id: u32, mode: Mode) -> Result<AttachedProgram> {
 
 /// The l4lb program on the interface, or an error that says what is there instead.
 pub fn find_l4lb(iface: &Interface) -> Result<AttachedProgram> {
+    find(iface, &L4LB)
+}
+
+/// The program of this kind on the interface, or an error that says what is there instead.
+pub fn find(iface: &Interface, kind: &Kind) -> Result<AttachedProgram> {
     let programs = attached_programs(iface)?;
-    if let Some(program) = programs.iter().find(|p| p.is_l4lb()) {
+    if let Some(program) = programs.iter().find(|p| p.is(kind)) {
         return Ok(program.clone());
     }
     match programs.first() {
-        None => bail!("no l4lb program on {} (attach one with `l4lb attach -i {}`)", iface.name, iface.name),
-        Some(other) => bail!("{} has XDP program {other}, which is not l4lb", iface.name),
+        None => bail!(
+            "no {} program on {} (attach one with `{} -i {}`)",
+            kind.label,
+            iface.name,
+            kind.attach_command,
+            iface.name
+        ),
+        Some(other) => bail!("{} has XDP program {other}, which is not {}", iface.name, kind.label),
     }
 }

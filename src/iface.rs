@@ -1,4 +1,4 @@
-//! Facts about a network interface: index, IPv4 address, MTU.
+//! Facts about a network interface: index, IPv4 addresses, MTU.
 
 use std::net::Ipv4Addr;
 
@@ -24,11 +24,22 @@ impl Interface {
 
     /// The first IPv4 address configured on the interface.
     pub fn ipv4_addr(&self) -> Result<Option<Ipv4Addr>> {
+        Ok(self.ipv4_addrs()?.into_iter().next())
+    }
+
+    /// Every IPv4 address configured on the interface, in the kernel's order.
+    pub fn ipv4_addrs(&self) -> Result<Vec<Ipv4Addr>> {
         let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
-        Ok(addrs
+        let mut found: Vec<Ipv4Addr> = Vec::new();
+        for addr in addrs
             .filter(|a| a.interface_name == self.name)
             .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())))
-            .next())
+        {
+            if !found.contains(&addr) {
+                found.push(addr);
+            }
+        }
+        Ok(found)
     }
 
     /// The interface MTU (largest L3 packet it sends).

@@ -3,9 +3,11 @@
 //! tested without root.
 
 pub mod attach;
+pub mod bench;
 pub mod bpf;
 pub mod cli;
 pub mod commands;
+pub mod decap;
 pub mod destinations;
 pub mod discover;
 pub mod flow_hash;

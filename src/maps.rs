@@ -1,6 +1,7 @@
 //! Reading and writing the maps of a loaded l4lb program, found by name among
-//! the program's maps. Updates are ordered so that traffic never meets a slot
-//! that leads nowhere, and are rolled back if the kernel refuses a write.
+//! the program's maps (those helpers serve the decap program too). Updates are
+//! ordered so that traffic never meets a slot that leads nowhere, and are
+//! rolled back if the kernel refuses a write.
 
 use std::net::Ipv4Addr;
 
@@ -25,27 +26,67 @@ fn key(index: u32) -> [u8; 4] {
     index.to_ne_bytes()
 }
 
-impl LbMaps {
-    /// Opens the program's maps by name (the kernel keeps up to 15 characters).
-    pub fn open(program: &AttachedProgram) -> Result<Self> {
+/// The maps of one loaded program, to be taken by name (the kernel keeps up
+/// to 15 characters of a name).
+pub struct ProgramMaps<'a> {
+    program: &'a AttachedProgram,
+    handles: Vec<MapHandle>,
+}
+
+impl<'a> ProgramMaps<'a> {
+    pub fn open(program: &'a AttachedProgram) -> Result<Self> {
         let mut handles = Vec::new();
         for &id in &program.map_ids {
             let handle = MapHandle::from_map_id(id).with_context(|| format!("opening map id {id} of program {program}"))?;
             handles.push(handle);
         }
-        let mut take = |name: &str| -> Result<MapHandle> {
-            let position = handles
+        Ok(ProgramMaps { program, handles })
+    }
+
+    pub fn take(&mut self, name: &str) -> Result<MapHandle> {
+        let position = self
+            .handles
+            .iter()
+            .position(|h| h.name().to_string_lossy() == name)
+            .ok_or_else(|| anyhow!("program {} has no map `{name}`: not an l4lb object of this version", self.program))?;
+        Ok(self.handles.swap_remove(position))
+    }
+}
+
+/// Refuses a map whose value size or entry count differs from this build's.
+pub fn check_shape(map: &MapHandle, value_size: usize, entries: usize) -> Result<()> {
+    if map.value_size() as usize != value_size || map.max_entries() as usize != entries {
+        bail!(
+            "map `{}` has value size {} and {} entries, this l4lb expects {value_size} and {entries}: object and binary are from different versions",
+            map.name().to_string_lossy(), map.value_size(), map.max_entries()
+        );
+    }
+    Ok(())
+}
+
+/// The first `count` entries of an array of u64 counters, summed over CPUs
+/// when it is per-CPU.
+pub fn read_u64_counters(map: &MapHandle, count: usize) -> Result<Vec<u64>> {
+    (0..count as u32)
+        .map(|index| {
+            Ok(lookup_counter(map, index)?
                 .iter()
-                .position(|h| h.name().to_string_lossy() == name)
-                .ok_or_else(|| anyhow!("program {program} has no map `{name}`: not an l4lb object of this version"))?;
-            Ok(handles.swap_remove(position))
-        };
+                .map(|bytes| bpf::value_from::<u64>(bytes).unwrap_or(0))
+                .sum())
+        })
+        .collect()
+}
+
+impl LbMaps {
+    /// Opens the program's maps by name.
+    pub fn open(program: &AttachedProgram) -> Result<Self> {
+        let mut maps = ProgramMaps::open(program)?;
         let maps = LbMaps {
-            config: take(bpf::MAP_CONFIG)?,
-            backends: take(bpf::MAP_BACKENDS)?,
-            slots: take(bpf::MAP_SLOTS)?,
-            backend_stats: take(bpf::MAP_BACKEND_STATS)?,
-            counters: take(bpf::MAP_COUNTERS)?,
+            config: maps.take(bpf::MAP_CONFIG)?,
+            backends: maps.take(bpf::MAP_BACKENDS)?,
+            slots: maps.take(bpf::MAP_SLOTS)?,
+            backend_stats: maps.take(bpf::MAP_BACKEND_STATS)?,
+            counters: maps.take(bpf::MAP_COUNTERS)?,
         };
         maps.check_layout()?;
         Ok(maps)
@@ -53,20 +94,11 @@ impl LbMaps {
 
     /// Refuses maps whose sizes differ from this build's layouts.
     fn check_layout(&self) -> Result<()> {
-        let expect = |map: &MapHandle, value_size: usize, entries: usize| -> Result<()> {
-            if map.value_size() as usize != value_size || map.max_entries() as usize != entries {
-                bail!(
-                    "map `{}` has value size {} and {} entries, this l4lb expects {value_size} and {entries}: object and binary are from different versions",
-                    map.name().to_string_lossy(), map.value_size(), map.max_entries()
-                );
-            }
-            Ok(())
-        };
-        expect(&self.config, size_of::<Config>(), 1)?;
-        expect(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
-        expect(&self.slots, size_of::<u32>(), bpf::TABLE_SIZE)?;
-        expect(&self.backend_stats, size_of::<BackendStats>(), MAX_BACKENDS)?;
-        expect(&self.counters, size_of::<u64>(), bpf::COUNTER_NAMES.len())
+        check_shape(&self.config, size_of::<Config>(), 1)?;
+        check_shape(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
+        check_shape(&self.slots, size_of::<u32>(), bpf::TABLE_SIZE)?;
+        check_shape(&self.backend_stats, size_of::<BackendStats>(), MAX_BACKENDS)?;
+        check_shape(&self.counters, size_of::<u64>(), bpf::COUNTER_NAMES.len())
     }
 
     /// True when the counters are per-CPU (driver and generic mode via `l4lb attach`).
@@ -185,14 +217,7 @@ impl LbMaps {
 
     /// The global counters, indexed like COUNTER_NAMES, summed over CPUs.
     pub fn read_counters(&self) -> Result<Vec<u64>> {
-        (0..bpf::COUNTER_NAMES.len() as u32)
-            .map(|index| {
-                Ok(lookup_counter(&self.counters, index)?
-                    .iter()
-                    .map(|bytes| bpf::value_from::<u64>(bytes).unwrap_or(0))
-                    .sum())
-            })
-            .collect()
+        read_u64_counters(&self.counters, bpf::COUNTER_NAMES.len())
     }
 
     /// Every byte of every map, in a fixed order: for before/after comparisons.

@@ -1,16 +1,16 @@
 //! Statistics: samples of the counters, rates between two samples, and their
-//! rendering as the seed's table or as JSON lines. Pure: sampling the maps is
-//! done by the caller.
+//! rendering as the seed's table or as JSON lines; the same for the backend's
+//! decap counters. Pure: sampling the maps is done by the caller.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use num_format::{Locale, ToFormattedString};
 use serde::Serialize;
 
-use crate::bpf::COUNTER_NAMES;
+use crate::bpf::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
 use crate::discover::Mode;
 
 /// Cumulative counters at one moment.
@@ -85,12 +85,65 @@ pub fn report(mode: Mode, before: &Sample, now: &Sample, elapsed: Duration) -> R
         pps: destinations.iter().map(|d| d.traffic.pps).sum(),
         bps: destinations.iter().map(|d| d.traffic.bps).sum(),
     };
-    let counters = COUNTER_NAMES
-        .iter()
-        .zip(&now.counters)
-        .map(|(name, value)| (name.to_string(), serde_json::Value::from(*value)))
-        .collect();
+    let counters = named(&COUNTER_NAMES, now.counters.iter().copied());
     Report { mode: mode.json_name(), interval_s: seconds, destinations, totals, counters, mode_label: mode.to_string() }
+}
+
+/// `{name: value}` in the order of `names`.
+fn named<T: Into<serde_json::Value>>(names: &[&str], values: impl Iterator<Item = T>) -> serde_json::Map<String, serde_json::Value> {
+    names.iter().zip(values).map(|(name, value)| (name.to_string(), value.into())).collect()
+}
+
+/// One `l4lb decap stats` report: the `--json` line, and what the table shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecapReport {
+    pub mode: &'static str,
+    pub interval_s: f64,
+    /// The addresses IPIP is decapsulated for.
+    pub addrs: Vec<IpAddr>,
+    /// Cumulative, one key per DECAP_COUNTER_NAMES entry.
+    pub counters: serde_json::Map<String, serde_json::Value>,
+    /// Per second over the interval, same keys.
+    pub rates: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip)]
+    pub mode_label: String,
+}
+
+/// Decap counters (indexed like DECAP_COUNTER_NAMES) and their rates between two samples.
+pub fn decap_report(mode: Mode, addrs: &[IpAddr], before: &[u64], now: &[u64], elapsed: Duration) -> DecapReport {
+    let seconds = elapsed.as_secs_f64();
+    DecapReport {
+        mode: mode.json_name(),
+        interval_s: seconds,
+        addrs: addrs.to_vec(),
+        counters: named(&DECAP_COUNTER_NAMES, now.iter().copied()),
+        rates: named(&DECAP_COUNTER_NAMES, now.iter().zip(before).map(|(&n, &b)| rate(n, b, seconds))),
+        mode_label: mode.to_string(),
+    }
+}
+
+/// The decap screen: addresses, then one row per counter (drop counters only
+/// when not zero) with its total and rate.
+pub fn render_decap_table(report: &DecapReport) -> String {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING);
+    table.set_header(vec!["Counter", "total", "per second"]);
+    for (name, value) in &report.counters {
+        let total = value.as_u64().unwrap_or(0);
+        if name.starts_with("drop_") && total == 0 {
+            continue;
+        }
+        let rate = report.rates.get(name).and_then(|r| r.as_f64()).unwrap_or(0.0);
+        table.add_row(vec![Cell::new(name), Cell::new(thousands(total as f64)), Cell::new(thousands(rate))]);
+    }
+    for column in 1..3 {
+        if let Some(column) = table.column_mut(column) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let addrs: Vec<String> = report.addrs.iter().map(IpAddr::to_string).collect();
+    let addrs = if addrs.is_empty() { "none".to_string() } else { addrs.join(", ") };
+    format!("== l4lb decap statistics [{}] ==\nAddresses: {addrs}\n{}", report.mode_label, table_text(&table))
 }
 
 /// A rate with thousands separators, rounded to a whole number.
@@ -141,7 +194,7 @@ pub fn table_text(table: &Table) -> String {
     table.lines().map(|line| format!("{}\n", line.trim_end())).collect()
 }
 
-pub fn render_json(report: &Report) -> String {
+pub fn render_json<T: Serialize>(report: &T) -> String {
     serde_json::to_string(report).expect("a report always serialises")
 }
 
@@ -199,6 +252,34 @@ mod tests {
         assert_eq!(value["counters"]["rx"], 3);
         assert_eq!(value["counters"]["drop_bad_ihl"], 0);
         assert_eq!(value.as_object().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn decap_report_has_every_counter_rates_and_the_addresses() {
+        let mut before = vec![0; DECAP_COUNTER_NAMES.len()];
+        let mut now = before.clone();
+        (before[0], before[1]) = (10, 4);
+        (now[0], now[1], now[2]) = (1_510, 1_504, 6);
+        let drop_fragment = DECAP_COUNTER_NAMES.iter().position(|&n| n == "drop_fragment").unwrap();
+        now[drop_fragment] = 2;
+        let addrs: Vec<IpAddr> = vec![Ipv4Addr::new(192, 0, 2, 2).into()];
+        let report = decap_report(Mode::Driver, &addrs, &before, &now, Duration::from_millis(500));
+
+        let value: serde_json::Value = serde_json::from_str(&render_json(&report)).unwrap();
+        assert_eq!(value["mode"], "driver");
+        assert_eq!(value["addrs"], serde_json::json!(["192.0.2.2"]));
+        assert_eq!(value["counters"]["seen"], 1_510);
+        assert_eq!(value["counters"]["decapsulated"], 1_504);
+        assert_eq!(value["rates"]["decapsulated"], 3_000.0);
+        assert_eq!(value["counters"].as_object().unwrap().len(), DECAP_COUNTER_NAMES.len());
+        assert_eq!(value.as_object().unwrap().len(), 5);
+
+        let text = render_decap_table(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "== l4lb decap statistics [Driver] ==");
+        assert_eq!(lines[1], "Addresses: 192.0.2.2");
+        assert!(lines[3].starts_with(" seen") && lines[3].ends_with("1,510       3,000"), "{text}");
+        assert!(text.contains("drop_fragment") && !text.contains("drop_bad_ihl"), "only non-zero drops: {text}");
     }
 
     #[test]

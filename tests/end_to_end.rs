@@ -8,25 +8,21 @@
 //! deletes them, and with them the veth and its XDP programs, even when an
 //! assertion fails.
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::fail;
+use common::{fail, in_netns, run, Outcome, TestResult};
 use l4lb::table::TableState;
-use libtest_mimic::Failed;
 use nix::libc;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-type TestResult<T = ()> = Result<T, Failed>;
 
 const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 const BPF_OBJECT: &str = env!("L4LB_BPF_OBJECT");
@@ -35,7 +31,6 @@ const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/destination_samples"
 const PREFIX: &str = "l4lbt";
 const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames per traffic check.
 const N: usize = 200;
 
@@ -58,77 +53,7 @@ fn main() {
     );
 }
 
-macro_rules! ensure {
-    ($cond:expr, $($message:tt)+) => {
-        if !$cond {
-            return Err(format!($($message)+).into());
-        }
-    };
-}
-
 // ---------------------------------------------------------------- commands
-
-/// A finished (or timed-out) command.
-struct Outcome {
-    what: String,
-    /// None: killed after COMMAND_TIMEOUT, or could not be started.
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn describe(&self) -> String {
-        format!("`{}` exited with {:?}\nstdout:\n{}\nstderr:\n{}", self.what, self.code, self.stdout, self.stderr)
-    }
-
-    fn success(self) -> TestResult<Self> {
-        ensure!(self.code == Some(0), "expected success: {}", self.describe());
-        Ok(self)
-    }
-
-    /// A clean non-zero exit (not a timeout, not a signal).
-    fn failure(self) -> TestResult<Self> {
-        ensure!(matches!(self.code, Some(code) if code != 0), "expected a non-zero exit: {}", self.describe());
-        Ok(self)
-    }
-}
-
-/// Runs a command with output capture and a timeout.
-fn run(program: &str, args: &[&str]) -> Outcome {
-    let what = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
-    let mut child = match Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
-        Ok(child) => child,
-        Err(err) => return Outcome { what, code: None, stdout: String::new(), stderr: format!("cannot start: {err}") },
-    };
-    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code(),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let mut stderr = stderr.join().unwrap_or_default();
-    if code.is_none() {
-        stderr.push_str(&format!("\n(killed after {COMMAND_TIMEOUT:?} or by a signal)"));
-    }
-    Outcome { what, code, stdout, stderr }
-}
 
 /// `ip ARGS`, which must succeed; its stdout.
 fn ip(args: &[&str]) -> TestResult<String> {
@@ -308,22 +233,6 @@ fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
     let json: Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;
     let text = json[0]["address"].as_str().ok_or_else(|| fail(format!("no MAC for {dev} in {json}")))?;
     Ok(text.parse::<macaddr::MacAddr6>()?.into_array())
-}
-
-/// Runs `f` in a thread that has entered network namespace `ns` (setns
-/// affects only the calling thread). Panics in `f` are passed on.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> TestResult<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                let file = File::open(&path).map_err(|err| fail(format!("{path}: {err}")))?;
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| fail(format!("setns {path}: {err}")))?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 /// Loads `r0 = XDP_PASS; exit` and attaches it to `dev` in driver mode. The

@@ -29,3 +29,114 @@ pub fn run_suite(suite: &str, needs: &str, tests: Vec<(&'static str, TestFn)>) -
 pub fn fail(message: impl Into<String>) -> Failed {
     Failed::from(message.into())
 }
+
+/// The result of a test or of one of its steps.
+pub type TestResult<T = ()> = Result<T, Failed>;
+
+/// `ensure!(condition, "format", args..)`: fails the test with the message
+/// when the condition does not hold (`#[macro_use] mod common;` to use it).
+macro_rules! ensure {
+    ($cond:expr, $($message:tt)+) => {
+        if !$cond {
+            return Err(format!($($message)+).into());
+        }
+    };
+}
+
+// ---------------------------------------------------------------- commands
+
+/// How long `run` lets a command take before killing it.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A finished (or timed-out) command.
+pub struct Outcome {
+    pub what: String,
+    /// None: killed after its timeout, or could not be started.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        format!("`{}` exited with {:?}\nstdout:\n{}\nstderr:\n{}", self.what, self.code, self.stdout, self.stderr)
+    }
+
+    pub fn success(self) -> TestResult<Self> {
+        ensure!(self.code == Some(0), "expected success: {}", self.describe());
+        Ok(self)
+    }
+
+    /// A clean non-zero exit (not a timeout, not a signal).
+    pub fn failure(self) -> TestResult<Self> {
+        ensure!(matches!(self.code, Some(code) if code != 0), "expected a non-zero exit: {}", self.describe());
+        Ok(self)
+    }
+}
+
+/// Runs a command with output capture and a timeout of COMMAND_TIMEOUT.
+pub fn run(program: &str, args: &[&str]) -> Outcome {
+    run_with(program, args, &[], COMMAND_TIMEOUT)
+}
+
+/// Runs a command with extra environment variables, output capture and a timeout.
+pub fn run_with(program: &str, args: &[&str], env: &[(&str, &str)], timeout: std::time::Duration) -> Outcome {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let what = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
+    let mut command = Command::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => return Outcome { what, code: None, stdout: String::new(), stderr: format!("cannot start: {err}") },
+    };
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let mut stderr = stderr.join().unwrap_or_default();
+    if code.is_none() {
+        stderr.push_str(&format!("\n(killed after {timeout:?} or by a signal)"));
+    }
+    Outcome { what, code, stdout, stderr }
+}
+
+// ---------------------------------------------------------------- namespaces
+
+/// Runs `f` in a thread that has entered network namespace `ns` (setns
+/// affects only the calling thread). Panics in `f` are passed on.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> TestResult<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let file = std::fs::File::open(&path).map_err(|err| fail(format!("{path}: {err}")))?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| fail(format!("setns {path}: {err}")))?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}

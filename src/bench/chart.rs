@@ -1,0 +1,129 @@
+//! The ratios as a bar chart (SVG): for each packet kind, l4lb's share of the
+//! plain floor and of the encapsulation floor, median bars with min-max
+//! whiskers, and the target line. Pure: returns the SVG text.
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::report::{Results, Summary, TARGET};
+
+const WIDTH: u32 = 860;
+const HEIGHT: u32 = 480;
+const PLAIN_COLOR: RGBColor = RGBColor(0x9e, 0xc5, 0xe8);
+const ENCAP_COLOR: RGBColor = RGBColor(0x1f, 0x5f, 0x9e);
+const TARGET_COLOR: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
+
+/// The chart of `results` as an SVG document.
+pub fn svg(results: &Results) -> Result<String, String> {
+    let mut out = String::new();
+    draw(results, &mut out).map_err(|err| format!("drawing the chart: {err}"))?;
+    Ok(out)
+}
+
+fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+    let groups = results.kinds.len().max(1) as f64;
+    let top = results
+        .kinds
+        .iter()
+        .flat_map(|k| [k.throughput.ratio_plain.max, k.throughput.ratio_encap.max])
+        .fold(1.1f64, f64::max);
+    // Room above the bars for the legend.
+    let top = ((top + 0.25) * 10.0).ceil() / 10.0;
+
+    let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let c = &results.context;
+    let caption = format!(
+        "l4lb throughput as a share of floors measured in the same run ({} CPUs, {}, median of {} rounds)",
+        c.cpus, c.date, c.rounds
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 15))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..groups, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_labels(((top * 10.0).round() as usize) + 1)
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .y_desc("l4lb Mpps / floor Mpps (per CPU second)")
+        .max_light_lines(0)
+        .draw()?;
+
+    let bar = 0.32;
+    let bars = |offset: f64, color: RGBColor, pick: fn(&super::report::Throughput) -> Summary| {
+        results.kinds.iter().enumerate().map(move |(i, k)| {
+            let s = pick(&k.throughput);
+            let x0 = i as f64 + 0.5 + offset;
+            Rectangle::new([(x0, 0.0), (x0 + bar, s.median)], color.filled())
+        })
+    };
+    chart
+        .draw_series(bars(-bar - 0.02, PLAIN_COLOR, |t| t.ratio_plain))?
+        .label("l4lb / plain floor (count, XDP_TX)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], PLAIN_COLOR.filled()));
+    chart
+        .draw_series(bars(0.02, ENCAP_COLOR, |t| t.ratio_encap))?
+        .label("l4lb / encapsulation floor (count, push outer IPv4, XDP_TX)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ENCAP_COLOR.filled()));
+
+    // Whiskers: min to max over the rounds, and the median's value.
+    for (i, k) in results.kinds.iter().enumerate() {
+        for (offset, s) in [(-bar / 2.0 - 0.02, k.throughput.ratio_plain), (bar / 2.0 + 0.02, k.throughput.ratio_encap)] {
+            let x = i as f64 + 0.5 + offset;
+            let w = bar / 6.0;
+            let black = BLACK.stroke_width(1);
+            chart.draw_series([
+                PathElement::new(vec![(x, s.min), (x, s.max)], black),
+                PathElement::new(vec![(x - w, s.min), (x + w, s.min)], black),
+                PathElement::new(vec![(x - w, s.max), (x + w, s.max)], black),
+            ])?;
+            let label = ("sans-serif", 11).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
+            chart.draw_series([Text::new(format!("{:.3}", s.median), (x, s.max + top * 0.012), label)])?;
+        }
+    }
+
+    chart
+        .draw_series([PathElement::new(vec![(0.0, TARGET), (groups, TARGET)], TARGET_COLOR.stroke_width(1))])?
+        .label(format!("target: {TARGET:.2} of the encapsulation floor (64 B TCP and UDP)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], TARGET_COLOR.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 12))
+        .draw()?;
+
+    // Packet kinds under their groups.
+    for (i, k) in results.kinds.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        let style = ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+        root.draw(&Text::new(k.label.to_string(), (x, y + 8), style))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_has_a_bar_pair_per_kind_labels_and_target() {
+        let results = crate::bench::report::tests::example();
+        let text = svg(&results).unwrap();
+        assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
+        for k in &results.kinds {
+            assert!(text.contains(k.label), "missing {}", k.label);
+        }
+        assert!(text.contains("target: 0.95"));
+        assert!(text.contains("0.950"), "median labels");
+        let encap_fill = format!("#{:02X}{:02X}{:02X}", ENCAP_COLOR.0, ENCAP_COLOR.1, ENCAP_COLOR.2);
+        let bars = text.matches(&encap_fill).count();
+        assert!(bars >= results.kinds.len(), "{bars} encap bars");
+    }
+}

@@ -1,0 +1,743 @@
+//! The measuring: namespaces and veth, l4lb through the product path, the
+//! floors, the live-frame generator, the test_run loops, bpf stats and the
+//! control-plane timings. Everything here needs root; the numbers go to the
+//! pure `report` module.
+
+use std::mem::MaybeUninit;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::MapCore;
+
+use super::frames::{self, Endpoints, Kind};
+use super::report::{
+    ControlPlane, KindResult, ProgramSize, ProgramSizes, ProgramTimes, Round, Summary, Throughput, Variants,
+};
+use super::skel::L4lbBenchSkelBuilder;
+use super::sys::{self, Topology, TEST_XDP_LIVE_FRAMES};
+use super::Options;
+use crate::destinations::Destination;
+use crate::discover::{self, Mode};
+use crate::iface::Interface;
+use crate::maps::LbMaps;
+use crate::table::{self, TableState};
+
+/// Time for the path to settle before a bpf stats measurement.
+const WARMUP: Duration = Duration::from_millis(100);
+/// Programs are measured in turn in slices of about this length ...
+const SLICE: Duration = Duration::from_millis(100);
+/// ... each after this much traffic through the freshly swapped program.
+const SETTLE: Duration = Duration::from_millis(20);
+/// Frames per live test_run call (about 15-30 ms of traffic).
+const LIVE_BATCH: u32 = 1 << 16;
+/// test_run calls per program and packet kind, in chunks taken in turn.
+const TEST_RUN_CHUNKS: usize = 21;
+const TEST_RUN_PER_CHUNK: usize = 500;
+/// Frames with distinct random clients that the test_run loops cycle
+/// through: enough to touch most lines of l4lb's slot table, as live traffic does.
+const TEST_RUN_FRAMES: usize = 4096;
+/// Live traffic per program and kind with bpf stats on (at most `--seconds`).
+const STATS_SECONDS: f64 = 0.5;
+/// Fresh l4lb programs filled for the fill timing; stats samples timed.
+const FILL_REPEATS: usize = 5;
+const STATS_SAMPLES: usize = 20;
+/// Destinations of the table (the limit, as the issue asks).
+const DESTINATIONS: usize = crate::bpf::MAX_BACKENDS;
+/// The packet kind of the variants phase.
+const VARIANT_KIND: Kind = Kind::TcpSyn64;
+/// The service the generator sends to (the benchmarking range).
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+
+const XDP_TX: u32 = 3;
+
+/// A program on the balancer's veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    L4lb,
+    Plain,
+    Encap,
+}
+
+const VARIANTS: [Variant; 3] = [Variant::L4lb, Variant::Plain, Variant::Encap];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::L4lb => "l4lb",
+            Variant::Plain => "plain",
+            Variant::Encap => "encap",
+        }
+    }
+}
+
+/// Raw fds of the programs and maps, usable from any thread.
+#[derive(Debug, Clone, Copy)]
+struct Fds {
+    gen: RawFd,
+    plain: RawFd,
+    encap: RawFd,
+    empty: RawFd,
+    l4lb: RawFd,
+    gen_cfg: RawFd,
+    sink_cnt: RawFd,
+}
+
+impl Fds {
+    fn of(&self, variant: Variant) -> RawFd {
+        match variant {
+            Variant::L4lb => self.l4lb,
+            Variant::Plain => self.plain,
+            Variant::Encap => self.encap,
+        }
+    }
+}
+
+/// Everything the measurements need to know about the setup.
+struct Setup<'a> {
+    topo: &'a Topology,
+    fds: Fds,
+    ends: Endpoints,
+    gen_ifindex: u32,
+    lb_ifindex: u32,
+    cpus: usize,
+}
+
+/// What `measure` found (the caller adds the context).
+pub struct Measured {
+    pub kinds: Vec<KindResult>,
+    pub sizes: ProgramSizes,
+    pub stats_overhead_ns: f64,
+    pub control: ControlPlane,
+    pub variants: Option<Variants>,
+}
+
+/// The variant programs of the benchmark object, in the order of the table.
+fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(&'static str, &'static str, RawFd)> {
+    let fd = |p: &libbpf_rs::Program<'_>| p.as_fd().as_raw_fd();
+    let progs = &skel.progs;
+    vec![
+        ("encap floor", "count, push outer IPv4 header, XDP_TX", fd(&progs.bench_encap)),
+        ("+ parse", "+ parse_ipv4(): every check, the 5-tuple", fd(&progs.bv_parse)),
+        ("+ select, hot table", "+ config, jhash, slot (of 256) and backend lookups, MTU check", fd(&progs.bv_select_hot)),
+        ("+ select", "the same with all 65536 slots (256 KiB), as l4lb", fd(&progs.bv_select)),
+        ("+ counters", "+ rx and tx counters (atomic adds, per-CPU map)", fd(&progs.bv_count)),
+        ("+ backend stats", "+ per-backend packets and bytes (atomic adds) = l4lb's work", fd(&progs.bv_l4lb)),
+        ("l4lb", "l4lb_balance itself", l4lb),
+        ("l4lb, plain adds", "l4lb's work with plain adds instead of atomic adds", fd(&progs.bv_plain_add)),
+        ("l4lb, cheap hash", "l4lb's work with two multiplications instead of jhash", fd(&progs.bv_cheap_hash)),
+        ("l4lb, 128 KiB table", "l4lb's work, slot = hash & 32767 (u16 entries' footprint)", fd(&progs.bv_table_32k)),
+        ("l4lb, 16 KiB table", "l4lb's work, slot = hash & 4095", fd(&progs.bv_table_4k)),
+        ("l4lb, 1 KiB table", "l4lb's work, slot = hash & 255", fd(&progs.bv_small_table)),
+        ("plain floor", "count, XDP_TX", fd(&progs.bench_plain)),
+    ]
+}
+
+/// Runs the whole benchmark.
+pub fn measure(options: &Options) -> Result<Measured> {
+    let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+    let topo = Topology::create()?;
+    let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac, vip: VIP };
+
+    // l4lb through the product path, and the control-plane timings.
+    eprintln!("l4lb bench: attaching l4lb and filling {DESTINATIONS} destinations ({FILL_REPEATS} times)");
+    let (l4lb_fd, map_ids, lb_ifindex, control) = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
+
+    // The benchmark's programs; the variants use l4lb's own (filled) maps.
+    crate::libbpf_log::capture();
+    let mut storage = MaybeUninit::uninit();
+    let mut open = L4lbBenchSkelBuilder::default().open(&mut storage).context("opening the embedded benchmark object")?;
+    let mut handles = Vec::new();
+    for id in map_ids {
+        handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
+    }
+    {
+        let maps = &mut open.maps;
+        for (map, name) in [
+            (&mut maps.l4lb_config, crate::bpf::MAP_CONFIG),
+            (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
+            (&mut maps.l4lb_slots, crate::bpf::MAP_SLOTS),
+            (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
+            (&mut maps.l4lb_counters, crate::bpf::MAP_COUNTERS),
+        ] {
+            let handle = handles
+                .iter()
+                .find(|h| h.name().to_string_lossy() == name)
+                .ok_or_else(|| anyhow!("l4lb has no map `{name}`"))?;
+            map.reuse_fd(handle.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
+        }
+    }
+    let skel = open
+        .load()
+        .map_err(|err| anyhow!("the kernel refused the benchmark programs: {err}{}", crate::libbpf_log::tail(12)))?;
+    let gen_cfg_size = skel.maps.bench_gen_cfg.value_size() as usize;
+    if gen_cfg_size != 16 + frames::TEMPLATE_LEN {
+        bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", 16 + frames::TEMPLATE_LEN);
+    }
+
+    let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
+    let gen_ifindex = sys::in_netns(&topo.gen_ns, || {
+        let index = Interface::by_name(&topo.gen_dev)?.index;
+        sys::xdp_attach(index, sink_fd)?;
+        Ok(index)
+    })?;
+
+    let fds = Fds {
+        gen: skel.progs.bench_gen.as_fd().as_raw_fd(),
+        plain: skel.progs.bench_plain.as_fd().as_raw_fd(),
+        encap: skel.progs.bench_encap.as_fd().as_raw_fd(),
+        empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
+        l4lb: l4lb_fd.as_raw_fd(),
+        gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
+        sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
+    };
+    let setup = Setup { topo: &topo, fds, ends, gen_ifindex, lb_ifindex, cpus };
+    let variants = variant_programs(&skel, fds.l4lb);
+    check_programs(&setup, &variants)?;
+    let sizes = ProgramSizes { l4lb: size(fds.l4lb)?, plain: size(fds.plain)?, encap: size(fds.encap)? };
+
+    eprintln!("l4lb bench: timing the programs with BPF_PROG_TEST_RUN");
+    let mut test_runs = Vec::new();
+    for kind in Kind::ALL {
+        test_runs.push(time_test_run(&fds, kind, &ends)?);
+    }
+
+    let variants = if options.variants { Some(variants.as_slice()) } else { None };
+    let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
+    check_l4lb_counters(&setup)?;
+
+    let mut kinds = Vec::new();
+    for (i, kind) in Kind::ALL.into_iter().enumerate() {
+        let throughput = Throughput::of(rounds[i].clone()).ok_or_else(|| anyhow!("no rounds measured for {}", kind.label()))?;
+        kinds.push(KindResult {
+            kind,
+            label: kind.label(),
+            frame_bytes: kind.frame_len(),
+            throughput,
+            test_run_ns: test_runs[i].0,
+            test_run_empty_ns: test_runs[i].1,
+            run_time_ns: run_times[i],
+        });
+    }
+    let variants = match (variants, variant_rounds) {
+        (Some(programs), Some(rounds)) => {
+            let mut rows = Vec::new();
+            for (&(name, what, fd), mpps) in programs.iter().zip(rounds) {
+                rows.push((name, what, mpps, size(fd)?));
+            }
+            Some(Variants::of(VARIANT_KIND, rows).ok_or_else(|| anyhow!("no variant rounds measured"))?)
+        }
+        _ => None,
+    };
+    drop(topo);
+    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants })
+}
+
+// ------------------------------------------------------------ l4lb, control plane
+
+/// 512 destinations in 198.19.0.0/16; `set` picks one of two disjoint sets.
+fn destinations(set: u8) -> Vec<Destination> {
+    (0..DESTINATIONS as u32)
+        .map(|n| Destination {
+            addr: Ipv4Addr::from(0xc613_0000 | (u32::from(set) + 1) << 12 | n),
+            mac: [0x02, 0xbe, set, 0, (n >> 8) as u8, n as u8],
+        })
+        .collect()
+}
+
+fn ms(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1e3
+}
+
+/// Attaches l4lb to `dev` with `crate::attach::attach`, fills its table with
+/// `table::plan` + `LbMaps::apply` (what `l4lb map` does), FILL_REPEATS times
+/// on a fresh program, and times a table replacement and `l4lb stats` samples.
+/// Runs in the lb namespace. Returns a fd of the last program (kept attached
+/// only by the caller's swaps from here on), its ifindex and the timings.
+fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
+    let iface = Interface::by_name(dev)?;
+    let wanted = destinations(0);
+    let (mut total, mut read, mut plan_ms, mut apply) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..FILL_REPEATS {
+        sys::check_interrupted()?;
+        let id = crate::attach::attach(&iface, Mode::Driver, true)?;
+        let program = discover::find_l4lb(&iface)?;
+        let maps = LbMaps::open(&program)?;
+        let mut config = maps.read_config()?;
+        config.hash_seed = 0x5eed_bec4;
+        config.src_addr = u32::from_ne_bytes(sys::LB_ADDR.octets());
+        config.mtu = iface.mtu()?;
+        config.flags |= crate::bpf::consts::L4LB_CONFIG_SEED_SET | crate::bpf::consts::L4LB_CONFIG_SRC_SET;
+        maps.write_config(&config)?;
+
+        let t0 = Instant::now();
+        let current = maps.read_table()?;
+        let t1 = Instant::now();
+        let plan = table::plan(&current, &wanted);
+        let t2 = Instant::now();
+        maps.apply(&current, &plan)?;
+        let t3 = Instant::now();
+        total.push(ms(t3 - t0));
+        read.push(ms(t1 - t0));
+        plan_ms.push(ms(t2 - t1));
+        apply.push(ms(t3 - t2));
+        last = Some((id, program.map_ids.clone(), maps));
+    }
+    let (id, map_ids, maps) = last.expect("FILL_REPEATS > 0");
+    let table = maps.read_table()?;
+    if table.unset_slots() != 0 || table.backends.iter().flatten().count() != DESTINATIONS {
+        bail!("the table was not filled: {} unset slots", table.unset_slots());
+    }
+
+    // Replacing every destination, back and forth: every slot is rewritten.
+    let mut replace = Vec::new();
+    for round in 0..4u8 {
+        let t0 = Instant::now();
+        let current = maps.read_table()?;
+        let plan = table::plan(&current, &destinations((round + 1) % 2));
+        maps.apply(&current, &plan)?;
+        replace.push(ms(t0.elapsed()));
+    }
+    // Back to set 0 (4 replacements: 1, 0, 1, 0).
+    let state: TableState = maps.read_table()?;
+    if state.backends.iter().flatten().any(|d| !wanted.contains(d)) {
+        bail!("the table does not hold the first destination set after the replacements");
+    }
+
+    let mut stats = Vec::new();
+    for _ in 0..STATS_SAMPLES {
+        let t0 = Instant::now();
+        let sample = crate::commands::sample(&maps)?;
+        stats.push(ms(t0.elapsed()));
+        if sample.destinations.len() != DESTINATIONS {
+            bail!("a stats sample listed {} destinations, expected {DESTINATIONS}", sample.destinations.len());
+        }
+    }
+
+    let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");
+    let control = ControlPlane {
+        destinations: DESTINATIONS,
+        fill_ms: summary(&total),
+        fill_read_ms: summary(&read),
+        fill_plan_ms: summary(&plan_ms),
+        fill_apply_ms: summary(&apply),
+        replace_ms: summary(&replace),
+        stats_sample_ms: summary(&stats),
+    };
+    Ok((sys::prog_fd_by_id(id)?, map_ids, iface.index, control))
+}
+
+// ------------------------------------------------------------ checks
+
+/// Checks the generator's frames against the host's model, and that l4lb and
+/// both floors send every kind back (XDP_TX) with the outer header added.
+fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)]) -> Result<()> {
+    let fds = &setup.fds;
+    for kind in Kind::ALL {
+        write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
+        // The generator on a frame of garbage must write the whole frame.
+        let data = vec![0xa5u8; kind.frame_len()];
+        let mut out = vec![0u8; 4096];
+        let run = sys::test_run(fds.gen, &data, Some(&mut out), None, 1, 0).context("running the generator once")?;
+        if run.retval != XDP_TX || run.data_len != kind.frame_len() {
+            bail!("generator: verdict {} and {} bytes for {}", run.retval, run.data_len, kind.label());
+        }
+        let got = &out[..run.data_len];
+        let client = Ipv4Addr::new(got[26], got[27], got[28], got[29]);
+        let port_at = frames::ETH_LEN + kind.ip_header_len();
+        let port = u16::from_be_bytes([got[port_at], got[port_at + 1]]);
+        let mut want = frames::frame(kind, &setup.ends, client, port);
+        // Past the headers the generator leaves the bytes it was given.
+        let header = (port_at + if kind.is_udp() { 8 } else { 20 }).max(60);
+        want[header..].copy_from_slice(&data[header..]);
+        if got != want.as_slice() {
+            bail!(
+                "generator: the {} frame differs from the host's model:\n got  {:02x?}\n want {:02x?}",
+                kind.label(),
+                &got[..header],
+                &want[..header]
+            );
+        }
+        if client.octets()[..2] != [198, 18] || port < 0x8000 {
+            bail!("generator: client {client}:{port} outside 198.18.0.0/16, 32768-65535");
+        }
+
+        let frame = frames::frame(kind, &setup.ends, Ipv4Addr::new(198, 18, 1, 2), 40000);
+        // Every program but the plain floor encapsulates; the replica of
+        // l4lb's work must give l4lb's frame byte for byte.
+        let mut l4lb_out = vec![0u8; 4096];
+        let l4lb_run = sys::test_run(fds.l4lb, &frame, Some(&mut l4lb_out), None, 1, 0)?;
+        l4lb_out.truncate(l4lb_run.data_len);
+        for &(name, _, fd) in variants.iter().filter(|v| v.2 != fds.plain) {
+            let run = sys::test_run(fd, &frame, Some(&mut out), None, 1, 0)?;
+            if run.retval != XDP_TX || run.data_len != frame.len() + 20 {
+                bail!(
+                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {}): is the table filled?",
+                    kind.label(),
+                    run.retval,
+                    run.data_len,
+                    frame.len() + 20
+                );
+            }
+            if name.starts_with("+ backend") && out[..run.data_len] != l4lb_out[..] {
+                bail!("the variant `{name}` does not produce l4lb's frame for {}", kind.label());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_gen_config(map: RawFd, kind: Kind, ends: &Endpoints) -> Result<()> {
+    let mut value = Vec::with_capacity(16 + frames::TEMPLATE_LEN);
+    value.extend_from_slice(&(kind.ip_header_len() as u32).to_ne_bytes());
+    value.extend_from_slice(&u32::from(kind.is_udp()).to_ne_bytes());
+    value.extend_from_slice(&[0u8; 8]);
+    value.extend_from_slice(&frames::template(kind, ends));
+    sys::map_update(map, 0, &value)
+}
+
+/// l4lb (attached again at the end) must have sent back everything it saw.
+fn check_l4lb_counters(setup: &Setup) -> Result<()> {
+    let counters = sys::in_netns(&setup.topo.lb_ns, || {
+        let iface = Interface::by_name(&setup.topo.lb_dev)?;
+        LbMaps::open(&discover::find_l4lb(&iface)?)?.read_counters()
+    })?;
+    let names = crate::bpf::COUNTER_NAMES;
+    let value = |name: &str| names.iter().position(|n| *n == name).map_or(0, |i| counters[i]);
+    let (rx, tx) = (value("rx"), value("tx"));
+    let other: Vec<String> = names
+        .iter()
+        .zip(&counters)
+        .filter(|(name, count)| !matches!(**name, "rx" | "tx") && **count > 0)
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect();
+    if rx == 0 || !other.is_empty() {
+        bail!("l4lb did not send back everything it saw: rx {rx}, tx {tx}, {}", other.join(", "));
+    }
+    Ok(())
+}
+
+fn size(fd: RawFd) -> Result<ProgramSize> {
+    let info = sys::prog_info(fd)?;
+    Ok(ProgramSize { xlated_insns: info.xlated_prog_len / 8, jited_bytes: info.jited_prog_len })
+}
+
+// ------------------------------------------------------------ test_run
+
+/// test_run duration of each program, repeat = 1 in a loop (with repeat > 1
+/// the frame is not reset, so an encapsulating program would encapsulate its
+/// own output). The programs take turns in chunks; each chunk's average minus
+/// the empty program's chunk of the same turn is one sample, and the median
+/// of the samples is the result (a burst of load elsewhere spoils a few
+/// samples, not the result). Returns the programs' times and the empty
+/// program's.
+fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTimes, f64)> {
+    let frames: Vec<Vec<u8>> = (0..TEST_RUN_FRAMES as u32)
+        .map(|i| frames::generated(kind, ends, i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995))
+        .collect();
+    let programs = [fds.empty, fds.l4lb, fds.plain, fds.encap];
+    let mut samples = vec![Vec::new(); programs.len()];
+    let mut next = 0;
+    for _ in 0..TEST_RUN_CHUNKS {
+        sys::check_interrupted()?;
+        let mut avg = [0f64; 4];
+        for (p, &fd) in programs.iter().enumerate() {
+            let mut sum = 0u64;
+            for _ in 0..TEST_RUN_PER_CHUNK {
+                next = (next + 1) % frames.len();
+                sum += u64::from(sys::test_run(fd, &frames[next], None, None, 1, 0).context("timing with test_run")?.duration_ns);
+            }
+            avg[p] = sum as f64 / TEST_RUN_PER_CHUNK as f64;
+        }
+        samples[0].push(avg[0]);
+        for p in 1..programs.len() {
+            samples[p].push(avg[p] - avg[0]);
+        }
+    }
+    let median = |p: usize| Summary::of(&samples[p]).map_or(f64::NAN, |s| s.median);
+    Ok((ProgramTimes { l4lb: median(1), plain: median(2), encap: median(3) }, median(0)))
+}
+
+/// What bpf stats add to one run of the empty program, ns: chunks of its
+/// test_run loop with the stats off and on in turn, median of the differences.
+fn stats_overhead_ns(fds: &Fds) -> Result<f64> {
+    let frame = vec![0u8; 60];
+    let chunk = |fd: RawFd| -> Result<f64> {
+        let mut sum = 0u64;
+        for _ in 0..TEST_RUN_PER_CHUNK {
+            sum += u64::from(sys::test_run(fd, &frame, None, None, 1, 0)?.duration_ns);
+        }
+        Ok(sum as f64 / TEST_RUN_PER_CHUNK as f64)
+    };
+    let mut diffs = Vec::new();
+    for _ in 0..TEST_RUN_CHUNKS {
+        sys::check_interrupted()?;
+        let off = chunk(fds.empty)?;
+        let stats = sys::enable_bpf_stats()?;
+        let on = chunk(fds.empty)?;
+        drop(stats);
+        diffs.push(on - off);
+    }
+    Ok(Summary::of(&diffs).map_or(f64::NAN, |s| s.median))
+}
+
+// ------------------------------------------------------------ live traffic
+
+const GEN_IDLE: u8 = 0;
+const GEN_QUIT: u8 = 255;
+
+fn kind_code(kind: Kind) -> u8 {
+    Kind::ALL.iter().position(|k| *k == kind).expect("a kind") as u8 + 1
+}
+
+/// The generator thread's controls.
+struct Generator {
+    /// GEN_IDLE, GEN_QUIT or a kind's code.
+    want: AtomicU8,
+    /// The kind being sent now (set once its first batch is under way).
+    active: AtomicU8,
+    /// The generator thread's CPU-time clock. Everything a frame goes
+    /// through (generator, both veths' softirq work, the programs, the sink)
+    /// runs on that thread's CPU in its context, so the thread's CPU time is
+    /// the path's, without the time other processes take from it.
+    clock: AtomicI32,
+    error: Mutex<Option<String>>,
+}
+
+impl Generator {
+    fn new() -> Generator {
+        Generator {
+            want: AtomicU8::new(GEN_IDLE),
+            active: AtomicU8::new(GEN_IDLE),
+            clock: AtomicI32::new(-1),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// CPU time of the generator thread so far, ns.
+    fn cpu_ns(&self) -> Result<u64> {
+        sys::clock_ns(self.clock.load(Ordering::SeqCst))
+    }
+
+    /// The generator loop, in the gen namespace: live test_run calls of
+    /// LIVE_BATCH frames out of the gen veth, for the wanted kind.
+    fn run(&self, setup: &Setup) {
+        if let Err(err) = self.run_inner(setup) {
+            *self.error.lock().unwrap() = Some(format!("{err:#}"));
+        }
+        self.active.store(GEN_QUIT, Ordering::SeqCst);
+    }
+
+    fn run_inner(&self, setup: &Setup) -> Result<()> {
+        sys::enter_netns(&setup.topo.gen_ns)?;
+        self.clock.store(sys::thread_cpu_clock()?, Ordering::SeqCst);
+        let mut current = GEN_IDLE;
+        let mut data = Vec::new();
+        loop {
+            let want = self.want.load(Ordering::SeqCst);
+            match want {
+                GEN_QUIT => return Ok(()),
+                GEN_IDLE => {
+                    self.active.store(GEN_IDLE, Ordering::SeqCst);
+                    current = GEN_IDLE;
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                code if code != current => {
+                    let kind = Kind::ALL[usize::from(code) - 1];
+                    write_gen_config(setup.fds.gen_cfg, kind, &setup.ends)?;
+                    data = frames::frame(kind, &setup.ends, Ipv4Addr::UNSPECIFIED, 0);
+                    current = code;
+                    self.active.store(code, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+            match sys::test_run(setup.fds.gen, &data, None, Some(setup.gen_ifindex), LIVE_BATCH, TEST_XDP_LIVE_FRAMES) {
+                Ok(_) => {}
+                Err(err) if err.raw_os_error() == Some(nix::libc::EINTR) => {}
+                Err(err) => return Err(anyhow!("live test_run of the generator: {err}")),
+            }
+        }
+    }
+
+    /// Asks for `kind` and waits until it is being sent.
+    fn send(&self, kind: Kind) -> Result<()> {
+        let code = kind_code(kind);
+        self.want.store(code, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.active.load(Ordering::SeqCst) != code {
+            self.check()?;
+            if Instant::now() > deadline {
+                bail!("the generator did not start sending {}", kind.label());
+            }
+            sys::sleep(Duration::from_millis(1))?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        if let Some(err) = self.error.lock().unwrap().as_ref() {
+            bail!("generator: {err}");
+        }
+        if self.active.load(Ordering::SeqCst) == GEN_QUIT {
+            bail!("the generator stopped");
+        }
+        Ok(())
+    }
+}
+
+/// Stops the generator when the measuring ends, however it ends.
+struct StopOnDrop<'a>(&'a Generator);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.want.store(GEN_QUIT, Ordering::SeqCst);
+    }
+}
+
+/// Puts a program on the balancer's veth (replacing the one there).
+fn attach(setup: &Setup, fd: RawFd) -> Result<()> {
+    let ifindex = setup.lb_ifindex;
+    sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd)).context("putting a program on the balancer's veth")
+}
+
+fn attach_variant(setup: &Setup, variant: Variant) -> Result<()> {
+    attach(setup, setup.fds.of(variant)).with_context(|| format!("with {}", variant.name()))
+}
+
+/// Throughput of one program over the slices it had.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    /// Frames per second of CPU time the path used, millions.
+    cpu: f64,
+    /// Frames per second of wall time, millions.
+    wall: f64,
+}
+
+/// Measures the programs `fds` in turn on the balancer's veth, in slices of
+/// SLICE taken in rotating order until each had `seconds`, so that a burst of
+/// load from elsewhere falls on all of them alike. Counts the frames that came
+/// back to the sink and the generator thread's CPU time.
+fn interleaved(setup: &Setup, generator: &Generator, fds: &[RawFd], seconds: f64, start: usize) -> Result<Vec<Rate>> {
+    let slices = ((seconds / SLICE.as_secs_f64()).round() as usize).max(1);
+    let slice = Duration::from_secs_f64(seconds / slices as f64);
+    let mut frames = vec![0u64; fds.len()];
+    let mut wall = vec![0f64; fds.len()];
+    let mut cpu = vec![0u64; fds.len()];
+    for cycle in 0..slices {
+        for step in 0..fds.len() {
+            let p = (start + cycle + step) % fds.len();
+            attach(setup, fds[p])?;
+            sys::sleep(SETTLE)?;
+            let (c0, cpu0, t0) = (sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?, generator.cpu_ns()?, Instant::now());
+            sys::sleep(slice)?;
+            let (c1, cpu1, t1) = (sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?, generator.cpu_ns()?, Instant::now());
+            wall[p] += (t1 - t0).as_secs_f64();
+            cpu[p] += cpu1.saturating_sub(cpu0);
+            frames[p] += c1.saturating_sub(c0);
+        }
+        generator.check()?;
+    }
+    if let Some(p) = frames.iter().position(|&n| n == 0) {
+        bail!("no frames came back to the sink with program {p} on the balancer's veth");
+    }
+    Ok((0..fds.len())
+        .map(|p| Rate { cpu: frames[p] as f64 / cpu[p] as f64 * 1e3, wall: frames[p] as f64 / wall[p] / 1e6 })
+        .collect())
+}
+
+type LivePhases = (Vec<Vec<Round>>, Vec<ProgramTimes>, f64, Option<Vec<Vec<f64>>>);
+
+/// The A/B rounds, the variants (when asked for) and the bpf stats phase.
+/// Returns the rounds per kind, run_time_ns/run_cnt per kind, the measured
+/// cost of bpf stats, and Mpps per variant per round.
+fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str, RawFd)]>) -> Result<LivePhases> {
+    let generator = Generator::new();
+    std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&generator);
+        scope.spawn(|| generator.run(setup));
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Kind::ALL.len()];
+        for round in 0..options.rounds {
+            for (k, kind) in Kind::ALL.into_iter().enumerate() {
+                generator.send(kind)?;
+                let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v)).collect();
+                let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
+                let r = Round {
+                    l4lb: mpps[0].cpu,
+                    plain: mpps[1].cpu,
+                    encap: mpps[2].cpu,
+                    l4lb_wall: mpps[0].wall,
+                    plain_wall: mpps[1].wall,
+                    encap_wall: mpps[2].wall,
+                };
+                eprintln!(
+                    "round {}/{} {:<13} l4lb {:.3}  plain {:.3}  encap {:.3} Mpps per CPU  l4lb/encap {:.3}  (CPU share {:.0}%)",
+                    round + 1,
+                    options.rounds,
+                    kind.label(),
+                    r.l4lb,
+                    r.plain,
+                    r.encap,
+                    r.l4lb / r.encap,
+                    100.0 * r.cpu_share()
+                );
+                rounds[k].push(r);
+            }
+        }
+
+        let variant_rounds = match variants {
+            None => None,
+            Some(programs) => {
+                eprintln!("l4lb bench: variants, {}", VARIANT_KIND.label());
+                generator.send(VARIANT_KIND)?;
+                let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
+                let mut per_program = vec![Vec::new(); programs.len()];
+                for round in 0..options.rounds {
+                    let mpps: Vec<f64> =
+                        interleaved(setup, &generator, &fds, options.seconds, round)?.iter().map(|r| r.cpu).collect();
+                    let encap = mpps[0];
+                    let line: Vec<String> = programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
+                    eprintln!("variants round {}/{} (share of the encap floor): {}", round + 1, options.rounds, line.join(", "));
+                    for (p, m) in mpps.into_iter().enumerate() {
+                        per_program[p].push(m);
+                    }
+                }
+                Some(per_program)
+            }
+        };
+
+        // bpf stats: on only for this phase (they cost every program run).
+        eprintln!("l4lb bench: run_time_ns/run_cnt with bpf stats on");
+        let stats_overhead = stats_overhead_ns(&setup.fds)?;
+        let stats = sys::enable_bpf_stats()?;
+        let mut run_times = Vec::new();
+        for kind in Kind::ALL {
+            generator.send(kind)?;
+            let mut ns = [0f64; 3];
+            for (v, &variant) in VARIANTS.iter().enumerate() {
+                attach_variant(setup, variant)?;
+                sys::sleep(WARMUP)?;
+                let fd = setup.fds.of(variant);
+                let before = sys::prog_info(fd)?;
+                sys::sleep(Duration::from_secs_f64(STATS_SECONDS.min(options.seconds)))?;
+                let after = sys::prog_info(fd)?;
+                generator.check()?;
+                let runs = after.run_cnt.saturating_sub(before.run_cnt);
+                if runs == 0 {
+                    bail!("{} did not run with bpf stats on", variant.name());
+                }
+                ns[v] = after.run_time_ns.saturating_sub(before.run_time_ns) as f64 / runs as f64;
+            }
+            run_times.push(ProgramTimes { l4lb: ns[0], plain: ns[1], encap: ns[2] });
+        }
+        drop(stats);
+        generator.want.store(GEN_IDLE, Ordering::SeqCst);
+        attach_variant(setup, Variant::L4lb)?;
+        Ok((rounds, run_times, stats_overhead, variant_rounds))
+    })
+}

@@ -1,0 +1,552 @@
+//! The benchmark's numbers once measured: statistics over rounds, ratios to
+//! the floors, nanoseconds added, and their rendering as text tables and
+//! JSON. Pure: the measuring is in `live.rs`.
+
+use comfy_table::{presets, CellAlignment, Table};
+use serde::Serialize;
+
+use super::frames::Kind;
+
+/// l4lb's target share of the encapsulation floor for 64-byte TCP and UDP.
+pub const TARGET: f64 = 0.95;
+
+/// Minimum, median and maximum of a set of values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    /// None for no values (or when a value is not a number).
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        if values.is_empty() || values.iter().any(|v| v.is_nan()) {
+            return None;
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+        Some(Summary { min: sorted[0], median, max: sorted[n - 1] })
+    }
+}
+
+/// Nanoseconds per packet l4lb adds over a floor, from their rates in Mpps.
+pub fn ns_added(l4lb_mpps: f64, floor_mpps: f64) -> f64 {
+    1e3 / l4lb_mpps - 1e3 / floor_mpps
+}
+
+/// Throughput of one round, Mpps: the three programs on the balancer's veth.
+/// `l4lb`, `plain`, `encap`: frames per second of CPU time the path used
+/// (what the ratios compare); `*_wall`: frames per second of wall time, lower
+/// when other processes took the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Round {
+    pub l4lb: f64,
+    pub plain: f64,
+    pub encap: f64,
+    pub l4lb_wall: f64,
+    pub plain_wall: f64,
+    pub encap_wall: f64,
+}
+
+impl Round {
+    /// The smallest share of wall time the path had the CPU for.
+    pub fn cpu_share(&self) -> f64 {
+        (self.l4lb_wall / self.l4lb).min(self.plain_wall / self.plain).min(self.encap_wall / self.encap)
+    }
+}
+
+/// The rounds of one packet kind, summarised. Ratios and ns added are taken
+/// per round (each compares programs measured seconds apart) and then
+/// summarised.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Throughput {
+    pub rounds: Vec<Round>,
+    pub l4lb_mpps: Summary,
+    pub plain_mpps: Summary,
+    pub encap_mpps: Summary,
+    pub ratio_plain: Summary,
+    pub ratio_encap: Summary,
+    pub ns_added_over_encap: Summary,
+    pub l4lb_wall_mpps: Summary,
+    /// Share of wall time the path had its CPU (1: nothing else ran there).
+    pub cpu_share: Summary,
+}
+
+impl Throughput {
+    pub fn of(rounds: Vec<Round>) -> Option<Throughput> {
+        let pick = |f: fn(&Round) -> f64| Summary::of(&rounds.iter().map(f).collect::<Vec<_>>());
+        Some(Throughput {
+            l4lb_mpps: pick(|r| r.l4lb)?,
+            plain_mpps: pick(|r| r.plain)?,
+            encap_mpps: pick(|r| r.encap)?,
+            ratio_plain: pick(|r| r.l4lb / r.plain)?,
+            ratio_encap: pick(|r| r.l4lb / r.encap)?,
+            ns_added_over_encap: pick(|r| ns_added(r.l4lb, r.encap))?,
+            l4lb_wall_mpps: pick(|r| r.l4lb_wall)?,
+            cpu_share: pick(Round::cpu_share)?,
+            rounds,
+        })
+    }
+}
+
+/// Per-packet times of the programs alone, ns.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ProgramTimes {
+    pub l4lb: f64,
+    pub plain: f64,
+    pub encap: f64,
+}
+
+/// Everything measured for one packet kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KindResult {
+    pub kind: Kind,
+    pub label: &'static str,
+    pub frame_bytes: usize,
+    pub throughput: Throughput,
+    /// BPF_PROG_TEST_RUN, repeat = 1 in a loop, minus the same loop on an
+    /// empty program.
+    pub test_run_ns: ProgramTimes,
+    /// The empty program's loop itself (what was subtracted).
+    pub test_run_empty_ns: f64,
+    /// run_time_ns / run_cnt from the kernel with bpf stats on, live traffic.
+    pub run_time_ns: ProgramTimes,
+}
+
+/// Size of a loaded program: BPF instructions after the verifier, x86 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ProgramSize {
+    pub xlated_insns: u32,
+    pub jited_bytes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ProgramSizes {
+    pub l4lb: ProgramSize,
+    pub plain: ProgramSize,
+    pub encap: ProgramSize,
+}
+
+/// The control plane at 512 destinations, milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlPlane {
+    pub destinations: usize,
+    /// `l4lb map` into an empty table: read the table, plan, write.
+    pub fill_ms: Summary,
+    pub fill_read_ms: Summary,
+    pub fill_plan_ms: Summary,
+    pub fill_apply_ms: Summary,
+    /// Every destination replaced by another (every slot rewritten).
+    pub replace_ms: Summary,
+    /// One `l4lb stats` sample: backends, per-backend stats, counters.
+    pub stats_sample_ms: Summary,
+}
+
+/// One variant of the variants phase (`--variants`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Variant {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub mpps: Summary,
+    /// Per round, against the encapsulation floor of the same round.
+    pub ratio_encap: Summary,
+    pub ns_added_over_encap: Summary,
+    pub size: ProgramSize,
+}
+
+/// l4lb's stages added one by one to the encapsulation floor, and l4lb with
+/// one thing changed. The first row is the encapsulation floor itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Variants {
+    pub kind: Kind,
+    pub rows: Vec<Variant>,
+}
+
+impl Variants {
+    /// `rows`: (name, what, Mpps per round, size); row 0 is the floor.
+    pub fn of(kind: Kind, rows: Vec<(&'static str, &'static str, Vec<f64>, ProgramSize)>) -> Option<Variants> {
+        let floor = rows.first()?.2.clone();
+        let rows = rows
+            .into_iter()
+            .map(|(name, what, mpps, size)| {
+                let ratios: Vec<f64> = mpps.iter().zip(&floor).map(|(m, f)| m / f).collect();
+                let added: Vec<f64> = mpps.iter().zip(&floor).map(|(&m, &f)| ns_added(m, f)).collect();
+                Some(Variant {
+                    name,
+                    what,
+                    mpps: Summary::of(&mpps)?,
+                    ratio_encap: Summary::of(&ratios)?,
+                    ns_added_over_encap: Summary::of(&added)?,
+                    size,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Variants { kind, rows })
+    }
+}
+
+/// The machine and the run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Context {
+    pub cpu: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub date: String,
+    pub command: String,
+    pub rounds: usize,
+    pub seconds: f64,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Results {
+    pub context: Context,
+    pub target_share_of_encap_floor: f64,
+    pub kinds: Vec<KindResult>,
+    pub program_sizes: ProgramSizes,
+    /// What enabling bpf stats adds to one program run, ns (measured).
+    pub stats_overhead_ns: f64,
+    pub control_plane: ControlPlane,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variants: Option<Variants>,
+}
+
+impl Results {
+    /// (kind, median share of the encapsulation floor, target met) for the
+    /// kinds the target is about.
+    pub fn target_checks(&self) -> Vec<(Kind, f64, bool)> {
+        self.kinds
+            .iter()
+            .filter(|k| matches!(k.kind, Kind::TcpSyn64 | Kind::Udp64))
+            .map(|k| (k.kind, k.throughput.ratio_encap.median, k.throughput.ratio_encap.median >= TARGET))
+            .collect()
+    }
+}
+
+fn range(s: &Summary, decimals: usize) -> String {
+    format!("{:.d$} {:.d$} {:.d$}", s.min, s.median, s.max, d = decimals)
+}
+
+fn right_align(table: &mut Table, from: usize) {
+    let columns = table.column_count();
+    for column in from..columns {
+        if let Some(column) = table.column_mut(column) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+fn new_table(header: Vec<&str>) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::ASCII_MARKDOWN);
+    table.set_header(header);
+    table
+}
+
+/// The throughput table: Mpps (medians) and ratios (min median max).
+pub fn throughput_table(results: &Results) -> Table {
+    let mut table = new_table(vec![
+        "packet",
+        "l4lb Mpps",
+        "plain floor Mpps",
+        "encap floor Mpps",
+        "l4lb / plain (min med max)",
+        "l4lb / encap (min med max)",
+        "ns added over encap (min med max)",
+    ]);
+    for k in &results.kinds {
+        let t = &k.throughput;
+        table.add_row(vec![
+            k.label.to_string(),
+            format!("{:.3}", t.l4lb_mpps.median),
+            format!("{:.3}", t.plain_mpps.median),
+            format!("{:.3}", t.encap_mpps.median),
+            range(&t.ratio_plain, 3),
+            range(&t.ratio_encap, 3),
+            range(&t.ns_added_over_encap, 1),
+        ]);
+    }
+    right_align(&mut table, 1);
+    table
+}
+
+/// The per-program times table: test_run and bpf stats, ns per packet.
+pub fn program_table(results: &Results) -> Table {
+    let mut table = new_table(vec![
+        "packet",
+        "test_run l4lb",
+        "test_run plain",
+        "test_run encap",
+        "(empty loop)",
+        "run_time l4lb",
+        "run_time plain",
+        "run_time encap",
+    ]);
+    for k in &results.kinds {
+        table.add_row(vec![
+            k.label.to_string(),
+            format!("{:.1}", k.test_run_ns.l4lb),
+            format!("{:.1}", k.test_run_ns.plain),
+            format!("{:.1}", k.test_run_ns.encap),
+            format!("{:.1}", k.test_run_empty_ns),
+            format!("{:.1}", k.run_time_ns.l4lb),
+            format!("{:.1}", k.run_time_ns.plain),
+            format!("{:.1}", k.run_time_ns.encap),
+        ]);
+    }
+    let s = &results.program_sizes;
+    table.add_row(vec![
+        "size (insns / x86 bytes)".to_string(),
+        format!("{} / {}", s.l4lb.xlated_insns, s.l4lb.jited_bytes),
+        format!("{} / {}", s.plain.xlated_insns, s.plain.jited_bytes),
+        format!("{} / {}", s.encap.xlated_insns, s.encap.jited_bytes),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    right_align(&mut table, 1);
+    table
+}
+
+/// The variants table: what each stage of l4lb costs.
+pub fn variants_table(variants: &Variants) -> Table {
+    let mut table = new_table(vec![
+        "program",
+        "what it does",
+        "Mpps (med)",
+        "/ encap (min med max)",
+        "ns over encap (med)",
+        "insns / x86 bytes",
+    ]);
+    for row in &variants.rows {
+        table.add_row(vec![
+            row.name.to_string(),
+            row.what.to_string(),
+            format!("{:.3}", row.mpps.median),
+            range(&row.ratio_encap, 3),
+            format!("{:.1}", row.ns_added_over_encap.median),
+            format!("{} / {}", row.size.xlated_insns, row.size.jited_bytes),
+        ]);
+    }
+    right_align(&mut table, 2);
+    table
+}
+
+pub fn control_table(results: &Results) -> Table {
+    let c = &results.control_plane;
+    let mut table = new_table(vec!["control plane, 512 destinations", "ms (min med max)"]);
+    let rows = [
+        ("table fill into an empty table (`l4lb map`)", &c.fill_ms),
+        ("  of which: read the table", &c.fill_read_ms),
+        ("  of which: table::plan", &c.fill_plan_ms),
+        ("  of which: LbMaps::apply", &c.fill_apply_ms),
+        ("replace all destinations (every slot moves)", &c.replace_ms),
+        ("stats refresh (one `l4lb stats` sample)", &c.stats_sample_ms),
+    ];
+    for (what, summary) in rows {
+        table.add_row(vec![what.to_string(), range(summary, 2)]);
+    }
+    right_align(&mut table, 1);
+    table
+}
+
+/// The whole text report.
+pub fn render(results: &Results) -> String {
+    let c = &results.context;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "l4lb bench: {} CPUs ({}), kernel {}, {}\n",
+        c.cpus, c.cpu, c.kernel, c.date
+    ));
+    out.push_str(&format!(
+        "{} rounds of {} s per program and packet kind, alternating; load average before: {}, after: {}\n\n",
+        c.rounds, c.seconds, c.load_before, c.load_after
+    ));
+    out.push_str("Throughput through the balancer's veth, Mpps per CPU: frames back at the sink per second of CPU time the\n");
+    out.push_str("path used (generator, both veths, the program and the sink run on one CPU, in the generator's thread):\n");
+    out.push_str(&table_lines(&throughput_table(results)));
+    let shares: Vec<f64> = results.kinds.iter().flat_map(|k| k.throughput.rounds.iter().map(Round::cpu_share)).collect();
+    let walls: Vec<f64> = results.kinds.iter().map(|k| k.throughput.l4lb_wall_mpps.median).collect();
+    if let (Some(share), Some(wall)) = (Summary::of(&shares), Summary::of(&walls)) {
+        out.push_str(&format!(
+            "The path had its CPU for {:.0}% to {:.0}% of the wall time (median {:.0}%); l4lb per wall-clock second: {:.2} to {:.2} Mpps.\n",
+            100.0 * share.min,
+            100.0 * share.max,
+            100.0 * share.median,
+            wall.min,
+            wall.max
+        ));
+    }
+    for (kind, share, met) in results.target_checks() {
+        out.push_str(&format!(
+            "target {:.2} of the encapsulation floor, {}: {:.3} ({})\n",
+            TARGET,
+            kind.label(),
+            share,
+            if met { "met" } else { "NOT met" }
+        ));
+    }
+    out.push_str("\nThe programs alone, ns per packet (test_run: repeat = 1 in a loop, minus the empty program's loop;\n");
+    out.push_str(&format!(
+        "run_time: run_time_ns / run_cnt with bpf stats on, live traffic; enabling the stats adds about {:.0} ns per run):\n",
+        results.stats_overhead_ns
+    ));
+    out.push_str(&table_lines(&program_table(results)));
+    out.push('\n');
+    out.push_str(&table_lines(&control_table(results)));
+    if let Some(variants) = &results.variants {
+        out.push_str(&format!(
+            "\nWhat costs what ({}, programs measured in turn like the rounds above, ratios per round to the encapsulation floor):\n",
+            variants.kind.label()
+        ));
+        out.push_str(&table_lines(&variants_table(variants)));
+    }
+    out
+}
+
+fn table_lines(table: &Table) -> String {
+    table.lines().map(|line| format!("{}\n", line.trim_end())).collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_takes_min_median_max() {
+        assert_eq!(Summary::of(&[3.0, 1.0, 2.0]), Some(Summary { min: 1.0, median: 2.0, max: 3.0 }));
+        assert_eq!(Summary::of(&[4.0, 1.0, 2.0, 3.0]), Some(Summary { min: 1.0, median: 2.5, max: 4.0 }));
+        assert_eq!(Summary::of(&[5.0]), Some(Summary { min: 5.0, median: 5.0, max: 5.0 }));
+        assert_eq!(Summary::of(&[]), None);
+        assert_eq!(Summary::of(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn ns_added_is_the_difference_of_packet_times() {
+        // 4 Mpps = 250 ns per packet, 5 Mpps = 200 ns.
+        assert!((ns_added(4.0, 5.0) - 50.0).abs() < 1e-9);
+        assert!((ns_added(5.0, 5.0)).abs() < 1e-9);
+        assert!(ns_added(5.0, 4.0) < 0.0, "faster than the floor: negative");
+    }
+
+    fn round(l4lb: f64, plain: f64, encap: f64) -> Round {
+        Round { l4lb, plain, encap, l4lb_wall: l4lb * 0.9, plain_wall: plain * 0.8, encap_wall: encap }
+    }
+
+    #[test]
+    fn ratios_are_taken_per_round() {
+        let rounds = vec![
+            round(3.8, 4.0, 4.0),
+            round(1.9, 2.0, 2.0), // a slow (noisy) round: same ratio
+            round(4.0, 4.0, 4.0),
+        ];
+        let t = Throughput::of(rounds).unwrap();
+        assert!((t.ratio_encap.min - 0.95).abs() < 1e-12);
+        assert!((t.ratio_encap.median - 0.95).abs() < 1e-12);
+        assert!((t.ratio_encap.max - 1.0).abs() < 1e-12);
+        assert_eq!(t.l4lb_mpps.median, 3.8);
+        assert!((t.ns_added_over_encap.max - ns_added(1.9, 2.0)).abs() < 1e-9);
+        assert!((t.cpu_share.median - 0.8).abs() < 1e-12, "the smallest share of the round");
+        assert!(Throughput::of(Vec::new()).is_none());
+    }
+
+    pub(crate) fn example() -> Results {
+        let s = |v: f64| Summary { min: v * 0.99, median: v, max: v * 1.01 };
+        let kinds = Kind::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let l4lb = 3.8 - i as f64 * 0.3;
+                let rounds = vec![round(l4lb, 4.3, 4.0); 3];
+                KindResult {
+                    kind,
+                    label: kind.label(),
+                    frame_bytes: kind.frame_len(),
+                    throughput: Throughput::of(rounds).unwrap(),
+                    test_run_ns: ProgramTimes { l4lb: 30.0, plain: 2.0, encap: 8.0 },
+                    test_run_empty_ns: 25.0,
+                    run_time_ns: ProgramTimes { l4lb: 60.0, plain: 40.0, encap: 45.0 },
+                }
+            })
+            .collect();
+        let size = ProgramSize { xlated_insns: 100, jited_bytes: 600 };
+        Results {
+            context: Context {
+                cpu: "Some CPU".into(),
+                cpus: 2,
+                kernel: "6.18.0".into(),
+                date: "2026-11-25".into(),
+                command: "l4lb bench".into(),
+                rounds: 3,
+                seconds: 1.0,
+                load_before: "0.10 0.20 0.30".into(),
+                load_after: "0.90 0.50 0.40".into(),
+            },
+            target_share_of_encap_floor: TARGET,
+            kinds,
+            program_sizes: ProgramSizes { l4lb: size, plain: size, encap: size },
+            stats_overhead_ns: 40.0,
+            control_plane: ControlPlane {
+                destinations: 512,
+                fill_ms: s(20.0),
+                fill_read_ms: s(2.0),
+                fill_plan_ms: s(3.0),
+                fill_apply_ms: s(15.0),
+                replace_ms: s(21.0),
+                stats_sample_ms: s(1.5),
+            },
+            variants: None,
+        }
+    }
+
+    #[test]
+    fn text_report_has_every_kind_ratio_and_target_line() {
+        let results = example();
+        let text = render(&results);
+        for kind in Kind::ALL {
+            assert!(text.contains(kind.label()), "{text}");
+        }
+        // 3.8 / 4.0 = 0.95 exactly: met; 3.5 / 4.0 = 0.875: not met.
+        assert!(text.contains("TCP SYN 64 B: 0.950 (met)"), "{text}");
+        assert!(text.contains("UDP 64 B: 0.875 (NOT met)"), "{text}");
+        assert!(text.contains("0.950 0.950 0.950"), "{text}");
+        assert!(text.contains("| 3.800 |") || text.contains(" 3.800 "), "{text}");
+        assert!(text.contains("about 40 ns per run"), "{text}");
+        assert!(text.contains("stats refresh"), "{text}");
+        assert!(text.lines().all(|line| line == line.trim_end()));
+    }
+
+    #[test]
+    fn variants_are_compared_with_the_floor_of_their_round() {
+        let size = ProgramSize { xlated_insns: 1, jited_bytes: 2 };
+        let v = Variants::of(
+            Kind::TcpSyn64,
+            vec![("floor", "f", vec![4.0, 2.0], size), ("slower", "s", vec![3.2, 1.6], size)],
+        )
+        .unwrap();
+        assert_eq!(v.rows[0].ratio_encap.median, 1.0);
+        assert!((v.rows[1].ratio_encap.min - 0.8).abs() < 1e-12 && (v.rows[1].ratio_encap.max - 0.8).abs() < 1e-12);
+        // 3.2 Mpps vs 4: 312.5 - 250 = 62.5 ns; 1.6 vs 2: 125 ns.
+        assert!((v.rows[1].ns_added_over_encap.median - 93.75).abs() < 1e-9);
+        let mut results = example();
+        results.variants = Some(v);
+        let text = render(&results);
+        assert!(text.contains("What costs what (TCP SYN 64 B"), "{text}");
+        assert!(text.contains("0.800 0.800 0.800"), "{text}");
+        assert!(Variants::of(Kind::Udp64, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn json_has_the_rounds_and_summaries() {
+        let value = serde_json::to_value(example()).unwrap();
+        assert_eq!(value["kinds"][0]["kind"], "tcp_syn_64");
+        assert_eq!(value["kinds"][1]["throughput"]["rounds"].as_array().unwrap().len(), 3);
+        assert_eq!(value["kinds"][0]["throughput"]["ratio_encap"]["median"], 0.95);
+        assert_eq!(value["control_plane"]["destinations"], 512);
+    }
+}

@@ -1,0 +1,320 @@
+//! Thin wrappers over the BPF and namespace syscalls the benchmark needs, on
+//! raw file descriptors (so that any thread can use them), and the
+//! benchmark's namespaces.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::libc;
+
+/// BPF_F_TEST_XDP_LIVE_FRAMES.
+pub const TEST_XDP_LIVE_FRAMES: u32 = 2;
+
+/// What one BPF_PROG_TEST_RUN returned.
+#[derive(Debug, Clone, Copy)]
+pub struct TestRun {
+    pub retval: u32,
+    /// Average per repetition, ns (the kernel's own timer).
+    pub duration_ns: u32,
+    pub data_len: usize,
+}
+
+fn os_error(rc: i32) -> std::io::Error {
+    if rc < 0 {
+        std::io::Error::from_raw_os_error(-rc)
+    } else {
+        std::io::Error::last_os_error()
+    }
+}
+
+/// BPF_PROG_TEST_RUN on an XDP program. `ingress_ifindex` fills ctx_in
+/// (needed for live frames, which then leave through that device).
+pub fn test_run(
+    prog: RawFd,
+    data: &[u8],
+    out: Option<&mut [u8]>,
+    ingress_ifindex: Option<u32>,
+    repeat: u32,
+    flags: u32,
+) -> std::io::Result<TestRun> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let ctx: [u32; 6] = [0, data.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0];
+    // SAFETY: plain C struct; all-zero is its documented default.
+    let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+    opts.data_in = data.as_ptr().cast();
+    opts.data_size_in = data.len() as u32;
+    let out_len = out.as_ref().map_or(0, |o| o.len());
+    if let Some(out) = out {
+        opts.data_out = out.as_mut_ptr().cast();
+        opts.data_size_out = out_len as u32;
+    }
+    if ingress_ifindex.is_some() {
+        opts.ctx_in = ctx.as_ptr().cast();
+        opts.ctx_size_in = std::mem::size_of_val(&ctx) as u32;
+    }
+    opts.repeat = repeat as i32;
+    opts.flags = flags;
+    // SAFETY: every pointer in opts is valid for the sizes given, for the call.
+    let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog, &mut opts) };
+    if rc != 0 {
+        return Err(os_error(rc));
+    }
+    Ok(TestRun { retval: opts.retval, duration_ns: opts.duration, data_len: opts.data_size_out as usize })
+}
+
+/// The sum over CPUs of entry 0 of a per-CPU array of u64.
+pub fn percpu_sum(map: RawFd, cpus: usize) -> Result<u64> {
+    let mut values = vec![0u64; cpus];
+    let key = 0u32;
+    // SAFETY: values holds one 8-byte slot per possible CPU, as the kernel writes.
+    let rc = unsafe { libbpf_sys::bpf_map_lookup_elem(map, (&key as *const u32).cast(), values.as_mut_ptr().cast()) };
+    if rc != 0 {
+        return Err(os_error(rc)).context("reading a per-CPU counter");
+    }
+    Ok(values.iter().sum())
+}
+
+pub fn map_update(map: RawFd, key: u32, value: &[u8]) -> Result<()> {
+    // SAFETY: key and value are valid for the map's sizes (checked by the caller).
+    let rc = unsafe { libbpf_sys::bpf_map_update_elem(map, (&key as *const u32).cast(), value.as_ptr().cast(), 0) };
+    if rc != 0 {
+        return Err(os_error(rc)).context("writing a map entry");
+    }
+    Ok(())
+}
+
+pub fn prog_info(prog: RawFd) -> Result<libbpf_sys::bpf_prog_info> {
+    // SAFETY: plain C struct.
+    let mut info: libbpf_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: info is valid for len bytes; no arrays requested.
+    let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(prog, &mut info, &mut len) };
+    if rc != 0 {
+        return Err(os_error(rc)).context("reading program info");
+    }
+    Ok(info)
+}
+
+pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
+    // SAFETY: plain syscall wrapper.
+    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+    if fd < 0 {
+        return Err(os_error(fd)).with_context(|| format!("opening program id {id}"));
+    }
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Turns on run_time_ns/run_cnt accounting of every BPF program while the
+/// returned fd is open (it costs every program run, system-wide).
+pub fn enable_bpf_stats() -> Result<OwnedFd> {
+    // SAFETY: plain syscall wrapper.
+    let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
+    if fd < 0 {
+        return Err(os_error(fd)).context("enabling bpf stats (BPF_ENABLE_STATS)");
+    }
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Attaches (or replaces) the XDP program of `ifindex` in driver mode, in the
+/// calling thread's network namespace.
+pub fn xdp_attach(ifindex: u32, prog: RawFd) -> Result<()> {
+    // SAFETY: plain syscall wrapper with a valid fd, null options.
+    let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, prog, libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null()) };
+    if rc != 0 {
+        return Err(os_error(rc)).with_context(|| format!("attaching an XDP program to ifindex {ifindex}"));
+    }
+    Ok(())
+}
+
+/// Runs `f` in a thread that entered network namespace `ns` (setns affects
+/// the calling thread only). Panics in `f` are passed on.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                enter_netns(ns)?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+pub fn enter_netns(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))
+}
+
+/// The CPU-time clock of the calling thread (readable from other threads).
+pub fn thread_cpu_clock() -> Result<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self() is the calling thread; clock is a valid out pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc)).context("pthread_getcpuclockid");
+    }
+    Ok(clock)
+}
+
+/// A clock's reading, ns.
+pub fn clock_ns(clock: libc::clockid_t) -> Result<u64> {
+    // SAFETY: plain C struct, valid out pointer.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("clock_gettime");
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+// ------------------------------------------------------------ interruption
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM stop the benchmark at the next check, so that it
+/// removes its namespaces before exiting.
+pub fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps, checking for an interruption every 20 ms.
+pub fn sleep(duration: Duration) -> Result<()> {
+    let end = Instant::now() + duration;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+// ------------------------------------------------------------ namespaces
+
+/// Namespaces of this benchmark start with this, then `-<pid>-`.
+pub const PREFIX: &str = "l4lbb";
+/// Addresses of the two veth ends (used only inside the namespaces).
+pub const GEN_ADDR: &str = "192.0.2.1";
+pub const LB_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 2);
+/// Room for a 1500-byte packet plus the 20-byte outer header.
+pub const MTU: u32 = 1600;
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is iproute2 installed? `make deps`)"))?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Two namespaces joined by a veth pair; dropping it deletes both, and with
+/// them the veth and every XDP program attached to it.
+pub struct Topology {
+    pub gen_ns: String,
+    pub lb_ns: String,
+    pub gen_dev: String,
+    pub lb_dev: String,
+    pub gen_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+}
+
+impl Topology {
+    pub fn create() -> Result<Topology> {
+        remove_leftovers();
+        let base = format!("{PREFIX}-{}", std::process::id());
+        let mut topo = Topology {
+            gen_ns: format!("{base}-gen"),
+            lb_ns: format!("{base}-lb"),
+            gen_dev: "bench-gen".into(),
+            lb_dev: "bench-lb".into(),
+            gen_mac: [0; 6],
+            lb_mac: [0; 6],
+        };
+        let mtu = MTU.to_string();
+        let lb_cidr = format!("{LB_ADDR}/24");
+        let gen_cidr = format!("{GEN_ADDR}/24");
+        // From here on an error drops `topo`, which deletes what exists.
+        let (gen, lb, gen_dev, lb_dev) = (&topo.gen_ns, &topo.lb_ns, &topo.gen_dev, &topo.lb_dev);
+        for ns in [gen, lb] {
+            run("ip", &["netns", "add", ns])?;
+            // No IPv6: no router solicitations or MLD reports on the veth.
+            run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        }
+        let steps: [&[&str]; 5] = [
+            &["-n", gen, "link", "add", gen_dev, "mtu", &mtu, "type", "veth", "peer", "name", lb_dev, "netns", lb, "mtu", &mtu],
+            &["-n", gen, "addr", "add", &gen_cidr, "dev", gen_dev],
+            &["-n", lb, "addr", "add", &lb_cidr, "dev", lb_dev],
+            &["-n", gen, "link", "set", "dev", gen_dev, "up"],
+            &["-n", lb, "link", "set", "dev", lb_dev, "up"],
+        ];
+        for args in steps {
+            run("ip", args).context("creating the benchmark's veth pair")?;
+        }
+        topo.gen_mac = link_mac(&topo.gen_ns, &topo.gen_dev)?;
+        topo.lb_mac = link_mac(&topo.lb_ns, &topo.lb_dev)?;
+        Ok(topo)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.gen_ns, &self.lb_ns] {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let json: serde_json::Value = serde_json::from_str(&run("ip", &["-n", ns, "-j", "link", "show", "dev", dev])?)?;
+    let text = json[0]["address"].as_str().ok_or_else(|| anyhow!("no MAC address for {dev} in {json}"))?;
+    Ok(text.parse::<macaddr::MacAddr6>().with_context(|| format!("MAC address {text}"))?.into_array())
+}
+
+/// Deletes namespaces of earlier runs whose process is gone.
+fn remove_leftovers() {
+    let Ok(list) = run("ip", &["netns", "list"]) else { return };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { continue };
+        let pid = rest.split('-').next().unwrap_or("");
+        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}

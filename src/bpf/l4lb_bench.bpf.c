@@ -1,0 +1,362 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The throughput benchmark's programs (`l4lb bench`), not part of the datapath.
+ *
+ *   bench_gen    traffic generator, run by BPF_PROG_TEST_RUN with
+ *                BPF_F_TEST_XDP_LIVE_FRAMES on the generator's veth: returns
+ *                XDP_TX, so every frame goes out to the balancer's veth.
+ *   bench_plain  plain floor on the balancer's veth: count, XDP_TX.
+ *   bench_encap  encapsulation floor: count, push the outer IPv4 header with
+ *                the balancer's own push_ipip() (encap.h, csum.h), XDP_TX.
+ *   bench_sink   on the generator's veth: counts what comes back and drops it
+ *                (it is also what lets that veth take XDP_TX frames at all).
+ *   bench_empty  returns XDP_PASS: the baseline of the test_run timing loops.
+ *   bv_*         variants for `l4lb bench --variants`: the encapsulation floor
+ *                with l4lb's stages added one by one (parse, select, counters,
+ *                backend stats), and l4lb with one thing changed. They use
+ *                l4lb's own maps (the host points them at the maps of the
+ *                l4lb program it attached, already filled).
+ *
+ * Live frames are recycled, and the receiver modifies them in place (l4lb
+ * writes its outer header over the old Ethernet header), so the generator
+ * rewrites every header byte of every frame from a template, then draws a
+ * random client address and port and fixes both checksums incrementally.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "l4lb.h"
+#include "maps.h"
+#include "parse.h"
+#include "jhash.h"
+#include "csum.h"
+#include "encap.h"
+
+/* Frames are at least this long (a minimum Ethernet frame without FCS), so
+ * the template copy is one fixed-size block. */
+#define BENCH_MIN_FRAME 60
+/* The longest header the generator writes: Ethernet + IPv4 with 12 bytes of
+ * options + TCP. */
+#define BENCH_MAX_HEADER 66
+#define BENCH_TEMPLATE_LEN 72
+
+/* Clients: 198.18.0.0/16 (the benchmarking range), ports 32768-65535. */
+#define BENCH_CLIENT_NET 0xc6120000U
+/* The encapsulation floor's constant destination and outer source. */
+#define BENCH_FLOOR_DST 0xc6130101U /* 198.19.1.1 */
+#define BENCH_FLOOR_SRC 0xc0000202U /* 192.0.2.2 */
+
+/* Key 0: what the generator writes. Filled by the host before each run. */
+struct bench_gen_config {
+	__u32 ip_hlen;  /* 20, or 32 for the frame with IPv4 options */
+	__u32 udp;      /* 1: UDP (checksum at offset 6), 0: TCP (offset 16) */
+	__u32 reserved[2];
+	/* The first bytes of the frame with client address and port 0 and both
+	 * checksums computed for those zeros. */
+	__u8 tmpl[BENCH_TEMPLATE_LEN] __attribute__((aligned(8)));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bench_gen_config);
+} bench_gen_cfg SEC(".maps");
+
+/* Frames the sink received (per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_sink_cnt SEC(".maps");
+
+/* Frames the floors sent back (per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_floor_cnt SEC(".maps");
+
+/* A per-CPU counter needs no atomic add: no other CPU writes this copy. */
+static __always_inline void count_one(void *map)
+{
+	__u32 zero = 0;
+	__u64 *value = bpf_map_lookup_elem(map, &zero);
+
+	if (value)
+		*value += 1;
+}
+
+/* Adds 16-bit words to a checksum field and folds: RFC 1624 incremental update
+ * for fields that were 0 when the checksum was computed. */
+static __always_inline __u16 csum_add3(__u16 check, __u32 a, __u32 b, __u32 c)
+{
+	__u32 sum = (__u16)~check;
+
+	sum += a + b + c;
+	return csum_fold(sum);
+}
+
+SEC("xdp")
+int bench_gen(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct bench_gen_config *cfg;
+	__u32 zero = 0, rnd, saddr, sport, i;
+	struct iphdr *ip;
+	__u16 *l4;
+
+	cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
+	if (!cfg)
+		return XDP_ABORTED;
+	if (data + BENCH_MIN_FRAME > data_end)
+		return XDP_ABORTED;
+	/* 7 x 8 + 4 bytes: every header byte of the 60-byte frames. */
+#pragma clang loop unroll(full)
+	for (i = 0; i < 7; i++)
+		((__u64 *)data)[i] = ((__u64 *)cfg->tmpl)[i];
+	((__u32 *)data)[14] = ((__u32 *)cfg->tmpl)[14];
+	ip = data + sizeof(struct ethhdr);
+	if (cfg->ip_hlen == 32) {
+		if (data + BENCH_MAX_HEADER > data_end)
+			return XDP_ABORTED;
+		*(__u32 *)(data + 60) = *(__u32 *)(cfg->tmpl + 60);
+		*(__u16 *)(data + 64) = *(__u16 *)(cfg->tmpl + 64);
+		l4 = (void *)ip + 32;
+	} else {
+		l4 = (void *)ip + 20;
+	}
+	if ((void *)(l4 + 10) > data_end)
+		return XDP_ABORTED;
+
+	rnd = bpf_get_prandom_u32();
+	saddr = bpf_htonl(BENCH_CLIENT_NET | (rnd & 0xffff));
+	sport = bpf_htons((rnd >> 16) | 0x8000);
+	ip->saddr = saddr;
+	l4[0] = sport;
+	ip->check = csum_add3(ip->check, saddr & 0xffff, saddr >> 16, 0);
+	if (cfg->udp) {
+		__u16 check = csum_add3(l4[3], saddr & 0xffff, saddr >> 16, sport);
+
+		l4[3] = check ? check : 0xffff; /* 0 means "no checksum" in UDP */
+	} else {
+		l4[8] = csum_add3(l4[8], saddr & 0xffff, saddr >> 16, sport);
+	}
+	return XDP_TX;
+}
+
+SEC("xdp")
+int bench_plain(struct xdp_md *ctx)
+{
+	(void)ctx;
+	count_one(&bench_floor_cnt);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int bench_encap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct l4lb_backend backend = {
+		.addr = bpf_htonl(BENCH_FLOOR_DST),
+		.mac = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x01 },
+		.flags = L4LB_BACKEND_ACTIVE,
+	};
+
+	if ((void *)(ip + 1) > data_end)
+		return XDP_DROP;
+	if (push_ipip(ctx, &backend, bpf_htonl(BENCH_FLOOR_SRC), ip->tos, ip->frag_off & bpf_htons(IPV4_DF),
+		      bpf_ntohs(ip->tot_len)))
+		return XDP_DROP;
+	count_one(&bench_floor_cnt);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int bench_sink(struct xdp_md *ctx)
+{
+	(void)ctx;
+	count_one(&bench_sink_cnt);
+	return XDP_DROP;
+}
+
+SEC("xdp")
+int bench_empty(struct xdp_md *ctx)
+{
+	(void)ctx;
+	return XDP_PASS;
+}
+
+/* ---------------------------------------------------------------- variants
+ *
+ * variant(ctx, what) is the encapsulation floor with the stages of
+ * l4lb_balance (l4lb_xdp.bpf.c) that `what` selects; with every stage it is
+ * l4lb_balance's work, done in the same order with the same headers.
+ */
+#define V_PARSE 0x1        /* parse_ipv4(): every check, the 5-tuple */
+#define V_SELECT 0x2       /* config lookup, jhash, slot and backend lookups, MTU check */
+#define V_COUNT 0x4        /* rx and tx counters in l4lb_counters */
+#define V_BE_STATS 0x8     /* per-backend packets and bytes in l4lb_be_stats */
+#define V_PLAIN_ADD 0x10   /* counters with plain adds instead of atomic adds */
+#define V_SMALL_TABLE 0x20 /* slot = hash & 255: 1 KiB of the table, stays in L1 */
+#define V_TABLE_4K 0x40    /* slot = hash & 4095: 16 KiB of the table */
+#define V_TABLE_32K 0x80   /* slot = hash & 32767: 128 KiB, what u16 entries would take */
+#define V_CHEAP_HASH 0x100 /* two multiplications instead of jhash */
+#define V_L4LB (V_PARSE | V_SELECT | V_COUNT | V_BE_STATS)
+
+static __always_inline void v_add(__u64 *value, __u64 n, const __u32 what)
+{
+	if (what & V_PLAIN_ADD)
+		*value += n;
+	else
+		__sync_fetch_and_add(value, n);
+}
+
+static __always_inline void v_count(__u32 which, const __u32 what)
+{
+	__u64 *value = bpf_map_lookup_elem(&l4lb_counters, &which);
+
+	if (value)
+		v_add(value, 1, what);
+}
+
+static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct l4lb_backend floor_backend = {
+		.addr = bpf_htonl(BENCH_FLOOR_DST),
+		.mac = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x01 },
+		.flags = L4LB_BACKEND_ACTIVE,
+	};
+	struct l4lb_backend *backend = &floor_backend;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__be32 src_addr = bpf_htonl(BENCH_FLOOR_SRC);
+	struct l4lb_config *config;
+	struct flow flow = {};
+	__u32 zero = 0, slot, number = 0, *slot_value;
+	__u16 tot_len;
+
+	if (what & V_COUNT)
+		v_count(L4LB_CNT_RX, what);
+	if (what & V_PARSE) {
+		if (parse_ipv4(data, data_end, &flow, &ip) != PARSE_BALANCE || !ip)
+			return XDP_DROP;
+	} else if ((void *)(ip + 1) > data_end) {
+		return XDP_DROP;
+	}
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (what & V_SELECT) {
+		config = bpf_map_lookup_elem(&l4lb_config, &zero);
+		if (!config)
+			return XDP_DROP;
+		if (what & V_CHEAP_HASH) {
+			slot = (flow.saddr ^ config->hash_seed) * 0x9e3779b1U ^ flow.daddr;
+			slot = (slot ^ flow.ports ^ flow.proto) * 0x85ebca6bU;
+			slot ^= slot >> 16;
+		} else {
+			slot = jhash_4words(flow.saddr, flow.daddr, flow.ports, flow.proto, config->hash_seed);
+		}
+		if (what & V_SMALL_TABLE)
+			slot &= 0xff;
+		else if (what & V_TABLE_4K)
+			slot &= 0xfff;
+		else if (what & V_TABLE_32K)
+			slot &= 0x7fff;
+		else
+			slot &= L4LB_TABLE_MASK;
+		slot_value = bpf_map_lookup_elem(&l4lb_slots, &slot);
+		if (!slot_value)
+			return XDP_DROP;
+		number = *slot_value;
+		backend = bpf_map_lookup_elem(&l4lb_backends, &number);
+		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
+			return XDP_DROP;
+		src_addr = config->src_addr;
+		if (config->mtu && tot_len + L4LB_IPIP_OVERHEAD > config->mtu)
+			return XDP_DROP;
+	}
+	if (push_ipip(ctx, backend, src_addr, ip->tos, ip->frag_off & bpf_htons(IPV4_DF), tot_len))
+		return XDP_DROP;
+	if (what & V_BE_STATS) {
+		struct l4lb_backend_stats *stats = bpf_map_lookup_elem(&l4lb_be_stats, &number);
+
+		if (stats) {
+			v_add(&stats->packets, 1, what);
+			v_add(&stats->bytes, (long)ctx->data_end - (long)ctx->data, what);
+		}
+	}
+	if (what & V_COUNT)
+		v_count(L4LB_CNT_TX, what);
+	else
+		count_one(&bench_floor_cnt);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int bv_parse(struct xdp_md *ctx)
+{
+	return variant(ctx, V_PARSE);
+}
+
+SEC("xdp")
+int bv_select_hot(struct xdp_md *ctx)
+{
+	return variant(ctx, V_PARSE | V_SELECT | V_SMALL_TABLE);
+}
+
+SEC("xdp")
+int bv_select(struct xdp_md *ctx)
+{
+	return variant(ctx, V_PARSE | V_SELECT);
+}
+
+SEC("xdp")
+int bv_count(struct xdp_md *ctx)
+{
+	return variant(ctx, V_PARSE | V_SELECT | V_COUNT);
+}
+
+SEC("xdp")
+int bv_l4lb(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB);
+}
+
+SEC("xdp")
+int bv_plain_add(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_PLAIN_ADD);
+}
+
+SEC("xdp")
+int bv_cheap_hash(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_CHEAP_HASH);
+}
+
+SEC("xdp")
+int bv_table_32k(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_TABLE_32K);
+}
+
+SEC("xdp")
+int bv_table_4k(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_TABLE_4K);
+}
+
+SEC("xdp")
+int bv_small_table(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_SMALL_TABLE);
+}
+
+char LICENSE[] SEC("license") = "GPL";

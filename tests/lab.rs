@@ -1,0 +1,504 @@
+//! The lab (`scripts/lab`): a client, a bridge, the balancer and backends in
+//! network namespaces, with l4lb on the balancer and `l4lb decap` plus an HTTP
+//! server on every backend. Real TCP connections from the client to the VIP
+//! go through l4lb and come back straight from the backends.
+//!
+//! Each test brings up its own lab under the prefix `l4lbt-lab-<pid>-<n>`
+//! (state in /run/<prefix>) with the `l4lb` binary cargo built for the tests;
+//! a guard runs `scripts/lab down` when the test ends, also when it fails.
+//! The tests take a lock and run one at a time: the lab's traffic and
+//! counters are easiest to reason about without a second lab competing for
+//! the 2 CPUs.
+
+#[macro_use]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{fail, in_netns, run, run_with, Outcome, TestResult};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+const LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lab");
+/// Prefix of this suite's labs (namespaces `l4lbt-lab-<pid>-<n>-client` ...).
+const PREFIX: &str = "l4lbt-lab";
+/// `scripts/lab up` takes about 2 s for 4 backends; generous for a loaded machine.
+const LAB_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections of the round-trip test (about 1.5 s).
+const CONNECTIONS: usize = 1000;
+/// Two-sided miss probability of each backend's interval (see `binomial_interval`).
+const ALPHA: f64 = 1e-4;
+/// The steps of `scripts/lab up`, in order (LAB_FAIL_AFTER accepts each).
+const STEPS: &[&str] = &["namespaces", "segment", "client", "balancer", "backends", "servers", "decap", "l4lb"];
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn main() {
+    if common::is_root() {
+        remove_leftovers();
+    }
+    common::run_suite(
+        "lab",
+        "network namespaces, XDP and servers in them need root",
+        vec![
+            ("round_trips_follow_the_table_and_counters_agree", round_trips_follow_the_table_and_counters_agree),
+            ("up_down_are_idempotent_and_leave_nothing_behind", up_down_are_idempotent_and_leave_nothing_behind),
+            ("failure_at_every_step_of_up_leaves_nothing_behind", failure_at_every_step_of_up_leaves_nothing_behind),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------- the lab
+
+/// One lab; `scripts/lab down` when dropped.
+struct Lab {
+    prefix: String,
+    state: PathBuf,
+}
+
+impl Lab {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let prefix = format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let state = PathBuf::from(format!("/run/{prefix}"));
+        Lab { prefix, state }
+    }
+
+    /// `scripts/lab ARGS` for this lab, with extra environment variables.
+    fn lab(&self, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+        let mut full_env = vec![("LAB_PREFIX", self.prefix.as_str()), ("L4LB", BIN)];
+        full_env.extend_from_slice(env);
+        run_with(LAB, args, &full_env, LAB_TIMEOUT)
+    }
+
+    fn up(&self, backends: usize) -> TestResult<Outcome> {
+        self.lab(&["up", "--backends", &backends.to_string()], &[]).success()
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// `l4lb ARGS` inside one of the lab's namespaces.
+    fn l4lb(&self, ns: &str, args: &[&str]) -> Outcome {
+        let ns = self.ns(ns);
+        let mut full = vec!["netns", "exec", ns.as_str(), BIN];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// KEY=VALUE pairs of the lab's lab.env.
+    fn env(&self) -> TestResult<BTreeMap<String, String>> {
+        let path = self.state.join("lab.env");
+        let text = std::fs::read_to_string(&path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
+        Ok(text.lines().filter_map(|line| line.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    /// (address, MAC) of every backend, from the destination file the lab wrote.
+    fn backends(&self) -> TestResult<Vec<(Ipv4Addr, String)>> {
+        let path = self.state.join("destinations.csv");
+        let text = std::fs::read_to_string(&path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let row = line.split('#').next().unwrap_or("").trim();
+            if let Some((addr, mac)) = row.split_once(',') {
+                out.push((addr.trim().parse().map_err(|_| fail(format!("bad row {line:?} in {}", path.display())))?, mac.trim().to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Everything that exists now and belongs to this lab.
+    fn traces(&self) -> Traces {
+        let namespaces = run("ip", &["netns", "list"])
+            .stdout
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| name.starts_with(&format!("{}-", self.prefix)))
+            .map(str::to_string)
+            .collect();
+        let state = self.state.exists();
+        // Any process whose command line names the state directory (the servers do).
+        let marker = self.state.display().to_string();
+        let mut processes = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+                if pid == std::process::id() {
+                    continue;
+                }
+                if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                    if cmdline.contains(&marker) {
+                        processes.push(format!("{pid}: {cmdline}"));
+                    }
+                }
+            }
+        }
+        Traces { namespaces, state, processes }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.lab(&["down"], &[]);
+        if out.code != Some(0) {
+            eprintln!("lab {}: `scripts/lab down` in the guard failed: {}", self.prefix, out.describe());
+        }
+    }
+}
+
+/// What a lab left: must be empty after `down`.
+#[derive(Debug, PartialEq, Eq)]
+struct Traces {
+    namespaces: Vec<String>,
+    state: bool,
+    processes: Vec<String>,
+}
+
+impl Traces {
+    fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && !self.state && self.processes.is_empty()
+    }
+}
+
+/// Program ids from the lab's `   xdp on NS/DEV: NAME id N MODE` lines.
+fn program_ids(output: &str) -> Vec<u32> {
+    output
+        .lines()
+        .filter(|line| line.trim_start().starts_with("xdp on "))
+        .filter_map(|line| line.split_whitespace().skip_while(|word| *word != "id").nth(1)?.parse().ok())
+        .collect()
+}
+
+/// Server pids from the lab's `   servers: be1 pid N  be2 pid M` line.
+fn server_pids(output: &str) -> Vec<u32> {
+    let Some(line) = output.lines().find(|line| line.trim_start().starts_with("servers:")) else { return Vec::new() };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).filter(|pair| pair[0] == "pid").filter_map(|pair| pair[1].parse().ok()).collect()
+}
+
+/// Whether a BPF program with this id still exists.
+fn program_exists(id: u32) -> bool {
+    // SAFETY: plain syscall wrapper.
+    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned to us.
+        unsafe { nix::libc::close(fd) };
+        return true;
+    }
+    false
+}
+
+/// Links of the initial namespace (the lab must never create any there).
+fn root_links() -> BTreeSet<String> {
+    let json: Value = serde_json::from_str(&run("ip", &["-j", "link", "show"]).stdout).unwrap_or(Value::Null);
+    json.as_array().into_iter().flatten().filter_map(|link| link["ifname"].as_str().map(str::to_string)).collect()
+}
+
+/// After `down`: no namespace, state directory, process, program (given by
+/// id) or root-namespace link of the lab remains. Programs are freed when
+/// the kernel finishes destroying the namespaces, asynchronously: up to 10 s.
+fn assert_nothing_left(lab: &Lab, programs: &[u32], pids: &[u32], links_before: &BTreeSet<String>, when: &str) -> TestResult {
+    let traces = lab.traces();
+    ensure!(traces.is_empty(), "{when}: left behind: {traces:?}");
+    for pid in pids {
+        ensure!(!Path::new(&format!("/proc/{pid}")).exists(), "{when}: server pid {pid} still runs");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<u32> = programs.iter().copied().filter(|&id| program_exists(id)).collect();
+        if alive.is_empty() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "{when}: XDP programs {alive:?} of the lab still exist 10 s after down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new_links: Vec<String> = root_links().difference(links_before).cloned().collect();
+    let lab_like = |name: &String| ["client0", "lb0", "sw0", "sw-", "be"].iter().any(|p| name.starts_with(p));
+    let ours: Vec<&String> = new_links.iter().filter(|name| lab_like(name)).collect();
+    ensure!(ours.is_empty(), "{when}: links with lab names appeared in the initial namespace: {ours:?}");
+    Ok(())
+}
+
+/// Labs of earlier runs of this suite whose process is gone.
+fn remove_leftovers() {
+    let dead = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix(&format!("{PREFIX}-"))?;
+        let mut parts = rest.splitn(3, '-');
+        let pid = parts.next()?.parse::<u32>().ok()?;
+        let n = parts.next()?;
+        (pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()).then(|| format!("{PREFIX}-{pid}-{n}"))
+    };
+    let mut prefixes = BTreeSet::new();
+    for line in run("ip", &["netns", "list"]).stdout.lines() {
+        prefixes.extend(dead(line.split_whitespace().next().unwrap_or("")));
+    }
+    if let Ok(entries) = std::fs::read_dir("/run") {
+        for entry in entries.flatten() {
+            prefixes.extend(dead(&entry.file_name().to_string_lossy()));
+        }
+    }
+    for prefix in prefixes {
+        let _ = run_with(LAB, &["down"], &[("LAB_PREFIX", &prefix), ("L4LB", BIN)], LAB_TIMEOUT);
+    }
+}
+
+// ---------------------------------------------------------------- traffic
+
+/// One HTTP GET to VIP:port from the calling thread's namespace: (local port,
+/// the answer's body) or what went wrong.
+fn http_get(vip: Ipv4Addr, port: u16) -> Result<(u16, String), String> {
+    let timeout = Duration::from_secs(3);
+    let target = SocketAddr::V4(SocketAddrV4::new(vip, port));
+    let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|err| format!("connect: {err}"))?;
+    let local = stream.local_addr().map_err(|err| format!("local_addr: {err}"))?.port();
+    stream.set_read_timeout(Some(timeout)).map_err(|err| err.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|err| err.to_string())?;
+    stream
+        .write_all(format!("GET / HTTP/1.0\r\nHost: {vip}\r\nUser-Agent: l4lb-lab-test\r\n\r\n").as_bytes())
+        .map_err(|err| format!("port {local}: send: {err}"))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|err| format!("port {local}: receive: {err} (after {answer:?})"))?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("port {local}: no HTTP header end in {answer:?}"))?;
+    if !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("port {local}: answer {head:?}"));
+    }
+    Ok((local, body.trim().to_string()))
+}
+
+/// The interval [lo, hi] that a Binomial(n, p) count falls into with
+/// probability at least 1 - alpha: P(X < lo) <= alpha/2 and P(X > hi) <= alpha/2
+/// (exact, from the probability mass function).
+fn binomial_interval(n: usize, p: f64, alpha: f64) -> (usize, usize) {
+    if p <= 0.0 {
+        return (0, 0);
+    }
+    if p >= 1.0 {
+        return (n, n);
+    }
+    // pmf(k+1) = pmf(k) * (n-k)/(k+1) * p/(1-p), from pmf(0) = (1-p)^n, in logs.
+    let mut log_pmf = Vec::with_capacity(n + 1);
+    let mut current = n as f64 * (1.0 - p).ln();
+    for k in 0..=n {
+        log_pmf.push(current);
+        current += ((n - k) as f64 / (k + 1) as f64).ln() + (p / (1.0 - p)).ln();
+    }
+    let pmf: Vec<f64> = log_pmf.iter().map(|l| l.exp()).collect();
+    let mut lo = 0;
+    let mut below = 0.0;
+    while lo < n && below + pmf[lo] <= alpha / 2.0 {
+        below += pmf[lo];
+        lo += 1;
+    }
+    let mut hi = n;
+    let mut above = 0.0;
+    while hi > 0 && above + pmf[hi] <= alpha / 2.0 {
+        above += pmf[hi];
+        hi -= 1;
+    }
+    (lo, hi)
+}
+
+/// Packets per destination and the counters of one `l4lb stats --json` sample.
+fn lb_stats(lab: &Lab, dev: &str) -> TestResult<(BTreeMap<Ipv4Addr, u64>, Value)> {
+    let out = lab.l4lb("lb", &["stats", "-i", dev, "--json", "--count", "1"]).success()?;
+    let sample: Value = serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("stats output {:?}: {err}", out.stdout)))?;
+    let mut packets = BTreeMap::new();
+    for row in sample["destinations"].as_array().ok_or_else(|| fail(format!("no destinations in {sample}")))? {
+        let addr = row["addr"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| fail(format!("bad addr in {row}")))?;
+        packets.insert(addr, row["packets"].as_u64().ok_or_else(|| fail(format!("no packets in {row}")))?);
+    }
+    Ok((packets, sample["counters"].clone()))
+}
+
+/// The decapsulated count of one `l4lb decap stats --json` sample on backend `k`.
+fn decapsulated(lab: &Lab, k: usize) -> TestResult<(u64, Value)> {
+    let dev = format!("be{k}");
+    let out = lab.l4lb(&format!("be{k}"), &["decap", "stats", "-i", &dev, "--json", "--count", "1"]).success()?;
+    let sample: Value = serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("decap stats output {:?}: {err}", out.stdout)))?;
+    let count = sample["counters"]["decapsulated"].as_u64().ok_or_else(|| fail(format!("no counters.decapsulated in {sample}")))?;
+    Ok((count, sample))
+}
+
+// ---------------------------------------------------------------- tests
+
+/// CONNECTIONS HTTP round trips from the client: every one completes, each is
+/// answered by the backend its flow's slot names, every backend answers, each
+/// backend's share is within the binomial interval of its table share, and
+/// l4lb's packets per destination equal what each backend decapsulated.
+///
+/// The statistics: every connection has a new source port, so with the hash
+/// spreading flows uniformly over the 65536 slots, the number of connections
+/// backend k answers is Binomial(CONNECTIONS, slots_k / 65536) (1/4 each
+/// here). Its exact interval with miss probability ALPHA = 1e-4 (99.99%) is
+/// checked for each backend, so a correct balancer fails this check with
+/// probability at most 4 x 1e-4 (union bound over the 4 backends). For
+/// 1000 connections and a share of 1/4 the interval is [198, 304].
+fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(4)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let vip: Ipv4Addr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let client_addr: Ipv4Addr = get("CLIENT_ADDR")?.parse().map_err(|_| fail("bad CLIENT_ADDR"))?;
+    let (lb_ns, lb_dev) = (get("LB_NS")?, get("LB_DEV")?);
+    let backends = lab.backends()?;
+    ensure!(backends.len() == 4, "4 backends wanted, the destination file has {backends:?}");
+
+    // The table as the kernel holds it: the share of each destination and
+    // each flow's destination.
+    let (seed, table) = in_netns(&lb_ns, || {
+        let iface = l4lb::iface::Interface::by_name(&lb_dev)?;
+        let maps = l4lb::maps::LbMaps::open(&l4lb::discover::find_l4lb(&iface)?)?;
+        Ok((maps.read_config()?.hash_seed, maps.read_table()?))
+    })?;
+    let counts = table.slot_counts();
+    let total_slots: usize = counts.iter().sum();
+    let mut share = BTreeMap::new();
+    for (number, count) in counts.iter().enumerate() {
+        if let Some(Some(destination)) = table.backends.get(number) {
+            share.insert(destination.addr, *count as f64 / total_slots as f64);
+        }
+    }
+    let addrs: BTreeSet<Ipv4Addr> = backends.iter().map(|b| b.0).collect();
+    ensure!(share.keys().copied().collect::<BTreeSet<_>>() == addrs, "table destinations {share:?}, lab backends {addrs:?}");
+    ensure!(table.unset_slots() == 0, "{} slots unset", table.unset_slots());
+
+    // The connections, one after the other, from a thread in the client's namespace.
+    let started = Instant::now();
+    let results = in_netns(&lab.ns("client"), || Ok((0..CONNECTIONS).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+    let elapsed = started.elapsed();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    ensure!(failures.is_empty(), "{} of {CONNECTIONS} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
+    let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
+    ensure!(ports.len() == CONNECTIONS, "only {} distinct source ports in {CONNECTIONS} connections", ports.len());
+
+    // Who answered: the body is "beK ADDRESS".
+    let mut answered: BTreeMap<Ipv4Addr, usize> = addrs.iter().map(|&a| (a, 0)).collect();
+    let mut misrouted = Vec::new();
+    for (sport, body) in &answers {
+        let addr: Ipv4Addr = body.split_whitespace().nth(1).and_then(|a| a.parse().ok()).ok_or_else(|| fail(format!("answer {body:?} names no backend address")))?;
+        *answered.get_mut(&addr).ok_or_else(|| fail(format!("answer {body:?} from an unknown backend")))? += 1;
+        let flow = l4lb::flow_hash::Flow { saddr: client_addr, daddr: vip, sport: *sport, dport: port, proto: 6 };
+        let predicted = table.slot_backend(flow.slot(seed)).map(|(_, d)| d.addr);
+        if predicted != Some(addr) {
+            misrouted.push(format!("source port {sport}: answered by {addr}, table says {predicted:?}"));
+        }
+    }
+    ensure!(misrouted.is_empty(), "{} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
+    let mut out_of_bounds = Vec::new();
+    for (addr, &n) in &answered {
+        ensure!(n > 0, "backend {addr} answered none of {CONNECTIONS} connections: {answered:?}");
+        let (lo, hi) = binomial_interval(CONNECTIONS, share[addr], ALPHA);
+        if n < lo || n > hi {
+            out_of_bounds.push(format!("{addr}: {n} of {CONNECTIONS}, table share {:.4}, 99.99% interval [{lo}, {hi}]", share[addr]));
+        }
+    }
+    ensure!(out_of_bounds.is_empty(), "shares outside their binomial intervals: {out_of_bounds:?}");
+    let intervals: BTreeMap<Ipv4Addr, (usize, usize)> = share.iter().map(|(a, &p)| (*a, binomial_interval(CONNECTIONS, p, ALPHA))).collect();
+    eprintln!("lab: {CONNECTIONS} round trips in {elapsed:.2?}, answered {answered:?}, 99.99% intervals {intervals:?}");
+
+    // Counters, once the traffic has stopped (the last ACKs of the closes can
+    // still be on their way: wait until two samples agree).
+    let mut previous = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (lb_packets, counters) = loop {
+        let (packets, counters) = lb_stats(&lab, &lb_dev)?;
+        if previous.as_ref() == Some(&packets) {
+            break (packets, counters);
+        }
+        ensure!(Instant::now() < deadline, "l4lb counters still moving 10 s after the last connection");
+        previous = Some(packets);
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for name in counters.as_object().ok_or_else(|| fail(format!("no counters in stats: {counters}")))?.keys().filter(|n| n.starts_with("drop_")) {
+        ensure!(counters[name] == 0, "l4lb counter {name} is {}: {counters}", counters[name]);
+    }
+    let tx = counters["tx"].as_u64().unwrap_or(0);
+    ensure!(tx == lb_packets.values().sum::<u64>(), "l4lb tx {tx} != sum over destinations {lb_packets:?}");
+    for (k, (addr, _)) in backends.iter().enumerate() {
+        let (decap, sample) = decapsulated(&lab, k + 1)?;
+        let sent = lb_packets.get(addr).copied().unwrap_or(0);
+        ensure!(decap == sent, "backend be{} ({addr}) decapsulated {decap} packets, l4lb sent it {sent}: {sample}", k + 1);
+        // Every connection is at least SYN, ACK, request, ACK/FIN from the client.
+        ensure!(sent >= 4 * answered[addr] as u64, "l4lb sent {addr} {sent} packets for {} connections", answered[addr]);
+    }
+    eprintln!("lab: l4lb packets per destination {lb_packets:?} = decapsulated per backend");
+    Ok(())
+}
+
+/// up, up again (kept as it is), status, down, down again, status: each
+/// succeeds with the right message, and after `down` nothing of the lab is left.
+fn up_down_are_idempotent_and_leave_nothing_behind() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let links_before = root_links();
+    let lab = Lab::new();
+    let first = lab.up(2)?;
+    let programs = program_ids(&first.stdout);
+    // 2 backends' decap, decap on the balancer's bridge-side peer, l4lb.
+    ensure!(programs.len() == 4, "expected 4 XDP program lines in the output of up: {}", first.stdout);
+    let pids = server_pids(&first.stdout);
+    ensure!(pids.len() == 2, "expected 2 server pids in the output of up: {}", first.stdout);
+    ensure!(pids.iter().all(|pid| Path::new(&format!("/proc/{pid}")).exists()), "a server is not running: {pids:?}");
+    let before = lab.traces();
+    ensure!(before.namespaces.len() == 5 && before.state && before.processes.len() == 2, "after up: {before:?}");
+    ensure!(lab.lab(&["status"], &[]).success()?.stdout.contains("HTTP pid"), "status after up does not list the servers");
+
+    let second = lab.up(2)?;
+    ensure!(second.stdout.contains("already up"), "second up did not keep the lab: {}", second.stdout);
+    let status = lab.lab(&["status"], &[]).success()?.stdout;
+    for id in &programs {
+        ensure!(status.contains(&format!("id {id} ")), "program {id} changed after the second up:\n{status}");
+    }
+    ensure!(lab.traces() == before, "the second up changed the lab: {:?} vs {before:?}", lab.traces());
+
+    let down = lab.lab(&["down"], &[]).success()?;
+    ensure!(down.stdout.contains("removed"), "down: {}", down.stdout);
+    assert_nothing_left(&lab, &programs, &pids, &links_before, "after down")?;
+    let again = lab.lab(&["down"], &[]).success()?;
+    ensure!(again.stdout.contains("nothing to remove"), "second down: {}", again.stdout);
+    let status = lab.lab(&["status"], &[]);
+    ensure!(status.code == Some(3) && status.stdout.contains("is down"), "status after down: {}", status.describe());
+    assert_nothing_left(&lab, &programs, &pids, &links_before, "after the second down")
+}
+
+/// `up` made to fail after each of its steps (LAB_FAIL_AFTER) exits non-zero
+/// and removes everything it had built: servers, programs, namespaces, state.
+fn failure_at_every_step_of_up_leaves_nothing_behind() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let links_before = root_links();
+    let lab = Lab::new();
+    for step in STEPS {
+        let out = lab.lab(&["up", "--backends", "2"], &[("LAB_FAIL_AFTER", step)]).failure()?;
+        ensure!(out.stderr.contains(&format!("failing on purpose after step `{step}'")), "step {step}: {}", out.describe());
+        ensure!(out.stderr.contains("removing what was built"), "step {step}: no cleanup message: {}", out.describe());
+        let programs = program_ids(&out.stdout);
+        let pids = server_pids(&out.stdout);
+        let reached = STEPS.iter().position(|s| s == step).unwrap_or(0);
+        if reached >= STEPS.iter().position(|s| *s == "servers").unwrap_or(0) {
+            ensure!(pids.len() == 2, "step {step}: the servers had started, yet no pids in {}", out.stdout);
+        }
+        if reached >= STEPS.iter().position(|s| *s == "decap").unwrap_or(0) {
+            ensure!(!programs.is_empty(), "step {step}: programs were attached, yet no ids in {}", out.stdout);
+        }
+        assert_nothing_left(&lab, &programs, &pids, &links_before, &format!("after a failure after step {step}"))?;
+    }
+    // A typo in the step name is refused, not ignored.
+    let out = lab.lab(&["up"], &[("LAB_FAIL_AFTER", "nosuchstep")]).failure()?;
+    ensure!(out.stderr.contains("is not a step"), "{}", out.describe());
+    assert_nothing_left(&lab, &[], &[], &links_before, "after a refused up")?;
+    // And the same lab still comes up afterwards.
+    lab.up(1)?;
+    Ok(())
+}
+
