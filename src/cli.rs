@@ -72,15 +72,8 @@ pub enum Command {
     Stats {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
-        /// Seconds between samples
-        #[arg(long, default_value = "1", value_parser = parse_interval)]
-        interval: f64,
-        /// Print this many samples, then exit (default: until interrupted)
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        /// One JSON object per line per sample
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        sampling: Sampling,
     },
     /// Show the program, mode, configuration and destinations of an interface
     Status {
@@ -154,16 +147,24 @@ pub enum DecapCommand {
     Stats {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
-        /// Seconds between samples
-        #[arg(long, default_value = "1", value_parser = parse_interval)]
-        interval: f64,
-        /// Print this many samples, then exit (default: until interrupted)
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        /// One JSON object per line per sample
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        sampling: Sampling,
     },
+}
+
+/// How `stats` and `decap stats` sample: every `interval` seconds, `count`
+/// times (or until interrupted), as tables or JSON lines.
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
+pub struct Sampling {
+    /// Seconds between samples
+    #[arg(long, default_value = "1", value_parser = parse_interval)]
+    pub interval: f64,
+    /// Print this many samples, then exit (default: until interrupted)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// One JSON object per line per sample
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_seed(text: &str) -> Result<u32, String> {
@@ -235,7 +236,7 @@ mod tests {
         assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr"]).is_err());
         match Cli::try_parse_from(["l4lb", "decap", "stats", "-i", "eth0", "--json", "--count", "1", "--interval", "0.2"]).unwrap().command {
-            Command::Decap { command: DecapCommand::Stats { interface, interval, count, json } } => {
+            Command::Decap { command: DecapCommand::Stats { interface, sampling: Sampling { interval, count, json } } } => {
                 assert_eq!((interface.as_str(), interval, count, json), ("eth0", 0.2, Some(1), true))
             }
             other => panic!("parsed as {other:?}"),

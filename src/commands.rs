@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use comfy_table::{presets, Table};
 
 use crate::bpf::{consts, Config, TABLE_SIZE};
-use crate::cli::{AttachMode, Command, DecapCommand, DecapMode};
+use crate::cli::{AttachMode, Command, DecapCommand, DecapMode, Sampling};
 use crate::decap::{self, DecapMaps};
 use crate::destinations::{self, check_unicast_ipv4};
 use crate::discover::{self, Mode};
@@ -25,7 +25,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Attach { interface, mode, force, seed } => attach(&interface, mode, force, seed),
         Command::Detach { interface } => detach(&interface),
         Command::Map { interface, file, source, seed } => map(&interface, &file, source, seed),
-        Command::Stats { interface, interval, count, json } => stats(&interface, interval, count, json),
+        Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface } => status(&interface),
         Command::Bench { rounds, seconds, chart, json, variants } => {
             crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants })
@@ -33,7 +33,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Decap { command } => match command {
             DecapCommand::Attach { interface, mode, force, addrs } => decap_attach(&interface, mode, force, addrs),
             DecapCommand::Detach { interface } => decap_detach(&interface),
-            DecapCommand::Stats { interface, interval, count, json } => decap_stats(&interface, interval, count, json),
+            DecapCommand::Stats { interface, sampling } => decap_stats(&interface, sampling),
         },
     }
 }
@@ -178,25 +178,24 @@ pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
     Ok(Sample { destinations, counters: maps.read_counters()? })
 }
 
-fn stats(name: &str, interval: f64, count: Option<u64>, json: bool) -> Result<()> {
+fn stats(name: &str, sampling: Sampling) -> Result<()> {
     let (_, program, maps) = open_l4lb(name)?;
-    print_samples(interval, count, json, || sample(&maps), |before, now, elapsed| {
+    print_samples(sampling, || sample(&maps), |before, now, elapsed| {
         let report = stats::report(program.mode, before, now, elapsed);
-        if json { stats::render_json(&report) + "\n" } else { stats::render_table(&report) }
+        if sampling.json { stats::render_json(&report) + "\n" } else { stats::render_table(&report) }
     })
 }
 
-/// Prints a report every `interval` seconds, `count` times or until
-/// interrupted: `take` samples the counters, `render` turns two samples and
-/// the time between them into text. The screen is redrawn in place when
+/// Prints a report every `sampling.interval` seconds, `sampling.count` times
+/// or until interrupted: `take` samples the counters, `render` turns two
+/// samples and the time between them into text. The screen is redrawn in place when
 /// stdout is a terminal and the output is not JSON.
 fn print_samples<S>(
-    interval: f64,
-    count: Option<u64>,
-    json: bool,
+    sampling: Sampling,
     mut take: impl FnMut() -> Result<S>,
     mut render: impl FnMut(&S, &S, Duration) -> String,
 ) -> Result<()> {
+    let Sampling { interval, count, json } = sampling;
     let redraw = !json && std::io::stdout().is_terminal();
     let mut before = take()?;
     let mut taken = Instant::now();
@@ -297,13 +296,13 @@ fn decap_detach(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn decap_stats(name: &str, interval: f64, count: Option<u64>, json: bool) -> Result<()> {
+fn decap_stats(name: &str, sampling: Sampling) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let (program, maps) = DecapMaps::find(&iface)?;
     let addrs = maps.read_addrs()?;
-    print_samples(interval, count, json, || maps.read_counters(), |before, now, elapsed| {
+    print_samples(sampling, || maps.read_counters(), |before, now, elapsed| {
         let report = stats::decap_report(program.mode, &addrs, before, now, elapsed);
-        if json { stats::render_json(&report) + "\n" } else { stats::render_decap_table(&report) }
+        if sampling.json { stats::render_json(&report) + "\n" } else { stats::render_decap_table(&report) }
     })
 }
 

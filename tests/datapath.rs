@@ -27,7 +27,8 @@ use libtest_mimic::Failed;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::fail;
+use common::packet::internet_checksum;
+use common::{counter_moves, fail, same_bytes};
 use l4lb::bpf::consts::{L4LB_BACKEND_ACTIVE, L4LB_CONFIG_SEED_FIXED, L4LB_CONFIG_SEED_SET, L4LB_CONFIG_SRC_SET};
 use l4lb::bpf::counter::{self, *};
 use l4lb::bpf::skel::{L4lbXdpSkel, L4lbXdpSkelBuilder};
@@ -284,7 +285,7 @@ impl Balancer {
                         "{what}: verdict {}, expected {}; counters moved: {}",
                         verdict_name(verdict),
                         verdict_name(verdict_wanted),
-                        counter_moves(&counters_before, &self.counters()?)
+                        counter_moves(&COUNTER_NAMES, &counters_before, &self.counters()?)
                     )));
                 }
                 same_bytes(what, &output, &output_wanted)?;
@@ -304,8 +305,8 @@ impl Balancer {
         if counters_after != counters_wanted {
             return Err(fail(format!(
                 "{what}: counters moved: {}; expected: {}",
-                counter_moves(&counters_before, &counters_after),
-                counter_moves(&counters_before, &counters_wanted)
+                counter_moves(&COUNTER_NAMES, &counters_before, &counters_after),
+                counter_moves(&COUNTER_NAMES, &counters_before, &counters_wanted)
             )));
         }
         for (index, &number) in watched.iter().enumerate() {
@@ -348,39 +349,6 @@ fn verdict_name(verdict: u32) -> String {
         XDP_TX => "XDP_TX".into(),
         other => format!("verdict {other}"),
     }
-}
-
-/// "rx +1, pass +1": the counters that differ.
-fn counter_moves(before: &[u64], after: &[u64]) -> String {
-    let moves: Vec<String> = (0..before.len())
-        .filter(|&i| before[i] != after[i])
-        .map(|i| format!("{} {:+}", COUNTER_NAMES[i], after[i] as i128 - before[i] as i128))
-        .collect();
-    if moves.is_empty() {
-        "none".into()
-    } else {
-        moves.join(", ")
-    }
-}
-
-/// Equal bytes, or a failure naming the first difference.
-fn same_bytes(what: &str, actual: &[u8], expected: &[u8]) -> TestResult {
-    if actual == expected {
-        return Ok(());
-    }
-    let first = actual.iter().zip(expected).position(|(a, e)| a != e).unwrap_or(actual.len().min(expected.len()));
-    let window = |bytes: &[u8]| hex(&bytes[first.saturating_sub(8).min(bytes.len())..(first + 24).min(bytes.len())]);
-    Err(fail(format!(
-        "{what}: output differs at byte {first} (lengths {} and {} expected)\n  actual   ..{}\n  expected ..{}",
-        actual.len(),
-        expected.len(),
-        window(actual),
-        window(expected)
-    )))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Draws a seed (or takes L4LB_TEST_SEED) and names it in any failure.
@@ -566,16 +534,6 @@ fn refresh_ipv4_checksum(frame: &mut [u8]) {
 
 // ---------------------------------------------------------------------------
 // Expected output, independent of the datapath's code
-
-/// RFC 1071: one's complement of the one's-complement sum of big-endian 16-bit words.
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u64 =
-        bytes.chunks(2).map(|pair| u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// Whether the 32-bit sum of the 16-bit words of `header` still carries after
 /// one fold. Where that happens depends on how the words are loaded: RFC 1071
@@ -1004,8 +962,8 @@ fn spread_32_destinations() -> TestResult {
         if counters != wanted {
             return Err(fail(format!(
                 "counters {}, expected {}",
-                counter_moves(&vec![0; counters.len()], &counters),
-                counter_moves(&vec![0; counters.len()], &wanted)
+                counter_moves(&COUNTER_NAMES, &vec![0; counters.len()], &counters),
+                counter_moves(&COUNTER_NAMES, &vec![0; counters.len()], &wanted)
             )));
         }
         Ok(())

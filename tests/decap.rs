@@ -21,18 +21,16 @@ mod common;
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etherparse::{IpNumber, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
-use nix::libc;
 use serde_json::Value;
 
-use common::{fail, in_netns, run, Outcome, TestResult};
+use common::packet::{internet_checksum, PacketSocket};
+use common::{counter_moves, fail, in_netns, ip, link_mac, run, same_bytes, Outcome, TestResult};
 use l4lb::bpf::decap_counter::{self, *};
 use l4lb::bpf::decap_skel::{L4lbDecapSkel, L4lbDecapSkelBuilder};
 use l4lb::bpf::{value_bytes, DecapAddr, DECAP_COUNTER_NAMES};
@@ -40,7 +38,7 @@ use l4lb::decap::addr_key;
 
 fn main() {
     if common::is_root() {
-        remove_leftovers();
+        common::remove_leftover_namespaces(PREFIX);
     }
     common::run_suite(
         "decap",
@@ -119,15 +117,6 @@ fn client_packet(proto: u8, sport: u16, tos: u8, options: &[u8], payload: &[u8])
 
 fn udp_packet(sport: u16, payload_len: usize) -> Vec<u8> {
     client_packet(UDP, sport, 0, &[], &(0..payload_len).map(|i| i as u8).collect::<Vec<_>>())
-}
-
-/// RFC 1071 checksum, computed here, independently of the datapath.
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn ethernet_header(ether_type: u16) -> Vec<u8> {
@@ -300,46 +289,11 @@ impl Decap {
         ensure!(
             verdict == verdict_wanted && after == wanted,
             "{what}: verdict {verdict}, counters moved {}; expected verdict {verdict_wanted}, {}",
-            moves(&before, &after),
-            moves(&before, &wanted)
+            counter_moves(&DECAP_COUNTER_NAMES, &before, &after),
+            counter_moves(&DECAP_COUNTER_NAMES, &before, &wanted)
         );
         same_bytes(what, &output, &output_wanted)
     }
-}
-
-/// "seen +1, passed +1": the counters that differ.
-fn moves(before: &[u64], after: &[u64]) -> String {
-    let moved: Vec<String> = (0..before.len())
-        .filter(|&i| before[i] != after[i])
-        .map(|i| format!("{} {:+}", DECAP_COUNTER_NAMES[i], after[i] as i128 - before[i] as i128))
-        .collect();
-    if moved.is_empty() {
-        "none".into()
-    } else {
-        moved.join(", ")
-    }
-}
-
-/// Equal bytes, or a failure naming the first difference.
-fn same_bytes(what: &str, actual: &[u8], expected: &[u8]) -> TestResult {
-    if actual == expected {
-        return Ok(());
-    }
-    let first = actual.iter().zip(expected).position(|(a, e)| a != e).unwrap_or(actual.len().min(expected.len()));
-    let window = |bytes: &[u8]| -> String {
-        bytes[first.saturating_sub(8).min(bytes.len())..(first + 24).min(bytes.len())]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    Err(fail(format!(
-        "{what}: output differs at byte {first} (lengths {} and {} expected)\n  actual   ..{}\n  expected ..{}",
-        actual.len(),
-        expected.len(),
-        window(actual),
-        window(expected)
-    )))
 }
 
 /// `check` of an IPIP frame that must come out decapsulated.
@@ -557,22 +511,6 @@ fn error_containing(out: Outcome, needle: &str) -> TestResult<Outcome> {
     Ok(out)
 }
 
-fn ip(args: &[&str]) -> TestResult<String> {
-    Ok(run("ip", args).success()?.stdout)
-}
-
-/// Deletes namespaces of earlier runs of this suite whose process is gone.
-fn remove_leftovers() {
-    for line in run("ip", &["netns", "list"]).stdout.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { continue };
-        let pid = rest.split('-').next().unwrap_or("");
-        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = run("ip", &["netns", "del", name]);
-        }
-    }
-}
-
 /// A balancer-side namespace (`gen`) and a backend namespace (`be`) joined by
 /// a veth pair; deleting them on drop removes the veth and its XDP programs.
 struct Pair {
@@ -711,46 +649,6 @@ impl Drop for Pair {
         for ns in [&self.gen, &self.be] {
             let _ = run("ip", &["netns", "del", ns]);
         }
-    }
-}
-
-fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
-    let json: Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;
-    let text = json[0]["address"].as_str().ok_or_else(|| fail(format!("no MAC for {dev} in {json}")))?;
-    Ok(text.parse::<macaddr::MacAddr6>()?.into_array())
-}
-
-/// A sending AF_PACKET socket bound to one interface (of the calling thread's namespace).
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    fn bind(dev: &str) -> TestResult<Self> {
-        let protocol = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol as libc::c_int) };
-        ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned to us.
-        let socket = PacketSocket { fd: unsafe { OwnedFd::from_raw_fd(fd) } };
-        // SAFETY: sockaddr_ll is plain data.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = protocol;
-        addr.sll_ifindex = nix::net::if_::if_nametoindex(dev)? as i32;
-        // SAFETY: addr is a valid sockaddr_ll of the given size.
-        let rc = unsafe {
-            libc::bind(fd, &addr as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        ensure!(rc == 0, "binding to {dev}: {}", std::io::Error::last_os_error());
-        Ok(socket)
-    }
-
-    fn send(&self, frame: &[u8]) -> TestResult {
-        // SAFETY: frame is a valid buffer of frame.len() bytes.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
-        ensure!(sent == frame.len() as isize, "sending a {}-byte frame: {}", frame.len(), std::io::Error::last_os_error());
-        Ok(())
     }
 }
 

@@ -14,13 +14,13 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{fail, in_netns, run, Outcome, TestResult};
+use common::packet::{internet_checksum, PacketSocket};
+use common::{fail, in_netns, ip, link_mac, run, Outcome, TestResult};
 use l4lb::table::TableState;
-use nix::libc;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -55,11 +55,6 @@ fn main() {
 
 // ---------------------------------------------------------------- commands
 
-/// `ip ARGS`, which must succeed; its stdout.
-fn ip(args: &[&str]) -> TestResult<String> {
-    Ok(run("ip", args).success()?.stdout)
-}
-
 fn sample(name: &str) -> String {
     format!("{SAMPLES}/{name}")
 }
@@ -67,20 +62,10 @@ fn sample(name: &str) -> String {
 /// Deletes namespaces and directories of earlier runs whose process is gone
 /// (a run of this suite in another process keeps its own).
 fn remove_leftovers() {
-    let dead = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { return false };
-        let pid = rest.split('-').next().unwrap_or("");
-        pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
-    };
-    for line in run("ip", &["netns", "list"]).stdout.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if dead(name) {
-            let _ = run("ip", &["netns", "del", name]);
-        }
-    }
+    common::remove_leftover_namespaces(PREFIX);
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
-            if dead(&entry.file_name().to_string_lossy()) {
+            if common::is_leftover(PREFIX, &entry.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -229,12 +214,6 @@ impl Drop for Topology {
     }
 }
 
-fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
-    let json: Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;
-    let text = json[0]["address"].as_str().ok_or_else(|| fail(format!("no MAC for {dev} in {json}")))?;
-    Ok(text.parse::<macaddr::MacAddr6>()?.into_array())
-}
-
 /// Loads `r0 = XDP_PASS; exit` and attaches it to `dev` in driver mode. The
 /// attachment outlives the program fd (netlink attach).
 fn attach_xdp_pass(ns: &str, dev: &str) -> TestResult {
@@ -261,87 +240,6 @@ fn attach_xdp_pass(ns: &str, dev: &str) -> TestResult {
 
 // ---------------------------------------------------------------- frames
 
-/// An AF_PACKET socket bound to one interface (of the calling thread's namespace).
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-const PACKET_OUTGOING: u8 = 4;
-const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-
-impl PacketSocket {
-    fn bind(dev: &str) -> TestResult<Self> {
-        let protocol = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol as libc::c_int) };
-        ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned to us.
-        let socket = PacketSocket { fd: unsafe { OwnedFd::from_raw_fd(fd) } };
-        // SAFETY: sockaddr_ll is plain data.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = protocol;
-        addr.sll_ifindex = nix::net::if_::if_nametoindex(dev)? as i32;
-        // SAFETY: addr is a valid sockaddr_ll of the given size.
-        let rc = unsafe {
-            libc::bind(fd, &addr as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        ensure!(rc == 0, "binding to {dev}: {}", std::io::Error::last_os_error());
-        socket.option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(16i32 << 20))?;
-        socket.option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &libc::timeval { tv_sec: 0, tv_usec: 50_000 })?;
-        // Older kernels lack it; outgoing frames are filtered in recv() too.
-        let _ = socket.option(libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32);
-        Ok(socket)
-    }
-
-    fn option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> TestResult {
-        // SAFETY: value points to a T of the given size.
-        let rc = unsafe {
-            libc::setsockopt(self.fd.as_raw_fd(), level, name, value as *const T as *const libc::c_void, std::mem::size_of::<T>() as u32)
-        };
-        ensure!(rc == 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
-        Ok(())
-    }
-
-    fn send(&self, frame: &[u8]) -> TestResult {
-        // SAFETY: frame is a valid buffer of frame.len() bytes.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
-        ensure!(sent == frame.len() as isize, "sending a {}-byte frame: {}", frame.len(), std::io::Error::last_os_error());
-        Ok(())
-    }
-
-    /// The next incoming frame; None after the receive timeout or for an outgoing one.
-    fn recv(&self) -> TestResult<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: sockaddr_ll is plain data.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: buf and addr are valid for the sizes given.
-        let n = unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-                &mut addr as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                &mut len,
-            )
-        };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            return match err.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => Ok(None),
-                _ => Err(fail(format!("receiving: {err}"))),
-            };
-        }
-        if addr.sll_pkttype == PACKET_OUTGOING {
-            return Ok(None);
-        }
-        buf.truncate(n as usize);
-        Ok(Some(buf))
-    }
-}
-
 /// Identifies a sent frame: (IP protocol, source address, source port).
 type FlowKey = (u8, Ipv4Addr, u16);
 
@@ -357,15 +255,6 @@ fn flow_of(packet: &[u8]) -> Option<(FlowKey, l4lb::flow_hash::Flow)> {
         proto: packet[9],
     };
     Some(((flow.proto, flow.saddr, flow.sport), flow))
-}
-
-/// RFC 1071 checksum, computed here independently of etherparse and the datapath.
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// `count` TCP and UDP frames from gen to the lb veth's MAC, with distinct

@@ -43,6 +43,44 @@ macro_rules! ensure {
     };
 }
 
+pub mod packet;
+
+// ---------------------------------------------------------------- checks
+
+/// Equal bytes, or a failure naming the first difference.
+pub fn same_bytes(what: &str, actual: &[u8], expected: &[u8]) -> TestResult {
+    if actual == expected {
+        return Ok(());
+    }
+    let first = actual.iter().zip(expected).position(|(a, e)| a != e).unwrap_or(actual.len().min(expected.len()));
+    let window = |bytes: &[u8]| hex(&bytes[first.saturating_sub(8).min(bytes.len())..(first + 24).min(bytes.len())]);
+    Err(fail(format!(
+        "{what}: output differs at byte {first} (lengths {} and {} expected)\n  actual   ..{}\n  expected ..{}",
+        actual.len(),
+        expected.len(),
+        window(actual),
+        window(expected)
+    )))
+}
+
+/// "0a 0b 0c": bytes in hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// "rx +1, pass +1": the counters that differ, named from `names`.
+pub fn counter_moves(names: &[&str], before: &[u64], after: &[u64]) -> String {
+    let moves: Vec<String> = (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .map(|i| format!("{} {:+}", names[i], after[i] as i128 - before[i] as i128))
+        .collect();
+    if moves.is_empty() {
+        "none".into()
+    } else {
+        moves.join(", ")
+    }
+}
+
 // ---------------------------------------------------------------- commands
 
 /// How long `run` lets a command take before killing it.
@@ -77,6 +115,11 @@ impl Outcome {
 /// Runs a command with output capture and a timeout of COMMAND_TIMEOUT.
 pub fn run(program: &str, args: &[&str]) -> Outcome {
     run_with(program, args, &[], COMMAND_TIMEOUT)
+}
+
+/// `ip ARGS`, which must succeed; its stdout.
+pub fn ip(args: &[&str]) -> TestResult<String> {
+    Ok(run("ip", args).success()?.stdout)
 }
 
 /// Runs a command with extra environment variables, output capture and a timeout.
@@ -139,4 +182,30 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> 
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Whether `name` (`<prefix>-<pid>-...`) is left from an earlier run of a
+/// suite whose process is gone (a run in another process keeps its own).
+pub fn is_leftover(prefix: &str, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(&format!("{prefix}-")) else { return false };
+    let pid = rest.split('-').next().unwrap_or("");
+    pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Deletes the network namespaces `<prefix>-<pid>-...` of earlier runs whose
+/// process is gone.
+pub fn remove_leftover_namespaces(prefix: &str) {
+    for line in run("ip", &["netns", "list"]).stdout.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if is_leftover(prefix, name) {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+/// The MAC address of `dev` in namespace `ns`.
+pub fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
+    let json: serde_json::Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;
+    let text = json[0]["address"].as_str().ok_or_else(|| fail(format!("no MAC for {dev} in {json}")))?;
+    Ok(text.parse::<macaddr::MacAddr6>()?.into_array())
 }
