@@ -13,6 +13,7 @@ pub mod discover;
 pub mod flow_hash;
 pub mod iface;
 pub mod libbpf_log;
+pub mod maglev;
 pub mod maps;
 pub mod stats;
 pub mod table;
