@@ -49,7 +49,7 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
         .x_labels(0)
         .y_labels(((top * 10.0).round() as usize) + 1)
         .y_label_formatter(&|v| format!("{v:.1}"))
-        .y_desc("l4lb Mpps / floor Mpps (per CPU second)")
+        .y_desc("l4lb Mpps / floor Mpps (wall clock, CPU-bound)")
         .max_light_lines(0)
         .draw()?;
 

@@ -33,6 +33,10 @@ const WARMUP: Duration = Duration::from_millis(100);
 const SLICE: Duration = Duration::from_millis(100);
 /// ... each after this much traffic through the freshly swapped program.
 const SETTLE: Duration = Duration::from_millis(20);
+/// A slice in which the generator waited for its CPU (another task had it)
+/// longer than this share of the time is measured again, up to SLICE_TRIES times.
+const MAX_WAITED: f64 = 0.05;
+const SLICE_TRIES: usize = 4;
 /// Frames per live test_run call (about 15-30 ms of traffic).
 const LIVE_BATCH: u32 = 1 << 16;
 /// test_run calls per program and packet kind, in chunks taken in turn.
@@ -105,6 +109,10 @@ struct Setup<'a> {
     gen_ifindex: u32,
     lb_ifindex: u32,
     cpus: usize,
+    /// The CPU the generator is pinned to; everything else of this process
+    /// runs on the others while traffic flows.
+    gen_cpu: usize,
+    other_cpus: Vec<usize>,
 }
 
 /// What `measure` found (the caller adds the context).
@@ -114,6 +122,8 @@ pub struct Measured {
     pub stats_overhead_ns: f64,
     pub control: ControlPlane,
     pub variants: Option<Variants>,
+    /// The CPU the generator was pinned to.
+    pub generator_cpu: usize,
 }
 
 /// The variant programs of the benchmark object, in the order of the table.
@@ -180,9 +190,19 @@ pub fn measure(options: &Options) -> Result<Measured> {
     }
 
     let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
+    let gen_fd = skel.progs.bench_gen.as_fd().as_raw_fd();
     let gen_ifindex = sys::in_netns(&topo.gen_ns, || {
         let index = Interface::by_name(&topo.gen_dev)?.index;
         sys::xdp_attach(index, sink_fd)?;
+        // Every live test_run call puts its program into the kernel's XDP
+        // dispatcher and takes it out again when it returns, and each change
+        // of the dispatcher waits for an RCU grace period (synchronize_rcu,
+        // milliseconds): the generator idled more than half the time. A
+        // program attached to a device stays in the dispatcher, and then a
+        // test_run call only counts one more user. So the generator is parked
+        // on the gen namespace's loopback (generic mode; nothing is sent there).
+        let lo = Interface::by_name("lo")?.index;
+        sys::xdp_attach_mode(lo, gen_fd, libbpf_sys::XDP_FLAGS_SKB_MODE)?;
         Ok(index)
     })?;
 
@@ -195,7 +215,9 @@ pub fn measure(options: &Options) -> Result<Measured> {
         gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
         sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
     };
-    let setup = Setup { topo: &topo, fds, ends, gen_ifindex, lb_ifindex, cpus };
+    let allowed = sys::allowed_cpus()?;
+    let (&gen_cpu, others) = allowed.split_last().ok_or_else(|| anyhow!("no CPU to run on"))?;
+    let setup = Setup { topo: &topo, fds, ends, gen_ifindex, lb_ifindex, cpus, gen_cpu, other_cpus: others.to_vec() };
     let variants = variant_programs(&skel, fds.l4lb);
     check_programs(&setup, &variants)?;
     let sizes = ProgramSizes { l4lb: size(fds.l4lb)?, plain: size(fds.plain)?, encap: size(fds.encap)? };
@@ -234,7 +256,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
         _ => None,
     };
     drop(topo);
-    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants })
+    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants, generator_cpu: gen_cpu })
 }
 
 // ------------------------------------------------------------ l4lb, control plane
@@ -501,11 +523,13 @@ struct Generator {
     want: AtomicU8,
     /// The kind being sent now (set once its first batch is under way).
     active: AtomicU8,
-    /// The generator thread's CPU-time clock. Everything a frame goes
-    /// through (generator, both veths' softirq work, the programs, the sink)
-    /// runs on that thread's CPU in its context, so the thread's CPU time is
-    /// the path's, without the time other processes take from it.
+    /// The generator thread's CPU-time clock. The veths' softirq work (the
+    /// programs, the sink) runs inline when the test_run call re-enables
+    /// bottom halves, on the same CPU; without IRQ time accounting (this
+    /// kernel) it counts as the thread's time, with it it would not.
     clock: AtomicI32,
+    /// The generator thread's id (for its schedstat).
+    tid: AtomicI32,
     error: Mutex<Option<String>>,
 }
 
@@ -515,8 +539,14 @@ impl Generator {
             want: AtomicU8::new(GEN_IDLE),
             active: AtomicU8::new(GEN_IDLE),
             clock: AtomicI32::new(-1),
+            tid: AtomicI32::new(-1),
             error: Mutex::new(None),
         }
+    }
+
+    /// How long the generator thread waited for its CPU so far, ns.
+    fn waited_ns(&self) -> Result<u64> {
+        sys::run_delay_ns(self.tid.load(Ordering::SeqCst))
     }
 
     /// CPU time of the generator thread so far, ns.
@@ -535,6 +565,8 @@ impl Generator {
 
     fn run_inner(&self, setup: &Setup) -> Result<()> {
         sys::enter_netns(&setup.topo.gen_ns)?;
+        sys::set_cpus(&[setup.gen_cpu])?;
+        self.tid.store(sys::gettid(), Ordering::SeqCst);
         self.clock.store(sys::thread_cpu_clock()?, Ordering::SeqCst);
         let mut current = GEN_IDLE;
         let mut data = Vec::new();
@@ -613,33 +645,63 @@ fn attach_variant(setup: &Setup, variant: Variant) -> Result<()> {
 /// Throughput of one program over the slices it had.
 #[derive(Debug, Clone, Copy)]
 struct Rate {
-    /// Frames per second of CPU time the path used, millions.
-    cpu: f64,
-    /// Frames per second of wall time, millions.
-    wall: f64,
+    /// Frames back at the sink per second of wall time, millions.
+    mpps: f64,
+    /// Share of the time the generator's CPU was busy (softirq included).
+    busy: f64,
+    /// Share of the time the hypervisor took from it.
+    steal: f64,
+    /// Share of the wall time the generator thread ran.
+    thread: f64,
+    /// Share of the wall time the generator waited for its CPU.
+    waited: f64,
 }
 
 /// Measures the programs `fds` in turn on the balancer's veth, in slices of
 /// SLICE taken in rotating order until each had `seconds`, so that a burst of
 /// load from elsewhere falls on all of them alike. Counts the frames that came
-/// back to the sink and the generator thread's CPU time.
+/// back to the sink per wall-clock second, and how busy the generator's CPU
+/// was meanwhile (/proc/stat) and how much of it the generator thread had.
+/// A slice in which another task took the generator's CPU for more than
+/// MAX_WAITED of the time is measured again (up to SLICE_TRIES times in all).
 fn interleaved(setup: &Setup, generator: &Generator, fds: &[RawFd], seconds: f64, start: usize) -> Result<Vec<Rate>> {
     let slices = ((seconds / SLICE.as_secs_f64()).round() as usize).max(1);
     let slice = Duration::from_secs_f64(seconds / slices as f64);
     let mut frames = vec![0u64; fds.len()];
     let mut wall = vec![0f64; fds.len()];
     let mut cpu = vec![0u64; fds.len()];
+    let mut waited = vec![0u64; fds.len()];
+    let mut ticks = vec![sys::CpuTicks::default(); fds.len()];
+    let sample = || -> Result<(u64, u64, u64, sys::CpuTicks, Instant)> {
+        Ok((
+            sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?,
+            generator.cpu_ns()?,
+            generator.waited_ns()?,
+            sys::cpu_ticks(setup.gen_cpu)?,
+            Instant::now(),
+        ))
+    };
     for cycle in 0..slices {
         for step in 0..fds.len() {
             let p = (start + cycle + step) % fds.len();
             attach(setup, fds[p])?;
             sys::sleep(SETTLE)?;
-            let (c0, cpu0, t0) = (sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?, generator.cpu_ns()?, Instant::now());
-            sys::sleep(slice)?;
-            let (c1, cpu1, t1) = (sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?, generator.cpu_ns()?, Instant::now());
-            wall[p] += (t1 - t0).as_secs_f64();
-            cpu[p] += cpu1.saturating_sub(cpu0);
-            frames[p] += c1.saturating_sub(c0);
+            for attempt in 1..=SLICE_TRIES {
+                let (c0, cpu0, wait0, ticks0, t0) = sample()?;
+                sys::sleep(slice)?;
+                let (c1, cpu1, wait1, ticks1, t1) = sample()?;
+                let dt = (t1 - t0).as_secs_f64();
+                let wait = wait1.saturating_sub(wait0);
+                if wait as f64 / 1e9 > MAX_WAITED * dt && attempt < SLICE_TRIES {
+                    continue;
+                }
+                wall[p] += dt;
+                cpu[p] += cpu1.saturating_sub(cpu0);
+                waited[p] += wait;
+                frames[p] += c1.saturating_sub(c0);
+                ticks[p].add(&ticks1.since(&ticks0));
+                break;
+            }
         }
         generator.check()?;
     }
@@ -647,8 +709,40 @@ fn interleaved(setup: &Setup, generator: &Generator, fds: &[RawFd], seconds: f64
         bail!("no frames came back to the sink with program {p} on the balancer's veth");
     }
     Ok((0..fds.len())
-        .map(|p| Rate { cpu: frames[p] as f64 / cpu[p] as f64 * 1e3, wall: frames[p] as f64 / wall[p] / 1e6 })
+        .map(|p| {
+            let total = ticks[p].total().max(1) as f64;
+            Rate {
+                mpps: frames[p] as f64 / wall[p] / 1e6,
+                busy: ticks[p].busy as f64 / total,
+                steal: ticks[p].steal as f64 / total,
+                thread: cpu[p] as f64 / 1e9 / wall[p],
+                waited: waited[p] as f64 / 1e9 / wall[p],
+            }
+        })
         .collect())
+}
+
+/// Keeps the calling thread (and the threads it starts) off the generator's
+/// CPU until dropped.
+struct OffGeneratorCpu(Option<Vec<usize>>);
+
+impl OffGeneratorCpu {
+    fn new(setup: &Setup) -> Result<OffGeneratorCpu> {
+        if setup.other_cpus.is_empty() {
+            return Ok(OffGeneratorCpu(None));
+        }
+        let before = sys::allowed_cpus()?;
+        sys::set_cpus(&setup.other_cpus)?;
+        Ok(OffGeneratorCpu(Some(before)))
+    }
+}
+
+impl Drop for OffGeneratorCpu {
+    fn drop(&mut self) {
+        if let Some(cpus) = &self.0 {
+            let _ = sys::set_cpus(cpus);
+        }
+    }
 }
 
 type LivePhases = (Vec<Vec<Round>>, Vec<ProgramTimes>, f64, Option<Vec<Vec<f64>>>);
@@ -658,6 +752,7 @@ type LivePhases = (Vec<Vec<Round>>, Vec<ProgramTimes>, f64, Option<Vec<Vec<f64>>
 /// cost of bpf stats, and Mpps per variant per round.
 fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str, RawFd)]>) -> Result<LivePhases> {
     let generator = Generator::new();
+    let _off = OffGeneratorCpu::new(setup)?;
     std::thread::scope(|scope| {
         let _stop = StopOnDrop(&generator);
         scope.spawn(|| generator.run(setup));
@@ -668,15 +763,16 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
                 let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v)).collect();
                 let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
                 let r = Round {
-                    l4lb: mpps[0].cpu,
-                    plain: mpps[1].cpu,
-                    encap: mpps[2].cpu,
-                    l4lb_wall: mpps[0].wall,
-                    plain_wall: mpps[1].wall,
-                    encap_wall: mpps[2].wall,
+                    l4lb: mpps[0].mpps,
+                    plain: mpps[1].mpps,
+                    encap: mpps[2].mpps,
+                    cpu_busy: mpps.iter().map(|m| m.busy).fold(f64::INFINITY, f64::min),
+                    steal: mpps.iter().map(|m| m.steal).fold(0.0, f64::max),
+                    generator_share: mpps.iter().map(|m| m.thread).fold(f64::INFINITY, f64::min),
+                    generator_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
                 };
                 eprintln!(
-                    "round {}/{} {:<13} l4lb {:.3}  plain {:.3}  encap {:.3} Mpps per CPU  l4lb/encap {:.3}  (CPU share {:.0}%)",
+                    "round {}/{} {:<13} l4lb {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
                     round + 1,
                     options.rounds,
                     kind.label(),
@@ -684,7 +780,11 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
                     r.plain,
                     r.encap,
                     r.l4lb / r.encap,
-                    100.0 * r.cpu_share()
+                    setup.gen_cpu,
+                    100.0 * r.cpu_busy,
+                    100.0 * r.steal,
+                    100.0 * r.generator_share,
+                    100.0 * r.generator_waited
                 );
                 rounds[k].push(r);
             }
@@ -698,11 +798,20 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
                 let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
                 let mut per_program = vec![Vec::new(); programs.len()];
                 for round in 0..options.rounds {
-                    let mpps: Vec<f64> =
-                        interleaved(setup, &generator, &fds, options.seconds, round)?.iter().map(|r| r.cpu).collect();
+                    let rates = interleaved(setup, &generator, &fds, options.seconds, round)?;
+                    let busy = rates.iter().map(|r| r.busy).fold(f64::INFINITY, f64::min);
+                    let waited = rates.iter().map(|r| r.waited).fold(0.0, f64::max);
+                    let mpps: Vec<f64> = rates.iter().map(|r| r.mpps).collect();
                     let encap = mpps[0];
                     let line: Vec<String> = programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
-                    eprintln!("variants round {}/{} (share of the encap floor): {}", round + 1, options.rounds, line.join(", "));
+                    eprintln!(
+                        "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, generator waited {:.1}%): {}",
+                        round + 1,
+                        options.rounds,
+                        100.0 * busy,
+                        100.0 * waited,
+                        line.join(", ")
+                    );
                     for (p, m) in mpps.into_iter().enumerate() {
                         per_program[p].push(m);
                     }

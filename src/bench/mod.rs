@@ -75,6 +75,7 @@ pub fn run(options: &Options) -> Result<()> {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
             date,
             command: command_line(),
+            generator_cpu: measured.generator_cpu,
             rounds: options.rounds,
             seconds: options.seconds,
             load_before,

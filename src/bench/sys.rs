@@ -126,8 +126,13 @@ pub fn enable_bpf_stats() -> Result<OwnedFd> {
 /// Attaches (or replaces) the XDP program of `ifindex` in driver mode, in the
 /// calling thread's network namespace.
 pub fn xdp_attach(ifindex: u32, prog: RawFd) -> Result<()> {
+    xdp_attach_mode(ifindex, prog, libbpf_sys::XDP_FLAGS_DRV_MODE)
+}
+
+/// Attaches (or replaces) the XDP program of `ifindex` with `flags` (a mode).
+pub fn xdp_attach_mode(ifindex: u32, prog: RawFd, flags: u32) -> Result<()> {
     // SAFETY: plain syscall wrapper with a valid fd, null options.
-    let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, prog, libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null()) };
+    let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, prog, flags, std::ptr::null()) };
     if rc != 0 {
         return Err(os_error(rc)).with_context(|| format!("attaching an XDP program to ifindex {ifindex}"));
     }
@@ -174,6 +179,87 @@ pub fn clock_ns(clock: libc::clockid_t) -> Result<u64> {
         return Err(std::io::Error::last_os_error()).context("clock_gettime");
     }
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+/// How long thread `tid` of this process has waited, runnable, for a CPU
+/// (the second field of its schedstat: run_delay), ns.
+pub fn run_delay_ns(tid: i32) -> Result<u64> {
+    let path = format!("/proc/self/task/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| anyhow!("unexpected {path}: {text}"))
+}
+
+/// One CPU's line of /proc/stat, in ticks (USER_HZ).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTicks {
+    /// user, nice, system, irq and softirq (guest time is inside user).
+    pub busy: u64,
+    /// idle and iowait.
+    pub idle: u64,
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    pub fn total(&self) -> u64 {
+        self.busy + self.idle + self.steal
+    }
+
+    /// The ticks between `earlier` and `self`.
+    pub fn since(&self, earlier: &CpuTicks) -> CpuTicks {
+        CpuTicks {
+            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+
+    pub fn add(&mut self, other: &CpuTicks) {
+        self.busy += other.busy;
+        self.idle += other.idle;
+        self.steal += other.steal;
+    }
+}
+
+/// The line `cpuN` of a /proc/stat text.
+pub fn parse_cpu_ticks(stat: &str, cpu: usize) -> Option<CpuTicks> {
+    let name = format!("cpu{cpu}");
+    let line = stat.lines().find(|line| line.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    if v.len() < 8 {
+        return None;
+    }
+    Some(CpuTicks { busy: v[0] + v[1] + v[2] + v[5] + v[6], idle: v[3] + v[4], steal: v[7] })
+}
+
+/// The ticks of CPU `cpu` so far.
+pub fn cpu_ticks(cpu: usize) -> Result<CpuTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_cpu_ticks(&stat, cpu).ok_or_else(|| anyhow!("no line for cpu{cpu} in /proc/stat"))
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("sched_getaffinity")?;
+    Ok((0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).collect())
+}
+
+/// Restricts the calling thread to `cpus`.
+pub fn set_cpus(cpus: &[usize]) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("sched_setaffinity to CPUs {cpus:?}"))
 }
 
 // ------------------------------------------------------------ interruption
@@ -316,5 +402,20 @@ fn remove_leftovers() {
         if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = run("ip", &["netns", "del", name]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_lines_are_read_per_cpu() {
+        let stat = "cpu  10 1 30 400 5 2 60 7 0 0\ncpu0 4 0 10 200 1 1 20 3 0 0\ncpu1 6 1 20 200 4 1 40 4 0 0\nintr 1 2 3\n";
+        assert_eq!(parse_cpu_ticks(stat, 1), Some(CpuTicks { busy: 6 + 1 + 20 + 1 + 40, idle: 204, steal: 4 }));
+        assert_eq!(parse_cpu_ticks(stat, 0).map(|t| t.total()), Some(4 + 10 + 1 + 20 + 201 + 3));
+        assert_eq!(parse_cpu_ticks(stat, 2), None);
+        let later = CpuTicks { busy: 100, idle: 10, steal: 5 };
+        assert_eq!(later.since(&CpuTicks { busy: 40, idle: 8, steal: 5 }), CpuTicks { busy: 60, idle: 2, steal: 0 });
     }
 }
