@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bpf;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod decap;
 pub mod destinations;
 pub mod discover;

@@ -1,0 +1,1375 @@
+//! Declarative configuration (`l4lb apply -c lb.toml`, `l4lb config`): the
+//! TOML file, its validation, the canonical model the datapath is programmed
+//! from, the diff between the running and the wanted model, and the model
+//! rendered back as TOML. Pure code, no syscalls: the whole file is checked
+//! before anything touches the kernel, and every error names `FILE:LINE` of
+//! the offending value (semantic errors too, not only TOML syntax).
+//!
+//! # Format
+//!
+//! ```toml
+//! [global]
+//! source_v4 = "198.18.0.2"          # outer source of packets to IPv4 backends
+//! source_v6 = "2001:db8::2"         # outer source of packets to IPv6 backends
+//! gateway_mac = "02:00:00:00:00:01" # next hop of backends without their own MAC
+//! hash_seed = 0x1234abcd            # optional: absent = keep the running seed
+//!                                   # (random on the first apply)
+//!
+//! [[service]]
+//! vip = "203.0.113.10"              # IPv4 or IPv6 address
+//! protocol = "tcp"                  # tcp | udp
+//! port = 80                         # 1..=65535, or 0 = every port of the address
+//! backends = [
+//!   { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
+//!   { address = "198.18.0.102", weight = 2 },       # via gateway_mac
+//!   { address = "2001:db8::103", weight = 0 },      # IPv4-in-IPv6, draining
+//! ]
+//!
+//! [[service]]
+//! vip = "2001:db8::10"
+//! protocol = "udp"
+//! port = 53
+//! hash_ports = false                # UDP: hash addresses only (default true)
+//! backends = [ { address = "2001:db8::101" } ]      # weight 1 by default
+//!
+//! [[service]]
+//! vip = "*"                         # the catch-all service: the seed's mode,
+//! protocol = "any"                  # every TCP and UDP packet that no other
+//! port = 0                          # service takes (protocol/port optional)
+//! backends = [ { address = "198.18.0.201", mac = "02:00:c6:12:00:c9" } ]
+//! ```
+//!
+//! Keys:
+//!
+//! * `[global]`: `source_v4`, `source_v6` (unicast addresses of their family;
+//!   each is required as soon as one backend of that family exists),
+//!   `gateway_mac` (unicast; required as soon as one backend has no `mac`),
+//!   `hash_seed` (0..=0xffffffff, optional).
+//! * `[[service]]`: `vip` (required), `protocol` (`tcp` or `udp`, required;
+//!   `any` and only `any` for the catch-all, where it may be left out), `port`
+//!   (0..=65535, required; 0 = every port; the catch-all takes only 0, may be
+//!   left out), `hash_ports` (default true; `false` is for UDP services and
+//!   the catch-all's UDP traffic: a TCP service always hashes ports),
+//!   `backends` (at least one).
+//! * backend: `address` (required), `mac` (optional), `weight` (integer
+//!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new selections, though
+//!   without connection tracking its flows move too, see `maglev`).
+//!
+//! A service is known by (vip, protocol, port): each must be unique, and
+//! within a service each backend address must be unique. The same backend
+//! may serve several services. An IPv4 VIP may have IPv4 and IPv6 backends
+//! (IPv4-in-IPv6); an IPv6 VIP only IPv6 backends (IPv6-in-IPv4 is not
+//! supported). The catch-all may have backends of both families (IPv6
+//! packets can only go to its IPv6 backends: the datapath's concern).
+//! Unknown keys and wrong types are errors. Addresses may not be
+//! unspecified, loopback, multicast, broadcast or IPv4-mapped IPv6.
+//!
+//! A file with `[global]` and no `[[service]]` is valid: applied, it removes
+//! every service. A file with neither (empty, or only comments) is refused.
+//!
+//! # Limits
+//!
+//! [`MAX_SERVICES`] services (64: each costs a Maglev table of 200 KiB, see
+//! `maglev`), [`MAX_BACKENDS_PER_SERVICE`] backends per service (512, the
+//! Maglev table's limit) and [`MAX_TOTAL_BACKENDS`] backend entries over all
+//! services (4096; a backend in two services counts twice).
+//!
+//! # Canonical model
+//!
+//! [`Model`] holds parsed values only: services sorted by [`ServiceKey`]
+//! (catch-all first, then by address, IPv4 before IPv6, protocol, port),
+//! backends sorted by address, MACs as bytes. Two files that say the same
+//! thing give equal models; [`to_toml`] renders a model so that
+//! `parse(to_toml(m)) == m`, which is what `l4lb config` prints.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use macaddr::MacAddr6;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::destinations::check_unicast_ipv4;
+pub use crate::maglev::MAX_BACKENDS_PER_SERVICE;
+
+/// Services per configuration.
+pub const MAX_SERVICES: usize = 64;
+/// Backend entries over all services (a backend in two services counts twice).
+pub const MAX_TOTAL_BACKENDS: usize = 4096;
+/// The largest backend weight.
+pub const MAX_WEIGHT: u32 = 65535;
+/// Files larger than this are refused before reading: a configuration at
+/// every limit is about 300 KB.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// A backend's weight when the file gives none.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+// ---------------------------------------------------------------------------
+// The model
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// What a service answers for. The derived order is the canonical one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceKey {
+    /// `vip = "*"`: every TCP and UDP packet no other service takes.
+    CatchAll,
+    /// (address, protocol, port); port 0 = every port of the address.
+    Vip { addr: IpAddr, protocol: Protocol, port: u16 },
+}
+
+impl fmt::Display for ServiceKey {
+    /// `203.0.113.10:80/tcp`, `[2001:db8::10]:*/udp` (port 0), `*` (catch-all).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ServiceKey::CatchAll => f.write_str("*"),
+            ServiceKey::Vip { addr, protocol, port } => {
+                match addr {
+                    IpAddr::V4(a) => write!(f, "{a}")?,
+                    IpAddr::V6(a) => write!(f, "[{a}]")?,
+                }
+                if port == 0 {
+                    write!(f, ":*/{}", protocol.name())
+                } else {
+                    write!(f, ":{port}/{}", protocol.name())
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: IpAddr,
+    /// Next hop; None = the global gateway MAC.
+    pub mac: Option<[u8; 6]>,
+    /// 0..=MAX_WEIGHT; 0 = draining.
+    pub weight: u32,
+}
+
+impl fmt::Display for Backend {
+    /// `198.18.0.101 mac 02:00:c6:12:00:65 weight 1`, `... mac gateway ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} mac {} weight {}", self.addr, OptMac(self.mac), self.weight)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ServiceKey,
+    /// Whether UDP flows hash their ports (always true for TCP services).
+    pub hash_ports: bool,
+    /// Sorted by address, addresses unique, at least one.
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Global {
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    pub gateway_mac: Option<[u8; 6]>,
+    /// None = keep the running seed (random on the first apply).
+    pub hash_seed: Option<u32>,
+}
+
+/// A validated configuration in canonical form.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    pub global: Global,
+    /// Sorted by key, keys unique.
+    pub services: Vec<Service>,
+}
+
+impl Model {
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.services.binary_search_by(|s| s.key.cmp(key)).ok().map(|i| &self.services[i])
+    }
+
+    pub fn total_backends(&self) -> usize {
+        self.services.iter().map(|s| s.backends.len()).sum()
+    }
+}
+
+/// Lower-case `02:00:c6:12:00:65`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, g] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+}
+
+struct OptMac(Option<[u8; 6]>);
+
+impl fmt::Display for OptMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(mac) => f.write_str(&format_mac(mac)),
+            None => f.write_str("gateway"),
+        }
+    }
+}
+
+/// IPv6 addresses a packet can be tunnelled to; the reason otherwise.
+pub fn check_unicast_ipv6(addr: Ipv6Addr) -> std::result::Result<(), &'static str> {
+    if addr.is_unspecified() {
+        Err("is unspecified (::)")
+    } else if addr.is_loopback() {
+        Err("is a loopback address")
+    } else if addr.is_multicast() {
+        Err("is multicast")
+    } else if addr.to_ipv4_mapped().is_some() {
+        Err("is an IPv4-mapped IPv6 address (write the IPv4 address)")
+    } else {
+        Ok(())
+    }
+}
+
+/// Either family: [`check_unicast_ipv4`] or [`check_unicast_ipv6`].
+pub fn check_unicast(addr: IpAddr) -> std::result::Result<(), &'static str> {
+    match addr {
+        IpAddr::V4(a) => check_unicast_ipv4(a),
+        IpAddr::V6(a) => check_unicast_ipv6(a),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    global: Option<RawGlobal>,
+    #[serde(default, rename = "service")]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    source_v4: Option<Spanned<String>>,
+    source_v6: Option<Spanned<String>>,
+    gateway_mac: Option<Spanned<String>>,
+    hash_seed: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    vip: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    hash_ports: Option<Spanned<bool>>,
+    backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+// ---------------------------------------------------------------------------
+// Reading and validation
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Model> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        bail!("{}: {} bytes is too large for a configuration file (limit {MAX_FILE_BYTES})", path.display(), meta.len());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse(&path.display().to_string(), &bytes)
+}
+
+/// Parses and validates a configuration; `origin` names the file in errors.
+pub fn parse(origin: &str, bytes: &[u8]) -> Result<Model> {
+    let line_of = |offset: usize| bytes[..offset.min(bytes.len())].iter().filter(|&&b| b == b'\n').count() + 1;
+    if let Some(nul) = bytes.iter().position(|&b| b == 0) {
+        bail!("{origin}:{}: not text (NUL byte)", line_of(nul));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("{origin}:{}: not text (invalid UTF-8)", line_of(e.valid_up_to())))?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
+        Some(span) => anyhow!("{origin}:{}: {}", line_of(span.start), toml_message(&e)),
+        None => anyhow!("{origin}: {}", toml_message(&e)),
+    })?;
+    if raw.global.is_none() && raw.services.is_empty() {
+        bail!("{origin}: no configuration (expected a [global] table and [[service]] tables)");
+    }
+    let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+    Validator { origin, line_starts }.model(raw)
+}
+
+/// toml's message, with serde's type names said for people.
+fn toml_message(e: &toml::de::Error) -> String {
+    e.message().trim_end().replace("expected i64", "expected an integer")
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
+}
+
+impl Validator<'_> {
+    /// The 1-based line where `span` starts.
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.line_starts.partition_point(|&start| start <= span.start)
+    }
+
+    /// `FILE:LINE: what`, LINE being where `span` starts.
+    fn at(&self, span: &Range<usize>, what: impl fmt::Display) -> anyhow::Error {
+        anyhow!("{}:{}: {what}", self.origin, self.line(span))
+    }
+
+    fn model(&self, raw: RawFile) -> Result<Model> {
+        let global = match raw.global {
+            Some(g) => self.global(g)?,
+            None => Global::default(),
+        };
+        let mut services: Vec<Service> = Vec::new();
+        // Where each key and backend was first given, for duplicate errors.
+        let mut seen: HashMap<ServiceKey, usize> = HashMap::new();
+        let mut total = 0usize;
+        for (index, spanned) in raw.services.iter().enumerate() {
+            let span = spanned.span();
+            if index == MAX_SERVICES {
+                return Err(self.at(
+                    &span,
+                    format!("{} services: at most MAX_SERVICES = {MAX_SERVICES}", raw.services.len()),
+                ));
+            }
+            let service = self.service(spanned.get_ref(), &span, &global, &mut seen, &mut total)?;
+            services.push(service);
+        }
+        services.sort_by_key(|s| s.key);
+        Ok(Model { global, services })
+    }
+
+    fn global(&self, raw: RawGlobal) -> Result<Global> {
+        let source_v4 = match raw.source_v4 {
+            Some(s) => Some(match self.address(&s, "source_v4")? {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(a) => return Err(self.at(&s.span(), format!("source_v4 {a} is not an IPv4 address"))),
+            }),
+            None => None,
+        };
+        let source_v6 = match raw.source_v6 {
+            Some(s) => Some(match self.address(&s, "source_v6")? {
+                IpAddr::V6(a) => a,
+                IpAddr::V4(a) => return Err(self.at(&s.span(), format!("source_v6 {a} is not an IPv6 address"))),
+            }),
+            None => None,
+        };
+        let gateway_mac = raw.gateway_mac.map(|m| self.mac(&m, "gateway_mac")).transpose()?;
+        let hash_seed = match raw.hash_seed {
+            Some(s) => Some(u32::try_from(*s.get_ref()).map_err(|_| {
+                self.at(&s.span(), format!("hash_seed {} is out of range (0 to 0xffffffff)", s.get_ref()))
+            })?),
+            None => None,
+        };
+        Ok(Global { source_v4, source_v6, gateway_mac, hash_seed })
+    }
+
+    /// A unicast address of either family; `what` names it in errors.
+    fn address(&self, text: &Spanned<String>, what: &str) -> Result<IpAddr> {
+        let span = text.span();
+        let addr: IpAddr = text
+            .get_ref()
+            .parse()
+            .map_err(|_| self.at(&span, format!("{what} `{}` is not an IPv4 or IPv6 address", text.get_ref())))?;
+        check_unicast(addr).map_err(|why| self.at(&span, format!("{what} {addr} {why}")))?;
+        Ok(addr)
+    }
+
+    fn mac(&self, text: &Spanned<String>, what: &str) -> Result<[u8; 6]> {
+        let span = text.span();
+        let mac: MacAddr6 = text.get_ref().parse().map_err(|_| {
+            self.at(
+                &span,
+                format!("{what} `{}` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)", text.get_ref()),
+            )
+        })?;
+        if mac.is_nil() || mac.is_multicast() {
+            return Err(self.at(&span, format!("{what} {} is not a unicast MAC address", format_mac(mac.into_array()))));
+        }
+        Ok(mac.into_array())
+    }
+
+    fn key(&self, raw: &RawService, span: &Range<usize>) -> Result<ServiceKey> {
+        let vip = raw.vip.as_ref().ok_or_else(|| self.at(span, "service has no vip (an address, or \"*\" for the catch-all)"))?;
+        if vip.get_ref() == "*" {
+            if let Some(p) = &raw.protocol {
+                if p.get_ref() != "any" {
+                    return Err(self.at(
+                        &p.span(),
+                        format!("the catch-all service (vip = \"*\") takes TCP and UDP: protocol must be \"any\" (or left out), not `{}`", p.get_ref()),
+                    ));
+                }
+            }
+            if let Some(p) = &raw.port {
+                if *p.get_ref() != 0 {
+                    return Err(self.at(
+                        &p.span(),
+                        format!("the catch-all service (vip = \"*\") takes every port: port must be 0 (or left out), not {}", p.get_ref()),
+                    ));
+                }
+            }
+            return Ok(ServiceKey::CatchAll);
+        }
+        let addr = self.address(vip, "vip")?;
+        let protocol = match &raw.protocol {
+            None => return Err(self.at(span, format!("service {addr} has no protocol (\"tcp\" or \"udp\")"))),
+            Some(p) => match p.get_ref().as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "any" => {
+                    return Err(self.at(&p.span(), "protocol \"any\" is only for the catch-all service (vip = \"*\"): use \"tcp\" or \"udp\""))
+                }
+                other => return Err(self.at(&p.span(), format!("protocol `{other}` is not \"tcp\" or \"udp\""))),
+            },
+        };
+        let port = match &raw.port {
+            None => return Err(self.at(span, format!("service {addr} has no port (1 to 65535, or 0 for every port)"))),
+            Some(p) => u16::try_from(*p.get_ref())
+                .map_err(|_| self.at(&p.span(), format!("port {} is out of range (0 to 65535; 0 = every port)", p.get_ref())))?,
+        };
+        Ok(ServiceKey::Vip { addr, protocol, port })
+    }
+
+    fn service(
+        &self,
+        raw: &RawService,
+        span: &Range<usize>,
+        global: &Global,
+        seen: &mut HashMap<ServiceKey, usize>,
+        total: &mut usize,
+    ) -> Result<Service> {
+        let key = self.key(raw, span)?;
+        let key_span = raw.vip.as_ref().map(Spanned::span).unwrap_or_else(|| span.clone());
+        if let Some(first) = seen.insert(key, self.line(&key_span)) {
+            return Err(self.at(&key_span, format!("service {key} is already defined on line {first}")));
+        }
+        let hash_ports = match &raw.hash_ports {
+            None => true,
+            Some(h) => {
+                let tcp = matches!(key, ServiceKey::Vip { protocol: Protocol::Tcp, .. });
+                if tcp && !*h.get_ref() {
+                    return Err(self.at(&h.span(), format!("service {key}: hash_ports = false is for UDP services only (TCP flows always hash their ports)")));
+                }
+                *h.get_ref()
+            }
+        };
+        let raw_backends =
+            raw.backends.as_ref().ok_or_else(|| self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])")))?;
+        if raw_backends.get_ref().is_empty() {
+            return Err(self.at(
+                &raw_backends.span(),
+                format!("service {key} has no backends (at least one is needed; weight 0 drains a backend)"),
+            ));
+        }
+        let count = raw_backends.get_ref().len();
+        let mut backends: Vec<Backend> = Vec::with_capacity(count);
+        let mut first_line: HashMap<IpAddr, usize> = HashMap::new();
+        for (index, raw_backend) in raw_backends.get_ref().iter().enumerate() {
+            let bspan = raw_backend.span();
+            if index == MAX_BACKENDS_PER_SERVICE {
+                return Err(self.at(
+                    &bspan,
+                    format!("service {key} has {count} backends: at most MAX_BACKENDS_PER_SERVICE = {MAX_BACKENDS_PER_SERVICE}"),
+                ));
+            }
+            *total += 1;
+            if *total > MAX_TOTAL_BACKENDS {
+                return Err(self.at(
+                    &bspan,
+                    format!("more than MAX_TOTAL_BACKENDS = {MAX_TOTAL_BACKENDS} backends over all services"),
+                ));
+            }
+            let backend = self.backend(raw_backend.get_ref(), &bspan, &key, global)?;
+            let aspan = raw_backend.get_ref().address.as_ref().map(Spanned::span).unwrap_or(bspan);
+            if let Some(first) = first_line.insert(backend.addr, self.line(&aspan)) {
+                return Err(self.at(&aspan, format!("service {key}: backend {} is already listed on line {first}", backend.addr)));
+            }
+            backends.push(backend);
+        }
+        backends.sort();
+        Ok(Service { key, hash_ports, backends })
+    }
+
+    fn backend(&self, raw: &RawBackend, span: &Range<usize>, key: &ServiceKey, global: &Global) -> Result<Backend> {
+        let address = raw.address.as_ref().ok_or_else(|| self.at(span, format!("service {key}: backend has no address")))?;
+        let aspan = address.span();
+        let addr = self.address(address, "backend")?;
+        match (key, addr) {
+            (ServiceKey::Vip { addr: IpAddr::V6(vip), .. }, IpAddr::V4(_)) => {
+                return Err(self.at(
+                    &aspan,
+                    format!("backend {addr} is IPv4 but VIP {vip} is IPv6: IPv6-in-IPv4 is not supported (give IPv6 VIPs IPv6 backends)"),
+                ))
+            }
+            (_, IpAddr::V4(_)) if global.source_v4.is_none() => {
+                return Err(self.at(&aspan, format!("backend {addr} is IPv4 but [global] has no source_v4 (the outer source address of packets to IPv4 backends)")))
+            }
+            (_, IpAddr::V6(_)) if global.source_v6.is_none() => {
+                return Err(self.at(&aspan, format!("backend {addr} is IPv6 but [global] has no source_v6 (the outer source address of packets to IPv6 backends)")))
+            }
+            _ => {}
+        }
+        let mac = match &raw.mac {
+            Some(m) => Some(self.mac(m, "mac")?),
+            None if global.gateway_mac.is_none() => {
+                return Err(self.at(
+                    &aspan,
+                    format!("backend {addr} has no mac and [global] has no gateway_mac (frames to a backend without its own MAC go to the gateway)"),
+                ))
+            }
+            None => None,
+        };
+        let weight = match &raw.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) => u32::try_from(*w.get_ref())
+                .ok()
+                .filter(|&w| w <= MAX_WEIGHT)
+                .ok_or_else(|| self.at(&w.span(), format!("weight {} is out of range (0 to MAX_WEIGHT = {MAX_WEIGHT}; 0 drains)", w.get_ref())))?,
+        };
+        Ok(Backend { addr, mac, weight })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rendering
+
+/// The model as a canonical TOML file: `parse(to_toml(m)) == m`.
+pub fn to_toml(model: &Model) -> String {
+    let mut out = String::new();
+    let g = &model.global;
+    out.push_str("[global]\n");
+    if let Some(a) = g.source_v4 {
+        let _ = writeln!(out, "source_v4 = \"{a}\"");
+    }
+    if let Some(a) = g.source_v6 {
+        let _ = writeln!(out, "source_v6 = \"{a}\"");
+    }
+    if let Some(m) = g.gateway_mac {
+        let _ = writeln!(out, "gateway_mac = \"{}\"", format_mac(m));
+    }
+    if let Some(s) = g.hash_seed {
+        let _ = writeln!(out, "hash_seed = 0x{s:08x}");
+    }
+    for service in &model.services {
+        out.push_str("\n[[service]]\n");
+        let carries_udp = match service.key {
+            ServiceKey::CatchAll => {
+                out.push_str("vip = \"*\"\nprotocol = \"any\"\nport = 0\n");
+                true
+            }
+            ServiceKey::Vip { addr, protocol, port } => {
+                let _ = writeln!(out, "vip = \"{addr}\"\nprotocol = \"{}\"\nport = {port}", protocol.name());
+                protocol == Protocol::Udp
+            }
+        };
+        if carries_udp {
+            let _ = writeln!(out, "hash_ports = {}", service.hash_ports);
+        }
+        out.push_str("backends = [\n");
+        for b in &service.backends {
+            let _ = write!(out, "  {{ address = \"{}\"", b.addr);
+            if let Some(m) = b.mac {
+                let _ = write!(out, ", mac = \"{}\"", format_mac(m));
+            }
+            let _ = writeln!(out, ", weight = {} }},", b.weight);
+        }
+        out.push_str("]\n");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Diff
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalChange {
+    SourceV4 { old: Option<Ipv4Addr>, new: Option<Ipv4Addr> },
+    SourceV6 { old: Option<Ipv6Addr>, new: Option<Ipv6Addr> },
+    GatewayMac { old: Option<[u8; 6]>, new: Option<[u8; 6]> },
+    /// Only when the wanted model names a seed (None keeps the running one).
+    HashSeed { old: Option<u32>, new: u32 },
+}
+
+impl fmt::Display for GlobalChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn opt<T: fmt::Display>(v: &Option<T>) -> String {
+            v.as_ref().map_or_else(|| "(none)".to_string(), T::to_string)
+        }
+        let mac = |m: &Option<[u8; 6]>| m.map_or_else(|| "(none)".to_string(), format_mac);
+        match self {
+            GlobalChange::SourceV4 { old, new } => write!(f, "source_v4 {} -> {}", opt(old), opt(new)),
+            GlobalChange::SourceV6 { old, new } => write!(f, "source_v6 {} -> {}", opt(old), opt(new)),
+            GlobalChange::GatewayMac { old, new } => write!(f, "gateway_mac {} -> {}", mac(old), mac(new)),
+            GlobalChange::HashSeed { old, new } => {
+                let old = old.map_or_else(|| "(random)".to_string(), |s| format!("0x{s:08x}"));
+                write!(f, "hash_seed {old} -> 0x{new:08x}")
+            }
+        }
+    }
+}
+
+/// A backend present in both models whose MAC or weight differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChange {
+    pub old: Backend,
+    pub new: Backend,
+}
+
+/// A service present in both models whose settings or backends differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceChange {
+    pub key: ServiceKey,
+    /// (old, new) when it differs.
+    pub hash_ports: Option<(bool, bool)>,
+    pub added: Vec<Backend>,
+    pub removed: Vec<Backend>,
+    pub changed: Vec<BackendChange>,
+}
+
+/// What applying `wanted` over `running` does; every list sorted like the
+/// model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub global: Vec<GlobalChange>,
+    pub added: Vec<Service>,
+    pub removed: Vec<Service>,
+    pub changed: Vec<ServiceChange>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.global.is_empty() && self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The changes from the running model to the wanted one. A wanted
+/// `hash_seed` of None keeps the running seed, so it is no change.
+pub fn diff(running: &Model, wanted: &Model) -> Diff {
+    let (r, w) = (&running.global, &wanted.global);
+    let mut global = Vec::new();
+    if r.source_v4 != w.source_v4 {
+        global.push(GlobalChange::SourceV4 { old: r.source_v4, new: w.source_v4 });
+    }
+    if r.source_v6 != w.source_v6 {
+        global.push(GlobalChange::SourceV6 { old: r.source_v6, new: w.source_v6 });
+    }
+    if r.gateway_mac != w.gateway_mac {
+        global.push(GlobalChange::GatewayMac { old: r.gateway_mac, new: w.gateway_mac });
+    }
+    if let Some(new) = w.hash_seed {
+        if r.hash_seed != Some(new) {
+            global.push(GlobalChange::HashSeed { old: r.hash_seed, new });
+        }
+    }
+    let mut out = Diff { global, ..Diff::default() };
+    merge(&running.services, &wanted.services, |s| s.key, |side| match side {
+        Side::Old(s) => out.removed.push(s.clone()),
+        Side::New(s) => out.added.push(s.clone()),
+        Side::Both(old, new) => {
+            if let Some(change) = service_change(old, new) {
+                out.changed.push(change);
+            }
+        }
+    });
+    out
+}
+
+fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
+    let mut change = ServiceChange {
+        key: new.key,
+        hash_ports: (old.hash_ports != new.hash_ports).then_some((old.hash_ports, new.hash_ports)),
+        added: Vec::new(),
+        removed: Vec::new(),
+        changed: Vec::new(),
+    };
+    merge(&old.backends, &new.backends, |b| b.addr, |side| match side {
+        Side::Old(b) => change.removed.push(*b),
+        Side::New(b) => change.added.push(*b),
+        Side::Both(o, n) if o != n => change.changed.push(BackendChange { old: *o, new: *n }),
+        Side::Both(..) => {}
+    });
+    let unchanged = change.hash_ports.is_none() && change.added.is_empty() && change.removed.is_empty() && change.changed.is_empty();
+    (!unchanged).then_some(change)
+}
+
+enum Side<'a, T> {
+    Old(&'a T),
+    New(&'a T),
+    Both(&'a T, &'a T),
+}
+
+/// Walks two lists sorted by `key` (keys unique) in order.
+fn merge<'a, T, K: Ord>(old: &'a [T], new: &'a [T], key: impl Fn(&T) -> K, mut visit: impl FnMut(Side<'a, T>)) {
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) => key(o).cmp(&key(n)),
+            (Some(_), None) => Ordering::Less,
+            _ => Ordering::Greater,
+        };
+        match order {
+            Ordering::Less => {
+                visit(Side::Old(&old[i]));
+                i += 1;
+            }
+            Ordering::Greater => {
+                visit(Side::New(&new[j]));
+                j += 1;
+            }
+            Ordering::Equal => {
+                visit(Side::Both(&old[i], &new[j]));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
+impl fmt::Display for Diff {
+    /// One line per change (`+` added, `-` removed, `~` changed), then a
+    /// summary; "no changes" when empty.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return writeln!(f, "no changes");
+        }
+        for g in &self.global {
+            writeln!(f, "~ global {g}")?;
+        }
+        for s in &self.removed {
+            writeln!(f, "- service {} ({})", s.key, plural(s.backends.len(), "backend"))?;
+        }
+        for s in &self.added {
+            writeln!(f, "+ service {} ({})", s.key, plural(s.backends.len(), "backend"))?;
+            if !s.hash_ports {
+                writeln!(f, "    hash_ports false")?;
+            }
+            for b in &s.backends {
+                writeln!(f, "    + {b}")?;
+            }
+        }
+        for c in &self.changed {
+            writeln!(f, "~ service {}", c.key)?;
+            if let Some((old, new)) = c.hash_ports {
+                writeln!(f, "    ~ hash_ports {old} -> {new}")?;
+            }
+            for b in &c.removed {
+                writeln!(f, "    - {}", b.addr)?;
+            }
+            for b in &c.added {
+                writeln!(f, "    + {b}")?;
+            }
+            for BackendChange { old, new } in &c.changed {
+                write!(f, "    ~ {}", new.addr)?;
+                if old.mac != new.mac {
+                    write!(f, " mac {} -> {}", OptMac(old.mac), OptMac(new.mac))?;
+                }
+                if old.weight != new.weight {
+                    write!(f, " weight {} -> {}", old.weight, new.weight)?;
+                }
+                writeln!(f)?;
+            }
+        }
+        writeln!(
+            f,
+            "services: {} added, {} removed, {} changed; global: {} changed",
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len(),
+            self.global.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(text: &str) -> Model {
+        parse("lb.toml", text.as_bytes()).unwrap_or_else(|e| panic!("{e:#}\n{text}"))
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse("lb.toml", text.as_bytes()).unwrap_err())
+    }
+
+    /// Four lines of [global] with every setting a service may need, then
+    /// `rest` from line 5 on.
+    fn with_global(rest: &str) -> String {
+        format!("[global]\nsource_v4 = \"198.18.0.2\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:01\"\n{rest}")
+    }
+
+    fn v4(text: &str) -> IpAddr {
+        IpAddr::V4(text.parse().unwrap())
+    }
+
+    fn v6(text: &str) -> IpAddr {
+        IpAddr::V6(text.parse().unwrap())
+    }
+
+    fn backend(addr: IpAddr, mac: Option<[u8; 6]>, weight: u32) -> Backend {
+        Backend { addr, mac, weight }
+    }
+
+    fn tcp(addr: IpAddr, port: u16) -> ServiceKey {
+        ServiceKey::Vip { addr, protocol: Protocol::Tcp, port }
+    }
+
+    fn udp(addr: IpAddr, port: u16) -> ServiceKey {
+        ServiceKey::Vip { addr, protocol: Protocol::Udp, port }
+    }
+
+    /// The example of the module documentation, as written there.
+    fn doc_example() -> String {
+        let source = include_str!("config.rs");
+        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+        let end = start + source[start..].find("//! ```\n").unwrap();
+        source[start..end].lines().map(|l| format!("{}\n", l.strip_prefix("//!").unwrap().trim_start_matches(' '))).collect()
+    }
+
+    const MAC65: [u8; 6] = [0x02, 0x00, 0xc6, 0x12, 0x00, 0x65];
+
+    // ----- good files
+
+    #[test]
+    fn reads_the_documented_example() {
+        let m = model(&doc_example());
+        assert_eq!(
+            m.global,
+            Global {
+                source_v4: Some("198.18.0.2".parse().unwrap()),
+                source_v6: Some("2001:db8::2".parse().unwrap()),
+                gateway_mac: Some([2, 0, 0, 0, 0, 1]),
+                hash_seed: Some(0x1234abcd),
+            }
+        );
+        let keys: Vec<ServiceKey> = m.services.iter().map(|s| s.key).collect();
+        assert_eq!(keys, [ServiceKey::CatchAll, tcp(v4("203.0.113.10"), 80), udp(v6("2001:db8::10"), 53)]);
+        assert_eq!(m.services[0].backends, [backend(v4("198.18.0.201"), Some([2, 0, 0xc6, 0x12, 0, 0xc9]), 1)]);
+        assert!(m.services[0].hash_ports);
+        assert_eq!(
+            m.services[1].backends,
+            [
+                backend(v4("198.18.0.101"), Some(MAC65), 1),
+                backend(v4("198.18.0.102"), None, 2),
+                backend(v6("2001:db8::103"), None, 0),
+            ],
+            "sorted by address, IPv4 first"
+        );
+        assert_eq!(m.services[2].backends, [backend(v6("2001:db8::101"), None, 1)], "weight 1 by default");
+        assert!(!m.services[2].hash_ports);
+        assert_eq!(m.total_backends(), 5);
+        assert_eq!(m.service(&udp(v6("2001:db8::10"), 53)), Some(&m.services[2]));
+        assert_eq!(m.service(&udp(v6("2001:db8::10"), 54)), None);
+    }
+
+    #[test]
+    fn reads_an_ipv4_only_file_without_gateway() {
+        let m = model(
+            "[global]\nsource_v4 = \"198.18.0.2\"\n\n[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 0\n\
+             backends = [\n  { address = \"198.18.0.101\", mac = \"02:00:C6:12:00:65\" },\n]\n",
+        );
+        assert_eq!(m.global, Global { source_v4: Some(Ipv4Addr::new(198, 18, 0, 2)), ..Global::default() });
+        assert_eq!(
+            m.services,
+            [Service { key: udp(v4("203.0.113.10"), 0), hash_ports: true, backends: vec![backend(v4("198.18.0.101"), Some(MAC65), 1)] }]
+        );
+        assert_eq!(m.services[0].key.to_string(), "203.0.113.10:*/udp");
+    }
+
+    #[test]
+    fn reads_an_ipv6_only_file() {
+        let m = model(
+            "[global]\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:01\"\n\n\
+             [[service]]\nvip = \"2001:DB8:0::0010\"\nprotocol = \"tcp\"\nport = 443\n\
+             backends = [{ address = \"2001:db8::102\", weight = 3 }, { address = \"2001:db8::101\", weight = 65535 }]\n",
+        );
+        assert_eq!(m.global.source_v4, None);
+        let s = &m.services[0];
+        assert_eq!(s.key, tcp(v6("2001:db8::10"), 443));
+        assert_eq!(s.key.to_string(), "[2001:db8::10]:443/tcp");
+        assert_eq!(s.backends, [backend(v6("2001:db8::101"), None, 65535), backend(v6("2001:db8::102"), None, 3)]);
+    }
+
+    #[test]
+    fn reads_mixed_families_and_catch_all() {
+        // The catch-all with protocol and port left out; an IPv4 VIP served
+        // by IPv4 and IPv6 backends; services given out of order.
+        let m = model(&with_global(
+            "[[service]]\nvip = \"2001:db8::10\"\nprotocol = \"udp\"\nport = 53\nbackends = [{ address = \"2001:db8::101\" }]\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 53\nbackends = [{ address = \"2001:db8::101\" }, { address = \"198.18.0.101\" }]\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 53\nbackends = [{ address = \"198.18.0.101\" }]\n\
+             [[service]]\nvip = \"*\"\nhash_ports = false\nbackends = [{ address = \"198.18.0.101\" }]\n",
+        ));
+        let keys: Vec<String> = m.services.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(keys, ["*", "203.0.113.10:53/tcp", "203.0.113.10:53/udp", "[2001:db8::10]:53/udp"]);
+        assert!(!m.services[0].hash_ports, "the catch-all's UDP traffic may hash addresses only");
+        assert_eq!(m.services[2].backends, [backend(v4("198.18.0.101"), None, 1), backend(v6("2001:db8::101"), None, 1)]);
+        assert_eq!(m.total_backends(), 5, "a backend counts once per service");
+    }
+
+    #[test]
+    fn a_global_table_alone_means_no_services() {
+        assert_eq!(model("[global]\n"), Model::default());
+        assert_eq!(model("# nothing balanced\n[global]\ngateway_mac = \"02:00:00:00:00:01\"\n").services, []);
+    }
+
+    #[test]
+    fn same_meaning_gives_the_same_model() {
+        let a = model(&with_global(
+            "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nhash_ports = true\n\
+             backends = [{ address = \"198.18.0.101\", weight = 1 }, { address = \"2001:db8::0:101\", mac = \"02:00:C6:12:00:65\" }]\n",
+        ));
+        let b = model(
+            "[[service]]\nbackends = [{ mac = \"02:00:c6:12:00:65\", address = \"2001:db8::101\" }, { address = \"198.18.0.101\" }]\n\
+             port = 80\nprotocol = \"tcp\"\nvip = \"203.0.113.10\"\n\
+             [global]\ngateway_mac = \"02:00:00:00:00:01\"\nsource_v6 = \"2001:0db8::2\"\nsource_v4 = \"198.18.0.2\"\n",
+        );
+        assert_eq!(a, b);
+    }
+
+    // ----- bad files: every message with its line
+
+    #[test]
+    fn refuses_duplicates() {
+        let dup_service = with_global(
+            "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{ address = \"198.18.0.101\" }]\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{ address = \"198.18.0.102\" }]\n",
+        );
+        assert_eq!(err(&dup_service), "lb.toml:11: service 203.0.113.10:80/tcp is already defined on line 6");
+        let same_v6 = with_global(
+            "[[service]]\nvip = \"2001:db8::10\"\nprotocol = \"udp\"\nport = 0\nbackends = [{ address = \"2001:db8::101\" }]\n\
+             [[service]]\nvip = \"2001:db8:0:0::10\"\nprotocol = \"udp\"\nport = 0\nbackends = [{ address = \"2001:db8::102\" }]\n",
+        );
+        assert_eq!(err(&same_v6), "lb.toml:11: service [2001:db8::10]:*/udp is already defined on line 6");
+        let two_catch_alls = with_global(
+            "[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\" }]\n[[service]]\nvip = \"*\"\nprotocol = \"any\"\nbackends = [{ address = \"198.18.0.101\" }]\n",
+        );
+        assert_eq!(err(&two_catch_alls), "lb.toml:9: service * is already defined on line 6");
+        let dup_backend = with_global(
+            "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  { address = \"2001:db8::101\" },\n  { address = \"198.18.0.101\" },\n  { address = \"2001:db8:0::101\", weight = 2 },\n]\n",
+        );
+        assert_eq!(err(&dup_backend), "lb.toml:12: service 203.0.113.10:80/tcp: backend 2001:db8::101 is already listed on line 10");
+    }
+
+    /// One TCP service on port 80 of `vip` with `backends` as given; the
+    /// backends line is line 9.
+    fn service(vip: &str, backends: &str) -> String {
+        with_global(&format!("[[service]]\nvip = \"{vip}\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{backends}]\n"))
+    }
+
+    #[test]
+    fn refuses_bad_addresses() {
+        let b = "{ address = \"198.18.0.101\" }";
+        assert_eq!(err(&service("203.0.113.300", b)), "lb.toml:6: vip `203.0.113.300` is not an IPv4 or IPv6 address");
+        assert_eq!(err(&service("www.example.com", b)), "lb.toml:6: vip `www.example.com` is not an IPv4 or IPv6 address");
+        assert_eq!(err(&service("0.0.0.0", b)), "lb.toml:6: vip 0.0.0.0 is unspecified (0.0.0.0)");
+        assert_eq!(err(&service("255.255.255.255", b)), "lb.toml:6: vip 255.255.255.255 is the broadcast address");
+        assert_eq!(err(&service("127.0.0.1", b)), "lb.toml:6: vip 127.0.0.1 is a loopback address");
+        assert_eq!(err(&service("224.0.0.1", b)), "lb.toml:6: vip 224.0.0.1 is multicast");
+        assert_eq!(err(&service("::", "")), "lb.toml:6: vip :: is unspecified (::)");
+        assert_eq!(err(&service("::1", "")), "lb.toml:6: vip ::1 is a loopback address");
+        assert_eq!(err(&service("ff02::1", "")), "lb.toml:6: vip ff02::1 is multicast");
+        assert_eq!(
+            err(&service("::ffff:203.0.113.10", "")),
+            "lb.toml:6: vip ::ffff:203.0.113.10 is an IPv4-mapped IPv6 address (write the IPv4 address)"
+        );
+        let vip = "203.0.113.10";
+        assert_eq!(err(&service(vip, "{ address = \"198.18.0\" }")), "lb.toml:9: backend `198.18.0` is not an IPv4 or IPv6 address");
+        assert_eq!(err(&service(vip, "{ address = \"224.1.2.3\" }")), "lb.toml:9: backend 224.1.2.3 is multicast");
+        assert_eq!(err(&service(vip, "{ address = \"::1\" }")), "lb.toml:9: backend ::1 is a loopback address");
+        assert_eq!(err(&service(vip, "{ weight = 1 }")), "lb.toml:9: service 203.0.113.10:80/tcp: backend has no address");
+        assert_eq!(err("[global]\nsource_v4 = \"2001:db8::2\"\n"), "lb.toml:2: source_v4 2001:db8::2 is not an IPv4 address");
+        assert_eq!(err("[global]\nsource_v6 = \"198.18.0.2\"\n"), "lb.toml:2: source_v6 198.18.0.2 is not an IPv6 address");
+        assert_eq!(err("[global]\n\nsource_v4 = \"0.0.0.0\"\n"), "lb.toml:3: source_v4 0.0.0.0 is unspecified (0.0.0.0)");
+        assert_eq!(err("[global]\nsource_v6 = \"ff02::2\"\n"), "lb.toml:2: source_v6 ff02::2 is multicast");
+    }
+
+    #[test]
+    fn refuses_bad_macs_and_weights() {
+        let vip = "203.0.113.10";
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0.101\", mac = \"02:00:00:00:00:0g\" }")),
+            "lb.toml:9: mac `02:00:00:00:00:0g` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)"
+        );
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0.101\", mac = \"01:00:5E:00:00:01\" }")),
+            "lb.toml:9: mac 01:00:5e:00:00:01 is not a unicast MAC address"
+        );
+        assert_eq!(
+            err("[global]\ngateway_mac = \"00:00:00:00:00:00\"\n"),
+            "lb.toml:2: gateway_mac 00:00:00:00:00:00 is not a unicast MAC address"
+        );
+        assert_eq!(
+            err("[global]\ngateway_mac = \"gateway\"\n"),
+            "lb.toml:2: gateway_mac `gateway` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)"
+        );
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0.101\", weight = 65536 }")),
+            "lb.toml:9: weight 65536 is out of range (0 to MAX_WEIGHT = 65535; 0 drains)"
+        );
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0.101\", weight = -1 }")),
+            "lb.toml:9: weight -1 is out of range (0 to MAX_WEIGHT = 65535; 0 drains)"
+        );
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0.101\", weight = 1.5 }")),
+            "lb.toml:9: invalid type: floating point `1.5`, expected an integer"
+        );
+        let draining = model(&service(vip, "{ address = \"198.18.0.101\", weight = 0 }"));
+        assert_eq!(draining.services[0].backends[0].weight, 0, "weight 0 drains");
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_wrong_types() {
+        assert_eq!(
+            err("[global]\nsource = \"198.18.0.2\"\n"),
+            "lb.toml:2: unknown field `source`, expected one of `source_v4`, `source_v6`, `gateway_mac`, `hash_seed`"
+        );
+        assert_eq!(err("[globals]\n"), "lb.toml:1: unknown field `globals`, expected `global` or `service`");
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"*\"\nports = 0\n")),
+            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `backends`"
+        );
+        assert_eq!(
+            err(&service("203.0.113.10", "{ address = \"198.18.0.101\", wieght = 2 }")),
+            "lb.toml:9: unknown field `wieght`, expected one of `address`, `mac`, `weight`"
+        );
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = \"80\"\n")),
+            "lb.toml:8: invalid type: string \"80\", expected an integer"
+        );
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"*\"\nhash_ports = \"no\"\n")),
+            "lb.toml:7: invalid type: string \"no\", expected a boolean"
+        );
+        assert_eq!(err(&with_global("[[service]]\nvip = 10\n")), "lb.toml:6: invalid type: integer `10`, expected a string");
+        assert_eq!(err(&with_global("[[service]]\nvip = \"*\"\nbackends = \"198.18.0.101\"\n")), "lb.toml:7: invalid type: string \"198.18.0.101\", expected a sequence");
+        assert_eq!(err("[global]\nhash_seed = 0x1_0000_0000\n"), "lb.toml:2: hash_seed 4294967296 is out of range (0 to 0xffffffff)");
+        assert_eq!(err("[global]\nhash_seed = \"1\"\n"), "lb.toml:2: invalid type: string \"1\", expected an integer");
+        assert_eq!(err("[global]\nsource_v4 = \"198.18.0.2\n"), "lb.toml:2: invalid basic string, expected `\"`");
+        assert_eq!(err("[global]\n[global]\n"), "lb.toml:2: duplicate key");
+    }
+
+    #[test]
+    fn refuses_incomplete_or_contradictory_services() {
+        let head = |vip: &str, rest: &str| with_global(&format!("\n[[service]]\nvip = \"{vip}\"\n{rest}"));
+        let b = "backends = [{ address = \"198.18.0.101\" }]\n";
+        assert_eq!(err(&with_global("\n[[service]]\nprotocol = \"tcp\"\n")), "lb.toml:6: service has no vip (an address, or \"*\" for the catch-all)");
+        assert_eq!(err(&head("203.0.113.10", "port = 80\n")), "lb.toml:6: service 203.0.113.10 has no protocol (\"tcp\" or \"udp\")");
+        assert_eq!(err(&head("203.0.113.10", "protocol = \"TCP\"\n")), "lb.toml:8: protocol `TCP` is not \"tcp\" or \"udp\"");
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"any\"\n")),
+            "lb.toml:8: protocol \"any\" is only for the catch-all service (vip = \"*\"): use \"tcp\" or \"udp\""
+        );
+        assert_eq!(err(&head("203.0.113.10", "protocol = \"udp\"\n")), "lb.toml:6: service 203.0.113.10 has no port (1 to 65535, or 0 for every port)");
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"udp\"\nport = 65536\n")),
+            "lb.toml:9: port 65536 is out of range (0 to 65535; 0 = every port)"
+        );
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"udp\"\nport = 53\n")),
+            "lb.toml:6: service 203.0.113.10:53/udp has no backends (backends = [ { address = ... } ])"
+        );
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"udp\"\nport = 53\nbackends = []\n")),
+            "lb.toml:10: service 203.0.113.10:53/udp has no backends (at least one is needed; weight 0 drains a backend)"
+        );
+        assert_eq!(
+            err(&head("203.0.113.10", &format!("protocol = \"tcp\"\nport = 80\nhash_ports = false\n{b}"))),
+            "lb.toml:10: service 203.0.113.10:80/tcp: hash_ports = false is for UDP services only (TCP flows always hash their ports)"
+        );
+        assert_eq!(
+            err(&head("*", &format!("port = 80\n{b}"))),
+            "lb.toml:8: the catch-all service (vip = \"*\") takes every port: port must be 0 (or left out), not 80"
+        );
+        assert_eq!(
+            err(&head("*", &format!("protocol = \"tcp\"\n{b}"))),
+            "lb.toml:8: the catch-all service (vip = \"*\") takes TCP and UDP: protocol must be \"any\" (or left out), not `tcp`"
+        );
+        assert_eq!(model(&head("*", &format!("protocol = \"any\"\nport = 0\n{b}"))).services[0].key, ServiceKey::CatchAll);
+    }
+
+    #[test]
+    fn refuses_backends_the_datapath_cannot_reach() {
+        let ipv6_vip = with_global(
+            "[[service]]\nvip = \"2001:db8::10\"\nprotocol = \"tcp\"\nport = 443\nbackends = [\n  { address = \"2001:db8::101\" },\n  { address = \"198.18.0.101\" },\n]\n",
+        );
+        assert_eq!(
+            err(&ipv6_vip),
+            "lb.toml:11: backend 198.18.0.101 is IPv4 but VIP 2001:db8::10 is IPv6: IPv6-in-IPv4 is not supported (give IPv6 VIPs IPv6 backends)"
+        );
+        let no_gateway = "[global]\nsource_v4 = \"198.18.0.2\"\n[[service]]\nvip = \"*\"\nbackends = [\n  { address = \"198.18.0.101\", mac = \"02:00:c6:12:00:65\" },\n  { address = \"198.18.0.102\" },\n]\n";
+        assert_eq!(
+            err(no_gateway),
+            "lb.toml:7: backend 198.18.0.102 has no mac and [global] has no gateway_mac (frames to a backend without its own MAC go to the gateway)"
+        );
+        let no_v6 = "[global]\nsource_v4 = \"198.18.0.2\"\ngateway_mac = \"02:00:00:00:00:01\"\n[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  { address = \"198.18.0.101\" },\n  { address = \"2001:db8::101\" },\n]\n";
+        assert_eq!(
+            err(no_v6),
+            "lb.toml:10: backend 2001:db8::101 is IPv6 but [global] has no source_v6 (the outer source address of packets to IPv6 backends)"
+        );
+        let no_v4 = "[global]\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:01\"\n[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\" }]\n";
+        assert_eq!(
+            err(no_v4),
+            "lb.toml:6: backend 198.18.0.101 is IPv4 but [global] has no source_v4 (the outer source address of packets to IPv4 backends)"
+        );
+        let no_global = "[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\", mac = \"02:00:c6:12:00:65\" }]\n";
+        assert_eq!(
+            err(no_global),
+            "lb.toml:3: backend 198.18.0.101 is IPv4 but [global] has no source_v4 (the outer source address of packets to IPv4 backends)"
+        );
+    }
+
+    /// A file of `services` services of `per_service` backends each; the
+    /// backends of a service on one line each, so backend `i` of service
+    /// `s` is on line 5 + s * (per_service + 6) + 5 + i.
+    fn sized(services: usize, per_service: usize) -> String {
+        let mut text = with_global("");
+        for s in 0..services {
+            let _ = write!(text, "[[service]]\nvip = \"203.0.113.{}\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n", s + 1);
+            for i in 0..per_service {
+                let _ = writeln!(text, "  {{ address = \"10.{}.{}.{}\" }},", s, i / 256, i % 256);
+            }
+            text.push_str("]\n");
+        }
+        text
+    }
+
+    #[test]
+    fn enforces_the_limits() {
+        assert_eq!((MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_TOTAL_BACKENDS, MAX_WEIGHT), (64, 512, 4096, 65535));
+        assert_eq!(model(&sized(MAX_SERVICES, 1)).services.len(), 64);
+        // Service 65 starts at line 5 + 64 * 7.
+        assert_eq!(err(&sized(MAX_SERVICES + 1, 1)), "lb.toml:453: 65 services: at most MAX_SERVICES = 64");
+
+        assert_eq!(model(&sized(1, MAX_BACKENDS_PER_SERVICE)).services[0].backends.len(), 512);
+        // Backend 513 (index 512) of service 0: line 5 + 5 + 512.
+        assert_eq!(
+            err(&sized(1, MAX_BACKENDS_PER_SERVICE + 10)),
+            "lb.toml:522: service 203.0.113.1:80/tcp has 522 backends: at most MAX_BACKENDS_PER_SERVICE = 512"
+        );
+
+        let full = model(&sized(8, 512));
+        assert_eq!(full.total_backends(), MAX_TOTAL_BACKENDS);
+        // The first backend of service 8 (index 8): line 5 + 8 * 518 + 5.
+        assert_eq!(err(&sized(9, 512)), "lb.toml:4154: more than MAX_TOTAL_BACKENDS = 4096 backends over all services");
+        assert!(sized(64, 64).len() < MAX_FILE_BYTES as usize, "a file at the limits fits the size limit");
+    }
+
+    #[test]
+    fn refuses_empty_and_binary_files() {
+        let none = "lb.toml: no configuration (expected a [global] table and [[service]] tables)";
+        assert_eq!(err(""), none);
+        assert_eq!(err("# only a comment\n\n  \n"), none);
+        assert_eq!(err("#\n\u{7f}ELF\u{2}\u{1}\u{1}\0\0\0"), "lb.toml:2: not text (NUL byte)");
+        assert_eq!(format!("{:#}", parse("lb.toml", b"[global]\n\n# \xff\xfe\n").unwrap_err()), "lb.toml:3: not text (invalid UTF-8)");
+        let crlf = model("[global]\r\nsource_v4 = \"198.18.0.2\" # lab\r\n");
+        assert_eq!(crlf.global.source_v4, Some(Ipv4Addr::new(198, 18, 0, 2)));
+    }
+
+    #[test]
+    fn load_reads_files_and_names_the_problem() {
+        let missing = format!("{:#}", load(Path::new("/nonexistent/lb.toml")).unwrap_err());
+        assert!(missing.starts_with("/nonexistent/lb.toml: cannot read: "), "{missing}");
+        let dir = std::env::temp_dir().join(format!("l4lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("lb.toml");
+        std::fs::write(&good, doc_example()).unwrap();
+        let huge = dir.join("huge.toml");
+        std::fs::write(&huge, vec![b'#'; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[global]\nhash_seed = -1\n").unwrap();
+        let loaded = load(&good);
+        let huge_message = format!("{:#}", load(&huge).unwrap_err());
+        let dir_message = format!("{:#}", load(&dir).unwrap_err());
+        let bad_message = format!("{:#}", load(&bad).unwrap_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.unwrap(), model(&doc_example()));
+        assert!(huge_message.ends_with("huge.toml: 1048577 bytes is too large for a configuration file (limit 1048576)"), "{huge_message}");
+        assert!(dir_message.ends_with(": not a regular file"), "{dir_message}");
+        assert_eq!(bad_message, format!("{}:2: hash_seed -1 is out of range (0 to 0xffffffff)", bad.display()));
+    }
+
+    // ----- rendering
+
+    #[test]
+    fn renders_the_canonical_form() {
+        let text = to_toml(&model(&doc_example()));
+        assert_eq!(
+            text,
+            r#"[global]
+source_v4 = "198.18.0.2"
+source_v6 = "2001:db8::2"
+gateway_mac = "02:00:00:00:00:01"
+hash_seed = 0x1234abcd
+
+[[service]]
+vip = "*"
+protocol = "any"
+port = 0
+hash_ports = true
+backends = [
+  { address = "198.18.0.201", mac = "02:00:c6:12:00:c9", weight = 1 },
+]
+
+[[service]]
+vip = "203.0.113.10"
+protocol = "tcp"
+port = 80
+backends = [
+  { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
+  { address = "198.18.0.102", weight = 2 },
+  { address = "2001:db8::103", weight = 0 },
+]
+
+[[service]]
+vip = "2001:db8::10"
+protocol = "udp"
+port = 53
+hash_ports = false
+backends = [
+  { address = "2001:db8::101", weight = 1 },
+]
+"#
+        );
+        assert_eq!(to_toml(&Model::default()), "[global]\n");
+    }
+
+    #[test]
+    fn round_trips() {
+        let mut big = model(&sized(8, 512));
+        big.global.hash_seed = Some(0);
+        big.services[3].backends[7].weight = MAX_WEIGHT;
+        big.services[3].backends[8].mac = Some(MAC65);
+        let models = [
+            model(&doc_example()),
+            Model::default(),
+            model("[global]\nhash_seed = 0xffffffff\n"),
+            model(&with_global("[[service]]\nvip = \"*\"\nhash_ports = false\nbackends = [{ address = \"2001:db8::1\" }]\n")),
+            big,
+        ];
+        for m in &models {
+            let text = to_toml(m);
+            assert_eq!(&model(&text), m, "{text}");
+            assert_eq!(to_toml(&model(&text)), text);
+            assert!(diff(m, m).is_empty());
+            assert_eq!(diff(m, m).to_string(), "no changes\n");
+        }
+    }
+
+    // ----- diff
+
+    #[test]
+    fn diff_lists_every_change() {
+        let running = model(&with_global(
+            "hash_seed = 1\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n\
+               { address = \"198.18.0.101\" },\n  { address = \"198.18.0.102\" },\n  { address = \"198.18.0.103\", mac = \"02:00:c6:12:00:65\" },\n  { address = \"198.18.0.104\" },\n]\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 53\nbackends = [{ address = \"198.18.0.101\" }]\n\
+             [[service]]\nvip = \"203.0.113.11\"\nprotocol = \"udp\"\nport = 53\nbackends = [{ address = \"198.18.0.101\" }]\n",
+        ));
+        let wanted = model(
+            "[global]\nsource_v4 = \"198.18.0.2\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:02\"\nhash_seed = 0x1234abcd\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n\
+               { address = \"198.18.0.101\", weight = 3 },\n  { address = \"198.18.0.102\" },\n  { address = \"198.18.0.103\", weight = 2 },\n  { address = \"2001:db8::105\" },\n]\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 53\nhash_ports = false\nbackends = [{ address = \"198.18.0.101\" }]\n\
+             [[service]]\nvip = \"2001:db8::10\"\nprotocol = \"tcp\"\nport = 0\nbackends = [{ address = \"2001:db8::101\" }, { address = \"2001:db8::102\", mac = \"02:00:c6:12:00:65\" }]\n",
+        );
+        let d = diff(&running, &wanted);
+        assert_eq!(
+            d.global,
+            [
+                GlobalChange::GatewayMac { old: Some([2, 0, 0, 0, 0, 1]), new: Some([2, 0, 0, 0, 0, 2]) },
+                GlobalChange::HashSeed { old: Some(1), new: 0x1234abcd },
+            ]
+        );
+        assert_eq!(d.removed.iter().map(|s| s.key).collect::<Vec<_>>(), [udp(v4("203.0.113.11"), 53)]);
+        assert_eq!(d.added.iter().map(|s| s.key).collect::<Vec<_>>(), [tcp(v6("2001:db8::10"), 0)]);
+        assert_eq!(d.changed.len(), 2);
+        let web = &d.changed[0];
+        assert_eq!(web.key, tcp(v4("203.0.113.10"), 80));
+        assert_eq!(web.hash_ports, None);
+        assert_eq!(web.removed, [backend(v4("198.18.0.104"), None, 1)]);
+        assert_eq!(web.added, [backend(v6("2001:db8::105"), None, 1)]);
+        assert_eq!(
+            web.changed,
+            [
+                BackendChange { old: backend(v4("198.18.0.101"), None, 1), new: backend(v4("198.18.0.101"), None, 3) },
+                BackendChange { old: backend(v4("198.18.0.103"), Some(MAC65), 1), new: backend(v4("198.18.0.103"), None, 2) },
+            ]
+        );
+        assert_eq!(d.changed[1].hash_ports, Some((true, false)));
+        assert_eq!(
+            d.to_string(),
+            "~ global gateway_mac 02:00:00:00:00:01 -> 02:00:00:00:00:02\n\
+             ~ global hash_seed 0x00000001 -> 0x1234abcd\n\
+             - service 203.0.113.11:53/udp (1 backend)\n\
+             + service [2001:db8::10]:*/tcp (2 backends)\n\
+             \x20   + 2001:db8::101 mac gateway weight 1\n\
+             \x20   + 2001:db8::102 mac 02:00:c6:12:00:65 weight 1\n\
+             ~ service 203.0.113.10:80/tcp\n\
+             \x20   - 198.18.0.104\n\
+             \x20   + 2001:db8::105 mac gateway weight 1\n\
+             \x20   ~ 198.18.0.101 weight 1 -> 3\n\
+             \x20   ~ 198.18.0.103 mac 02:00:c6:12:00:65 -> gateway weight 1 -> 2\n\
+             ~ service 203.0.113.10:53/udp\n\
+             \x20   ~ hash_ports true -> false\n\
+             services: 1 added, 1 removed, 2 changed; global: 2 changed\n"
+        );
+    }
+
+    #[test]
+    fn diff_from_nothing_and_to_nothing() {
+        let m = model(&doc_example());
+        let up = diff(&Model::default(), &m);
+        assert_eq!(up.added, m.services);
+        assert_eq!(up.global.len(), 4, "both sources, the gateway and the seed");
+        assert!(up.to_string().starts_with("~ global source_v4 (none) -> 198.18.0.2\n"), "{up}");
+        assert!(up.to_string().contains("~ global hash_seed (random) -> 0x1234abcd\n"), "{up}");
+        assert!(up.to_string().ends_with("services: 3 added, 0 removed, 0 changed; global: 4 changed\n"), "{up}");
+        let down = diff(&m, &model("[global]\nhash_seed = 0x1234abcd\n"));
+        assert_eq!(down.removed, m.services);
+        assert_eq!(down.global.len(), 3);
+        assert!(down.to_string().contains("~ global source_v6 2001:db8::2 -> (none)\n"), "{down}");
+    }
+
+    #[test]
+    fn an_absent_hash_seed_keeps_the_running_one() {
+        let running = model("[global]\nhash_seed = 7\n");
+        assert!(diff(&running, &model("[global]\n")).is_empty());
+        assert_eq!(diff(&running, &model("[global]\nhash_seed = 8\n")).global, [GlobalChange::HashSeed { old: Some(7), new: 8 }]);
+        assert!(diff(&running, &running).is_empty());
+    }
+}
