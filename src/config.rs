@@ -89,7 +89,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use macaddr::MacAddr6;
 use serde::Deserialize;
 use toml::Spanned;
@@ -292,14 +292,7 @@ struct RawBackend {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Model> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        bail!("{}: {} bytes is too large for a configuration file (limit {MAX_FILE_BYTES})", path.display(), meta.len());
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::input_file::read_limited(path, MAX_FILE_BYTES, "configuration file")?;
     parse(&path.display().to_string(), &bytes)
 }
 

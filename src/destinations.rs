@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use macaddr::MacAddr6;
 
 use crate::bpf::MAX_BACKENDS;
@@ -38,14 +38,7 @@ pub struct DestinationList {
 
 /// Reads and validates a destination file.
 pub fn load(path: &Path) -> Result<DestinationList> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        bail!("{}: {} bytes is too large for a destination file (limit {MAX_FILE_BYTES})", path.display(), meta.len());
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::input_file::read_limited(path, MAX_FILE_BYTES, "destination file")?;
     parse(&path.display().to_string(), &bytes)
 }
 

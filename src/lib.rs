@@ -13,6 +13,7 @@ pub mod destinations;
 pub mod discover;
 pub mod flow_hash;
 pub mod iface;
+pub mod input_file;
 pub mod libbpf_log;
 pub mod maglev;
 pub mod maps;

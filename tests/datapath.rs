@@ -28,6 +28,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::packet::internet_checksum;
+use common::wire::*;
 use common::{counter_moves, fail, same_bytes};
 use l4lb::bpf::consts::{L4LB_BACKEND_ACTIVE, L4LB_CONFIG_SEED_FIXED, L4LB_CONFIG_SEED_SET, L4LB_CONFIG_SRC_SET};
 use l4lb::bpf::counter::{self, *};
@@ -80,23 +81,6 @@ const BACKEND: Destination =
     Destination { addr: Ipv4Addr::new(10, 1, 0, 1), mac: [0x02, 0xbe, 0x00, 0x00, 0x00, 0x01] };
 const HASH_SEED: u32 = 0x5eed_0001;
 const SAMPLE_32: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/destination_samples/32_destinations.csv");
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const ETH_LEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_ARP: u16 = 0x0806;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ICMP: u8 = 1;
-const IPIP: u8 = 4;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const GRE: u8 = 47;
-const ESP: u8 = 50;
-const SCTP: u8 = 132;
 
 // ---------------------------------------------------------------------------
 // The program under test

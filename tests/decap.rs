@@ -30,6 +30,7 @@ use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
 use serde_json::Value;
 
 use common::packet::{internet_checksum, PacketSocket};
+use common::wire::*;
 use common::{counter_moves, fail, in_netns, ip, link_mac, run, same_bytes, Outcome, TestResult};
 use l4lb::bpf::decap_counter::{self, *};
 use l4lb::bpf::decap_skel::{L4lbDecapSkel, L4lbDecapSkelBuilder};
@@ -71,21 +72,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const BACKEND_MAC: [u8; 6] = [0x02, 0xbe, 0x00, 0x00, 0x00, 0x02];
 const LB_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0x00, 0x01];
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-
-const ETH_LEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_ARP: u16 = 0x0806;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ICMP: u8 = 1;
-const IPIP: u8 = 4;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const IPV6_IN_IPV4: u8 = 41;
-const GRE: u8 = 47;
 
 // ---------------------------------------------------------------------------
 // Frames

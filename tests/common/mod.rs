@@ -44,6 +44,7 @@ macro_rules! ensure {
 }
 
 pub mod packet;
+pub mod wire;
 
 // ---------------------------------------------------------------- checks
 
