@@ -42,4 +42,5 @@ bench: deps
 
 clean:
 	rm -f l4lb_xdp.o
+	rm -rf bench-results
 	$(CARGO) clean
