@@ -1,7 +1,8 @@
 //! Reading and writing the maps of a loaded l4lb program, found by name among
 //! the program's maps (those helpers serve the decap program too). Updates are
-//! ordered so that traffic never meets a slot that leads nowhere, and are
-//! rolled back if the kernel refuses a write.
+//! ordered so that traffic never meets a slot that leads nowhere (entries are
+//! cleared only after an RCU grace period), and are rolled back if the kernel
+//! refuses a write.
 
 use std::net::Ipv4Addr;
 
@@ -157,6 +158,9 @@ impl LbMaps {
             self.write_backend(*number, Some(destination))?;
         }
         write_u32_entries(&self.slots, &plan.slot_writes)?;
+        if !plan.backend_clears.is_empty() {
+            wait_for_datapath_readers();
+        }
         for &number in &plan.backend_clears {
             self.write_backend(number, None)?;
             self.zero_backend_stats(number)?;
@@ -173,6 +177,7 @@ impl LbMaps {
             }
         }
         write_u32_entries(&self.slots, &slots)?;
+        wait_for_datapath_readers();
         for (number, _) in &plan.backend_writes {
             if current.backends[*number as usize].is_none() {
                 self.write_backend(*number, None)?;
@@ -234,6 +239,21 @@ impl LbMaps {
             }
         }
         Ok(out)
+    }
+}
+
+/// Returns once every run of the datapath that may have read a slot before
+/// the last slot writes has finished, so that a backend entry no slot points
+/// to any more can be cleared without a packet in flight still reading it.
+/// XDP programs run inside RCU read-side sections, and
+/// membarrier(MEMBARRIER_CMD_GLOBAL) waits for an RCU grace period
+/// (synchronize_rcu). Where the kernel refuses it (nohz_full), a pause far
+/// longer than any program run stands in.
+fn wait_for_datapath_readers() {
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_membarrier, nix::libc::MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
