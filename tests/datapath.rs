@@ -326,15 +326,6 @@ fn read_value(map: &MapMut, index: u32) -> Result<Vec<Vec<u8>>, Failed> {
     values.ok_or_else(|| fail(format!("{}: no entry {index}", map.name().to_string_lossy())))
 }
 
-fn verdict_name(verdict: u32) -> String {
-    match verdict {
-        XDP_DROP => "XDP_DROP".into(),
-        XDP_PASS => "XDP_PASS".into(),
-        XDP_TX => "XDP_TX".into(),
-        other => format!("verdict {other}"),
-    }
-}
-
 /// Draws a seed (or takes L4LB_TEST_SEED) and names it in any failure.
 fn with_rng(test: impl FnOnce(&mut StdRng) -> TestResult) -> TestResult {
     let seed = std::env::var("L4LB_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);

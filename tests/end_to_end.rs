@@ -36,7 +36,7 @@ const N: usize = 200;
 
 fn main() {
     if common::is_root() {
-        remove_leftovers();
+        common::remove_leftovers(PREFIX);
     }
     common::run_suite(
         "end_to_end",
@@ -57,19 +57,6 @@ fn main() {
 
 fn sample(name: &str) -> String {
     format!("{SAMPLES}/{name}")
-}
-
-/// Deletes namespaces and directories of earlier runs whose process is gone
-/// (a run of this suite in another process keeps its own).
-fn remove_leftovers() {
-    common::remove_leftover_namespaces(PREFIX);
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in entries.flatten() {
-            if common::is_leftover(PREFIX, &entry.file_name().to_string_lossy()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------- topology

@@ -820,11 +820,3 @@ fn named(counters: &[u64; NCNT]) -> String {
     COUNTER_NAMES.iter().zip(counters).map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
 }
 
-fn verdict_name(verdict: u32) -> String {
-    match verdict {
-        XDP_DROP => "XDP_DROP".into(),
-        XDP_PASS => "XDP_PASS".into(),
-        XDP_TX => "XDP_TX".into(),
-        other => format!("verdict {other}"),
-    }
-}

@@ -87,7 +87,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn main() {
     if common::is_root() {
-        remove_leftovers();
+        common::remove_leftovers(PREFIX);
     }
     common::run_suite(
         "under_load",
@@ -97,18 +97,6 @@ fn main() {
             ("concurrent_map_processes_are_serialised_under_flood", concurrent_map_processes_are_serialised),
         ],
     );
-}
-
-/// Deletes namespaces and directories of earlier runs whose process is gone.
-fn remove_leftovers() {
-    common::remove_leftover_namespaces(PREFIX);
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in entries.flatten() {
-            if common::is_leftover(PREFIX, &entry.file_name().to_string_lossy()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------- topology

@@ -204,6 +204,20 @@ pub fn remove_leftover_namespaces(prefix: &str) {
     }
 }
 
+/// Deletes what earlier runs of a suite whose process is gone left behind:
+/// namespaces `<prefix>-<pid>-...` and scratch directories of that name in
+/// the temporary directory.
+pub fn remove_leftovers(prefix: &str) {
+    remove_leftover_namespaces(prefix);
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if is_leftover(prefix, &entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// The MAC address of `dev` in namespace `ns`.
 pub fn link_mac(ns: &str, dev: &str) -> TestResult<[u8; 6]> {
     let json: serde_json::Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])?)?;

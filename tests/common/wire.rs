@@ -18,3 +18,13 @@ pub const IPV6_IN_IPV4: u8 = 41;
 pub const GRE: u8 = 47;
 pub const ESP: u8 = 50;
 pub const SCTP: u8 = 132;
+
+/// An XDP verdict by name, for failure messages.
+pub fn verdict_name(verdict: u32) -> String {
+    match verdict {
+        XDP_DROP => "XDP_DROP".into(),
+        XDP_PASS => "XDP_PASS".into(),
+        XDP_TX => "XDP_TX".into(),
+        other => format!("verdict {other}"),
+    }
+}
