@@ -90,11 +90,10 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use macaddr::MacAddr6;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::destinations::check_unicast_ipv4;
+use crate::addr::{check_unicast, parse_unicast_mac, MacError};
 pub use crate::maglev::MAX_BACKENDS_PER_SERVICE;
 
 /// Services per configuration.
@@ -223,29 +222,6 @@ impl fmt::Display for OptMac {
             Some(mac) => f.write_str(&format_mac(mac)),
             None => f.write_str("gateway"),
         }
-    }
-}
-
-/// IPv6 addresses a packet can be tunnelled to; the reason otherwise.
-pub fn check_unicast_ipv6(addr: Ipv6Addr) -> std::result::Result<(), &'static str> {
-    if addr.is_unspecified() {
-        Err("is unspecified (::)")
-    } else if addr.is_loopback() {
-        Err("is a loopback address")
-    } else if addr.is_multicast() {
-        Err("is multicast")
-    } else if addr.to_ipv4_mapped().is_some() {
-        Err("is an IPv4-mapped IPv6 address (write the IPv4 address)")
-    } else {
-        Ok(())
-    }
-}
-
-/// Either family: [`check_unicast_ipv4`] or [`check_unicast_ipv6`].
-pub fn check_unicast(addr: IpAddr) -> std::result::Result<(), &'static str> {
-    match addr {
-        IpAddr::V4(a) => check_unicast_ipv4(a),
-        IpAddr::V6(a) => check_unicast_ipv6(a),
     }
 }
 
@@ -398,16 +374,15 @@ impl Validator<'_> {
 
     fn mac(&self, text: &Spanned<String>, what: &str) -> Result<[u8; 6]> {
         let span = text.span();
-        let mac: MacAddr6 = text.get_ref().parse().map_err(|_| {
-            self.at(
+        parse_unicast_mac(text.get_ref()).map_err(|err| match err {
+            MacError::Unreadable => self.at(
                 &span,
                 format!("{what} `{}` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)", text.get_ref()),
-            )
-        })?;
-        if mac.is_nil() || mac.is_multicast() {
-            return Err(self.at(&span, format!("{what} {} is not a unicast MAC address", format_mac(mac.into_array()))));
-        }
-        Ok(mac.into_array())
+            ),
+            MacError::NotUnicast(mac) => {
+                self.at(&span, format!("{what} {} is not a unicast MAC address", format_mac(mac.into_array())))
+            }
+        })
     }
 
     fn key(&self, raw: &RawService, span: &Range<usize>) -> Result<ServiceKey> {

@@ -18,7 +18,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use crate::attach;
 use crate::bpf::decap_skel::L4lbDecapSkelBuilder;
 use crate::bpf::{self, consts, DecapAddr, DECAP_COUNTER_NAMES};
-use crate::destinations::check_unicast_ipv4;
+use crate::addr::check_unicast_ipv4;
 use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
 use crate::libbpf_log;

@@ -10,6 +10,8 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use macaddr::MacAddr6;
 
+use crate::addr::{check_unicast_ipv4, parse_unicast_mac, MacError};
+
 use crate::bpf::MAX_BACKENDS;
 
 /// Files larger than this are refused before reading: a destination list of
@@ -77,28 +79,11 @@ fn parse_row(row: &str) -> std::result::Result<Destination, String> {
         .parse()
         .map_err(|_| format!("`{addr_text}` is not an IPv4 address"))?;
     check_unicast_ipv4(addr).map_err(|why| format!("address {addr} {why}"))?;
-    let mac: MacAddr6 = mac_text
-        .parse()
-        .map_err(|_| format!("`{mac_text}` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)"))?;
-    if mac.is_nil() || mac.is_multicast() {
-        return Err(format!("MAC {mac} is not a unicast address"));
-    }
-    Ok(Destination { addr, mac: mac.into_array() })
-}
-
-/// Addresses a packet can be tunnelled to; the reason otherwise.
-pub fn check_unicast_ipv4(addr: Ipv4Addr) -> std::result::Result<(), &'static str> {
-    if addr.is_unspecified() {
-        Err("is unspecified (0.0.0.0)")
-    } else if addr.is_broadcast() {
-        Err("is the broadcast address")
-    } else if addr.is_multicast() {
-        Err("is multicast")
-    } else if addr.is_loopback() {
-        Err("is a loopback address")
-    } else {
-        Ok(())
-    }
+    let mac = parse_unicast_mac(mac_text).map_err(|err| match err {
+        MacError::Unreadable => format!("`{mac_text}` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)"),
+        MacError::NotUnicast(mac) => format!("MAC {mac} is not a unicast address"),
+    })?;
+    Ok(Destination { addr, mac })
 }
 
 #[cfg(test)]

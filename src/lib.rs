@@ -2,6 +2,7 @@
 //! that the pure parts (file parsing, table computation, statistics) are
 //! tested without root.
 
+pub mod addr;
 pub mod attach;
 pub mod bench;
 pub mod bpf;
