@@ -9,71 +9,152 @@
 
 #include <linux/types.h>
 
-/* Lookup table: a power of two, so the slot is `hash & L4LB_TABLE_MASK` (no
- * divisor, offload-safe). 65536 slots keep the weights of up to
- * L4LB_MAX_BACKENDS destinations even to within 1/128 (128 or 129 slots each
- * at 512 destinations, versus the seed's 512-slot table where 100
- * destinations got 5 or 6 slots: a 6:5 ratio).
+/* ------------------------------------------------------------------------
+ * Services. A packet's (family, protocol, destination port, destination
+ * address) is looked up in l4lb_vips: first with its port, then, if any VIP
+ * takes every port, with port 0. A packet no VIP takes goes to the catch-all
+ * service if one is configured (the seed's mode: every TCP/UDP packet), else
+ * to the stack. A zeroed configuration (iproute2 load, nothing applied yet)
+ * has neither VIPs nor a catch-all: every packet goes to the stack.
+ * A service has a Maglev lookup table of L4LB_MAGLEV_SIZE slots (a range of
+ * l4lb_tables) naming backend numbers (entries of l4lb_backends).
  */
-#define L4LB_TABLE_SIZE 65536
-#define L4LB_TABLE_MASK (L4LB_TABLE_SIZE - 1)
 
-/* Destinations a balancer holds (the seed's limit). */
-#define L4LB_MAX_BACKENDS 512
+/* Services (VIPs, the catch-all included) a balancer holds. */
+#define L4LB_MAX_SERVICES 64
+/* Backend entries over all services (a backend in two services has two). */
+#define L4LB_MAX_BACKENDS 4096
+/* Backends one service may have (Maglev's table size is chosen from it). */
+#define L4LB_MAX_SERVICE_BACKENDS 512
 
-/* Slot value meaning "no destination": traffic hashing here is dropped. */
+/* Slots per service table: the smallest prime >= 100 x
+ * L4LB_MAX_SERVICE_BACKENDS. 51203 x 4 bytes = 200 KiB per service, 12.5 MiB
+ * for L4LB_MAX_SERVICES. A flow's slot is (hash * SIZE) >> 32: a multiply and
+ * a shift (no division, offload-safe), as uniform as a modulo.
+ */
+#define L4LB_MAGLEV_SIZE 51203
+
+/* Slot value meaning "no backend": traffic hashing here is dropped. */
 #define L4LB_SLOT_EMPTY 0xffffffffU
 
-/* Outer header pushed in front of the client's IPv4 packet (IPIP). */
-#define L4LB_IPIP_OVERHEAD 20
-#define L4LB_OUTER_TTL 64
-#define L4LB_IPPROTO_IPIP 4
+/* The VIP table is direct-mapped: a VIP's home entry is
+ * (fold(key) * L4LB_VIP_HASH_MUL) >> (32 - L4LB_VIP_BITS); the host places a
+ * VIP at most L4LB_VIP_MAX_PROBES - 1 entries after its home (wrapping) and
+ * tells the datapath how far it looks (l4lb_config.vip_probes). With 64 VIPs
+ * in 1024 entries a VIP almost always sits at home: one array lookup.
+ */
+#define L4LB_VIP_BITS 10
+#define L4LB_VIP_SLOTS (1U << L4LB_VIP_BITS)
+#define L4LB_VIP_MASK (L4LB_VIP_SLOTS - 1)
+#define L4LB_VIP_MAX_PROBES 8
+#define L4LB_VIP_HASH_MUL 0x9e3779b1U
+
+/* Address families (l4lb_vip_key.family, l4lb_backend.family). */
+#define L4LB_FAMILY_IPV4 4
+#define L4LB_FAMILY_IPV6 6
+
+/* Outer headers. */
+#define L4LB_IPIP_OVERHEAD 20      /* outer IPv4 header */
+#define L4LB_IP6_OVERHEAD 40       /* outer IPv6 header */
+#define L4LB_OUTER_TTL 64          /* outer TTL and hop limit */
+#define L4LB_IPPROTO_IPIP 4        /* outer protocol / next header for an IPv4 inner packet */
+#define L4LB_IPPROTO_IPV6 41       /* ... for an IPv6 inner packet */
+
+/* IPv6 extension headers skipped before the transport header (hop-by-hop,
+ * routing, destination options, fragment); a packet with more is dropped.
+ */
+#define L4LB_MAX_EXT_HEADERS 4
 
 /* The one entry of the l4lb_config map (key 0). Written by the host only. */
 struct l4lb_config {
-	__u32 hash_seed;   /* jhash initval; random unless set explicitly */
-	__be32 src_addr;   /* outer IPv4 source address, network order */
-	__u32 mtu;         /* largest IPv4 packet after encapsulation (L3 bytes) */
-	__u32 flags;       /* L4LB_CONFIG_* */
+	__u32 hash_seed;      /* flow hash seed; random unless set explicitly */
+	__u32 flags;          /* L4LB_CONFIG_* */
+	__u32 mtu;            /* largest packet after encapsulation (L3 bytes); 0 = no limit */
+	__u32 catch_all;      /* service number of the catch-all, if L4LB_CONFIG_CATCH_ALL */
+	__u32 vip_probes;     /* entries the VIP lookup looks at: 0 (no VIP) .. MAX_PROBES */
+	__u8 src_v4[4];       /* outer IPv4 source (network order) */
+	__u8 src_v6[16];      /* outer IPv6 source */
+	__u8 gateway_mac[6];  /* next hop of backends without their own MAC */
+	__u8 pad[2];
 };
 
 /* l4lb_config.flags */
 #define L4LB_CONFIG_SEED_SET 0x1U     /* hash_seed has been chosen (random or fixed) */
 #define L4LB_CONFIG_SEED_FIXED 0x2U   /* ... and was given by the operator */
-#define L4LB_CONFIG_SRC_SET 0x4U      /* src_addr has been configured */
+#define L4LB_CONFIG_SRC_SET 0x4U      /* src_v4 has been configured */
+#define L4LB_CONFIG_SRC6_SET 0x8U     /* src_v6 has been configured */
+#define L4LB_CONFIG_GATEWAY_SET 0x10U /* gateway_mac has been configured */
+#define L4LB_CONFIG_ANY_PORT 0x20U    /* some VIP has port 0: look up port 0 too */
+#define L4LB_CONFIG_CATCH_ALL 0x40U   /* catch_all names the catch-all service */
 
-/* One destination (slot of l4lb_backends, indexed by backend number). */
+/* What a VIP answers for. An IPv4 address takes addr[0..3]; the rest is 0.
+ * family 0 marks a free entry (no packet has family 0).
+ */
+struct l4lb_vip_key {
+	__u8 addr[16];
+	__u8 family;          /* L4LB_FAMILY_*, 0 = free */
+	__u8 proto;           /* IPPROTO_TCP or IPPROTO_UDP */
+	__be16 port;          /* destination port, network order; 0 = every port */
+};
+
+/* An entry of l4lb_vips. */
+struct l4lb_vip {
+	struct l4lb_vip_key key;
+	__u32 service;        /* service number */
+};
+
+/* An entry of l4lb_services, indexed by service number. */
+struct l4lb_service {
+	__u32 flags;          /* L4LB_SERVICE_* */
+};
+
+/* l4lb_service.flags */
+#define L4LB_SERVICE_ACTIVE 0x1U      /* the service's table is filled */
+#define L4LB_SERVICE_HASH_PORTS 0x2U  /* UDP flows hash their ports (TCP always does) */
+#define L4LB_SERVICE_IPV4_BACKENDS 0x4U /* some backend is IPv4: IPv6 packets are not taken */
+
+/* One backend (entry of l4lb_backends, indexed by backend number). */
 struct l4lb_backend {
-	__be32 addr;       /* outer IPv4 destination, network order */
-	__u8 mac[6];       /* next-hop Ethernet destination */
-	__u16 flags;       /* L4LB_BACKEND_* */
+	__u8 addr[16];        /* outer destination; IPv4 in addr[0..3] */
+	__u8 mac[6];          /* next-hop Ethernet destination (the gateway's, if the backend has none) */
+	__u8 family;          /* L4LB_FAMILY_* */
+	__u8 flags;           /* L4LB_BACKEND_* */
+	__u32 service;        /* owning service number (host bookkeeping) */
+	__u32 weight;         /* Maglev weight (host bookkeeping); 0 = draining */
 };
 
 /* l4lb_backend.flags */
 #define L4LB_BACKEND_ACTIVE 0x1U      /* entry is filled; others are never selected */
+#define L4LB_BACKEND_GATEWAY_MAC 0x2U /* mac is the gateway's (the backend has none of its own) */
 
-/* Per-destination traffic (l4lb_backend_stats, same index as l4lb_backends).
- * bytes counts the frame as sent: Ethernet + outer IPv4 + inner packet.
+/* Traffic of a backend (l4lb_be_stats, same index as l4lb_backends) or a
+ * service (l4lb_svc_stats, by service number). bytes counts the frame as
+ * sent: Ethernet + outer header + inner packet.
  */
-struct l4lb_backend_stats {
+struct l4lb_traffic {
 	__u64 packets;
 	__u64 bytes;
 };
 
 /* Global counters (l4lb_counters, one __u64 per entry). Every frame seen
- * (L4LB_CNT_RX) ends in exactly one of TX, PASS or a DROP_* counter.
+ * (L4LB_CNT_RX) ends in exactly one of TX, PASS, PASS_NO_SERVICE or a DROP_*
+ * counter.
  */
 enum l4lb_counter {
 	L4LB_CNT_RX = 0,            /* frames seen by the program */
 	L4LB_CNT_TX,                /* encapsulated and sent back out (XDP_TX) */
-	L4LB_CNT_PASS,              /* handed to the stack: not IPv4 TCP/UDP */
+	L4LB_CNT_PASS,              /* handed to the stack: not IPv4/IPv6 TCP/UDP */
+	L4LB_CNT_PASS_NO_SERVICE,   /* handed to the stack: TCP/UDP that no service takes */
 	L4LB_CNT_DROP_SHORT_ETH,    /* frame shorter than an Ethernet header */
 	L4LB_CNT_DROP_SHORT_IPV4,   /* IPv4 header cut off */
-	L4LB_CNT_DROP_BAD_VERSION,  /* EtherType IPv4 but version field not 4 */
+	L4LB_CNT_DROP_BAD_VERSION,  /* EtherType IPv4/IPv6 but another version field */
 	L4LB_CNT_DROP_BAD_IHL,      /* IHL below 5 words */
 	L4LB_CNT_DROP_BAD_TOT_LEN,  /* tot_len beyond the frame or below the header */
+	L4LB_CNT_DROP_SHORT_IPV6,   /* IPv6 header or an extension header cut off */
+	L4LB_CNT_DROP_BAD_PAYLOAD_LEN, /* IPv6 payload length beyond the frame (or 0: jumbogram) */
+	L4LB_CNT_DROP_EXT_HEADERS,  /* more than L4LB_MAX_EXT_HEADERS IPv6 extension headers */
 	L4LB_CNT_DROP_SHORT_L4,     /* TCP/UDP ports cut off */
-	L4LB_CNT_DROP_NO_BACKEND,   /* slot empty or its destination not active */
+	L4LB_CNT_DROP_NO_BACKEND,   /* slot empty or its backend not active */
 	L4LB_CNT_DROP_TOO_BIG,      /* encapsulated packet would exceed the MTU */
 	L4LB_CNT_DROP_ENCAP_FAILED, /* no headroom for the outer header */
 	L4LB_CNT_MAX,
@@ -81,8 +162,8 @@ enum l4lb_counter {
 
 /* ------------------------------------------------------------------------
  * Backend side: l4lb_decap (src/bpf/l4lb_decap.bpf.c) strips the outer header
- * the balancer pushed, for the backend's own addresses, and passes the
- * client's packet to the stack.
+ * the balancer pushed (IPv4 protocol 4, IPv6 next header 4 or 41), for the
+ * backend's own addresses, and passes the client's packet to the stack.
  */
 
 /* Addresses a backend decapsulates for (entries of the decap_addrs map). */
@@ -90,12 +171,12 @@ enum l4lb_counter {
 
 /* l4lb_decap_addr.family: the IP version of the address. */
 #define L4LB_DECAP_FAMILY_IPV4 4
-#define L4LB_DECAP_FAMILY_IPV6 6   /* reserved: IPv6 outer headers are not handled yet */
+#define L4LB_DECAP_FAMILY_IPV6 6
 
 /* Key of decap_addrs: one of the backend's addresses, as outer destination.
- * Room for an IPv6 address so that IPv6 outer headers can be added without
- * changing the map; an IPv4 address takes addr[0..3] (network order) and the
- * rest stays zero. No implicit padding: the key is hashed byte for byte.
+ * An IPv6 address takes all 16 bytes; an IPv4 address takes addr[0..3]
+ * (network order) and the rest stays zero. No implicit padding: the key is
+ * hashed byte for byte.
  */
 struct l4lb_decap_addr {
 	__u8 family;       /* L4LB_DECAP_FAMILY_* */
@@ -105,23 +186,30 @@ struct l4lb_decap_addr {
 
 /* Decap counters (decap_counters, one per-CPU __u64 per entry). Every frame
  * seen ends in exactly one of DECAPSULATED, PASSED or a DROP_* counter. Drops
- * happen only to IPIP addressed to one of the backend's addresses.
+ * happen only to IP-in-IP addressed to one of the backend's addresses.
  */
 enum l4lb_decap_counter {
 	L4LB_DECAP_CNT_SEEN = 0,             /* frames seen by the program */
 	L4LB_DECAP_CNT_DECAPSULATED,         /* outer header stripped, client's packet passed on */
-	L4LB_DECAP_CNT_PASSED,               /* not IPIP for a local address: passed untouched */
-	/* Faults of the outer, then of the inner header (enum ipv4_fault). */
-	L4LB_DECAP_CNT_DROP_BAD_VERSION,     /* outer version field not 4 */
+	L4LB_DECAP_CNT_PASSED,               /* not IP-in-IP for a local address: passed untouched */
+	/* Faults of the outer IPv4, then of an inner IPv4 header (enum ipv4_fault). */
+	L4LB_DECAP_CNT_DROP_BAD_VERSION,     /* outer version field not 4 (EtherType IPv4) */
 	L4LB_DECAP_CNT_DROP_BAD_IHL,         /* outer IHL below 5 words */
 	L4LB_DECAP_CNT_DROP_SHORT_OUTER,     /* outer options cut off by the frame's end */
 	L4LB_DECAP_CNT_DROP_BAD_TOT_LEN,     /* outer tot_len beyond the frame or below the header */
-	L4LB_DECAP_CNT_DROP_INNER_VERSION,   /* inner version field not 4 */
+	L4LB_DECAP_CNT_DROP_INNER_VERSION,   /* inner version field neither 4 nor 6 under protocol 4 */
 	L4LB_DECAP_CNT_DROP_INNER_IHL,       /* inner IHL below 5 words */
-	L4LB_DECAP_CNT_DROP_SHORT_INNER,     /* inner header (with options) not whole in the outer packet */
+	L4LB_DECAP_CNT_DROP_SHORT_INNER,     /* inner IPv4 header (with options) not whole in the outer packet */
 	L4LB_DECAP_CNT_DROP_INNER_TOT_LEN,   /* inner tot_len beyond the outer packet or below its header */
-	L4LB_DECAP_CNT_DROP_FRAGMENT,        /* outer packet is a fragment: XDP cannot reassemble */
+	L4LB_DECAP_CNT_DROP_FRAGMENT,        /* outer IPv4 packet is a fragment: XDP cannot reassemble */
 	L4LB_DECAP_CNT_DROP_DECAP_FAILED,    /* bpf_xdp_adjust_head refused to strip the outer header */
+	/* Faults of the outer IPv6, then of an inner IPv6 header (enum ipv6_fault). */
+	L4LB_DECAP_CNT_DROP_BAD_VERSION6,    /* outer version field not 6 (EtherType IPv6) */
+	L4LB_DECAP_CNT_DROP_BAD_PAYLOAD_LEN, /* outer 40 + payload_len beyond the frame */
+	L4LB_DECAP_CNT_DROP_INNER6_VERSION,  /* inner version field neither 6 nor 4 under next header 41 */
+	L4LB_DECAP_CNT_DROP_SHORT_INNER6,    /* inner IPv6 header (40 bytes) not whole in the outer packet */
+	L4LB_DECAP_CNT_DROP_INNER6_PAYLOAD_LEN, /* inner 40 + payload_len beyond the outer packet */
+	L4LB_DECAP_CNT_DROP_INNER_FAMILY,    /* inner version 6 under protocol 4, or 4 under next header 41 */
 	L4LB_DECAP_CNT_MAX,
 };
 

@@ -18,5 +18,6 @@ pub mod input_file;
 pub mod libbpf_log;
 pub mod maglev;
 pub mod maps;
+pub mod state;
 pub mod stats;
 pub mod table;

@@ -16,14 +16,17 @@ static __always_inline void count(enum l4lb_counter which)
 		__sync_fetch_and_add(value, 1);
 }
 
-static __always_inline void count_backend(__u32 backend, __u64 bytes)
+/* One frame of `bytes` sent for entry `index` of a traffic map
+ * (l4lb_be_stats or l4lb_svc_stats).
+ */
+static __always_inline void count_traffic(void *traffic_map, __u32 index, __u64 bytes)
 {
-	struct l4lb_backend_stats *stats = bpf_map_lookup_elem(&l4lb_be_stats, &backend);
+	struct l4lb_traffic *traffic = bpf_map_lookup_elem(traffic_map, &index);
 
-	if (!stats)
+	if (!traffic)
 		return;
-	__sync_fetch_and_add(&stats->packets, 1);
-	__sync_fetch_and_add(&stats->bytes, bytes);
+	__sync_fetch_and_add(&traffic->packets, 1);
+	__sync_fetch_and_add(&traffic->bytes, bytes);
 }
 
 #endif /* L4LB_COUNTERS_H */

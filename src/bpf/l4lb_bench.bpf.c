@@ -6,7 +6,7 @@
  *                XDP_TX, so every frame goes out to the balancer's veth.
  *   bench_plain  plain floor on the balancer's veth: count, XDP_TX.
  *   bench_encap  encapsulation floor: count, push the outer IPv4 header with
- *                the balancer's own push_ipip() (encap.h, csum.h), XDP_TX.
+ *                the balancer's own push_ipv4() (encap.h, csum.h), XDP_TX.
  *   bench_sink   on the generator's veth: counts what comes back and drops it
  *                (it is also what lets that veth take XDP_TX frames at all).
  *   bench_empty  returns XDP_PASS: the baseline of the test_run timing loops.
@@ -29,6 +29,7 @@
 #include "l4lb.h"
 #include "maps.h"
 #include "parse.h"
+#include "vip.h"
 #include "jhash.h"
 #include "csum.h"
 #include "encap.h"
@@ -157,22 +158,39 @@ int bench_plain(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* The encapsulation floors' constant backend and settings. */
+static __always_inline void floor_setup(struct l4lb_backend *backend, struct l4lb_config *config)
+{
+	const __u8 mac[ETH_ALEN] = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x01 };
+	__be32 src = bpf_htonl(BENCH_FLOOR_SRC), dst = bpf_htonl(BENCH_FLOOR_DST);
+
+	__builtin_memset(backend, 0, sizeof(*backend));
+	__builtin_memset(config, 0, sizeof(*config));
+	__builtin_memcpy(backend->addr, &dst, 4);
+	__builtin_memcpy(backend->mac, mac, ETH_ALEN);
+	backend->family = L4LB_FAMILY_IPV4;
+	backend->flags = L4LB_BACKEND_ACTIVE;
+	__builtin_memcpy(config->src_v4, &src, 4);
+}
+
 SEC("xdp")
 int bench_encap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct iphdr *ip = data + sizeof(struct ethhdr);
-	struct l4lb_backend backend = {
-		.addr = bpf_htonl(BENCH_FLOOR_DST),
-		.mac = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x01 },
-		.flags = L4LB_BACKEND_ACTIVE,
-	};
+	struct l4lb_backend backend;
+	struct l4lb_config config;
+	struct inner inner = {};
 
 	if ((void *)(ip + 1) > data_end)
 		return XDP_DROP;
-	if (push_ipip(ctx, &backend, bpf_htonl(BENCH_FLOOR_SRC), ip->tos, ip->frag_off & bpf_htons(IPV4_DF),
-		      bpf_ntohs(ip->tot_len)))
+	floor_setup(&backend, &config);
+	inner.l3_len = bpf_ntohs(ip->tot_len);
+	inner.tos = ip->tos;
+	inner.df = ip->frag_off & bpf_htons(IPV4_DF);
+	inner.proto = L4LB_IPPROTO_IPIP;
+	if (push_ipv4(ctx, &backend, &config, &inner))
 		return XDP_DROP;
 	count_one(&bench_floor_cnt);
 	return XDP_TX;
@@ -197,16 +215,16 @@ int bench_empty(struct xdp_md *ctx)
  *
  * variant(ctx, what) is the encapsulation floor with the stages of
  * l4lb_balance (l4lb_xdp.bpf.c) that `what` selects; with every stage it is
- * l4lb_balance's work, done in the same order with the same headers.
+ * l4lb_balance's work on IPv4, done in the same order with the same headers.
  */
-#define V_PARSE 0x1        /* parse_ipv4(): every check, the 5-tuple */
-#define V_SELECT 0x2       /* config lookup, jhash, slot and backend lookups, MTU check */
+#define V_PARSE 0x1        /* parse_packet(): every check, the 5-tuple */
+#define V_SELECT 0x2       /* config lookup, VIP lookup, service, jhash, table and backend lookups, MTU check */
 #define V_COUNT 0x4        /* rx and tx counters in l4lb_counters */
-#define V_BE_STATS 0x8     /* per-backend packets and bytes in l4lb_be_stats */
+#define V_BE_STATS 0x8     /* per-backend and per-service packets and bytes */
 #define V_PLAIN_ADD 0x10   /* counters with plain adds instead of atomic adds */
-#define V_SMALL_TABLE 0x20 /* slot = hash & 255: 1 KiB of the table, stays in L1 */
-#define V_TABLE_4K 0x40    /* slot = hash & 4095: 16 KiB of the table */
-#define V_TABLE_32K 0x80   /* slot = hash & 32767: 128 KiB, what u16 entries would take */
+#define V_SMALL_TABLE 0x20 /* slot within the table's first 256 entries: 1 KiB, stays in L1 */
+#define V_TABLE_4K 0x40    /* slot within the first 4096 entries: 16 KiB */
+#define V_TABLE_32K 0x80   /* slot within the first 32768 entries: 128 KiB */
 #define V_CHEAP_HASH 0x100 /* two multiplications instead of jhash */
 #define V_L4LB (V_PARSE | V_SELECT | V_COUNT | V_BE_STATS)
 
@@ -226,71 +244,84 @@ static __always_inline void v_count(__u32 which, const __u32 what)
 		v_add(value, 1, what);
 }
 
+static __always_inline void v_traffic(void *map, __u32 index, __u64 bytes, const __u32 what)
+{
+	struct l4lb_traffic *traffic = bpf_map_lookup_elem(map, &index);
+
+	if (traffic) {
+		v_add(&traffic->packets, 1, what);
+		v_add(&traffic->bytes, bytes, what);
+	}
+}
+
 static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct l4lb_backend floor_backend = {
-		.addr = bpf_htonl(BENCH_FLOOR_DST),
-		.mac = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x01 },
-		.flags = L4LB_BACKEND_ACTIVE,
-	};
-	struct l4lb_backend *backend = &floor_backend;
+	struct l4lb_backend floor_backend, *backend = &floor_backend;
+	struct l4lb_config floor_config, *config = &floor_config;
 	struct iphdr *ip = data + sizeof(struct ethhdr);
-	__be32 src_addr = bpf_htonl(BENCH_FLOOR_SRC);
-	struct l4lb_config *config;
-	struct flow flow = {};
-	__u32 zero = 0, slot, number = 0, *slot_value;
-	__u16 tot_len;
+	struct l4lb_service *service;
+	struct packet pkt = {};
+	struct inner inner = {};
+	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value;
+	__u64 bytes;
 
+	floor_setup(&floor_backend, &floor_config);
 	if (what & V_COUNT)
 		v_count(L4LB_CNT_RX, what);
 	if (what & V_PARSE) {
-		if (parse_ipv4(data, data_end, &flow, &ip) != PARSE_BALANCE || !ip)
+		if (parse_packet(data, data_end, &pkt) != PARSE_BALANCE || pkt.vip.family != L4LB_FAMILY_IPV4)
 			return XDP_DROP;
-	} else if ((void *)(ip + 1) > data_end) {
-		return XDP_DROP;
+	} else {
+		if ((void *)(ip + 1) > data_end)
+			return XDP_DROP;
+		pkt.l3_len = bpf_ntohs(ip->tot_len);
+		pkt.tos = ip->tos;
+		pkt.df = ip->frag_off & bpf_htons(IPV4_DF);
 	}
-	tot_len = bpf_ntohs(ip->tot_len);
 	if (what & V_SELECT) {
 		config = bpf_map_lookup_elem(&l4lb_config, &zero);
-		if (!config)
+		if (!config || !find_service(config, &pkt.vip, &service_number))
+			return XDP_DROP;
+		service = bpf_map_lookup_elem(&l4lb_services, &service_number);
+		if (!service || !(service->flags & L4LB_SERVICE_ACTIVE))
 			return XDP_DROP;
 		if (what & V_CHEAP_HASH) {
-			slot = (flow.saddr ^ config->hash_seed) * 0x9e3779b1U ^ flow.daddr;
-			slot = (slot ^ flow.ports ^ flow.proto) * 0x85ebca6bU;
-			slot ^= slot >> 16;
+			hash = (pkt.saddr ^ config->hash_seed) * 0x9e3779b1U ^ pkt.daddr;
+			hash = (hash ^ pkt.ports ^ pkt.vip.proto) * 0x85ebca6bU;
+			hash ^= hash >> 16;
 		} else {
-			slot = jhash_4words(flow.saddr, flow.daddr, flow.ports, flow.proto, config->hash_seed);
+			hash = jhash_4words(pkt.saddr, pkt.daddr, pkt.ports, pkt.vip.proto, config->hash_seed);
 		}
+		slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
 		if (what & V_SMALL_TABLE)
 			slot &= 0xff;
 		else if (what & V_TABLE_4K)
 			slot &= 0xfff;
 		else if (what & V_TABLE_32K)
 			slot &= 0x7fff;
-		else
-			slot &= L4LB_TABLE_MASK;
-		slot_value = bpf_map_lookup_elem(&l4lb_slots, &slot);
+		index = service_number * L4LB_MAGLEV_SIZE + slot;
+		slot_value = bpf_map_lookup_elem(&l4lb_tables, &index);
 		if (!slot_value)
 			return XDP_DROP;
 		number = *slot_value;
 		backend = bpf_map_lookup_elem(&l4lb_backends, &number);
-		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
+		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE) || backend->family != L4LB_FAMILY_IPV4)
 			return XDP_DROP;
-		src_addr = config->src_addr;
-		if (config->mtu && tot_len + L4LB_IPIP_OVERHEAD > config->mtu)
+		if (config->mtu && pkt.l3_len + L4LB_IPIP_OVERHEAD > config->mtu)
 			return XDP_DROP;
 	}
-	if (push_ipip(ctx, backend, src_addr, ip->tos, ip->frag_off & bpf_htons(IPV4_DF), tot_len))
+	inner.l3_len = pkt.l3_len;
+	inner.tos = pkt.tos;
+	inner.df = pkt.df;
+	inner.proto = L4LB_IPPROTO_IPIP;
+	if (push_ipv4(ctx, backend, config, &inner))
 		return XDP_DROP;
 	if (what & V_BE_STATS) {
-		struct l4lb_backend_stats *stats = bpf_map_lookup_elem(&l4lb_be_stats, &number);
-
-		if (stats) {
-			v_add(&stats->packets, 1, what);
-			v_add(&stats->bytes, (long)ctx->data_end - (long)ctx->data, what);
-		}
+		bytes = (long)ctx->data_end - (long)ctx->data;
+		v_traffic(&l4lb_be_stats, number, bytes, what);
+		v_traffic(&l4lb_svc_stats, service_number, bytes, what);
 	}
 	if (what & V_COUNT)
 		v_count(L4LB_CNT_TX, what);

@@ -22,12 +22,14 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "l4lb.h"
 #include "parse.h"
+#include "ipv6.h"
 
-/* The backend's own addresses: IPIP is stripped only for these, so a host
+/* The backend's own addresses: IP-in-IP is stripped only for these, so a host
  * that also forwards or runs tunnels of its own keeps them untouched. A hash
  * map: the set is small and sparse; the value is reserved (0).
  */
@@ -94,89 +96,3 @@ static __always_inline enum l4lb_decap_counter fault_counter(enum ipv4_fault fau
 	}
 }
 
-/* Removes outer_len bytes behind the Ethernet header: the Ethernet header is
- * saved, the frame's start moves forward over the outer header, and the
- * header is written back in front of the inner packet. Its MACs are the ones
- * the frame arrived with and its EtherType stays IPv4 (the inner packet is
- * IPv4). Returns 0, or -1 when the head cannot move.
- */
-static __always_inline int strip_outer(struct xdp_md *ctx, const struct ethhdr *eth, __u32 outer_len)
-{
-	struct ethhdr saved;
-	void *data, *data_end;
-
-	__builtin_memcpy(&saved, eth, sizeof(saved));
-	if (bpf_xdp_adjust_head(ctx, outer_len))
-		return -1;
-	/* adjust_head invalidates every packet pointer: bound the new start again. */
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	if (data + sizeof(saved) > data_end)
-		return -1;
-	__builtin_memcpy(data, &saved, sizeof(saved));
-	return 0;
-}
-
-SEC("xdp")
-int l4lb_decap(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *outer = data + sizeof(*eth);
-	struct iphdr *inner;
-	__u32 outer_len, outer_tot_len, inner_len, inner_tot_len, room;
-	enum ipv4_fault fault;
-
-	count(L4LB_DECAP_CNT_SEEN);
-	/* Identifying a frame takes its Ethernet header and the fixed part of
-	 * an IPv4 header (protocol, destination). Shorter frames cannot be
-	 * IPIP for us: they are the stack's business, like every non-IPv4
-	 * frame. (An IPv6 outer header would be a branch on ETH_P_IPV6 here.)
-	 */
-	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return finish(L4LB_DECAP_CNT_PASSED, XDP_PASS);
-	/* Someone else's tunnel or plain traffic: not ours to touch.
-	 * (IPv6-in-IPv4, protocol 41, would be let in here too, with its own
-	 * inner check below instead of the IPv4 one.)
-	 */
-	if (outer->protocol != L4LB_IPPROTO_IPIP || !is_local_ipv4(outer->daddr))
-		return finish(L4LB_DECAP_CNT_PASSED, XDP_PASS);
-
-	/* From here on the frame is IPIP for this backend: anything wrong with
-	 * it is dropped and named.
-	 */
-	fault = ipv4_check(outer, data_end, IPV4_MAX_TOT_LEN, &outer_len, &outer_tot_len);
-	if (fault != IPV4_OK)
-		return finish(fault_counter(fault, 0), XDP_DROP);
-	/* A fragment carries part of the inner packet only, and XDP sees one
-	 * frame at a time. The balancer never fragments (it drops what would
-	 * exceed the MTU), so these come from elsewhere.
-	 */
-	if (outer->frag_off & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK))
-		return finish(L4LB_DECAP_CNT_DROP_FRAGMENT, XDP_DROP);
-
-	/* The inner header must lie whole inside the outer packet (room), not
-	 * only inside the frame: bytes behind tot_len are Ethernet padding.
-	 * The data_end bound is the one the verifier needs to read it.
-	 */
-	inner = (void *)outer + outer_len;
-	room = outer_tot_len - outer_len;
-	if ((void *)(inner + 1) > data_end || room < sizeof(*inner))
-		return finish(L4LB_DECAP_CNT_DROP_SHORT_INNER, XDP_DROP);
-	fault = ipv4_check(inner, data_end, room, &inner_len, &inner_tot_len);
-	if (fault != IPV4_OK)
-		return finish(fault_counter(fault, 1), XDP_DROP);
-
-	/* The outer checksum is not verified: the frame check sequence has
-	 * covered the frame on the wire, and the stack checks the inner
-	 * header's checksum, the one the client's packet depends on.
-	 * Bytes behind the inner packet (padding) are trimmed by the stack
-	 * from the inner tot_len.
-	 */
-	if (strip_outer(ctx, eth, outer_len))
-		return finish(L4LB_DECAP_CNT_DROP_DECAP_FAILED, XDP_DROP);
-	return finish(L4LB_DECAP_CNT_DECAPSULATED, XDP_PASS);
-}
-
-char LICENSE[] SEC("license") = "GPL";

@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0
 /* l4lb: XDP layer-4 load balancer, direct server return over IP-in-IP.
  *
- * For each IPv4 TCP/UDP frame: hash the 5-tuple with the configured seed, take
- * the lookup-table slot it falls in, push an outer IPv4 header addressed to
- * that slot's destination and send the frame back out (XDP_TX). Everything
- * else goes to the stack; malformed frames are dropped. Every frame is counted
- * once as seen and once by its outcome.
+ * For each IPv4 or IPv6 TCP/UDP frame: find its service (a VIP by address,
+ * protocol and port, else the catch-all, else the stack), hash the flow with
+ * the configured seed, take the slot it falls in in the service's Maglev
+ * table, push an outer header addressed to that slot's backend (IPv4 or IPv6,
+ * by the backend's family) and send the frame back out (XDP_TX). Everything
+ * else goes to the stack; malformed frames are dropped. Every frame is
+ * counted once as seen and once by its outcome.
  *
  * Loads through the Rust host's skeleton, through iproute2
  * (`ip link set dev DEV xdpdrv obj l4lb_xdp.o sec xdp`) and offloaded:
  * ARRAY maps only, no global variables, atomic adds only, no helper outside
- * the offload list, no subprogram calls.
+ * the offload list, no subprogram calls, no division.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -18,27 +20,9 @@
 #include "maps.h"
 #include "counters.h"
 #include "parse.h"
+#include "vip.h"
 #include "jhash.h"
 #include "encap.h"
-
-/* Finds the destination of a flow; returns its number, or L4LB_SLOT_EMPTY. */
-static __always_inline __u32 select_backend(const struct flow *flow, __u32 seed,
-					    struct l4lb_backend **backend_out)
-{
-	__u32 slot = jhash_4words(flow->saddr, flow->daddr, flow->ports, flow->proto, seed) &
-		     L4LB_TABLE_MASK;
-	struct l4lb_backend *backend;
-	__u32 *number;
-
-	number = bpf_map_lookup_elem(&l4lb_slots, &slot);
-	if (!number)
-		return L4LB_SLOT_EMPTY;
-	backend = bpf_map_lookup_elem(&l4lb_backends, number);
-	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
-		return L4LB_SLOT_EMPTY;
-	*backend_out = backend;
-	return *number;
-}
 
 static __always_inline int finish(enum l4lb_counter outcome, int action)
 {
@@ -46,42 +30,105 @@ static __always_inline int finish(enum l4lb_counter outcome, int action)
 	return action;
 }
 
+/* The flow's hash. TCP always hashes its ports; UDP unless the service says
+ * otherwise (then all of a client's datagrams go to one backend); fragments
+ * never (only the first one carries ports).
+ */
+static __always_inline __u32 flow_hash(const struct packet *pkt, const struct l4lb_service *service,
+				       __u32 seed)
+{
+	__u32 ports = pkt->ports;
+
+	if (pkt->vip.proto == IPPROTO_UDP && !(service->flags & L4LB_SERVICE_HASH_PORTS))
+		ports = 0;
+	return jhash_4words(pkt->saddr, pkt->daddr, ports, pkt->vip.proto, seed);
+}
+
+/* The backend in the flow's slot of the service's table: (hash * SIZE) >> 32
+ * spreads the hash over the slots like a modulo, without a division.
+ */
+static __always_inline struct l4lb_backend *select_backend(__u32 service, __u32 hash, __u32 *number_out)
+{
+	__u32 slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
+	__u32 index = service * L4LB_MAGLEV_SIZE + slot;
+	struct l4lb_backend *backend;
+	__u32 *number;
+
+	number = bpf_map_lookup_elem(&l4lb_tables, &index);
+	if (!number)
+		return NULL;
+	backend = bpf_map_lookup_elem(&l4lb_backends, number);
+	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
+		return NULL;
+	*number_out = *number;
+	return backend;
+}
+
 SEC("xdp")
 int l4lb_balance(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct l4lb_backend *backend = NULL;
+	struct l4lb_service *service;
+	struct l4lb_backend *backend;
 	struct l4lb_config *config;
-	struct iphdr *ip = NULL;
-	struct flow flow;
-	__u32 zero = 0, number, outcome;
-	__u16 tot_len;
+	struct packet pkt;
+	struct inner inner;
+	__u32 zero = 0, outcome, service_number, number = 0, hash, overhead;
+	__u64 bytes;
+	int err;
 
 	count(L4LB_CNT_RX);
-	outcome = parse_ipv4(data, data_end, &flow, &ip);
+	outcome = parse_packet(data, data_end, &pkt);
 	if (outcome == L4LB_CNT_PASS)
 		return finish(L4LB_CNT_PASS, XDP_PASS);
-	if (outcome != PARSE_BALANCE || !ip)
+	if (outcome != PARSE_BALANCE)
 		return finish(outcome, XDP_DROP);
 
 	config = bpf_map_lookup_elem(&l4lb_config, &zero);
-	if (!config)
+	if (!config || !find_service(config, &pkt.vip, &service_number))
+		return finish(L4LB_CNT_PASS_NO_SERVICE, XDP_PASS);
+	/* Out of range numbers find no entry: service_number < MAX_SERVICES below. */
+	service = bpf_map_lookup_elem(&l4lb_services, &service_number);
+	if (!service || !(service->flags & L4LB_SERVICE_ACTIVE))
 		return finish(L4LB_CNT_DROP_NO_BACKEND, XDP_DROP);
-	number = select_backend(&flow, config->hash_seed, &backend);
-	if (number == L4LB_SLOT_EMPTY || !backend)
+	/* Only a catch-all with IPv4 backends has this: it cannot carry IPv6. */
+	if (pkt.vip.family == L4LB_FAMILY_IPV6 && (service->flags & L4LB_SERVICE_IPV4_BACKENDS))
+		return finish(L4LB_CNT_PASS_NO_SERVICE, XDP_PASS);
+
+	hash = flow_hash(&pkt, service, config->hash_seed);
+	backend = select_backend(service_number, hash, &number);
+	if (!backend)
 		return finish(L4LB_CNT_DROP_NO_BACKEND, XDP_DROP);
 
-	/* mtu 0: not configured yet, no limit to enforce. */
-	tot_len = bpf_ntohs(ip->tot_len);
-	if (config->mtu && tot_len + L4LB_IPIP_OVERHEAD > config->mtu)
+	inner.l3_len = pkt.l3_len;
+	inner.tos = pkt.tos;
+	inner.df = pkt.df;
+	inner.flow_label = hash;
+	if (backend->family == L4LB_FAMILY_IPV6) {
+		overhead = L4LB_IP6_OVERHEAD;
+		inner.proto = pkt.vip.family == L4LB_FAMILY_IPV4 ? L4LB_IPPROTO_IPIP : L4LB_IPPROTO_IPV6;
+	} else if (backend->family == L4LB_FAMILY_IPV4 && pkt.vip.family == L4LB_FAMILY_IPV4) {
+		overhead = L4LB_IPIP_OVERHEAD;
+		inner.proto = L4LB_IPPROTO_IPIP;
+	} else {
+		/* IPv6 in IPv4 is not offered: the host never configures it. */
+		return finish(L4LB_CNT_DROP_NO_BACKEND, XDP_DROP);
+	}
+	/* mtu 0: not configured, no limit to enforce. */
+	if (config->mtu && pkt.l3_len + overhead > config->mtu)
 		return finish(L4LB_CNT_DROP_TOO_BIG, XDP_DROP);
 
-	if (push_ipip(ctx, backend, config->src_addr, ip->tos, ip->frag_off & bpf_htons(IPV4_DF),
-		      tot_len))
+	if (overhead == L4LB_IP6_OVERHEAD)
+		err = push_ipv6(ctx, backend, config, &inner);
+	else
+		err = push_ipv4(ctx, backend, config, &inner);
+	if (err)
 		return finish(L4LB_CNT_DROP_ENCAP_FAILED, XDP_DROP);
 
-	count_backend(number, (long)ctx->data_end - (long)ctx->data);
+	bytes = (long)ctx->data_end - (long)ctx->data;
+	count_traffic(&l4lb_be_stats, number, bytes);
+	count_traffic(&l4lb_svc_stats, service_number, bytes);
 	return finish(L4LB_CNT_TX, XDP_TX);
 }
 

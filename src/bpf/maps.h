@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* The datapath's maps. Only ARRAY maps with flags 0: the subset that XDP
- * hardware offload (NFP) accepts. The host may switch the two counter maps to
- * per-CPU arrays before loading in driver or generic mode, so that counters
- * do not bounce cache lines between CPUs; the source stays the same.
+ * hardware offload (NFP) accepts. The host may switch the three traffic and
+ * counter maps to per-CPU arrays before loading in driver or generic mode, so
+ * that counters do not bounce cache lines between CPUs; the source stays the
+ * same. Layouts and sizes: include/l4lb.h.
  */
 #ifndef L4LB_MAPS_H
 #define L4LB_MAPS_H
@@ -19,7 +20,33 @@ struct {
 	__type(value, struct l4lb_config);
 } l4lb_config SEC(".maps");
 
-/* Destinations, indexed by backend number. */
+/* VIPs, direct-mapped by a hash of their key (vip.h); the host places them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_VIP_SLOTS);
+	__type(key, __u32);
+	__type(value, struct l4lb_vip);
+} l4lb_vips SEC(".maps");
+
+/* Services, indexed by service number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct l4lb_service);
+} l4lb_services SEC(".maps");
+
+/* Every service's Maglev table, one after the other:
+ * service * L4LB_MAGLEV_SIZE + slot -> backend number.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_MAX_SERVICES * L4LB_MAGLEV_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+} l4lb_tables SEC(".maps");
+
+/* Backends, indexed by backend number. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, L4LB_MAX_BACKENDS);
@@ -27,21 +54,21 @@ struct {
 	__type(value, struct l4lb_backend);
 } l4lb_backends SEC(".maps");
 
-/* Lookup table: slot (hash & L4LB_TABLE_MASK) -> backend number. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, L4LB_TABLE_SIZE);
-	__type(key, __u32);
-	__type(value, __u32);
-} l4lb_slots SEC(".maps");
-
-/* Per-destination packets and bytes, same index as l4lb_backends. */
+/* Per-backend packets and bytes sent, same index as l4lb_backends. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, L4LB_MAX_BACKENDS);
 	__type(key, __u32);
-	__type(value, struct l4lb_backend_stats);
+	__type(value, struct l4lb_traffic);
 } l4lb_be_stats SEC(".maps");
+
+/* Per-service packets and bytes sent, same index as l4lb_services. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct l4lb_traffic);
+} l4lb_svc_stats SEC(".maps");
 
 /* Global counters, indexed by enum l4lb_counter. */
 struct {

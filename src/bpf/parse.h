@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Header parsing: Ethernet -> IPv4 -> TCP/UDP ports, every bound checked once
- * before the bytes behind it are read. ipv4_check() is shared with the
+/* Header parsing: Ethernet -> IPv4 or IPv6 (extension headers skipped) ->
+ * TCP/UDP ports, every bound checked once before the bytes behind it are
+ * read. ipv4_check() is shared with the
  * backend's decapsulation (l4lb_decap.bpf.c), which checks an outer and an
  * inner header with it.
  */
@@ -11,9 +12,11 @@
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <bpf/bpf_endian.h>
 #include "l4lb.h"
 
+#define IPV4_DF 0x4000
 #define IPV4_MF 0x2000
 #define IPV4_OFFSET_MASK 0x1fff
 #define IPV4_MAX_TOT_LEN 0xffff
@@ -56,38 +59,85 @@ static __always_inline enum ipv4_fault ipv4_check(const struct iphdr *ip, void *
 	return IPV4_OK;
 }
 
-/* What the balancer hashes. Fields hold the bytes as they are on the wire,
- * loaded as host-order words (the host's model of the hash does the same).
+/* What the balancer needs from a client's packet, read before the outer
+ * header moves the head. Address and port words hold the bytes as they are
+ * on the wire, loaded as host-order words (the host's model of the hash,
+ * src/flow_hash.rs, does the same).
  */
-struct flow {
-	__u32 saddr;
-	__u32 daddr;
-	__u32 ports;  /* source and destination port, one word; 0 for fragments */
-	__u32 proto;
+struct packet {
+	struct l4lb_vip_key vip;  /* destination address, family, protocol, port */
+	__u32 saddr;              /* source address word (IPv6: the XOR of its four words) */
+	__u32 daddr;              /* destination address word, likewise */
+	__u32 ports;              /* source and destination port, one word; 0 for fragments */
+	__u32 l3_len;             /* the client's packet: IPv4 tot_len, or 40 + IPv6 payload length */
+	__u8 tos;                 /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
+	__u8 fragment;            /* 1 for any fragment of a datagram */
+	__be16 df;                /* IPv4 DF bit as on the wire (network order); 0 for IPv6 */
 };
 
-/* parse_ipv4() returns this when the frame is to be balanced; any other value
- * is the counter of the final verdict (PASS or a DROP_* reason).
+/* parse_packet() returns this when the frame is to be balanced; any other
+ * value is the counter of the final verdict (PASS or a DROP_* reason).
  */
 #define PARSE_BALANCE L4LB_CNT_MAX
 
-/* Fills *flow and *ip_out for an IPv4 TCP/UDP frame that is whole up to its
- * ports. IPv4 options are skipped, not refused. Fragments are balanced on
- * addresses and protocol alone: only the first fragment carries the ports, and
- * every fragment of a datagram must reach the same destination.
- */
-static __always_inline __u32 parse_ipv4(void *data, void *data_end, struct flow *flow,
-					struct iphdr **ip_out)
-{
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + sizeof(*eth);
-	__u32 ihl_bytes, tot_len;
-	__u32 *ports;
+#define IPV6_FRAG_OFFSET_MF 0xfff9  /* fragment offset and M bit of frag_off */
+#define IPV6_HDR_LEN 40
 
-	if ((void *)(eth + 1) > data_end)
-		return L4LB_CNT_DROP_SHORT_ETH;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return L4LB_CNT_PASS;
+struct ipv6_header {
+	__be32 vtc_flow;          /* version 4 bits, traffic class 8, flow label 20 */
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* The common start of hop-by-hop, routing and destination options headers. */
+struct ipv6_ext_header {
+	__u8 nexthdr;
+	__u8 len;                 /* in 8-byte units, not counting the first 8 bytes */
+};
+
+struct ipv6_frag_header {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;          /* offset << 3 | M bit */
+	__be32 id;
+};
+
+static __always_inline __u32 words_xor(const __u8 *addr)
+{
+	const __u32 *word = (const __u32 *)addr;
+
+	return word[0] ^ word[1] ^ word[2] ^ word[3];
+}
+
+/* Reads the ports at l4 unless the packet is a fragment. They must lie inside
+ * the datagram (l3_end), not only inside the frame.
+ */
+static __always_inline __u32 read_ports(struct packet *pkt, void *l4, void *l3_end, void *data_end)
+{
+	__u32 *ports = l4;
+
+	pkt->ports = 0;
+	pkt->vip.port = 0;
+	if (pkt->fragment)
+		return PARSE_BALANCE;
+	if ((void *)(ports + 1) > data_end || (void *)(ports + 1) > l3_end)
+		return L4LB_CNT_DROP_SHORT_L4;
+	pkt->ports = *ports;
+	pkt->vip.port = ((__be16 *)ports)[1];
+	return PARSE_BALANCE;
+}
+
+/* IPv4: options are skipped, not refused. Fragments are balanced on
+ * addresses and protocol alone: only the first fragment carries the ports,
+ * and every fragment of a datagram must reach the same backend.
+ */
+static __always_inline __u32 parse_ipv4(struct iphdr *ip, void *data_end, struct packet *pkt)
+{
+	__u32 ihl_bytes, tot_len;
+
 	if ((void *)(ip + 1) > data_end)
 		return L4LB_CNT_DROP_SHORT_IPV4;
 	switch (ipv4_check(ip, data_end, IPV4_MAX_TOT_LEN, &ihl_bytes, &tot_len)) {
@@ -105,19 +155,100 @@ static __always_inline __u32 parse_ipv4(void *data, void *data_end, struct flow 
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return L4LB_CNT_PASS;
 
-	flow->saddr = ip->saddr;
-	flow->daddr = ip->daddr;
-	flow->proto = ip->protocol;
-	flow->ports = 0;
-	if (!(ip->frag_off & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK))) {
-		ports = (void *)ip + ihl_bytes;
-		/* The ports must lie inside the datagram, not only the frame. */
-		if ((void *)(ports + 1) > data_end || ihl_bytes + sizeof(*ports) > tot_len)
-			return L4LB_CNT_DROP_SHORT_L4;
-		flow->ports = *ports;
+	__builtin_memset(&pkt->vip, 0, sizeof(pkt->vip));
+	__builtin_memcpy(pkt->vip.addr, &ip->daddr, 4);
+	pkt->vip.family = L4LB_FAMILY_IPV4;
+	pkt->vip.proto = ip->protocol;
+	pkt->saddr = ip->saddr;
+	pkt->daddr = ip->daddr;
+	pkt->l3_len = tot_len;
+	pkt->tos = ip->tos;
+	pkt->df = ip->frag_off & bpf_htons(IPV4_DF);
+	pkt->fragment = !!(ip->frag_off & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK));
+	return read_ports(pkt, (void *)ip + ihl_bytes, (void *)ip + tot_len, data_end);
+}
+
+/* IPv6: up to L4LB_MAX_EXT_HEADERS extension headers (hop-by-hop, routing,
+ * destination options, fragment) are skipped on the way to TCP or UDP. A
+ * fragment header's next header is the upper protocol for every fragment,
+ * so all fragments of a datagram hash alike (ports 0). An atomic fragment
+ * (offset 0, no M bit) is a whole packet and keeps its ports.
+ */
+static __always_inline __u32 parse_ipv6(struct ipv6_header *ip6, void *data_end, struct packet *pkt)
+{
+	struct ipv6_ext_header *ext;
+	struct ipv6_frag_header *frag;
+	void *cursor, *l3_end;
+	__u32 payload_len;
+	__u8 nexthdr;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return L4LB_CNT_DROP_SHORT_IPV6;
+	if ((ip6->vtc_flow & bpf_htonl(0xf0000000)) != bpf_htonl(0x60000000))
+		return L4LB_CNT_DROP_BAD_VERSION;
+	/* 0 would announce a jumbogram, which no XDP frame can hold. */
+	payload_len = bpf_ntohs(ip6->payload_len);
+	l3_end = (void *)(ip6 + 1) + payload_len;
+	if (payload_len == 0 || l3_end > data_end)
+		return L4LB_CNT_DROP_BAD_PAYLOAD_LEN;
+
+	pkt->fragment = 0;
+	nexthdr = ip6->nexthdr;
+	cursor = ip6 + 1;
+#pragma clang loop unroll(full)
+	for (int i = 0; i < L4LB_MAX_EXT_HEADERS; i++) {
+		if (nexthdr == IPPROTO_TCP || nexthdr == IPPROTO_UDP)
+			break;
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			frag = cursor;
+			if ((void *)(frag + 1) > data_end || (void *)(frag + 1) > l3_end)
+				return L4LB_CNT_DROP_SHORT_IPV6;
+			nexthdr = frag->nexthdr;
+			pkt->fragment |= !!(frag->frag_off & bpf_htons(IPV6_FRAG_OFFSET_MF));
+			cursor = frag + 1;
+		} else if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+			   nexthdr == IPPROTO_DSTOPTS) {
+			ext = cursor;
+			if ((void *)(ext + 1) > data_end)
+				return L4LB_CNT_DROP_SHORT_IPV6;
+			nexthdr = ext->nexthdr;
+			cursor += (ext->len + 1) * 8;
+			if (cursor > l3_end)
+				return L4LB_CNT_DROP_SHORT_IPV6;
+		} else {
+			return L4LB_CNT_PASS;
+		}
 	}
-	*ip_out = ip;
-	return PARSE_BALANCE;
+	if (nexthdr != IPPROTO_TCP && nexthdr != IPPROTO_UDP) {
+		if (nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_HOPOPTS ||
+		    nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS)
+			return L4LB_CNT_DROP_EXT_HEADERS;
+		return L4LB_CNT_PASS;
+	}
+
+	__builtin_memcpy(pkt->vip.addr, ip6->daddr, 16);
+	pkt->vip.family = L4LB_FAMILY_IPV6;
+	pkt->vip.proto = nexthdr;
+	pkt->saddr = words_xor(ip6->saddr);
+	pkt->daddr = words_xor(ip6->daddr);
+	pkt->l3_len = IPV6_HDR_LEN + payload_len;
+	pkt->tos = bpf_ntohl(ip6->vtc_flow) >> 20;
+	pkt->df = 0;
+	return read_ports(pkt, cursor, l3_end, data_end);
+}
+
+/* Fills *pkt for an IPv4 or IPv6 TCP/UDP frame that is whole up to its ports. */
+static __always_inline __u32 parse_packet(void *data, void *data_end, struct packet *pkt)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return L4LB_CNT_DROP_SHORT_ETH;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4((void *)(eth + 1), data_end, pkt);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6((void *)(eth + 1), data_end, pkt);
+	return L4LB_CNT_PASS;
 }
 
 #endif /* L4LB_PARSE_H */

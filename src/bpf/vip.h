@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Finding a packet's service. VIPs live in a direct-mapped array rather than
+ * a hash map: on these machines a HASH lookup costs about 25 ns, an ARRAY
+ * lookup (inlined by the verifier) 1 to 2 ns. The host places each VIP at
+ * most vip_probes - 1 entries after its home entry (the same hash, modelled
+ * in src/flow_hash.rs) and the key is checked in the value.
+ */
+#ifndef L4LB_VIP_H
+#define L4LB_VIP_H
+
+#include "maps.h"
+
+/* The key's five words, folded, spread by a multiplicative hash. */
+static __always_inline __u32 vip_home(const struct l4lb_vip_key *key)
+{
+	const __u32 *word = (const __u32 *)key;
+	__u32 fold = word[0] ^ word[1] ^ word[2] ^ word[3] ^ word[4];
+
+	return (fold * L4LB_VIP_HASH_MUL) >> (32 - L4LB_VIP_BITS);
+}
+
+static __always_inline int vip_key_equal(const struct l4lb_vip_key *a, const struct l4lb_vip_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+
+static __always_inline struct l4lb_vip *vip_lookup(const struct l4lb_vip_key *key, __u32 probes)
+{
+	struct l4lb_vip *vip, *found = NULL;
+	__u32 home = vip_home(key), index;
+
+	/* One exit only, so that clang unrolls it; the checks after a hit or
+	 * past `probes` are a compare and a branch each.
+	 */
+#pragma clang loop unroll(full)
+	for (__u32 i = 0; i < L4LB_VIP_MAX_PROBES; i++) {
+		if (found || i >= probes)
+			continue;
+		index = (home + i) & L4LB_VIP_MASK;
+		vip = bpf_map_lookup_elem(&l4lb_vips, &index);
+		if (vip && vip_key_equal(&vip->key, key))
+			found = vip;
+	}
+	return found;
+}
+
+/* The service number for a packet's VIP key: the VIP with its port, then one
+ * that takes every port of the address, then the catch-all. Returns 0 when
+ * no service takes the packet.
+ */
+static __always_inline int find_service(const struct l4lb_config *config, struct l4lb_vip_key *key,
+					__u32 *number)
+{
+	struct l4lb_vip *vip = vip_lookup(key, config->vip_probes);
+
+	if (!vip && key->port && (config->flags & L4LB_CONFIG_ANY_PORT)) {
+		key->port = 0;
+		vip = vip_lookup(key, config->vip_probes);
+	}
+	if (vip) {
+		*number = vip->service;
+		return 1;
+	}
+	if (config->flags & L4LB_CONFIG_CATCH_ALL) {
+		*number = config->catch_all;
+		return 1;
+	}
+	return 0;
+}
+
+#endif /* L4LB_VIP_H */

@@ -1,0 +1,63 @@
+//! The balancer's running state as read back from its maps: services with
+//! their backend entries and Maglev tables, and the global settings. Plain
+//! data: `maps` fills it, `apply` plans against it, `stats` and `status`
+//! render it.
+
+use crate::config::{self, Backend, Global, ServiceKey};
+
+/// One backend entry of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningBackend {
+    /// Index in l4lb_backends (and l4lb_be_stats).
+    pub number: u32,
+    pub backend: Backend,
+}
+
+/// One service as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningService {
+    /// Index in l4lb_services (and l4lb_svc_stats); its table is
+    /// l4lb_tables[number * MAGLEV_SIZE ..][.. MAGLEV_SIZE].
+    pub number: u32,
+    pub key: ServiceKey,
+    pub hash_ports: bool,
+    /// Sorted by address.
+    pub backends: Vec<RunningBackend>,
+    /// MAGLEV_SIZE backend numbers (or SLOT_EMPTY).
+    pub table: Vec<u32>,
+}
+
+/// Everything `l4lb config` prints and `l4lb apply` plans against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Running {
+    /// hash_seed is Some once a seed has been chosen (random or fixed).
+    pub global: Global,
+    /// Whether the seed was given by the operator (else random).
+    pub seed_fixed: bool,
+    /// Largest L3 packet after encapsulation; 0 = no limit.
+    pub mtu: u32,
+    /// In canonical order (config::ServiceKey's order).
+    pub services: Vec<RunningService>,
+}
+
+impl Running {
+    /// The running configuration as a model (what `l4lb config` prints).
+    pub fn model(&self) -> config::Model {
+        config::Model {
+            global: self.global.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|s| config::Service {
+                    key: s.key,
+                    hash_ports: s.hash_ports,
+                    backends: s.backends.iter().map(|b| b.backend).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<&RunningService> {
+        self.services.iter().find(|s| s.key == *key)
+    }
+}
