@@ -29,16 +29,19 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
         let maps = &mut open.maps;
         for map in [
             &mut maps.l4lb_config,
+            &mut maps.l4lb_vips,
+            &mut maps.l4lb_services,
+            &mut maps.l4lb_tables,
             &mut maps.l4lb_backends,
-            &mut maps.l4lb_slots,
             &mut maps.l4lb_be_stats,
+            &mut maps.l4lb_svc_stats,
             &mut maps.l4lb_counters,
         ] {
             map.set_map_ifindex(iface.index);
         }
     } else {
         // Off the NIC, per-CPU counters keep CPUs from bouncing cache lines.
-        for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats] {
+        for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats, &mut open.maps.l4lb_svc_stats] {
             map.set_type(MapType::PercpuArray).context("switching counters to per-CPU")?;
         }
     }

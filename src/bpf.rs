@@ -25,27 +25,46 @@ pub use consts::l4lb_decap_counter as decap_counter;
 pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
 pub use decap_skel::types::l4lb_decap_addr as DecapAddr;
 pub use skel::types::{
-    l4lb_backend as Backend, l4lb_backend_stats as BackendStats, l4lb_config as Config,
+    l4lb_backend as Backend, l4lb_config as Config, l4lb_service as Service, l4lb_traffic as Traffic, l4lb_vip as Vip,
 };
 
 // SAFETY: plain C structs of integers and byte arrays, any bit pattern is valid.
 unsafe impl plain::Plain for Backend {}
-unsafe impl plain::Plain for BackendStats {}
 unsafe impl plain::Plain for Config {}
+unsafe impl plain::Plain for Service {}
+unsafe impl plain::Plain for Traffic {}
+unsafe impl plain::Plain for Vip {}
 unsafe impl plain::Plain for DecapAddr {}
 
 /// The XDP program's name as the kernel reports it.
 pub const PROG_NAME: &str = "l4lb_balance";
+/// The maps of the balancer, as the kernel knows them (src/bpf/maps.h).
 pub const MAP_CONFIG: &str = "l4lb_config";
+pub const MAP_VIPS: &str = "l4lb_vips";
+pub const MAP_SERVICES: &str = "l4lb_services";
+pub const MAP_TABLES: &str = "l4lb_tables";
 pub const MAP_BACKENDS: &str = "l4lb_backends";
-pub const MAP_SLOTS: &str = "l4lb_slots";
 pub const MAP_BACKEND_STATS: &str = "l4lb_be_stats";
+pub const MAP_SERVICE_STATS: &str = "l4lb_svc_stats";
 pub const MAP_COUNTERS: &str = "l4lb_counters";
 
-pub const TABLE_SIZE: usize = consts::L4LB_TABLE_SIZE as usize;
+/// Slots of one service's Maglev table (`maglev::TABLE_SIZE`).
+pub const MAGLEV_SIZE: usize = consts::L4LB_MAGLEV_SIZE as usize;
+pub const MAX_SERVICES: usize = consts::L4LB_MAX_SERVICES as usize;
+/// Backend entries over all services.
 pub const MAX_BACKENDS: usize = consts::L4LB_MAX_BACKENDS as usize;
+/// Backends one service may have.
+pub const MAX_SERVICE_BACKENDS: usize = consts::L4LB_MAX_SERVICE_BACKENDS as usize;
 pub const SLOT_EMPTY: u32 = consts::L4LB_SLOT_EMPTY;
+pub const VIP_SLOTS: usize = consts::L4LB_VIP_SLOTS as usize;
+pub const VIP_BITS: u32 = consts::L4LB_VIP_BITS;
+pub const VIP_MASK: u32 = consts::L4LB_VIP_MASK;
+pub const VIP_MAX_PROBES: u32 = consts::L4LB_VIP_MAX_PROBES;
+pub const VIP_HASH_MUL: u32 = consts::L4LB_VIP_HASH_MUL;
 pub const IPIP_OVERHEAD: u32 = consts::L4LB_IPIP_OVERHEAD;
+pub const IP6_OVERHEAD: u32 = consts::L4LB_IP6_OVERHEAD;
+pub const FAMILY_IPV4: u8 = consts::L4LB_FAMILY_IPV4 as u8;
+pub const FAMILY_IPV6: u8 = consts::L4LB_FAMILY_IPV6 as u8;
 
 /// The bytes of a map value, as the kernel takes them.
 pub fn value_bytes<T: plain::Plain>(value: &T) -> &[u8] {
@@ -58,4 +77,29 @@ pub fn value_from<T: plain::Plain + Default>(bytes: &[u8]) -> Option<T> {
     let mut value = T::default();
     plain::copy_from_bytes(&mut value, bytes).ok()?;
     Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_limits_equal_the_datapath_constants() {
+        assert_eq!(crate::maglev::TABLE_SIZE, MAGLEV_SIZE);
+        assert_eq!(crate::maglev::EMPTY, SLOT_EMPTY);
+        assert_eq!(crate::config::MAX_SERVICES, MAX_SERVICES);
+        assert_eq!(crate::config::MAX_TOTAL_BACKENDS, MAX_BACKENDS);
+        assert_eq!(crate::config::MAX_BACKENDS_PER_SERVICE, MAX_SERVICE_BACKENDS);
+        assert_eq!(VIP_SLOTS, 1 << VIP_BITS);
+        assert_eq!(VIP_MASK as usize, VIP_SLOTS - 1);
+    }
+
+    #[test]
+    fn layouts_are_the_headers() {
+        assert_eq!(size_of::<Vip>(), 24);
+        assert_eq!(size_of::<Service>(), 4);
+        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<Traffic>(), 16);
+        assert_eq!(size_of::<Config>(), 48);
+    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::config::{Protocol, ServiceKey};
 use crate::discover::Mode;
 
 #[derive(Debug, Parser)]
@@ -54,13 +55,16 @@ pub enum Command {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
     },
-    /// Fill the lookup table from a destination file (`IP, MAC` rows)
+    /// Set the backends of the catch-all service (or of one VIP) from a destination file (`IP, MAC` rows)
     Map {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         /// Destination file: one `IP, MAC` row per destination
         #[arg(short, long, value_name = "FILE")]
         file: PathBuf,
+        /// The service to fill: ADDR[:PORT][/tcp|udp] ([ADDR]:PORT for IPv6; port 0 or none = every port, tcp by default) [default: the catch-all]
+        #[arg(long, value_name = "VIP", value_parser = parse_vip)]
+        vip: Option<ServiceKey>,
         /// Outer source address [default: DEV's IPv4 address]
         #[arg(short, long, value_name = "ADDR")]
         source: Option<Ipv4Addr>,
@@ -68,17 +72,36 @@ pub enum Command {
         #[arg(long, value_parser = parse_seed)]
         seed: Option<u32>,
     },
-    /// Show traffic per destination, redrawn every interval
+    /// Program the services of a configuration file (TOML), changing only what differs
+    Apply {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// Configuration file (see README: Configuration)
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the changes, write nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the running configuration as a file `l4lb apply` takes back unchanged
+    Config {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+    },
+    /// Show traffic per service and backend, and the counters, redrawn every interval
     Stats {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         #[command(flatten)]
         sampling: Sampling,
     },
-    /// Show the program, mode, configuration and destinations of an interface
+    /// Show the program, settings, and per service its backends, weights and table slots
     Status {
         #[arg(short, long, value_name = "DEV")]
         interface: String,
+        /// One JSON object
+        #[arg(long)]
+        json: bool,
     },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     Bench {
@@ -134,7 +157,7 @@ pub enum DecapCommand {
         /// Replace an XDP program already attached to DEV
         #[arg(long)]
         force: bool,
-        /// Outer destination addresses to decapsulate for [default: DEV's IPv4 addresses]
+        /// Outer destination addresses to decapsulate for [default: DEV's IPv4 and IPv6 addresses, link-local aside]
         #[arg(long = "addr", value_name = "ADDR", num_args = 1..)]
         addrs: Vec<IpAddr>,
     },
@@ -175,6 +198,40 @@ fn parse_seed(text: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{text}` is not a 32-bit seed (decimal or 0x-prefixed hex)"))
 }
 
+/// `ADDR[:PORT][/tcp|udp]`, `[ADDR6][:PORT][/tcp|udp]` or a bare IPv6
+/// address (with an optional `/tcp|udp`): a VIP service key; port 0 (or
+/// none, or `*`) = every port; tcp by default.
+pub fn parse_vip(text: &str) -> Result<ServiceKey, String> {
+    let bad = |why: &str| format!("`{text}` is not a VIP ({why}; expected ADDR[:PORT][/tcp|udp], IPv6 as [ADDR]:PORT)");
+    let (rest, protocol) = match text.rsplit_once('/') {
+        Some((rest, "tcp")) => (rest, Protocol::Tcp),
+        Some((rest, "udp")) => (rest, Protocol::Udp),
+        Some(_) => return Err(bad("the protocol is tcp or udp")),
+        None => (text, Protocol::Tcp),
+    };
+    let (addr_text, port_text) = if let Some(inner) = rest.strip_prefix('[') {
+        let (addr, after) = inner.split_once(']').ok_or_else(|| bad("no closing ]"))?;
+        match after {
+            "" => (addr, None),
+            p => (addr, Some(p.strip_prefix(':').ok_or_else(|| bad("expected :PORT after ]"))?)),
+        }
+    } else if rest.matches(':').count() > 1 {
+        (rest, None)
+    } else {
+        match rest.split_once(':') {
+            Some((a, p)) => (a, Some(p)),
+            None => (rest, None),
+        }
+    };
+    let addr: IpAddr = addr_text.parse().map_err(|_| bad("not an IPv4 or IPv6 address"))?;
+    crate::addr::check_unicast(addr).map_err(|why| format!("VIP {addr} {why}"))?;
+    let port = match port_text {
+        None | Some("*") => 0,
+        Some(p) => p.parse::<u16>().map_err(|_| bad("the port is 0 to 65535"))?,
+    };
+    Ok(ServiceKey::Vip { addr, protocol, port })
+}
+
 fn parse_interval(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if (0.05..=3600.0).contains(&seconds) => Ok(seconds),
@@ -190,6 +247,37 @@ mod tests {
     fn command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vips_parse() {
+        let v4: IpAddr = "203.0.113.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let key = |addr, protocol, port| Ok(ServiceKey::Vip { addr, protocol, port });
+        assert_eq!(parse_vip("203.0.113.10"), key(v4, Protocol::Tcp, 0));
+        assert_eq!(parse_vip("203.0.113.10:80"), key(v4, Protocol::Tcp, 80));
+        assert_eq!(parse_vip("203.0.113.10:53/udp"), key(v4, Protocol::Udp, 53));
+        assert_eq!(parse_vip("203.0.113.10/udp"), key(v4, Protocol::Udp, 0));
+        assert_eq!(parse_vip("203.0.113.10:*/udp"), key(v4, Protocol::Udp, 0));
+        assert_eq!(parse_vip("[2001:db8::10]:53/udp"), key(v6, Protocol::Udp, 53));
+        assert_eq!(parse_vip("[2001:db8::10]"), key(v6, Protocol::Tcp, 0));
+        assert_eq!(parse_vip("2001:db8::10"), key(v6, Protocol::Tcp, 0));
+        assert_eq!(parse_vip("2001:db8::10/udp"), key(v6, Protocol::Udp, 0));
+        for bad in ["203.0.113.10:80/sctp", "203.0.113.10:65536", "[2001:db8::10:53", "[2001:db8::10]53", "example.com:80", "224.0.0.1:80"] {
+            assert!(parse_vip(bad).is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "--vip", "203.0.113.10:80"]).unwrap();
+        match cli.command {
+            Command::Map { vip, .. } => assert_eq!(Ok(vip.unwrap()), key(v4, Protocol::Tcp, 80)),
+            other => panic!("parsed as {other:?}"),
+        }
+        match Cli::try_parse_from(["l4lb", "apply", "-i", "eth0", "-c", "lb.toml", "--dry-run"]).unwrap().command {
+            Command::Apply { interface, config, dry_run } => {
+                assert_eq!((interface.as_str(), config.to_str(), dry_run), ("eth0", Some("lb.toml"), true))
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(matches!(Cli::try_parse_from(["l4lb", "config", "-i", "eth0"]).unwrap().command, Command::Config { .. }));
     }
 
     #[test]

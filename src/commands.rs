@@ -7,27 +7,29 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use comfy_table::{presets, Table};
 
-use crate::bpf::{consts, Config, TABLE_SIZE};
-use crate::cli::{AttachMode, Command, DecapCommand, DecapMode, Sampling};
-use crate::decap::{self, DecapMaps};
 use crate::addr::check_unicast_ipv4;
+use crate::apply;
+use crate::bpf::{consts, Config, MAGLEV_SIZE};
+use crate::cli::{AttachMode, Command, DecapCommand, DecapMode, Sampling};
+use crate::config::{self, ServiceKey};
+use crate::decap::{self, DecapMaps};
 use crate::destinations;
 use crate::discover::{self, Mode};
 use crate::iface::Interface;
-use crate::maps::LbMaps;
+use crate::maps::{random_seed, LbMaps};
 use crate::stats::{self, Sample};
-use crate::table;
 
 pub fn run(command: Command) -> Result<()> {
     require_root()?;
     match command {
         Command::Attach { interface, mode, force, seed } => attach(&interface, mode, force, seed),
         Command::Detach { interface } => detach(&interface),
-        Command::Map { interface, file, source, seed } => map(&interface, &file, source, seed),
+        Command::Map { interface, file, vip, source, seed } => map(&interface, &file, vip, source, seed),
+        Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
+        Command::Config { interface } => show_config(&interface),
         Command::Stats { interface, sampling } => stats(&interface, sampling),
-        Command::Status { interface } => status(&interface),
+        Command::Status { interface, json } => status(&interface, json),
         Command::Bench { rounds, seconds, chart, json, variants } => {
             crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants })
         }
@@ -68,33 +70,27 @@ fn update_lock(iface: &Interface) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .map_err(|(_, errno)| anyhow!("{}: taking the update lock: {errno}", path.display()))
 }
 
-fn random_seed() -> Result<u32> {
-    let mut bytes = [0u8; 4];
-    getrandom::getrandom(&mut bytes).map_err(|err| anyhow!("reading a random hash seed: {err}"))?;
-    Ok(u32::from_ne_bytes(bytes))
-}
-
-/// The configuration after an update: a given seed is fixed; otherwise the
-/// current seed stays, or a random one is chosen the first time.
-fn updated_config(current: &Config, seed: Option<u32>, source: Option<Ipv4Addr>, mtu: u32) -> Result<Config> {
-    let mut next = *current;
+/// The configuration of a freshly attached program: a given seed is fixed,
+/// else a random one is chosen; the outer IPv4 source is the device's
+/// address if it has one; the MTU is the device's. No service yet.
+fn attach_config(seed: Option<u32>, source: Option<Ipv4Addr>, mtu: u32) -> Result<Config> {
+    let mut config = Config::default();
     match seed {
         Some(seed) => {
-            next.hash_seed = seed;
-            next.flags |= consts::L4LB_CONFIG_SEED_SET | consts::L4LB_CONFIG_SEED_FIXED;
+            config.hash_seed = seed;
+            config.flags |= consts::L4LB_CONFIG_SEED_SET | consts::L4LB_CONFIG_SEED_FIXED;
         }
-        None if current.flags & consts::L4LB_CONFIG_SEED_SET == 0 => {
-            next.hash_seed = random_seed()?;
-            next.flags |= consts::L4LB_CONFIG_SEED_SET;
+        None => {
+            config.hash_seed = random_seed()?;
+            config.flags |= consts::L4LB_CONFIG_SEED_SET;
         }
-        None => {}
     }
     if let Some(source) = source {
-        next.src_addr = u32::from_ne_bytes(source.octets());
-        next.flags |= consts::L4LB_CONFIG_SRC_SET;
+        config.src_v4 = source.octets();
+        config.flags |= consts::L4LB_CONFIG_SRC_SET;
     }
-    next.mtu = mtu;
-    Ok(next)
+    config.mtu = mtu;
+    Ok(config)
 }
 
 fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>) -> Result<()> {
@@ -105,12 +101,17 @@ fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>) -> Resul
     let id = crate::attach::attach(&iface, mode, force)?;
     let (_, _, maps) = open_l4lb(name)?;
     let source = iface.ipv4_addr()?;
-    let config = updated_config(&maps.read_config()?, seed, source, mtu)?;
-    maps.write_config(&config)?;
+    maps.write_config(&attach_config(seed, source, mtu)?)?;
     println!("l4lb attached to {} in {mode} mode (program id {id})", iface.name);
     match source {
-        Some(source) => println!("outer source {source} (from {}); fill the table with `l4lb map -i {} -f FILE`", iface.name, iface.name),
-        None => println!("{} has no IPv4 address: give the outer source with `l4lb map -i {} -f FILE -s ADDR`", iface.name, iface.name),
+        Some(source) => println!(
+            "outer source {source} (from {}); configure services with `l4lb apply -i {} -c FILE` or fill the catch-all with `l4lb map -i {} -f FILE`",
+            iface.name, iface.name, iface.name
+        ),
+        None => println!(
+            "{} has no IPv4 address: configure services with `l4lb apply -i {} -c FILE` or give the outer source with `l4lb map -i {} -f FILE -s ADDR`",
+            iface.name, iface.name, iface.name
+        ),
     }
     Ok(())
 }
@@ -123,8 +124,48 @@ fn detach(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> Result<()> {
+/// `l4lb apply`: the whole configuration from a file.
+fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
+    let wanted = config::load(file)?;
+    let (iface, _, maps) = open_l4lb(name)?;
+    let _lock = update_lock(&iface)?;
+    let now = maps.read_snapshot()?;
+    let plan = apply::plan(&now, &wanted, random_seed()?)?;
+    print!("{}", plan.diff);
+    if dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    if plan.is_empty() {
+        return Ok(());
+    }
+    apply::execute(&maps, &plan)?;
+    println!(
+        "{}: applied ({} map writes, {} table slots)",
+        iface.name,
+        plan.writes(),
+        plan.slots_written()
+    );
+    Ok(())
+}
+
+/// `l4lb config`: the running configuration as a file `apply` takes back
+/// unchanged.
+fn show_config(name: &str) -> Result<()> {
+    let (_, _, maps) = open_l4lb(name)?;
+    print!("{}", config::to_toml(&maps.read_running()?.model()));
+    Ok(())
+}
+
+/// `l4lb map`: the seed's command. The destinations become the backends
+/// (weight 1) of the catch-all service, or of `vip`'s service (created if
+/// absent); other services are left alone.
+fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr>, seed: Option<u32>) -> Result<()> {
     let list = destinations::load(file)?;
+    let key = vip.unwrap_or(ServiceKey::CatchAll);
+    if let ServiceKey::Vip { addr: IpAddr::V6(addr), .. } = key {
+        bail!("VIP {addr} is IPv6 and destination files list IPv4 destinations: IPv6-in-IPv4 is not supported (use `l4lb apply`)");
+    }
     let (iface, _, maps) = open_l4lb(name)?;
     let _lock = update_lock(&iface)?;
     let source = match source {
@@ -136,10 +177,22 @@ fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> 
     check_unicast_ipv4(source).map_err(|why| anyhow!("outer source address {source} {why}"))?;
     let mtu = iface.mtu()?;
 
-    let old_config = maps.read_config()?;
-    let config = updated_config(&old_config, seed, Some(source), mtu)?;
-    let current = maps.read_table()?;
-    let plan = table::plan(&current, &list.destinations);
+    let now = maps.read_snapshot()?;
+    let mut wanted = now.running.model();
+    wanted.global.source_v4 = Some(source);
+    if seed.is_some() {
+        wanted.global.hash_seed = seed;
+    }
+    let mut backends: Vec<config::Backend> =
+        list.destinations.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    backends.sort();
+    let hash_ports = wanted.service(&key).is_none_or(|s| s.hash_ports);
+    let service = config::Service { key, hash_ports, backends };
+    match wanted.services.binary_search_by(|s| s.key.cmp(&key)) {
+        Ok(i) => wanted.services[i] = service,
+        Err(i) => wanted.services.insert(i, service),
+    }
+    let plan = apply::plan_with_mtu(&now, &wanted, random_seed()?, Some(mtu))?;
 
     if list.ignored > 0 {
         eprintln!(
@@ -150,33 +203,54 @@ fn map(name: &str, file: &Path, source: Option<Ipv4Addr>, seed: Option<u32>) -> 
         );
     }
     println!("Loading file with {} destinations", list.destinations.len());
-    maps.write_config(&config)?;
-    if let Err(err) = maps.apply(&current, &plan) {
-        maps.write_config(&old_config).context("restoring the configuration")?;
-        return Err(err);
-    }
-    let added = plan.fresh_backends.len();
-    let removed = current.backends.iter().flatten().count() + added - list.destinations.len();
-    let changed = plan.backend_writes.len() - added;
+    apply::execute(&maps, &plan)?;
+    let (added, removed, changed) = match (plan.diff.added.iter().find(|s| s.key == key), plan.diff.changed.iter().find(|c| c.key == key)) {
+        (Some(s), _) => (s.backends.len(), 0, 0),
+        (_, Some(c)) => (c.added.len(), c.removed.len(), c.changed.len()),
+        _ => (0, 0, 0),
+    };
+    let target = match key {
+        ServiceKey::CatchAll => String::new(),
+        key => format!(" for {key}"),
+    };
     println!(
-        "{}: {} destinations ({added} added, {removed} removed, {changed} changed), {} of {TABLE_SIZE} slots written, outer source {source}",
+        "{}: {} destinations{target} ({added} added, {removed} removed, {changed} changed), {} of {MAGLEV_SIZE} slots written, outer source {source}",
         iface.name,
         list.destinations.len(),
-        plan.slot_writes.len()
+        plan.slots_written()
     );
     Ok(())
 }
 
-/// One `l4lb stats` sample (also timed by `l4lb bench`).
+/// One `l4lb stats` sample (also timed by `l4lb bench`): the running
+/// services and backends, their traffic, and the global counters.
 pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
-    let backends = maps.read_backends()?;
-    let traffic = maps.read_backend_stats()?;
-    let destinations = backends
-        .iter()
-        .zip(&traffic)
-        .filter_map(|(backend, t)| backend.map(|d| (d.addr, t.packets, t.bytes)))
-        .collect();
-    Ok(Sample { destinations, counters: maps.read_counters()? })
+    let running = maps.read_running()?;
+    let counters = crate::maps::read_u64_counters(&maps.counters, crate::bpf::COUNTER_NAMES.len())?;
+    Sample::new(&running, |n| read_traffic(&maps.svc_stats, n), |n| read_traffic(&maps.be_stats, n), counters)
+}
+
+/// Packets and bytes of entry `index` of l4lb_svc_stats or l4lb_be_stats,
+/// summed over CPUs when the map is per-CPU.
+fn read_traffic(map: &libbpf_rs::MapHandle, index: u32) -> Result<stats::Counts> {
+    use libbpf_rs::{MapCore as _, MapFlags, MapType};
+    let name = map.name().to_string_lossy().into_owned();
+    let key = index.to_ne_bytes();
+    let values = if map.map_type() == MapType::PercpuArray {
+        map.lookup_percpu(&key, MapFlags::ANY)
+    } else {
+        map.lookup(&key, MapFlags::ANY).map(|value| value.map(|v| vec![v]))
+    }
+    .with_context(|| format!("reading entry {index} of map `{name}`"))?
+    .ok_or_else(|| anyhow!("map `{name}` has no entry {index}"))?;
+    let mut total = stats::Counts::default();
+    for bytes in values {
+        let part: crate::bpf::Traffic =
+            crate::bpf::value_from(&bytes).ok_or_else(|| anyhow!("map `{name}`: short value"))?;
+        total.packets = total.packets.wrapping_add(part.packets);
+        total.bytes = total.bytes.wrapping_add(part.bytes);
+    }
+    Ok(total)
 }
 
 fn stats(name: &str, sampling: Sampling) -> Result<()> {
@@ -220,53 +294,25 @@ fn print_samples<S>(
     Ok(())
 }
 
-fn status(name: &str) -> Result<()> {
+fn status(name: &str, json: bool) -> Result<()> {
     let (iface, program, maps) = open_l4lb(name)?;
-    let config = maps.read_config()?;
-    let table = maps.read_table()?;
-    let counts = table.slot_counts();
-    let flag = |bit: u32| config.flags & bit != 0;
-
-    println!("Interface:     {} (index {})", iface.name, iface.index);
-    println!("Program:       {} (id {}), {} mode", program.name, program.id, program.mode);
-    println!("Counters:      {}", if maps.per_cpu_counters() { "per-CPU" } else { "shared (atomic adds)" });
-    let source = Ipv4Addr::from(config.src_addr.to_ne_bytes());
-    println!("Outer source:  {}", if flag(consts::L4LB_CONFIG_SRC_SET) { source.to_string() } else { "not set".into() });
-    let seed = match (flag(consts::L4LB_CONFIG_SEED_SET), flag(consts::L4LB_CONFIG_SEED_FIXED)) {
-        (false, _) => "not set (chosen at the first `l4lb map`)".to_string(),
-        (true, false) => format!("{:#010x} (random)", config.hash_seed),
-        (true, true) => format!("{:#010x} (set with --seed)", config.hash_seed),
+    let running = maps.read_running()?;
+    let vip_probes = maps.read_config().ok().map(|config| config.vip_probes);
+    let info = crate::status::Program {
+        interface: iface.name.clone(),
+        ifindex: iface.index,
+        name: program.name.clone(),
+        id: program.id,
+        mode: program.mode,
+        per_cpu_counters: maps.per_cpu_counters(),
+        vip_probes,
     };
-    println!("Hash seed:     {seed}");
-    println!("MTU:           {}", if config.mtu == 0 { "not set".to_string() } else { config.mtu.to_string() });
-    println!("Lookup table:  {} slots, {} unset", table.slots.len(), table.unset_slots());
-
-    let mut rows: Vec<(u32, destinations::Destination)> = table
-        .backends
-        .iter()
-        .enumerate()
-        .filter_map(|(n, d)| d.map(|d| (n as u32, d)))
-        .collect();
-    rows.sort_by_key(|(_, d)| u32::from(d.addr));
-    println!("Destinations:  {}", rows.len());
-    if rows.is_empty() {
-        return Ok(());
+    let status = crate::status::build(&info, &running);
+    if json {
+        println!("{}", stats::render_json(&status));
+    } else {
+        print!("{}", crate::status::render(&status));
     }
-    let mut out = Table::new();
-    out.load_preset(presets::NOTHING);
-    out.set_header(vec!["#", "Destination", "MAC", "Backend", "Slots", "Share"]);
-    for (row, (number, destination)) in rows.iter().enumerate() {
-        let slots = counts[*number as usize];
-        out.add_row(vec![
-            (row + 1).to_string(),
-            destination.addr.to_string(),
-            macaddr::MacAddr6::from(destination.mac).to_string().to_lowercase(),
-            number.to_string(),
-            slots.to_string(),
-            format!("{:.3}%", 100.0 * slots as f64 / table.slots.len() as f64),
-        ]);
-    }
-    print!("{}", stats::table_text(&out));
     Ok(())
 }
 
@@ -274,9 +320,16 @@ fn decap_attach(name: &str, mode: DecapMode, force: bool, addrs: Vec<IpAddr>) ->
     let iface = Interface::by_name(name)?;
     let mode = Mode::from(mode);
     let (addrs, origin) = if addrs.is_empty() {
-        let own: Vec<IpAddr> = iface.ipv4_addrs()?.into_iter().map(IpAddr::V4).collect();
+        // Link-local IPv6 addresses are left out: every interface has one,
+        // and a balancer sends to a backend's routable address.
+        let v4 = iface.ipv4_addrs()?.into_iter().map(IpAddr::V4);
+        let v6 = iface.ipv6_addrs()?.into_iter().filter(|a| !a.is_unicast_link_local()).map(IpAddr::V6);
+        let own: Vec<IpAddr> = v4.chain(v6).collect();
         if own.is_empty() {
-            bail!("{} has no IPv4 address: give the addresses to decapsulate for with --addr ADDR", iface.name);
+            bail!(
+                "{} has no IPv4 or IPv6 address (link-local aside): give the addresses to decapsulate for with --addr ADDR",
+                iface.name
+            );
         }
         (own, format!("{}'s addresses", iface.name))
     } else {

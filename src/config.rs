@@ -59,8 +59,9 @@
 //! within a service each backend address must be unique. The same backend
 //! may serve several services. An IPv4 VIP may have IPv4 and IPv6 backends
 //! (IPv4-in-IPv6); an IPv6 VIP only IPv6 backends (IPv6-in-IPv4 is not
-//! supported). The catch-all may have backends of both families (IPv6
-//! packets can only go to its IPv6 backends: the datapath's concern).
+//! supported). The catch-all may not mix IPv4 and IPv6 backends: with IPv6
+//! backends it takes IPv4 and IPv6 clients (IPv4-in-IPv6), with IPv4
+//! backends only IPv4 clients (IPv6 packets go to the stack).
 //! Unknown keys and wrong types are errors. Addresses may not be
 //! unspecified, loopback, multicast, broadcast or IPv4-mapped IPv6.
 //!
@@ -479,6 +480,19 @@ impl Validator<'_> {
             let aspan = raw_backend.get_ref().address.as_ref().map(Spanned::span).unwrap_or(bspan);
             if let Some(first) = first_line.insert(backend.addr, self.line(&aspan)) {
                 return Err(self.at(&aspan, format!("service {key}: backend {} is already listed on line {first}", backend.addr)));
+            }
+            if key == ServiceKey::CatchAll {
+                if let Some(other) = backends.iter().find(|b| b.addr.is_ipv4() != backend.addr.is_ipv4()) {
+                    return Err(self.at(
+                        &aspan,
+                        format!(
+                            "the catch-all service may not mix IPv4 and IPv6 backends: {} after {} (line {}); IPv6 backends take IPv4 clients too",
+                            backend.addr,
+                            other.addr,
+                            first_line[&other.addr]
+                        ),
+                    ));
+                }
             }
             backends.push(backend);
         }
@@ -1087,6 +1101,17 @@ mod tests {
             "lb.toml:8: the catch-all service (vip = \"*\") takes TCP and UDP: protocol must be \"any\" (or left out), not `tcp`"
         );
         assert_eq!(model(&head("*", &format!("protocol = \"any\"\nport = 0\n{b}"))).services[0].key, ServiceKey::CatchAll);
+    }
+
+    #[test]
+    fn the_catch_all_does_not_mix_families() {
+        let mixed = with_global("[[service]]\nvip = \"*\"\nbackends = [\n  { address = \"2001:db8::101\" },\n  { address = \"2001:db8::102\" },\n  { address = \"198.18.0.101\" },\n]\n");
+        assert_eq!(
+            err(&mixed),
+            "lb.toml:10: the catch-all service may not mix IPv4 and IPv6 backends: 198.18.0.101 after 2001:db8::101 (line 8); IPv6 backends take IPv4 clients too"
+        );
+        let v6_only = with_global("[[service]]\nvip = \"*\"\nbackends = [{ address = \"2001:db8::101\" }]\n");
+        assert_eq!(model(&v6_only).services[0].backends.len(), 1);
     }
 
     #[test]

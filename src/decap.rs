@@ -1,7 +1,7 @@
 //! The backend side of direct server return: the `l4lb_decap` XDP program
-//! (src/bpf/l4lb_decap.bpf.c) strips the outer IPv4 header the balancer
-//! pushed, for IPIP addressed to one of the backend's own addresses, and
-//! passes the client's packet to the stack. For kernels without the ipip
+//! (src/bpf/l4lb_decap.bpf.c) strips the outer header the balancer pushed
+//! (IPv4 protocol 4; IPv6 next header 4 or 41), for IP-in-IP addressed to one
+//! of the backend's own addresses, and passes the client's packet to the stack. For kernels without the ipip
 //! module. This module loads, attaches and detaches it, fills its address map
 //! and reads its counters; the steps it shares with the balancer live in
 //! `attach`, `discover` and `maps`.
@@ -18,7 +18,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use crate::attach;
 use crate::bpf::decap_skel::L4lbDecapSkelBuilder;
 use crate::bpf::{self, consts, DecapAddr, DECAP_COUNTER_NAMES};
-use crate::addr::check_unicast_ipv4;
+use crate::addr::check_unicast;
 use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
 use crate::libbpf_log;
@@ -57,16 +57,13 @@ pub fn key_addr(key: &DecapAddr) -> Option<IpAddr> {
     }
 }
 
-/// The addresses to decapsulate for, checked (unicast IPv4: the program
-/// handles IPv4 outer headers only, for now), without duplicates, in order.
+/// The addresses to decapsulate for, checked (unicast IPv4 or IPv6: the
+/// outer destinations the balancer may use), without duplicates, in order.
 pub fn check_addrs(addrs: &[IpAddr]) -> Result<Vec<IpAddr>> {
     let mut seen = BTreeSet::new();
     let mut checked = Vec::new();
     for &addr in addrs {
-        match addr {
-            IpAddr::V4(v4) => check_unicast_ipv4(v4).map_err(|why| anyhow!("cannot decapsulate for {addr}: it {why}"))?,
-            IpAddr::V6(_) => bail!("cannot decapsulate for {addr}: IPv6 outer headers are not handled yet (IPv4 only)"),
-        }
+        check_unicast(addr).map_err(|why| anyhow!("cannot decapsulate for {addr}: it {why}"))?;
         if seen.insert(addr) {
             checked.push(addr);
         }
@@ -180,9 +177,14 @@ mod tests {
     fn addresses_are_checked_and_deduplicated() {
         let a: IpAddr = "192.0.2.2".parse().unwrap();
         let b: IpAddr = "198.51.100.9".parse().unwrap();
+        let c: IpAddr = "2001:db8::2".parse().unwrap();
         assert_eq!(check_addrs(&[a, b, a]).unwrap(), [a, b]);
+        assert_eq!(check_addrs(&[c, a, c]).unwrap(), [c, a]);
         let err = |addrs: &[IpAddr]| format!("{:#}", check_addrs(addrs).unwrap_err());
-        assert!(err(&["2001:db8::1".parse().unwrap()]).contains("IPv6"));
+        assert!(err(&["ff02::1".parse().unwrap()]).contains("ff02::1: it is multicast"));
+        assert!(err(&["::".parse().unwrap()]).contains("unspecified"));
+        assert!(err(&["::1".parse().unwrap()]).contains("loopback"));
+        assert!(err(&["::ffff:192.0.2.2".parse().unwrap()]).contains("IPv4-mapped"));
         assert!(err(&["224.0.0.1".parse().unwrap()]).contains("224.0.0.1: it is multicast"));
         assert!(err(&["0.0.0.0".parse().unwrap()]).contains("unspecified"));
         assert!(err(&[]).contains("no address"));

@@ -12,7 +12,7 @@ use macaddr::MacAddr6;
 
 use crate::addr::{check_unicast_ipv4, parse_unicast_mac, MacError};
 
-use crate::bpf::MAX_BACKENDS;
+use crate::bpf::MAX_SERVICE_BACKENDS as MAX_BACKENDS;
 
 /// Files larger than this are refused before reading: a destination list of
 /// the maximum size is a few tens of kilobytes.
@@ -34,7 +34,7 @@ impl fmt::Display for Destination {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestinationList {
     pub destinations: Vec<Destination>,
-    /// Destinations past MAX_BACKENDS, ignored as the seed did (with a warning).
+    /// Destinations past MAX_SERVICE_BACKENDS (512, a service's limit), ignored as the seed did (with a warning).
     pub ignored: usize,
 }
 

@@ -1,6 +1,6 @@
-//! Facts about a network interface: index, IPv4 addresses, MTU.
+//! Facts about a network interface: index, IPv4 and IPv6 addresses, MTU.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -34,6 +34,22 @@ impl Interface {
         for addr in addrs
             .filter(|a| a.interface_name == self.name)
             .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())))
+        {
+            if !found.contains(&addr) {
+                found.push(addr);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every IPv6 address configured on the interface (link-local ones
+    /// included), in the kernel's order.
+    pub fn ipv6_addrs(&self) -> Result<Vec<Ipv6Addr>> {
+        let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
+        let mut found: Vec<Ipv6Addr> = Vec::new();
+        for addr in addrs
+            .filter(|a| a.interface_name == self.name)
+            .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in6().map(|sin6| sin6.ip())))
         {
             if !found.contains(&addr) {
                 found.push(addr);

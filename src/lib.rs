@@ -3,6 +3,7 @@
 //! tested without root.
 
 pub mod addr;
+pub mod apply;
 pub mod attach;
 pub mod bench;
 pub mod bpf;
@@ -20,4 +21,4 @@ pub mod maglev;
 pub mod maps;
 pub mod state;
 pub mod stats;
-pub mod table;
+pub mod status;

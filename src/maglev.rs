@@ -11,8 +11,8 @@
 //! is a 4-byte backend number, so a service's table costs 51,203 x 4 =
 //! 204,812 bytes (200 KiB) of map values, plus the kernel's per-map overhead
 //! (an array map has no per-entry overhead beyond the value). 100 services
-//! cost about 20 MiB. The datapath maps a flow to `hash % TABLE_SIZE`, a
-//! constant modulo (see [`flow_slot`]).
+//! cost about 20 MiB. The datapath maps a flow to `(hash * TABLE_SIZE) >> 32`
+//! (see [`flow_slot`]): a multiply and a shift, as uniform as a modulo.
 //!
 //! # Method
 //!
@@ -64,6 +64,8 @@ pub const TABLE_SIZE: usize = next_prime(100 * MAX_BACKENDS_PER_SERVICE);
 /// A slot that leads to no backend (no backend, or every weight 0). Same
 /// value as the datapath's L4LB_SLOT_EMPTY.
 pub const EMPTY: u32 = crate::bpf::SLOT_EMPTY;
+
+const _: () = assert!(TABLE_SIZE == crate::bpf::MAGLEV_SIZE, "maglev::TABLE_SIZE differs from L4LB_MAGLEV_SIZE");
 
 /// SipHash keys of the offset and skip hashes (ASCII "l4lb-maglev-offs",
 /// "l4lb-maglev-skip"). Part of the table's definition: see Determinism.
@@ -198,10 +200,10 @@ pub fn to_numbers(table: &[u32], numbers: &[u32]) -> Vec<u32> {
     table.iter().map(|&i| if i == EMPTY { EMPTY } else { numbers[i as usize] }).collect()
 }
 
-/// The slot of a flow in a table of `size` slots, as the datapath will pick
-/// it: the flow hash modulo the (constant) size.
+/// The slot of a flow in a table of `size` slots, as the datapath picks it:
+/// `((hash as u64) * size) >> 32` (L4LB_MAGLEV_SIZE in the datapath).
 pub fn flow_slot(flow: &Flow, seed: u32, size: usize) -> usize {
-    (u64::from(flow.hash(seed)) % size as u64) as usize
+    crate::flow_hash::scale(flow.hash(seed), size)
 }
 
 pub const fn is_prime(n: usize) -> bool {
@@ -300,8 +302,8 @@ mod tests {
             let mut histogram = vec![0u32; TABLE_SIZE];
             for _ in 0..FLOWS {
                 let flow = Flow {
-                    saddr: Ipv4Addr::from(rng.gen::<u32>()),
-                    daddr: Ipv4Addr::new(198, 51, 100, 10),
+                    saddr: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                    daddr: Ipv4Addr::new(198, 51, 100, 10).into(),
                     sport: rng.gen(),
                     dport: 443,
                     proto: 6,

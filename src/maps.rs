@@ -1,26 +1,29 @@
 //! Reading and writing the maps of a loaded l4lb program, found by name among
-//! the program's maps (those helpers serve the decap program too). Updates are
-//! ordered so that traffic never meets a slot that leads nowhere (entries are
-//! cleared only after an RCU grace period), and are rolled back if the kernel
-//! refuses a write.
-
-use std::net::Ipv4Addr;
+//! the program's maps (those helpers serve the decap program too). Whole
+//! arrays and tables move in batches (bpf_map_lookup_batch /
+//! bpf_map_update_batch, one syscall per up to 64 Ki entries), falling back
+//! to one entry at a time where the kernel has no batches (offloaded maps).
+//! What is written, and in which order, is `apply`'s business: `LbMaps` is
+//! its [`apply::Io`].
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
-use crate::bpf::{self, Backend, BackendStats, Config, MAX_BACKENDS};
-use crate::destinations::Destination;
+use crate::apply::{self, MapId, Snapshot, VipEntry};
+use crate::bpf::{self, Backend, Config, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_SLOTS};
 use crate::discover::AttachedProgram;
-use crate::table::{Plan, TableState};
+use crate::state::Running;
 
-/// The maps of one loaded l4lb program.
+/// The maps of one loaded l4lb program (names in `bpf::MAP_*`).
 pub struct LbMaps {
-    config: MapHandle,
-    backends: MapHandle,
-    slots: MapHandle,
-    backend_stats: MapHandle,
-    counters: MapHandle,
+    pub config: MapHandle,
+    pub vips: MapHandle,
+    pub services: MapHandle,
+    pub tables: MapHandle,
+    pub backends: MapHandle,
+    pub be_stats: MapHandle,
+    pub svc_stats: MapHandle,
+    pub counters: MapHandle,
 }
 
 fn key(index: u32) -> [u8; 4] {
@@ -79,14 +82,17 @@ pub fn read_u64_counters(map: &MapHandle, count: usize) -> Result<Vec<u64>> {
 }
 
 impl LbMaps {
-    /// Opens the program's maps by name.
+    /// Opens the program's maps by name and checks their shapes.
     pub fn open(program: &AttachedProgram) -> Result<Self> {
         let mut maps = ProgramMaps::open(program)?;
         let maps = LbMaps {
             config: maps.take(bpf::MAP_CONFIG)?,
+            vips: maps.take(bpf::MAP_VIPS)?,
+            services: maps.take(bpf::MAP_SERVICES)?,
+            tables: maps.take(bpf::MAP_TABLES)?,
             backends: maps.take(bpf::MAP_BACKENDS)?,
-            slots: maps.take(bpf::MAP_SLOTS)?,
-            backend_stats: maps.take(bpf::MAP_BACKEND_STATS)?,
+            be_stats: maps.take(bpf::MAP_BACKEND_STATS)?,
+            svc_stats: maps.take(bpf::MAP_SERVICE_STATS)?,
             counters: maps.take(bpf::MAP_COUNTERS)?,
         };
         maps.check_layout()?;
@@ -96,15 +102,30 @@ impl LbMaps {
     /// Refuses maps whose sizes differ from this build's layouts.
     fn check_layout(&self) -> Result<()> {
         check_shape(&self.config, size_of::<Config>(), 1)?;
+        check_shape(&self.vips, size_of::<VipEntry>(), VIP_SLOTS)?;
+        check_shape(&self.services, size_of::<bpf::Service>(), MAX_SERVICES)?;
+        check_shape(&self.tables, size_of::<u32>(), MAX_SERVICES * MAGLEV_SIZE)?;
         check_shape(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
-        check_shape(&self.slots, size_of::<u32>(), bpf::TABLE_SIZE)?;
-        check_shape(&self.backend_stats, size_of::<BackendStats>(), MAX_BACKENDS)?;
+        check_shape(&self.be_stats, size_of::<Traffic>(), MAX_BACKENDS)?;
+        check_shape(&self.svc_stats, size_of::<Traffic>(), MAX_SERVICES)?;
         check_shape(&self.counters, size_of::<u64>(), bpf::COUNTER_NAMES.len())
     }
 
     /// True when the counters are per-CPU (driver and generic mode via `l4lb attach`).
     pub fn per_cpu_counters(&self) -> bool {
         self.counters.map_type() == MapType::PercpuArray
+    }
+
+    fn map(&self, id: MapId) -> &MapHandle {
+        match id {
+            MapId::Config => &self.config,
+            MapId::Vips => &self.vips,
+            MapId::Services => &self.services,
+            MapId::Tables => &self.tables,
+            MapId::Backends => &self.backends,
+            MapId::BackendStats => &self.be_stats,
+            MapId::ServiceStats => &self.svc_stats,
+        }
     }
 
     pub fn read_config(&self) -> Result<Config> {
@@ -118,106 +139,43 @@ impl LbMaps {
             .with_context(|| format!("writing map `{}`", bpf::MAP_CONFIG))
     }
 
-    /// Backends and lookup table as the datapath sees them.
-    pub fn read_table(&self) -> Result<TableState> {
-        Ok(TableState { backends: self.read_backends()?, slots: read_u32_array(&self.slots)? })
+    /// The state as the apply engine sees it: configuration, VIP entries,
+    /// services with their backends and the tables of active services.
+    pub fn read_snapshot(&self) -> Result<Snapshot> {
+        let config = self.read_config()?;
+        let vips: Vec<VipEntry> = read_array(&self.vips, 0, VIP_SLOTS as u32)?
+            .chunks_exact(size_of::<VipEntry>())
+            .map(|c| c.try_into().expect("24 bytes"))
+            .collect();
+        let services: Vec<u32> = read_array(&self.services, 0, MAX_SERVICES as u32)?
+            .chunks_exact(4)
+            .map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        let backends: Vec<Backend> = read_array(&self.backends, 0, MAX_BACKENDS as u32)?
+            .chunks_exact(size_of::<Backend>())
+            .map(|c| bpf::value_from(c).expect("value size checked"))
+            .collect();
+        apply::decode(config, vips, &services, &backends, |n| self.read_table(n))
     }
 
-    /// Destination per backend number (None where the entry is not active).
-    pub fn read_backends(&self) -> Result<Vec<Option<Destination>>> {
-        (0..MAX_BACKENDS as u32)
-            .map(|number| {
-                let backend: Backend = bpf::value_from(&lookup(&self.backends, number)?)
-                    .ok_or_else(|| anyhow!("map `{}`: short value", bpf::MAP_BACKENDS))?;
-                Ok(backend_destination(&backend))
-            })
-            .collect()
+    /// The running state (what `l4lb config` prints, `stats` and `status` show).
+    pub fn read_running(&self) -> Result<Running> {
+        Ok(self.read_snapshot()?.running)
     }
 
-    /// Carries out a plan: fresh counters, then backend entries, then slots,
-    /// then the entries no slot uses. Each step leaves every slot leading to
-    /// an active destination. If the kernel refuses a write, what was written
-    /// is put back as it was and the error returned.
-    pub fn apply(&self, current: &TableState, plan: &Plan) -> Result<()> {
-        let result = self.apply_steps(plan);
-        if let Err(err) = result {
-            let restore = self.restore(current, plan);
-            return match restore {
-                Ok(()) => Err(err.context("the update was rolled back; the maps are as they were")),
-                Err(restore_err) => Err(err.context(format!("rolling back failed too: {restore_err:#}"))),
-            };
-        }
-        Ok(())
-    }
-
-    fn apply_steps(&self, plan: &Plan) -> Result<()> {
-        for &number in &plan.fresh_backends {
-            self.zero_backend_stats(number)?;
-        }
-        for (number, destination) in &plan.backend_writes {
-            self.write_backend(*number, Some(destination))?;
-        }
-        write_u32_entries(&self.slots, &plan.slot_writes)?;
-        if !plan.backend_clears.is_empty() {
-            wait_for_datapath_readers();
-        }
-        for &number in &plan.backend_clears {
-            self.write_backend(number, None)?;
-            self.zero_backend_stats(number)?;
-        }
-        Ok(())
-    }
-
-    fn restore(&self, current: &TableState, plan: &Plan) -> Result<()> {
-        let slots: Vec<(u32, u32)> = plan.slot_writes.iter().map(|&(slot, _)| (slot, current.slots[slot as usize])).collect();
-        // Entries a restored slot may point to must be active before the slot moves back.
-        for number in plan.backend_writes.iter().map(|w| w.0).chain(plan.backend_clears.iter().copied()) {
-            if let Some(destination) = &current.backends[number as usize] {
-                self.write_backend(number, Some(destination))?;
-            }
-        }
-        write_u32_entries(&self.slots, &slots)?;
-        wait_for_datapath_readers();
-        for (number, _) in &plan.backend_writes {
-            if current.backends[*number as usize].is_none() {
-                self.write_backend(*number, None)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn write_backend(&self, number: u32, destination: Option<&Destination>) -> Result<()> {
-        let backend = match destination {
-            Some(d) => Backend {
-                addr: u32::from_ne_bytes(d.addr.octets()),
-                mac: d.mac,
-                flags: bpf::consts::L4LB_BACKEND_ACTIVE as u16,
-            },
-            None => Backend::default(),
-        };
-        self.backends
-            .update(&key(number), bpf::value_bytes(&backend), MapFlags::ANY)
-            .with_context(|| format!("writing entry {number} of map `{}`", bpf::MAP_BACKENDS))
-    }
-
-    fn zero_backend_stats(&self, number: u32) -> Result<()> {
-        let zero = vec![0u8; size_of::<BackendStats>()];
-        update_counter(&self.backend_stats, number, &zero)
+    /// The MAGLEV_SIZE slots of service `number`'s table.
+    pub fn read_table(&self, number: u32) -> Result<Vec<u32>> {
+        read_u32s(&self.tables, number * MAGLEV_SIZE as u32, MAGLEV_SIZE as u32)
     }
 
     /// Packets and bytes per backend number, summed over CPUs.
-    pub fn read_backend_stats(&self) -> Result<Vec<BackendStats>> {
-        (0..MAX_BACKENDS as u32)
-            .map(|number| {
-                let mut total = BackendStats::default();
-                for bytes in lookup_counter(&self.backend_stats, number)? {
-                    let part: BackendStats = bpf::value_from(&bytes).unwrap_or_default();
-                    total.packets += part.packets;
-                    total.bytes += part.bytes;
-                }
-                Ok(total)
-            })
-            .collect()
+    pub fn read_backend_stats(&self) -> Result<Vec<Traffic>> {
+        read_traffic(&self.be_stats, MAX_BACKENDS)
+    }
+
+    /// Packets and bytes per service number, summed over CPUs.
+    pub fn read_service_stats(&self) -> Result<Vec<Traffic>> {
+        read_traffic(&self.svc_stats, MAX_SERVICES)
     }
 
     /// The global counters, indexed like COUNTER_NAMES, summed over CPUs.
@@ -225,15 +183,22 @@ impl LbMaps {
         read_u64_counters(&self.counters, bpf::COUNTER_NAMES.len())
     }
 
+    /// Plans and carries out `wanted` over what the maps hold (the update
+    /// lock is the caller's). Returns the plan that was executed.
+    pub fn apply(&self, wanted: &crate::config::Model) -> Result<apply::Plan> {
+        let now = self.read_snapshot()?;
+        let plan = apply::plan(&now, wanted, random_seed()?)?;
+        apply::execute(self, &plan)?;
+        Ok(plan)
+    }
+
     /// Every byte of every map, in a fixed order: for before/after comparisons.
     pub fn dump(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        for map in [&self.config, &self.backends, &self.slots] {
-            for index in 0..map.max_entries() {
-                out.extend(lookup(map, index)?);
-            }
+        for map in [&self.config, &self.vips, &self.services, &self.tables, &self.backends] {
+            out.extend(read_array(map, 0, map.max_entries())?);
         }
-        for map in [&self.backend_stats, &self.counters] {
+        for map in [&self.be_stats, &self.svc_stats, &self.counters] {
             for index in 0..map.max_entries() {
                 out.extend(lookup_counter(map, index)?.concat());
             }
@@ -242,14 +207,49 @@ impl LbMaps {
     }
 }
 
-/// Returns once every run of the datapath that may have read a slot before
-/// the last slot writes has finished, so that a backend entry no slot points
-/// to any more can be cleared without a packet in flight still reading it.
-/// XDP programs run inside RCU read-side sections, and
-/// membarrier(MEMBARRIER_CMD_GLOBAL) waits for an RCU grace period
-/// (synchronize_rcu). Where the kernel refuses it (nohz_full), a pause far
-/// longer than any program run stands in.
-fn wait_for_datapath_readers() {
+impl apply::Io for LbMaps {
+    fn read(&self, map: MapId, index: u32) -> Result<Vec<u8>> {
+        Ok(lookup_counter(self.map(map), index)?.concat())
+    }
+
+    fn write(&self, map: MapId, index: u32, value: &[u8]) -> Result<()> {
+        let handle = self.map(map);
+        if handle.map_type() == MapType::PercpuArray {
+            let size = handle.value_size() as usize;
+            let values: Vec<Vec<u8>> = value.chunks(size).map(<[u8]>::to_vec).collect();
+            handle.update_percpu(&key(index), &values, MapFlags::ANY)?;
+        } else {
+            handle.update(&key(index), value, MapFlags::ANY)?;
+        }
+        Ok(())
+    }
+
+    fn read_slots(&self, start: u32, count: u32) -> Result<Vec<u32>> {
+        read_u32s(&self.tables, start, count)
+    }
+
+    fn write_slots(&self, entries: &[(u32, u32)]) -> Result<()> {
+        write_u32_entries(&self.tables, entries)
+    }
+
+    fn grace(&self) {
+        wait_for_datapath_readers()
+    }
+}
+
+pub fn random_seed() -> Result<u32> {
+    let mut bytes = [0u8; 4];
+    getrandom::getrandom(&mut bytes).map_err(|err| anyhow!("reading a random hash seed: {err}"))?;
+    Ok(u32::from_ne_bytes(bytes))
+}
+
+/// Returns once every run of the datapath that may have read what was just
+/// unpublished has finished, so that entries nothing points to any more can
+/// be cleared without a packet in flight still reading them. XDP programs
+/// run inside RCU read-side sections, and membarrier(MEMBARRIER_CMD_GLOBAL)
+/// waits for an RCU grace period (synchronize_rcu). Where the kernel refuses
+/// it (nohz_full), a pause far longer than any program run stands in.
+pub fn wait_for_datapath_readers() {
     // SAFETY: membarrier takes no pointers.
     let rc = unsafe { nix::libc::syscall(nix::libc::SYS_membarrier, nix::libc::MEMBARRIER_CMD_GLOBAL, 0, 0) };
     if rc != 0 {
@@ -257,12 +257,18 @@ fn wait_for_datapath_readers() {
     }
 }
 
-/// The destination an active backend entry holds.
-fn backend_destination(backend: &Backend) -> Option<Destination> {
-    (u32::from(backend.flags) & bpf::consts::L4LB_BACKEND_ACTIVE != 0).then(|| Destination {
-        addr: Ipv4Addr::from(backend.addr.to_ne_bytes()),
-        mac: backend.mac,
-    })
+fn read_traffic(map: &MapHandle, count: usize) -> Result<Vec<Traffic>> {
+    (0..count as u32)
+        .map(|number| {
+            let mut total = Traffic::default();
+            for bytes in lookup_counter(map, number)? {
+                let part: Traffic = bpf::value_from(&bytes).unwrap_or_default();
+                total.packets += part.packets;
+                total.bytes += part.bytes;
+            }
+            Ok(total)
+        })
+        .collect()
 }
 
 fn lookup(map: &MapHandle, index: u32) -> Result<Vec<u8>> {
@@ -282,55 +288,94 @@ fn lookup_counter(map: &MapHandle, index: u32) -> Result<Vec<Vec<u8>>> {
     }
 }
 
-fn update_counter(map: &MapHandle, index: u32, value: &[u8]) -> Result<()> {
-    let result = if map.map_type() == MapType::PercpuArray {
-        let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
-        map.update_percpu(&key(index), &vec![value.to_vec(); cpus], MapFlags::ANY)
-    } else {
-        map.update(&key(index), value, MapFlags::ANY)
-    };
-    result.with_context(|| format!("writing entry {index} of map `{}`", map.name().to_string_lossy()))
-}
+/// Entries per batch syscall.
+const BATCH: u32 = 1 << 16;
 
-/// A whole u32 array, in one batch where the kernel allows (not offloaded maps).
-fn read_u32_array(map: &MapHandle) -> Result<Vec<u32>> {
-    let entries = map.max_entries() as usize;
-    if let Ok(batches) = map.lookup_batch(entries as u32, MapFlags::ANY, MapFlags::ANY) {
-        let mut values = vec![0u32; entries];
-        let mut seen = 0;
-        for (k, v) in batches {
-            let (Ok(k), Ok(v)) = (<[u8; 4]>::try_from(k.as_slice()), <[u8; 4]>::try_from(v.as_slice())) else { break };
-            if let Some(slot) = values.get_mut(u32::from_ne_bytes(k) as usize) {
-                *slot = u32::from_ne_bytes(v);
-                seen += 1;
+/// `count` consecutive entries of a (not per-CPU) array from `start`, their
+/// values concatenated: in batches where the kernel has them, else one by one.
+pub fn read_array(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>> {
+    let size = map.value_size() as usize;
+    match lookup_batch_range(map, start, count) {
+        Ok(values) => Ok(values),
+        Err(_) => {
+            let mut out = Vec::with_capacity(count as usize * size);
+            for index in start..start + count {
+                out.extend(lookup(map, index)?);
             }
-        }
-        if seen == entries {
-            return Ok(values);
+            Ok(out)
         }
     }
-    (0..entries as u32)
-        .map(|index| {
-            let bytes = lookup(map, index)?;
-            Ok(u32::from_ne_bytes(bytes[..4].try_into().context("short value")?))
-        })
-        .collect()
+}
+
+fn lookup_batch_range(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let size = map.value_size() as usize;
+    let mut values = vec![0u8; count as usize * size];
+    let mut keys = vec![0u32; count as usize];
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+        ..Default::default()
+    };
+    let mut done = 0u32;
+    // The batch token of an array is the last key read: reading goes on from the next.
+    let mut token: u32 = start.wrapping_sub(1);
+    while done < count {
+        let mut n = (count - done).min(BATCH);
+        let mut out_token: u32 = 0;
+        let in_token: *mut std::ffi::c_void =
+            if start == 0 && done == 0 { std::ptr::null_mut() } else { (&mut token as *mut u32).cast() };
+        // SAFETY: keys and values have room for n more entries of their sizes.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                in_token,
+                (&mut out_token as *mut u32).cast(),
+                keys.as_mut_ptr().add(done as usize).cast(),
+                values.as_mut_ptr().add(done as usize * size).cast(),
+                &mut n,
+                &opts,
+            )
+        };
+        let end = rc == -nix::libc::ENOENT;
+        if rc != 0 && !end {
+            bail!("batch read of map `{}`: {}", map.name().to_string_lossy(), std::io::Error::from_raw_os_error(-rc));
+        }
+        for (i, k) in keys[done as usize..(done + n) as usize].iter().enumerate() {
+            if *k != start + done + i as u32 {
+                bail!("batch read of map `{}`: keys out of order", map.name().to_string_lossy());
+            }
+        }
+        done += n;
+        token = out_token;
+        if end || n == 0 {
+            break;
+        }
+    }
+    if done != count {
+        bail!("batch read of map `{}`: {done} of {count} entries", map.name().to_string_lossy());
+    }
+    Ok(values)
+}
+
+fn read_u32s(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u32>> {
+    Ok(read_array(map, start, count)?.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
 }
 
 /// Writes (index, value) pairs of a u32 array, batched where possible. A
 /// batch is one syscall, not one transaction; each entry changes atomically.
 fn write_u32_entries(map: &MapHandle, entries: &[(u32, u32)]) -> Result<()> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<u8> = entries.iter().flat_map(|(k, _)| k.to_ne_bytes()).collect();
-    let values: Vec<u8> = entries.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
-    if map.update_batch(&keys, &values, entries.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok() {
-        return Ok(());
-    }
-    for (index, value) in entries {
-        map.update(&key(*index), &value.to_ne_bytes(), MapFlags::ANY)
-            .with_context(|| format!("writing entry {index} of map `{}`", map.name().to_string_lossy()))?;
+    for chunk in entries.chunks(BATCH as usize) {
+        let keys: Vec<u8> = chunk.iter().flat_map(|(k, _)| k.to_ne_bytes()).collect();
+        let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
+        if map.update_batch(&keys, &values, chunk.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok() {
+            continue;
+        }
+        for (index, value) in chunk {
+            map.update(&key(*index), &value.to_ne_bytes(), MapFlags::ANY)
+                .with_context(|| format!("writing entry {index} of map `{}`", map.name().to_string_lossy()))?;
+        }
     }
     Ok(())
 }

@@ -48,16 +48,19 @@ impl Running {
             services: self
                 .services
                 .iter()
-                .map(|s| config::Service {
-                    key: s.key,
-                    hash_ports: s.hash_ports,
-                    backends: s.backends.iter().map(|b| b.backend).collect(),
-                })
+                .map(RunningService::model)
                 .collect(),
         }
     }
 
     pub fn service(&self, key: &ServiceKey) -> Option<&RunningService> {
         self.services.iter().find(|s| s.key == *key)
+    }
+}
+
+impl RunningService {
+    /// The service as a configuration model entry.
+    pub fn model(&self) -> config::Service {
+        config::Service { key: self.key, hash_ports: self.hash_ports, backends: self.backends.iter().map(|b| b.backend).collect() }
     }
 }

@@ -21,11 +21,12 @@ use super::report::{
 use super::skel::L4lbBenchSkelBuilder;
 use super::sys::{self, Topology, TEST_XDP_LIVE_FRAMES};
 use super::Options;
+use crate::apply;
+use crate::config::{self, Model, ServiceKey};
 use crate::destinations::Destination;
 use crate::discover::{self, Mode};
 use crate::iface::Interface;
 use crate::maps::LbMaps;
-use crate::table::{self, TableState};
 
 /// Time for the path to settle before a bpf stats measurement.
 const WARMUP: Duration = Duration::from_millis(100);
@@ -51,7 +52,7 @@ const STATS_SECONDS: f64 = 0.5;
 const FILL_REPEATS: usize = 5;
 const STATS_SAMPLES: usize = 20;
 /// Destinations of the table (the limit, as the issue asks).
-const DESTINATIONS: usize = crate::bpf::MAX_BACKENDS;
+const DESTINATIONS: usize = crate::bpf::MAX_SERVICE_BACKENDS;
 /// The packet kind of the variants phase.
 const VARIANT_KIND: Kind = Kind::TcpSyn64;
 /// The service the generator sends to (the benchmarking range).
@@ -169,9 +170,12 @@ pub fn measure(options: &Options) -> Result<Measured> {
         let maps = &mut open.maps;
         for (map, name) in [
             (&mut maps.l4lb_config, crate::bpf::MAP_CONFIG),
+            (&mut maps.l4lb_vips, crate::bpf::MAP_VIPS),
+            (&mut maps.l4lb_services, crate::bpf::MAP_SERVICES),
+            (&mut maps.l4lb_tables, crate::bpf::MAP_TABLES),
             (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
-            (&mut maps.l4lb_slots, crate::bpf::MAP_SLOTS),
             (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
+            (&mut maps.l4lb_svc_stats, crate::bpf::MAP_SERVICE_STATS),
             (&mut maps.l4lb_counters, crate::bpf::MAP_COUNTERS),
         ] {
             let handle = handles
@@ -275,15 +279,26 @@ fn ms(elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1e3
 }
 
-/// Attaches l4lb to `dev` with `crate::attach::attach`, fills its table with
-/// `table::plan` + `LbMaps::apply` (what `l4lb map` does), FILL_REPEATS times
+/// The catch-all service with destination set `set` (what `l4lb map` applies).
+fn model(set: u8) -> Model {
+    let mut backends: Vec<config::Backend> =
+        destinations(set).iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    backends.sort();
+    Model {
+        global: config::Global { source_v4: Some(sys::LB_ADDR), hash_seed: Some(0x5eed_bec4), ..Default::default() },
+        services: vec![config::Service { key: ServiceKey::CatchAll, hash_ports: true, backends }],
+    }
+}
+
+/// Attaches l4lb to `dev` with `crate::attach::attach`, fills its catch-all
+/// service with `apply::plan` + `apply::execute` (what `l4lb map` does), FILL_REPEATS times
 /// on a fresh program, and times a table replacement and `l4lb stats` samples.
 /// Runs in the lb namespace. Returns a fd of the last program (kept attached
 /// only by the caller's swaps from here on), its ifindex and the timings.
 fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
     let iface = Interface::by_name(dev)?;
-    let wanted = destinations(0);
-    let (mut total, mut read, mut plan_ms, mut apply) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let wanted = model(0);
+    let (mut total, mut read, mut plan_ms, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..FILL_REPEATS {
         sys::check_interrupted()?;
@@ -291,44 +306,41 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
         let program = discover::find_l4lb(&iface)?;
         let maps = LbMaps::open(&program)?;
         let mut config = maps.read_config()?;
-        config.hash_seed = 0x5eed_bec4;
-        config.src_addr = u32::from_ne_bytes(sys::LB_ADDR.octets());
         config.mtu = iface.mtu()?;
-        config.flags |= crate::bpf::consts::L4LB_CONFIG_SEED_SET | crate::bpf::consts::L4LB_CONFIG_SRC_SET;
         maps.write_config(&config)?;
 
         let t0 = Instant::now();
-        let current = maps.read_table()?;
+        let current = maps.read_snapshot()?;
         let t1 = Instant::now();
-        let plan = table::plan(&current, &wanted);
+        let plan = apply::plan(&current, &wanted, 0x5eed_bec4)?;
         let t2 = Instant::now();
-        maps.apply(&current, &plan)?;
+        apply::execute(&maps, &plan)?;
         let t3 = Instant::now();
         total.push(ms(t3 - t0));
         read.push(ms(t1 - t0));
         plan_ms.push(ms(t2 - t1));
-        apply.push(ms(t3 - t2));
+        apply_ms.push(ms(t3 - t2));
         last = Some((id, program.map_ids.clone(), maps));
     }
     let (id, map_ids, maps) = last.expect("FILL_REPEATS > 0");
-    let table = maps.read_table()?;
-    if table.unset_slots() != 0 || table.backends.iter().flatten().count() != DESTINATIONS {
-        bail!("the table was not filled: {} unset slots", table.unset_slots());
+    let running = maps.read_running()?;
+    let filled = running.service(&ServiceKey::CatchAll).is_some_and(|s| {
+        s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY)
+    });
+    if !filled {
+        bail!("the catch-all service was not filled with {DESTINATIONS} destinations");
     }
 
     // Replacing every destination, back and forth: every slot is rewritten.
     let mut replace = Vec::new();
     for round in 0..4u8 {
         let t0 = Instant::now();
-        let current = maps.read_table()?;
-        let plan = table::plan(&current, &destinations((round + 1) % 2));
-        maps.apply(&current, &plan)?;
+        maps.apply(&model((round + 1) % 2))?;
         replace.push(ms(t0.elapsed()));
     }
     // Back to set 0 (4 replacements: 1, 0, 1, 0).
-    let state: TableState = maps.read_table()?;
-    if state.backends.iter().flatten().any(|d| !wanted.contains(d)) {
-        bail!("the table does not hold the first destination set after the replacements");
+    if maps.read_running()?.model().services != wanted.services {
+        bail!("the catch-all does not hold the first destination set after the replacements");
     }
 
     let mut stats = Vec::new();
@@ -336,8 +348,9 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
         let t0 = Instant::now();
         let sample = crate::commands::sample(&maps)?;
         stats.push(ms(t0.elapsed()));
-        if sample.destinations.len() != DESTINATIONS {
-            bail!("a stats sample listed {} destinations, expected {DESTINATIONS}", sample.destinations.len());
+        let listed: usize = sample.services.iter().map(|s| s.backends.len()).sum();
+        if listed != DESTINATIONS {
+            bail!("a stats sample listed {listed} destinations, expected {DESTINATIONS}");
         }
     }
 
@@ -347,7 +360,7 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
         fill_ms: summary(&total),
         fill_read_ms: summary(&read),
         fill_plan_ms: summary(&plan_ms),
-        fill_apply_ms: summary(&apply),
+        fill_apply_ms: summary(&apply_ms),
         replace_ms: summary(&replace),
         stats_sample_ms: summary(&stats),
     };

@@ -353,8 +353,8 @@ pub fn control_table(results: &Results) -> Table {
     let rows = [
         ("table fill into an empty table (`l4lb map`)", &c.fill_ms),
         ("  of which: read the table", &c.fill_read_ms),
-        ("  of which: table::plan", &c.fill_plan_ms),
-        ("  of which: LbMaps::apply", &c.fill_apply_ms),
+        ("  of which: apply::plan", &c.fill_plan_ms),
+        ("  of which: apply::execute", &c.fill_apply_ms),
         ("replace all destinations (every slot moves)", &c.replace_ms),
         ("stats refresh (one `l4lb stats` sample)", &c.stats_sample_ms),
     ];

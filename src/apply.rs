@@ -1,0 +1,898 @@
+//! The apply engine: from the running state (read back from the maps) and a
+//! wanted configuration model to an ordered list of map writes ([`plan`],
+//! pure), and the execution of that list with a journal, so that a refused
+//! write puts every map back byte for byte ([`execute`], through the [`Io`]
+//! trait: the kernel's maps in `maps`, an in-memory fake in the tests).
+//!
+//! # Numbers
+//!
+//! A service that stays keeps its number, and a backend (service key,
+//! address) that stays keeps its number, so their counters keep counting.
+//! New ones take the lowest numbers no running service or backend holds;
+//! only when none is left do they reuse numbers of what this apply removes
+//! (a service number reused this way is unpublished, and an RCU grace
+//! period waited for, before its new table is written).
+//!
+//! # VIP entries
+//!
+//! l4lb_vips is direct-mapped: a VIP's home entry is `flow_hash::vip_home`
+//! of its key; it sits at most L4LB_VIP_MAX_PROBES - 1 entries after it
+//! (wrapping). A VIP that stays keeps its entry; a new one takes the first
+//! free entry from its home on (entries of VIPs removed by the same apply
+//! count as taken: packets may still read them). `vip_probes` is 1 + the
+//! largest displacement in use (0 without VIPs). A new entry is written in
+//! two steps that each change what a packet can see at once: first every
+//! byte but the family (the entry stays free: family 0), then the family.
+//! Unpublishing writes family 0 only; the rest is zeroed after a grace
+//! period.
+//!
+//! # Order of the writes
+//!
+//! No packet sees a half-written service:
+//! (a) counters of new backend numbers zeroed, new and changed backend
+//!     entries (a gateway MAC change rewrites the entries that use it), the
+//!     outer sources and gateway new services need;
+//! (b) each new service: counters zeroed, its whole table, its entry; then
+//!     the configuration with vip_probes raised to cover old and new VIPs,
+//!     ANY_PORT and (new catch-all) CATCH_ALL; then the VIP entries;
+//! (c) each changed service: only the slots that change, then its flags;
+//! (d) removed services unpublished (VIP entries freed); then the final
+//!     configuration: vip_probes lowered, catch-all cleared, (e) the seed;
+//! (f) an RCU grace period (membarrier), if anything is to be cleared;
+//! (g) entries of removed VIPs, services and backends cleared. Tables of
+//!     removed services are left as they are (never read: a service's table
+//!     is written whole before the service is published again).
+//! The MTU is left as `attach` set it. A wanted model equal to the running
+//! one gives no step at all.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_MASK, VIP_MAX_PROBES, VIP_SLOTS};
+use crate::config::{self, Backend, Model, Protocol, ServiceKey};
+use crate::flow_hash::vip_home;
+use crate::maglev;
+use crate::state::{Running, RunningBackend, RunningService};
+
+// ---------------------------------------------------------------------------
+// The state the planner works on
+
+/// Bytes of one l4lb_vips entry: key (address 16, family, protocol, port in
+/// network order) and the service number (native order).
+pub type VipEntry = [u8; 24];
+
+/// What the maps hold, as far as the apply engine is concerned: the running
+/// model with its numbers and tables, plus the raw configuration and VIP
+/// entries (where each VIP sits).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub running: Running,
+    pub config: Config,
+    /// All VIP_SLOTS entries of l4lb_vips.
+    pub vips: Vec<VipEntry>,
+}
+
+impl Snapshot {
+    /// A freshly attached balancer: nothing configured.
+    pub fn empty() -> Self {
+        Snapshot { running: Running::default(), config: Config::default(), vips: vec![[0; 24]; VIP_SLOTS] }
+    }
+
+    /// Entry index per published VIP key bytes.
+    fn vip_positions(&self) -> HashMap<[u8; 20], u32> {
+        self.vips
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e[16] != 0)
+            .map(|(i, e)| (e[..20].try_into().expect("20 bytes"), i as u32))
+            .collect()
+    }
+}
+
+/// The maps the engine writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapId {
+    Config,
+    Vips,
+    Services,
+    Tables,
+    Backends,
+    BackendStats,
+    ServiceStats,
+}
+
+impl MapId {
+    pub fn name(self) -> &'static str {
+        match self {
+            MapId::Config => bpf::MAP_CONFIG,
+            MapId::Vips => bpf::MAP_VIPS,
+            MapId::Services => bpf::MAP_SERVICES,
+            MapId::Tables => bpf::MAP_TABLES,
+            MapId::Backends => bpf::MAP_BACKENDS,
+            MapId::BackendStats => bpf::MAP_BACKEND_STATS,
+            MapId::ServiceStats => bpf::MAP_SERVICE_STATS,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoding and decoding map values
+
+fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (bytes, bpf::FAMILY_IPV4)
+        }
+        IpAddr::V6(a) => (a.octets(), bpf::FAMILY_IPV6),
+    }
+}
+
+fn addr_from(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        bpf::FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        bpf::FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+/// The 20 key bytes of a VIP (None for the catch-all).
+pub fn vip_key_bytes(key: &ServiceKey) -> Option<[u8; 20]> {
+    let ServiceKey::Vip { addr, protocol, port } = *key else { return None };
+    let (bytes, family) = addr_bytes(addr);
+    let mut out = [0u8; 20];
+    out[..16].copy_from_slice(&bytes);
+    out[16] = family;
+    out[17] = match protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+    };
+    out[18..].copy_from_slice(&port.to_be_bytes());
+    Some(out)
+}
+
+fn vip_key_from(entry: &VipEntry) -> Option<ServiceKey> {
+    let addr = addr_from(entry[..16].try_into().expect("16 bytes"), entry[16])?;
+    let protocol = match entry[17] {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return None,
+    };
+    Some(ServiceKey::Vip { addr, protocol, port: u16::from_be_bytes([entry[18], entry[19]]) })
+}
+
+fn vip_entry(key: &[u8; 20], service: u32) -> VipEntry {
+    let mut e = [0u8; 24];
+    e[..20].copy_from_slice(key);
+    e[20..].copy_from_slice(&service.to_ne_bytes());
+    e
+}
+
+fn vip_service(entry: &VipEntry) -> u32 {
+    u32::from_ne_bytes(entry[20..].try_into().expect("4 bytes"))
+}
+
+/// The l4lb_backends entry of a backend of service `service`.
+pub fn backend_entry(b: &Backend, service: u32, gateway: Option<[u8; 6]>) -> bpf::Backend {
+    let (addr, family) = addr_bytes(b.addr);
+    let mut flags = consts::L4LB_BACKEND_ACTIVE as u8;
+    let mac = match b.mac {
+        Some(mac) => mac,
+        None => {
+            flags |= consts::L4LB_BACKEND_GATEWAY_MAC as u8;
+            gateway.unwrap_or_default()
+        }
+    };
+    bpf::Backend { addr, mac, family, flags, service, weight: b.weight }
+}
+
+fn service_flags(s: &config::Service) -> u32 {
+    let mut flags = consts::L4LB_SERVICE_ACTIVE;
+    if s.hash_ports {
+        flags |= consts::L4LB_SERVICE_HASH_PORTS;
+    }
+    if s.backends.iter().any(|b| b.addr.is_ipv4()) {
+        flags |= consts::L4LB_SERVICE_IPV4_BACKENDS;
+    }
+    flags
+}
+
+fn bytes_of<T: plain::Plain>(value: &T) -> Vec<u8> {
+    bpf::value_bytes(value).to_vec()
+}
+
+/// Rebuilds the state from the raw maps: `services` are the flags of every
+/// l4lb_services entry, `backends` every l4lb_backends entry, `table` reads
+/// the table of an active service. Entries nothing publishes are left out.
+pub fn decode(
+    config: Config,
+    vips: Vec<VipEntry>,
+    services: &[u32],
+    backends: &[bpf::Backend],
+    mut table: impl FnMut(u32) -> Result<Vec<u32>>,
+) -> Result<Snapshot> {
+    let flag = |bit: u32| config.flags & bit != 0;
+    let global = config::Global {
+        source_v4: flag(consts::L4LB_CONFIG_SRC_SET).then(|| Ipv4Addr::from(config.src_v4)),
+        source_v6: flag(consts::L4LB_CONFIG_SRC6_SET).then(|| Ipv6Addr::from(config.src_v6)),
+        gateway_mac: flag(consts::L4LB_CONFIG_GATEWAY_SET).then_some(config.gateway_mac),
+        hash_seed: flag(consts::L4LB_CONFIG_SEED_SET).then_some(config.hash_seed),
+    };
+    let active = |n: u32| services.get(n as usize).is_some_and(|f| f & consts::L4LB_SERVICE_ACTIVE != 0);
+    let mut keys: BTreeMap<u32, ServiceKey> = BTreeMap::new();
+    if flag(consts::L4LB_CONFIG_CATCH_ALL) && active(config.catch_all) {
+        keys.insert(config.catch_all, ServiceKey::CatchAll);
+    }
+    for entry in &vips {
+        if let Some(key) = vip_key_from(entry) {
+            let n = vip_service(entry);
+            if active(n) {
+                keys.entry(n).or_insert(key);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (&number, &key) in &keys {
+        let mut members: Vec<RunningBackend> = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| u32::from(b.flags) & consts::L4LB_BACKEND_ACTIVE != 0 && b.service == number)
+            .filter_map(|(i, b)| {
+                let addr = addr_from(&b.addr, b.family)?;
+                let mac = (u32::from(b.flags) & consts::L4LB_BACKEND_GATEWAY_MAC == 0).then_some(b.mac);
+                Some(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } })
+            })
+            .collect();
+        members.sort_by(|a, b| a.backend.addr.cmp(&b.backend.addr));
+        let flags = services[number as usize];
+        out.push(RunningService {
+            number,
+            key,
+            hash_ports: flags & consts::L4LB_SERVICE_HASH_PORTS != 0,
+            backends: members,
+            table: table(number)?,
+        });
+    }
+    out.sort_by_key(|s| s.key);
+    let running = Running { global, seed_fixed: flag(consts::L4LB_CONFIG_SEED_FIXED), mtu: config.mtu, services: out };
+    Ok(Snapshot { running, config, vips })
+}
+
+// ---------------------------------------------------------------------------
+// The plan
+
+/// One write (or wait) of an apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Entry `key` of `map` becomes `value` (skipped when it already is).
+    Write { map: MapId, key: u32, value: Vec<u8> },
+    /// Entry `key` of a counter map becomes zero on every CPU.
+    Zero { map: MapId, key: u32 },
+    /// Slots of service `service`'s table: (slot, backend number).
+    Slots { service: u32, writes: Vec<(u32, u32)> },
+    /// An RCU grace period: every packet that may have read what was
+    /// unpublished before has left the program.
+    Grace,
+}
+
+/// The steps of an apply and the state they lead to.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub diff: config::Diff,
+    pub steps: Vec<Step>,
+    /// The state once every step is done (what reading the maps gives).
+    pub after: Snapshot,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Table slots written (all services).
+    pub fn slots_written(&self) -> usize {
+        self.steps.iter().map(|s| if let Step::Slots { writes, .. } = s { writes.len() } else { 0 }).sum()
+    }
+
+    /// Map writes, a slot counting as one.
+    pub fn writes(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Write { .. } | Step::Zero { .. } => 1,
+                Step::Slots { writes, .. } => writes.len(),
+                Step::Grace => 0,
+            })
+            .sum()
+    }
+}
+
+/// Checks the limits of the datapath (a model from `config::parse` always
+/// passes; `l4lb map` builds models by hand).
+pub fn check_limits(wanted: &Model) -> Result<()> {
+    if wanted.services.len() > MAX_SERVICES {
+        bail!("{} services: at most MAX_SERVICES = {MAX_SERVICES}", wanted.services.len());
+    }
+    for s in &wanted.services {
+        if s.backends.len() > config::MAX_BACKENDS_PER_SERVICE {
+            bail!(
+                "service {} has {} backends: at most MAX_BACKENDS_PER_SERVICE = {}",
+                s.key,
+                s.backends.len(),
+                config::MAX_BACKENDS_PER_SERVICE
+            );
+        }
+        if s.backends.is_empty() {
+            bail!("service {} has no backends", s.key);
+        }
+        if s.key == ServiceKey::CatchAll && s.backends.iter().any(|b| b.addr.is_ipv4()) && s.backends.iter().any(|b| b.addr.is_ipv6()) {
+            bail!("the catch-all service may not mix IPv4 and IPv6 backends");
+        }
+    }
+    if wanted.total_backends() > MAX_BACKENDS {
+        bail!("{} backends over all services: at most MAX_TOTAL_BACKENDS = {MAX_BACKENDS}", wanted.total_backends());
+    }
+    Ok(())
+}
+
+/// Lowest numbers below `limit` not in `used`, then (only when those run
+/// out) numbers of `reusable`, each handed out once.
+struct Numbers {
+    fresh: std::vec::IntoIter<u32>,
+    reusable: std::vec::IntoIter<u32>,
+}
+
+impl Numbers {
+    fn new(limit: usize, used: &BTreeSet<u32>, reusable: Vec<u32>) -> Self {
+        let fresh: Vec<u32> = (0..limit as u32).filter(|n| !used.contains(n)).collect();
+        Numbers { fresh: fresh.into_iter(), reusable: reusable.into_iter() }
+    }
+
+    /// (number, reused).
+    fn take(&mut self) -> Option<(u32, bool)> {
+        self.fresh.next().map(|n| (n, false)).or_else(|| self.reusable.next().map(|n| (n, true)))
+    }
+}
+
+/// Plans the apply of `wanted` over `now`. `fresh_seed` becomes the hash
+/// seed when neither the maps nor `wanted` have one. The MTU stays.
+pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
+    plan_with_mtu(now, wanted, fresh_seed, None)
+}
+
+/// [`plan`], also setting the MTU when `mtu` is given (`l4lb map` sets the
+/// device's, as it always did).
+pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Option<u32>) -> Result<Plan> {
+    check_limits(wanted)?;
+    let running = &now.running;
+    let diff = config::diff(&running.model(), wanted);
+
+    // Service numbers.
+    let wanted_keys: BTreeSet<ServiceKey> = wanted.services.iter().map(|s| s.key).collect();
+    let removed: Vec<&RunningService> = running.services.iter().filter(|s| !wanted_keys.contains(&s.key)).collect();
+    let used: BTreeSet<u32> = running.services.iter().map(|s| s.number).collect();
+    let mut service_numbers = Numbers::new(MAX_SERVICES, &used, removed.iter().map(|s| s.number).collect());
+    let mut number_of: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+    let mut reused_services: BTreeSet<u32> = BTreeSet::new();
+    for s in &wanted.services {
+        let n = match running.service(&s.key) {
+            Some(r) => r.number,
+            None => {
+                let (n, reused) = service_numbers.take().ok_or_else(|| anyhow!("no free service number for {}", s.key))?;
+                if reused {
+                    reused_services.insert(n);
+                }
+                n
+            }
+        };
+        number_of.insert(s.key, n);
+    }
+
+    // Backend numbers.
+    let running_backends: HashMap<(ServiceKey, IpAddr), &RunningBackend> = running
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(move |b| ((s.key, b.backend.addr), b)))
+        .collect();
+    let wanted_backends: BTreeSet<(ServiceKey, IpAddr)> =
+        wanted.services.iter().flat_map(|s| s.backends.iter().map(move |b| (s.key, b.addr))).collect();
+    let used: BTreeSet<u32> = running_backends.values().map(|b| b.number).collect();
+    let removed_backends: Vec<u32> =
+        running_backends.iter().filter(|(k, _)| !wanted_backends.contains(k)).map(|(_, b)| b.number).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut backend_numbers = Numbers::new(MAX_BACKENDS, &used, removed_backends.clone());
+
+    let old_gateway = running.global.gateway_mac;
+    let new_gateway = wanted.global.gateway_mac;
+    let mut fresh_backends = Vec::new();
+    let mut backend_writes: Vec<(u32, bpf::Backend)> = Vec::new();
+    let mut after_services = Vec::new();
+    // (number, table writes, flags) per new and changed service.
+    let mut new_services: Vec<(u32, Vec<(u32, u32)>, u32, Option<[u8; 20]>)> = Vec::new();
+    let mut changed_services: Vec<(u32, Vec<(u32, u32)>, u32)> = Vec::new();
+    let mut in_use_backends: BTreeSet<u32> = BTreeSet::new();
+    for s in &wanted.services {
+        let number = number_of[&s.key];
+        let old = running.service(&s.key);
+        let mut members = Vec::with_capacity(s.backends.len());
+        for b in &s.backends {
+            let (n, entry_before) = match running_backends.get(&(s.key, b.addr)) {
+                Some(r) => (r.number, Some(backend_entry(&r.backend, number, old_gateway))),
+                None => {
+                    let (n, _) = backend_numbers.take().ok_or_else(|| anyhow!("no free backend number for {} of {}", b.addr, s.key))?;
+                    fresh_backends.push(n);
+                    (n, None)
+                }
+            };
+            let entry = backend_entry(b, number, new_gateway);
+            if entry_before.is_none_or(|e| bytes_of(&e) != bytes_of(&entry)) {
+                backend_writes.push((n, entry));
+            }
+            in_use_backends.insert(n);
+            members.push(RunningBackend { number: n, backend: *b });
+        }
+        let flags = service_flags(s);
+        let unchanged = old.is_some_and(|o| o.hash_ports == s.hash_ports && o.backends.iter().map(|b| b.backend).eq(s.backends.iter().copied()));
+        let table = match old {
+            Some(o) if unchanged => o.table.clone(),
+            _ => {
+                let identities: Vec<maglev::Backend> = s.backends.iter().map(|b| maglev::Backend::from_addr(b.addr, b.weight)).collect();
+                let indices = maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| anyhow!("service {}: {e}", s.key))?;
+                let numbers: Vec<u32> = members.iter().map(|m| m.number).collect();
+                maglev::to_numbers(&indices, &numbers)
+            }
+        };
+        match old {
+            None => {
+                let writes = table.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect();
+                new_services.push((number, writes, flags, vip_key_bytes(&s.key)));
+            }
+            Some(o) => {
+                let old_flags = service_flags(&o.model());
+                let writes = if unchanged { Vec::new() } else { maglev::diff(&o.table, &table) };
+                if !writes.is_empty() || old_flags != flags {
+                    changed_services.push((number, writes, flags));
+                }
+            }
+        }
+        after_services.push(RunningService { number, key: s.key, hash_ports: s.hash_ports, backends: members, table });
+    }
+
+    // VIP placement.
+    let positions = now.vip_positions();
+    let mut taken: BTreeSet<u32> = positions.values().copied().collect();
+    let mut after_vips = now.vips.clone();
+    let mut new_vip_entries: Vec<(u32, [u8; 20], u32)> = Vec::new();
+    let mut removed_vip_entries: Vec<u32> = Vec::new();
+    for r in &removed {
+        if let Some(kb) = vip_key_bytes(&r.key) {
+            if let Some(&e) = positions.get(&kb) {
+                removed_vip_entries.push(e);
+                after_vips[e as usize] = [0; 24];
+            }
+        }
+    }
+    let mut probes_needed = 0u32;
+    for s in &wanted.services {
+        let Some(kb) = vip_key_bytes(&s.key) else { continue };
+        let home = vip_home(&kb);
+        let entry = match positions.get(&kb) {
+            Some(&e) if running.service(&s.key).is_some() => e,
+            _ => {
+                let e = (0..VIP_MAX_PROBES).map(|i| (home + i) & VIP_MASK).find(|e| !taken.contains(e)).ok_or_else(|| {
+                    anyhow!(
+                        "VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {VIP_MAX_PROBES} entries of its home entry {home}",
+                        s.key
+                    )
+                })?;
+                taken.insert(e);
+                new_vip_entries.push((e, kb, number_of[&s.key]));
+                after_vips[e as usize] = vip_entry(&kb, number_of[&s.key]);
+                e
+            }
+        };
+        probes_needed = probes_needed.max(((entry.wrapping_sub(home)) & VIP_MASK) + 1);
+    }
+
+    // Configurations.
+    let old = now.config;
+    let mut fin = old;
+    let set = |c: &mut Config, bit: u32, on: bool| if on { c.flags |= bit } else { c.flags &= !bit };
+    let seed_set = old.flags & consts::L4LB_CONFIG_SEED_SET != 0;
+    match wanted.global.hash_seed {
+        Some(seed) if seed_set && old.hash_seed == seed => {}
+        Some(seed) => {
+            fin.hash_seed = seed;
+            fin.flags |= consts::L4LB_CONFIG_SEED_SET | consts::L4LB_CONFIG_SEED_FIXED;
+        }
+        None if seed_set => {}
+        None => {
+            fin.hash_seed = fresh_seed;
+            fin.flags |= consts::L4LB_CONFIG_SEED_SET;
+            fin.flags &= !consts::L4LB_CONFIG_SEED_FIXED;
+        }
+    }
+    let g = &wanted.global;
+    fin.src_v4 = g.source_v4.map(|a| a.octets()).unwrap_or_default();
+    set(&mut fin, consts::L4LB_CONFIG_SRC_SET, g.source_v4.is_some());
+    fin.src_v6 = g.source_v6.map(|a| a.octets()).unwrap_or_default();
+    set(&mut fin, consts::L4LB_CONFIG_SRC6_SET, g.source_v6.is_some());
+    fin.gateway_mac = g.gateway_mac.unwrap_or_default();
+    set(&mut fin, consts::L4LB_CONFIG_GATEWAY_SET, g.gateway_mac.is_some());
+    let catch_all = number_of.get(&ServiceKey::CatchAll).copied();
+    fin.catch_all = catch_all.unwrap_or(0);
+    set(&mut fin, consts::L4LB_CONFIG_CATCH_ALL, catch_all.is_some());
+    let any_port = wanted.services.iter().any(|s| matches!(s.key, ServiceKey::Vip { port: 0, .. }));
+    set(&mut fin, consts::L4LB_CONFIG_ANY_PORT, any_port);
+    fin.vip_probes = probes_needed;
+    if let Some(mtu) = mtu {
+        fin.mtu = mtu;
+    }
+    // (a): sources and gateway new backends need; old values kept where the
+    // wanted model drops them (removed services still send until (d)).
+    let mut cfg_a = old;
+    if let Some(a) = g.source_v4 {
+        cfg_a.src_v4 = a.octets();
+        cfg_a.flags |= consts::L4LB_CONFIG_SRC_SET;
+    }
+    if let Some(a) = g.source_v6 {
+        cfg_a.src_v6 = a.octets();
+        cfg_a.flags |= consts::L4LB_CONFIG_SRC6_SET;
+    }
+    if let Some(m) = g.gateway_mac {
+        cfg_a.gateway_mac = m;
+        cfg_a.flags |= consts::L4LB_CONFIG_GATEWAY_SET;
+    }
+    let removed_catch_all = removed.iter().find(|s| s.key == ServiceKey::CatchAll).map(|s| s.number);
+    if removed_catch_all.is_some_and(|n| reused_services.contains(&n)) {
+        cfg_a.flags &= !consts::L4LB_CONFIG_CATCH_ALL;
+        cfg_a.catch_all = 0;
+    }
+    // (b): lookups cover old and new VIPs; the new catch-all is published.
+    let mut cfg_b = cfg_a;
+    cfg_b.vip_probes = old.vip_probes.max(fin.vip_probes);
+    if any_port {
+        cfg_b.flags |= consts::L4LB_CONFIG_ANY_PORT;
+    }
+    if let Some(n) = catch_all.filter(|_| running.service(&ServiceKey::CatchAll).is_none()) {
+        cfg_b.flags |= consts::L4LB_CONFIG_CATCH_ALL;
+        cfg_b.catch_all = n;
+    }
+
+    // The steps.
+    let mut steps = Vec::new();
+    let write = |map: MapId, key: u32, value: Vec<u8>| Step::Write { map, key, value };
+    // (a)
+    for &n in &fresh_backends {
+        steps.push(Step::Zero { map: MapId::BackendStats, key: n });
+    }
+    for (n, entry) in &backend_writes {
+        steps.push(write(MapId::Backends, *n, bytes_of(entry)));
+    }
+    steps.push(write(MapId::Config, 0, bytes_of(&cfg_a)));
+    // Removed services whose number a new service takes: unpublished first.
+    let early: Vec<&&RunningService> = removed.iter().filter(|r| reused_services.contains(&r.number)).collect();
+    if !early.is_empty() {
+        for r in &early {
+            if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
+                let mut freed = now.vips[*e as usize];
+                freed[16] = 0;
+                steps.push(write(MapId::Vips, *e, freed.to_vec()));
+            }
+        }
+        steps.push(Step::Grace);
+    }
+    // (b)
+    for (n, writes, flags, _) in &new_services {
+        steps.push(Step::Zero { map: MapId::ServiceStats, key: *n });
+        steps.push(Step::Slots { service: *n, writes: writes.clone() });
+        steps.push(write(MapId::Services, *n, flags.to_ne_bytes().to_vec()));
+    }
+    steps.push(write(MapId::Config, 0, bytes_of(&cfg_b)));
+    for (e, kb, n) in &new_vip_entries {
+        let mut staged = vip_entry(kb, *n);
+        staged[16] = 0;
+        steps.push(write(MapId::Vips, *e, staged.to_vec()));
+        steps.push(write(MapId::Vips, *e, vip_entry(kb, *n).to_vec()));
+    }
+    // (c)
+    for (n, writes, flags) in &changed_services {
+        if !writes.is_empty() {
+            steps.push(Step::Slots { service: *n, writes: writes.clone() });
+        }
+        steps.push(write(MapId::Services, *n, flags.to_ne_bytes().to_vec()));
+    }
+    // (d), (e)
+    for r in removed.iter().filter(|r| !reused_services.contains(&r.number)) {
+        if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
+            let mut freed = now.vips[*e as usize];
+            freed[16] = 0;
+            steps.push(write(MapId::Vips, *e, freed.to_vec()));
+        }
+    }
+    steps.push(write(MapId::Config, 0, bytes_of(&fin)));
+    // (f), (g)
+    let in_use_services: BTreeSet<u32> = number_of.values().copied().collect();
+    let mut clears = Vec::new();
+    for &e in &removed_vip_entries {
+        clears.push(write(MapId::Vips, e, vec![0; 24]));
+    }
+    for r in removed.iter().filter(|r| !in_use_services.contains(&r.number)) {
+        clears.push(write(MapId::Services, r.number, vec![0; 4]));
+    }
+    for &n in removed_backends.iter().filter(|n| !in_use_backends.contains(n)) {
+        clears.push(write(MapId::Backends, n, bytes_of(&bpf::Backend::default())));
+    }
+    if !clears.is_empty() {
+        steps.push(Step::Grace);
+        steps.extend(clears);
+    }
+
+    // Drop writes that change nothing (the config's, when equal).
+    let mut config_now = bytes_of(&old);
+    steps.retain(|s| match s {
+        Step::Write { map: MapId::Config, value, .. } => {
+            let changes = *value != config_now;
+            config_now = value.clone();
+            changes
+        }
+        _ => true,
+    });
+    if steps.iter().all(|s| matches!(s, Step::Grace)) {
+        steps.clear();
+    }
+
+    let after = Snapshot {
+        running: Running {
+            global: config::Global {
+                source_v4: g.source_v4,
+                source_v6: g.source_v6,
+                gateway_mac: g.gateway_mac,
+                hash_seed: Some(fin.hash_seed),
+            },
+            seed_fixed: fin.flags & consts::L4LB_CONFIG_SEED_FIXED != 0,
+            mtu: fin.mtu,
+            services: after_services,
+        },
+        config: fin,
+        vips: after_vips,
+    };
+    Ok(Plan { diff, steps, after })
+}
+
+// ---------------------------------------------------------------------------
+// Execution
+
+/// Reads and writes of the maps the engine needs.
+pub trait Io {
+    /// The bytes of an entry (every CPU's value, concatenated, for per-CPU maps).
+    fn read(&self, map: MapId, key: u32) -> Result<Vec<u8>>;
+    fn write(&self, map: MapId, key: u32, value: &[u8]) -> Result<()>;
+    /// `count` consecutive u32 entries of l4lb_tables from `start`.
+    fn read_slots(&self, start: u32, count: u32) -> Result<Vec<u32>>;
+    /// (index, value) entries of l4lb_tables.
+    fn write_slots(&self, entries: &[(u32, u32)]) -> Result<()>;
+    /// Waits for an RCU grace period.
+    fn grace(&self);
+}
+
+enum Undo {
+    Entry { map: MapId, key: u32, old: Vec<u8> },
+    Slots(Vec<(u32, u32)>),
+    Grace,
+}
+
+/// A refused write: which map and key.
+#[derive(Debug)]
+struct Refused {
+    map: MapId,
+    key: u32,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "writing entry {} of map `{}`", self.key, self.map.name())
+    }
+}
+
+/// Carries out the steps in order. If a write fails, every write done is
+/// undone in reverse order (waiting for a grace period where the steps did)
+/// and the error names the map and key; the maps are then byte for byte as
+/// they were.
+pub fn execute(io: &dyn Io, plan: &Plan) -> Result<()> {
+    let mut journal: Vec<Undo> = Vec::new();
+    let result = run_steps(io, &plan.steps, &mut journal);
+    let Err(err) = result else { return Ok(()) };
+    match undo(io, journal) {
+        Ok(()) => Err(err.context("the update was rolled back; the maps are as they were")),
+        Err(restore) => Err(err.context(format!("rolling back failed too, the maps are left half-updated: {restore:#}"))),
+    }
+}
+
+fn run_steps(io: &dyn Io, steps: &[Step], journal: &mut Vec<Undo>) -> Result<()> {
+    for step in steps {
+        match step {
+            Step::Write { map, key, value } => {
+                let old = io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
+                if old == *value {
+                    continue;
+                }
+                journal.push(Undo::Entry { map: *map, key: *key, old });
+                io.write(*map, *key, value).context(Refused { map: *map, key: *key })?;
+            }
+            Step::Zero { map, key } => {
+                let old = io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
+                if old.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let zero = vec![0u8; old.len()];
+                journal.push(Undo::Entry { map: *map, key: *key, old });
+                io.write(*map, *key, &zero).context(Refused { map: *map, key: *key })?;
+            }
+            Step::Slots { service, writes } => {
+                let base = service * MAGLEV_SIZE as u32;
+                let lo = writes.iter().map(|w| w.0).min().unwrap_or(0);
+                let hi = writes.iter().map(|w| w.0).max().unwrap_or(0);
+                let old = io
+                    .read_slots(base + lo, hi - lo + 1)
+                    .with_context(|| format!("reading the table of service {service} in map `{}`", bpf::MAP_TABLES))?;
+                let mut undo = Vec::new();
+                let mut entries = Vec::new();
+                for &(slot, number) in writes {
+                    let was = old[(slot - lo) as usize];
+                    if was != number {
+                        undo.push((base + slot, was));
+                        entries.push((base + slot, number));
+                    }
+                }
+                if entries.is_empty() {
+                    continue;
+                }
+                journal.push(Undo::Slots(undo));
+                io.write_slots(&entries).context(Refused { map: MapId::Tables, key: entries[0].0 })?;
+            }
+            Step::Grace => {
+                io.grace();
+                journal.push(Undo::Grace);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn undo(io: &dyn Io, journal: Vec<Undo>) -> Result<()> {
+    for entry in journal.into_iter().rev() {
+        match entry {
+            Undo::Entry { map, key, old } => io.write(map, key, &old).context(Refused { map, key })?,
+            Undo::Slots(entries) => io.write_slots(&entries).context(Refused { map: MapId::Tables, key: entries[0].0 })?,
+            Undo::Grace => io.grace(),
+        }
+    }
+    Ok(())
+}
+
+/// An [`Io`] that refuses its `fail_at`-th write (0-based; slot batches
+/// count as one write): for checking the rollback, in the tests and the
+/// root suite.
+pub struct Faulty<'a> {
+    pub inner: &'a dyn Io,
+    pub fail_at: usize,
+    pub writes: std::cell::Cell<usize>,
+}
+
+impl<'a> Faulty<'a> {
+    pub fn new(inner: &'a dyn Io, fail_at: usize) -> Self {
+        Faulty { inner, fail_at, writes: std::cell::Cell::new(0) }
+    }
+
+    fn count(&self) -> Result<()> {
+        let n = self.writes.get();
+        self.writes.set(n + 1);
+        if n == self.fail_at {
+            bail!("injected failure (write {n})");
+        }
+        Ok(())
+    }
+}
+
+impl Io for Faulty<'_> {
+    fn read(&self, map: MapId, key: u32) -> Result<Vec<u8>> {
+        self.inner.read(map, key)
+    }
+    fn write(&self, map: MapId, key: u32, value: &[u8]) -> Result<()> {
+        self.count()?;
+        self.inner.write(map, key, value)
+    }
+    fn read_slots(&self, start: u32, count: u32) -> Result<Vec<u32>> {
+        self.inner.read_slots(start, count)
+    }
+    fn write_slots(&self, entries: &[(u32, u32)]) -> Result<()> {
+        self.count()?;
+        self.inner.write_slots(entries)
+    }
+    fn grace(&self) {
+        self.inner.grace()
+    }
+}
+
+/// The maps in memory, as the kernel would hold them (tests).
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use std::cell::RefCell;
+
+    pub struct FakeMaps {
+        pub entries: RefCell<BTreeMap<MapId, Vec<Vec<u8>>>>,
+        pub tables: RefCell<Vec<u32>>,
+        pub graces: std::cell::Cell<usize>,
+    }
+
+    impl FakeMaps {
+        pub fn new() -> Self {
+            let mut entries = BTreeMap::new();
+            entries.insert(MapId::Config, vec![vec![0; size_of::<Config>()]]);
+            entries.insert(MapId::Vips, vec![vec![0; 24]; VIP_SLOTS]);
+            entries.insert(MapId::Services, vec![vec![0; 4]; MAX_SERVICES]);
+            entries.insert(MapId::Backends, vec![vec![0; size_of::<bpf::Backend>()]; MAX_BACKENDS]);
+            let cpus = 2;
+            entries.insert(MapId::BackendStats, vec![vec![0; 16 * cpus]; MAX_BACKENDS]);
+            entries.insert(MapId::ServiceStats, vec![vec![0; 16 * cpus]; MAX_SERVICES]);
+            FakeMaps {
+                entries: RefCell::new(entries),
+                tables: RefCell::new(vec![0; MAX_SERVICES * MAGLEV_SIZE]),
+                graces: std::cell::Cell::new(0),
+            }
+        }
+
+        /// Every byte, for before/after comparisons.
+        pub fn dump(&self) -> (BTreeMap<MapId, Vec<Vec<u8>>>, Vec<u32>) {
+            (self.entries.borrow().clone(), self.tables.borrow().clone())
+        }
+
+        pub fn snapshot(&self) -> Snapshot {
+            let e = self.entries.borrow();
+            let config: Config = bpf::value_from(&e[&MapId::Config][0]).unwrap();
+            let vips = e[&MapId::Vips].iter().map(|v| v[..].try_into().unwrap()).collect();
+            let services: Vec<u32> = e[&MapId::Services].iter().map(|v| u32::from_ne_bytes(v[..].try_into().unwrap())).collect();
+            let backends: Vec<bpf::Backend> = e[&MapId::Backends].iter().map(|v| bpf::value_from(v).unwrap()).collect();
+            let tables = self.tables.borrow();
+            decode(config, vips, &services, &backends, |n| {
+                let base = n as usize * MAGLEV_SIZE;
+                Ok(tables[base..base + MAGLEV_SIZE].to_vec())
+            })
+            .unwrap()
+        }
+    }
+
+    impl Io for FakeMaps {
+        fn read(&self, map: MapId, key: u32) -> Result<Vec<u8>> {
+            Ok(self.entries.borrow()[&map][key as usize].clone())
+        }
+        fn write(&self, map: MapId, key: u32, value: &[u8]) -> Result<()> {
+            let mut e = self.entries.borrow_mut();
+            let slot = &mut e.get_mut(&map).unwrap()[key as usize];
+            assert_eq!(slot.len(), value.len(), "value size of {map:?}");
+            slot.copy_from_slice(value);
+            Ok(())
+        }
+        fn read_slots(&self, start: u32, count: u32) -> Result<Vec<u32>> {
+            Ok(self.tables.borrow()[start as usize..(start + count) as usize].to_vec())
+        }
+        fn write_slots(&self, entries: &[(u32, u32)]) -> Result<()> {
+            let mut t = self.tables.borrow_mut();
+            for &(k, v) in entries {
+                t[k as usize] = v;
+            }
+            Ok(())
+        }
+        fn grace(&self) {
+            self.graces.set(self.graces.get() + 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,464 @@
+//! The planner and the executor against maps held in memory (`fake`).
+
+use super::fake::FakeMaps;
+use super::*;
+use crate::config::{Global, Service};
+
+const SEED: u32 = 0x5eed_0001;
+const GW: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const GW2: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const MAC: [u8; 6] = [2, 0, 0xc6, 0x12, 0, 0x65];
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn global() -> Global {
+    Global {
+        source_v4: Some(Ipv4Addr::new(198, 18, 0, 2)),
+        source_v6: Some("2001:db8::2".parse().unwrap()),
+        gateway_mac: Some(GW),
+        hash_seed: None,
+    }
+}
+
+fn tcp(addr: &str, port: u16) -> ServiceKey {
+    ServiceKey::Vip { addr: ip(addr), protocol: Protocol::Tcp, port }
+}
+
+fn udp(addr: &str, port: u16) -> ServiceKey {
+    ServiceKey::Vip { addr: ip(addr), protocol: Protocol::Udp, port }
+}
+
+fn be(addr: &str, weight: u32) -> Backend {
+    Backend { addr: ip(addr), mac: None, weight }
+}
+
+fn service(key: ServiceKey, backends: &[Backend]) -> Service {
+    let mut backends = backends.to_vec();
+    backends.sort();
+    Service { key, hash_ports: true, backends }
+}
+
+fn model(services: Vec<Service>) -> Model {
+    let mut services = services;
+    services.sort_by_key(|s| s.key);
+    Model { global: global(), services }
+}
+
+/// `n` backends 10.0.x.y (weight 1).
+fn pool(first: u32, n: u32) -> Vec<Backend> {
+    (first..first + n).map(|i| Backend { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), mac: None, weight: 1 }).collect()
+}
+
+fn config_bytes(c: &Config) -> Vec<u8> {
+    bytes_of(c)
+}
+
+fn assert_same(got: &Snapshot, want: &Snapshot) {
+    assert_eq!(got.running, want.running);
+    assert_eq!(config_bytes(&got.config), config_bytes(&want.config));
+    assert!(got.vips == want.vips, "VIP entries differ");
+}
+
+/// Plans and executes `wanted`, checks that the maps read back as the plan
+/// said and that planning the same model again writes nothing.
+fn run(maps: &FakeMaps, wanted: &Model) -> Plan {
+    let now = maps.snapshot();
+    let plan = plan(&now, wanted, SEED).unwrap();
+    execute(maps, &plan).unwrap();
+    let after = maps.snapshot();
+    assert_same(&after, &plan.after);
+    assert_eq!(after.running.model().services, wanted.services);
+    let again = super::plan(&after, wanted, SEED ^ 1).unwrap();
+    assert!(again.is_empty(), "not idempotent: {:?}", again.steps);
+    assert!(again.diff.is_empty());
+    plan
+}
+
+fn writes_to(plan: &Plan, map: MapId) -> Vec<u32> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Write { map: m, key, .. } | Step::Zero { map: m, key } if *m == map => Some(*key),
+            _ => None,
+        })
+        .collect()
+}
+
+fn position(plan: &Plan, pred: impl Fn(&Step) -> bool) -> usize {
+    plan.steps.iter().position(pred).expect("step present")
+}
+
+#[test]
+fn a_new_service_is_written_whole_before_it_is_published() {
+    let maps = FakeMaps::new();
+    let wanted = model(vec![service(tcp("203.0.113.10", 80), &pool(1, 3))]);
+    let plan = run(&maps, &wanted);
+    let s = &plan.after.running.services[0];
+    assert_eq!(s.number, 0);
+    assert_eq!(s.backends.iter().map(|b| b.number).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(s.table.iter().all(|&n| n < 3), "every slot leads to a backend");
+    assert_eq!(plan.slots_written(), MAGLEV_SIZE);
+
+    let table = position(&plan, |s| matches!(s, Step::Slots { service: 0, .. }));
+    let entry = position(&plan, |s| matches!(s, Step::Write { map: MapId::Services, key: 0, .. }));
+    let vip_writes: Vec<usize> =
+        plan.steps.iter().enumerate().filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, .. })).map(|(i, _)| i).collect();
+    let backends = position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, .. }));
+    assert!(backends < table && table < entry && entry < vip_writes[0], "{:?}", plan.steps);
+    // The entry is staged with family 0, then published by its family.
+    let Step::Write { value: staged, .. } = &plan.steps[vip_writes[0]] else { unreachable!() };
+    let Step::Write { value: published, .. } = &plan.steps[vip_writes[1]] else { unreachable!() };
+    assert_eq!(staged[16], 0);
+    assert_eq!(staged[..16], published[..16]);
+    assert_eq!(staged[17..], published[17..]);
+    assert_eq!(published[16], bpf::FAMILY_IPV4);
+    // vip_probes is raised before the entry is published.
+    let config = position(&plan, |s| matches!(s, Step::Write { map: MapId::Config, .. }));
+    assert!(config < vip_writes[0]);
+    assert_eq!(plan.after.config.vip_probes, 1);
+    assert!(!plan.steps.contains(&Step::Grace), "nothing to clear, no grace period");
+    // Counters of new numbers start at zero.
+    assert_eq!(writes_to(&plan, MapId::BackendStats), [0, 1, 2]);
+    assert_eq!(writes_to(&plan, MapId::ServiceStats), [0]);
+    // The entries as the datapath reads them.
+    let c = plan.after.config;
+    assert_eq!(c.flags & consts::L4LB_CONFIG_SRC_SET, consts::L4LB_CONFIG_SRC_SET);
+    assert_eq!(c.flags & (consts::L4LB_CONFIG_ANY_PORT | consts::L4LB_CONFIG_CATCH_ALL), 0);
+    let backend: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, 0).unwrap()).unwrap();
+    assert_eq!((backend.addr[..4].to_vec(), backend.mac, backend.family, backend.service, backend.weight), (vec![10, 0, 0, 1], GW, 4, 0, 1));
+    assert_eq!(u32::from(backend.flags), consts::L4LB_BACKEND_ACTIVE | consts::L4LB_BACKEND_GATEWAY_MAC);
+    let flags = u32::from_ne_bytes(maps.read(MapId::Services, 0).unwrap()[..].try_into().unwrap());
+    assert_eq!(flags, consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS);
+}
+
+#[test]
+fn a_removed_service_is_unpublished_then_cleared_after_a_grace_period() {
+    let maps = FakeMaps::new();
+    let web = service(tcp("203.0.113.10", 80), &pool(1, 3));
+    let dns = service(udp("203.0.113.10", 53), &pool(1, 2));
+    run(&maps, &model(vec![web.clone(), dns.clone()]));
+    let before = maps.snapshot();
+    let dns_number = before.running.service(&dns.key).unwrap().number;
+    let dns_backends: Vec<u32> = before.running.service(&dns.key).unwrap().backends.iter().map(|b| b.number).collect();
+    let entry = before.vip_positions()[&vip_key_bytes(&dns.key).unwrap()];
+
+    let plan = run(&maps, &model(vec![web.clone()]));
+    let grace = position(&plan, |s| *s == Step::Grace);
+    let freed = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value[..16] != [0; 16]));
+    let cleared = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value == &vec![0; 24]));
+    assert!(freed < grace && grace < cleared);
+    assert_eq!(writes_to(&plan, MapId::Services), [dns_number]);
+    let mut backends = writes_to(&plan, MapId::Backends);
+    backends.sort();
+    assert_eq!(backends, dns_backends);
+    assert!(plan.steps[grace..].iter().all(|s| !matches!(s, Step::Slots { .. })));
+    assert_eq!(maps.snapshot().vips[entry as usize], [0; 24]);
+    assert_eq!(maps.graces.get(), 1);
+    // The staying service kept its number and table.
+    assert_eq!(plan.after.running.service(&web.key), before.running.service(&web.key));
+}
+
+#[test]
+fn backend_changes_write_only_the_slots_that_change() {
+    let maps = FakeMaps::new();
+    let key = tcp("203.0.113.10", 80);
+    let backends = pool(1, 10);
+    run(&maps, &model(vec![service(key, &backends)]));
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+
+    // One more backend: it takes a new number, the others keep theirs.
+    let more = pool(1, 11);
+    let plan = run(&maps, &model(vec![service(key, &more)]));
+    let after = plan.after.running.service(&key).unwrap();
+    for b in &before.backends {
+        assert_eq!(after.backends.iter().find(|a| a.backend.addr == b.backend.addr).unwrap().number, b.number);
+    }
+    let new_number = after.backends.iter().find(|a| a.backend.addr == more[10].addr).unwrap().number;
+    assert_eq!(new_number, 10);
+    assert_eq!(plan.slots_written(), maglev::diff(&before.table, &after.table).len());
+    assert!(plan.slots_written() < MAGLEV_SIZE / 5, "about 1/11 of the slots move: {}", plan.slots_written());
+    assert_eq!(writes_to(&plan, MapId::Backends), [10], "only the new entry is written");
+    assert_eq!(writes_to(&plan, MapId::BackendStats), [10]);
+
+    // A weight change: the entry (bookkeeping) and some slots.
+    let mut heavier = more.clone();
+    heavier[0].weight = 3;
+    let plan = run(&maps, &model(vec![service(key, &heavier)]));
+    assert_eq!(writes_to(&plan, MapId::Backends), [0]);
+    assert!(writes_to(&plan, MapId::BackendStats).is_empty(), "its counters keep counting");
+    assert!(plan.slots_written() > 0 && plan.slots_written() < MAGLEV_SIZE / 2);
+
+    // A backend removed: its slots move first, its entry is cleared after the grace period.
+    let fewer: Vec<Backend> = heavier.iter().copied().filter(|b| b.addr != ip("10.0.0.5")).collect();
+    let removed_number = maps.snapshot().running.service(&key).unwrap().backends.iter().find(|b| b.backend.addr == ip("10.0.0.5")).unwrap().number;
+    let plan = run(&maps, &model(vec![service(key, &fewer)]));
+    let slots = position(&plan, |s| matches!(s, Step::Slots { .. }));
+    let grace = position(&plan, |s| *s == Step::Grace);
+    let clear = position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, key, .. } if *key == removed_number));
+    assert!(slots < grace && grace < clear);
+    assert!(plan.after.running.service(&key).unwrap().table.iter().all(|&n| n != removed_number));
+
+    // Cleared by that apply, the number is free again: the lowest free one.
+    let plan = run(&maps, &model(vec![service(key, &heavier)]));
+    let back = plan.after.running.service(&key).unwrap().backends.iter().find(|b| b.backend.addr == ip("10.0.0.5")).unwrap().number;
+    assert_eq!(back, removed_number);
+    assert_eq!(writes_to(&plan, MapId::BackendStats), [removed_number]);
+}
+
+#[test]
+fn a_drained_backend_keeps_its_entry_and_loses_its_slots() {
+    let maps = FakeMaps::new();
+    let key = tcp("203.0.113.10", 80);
+    let mut backends = pool(1, 4);
+    run(&maps, &model(vec![service(key, &backends)]));
+    backends[2].weight = 0;
+    let plan = run(&maps, &model(vec![service(key, &backends)]));
+    let s = plan.after.running.service(&key).unwrap();
+    let drained = s.backends[2].number;
+    assert!(s.table.iter().all(|&n| n != drained));
+    assert_eq!(writes_to(&plan, MapId::Backends), [drained]);
+}
+
+/// VIP keys (TCP ports of 203.0.113.10) whose home entry is the same.
+fn colliding(count: usize) -> (u32, Vec<ServiceKey>) {
+    let mut by_home: HashMap<u32, Vec<ServiceKey>> = HashMap::new();
+    for port in 1..=u16::MAX {
+        let key = tcp("203.0.113.10", port);
+        let home = vip_home(&vip_key_bytes(&key).unwrap());
+        let keys = by_home.entry(home).or_default();
+        keys.push(key);
+        if keys.len() == count {
+            return (home, keys.clone());
+        }
+    }
+    panic!("no {count} colliding keys");
+}
+
+#[test]
+fn vips_are_placed_within_the_probe_bound() {
+    let (home, keys) = colliding(9);
+    let maps = FakeMaps::new();
+    let services: Vec<Service> = keys[..8].iter().map(|&k| service(k, &pool(1, 1))).collect();
+    // One at a time: each next one a step further from home.
+    for n in 1..=8 {
+        let plan = run(&maps, &model(services[..n].to_vec()));
+        assert_eq!(plan.after.config.vip_probes, n as u32);
+    }
+    let positions = maps.snapshot().vip_positions();
+    for (i, k) in keys[..8].iter().enumerate() {
+        assert_eq!(positions[&vip_key_bytes(k).unwrap()], (home + i as u32) & VIP_MASK);
+    }
+    // A ninth has no free entry within the bound.
+    let mut nine = services.clone();
+    nine.push(service(keys[8], &pool(1, 1)));
+    let err = plan(&maps.snapshot(), &model(nine), SEED).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = 8 entries of its home entry {home}", keys[8])
+    );
+    // Removing the first: the others stay where they are, the bound stays 8.
+    let plan = run(&maps, &model(services[1..].to_vec()));
+    assert_eq!(plan.after.config.vip_probes, 8);
+    assert!(writes_to(&plan, MapId::Vips).iter().all(|&e| e == home));
+    // The freed home entry goes to the ninth on the next apply (not in the
+    // same one as a removal), and the probe bound covers both until the end.
+    let mut swap = services[1..].to_vec();
+    swap.push(service(keys[8], &pool(1, 1)));
+    let plan = run(&maps, &model(swap));
+    assert_eq!(maps.snapshot().vip_positions()[&vip_key_bytes(&keys[8]).unwrap()], home);
+    assert_eq!(plan.after.config.vip_probes, 8);
+    // Removing the far ones lowers the bound, after they are unpublished.
+    let plan = run(&maps, &model(vec![service(keys[8], &pool(1, 1))]));
+    assert_eq!(plan.after.config.vip_probes, 1);
+    let last_config = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Config, .. })).unwrap();
+    let last_unpublish = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value != &vec![0; 24])).unwrap();
+    assert!(last_unpublish < last_config);
+    let plan = run(&maps, &model(vec![]));
+    assert_eq!(plan.after.config.vip_probes, 0);
+}
+
+#[test]
+fn any_port_and_catch_all_flags() {
+    let maps = FakeMaps::new();
+    let plan = run(&maps, &model(vec![service(tcp("203.0.113.10", 0), &pool(1, 2)), service(ServiceKey::CatchAll, &pool(3, 2))]));
+    let c = plan.after.config;
+    assert_ne!(c.flags & consts::L4LB_CONFIG_ANY_PORT, 0);
+    assert_ne!(c.flags & consts::L4LB_CONFIG_CATCH_ALL, 0);
+    let catch_all = plan.after.running.service(&ServiceKey::CatchAll).unwrap().number;
+    assert_eq!(c.catch_all, catch_all);
+    // The catch-all is published by the configuration after its table.
+    let table = position(&plan, |s| matches!(s, Step::Slots { service, .. } if *service == catch_all));
+    let publish = position(&plan, |s| matches!(s, Step::Write { map: MapId::Config, value, .. }
+        if u32::from_ne_bytes(value[4..8].try_into().unwrap()) & consts::L4LB_CONFIG_CATCH_ALL != 0));
+    assert!(table < publish);
+    let plan = run(&maps, &model(vec![service(tcp("203.0.113.10", 80), &pool(1, 2))]));
+    assert_eq!(plan.after.config.flags & (consts::L4LB_CONFIG_ANY_PORT | consts::L4LB_CONFIG_CATCH_ALL), 0);
+    assert_eq!(plan.after.config.catch_all, 0);
+}
+
+#[test]
+fn the_seed_is_chosen_once_and_kept() {
+    let maps = FakeMaps::new();
+    let plan = run(&maps, &Model { global: global(), services: vec![] });
+    assert_eq!(plan.after.running.global.hash_seed, Some(SEED));
+    assert!(!plan.after.running.seed_fixed);
+    // What `l4lb config` prints (the random seed written out) changes nothing.
+    let printed = config::parse("lb.toml", config::to_toml(&maps.snapshot().running.model()).as_bytes()).unwrap();
+    assert_eq!(printed.global.hash_seed, Some(SEED));
+    assert!(plan_of(&maps, &printed).is_empty());
+    // No seed in the file keeps it too.
+    assert!(plan_of(&maps, &Model { global: global(), services: vec![] }).is_empty());
+    // A new seed is fixed.
+    let mut fixed = printed.clone();
+    fixed.global.hash_seed = Some(7);
+    let plan = run(&maps, &fixed);
+    assert_eq!(plan.steps.len(), 1, "{:?}", plan.steps);
+    assert_eq!((plan.after.config.hash_seed, plan.after.running.seed_fixed), (7, true));
+}
+
+fn plan_of(maps: &FakeMaps, wanted: &Model) -> Plan {
+    plan(&maps.snapshot(), wanted, SEED ^ 0xff).unwrap()
+}
+
+#[test]
+fn a_gateway_change_rewrites_the_entries_that_use_it() {
+    let maps = FakeMaps::new();
+    let mut backends = pool(1, 3);
+    backends[1].mac = Some(MAC);
+    let key = tcp("203.0.113.10", 80);
+    run(&maps, &model(vec![service(key, &backends)]));
+    let mut wanted = model(vec![service(key, &backends)]);
+    wanted.global.gateway_mac = Some(GW2);
+    let plan = run(&maps, &wanted);
+    let numbers = &plan.after.running.service(&key).unwrap().backends;
+    let mut written = writes_to(&plan, MapId::Backends);
+    written.sort();
+    assert_eq!(written, [numbers[0].number, numbers[2].number]);
+    assert_eq!(plan.slots_written(), 0);
+    let entry: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, numbers[0].number).unwrap()).unwrap();
+    assert_eq!(entry.mac, GW2);
+    // Entries are rewritten before the configuration names the new gateway.
+    let config = position(&plan, |s| matches!(s, Step::Write { map: MapId::Config, .. }));
+    assert!(position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, .. })) < config);
+}
+
+#[test]
+fn limits_are_errors() {
+    let too_many: Vec<Service> = (0..65u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(1, 1))).collect();
+    assert_eq!(check_limits(&model(too_many)).unwrap_err().to_string(), "65 services: at most MAX_SERVICES = 64");
+    let wide = model(vec![service(ServiceKey::CatchAll, &pool(0, 513))]);
+    assert_eq!(check_limits(&wide).unwrap_err().to_string(), "service * has 513 backends: at most MAX_BACKENDS_PER_SERVICE = 512");
+    let total: Vec<Service> = (0..9u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(0, 512))).collect();
+    assert_eq!(check_limits(&model(total)).unwrap_err().to_string(), "4608 backends over all services: at most MAX_TOTAL_BACKENDS = 4096");
+    let mixed = model(vec![service(ServiceKey::CatchAll, &[be("198.18.0.101", 1), be("2001:db8::101", 1)])]);
+    assert_eq!(check_limits(&mixed).unwrap_err().to_string(), "the catch-all service may not mix IPv4 and IPv6 backends");
+    assert!(plan(&Snapshot::empty(), &mixed, SEED).is_err());
+}
+
+#[test]
+fn the_catch_all_through_map_edits_leaves_other_services_alone() {
+    let maps = FakeMaps::new();
+    let web = service(tcp("203.0.113.10", 80), &pool(100, 4));
+    run(&maps, &model(vec![web.clone()]));
+    let web_before = maps.snapshot().running.service(&web.key).unwrap().clone();
+    // What `l4lb map` does: the running model with the catch-all's backends replaced.
+    let rows = |first: u32| -> Vec<Backend> { pool(first, 5).into_iter().map(|b| Backend { mac: Some(MAC), ..b }).collect() };
+    for first in [1, 3] {
+        let mut wanted = maps.snapshot().running.model();
+        let catch_all = service(ServiceKey::CatchAll, &rows(first));
+        match wanted.services.binary_search_by(|s| s.key.cmp(&ServiceKey::CatchAll)) {
+            Ok(i) => wanted.services[i] = catch_all,
+            Err(i) => wanted.services.insert(i, catch_all),
+        }
+        let plan = run(&maps, &wanted);
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Slots { service, .. } if *service == web_before.number)));
+        assert_eq!(plan.after.running.service(&web.key), Some(&web_before));
+        let catch_all = plan.after.running.service(&ServiceKey::CatchAll).unwrap();
+        assert_eq!(catch_all.backends.iter().map(|b| b.backend.addr).collect::<Vec<_>>(), rows(first).iter().map(|b| b.addr).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn ipv6_services_and_ipv4_in_ipv6() {
+    let maps = FakeMaps::new();
+    let v6 = service(udp("2001:db8::10", 53), &[be("2001:db8::101", 1), be("2001:db8::102", 2)]);
+    let mixed = service(tcp("203.0.113.10", 443), &[be("198.18.0.101", 1), be("2001:db8::103", 1)]);
+    let plan = run(&maps, &model(vec![v6.clone(), mixed.clone()]));
+    let n6 = plan.after.running.service(&v6.key).unwrap().number;
+    let flags = u32::from_ne_bytes(maps.read(MapId::Services, n6).unwrap()[..].try_into().unwrap());
+    assert_eq!(flags & consts::L4LB_SERVICE_IPV4_BACKENDS, 0);
+    let b = plan.after.running.service(&mixed.key).unwrap().backends[1].number;
+    let entry: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, b).unwrap()).unwrap();
+    assert_eq!((entry.family, entry.addr), (bpf::FAMILY_IPV6, "2001:db8::103".parse::<Ipv6Addr>().unwrap().octets()));
+}
+
+#[test]
+fn a_refused_write_leaves_every_map_as_it_was() {
+    let maps = FakeMaps::new();
+    let web = tcp("203.0.113.10", 80);
+    let dns = udp("203.0.113.10", 53);
+    run(&maps, &model(vec![service(web, &pool(1, 6)), service(dns, &pool(1, 2))]));
+    maps.write(MapId::BackendStats, 9, &[1; 32]).unwrap();
+    let mut next = model(vec![service(web, &pool(3, 7)), service(ServiceKey::CatchAll, &pool(20, 2)), service(tcp("203.0.113.11", 0), &pool(30, 1))]);
+    next.global.gateway_mac = Some(GW2);
+    next.global.hash_seed = Some(99);
+    let now = maps.snapshot();
+    let plan = plan(&now, &next, SEED).unwrap();
+    let total = {
+        let counter = Faulty::new(&maps, usize::MAX);
+        let dump = maps.dump();
+        execute(&counter, &plan).unwrap();
+        let writes = counter.writes.get();
+        // Put the maps back for the failure runs.
+        *maps.entries.borrow_mut() = dump.0;
+        *maps.tables.borrow_mut() = dump.1;
+        writes
+    };
+    assert!(total > 20, "{total} writes");
+    let before = maps.dump();
+    for fail_at in 0..total {
+        let faulty = Faulty::new(&maps, fail_at);
+        let err = format!("{:#}", execute(&faulty, &plan).unwrap_err());
+        assert!(err.contains("of map `l4lb_"), "{err}");
+        assert!(err.contains("the update was rolled back"), "{err}");
+        assert!(maps.dump() == before, "maps changed after a failure at write {fail_at}: {err}");
+    }
+    // And for real.
+    execute(&maps, &plan).unwrap();
+    assert_same(&maps.snapshot(), &plan.after);
+}
+
+#[test]
+fn a_full_balancer_reuses_numbers_only_after_unpublishing() {
+    let maps = FakeMaps::new();
+    let full: Vec<Service> = (0..64u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p) * 2, 1))).collect();
+    run(&maps, &model(full.clone()));
+    let mut swapped = full[1..].to_vec();
+    swapped.push(service(tcp("203.0.113.20", 80), &pool(500, 1)));
+    let plan = run(&maps, &model(swapped));
+    let old = maps.snapshot();
+    let reused = plan.after.running.service(&tcp("203.0.113.20", 80)).unwrap().number;
+    assert_eq!(reused, 0, "the removed service's number");
+    let grace = position(&plan, |s| *s == Step::Grace);
+    let table = position(&plan, |s| matches!(s, Step::Slots { service: 0, .. }));
+    let unpublish = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0));
+    assert!(unpublish < grace && grace < table, "{:?}", &plan.steps[..8]);
+    // Its service entry is not cleared afterwards.
+    assert!(!plan.steps[table..].iter().any(|s| matches!(s, Step::Write { map: MapId::Services, key: 0, value } if value == &vec![0; 4])));
+    assert_eq!(old.running.services.len(), 64);
+}
+
+#[test]
+fn decode_ignores_what_nothing_publishes() {
+    let maps = FakeMaps::new();
+    run(&maps, &model(vec![service(tcp("203.0.113.10", 80), &pool(1, 2))]));
+    // An active service and backend no VIP names (an interrupted apply).
+    maps.write(MapId::Services, 5, &consts::L4LB_SERVICE_ACTIVE.to_ne_bytes()).unwrap();
+    let stray = backend_entry(&be("10.9.9.9", 1), 5, Some(GW));
+    maps.write(MapId::Backends, 77, &bytes_of(&stray)).unwrap();
+    let running = maps.snapshot().running;
+    assert_eq!(running.services.len(), 1);
+    assert_eq!(running.services[0].backends.len(), 2);
+}

@@ -1,0 +1,667 @@
+//! The balancer's XDP program under BPF_PROG_TEST_RUN, its maps filled
+//! directly (not through the host's apply engine), and a reference model of
+//! what it must do to a frame, written from the datapath semantics of issue 4
+//! (docs: spec steps 1 to 8) and include/l4lb.h, independently of src/bpf/.
+//!
+//! Map values are written as bytes laid out here from the header (so the
+//! layouts are checked too); only the flow hash and the slot come from the
+//! host's model (`Flow::hash`, `maglev::flow_slot`), which the suites check
+//! against the datapath.
+//!
+//! Used by tests/datapath.rs (explicit expectations, cross-checked with the
+//! model) and tests/fuzz.rs (the model is the expectation).
+
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd};
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapMut, MapType, OpenObject, ProgramInput};
+
+use super::packet::internet_checksum;
+use super::{fail, TestResult};
+use l4lb::bpf::consts::*;
+use l4lb::bpf::counter::*;
+use l4lb::bpf::skel::{L4lbXdpSkel, L4lbXdpSkelBuilder};
+use l4lb::flow_hash::Flow;
+
+pub const NCNT: usize = L4LB_CNT_MAX as usize;
+pub const MAGLEV_SIZE: usize = L4LB_MAGLEV_SIZE as usize;
+pub const MAX_SERVICES: usize = L4LB_MAX_SERVICES as usize;
+pub const MAX_BACKENDS: usize = L4LB_MAX_BACKENDS as usize;
+pub const VIP_SLOTS: usize = L4LB_VIP_SLOTS as usize;
+pub const SLOT_EMPTY: u32 = L4LB_SLOT_EMPTY;
+
+pub const ETH_LEN: usize = 14;
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const HOPOPTS: u8 = 0;
+pub const ROUTING: u8 = 43;
+pub const FRAGMENT: u8 = 44;
+pub const DSTOPTS: u8 = 60;
+
+// ---------------------------------------------------------------- map values
+
+/// struct l4lb_config, 48 bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    pub hash_seed: u32,
+    pub flags: u32,
+    pub mtu: u32,
+    pub catch_all: u32,
+    pub vip_probes: u32,
+    pub src_v4: [u8; 4],
+    pub src_v6: [u8; 16],
+    pub gateway_mac: [u8; 6],
+}
+
+impl LbConfig {
+    pub fn bytes(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[0..4].copy_from_slice(&self.hash_seed.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.flags.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.mtu.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.catch_all.to_ne_bytes());
+        b[16..20].copy_from_slice(&self.vip_probes.to_ne_bytes());
+        b[20..24].copy_from_slice(&self.src_v4);
+        b[24..40].copy_from_slice(&self.src_v6);
+        b[40..46].copy_from_slice(&self.gateway_mac);
+        b
+    }
+}
+
+/// struct l4lb_vip_key, 20 bytes; `port` in host order here, network order in the map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub proto: u8,
+    pub port: u16,
+}
+
+impl VipKey {
+    pub fn new(addr: IpAddr, proto: u8, port: u16) -> Self {
+        VipKey { addr: addr_bytes(addr), family: family_of(addr), proto, port }
+    }
+
+    pub fn bytes(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[..16].copy_from_slice(&self.addr);
+        b[16] = self.family;
+        b[17] = self.proto;
+        b[18..20].copy_from_slice(&self.port.to_be_bytes());
+        b
+    }
+
+    pub fn with_port(&self, port: u16) -> Self {
+        VipKey { port, ..*self }
+    }
+}
+
+/// The home entry of a VIP key in l4lb_vips (spec step 2), computed here.
+pub fn vip_home(key: &VipKey) -> u32 {
+    let b = key.bytes();
+    let fold = (0..5).map(|i| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap())).fold(0, |a, w| a ^ w);
+    fold.wrapping_mul(L4LB_VIP_HASH_MUL) >> (32 - L4LB_VIP_BITS)
+}
+
+/// struct l4lb_backend, 32 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: [u8; 16],
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub flags: u8,
+    pub service: u32,
+    pub weight: u32,
+}
+
+impl BackendEntry {
+    /// An active backend of `service` at `addr` with next hop `mac`.
+    pub fn new(addr: IpAddr, mac: [u8; 6], service: u32) -> Self {
+        BackendEntry {
+            addr: addr_bytes(addr),
+            mac,
+            family: family_of(addr),
+            flags: L4LB_BACKEND_ACTIVE as u8,
+            service,
+            weight: 1,
+        }
+    }
+
+    /// Flagged GATEWAY_MAC: `mac` holds the gateway's MAC (the host writes it so).
+    pub fn via_gateway(addr: IpAddr, gateway_mac: [u8; 6], service: u32) -> Self {
+        BackendEntry { flags: (L4LB_BACKEND_ACTIVE | L4LB_BACKEND_GATEWAY_MAC) as u8, ..Self::new(addr, gateway_mac, service) }
+    }
+
+    pub fn active(&self) -> bool {
+        u32::from(self.flags) & L4LB_BACKEND_ACTIVE != 0
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        if self.family == L4LB_FAMILY_IPV6 as u8 {
+            IpAddr::V6(Ipv6Addr::from(self.addr))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3]))
+        }
+    }
+
+    pub fn bytes(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..16].copy_from_slice(&self.addr);
+        b[16..22].copy_from_slice(&self.mac);
+        b[22] = self.family;
+        b[23] = self.flags;
+        b[24..28].copy_from_slice(&self.service.to_ne_bytes());
+        b[28..32].copy_from_slice(&self.weight.to_ne_bytes());
+        b
+    }
+}
+
+pub fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b = a.octets(),
+    }
+    b
+}
+
+pub fn family_of(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        L4LB_FAMILY_IPV4 as u8
+    } else {
+        L4LB_FAMILY_IPV6 as u8
+    }
+}
+
+// ---------------------------------------------------------------- the model's answer
+
+/// What the datapath must do with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// test_run refuses it (shorter than an Ethernet header): the program does not run.
+    Refused,
+    /// XDP_PASS counted PASS (not IPv4/IPv6 TCP/UDP).
+    Pass,
+    /// XDP_PASS counted PASS_NO_SERVICE.
+    PassNoService,
+    /// XDP_DROP counted by this counter.
+    Drop(u32),
+    /// XDP_TX, encapsulated.
+    Tx(Tx),
+}
+
+/// An encapsulated frame: where it goes and what its outer header copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tx {
+    pub service: u32,
+    pub backend: u32,
+    /// The flow hash (the IPv6 outer flow label is its low 20 bits).
+    pub hash: u32,
+    /// 20 (outer IPv4) or 40 (outer IPv6).
+    pub overhead: usize,
+    /// The client's packet: IPv4 tot_len or 40 + payload length.
+    pub l3_len: usize,
+    pub tos: u8,
+    /// IPv4 DF of the client's packet (false for IPv6).
+    pub df: bool,
+    /// The client's packet is IPv6.
+    pub inner_v6: bool,
+}
+
+impl Outcome {
+    /// The verdict and the counter, as the program returns and counts them.
+    pub fn verdict_and_counter(&self) -> (u32, u32) {
+        match self {
+            Outcome::Refused => (0, 0),
+            Outcome::Pass => (super::wire::XDP_PASS, L4LB_CNT_PASS),
+            Outcome::PassNoService => (super::wire::XDP_PASS, L4LB_CNT_PASS_NO_SERVICE),
+            Outcome::Drop(counter) => (super::wire::XDP_DROP, *counter),
+            Outcome::Tx(_) => (super::wire::XDP_TX, L4LB_CNT_TX),
+        }
+    }
+}
+
+/// What the parser takes from a balanced packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Parsed {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// As on the wire; 0 for fragments.
+    pub sport: u16,
+    pub dport: u16,
+    pub fragment: bool,
+    pub l3_len: usize,
+    pub tos: u8,
+    pub df: bool,
+}
+
+fn be16(b: &[u8], at: usize) -> usize {
+    usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+
+/// Spec step 1 for an IPv4 packet (the bytes after the Ethernet header).
+pub fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Outcome> {
+    if ip.len() < 20 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV4));
+    }
+    if ip[0] >> 4 != 4 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_VERSION));
+    }
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if header_len < 20 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_IHL));
+    }
+    if header_len > ip.len() {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV4));
+    }
+    let tot_len = be16(ip, 2);
+    if tot_len < header_len || tot_len > ip.len() {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_TOT_LEN));
+    }
+    let proto = ip[9];
+    if proto != TCP && proto != UDP {
+        return Err(Outcome::Pass);
+    }
+    let fragment = be16(ip, 6) & 0x3fff != 0; // MF or an offset
+    let (sport, dport) = if fragment {
+        (0, 0)
+    } else {
+        if header_len + 4 > tot_len {
+            return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_L4));
+        }
+        (be16(ip, header_len) as u16, be16(ip, header_len + 2) as u16)
+    };
+    let v4 = |at: usize| IpAddr::V4(Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]));
+    Ok(Parsed {
+        src: v4(12),
+        dst: v4(16),
+        proto,
+        sport,
+        dport,
+        fragment,
+        l3_len: tot_len,
+        tos: ip[1],
+        df: ip[6] & 0x40 != 0,
+    })
+}
+
+/// Spec step 1 for an IPv6 packet: at most 4 extension headers.
+pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
+    if ip.len() < 40 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV6));
+    }
+    if ip[0] >> 4 != 6 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_VERSION));
+    }
+    let payload_len = be16(ip, 4);
+    let l3_end = 40 + payload_len;
+    if payload_len == 0 || l3_end > ip.len() {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN));
+    }
+    let mut next = ip[6];
+    let mut at = 40;
+    let mut fragment = false;
+    let mut headers = 0;
+    while next != TCP && next != UDP {
+        let is_ext = matches!(next, HOPOPTS | ROUTING | DSTOPTS | FRAGMENT);
+        if !is_ext {
+            return Err(Outcome::Pass);
+        }
+        if headers == L4LB_MAX_EXT_HEADERS as usize {
+            return Err(Outcome::Drop(L4LB_CNT_DROP_EXT_HEADERS));
+        }
+        headers += 1;
+        let len = if next == FRAGMENT { 8 } else if at + 2 <= ip.len() { (usize::from(ip[at + 1]) + 1) * 8 } else { 8 };
+        if at + len > l3_end {
+            return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV6));
+        }
+        if next == FRAGMENT {
+            // Offset or M bit: a fragment. Offset 0 without M: atomic, keeps its ports.
+            fragment |= be16(ip, at + 2) & 0xfff9 != 0;
+        }
+        next = ip[at];
+        at += len;
+    }
+    let (sport, dport) = if fragment {
+        (0, 0)
+    } else {
+        if at + 4 > l3_end {
+            return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_L4));
+        }
+        (be16(ip, at) as u16, be16(ip, at + 2) as u16)
+    };
+    let v6 = |at: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap()));
+    Ok(Parsed {
+        src: v6(8),
+        dst: v6(24),
+        proto: next,
+        sport,
+        dport,
+        fragment,
+        l3_len: l3_end,
+        tos: ((u32::from_be_bytes(ip[0..4].try_into().unwrap()) >> 20) & 0xff) as u8,
+        df: false,
+    })
+}
+
+// ---------------------------------------------------------------- the balancer
+
+/// One loaded program, and what its maps hold (the model's state).
+pub struct Lb {
+    pub skel: L4lbXdpSkel<'static>,
+    pub config: LbConfig,
+    pub vips: Vec<Option<(VipKey, u32)>>,
+    pub services: Vec<u32>,
+    /// Each service's table; None: as loaded (every slot 0).
+    pub tables: Vec<Option<Vec<u32>>>,
+    pub backends: Vec<BackendEntry>,
+    pub per_cpu: bool,
+}
+
+impl Lb {
+    /// Loads the program; `per_cpu` switches the counter and traffic maps to per-CPU arrays first.
+    pub fn load(per_cpu: bool) -> TestResult<Self> {
+        // The skeleton borrows this storage for its whole life: one small leak per load.
+        let storage = Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit()));
+        let mut open = L4lbXdpSkelBuilder::default().open(storage)?;
+        if per_cpu {
+            open.maps.l4lb_counters.set_type(MapType::PercpuArray)?;
+            open.maps.l4lb_be_stats.set_type(MapType::PercpuArray)?;
+            open.maps.l4lb_svc_stats.set_type(MapType::PercpuArray)?;
+        }
+        let skel = open.load()?;
+        Ok(Lb {
+            skel,
+            config: LbConfig::default(),
+            vips: vec![None; VIP_SLOTS],
+            services: vec![0; MAX_SERVICES],
+            tables: vec![None; MAX_SERVICES],
+            backends: vec![BackendEntry::default(); MAX_BACKENDS],
+            per_cpu,
+        })
+    }
+
+    pub fn set_config(&mut self, config: LbConfig) -> TestResult {
+        self.skel.maps.l4lb_config.update(&0u32.to_ne_bytes(), &config.bytes(), MapFlags::ANY)?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Writes entry `index` of l4lb_vips (None: a free, zeroed entry).
+    pub fn set_vip_entry(&mut self, index: u32, vip: Option<(VipKey, u32)>) -> TestResult {
+        let mut bytes = [0u8; 24];
+        if let Some((key, service)) = vip {
+            bytes[..20].copy_from_slice(&key.bytes());
+            bytes[20..].copy_from_slice(&service.to_ne_bytes());
+        }
+        self.skel.maps.l4lb_vips.update(&index.to_ne_bytes(), &bytes, MapFlags::ANY)?;
+        self.vips[index as usize] = vip;
+        Ok(())
+    }
+
+    /// Places a VIP `displacement` entries after its home; returns the entry.
+    pub fn place_vip(&mut self, key: VipKey, service: u32, displacement: u32) -> TestResult<u32> {
+        let index = (vip_home(&key) + displacement) & L4LB_VIP_MASK;
+        if let Some((other, _)) = self.vips[index as usize] {
+            if other != key {
+                return Err(fail(format!("VIP entry {index} is taken by {other:?}")));
+            }
+        }
+        self.set_vip_entry(index, Some((key, service)))?;
+        Ok(index)
+    }
+
+    /// Places a VIP at the first free entry from its home (as the host does);
+    /// raises vip_probes (and sets ANY_PORT for port 0) as needed.
+    pub fn add_vip(&mut self, key: VipKey, service: u32) -> TestResult<u32> {
+        let home = vip_home(&key);
+        let displacement = (0..L4LB_VIP_MAX_PROBES)
+            .find(|i| match self.vips[((home + i) & L4LB_VIP_MASK) as usize] {
+                None => true,
+                Some((other, _)) => other == key,
+            })
+            .ok_or_else(|| fail(format!("no free VIP entry near the home of {key:?}")))?;
+        let index = self.place_vip(key, service, displacement)?;
+        let mut config = self.config.clone();
+        config.vip_probes = config.vip_probes.max(displacement + 1);
+        if key.port == 0 {
+            config.flags |= L4LB_CONFIG_ANY_PORT;
+        }
+        self.set_config(config)?;
+        Ok(index)
+    }
+
+    pub fn set_service(&mut self, service: u32, flags: u32) -> TestResult {
+        self.skel.maps.l4lb_services.update(&service.to_ne_bytes(), &flags.to_ne_bytes(), MapFlags::ANY)?;
+        self.services[service as usize] = flags;
+        Ok(())
+    }
+
+    /// Writes a whole table (MAGLEV_SIZE backend numbers) of `service`.
+    pub fn set_table(&mut self, service: u32, table: &[u32]) -> TestResult {
+        if table.len() != MAGLEV_SIZE {
+            return Err(fail(format!("a table of {} slots, expected {MAGLEV_SIZE}", table.len())));
+        }
+        let base = service * MAGLEV_SIZE as u32;
+        let keys: Vec<u8> = (0..MAGLEV_SIZE as u32).flat_map(|slot| (base + slot).to_ne_bytes()).collect();
+        let values: Vec<u8> = table.iter().flat_map(|n| n.to_ne_bytes()).collect();
+        self.skel.maps.l4lb_tables.update_batch(&keys, &values, MAGLEV_SIZE as u32, MapFlags::ANY, MapFlags::ANY)?;
+        self.tables[service as usize] = Some(table.to_vec());
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, number: u32, entry: BackendEntry) -> TestResult {
+        self.skel.maps.l4lb_backends.update(&number.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
+        self.backends[number as usize] = entry;
+        Ok(())
+    }
+
+    /// The backend number in `slot` of `service`'s table, as the maps hold it.
+    pub fn slot_value(&self, service: u32, slot: usize) -> u32 {
+        self.tables[service as usize].as_ref().map_or(0, |table| table[slot])
+    }
+
+    /// The backend number the model says `flow` of `service` lands on (valid or not).
+    pub fn predict(&self, service: u32, flow: &Flow) -> u32 {
+        self.slot_value(service, l4lb::maglev::flow_slot(flow, self.config.hash_seed, MAGLEV_SIZE))
+    }
+
+    /// One BPF_PROG_TEST_RUN (repeat 1) into `out`: the verdict and the output length.
+    pub fn run_into(&self, frame: &[u8], out: &mut [u8]) -> libbpf_rs::Result<(u32, usize)> {
+        let input = ProgramInput { data_in: Some(frame), data_out: Some(out), repeat: 1, ..Default::default() };
+        let output = self.skel.progs.l4lb_balance.test_run(input)?;
+        Ok((output.return_value, output.data.map_or(0, |data| data.len())))
+    }
+
+    /// One BPF_PROG_TEST_RUN (repeat 1): the verdict and the output frame.
+    pub fn run(&self, frame: &[u8]) -> libbpf_rs::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let (verdict, len) = self.run_into(frame, &mut out)?;
+        out.truncate(len);
+        Ok((verdict, out))
+    }
+
+    /// The 16 global counters (summed over CPUs when per-CPU).
+    pub fn counters(&self) -> TestResult<[u64; NCNT]> {
+        let values = read_u64s(&self.skel.maps.l4lb_counters, NCNT, 1)?;
+        let mut out = [0u64; NCNT];
+        for (i, v) in values.iter().enumerate() {
+            out[i] = v[0];
+        }
+        Ok(out)
+    }
+
+    /// (packets, bytes) of every backend entry.
+    pub fn backend_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
+        Ok(read_u64s(&self.skel.maps.l4lb_be_stats, MAX_BACKENDS, 2)?.iter().map(|v| (v[0], v[1])).collect())
+    }
+
+    /// (packets, bytes) of every service.
+    pub fn service_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
+        Ok(read_u64s(&self.skel.maps.l4lb_svc_stats, MAX_SERVICES, 2)?.iter().map(|v| (v[0], v[1])).collect())
+    }
+
+    // ------------------------------------------------------------ the model
+
+    /// What the datapath must do with `frame`, given what the maps hold.
+    pub fn classify(&self, frame: &[u8]) -> Outcome {
+        if frame.len() < ETH_LEN {
+            return Outcome::Refused;
+        }
+        let parsed = match be16(frame, 12) {
+            0x0800 => parse_ipv4(&frame[ETH_LEN..]),
+            0x86dd => parse_ipv6(&frame[ETH_LEN..]),
+            _ => return Outcome::Pass,
+        };
+        match parsed {
+            Ok(p) => self.decide(&p),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// The VIP entry's service for `key`, looking at vip_probes entries from its home.
+    pub fn find_vip(&self, key: &VipKey) -> Option<u32> {
+        let home = vip_home(key);
+        (0..self.config.vip_probes.min(L4LB_VIP_MAX_PROBES)).find_map(|i| match self.vips[((home + i) & L4LB_VIP_MASK) as usize] {
+            Some((entry, service)) if entry == *key => Some(service),
+            _ => None,
+        })
+    }
+
+    /// Spec steps 2 to 8 for a parsed packet.
+    pub fn decide(&self, p: &Parsed) -> Outcome {
+        let key = VipKey::new(p.dst, p.proto, p.dport);
+        let mut service = self.find_vip(&key);
+        if service.is_none() && key.port != 0 && self.config.flags & L4LB_CONFIG_ANY_PORT != 0 {
+            service = self.find_vip(&key.with_port(0));
+        }
+        if service.is_none() && self.config.flags & L4LB_CONFIG_CATCH_ALL != 0 {
+            service = Some(self.config.catch_all);
+        }
+        let Some(service) = service else { return Outcome::PassNoService };
+        let Some(&flags) = self.services.get(service as usize) else {
+            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        };
+        if flags & L4LB_SERVICE_ACTIVE == 0 {
+            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        }
+        let inner_v6 = p.src.is_ipv6();
+        if inner_v6 && flags & L4LB_SERVICE_IPV4_BACKENDS != 0 {
+            return Outcome::PassNoService;
+        }
+        let hash_ports = !p.fragment && (p.proto == TCP || flags & L4LB_SERVICE_HASH_PORTS != 0);
+        let flow = Flow {
+            saddr: p.src,
+            daddr: p.dst,
+            sport: if hash_ports { p.sport } else { 0 },
+            dport: if hash_ports { p.dport } else { 0 },
+            proto: p.proto,
+        };
+        let hash = flow.hash(self.config.hash_seed);
+        let number = self.predict(service, &flow);
+        let Some(backend) = self.backends.get(number as usize).filter(|b| b.active()) else {
+            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        };
+        let overhead = if backend.family == L4LB_FAMILY_IPV6 as u8 {
+            40
+        } else if backend.family == L4LB_FAMILY_IPV4 as u8 && !inner_v6 {
+            20
+        } else {
+            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        };
+        if self.config.mtu != 0 && p.l3_len + overhead > self.config.mtu as usize {
+            return Outcome::Drop(L4LB_CNT_DROP_TOO_BIG);
+        }
+        Outcome::Tx(Tx { service, backend: number, hash, overhead, l3_len: p.l3_len, tos: p.tos, df: p.df, inner_v6 })
+    }
+
+    /// Checks an XDP_TX output field by field against `tx` (spec step 7),
+    /// with a parser and an RFC 1071 checksum of its own. Err names the field.
+    pub fn check_tx_output(&self, frame: &[u8], out: &[u8], tx: &Tx) -> Result<(), String> {
+        let backend = &self.backends[tx.backend as usize];
+        if out.len() != frame.len() + tx.overhead {
+            return Err(format!("output is {} bytes, expected {} + {}", out.len(), frame.len(), tx.overhead));
+        }
+        let field = |what: &str, actual: &[u8], expected: &[u8]| {
+            if actual == expected {
+                Ok(())
+            } else {
+                Err(format!("{what}: {} , expected {}", super::hex(actual), super::hex(expected)))
+            }
+        };
+        field("Ethernet destination (backend's or gateway's MAC)", &out[0..6], &backend.mac)?;
+        field("Ethernet source (the frame's destination)", &out[6..12], &frame[0..6])?;
+        let outer = &out[ETH_LEN..ETH_LEN + tx.overhead];
+        if tx.overhead == 20 {
+            field("EtherType", &out[12..14], &[0x08, 0x00])?;
+            field("outer version/IHL", &outer[0..1], &[0x45])?;
+            field("outer TOS", &outer[1..2], &[tx.tos])?;
+            field("outer tot_len", &outer[2..4], &((tx.l3_len + 20) as u16).to_be_bytes())?;
+            field("outer id", &outer[4..6], &[0, 0])?;
+            field("outer flags/offset", &outer[6..8], &[if tx.df { 0x40 } else { 0 }, 0])?;
+            field("outer TTL", &outer[8..9], &[64])?;
+            field("outer protocol", &outer[9..10], &[4])?;
+            let mut unsummed = [0u8; 20];
+            unsummed.copy_from_slice(outer);
+            unsummed[10..12].fill(0);
+            field("outer checksum (RFC 1071)", &outer[10..12], &internet_checksum(&unsummed).to_be_bytes())?;
+            if internet_checksum(outer) != 0 {
+                return Err("outer header does not sum to 0".into());
+            }
+            field("outer source", &outer[12..16], &self.config.src_v4)?;
+            field("outer destination (predicted backend)", &outer[16..20], &backend.addr[..4])?;
+        } else {
+            field("EtherType", &out[12..14], &[0x86, 0xdd])?;
+            let vtc = (6u32 << 28) | (u32::from(tx.tos) << 20) | (tx.hash & 0xfffff);
+            field("outer version/traffic class/flow label", &outer[0..4], &vtc.to_be_bytes())?;
+            field("outer payload length", &outer[4..6], &(tx.l3_len as u16).to_be_bytes())?;
+            field("outer next header", &outer[6..7], &[if tx.inner_v6 { 41 } else { 4 }])?;
+            field("outer hop limit", &outer[7..8], &[64])?;
+            field("outer source", &outer[8..24], &self.config.src_v6)?;
+            field("outer destination (predicted backend)", &outer[24..40], &backend.addr)?;
+        }
+        if out[ETH_LEN + tx.overhead..] != frame[ETH_LEN..] {
+            let at = out[ETH_LEN + tx.overhead..].iter().zip(&frame[ETH_LEN..]).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("inner packet differs from the input at its byte {at}"));
+        }
+        Ok(())
+    }
+}
+
+/// Every entry of an array map of u64 words (`words` per value), summed over
+/// CPUs for a per-CPU map, with one batch lookup.
+pub fn read_u64s(map: &MapMut, entries: usize, words: usize) -> TestResult<Vec<Vec<u64>>> {
+    let cpus = if map.map_type().is_percpu() { libbpf_rs::num_possible_cpus()? } else { 1 };
+    let stride = words * cpus;
+    let mut keys = vec![0u32; entries];
+    let mut values = vec![0u64; entries * stride];
+    let mut count = entries as u32;
+    let mut out_batch = 0u32;
+    // SAFETY: plain C struct; zero is its documented default.
+    let mut opts: libbpf_sys::bpf_map_batch_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _;
+    // SAFETY: keys, values and out_batch hold `count` entries of the map's key and (per-CPU) value sizes.
+    let rc = unsafe {
+        libbpf_sys::bpf_map_lookup_batch(
+            map.as_fd().as_raw_fd(),
+            std::ptr::null_mut(),
+            (&mut out_batch as *mut u32).cast(),
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            &mut count,
+            &opts,
+        )
+    };
+    if (rc != 0 && rc != -nix::libc::ENOENT) || count as usize != entries {
+        return Err(fail(format!("batch lookup of {}: rc {rc}, {count} entries", map.name().to_string_lossy())));
+    }
+    if keys.iter().enumerate().any(|(i, &k)| k as usize != i) {
+        return Err(fail(format!("batch lookup of {}: keys out of order", map.name().to_string_lossy())));
+    }
+    Ok((0..entries)
+        .map(|e| (0..words).map(|w| (0..cpus).map(|c| values[e * stride + c * words + w]).sum()).collect())
+        .collect())
+}
