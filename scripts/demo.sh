@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The demo on one machine, on the lab network (scripts/lab): a client, the
 # balancer and 4 backends on one L2 segment in network namespaces. l4lb is
-# attached in driver mode on the balancer and loaded with the lab's backends;
-# a few HTTP requests from different client source ports are answered by
-# different backends straight back to the client (direct server return); then
+# attached in driver mode on the balancer and given the lab's three services
+# (an IPv4 VIP with IPv4 backends, an IPv4 VIP with IPv6 backends, an IPv6
+# VIP) with `l4lb apply`; HTTP requests from different client source ports
+# are answered by different backends straight back to the client (direct
+# server return); then
 # a random-source SYN flood from the client (hping3 --rand-source --flood, as
 # the seed did) with the live statistics for DEMO_SECONDS (default 10)
 # seconds. The lab is removed at the end, also on Ctrl-C or failure, unless
@@ -36,6 +38,7 @@ cleanup() {
     if [ -n "$KEEP" ]; then
       step "the lab stays up (KEEP=1)"
       echo "try:    ip netns exec $LAB_PREFIX-client curl http://203.0.113.10/"
+      echo "        ip netns exec $LAB_PREFIX-client curl 'http://[2001:db8:113::10]/'"
       echo "        ip netns exec $LAB_PREFIX-lb target/release/l4lb stats -i lb0"
       echo "        scripts/lab status"
       echo "remove: scripts/lab down"
@@ -55,25 +58,30 @@ show() { local line="$*"; printf '$ %s\n' "${line//$PWD\//}"; "$@"; }
 step "build"
 make --no-print-directory all
 
-step "the lab: client, balancer (l4lb in driver mode) and 4 backends (l4lb decap, HTTP) on one bridge"
+step "the lab: client, balancer (l4lb in driver mode, 3 services) and 4 backends (l4lb decap, HTTP) on one bridge"
 lab_started=1
 scripts/lab up --backends 4
 # shellcheck disable=SC1091
 . "$STATE/lab.env"
 
-step "l4lb on the balancer"
+step "l4lb on the balancer: the running configuration and each service's Maglev table"
+show ip netns exec "$LB_NS" "$L4LB" config -i "$LB_DEV"
 show ip netns exec "$LB_NS" "$L4LB" status -i "$LB_DEV"
 
-step "HTTP from the client to $VIP, one source port after the other, until every backend has answered"
 # curl closes first, so each port it used stays in TIME_WAIT for 60 s: start
 # from a random port, so that the demo can run again right away on a kept lab.
-declare -A seen=()
-first_port=$((40000 + RANDOM % 200 * 100))
-for ((port = first_port, tries = 1; tries <= 24; port++, tries++)); do
-  answer=$(ip netns exec "$CLIENT_NS" curl -sS --max-time 3 --local-port "$port" "http://$VIP/")
-  printf '$ curl --local-port %s http://%s/   ->  %s\n' "$port" "$VIP" "$answer"
-  seen[${answer%% *}]=1
-  [ "${#seen[@]}" -lt "$BACKENDS" ] || [ "$tries" -lt 6 ] || break
+port=$((40000 + RANDOM % 200 * 100))
+for url in "http://$VIP/" "http://$VIP_4IN6/" "http://[$VIP6]/"; do
+  step "HTTP from the client to $url, one source port after the other, until every backend has answered"
+  declare -A seen=()
+  for ((tries = 1; tries <= 24; port++, tries++)); do
+    answer=$(ip netns exec "$CLIENT_NS" curl -sS --max-time 3 --local-port "$port" "$url")
+    printf '$ curl --local-port %s %s   ->  %s\n' "$port" "$url" "$answer"
+    seen[${answer%% *}]=1
+    [ "${#seen[@]}" -lt "$BACKENDS" ] || [ "$tries" -lt 4 ] || break
+  done
+  port=$((port + 1))   # `break` skipped the increment: that port is in TIME_WAIT
+  unset seen
 done
 echo "(each answer went from its backend straight to the client: the balancer only sees the client's packets)"
 
@@ -87,16 +95,17 @@ wait "$flood_pid" 2>/dev/null || true
 flood_pid=""
 sleep 0.5   # let the last frames drain
 
-step "what l4lb sent to each backend, and what each backend decapsulated (l4lb decap stats)"
+step "what l4lb sent to each backend (its IPv4 and IPv6 address, every service), and what each backend decapsulated"
 lb_json=$(ip netns exec "$LB_NS" "$L4LB" stats -i "$LB_DEV" --json --count 1 --interval 0.1)
-printf '%-8s %-14s %14s %14s\n' backend address "l4lb sent" decapsulated
+printf '%-8s %-14s %-18s %14s %14s\n' backend IPv4 IPv6 "l4lb sent" decapsulated
 for ((k = 1; k <= BACKENDS; k++)); do
   addr=$(grep -v '^#' "$DESTINATIONS" | sed -n "${k}s/,.*//p")
+  addr6=2001:db8:18::$((100 + k))
   decap_json=$(ip netns exec "$BACKEND_NS_PREFIX$k" "$L4LB" decap stats -i "be$k" --json --count 1 --interval 0.1)
-  python3 - "$k" "$addr" "$lb_json" "$decap_json" <<'PY'
+  python3 - "$k" "$addr" "$addr6" "$lb_json" "$decap_json" <<'PY'
 import json, sys
-k, addr, lb, decap = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-sent = next((d["packets"] for d in lb["destinations"] if d["addr"] == addr), 0)
-print(f"{'be' + k:<8} {addr:<14} {sent:>14,} {decap['counters']['decapsulated']:>14,}")
+k, addr, addr6, lb, decap = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+sent = sum(b["packets"] for s in lb["services"] for b in s["backends"] if b["addr"] in (addr, addr6))
+print(f"{'be' + k:<8} {addr:<14} {addr6:<18} {sent:>14,} {decap['counters']['decapsulated']:>14,}")
 PY
 done

@@ -225,7 +225,7 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
 /// One `l4lb stats` sample (also timed by `l4lb bench`): the running
 /// services and backends, their traffic, and the global counters.
 pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
-    let running = maps.read_running()?;
+    let running = maps.read_running_without_tables()?;
     let counters = crate::maps::read_u64_counters(&maps.counters, crate::bpf::COUNTER_NAMES.len())?;
     Sample::new(&running, |n| read_traffic(&maps.svc_stats, n), |n| read_traffic(&maps.be_stats, n), counters)
 }

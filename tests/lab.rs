@@ -1,7 +1,8 @@
 //! The lab (`scripts/lab`): a client, a bridge, the balancer and backends in
 //! network namespaces, with l4lb on the balancer and `l4lb decap` plus an HTTP
-//! server on every backend. Real TCP connections from the client to the VIP
-//! go through l4lb and come back straight from the backends.
+//! server on every backend. Real TCP connections from the client to the VIPs
+//! (IPv4 and IPv6, outer headers of both families) go through l4lb and come
+//! back straight from the backends.
 //!
 //! Each test brings up its own lab under the prefix `l4lbt-lab-<pid>-<n>`
 //! (state in /run/<prefix>) with the `l4lb` binary cargo built for the tests;
@@ -15,7 +16,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -254,15 +255,15 @@ fn remove_leftovers() {
 
 /// One HTTP GET to VIP:port from the calling thread's namespace: (local port,
 /// the answer's body) or what went wrong.
-fn http_get(vip: Ipv4Addr, port: u16) -> Result<(u16, String), String> {
+fn http_get(vip: IpAddr, port: u16) -> Result<(u16, String), String> {
     let timeout = Duration::from_secs(3);
-    let target = SocketAddr::V4(SocketAddrV4::new(vip, port));
+    let target = SocketAddr::new(vip, port);
     let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|err| format!("connect: {err}"))?;
     let local = stream.local_addr().map_err(|err| format!("local_addr: {err}"))?.port();
     stream.set_read_timeout(Some(timeout)).map_err(|err| err.to_string())?;
     stream.set_write_timeout(Some(timeout)).map_err(|err| err.to_string())?;
     stream
-        .write_all(format!("GET / HTTP/1.0\r\nHost: {vip}\r\nUser-Agent: l4lb-lab-test\r\n\r\n").as_bytes())
+        .write_all(format!("GET / HTTP/1.0\r\nHost: {target}\r\nUser-Agent: l4lb-lab-test\r\n\r\n").as_bytes())
         .map_err(|err| format!("port {local}: send: {err}"))?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).map_err(|err| format!("port {local}: receive: {err} (after {answer:?})"))?;
@@ -306,16 +307,22 @@ fn binomial_interval(n: usize, p: f64, alpha: f64) -> (usize, usize) {
     (lo, hi)
 }
 
-/// Packets per destination and the counters of one `l4lb stats --json` sample.
-fn lb_stats(lab: &Lab, dev: &str) -> TestResult<(BTreeMap<Ipv4Addr, u64>, Value)> {
-    let out = lab.l4lb("lb", &["stats", "-i", dev, "--json", "--count", "1"]).success()?;
-    let sample: Value = serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("stats output {:?}: {err}", out.stdout)))?;
-    let mut packets = BTreeMap::new();
-    for row in sample["destinations"].as_array().ok_or_else(|| fail(format!("no destinations in {sample}")))? {
-        let addr = row["addr"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| fail(format!("bad addr in {row}")))?;
-        packets.insert(addr, row["packets"].as_u64().ok_or_else(|| fail(format!("no packets in {row}")))?);
-    }
-    Ok((packets, sample["counters"].clone()))
+/// The balancer's state and traffic as its maps hold them.
+struct LbView {
+    running: l4lb::state::Running,
+    /// Packets per backend number.
+    packets: Vec<u64>,
+    counters: BTreeMap<&'static str, u64>,
+}
+
+fn lb_view(lb_ns: &str, lb_dev: &str) -> TestResult<LbView> {
+    let (running, traffic, counters) = in_netns(lb_ns, || {
+        let iface = l4lb::iface::Interface::by_name(lb_dev)?;
+        let maps = l4lb::maps::LbMaps::open(&l4lb::discover::find_l4lb(&iface)?)?;
+        Ok((maps.read_running()?, maps.read_backend_stats()?, maps.read_counters()?))
+    })?;
+    let counters = l4lb::bpf::COUNTER_NAMES.iter().copied().zip(counters).collect();
+    Ok(LbView { running, packets: traffic.iter().map(|t| t.packets).collect(), counters })
 }
 
 /// The decapsulated count of one `l4lb decap stats --json` sample on backend `k`.
@@ -327,114 +334,150 @@ fn decapsulated(lab: &Lab, k: usize) -> TestResult<(u64, Value)> {
     Ok((count, sample))
 }
 
+/// The lab's backend K's name from an answer "beK ADDRESS".
+fn answering_backend(body: &str) -> TestResult<usize> {
+    body.split_whitespace()
+        .next()
+        .and_then(|name| name.strip_prefix("be"))
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| fail(format!("answer {body:?} names no backend")))
+}
+
 // ---------------------------------------------------------------- tests
 
-/// CONNECTIONS HTTP round trips from the client: every one completes, each is
-/// answered by the backend its flow's slot names, every backend answers, each
-/// backend's share is within the binomial interval of its table share, and
-/// l4lb's packets per destination equal what each backend decapsulated.
+/// HTTP round trips from the client to each of the lab's three services
+/// (IPv4 in IPv4, IPv4 in IPv6, IPv6 in IPv6): every one completes, each is
+/// answered by the backend its flow's slot names in the service's Maglev
+/// table as the kernel holds it (flow hash model + table read back), every
+/// backend answers, each backend's share is within the binomial interval of
+/// its table share, and l4lb's packets per backend (summed over the
+/// backend's entries in the three services) equal what each backend
+/// decapsulated; no drop counter moves.
 ///
 /// The statistics: every connection has a new source port, so with the hash
-/// spreading flows uniformly over the 65536 slots, the number of connections
-/// backend k answers is Binomial(CONNECTIONS, slots_k / 65536) (1/4 each
-/// here). Its exact interval with miss probability ALPHA = 1e-4 (99.99%) is
-/// checked for each backend, so a correct balancer fails this check with
-/// probability at most 4 x 1e-4 (union bound over the 4 backends). For
-/// 1000 connections and a share of 1/4 the interval is [198, 304].
+/// spreading flows uniformly over the table's slots, the number of
+/// connections backend k answers is Binomial(n, slots_k / slots). Its exact
+/// interval with miss probability ALPHA = 1e-4 (99.99%) is checked for each
+/// backend of each service, so a correct balancer fails this check with
+/// probability at most 12 x 1e-4 (union bound). For 1000 connections and a
+/// share of 1/4 the interval is [198, 304].
 fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
     lab.up(4)?;
     let env = lab.env()?;
     let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let vip: Ipv4Addr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
+    let addr = |key: &str| -> TestResult<IpAddr> { get(key)?.parse().map_err(|_| fail(format!("bad {key}"))) };
     let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
-    let client_addr: Ipv4Addr = get("CLIENT_ADDR")?.parse().map_err(|_| fail("bad CLIENT_ADDR"))?;
+    let (client4, client6) = (addr("CLIENT_ADDR")?, addr("CLIENT_ADDR6")?);
     let (lb_ns, lb_dev) = (get("LB_NS")?, get("LB_DEV")?);
     let backends = lab.backends()?;
     ensure!(backends.len() == 4, "4 backends wanted, the destination file has {backends:?}");
 
-    // The table as the kernel holds it: the share of each destination and
-    // each flow's destination.
-    let (seed, table) = in_netns(&lb_ns, || {
-        let iface = l4lb::iface::Interface::by_name(&lb_dev)?;
-        let maps = l4lb::maps::LbMaps::open(&l4lb::discover::find_l4lb(&iface)?)?;
-        Ok((maps.read_config()?.hash_seed, maps.read_table()?))
-    })?;
-    let counts = table.slot_counts();
-    let total_slots: usize = counts.iter().sum();
-    let mut share = BTreeMap::new();
-    for (number, count) in counts.iter().enumerate() {
-        if let Some(Some(destination)) = table.backends.get(number) {
-            share.insert(destination.addr, *count as f64 / total_slots as f64);
+    let before = lb_view(&lb_ns, &lb_dev)?;
+    let seed = before.running.global.hash_seed.ok_or_else(|| fail("no hash seed set"))?;
+    let services = [("VIP", CONNECTIONS, client4), ("VIP_4IN6", CONNECTIONS / 2, client4), ("VIP6", CONNECTIONS / 2, client6)];
+    let mut answered_total = [0usize; 4];
+    for (key, connections, client) in services {
+        let vip = addr(key)?;
+        let service_key = l4lb::config::ServiceKey::Vip { addr: vip, protocol: l4lb::config::Protocol::Tcp, port };
+        let service = before.running.service(&service_key).ok_or_else(|| fail(format!("no service {service_key} in the kernel")))?;
+        ensure!(service.backends.len() == 4, "{service_key}: {} backends", service.backends.len());
+        // Backend number -> lab backend index (by the address family's row order).
+        let lab_index = |number: u32| service.backends.iter().position(|b| b.number == number);
+        let mut slots = [0usize; 4];
+        for &number in &service.table {
+            let index = lab_index(number).ok_or_else(|| fail(format!("{service_key}: slot names number {number}, not one of its backends")))?;
+            slots[index] += 1;
         }
-    }
-    let addrs: BTreeSet<Ipv4Addr> = backends.iter().map(|b| b.0).collect();
-    ensure!(share.keys().copied().collect::<BTreeSet<_>>() == addrs, "table destinations {share:?}, lab backends {addrs:?}");
-    ensure!(table.unset_slots() == 0, "{} slots unset", table.unset_slots());
+        // The service's backends are sorted by address, as the lab numbers them.
+        for (i, b) in service.backends.iter().enumerate() {
+            let want: IpAddr = if vip.is_ipv4() && key == "VIP" { IpAddr::V4(backends[i].0) } else { backend_addr6(i + 1) };
+            ensure!(b.backend.addr == want, "{service_key}: backend {i} is {}, the lab made {want}", b.backend.addr);
+        }
 
-    // The connections, one after the other, from a thread in the client's namespace.
-    let started = Instant::now();
-    let results = in_netns(&lab.ns("client"), || Ok((0..CONNECTIONS).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
-    let elapsed = started.elapsed();
-    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    ensure!(failures.is_empty(), "{} of {CONNECTIONS} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
-    let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
-    ensure!(ports.len() == CONNECTIONS, "only {} distinct source ports in {CONNECTIONS} connections", ports.len());
+        let started = Instant::now();
+        let results = in_netns(&lab.ns("client"), || Ok((0..connections).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+        let elapsed = started.elapsed();
+        let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        ensure!(failures.is_empty(), "{service_key}: {} of {connections} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+        let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
+        let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
+        ensure!(ports.len() == connections, "{service_key}: only {} distinct source ports in {connections} connections", ports.len());
 
-    // Who answered: the body is "beK ADDRESS".
-    let mut answered: BTreeMap<Ipv4Addr, usize> = addrs.iter().map(|&a| (a, 0)).collect();
-    let mut misrouted = Vec::new();
-    for (sport, body) in &answers {
-        let addr: Ipv4Addr = body.split_whitespace().nth(1).and_then(|a| a.parse().ok()).ok_or_else(|| fail(format!("answer {body:?} names no backend address")))?;
-        *answered.get_mut(&addr).ok_or_else(|| fail(format!("answer {body:?} from an unknown backend")))? += 1;
-        let flow = l4lb::flow_hash::Flow { saddr: client_addr, daddr: vip, sport: *sport, dport: port, proto: 6 };
-        let predicted = table.slot_backend(flow.slot(seed)).map(|(_, d)| d.addr);
-        if predicted != Some(addr) {
-            misrouted.push(format!("source port {sport}: answered by {addr}, table says {predicted:?}"));
+        let mut answered = [0usize; 4];
+        let mut misrouted = Vec::new();
+        for (sport, body) in &answers {
+            let k = answering_backend(body)?;
+            ensure!((1..=4).contains(&k), "answer {body:?} from an unknown backend");
+            answered[k - 1] += 1;
+            let flow = l4lb::flow_hash::Flow { saddr: client, daddr: vip, sport: *sport, dport: port, proto: 6 };
+            let slot = l4lb::maglev::flow_slot(&flow, seed, service.table.len());
+            let predicted = lab_index(service.table[slot]).map(|i| i + 1);
+            if predicted != Some(k) {
+                misrouted.push(format!("source port {sport}: answered by be{k}, table says {predicted:?}"));
+            }
         }
-    }
-    ensure!(misrouted.is_empty(), "{} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
-    let mut out_of_bounds = Vec::new();
-    for (addr, &n) in &answered {
-        ensure!(n > 0, "backend {addr} answered none of {CONNECTIONS} connections: {answered:?}");
-        let (lo, hi) = binomial_interval(CONNECTIONS, share[addr], ALPHA);
-        if n < lo || n > hi {
-            out_of_bounds.push(format!("{addr}: {n} of {CONNECTIONS}, table share {:.4}, 99.99% interval [{lo}, {hi}]", share[addr]));
+        ensure!(misrouted.is_empty(), "{service_key}: {} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
+        let mut out_of_bounds = Vec::new();
+        let mut intervals = Vec::new();
+        for i in 0..4 {
+            ensure!(answered[i] > 0, "{service_key}: be{} answered none of {connections} connections: {answered:?}", i + 1);
+            let share = slots[i] as f64 / service.table.len() as f64;
+            let (lo, hi) = binomial_interval(connections, share, ALPHA);
+            intervals.push((lo, hi));
+            if answered[i] < lo || answered[i] > hi {
+                out_of_bounds.push(format!("be{}: {} of {connections}, table share {share:.4}, 99.99% interval [{lo}, {hi}]", i + 1, answered[i]));
+            }
+            answered_total[i] += answered[i];
         }
+        ensure!(out_of_bounds.is_empty(), "{service_key}: shares outside their binomial intervals: {out_of_bounds:?}");
+        eprintln!("lab: {service_key}: {connections} round trips in {elapsed:.2?}, answered {answered:?}, 99.99% intervals {intervals:?}");
     }
-    ensure!(out_of_bounds.is_empty(), "shares outside their binomial intervals: {out_of_bounds:?}");
-    let intervals: BTreeMap<Ipv4Addr, (usize, usize)> = share.iter().map(|(a, &p)| (*a, binomial_interval(CONNECTIONS, p, ALPHA))).collect();
-    eprintln!("lab: {CONNECTIONS} round trips in {elapsed:.2?}, answered {answered:?}, 99.99% intervals {intervals:?}");
 
     // Counters, once the traffic has stopped (the last ACKs of the closes can
     // still be on their way: wait until two samples agree).
     let mut previous = None;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (lb_packets, counters) = loop {
-        let (packets, counters) = lb_stats(&lab, &lb_dev)?;
-        if previous.as_ref() == Some(&packets) {
-            break (packets, counters);
+    let after = loop {
+        let view = lb_view(&lb_ns, &lb_dev)?;
+        if previous.as_ref() == Some(&view.packets) {
+            break view;
         }
         ensure!(Instant::now() < deadline, "l4lb counters still moving 10 s after the last connection");
-        previous = Some(packets);
+        previous = Some(view.packets);
         std::thread::sleep(Duration::from_millis(500));
     };
-    for name in counters.as_object().ok_or_else(|| fail(format!("no counters in stats: {counters}")))?.keys().filter(|n| n.starts_with("drop_")) {
-        ensure!(counters[name] == 0, "l4lb counter {name} is {}: {counters}", counters[name]);
+    for (name, value) in &after.counters {
+        ensure!(!name.starts_with("drop_") || *value == 0, "l4lb counter {name} is {value}: {:?}", after.counters);
     }
-    let tx = counters["tx"].as_u64().unwrap_or(0);
-    ensure!(tx == lb_packets.values().sum::<u64>(), "l4lb tx {tx} != sum over destinations {lb_packets:?}");
-    for (k, (addr, _)) in backends.iter().enumerate() {
+    let tx = after.counters["tx"];
+    ensure!(tx == after.packets.iter().sum::<u64>(), "l4lb tx {tx} != sum over backends");
+    // Every backend entry of every service: what l4lb sent to lab backend k.
+    let mut sent = [0u64; 4];
+    for service in &after.running.services {
+        for b in &service.backends {
+            let k = match b.backend.addr {
+                IpAddr::V4(a) => backends.iter().position(|row| row.0 == a),
+                v6 => (1..=4).position(|k| backend_addr6(k) == v6),
+            }
+            .ok_or_else(|| fail(format!("{}: unknown backend {}", service.key, b.backend.addr)))?;
+            sent[k] += after.packets[b.number as usize];
+        }
+    }
+    for k in 0..4 {
         let (decap, sample) = decapsulated(&lab, k + 1)?;
-        let sent = lb_packets.get(addr).copied().unwrap_or(0);
-        ensure!(decap == sent, "backend be{} ({addr}) decapsulated {decap} packets, l4lb sent it {sent}: {sample}", k + 1);
+        ensure!(decap == sent[k], "backend be{} decapsulated {decap} packets, l4lb sent it {}: {sample}", k + 1, sent[k]);
         // Every connection is at least SYN, ACK, request, ACK/FIN from the client.
-        ensure!(sent >= 4 * answered[addr] as u64, "l4lb sent {addr} {sent} packets for {} connections", answered[addr]);
+        ensure!(sent[k] >= 4 * answered_total[k] as u64, "l4lb sent be{} {} packets for {} connections", k + 1, sent[k], answered_total[k]);
     }
-    eprintln!("lab: l4lb packets per destination {lb_packets:?} = decapsulated per backend");
+    eprintln!("lab: l4lb packets per backend {sent:?} = decapsulated per backend");
     Ok(())
+}
+
+/// The lab's IPv6 address of backend K (scripts/lab: 2001:db8:18::(100+K)).
+fn backend_addr6(k: usize) -> IpAddr {
+    format!("2001:db8:18::{}", 100 + k).parse().expect("lab IPv6 backend address")
 }
 
 /// up, up again (kept as it is), status, down, down again, status: each
