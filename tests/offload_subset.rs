@@ -129,6 +129,7 @@ fn instruction_violations(prog: &ProgFacts) -> Vec<String> {
             found.extend(rule(prog, index, insn));
         }
     }
+    found.extend(loop_rule(prog));
     found
 }
 
@@ -221,14 +222,13 @@ fn program_section_rule(prog: &ProgFacts) -> Option<String> {
 
 type InsnRule = fn(&ProgFacts, usize, &bpf_insn) -> Option<String>;
 
-const INSN_RULES: [InsnRule; 7] = [
+const INSN_RULES: [InsnRule; 6] = [
     helper_rule,
     subprogram_call_rule,
     kfunc_call_rule,
     indirect_call_rule,
     variable_division_rule,
     atomic_rule,
-    backward_jump_rule,
 ];
 
 fn class(insn: &bpf_insn) -> u8 {
@@ -343,23 +343,73 @@ fn atomic_rule(prog: &ProgFacts, index: usize, insn: &bpf_insn) -> Option<String
     })
 }
 
-fn backward_jump_rule(prog: &ProgFacts, index: usize, insn: &bpf_insn) -> Option<String> {
-    if !matches!(class(insn), BPF_JMP | BPF_JMP32) || matches!(op(insn), BPF_CALL | BPF_EXIT) {
-        return None;
+/// Where control may go after the instruction at `index`: the next one
+/// (skipping a 64-bit immediate's second slot) and/or a jump target; none
+/// after exit. Targets outside the program are left out.
+fn successors(insns: &[bpf_insn], index: usize) -> Vec<usize> {
+    let insn = &insns[index];
+    let next = index + if insn.code == LD_IMM64 { 2 } else { 1 };
+    let mut out = Vec::new();
+    let jump = matches!(class(insn), BPF_JMP | BPF_JMP32) && !matches!(op(insn), BPF_CALL | BPF_EXIT);
+    if matches!(class(insn), BPF_JMP | BPF_JMP32) && op(insn) == BPF_EXIT {
+        return out;
     }
-    // gotol (BPF_JMP32 | BPF_JA) keeps its offset in imm.
-    let offset = if class(insn) == BPF_JMP32 && op(insn) == BPF_JA {
-        i64::from(insn.imm)
-    } else {
-        i64::from(insn.off)
-    };
-    (offset < 0).then(|| {
-        format!(
-            "[backward-jump] {}: jumps back to insn {} (a loop that was not unrolled)",
-            prog.at(index),
-            index as i64 + 1 + offset
-        )
-    })
+    if !(jump && op(insn) == BPF_JA) {
+        out.push(next);
+    }
+    if jump {
+        // gotol (BPF_JMP32 | BPF_JA) keeps its offset in imm.
+        let offset = if class(insn) == BPF_JMP32 && op(insn) == BPF_JA { i64::from(insn.imm) } else { i64::from(insn.off) };
+        out.push((index as i64 + 1 + offset) as usize);
+    }
+    out.retain(|&target| target < insns.len());
+    out
+}
+
+/// Loops (cycles in the control-flow graph): each edge that closes one, found
+/// by a depth-first search from the entry (then from any instruction not yet
+/// reached). A jump backwards that closes no cycle (clang shares exit paths
+/// that way) is not a loop: only loops keep a program out of the subset.
+fn loop_rule(prog: &ProgFacts) -> Vec<String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let insns = &prog.insns;
+    let starts: Vec<usize> = instructions(insns).into_iter().map(|(index, _)| index).collect();
+    let mut mark = vec![Mark::New; insns.len()];
+    let mut found = Vec::new();
+    for &root in &starts {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        // (instruction, its successors, how many of them were visited)
+        let mut stack = vec![(root, successors(insns, root), 0usize)];
+        mark[root] = Mark::Open;
+        while let Some((index, succ, visited)) = stack.last_mut() {
+            if *visited == succ.len() {
+                mark[*index] = Mark::Done;
+                stack.pop();
+                continue;
+            }
+            let (from, target) = (*index, succ[*visited]);
+            *visited += 1;
+            match mark[target] {
+                Mark::Open => found.push(format!(
+                    "[loop] {}: jumps back to insn {target}, closing a loop (a loop that was not unrolled)",
+                    prog.at(from)
+                )),
+                Mark::New => {
+                    mark[target] = Mark::Open;
+                    stack.push((target, successors(insns, target), 0));
+                }
+                Mark::Done => {}
+            }
+        }
+    }
+    found
 }
 
 // ---- the datapath ----------------------------------------------------------
@@ -400,9 +450,12 @@ fn checker_reads_the_l4lb_object() {
     let names: Vec<&str> = maps.iter().map(|map| map.name.as_str()).collect();
     for expected in [
         "l4lb_config",
+        "l4lb_vips",
+        "l4lb_services",
+        "l4lb_tables",
         "l4lb_backends",
-        "l4lb_slots",
         "l4lb_be_stats",
+        "l4lb_svc_stats",
         "l4lb_counters",
     ] {
         assert!(
@@ -410,6 +463,52 @@ fn checker_reads_the_l4lb_object() {
             "map {expected} not seen (maps: {names:?})"
         );
     }
+}
+
+/// The datapath's own, stricter rules (src/bpf/maps.h, l4lb_xdp.bpf.c): only
+/// ARRAY maps (the subset also allows HASH; the datapath uses none), flags 0,
+/// values of at most 64 bytes; no division or modulo instruction at all, not
+/// even by a constant (the slot is (hash * size) >> 32); map values changed
+/// only by plain atomic adds (the counters and the traffic); and a program
+/// size kept under a budget.
+#[test]
+fn l4lb_object_keeps_its_own_rules() {
+    let object = ObjectBuilder::default()
+        .open_file(l4lb_object())
+        .expect("opening the l4lb object");
+    let (maps, progs) = facts(&object);
+    let mut found = Vec::new();
+    let mut entries = 0u64;
+    for map in object.maps() {
+        let name = map.name().to_string_lossy().into_owned();
+        if map.map_type() != MapType::Array {
+            found.push(format!("map `{name}`: type {:?}, not Array", map.map_type()));
+        }
+        if map.value_size() > 64 {
+            found.push(format!("map `{name}`: {}-byte values, more than 64", map.value_size()));
+        }
+        entries += u64::from(map.max_entries());
+    }
+    assert_eq!(maps.len(), 8, "8 maps expected");
+    let prog = &progs[0];
+    let mut atomics = 0;
+    for (index, insn) in instructions(&prog.insns) {
+        if matches!(class(insn), BPF_ALU | BPF_ALU64) && matches!(op(insn), BPF_DIV | BPF_MOD) {
+            found.push(format!("{}: a division or modulo (code {:#04x})", prog.at(index), insn.code));
+        }
+        if class(insn) == BPF_STX && insn.code & BPF_MODE_MASK == BPF_ATOMIC {
+            atomics += 1;
+        }
+    }
+    let count = prog.insns.len();
+    println!("l4lb_balance: {count} instruction slots, {atomics} atomic adds, {} map entries in all", entries);
+    // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
+    assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
+    // A regression guard, not a measured NFP limit (the NFP JIT turns each
+    // BPF instruction into one or more NFP instructions): the datapath is
+    // about 1,400 instructions; growing past 2,048 deserves a look.
+    assert!(count <= 2048, "l4lb_balance has {count} instructions, over the budget of 2,048");
+    assert!(found.is_empty(), "{}", found.join("\n  "));
 }
 
 #[test]
@@ -812,7 +911,7 @@ int loop(struct xdp_md *ctx)
     );
     assert_caught(
         &violations,
-        "backward-jump",
+        "loop",
         &["program `loop`", "jumps back to insn"],
     );
 }
@@ -913,6 +1012,7 @@ fn check_insns(insns: &[bpf_insn]) -> Vec<String> {
 #[test]
 fn rules_on_hand_made_instructions() {
     let exit = insn(BPF_JMP | BPF_EXIT, 0, 0, 0);
+    let mov = insn(BPF_ALU64 | 0xb0, 0, 0, 0);
     // (what, instruction, expected (rule, text) or None for no violation)
     let cases = [
         (
@@ -950,12 +1050,12 @@ fn rules_on_hand_made_instructions() {
         (
             "gotol back",
             insn(BPF_JMP32 | BPF_JA, 0, 0, -3),
-            Some(("backward-jump", "jumps back to insn")),
+            Some(("loop", "jumps back to insn")),
         ),
         (
             "jlt32 back",
             insn(BPF_JMP32 | 0xa0, 0, -2, 0),
-            Some(("backward-jump", "jumps back to insn")),
+            Some(("loop", "jumps back to insn")),
         ),
         ("ja forward", insn(BPF_JMP | BPF_JA, 0, 1, 0), None),
         (
@@ -965,8 +1065,9 @@ fn rules_on_hand_made_instructions() {
         ),
     ];
     for (what, case, expected) in cases {
-        // Padding so that backward targets stay inside the program.
-        let insns = [exit, exit, exit, exit, case, exit];
+        // Padding (r0 = 0) so that backward targets stay inside the program
+        // and a jump back to them closes a loop.
+        let insns = [mov, mov, mov, mov, case, exit];
         let violations = check_insns(&insns);
         match expected {
             Some((rule, needle)) => {
@@ -979,6 +1080,29 @@ fn rules_on_hand_made_instructions() {
             ),
         }
     }
+}
+
+/// A jump backwards to a shared exit path (as clang lays out the datapath's
+/// "count, return" tails) closes no loop: not a violation. One that does is.
+#[test]
+fn backward_jump_without_loop_is_allowed() {
+    let exit = insn(BPF_JMP | BPF_EXIT, 0, 0, 0);
+    let insns = [
+        insn(BPF_JMP | 0x10, 0, 2, 0),   // 0: if r0 == 0 goto 3
+        insn(BPF_ALU64 | 0xb0, 0, 0, 1), // 1: r0 = 1
+        exit,                            // 2: exit
+        insn(BPF_JMP | BPF_JA, 0, -2, 0), // 3: goto 2 (backwards, to the exit)
+    ];
+    assert!(check_insns(&insns).is_empty(), "{:?}", check_insns(&insns));
+    let looping = [
+        insn(BPF_JMP | 0x10, 0, 2, 0),    // 0: if r0 == 0 goto 3
+        insn(BPF_ALU64 | 0xb0, 0, 0, 1),  // 1: r0 = 1
+        exit,                             // 2: exit
+        insn(BPF_JMP | BPF_JA, 0, -4, 0), // 3: goto 0: a loop
+    ];
+    let violations = check_insns(&looping);
+    assert_caught(&violations, "loop", &["insn 3", "jumps back to insn 0"]);
+    assert_eq!(violations.len(), 1, "{violations:?}");
 }
 
 /// The second slot of a 64-bit immediate load is data, never an instruction.

@@ -43,7 +43,9 @@ macro_rules! ensure {
     };
 }
 
+pub mod lb;
 pub mod packet;
+pub mod services;
 pub mod wire;
 
 // ---------------------------------------------------------------- checks

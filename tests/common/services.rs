@@ -1,0 +1,217 @@
+//! For the suites that drive the services control plane through the `l4lb`
+//! binary (end_to_end, under_load, apply): the attached l4lb program under
+//! BPF_PROG_TEST_RUN (the program the kernel runs, with the maps the host
+//! wrote), frames of both families, what an output frame's outer header says,
+//! and which backend the running state (read back through the library)
+//! predicts for a flow, following the datapath semantics of issue 4.
+
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use l4lb::apply::Snapshot;
+use l4lb::config::{Protocol, ServiceKey};
+use l4lb::flow_hash::Flow;
+use l4lb::state::{Running, RunningService};
+
+use super::wire::{TCP, UDP, XDP_PASS, XDP_TX};
+use super::{fail, TestResult};
+
+/// A loaded XDP program, by id (ids are global: any namespace will do).
+pub struct Program {
+    fd: OwnedFd,
+}
+
+impl Program {
+    pub fn from_id(id: u32) -> TestResult<Self> {
+        // SAFETY: plain syscall wrapper.
+        let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+        ensure!(fd >= 0, "opening program id {id}: {}", std::io::Error::from_raw_os_error(-fd));
+        // SAFETY: fd was just returned to us.
+        Ok(Program { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// One BPF_PROG_TEST_RUN (repeat 1): the verdict and the output frame.
+    pub fn run(&self, frame: &[u8]) -> TestResult<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // SAFETY: plain C struct; all-zero is its documented default.
+        let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+        opts.data_in = frame.as_ptr().cast();
+        opts.data_size_in = frame.len() as u32;
+        opts.data_out = out.as_mut_ptr().cast();
+        opts.data_size_out = out.len() as u32;
+        opts.repeat = 1;
+        // SAFETY: every pointer in opts is valid for the sizes given, for the call.
+        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(self.fd.as_raw_fd(), &mut opts) };
+        ensure!(rc == 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::from_raw_os_error(-rc));
+        out.truncate(opts.data_size_out as usize);
+        Ok((opts.retval, out))
+    }
+
+    /// What the program did with `probe`'s frame.
+    pub fn verdict(&self, probe: &Probe) -> TestResult<Verdict> {
+        let (verdict, out) = self.run(&probe.frame())?;
+        Ok(match verdict {
+            XDP_TX => Verdict::Backend(outer_destination(&out).ok_or_else(|| fail(format!("{probe:?}: XDP_TX output is not encapsulated")))?),
+            XDP_PASS => Verdict::Pass,
+            other => Verdict::Dropped(other),
+        })
+    }
+}
+
+/// What the datapath does with a frame, as far as these suites care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Encapsulated to this backend address.
+    Backend(IpAddr),
+    /// Handed to the stack (no service takes it).
+    Pass,
+    /// Any other verdict (XDP_DROP, XDP_ABORTED).
+    Dropped(u32),
+}
+
+/// The outer destination of an encapsulated frame.
+pub fn outer_destination(out: &[u8]) -> Option<IpAddr> {
+    match out.get(12..14)? {
+        [0x08, 0x00] => {
+            let a: [u8; 4] = out.get(30..34)?.try_into().ok()?;
+            Some(IpAddr::from(a))
+        }
+        [0x86, 0xdd] => {
+            let a: [u8; 16] = out.get(38..54)?.try_into().ok()?;
+            Some(IpAddr::from(a))
+        }
+        _ => None,
+    }
+}
+
+/// A client's TCP or UDP packet to a destination address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Probe {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Probe {
+    /// The frame (Ethernet addresses are arbitrary: the program does not check them).
+    pub fn frame(&self) -> Vec<u8> {
+        let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let ip = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+            _ => panic!("probe of mixed families: {self:?}"),
+        };
+        let payload = [0x5au8; 16];
+        let mut frame = Vec::new();
+        if self.proto == TCP {
+            ip.tcp(self.sport, self.dport, 1, 64240).syn().write(&mut frame, &payload).expect("building a TCP frame");
+        } else {
+            ip.udp(self.sport, self.dport).write(&mut frame, &payload).expect("building a UDP frame");
+        }
+        frame
+    }
+
+    fn protocol(&self) -> Protocol {
+        if self.proto == TCP {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        }
+    }
+}
+
+/// The service that takes `probe` (spec step 2): its exact VIP, else a
+/// port-0 VIP of its address, else the catch-all.
+pub fn service_of<'a>(running: &'a Running, probe: &Probe) -> Option<&'a RunningService> {
+    let key = |port| ServiceKey::Vip { addr: probe.dst, protocol: probe.protocol(), port };
+    running.service(&key(probe.dport)).or_else(|| running.service(&key(0))).or_else(|| running.service(&ServiceKey::CatchAll))
+}
+
+/// What the running state says the datapath does with `probe` (spec steps
+/// 2 to 5): the backend's address, Pass, or Dropped(XDP_DROP) for an empty
+/// slot.
+pub fn predict(running: &Running, probe: &Probe) -> Verdict {
+    let Some(service) = service_of(running, probe) else { return Verdict::Pass };
+    let ipv4_backends = service.backends.iter().any(|b| b.backend.addr.is_ipv4());
+    if probe.src.is_ipv6() && ipv4_backends {
+        return Verdict::Pass;
+    }
+    let hash_ports = probe.proto == TCP || service.hash_ports;
+    let flow = Flow {
+        saddr: probe.src,
+        daddr: probe.dst,
+        sport: if hash_ports { probe.sport } else { 0 },
+        dport: if hash_ports { probe.dport } else { 0 },
+        proto: probe.proto,
+    };
+    let seed = running.global.hash_seed.unwrap_or(0);
+    let number = service.table[flow.slot(seed)];
+    match service.backends.iter().find(|b| b.number == number) {
+        Some(b) => Verdict::Backend(b.backend.addr),
+        None => Verdict::Dropped(super::wire::XDP_DROP),
+    }
+}
+
+/// A service's table as backend addresses per slot (None: empty or naming
+/// no backend of the service): what must agree between balancers whatever
+/// numbers they gave services and backends.
+pub fn table_addresses(service: &RunningService) -> Vec<Option<IpAddr>> {
+    let by_number: std::collections::HashMap<u32, IpAddr> = service.backends.iter().map(|b| (b.number, b.backend.addr)).collect();
+    service.table.iter().map(|n| by_number.get(n).copied()).collect()
+}
+
+/// Fails unless two snapshots hold the same services, numbers, tables,
+/// configuration bytes and VIP entries; the message says what differs.
+pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> TestResult {
+    let config = |s: &Snapshot| l4lb::bpf::value_bytes(&s.config).to_vec();
+    if config(actual) != config(expected) {
+        return Err(fail(format!("{what}: l4lb_config differs: {:?}, expected {:?}", actual.config, expected.config)));
+    }
+    if let Some(i) = (0..actual.vips.len()).find(|&i| actual.vips[i] != expected.vips[i]) {
+        return Err(fail(format!("{what}: VIP entry {i} differs: {:?}, expected {:?}", actual.vips[i], expected.vips[i])));
+    }
+    let (a, e) = (&actual.running, &expected.running);
+    if a == e {
+        return Ok(());
+    }
+    let keys = |r: &Running| r.services.iter().map(|s| (s.key, s.number)).collect::<Vec<_>>();
+    ensure!(keys(a) == keys(e), "{what}: services (key, number) {:?}, expected {:?}", keys(a), keys(e));
+    for (sa, se) in a.services.iter().zip(&e.services) {
+        ensure!(sa.backends == se.backends, "{what}: service {}: backends {:?}, expected {:?}", sa.key, sa.backends, se.backends);
+        ensure!(sa.hash_ports == se.hash_ports, "{what}: service {}: hash_ports {}, expected {}", sa.key, sa.hash_ports, se.hash_ports);
+        let differ = (0..sa.table.len()).filter(|&i| sa.table[i] != se.table[i]).count();
+        ensure!(differ == 0, "{what}: service {}: {differ} table slots differ", sa.key);
+    }
+    Err(fail(format!("{what}: running state differs (global {:?} / {:?}, mtu {} / {})", a.global, e.global, a.mtu, e.mtu)))
+}
+
+/// A deterministic sample of probes: IPv4 and IPv6 clients to `dst`
+/// addresses, TCP and UDP, to the given ports.
+pub fn probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
+    let mut out = Vec::new();
+    for (k, &(dst, proto, dport)) in dsts.iter().enumerate() {
+        for i in 0..per {
+            let x = (i as u32).wrapping_mul(0x9e37_79b1) ^ salt.wrapping_add(k as u32).wrapping_mul(0x85eb_ca6b);
+            let src = match dst {
+                IpAddr::V4(_) => IpAddr::from([198, 18, (x >> 8) as u8, x as u8 | 1]),
+                IpAddr::V6(_) => {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                    a[4..6].copy_from_slice(&[0xca, 0xfe]);
+                    a[12..].copy_from_slice(&x.to_be_bytes());
+                    a[15] |= 1;
+                    IpAddr::from(a)
+                }
+            };
+            let sport = 1024 + (x >> 16) as u16 % 60000;
+            out.push(Probe { src, dst, proto, sport, dport });
+        }
+    }
+    out
+}
+
+pub const PROTO_TCP: u8 = TCP;
+pub const PROTO_UDP: u8 = UDP;
