@@ -130,7 +130,9 @@ fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
     let (iface, _, maps) = open_l4lb(name)?;
     let _lock = update_lock(&iface)?;
     let now = maps.read_snapshot()?;
-    let plan = apply::plan(&now, &wanted, random_seed()?)?;
+    // A program loaded by iproute2 starts without an MTU: take the device's.
+    let mtu = if now.running.mtu == 0 { Some(iface.mtu()?) } else { None };
+    let plan = apply::plan_with_mtu(&now, &wanted, random_seed()?, mtu)?;
     print!("{}", plan.diff);
     if dry_run {
         println!("dry run: nothing written");
@@ -168,7 +170,10 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
     }
     let (iface, _, maps) = open_l4lb(name)?;
     let _lock = update_lock(&iface)?;
-    let source = match source {
+    let now = maps.read_snapshot()?;
+    // -s, else the source already configured (other services use it too),
+    // else DEV's own address.
+    let source = match source.or(now.running.global.source_v4) {
         Some(addr) => addr,
         None => iface
             .ipv4_addr()?
@@ -177,7 +182,6 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
     check_unicast_ipv4(source).map_err(|why| anyhow!("outer source address {source} {why}"))?;
     let mtu = iface.mtu()?;
 
-    let now = maps.read_snapshot()?;
     let mut wanted = now.running.model();
     wanted.global.source_v4 = Some(source);
     if seed.is_some() {
