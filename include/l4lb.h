@@ -22,6 +22,12 @@
 
 /* Services (VIPs, the catch-all included) a balancer holds. */
 #define L4LB_MAX_SERVICES 64
+/* Offloaded, the host loads l4lb_tables with room for this many services
+ * only: 32 x 51203 = 1,638,496 entries. NFP map memory is finite (a design
+ * note of the mizar project gives 3,072,000 entries over all maps of a card:
+ * not verified here, no card), and 64 tables alone are 3,276,992.
+ */
+#define L4LB_OFFLOAD_MAX_SERVICES 32
 /* Backend entries over all services (a backend in two services has two). */
 #define L4LB_MAX_BACKENDS 4096
 /* Backends one service may have (Maglev's table size is chosen from it). */

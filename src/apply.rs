@@ -73,12 +73,20 @@ pub struct Snapshot {
     pub config: Config,
     /// All VIP_SLOTS entries of l4lb_vips.
     pub vips: Vec<VipEntry>,
+    /// Services whose tables l4lb_tables has room for: MAX_SERVICES, fewer
+    /// when the program was loaded with a smaller map (offload).
+    pub service_tables: usize,
 }
 
 impl Snapshot {
     /// A freshly attached balancer: nothing configured.
     pub fn empty() -> Self {
-        Snapshot { running: Running::default(), config: Config::default(), vips: vec![[0; 24]; VIP_SLOTS] }
+        Snapshot {
+            running: Running::default(),
+            config: Config::default(),
+            vips: vec![[0; 24]; VIP_SLOTS],
+            service_tables: MAX_SERVICES,
+        }
     }
 
     /// Entry index per published VIP key bytes.
@@ -259,7 +267,7 @@ pub fn decode(
     }
     out.sort_by_key(|s| s.key);
     let running = Running { global, seed_fixed: flag(consts::L4LB_CONFIG_SEED_FIXED), mtu: config.mtu, services: out };
-    Ok(Snapshot { running, config, vips })
+    Ok(Snapshot { running, config, vips, service_tables: MAX_SERVICES })
 }
 
 // ---------------------------------------------------------------------------
@@ -368,6 +376,14 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
 /// device's, as it always did).
 pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Option<u32>) -> Result<Plan> {
     check_limits(wanted)?;
+    if wanted.services.len() > now.service_tables {
+        bail!(
+            "{} services: this program's l4lb_tables holds {} service tables (an offloaded program gets L4LB_OFFLOAD_MAX_SERVICES = {})",
+            wanted.services.len(),
+            now.service_tables,
+            consts::L4LB_OFFLOAD_MAX_SERVICES
+        );
+    }
     let running = &now.running;
     let diff = config::diff(&running.model(), wanted);
 
@@ -375,7 +391,7 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
     let wanted_keys: BTreeSet<ServiceKey> = wanted.services.iter().map(|s| s.key).collect();
     let removed: Vec<&RunningService> = running.services.iter().filter(|s| !wanted_keys.contains(&s.key)).collect();
     let used: BTreeSet<u32> = running.services.iter().map(|s| s.number).collect();
-    let mut service_numbers = Numbers::new(MAX_SERVICES, &used, removed.iter().map(|s| s.number).collect());
+    let mut service_numbers = Numbers::new(now.service_tables, &used, removed.iter().map(|s| s.number).collect());
     let mut number_of: BTreeMap<ServiceKey, u32> = BTreeMap::new();
     let mut reused_services: BTreeSet<u32> = BTreeSet::new();
     for s in &wanted.services {
@@ -659,6 +675,7 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
         },
         config: fin,
         vips: after_vips,
+        service_tables: now.service_tables,
     };
     Ok(Plan { diff, steps, after })
 }

@@ -39,6 +39,10 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
         ] {
             map.set_map_ifindex(iface.index);
         }
+        // Room for fewer service tables on the NIC: see L4LB_OFFLOAD_MAX_SERVICES.
+        maps.l4lb_tables
+            .set_max_entries((crate::bpf::OFFLOAD_MAX_SERVICES * crate::bpf::MAGLEV_SIZE) as u32)
+            .context("sizing l4lb_tables for offload")?;
     } else {
         // Off the NIC, per-CPU counters keep CPUs from bouncing cache lines.
         for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats, &mut open.maps.l4lb_svc_stats] {

@@ -51,6 +51,8 @@ pub const MAP_COUNTERS: &str = "l4lb_counters";
 /// Slots of one service's Maglev table (`maglev::TABLE_SIZE`).
 pub const MAGLEV_SIZE: usize = consts::L4LB_MAGLEV_SIZE as usize;
 pub const MAX_SERVICES: usize = consts::L4LB_MAX_SERVICES as usize;
+/// Services an offloaded program has tables for (l4lb_tables is loaded smaller).
+pub const OFFLOAD_MAX_SERVICES: usize = consts::L4LB_OFFLOAD_MAX_SERVICES as usize;
 /// Backend entries over all services.
 pub const MAX_BACKENDS: usize = consts::L4LB_MAX_BACKENDS as usize;
 /// Backends one service may have.

@@ -104,7 +104,11 @@ impl LbMaps {
         check_shape(&self.config, size_of::<Config>(), 1)?;
         check_shape(&self.vips, size_of::<VipEntry>(), VIP_SLOTS)?;
         check_shape(&self.services, size_of::<bpf::Service>(), MAX_SERVICES)?;
-        check_shape(&self.tables, size_of::<u32>(), MAX_SERVICES * MAGLEV_SIZE)?;
+        // Offloaded, the tables map is loaded smaller (attach.rs).
+        let tables = self.tables.max_entries() as usize;
+        if tables != MAX_SERVICES * MAGLEV_SIZE {
+            check_shape(&self.tables, size_of::<u32>(), bpf::OFFLOAD_MAX_SERVICES * MAGLEV_SIZE)?;
+        }
         check_shape(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
         check_shape(&self.be_stats, size_of::<Traffic>(), MAX_BACKENDS)?;
         check_shape(&self.svc_stats, size_of::<Traffic>(), MAX_SERVICES)?;
@@ -160,7 +164,9 @@ impl LbMaps {
             .chunks_exact(size_of::<Backend>())
             .map(|c| bpf::value_from(c).expect("value size checked"))
             .collect();
-        apply::decode(config, vips, &services, &backends, read_table)
+        let mut snapshot = apply::decode(config, vips, &services, &backends, read_table)?;
+        snapshot.service_tables = (self.tables.max_entries() as usize / MAGLEV_SIZE).min(MAX_SERVICES);
+        Ok(snapshot)
     }
 
     /// The running state (what `l4lb config` prints, `stats` and `status` show).

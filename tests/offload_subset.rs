@@ -487,7 +487,13 @@ fn l4lb_object_keeps_its_own_rules() {
         if map.value_size() > 64 {
             found.push(format!("map `{name}`: {}-byte values, more than 64", map.value_size()));
         }
-        entries += u64::from(map.max_entries());
+        // Offloaded, attach.rs loads l4lb_tables with room for
+        // L4LB_OFFLOAD_MAX_SERVICES tables only.
+        entries += if name == "l4lb_tables" {
+            (l4lb::bpf::OFFLOAD_MAX_SERVICES * l4lb::bpf::MAGLEV_SIZE) as u64
+        } else {
+            u64::from(map.max_entries())
+        };
     }
     assert_eq!(maps.len(), 8, "8 maps expected");
     let prog = &progs[0];
@@ -501,7 +507,10 @@ fn l4lb_object_keeps_its_own_rules() {
         }
     }
     let count = prog.insns.len();
-    println!("l4lb_balance: {count} instruction slots, {atomics} atomic adds, {} map entries in all", entries);
+    println!("l4lb_balance: {count} instruction slots, {atomics} atomic adds, {entries} map entries in all as offloaded");
+    // A third-party design note (mizar) gives 3,072,000 map entries over all
+    // maps of an NFP card; not verified here (no card), kept as the budget.
+    assert!(entries < 3_072_000, "{entries} map entries offloaded, over the 3,072,000 an NFP card is said to hold");
     // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
     assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
     // A regression guard, not a measured NFP limit (the NFP JIT turns each

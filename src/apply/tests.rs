@@ -462,3 +462,17 @@ fn decode_ignores_what_nothing_publishes() {
     assert_eq!(running.services.len(), 1);
     assert_eq!(running.services[0].backends.len(), 2);
 }
+
+#[test]
+fn an_offloaded_program_holds_fewer_service_tables() {
+    let mut small = Snapshot::empty();
+    small.service_tables = crate::bpf::OFFLOAD_MAX_SERVICES;
+    let services: Vec<Service> = (0..33u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p), 1))).collect();
+    let err = plan(&small, &model(services.clone()), 7).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "33 services: this program's l4lb_tables holds 32 service tables (an offloaded program gets L4LB_OFFLOAD_MAX_SERVICES = 32)"
+    );
+    let plan = plan(&small, &model(services[..32].to_vec()), 7).unwrap();
+    assert!(plan.after.running.services.iter().all(|s| (s.number as usize) < 32));
+}
