@@ -12,15 +12,16 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::packet::{internet_checksum, PacketSocket};
+use common::services::{predict, Probe, Verdict};
 use common::{fail, in_netns, ip, link_mac, run, Outcome, TestResult};
-use l4lb::table::TableState;
+use l4lb::state::Running;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -174,9 +175,10 @@ impl Topology {
         self.with_maps(|maps| maps.dump())
     }
 
-    /// (hash seed, table) of the l4lb program, to predict each flow's destination.
-    fn model(&self) -> TestResult<(u32, TableState)> {
-        self.with_maps(|maps| Ok((maps.read_config()?.hash_seed, maps.read_table()?)))
+    /// The running state (seed, services, tables) of the l4lb program, to
+    /// predict each flow's destination.
+    fn model(&self) -> TestResult<Running> {
+        self.with_maps(|maps| maps.read_running())
     }
 
     /// Two `l4lb stats --json` samples, parsed.
@@ -234,14 +236,15 @@ type FlowKey = (u8, Ipv4Addr, u16);
 fn flow_of(packet: &[u8]) -> Option<(FlowKey, l4lb::flow_hash::Flow)> {
     let ihl = usize::from(*packet.first()? & 0x0f) * 4;
     let ports = packet.get(ihl..ihl + 4)?;
+    let saddr = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
     let flow = l4lb::flow_hash::Flow {
-        saddr: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
-        daddr: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+        saddr: saddr.into(),
+        daddr: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]).into(),
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto: packet[9],
     };
-    Some(((flow.proto, flow.saddr, flow.sport), flow))
+    Some(((flow.proto, saddr, flow.sport), flow))
 }
 
 /// `count` TCP and UDP frames from gen to the lb veth's MAC, with distinct
@@ -310,8 +313,8 @@ struct Expectation {
     outer_src: Ipv4Addr,
     /// Active destinations: address -> MAC.
     destinations: BTreeMap<Ipv4Addr, [u8; 6]>,
-    /// (hash seed, table) from the maps: each flow's destination is predicted.
-    model: (u32, TableState),
+    /// The running state from the maps: each flow's destination is predicted.
+    model: Running,
 }
 
 impl Expectation {
@@ -344,9 +347,9 @@ fn check_encapsulated(frame: &[u8], sent: &HashMap<FlowKey, &Vec<u8>>, expect: &
     let df = u16::from_be_bytes([inner[6], inner[7]]) & 0x4000;
     ensure!(u16::from_be_bytes([frame[20], frame[21]]) == df, "flow {key:?}: outer flags/offset {:02x?}, want only the inner DF ({df:#06x})", &frame[20..22]);
 
-    let (seed, table) = &expect.model;
-    let predicted = table.slot_backend(flow.slot(*seed)).map(|(_, d)| d.addr);
-    ensure!(predicted == Some(dst), "flow {key:?} went to {dst}; its slot in the table leads to {predicted:?}");
+    let probe = Probe { src: flow.saddr, dst: flow.daddr, proto: flow.proto, sport: flow.sport, dport: flow.dport };
+    let predicted = predict(&expect.model, &probe);
+    ensure!(predicted == Verdict::Backend(dst.into()), "flow {key:?} went to {dst}; its slot in the catch-all's table leads to {predicted:?}");
     Ok((key, dst))
 }
 
@@ -387,6 +390,12 @@ fn send_and_check(topo: &Topology, frames: &[Vec<u8>], expect: &Expectation) -> 
     Ok((routes, tally))
 }
 
+/// The catch-all's table as backend addresses per slot.
+fn catch_all_addresses(running: &Running) -> TestResult<Vec<Option<IpAddr>>> {
+    let service = running.service(&l4lb::config::ServiceKey::CatchAll).ok_or_else(|| fail("no catch-all service"))?;
+    Ok(common::services::table_addresses(service))
+}
+
 /// Destinations of a sample file, read here independently of l4lb's parser.
 fn read_destinations(path: &str) -> TestResult<Vec<(Ipv4Addr, [u8; 6])>> {
     let mut out = Vec::new();
@@ -403,9 +412,14 @@ fn destinations_text(destinations: &[(Ipv4Addr, [u8; 6])]) -> String {
     destinations.iter().map(|(addr, mac)| format!("{addr}, {}\n", macaddr::MacAddr6::from(*mac))).collect()
 }
 
-/// Packets and bytes per destination of one stats sample.
+/// Packets and bytes per destination (backend of the catch-all service, the
+/// only service `l4lb map` without --vip fills) of one stats sample.
 fn stats_tally(sample: &Value) -> TestResult<Tally> {
-    let rows = sample["destinations"].as_array().ok_or_else(|| fail(format!("no destinations in {sample}")))?;
+    let services = sample["services"].as_array().ok_or_else(|| fail(format!("no services in {sample}")))?;
+    ensure!(services.len() == 1, "expected the catch-all service only: {sample}");
+    let service = &services[0];
+    ensure!(service["service"] == "*" && service["vip"] == "*" && service["protocol"] == "any", "not the catch-all: {service}");
+    let rows = service["backends"].as_array().ok_or_else(|| fail(format!("no backends in {service}")))?;
     let mut tally = Tally::new();
     for row in rows {
         let addr: Ipv4Addr = row["addr"].as_str().unwrap_or("").parse().map_err(|_| fail(format!("bad addr in {row}")))?;
@@ -421,6 +435,12 @@ fn stats_tally(sample: &Value) -> TestResult<Tally> {
 fn check_stats(samples: &[Value], mode: &str, expected: &Tally, frames: usize) -> TestResult {
     let packets: u64 = expected.values().map(|v| v.0).sum();
     let bytes: u64 = expected.values().map(|v| v.1).sum();
+    check_stats_totals(samples, mode, expected, (packets, bytes), frames)
+}
+
+/// check_stats, with the catch-all service's (and so all services')
+/// totals given: a service counts the traffic of backends it no longer has.
+fn check_stats_totals(samples: &[Value], mode: &str, expected: &Tally, (packets, bytes): (u64, u64), frames: usize) -> TestResult {
     let frames = frames as u64;
     for sample in samples {
         ensure!(sample["mode"] == mode, "stats mode {}, want {mode}: {sample}", sample["mode"]);
@@ -428,6 +448,8 @@ fn check_stats(samples: &[Value], mode: &str, expected: &Tally, frames: usize) -
         ensure!(&tally == expected, "stats per destination (packets, bytes) {tally:?}, captured {expected:?}");
         ensure!(sample["totals"]["packets"] == packets, "totals.packets {}, want {packets}", sample["totals"]["packets"]);
         ensure!(sample["totals"]["bytes"] == bytes, "totals.bytes {}, want {bytes}", sample["totals"]["bytes"]);
+        let service = &sample["services"][0];
+        ensure!(service["packets"] == packets && service["bytes"] == bytes, "catch-all service counts {}/{}, want {packets}/{bytes}", service["packets"], service["bytes"]);
         let counters = sample["counters"].as_object().ok_or_else(|| fail(format!("no counters in {sample}")))?;
         ensure!(counters["tx"] == frames, "counters.tx {}, want {frames}", counters["tx"]);
         ensure!(counters["rx"] == frames, "counters.rx {}, want {frames} (no other traffic)", counters["rx"]);
@@ -468,9 +490,9 @@ fn iproute2_load_then_map_balances_and_counts() -> TestResult {
     check_stats(&topo.stats()?, "driver", &tally, N)?;
 
     let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
-    ensure!(status.contains("Destinations:  4"), "status does not show 4 destinations:\n{status}");
+    ensure!(status.contains("Services:      1, 4 backends") && status.contains("Service * (catch-all)"), "status does not show the catch-all with 4 backends:\n{status}");
     ensure!(status.contains("Driver mode") && status.contains("l4lb_balance"), "status:\n{status}");
-    ensure!(status.contains(&format!("Outer source:  {LB_ADDR}")), "status:\n{status}");
+    ensure!(status.contains(&format!("Source IPv4:   {LB_ADDR}\n")), "status:\n{status}");
     for (addr, _) in &destinations {
         ensure!(status.contains(&format!(" {addr} ")), "status does not list {addr}:\n{status}");
     }
@@ -493,8 +515,8 @@ fn attach_driver_mode_with_outer_source_flag() -> TestResult {
 
     let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
     ensure!(status.contains("Driver mode") && status.contains("per-CPU"), "status:\n{status}");
-    ensure!(status.contains(&format!("Outer source:  {source}")), "status:\n{status}");
-    ensure!(status.contains("Destinations:  4"), "status:\n{status}");
+    ensure!(status.contains(&format!("Source IPv4:   {source}\n")), "status:\n{status}");
+    ensure!(status.contains("Services:      1, 4 backends"), "status:\n{status}");
 
     let expect = Expectation::new(&topo, source, &read_destinations(&file)?)?;
     let (_, tally) = send_and_check(&topo, &probe_frames(&topo, N, 20_000), &expect)?;
@@ -653,7 +675,9 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     let old = read_destinations(&file)?;
     topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
     let frames = probe_frames(&topo, N, 50_000);
-    let (old_routes, first) = send_and_check(&topo, &frames, &Expectation::new(&topo, LB_ADDR, &old)?)?;
+    let expect_old = Expectation::new(&topo, LB_ADDR, &old)?;
+    let first_model = expect_old.model.clone();
+    let (old_routes, first) = send_and_check(&topo, &frames, &expect_old)?;
     check_stats(&topo.stats()?, "driver", &first, N)?;
 
     let removed = old[3];
@@ -669,12 +693,40 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     ensure!(after == expected, "after the update stats show {after:?}, want {expected:?} (staying counters kept, new one at 0)");
 
     // The same flows again: those on staying destinations stay there.
-    let (new_routes, second) = send_and_check(&topo, &frames, &Expectation::new(&topo, LB_ADDR, &new)?)?;
-    let moved: Vec<_> = old_routes.iter().filter(|(key, dst)| **dst != removed.0 && new_routes[*key] != **dst).collect();
-    ensure!(moved.is_empty(), "{} flows of staying destinations moved, e.g. {:?}", moved.len(), moved.first());
-    let staying: HashSet<Ipv4Addr> = new.iter().map(|d| d.0).collect();
-    ensure!(new_routes.values().all(|dst| staying.contains(dst)), "traffic still goes to removed {}", removed.0);
+    // The same flows again: a flow of a staying destination moves only when
+    // Maglev's new table gave its slot to another backend (the tables read
+    // before and after the update say which slots changed hands).
+    let expect_new = Expectation::new(&topo, LB_ADDR, &new)?;
+    let (new_routes, second) = send_and_check(&topo, &frames, &expect_new)?;
+    let (before_table, after_table) = (catch_all_addresses(&first_model)?, catch_all_addresses(&expect_new.model)?);
+    let seed = expect_new.model.global.hash_seed.unwrap_or(0);
+    let staying_slots = (0..before_table.len()).filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0))).count();
+    let moved_slots = (0..before_table.len())
+        .filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0)) && after_table[s] != before_table[s])
+        .count();
+    let mut moved = 0;
+    let mut staying = 0;
+    for frame in &frames {
+        let (key, flow) = flow_of(&frame[14..]).expect("probe has ports");
+        let (old_dst, new_dst) = (old_routes[&key], new_routes[&key]);
+        if old_dst == removed.0 {
+            continue;
+        }
+        staying += 1;
+        let slot = flow.slot(seed);
+        let slot_moved = after_table[slot] != before_table[slot];
+        ensure!(slot_moved == (old_dst != new_dst), "flow {key:?} went {old_dst} -> {new_dst}, its slot {slot}: {:?} -> {:?}", before_table[slot], after_table[slot]);
+        moved += usize::from(old_dst != new_dst);
+    }
+    println!(
+        "remap: {moved} of {staying} flows of staying destinations moved (their slots changed hands: {moved_slots} of {staying_slots} slots of staying destinations, {:.1}%)",
+        100.0 * moved_slots as f64 / staying_slots as f64
+    );
+    let staying_set: HashSet<Ipv4Addr> = new.iter().map(|d| d.0).collect();
+    ensure!(new_routes.values().all(|dst| staying_set.contains(dst)), "traffic still goes to removed {}", removed.0);
     // Per destination: kept counts plus the second batch; rx/tx: both batches.
-    check_stats(&topo.stats()?, "driver", &sum(&expected, &second), 2 * N)?;
+    let all = sum(&first, &second);
+    let totals = (all.values().map(|v| v.0).sum(), all.values().map(|v| v.1).sum());
+    check_stats_totals(&topo.stats()?, "driver", &sum(&expected, &second), totals, 2 * N)?;
     Ok(())
 }

@@ -6,28 +6,40 @@
 //! (driver mode) runs on the lb end. A live-frame generator (the benchmark's
 //! `bench_gen`, run by BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES in a
 //! thread inside the gen namespace, pinned to one CPU) floods the lb end with
-//! 64-byte TCP SYN and UDP frames from random client addresses and ports for
+//! IPv4 TCP SYN and UDP frames to the benchmark's IPv4 VIP, IPv4 SYNs to its
+//! 4in6 VIP and to no VIP (the catch-all), and IPv6 SYNs to its IPv6 VIP, from
+//! random client addresses and ports for
 //! the whole test; the benchmark's `bench_sink` on the gen end counts and drops
 //! what l4lb sends back (a veth accepts its peer's XDP_TX frames only when it
 //! runs an XDP program). Meanwhile `l4lb map` runs, as a process in the lb
 //! namespace, on the other CPU(s):
 //!
-//! * 100 updates cycling through destination sets of 1 to 64 destinations
-//!   (overlapping sets, additions and removals in one update, MAC changes,
-//!   full replacements, the same file again). Each must exit 0; the counters
-//!   are sampled around each one (frames must arrive during every update, and
-//!   no drop counter may move); after each, the kernel's table (read through
-//!   the library) must be exactly `table::plan`'s target computed from the
-//!   previous kernel state, every slot must lead to an active destination of
-//!   the new set with the file's MAC, slot counts must differ by at most one,
-//!   and the slots of a destination that stays must stay with it unless its
-//!   share shrank (and then it keeps a subset of them).
+//! * 100 `l4lb map` updates of the catch-all cycling through destination
+//!   sets of 1 to 64 destinations (overlapping sets, additions and removals
+//!   in one update, MAC changes, full replacements, the same file again).
+//!   Each must exit 0 and print the planner's summary line; the counters are
+//!   sampled around each one (frames must arrive during every update, and no
+//!   drop counter may move); after each, the kernel's state (read through the
+//!   library) must be exactly `apply::plan`'s prediction from the previous
+//!   kernel state, the catch-all must hold the file's destinations with its
+//!   MACs, every slot must name one of them, each must have slots, and the
+//!   slots written must be exactly those whose value changed.
+//! * 60 `l4lb apply` updates of IPv4 and IPv6 services (the flood's VIPs, the
+//!   catch-all, and extra services added and removed; backends added,
+//!   removed, reweighted to 0..4 (0 = draining), MACs changed, the gateway
+//!   changed, flood services taken away and given back, the same file
+//!   again): each prints exactly the planner's diff, no drop counter moves,
+//!   the kernel's state is the planner's prediction, and a sample of flows
+//!   run through the attached program (BPF_PROG_TEST_RUN) before and after
+//!   lands where the before and after tables say: a flow changes backend
+//!   only when its slot's backend changed.
 //! * Two `l4lb map` processes started at the same moment with different
 //!   files, 10 times: both succeed, and the final table and both processes'
 //!   summary lines are exactly those of one order of the two updates (each
 //!   planned against the other's finished table), never a mix.
 //!
-//! After the flood stops, `l4lb stats --json` must show rx = tx + pass, every
+//! After the flood stops, `l4lb stats --json` must show rx = tx + pass +
+//! pass_no_service, every
 //! drop counter 0 (`drop_no_backend` above all), and more than 100,000 frames.
 //! The figures (frames, update times, counters) are printed.
 //!
@@ -40,7 +52,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -48,13 +60,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::services::{predict, same_snapshot, table_addresses, Probe, Program, Verdict, PROTO_TCP, PROTO_UDP};
 use common::{fail, in_netns, ip, link_mac, TestResult};
+use l4lb::apply::{self, Snapshot};
 use l4lb::bench::frames::{self, Endpoints, Kind};
-use l4lb::bpf::{COUNTER_NAMES, TABLE_SIZE};
+use l4lb::bpf::{COUNTER_NAMES, MAGLEV_SIZE};
+use l4lb::config::{self, Model, Protocol, ServiceKey};
 use l4lb::destinations::Destination;
 use l4lb::maps::LbMaps;
 use libbpf_rs::MapCore;
-use l4lb::table::{self, TableState};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -65,9 +79,12 @@ const BENCH_OBJECT: &str = env!("L4LB_BENCH_OBJECT");
 const PREFIX: &str = "l4lbt";
 const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// Updates under the flood in the main test.
 const UPDATES: usize = 100;
+/// `l4lb apply` updates under the flood.
+const APPLIES: usize = 60;
+/// What the flood sends (spread over the services the tests configure).
+const FLOOD_KINDS: [Kind; 5] = [Kind::TcpSyn64, Kind::Udp64, Kind::Syn4in6, Kind::Ipv6Syn, Kind::CatchAll];
 /// Rounds of two concurrent `l4lb map` processes.
 const CONCURRENT_ROUNDS: usize = 10;
 /// Destinations the sets are drawn from (a full replacement of 64 needs 128).
@@ -76,7 +93,7 @@ const MAX_SET: usize = 64;
 /// Frames per live test_run call of the generator (a few ms of traffic).
 const LIVE_BATCH: u32 = 1 << 14;
 /// The generator stops by itself after this, whatever happens.
-const FLOOD_LIMIT: Duration = Duration::from_secs(50);
+const FLOOD_LIMIT: Duration = Duration::from_secs(150);
 /// How long one `l4lb` process may take.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The flood must have delivered more than this.
@@ -94,6 +111,7 @@ fn main() {
         "network namespaces, XDP and live-frame traffic need root",
         vec![
             ("hundred_map_updates_under_flood_never_expose_a_half_written_table", hundred_map_updates_under_flood),
+            ("apply_updates_of_ipv4_and_ipv6_services_under_flood_drop_nothing", apply_updates_under_flood),
             ("concurrent_map_processes_are_serialised_under_flood", concurrent_map_processes_are_serialised),
         ],
     );
@@ -215,10 +233,26 @@ impl Topology {
         })
     }
 
-    /// The table as the datapath sees it, found afresh through the library.
-    fn kernel_table(&self) -> TestResult<TableState> {
+    /// The state as the datapath sees it, found afresh through the library.
+    fn snapshot(&self) -> TestResult<Snapshot> {
         let maps = self.open_maps()?;
-        Ok(maps.read_table()?)
+        Ok(maps.read_snapshot()?)
+    }
+
+    /// The attached l4lb program, for BPF_PROG_TEST_RUN.
+    fn program(&self) -> TestResult<Program> {
+        let id = in_netns(&self.lb, || {
+            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
+            Ok(l4lb::discover::find_l4lb(&iface)?.id)
+        })?;
+        Program::from_id(id)
+    }
+
+    /// `l4lb apply -i DEV -c FILE` arguments for a file written now.
+    fn apply_args(&self, name: &str, text: &str) -> TestResult<Vec<String>> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(vec!["apply".into(), "-i".into(), self.lb_dev.clone(), "-c".into(), path.display().to_string()])
     }
 
     /// One `l4lb stats --json` sample's counters.
@@ -317,7 +351,7 @@ impl Flood {
             Ok(map.as_fd().as_raw_fd())
         };
         let (gen, sink) = (prog_fd("bench_gen")?, prog_fd("bench_sink")?);
-        let gen_cfg = map_fd("bench_gen_cfg", Some(16 + frames::TEMPLATE_LEN))?;
+        let gen_cfg = map_fd("bench_gen_cfg", Some(frames::GEN_CONFIG_LEN))?;
         let sink_cnt = map_fd("bench_sink_cnt", None)?;
 
         let gen_ifindex = in_netns(&topo.gen, || {
@@ -327,7 +361,7 @@ impl Flood {
             Ok(index)
         })?;
 
-        let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac, vip: VIP };
+        let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac };
         let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
         let gen_cpu = (0..nix::sched::CpuSet::count()).rfind(|&cpu| cpus.is_set(cpu).unwrap_or(false)).unwrap_or(0);
         let stop = Arc::new(AtomicBool::new(false));
@@ -427,17 +461,9 @@ fn generate(
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).map_err(|err| format!("CPU {cpu}: {err}"))?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|err| format!("pinning to CPU {cpu}: {err}"))?;
-    let kinds = [Kind::TcpSyn64, Kind::Udp64];
-    let configs: Vec<(Vec<u8>, Vec<u8>)> = kinds
+    let configs: Vec<(Vec<u8>, Vec<u8>)> = FLOOD_KINDS
         .iter()
-        .map(|&kind| {
-            let mut value = Vec::with_capacity(16 + frames::TEMPLATE_LEN);
-            value.extend_from_slice(&(kind.ip_header_len() as u32).to_ne_bytes());
-            value.extend_from_slice(&u32::from(kind.is_udp()).to_ne_bytes());
-            value.extend_from_slice(&[0u8; 8]);
-            value.extend_from_slice(&frames::template(kind, ends));
-            (value, frames::frame(kind, ends, Ipv4Addr::UNSPECIFIED, 0))
-        })
+        .map(|&kind| (frames::gen_config(kind, ends), frames::frame(kind, ends, frames::client_of(kind, 0).0, 0)))
         .collect();
     let deadline = Instant::now() + FLOOD_LIMIT;
     let mut turn = 0;
@@ -580,76 +606,81 @@ impl Sets {
 
 // ---------------------------------------------------------------- checks
 
-/// Checks the kernel's table after an update from `before` to `set`:
-/// identical to the plan's target, every slot on an active destination of the
-/// set (with the file's MAC), even counts, staying destinations' slots kept.
-fn check_table(what: &str, before: &TableState, set: &[Destination], after: &TableState) -> TestResult {
-    let plan = table::plan(before, set);
-    if plan.target != *after {
-        let slots = (0..after.slots.len()).filter(|&s| plan.target.slots[s] != after.slots[s]).count();
-        let backends: Vec<usize> = (0..after.backends.len()).filter(|&n| plan.target.backends[n] != after.backends[n]).collect();
-        return Err(fail(format!(
-            "{what}: the kernel's table is not the plan's target: {slots} slots and backend entries {backends:?} differ"
-        )));
-    }
-    let wanted: HashMap<Ipv4Addr, [u8; 6]> = set.iter().map(|d| (d.addr, d.mac)).collect();
-    let active: Vec<(usize, Destination)> = after.backends.iter().enumerate().filter_map(|(n, b)| b.map(|b| (n, b))).collect();
-    ensure!(active.len() == set.len(), "{what}: {} active backend entries for {} destinations", active.len(), set.len());
-    for (n, d) in &active {
-        ensure!(wanted.get(&d.addr) == Some(&d.mac), "{what}: backend entry {n} holds {d}, which is not in the file");
-    }
-    let mut counts: HashMap<u32, usize> = HashMap::new();
-    for slot in 0..after.slots.len() {
-        let (number, d) = after.slot_backend(slot).ok_or_else(|| fail(format!("{what}: slot {slot} leads to no active destination")))?;
-        ensure!(wanted.get(&d.addr) == Some(&d.mac), "{what}: slot {slot} leads to {d}, not in the file");
-        *counts.entry(number).or_default() += 1;
-    }
-    ensure!(counts.len() == set.len(), "{what}: {} destinations have slots, {} listed", counts.len(), set.len());
-    let (min, max) = (counts.values().min().copied().unwrap_or(0), counts.values().max().copied().unwrap_or(0));
-    ensure!(max - min <= 1, "{what}: slot counts range from {min} to {max}");
-    ensure!(min == TABLE_SIZE / set.len(), "{what}: smallest share {min}, expected {}", TABLE_SIZE / set.len());
+/// What `l4lb map -f FILE` plans over `now` (its own reading: the running
+/// configuration with the catch-all's backends replaced by the file's, the
+/// outer source the veth's address, the MTU the device's).
+fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
+    let mut wanted = now.running.model();
+    wanted.global.source_v4 = Some(LB_ADDR);
+    let mut backends: Vec<config::Backend> = set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    backends.sort();
+    let hash_ports = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.hash_ports);
+    wanted.services.retain(|s| s.key != ServiceKey::CatchAll);
+    wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, backends });
+    Ok(apply::plan_with_mtu(now, &wanted, 0, Some(now.config.mtu))?)
+}
 
-    // Destinations that stay keep their number and their slots, unless their
-    // share shrank; then they keep a subset of their old slots.
-    let old_counts = before.slot_counts();
-    for (number, d) in before.backends.iter().enumerate().filter_map(|(n, b)| b.map(|b| (n, b))) {
-        if old_counts[number] == 0 || !wanted.contains_key(&d.addr) {
-            continue;
-        }
-        let new_number = active.iter().find(|(_, a)| a.addr == d.addr).map(|(n, _)| *n);
-        ensure!(new_number == Some(number), "{what}: {} moved from backend {number} to {new_number:?}", d.addr);
-        let number = number as u32;
-        let old_count = old_counts[number as usize];
-        let new_count = counts[&number];
-        let lost = (0..before.slots.len()).filter(|&s| before.slots[s] == number && after.slots[s] != number).count();
-        let gained = (0..before.slots.len()).filter(|&s| before.slots[s] != number && after.slots[s] == number).count();
-        if new_count >= old_count {
-            ensure!(lost == 0, "{what}: {} lost {lost} of its {old_count} slots although its share grew to {new_count}", d.addr);
-        } else {
-            ensure!(gained == 0, "{what}: {} gained {gained} slots although its share shrank from {old_count} to {new_count}", d.addr);
+/// The line `l4lb map` ends with for `plan`.
+fn map_summary(dev: &str, plan: &apply::Plan, set: &[Destination]) -> String {
+    let (added, removed, changed) = match (plan.diff.added.iter().find(|s| s.key == ServiceKey::CatchAll), plan.diff.changed.iter().find(|c| c.key == ServiceKey::CatchAll)) {
+        (Some(s), _) => (s.backends.len(), 0, 0),
+        (_, Some(c)) => (c.added.len(), c.removed.len(), c.changed.len()),
+        _ => (0, 0, 0),
+    };
+    format!(
+        "{dev}: {} destinations ({added} added, {removed} removed, {changed} changed), {} of {MAGLEV_SIZE} slots written, outer source {LB_ADDR}",
+        set.len(),
+        plan.slots_written()
+    )
+}
+
+/// Slot figures of one update of the catch-all.
+#[derive(Debug, Default, Clone, Copy)]
+struct Churn {
+    /// Slots whose value changed.
+    written: usize,
+    /// Slots held by backends that stay (same address, same weight) before the update ...
+    staying: usize,
+    /// ... and those of them that changed hands.
+    moved: usize,
+}
+
+/// Checks the kernel's state after `l4lb map` from `before` to `set`:
+/// exactly the planner's prediction, the catch-all holding the file's
+/// destinations (with the file's MACs), every slot naming one of them and
+/// each of them some slots; returns the slot churn.
+fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &Snapshot) -> TestResult<Churn> {
+    let plan = plan_map(before, set)?;
+    same_snapshot(what, after, &plan.after)?;
+    let service = after.running.service(&ServiceKey::CatchAll).ok_or_else(|| fail(format!("{what}: no catch-all")))?;
+    let mut wanted: Vec<(IpAddr, Option<[u8; 6]>, u32)> = set.iter().map(|d| (IpAddr::V4(d.addr), Some(d.mac), 1)).collect();
+    wanted.sort();
+    let held: Vec<(IpAddr, Option<[u8; 6]>, u32)> = service.backends.iter().map(|b| (b.backend.addr, b.backend.mac, b.backend.weight)).collect();
+    ensure!(held == wanted, "{what}: the catch-all holds {held:?}, the file says {wanted:?}");
+    let table = table_addresses(service);
+    let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+    for (slot, addr) in table.iter().enumerate() {
+        let addr = addr.ok_or_else(|| fail(format!("{what}: slot {slot} names no backend of the catch-all")))?;
+        *counts.entry(addr).or_default() += 1;
+    }
+    ensure!(counts.len() == set.len(), "{what}: {} of {} destinations have slots", counts.len(), set.len());
+    let mut churn = Churn { written: plan.slots_written(), ..Churn::default() };
+    if let Some(old) = before.running.service(&ServiceKey::CatchAll) {
+        let old_table = table_addresses(old);
+        let raw = l4lb::maglev::diff(&old.table, &service.table).len();
+        ensure!(plan.slots_written() == raw, "{what}: {} slots written, {raw} differ", plan.slots_written());
+        let stays = |a: &IpAddr| old.backends.iter().any(|b| b.backend.addr == *a) && held.iter().any(|h| h.0 == *a);
+        for i in 0..table.len() {
+            if old_table[i].as_ref().is_some_and(stays) {
+                churn.staying += 1;
+                churn.moved += usize::from(table[i] != old_table[i]);
+            }
         }
     }
-    Ok(())
+    Ok(churn)
 }
 
 /// The drop counters that are not 0, as "name value".
-/// The table that two updates planned against the same `state` leave when
-/// `b`'s writes land after all of `a`'s (what the lock prevents).
-fn unserialised(state: &TableState, a: &[Destination], b: &[Destination]) -> TableState {
-    let mut table = table::plan(state, a).target;
-    let plan = table::plan(state, b);
-    for (number, d) in &plan.backend_writes {
-        table.backends[*number as usize] = Some(*d);
-    }
-    for &(slot, number) in &plan.slot_writes {
-        table.slots[slot as usize] = number;
-    }
-    for &number in &plan.backend_clears {
-        table.backends[number as usize] = None;
-    }
-    table
-}
-
 fn nonzero_drops(counters: &[u64]) -> Vec<String> {
     COUNTER_NAMES
         .iter()
@@ -663,13 +694,13 @@ fn counter(counters: &[u64], name: &str) -> u64 {
     COUNTER_NAMES.iter().position(|n| *n == name).map_or(0, |i| counters[i])
 }
 
-/// After the flood: rx = tx + pass, no drop, and enough frames.
+/// After the flood: rx = tx + pass + pass_no_service, no drop, and enough frames.
 fn check_final_counters(topo: &Topology) -> TestResult<BTreeMap<String, u64>> {
     let counters = topo.stats_counters()?;
-    let (rx, tx, pass) = (counters["rx"], counters["tx"], counters["pass"]);
+    let (rx, tx, pass, none) = (counters["rx"], counters["tx"], counters["pass"], counters["pass_no_service"]);
     let drops: Vec<String> = counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
     ensure!(drops.is_empty(), "drop counters moved under load: {}", drops.join(", "));
-    ensure!(rx == tx + pass, "rx {rx} != tx {tx} + pass {pass}");
+    ensure!(rx == tx + pass + none, "rx {rx} != tx {tx} + pass {pass} + pass_no_service {none}");
     ensure!(rx > MIN_FRAMES, "only {rx} frames reached l4lb (expected more than {MIN_FRAMES})");
     Ok(counters)
 }
@@ -710,10 +741,10 @@ fn hundred_map_updates_under_flood() -> TestResult {
     // The first fill, before the flood: frames must never meet an empty table.
     let first = sets.fresh(32, &BTreeSet::new());
     let mut set: Vec<Destination> = sets.make(&first);
-    let empty = topo.kernel_table()?;
+    let empty = topo.snapshot()?;
     topo.l4lb_many(&[topo.map_args("initial.csv", &set)?])?.remove(0).success()?;
-    let mut state = topo.kernel_table()?;
-    check_table("initial fill", &empty, &set, &state)?;
+    let mut state = topo.snapshot()?;
+    check_map_update("initial fill", &empty, &set, &state)?;
     let maps = topo.open_maps()?;
 
     let mut flood = Flood::start(&topo)?;
@@ -721,7 +752,7 @@ fn hundred_map_updates_under_flood() -> TestResult {
     let mut during = Vec::new();
     let mut sizes = Vec::new();
     let mut kinds: BTreeMap<Change, usize> = BTreeMap::new();
-    let mut slots_written = 0usize;
+    let mut churn = Churn::default();
     let updates_started = Instant::now();
     let rx_at_start = counter(&maps.read_counters()?, "rx");
     for k in 1..=UPDATES {
@@ -738,9 +769,13 @@ fn hundred_map_updates_under_flood() -> TestResult {
         let frames = counter(&after, "rx") - counter(&before, "rx");
         ensure!(frames > 0, "{what}: no frame reached l4lb while `l4lb map` ran ({:?})", run.elapsed);
 
-        let next_state = topo.kernel_table()?;
-        check_table(&what, &state, &next, &next_state)?;
-        slots_written += table::plan(&state, &next).slot_writes.len();
+        let next_state = topo.snapshot()?;
+        let line = map_summary(&topo.lb_dev, &plan_map(&state, &next)?, &next);
+        ensure!(run.stdout.lines().any(|l| l == line), "{what}: `l4lb map` printed\n{}\nexpected the line\n{line}", run.stdout);
+        let c = check_map_update(&what, &state, &next, &next_state)?;
+        churn.written += c.written;
+        churn.staying += c.staying;
+        churn.moved += c.moved;
         times.push(run.elapsed);
         during.push(frames);
         sizes.push(next.len());
@@ -759,7 +794,14 @@ fn hundred_map_updates_under_flood() -> TestResult {
     println!("under_load: {UPDATES} `l4lb map` updates under flood in {:.2} s: {kinds:?}", updates_took.as_secs_f64());
     println!("  set sizes: {sizes:?}");
     println!("  update times (process start to exit): {}", summary(&times));
-    println!("  slots written in all: {slots_written}");
+    println!(
+        "  slots written in all: {} ({:.0} per update); slots of staying destinations that changed hands: {} of {} ({:.1}%)",
+        churn.written,
+        churn.written as f64 / UPDATES as f64,
+        churn.moved,
+        churn.staying,
+        100.0 * churn.moved as f64 / churn.staying.max(1) as f64
+    );
     println!(
         "  frames reaching l4lb while an update ran: {in_updates} in all, per update min {} / median {} / max {}",
         during.iter().min().unwrap_or(&0),
@@ -777,6 +819,327 @@ fn hundred_map_updates_under_flood() -> TestResult {
     Ok(())
 }
 
+// ---------------------------------------------------------------- configurations under load
+
+/// A backend of a generated configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GenBackend {
+    addr: IpAddr,
+    weight: u32,
+    mac: Option<[u8; 6]>,
+}
+
+/// A configuration the apply test mutates step by step.
+#[derive(Debug, Clone)]
+struct GenConfig {
+    gateway: u8,
+    services: BTreeMap<ServiceKey, (bool, Vec<GenBackend>)>,
+}
+
+fn vip_key(addr: IpAddr, protocol: Protocol, port: u16) -> ServiceKey {
+    ServiceKey::Vip { addr, protocol, port }
+}
+
+/// The services the flood's frames go to (Kind::dst / dport).
+fn flood_keys() -> [ServiceKey; 5] {
+    [
+        ServiceKey::CatchAll,
+        vip_key(frames::VIP4.into(), Protocol::Tcp, frames::TCP_PORT),
+        vip_key(frames::VIP4.into(), Protocol::Udp, frames::UDP_PORT),
+        vip_key(frames::VIP4_TO_6.into(), Protocol::Tcp, frames::TCP_PORT),
+        vip_key(frames::VIP6.into(), Protocol::Tcp, frames::TCP_PORT),
+    ]
+}
+
+impl GenConfig {
+    /// Whether backends of `key` are IPv6 (IPv4 otherwise; the IPv4 VIP
+    /// port 80 service mixes both).
+    fn family(key: &ServiceKey, rng: &mut rand::rngs::StdRng) -> bool {
+        match key {
+            ServiceKey::CatchAll => false,
+            ServiceKey::Vip { addr: IpAddr::V6(_), .. } => true,
+            k if *k == flood_keys()[3] => true,
+            k if *k == flood_keys()[1] => rng.gen_bool(0.25),
+            _ => rng.gen_bool(0.5),
+        }
+    }
+
+    fn new_backend(key: &ServiceKey, rng: &mut rand::rngs::StdRng) -> GenBackend {
+        let n: u16 = rng.gen_range(1..250);
+        let group = flood_keys().iter().position(|k| k == key).unwrap_or(9) as u8;
+        let addr: IpAddr = if Self::family(key, rng) {
+            Ipv6Addr::new(0x2001, 0xdb8, 0x88, u16::from(group), 0, 0, 0, n).into()
+        } else {
+            Ipv4Addr::new(10, 88, group, n as u8).into()
+        };
+        let mac = rng.gen_bool(0.5).then(|| [0x02, 0x88, group, 0, (n >> 8) as u8, n as u8]);
+        GenBackend { addr, weight: rng.gen_range(1..=3), mac }
+    }
+
+    fn new_service(key: ServiceKey, rng: &mut rand::rngs::StdRng) -> (bool, Vec<GenBackend>) {
+        let mut backends: Vec<GenBackend> = Vec::new();
+        for _ in 0..rng.gen_range(2..=12) {
+            let b = Self::new_backend(&key, rng);
+            if backends.iter().all(|x| x.addr != b.addr) {
+                backends.push(b);
+            }
+        }
+        let udp = !matches!(key, ServiceKey::Vip { protocol: Protocol::Tcp, .. });
+        (!(udp && rng.gen_bool(0.3)), backends)
+    }
+
+    fn initial(rng: &mut rand::rngs::StdRng) -> Self {
+        let services = flood_keys().into_iter().map(|k| (k, Self::new_service(k, rng))).collect();
+        GenConfig { gateway: 1, services }
+    }
+
+    /// One step: backends added, removed and reweighted (0 = draining) in
+    /// some services, now and then a service added or removed, a flood
+    /// service taken away or given back, the gateway changed.
+    fn mutate(&mut self, k: usize, rng: &mut rand::rngs::StdRng, taken: &mut Vec<ServiceKey>) -> String {
+        let mut what = Vec::new();
+        if k == 30 {
+            return "the same file again".into();
+        }
+        let keys: Vec<ServiceKey> = self.services.keys().copied().collect();
+        let count = rng.gen_range(1..=3);
+        for key in keys.choose_multiple(rng, count).copied().collect::<Vec<_>>() {
+            let (_, backends) = self.services.get_mut(&key).expect("present");
+            match rng.gen_range(0..4) {
+                0 if backends.len() < 24 => {
+                    let b = Self::new_backend(&key, rng);
+                    if backends.iter().all(|x| x.addr != b.addr) {
+                        backends.push(b);
+                        what.push(format!("{key}: + {}", b.addr));
+                    }
+                }
+                1 if backends.len() > 1 => {
+                    let i = rng.gen_range(0..backends.len());
+                    let b = backends.remove(i);
+                    what.push(format!("{key}: - {}", b.addr));
+                }
+                2 => {
+                    let i = rng.gen_range(0..backends.len());
+                    backends[i].weight = rng.gen_range(0..=4);
+                    what.push(format!("{key}: {} weight {}", backends[i].addr, backends[i].weight));
+                }
+                _ => {
+                    let i = rng.gen_range(0..backends.len());
+                    backends[i].mac = if backends[i].mac.is_some() { None } else { Some([0x02, 0x99, 0, 0, k as u8, i as u8]) };
+                    what.push(format!("{key}: {} mac {:?}", backends[i].addr, backends[i].mac));
+                }
+            }
+            // Some weight stays above 0: a service of draining backends only drops its traffic.
+            if backends.iter().all(|b| b.weight == 0) {
+                backends[0].weight = 1;
+            }
+        }
+        let extras: Vec<ServiceKey> = self.services.keys().filter(|k| !flood_keys().contains(k)).copied().collect();
+        if k % 6 == 0 || extras.is_empty() && k % 6 == 3 {
+            let key = if rng.gen_bool(0.5) {
+                vip_key(Ipv4Addr::new(203, 0, 113, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 80, 443][rng.gen_range(0..3)])
+            } else {
+                vip_key(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 53, 443][rng.gen_range(0..3)])
+            };
+            if !self.services.contains_key(&key) {
+                let service = Self::new_service(key, rng);
+                self.services.insert(key, service);
+                what.push(format!("+ service {key}"));
+            }
+        } else if k % 6 == 3 {
+            let key = *extras.choose(rng).expect("some extra");
+            self.services.remove(&key);
+            what.push(format!("- service {key}"));
+        }
+        if k % 10 == 5 {
+            let key = flood_keys()[[0, 2, 3, 4][(k / 10) % 4]];
+            self.services.remove(&key);
+            taken.push(key);
+            what.push(format!("- flood service {key}"));
+        } else if k % 10 == 9 {
+            for key in taken.drain(..) {
+                let service = Self::new_service(key, rng);
+                self.services.insert(key, service);
+                what.push(format!("+ flood service {key} back"));
+            }
+        }
+        if k % 15 == 7 {
+            self.gateway = self.gateway.wrapping_add(1).max(1);
+            what.push(format!("gateway 02:00:00:00:00:{:02x}", self.gateway));
+        }
+        what.join("; ")
+    }
+
+    fn text(&self) -> String {
+        let mut out = format!(
+            "# l4lb under_load apply test\n[global]\nsource_v4 = \"{LB_ADDR}\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:{:02x}\"\n",
+            self.gateway
+        );
+        for (key, (hash_ports, backends)) in &self.services {
+            out.push_str("\n[[service]]\n");
+            match key {
+                ServiceKey::CatchAll => out.push_str("vip = \"*\"\n"),
+                ServiceKey::Vip { addr, protocol, port } => {
+                    let _ = write!(out, "vip = \"{addr}\"\nprotocol = \"{}\"\nport = {port}\n", protocol.name());
+                }
+            }
+            if !matches!(key, ServiceKey::Vip { protocol: Protocol::Tcp, .. }) {
+                let _ = writeln!(out, "hash_ports = {hash_ports}");
+            }
+            out.push_str("backends = [\n");
+            for b in backends {
+                let _ = write!(out, "  {{ address = \"{}\", weight = {}", b.addr, b.weight);
+                if let Some(m) = b.mac {
+                    let _ = write!(out, ", mac = \"{}\"", config::format_mac(m));
+                }
+                out.push_str(" },\n");
+            }
+            out.push_str("]\n");
+        }
+        out
+    }
+}
+
+/// Probes to the flood's services and to the extra services of `model`.
+fn sample_probes(model: &Model, k: usize) -> Vec<Probe> {
+    let mut dsts: Vec<(IpAddr, u8, u16)> = FLOOD_KINDS.iter().map(|kind| (kind.dst(), if kind.is_udp() { PROTO_UDP } else { PROTO_TCP }, kind.dport())).collect();
+    for s in &model.services {
+        if let ServiceKey::Vip { addr, protocol, port } = s.key {
+            let proto = if protocol == Protocol::Tcp { PROTO_TCP } else { PROTO_UDP };
+            dsts.push((addr, proto, if port == 0 { 4242 } else { port }));
+        }
+    }
+    dsts.sort();
+    dsts.dedup();
+    common::services::probes(&dsts, 24, k as u32)
+}
+
+fn verdicts(what: &str, program: &Program, running: &l4lb::state::Running, probes: &[Probe]) -> TestResult<Vec<Verdict>> {
+    probes
+        .iter()
+        .map(|p| {
+            let got = program.verdict(p)?;
+            let want = predict(running, p);
+            ensure!(got == want, "{what}: {p:?}: the datapath says {got:?}, the running state {want:?}");
+            ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: {p:?} was dropped");
+            Ok(got)
+        })
+        .collect()
+}
+
+/// The backend address `probe`'s slot names in `running` (None: no
+/// service, or the slot names none).
+fn slot_address(running: &l4lb::state::Running, probe: &Probe) -> Option<(ServiceKey, Option<IpAddr>)> {
+    let service = common::services::service_of(running, probe)?;
+    let hash_ports = probe.proto == PROTO_TCP || service.hash_ports;
+    let flow = l4lb::flow_hash::Flow {
+        saddr: probe.src,
+        daddr: probe.dst,
+        sport: if hash_ports { probe.sport } else { 0 },
+        dport: if hash_ports { probe.dport } else { 0 },
+        proto: probe.proto,
+    };
+    let slot = flow.slot(running.global.hash_seed.unwrap_or(0));
+    let number = service.table[slot];
+    Some((service.key, service.backends.iter().find(|b| b.number == number).map(|b| b.backend.addr)))
+}
+
+fn apply_updates_under_flood() -> TestResult {
+    let _serial = serial();
+    let seed = seed();
+    println!("under_load: configurations from seed {seed} (UNDER_LOAD_SEED={seed} repeats them)");
+    let topo = Topology::new()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut gen = GenConfig::initial(&mut rng);
+    topo.l4lb_many(&[topo.apply_args("initial.toml", &gen.text())?])?.remove(0).success()?;
+    let maps = topo.open_maps()?;
+    let program = topo.program()?;
+    let mut state = maps.read_snapshot()?;
+
+    let mut flood = Flood::start(&topo)?;
+    let mut taken = Vec::new();
+    let mut times = Vec::new();
+    let mut slots = Vec::new();
+    let (mut flows, mut moved, mut moved_slot, mut kept_slot_moved) = (0usize, 0usize, 0usize, 0usize);
+    let mut services_seen = BTreeSet::new();
+    let started = Instant::now();
+    for k in 1..=APPLIES {
+        let change = gen.mutate(k, &mut rng, &mut taken);
+        let text = gen.text();
+        let wanted = config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
+        let what = format!("apply {k} ({change})");
+        let plan = apply::plan(&state, &wanted, 0)?;
+        let probes = sample_probes(&wanted, k);
+        let before_verdicts = verdicts(&format!("{what}, before"), &program, &state.running, &probes)?;
+
+        let args = topo.apply_args(&format!("update-{k}.toml"), &text)?;
+        flood.check()?;
+        let before = maps.read_counters()?;
+        let run = topo.l4lb_many(&[args])?.remove(0);
+        let after = maps.read_counters()?;
+        let run = Run { what: format!("{what}: {}", run.what), ..run }.success()?;
+        let drops = nonzero_drops(&after);
+        ensure!(drops.is_empty(), "{what}: drop counters moved: {}", drops.join(", "));
+        let frames = counter(&after, "rx") - counter(&before, "rx");
+        ensure!(frames > 0, "{what}: no frame reached l4lb while `l4lb apply` ran ({:?})", run.elapsed);
+        let expected_out = if plan.is_empty() {
+            "no changes\n".to_string()
+        } else {
+            format!("{}{}: applied ({} map writes, {} table slots)\n", plan.diff, topo.lb_dev, plan.writes(), plan.slots_written())
+        };
+        ensure!(run.stdout == expected_out, "{what}: `l4lb apply` printed\n{}\nexpected\n{expected_out}", run.stdout);
+        ensure!(k != 30 || plan.is_empty(), "{what}: the same file planned writes");
+
+        let next = maps.read_snapshot()?;
+        same_snapshot(&what, &next, &plan.after)?;
+        let after_verdicts = verdicts(&format!("{what}, after"), &program, &next.running, &probes)?;
+        // A flow changes backend only when its slot's backend changed (or
+        // its service did): the tables before and after say which.
+        for (i, p) in probes.iter().enumerate() {
+            let (old, new) = (slot_address(&state.running, p), slot_address(&next.running, p));
+            flows += 1;
+            if before_verdicts[i] != after_verdicts[i] {
+                moved += 1;
+                ensure!(old != new, "{what}: {p:?} moved {:?} -> {:?} although its slot still names {old:?}", before_verdicts[i], after_verdicts[i]);
+                moved_slot += 1;
+                // Maglev's extra churn: the old backend is still in the service with its weight.
+                if let (Some((ko, Some(a))), Some((kn, _))) = (old, new) {
+                    let still = next.running.service(&kn).is_some_and(|s| {
+                        ko == kn
+                            && s.backends.iter().any(|b| b.backend.addr == a && state.running.service(&ko).is_some_and(|o| o.backends.iter().any(|ob| ob.backend == b.backend)))
+                    });
+                    kept_slot_moved += usize::from(still);
+                }
+            }
+        }
+        for s in &next.running.services {
+            services_seen.insert(s.key);
+        }
+        times.push(run.elapsed);
+        slots.push(plan.slots_written());
+        state = next;
+    }
+    let took = started.elapsed();
+    let ran = flood.stop()?;
+    std::thread::sleep(Duration::from_millis(100));
+    let counters = check_final_counters(&topo)?;
+    let v6 = services_seen.iter().filter(|k| matches!(k, ServiceKey::Vip { addr: IpAddr::V6(_), .. })).count();
+    println!(
+        "under_load: {APPLIES} `l4lb apply` updates under flood in {:.2} s ({} services seen, {v6} of them IPv6)",
+        took.as_secs_f64(),
+        services_seen.len()
+    );
+    println!("  apply times (process start to exit): {}", summary(&times));
+    let mut sorted = slots.clone();
+    sorted.sort();
+    println!("  table slots written per apply: min {} / median {} / max {}", sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+    println!(
+        "  sampled flows: {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}); of those, the old backend stayed unchanged in the service: {kept_slot_moved}"
+    );
+    println!("  flood: {:.2} s, generator sent {}, counters: {counters:?}", ran.as_secs_f64(), flood.sent());
+    Ok(())
+}
+
 fn concurrent_map_processes_are_serialised() -> TestResult {
     let _serial = serial();
     let seed = seed();
@@ -786,31 +1149,21 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
     let first = sets.fresh(20, &BTreeSet::new());
     let mut set: Vec<Destination> = sets.make(&first);
     topo.l4lb_many(&[topo.map_args("initial.csv", &set)?])?.remove(0).success()?;
-    let mut state = topo.kernel_table()?;
+    let mut state = topo.snapshot()?;
     let mut flood = Flood::start(&topo)?;
 
     let mut orders = [0usize; 2];
     let mut times = Vec::new();
     for round in 0..CONCURRENT_ROUNDS {
-        // Two different files, each overlapping the current set and the other,
-        // drawn until the check has teeth: the two orders end differently, and
-        // what two unserialised updates (both planned against the same table)
-        // would leave differs from both. Some draws cannot tell them apart
-        // (e.g. when one update only adds to what the other leaves).
-        let end_of = |a: &[Destination], b: &[Destination]| table::plan(&table::plan(&state, a).target, b).target;
+        // Two different files, each overlapping the current set and the
+        // other, drawn until the two orders end differently.
+        let end_of = |a: &[Destination], b: &[Destination]| -> TestResult<Snapshot> { Ok(plan_map(&plan_map(&state, a)?.after, b)?.after) };
         let mut draw = 0;
-        let (one, two, end_12, end_21) = loop {
+        let (one, two) = loop {
             let (one, _) = sets.next(&set, 2 * round + 1 + draw);
             let (two, _) = sets.next(&one, 2 * round + 2 + draw);
-            let (end_12, end_21) = (end_of(&one, &two), end_of(&two, &one));
-            let telling = one != two
-                && end_12 != end_21
-                && [(&one, &two), (&two, &one)].iter().all(|(a, b)| {
-                    let mixed = unserialised(&state, a, b);
-                    mixed != end_12 && mixed != end_21
-                });
-            if telling {
-                break (one, two, end_12, end_21);
+            if one != two && same_snapshot("", &end_of(&one, &two)?, &end_of(&two, &one)?).is_err() {
+                break (one, two);
             }
             draw += 1;
             ensure!(draw < 50, "round {round}: no pair of files among 50 draws tells the orders apart");
@@ -828,32 +1181,18 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
         let (second_run, first_run) = (runs.pop().expect("two runs"), runs.pop().expect("two runs"));
         times.push(first_run.elapsed);
         times.push(second_run.elapsed);
-        let after = topo.kernel_table()?;
+        let after = topo.snapshot()?;
 
-        // Either order, each update planned against the other's finished table.
-        let summary_line = |from: &TableState, to: &[Destination]| -> String {
-            let plan = table::plan(from, to);
-            let added = plan.fresh_backends.len();
-            let removed = from.backends.iter().flatten().count() + added - to.len();
-            let changed = plan.backend_writes.len() - added;
-            format!(
-                "{}: {} destinations ({added} added, {removed} removed, {changed} changed), {} of {TABLE_SIZE} slots written, outer source {LB_ADDR}",
-                topo.lb_dev,
-                to.len(),
-                plan.slot_writes.len()
-            )
-        };
-        if end_12 != after && end_21 != after {
-            for (a, b) in [(&one, &two), (&two, &one)] {
-                ensure!(unserialised(&state, a, b) != after, "round {round}: the table is what two unserialised updates leave (the lock did not serialise them)");
-            }
-        }
+        // Either order, each update planned against the other's finished state.
         let mut matched = None;
         for (order, (a, b, a_run, b_run)) in [(&one, &two, &first_run, &second_run), (&two, &one, &second_run, &first_run)].into_iter().enumerate() {
-            let middle = table::plan(&state, a).target;
-            let end = table::plan(&middle, b).target;
-            if end == after && a_run.stdout.contains(&summary_line(&state, a)) && b_run.stdout.contains(&summary_line(&middle, b)) {
-                check_table(&format!("round {round}, order {order}, second update"), &middle, b, &after)?;
+            let middle_plan = plan_map(&state, a)?;
+            let end_plan = plan_map(&middle_plan.after, b)?;
+            if same_snapshot("", &after, &end_plan.after).is_ok()
+                && a_run.stdout.contains(&map_summary(&topo.lb_dev, &middle_plan, a))
+                && b_run.stdout.contains(&map_summary(&topo.lb_dev, &end_plan, b))
+            {
+                check_map_update(&format!("round {round}, order {order}, second update"), &middle_plan.after, b, &after)?;
                 // order 0: `one` applied first; started first on even rounds.
                 matched = Some((usize::from((order == 1) != (round % 2 == 1)), b.clone()));
                 break;
@@ -861,7 +1200,7 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
         }
         let Some((order, last)) = matched else {
             return Err(fail(format!(
-                "round {round}: the final table and the outputs match neither order of the two updates (a mix?)\nfirst:\n{}\nsecond:\n{}",
+                "round {round}: the final state and the outputs match neither order of the two updates (a mix?)\nfirst:\n{}\nsecond:\n{}",
                 first_run.stdout, second_run.stdout
             )));
         };
