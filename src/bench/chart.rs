@@ -1,13 +1,14 @@
 //! The ratios as a bar chart (SVG): for each packet kind, l4lb's share of the
-//! plain floor and of the encapsulation floor, median bars with min-max
-//! whiskers, and the target line. Pure: returns the SVG text.
+//! plain floor and of the encapsulation floor (outer IPv4 or IPv6, as the
+//! row's backends), median bars with min-max whiskers, and the target line.
+//! Pure: returns the SVG text.
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::report::{Results, Summary, TARGET};
 
-const WIDTH: u32 = 860;
+const WIDTH: u32 = 1100;
 const HEIGHT: u32 = 480;
 const PLAIN_COLOR: RGBColor = RGBColor(0x9e, 0xc5, 0xe8);
 const ENCAP_COLOR: RGBColor = RGBColor(0x1f, 0x5f, 0x9e);
@@ -67,7 +68,7 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], PLAIN_COLOR.filled()));
     chart
         .draw_series(bars(0.02, ENCAP_COLOR, |t| t.ratio_encap))?
-        .label("l4lb / encapsulation floor (count, push outer IPv4, XDP_TX)")
+        .label("l4lb / encapsulation floor (count, push the outer IPv4 or IPv6 header of the row, XDP_TX)")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ENCAP_COLOR.filled()));
 
     // Whiskers: min to max over the rounds, and the median's value.

@@ -1,35 +1,57 @@
 //! The frames the benchmark sends, built on the host: the template the
 //! generator (`bench_gen` in src/bpf/l4lb_bench.bpf.c) copies into every live
-//! frame, and a model of what it then changes (client address, client port,
-//! both checksums), so that the two can be compared. Pure.
+//! frame, the settings that tell it where to write, and a model of what it
+//! then changes (the last two bytes of the client address, the client port,
+//! the checksums), so that the two can be compared. Also the services the
+//! frames are sent to. Pure.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
 /// Ethernet header length.
 pub const ETH_LEN: usize = 14;
 /// Size of the template the generator copies (`BENCH_TEMPLATE_LEN`).
-pub const TEMPLATE_LEN: usize = 72;
-/// The most header bytes the generator writes (`BENCH_MAX_HEADER`).
-pub const MAX_HEADER: usize = 66;
-const _: () = assert!(MAX_HEADER <= TEMPLATE_LEN);
-/// Clients are 198.18.0.0/16 (`BENCH_CLIENT_NET`), ports 32768-65535.
+pub const TEMPLATE_LEN: usize = 80;
+/// Header bytes the generator writes: at least a minimum frame
+/// (`BENCH_MIN_FRAME`), Ethernet + IPv4 with options + TCP
+/// (`BENCH_OPTIONS_HEADER`), Ethernet + IPv6 + TCP (`BENCH_IPV6_HEADER`).
+pub const MIN_FRAME: usize = 60;
+pub const OPTIONS_HEADER: usize = 66;
+pub const IPV6_HEADER: usize = 74;
+const _: () = assert!(IPV6_HEADER <= TEMPLATE_LEN);
+/// Size of the generator's settings (`struct bench_gen_config`).
+pub const GEN_CONFIG_LEN: usize = 16 + TEMPLATE_LEN;
+/// IPv4 clients are 198.18.0.0/16 (the benchmarking range), ports 32768-65535.
 pub const CLIENT_NET: u32 = 0xc612_0000;
+/// IPv6 clients are 2001:db8:18::/112 (the last 16 bits drawn).
+pub const CLIENT6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0);
+
+/// The IPv4 VIP: TCP port 80 and UDP port 53, IPv4 backends.
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// An IPv4 VIP with IPv6 backends (IPv4 in IPv6), TCP port 80.
+pub const VIP4_TO_6: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+/// The IPv6 VIP, TCP port 80, IPv6 backends.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 1);
+/// An address no VIP takes: the catch-all's traffic.
+pub const NO_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 9);
+pub const TCP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const IPV4_DF: u16 = 0x4000;
 
-/// The packet kinds of the benchmark. Sizes follow RFC 2544: a "64 B" frame is
-/// 64 bytes on the wire with its FCS, 60 bytes in the buffer; "1500 B" is an
-/// IPv4 packet of 1500 bytes (a 1514-byte buffer).
+/// The packet kinds of the benchmark (one row each). Sizes follow RFC 2544: a
+/// "64 B" frame is 64 bytes on the wire with its FCS, 60 bytes in the buffer;
+/// "1500 B" is an IPv4 packet of 1500 bytes (a 1514-byte buffer); the IPv6
+/// SYN is the shortest IPv6 TCP frame, 74 bytes (78 with FCS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Kind {
-    /// TCP SYN, no payload, padded to the minimum frame.
+    /// TCP SYN to the IPv4 VIP, port 80, no payload, padded to the minimum frame.
     #[serde(rename = "tcp_syn_64")]
     TcpSyn64,
-    /// UDP with 18 bytes of payload.
+    /// UDP to the IPv4 VIP, port 53, 18 bytes of payload.
     #[serde(rename = "udp_64")]
     Udp64,
     /// TCP segment with 1460 bytes of payload: a full 1500-byte IPv4 packet.
@@ -38,10 +60,20 @@ pub enum Kind {
     /// TCP SYN behind an IPv4 header with 12 bytes of options (IHL 8).
     #[serde(rename = "ipv4_options")]
     Ipv4Options,
+    /// IPv6 TCP SYN to the IPv6 VIP, IPv6 backends (IPv6 in IPv6).
+    #[serde(rename = "ipv6_tcp_syn_74")]
+    Ipv6Syn,
+    /// IPv4 TCP SYN to an IPv4 VIP with IPv6 backends (IPv4 in IPv6).
+    #[serde(rename = "tcp_syn_64_4in6")]
+    Syn4in6,
+    /// IPv4 TCP SYN to an address no VIP takes: the catch-all (the seed's mode).
+    #[serde(rename = "catch_all_tcp_syn_64")]
+    CatchAll,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::TcpSyn64, Kind::Udp64, Kind::Tcp1500, Kind::Ipv4Options];
+    pub const ALL: [Kind; 7] =
+        [Kind::TcpSyn64, Kind::Udp64, Kind::Tcp1500, Kind::Ipv4Options, Kind::Ipv6Syn, Kind::Syn4in6, Kind::CatchAll];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -49,28 +81,82 @@ impl Kind {
             Kind::Udp64 => "UDP 64 B",
             Kind::Tcp1500 => "TCP 1500 B",
             Kind::Ipv4Options => "IPv4 options",
+            Kind::Ipv6Syn => "IPv6 SYN 78 B",
+            Kind::Syn4in6 => "4in6 SYN 64 B",
+            Kind::CatchAll => "catch-all 64 B",
+        }
+    }
+
+    /// What the row measures, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::TcpSyn64 => "IPv4 TCP SYN to the VIP's port 80, IPv4 backends (IPIP)",
+            Kind::Udp64 => "IPv4 UDP, 18 bytes of payload, to the VIP's port 53, IPv4 backends (IPIP)",
+            Kind::Tcp1500 => "IPv4 TCP, 1460 bytes of payload, to the VIP's port 80, IPv4 backends (IPIP)",
+            Kind::Ipv4Options => "IPv4 TCP SYN with 12 bytes of IPv4 options to the VIP's port 80 (IPIP)",
+            Kind::Ipv6Syn => "IPv6 TCP SYN (74-byte buffer) to an IPv6 VIP, IPv6 backends (6in6)",
+            Kind::Syn4in6 => "IPv4 TCP SYN to an IPv4 VIP with IPv6 backends (4in6)",
+            Kind::CatchAll => "IPv4 TCP SYN to an address no VIP takes: the catch-all service (IPIP)",
         }
     }
 
     /// Bytes in the buffer (no FCS).
     pub fn frame_len(self) -> usize {
         match self {
-            Kind::TcpSyn64 | Kind::Udp64 => 60,
+            Kind::TcpSyn64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll => 60,
             Kind::Tcp1500 => ETH_LEN + 1500,
             Kind::Ipv4Options => ETH_LEN + 32 + 20,
+            Kind::Ipv6Syn => ETH_LEN + 40 + 20,
         }
     }
 
+    pub fn is_ipv6(self) -> bool {
+        self == Kind::Ipv6Syn
+    }
+
     pub fn ip_header_len(self) -> usize {
-        if self == Kind::Ipv4Options {
-            32
-        } else {
-            20
+        match self {
+            Kind::Ipv4Options => 32,
+            Kind::Ipv6Syn => 40,
+            _ => 20,
         }
     }
 
     pub fn is_udp(self) -> bool {
         self == Kind::Udp64
+    }
+
+    /// Whether the row's backends are IPv6: l4lb and the floor push an outer
+    /// IPv6 header (40 bytes) instead of an IPv4 one (20).
+    pub fn outer_ipv6(self) -> bool {
+        matches!(self, Kind::Ipv6Syn | Kind::Syn4in6)
+    }
+
+    /// Bytes the encapsulation adds.
+    pub fn overhead(self) -> usize {
+        if self.outer_ipv6() {
+            40
+        } else {
+            20
+        }
+    }
+
+    /// The destination the frames go to.
+    pub fn dst(self) -> IpAddr {
+        match self {
+            Kind::Ipv6Syn => VIP6.into(),
+            Kind::Syn4in6 => VIP4_TO_6.into(),
+            Kind::CatchAll => NO_VIP.into(),
+            _ => VIP4.into(),
+        }
+    }
+
+    pub fn dport(self) -> u16 {
+        if self.is_udp() {
+            UDP_PORT
+        } else {
+            TCP_PORT
+        }
     }
 
     fn l4_header_len(self) -> usize {
@@ -81,36 +167,73 @@ impl Kind {
         }
     }
 
-    /// IPv4 total length.
+    /// L3 length: IPv4 total length, IPv6 40 + payload length.
     pub fn ip_len(self) -> usize {
         match self {
-            Kind::TcpSyn64 | Kind::Ipv4Options => self.ip_header_len() + 20,
             Kind::Udp64 => 20 + 8 + 18,
             Kind::Tcp1500 => 1500,
+            _ => self.ip_header_len() + 20,
         }
     }
 
-    fn l4_offset(self) -> usize {
+    pub fn l4_offset(self) -> usize {
         ETH_LEN + self.ip_header_len()
+    }
+
+    /// Header bytes the generator copies from the template.
+    pub fn header_len(self) -> usize {
+        (self.l4_offset() + self.l4_header_len()).max(MIN_FRAME)
     }
 
     /// Offset of the TCP or UDP checksum in the frame.
     fn l4_checksum_offset(self) -> usize {
         self.l4_offset() + if self.is_udp() { 6 } else { 16 }
     }
+
+    /// Offset of the last two bytes of the client address.
+    fn addr_offset(self) -> usize {
+        if self.is_ipv6() {
+            ETH_LEN + 8 + 14
+        } else {
+            ETH_LEN + 12 + 2
+        }
+    }
+
+    /// Offset of the IPv4 header checksum (None for IPv6).
+    fn ip_checksum_offset(self) -> Option<usize> {
+        (!self.is_ipv6()).then_some(ETH_LEN + 10)
+    }
 }
 
-/// Who sends to whom: MACs of the two veth ends and the service address.
+/// Who sends to whom: MACs of the two veth ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub vip: Ipv4Addr,
 }
 
-/// The client address and port the generator derives from one random word.
-pub fn client_of(random: u32) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(CLIENT_NET | (random & 0xffff)), ((random >> 16) as u16) | 0x8000)
+/// The client address and port the generator derives from one random word
+/// for `kind`: the low 16 bits are the address's last two bytes.
+pub fn client_of(kind: Kind, random: u32) -> (IpAddr, u16) {
+    let port = ((random >> 16) as u16) | 0x8000;
+    if kind.is_ipv6() {
+        let mut octets = CLIENT6_NET.octets();
+        octets[14..].copy_from_slice(&(random as u16).to_be_bytes());
+        (Ipv6Addr::from(octets).into(), port)
+    } else {
+        (Ipv4Addr::from(CLIENT_NET | (random & 0xffff)).into(), port)
+    }
+}
+
+/// The client address and port written in a frame of `kind`.
+pub fn client_in(kind: Kind, f: &[u8]) -> (IpAddr, u16) {
+    let addr = if kind.is_ipv6() {
+        IpAddr::from(<[u8; 16]>::try_from(&f[ETH_LEN + 8..ETH_LEN + 24]).expect("16 bytes"))
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(&f[ETH_LEN + 12..ETH_LEN + 16]).expect("4 bytes"))
+    };
+    let l4 = kind.l4_offset();
+    (addr, u16::from_be_bytes([f[l4], f[l4 + 1]]))
 }
 
 /// One's-complement sum of big-endian 16-bit words (an odd last byte is padded).
@@ -128,42 +251,62 @@ fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// A whole frame from `client`:`port` to the service, checksums correct.
-pub fn frame(kind: Kind, ends: &Endpoints, client: Ipv4Addr, port: u16) -> Vec<u8> {
+fn octets(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// A whole frame from `client`:`port` to the kind's destination, checksums
+/// correct. `client` must be of the kind's family.
+pub fn frame(kind: Kind, ends: &Endpoints, client: IpAddr, port: u16) -> Vec<u8> {
+    assert_eq!(client.is_ipv6(), kind.is_ipv6(), "client family of {kind:?}");
     let mut f = vec![0u8; kind.frame_len()];
     f[0..6].copy_from_slice(&ends.dst_mac);
     f[6..12].copy_from_slice(&ends.src_mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-
+    let proto = if kind.is_udp() { UDP } else { TCP };
     let ihl = kind.ip_header_len();
-    let ip = &mut f[ETH_LEN..ETH_LEN + ihl];
-    ip[0] = 0x40 | (ihl / 4) as u8;
-    ip[1] = 0;
-    ip[2..4].copy_from_slice(&(kind.ip_len() as u16).to_be_bytes());
-    ip[4..6].copy_from_slice(&0u16.to_be_bytes());
-    ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = if kind.is_udp() { UDP } else { TCP };
-    ip[12..16].copy_from_slice(&client.octets());
-    ip[16..20].copy_from_slice(&ends.vip.octets());
-    if ihl > 20 {
-        // Record Route with two empty slots, then End of Options List.
-        ip[20..23].copy_from_slice(&[7, 11, 4]);
+    let (src, dst) = (octets(client), octets(kind.dst()));
+    if kind.is_ipv6() {
+        f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        let ip = &mut f[ETH_LEN..ETH_LEN + 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&((kind.ip_len() - 40) as u16).to_be_bytes());
+        ip[6] = proto;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&dst);
+    } else {
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut f[ETH_LEN..ETH_LEN + ihl];
+        ip[0] = 0x40 | (ihl / 4) as u8;
+        ip[1] = 0;
+        ip[2..4].copy_from_slice(&(kind.ip_len() as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0u16.to_be_bytes());
+        ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        if ihl > 20 {
+            // Record Route with two empty slots, then End of Options List.
+            ip[20..23].copy_from_slice(&[7, 11, 4]);
+        }
+        let check = fold(sum16(ip));
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
     }
-    let check = fold(sum16(ip));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
 
     let l4 = kind.l4_offset();
     let end = ETH_LEN + kind.ip_len();
     f[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
+    f[l4 + 2..l4 + 4].copy_from_slice(&kind.dport().to_be_bytes());
     if kind.is_udp() {
-        f[l4 + 2..l4 + 4].copy_from_slice(&53u16.to_be_bytes());
         f[l4 + 4..l4 + 6].copy_from_slice(&((end - l4) as u16).to_be_bytes());
         for (i, byte) in f[l4 + 8..end].iter_mut().enumerate() {
             *byte = b'a' + i as u8;
         }
     } else {
-        f[l4 + 2..l4 + 4].copy_from_slice(&80u16.to_be_bytes());
         f[l4 + 4..l4 + 8].copy_from_slice(&0x1b5c_0f2au32.to_be_bytes());
         f[l4 + 12] = 5 << 4;
         if kind == Kind::Tcp1500 {
@@ -177,12 +320,11 @@ pub fn frame(kind: Kind, ends: &Endpoints, client: Ipv4Addr, port: u16) -> Vec<u
         }
         f[l4 + 14..l4 + 16].copy_from_slice(&64240u16.to_be_bytes());
     }
-    // Pseudo-header, then the segment.
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&client.octets());
-    pseudo.extend_from_slice(&ends.vip.octets());
-    pseudo.extend_from_slice(&[0, f[ETH_LEN + 9]]);
-    pseudo.extend_from_slice(&((end - l4) as u16).to_be_bytes());
+    // Pseudo-header (RFC 768/793, RFC 8200 8.1), then the segment.
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&(((end - l4) as u32) | u32::from(proto) << 16).to_be_bytes()[..]);
     let mut check = fold(sum16(&pseudo) + sum16(&f[l4..end]));
     if kind.is_udp() && check == 0 {
         check = 0xffff;
@@ -192,37 +334,58 @@ pub fn frame(kind: Kind, ends: &Endpoints, client: Ipv4Addr, port: u16) -> Vec<u
     f
 }
 
-/// The generator's template: the first bytes of the frame sent from 0.0.0.0
-/// port 0, checksums computed for those zeros.
+/// The generator's template: the first bytes of the frame sent from the
+/// client whose last two address bytes are 0, port 0, checksums computed for
+/// those zeros.
 pub fn template(kind: Kind, ends: &Endpoints) -> [u8; TEMPLATE_LEN] {
-    let zero = frame(kind, ends, Ipv4Addr::UNSPECIFIED, 0);
+    let zero = frame(kind, ends, client_of(kind, 0).0, 0);
     let mut out = [0u8; TEMPLATE_LEN];
     let n = zero.len().min(TEMPLATE_LEN);
     out[..n].copy_from_slice(&zero[..n]);
     out
 }
 
+/// The value of the generator's settings map (`struct bench_gen_config`,
+/// native byte order): what to copy, where to write, and the template.
+pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
+    let mut value = Vec::with_capacity(GEN_CONFIG_LEN);
+    for field in [
+        kind.header_len(),
+        kind.addr_offset(),
+        kind.l4_offset(),
+        kind.ip_checksum_offset().unwrap_or(0),
+        kind.l4_checksum_offset(),
+        usize::from(kind.is_udp()),
+    ] {
+        value.extend_from_slice(&(field as u16).to_ne_bytes());
+    }
+    value.extend_from_slice(&[0u8; 4]);
+    value.extend_from_slice(&template(kind, ends));
+    value
+}
+
 /// What the generator does to a frame after copying the template: set the
-/// client address and port from `random` and fix both checksums incrementally
-/// (RFC 1624: the fields were 0 when the checksums were computed).
+/// last two bytes of the client address and the port from `random` and fix
+/// the checksums incrementally (RFC 1624: the fields were 0 when the
+/// checksums were computed).
 pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
-    let (client, port) = client_of(random);
-    let add = |f: &mut [u8], at: usize, words: &[u16]| -> u16 {
+    let lo = random as u16;
+    let (_, port) = client_of(kind, random);
+    let add = |f: &mut [u8], at: usize, words: &[u16]| {
         let old = u16::from_be_bytes([f[at], f[at + 1]]);
         let sum = u32::from(!old) + words.iter().map(|&w| u32::from(w)).sum::<u32>();
         fold(sum)
     };
-    let octets = client.octets();
-    let hi = u16::from_be_bytes([octets[0], octets[1]]);
-    let lo = u16::from_be_bytes([octets[2], octets[3]]);
-    let ip = ETH_LEN;
-    f[ip + 12..ip + 16].copy_from_slice(&octets);
+    let at = kind.addr_offset();
+    f[at..at + 2].copy_from_slice(&lo.to_be_bytes());
     let l4 = kind.l4_offset();
     f[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
-    let check = add(f, ip + 10, &[hi, lo]);
-    f[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    if let Some(at) = kind.ip_checksum_offset() {
+        let check = add(f, at, &[lo]);
+        f[at..at + 2].copy_from_slice(&check.to_be_bytes());
+    }
     let at = kind.l4_checksum_offset();
-    let mut check = add(f, at, &[hi, lo, port]);
+    let mut check = add(f, at, &[lo, port]);
     if kind.is_udp() && check == 0 {
         check = 0xffff;
     }
@@ -232,8 +395,8 @@ pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
 /// A frame as the generator leaves it: `data_in` (whose bytes past the
 /// template stay) with the template over its head, then randomized.
 pub fn generated(kind: Kind, ends: &Endpoints, random: u32) -> Vec<u8> {
-    let mut f = frame(kind, ends, Ipv4Addr::UNSPECIFIED, 0);
-    let header = (kind.l4_offset() + kind.l4_header_len()).max(60);
+    let mut f = frame(kind, ends, client_of(kind, 0).0, 0);
+    let header = kind.header_len();
     f[..header].copy_from_slice(&template(kind, ends)[..header]);
     randomize(&mut f, kind, random);
     f
@@ -243,11 +406,7 @@ pub fn generated(kind: Kind, ends: &Endpoints, random: u32) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const ENDS: Endpoints = Endpoints {
-        src_mac: [2, 0, 0, 0, 0, 1],
-        dst_mac: [2, 0, 0, 0, 0, 2],
-        vip: Ipv4Addr::new(198, 19, 0, 1),
-    };
+    const ENDS: Endpoints = Endpoints { src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
 
     /// RFC 1071 verification: the sum over a header including its checksum is 0xffff.
     fn verifies(bytes: &[u8]) -> bool {
@@ -257,22 +416,39 @@ mod tests {
     #[test]
     fn frames_have_their_sizes_and_valid_checksums() {
         for kind in Kind::ALL {
-            let f = frame(kind, &ENDS, Ipv4Addr::new(198, 18, 3, 4), 40000);
+            let (client, port) = client_of(kind, 0x1234_0304);
+            let f = frame(kind, &ENDS, client, port);
             assert_eq!(f.len(), kind.frame_len(), "{kind:?}");
-            let ihl = kind.ip_header_len();
-            assert_eq!(usize::from(f[ETH_LEN] & 0xf) * 4, ihl);
-            assert_eq!(usize::from(u16::from_be_bytes([f[16], f[17]])), kind.ip_len());
-            assert!(verifies(&f[ETH_LEN..ETH_LEN + ihl]), "{kind:?}: IPv4 checksum");
-            let l4 = ETH_LEN + ihl;
+            assert_eq!(client_in(kind, &f), (client, port | 0x8000), "{kind:?}");
+            let l4 = kind.l4_offset();
             let end = ETH_LEN + kind.ip_len();
-            let mut pseudo = f[ETH_LEN + 12..ETH_LEN + 20].to_vec();
-            pseudo.extend_from_slice(&[0, f[ETH_LEN + 9]]);
-            pseudo.extend_from_slice(&((end - l4) as u16).to_be_bytes());
+            let mut pseudo;
+            if kind.is_ipv6() {
+                assert_eq!(&f[12..14], &[0x86, 0xdd]);
+                assert_eq!(f[ETH_LEN] >> 4, 6);
+                assert_eq!(usize::from(u16::from_be_bytes([f[18], f[19]])) + 40, kind.ip_len());
+                pseudo = f[ETH_LEN + 8..ETH_LEN + 40].to_vec();
+                pseudo.extend_from_slice(&((end - l4) as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, f[ETH_LEN + 6]]);
+            } else {
+                let ihl = kind.ip_header_len();
+                assert_eq!(usize::from(f[ETH_LEN] & 0xf) * 4, ihl);
+                assert_eq!(usize::from(u16::from_be_bytes([f[16], f[17]])), kind.ip_len());
+                assert!(verifies(&f[ETH_LEN..ETH_LEN + ihl]), "{kind:?}: IPv4 checksum");
+                pseudo = f[ETH_LEN + 12..ETH_LEN + 20].to_vec();
+                pseudo.extend_from_slice(&[0, f[ETH_LEN + 9]]);
+                pseudo.extend_from_slice(&((end - l4) as u16).to_be_bytes());
+            }
             pseudo.extend_from_slice(&f[l4..end]);
             assert!(verifies(&pseudo), "{kind:?}: L4 checksum");
+            assert_eq!(u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]), kind.dport());
         }
-        assert_eq!(frame(Kind::TcpSyn64, &ENDS, Ipv4Addr::LOCALHOST, 1)[ETH_LEN + 20 + 13], 0x02, "SYN");
+        let syn = frame(Kind::TcpSyn64, &ENDS, Ipv4Addr::LOCALHOST.into(), 1);
+        assert_eq!(syn[ETH_LEN + 20 + 13], 0x02, "SYN");
         assert_eq!(Kind::Tcp1500.frame_len(), 1514);
+        assert_eq!(Kind::Ipv6Syn.frame_len(), 74);
+        assert_eq!(Kind::Ipv6Syn.header_len(), IPV6_HEADER);
+        assert_eq!(Kind::Ipv4Options.header_len(), OPTIONS_HEADER);
     }
 
     #[test]
@@ -283,32 +459,44 @@ mod tests {
             random ^= random >> 17;
             random ^= random << 5;
             for kind in Kind::ALL {
-                let (client, port) = client_of(random);
+                let (client, port) = client_of(kind, random);
                 assert_eq!(generated(kind, &ENDS, random), frame(kind, &ENDS, client, port), "{kind:?} {random:#x}");
             }
         }
         // Extremes of the ranges, including sums that carry.
         for random in [0, u32::MAX, 0xffff, 0xffff_0000, 0x7fff_8000] {
             for kind in Kind::ALL {
-                let (client, port) = client_of(random);
+                let (client, port) = client_of(kind, random);
                 assert_eq!(generated(kind, &ENDS, random), frame(kind, &ENDS, client, port), "{kind:?} {random:#x}");
             }
         }
     }
 
     #[test]
-    fn clients_stay_in_the_benchmark_range() {
-        assert_eq!(client_of(0), (Ipv4Addr::new(198, 18, 0, 0), 32768));
-        assert_eq!(client_of(u32::MAX), (Ipv4Addr::new(198, 18, 255, 255), 65535));
+    fn clients_stay_in_the_benchmark_ranges() {
+        assert_eq!(client_of(Kind::TcpSyn64, 0), (Ipv4Addr::new(198, 18, 0, 0).into(), 32768));
+        assert_eq!(client_of(Kind::Udp64, u32::MAX), (Ipv4Addr::new(198, 18, 255, 255).into(), 65535));
+        assert_eq!(
+            client_of(Kind::Ipv6Syn, 0xffff_abcd),
+            ("2001:db8:18::abcd".parse::<IpAddr>().unwrap(), 65535)
+        );
     }
 
     #[test]
-    fn template_covers_every_header_byte() {
+    fn template_and_settings_cover_every_header_byte() {
         for kind in Kind::ALL {
-            let header = kind.l4_offset() + kind.l4_header_len();
-            assert!(header <= MAX_HEADER, "{kind:?}");
+            assert!(kind.header_len() <= TEMPLATE_LEN, "{kind:?}");
+            assert!(kind.header_len() <= kind.frame_len(), "{kind:?}");
+            assert!([MIN_FRAME, OPTIONS_HEADER, IPV6_HEADER].contains(&kind.header_len()), "{kind:?}");
             let t = template(kind, &ENDS);
-            assert_eq!(t[ETH_LEN + 12..ETH_LEN + 16], [0; 4], "client address 0 in the template");
+            let at = kind.addr_offset();
+            assert_eq!(t[at..at + 2], [0, 0], "{kind:?}: address's last bytes 0 in the template");
+            let l4 = kind.l4_offset();
+            assert_eq!(t[l4..l4 + 2], [0, 0], "{kind:?}: port 0 in the template");
+            let value = gen_config(kind, &ENDS);
+            assert_eq!(value.len(), GEN_CONFIG_LEN);
+            assert_eq!(usize::from(u16::from_ne_bytes([value[0], value[1]])), kind.header_len());
+            assert!(value[..12].chunks(2).all(|w| u16::from_ne_bytes([w[0], w[1]]) < 0x80), "offsets below the mask");
         }
     }
 }

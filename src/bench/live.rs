@@ -4,7 +4,8 @@
 //! pure `report` module.
 
 use std::mem::MaybeUninit;
-use std::net::Ipv4Addr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -16,7 +17,8 @@ use libbpf_rs::MapCore;
 
 use super::frames::{self, Endpoints, Kind};
 use super::report::{
-    ControlPlane, KindResult, ProgramSize, ProgramSizes, ProgramTimes, Round, Summary, Throughput, Variants,
+    ControlPlane, KindResult, L4lbCounts, ProgramSize, ProgramSizes, ProgramTimes, Round, ServicePackets, Summary,
+    Throughput, Variants,
 };
 use super::skel::L4lbBenchSkelBuilder;
 use super::sys::{self, Topology, TEST_XDP_LIVE_FRAMES};
@@ -51,16 +53,17 @@ const STATS_SECONDS: f64 = 0.5;
 /// Fresh l4lb programs filled for the fill timing; stats samples timed.
 const FILL_REPEATS: usize = 5;
 const STATS_SAMPLES: usize = 20;
-/// Destinations of the table (the limit, as the issue asks).
+/// Backends of each service (the limit of one service).
 const DESTINATIONS: usize = crate::bpf::MAX_SERVICE_BACKENDS;
 /// The packet kind of the variants phase.
 const VARIANT_KIND: Kind = Kind::TcpSyn64;
-/// The service the generator sends to (the benchmarking range).
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// Outer IPv6 source of l4lb (used only inside the namespaces).
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 2);
 
 const XDP_TX: u32 = 3;
 
-/// A program on the balancer's veth.
+/// A program on the balancer's veth. `Encap` is the floor of the packet
+/// kind: outer IPv4 or outer IPv6, as the kind's backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     L4lb,
@@ -86,6 +89,7 @@ struct Fds {
     gen: RawFd,
     plain: RawFd,
     encap: RawFd,
+    encap6: RawFd,
     empty: RawFd,
     l4lb: RawFd,
     gen_cfg: RawFd,
@@ -93,11 +97,20 @@ struct Fds {
 }
 
 impl Fds {
-    fn of(&self, variant: Variant) -> RawFd {
+    fn of(&self, variant: Variant, kind: Kind) -> RawFd {
         match variant {
             Variant::L4lb => self.l4lb,
             Variant::Plain => self.plain,
-            Variant::Encap => self.encap,
+            Variant::Encap => self.encap_of(kind),
+        }
+    }
+
+    /// The encapsulation floor of `kind`: outer IPv4 or IPv6, as l4lb pushes.
+    fn encap_of(&self, kind: Kind) -> RawFd {
+        if kind.outer_ipv6() {
+            self.encap6
+        } else {
+            self.encap
         }
     }
 }
@@ -125,6 +138,8 @@ pub struct Measured {
     pub variants: Option<Variants>,
     /// The CPU the generator was pinned to.
     pub generator_cpu: usize,
+    /// l4lb's counters after the run.
+    pub counts: L4lbCounts,
 }
 
 /// The variant programs of the benchmark object, in the order of the table.
@@ -133,17 +148,19 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
     let progs = &skel.progs;
     vec![
         ("encap floor", "count, push outer IPv4 header, XDP_TX", fd(&progs.bench_encap)),
-        ("+ parse", "+ parse_ipv4(): every check, the 5-tuple", fd(&progs.bv_parse)),
-        ("+ select, hot table", "+ config, jhash, slot (of 256) and backend lookups, MTU check", fd(&progs.bv_select_hot)),
-        ("+ select", "the same with all 65536 slots (256 KiB), as l4lb", fd(&progs.bv_select)),
+        ("+ parse", "+ parse_packet(): every check, the 5-tuple", fd(&progs.bv_parse)),
+        ("+ select, hot table", "+ config, VIP, service, jhash, slot (of 256), backend, MTU check", fd(&progs.bv_select_hot)),
+        ("+ select", "the same with all 51203 slots (200 KiB), as l4lb", fd(&progs.bv_select)),
         ("+ counters", "+ rx and tx counters (atomic adds, per-CPU map)", fd(&progs.bv_count)),
         ("+ backend stats", "+ per-backend packets and bytes (atomic adds) = l4lb's work", fd(&progs.bv_l4lb)),
         ("l4lb", "l4lb_balance itself", l4lb),
+        ("l4lb, no VIP lookup", "l4lb's work, the catch-all's service number instead of the VIP lookup", fd(&progs.bv_no_vip)),
+        ("l4lb, VIP home entry", "l4lb's work, VIP looked up at its home entry only (1 probe, no port 0)", fd(&progs.bv_vip_home)),
         ("l4lb, plain adds", "l4lb's work with plain adds instead of atomic adds", fd(&progs.bv_plain_add)),
         ("l4lb, cheap hash", "l4lb's work with two multiplications instead of jhash", fd(&progs.bv_cheap_hash)),
-        ("l4lb, 128 KiB table", "l4lb's work, slot = hash & 32767 (u16 entries' footprint)", fd(&progs.bv_table_32k)),
-        ("l4lb, 16 KiB table", "l4lb's work, slot = hash & 4095", fd(&progs.bv_table_4k)),
-        ("l4lb, 1 KiB table", "l4lb's work, slot = hash & 255", fd(&progs.bv_small_table)),
+        ("l4lb, 128 KiB table", "l4lb's work, slot & 32767 (u16 entries' footprint)", fd(&progs.bv_table_32k)),
+        ("l4lb, 16 KiB table", "l4lb's work, slot & 4095", fd(&progs.bv_table_4k)),
+        ("l4lb, 1 KiB table", "l4lb's work, slot & 255", fd(&progs.bv_small_table)),
         ("plain floor", "count, XDP_TX", fd(&progs.bench_plain)),
     ]
 }
@@ -152,11 +169,11 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
 pub fn measure(options: &Options) -> Result<Measured> {
     let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
     let topo = Topology::create()?;
-    let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac, vip: VIP };
+    let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac };
 
     // l4lb through the product path, and the control-plane timings.
-    eprintln!("l4lb bench: attaching l4lb and filling {DESTINATIONS} destinations ({FILL_REPEATS} times)");
-    let (l4lb_fd, map_ids, lb_ifindex, control) = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
+    eprintln!("l4lb bench: attaching l4lb and filling a service of {DESTINATIONS} backends ({FILL_REPEATS} times)");
+    let (l4lb_fd, map_ids, lb_ifindex, control, services) = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
 
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
     crate::libbpf_log::capture();
@@ -166,7 +183,13 @@ pub fn measure(options: &Options) -> Result<Measured> {
     for id in map_ids {
         handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
     }
+    let find = |name: &str| {
+        handles.iter().find(|h| h.name().to_string_lossy() == name).ok_or_else(|| anyhow!("l4lb has no map `{name}`"))
+    };
     {
+        // The variants read l4lb's configuration, VIPs, services, tables and
+        // backends (filled); they count into maps of their own, of the same
+        // types (per-CPU in driver mode), so that l4lb's counters stay l4lb's.
         let maps = &mut open.maps;
         for (map, name) in [
             (&mut maps.l4lb_config, crate::bpf::MAP_CONFIG),
@@ -174,23 +197,23 @@ pub fn measure(options: &Options) -> Result<Measured> {
             (&mut maps.l4lb_services, crate::bpf::MAP_SERVICES),
             (&mut maps.l4lb_tables, crate::bpf::MAP_TABLES),
             (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
+        ] {
+            map.reuse_fd(find(name)?.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
+        }
+        for (map, name) in [
             (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
             (&mut maps.l4lb_svc_stats, crate::bpf::MAP_SERVICE_STATS),
             (&mut maps.l4lb_counters, crate::bpf::MAP_COUNTERS),
         ] {
-            let handle = handles
-                .iter()
-                .find(|h| h.name().to_string_lossy() == name)
-                .ok_or_else(|| anyhow!("l4lb has no map `{name}`"))?;
-            map.reuse_fd(handle.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
+            map.set_type(find(name)?.map_type()).with_context(|| format!("typing the variants' `{name}`"))?;
         }
     }
     let skel = open
         .load()
         .map_err(|err| anyhow!("the kernel refused the benchmark programs: {err}{}", crate::libbpf_log::tail(12)))?;
     let gen_cfg_size = skel.maps.bench_gen_cfg.value_size() as usize;
-    if gen_cfg_size != 16 + frames::TEMPLATE_LEN {
-        bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", 16 + frames::TEMPLATE_LEN);
+    if gen_cfg_size != frames::GEN_CONFIG_LEN {
+        bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", frames::GEN_CONFIG_LEN);
     }
 
     let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
@@ -214,6 +237,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
         gen: skel.progs.bench_gen.as_fd().as_raw_fd(),
         plain: skel.progs.bench_plain.as_fd().as_raw_fd(),
         encap: skel.progs.bench_encap.as_fd().as_raw_fd(),
+        encap6: skel.progs.bench_encap6.as_fd().as_raw_fd(),
         empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
         l4lb: l4lb_fd.as_raw_fd(),
         gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
@@ -223,8 +247,13 @@ pub fn measure(options: &Options) -> Result<Measured> {
     let (&gen_cpu, others) = allowed.split_last().ok_or_else(|| anyhow!("no CPU to run on"))?;
     let setup = Setup { topo: &topo, fds, ends, gen_ifindex, lb_ifindex, cpus, gen_cpu, other_cpus: others.to_vec() };
     let variants = variant_programs(&skel, fds.l4lb);
-    check_programs(&setup, &variants)?;
-    let sizes = ProgramSizes { l4lb: size(fds.l4lb)?, plain: size(fds.plain)?, encap: size(fds.encap)? };
+    check_programs(&setup, &variants, &services)?;
+    let sizes = ProgramSizes {
+        l4lb: size(fds.l4lb)?,
+        plain: size(fds.plain)?,
+        encap: size(fds.encap)?,
+        encap6: size(fds.encap6)?,
+    };
 
     eprintln!("l4lb bench: timing the programs with BPF_PROG_TEST_RUN");
     let mut test_runs = Vec::new();
@@ -234,7 +263,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     let variants = if options.variants { Some(variants.as_slice()) } else { None };
     let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
-    check_l4lb_counters(&setup)?;
+    let counts = check_l4lb_counters(&setup, &services)?;
 
     let mut kinds = Vec::new();
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
@@ -242,6 +271,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
         kinds.push(KindResult {
             kind,
             label: kind.label(),
+            outer: if kind.outer_ipv6() { "IPv6" } else { "IPv4" },
             frame_bytes: kind.frame_len(),
             throughput,
             test_run_ns: test_runs[i].0,
@@ -260,12 +290,13 @@ pub fn measure(options: &Options) -> Result<Measured> {
         _ => None,
     };
     drop(topo);
-    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants, generator_cpu: gen_cpu })
+    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants, generator_cpu: gen_cpu, counts })
 }
 
 // ------------------------------------------------------------ l4lb, control plane
 
-/// 512 destinations in 198.19.0.0/16; `set` picks one of two disjoint sets.
+/// 512 IPv4 backends in 198.19.0.0/16; `set` picks one of disjoint sets
+/// (0 and 1: the TCP VIP's, back and forth; 2: the UDP VIP's; 3: the catch-all's).
 fn destinations(set: u8) -> Vec<Destination> {
     (0..DESTINATIONS as u32)
         .map(|n| Destination {
@@ -275,29 +306,96 @@ fn destinations(set: u8) -> Vec<Destination> {
         .collect()
 }
 
+fn backends_of(destinations: Vec<Destination>) -> Vec<config::Backend> {
+    let mut backends: Vec<config::Backend> =
+        destinations.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    backends.sort();
+    backends
+}
+
+/// 512 IPv6 backends in 2001:db8:be:<set>::/64.
+fn backends6(set: u8) -> Vec<config::Backend> {
+    let mut backends: Vec<config::Backend> = (0..DESTINATIONS as u16)
+        .map(|n| config::Backend {
+            addr: Ipv6Addr::new(0x2001, 0xdb8, 0xbe, u16::from(set), 0, 0, 0, n + 1).into(),
+            mac: Some([0x02, 0xbe, set, 6, (n >> 8) as u8, n as u8]),
+            weight: 1,
+        })
+        .collect();
+    backends.sort();
+    backends
+}
+
 fn ms(elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1e3
 }
 
-/// The catch-all service with destination set `set` (what `l4lb map` applies).
-fn model(set: u8) -> Model {
-    let mut backends: Vec<config::Backend> =
-        destinations(set).iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
-    backends.sort();
-    Model {
-        global: config::Global { source_v4: Some(sys::LB_ADDR), hash_seed: Some(0x5eed_bec4), ..Default::default() },
-        services: vec![config::Service { key: ServiceKey::CatchAll, hash_ports: true, backends }],
+fn global() -> config::Global {
+    config::Global {
+        source_v4: Some(sys::LB_ADDR),
+        source_v6: Some(LB_ADDR6),
+        hash_seed: Some(0x5eed_bec4),
+        ..Default::default()
     }
 }
 
-/// Attaches l4lb to `dev` with `crate::attach::attach`, fills its catch-all
-/// service with `apply::plan` + `apply::execute` (what `l4lb map` does), FILL_REPEATS times
-/// on a fresh program, and times a table replacement and `l4lb stats` samples.
+fn vip(addr: IpAddr, protocol: config::Protocol, port: u16) -> ServiceKey {
+    ServiceKey::Vip { addr, protocol, port }
+}
+
+/// The TCP VIP's service, the one the generator's TCP frames hit.
+fn tcp_vip() -> ServiceKey {
+    vip(frames::VIP4.into(), config::Protocol::Tcp, frames::TCP_PORT)
+}
+
+/// The service a packet kind is sent to.
+fn service_of(kind: Kind) -> ServiceKey {
+    match kind {
+        Kind::TcpSyn64 | Kind::Tcp1500 | Kind::Ipv4Options => tcp_vip(),
+        Kind::Udp64 => vip(frames::VIP4.into(), config::Protocol::Udp, frames::UDP_PORT),
+        Kind::Ipv6Syn => vip(frames::VIP6.into(), config::Protocol::Tcp, frames::TCP_PORT),
+        Kind::Syn4in6 => vip(frames::VIP4_TO_6.into(), config::Protocol::Tcp, frames::TCP_PORT),
+        Kind::CatchAll => ServiceKey::CatchAll,
+    }
+}
+
+/// One service, the TCP VIP, with backend set `set`: the control-plane timings.
+fn timing_model(set: u8) -> Model {
+    Model {
+        global: global(),
+        services: vec![config::Service { key: tcp_vip(), hash_ports: true, backends: backends_of(destinations(set)) }],
+    }
+}
+
+/// What the rows are sent to: the TCP VIP (set 0, as the timings leave it),
+/// the UDP VIP, the IPv4 VIP with IPv6 backends, the IPv6 VIP and the
+/// catch-all, 512 backends each.
+fn bench_model() -> Model {
+    let mut services = vec![
+        config::Service { key: tcp_vip(), hash_ports: true, backends: backends_of(destinations(0)) },
+        config::Service { key: service_of(Kind::Udp64), hash_ports: true, backends: backends_of(destinations(2)) },
+        config::Service { key: service_of(Kind::Syn4in6), hash_ports: true, backends: backends6(1) },
+        config::Service { key: service_of(Kind::Ipv6Syn), hash_ports: true, backends: backends6(2) },
+        config::Service { key: ServiceKey::CatchAll, hash_ports: true, backends: backends_of(destinations(3)) },
+    ];
+    services.sort_by_key(|s| s.key);
+    Model { global: global(), services }
+}
+
+/// The backends' outer addresses per service, as the maps hold them.
+type ServiceBackends = HashMap<ServiceKey, (u32, Vec<IpAddr>)>;
+
+/// Attaches l4lb to `dev` with `crate::attach::attach`, fills one service
+/// (the TCP VIP, 512 backends) with `apply::plan` + `apply::execute` (what
+/// `l4lb apply` does), FILL_REPEATS times on a fresh program, and times a
+/// replacement of every backend and `l4lb stats` samples. Then applies the
+/// benchmark's whole configuration (five services) and checks it back.
 /// Runs in the lb namespace. Returns a fd of the last program (kept attached
-/// only by the caller's swaps from here on), its ifindex and the timings.
-fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
+/// only by the caller's swaps from here on), its map ids, its ifindex, the
+/// timings and the services' numbers and backends.
+fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, ServiceBackends)> {
     let iface = Interface::by_name(dev)?;
-    let wanted = model(0);
+    let wanted = timing_model(0);
     let (mut total, mut read, mut plan_ms, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..FILL_REPEATS {
@@ -324,23 +422,23 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
     }
     let (id, map_ids, maps) = last.expect("FILL_REPEATS > 0");
     let running = maps.read_running()?;
-    let filled = running.service(&ServiceKey::CatchAll).is_some_and(|s| {
+    let filled = running.service(&tcp_vip()).is_some_and(|s| {
         s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY)
     });
     if !filled {
-        bail!("the catch-all service was not filled with {DESTINATIONS} destinations");
+        bail!("the service {} was not filled with {DESTINATIONS} backends", tcp_vip());
     }
 
-    // Replacing every destination, back and forth: every slot is rewritten.
+    // Replacing every backend, back and forth: every slot is rewritten.
     let mut replace = Vec::new();
     for round in 0..4u8 {
         let t0 = Instant::now();
-        maps.apply(&model((round + 1) % 2))?;
+        maps.apply(&timing_model((round + 1) % 2))?;
         replace.push(ms(t0.elapsed()));
     }
     // Back to set 0 (4 replacements: 1, 0, 1, 0).
     if maps.read_running()?.model().services != wanted.services {
-        bail!("the catch-all does not hold the first destination set after the replacements");
+        bail!("the TCP VIP does not hold the first backend set after the replacements");
     }
 
     let mut stats = Vec::new();
@@ -350,8 +448,23 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
         stats.push(ms(t0.elapsed()));
         let listed: usize = sample.services.iter().map(|s| s.backends.len()).sum();
         if listed != DESTINATIONS {
-            bail!("a stats sample listed {listed} destinations, expected {DESTINATIONS}");
+            bail!("a stats sample listed {listed} backends, expected {DESTINATIONS}");
         }
+    }
+
+    // The rows' services, through the same engine.
+    let full = bench_model();
+    maps.apply(&full)?;
+    let running = maps.read_running()?;
+    if running.model().services != full.services {
+        bail!("the benchmark's services did not read back as applied");
+    }
+    let mut services = ServiceBackends::new();
+    for s in &running.services {
+        if s.table.contains(&crate::bpf::SLOT_EMPTY) {
+            bail!("service {} has empty slots", s.key);
+        }
+        services.insert(s.key, (s.number, s.backends.iter().map(|b| b.backend.addr).collect()));
     }
 
     let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");
@@ -364,14 +477,16 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane)> {
         replace_ms: summary(&replace),
         stats_sample_ms: summary(&stats),
     };
-    Ok((sys::prog_fd_by_id(id)?, map_ids, iface.index, control))
+    Ok((sys::prog_fd_by_id(id)?, map_ids, iface.index, control, services))
 }
 
 // ------------------------------------------------------------ checks
 
-/// Checks the generator's frames against the host's model, and that l4lb and
-/// both floors send every kind back (XDP_TX) with the outer header added.
-fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)]) -> Result<()> {
+/// Checks the generator's frames against the host's model; that l4lb sends
+/// every kind back (XDP_TX) with the outer header of the kind's backends,
+/// addressed to a backend of the kind's service; that the floors send it
+/// back with an outer header as long; and that the IPv4 variants do too.
+fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], services: &ServiceBackends) -> Result<()> {
     let fds = &setup.fds;
     for kind in Kind::ALL {
         write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
@@ -383,12 +498,13 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)]) -> Result<()>
             bail!("generator: verdict {} and {} bytes for {}", run.retval, run.data_len, kind.label());
         }
         let got = &out[..run.data_len];
-        let client = Ipv4Addr::new(got[26], got[27], got[28], got[29]);
-        let port_at = frames::ETH_LEN + kind.ip_header_len();
-        let port = u16::from_be_bytes([got[port_at], got[port_at + 1]]);
+        let (client, port) = frames::client_in(kind, got);
+        if client.is_ipv6() != kind.is_ipv6() {
+            bail!("generator: a {} frame from {client}", kind.label());
+        }
         let mut want = frames::frame(kind, &setup.ends, client, port);
         // Past the headers the generator leaves the bytes it was given.
-        let header = (port_at + if kind.is_udp() { 8 } else { 20 }).max(60);
+        let header = kind.header_len();
         want[header..].copy_from_slice(&data[header..]);
         if got != want.as_slice() {
             bail!(
@@ -398,25 +514,54 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)]) -> Result<()>
                 &want[..header]
             );
         }
-        if client.octets()[..2] != [198, 18] || port < 0x8000 {
-            bail!("generator: client {client}:{port} outside 198.18.0.0/16, 32768-65535");
+        let (lowest, _) = frames::client_of(kind, 0);
+        let (highest, _) = frames::client_of(kind, 0xffff);
+        if client < lowest || client > highest || port < 0x8000 {
+            bail!("generator: client {client} port {port} outside {lowest} - {highest}, 32768-65535");
         }
 
-        let frame = frames::frame(kind, &setup.ends, Ipv4Addr::new(198, 18, 1, 2), 40000);
-        // Every program but the plain floor encapsulates; the replica of
-        // l4lb's work must give l4lb's frame byte for byte.
+        let (client, port) = frames::client_of(kind, 0x9c40_0102);
+        let frame = frames::frame(kind, &setup.ends, client, port);
+        let expected = frame.len() + kind.overhead();
         let mut l4lb_out = vec![0u8; 4096];
         let l4lb_run = sys::test_run(fds.l4lb, &frame, Some(&mut l4lb_out), None, 1, 0)?;
         l4lb_out.truncate(l4lb_run.data_len);
+        if l4lb_run.retval != XDP_TX || l4lb_run.data_len != expected {
+            bail!(
+                "l4lb answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
+                kind.label(),
+                l4lb_run.retval,
+                l4lb_run.data_len
+            );
+        }
+        let outer_dst: IpAddr = if kind.outer_ipv6() {
+            <[u8; 16]>::try_from(&l4lb_out[14 + 24..14 + 40]).expect("16 bytes").into()
+        } else {
+            <[u8; 4]>::try_from(&l4lb_out[14 + 16..14 + 20]).expect("4 bytes").into()
+        };
+        let key = service_of(kind);
+        let (_, backends) = services.get(&key).ok_or_else(|| anyhow!("no service {key}"))?;
+        if !backends.contains(&outer_dst) {
+            bail!("l4lb sent a {} frame to {outer_dst}, not a backend of {key}", kind.label());
+        }
+        let floor = fds.encap_of(kind);
+        let run = sys::test_run(floor, &frame, Some(&mut out), None, 1, 0)?;
+        if run.retval != XDP_TX || run.data_len != expected {
+            bail!("the encapsulation floor answered a {} frame with verdict {} and {} bytes", kind.label(), run.retval, run.data_len);
+        }
+        // The variants replicate l4lb's work on IPv4 to a VIP with IPv4
+        // backends; the one with every stage must give l4lb's frame byte for byte.
+        if kind.is_ipv6() || kind.outer_ipv6() || kind == Kind::CatchAll {
+            continue;
+        }
         for &(name, _, fd) in variants.iter().filter(|v| v.2 != fds.plain) {
             let run = sys::test_run(fd, &frame, Some(&mut out), None, 1, 0)?;
-            if run.retval != XDP_TX || run.data_len != frame.len() + 20 {
+            if run.retval != XDP_TX || run.data_len != expected {
                 bail!(
-                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {}): is the table filled?",
+                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected}): is the table filled?",
                     kind.label(),
                     run.retval,
                     run.data_len,
-                    frame.len() + 20
                 );
             }
             if name.starts_with("+ backend") && out[..run.data_len] != l4lb_out[..] {
@@ -428,33 +573,63 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)]) -> Result<()>
 }
 
 fn write_gen_config(map: RawFd, kind: Kind, ends: &Endpoints) -> Result<()> {
-    let mut value = Vec::with_capacity(16 + frames::TEMPLATE_LEN);
-    value.extend_from_slice(&(kind.ip_header_len() as u32).to_ne_bytes());
-    value.extend_from_slice(&u32::from(kind.is_udp()).to_ne_bytes());
-    value.extend_from_slice(&[0u8; 8]);
-    value.extend_from_slice(&frames::template(kind, ends));
-    sys::map_update(map, 0, &value)
+    sys::map_update(map, 0, &frames::gen_config(kind, ends))
 }
 
-/// l4lb (attached again at the end) must have sent back everything it saw.
-fn check_l4lb_counters(setup: &Setup) -> Result<()> {
-    let counters = sys::in_netns(&setup.topo.lb_ns, || {
+/// l4lb (attached again at the end) must have sent back everything it saw,
+/// and every row's service must have had its traffic. The caller's
+/// generator has stopped: nothing is in flight.
+fn check_l4lb_counters(setup: &Setup, services: &ServiceBackends) -> Result<L4lbCounts> {
+    let (counters, traffic) = sys::in_netns(&setup.topo.lb_ns, || {
         let iface = Interface::by_name(&setup.topo.lb_dev)?;
-        LbMaps::open(&discover::find_l4lb(&iface)?)?.read_counters()
+        let maps = LbMaps::open(&discover::find_l4lb(&iface)?)?;
+        Ok((maps.read_counters()?, maps.read_service_stats()?))
     })?;
     let names = crate::bpf::COUNTER_NAMES;
     let value = |name: &str| names.iter().position(|n| *n == name).map_or(0, |i| counters[i]);
     let (rx, tx) = (value("rx"), value("tx"));
-    let other: Vec<String> = names
+    let others: Vec<(String, u64)> = names
         .iter()
         .zip(&counters)
         .filter(|(name, count)| !matches!(**name, "rx" | "tx") && **count > 0)
-        .map(|(name, count)| format!("{name} {count}"))
+        .map(|(name, count)| (name.to_string(), *count))
         .collect();
-    if rx == 0 || !other.is_empty() {
-        bail!("l4lb did not send back everything it saw: rx {rx}, tx {tx}, {}", other.join(", "));
+    let mut per_service: Vec<ServicePackets> = services
+        .iter()
+        .map(|(key, (number, _))| {
+            let t = &traffic[*number as usize];
+            ServicePackets { service: key.to_string(), number: *number, packets: t.packets, bytes: t.bytes }
+        })
+        .collect();
+    for (number, t) in traffic.iter().enumerate() {
+        if t.packets > 0 && !per_service.iter().any(|s| s.number as usize == number) {
+            per_service.push(ServicePackets {
+                service: format!("(no service, number {number})"),
+                number: number as u32,
+                packets: t.packets,
+                bytes: t.bytes,
+            });
+        }
     }
-    Ok(())
+    per_service.sort_by_key(|s| s.number);
+    let counts = L4lbCounts { rx, tx, others, services: per_service };
+    let summed: u64 = counts.services.iter().map(|s| s.packets).sum();
+    if rx == 0 || rx != tx || !counts.others.is_empty() || summed != tx {
+        let others: Vec<String> = counts.others.iter().map(|(n, c)| format!("{n} {c}")).collect();
+        let services: Vec<String> = counts.services.iter().map(|s| format!("{} {}", s.service, s.packets)).collect();
+        bail!(
+            "l4lb did not send back everything it saw: rx {rx}, tx {tx}, {summed} packets counted by services ({}); {}",
+            services.join(", "),
+            others.join(", ")
+        );
+    }
+    for kind in Kind::ALL {
+        let key = service_of(kind).to_string();
+        if !counts.services.iter().any(|s| s.service == key && s.packets > 0) {
+            bail!("l4lb's service {key} ({}) counted no packets", kind.label());
+        }
+    }
+    Ok(counts)
 }
 
 fn size(fd: RawFd) -> Result<ProgramSize> {
@@ -475,7 +650,7 @@ fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTime
     let frames: Vec<Vec<u8>> = (0..TEST_RUN_FRAMES as u32)
         .map(|i| frames::generated(kind, ends, i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995))
         .collect();
-    let programs = [fds.empty, fds.l4lb, fds.plain, fds.encap];
+    let programs = [fds.empty, fds.l4lb, fds.plain, fds.encap_of(kind)];
     let mut samples = vec![Vec::new(); programs.len()];
     let mut next = 0;
     for _ in 0..TEST_RUN_CHUNKS {
@@ -596,7 +771,7 @@ impl Generator {
                 code if code != current => {
                     let kind = Kind::ALL[usize::from(code) - 1];
                     write_gen_config(setup.fds.gen_cfg, kind, &setup.ends)?;
-                    data = frames::frame(kind, &setup.ends, Ipv4Addr::UNSPECIFIED, 0);
+                    data = frames::frame(kind, &setup.ends, frames::client_of(kind, 0).0, 0);
                     current = code;
                     self.active.store(code, Ordering::SeqCst);
                 }
@@ -651,8 +826,8 @@ fn attach(setup: &Setup, fd: RawFd) -> Result<()> {
     sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd)).context("putting a program on the balancer's veth")
 }
 
-fn attach_variant(setup: &Setup, variant: Variant) -> Result<()> {
-    attach(setup, setup.fds.of(variant)).with_context(|| format!("with {}", variant.name()))
+fn attach_variant(setup: &Setup, variant: Variant, kind: Kind) -> Result<()> {
+    attach(setup, setup.fds.of(variant, kind)).with_context(|| format!("with {}", variant.name()))
 }
 
 /// Throughput of one program over the slices it had.
@@ -773,7 +948,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
                 generator.send(kind)?;
-                let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v)).collect();
+                let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
                 let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
                 let r = Round {
                     l4lb: mpps[0].mpps,
@@ -842,9 +1017,9 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
             generator.send(kind)?;
             let mut ns = [0f64; 3];
             for (v, &variant) in VARIANTS.iter().enumerate() {
-                attach_variant(setup, variant)?;
+                attach_variant(setup, variant, kind)?;
                 sys::sleep(WARMUP)?;
-                let fd = setup.fds.of(variant);
+                let fd = setup.fds.of(variant, kind);
                 let before = sys::prog_info(fd)?;
                 sys::sleep(Duration::from_secs_f64(STATS_SECONDS.min(options.seconds)))?;
                 let after = sys::prog_info(fd)?;
@@ -859,7 +1034,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         }
         drop(stats);
         generator.want.store(GEN_IDLE, Ordering::SeqCst);
-        attach_variant(setup, Variant::L4lb)?;
+        attach_variant(setup, Variant::L4lb, VARIANT_KIND)?;
         Ok((rounds, run_times, stats_overhead, variant_rounds))
     })
 }

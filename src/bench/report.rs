@@ -37,7 +37,9 @@ pub fn ns_added(l4lb_mpps: f64, floor_mpps: f64) -> f64 {
     1e3 / l4lb_mpps - 1e3 / floor_mpps
 }
 
-/// Throughput of one round: the three programs on the balancer's veth, frames
+/// Throughput of one round: the three programs on the balancer's veth (the
+/// encapsulation floor pushes the outer header the row's backends need: IPv4
+/// or IPv6), frames
 /// back at the sink per second of wall time, millions, measured with the
 /// generator pinned to one CPU; and how busy that CPU was meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -113,6 +115,8 @@ pub struct ProgramTimes {
 pub struct KindResult {
     pub kind: Kind,
     pub label: &'static str,
+    /// The outer header l4lb and the encapsulation floor push: "IPv4" or "IPv6".
+    pub outer: &'static str,
     pub frame_bytes: usize,
     pub throughput: Throughput,
     /// BPF_PROG_TEST_RUN, repeat = 1 in a loop, minus the same loop on an
@@ -136,18 +140,40 @@ pub struct ProgramSizes {
     pub l4lb: ProgramSize,
     pub plain: ProgramSize,
     pub encap: ProgramSize,
+    /// The IPv6 encapsulation floor.
+    pub encap6: ProgramSize,
 }
 
-/// The control plane at 512 destinations, milliseconds.
+/// One service's traffic as l4lb counted it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePackets {
+    pub service: String,
+    pub number: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// l4lb's own counters after the run (checked: every frame seen was sent
+/// back, no drop or pass counter moved, the services' packets add up).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct L4lbCounts {
+    pub rx: u64,
+    pub tx: u64,
+    /// Every other counter that is not 0 (none, when the check passed).
+    pub others: Vec<(String, u64)>,
+    pub services: Vec<ServicePackets>,
+}
+
+/// The control plane, one service of 512 backends, milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ControlPlane {
     pub destinations: usize,
-    /// `l4lb map` into an empty table: read the table, plan, write.
+    /// The service applied to a fresh l4lb: read the maps, plan, write.
     pub fill_ms: Summary,
     pub fill_read_ms: Summary,
     pub fill_plan_ms: Summary,
     pub fill_apply_ms: Summary,
-    /// Every destination replaced by another (every slot rewritten).
+    /// Every backend replaced by another (every slot rewritten).
     pub replace_ms: Summary,
     /// One `l4lb stats` sample: backends, per-backend stats, counters.
     pub stats_sample_ms: Summary,
@@ -221,6 +247,7 @@ pub struct Results {
     /// What enabling bpf stats adds to one program run, ns (measured).
     pub stats_overhead_ns: f64,
     pub control_plane: ControlPlane,
+    pub l4lb_counts: L4lbCounts,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variants: Option<Variants>,
 }
@@ -261,6 +288,7 @@ fn new_table(header: Vec<&str>) -> Table {
 pub fn throughput_table(results: &Results) -> Table {
     let mut table = new_table(vec![
         "packet",
+        "outer",
         "l4lb Mpps",
         "plain floor Mpps",
         "encap floor Mpps",
@@ -272,6 +300,7 @@ pub fn throughput_table(results: &Results) -> Table {
         let t = &k.throughput;
         table.add_row(vec![
             k.label.to_string(),
+            k.outer.to_string(),
             format!("{:.3}", t.l4lb_mpps.median),
             format!("{:.3}", t.plain_mpps.median),
             format!("{:.3}", t.encap_mpps.median),
@@ -280,7 +309,7 @@ pub fn throughput_table(results: &Results) -> Table {
             range(&t.ns_added_over_encap, 1),
         ]);
     }
-    right_align(&mut table, 1);
+    right_align(&mut table, 2);
     table
 }
 
@@ -313,7 +342,10 @@ pub fn program_table(results: &Results) -> Table {
         "size (insns / x86 bytes)".to_string(),
         format!("{} / {}", s.l4lb.xlated_insns, s.l4lb.jited_bytes),
         format!("{} / {}", s.plain.xlated_insns, s.plain.jited_bytes),
-        format!("{} / {}", s.encap.xlated_insns, s.encap.jited_bytes),
+        format!(
+            "{} / {}, IPv6 {} / {}",
+            s.encap.xlated_insns, s.encap.jited_bytes, s.encap6.xlated_insns, s.encap6.jited_bytes
+        ),
         String::new(),
         String::new(),
         String::new(),
@@ -349,13 +381,14 @@ pub fn variants_table(variants: &Variants) -> Table {
 
 pub fn control_table(results: &Results) -> Table {
     let c = &results.control_plane;
-    let mut table = new_table(vec!["control plane, 512 destinations", "ms (min med max)"]);
+    let title = format!("control plane, one service of {} backends", c.destinations);
+    let mut table = new_table(vec![title.as_str(), "ms (min med max)"]);
     let rows = [
-        ("table fill into an empty table (`l4lb map`)", &c.fill_ms),
-        ("  of which: read the table", &c.fill_read_ms),
+        ("the service applied to a fresh l4lb", &c.fill_ms),
+        ("  of which: read the maps", &c.fill_read_ms),
         ("  of which: apply::plan", &c.fill_plan_ms),
         ("  of which: apply::execute", &c.fill_apply_ms),
-        ("replace all destinations (every slot moves)", &c.replace_ms),
+        ("replace all backends (every slot moves)", &c.replace_ms),
         ("stats refresh (one `l4lb stats` sample)", &c.stats_sample_ms),
     ];
     for (what, summary) in rows {
@@ -383,6 +416,10 @@ pub fn render(results: &Results) -> String {
         c.generator_cpu
     ));
     out.push_str(&table_lines(&throughput_table(results)));
+    out.push_str("Rows (outer: the header l4lb pushes for the row's backends; its encapsulation floor pushes the same):\n");
+    for k in &results.kinds {
+        out.push_str(&format!("  {:<15} {}\n", k.label, k.kind.describe()));
+    }
     let all = |f: fn(&Round) -> f64| -> Vec<f64> {
         results.kinds.iter().flat_map(|k| k.throughput.rounds.iter().map(f)).collect()
     };
@@ -426,6 +463,18 @@ pub fn render(results: &Results) -> String {
         results.stats_overhead_ns
     ));
     out.push_str(&table_lines(&program_table(results)));
+    let n = &results.l4lb_counts;
+    out.push_str(&format!(
+        "\nl4lb's counters after the run: rx {}, tx {}{}; per service: {}\n",
+        n.rx,
+        n.tx,
+        if n.others.is_empty() {
+            ", no pass or drop counter moved".to_string()
+        } else {
+            n.others.iter().map(|(name, c)| format!(", {name} {c}")).collect::<String>()
+        },
+        n.services.iter().map(|s| format!("{} {}", s.service, s.packets)).collect::<Vec<_>>().join(", ")
+    ));
     out.push('\n');
     out.push_str(&table_lines(&control_table(results)));
     if let Some(variants) = &results.variants {
@@ -495,6 +544,7 @@ pub(crate) mod tests {
                 KindResult {
                     kind,
                     label: kind.label(),
+                    outer: if kind.outer_ipv6() { "IPv6" } else { "IPv4" },
                     frame_bytes: kind.frame_len(),
                     throughput: Throughput::of(rounds).unwrap(),
                     test_run_ns: ProgramTimes { l4lb: 30.0, plain: 2.0, encap: 8.0 },
@@ -519,7 +569,7 @@ pub(crate) mod tests {
             },
             target_share_of_encap_floor: TARGET,
             kinds,
-            program_sizes: ProgramSizes { l4lb: size, plain: size, encap: size },
+            program_sizes: ProgramSizes { l4lb: size, plain: size, encap: size, encap6: size },
             stats_overhead_ns: 40.0,
             control_plane: ControlPlane {
                 destinations: 512,
@@ -529,6 +579,12 @@ pub(crate) mod tests {
                 fill_apply_ms: s(15.0),
                 replace_ms: s(21.0),
                 stats_sample_ms: s(1.5),
+            },
+            l4lb_counts: L4lbCounts {
+                rx: 10,
+                tx: 10,
+                others: Vec::new(),
+                services: vec![ServicePackets { service: "*".into(), number: 0, packets: 10, bytes: 740 }],
             },
             variants: None,
         }

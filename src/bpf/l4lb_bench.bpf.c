@@ -7,6 +7,9 @@
  *   bench_plain  plain floor on the balancer's veth: count, XDP_TX.
  *   bench_encap  encapsulation floor: count, push the outer IPv4 header with
  *                the balancer's own push_ipv4() (encap.h, csum.h), XDP_TX.
+ *   bench_encap6 IPv6 encapsulation floor: count, push a constant outer IPv6
+ *                header with the balancer's own push_ipv6() (4in6 or 6in6,
+ *                by the frame's EtherType), XDP_TX.
  *   bench_sink   on the generator's veth: counts what comes back and drops it
  *                (it is also what lets that veth take XDP_TX frames at all).
  *   bench_empty  returns XDP_PASS: the baseline of the test_run timing loops.
@@ -19,7 +22,8 @@
  * Live frames are recycled, and the receiver modifies them in place (l4lb
  * writes its outer header over the old Ethernet header), so the generator
  * rewrites every header byte of every frame from a template, then draws a
- * random client address and port and fixes both checksums incrementally.
+ * random client (the last 16 bits of its address, IPv4 or IPv6) and port and
+ * fixes the checksums incrementally (IPv4 header, TCP or UDP).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -35,26 +39,35 @@
 #include "encap.h"
 
 /* Frames are at least this long (a minimum Ethernet frame without FCS), so
- * the template copy is one fixed-size block. */
+ * the template copy starts with one fixed-size block. */
 #define BENCH_MIN_FRAME 60
-/* The longest header the generator writes: Ethernet + IPv4 with 12 bytes of
- * options + TCP. */
-#define BENCH_MAX_HEADER 66
-#define BENCH_TEMPLATE_LEN 72
+/* Longer headers: Ethernet + IPv4 with 12 bytes of options + TCP (66), and
+ * Ethernet + IPv6 + TCP (74). */
+#define BENCH_OPTIONS_HEADER 66
+#define BENCH_IPV6_HEADER 74
+#define BENCH_TEMPLATE_LEN 80
+/* Offsets the generator writes at are masked with this (and bounded). */
+#define BENCH_OFFSET_MASK 0x7f
 
-/* Clients: 198.18.0.0/16 (the benchmarking range), ports 32768-65535. */
-#define BENCH_CLIENT_NET 0xc6120000U
-/* The encapsulation floor's constant destination and outer source. */
+/* The encapsulation floors' constant destinations and outer sources. */
 #define BENCH_FLOOR_DST 0xc6130101U /* 198.19.1.1 */
 #define BENCH_FLOOR_SRC 0xc0000202U /* 192.0.2.2 */
+/* 2001:db8:ff::1 and 2001:db8:ff::2 */
+#define BENCH_FLOOR6_DST { 0x20, 0x01, 0x0d, 0xb8, 0x00, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01 }
+#define BENCH_FLOOR6_SRC { 0x20, 0x01, 0x0d, 0xb8, 0x00, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02 }
 
-/* Key 0: what the generator writes. Filled by the host before each run. */
+/* Key 0: what the generator writes. Filled by the host before each run
+ * (src/bench/frames.rs, GenConfig). */
 struct bench_gen_config {
-	__u32 ip_hlen;  /* 20, or 32 for the frame with IPv4 options */
-	__u32 udp;      /* 1: UDP (checksum at offset 6), 0: TCP (offset 16) */
-	__u32 reserved[2];
-	/* The first bytes of the frame with client address and port 0 and both
-	 * checksums computed for those zeros. */
+	__u16 header_len;  /* bytes of the template copied: 60, 66 or 74 */
+	__u16 addr_off;    /* the client address's last two bytes */
+	__u16 port_off;    /* the client port (start of TCP/UDP) */
+	__u16 ip_csum_off; /* IPv4 header checksum; 0: none (IPv6) */
+	__u16 l4_csum_off; /* TCP or UDP checksum */
+	__u16 udp;         /* 1: UDP (a computed 0 is sent as 0xffff) */
+	__u32 reserved;
+	/* The first bytes of the frame with the address's last two bytes and
+	 * the port 0, checksums computed for those zeros. */
 	__u8 tmpl[BENCH_TEMPLATE_LEN] __attribute__((aligned(8)));
 };
 
@@ -93,12 +106,22 @@ static __always_inline void count_one(void *map)
 
 /* Adds 16-bit words to a checksum field and folds: RFC 1624 incremental update
  * for fields that were 0 when the checksum was computed. */
-static __always_inline __u16 csum_add3(__u16 check, __u32 a, __u32 b, __u32 c)
+static __always_inline __u16 csum_add2(__u16 check, __u32 a, __u32 b)
 {
 	__u32 sum = (__u16)~check;
 
-	sum += a + b + c;
+	sum += a + b;
 	return csum_fold(sum);
+}
+
+/* The 16-bit field at `off` of the frame, or NULL past its end. */
+static __always_inline __u16 *field16(void *data, void *data_end, __u32 off)
+{
+	__u16 *field = data + (off & BENCH_OFFSET_MASK);
+
+	if ((void *)(field + 1) > data_end)
+		return NULL;
+	return field;
 }
 
 SEC("xdp")
@@ -107,9 +130,8 @@ int bench_gen(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct bench_gen_config *cfg;
-	__u32 zero = 0, rnd, saddr, sport, i;
-	struct iphdr *ip;
-	__u16 *l4;
+	__u32 zero = 0, rnd, lo, sport, i;
+	__u16 *addr, *port, *check;
 
 	cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
 	if (!cfg)
@@ -121,32 +143,40 @@ int bench_gen(struct xdp_md *ctx)
 	for (i = 0; i < 7; i++)
 		((__u64 *)data)[i] = ((__u64 *)cfg->tmpl)[i];
 	((__u32 *)data)[14] = ((__u32 *)cfg->tmpl)[14];
-	ip = data + sizeof(struct ethhdr);
-	if (cfg->ip_hlen == 32) {
-		if (data + BENCH_MAX_HEADER > data_end)
+	if (cfg->header_len >= BENCH_OPTIONS_HEADER) {
+		if (data + BENCH_OPTIONS_HEADER > data_end)
 			return XDP_ABORTED;
 		*(__u32 *)(data + 60) = *(__u32 *)(cfg->tmpl + 60);
 		*(__u16 *)(data + 64) = *(__u16 *)(cfg->tmpl + 64);
-		l4 = (void *)ip + 32;
-	} else {
-		l4 = (void *)ip + 20;
 	}
-	if ((void *)(l4 + 10) > data_end)
+	if (cfg->header_len >= BENCH_IPV6_HEADER) {
+		if (data + BENCH_IPV6_HEADER > data_end)
+			return XDP_ABORTED;
+		*(__u16 *)(data + 66) = *(__u16 *)(cfg->tmpl + 66);
+		*(__u32 *)(data + 68) = *(__u32 *)(cfg->tmpl + 68);
+		*(__u16 *)(data + 72) = *(__u16 *)(cfg->tmpl + 72);
+	}
+
+	addr = field16(data, data_end, cfg->addr_off);
+	port = field16(data, data_end, cfg->port_off);
+	check = field16(data, data_end, cfg->l4_csum_off);
+	if (!addr || !port || !check)
 		return XDP_ABORTED;
-
 	rnd = bpf_get_prandom_u32();
-	saddr = bpf_htonl(BENCH_CLIENT_NET | (rnd & 0xffff));
+	lo = bpf_htons(rnd & 0xffff);
 	sport = bpf_htons((rnd >> 16) | 0x8000);
-	ip->saddr = saddr;
-	l4[0] = sport;
-	ip->check = csum_add3(ip->check, saddr & 0xffff, saddr >> 16, 0);
-	if (cfg->udp) {
-		__u16 check = csum_add3(l4[3], saddr & 0xffff, saddr >> 16, sport);
+	*addr = lo;
+	*port = sport;
+	if (cfg->ip_csum_off) {
+		__u16 *ip_check = field16(data, data_end, cfg->ip_csum_off);
 
-		l4[3] = check ? check : 0xffff; /* 0 means "no checksum" in UDP */
-	} else {
-		l4[8] = csum_add3(l4[8], saddr & 0xffff, saddr >> 16, sport);
+		if (!ip_check)
+			return XDP_ABORTED;
+		*ip_check = csum_add2(*ip_check, lo, 0);
 	}
+	*check = csum_add2(*check, lo, sport);
+	if (cfg->udp && *check == 0)
+		*check = 0xffff; /* 0 means "no checksum" in UDP */
 	return XDP_TX;
 }
 
@@ -196,6 +226,59 @@ int bench_encap(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* The IPv6 encapsulation floor's constant backend and settings. */
+static __always_inline void floor_setup6(struct l4lb_backend *backend, struct l4lb_config *config)
+{
+	const __u8 mac[ETH_ALEN] = { 0x02, 0x00, 0x00, 0x00, 0x01, 0x06 };
+	const __u8 src[16] = BENCH_FLOOR6_SRC, dst[16] = BENCH_FLOOR6_DST;
+
+	__builtin_memset(backend, 0, sizeof(*backend));
+	__builtin_memset(config, 0, sizeof(*config));
+	__builtin_memcpy(backend->addr, dst, 16);
+	__builtin_memcpy(backend->mac, mac, ETH_ALEN);
+	backend->family = L4LB_FAMILY_IPV6;
+	backend->flags = L4LB_BACKEND_ACTIVE;
+	__builtin_memcpy(config->src_v6, src, 16);
+}
+
+/* What any IPv6-encapsulating balancer must at least do: read the inner
+ * length and traffic class, push a constant outer IPv6 header. */
+SEC("xdp")
+int bench_encap6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct l4lb_backend backend;
+	struct l4lb_config config;
+	struct inner inner = {};
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_DROP;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6_header *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_DROP;
+		inner.l3_len = IPV6_HDR_LEN + bpf_ntohs(ip6->payload_len);
+		inner.tos = bpf_ntohl(ip6->vtc_flow) >> 20;
+		inner.proto = L4LB_IPPROTO_IPV6;
+	} else {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return XDP_DROP;
+		inner.l3_len = bpf_ntohs(ip->tot_len);
+		inner.tos = ip->tos;
+		inner.proto = L4LB_IPPROTO_IPIP;
+	}
+	floor_setup6(&backend, &config);
+	if (push_ipv6(ctx, &backend, &config, &inner))
+		return XDP_DROP;
+	count_one(&bench_floor_cnt);
+	return XDP_TX;
+}
+
 SEC("xdp")
 int bench_sink(struct xdp_md *ctx)
 {
@@ -219,6 +302,8 @@ int bench_empty(struct xdp_md *ctx)
  */
 #define V_PARSE 0x1        /* parse_packet(): every check, the 5-tuple */
 #define V_SELECT 0x2       /* config lookup, VIP lookup, service, jhash, table and backend lookups, MTU check */
+#define V_NO_VIP 0x200     /* no VIP lookup: the catch-all's service number instead */
+#define V_VIP_HOME 0x400   /* VIP lookup at the home entry only (one probe, no port-0 retry) */
 #define V_COUNT 0x4        /* rx and tx counters in l4lb_counters */
 #define V_BE_STATS 0x8     /* per-backend and per-service packets and bytes */
 #define V_PLAIN_ADD 0x10   /* counters with plain adds instead of atomic adds */
@@ -282,8 +367,20 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 	}
 	if (what & V_SELECT) {
 		config = bpf_map_lookup_elem(&l4lb_config, &zero);
-		if (!config || !find_service(config, &pkt.vip, &service_number))
+		if (!config)
 			return XDP_DROP;
+		if (what & V_NO_VIP) {
+			service_number = config->catch_all;
+		} else if (what & V_VIP_HOME) {
+			__u32 home = vip_home(&pkt.vip);
+			struct l4lb_vip *vip = bpf_map_lookup_elem(&l4lb_vips, &home);
+
+			if (!vip || !vip_key_equal(&vip->key, &pkt.vip))
+				return XDP_DROP;
+			service_number = vip->service;
+		} else if (!find_service(config, &pkt.vip, &service_number)) {
+			return XDP_DROP;
+		}
 		service = bpf_map_lookup_elem(&l4lb_services, &service_number);
 		if (!service || !(service->flags & L4LB_SERVICE_ACTIVE))
 			return XDP_DROP;
@@ -358,6 +455,18 @@ SEC("xdp")
 int bv_l4lb(struct xdp_md *ctx)
 {
 	return variant(ctx, V_L4LB);
+}
+
+SEC("xdp")
+int bv_no_vip(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_NO_VIP);
+}
+
+SEC("xdp")
+int bv_vip_home(struct xdp_md *ctx)
+{
+	return variant(ctx, V_L4LB | V_VIP_HOME);
 }
 
 SEC("xdp")
