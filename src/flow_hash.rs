@@ -35,13 +35,19 @@ pub fn addr_word(addr: IpAddr) -> u32 {
 }
 
 impl Flow {
-    /// jhash of (source, destination, ports, protocol) with `seed`. The words
-    /// are the wire bytes loaded little-endian, as the BPF program loads them.
+    /// jhash_3words of (source, destination, ports) with initval seed +
+    /// protocol. The words are the wire bytes loaded little-endian, as the
+    /// BPF program loads them.
     pub fn hash(&self, seed: u32) -> u32 {
         let mut ports = [0u8; 4];
         ports[..2].copy_from_slice(&self.sport.to_be_bytes());
         ports[2..].copy_from_slice(&self.dport.to_be_bytes());
-        jhash_4words(addr_word(self.saddr), addr_word(self.daddr), u32::from_le_bytes(ports), u32::from(self.proto), seed)
+        jhash_3words(
+            addr_word(self.saddr),
+            addr_word(self.daddr),
+            u32::from_le_bytes(ports),
+            seed.wrapping_add(u32::from(self.proto)),
+        )
     }
 
     /// The slot of this flow in a service's Maglev table (MAGLEV_SIZE slots).
@@ -97,6 +103,14 @@ pub fn jhash_4words(w0: u32, w1: u32, w2: u32, w3: u32, seed: u32) -> u32 {
     c
 }
 
+/// The kernel's jhash_3words(): one final mix, no mixing round.
+pub fn jhash_3words(w0: u32, w1: u32, w2: u32, initval: u32) -> u32 {
+    let init = JHASH_INITVAL.wrapping_add(3 << 2).wrapping_add(initval);
+    let (mut a, mut b, mut c) = (init.wrapping_add(w0), init.wrapping_add(w1), init.wrapping_add(w2));
+    finish(&mut a, &mut b, &mut c);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +122,14 @@ mod tests {
     fn matches_kernel_jhash2() {
         assert_eq!(jhash_4words(1, 2, 3, 4, 0), JHASH2_1234_SEED0);
         assert_eq!(jhash_4words(0, 0, 0, 0, 0xabcd_ef01), JHASH2_0000_SEEDABCDEF01);
+    }
+
+    /// Reference values of the kernel's jhash_3words(a, b, c, initval),
+    /// computed with the C code of src/bpf/jhash.h (the kernel's lookup3).
+    #[test]
+    fn matches_kernel_jhash_3words() {
+        assert_eq!(jhash_3words(1, 2, 3, 0), 0xa461_58f5);
+        assert_eq!(jhash_3words(0, 0, 0, 0xabcd_ef01), 0x0a1c_9e3f);
     }
 
     #[test]

@@ -50,4 +50,19 @@ static __always_inline __u32 jhash_4words(__u32 w0, __u32 w1, __u32 w2, __u32 w3
 	return c;
 }
 
+/* The kernel's jhash_3words(): three words and an initval, one final mix
+ * (no __jhash_mix round), what the kernel hashes its socket lookups with.
+ */
+static __always_inline __u32 jhash_3words(__u32 w0, __u32 w1, __u32 w2, __u32 initval)
+{
+	__u32 a, b, c;
+
+	a = b = c = JHASH_INITVAL + (3 << 2) + initval;
+	a += w0;
+	b += w1;
+	c += w2;
+	__jhash_final(a, b, c);
+	return c;
+}
+
 #endif /* L4LB_JHASH_H */

@@ -389,7 +389,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 			hash = (hash ^ pkt.ports ^ pkt.vip.proto) * 0x85ebca6bU;
 			hash ^= hash >> 16;
 		} else {
-			hash = jhash_4words(pkt.saddr, pkt.daddr, pkt.ports, pkt.vip.proto, config->hash_seed);
+			hash = jhash_3words(pkt.saddr, pkt.daddr, pkt.ports, config->hash_seed + pkt.vip.proto);
 		}
 		slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
 		if (what & V_SMALL_TABLE)
