@@ -52,12 +52,19 @@
 #define L4LB_VIP_BITS 10
 #define L4LB_VIP_SLOTS (1U << L4LB_VIP_BITS)
 #define L4LB_VIP_MASK (L4LB_VIP_SLOTS - 1)
-#define L4LB_VIP_MAX_PROBES 8
+#define L4LB_VIP_MAX_PROBES 4
 #define L4LB_VIP_HASH_MUL 0x9e3779b1U
 
 /* Address families (l4lb_vip_key.family, l4lb_backend.family). */
 #define L4LB_FAMILY_IPV4 4
 #define L4LB_FAMILY_IPV6 6
+/* Or'ed into a VIP key's family: the entry fragments of that (address,
+ * protocol) look up. Fragments carry no ports (only the first one does), so
+ * every fragment of a datagram looks up (address, family | FRAGMENT,
+ * protocol, port 0); the host points that entry at the address's port-0 VIP
+ * for the protocol if there is one, else at its VIP with the lowest port.
+ */
+#define L4LB_FAMILY_FRAGMENT 0x80
 
 /* Outer headers. */
 #define L4LB_IPIP_OVERHEAD 20      /* outer IPv4 header */
@@ -70,6 +77,27 @@
  * routing, destination options, fragment); a packet with more is dropped.
  */
 #define L4LB_MAX_EXT_HEADERS 4
+
+/* 802.1Q / 802.1ad tags before the IP header: up to two (QinQ), kept on the
+ * encapsulated frame and on ICMP answers.
+ */
+#define L4LB_MAX_VLAN_TAGS 2
+
+/* ICMP "fragmentation needed" (IPv4, DF set) and "packet too big" (IPv6)
+ * answers built by the datapath quote this many bytes of the client's
+ * packet: the IPv4 header with the longest options plus 8 bytes (RFC 792),
+ * the IPv6 header plus 40 bytes (its TCP/UDP ports and some extension
+ * headers). The host refuses MTUs below L4LB_MIN_MTU (the IPv4 minimum
+ * datagram every host takes, RFC 791) and, with IPv6 backends, below
+ * L4LB_MIN_MTU6 + L4LB_IP6_OVERHEAD (so that no answer advertises less than
+ * the IPv6 minimum link MTU, RFC 8200).
+ */
+#define L4LB_ICMP4_QUOTE 68
+#define L4LB_ICMP6_QUOTE 80
+#define L4LB_MIN_MTU 576
+#define L4LB_MIN_MTU6 1280
+/* TTL / hop limit of the ICMP answers. */
+#define L4LB_ICMP_TTL 64
 
 /* The one entry of the l4lb_config map (key 0). Written by the host only. */
 struct l4lb_config {
@@ -143,25 +171,29 @@ struct l4lb_traffic {
 };
 
 /* Global counters (l4lb_counters, one __u64 per entry). Every frame seen
- * (L4LB_CNT_RX) ends in exactly one of TX, PASS, PASS_NO_SERVICE or a DROP_*
+ * (L4LB_CNT_RX) ends in exactly one of TX, TX_TOO_BIG, PASS, PASS_NO_SERVICE or a DROP_*
  * counter.
  */
 enum l4lb_counter {
 	L4LB_CNT_RX = 0,            /* frames seen by the program */
 	L4LB_CNT_TX,                /* encapsulated and sent back out (XDP_TX) */
+	L4LB_CNT_TX_TOO_BIG,        /* too big with DF / IPv6: answered with ICMP (XDP_TX) */
 	L4LB_CNT_PASS,              /* handed to the stack: not IPv4/IPv6 TCP/UDP */
 	L4LB_CNT_PASS_NO_SERVICE,   /* handed to the stack: TCP/UDP that no service takes */
 	L4LB_CNT_DROP_SHORT_ETH,    /* frame shorter than an Ethernet header */
+	L4LB_CNT_DROP_SHORT_VLAN,   /* an 802.1Q / 802.1ad tag cut off */
 	L4LB_CNT_DROP_SHORT_IPV4,   /* IPv4 header cut off */
 	L4LB_CNT_DROP_BAD_VERSION,  /* EtherType IPv4/IPv6 but another version field */
 	L4LB_CNT_DROP_BAD_IHL,      /* IHL below 5 words */
 	L4LB_CNT_DROP_BAD_TOT_LEN,  /* tot_len beyond the frame or below the header */
+	L4LB_CNT_DROP_BAD_CSUM,     /* IPv4 header checksum wrong */
+	L4LB_CNT_DROP_TTL_ZERO,     /* TTL / hop limit 0: no router forwards that */
 	L4LB_CNT_DROP_SHORT_IPV6,   /* IPv6 header or an extension header cut off */
 	L4LB_CNT_DROP_BAD_PAYLOAD_LEN, /* IPv6 payload length beyond the frame (or 0: jumbogram) */
 	L4LB_CNT_DROP_EXT_HEADERS,  /* more than L4LB_MAX_EXT_HEADERS IPv6 extension headers */
 	L4LB_CNT_DROP_SHORT_L4,     /* TCP/UDP ports cut off */
 	L4LB_CNT_DROP_NO_BACKEND,   /* slot empty or its backend not active */
-	L4LB_CNT_DROP_TOO_BIG,      /* encapsulated packet would exceed the MTU */
+	L4LB_CNT_DROP_TOO_BIG,      /* too big once encapsulated: IPv4 without DF, or an ICMP error */
 	L4LB_CNT_DROP_ENCAP_FAILED, /* no headroom for the outer header */
 	L4LB_CNT_MAX,
 };

@@ -26,6 +26,28 @@
 //! Unpublishing writes family 0 only; the rest is zeroed after a grace
 //! period.
 //!
+//! # Fragment entries
+//!
+//! Fragments carry no ports (only the first one does): the datapath looks
+//! every fragment up by (address, family | L4LB_FAMILY_FRAGMENT, protocol,
+//! port 0). For every (address, protocol) of the VIPs (the catch-all aside)
+//! the plan keeps one such entry, naming the service of that address's
+//! port-0 VIP for the protocol if there is one, else of its VIP with the
+//! lowest port ([`fragment_targets`]). It is placed like a VIP entry (same
+//! home hash over its 20 key bytes, same probe bound, counted in
+//! vip_probes), published (staged with family 0, then the family byte)
+//! only once its target service is published, unpublished before its target
+//! is, and cleared after the grace period. When its target changes (the
+//! lowest-port VIP removed or a lower one added) only its service number is
+//! rewritten, in place, while both services are published. That write
+//! cannot be seen torn: the kernel copies the whole 24-byte value, only the
+//! 4-byte service field differs, and two service numbers (below
+//! L4LB_MAX_SERVICES = 64) differ in their low byte only, so a packet reads
+//! either the old number or the new one, both published services. An entry
+//! whose service number is reused by a new service of the same apply (or
+//! names no running service) is re-pointed or unpublished before the grace
+//! period that precedes the new table.
+//!
 //! # Order of the writes
 //!
 //! No packet sees a half-written service:
@@ -34,16 +56,19 @@
 //!     outer sources and gateway new services need;
 //! (b) each new service: counters zeroed, its whole table, its entry; then
 //!     the configuration with vip_probes raised to cover old and new VIPs,
-//!     ANY_PORT and (new catch-all) CATCH_ALL; then the VIP entries;
+//!     ANY_PORT and (new catch-all) CATCH_ALL; then the VIP entries; then
+//!     the new fragment entries and the re-pointed ones;
 //! (c) each changed service: only the slots that change, then its flags;
-//! (d) removed services unpublished (VIP entries freed); then the final
+//! (d) fragment entries no VIP calls for any more unpublished, then removed
+//!     services unpublished (VIP entries freed); then the final
 //!     configuration: vip_probes lowered, catch-all cleared, (e) the seed;
 //! (f) an RCU grace period (membarrier), if anything is to be cleared;
 //! (g) entries of removed VIPs, services and backends cleared. Tables of
 //!     removed services are left as they are (never read: a service's table
 //!     is written whole before the service is published again).
-//! The MTU is left as `attach` set it. A wanted model equal to the running
-//! one gives no step at all.
+//! The MTU (`[global] mtu`; None keeps the running one) is written with the
+//! first configuration write, (a). A wanted model equal to the running one
+//! gives no step at all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -55,7 +80,7 @@ use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, 
 use crate::config::{self, Backend, Model, Protocol, ServiceKey};
 use crate::flow_hash::vip_home;
 use crate::maglev;
-use crate::state::{Running, RunningBackend, RunningService};
+use crate::state::{Running, RunningBackend, RunningFragment, RunningService};
 
 // ---------------------------------------------------------------------------
 // The state the planner works on
@@ -163,7 +188,63 @@ pub fn vip_key_bytes(key: &ServiceKey) -> Option<[u8; 20]> {
     Some(out)
 }
 
+/// Or'ed into the family byte of a fragment entry's key.
+pub const FAMILY_FRAGMENT: u8 = consts::L4LB_FAMILY_FRAGMENT as u8;
+
+/// The 20 key bytes of the fragment entry of (addr, protocol).
+pub fn fragment_key_bytes(addr: IpAddr, protocol: Protocol) -> [u8; 20] {
+    let mut kb = vip_key_bytes(&ServiceKey::Vip { addr, protocol, port: 0 }).expect("a VIP");
+    kb[16] |= FAMILY_FRAGMENT;
+    kb
+}
+
+/// (address, protocol) of a fragment entry; None for VIP and free entries.
+fn fragment_from(entry: &VipEntry) -> Option<(IpAddr, Protocol)> {
+    if entry[16] & FAMILY_FRAGMENT == 0 || entry[18..20] != [0, 0] {
+        return None;
+    }
+    let addr = addr_from(entry[..16].try_into().expect("16 bytes"), entry[16] & !FAMILY_FRAGMENT)?;
+    let protocol = match entry[17] {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return None,
+    };
+    Some((addr, protocol))
+}
+
+/// The fragment entries among `vips`, sorted by (address, protocol).
+pub fn fragments_of(vips: &[VipEntry]) -> Vec<RunningFragment> {
+    let mut out: Vec<RunningFragment> = vips
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let (addr, protocol) = fragment_from(e)?;
+            Some(RunningFragment { addr, protocol, service: vip_service(e), entry: i as u32 })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The fragment entries `services` call for: per (address, protocol) of
+/// the VIPs (key bytes of [`fragment_key_bytes`]), the VIP its fragments go
+/// to: the port-0 VIP if there is one, else the one with the lowest port.
+pub fn fragment_targets(services: &[config::Service]) -> BTreeMap<[u8; 20], ServiceKey> {
+    let mut out: BTreeMap<[u8; 20], ServiceKey> = BTreeMap::new();
+    for s in services {
+        let ServiceKey::Vip { addr, protocol, port } = s.key else { continue };
+        let target = out.entry(fragment_key_bytes(addr, protocol)).or_insert(s.key);
+        if matches!(*target, ServiceKey::Vip { port: p, .. } if port < p) {
+            *target = s.key;
+        }
+    }
+    out
+}
+
 fn vip_key_from(entry: &VipEntry) -> Option<ServiceKey> {
+    if entry[16] & FAMILY_FRAGMENT != 0 {
+        return None;
+    }
     let addr = addr_from(entry[..16].try_into().expect("16 bytes"), entry[16])?;
     let protocol = match entry[17] {
         6 => Protocol::Tcp,
@@ -229,6 +310,7 @@ pub fn decode(
         source_v6: flag(consts::L4LB_CONFIG_SRC6_SET).then(|| Ipv6Addr::from(config.src_v6)),
         gateway_mac: flag(consts::L4LB_CONFIG_GATEWAY_SET).then_some(config.gateway_mac),
         hash_seed: flag(consts::L4LB_CONFIG_SEED_SET).then_some(config.hash_seed),
+        mtu: (config.mtu != 0).then_some(config.mtu),
     };
     let active = |n: u32| services.get(n as usize).is_some_and(|f| f & consts::L4LB_SERVICE_ACTIVE != 0);
     let mut keys: BTreeMap<u32, ServiceKey> = BTreeMap::new();
@@ -266,7 +348,8 @@ pub fn decode(
         });
     }
     out.sort_by_key(|s| s.key);
-    let running = Running { global, seed_fixed: flag(consts::L4LB_CONFIG_SEED_FIXED), mtu: config.mtu, services: out };
+    let fragments = fragments_of(&vips);
+    let running = Running { global, seed_fixed: flag(consts::L4LB_CONFIG_SEED_FIXED), services: out, fragments };
     Ok(Snapshot { running, config, vips, service_tables: MAX_SERVICES })
 }
 
@@ -366,16 +449,36 @@ impl Numbers {
     }
 }
 
-/// Plans the apply of `wanted` over `now`. `fresh_seed` becomes the hash
-/// seed when neither the maps nor `wanted` have one. The MTU stays.
-pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
-    plan_with_mtu(now, wanted, fresh_seed, None)
+/// Refuses an MTU the datapath cannot work with: `wanted`'s own (checked
+/// like the file's `[global] mtu`), else the running one `running_mtu`
+/// (0 = no limit) against `wanted`'s backends (IPv6 backends need at least
+/// MIN_MTU_IPV6_BACKENDS).
+pub fn check_mtu(wanted: &Model, running_mtu: u32) -> Result<()> {
+    let ipv6 = wanted.services.iter().find_map(|s| s.backends.iter().find(|b| b.addr.is_ipv6()).map(|b| format!("{} of {}", b.addr, s.key)));
+    let problem = match wanted.global.mtu {
+        // The running MTU printed back by `l4lb config` is held to the IPv6 rule only.
+        Some(mtu) if mtu != running_mtu => config::mtu_problem("mtu", i64::from(mtu), ipv6.as_deref()),
+        _ if running_mtu != 0 && ipv6.is_some() && running_mtu < config::MIN_MTU_IPV6_BACKENDS => config::mtu_problem(
+            "the running MTU",
+            i64::from(running_mtu),
+            ipv6.as_deref(),
+        )
+        .map(|p| format!("{p}; raise it with [global] mtu (or `l4lb attach --mtu`)")),
+        _ => None,
+    };
+    match problem {
+        Some(p) => Err(anyhow!(p)),
+        None => Ok(()),
+    }
 }
 
-/// [`plan`], also setting the MTU when `mtu` is given (`l4lb map` sets the
-/// device's, as it always did).
-pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Option<u32>) -> Result<Plan> {
+/// Plans the apply of `wanted` over `now`. `fresh_seed` becomes the hash
+/// seed when neither the maps nor `wanted` have one; `wanted.global.mtu` of
+/// None keeps the running MTU (callers put the device's there when the
+/// running one is 0).
+pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     check_limits(wanted)?;
+    check_mtu(wanted, now.config.mtu)?;
     if wanted.services.len() > now.service_tables {
         bail!(
             "{} services: this program's l4lb_tables holds {} service tables (an offloaded program gets L4LB_OFFLOAD_MAX_SERVICES = {})",
@@ -513,6 +616,78 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
         probes_needed = probes_needed.max(((entry.wrapping_sub(home)) & VIP_MASK) + 1);
     }
 
+    // Fragment entries: (entry, key bytes, service number) to publish in
+    // (b) (staged, then the family byte); (entry, value) to re-point in (b),
+    // to unpublish or re-point before the first grace period ("early": the
+    // entry names a number a new service reuses, or no running service), to
+    // unpublish in (d); entries to clear in (g).
+    let old_fragments: BTreeMap<[u8; 20], (u32, u32)> = now
+        .vips
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| fragment_from(e).is_some())
+        .map(|(i, e)| (e[..20].try_into().expect("20 bytes"), (i as u32, vip_service(e))))
+        .collect();
+    let wanted_fragments = fragment_targets(&wanted.services);
+    let staying: BTreeSet<u32> = running.services.iter().filter(|s| wanted_keys.contains(&s.key)).map(|s| s.number).collect();
+    let mut fragment_publish: Vec<(u32, [u8; 20], u32)> = Vec::new();
+    let mut fragment_repoint: Vec<(u32, VipEntry)> = Vec::new();
+    let mut fragment_early: Vec<(u32, VipEntry)> = Vec::new();
+    let mut fragment_unpublish: Vec<(u32, VipEntry)> = Vec::new();
+    let mut fragment_clear: Vec<u32> = Vec::new();
+    for (kb, &(e, was)) in &old_fragments {
+        let mut off = now.vips[e as usize];
+        off[16] = 0;
+        let early = reused_services.contains(&was) || running.services.iter().all(|s| s.number != was);
+        match wanted_fragments.get(kb).map(|t| number_of[t]) {
+            None => {
+                if early {
+                    fragment_early.push((e, off));
+                } else {
+                    fragment_unpublish.push((e, off));
+                }
+                fragment_clear.push(e);
+                after_vips[e as usize] = [0; 24];
+            }
+            Some(n) => {
+                probes_needed = probes_needed.max(((e.wrapping_sub(vip_home(kb))) & VIP_MASK) + 1);
+                if n == was && staying.contains(&was) {
+                    continue;
+                }
+                let entry = vip_entry(kb, n);
+                after_vips[e as usize] = entry;
+                if !early {
+                    fragment_repoint.push((e, entry));
+                } else if staying.contains(&n) {
+                    fragment_early.push((e, entry));
+                } else {
+                    fragment_early.push((e, off));
+                    fragment_publish.push((e, *kb, n));
+                }
+            }
+        }
+    }
+    for (kb, target) in &wanted_fragments {
+        if old_fragments.contains_key(kb) {
+            continue;
+        }
+        let home = vip_home(kb);
+        let e = (0..VIP_MAX_PROBES).map(|i| (home + i) & VIP_MASK).find(|e| !taken.contains(e)).ok_or_else(|| {
+            let name = match target {
+                ServiceKey::Vip { addr, protocol, .. } => format!("{addr}/{}", protocol.name()),
+                ServiceKey::CatchAll => unreachable!("the catch-all has no fragment entry"),
+            };
+            anyhow!(
+                "fragment entry of {name}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {VIP_MAX_PROBES} entries of its home entry {home}"
+            )
+        })?;
+        taken.insert(e);
+        let n = number_of[target];
+        fragment_publish.push((e, *kb, n));
+        after_vips[e as usize] = vip_entry(kb, n);
+        probes_needed = probes_needed.max(((e.wrapping_sub(home)) & VIP_MASK) + 1);
+    }
+
     // Configurations.
     let old = now.config;
     let mut fin = old;
@@ -544,12 +719,14 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
     let any_port = wanted.services.iter().any(|s| matches!(s.key, ServiceKey::Vip { port: 0, .. }));
     set(&mut fin, consts::L4LB_CONFIG_ANY_PORT, any_port);
     fin.vip_probes = probes_needed;
-    if let Some(mtu) = mtu {
+    if let Some(mtu) = g.mtu {
         fin.mtu = mtu;
     }
     // (a): sources and gateway new backends need; old values kept where the
-    // wanted model drops them (removed services still send until (d)).
+    // wanted model drops them (removed services still send until (d)); the
+    // MTU.
     let mut cfg_a = old;
+    cfg_a.mtu = fin.mtu;
     if let Some(a) = g.source_v4 {
         cfg_a.src_v4 = a.octets();
         cfg_a.flags |= consts::L4LB_CONFIG_SRC_SET;
@@ -591,7 +768,10 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
     steps.push(write(MapId::Config, 0, bytes_of(&cfg_a)));
     // Removed services whose number a new service takes: unpublished first.
     let early: Vec<&&RunningService> = removed.iter().filter(|r| reused_services.contains(&r.number)).collect();
-    if !early.is_empty() {
+    if !early.is_empty() || !fragment_early.is_empty() {
+        for (e, value) in &fragment_early {
+            steps.push(write(MapId::Vips, *e, value.to_vec()));
+        }
         for r in &early {
             if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
                 let mut freed = now.vips[*e as usize];
@@ -614,6 +794,15 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
         steps.push(write(MapId::Vips, *e, staged.to_vec()));
         steps.push(write(MapId::Vips, *e, vip_entry(kb, *n).to_vec()));
     }
+    for (e, kb, n) in &fragment_publish {
+        let mut staged = vip_entry(kb, *n);
+        staged[16] = 0;
+        steps.push(write(MapId::Vips, *e, staged.to_vec()));
+        steps.push(write(MapId::Vips, *e, vip_entry(kb, *n).to_vec()));
+    }
+    for (e, value) in &fragment_repoint {
+        steps.push(write(MapId::Vips, *e, value.to_vec()));
+    }
     // (c)
     for (n, writes, flags) in &changed_services {
         if !writes.is_empty() {
@@ -622,6 +811,9 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
         steps.push(write(MapId::Services, *n, flags.to_ne_bytes().to_vec()));
     }
     // (d), (e)
+    for (e, value) in &fragment_unpublish {
+        steps.push(write(MapId::Vips, *e, value.to_vec()));
+    }
     for r in removed.iter().filter(|r| !reused_services.contains(&r.number)) {
         if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
             let mut freed = now.vips[*e as usize];
@@ -633,7 +825,7 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
     // (f), (g)
     let in_use_services: BTreeSet<u32> = number_of.values().copied().collect();
     let mut clears = Vec::new();
-    for &e in &removed_vip_entries {
+    for &e in removed_vip_entries.iter().chain(&fragment_clear) {
         clears.push(write(MapId::Vips, e, vec![0; 24]));
     }
     for r in removed.iter().filter(|r| !in_use_services.contains(&r.number)) {
@@ -668,10 +860,11 @@ pub fn plan_with_mtu(now: &Snapshot, wanted: &Model, fresh_seed: u32, mtu: Optio
                 source_v6: g.source_v6,
                 gateway_mac: g.gateway_mac,
                 hash_seed: Some(fin.hash_seed),
+                mtu: (fin.mtu != 0).then_some(fin.mtu),
             },
             seed_fixed: fin.flags & consts::L4LB_CONFIG_SEED_FIXED != 0,
-            mtu: fin.mtu,
             services: after_services,
+            fragments: fragments_of(&after_vips),
         },
         config: fin,
         vips: after_vips,

@@ -55,12 +55,19 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
         } else {
             String::new()
         };
-        anyhow!("the kernel refused the l4lb program{hint}: {err}{}", libbpf_log::tail(12))
+        refused("l4lb", &hint, err)
     })?;
 
     attach_fd(iface, skel.progs.l4lb_balance.as_fd(), mode, force, &present)?;
     let id = discover::find_l4lb(iface)?.id;
     Ok(id)
+}
+
+/// The error of a program the kernel refused to load: `err` (libbpf's),
+/// then the last lines libbpf logged (for a verifier rejection, the end of
+/// the verifier log: the instruction it stopped at and why).
+pub fn refused(label: &str, hint: &str, err: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("the kernel refused the {label} program{hint}: {err}{}", libbpf_log::tail(12))
 }
 
 /// Refuses to go on when the interface already has an XDP program (`present`,

@@ -47,8 +47,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         /// Hash seed (shared by balancers that must agree on flows); random if not given
-        #[arg(long, value_parser = parse_seed)]
+        #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
         seed: Option<u32>,
+        /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
+        #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
+        mtu: Option<u32>,
     },
     /// Remove the l4lb program from an interface, whatever its mode
     Detach {
@@ -66,10 +69,10 @@ pub enum Command {
         #[arg(long, value_name = "VIP", value_parser = parse_vip)]
         vip: Option<ServiceKey>,
         /// Outer source address [default: DEV's IPv4 address]
-        #[arg(short, long, value_name = "ADDR")]
+        #[arg(short, long, value_name = "ADDR", value_parser = parse_source)]
         source: Option<Ipv4Addr>,
         /// Hash seed; keeps the current one if not given (a new seed moves every flow)
-        #[arg(long, value_parser = parse_seed)]
+        #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
         seed: Option<u32>,
     },
     /// Program the services of a configuration file (TOML), changing only what differs
@@ -198,6 +201,20 @@ fn parse_seed(text: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{text}` is not a 32-bit seed (decimal or 0x-prefixed hex)"))
 }
 
+/// `map -s`: a unicast IPv4 address (destination files list IPv4
+/// destinations, so the outer header is IPv4).
+fn parse_source(text: &str) -> Result<Ipv4Addr, String> {
+    let addr: Ipv4Addr = match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(addr)) => addr,
+        Ok(IpAddr::V6(_)) => {
+            return Err(format!("`{text}` is IPv6: the outer source of `l4lb map` is IPv4 (IPv6 backends are configured with `l4lb apply`)"))
+        }
+        Err(_) => return Err(format!("`{text}` is not an IPv4 address")),
+    };
+    crate::addr::check_unicast_ipv4(addr).map_err(|why| format!("outer source address {addr} {why}"))?;
+    Ok(addr)
+}
+
 /// `ADDR[:PORT][/tcp|udp]`, `[ADDR6][:PORT][/tcp|udp]` or a bare IPv6
 /// address (with an optional `/tcp|udp`): a VIP service key; port 0 (or
 /// none, or `*`) = every port; tcp by default.
@@ -230,6 +247,16 @@ pub fn parse_vip(text: &str) -> Result<ServiceKey, String> {
         Some(p) => p.parse::<u16>().map_err(|_| bad("the port is 0 to 65535"))?,
     };
     Ok(ServiceKey::Vip { addr, protocol, port })
+}
+
+/// `--mtu`: a number of bytes within the MTU rules that need no backends
+/// (the planner checks the IPv6 rule against the configuration).
+fn parse_mtu(text: &str) -> Result<u32, String> {
+    let mtu: i64 = text.parse().map_err(|_| format!("`{text}` is not an MTU (a number of bytes, {} to {})", crate::config::MIN_MTU, crate::config::MAX_MTU))?;
+    match crate::config::mtu_problem("MTU", mtu, None) {
+        Some(problem) => Err(problem),
+        None => Ok(mtu as u32),
+    }
 }
 
 fn parse_interval(text: &str) -> Result<f64, String> {
@@ -303,6 +330,26 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "-s", "10.0.0"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "attach", "-i", "eth0", "--mode", "turbo"]).is_err());
+    }
+
+    #[test]
+    fn mtus_are_checked() {
+        let mtu = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Attach { mtu, .. }) => Ok(mtu),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(mtu(&["l4lb", "attach", "-i", "eth0"]), Ok(None));
+        assert_eq!(mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "1400"]), Ok(Some(1400)));
+        assert_eq!(mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "576"]), Ok(Some(576)));
+        assert_eq!(mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "65535"]), Ok(Some(65535)));
+        let low = mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "575"]).unwrap_err();
+        assert!(low.contains("invalid value '575' for '--mtu <BYTES>': MTU 575 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791"), "{low}");
+        let high = mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "65536"]).unwrap_err();
+        assert!(high.contains("'--mtu <BYTES>': MTU 65536 is above 65535 (the largest IPv4 packet)"), "{high}");
+        let text = mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "jumbo"]).unwrap_err();
+        assert!(text.contains("'--mtu <BYTES>': `jumbo` is not an MTU (a number of bytes, 576 to 65535)"), "{text}");
+        assert!(mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "-1"]).is_err());
     }
 
     #[test]

@@ -21,9 +21,9 @@ use crate::maps::{random_seed, LbMaps};
 use crate::stats::{self, Sample};
 
 pub fn run(command: Command) -> Result<()> {
-    require_root()?;
+    require_privileges()?;
     match command {
-        Command::Attach { interface, mode, force, seed } => attach(&interface, mode, force, seed),
+        Command::Attach { interface, mode, force, seed, mtu } => attach(&interface, mode, force, seed, mtu),
         Command::Detach { interface } => detach(&interface),
         Command::Map { interface, file, vip, source, seed } => map(&interface, &file, vip, source, seed),
         Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
@@ -41,11 +41,41 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-fn require_root() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("l4lb needs root (CAP_BPF and CAP_NET_ADMIN) to load and read BPF programs: run it with sudo");
+/// The capabilities every subcommand needs, with their bit numbers:
+/// CAP_SYS_ADMIN because the kernel asks it (not CAP_BPF) to open a program
+/// or a map by id, which every subcommand does (it also covers loading), and
+/// CAP_NET_ADMIN to attach XDP.
+const NEEDED_CAPABILITIES: [(u32, &str); 2] = [(21, "CAP_SYS_ADMIN"), (12, "CAP_NET_ADMIN")];
+
+/// Refuses, before anything is read or touched, to run without the
+/// capabilities every subcommand needs, saying which are missing and how
+/// to get them.
+fn require_privileges() -> Result<()> {
+    let uid = nix::unistd::geteuid();
+    let missing: Vec<&str> = match effective_capabilities() {
+        Some(caps) => NEEDED_CAPABILITIES.iter().filter(|(bit, _)| caps & (1 << bit) == 0).map(|&(_, name)| name).collect(),
+        None if uid.is_root() => Vec::new(),
+        None => NEEDED_CAPABILITIES.iter().map(|&(_, name)| name).collect(),
+    };
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let missing = missing.join(" and ");
+    if uid.is_root() {
+        bail!(
+            "l4lb needs CAP_SYS_ADMIN and CAP_NET_ADMIN (to load BPF programs, attach XDP and open BPF maps; CAP_BPF is not enough), and this root process lacks {missing}: in a container, run it with --cap-add SYS_ADMIN --cap-add NET_ADMIN (or --privileged)"
+        );
+    }
+    bail!(
+        "l4lb needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN, to load BPF programs, attach XDP and open BPF maps; CAP_BPF is not enough), and uid {uid} lacks {missing}: run it with sudo"
+    );
+}
+
+/// The effective capability set (CapEff of /proc/self/status), if readable.
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// The interface, its l4lb program and that program's maps.
@@ -93,10 +123,39 @@ fn attach_config(seed: Option<u32>, source: Option<Ipv4Addr>, mtu: u32) -> Resul
     Ok(config)
 }
 
-fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>) -> Result<()> {
+/// The MTU to run with: `--mtu` if given (warned about when above the
+/// device's: the device drops what it cannot send), else the device's,
+/// capped at config::MAX_MTU (loopback has 65536) and refused below
+/// config::MIN_MTU.
+fn choose_mtu(iface: &Interface, given: Option<u32>) -> Result<u32> {
+    let device = iface.mtu()?;
+    match given {
+        Some(mtu) => {
+            if mtu > device {
+                eprintln!("warning: --mtu {mtu} is above {}'s MTU {device}: frames the device cannot send are dropped by it", iface.name);
+            }
+            Ok(mtu)
+        }
+        None => match config::mtu_problem(&format!("{}'s MTU", iface.name), i64::from(device.min(config::MAX_MTU)), None) {
+            Some(problem) => bail!("{problem}: raise it (ip link set {} mtu 1500) or give --mtu", iface.name),
+            None => Ok(device.min(config::MAX_MTU)),
+        },
+    }
+}
+
+/// The MTU `apply` and `map` plan with: the wanted one, else the running
+/// one, else (a program iproute2 loaded runs without) the device's.
+fn default_mtu(iface: &Interface, now: &apply::Snapshot, wanted: &mut config::Model) -> Result<()> {
+    if wanted.global.mtu.is_none() && now.config.mtu == 0 {
+        wanted.global.mtu = Some(choose_mtu(iface, None)?);
+    }
+    Ok(())
+}
+
+fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>, mtu: Option<u32>) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let mode = Mode::from(mode);
-    let mtu = iface.mtu()?;
+    let mtu = choose_mtu(&iface, mtu)?;
     let _lock = update_lock(&iface)?;
     let id = crate::attach::attach(&iface, mode, force)?;
     let (_, _, maps) = open_l4lb(name)?;
@@ -126,13 +185,12 @@ fn detach(name: &str) -> Result<()> {
 
 /// `l4lb apply`: the whole configuration from a file.
 fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
-    let wanted = config::load(file)?;
+    let mut wanted = config::load(file)?;
     let (iface, _, maps) = open_l4lb(name)?;
     let _lock = update_lock(&iface)?;
     let now = maps.read_snapshot()?;
-    // A program loaded by iproute2 starts without an MTU: take the device's.
-    let mtu = if now.running.mtu == 0 { Some(iface.mtu()?) } else { None };
-    let plan = apply::plan_with_mtu(&now, &wanted, random_seed()?, mtu)?;
+    default_mtu(&iface, &now, &mut wanted)?;
+    let plan = apply::plan(&now, &wanted, random_seed()?)?;
     print!("{}", plan.diff);
     if dry_run {
         println!("dry run: nothing written");
@@ -180,7 +238,6 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
             .ok_or_else(|| anyhow!("{} has no IPv4 address: give the outer source address with -s ADDR", iface.name))?,
     };
     check_unicast_ipv4(source).map_err(|why| anyhow!("outer source address {source} {why}"))?;
-    let mtu = iface.mtu()?;
 
     let mut wanted = now.running.model();
     wanted.global.source_v4 = Some(source);
@@ -196,7 +253,8 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
         Ok(i) => wanted.services[i] = service,
         Err(i) => wanted.services.insert(i, service),
     }
-    let plan = apply::plan_with_mtu(&now, &wanted, random_seed()?, Some(mtu))?;
+    default_mtu(&iface, &now, &mut wanted)?;
+    let plan = apply::plan(&now, &wanted, random_seed()?)?;
 
     if list.ignored > 0 {
         eprintln!(

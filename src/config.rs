@@ -14,6 +14,8 @@
 //! gateway_mac = "02:00:00:00:00:01" # next hop of backends without their own MAC
 //! hash_seed = 0x1234abcd            # optional: absent = keep the running seed
 //!                                   # (random on the first apply)
+//! mtu = 1500                        # optional: largest packet once encapsulated;
+//!                                   # absent = keep the running one (attach: the device's)
 //!
 //! [[service]]
 //! vip = "203.0.113.10"              # IPv4 or IPv6 address
@@ -44,7 +46,12 @@
 //! * `[global]`: `source_v4`, `source_v6` (unicast addresses of their family;
 //!   each is required as soon as one backend of that family exists),
 //!   `gateway_mac` (unicast; required as soon as one backend has no `mac`),
-//!   `hash_seed` (0..=0xffffffff, optional).
+//!   `hash_seed` (0..=0xffffffff, optional), `mtu` (optional: the largest
+//!   L3 packet the balancer sends, outer header included; larger ones get an
+//!   ICMP fragmentation-needed / packet-too-big answer or are dropped;
+//!   [`MIN_MTU`]..=[`MAX_MTU`], and at least [`MIN_MTU_IPV6_BACKENDS`] as
+//!   soon as one backend is IPv6; absent = keep the running MTU, which
+//!   `l4lb attach` sets to the device's or to `--mtu`).
 //! * `[[service]]`: `vip` (required), `protocol` (`tcp` or `udp`, required;
 //!   `any` and only `any` for the catch-all, where it may be left out), `port`
 //!   (0..=65535, required; 0 = every port; the catch-all takes only 0, may be
@@ -109,6 +116,39 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// A backend's weight when the file gives none.
 pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// The smallest MTU (L4LB_MIN_MTU): the IPv4 datagram every host takes
+/// (RFC 791), which also holds the datapath's ICMP answers.
+pub const MIN_MTU: u32 = crate::bpf::consts::L4LB_MIN_MTU;
+/// The smallest MTU with IPv6 backends: L4LB_MIN_MTU6 + L4LB_IP6_OVERHEAD,
+/// so that a packet-too-big answer (advertising the MTU less the 40-byte
+/// outer IPv6 header) never advertises less than the IPv6 minimum link MTU
+/// of 1280 (RFC 8200).
+pub const MIN_MTU_IPV6_BACKENDS: u32 = crate::bpf::consts::L4LB_MIN_MTU6 + crate::bpf::consts::L4LB_IP6_OVERHEAD;
+/// The largest MTU: the largest IPv4 packet (its length field has 16 bits).
+pub const MAX_MTU: u32 = 65535;
+
+/// Why `mtu` is refused, if it is: `what` names the value (`mtu`, `--mtu`),
+/// `ipv6_backend` is one of the configuration's IPv6 backends, if any, and
+/// how to find it (`2001:db8::101 on line 12`).
+pub fn mtu_problem(what: &str, mtu: i64, ipv6_backend: Option<&str>) -> Option<String> {
+    if mtu < i64::from(MIN_MTU) {
+        return Some(format!(
+            "{what} {mtu} is below L4LB_MIN_MTU = {MIN_MTU} (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)"
+        ));
+    }
+    if mtu > i64::from(MAX_MTU) {
+        return Some(format!("{what} {mtu} is above {MAX_MTU} (the largest IPv4 packet)"));
+    }
+    match ipv6_backend {
+        Some(backend) if mtu < i64::from(MIN_MTU_IPV6_BACKENDS) => Some(format!(
+            "{what} {mtu} is below {MIN_MTU_IPV6_BACKENDS} = L4LB_MIN_MTU6 + L4LB_IP6_OVERHEAD (1280 + 40), the least with IPv6 backends \
+             (here {backend}): a packet-too-big answer advertises the MTU less the 40-byte outer IPv6 header, and may not advertise \
+             less than the IPv6 minimum link MTU of 1280 (RFC 8200)"
+        )),
+        _ => None,
+    }
+}
 
 // ---------------------------------------------------------------------------
 // The model
@@ -189,6 +229,9 @@ pub struct Global {
     pub gateway_mac: Option<[u8; 6]>,
     /// None = keep the running seed (random on the first apply).
     pub hash_seed: Option<u32>,
+    /// Largest L3 packet once encapsulated (l4lb_config.mtu). None = keep
+    /// the running one; read back from the maps, None = no limit (0).
+    pub mtu: Option<u32>,
 }
 
 /// A validated configuration in canonical form.
@@ -244,6 +287,7 @@ struct RawGlobal {
     source_v6: Option<Spanned<String>>,
     gateway_mac: Option<Spanned<String>>,
     hash_seed: Option<Spanned<i64>>,
+    mtu: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -288,18 +332,25 @@ pub fn parse(origin: &str, bytes: &[u8]) -> Result<Model> {
         bail!("{origin}: no configuration (expected a [global] table and [[service]] tables)");
     }
     let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
-    Validator { origin, line_starts }.model(raw)
+    Validator { origin, line_starts, first_ipv6_backend: std::cell::Cell::new(None) }.model(raw)
 }
 
 /// toml's message, with serde's type names said for people.
 fn toml_message(e: &toml::de::Error) -> String {
-    e.message().trim_end().replace("expected i64", "expected an integer")
+    let mut message = e.message().trim_end().replace("expected i64", "expected an integer");
+    // serde names the structs a table deserialises into: say "a table".
+    for raw in ["RawGlobal", "RawService", "RawBackend"] {
+        message = message.replace(&format!("expected struct {raw}"), "expected a table");
+    }
+    message
 }
 
 struct Validator<'a> {
     origin: &'a str,
     /// Byte offset where each line starts.
     line_starts: Vec<usize>,
+    /// The first IPv6 backend and its line (for the MTU rule).
+    first_ipv6_backend: std::cell::Cell<Option<(IpAddr, usize)>>,
 }
 
 impl Validator<'_> {
@@ -314,6 +365,7 @@ impl Validator<'_> {
     }
 
     fn model(&self, raw: RawFile) -> Result<Model> {
+        let mtu_span = raw.global.as_ref().and_then(|g| g.mtu.as_ref()).map(|m| (*m.get_ref(), m.span()));
         let global = match raw.global {
             Some(g) => self.global(g)?,
             None => Global::default(),
@@ -334,6 +386,11 @@ impl Validator<'_> {
             services.push(service);
         }
         services.sort_by_key(|s| s.key);
+        if let (Some((mtu, span)), Some((backend, line))) = (mtu_span, self.first_ipv6_backend.get()) {
+            if let Some(problem) = mtu_problem("mtu", mtu, Some(&format!("{backend} on line {line}"))) {
+                return Err(self.at(&span, problem));
+            }
+        }
         Ok(Model { global, services })
     }
 
@@ -359,7 +416,14 @@ impl Validator<'_> {
             })?),
             None => None,
         };
-        Ok(Global { source_v4, source_v6, gateway_mac, hash_seed })
+        let mtu = match raw.mtu {
+            Some(m) => match mtu_problem("mtu", *m.get_ref(), None) {
+                Some(problem) => return Err(self.at(&m.span(), problem)),
+                None => Some(*m.get_ref() as u32),
+            },
+            None => None,
+        };
+        Ok(Global { source_v4, source_v6, gateway_mac, hash_seed, mtu })
     }
 
     /// A unicast address of either family; `what` names it in errors.
@@ -519,6 +583,9 @@ impl Validator<'_> {
             }
             _ => {}
         }
+        if addr.is_ipv6() && self.first_ipv6_backend.get().is_none() {
+            self.first_ipv6_backend.set(Some((addr, self.line(&aspan))));
+        }
         let mac = match &raw.mac {
             Some(m) => Some(self.mac(m, "mac")?),
             None if global.gateway_mac.is_none() => {
@@ -560,6 +627,9 @@ pub fn to_toml(model: &Model) -> String {
     if let Some(s) = g.hash_seed {
         let _ = writeln!(out, "hash_seed = 0x{s:08x}");
     }
+    if let Some(m) = g.mtu {
+        let _ = writeln!(out, "mtu = {m}");
+    }
     for service in &model.services {
         out.push_str("\n[[service]]\n");
         let carries_udp = match service.key {
@@ -598,6 +668,8 @@ pub enum GlobalChange {
     GatewayMac { old: Option<[u8; 6]>, new: Option<[u8; 6]> },
     /// Only when the wanted model names a seed (None keeps the running one).
     HashSeed { old: Option<u32>, new: u32 },
+    /// Only when the wanted model names an MTU (None keeps the running one).
+    Mtu { old: Option<u32>, new: u32 },
 }
 
 impl fmt::Display for GlobalChange {
@@ -613,6 +685,10 @@ impl fmt::Display for GlobalChange {
             GlobalChange::HashSeed { old, new } => {
                 let old = old.map_or_else(|| "(random)".to_string(), |s| format!("0x{s:08x}"));
                 write!(f, "hash_seed {old} -> 0x{new:08x}")
+            }
+            GlobalChange::Mtu { old, new } => {
+                let old = old.map_or_else(|| "(no limit)".to_string(), |m| m.to_string());
+                write!(f, "mtu {old} -> {new}")
             }
         }
     }
@@ -653,7 +729,8 @@ impl Diff {
 }
 
 /// The changes from the running model to the wanted one. A wanted
-/// `hash_seed` of None keeps the running seed, so it is no change.
+/// `hash_seed` (or `mtu`) of None keeps the running seed (MTU), so it is no
+/// change.
 pub fn diff(running: &Model, wanted: &Model) -> Diff {
     let (r, w) = (&running.global, &wanted.global);
     let mut global = Vec::new();
@@ -669,6 +746,11 @@ pub fn diff(running: &Model, wanted: &Model) -> Diff {
     if let Some(new) = w.hash_seed {
         if r.hash_seed != Some(new) {
             global.push(GlobalChange::HashSeed { old: r.hash_seed, new });
+        }
+    }
+    if let Some(new) = w.mtu {
+        if r.mtu != Some(new) {
+            global.push(GlobalChange::Mtu { old: r.mtu, new });
         }
     }
     let mut out = Diff { global, ..Diff::default() };
@@ -854,6 +936,7 @@ mod tests {
                 source_v6: Some("2001:db8::2".parse().unwrap()),
                 gateway_mac: Some([2, 0, 0, 0, 0, 1]),
                 hash_seed: Some(0x1234abcd),
+                mtu: Some(1500),
             }
         );
         let keys: Vec<ServiceKey> = m.services.iter().map(|s| s.key).collect();
@@ -1037,7 +1120,7 @@ mod tests {
     fn refuses_unknown_keys_and_wrong_types() {
         assert_eq!(
             err("[global]\nsource = \"198.18.0.2\"\n"),
-            "lb.toml:2: unknown field `source`, expected one of `source_v4`, `source_v6`, `gateway_mac`, `hash_seed`"
+            "lb.toml:2: unknown field `source`, expected one of `source_v4`, `source_v6`, `gateway_mac`, `hash_seed`, `mtu`"
         );
         assert_eq!(err("[globals]\n"), "lb.toml:1: unknown field `globals`, expected `global` or `service`");
         assert_eq!(
@@ -1227,6 +1310,7 @@ source_v4 = "198.18.0.2"
 source_v6 = "2001:db8::2"
 gateway_mac = "02:00:00:00:00:01"
 hash_seed = 0x1234abcd
+mtu = 1500
 
 [[service]]
 vip = "*"
@@ -1348,14 +1432,72 @@ backends = [
         let m = model(&doc_example());
         let up = diff(&Model::default(), &m);
         assert_eq!(up.added, m.services);
-        assert_eq!(up.global.len(), 4, "both sources, the gateway and the seed");
+        assert_eq!(up.global.len(), 5, "both sources, the gateway, the seed and the MTU");
         assert!(up.to_string().starts_with("~ global source_v4 (none) -> 198.18.0.2\n"), "{up}");
         assert!(up.to_string().contains("~ global hash_seed (random) -> 0x1234abcd\n"), "{up}");
-        assert!(up.to_string().ends_with("services: 3 added, 0 removed, 0 changed; global: 4 changed\n"), "{up}");
+        assert!(up.to_string().contains("~ global mtu (no limit) -> 1500\n"), "{up}");
+        assert!(up.to_string().ends_with("services: 3 added, 0 removed, 0 changed; global: 5 changed\n"), "{up}");
         let down = diff(&m, &model("[global]\nhash_seed = 0x1234abcd\n"));
         assert_eq!(down.removed, m.services);
         assert_eq!(down.global.len(), 3);
         assert!(down.to_string().contains("~ global source_v6 2001:db8::2 -> (none)\n"), "{down}");
+    }
+
+    #[test]
+    fn an_absent_mtu_keeps_the_running_one() {
+        let running = model("[global]\nmtu = 1500\n");
+        assert!(diff(&running, &model("[global]\n")).is_empty());
+        let d = diff(&running, &model("[global]\nmtu = 9000\n"));
+        assert_eq!(d.global, [GlobalChange::Mtu { old: Some(1500), new: 9000 }]);
+        assert_eq!(d.to_string(), "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n");
+        assert!(diff(&running, &running).is_empty());
+        assert_eq!(diff(&Model::default(), &running).to_string().lines().next(), Some("~ global mtu (no limit) -> 1500"));
+        // Printed and read back.
+        for m in [running, model(&with_global("mtu = 1320\n[[service]]\nvip = \"*\"\nbackends = [{ address = \"2001:db8::1\" }]\n"))] {
+            let text = to_toml(&m);
+            assert!(text.contains(&format!("\nmtu = {}\n", m.global.mtu.unwrap())), "{text}");
+            assert_eq!(model(&text), m);
+        }
+    }
+
+    #[test]
+    fn refuses_mtus_out_of_range() {
+        assert_eq!(model("[global]\nmtu = 576\n").global.mtu, Some(MIN_MTU));
+        assert_eq!(model("[global]\nmtu = 65535\n").global.mtu, Some(MAX_MTU));
+        let below = "lb.toml:3: mtu 575 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)";
+        assert_eq!(err("[global]\nhash_seed = 1\nmtu = 575\n"), below);
+        assert_eq!(err("[global]\nmtu = 0\n"), "lb.toml:2: mtu 0 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)");
+        assert_eq!(err("[global]\nmtu = -1500\n"), "lb.toml:2: mtu -1500 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)");
+        assert_eq!(err("[global]\nmtu = 65536\n"), "lb.toml:2: mtu 65536 is above 65535 (the largest IPv4 packet)");
+        assert_eq!(err("[global]\nmtu = 9999999999999\n"), "lb.toml:2: mtu 9999999999999 is above 65535 (the largest IPv4 packet)");
+        assert_eq!(err("[global]\nmtu = \"1500\"\n"), "lb.toml:2: invalid type: string \"1500\", expected an integer");
+        assert_eq!(err("[global]\nmtu = 1500.0\n"), "lb.toml:2: invalid type: floating point `1500.0`, expected an integer");
+    }
+
+    #[test]
+    fn refuses_small_mtus_with_ipv6_backends() {
+        assert_eq!((MIN_MTU, MIN_MTU_IPV6_BACKENDS), (576, 1320));
+        // IPv4 backends only: 576 will do.
+        let v4 = |mtu: u32| with_global(&format!("mtu = {mtu}\n[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  {{ address = \"198.18.0.101\" }},\n]\n"));
+        assert_eq!(model(&v4(576)).global.mtu, Some(576));
+        // One IPv6 backend (line 19, in the second service): 1320 at least, the error on the mtu line.
+        let v6 = |mtu: u32| {
+            format!(
+                "{}[[service]]\nvip = \"203.0.113.11\"\nprotocol = \"udp\"\nport = 53\nbackends = [\n  {{ address = \"198.18.0.102\" }},\n  {{ address = \"2001:db8::101\" }},\n]\n",
+                v4(mtu)
+            )
+        };
+        assert_eq!(model(&v6(1320)).global.mtu, Some(1320));
+        assert_eq!(
+            err(&v6(1319)),
+            "lb.toml:5: mtu 1319 is below 1320 = L4LB_MIN_MTU6 + L4LB_IP6_OVERHEAD (1280 + 40), the least with IPv6 backends \
+             (here 2001:db8::101 on line 19): a packet-too-big answer advertises the MTU less the 40-byte outer IPv6 header, and may \
+             not advertise less than the IPv6 minimum link MTU of 1280 (RFC 8200)"
+        );
+        // Below 576 the general rule is the one named.
+        assert!(err(&v6(500)).starts_with("lb.toml:5: mtu 500 is below L4LB_MIN_MTU = 576"), "{}", err(&v6(500)));
+        // No mtu in the file: the planner checks the running one (apply::check_mtu).
+        assert_eq!(model(&v6(1320).replace("mtu = 1320\n", "")).global.mtu, None);
     }
 
     #[test]

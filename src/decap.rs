@@ -96,7 +96,7 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool, addrs: &[IpAddr]) -> R
         .context("opening the embedded l4lb decap object")?;
     let skel = open
         .load()
-        .map_err(|err| anyhow!("the kernel refused the l4lb decap program: {err}{}", libbpf_log::tail(12)))?;
+        .map_err(|err| attach::refused(KIND.label, "", err))?;
     for &addr in &addrs {
         skel.maps
             .decap_addrs

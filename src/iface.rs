@@ -12,13 +12,50 @@ pub struct Interface {
     pub index: u32,
 }
 
+/// Why the kernel would refuse `name` as an interface name (its
+/// dev_valid_name rules), if it would.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("it is empty".into())
+    } else if name.len() >= nix::libc::IFNAMSIZ {
+        Some(format!("{} bytes: at most {}", name.len(), nix::libc::IFNAMSIZ - 1))
+    } else if name == "." || name == ".." || name.contains(|c: char| c == '/' || c == ':' || c == '\0' || c.is_whitespace()) {
+        Some("no `/`, `:`, blanks, `.` or `..`".into())
+    } else {
+        None
+    }
+}
+
+/// The network namespace this process runs in, for an error message:
+/// "network namespace `NAME`" when `ip netns` named it, else "this network
+/// namespace (net:[INODE])", with ", PID 1's" when it is the init process's.
+pub fn current_netns() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(own) = std::fs::metadata("/proc/self/ns/net") else { return "this network namespace".into() };
+    let same = |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino());
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        let mut names: Vec<String> =
+            entries.flatten().filter(|e| same(&e.path())).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        if let Some(name) = names.first() {
+            return format!("network namespace `{name}`");
+        }
+    }
+    let init = if same(std::path::Path::new("/proc/1/ns/net")) { ", PID 1's" } else { "" };
+    format!("this network namespace (net:[{}]{init})", own.ino())
+}
+
 impl Interface {
     pub fn by_name(name: &str) -> Result<Self> {
-        if name.is_empty() || name.len() >= nix::libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-            bail!("`{name}` is not a valid interface name");
+        if let Some(why) = name_problem(name) {
+            bail!("`{name}` is not a valid interface name ({why})");
         }
-        let index = nix::net::if_::if_nametoindex(name)
-            .map_err(|_| anyhow::anyhow!("no such interface: {name}"))?;
+        let index = nix::net::if_::if_nametoindex(name).map_err(|_| {
+            anyhow::anyhow!(
+                "no interface `{name}` in {} (l4lb sees the interfaces of the namespace it runs in: `ip netns exec NS l4lb ...` for another)",
+                current_netns()
+            )
+        })?;
         Ok(Interface { name: name.to_string(), index })
     }
 

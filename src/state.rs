@@ -34,10 +34,23 @@ pub struct Running {
     pub global: Global,
     /// Whether the seed was given by the operator (else random).
     pub seed_fixed: bool,
-    /// Largest L3 packet after encapsulation; 0 = no limit.
-    pub mtu: u32,
     /// In canonical order (config::ServiceKey's order).
     pub services: Vec<RunningService>,
+    /// The fragment entries of l4lb_vips, sorted by (address, protocol).
+    pub fragments: Vec<RunningFragment>,
+}
+
+/// A fragment entry of l4lb_vips: fragments of (addr, protocol), which
+/// carry no ports, go to service `service` (the address's port-0 VIP for the
+/// protocol if there is one, else its VIP with the lowest port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RunningFragment {
+    pub addr: std::net::IpAddr,
+    pub protocol: config::Protocol,
+    /// Service number the entry names.
+    pub service: u32,
+    /// Index of the entry in l4lb_vips.
+    pub entry: u32,
 }
 
 impl Running {
@@ -55,6 +68,11 @@ impl Running {
 
     pub fn service(&self, key: &ServiceKey) -> Option<&RunningService> {
         self.services.iter().find(|s| s.key == *key)
+    }
+
+    /// The service numbered `number`.
+    pub fn service_numbered(&self, number: u32) -> Option<&RunningService> {
+        self.services.iter().find(|s| s.number == number)
     }
 }
 

@@ -490,7 +490,8 @@ mod tests {
         let before = sample(&r, &[], &[], 0);
         let mut now = sample(&r, &[(0, 20), (2, 1_029_744)], &[(5, 20), (1, 1_029_744)], 1_029_770);
         now.counters[1] = 1_029_764;
-        now.counters[2] = 6;
+        let pass = COUNTER_NAMES.iter().position(|&n| n == "pass").unwrap();
+        now.counters[pass] = 6;
         let drop_short_l4 = COUNTER_NAMES.iter().position(|&n| n == "drop_short_l4").unwrap();
         now.counters[drop_short_l4] = 4;
         let text = render_table(&report(Mode::Offload, &before, &now, Duration::from_secs(1)));
@@ -507,6 +508,7 @@ mod tests {
  Counter             frames   frames/s
  rx               1,029,770  1,029,770
  tx               1,029,764  1,029,764
+ tx_too_big               0          0
  pass                     6          6
  pass_no_service          0          0
  drop_short_l4            4          4

@@ -54,9 +54,25 @@ pub struct Status {
     pub vips: usize,
     /// Entries a VIP lookup looks at (None if not read).
     pub vip_probes: Option<u32>,
+    /// The fragment entries of l4lb_vips: where fragments (no ports) of
+    /// each VIP address and protocol go.
+    pub fragments: Vec<FragmentStatus>,
     pub services: Vec<ServiceStatus>,
     #[serde(skip)]
     pub mode_label: String,
+}
+
+/// One fragment entry: fragments of (`vip`, `protocol`) go to service
+/// `number` (`service`, its key as `l4lb` prints it; None if no running
+/// service has that number).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FragmentStatus {
+    pub vip: IpAddr,
+    pub protocol: &'static str,
+    pub service: Option<String>,
+    pub number: u32,
+    /// Index of the entry in l4lb_vips.
+    pub entry: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -111,9 +127,20 @@ pub fn build(program: &Program, running: &Running) -> Status {
         source_v4: running.global.source_v4,
         source_v6: running.global.source_v6,
         gateway_mac: gateway.map(format_mac),
-        mtu: running.mtu,
+        mtu: running.global.mtu.unwrap_or(0),
         vips: running.services.iter().filter(|s| s.key != ServiceKey::CatchAll).count(),
         vip_probes: program.vip_probes,
+        fragments: running
+            .fragments
+            .iter()
+            .map(|f| FragmentStatus {
+                vip: f.addr,
+                protocol: f.protocol.name(),
+                service: running.service_numbered(f.service).map(|s| s.key.to_string()),
+                number: f.service,
+                entry: f.entry,
+            })
+            .collect(),
         services: running.services.iter().map(|s| service(s, gateway)).collect(),
         mode_label: program.mode.to_string(),
     }
@@ -168,7 +195,10 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 /// The status as text: settings, then one block per service.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
-    let mut line = |label: &str, value: String| out.push_str(&format!("{:<15}{value}\n", format!("{label}:")));
+    let mut line = |label: &str, value: String| {
+        let label = if label.is_empty() { String::new() } else { format!("{label}:") };
+        out.push_str(&format!("{label:<15}{value}\n"))
+    };
     line("Interface", format!("{} (index {})", status.interface, status.ifindex));
     line("Program", format!("{} (id {}), {} mode", status.program, status.program_id, status.mode_label));
     line("Counters", if status.per_cpu_counters { "per-CPU".into() } else { "shared (atomic adds)".into() });
@@ -189,6 +219,25 @@ pub fn render(status: &Status) -> String {
         None => String::new(),
     };
     line("VIPs", format!("{}{probes}", status.vips));
+    if status.fragments.is_empty() {
+        line("Fragments", "no entries".to_string());
+    }
+    for (i, f) in status.fragments.iter().enumerate() {
+        let vip = match f.vip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        let target = match &f.service {
+            Some(key) => format!("{key} (service {})", f.number),
+            None => format!("service {} (not running)", f.number),
+        };
+        let text = format!("{vip}/{} -> {target}", f.protocol);
+        if i == 0 {
+            line("Fragments", text);
+        } else {
+            line("", text);
+        }
+    }
     let backends: usize = status.services.iter().map(|s| s.backends.len()).sum();
     line("Services", format!("{}, {}", status.services.len(), plural(backends, "backend", "backends")));
     if status.services.is_empty() {
@@ -254,7 +303,7 @@ fn render_service(service: &ServiceStatus) -> String {
 mod tests {
     use super::*;
     use crate::config::{Backend, Global};
-    use crate::state::RunningBackend;
+    use crate::state::{RunningBackend, RunningFragment};
 
     fn backend(number: u32, addr: &str, mac: Option<[u8; 6]>, weight: u32) -> RunningBackend {
         RunningBackend { number, backend: Backend { addr: addr.parse().unwrap(), mac, weight } }
@@ -292,10 +341,16 @@ mod tests {
                 source_v6: None,
                 gateway_mac: Some([2, 0, 0, 0, 0, 1]),
                 hash_seed: Some(0x13373a9b),
+                mtu: Some(1500),
             },
             seed_fixed: false,
-            mtu: 1500,
             services: vec![web, dns],
+            fragments: vec![
+                RunningFragment { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, service: 1, entry: 523 },
+                // An entry naming a service number nothing runs (an interrupted apply).
+                RunningFragment { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Tcp, service: 9, entry: 78 },
+                RunningFragment { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, service: 2, entry: 77 },
+            ],
         };
         (program, running)
     }
@@ -329,6 +384,9 @@ Gateway MAC:   02:00:00:00:00:01
 Hash seed:     0x13373a9b (random)
 MTU:           1500
 VIPs:          2, lookups look at 1 entry
+Fragments:     203.0.113.10/tcp -> 203.0.113.10:80/tcp (service 1)
+               [2001:db8::10]/tcp -> service 9 (not running)
+               [2001:db8::10]/udp -> [2001:db8::10]:53/udp (service 2)
 Services:      2, 3 backends
 
 Service 203.0.113.10:80/tcp, number 1: 2 backends
@@ -351,6 +409,7 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         let text = render(&build(&program, &Running::default()));
         assert!(text.contains("Hash seed:     not set (chosen at the first `l4lb apply`)\n"), "{text}");
         assert!(text.contains("MTU:           no limit\n"), "{text}");
+        assert!(text.contains("Fragments:     no entries\n"), "{text}");
         assert!(text.ends_with("Services:      0, 0 backends\nNo services: every packet goes to the stack\n"), "{text}");
     }
 
@@ -363,7 +422,7 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             keys,
             [
                 "interface", "ifindex", "program", "program_id", "mode", "per_cpu_counters", "hash_seed", "seed_fixed",
-                "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "services"
+                "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "fragments", "services"
             ]
         );
         assert_eq!(value["mode"], "driver");
@@ -371,6 +430,15 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         assert_eq!(value["source_v4"], "198.18.0.2");
         assert_eq!(value["source_v6"], serde_json::Value::Null);
         assert_eq!(value["gateway_mac"], "02:00:00:00:00:01");
+        assert_eq!(value["mtu"], 1500);
+        assert_eq!(
+            value["fragments"],
+            serde_json::json!([
+                {"vip": "203.0.113.10", "protocol": "tcp", "service": "203.0.113.10:80/tcp", "number": 1, "entry": 523},
+                {"vip": "2001:db8::10", "protocol": "tcp", "service": null, "number": 9, "entry": 78},
+                {"vip": "2001:db8::10", "protocol": "udp", "service": "[2001:db8::10]:53/udp", "number": 2, "entry": 77},
+            ])
+        );
         assert_eq!(
             value["services"][1],
             serde_json::json!({

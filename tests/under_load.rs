@@ -608,7 +608,7 @@ impl Sets {
 
 /// What `l4lb map -f FILE` plans over `now` (its own reading: the running
 /// configuration with the catch-all's backends replaced by the file's, the
-/// outer source the veth's address, the MTU the device's).
+/// outer source the veth's address, the MTU kept).
 fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     let mut wanted = now.running.model();
     wanted.global.source_v4 = Some(LB_ADDR);
@@ -617,7 +617,7 @@ fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     let hash_ports = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.hash_ports);
     wanted.services.retain(|s| s.key != ServiceKey::CatchAll);
     wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, backends });
-    Ok(apply::plan_with_mtu(now, &wanted, 0, Some(now.config.mtu))?)
+    Ok(apply::plan(now, &wanted, 0)?)
 }
 
 /// The line `l4lb map` ends with for `plan`.

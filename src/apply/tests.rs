@@ -19,6 +19,7 @@ fn global() -> Global {
         source_v6: Some("2001:db8::2".parse().unwrap()),
         gateway_mac: Some(GW),
         hash_seed: None,
+        mtu: None,
     }
 }
 
@@ -221,12 +222,18 @@ fn a_drained_backend_keeps_its_entry_and_loses_its_slots() {
     assert_eq!(writes_to(&plan, MapId::Backends), [drained]);
 }
 
-/// VIP keys (TCP ports of 203.0.113.10) whose home entry is the same.
+/// VIP keys (TCP ports of 203.0.113.10) whose home entry is the same, and
+/// that home: the first one whose VIP_MAX_PROBES entries from it leave the
+/// home of the address's fragment entry alone.
 fn colliding(count: usize) -> (u32, Vec<ServiceKey>) {
+    let fragment_home = vip_home(&fragment_key_bytes(ip("203.0.113.10"), Protocol::Tcp));
     let mut by_home: HashMap<u32, Vec<ServiceKey>> = HashMap::new();
     for port in 1..=u16::MAX {
         let key = tcp("203.0.113.10", port);
         let home = vip_home(&vip_key_bytes(&key).unwrap());
+        if (fragment_home.wrapping_sub(home) & VIP_MASK) < VIP_MAX_PROBES {
+            continue;
+        }
         let keys = by_home.entry(home).or_default();
         keys.push(key);
         if keys.len() == count {
@@ -238,39 +245,42 @@ fn colliding(count: usize) -> (u32, Vec<ServiceKey>) {
 
 #[test]
 fn vips_are_placed_within_the_probe_bound() {
-    let (home, keys) = colliding(9);
+    let probes = VIP_MAX_PROBES as usize;
+    let (home, keys) = colliding(probes + 1);
     let maps = FakeMaps::new();
-    let services: Vec<Service> = keys[..8].iter().map(|&k| service(k, &pool(1, 1))).collect();
+    let services: Vec<Service> = keys[..probes].iter().map(|&k| service(k, &pool(1, 1))).collect();
     // One at a time: each next one a step further from home.
-    for n in 1..=8 {
+    for n in 1..=probes {
         let plan = run(&maps, &model(services[..n].to_vec()));
         assert_eq!(plan.after.config.vip_probes, n as u32);
     }
     let positions = maps.snapshot().vip_positions();
-    for (i, k) in keys[..8].iter().enumerate() {
+    for (i, k) in keys[..probes].iter().enumerate() {
         assert_eq!(positions[&vip_key_bytes(k).unwrap()], (home + i as u32) & VIP_MASK);
     }
-    // A ninth has no free entry within the bound.
-    let mut nine = services.clone();
-    nine.push(service(keys[8], &pool(1, 1)));
-    let err = plan(&maps.snapshot(), &model(nine), SEED).unwrap_err().to_string();
+    // One more has no free entry within the bound.
+    let mut more = services.clone();
+    more.push(service(keys[probes], &pool(1, 1)));
+    let err = plan(&maps.snapshot(), &model(more), SEED).unwrap_err().to_string();
     assert_eq!(
         err,
-        format!("VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = 8 entries of its home entry {home}", keys[8])
+        format!("VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {probes} entries of its home entry {home}", keys[probes])
     );
-    // Removing the first: the others stay where they are, the bound stays 8.
+    // Removing the first: the others stay where they are, the bound stays.
+    // (Its fragment entry moves to the next lowest port: rewritten in place.)
     let plan = run(&maps, &model(services[1..].to_vec()));
-    assert_eq!(plan.after.config.vip_probes, 8);
-    assert!(writes_to(&plan, MapId::Vips).iter().all(|&e| e == home));
-    // The freed home entry goes to the ninth on the next apply (not in the
-    // same one as a removal), and the probe bound covers both until the end.
+    assert_eq!(plan.after.config.vip_probes, VIP_MAX_PROBES);
+    let fragment = maps.snapshot().running.fragments[0].entry;
+    assert!(writes_to(&plan, MapId::Vips).iter().all(|&e| e == home || e == fragment));
+    // The freed home entry goes to the last one on the next apply (not in
+    // the same one as a removal), and the probe bound covers both until the end.
     let mut swap = services[1..].to_vec();
-    swap.push(service(keys[8], &pool(1, 1)));
+    swap.push(service(keys[probes], &pool(1, 1)));
     let plan = run(&maps, &model(swap));
-    assert_eq!(maps.snapshot().vip_positions()[&vip_key_bytes(&keys[8]).unwrap()], home);
-    assert_eq!(plan.after.config.vip_probes, 8);
+    assert_eq!(maps.snapshot().vip_positions()[&vip_key_bytes(&keys[probes]).unwrap()], home);
+    assert_eq!(plan.after.config.vip_probes, VIP_MAX_PROBES);
     // Removing the far ones lowers the bound, after they are unpublished.
-    let plan = run(&maps, &model(vec![service(keys[8], &pool(1, 1))]));
+    let plan = run(&maps, &model(vec![service(keys[probes], &pool(1, 1))]));
     assert_eq!(plan.after.config.vip_probes, 1);
     let last_config = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Config, .. })).unwrap();
     let last_unpublish = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value != &vec![0; 24])).unwrap();
@@ -475,4 +485,279 @@ fn an_offloaded_program_holds_fewer_service_tables() {
     );
     let plan = plan(&small, &model(services[..32].to_vec()), 7).unwrap();
     assert!(plan.after.running.services.iter().all(|s| (s.number as usize) < 32));
+}
+
+// ----- fragment entries
+
+fn fragment(snapshot: &Snapshot, addr: &str, protocol: Protocol) -> Option<crate::state::RunningFragment> {
+    snapshot.running.fragments.iter().copied().find(|f| f.addr == ip(addr) && f.protocol == protocol)
+}
+
+fn number(snapshot: &Snapshot, key: &ServiceKey) -> u32 {
+    snapshot.running.service(key).unwrap_or_else(|| panic!("no {key}")).number
+}
+
+/// Index of the first write to VIP entry `entry` whose value passes `pred`.
+fn vip_write(plan: &Plan, entry: u32, pred: impl Fn(&[u8]) -> bool) -> usize {
+    position(plan, |s| matches!(s, Step::Write { map: MapId::Vips, key, value } if *key == entry && pred(value)))
+}
+
+fn service_write(plan: &Plan, n: u32) -> usize {
+    position(plan, |s| matches!(s, Step::Write { map: MapId::Services, key, value } if *key == n && value != &vec![0; 4]))
+}
+
+/// Fails the plan at every write in turn: each time the maps are back byte
+/// for byte; then carries it out.
+fn rollback_everywhere(maps: &FakeMaps, plan: &Plan) {
+    let before = maps.dump();
+    let counter = Faulty::new(maps, usize::MAX);
+    execute(&counter, plan).unwrap();
+    let total = counter.writes.get();
+    *maps.entries.borrow_mut() = before.0.clone();
+    *maps.tables.borrow_mut() = before.1.clone();
+    for fail_at in 0..total {
+        let faulty = Faulty::new(maps, fail_at);
+        let err = format!("{:#}", execute(&faulty, plan).unwrap_err());
+        assert!(err.contains("the update was rolled back"), "{err}");
+        assert!(maps.dump() == before, "maps changed after a failure at write {fail_at}: {err}");
+    }
+    execute(maps, plan).unwrap();
+    assert_same(&maps.snapshot(), &plan.after);
+}
+
+#[test]
+fn fragment_entries_follow_the_vips() {
+    let maps = FakeMaps::new();
+    let web = service(tcp("203.0.113.10", 80), &pool(1, 2));
+    let tls = service(tcp("203.0.113.10", 443), &pool(1, 2));
+    let dns = service(udp("203.0.113.10", 53), &pool(3, 1));
+    let dns6 = service(udp("2001:db8::10", 53), &[be("2001:db8::101", 1)]);
+    let catch_all = service(ServiceKey::CatchAll, &pool(9, 1));
+    let plan = run(&maps, &model(vec![web.clone(), tls.clone(), dns.clone(), dns6.clone(), catch_all.clone()]));
+    let now = maps.snapshot();
+    // One entry per (address, protocol) of the VIPs, none for the catch-all;
+    // not services: the running model is the wanted one (run checks it).
+    assert_eq!(now.running.fragments.len(), 3);
+    assert_eq!(now.running.services.len(), 5);
+    let f = fragment(&now, "203.0.113.10", Protocol::Tcp).unwrap();
+    assert_eq!(f.service, number(&now, &web.key), "the lowest port");
+    assert_eq!(fragment(&now, "203.0.113.10", Protocol::Udp).unwrap().service, number(&now, &dns.key));
+    let f6 = fragment(&now, "2001:db8::10", Protocol::Udp).unwrap();
+    assert_eq!(f6.service, number(&now, &dns6.key));
+    // The bytes the datapath looks up: family | FRAGMENT, port 0.
+    let e = now.vips[f.entry as usize];
+    assert_eq!((&e[..4], e[16], e[17], &e[18..20]), (&[203, 0, 113, 10][..], 0x84, 6, &[0, 0][..]));
+    assert_eq!(now.vips[f6.entry as usize][16], 0x86);
+    assert_eq!(e[..20], fragment_key_bytes(ip("203.0.113.10"), Protocol::Tcp));
+    // Placed from its home like a VIP, counted in vip_probes.
+    let home = vip_home(&fragment_key_bytes(ip("203.0.113.10"), Protocol::Tcp));
+    assert!((f.entry.wrapping_sub(home) & VIP_MASK) < plan.after.config.vip_probes);
+    // Written after its service is published, staged with family 0 first.
+    let staged = vip_write(&plan, f.entry, |v| v[16] == 0);
+    let published = vip_write(&plan, f.entry, |v| v[16] == 0x84);
+    assert!(service_write(&plan, f.service) < staged && staged < published);
+    assert!(vip_write(&plan, now.vips.iter().position(|v| v[..20] == vip_key_bytes(&web.key).unwrap()[..]).unwrap() as u32, |v| v[16] == 4) < staged);
+
+    // A port-0 VIP is preferred: the entry is re-pointed in place, one
+    // write of the service field, once the new service is published.
+    let any = service(tcp("203.0.113.10", 0), &pool(5, 1));
+    let plan = run(&maps, &model(vec![web.clone(), tls.clone(), dns.clone(), dns6.clone(), catch_all.clone(), any.clone()]));
+    let after = maps.snapshot();
+    let any_number = number(&after, &any.key);
+    assert_eq!(fragment(&after, "203.0.113.10", Protocol::Tcp).unwrap(), crate::state::RunningFragment { service: any_number, ..f });
+    let repoint: Vec<usize> = plan.steps.iter().enumerate().filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, key, .. } if *key == f.entry)).map(|(i, _)| i).collect();
+    assert_eq!(repoint.len(), 1, "{:?}", plan.steps);
+    let Step::Write { value, .. } = &plan.steps[repoint[0]] else { unreachable!() };
+    assert_eq!(value[..20], e[..20], "only the service field changes");
+    assert_eq!(u32::from_ne_bytes(value[20..].try_into().unwrap()), any_number);
+    assert!(service_write(&plan, any_number) < repoint[0]);
+    assert!(!plan.steps.contains(&Step::Grace), "a re-pointed entry needs no grace period");
+
+    // The port-0 VIP goes: back to the lowest port, before it is unpublished.
+    let any_entry = after.vip_positions()[&vip_key_bytes(&any.key).unwrap()];
+    let plan = run(&maps, &model(vec![web.clone(), tls.clone(), dns.clone(), dns6.clone(), catch_all.clone()]));
+    let back = vip_write(&plan, f.entry, |v| v[16] == 0x84);
+    let unpublished = vip_write(&plan, any_entry, |v| v[16] == 0 && v != [0; 24]);
+    assert!(back < unpublished && unpublished < position(&plan, |s| *s == Step::Grace));
+    assert_eq!(fragment(&maps.snapshot(), "203.0.113.10", Protocol::Tcp).unwrap().service, number(&now, &web.key));
+
+    // The lowest port goes: the next one takes the fragments.
+    run(&maps, &model(vec![tls.clone(), dns.clone(), dns6.clone(), catch_all.clone()]));
+    assert_eq!(fragment(&maps.snapshot(), "203.0.113.10", Protocol::Tcp).unwrap().service, number(&now, &tls.key));
+
+    // The last UDP VIP of an address goes: its entry is unpublished before
+    // the service, cleared after the grace period.
+    let fu = fragment(&maps.snapshot(), "203.0.113.10", Protocol::Udp).unwrap();
+    let dns_entry = maps.snapshot().vip_positions()[&vip_key_bytes(&dns.key).unwrap()];
+    let plan = run(&maps, &model(vec![tls.clone(), dns6.clone(), catch_all.clone()]));
+    let off = vip_write(&plan, fu.entry, |v| v[16] == 0 && v != [0; 24]);
+    let dns_off = vip_write(&plan, dns_entry, |v| v[16] == 0 && v != [0; 24]);
+    let grace = position(&plan, |s| *s == Step::Grace);
+    let cleared = vip_write(&plan, fu.entry, |v| v == [0; 24]);
+    assert!(off < dns_off && dns_off < grace && grace < cleared);
+    assert!(fragment(&maps.snapshot(), "203.0.113.10", Protocol::Udp).is_none());
+
+    // Nothing left: every entry free again.
+    run(&maps, &model(vec![]));
+    assert!(maps.snapshot().vips.iter().all(|v| *v == [0; 24]));
+}
+
+#[test]
+fn fragment_entries_roll_back_and_survive_number_reuse() {
+    // 64 services: 203.0.113.10:1 (number 0) and 63 on 203.0.113.11.
+    let maps = FakeMaps::new();
+    let first = service(tcp("203.0.113.10", 1), &pool(0, 1));
+    let mut full: Vec<Service> = (1..64u16).map(|p| service(tcp("203.0.113.11", p), &pool(u32::from(p) * 2, 1))).collect();
+    full.push(first.clone());
+    run(&maps, &model(full.clone()));
+    let before = maps.snapshot();
+    assert_eq!(number(&before, &first.key), 0);
+    let f = fragment(&before, "203.0.113.10", Protocol::Tcp).unwrap();
+    assert_eq!(f.service, 0);
+
+    // 203.0.113.10:1 replaced by :2, which can only take number 0 back: the
+    // fragment entry is unpublished before the grace period that precedes
+    // the new table, and published again once service 0 is.
+    let second = service(tcp("203.0.113.10", 2), &pool(200, 1));
+    let mut swapped = full[..63].to_vec();
+    swapped.push(second.clone());
+    let plan = plan(&before, &model(swapped.clone()), SEED).unwrap();
+    rollback_everywhere(&maps, &plan);
+    let after = maps.snapshot();
+    assert_eq!(number(&after, &second.key), 0);
+    let off = vip_write(&plan, f.entry, |v| v[16] == 0);
+    let grace = position(&plan, |s| *s == Step::Grace);
+    let table = position(&plan, |s| matches!(s, Step::Slots { service: 0, .. }));
+    let on = vip_write(&plan, f.entry, |v| v[16] == 0x84);
+    assert!(off < grace && grace < table && table < service_write(&plan, 0) && service_write(&plan, 0) < on, "{:?}", plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>());
+    assert_eq!(fragment(&after, "203.0.113.10", Protocol::Tcp).unwrap(), f);
+    assert!(super::plan(&after, &model(swapped.clone()), SEED).unwrap().is_empty());
+
+    // 203.0.113.11:1 (the lowest port there) replaced by 203.0.113.12:1,
+    // which reuses its number: the .11 entry is re-pointed to :2 (running
+    // all along) before the grace period.
+    let eleven = fragment(&after, "203.0.113.11", Protocol::Tcp).unwrap();
+    let low = tcp("203.0.113.11", 1);
+    let reused = number(&after, &low);
+    let mut moved: Vec<Service> = swapped.iter().filter(|s| s.key != low).cloned().collect();
+    moved.push(service(tcp("203.0.113.12", 1), &pool(300, 1)));
+    let plan = super::plan(&after, &model(moved.clone()), SEED).unwrap();
+    rollback_everywhere(&maps, &plan);
+    let now = maps.snapshot();
+    assert_eq!(number(&now, &tcp("203.0.113.12", 1)), reused);
+    let repoint = vip_write(&plan, eleven.entry, |_| true);
+    assert!(repoint < position(&plan, |s| *s == Step::Grace));
+    assert_eq!(fragment(&now, "203.0.113.11", Protocol::Tcp).unwrap().service, number(&now, &tcp("203.0.113.11", 2)));
+    assert_eq!(fragment(&now, "203.0.113.12", Protocol::Tcp).unwrap().service, reused);
+    assert!(super::plan(&now, &model(moved), SEED).unwrap().is_empty());
+
+    // Port 0 added and the lowest port removed at once, a new address, a
+    // removed protocol: every write still undone.
+    let mut next = model(vec![
+        service(tcp("203.0.113.10", 0), &pool(400, 2)),
+        service(udp("203.0.113.10", 53), &pool(402, 1)),
+        service(udp("2001:db8::10", 53), &[be("2001:db8::101", 1)]),
+    ]);
+    next.global.mtu = Some(1400);
+    let plan = super::plan(&now, &next, SEED).unwrap();
+    rollback_everywhere(&maps, &plan);
+    let end = maps.snapshot();
+    assert_eq!(end.running.fragments.len(), 3);
+    assert_eq!(end.config.mtu, 1400);
+    assert!(super::plan(&end, &next, SEED).unwrap().is_empty());
+}
+
+#[test]
+fn fragment_entries_are_placed_within_the_probe_bound() {
+    // VIPs of 203.0.113.10 filling every entry from the home of
+    // 203.0.113.20/tcp's fragment entry to the probe bound but one; the
+    // .10 fragment entry and the .20:80 VIP elsewhere.
+    let probes = VIP_MAX_PROBES;
+    let target = vip_home(&fragment_key_bytes(ip("203.0.113.20"), Protocol::Tcp));
+    let window = |e: u32| (e.wrapping_sub(target) & VIP_MASK) < probes;
+    assert!(!window(vip_home(&fragment_key_bytes(ip("203.0.113.10"), Protocol::Tcp))));
+    assert!(!window(vip_home(&vip_key_bytes(&tcp("203.0.113.20", 80)).unwrap())));
+    let fillers: Vec<ServiceKey> = (1..=u16::MAX)
+        .map(|p| tcp("203.0.113.10", p))
+        .filter(|k| vip_home(&vip_key_bytes(k).unwrap()) == target)
+        .take(probes as usize)
+        .collect();
+    let maps = FakeMaps::new();
+    let mut services: Vec<Service> = fillers[..probes as usize - 1].iter().map(|&k| service(k, &pool(1, 1))).collect();
+    services.push(service(tcp("203.0.113.20", 80), &pool(2, 1)));
+    let plan = run(&maps, &model(services.clone()));
+    let f = fragment(&maps.snapshot(), "203.0.113.20", Protocol::Tcp).unwrap();
+    assert_eq!(f.entry, (target + probes - 1) & VIP_MASK, "the last entry within the bound");
+    assert_eq!(plan.after.config.vip_probes, probes);
+    // One more filler: no room for it (the fragment entry holds the last
+    // entry), and from nothing, where VIPs are placed first, none for the
+    // fragment entry: errors, the plan is all or nothing.
+    services.push(service(fillers[probes as usize - 1], &pool(1, 1)));
+    let err = super::plan(&maps.snapshot(), &model(services.clone()), SEED).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {probes} entries of its home entry {target}", fillers[probes as usize - 1])
+    );
+    let err = super::plan(&Snapshot::empty(), &model(services), SEED).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("fragment entry of 203.0.113.20/tcp: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {probes} entries of its home entry {target}")
+    );
+}
+
+#[test]
+fn the_mtu_is_written_first_kept_when_absent_and_checked() {
+    let maps = FakeMaps::new();
+    let web = service(tcp("203.0.113.10", 80), &pool(1, 2));
+    let mut wanted = model(vec![web.clone()]);
+    wanted.global.mtu = Some(1500);
+    let plan = run(&maps, &wanted);
+    assert_eq!((plan.after.config.mtu, plan.after.running.global.mtu), (1500, Some(1500)));
+    assert_eq!(plan.diff.global.last(), Some(&config::GlobalChange::Mtu { old: None, new: 1500 }));
+    // Written by the first configuration write, before any service.
+    let first = position(&plan, |s| matches!(s, Step::Write { map: MapId::Config, .. }));
+    let Step::Write { value, .. } = &plan.steps[first] else { unreachable!() };
+    assert_eq!(u32::from_ne_bytes(value[8..12].try_into().unwrap()), 1500);
+    assert!(first < service_write(&plan, 0));
+    // Absent: kept. What `l4lb config` prints (with the MTU) changes nothing.
+    assert!(plan_of(&maps, &model(vec![web.clone()])).is_empty());
+    let printed = config::to_toml(&maps.snapshot().running.model());
+    assert!(printed.contains("\nmtu = 1500\n"), "{printed}");
+    assert!(plan_of(&maps, &config::parse("lb.toml", printed.as_bytes()).unwrap()).is_empty());
+    // A change is one configuration write.
+    wanted.global.mtu = Some(9000);
+    let plan = run(&maps, &wanted);
+    assert_eq!(plan.steps.len(), 1);
+    assert_eq!(plan.diff.to_string(), "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n");
+
+    // Refused: out of range (models built by hand), too small for IPv6
+    // backends (given, or running with no mtu in the model).
+    let dns6 = service(udp("2001:db8::10", 53), &[be("2001:db8::101", 1)]);
+    wanted.global.mtu = Some(500);
+    assert!(plan_of_err(&maps, &wanted).starts_with("mtu 500 is below L4LB_MIN_MTU = 576"));
+    wanted.global.mtu = Some(70000);
+    assert_eq!(plan_of_err(&maps, &wanted), "mtu 70000 is above 65535 (the largest IPv4 packet)");
+    let mut v6 = model(vec![web.clone(), dns6.clone()]);
+    v6.global.mtu = Some(1319);
+    assert!(
+        plan_of_err(&maps, &v6).starts_with("mtu 1319 is below 1320 = L4LB_MIN_MTU6 + L4LB_IP6_OVERHEAD (1280 + 40), the least with IPv6 backends (here 2001:db8::101 of [2001:db8::10]:53/udp)"),
+        "{}",
+        plan_of_err(&maps, &v6)
+    );
+    v6.global.mtu = Some(1320);
+    run(&maps, &v6);
+    // Back to IPv4 backends and a small MTU; then IPv6 backends without an
+    // mtu in the file: the running one is too small.
+    let mut small = model(vec![web.clone()]);
+    small.global.mtu = Some(1300);
+    run(&maps, &small);
+    let err = plan_of_err(&maps, &model(vec![web, dns6]));
+    assert!(err.starts_with("the running MTU 1300 is below 1320"), "{err}");
+    assert!(err.ends_with("; raise it with [global] mtu (or `l4lb attach --mtu`)"), "{err}");
+    // A program loaded without an MTU (0, no limit) is not refused.
+    assert!(check_mtu(&model(vec![service(udp("2001:db8::10", 53), &[be("2001:db8::101", 1)])]), 0).is_ok());
+}
+
+fn plan_of_err(maps: &FakeMaps, wanted: &Model) -> String {
+    plan(&maps.snapshot(), wanted, SEED).unwrap_err().to_string()
 }

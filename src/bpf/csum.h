@@ -17,6 +17,16 @@ static __always_inline __u16 csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
+/* The same for a sum of 32-bit words (half the loads of 16-bit ones; the
+ * one's complement sum does not care how the bytes are grouped, RFC 1071).
+ */
+static __always_inline __u16 csum_fold64(__u64 sum)
+{
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	return csum_fold((__u32)(sum & 0xffff) + (__u32)(sum >> 16));
+}
+
 /* iph->check must be 0 when this is called. */
 static __always_inline __u16 ipv4_header_csum(const struct iphdr *iph)
 {

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Encapsulation: push an outer IPv4 header (20 bytes: IPv4-in-IPv4) or an
  * outer IPv6 header (40 bytes: IPv4-in-IPv6, IPv6-in-IPv6) between the
- * Ethernet header and the client's packet, which stays byte for byte as it
- * was.
+ * Ethernet header (with its VLAN tags) and the client's packet, which stays
+ * byte for byte as it was.
  */
 #ifndef L4LB_ENCAP_H
 #define L4LB_ENCAP_H
@@ -17,52 +17,64 @@
 #include "parse.h"
 
 #define IPV6_FLOW_LABEL_MASK 0xfffff
+/* The longest Ethernet header with tags: 14 + 2 x 4. */
+#define L2_MAX_LEN 22
 
 /* What the outer header copies from the client's packet, read by the caller
  * before the head moves.
  */
 struct inner {
 	__u32 l3_len;      /* the client's packet, L3 bytes */
+	__u32 l2_len;      /* its Ethernet header with VLAN tags: 14, 18 or 22 */
 	__u8 tos;          /* TOS / traffic class */
 	__be16 df;         /* IPv4 DF bit (network order); 0 for IPv6 */
 	__u8 proto;        /* outer protocol / next header: L4LB_IPPROTO_IPIP or _IPV6 */
 	__u32 flow_label;  /* the flow's hash: IPv6 outer flow label, for ECMP on the way */
 };
 
-/* Moves the head `overhead` bytes forward and writes the new Ethernet header:
- * destination the next hop, source the MAC the frame was sent to (the
- * balancer's own), EtherType `proto`. Returns the outer L3 header, with
- * `overhead` bytes bounded, or NULL when the frame has no headroom.
+/* After the head moved `moved` bytes forward, writes the new Ethernet header
+ * at data from the old one at data + moved: destination `dst` (NULL: the old
+ * source, for answers), source the old destination (the balancer's own MAC),
+ * the old VLAN tags, EtherType `proto`. Returns the L3 header after it, with
+ * `room` bytes bounded, or NULL. moved must exceed L2_MAX_LEN, so that the
+ * old header is read before anything is written over it.
  */
-static __always_inline void *push_ethernet(struct xdp_md *ctx, int overhead, const __u8 *next_hop,
-					   __be16 proto)
+static __always_inline void *rewrite_ethernet(struct xdp_md *ctx, __u32 moved, __u32 l2_len,
+					      const __u8 *dst, __be16 proto, __u32 room)
 {
-	struct ethhdr *eth, *old_eth;
-	void *data, *data_end;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *new = data, *old = data + moved;
+	void *l3;
 
-	if (bpf_xdp_adjust_head(ctx, -overhead))
+	if (l2_len < ETH_HLEN || l2_len > L2_MAX_LEN || (void *)(old + L2_MAX_LEN) > data_end)
 		return NULL;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
-	old_eth = data + overhead;
-	if ((void *)(old_eth + 1) > data_end)
+	l3 = data + l2_len;
+	if (l3 + room > data_end)
 		return NULL;
-	/* The old Ethernet header lies where the outer IP header goes: read its
-	 * destination before the caller writes that header.
+	if (dst)
+		__builtin_memcpy(new, dst, ETH_ALEN);
+	else
+		__builtin_memcpy(new, old + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(new + ETH_ALEN, old, ETH_ALEN);
+	/* The tags, whatever their number: 8 bytes from after the MACs (for
+	 * fewer tags the rest is overwritten below and by the L3 header).
 	 */
-	__builtin_memcpy(eth->h_source, old_eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, next_hop, ETH_ALEN);
-	eth->h_proto = proto;
-	return eth + 1;
+	__builtin_memcpy(new + 2 * ETH_ALEN, old + 2 * ETH_ALEN, 8);
+	*(__be16 *)(l3 - 2) = proto;
+	return l3;
 }
 
 /* Outer IPv4: IP-in-IP to an IPv4 backend (the inner packet is IPv4). */
 static __always_inline int push_ipv4(struct xdp_md *ctx, const struct l4lb_backend *backend,
 				     const struct l4lb_config *config, const struct inner *inner)
 {
-	struct iphdr *outer = push_ethernet(ctx, L4LB_IPIP_OVERHEAD, backend->mac, bpf_htons(ETH_P_IP));
+	struct iphdr *outer;
 
+	if (bpf_xdp_adjust_head(ctx, -L4LB_IPIP_OVERHEAD))
+		return -1;
+	outer = rewrite_ethernet(ctx, L4LB_IPIP_OVERHEAD, inner->l2_len, backend->mac, bpf_htons(ETH_P_IP),
+				 sizeof(*outer));
 	if (!outer)
 		return -1;
 	outer->version = 4;
@@ -86,9 +98,12 @@ static __always_inline int push_ipv4(struct xdp_md *ctx, const struct l4lb_backe
 static __always_inline int push_ipv6(struct xdp_md *ctx, const struct l4lb_backend *backend,
 				     const struct l4lb_config *config, const struct inner *inner)
 {
-	struct ipv6_header *outer = push_ethernet(ctx, L4LB_IP6_OVERHEAD, backend->mac,
-						  bpf_htons(ETH_P_IPV6));
+	struct ipv6_header *outer;
 
+	if (bpf_xdp_adjust_head(ctx, -L4LB_IP6_OVERHEAD))
+		return -1;
+	outer = rewrite_ethernet(ctx, L4LB_IP6_OVERHEAD, inner->l2_len, backend->mac, bpf_htons(ETH_P_IPV6),
+				 sizeof(*outer));
 	if (!outer)
 		return -1;
 	outer->vtc_flow = bpf_htonl((6U << 28) | ((__u32)inner->tos << 20) |

@@ -217,6 +217,7 @@ int bench_encap(struct xdp_md *ctx)
 		return XDP_DROP;
 	floor_setup(&backend, &config);
 	inner.l3_len = bpf_ntohs(ip->tot_len);
+	inner.l2_len = sizeof(struct ethhdr);
 	inner.tos = ip->tos;
 	inner.df = ip->frag_off & bpf_htons(IPV4_DF);
 	inner.proto = L4LB_IPPROTO_IPIP;
@@ -261,6 +262,7 @@ int bench_encap6(struct xdp_md *ctx)
 		if ((void *)(ip6 + 1) > data_end)
 			return XDP_DROP;
 		inner.l3_len = IPV6_HDR_LEN + bpf_ntohs(ip6->payload_len);
+		inner.l2_len = sizeof(struct ethhdr);
 		inner.tos = bpf_ntohl(ip6->vtc_flow) >> 20;
 		inner.proto = L4LB_IPPROTO_IPV6;
 	} else {
@@ -269,6 +271,7 @@ int bench_encap6(struct xdp_md *ctx)
 		if ((void *)(ip + 1) > data_end)
 			return XDP_DROP;
 		inner.l3_len = bpf_ntohs(ip->tot_len);
+		inner.l2_len = sizeof(struct ethhdr);
 		inner.tos = ip->tos;
 		inner.proto = L4LB_IPPROTO_IPIP;
 	}
@@ -362,6 +365,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		if ((void *)(ip + 1) > data_end)
 			return XDP_DROP;
 		pkt.l3_len = bpf_ntohs(ip->tot_len);
+		pkt.l2_len = sizeof(struct ethhdr);
 		pkt.tos = ip->tos;
 		pkt.df = ip->frag_off & bpf_htons(IPV4_DF);
 	}
@@ -378,7 +382,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 			if (!vip || !vip_key_equal(&vip->key, &pkt.vip))
 				return XDP_DROP;
 			service_number = vip->service;
-		} else if (!find_service(config, &pkt.vip, &service_number)) {
+		} else if (!find_service(config, &pkt.vip, pkt.fragment, &service_number)) {
 			return XDP_DROP;
 		}
 		service = bpf_map_lookup_elem(&l4lb_services, &service_number);
@@ -410,6 +414,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 			return XDP_DROP;
 	}
 	inner.l3_len = pkt.l3_len;
+	inner.l2_len = pkt.l2_len;
 	inner.tos = pkt.tos;
 	inner.df = pkt.df;
 	inner.proto = L4LB_IPPROTO_IPIP;

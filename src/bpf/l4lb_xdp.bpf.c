@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 /* l4lb: XDP layer-4 load balancer, direct server return over IP-in-IP.
  *
- * For each IPv4 or IPv6 TCP/UDP frame: find its service (a VIP by address,
- * protocol and port, else the catch-all, else the stack), hash the flow with
- * the configured seed, take the slot it falls in in the service's Maglev
- * table, push an outer header addressed to that slot's backend (IPv4 or IPv6,
- * by the backend's family) and send the frame back out (XDP_TX). Everything
+ * For each IPv4 or IPv6 TCP/UDP frame (up to two VLAN tags in front): find
+ * its service (a VIP by address, protocol and port, else the catch-all, else
+ * the stack), hash the flow with the configured seed, take the slot it falls
+ * in in the service's Maglev table, push an outer header addressed to that
+ * slot's backend (IPv4 or IPv6, by the backend's family) and send the frame
+ * back out (XDP_TX). ICMP errors about a balanced flow go to that flow's
+ * backend; packets too big once encapsulated get an ICMP answer. Everything
  * else goes to the stack; malformed frames are dropped. Every frame is
  * counted once as seen and once by its outcome.
  *
@@ -23,6 +25,7 @@
 #include "vip.h"
 #include "jhash.h"
 #include "encap.h"
+#include "icmp.h"
 
 /* The flow's hash. TCP always hashes its ports; UDP unless the service says
  * otherwise (then all of a client's datagrams go to one backend); fragments
@@ -80,7 +83,7 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 		return outcome;
 
 	config = bpf_map_lookup_elem(&l4lb_config, &zero);
-	if (!config || !find_service(config, &pkt.vip, &service_number))
+	if (!config || !find_service(config, &pkt.vip, pkt.fragment, &service_number))
 		return L4LB_CNT_PASS_NO_SERVICE;
 	/* Out of range numbers find no entry: service_number < MAX_SERVICES below. */
 	service = bpf_map_lookup_elem(&l4lb_services, &service_number);
@@ -96,6 +99,7 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 		return L4LB_CNT_DROP_NO_BACKEND;
 
 	inner.l3_len = pkt.l3_len;
+	inner.l2_len = pkt.l2_len;
 	inner.tos = pkt.tos;
 	inner.df = pkt.df;
 	inner.flow_label = hash;
@@ -109,9 +113,20 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 		/* IPv6 in IPv4 is not offered: the host never configures it. */
 		return L4LB_CNT_DROP_NO_BACKEND;
 	}
-	/* mtu 0: not configured, no limit to enforce. */
-	if (config->mtu && pkt.l3_len + overhead > config->mtu)
-		return L4LB_CNT_DROP_TOO_BIG;
+	/* mtu 0: not configured, no limit to enforce. Too big: tell the client
+	 * (IPv4 with DF, every IPv6 packet) what fits once encapsulated; never
+	 * answer an ICMP error with one.
+	 */
+	if (config->mtu && pkt.l3_len + overhead > config->mtu) {
+		if (pkt.icmp_error || config->mtu <= overhead ||
+		    (pkt.vip.family == L4LB_FAMILY_IPV4 && !pkt.df))
+			return L4LB_CNT_DROP_TOO_BIG;
+		if (pkt.vip.family == L4LB_FAMILY_IPV4)
+			err = answer_too_big4(ctx, &pkt, config->mtu - overhead);
+		else
+			err = answer_too_big6(ctx, &pkt, config->mtu - overhead);
+		return err ? L4LB_CNT_DROP_TOO_BIG : L4LB_CNT_TX_TOO_BIG;
+	}
 
 	if (overhead == L4LB_IP6_OVERHEAD)
 		err = push_ipv6(ctx, backend, config, &inner);
@@ -134,7 +149,7 @@ int l4lb_balance(struct xdp_md *ctx)
 	/* Counted in one place: one copy of the counter update in the program. */
 	count(L4LB_CNT_RX);
 	count(outcome);
-	if (outcome == L4LB_CNT_TX)
+	if (outcome == L4LB_CNT_TX || outcome == L4LB_CNT_TX_TOO_BIG)
 		return XDP_TX;
 	if (outcome == L4LB_CNT_PASS || outcome == L4LB_CNT_PASS_NO_SERVICE)
 		return XDP_PASS;

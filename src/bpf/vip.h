@@ -47,15 +47,22 @@ static __always_inline struct l4lb_vip *vip_lookup(const struct l4lb_vip_key *ke
 }
 
 /* The service number for a packet's VIP key: the VIP with its port, then one
- * that takes every port of the address, then the catch-all. Returns 0 when
- * no service takes the packet.
+ * that takes every port of the address, then the catch-all. A fragment
+ * (no ports in all but the first) looks up its address and protocol's
+ * fragment entry instead, which the host points at one of its VIPs. Returns
+ * 0 when no service takes the packet.
  */
 static __always_inline int find_service(const struct l4lb_config *config, struct l4lb_vip_key *key,
-					__u32 *number)
+					int fragment, __u32 *number)
 {
-	struct l4lb_vip *vip = vip_lookup(key, config->vip_probes);
+	struct l4lb_vip *vip;
 
-	if (!vip && key->port && (config->flags & L4LB_CONFIG_ANY_PORT)) {
+	if (fragment) {
+		key->family |= L4LB_FAMILY_FRAGMENT;
+		key->port = 0;
+	}
+	vip = vip_lookup(key, config->vip_probes);
+	if (!vip && !fragment && key->port && (config->flags & L4LB_CONFIG_ANY_PORT)) {
 		key->port = 0;
 		vip = vip_lookup(key, config->vip_probes);
 	}

@@ -185,7 +185,7 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
         let differ = (0..sa.table.len()).filter(|&i| sa.table[i] != se.table[i]).count();
         ensure!(differ == 0, "{what}: service {}: {differ} table slots differ", sa.key);
     }
-    Err(fail(format!("{what}: running state differs (global {:?} / {:?}, mtu {} / {})", a.global, e.global, a.mtu, e.mtu)))
+    Err(fail(format!("{what}: running state differs (global {:?} / {:?}, fragments {:?} / {:?})", a.global, e.global, a.fragments, e.fragments)))
 }
 
 /// A deterministic sample of probes: IPv4 and IPv6 clients to `dst`
