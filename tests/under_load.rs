@@ -82,7 +82,7 @@ const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Updates under the flood in the main test.
 const UPDATES: usize = 100;
 /// `l4lb apply` updates under the flood.
-const APPLIES: usize = 60;
+const APPLIES: usize = 100;
 /// What the flood sends (spread over the services the tests configure).
 const FLOOD_KINDS: [Kind; 5] = [Kind::TcpSyn64, Kind::Udp64, Kind::Syn4in6, Kind::Ipv6Syn, Kind::CatchAll];
 /// Rounds of two concurrent `l4lb map` processes.
