@@ -50,7 +50,7 @@ pub enum Command {
         #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
         seed: Option<u32>,
         /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
-        #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
+        #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
         mtu: Option<u32>,
     },
     /// Remove the l4lb program from an interface, whatever its mode

@@ -1,11 +1,16 @@
 //! The XDP datapath run in the kernel with BPF_PROG_TEST_RUN (repeat 1):
-//! verdicts, exact output frames, all 16 counters and the traffic of every
+//! verdicts, exact output frames, all the counters and the traffic of every
 //! backend and service, frame by frame. Needs root (CAP_BPF); without it
 //! every test is reported as ignored.
 //!
 //! The maps are filled directly (tests/common/lb.rs lays the values out from
 //! include/l4lb.h), not through the host's apply engine, so this suite tests
-//! the datapath's semantics (issue 4's spec, steps 1 to 8) on their own.
+//! the datapath's semantics (issue 4's spec, steps 1 to 8, and issue 5's
+//! decisions: VLAN tags, ICMP errors, too-big answers, IPv4 checksum, TTL 0,
+//! fragment entries, which tests write as the host would) on their own.
+//! ICMP answers are checked twice: against bytes built here with etherparse
+//! and against the reference model's, built with its own RFC 1071 sums (the
+//! ICMPv6 one over the pseudo-header).
 //!
 //! Each case states what must happen; the expected output frame is built
 //! here with etherparse from the specification, field by field, and the
@@ -24,9 +29,11 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{
-    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Dscp, Ipv4Ecn,
-    Ipv4Header, Ipv4HeaderSlice, Ipv4Options, Ipv6FlowLabel, Ipv6Header, Ipv6HeaderSlice, TcpHeader, UdpHeader,
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset, IpNumber,
+    Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4HeaderSlice, Ipv4Options, Ipv6FlowLabel, Ipv6Header, Ipv6HeaderSlice, TcpHeader,
+    UdpHeader,
 };
 use libbpf_rs::{MapCore, MapType};
 use libtest_mimic::Failed;
@@ -71,6 +78,11 @@ fn main() {
             ("hash_model_agrees_ipv6", hash_model_agrees_ipv6),
             ("maglev_through_the_datapath", maglev_through_the_datapath),
             ("per_cpu_counters", per_cpu_counters),
+            ("vlan_tags", vlan_tags),
+            ("icmp_errors", icmp_errors),
+            ("too_big_answers", too_big_answers),
+            ("checksum_ttl_tot_len", checksum_ttl_tot_len),
+            ("fragments_follow_fragment_entry", fragments_follow_fragment_entry),
         ],
     )
 }
@@ -185,6 +197,8 @@ enum Want {
     /// XDP_TX to `backend` of `service`; `flow` as hashed (ports 0 where the
     /// datapath leaves them out).
     Tx { service: u32, backend: u32, flow: Flow },
+    /// XDP_TX counted TX_TOO_BIG: the ICMP answer advertising `mtu`.
+    TooBig { mtu: u32 },
     /// XDP_PASS counted PASS, frame untouched.
     Pass,
     /// XDP_PASS counted PASS_NO_SERVICE, frame untouched.
@@ -210,6 +224,7 @@ fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Faile
         (Want::Tx { service, backend, flow }, Outcome::Tx(t)) => {
             t.service == service && t.backend == backend && t.hash == flow.hash(lb.config.hash_seed)
         }
+        (Want::TooBig { mtu }, Outcome::TooBig(t)) => t.mtu == mtu,
         (Want::Pass, Outcome::Pass) | (Want::NoService, Outcome::PassNoService) | (Want::Refused, Outcome::Refused) => true,
         (Want::Drop(a), Outcome::Drop(b)) => a == b,
         _ => false,
@@ -235,6 +250,7 @@ fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Faile
                     let entry = &lb.backends[backend as usize];
                     (XDP_TX, L4LB_CNT_TX, encapsulated(frame, entry, &lb.config, flow.hash(lb.config.hash_seed)))
                 }
+                Want::TooBig { mtu } => (XDP_TX, L4LB_CNT_TX_TOO_BIG, too_big_answer(frame, mtu)),
                 Want::Pass => (XDP_PASS, L4LB_CNT_PASS, frame.to_vec()),
                 Want::NoService => (XDP_PASS, L4LB_CNT_PASS_NO_SERVICE, frame.to_vec()),
                 Want::Drop(counter) => (XDP_DROP, counter, frame.to_vec()),
@@ -251,6 +267,10 @@ fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Faile
             if let (Want::Tx { .. }, Outcome::Tx(t)) = (want, model) {
                 // Named fields first (a clearer message), then every byte.
                 lb.check_tx_output(frame, &output, &t).map_err(|e| fail(format!("{what}: {e}")))?;
+            }
+            if let (Want::TooBig { .. }, Outcome::TooBig(t)) = (want, model) {
+                common::lb::check_too_big_output(frame, &output, &t).map_err(|e| fail(format!("{what}: {e}")))?;
+                same_bytes(&format!("{what} (the model's answer)"), &output, &common::lb::too_big_answer(frame, &t))?;
             }
             same_bytes(what, &output, &output_wanted)?;
             counters_wanted[L4LB_CNT_RX as usize] += 1;
@@ -306,8 +326,9 @@ fn check_balanced(lb: &Lb, what: &str, packet: &Packet, service: u32) -> Result<
 /// frame was sent to, the outer header (spec step 7), then every byte after
 /// the input's Ethernet header, unchanged. Built with etherparse.
 fn encapsulated(frame: &[u8], backend: &BackendEntry, config: &LbConfig, hash: u32) -> Vec<u8> {
-    let inner = &frame[ETH_LEN..];
-    let inner_v6 = frame[12..14] == ETHERTYPE_IPV6.to_be_bytes();
+    let l2 = l2_len_of(frame);
+    let inner = &frame[l2..];
+    let inner_v6 = frame[l2 - 2..l2] == ETHERTYPE_IPV6.to_be_bytes();
     let (l3_len, tos, df) = if inner_v6 {
         let ip6 = Ipv6HeaderSlice::from_slice(inner).expect("an IPv6 header");
         (40 + ip6.payload_length(), ip6.traffic_class(), false)
@@ -336,18 +357,60 @@ fn encapsulated(frame: &[u8], backend: &BackendEntry, config: &LbConfig, hash: u
         outer.header_checksum = outer.calc_header_checksum();
         (ETHERTYPE_IPV4, outer.to_bytes().to_vec())
     };
+    // The tags stay between the MACs and the (outer) EtherType.
     let src: [u8; 6] = frame[..6].try_into().unwrap();
-    let eth = Ethernet2Header { source: src, destination: backend.mac, ether_type: EtherType(ether_type) };
-    [&eth.to_bytes()[..], &outer, inner].concat()
+    let tags = &frame[12..l2 - 2];
+    [&backend.mac[..], &src[..], tags, &ether_type.to_be_bytes(), &outer, inner].concat()
+}
+
+/// The ICMP answer for a too-big `frame`, built with etherparse (the
+/// reference model builds it again with its own RFC 1071 sums): MACs
+/// swapped, tags kept, IPv4 (tos 0, id 0, no DF, TTL 64, protocol 1, VIP ->
+/// client) + ICMP 3/4 with the next-hop MTU + the packet's first 68 bytes,
+/// or IPv6 (hop limit 64, next header 58) + ICMPv6 2/0 with the MTU + 80 bytes.
+fn too_big_answer(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let l2 = l2_len_of(frame);
+    let ip = &frame[l2..];
+    let macs = [&frame[6..12], &frame[0..6], &frame[12..l2 - 2]].concat();
+    if frame[l2 - 2..l2] == ETHERTYPE_IPV4.to_be_bytes() {
+        let quote = &ip[..68];
+        let icmp = Icmpv4Header::with_checksum(
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu as u16 }),
+            quote,
+        );
+        let src: [u8; 4] = ip[16..20].try_into().unwrap();
+        let dst: [u8; 4] = ip[12..16].try_into().unwrap();
+        let mut header = Ipv4Header::new(8 + 68, 64, IpNumber(ICMP), src, dst).expect("fits");
+        header.identification = 0;
+        header.dont_fragment = false;
+        header.header_checksum = header.calc_header_checksum();
+        [&macs[..], &ETHERTYPE_IPV4.to_be_bytes(), &header.to_bytes(), &icmp.to_bytes(), quote].concat()
+    } else {
+        let quote = &ip[..80];
+        let src: [u8; 16] = ip[24..40].try_into().unwrap();
+        let dst: [u8; 16] = ip[8..24].try_into().unwrap();
+        let icmp = Icmpv6Header::with_checksum(Icmpv6Type::PacketTooBig { mtu }, src, dst, quote).expect("fits");
+        let header = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: 88,
+            next_header: IpNumber(58),
+            hop_limit: 64,
+            source: src,
+            destination: dst,
+        };
+        [&macs[..], &ETHERTYPE_IPV6.to_be_bytes(), &header.to_bytes(), &icmp.to_bytes(), quote].concat()
+    }
 }
 
 /// An outer IPv4 header's checksum, checked again with an RFC 1071 sum
 /// computed here (the header must sum to 0) and with etherparse.
 fn check_outer_checksum(what: &str, output: &[u8]) -> TestResult {
-    if output[12..14] != ETHERTYPE_IPV4.to_be_bytes() {
+    let l2 = l2_len_of(output);
+    if output[l2 - 2..l2] != ETHERTYPE_IPV4.to_be_bytes() {
         return Ok(()); // IPv6 has no header checksum
     }
-    let header = &output[ETH_LEN..ETH_LEN + 20];
+    let header = &output[l2..l2 + 20];
     let outer = Ipv4HeaderSlice::from_slice(header).map_err(|e| fail(format!("{what}: outer header: {e}")))?.to_header();
     ensure!(
         internet_checksum(header) == 0 && outer.calc_header_checksum() == outer.header_checksum,
@@ -427,6 +490,10 @@ struct Packet {
     ext: Vec<Ext>,
     /// Bytes after the TCP/UDP header (after the IP headers when there is none).
     payload: Vec<u8>,
+    /// VLAN tags (TPID, TCI) between the MACs and the EtherType, outer first.
+    tags: Vec<(u16, u16)>,
+    /// IPv4 TTL / IPv6 hop limit.
+    ttl: u8,
 }
 
 impl Packet {
@@ -445,6 +512,8 @@ impl Packet {
             options: Vec::new(),
             ext: Vec::new(),
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            tags: Vec::new(),
+            ttl: 64,
         }
     }
 
@@ -549,7 +618,7 @@ impl Packet {
     fn ip_bytes(&self) -> Vec<u8> {
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                let mut ip = Ipv4Header::new(0, 64, IpNumber(self.proto), src.octets(), dst.octets()).expect("fits");
+                let mut ip = Ipv4Header::new(0, self.ttl, IpNumber(self.proto), src.octets(), dst.octets()).expect("fits");
                 ip.dscp = Ipv4Dscp::try_new(self.tos >> 2).unwrap();
                 ip.ecn = Ipv4Ecn::try_new(self.tos & 3).unwrap();
                 ip.identification = 0x4c42;
@@ -577,7 +646,7 @@ impl Packet {
                     flow_label: Ipv6FlowLabel::try_new(self.label).unwrap(),
                     payload_length: 0,
                     next_header: IpNumber(self.ext.first().map_or(self.proto, Ext::code)),
-                    hop_limit: 64,
+                    hop_limit: self.ttl,
                     source: src.octets(),
                     destination: dst.octets(),
                 };
@@ -593,8 +662,31 @@ impl Packet {
     }
 
     fn frame(&self) -> Vec<u8> {
-        ethernet_frame(if self.is_v6() { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 }, &self.ip_bytes())
+        tagged_frame(&self.tags, if self.is_v6() { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 }, &self.ip_bytes())
     }
+}
+
+/// ROUTER_MAC -> LB_MAC frame with VLAN `tags` (TPID, TCI), then `ether_type` and `payload`.
+fn tagged_frame(tags: &[(u16, u16)], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = [&LB_MAC[..], &ROUTER_MAC[..]].concat();
+    for (tpid, tci) in tags {
+        frame.extend_from_slice(&tpid.to_be_bytes());
+        frame.extend_from_slice(&tci.to_be_bytes());
+    }
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The Ethernet header's length with up to two 802.1Q / 802.1ad tags.
+fn l2_len_of(frame: &[u8]) -> usize {
+    let mut l2 = ETH_LEN;
+    for _ in 0..2 {
+        if matches!(u16::from_be_bytes([frame[l2 - 2], frame[l2 - 1]]), 0x8100 | 0x88a8) {
+            l2 += 4;
+        }
+    }
+    l2
 }
 
 /// ROUTER_MAC -> LB_MAC frame carrying `payload`.
@@ -980,11 +1072,19 @@ fn vip_matching() -> TestResult {
     config.flags |= L4LB_CONFIG_ANY_PORT;
     lb.set_config(config)?;
     check(&lb, "port-0 VIP with ANY_PORT again", &udp53.frame(), tx(any4, be(any4), udp53.flow(true)))?;
-    // Fragments have no ports: they find port-0 VIPs (and the catch-all) only.
+    // Fragments have no ports (issue 5): they look up their (address,
+    // protocol)'s fragment entry only, never a VIP by port or port 0.
     let first_fragment = Packet { mf: true, ..udp53.clone() };
-    check(&lb, "UDP first fragment: port-0 VIP", &first_fragment.frame(), tx(any4, be(any4), first_fragment.flow(true)))?;
+    check(&lb, "UDP first fragment, no fragment entry", &first_fragment.frame(), Want::NoService)?;
     let tcp_fragment = Packet { frag_offset: 3, payload: vec![1; 8], ..tcp443.clone() };
-    check(&lb, "TCP later fragment: no port-0 VIP for TCP", &tcp_fragment.frame(), Want::NoService)?;
+    check(&lb, "TCP later fragment, no fragment entry", &tcp_fragment.frame(), Want::NoService)?;
+    // The host's fragment entries: UDP -> the port-0 VIP, TCP -> the lowest port (443).
+    lb.add_vip(VipKey::fragment(VIP4.into(), UDP), any4)?;
+    lb.add_vip(VipKey::fragment(VIP4.into(), TCP), web4)?;
+    check(&lb, "UDP first fragment: fragment entry", &first_fragment.frame(), tx(any4, be(any4), first_fragment.flow(true)))?;
+    check(&lb, "TCP later fragment: fragment entry", &tcp_fragment.frame(), tx(web4, be(web4), tcp_fragment.flow(true)))?;
+    // A port-0 packet is no fragment: the fragment entry (family | 0x80) is not its key.
+    check(&lb, "TCP to port 0 (not a fragment)", &Packet::tcp4(40000, 0).frame(), Want::NoService)?;
 
     lb.add_vip(VipKey::new(VIP6.into(), TCP, 443), web6)?;
     check(&lb, "IPv6 exact port", &tcp6.frame(), tx(web6, be(web6), tcp6.flow(true)))?;
@@ -999,7 +1099,9 @@ fn vip_matching() -> TestResult {
     let stray6 = Packet::udp6(1, 2);
     check(&lb, "catch-all: IPv4 TCP", &stray4.frame(), tx(catch, be(catch), stray4.flow(true)))?;
     check(&lb, "catch-all: IPv6 UDP", &stray6.frame(), tx(catch, be(catch), stray6.flow(true)))?;
-    check(&lb, "catch-all: TCP later fragment", &tcp_fragment.frame(), tx(catch, be(catch), tcp_fragment.flow(true)))?;
+    check(&lb, "catch-all: TCP later fragment still to its entry", &tcp_fragment.frame(), tx(web4, be(web4), tcp_fragment.flow(true)))?;
+    let stray_fragment = Packet { dst: Ipv4Addr::new(203, 0, 113, 99).into(), ..tcp_fragment.clone() };
+    check(&lb, "catch-all: fragment to no VIP", &stray_fragment.frame(), tx(catch, be(catch), stray_fragment.flow(true)))?;
     check(&lb, "VIPs still before the catch-all", &tcp443.frame(), tx(web4, be(web4), tcp443.flow(true)))?;
     check(&lb, "catch-all: not TCP/UDP still passes", &Packet::other4(ICMP, vec![8, 0, 0, 0]).frame(), Want::Pass)?;
 
@@ -1181,30 +1283,51 @@ fn no_backend() -> TestResult {
 // ---------------------------------------------------------------------------
 // 5. MTU
 
+/// What a packet too big once encapsulated gets (issue 5): IPv4 with DF and
+/// every IPv6 packet an ICMP answer advertising mtu - overhead, IPv4 without
+/// DF a drop. Exact boundaries: l3_len + overhead == mtu is encapsulated.
+fn too_big_want(client: &Packet, mtu: usize, overhead: usize) -> Want {
+    if client.is_v6() || client.df {
+        Want::TooBig { mtu: (mtu - overhead) as u32 }
+    } else {
+        Want::Drop(L4LB_CNT_DROP_TOO_BIG)
+    }
+}
+
 fn mtu_limit() -> TestResult {
     for (backend, overhead) in [(backend4(), 20usize), (backend6(), 40)] {
         let mut lb = catch_all_one(backend)?;
-        let clients: Vec<Packet> = if overhead == 20 {
-            vec![Packet::udp4(5353, 53), Packet::tcp4(40000, 80)]
-        } else {
-            vec![Packet::udp4(5353, 53), Packet::tcp4(40000, 80), Packet::udp6(5353, 53), Packet::tcp6(40000, 80)]
-        };
+        let mut clients: Vec<Packet> = vec![
+            Packet::udp4(5353, 53),
+            Packet::tcp4(40000, 80),
+            Packet { df: true, ..Packet::udp4(5353, 53) },
+            Packet { df: false, ..Packet::tcp4(40000, 80) },
+        ];
+        if overhead == 40 {
+            clients.extend([Packet::udp6(5353, 53), Packet::tcp6(40000, 80)]);
+        }
         // 3000, not 9000: test_run keeps at most about 3,500 bytes linear (the rest in
         // fragments a program without xdp.frags does not see).
-        for mtu in [1500usize, 3000, 1280] {
+        for mtu in [1500usize, 3000, 1280, 576] {
             let mut config = lb.config.clone();
             config.mtu = mtu as u32;
             lb.set_config(config)?;
             for client in &clients {
                 let family = if client.is_v6() { 6 } else { 4 };
                 let fits = client.clone().sized(mtu - overhead);
-                let too_big = client.clone().sized(mtu - overhead + 1);
-                let what = format!("mtu {mtu}, IPv{family} proto {} in +{overhead}", client.proto);
-                check(&lb, &format!("{what}: inner {}", mtu - overhead + 1), &too_big.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+                let what = format!("mtu {mtu}, IPv{family} proto {} df {} in +{overhead}", client.proto, client.df);
+                for extra in [1, 2, 100] {
+                    let too_big = client.clone().sized(mtu - overhead + extra);
+                    let want = too_big_want(client, mtu, overhead);
+                    check(&lb, &format!("{what}: inner {}", mtu - overhead + extra), &too_big.frame(), want)?;
+                }
                 check(&lb, &format!("{what}: inner {}", mtu - overhead), &fits.frame(), tx(SVC, BE, fits.flow(true)))?;
-                // Trailer bytes are not part of the packet.
+                // Trailer bytes are not part of the packet (nor of the answer's quote).
                 let trailer = padded(&fits.frame(), fits.frame().len() + 6);
                 check(&lb, &format!("{what}: inner {} + 6 bytes trailer", mtu - overhead), &trailer, tx(SVC, BE, fits.flow(true)))?;
+                let too_big = client.clone().sized(mtu - overhead + 1);
+                let trailer = padded(&too_big.frame(), too_big.frame().len() + 9);
+                check(&lb, &format!("{what}: too big + 9 bytes trailer"), &trailer, too_big_want(client, mtu, overhead))?;
             }
         }
         let mut config = lb.config.clone();
@@ -1242,10 +1365,10 @@ fn not_tcp_udp_passes() -> TestResult {
     }
 
     check(&lb, "ARP request", &arp_request_frame(), Want::Pass)?;
-    let tagged = [&[0x00, 0x05][..], &ETHERTYPE_IPV4.to_be_bytes(), &Packet::tcp4(1, 2).ip_bytes()].concat();
-    check(&lb, "802.1Q-tagged IPv4 TCP", &ethernet_frame(ETHERTYPE_VLAN, &tagged), Want::Pass)?;
-    let tagged6 = [&[0x00, 0x05][..], &ETHERTYPE_IPV6.to_be_bytes(), &Packet::tcp6(1, 2).ip_bytes()].concat();
-    check(&lb, "802.1Q-tagged IPv6 TCP", &ethernet_frame(ETHERTYPE_VLAN, &tagged6), Want::Pass)?;
+    // Tagged frames are balanced now (issue 5; see vlan_tags): three tags are not ours.
+    let three = [(0x88a8, 5), (0x8100, 6), (0x8100, 7)];
+    check(&lb, "three VLAN tags, IPv4 TCP", &Packet { tags: three.to_vec(), ..Packet::tcp4(1, 2) }.frame(), Want::Pass)?;
+    check(&lb, "three VLAN tags, IPv6 TCP", &Packet { tags: three.to_vec(), ..Packet::tcp6(1, 2) }.frame(), Want::Pass)?;
     check(&lb, "Ethernet header alone, type ARP", &ethernet_frame(ETHERTYPE_ARP, &[]), Want::Pass)?;
     check(&lb, "EtherType 0x0801", &ethernet_frame(0x0801, &Packet::tcp4(1, 2).ip_bytes()), Want::Pass)?;
     check(&lb, "EtherType 0xdd86", &ethernet_frame(0xdd86, &Packet::tcp6(1, 2).ip_bytes()), Want::Pass)?;
@@ -1559,7 +1682,7 @@ fn hash_model_agrees(rng: &mut StdRng, v6: bool) -> TestResult {
             1 => packet.options = vec![1; 8],
             _ => {}
         }
-        // Fragments look up port 0: the VIP's port does not take them, the catch-all does.
+        // Fragments look up their fragment entry: none here, the catch-all takes them.
         let (service, multiplier, add) = if packet.is_fragment() { (1, 1, 0) } else { (service, multiplier, add) };
         let hash_ports = service == 1;
         let flow = packet.flow(hash_ports);
@@ -1793,4 +1916,680 @@ fn per_cpu_counters() -> TestResult {
     let counters = lb.counters()?;
     ensure!(counters.len() == NCNT && counters[L4LB_CNT_RX as usize] == 13, "counters {counters:?}");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 12. Issue 5: VLAN tags
+
+/// Service SVC: VIP4:80/tcp, VIP4:53/udp, [VIP6]:80/tcp, [VIP6]:53/udp over 16
+/// backends of `family` (IPv6 backends take both families, IPv4 only IPv4),
+/// numbers 400.., UDP hashing ports.
+fn vip_service(v6_backends: bool) -> Result<Lb, Failed> {
+    let mut lb = loaded()?;
+    let backends: Vec<(u32, BackendEntry)> = (0..16u32)
+        .map(|i| {
+            let addr: IpAddr = if v6_backends {
+                Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 5, 0, 0, 0, i as u16 + 1).into()
+            } else {
+                Ipv4Addr::new(10, 5, 0, i as u8 + 1).into()
+            };
+            (400 + i, BackendEntry::new(addr, [0x02, 0xbe, 0x05, 0, 0, i as u8], SVC))
+        })
+        .collect();
+    add_service(&mut lb, SVC, &backends, true)?;
+    for (addr, proto, port) in [(IpAddr::from(VIP4), TCP, 80), (VIP4.into(), UDP, 53), (VIP6.into(), TCP, 80), (VIP6.into(), UDP, 53)] {
+        lb.add_vip(VipKey::new(addr, proto, port), SVC)?;
+    }
+    Ok(lb)
+}
+
+const TAG_SETS: [&[(u16, u16)]; 6] = [
+    &[(0x8100, 0x0005)],
+    &[(0x8100, 0xefff)],
+    &[(0x88a8, 0x0064)],
+    &[(0x88a8, 0x0064), (0x8100, 0x2005)],
+    &[(0x8100, 0x0fff), (0x8100, 0x0001)],
+    &[(0x88a8, 0xffff), (0x8100, 0x0000)],
+];
+
+fn vlan_tags() -> TestResult {
+    with_rng(|rng| {
+        for v6_backends in [false, true] {
+            let lb = vip_service(v6_backends)?;
+            for tags in TAG_SETS {
+                for i in 0..20 {
+                    let mut packets = vec![
+                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen(), 80) },
+                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), tos: rng.gen(), ..Packet::udp4(rng.gen(), 53) },
+                    ];
+                    if v6_backends {
+                        packets.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::tcp6(rng.gen(), 80) });
+                        packets.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen(), 53) });
+                    }
+                    for packet in packets {
+                        let tagged = Packet { tags: tags.to_vec(), ..packet.clone() };
+                        let what = format!("tags {tags:04x?} flow {i} (v6 backends {v6_backends})");
+                        let out = check_balanced(&lb, &what, &tagged, SVC)?;
+                        // Spelled out once more: the tags sit between the MACs and the outer EtherType.
+                        let l2 = 12 + 4 * tags.len();
+                        for (k, (tpid, tci)) in tags.iter().enumerate() {
+                            ensure!(
+                                out[12 + 4 * k..16 + 4 * k] == [tpid.to_be_bytes(), tci.to_be_bytes()].concat()[..],
+                                "{what}: tag {k} is {:02x?}",
+                                &out[12 + 4 * k..16 + 4 * k]
+                            );
+                        }
+                        let outer_type = if v6_backends { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+                        ensure!(out[l2..l2 + 2] == outer_type.to_be_bytes(), "{what}: outer EtherType {:02x?}", &out[l2..l2 + 2]);
+                        // The same flow untagged goes to the same backend.
+                        let plain = lb.run(&packet.frame())?.1;
+                        ensure!(plain[ETH_LEN..ETH_LEN + 40.min(plain.len() - ETH_LEN)] == out[l2 + 2..l2 + 2 + 40.min(plain.len() - ETH_LEN)], "{what}: the untagged flow's outer header differs");
+                    }
+                }
+            }
+            // A third tag: not ours, whatever follows.
+            for tags in [[(0x8100, 1), (0x8100, 2), (0x8100, 3)], [(0x88a8, 1), (0x8100, 2), (0x88a8, 3)]] {
+                for packet in [Packet::tcp4(40000, 80), Packet::tcp6(40000, 80)] {
+                    let frame = Packet { tags: tags.to_vec(), ..packet }.frame();
+                    check(&lb, &format!("three tags {tags:04x?}"), &frame, Want::Pass)?;
+                    check(&lb, "three tags, cut after the third", &frame[..ETH_LEN + 12], Want::Pass)?;
+                }
+            }
+            // Tags cut off: the first (frames of 14..17 bytes), the second (18..21).
+            let two = Packet { tags: vec![(0x88a8, 7), (0x8100, 8)], ..Packet::tcp4(40000, 80) }.frame();
+            for len in ETH_LEN..ETH_LEN + 8 {
+                check(&lb, &format!("two tags, frame cut to {len}"), &two[..len], Want::Drop(L4LB_CNT_DROP_SHORT_VLAN))?;
+            }
+            let one = Packet { tags: vec![(0x8100, 7)], ..Packet::tcp6(40000, 80) }.frame();
+            for len in ETH_LEN..ETH_LEN + 4 {
+                check(&lb, &format!("one tag, frame cut to {len}"), &one[..len], Want::Drop(L4LB_CNT_DROP_SHORT_VLAN))?;
+            }
+            // Whole tags, the IP header cut: the IP checks after the tags.
+            check(&lb, "two tags, then 4 bytes of IPv4", &two[..ETH_LEN + 12], Want::Drop(L4LB_CNT_DROP_SHORT_IPV4))?;
+            check(&lb, "one tag, then 4 bytes of IPv6", &one[..ETH_LEN + 8], Want::Drop(L4LB_CNT_DROP_SHORT_IPV6))?;
+            // A tagged frame of another EtherType: the stack's.
+            let arp = tagged_frame(&[(0x8100, 9)], ETHERTYPE_ARP, &[0; 28]);
+            check(&lb, "tagged ARP", &arp, Want::Pass)?;
+            // A tagged frame no VIP takes.
+            let stray = Packet { tags: vec![(0x8100, 9)], ..Packet::tcp4(40000, 81) };
+            check(&lb, "tagged, no service", &stray.frame(), Want::NoService)?;
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 13. Issue 5: ICMP errors about balanced flows
+
+/// The router that reports an error.
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 0xfe);
+
+/// How an ICMP error's quote is built.
+#[derive(Debug, Clone, Copy)]
+struct Quote {
+    /// Bytes of the VIP's answer quoted (None: all of it).
+    len: Option<usize>,
+}
+
+/// The VIP's answer to `flow`'s client: VIP:dport -> client:sport.
+fn answer_of(flow: &Packet) -> Packet {
+    Packet { src: flow.dst, dst: flow.src, sport: flow.dport, dport: flow.sport, df: true, ..flow.clone() }
+}
+
+/// ICMP (type, code, rest-of-header) from ROUTER4 to `to`, quoting `quoted` (IP bytes).
+fn icmp4_error(to: IpAddr, icmp_type: u8, code: u8, rest: u32, quoted: &[u8]) -> Packet {
+    let mut message = vec![icmp_type, code, 0, 0];
+    message.extend_from_slice(&rest.to_be_bytes());
+    message.extend_from_slice(quoted);
+    let sum = internet_checksum(&message);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    Packet { src: ROUTER4.into(), dst: to, df: false, ..Packet::other4(ICMP, message) }
+}
+
+/// ICMPv6 (type, code, rest) from ROUTER6 to `to`, quoting `quoted`; checksum with the pseudo-header.
+fn icmp6_error(to: IpAddr, icmp_type: u8, code: u8, rest: u32, quoted: &[u8]) -> Packet {
+    let mut message = vec![icmp_type, code, 0, 0];
+    message.extend_from_slice(&rest.to_be_bytes());
+    message.extend_from_slice(quoted);
+    let IpAddr::V6(dst) = to else { panic!("IPv6 destination") };
+    let sum = common::lb::icmpv6_checksum(&ROUTER6.octets(), &dst.octets(), &message);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    Packet { src: ROUTER6.into(), dst: to, ..Packet::other6(58, message) }
+}
+
+fn quote_of(answer: &Packet, quote: Quote) -> Vec<u8> {
+    let bytes = answer.ip_bytes();
+    let len = quote.len.unwrap_or(bytes.len()).min(bytes.len());
+    bytes[..len].to_vec()
+}
+
+fn icmp_errors() -> TestResult {
+    with_rng(|rng| {
+        for v6_backends in [false, true] {
+            let mut lb = vip_service(v6_backends)?;
+            // UDP to :5353 in a service that does not hash UDP ports.
+            let no_ports = 6;
+            let backends: Vec<(u32, BackendEntry)> = (0..16u32)
+                .map(|i| (500 + i, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 6, 0, 0, 0, i as u16 + 1).into(), BACKEND_MAC, no_ports)))
+                .collect();
+            add_service(&mut lb, no_ports, &backends, false)?;
+            lb.add_vip(VipKey::new(VIP4.into(), UDP, 5353), no_ports)?;
+            lb.add_vip(VipKey::new(VIP6.into(), UDP, 5353), no_ports)?;
+
+            let mut moved_without_swap = 0;
+            let mut cases = 0;
+            for i in 0..40 {
+                let mut flows = vec![
+                    (SVC, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) }),
+                    (SVC, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::udp4(rng.gen_range(1024..65535), 53) }),
+                    (no_ports, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::udp4(rng.gen_range(1024..65535), 5353) }),
+                ];
+                if v6_backends {
+                    flows.push((SVC, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::tcp6(rng.gen_range(1024..65535), 80) }));
+                    flows.push((SVC, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen_range(1024..65535), 53) }));
+                    flows.push((no_ports, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(1, 5353) }));
+                }
+                for (service, flow) in flows {
+                    let hash_ports = lb.services[service as usize] & L4LB_SERVICE_HASH_PORTS != 0;
+                    // The client's flow first: where it goes.
+                    let out = check_balanced(&lb, &format!("flow {i}"), &flow, service)?;
+                    let number = lb.predict(service, &flow.flow(hash_ports));
+                    let flow_outer = out[ETH_LEN..].to_vec();
+                    let answer = answer_of(&flow);
+                    // Hashing the quoted tuple unswapped would usually land elsewhere.
+                    let unswapped = Flow { saddr: answer.src, daddr: answer.dst, sport: answer.sport, dport: answer.dport, proto: answer.proto };
+                    moved_without_swap += usize::from(lb.predict(service, &unswapped) != number);
+                    let errors: Vec<(String, Packet)> = if flow.is_v6() {
+                        vec![
+                            ("ICMPv6 packet too big".into(), icmp6_error(flow.dst, 2, 0, 1280, &quote_of(&answer, Quote { len: Some(1232) }))),
+                            ("ICMPv6 unreachable, port".into(), icmp6_error(flow.dst, 1, 4, 0, &quote_of(&answer, Quote { len: Some(48) }))),
+                            ("ICMPv6 unreachable, no route".into(), icmp6_error(flow.dst, 1, 0, 0, &quote_of(&answer, Quote { len: None }))),
+                        ]
+                    } else {
+                        vec![
+                            ("frag needed".into(), icmp4_error(flow.dst, 3, 4, 1400, &quote_of(&answer, Quote { len: Some(28) }))),
+                            ("host unreachable".into(), icmp4_error(flow.dst, 3, 1, 0, &quote_of(&answer, Quote { len: None }))),
+                            ("port unreachable".into(), icmp4_error(flow.dst, 3, 3, 0, &quote_of(&answer, Quote { len: Some(24) }))),
+                            ("admin prohibited, quoted options".into(), {
+                                let with_options = Packet { options: vec![1, 1, 1, 0], ..answer.clone() };
+                                icmp4_error(flow.dst, 3, 13, 0, &quote_of(&with_options, Quote { len: Some(32) }))
+                            }),
+                        ]
+                    };
+                    for (name, error) in errors {
+                        let what = format!("flow {i} {:?}: {name}", flow.flow(true));
+                        // The ICMP packet is encapsulated whole to the flow's backend,
+                        // its hash (and IPv6 flow label) the flow's own.
+                        let out = check(&lb, &what, &error.frame(), tx(service, number, flow.flow(hash_ports)))?;
+                        let l3 = error.l3_len();
+                        let outer_len = out.len() - ETH_LEN - l3;
+                        ensure!(
+                            out[ETH_LEN + 12.min(outer_len)..ETH_LEN + outer_len] == flow_outer[12.min(outer_len)..outer_len]
+                                || outer_len == 20,
+                            "{what}: outer header differs from the flow's"
+                        );
+                        // Tagged too.
+                        let tagged = Packet { tags: vec![(0x88a8, 3), (0x8100, 4)], ..error.clone() };
+                        check(&lb, &format!("{what}, QinQ"), &tagged.frame(), tx(service, number, flow.flow(hash_ports)))?;
+                        cases += 2;
+                    }
+                }
+            }
+            ensure!(moved_without_swap >= 40, "only {moved_without_swap} flows would move with the tuple unswapped");
+            eprintln!("ICMP errors (v6 backends {v6_backends}): {cases} errors encapsulated to their flow's backend");
+
+            icmp_errors_passed(&mut lb)?;
+        }
+        Ok(())
+    })
+}
+
+/// ICMP that does not qualify: passed untouched (or dropped for the IP
+/// checks every packet gets). `lb` is a vip_service.
+fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
+    let v6 = lb.backends[400].family == L4LB_FAMILY_IPV6 as u8;
+    let flow = Packet::tcp4(40000, 80);
+    let answer = answer_of(&flow);
+    let quoted = answer.ip_bytes();
+    let good = icmp4_error(VIP4.into(), 3, 4, 1400, &quoted[..28]);
+    let flow_tx = tx(SVC, lb.predict(SVC, &flow.flow(true)), flow.flow(true));
+    check(lb, "IPv4 reference error", &good.frame(), flow_tx)?;
+
+    // Echo request / reply, time exceeded, redirect, source quench, parameter problem.
+    let echo = Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 0x4c42, seq: 1 });
+    let ping = [&Icmpv4Header::with_checksum(echo, b"ping").to_bytes()[..], b"ping"].concat();
+    check(lb, "echo request to the VIP", &Packet { src: CLIENT4.into(), ..Packet::other4(ICMP, ping) }.frame(), Want::Pass)?;
+    for icmp_type in [0u8, 4, 5, 8, 11, 12, 13, 255] {
+        let error = icmp4_error(VIP4.into(), icmp_type, 0, 0, &quoted[..28]);
+        check(lb, &format!("ICMP type {icmp_type} quoting the flow"), &error.frame(), Want::Pass)?;
+    }
+    // The quoted packet not from the outer destination.
+    let other_src = Packet { src: Ipv4Addr::new(203, 0, 113, 11).into(), ..answer.clone() };
+    check(lb, "quote from another address", &icmp4_error(VIP4.into(), 3, 4, 0, &other_src.ip_bytes()[..28]).frame(), Want::Pass)?;
+    let from_client = flow.ip_bytes();
+    check(lb, "quote of the client's own packet", &icmp4_error(VIP4.into(), 3, 4, 0, &from_client[..28]).frame(), Want::Pass)?;
+    // Not TCP/UDP.
+    for proto in [ICMP, GRE, SCTP, IPIP] {
+        let mut q = quoted[..28].to_vec();
+        q[9] = proto;
+        q[10..12].fill(0);
+        let sum = internet_checksum(&q[..20]);
+        q[10..12].copy_from_slice(&sum.to_be_bytes());
+        check(lb, &format!("quoted protocol {proto}"), &icmp4_error(VIP4.into(), 3, 4, 0, &q).frame(), Want::Pass)?;
+    }
+    // Quoted version / IHL wrong.
+    for first in [0x65u8, 0x44, 0x40, 0x35] {
+        let mut q = quoted[..28].to_vec();
+        q[0] = first;
+        check(lb, &format!("quoted first byte {first:#04x}"), &icmp4_error(VIP4.into(), 3, 4, 0, &q).frame(), Want::Pass)?;
+    }
+    // A later fragment quoted (no ports there); a first fragment has its ports.
+    let later = Packet { frag_offset: 4, ..answer.clone() };
+    let q = later.ip_bytes();
+    check(lb, "quoted later fragment", &icmp4_error(VIP4.into(), 3, 4, 0, &q[..q.len().min(28)]).frame(), Want::Pass)?;
+    // Cut short: the quote ends before the quoted ports (every cut), in the
+    // frame and only by tot_len.
+    for len in 0..24 {
+        let error = icmp4_error(VIP4.into(), 3, 4, 0, &quoted[..len]);
+        check(lb, &format!("quote of {len} bytes"), &error.frame(), Want::Pass)?;
+        let whole = icmp4_error(VIP4.into(), 3, 4, 0, &quoted[..28]).frame();
+        check(lb, &format!("quote of {len} bytes by tot_len"), &with_tot_len(&whole, (28 + len) as u16), Want::Pass)?;
+    }
+    let options = Packet { options: vec![1; 8], ..answer.clone() }.ip_bytes();
+    for len in [20, 27, 28, 31] {
+        let error = icmp4_error(VIP4.into(), 3, 4, 0, &options[..len]);
+        check(lb, &format!("quote with 8 option bytes, {len} bytes"), &error.frame(), Want::Pass)?;
+    }
+    let error = icmp4_error(VIP4.into(), 3, 4, 0, &options[..32]);
+    check(lb, "quote with 8 option bytes, 32 bytes (ports in)", &error.frame(), flow_tx)?;
+    // The ICMP packet itself a fragment.
+    check(lb, "the error a first fragment", &Packet { mf: true, ..good.clone() }.frame(), Want::Pass)?;
+    check(lb, "the error a later fragment", &Packet { frag_offset: 2, ..good.clone() }.frame(), Want::Pass)?;
+    // IP checks first: bad header checksum, TTL 0.
+    let mut bad = good.frame();
+    bad[ETH_LEN + 10] ^= 0x01;
+    check(lb, "error with a bad header checksum", &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+    check(lb, "error with TTL 0", &Packet { ttl: 0, ..good.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+    check(lb, "error with TTL 1", &Packet { ttl: 1, ..good.clone() }.frame(), flow_tx)?;
+    // About a flow to a port no VIP has (and no catch-all).
+    let stray = answer_of(&Packet::tcp4(40000, 81)).ip_bytes();
+    check(lb, "error about a flow no VIP takes", &icmp4_error(VIP4.into(), 3, 4, 0, &stray[..28]).frame(), Want::NoService)?;
+
+    // ICMPv6.
+    if v6 {
+        let flow = Packet::tcp6(40000, 80);
+        let answer = answer_of(&flow);
+        let quoted = answer.ip_bytes();
+        let good = icmp6_error(VIP6.into(), 2, 0, 1280, &quoted[..48]);
+        check(lb, "IPv6 reference error", &good.frame(), tx(SVC, lb.predict(SVC, &flow.flow(true)), flow.flow(true)))?;
+        for icmp_type in [0u8, 3, 4, 127, 128, 129, 135, 136] {
+            let error = icmp6_error(VIP6.into(), icmp_type, 0, 0, &quoted[..48]);
+            check(lb, &format!("ICMPv6 type {icmp_type} quoting the flow"), &error.frame(), Want::Pass)?;
+        }
+        let other_src = Packet { src: CLIENT6.into(), ..answer.clone() };
+        check(lb, "ICMPv6 quote from another address", &icmp6_error(VIP6.into(), 1, 0, 0, &other_src.ip_bytes()[..48]).frame(), Want::Pass)?;
+        let mut icmp_quoted = quoted[..48].to_vec();
+        icmp_quoted[6] = 58;
+        check(lb, "ICMPv6 quoting ICMPv6", &icmp6_error(VIP6.into(), 1, 0, 0, &icmp_quoted).frame(), Want::Pass)?;
+        let mut v4_quoted = quoted[..48].to_vec();
+        v4_quoted[0] = 0x45;
+        check(lb, "ICMPv6 quoting version 4", &icmp6_error(VIP6.into(), 1, 0, 0, &v4_quoted).frame(), Want::Pass)?;
+        let with_ext = Packet { ext: vec![Ext::DestOpts(0)], ..answer.clone() }.ip_bytes();
+        check(lb, "ICMPv6 quoting extension headers", &icmp6_error(VIP6.into(), 1, 0, 0, &with_ext[..56]).frame(), Want::Pass)?;
+        let fragment_quoted = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..answer.clone() }.ip_bytes();
+        check(lb, "ICMPv6 quoting a fragment header", &icmp6_error(VIP6.into(), 2, 0, 1280, &fragment_quoted[..56]).frame(), Want::Pass)?;
+        for len in 0..44 {
+            let error = icmp6_error(VIP6.into(), 2, 0, 1280, &quoted[..len]);
+            check(lb, &format!("ICMPv6 quote of {len} bytes"), &error.frame(), Want::Pass)?;
+        }
+        // Behind extension headers: skipped like any packet's.
+        let behind = Packet { ext: vec![Ext::HopByHop(0), Ext::DestOpts(1)], ..good.clone() };
+        check(lb, "ICMPv6 error behind extension headers", &behind.frame(), tx(SVC, lb.predict(SVC, &flow.flow(true)), flow.flow(true)))?;
+        // The ICMPv6 packet a fragment (not atomic).
+        let fragment = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..good.clone() };
+        check(lb, "ICMPv6 error in a fragment", &fragment.frame(), Want::Pass)?;
+        check(lb, "ICMPv6 error, hop limit 0", &Packet { ttl: 0, ..good.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        let echo6 = Packet { src: CLIENT6.into(), ..Packet::other6(58, vec![128, 0, 0, 0, 0x4c, 0x42, 0, 1]) };
+        check(lb, "ICMPv6 echo request to the VIP", &echo6.frame(), Want::Pass)?;
+    }
+
+    // Never an error about an error: too big once encapsulated -> dropped, DF or not.
+    let overhead = if v6 { 40 } else { 20 };
+    let big = icmp4_error(VIP4.into(), 3, 4, 1400, &answer.clone().sized(600).ip_bytes());
+    let mut config = lb.config.clone();
+    config.mtu = (big.l3_len() + overhead - 1) as u32;
+    lb.set_config(config.clone())?;
+    for df in [false, true] {
+        check(lb, &format!("too-big ICMP error, df {df}"), &Packet { df, ..big.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+    }
+    if v6 {
+        let flow = Packet::tcp6(40000, 80);
+        let big6 = icmp6_error(VIP6.into(), 1, 0, 0, &answer_of(&flow).sized(600).ip_bytes());
+        check(lb, "too-big ICMPv6 error", &big6.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+    }
+    config.mtu = (big.l3_len() + overhead) as u32;
+    lb.set_config(config.clone())?;
+    check(lb, "ICMP error exactly at the MTU", &big.frame(), flow_tx)?;
+    config.mtu = 0;
+    lb.set_config(config)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 14. Issue 5: too big -> ICMP answers
+
+fn too_big_answers() -> TestResult {
+    with_rng(|rng| {
+        // 4in4 (overhead 20) and 4in6 / 6in6 (overhead 40): the advertised MTU
+        // depends on the chosen backend's family.
+        for (v6_backends, overhead) in [(false, 20usize), (true, 40)] {
+            let mut lb = vip_service(v6_backends)?;
+            for mtu in [576usize, 1320, 1500, 2000] {
+                let mut config = lb.config.clone();
+                config.mtu = mtu as u32;
+                lb.set_config(config)?;
+                for i in 0..10 {
+                    let tags = TAG_SETS[rng.gen_range(0..TAG_SETS.len())].to_vec();
+                    let mut clients = vec![
+                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), tos: rng.gen(), ..Packet::tcp4(rng.gen(), 80) },
+                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), df: true, ..Packet::udp4(rng.gen(), 53) },
+                        Packet { options: vec![1; 40], ..Packet::tcp4(rng.gen(), 80) },
+                        Packet { df: false, ..Packet::tcp4(rng.gen(), 80) },
+                    ];
+                    if v6_backends {
+                        clients.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), tos: rng.gen(), ..Packet::tcp6(rng.gen(), 80) });
+                        clients.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen(), 53) });
+                        clients.push(Packet { ext: vec![Ext::HopByHop(2)], ..Packet::tcp6(rng.gen(), 80) });
+                    }
+                    for client in clients {
+                        for tags in [Vec::new(), tags.clone()] {
+                            let client = Packet { tags, ..client.clone() };
+                            let what = format!("mtu {mtu} +{overhead} client {i} {:?} tags {:04x?} df {}", client.flow(true), client.tags, client.df);
+                            let at = client.clone().sized(mtu - overhead);
+                            check_balanced(&lb, &format!("{what}: exactly at the MTU"), &at, SVC)?;
+                            for extra in [1usize, 7, 300] {
+                                let big = client.clone().sized(mtu - overhead + extra);
+                                let want = too_big_want(&big, mtu, overhead);
+                                let out = check(&lb, &format!("{what}: {extra} over"), &big.frame(), want)?;
+                                if let Want::TooBig { mtu: advertised } = want {
+                                    // A few fields by offset once more.
+                                    let l2 = 12 + 4 * big.tags.len() + 2;
+                                    ensure!(out[..6] == ROUTER_MAC && out[6..12] == LB_MAC, "{what}: MACs {:02x?}", &out[..12]);
+                                    let icmp = l2 + if big.is_v6() { 40 } else { 20 };
+                                    let mtu_field = if big.is_v6() {
+                                        u32::from_be_bytes(out[icmp + 4..icmp + 8].try_into().unwrap())
+                                    } else {
+                                        u32::from(u16::from_be_bytes([out[icmp + 6], out[icmp + 7]]))
+                                    };
+                                    ensure!(mtu_field == advertised && advertised as usize == mtu - overhead, "{what}: MTU field {mtu_field}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Below the host's minimum (the datapath must still be safe): a
+            // packet shorter than the quote, and an MTU not above the overhead.
+            let quote_len = |v6: bool| if v6 { 80usize } else { 68 };
+            for v6 in [false, true] {
+                if v6 && !v6_backends {
+                    continue;
+                }
+                let client = if v6 { Packet::tcp6(40000, 80) } else { Packet::tcp4(40000, 80) };
+                let minimum = client.clone().sized(0.max(client.l3_len())).l3_len();
+                for l3 in [minimum.max(quote_len(v6) - 1), quote_len(v6)] {
+                    if l3 < minimum {
+                        continue;
+                    }
+                    let mut config = lb.config.clone();
+                    config.mtu = (l3 + overhead - 1) as u32;
+                    lb.set_config(config)?;
+                    let packet = client.clone().sized(l3);
+                    let want = if l3 < quote_len(v6) {
+                        Want::Drop(L4LB_CNT_DROP_TOO_BIG)
+                    } else {
+                        Want::TooBig { mtu: (l3 - 1) as u32 }
+                    };
+                    check(&lb, &format!("IPv{} packet of {l3} bytes, mtu {}", if v6 { 6 } else { 4 }, l3 + overhead - 1), &packet.frame(), want)?;
+                }
+                for mtu in [1, overhead - 1, overhead] {
+                    let mut config = lb.config.clone();
+                    config.mtu = mtu as u32;
+                    lb.set_config(config)?;
+                    check(&lb, &format!("mtu {mtu} <= overhead {overhead}"), &client.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+                }
+            }
+            let mut config = lb.config.clone();
+            config.mtu = 0;
+            lb.set_config(config)?;
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 15. Issue 5: IPv4 header checksum, TTL / hop limit, tot_len
+
+fn checksum_ttl_tot_len() -> TestResult {
+    with_rng(|rng| {
+        let lb = catch_all_32_ipv4()?;
+        let lb6 = catch_all_one(backend6())?;
+        for i in 0..100 {
+            let ihl = [5usize, 6, 10, 15][i % 4];
+            let mut options = vec![0x01; (ihl - 5) * 4];
+            if let Some(last) = options.last_mut() {
+                *last = 0;
+            }
+            let packet = Packet { options, ..Packet::random4(rng) };
+            let frame = packet.frame();
+            ensure!(internet_checksum(&frame[ETH_LEN..ETH_LEN + ihl * 4]) == 0, "test frame {i}: header checksum");
+            check_balanced(&lb, &format!("IHL {ihl} flow {i}, right checksum"), &packet, SVC)?;
+            // The checksum field off by one bit, or any header byte changed without it.
+            let mut bad = frame.clone();
+            bad[ETH_LEN + 10 + rng.gen_range(0..2)] ^= 1 << rng.gen_range(0..8);
+            check(&lb, &format!("IHL {ihl} flow {i}, checksum field flipped"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+            // A byte the parser does not otherwise read (TOS, id, addresses, options).
+            let mut bad = frame.clone();
+            let at = [1usize, 4, 5, 12, 15, 19].into_iter().chain(20..ihl * 4).nth(rng.gen_range(0..6 + (ihl - 5) * 4)).unwrap();
+            bad[ETH_LEN + at] ^= rng.gen_range(1..=255u8);
+            check(&lb, &format!("IHL {ihl} flow {i}, header byte {at} changed"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+        }
+        // The checksum's two zeros: a field of 0xffff where 0x0000 is right
+        // (one's complement: the same sum) verifies, as RFC 1071 says.
+        let zero = (0u16..=u16::MAX).map(|id| {
+            let mut frame = Packet::udp4(5353, 53).frame();
+            frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+            refresh_ipv4_checksum(&mut frame);
+            frame
+        }).find(|frame| frame[ETH_LEN + 10..ETH_LEN + 12] == [0, 0]);
+        if let Some(mut frame) = zero {
+            check(&lb, "checksum 0x0000", &frame, tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)))?;
+            frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0xff, 0xff]);
+            check(&lb, "checksum 0xffff for 0x0000", &frame, tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)))?;
+        }
+        // Not ours: a bad checksum on GRE / ESP is the stack's business.
+        for proto in [GRE, ESP, IPIP] {
+            let mut frame = Packet::other4(proto, vec![7; 24]).frame();
+            frame[ETH_LEN + 10] ^= 0x40;
+            check(&lb, &format!("protocol {proto} with a bad checksum"), &frame, Want::Pass)?;
+        }
+        // Checks before the checksum: tot_len below the header, with or without a right checksum.
+        for tot_len in [0u16, 19] {
+            let frame = with_tot_len(&Packet::tcp4(1, 2).frame(), tot_len);
+            check(&lb, &format!("tot_len {tot_len}"), &frame, Want::Drop(L4LB_CNT_DROP_BAD_TOT_LEN))?;
+            let mut bad = frame.clone();
+            bad[ETH_LEN + 10] ^= 0x01;
+            check(&lb, &format!("tot_len {tot_len}, bad checksum"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_TOT_LEN))?;
+        }
+        let options = Packet { options: vec![1; 40], ..Packet::tcp4(1, 2) }.frame();
+        for tot_len in [20u16, 59] {
+            check(&lb, &format!("IHL 15, tot_len {tot_len}"), &with_tot_len(&options, tot_len), Want::Drop(L4LB_CNT_DROP_BAD_TOT_LEN))?;
+        }
+
+        // TTL: 0 dropped (after the checksum), 1 balanced with the inner TTL untouched.
+        for packet in [Packet::tcp4(40000, 80), Packet::udp4(5353, 53), Packet { options: vec![1; 12], ..Packet::tcp4(1, 2) }] {
+            check(&lb, &format!("TTL 0, proto {}", packet.proto), &Packet { ttl: 0, ..packet.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+            let mut bad = Packet { ttl: 0, ..packet.clone() }.frame();
+            bad[ETH_LEN + 11] ^= 0x10;
+            check(&lb, "TTL 0 and a bad checksum", &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+            for ttl in [1u8, 2, 255] {
+                let alive = Packet { ttl, ..packet.clone() };
+                let out = check_balanced(&lb, &format!("TTL {ttl}"), &alive, SVC)?;
+                ensure!(out[ETH_LEN + 20 + 8] == ttl, "TTL {ttl}: inner TTL became {}", out[ETH_LEN + 28]);
+            }
+        }
+        check(&lb, "TTL 0, GRE (not ours)", &Packet { ttl: 0, ..Packet::other4(GRE, vec![0; 8]) }.frame(), Want::Pass)?;
+        check(&lb, "TTL 0 ICMP echo", &Packet { ttl: 0, ..Packet::other4(ICMP, vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0]) }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        // IPv6 hop limit.
+        for packet in [Packet::tcp6(40000, 80), Packet::udp6(5353, 53), Packet { ext: vec![Ext::HopByHop(0)], ..Packet::tcp6(1, 2) }] {
+            check(&lb6, "hop limit 0", &Packet { ttl: 0, ..packet.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+            for ttl in [1u8, 255] {
+                let alive = Packet { ttl, ..packet.clone() };
+                let out = check(&lb6, &format!("hop limit {ttl}"), &alive.frame(), tx(SVC, BE, alive.flow(true)))?;
+                ensure!(out[ETH_LEN + 40 + 7] == ttl, "hop limit {ttl}: inner hop limit became {}", out[ETH_LEN + 47]);
+            }
+        }
+        check(&lb6, "hop limit 0, ICMPv6 echo", &Packet { ttl: 0, ..Packet::other6(58, vec![128, 0, 0, 0, 0, 1, 0, 1]) }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        check(&lb6, "hop limit 0, no next header", &Packet { ttl: 0, ..Packet::other6(59, vec![0; 8]) }.frame(), Want::Pass)?;
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 16. Issue 5: fragments follow the fragment entry
+
+/// Writes the fragment entries the host would for `vips` (address,
+/// protocol, port, service): per (address, protocol) the port-0 VIP's
+/// service if any, else the lowest port's.
+fn add_fragment_entries(lb: &mut Lb, vips: &[(IpAddr, u8, u16, u32)]) -> TestResult {
+    let mut chosen: std::collections::BTreeMap<(IpAddr, u8), (u16, u32)> = std::collections::BTreeMap::new();
+    for &(addr, proto, port, service) in vips {
+        let entry = chosen.entry((addr, proto)).or_insert((port, service));
+        if port < entry.0 {
+            *entry = (port, service);
+        }
+    }
+    for ((addr, proto), (_, service)) in chosen {
+        lb.add_vip(VipKey::fragment(addr, proto), service)?;
+    }
+    Ok(())
+}
+
+fn fragments_follow_fragment_entry() -> TestResult {
+    with_rng(|rng| {
+        let mut lb = loaded()?;
+        let family_backends = |base: u32, v6: bool, service: u32| -> Vec<(u32, BackendEntry)> {
+            (0..32u32)
+                .map(|i| {
+                    let addr: IpAddr = if v6 {
+                        Ipv6Addr::new(0x2001, 0xdb8, 0xbe, base as u16, 0, 0, 0, i as u16 + 1).into()
+                    } else {
+                        Ipv4Addr::new(10, (base / 100) as u8, 0, i as u8 + 1).into()
+                    };
+                    (base + i, BackendEntry::new(addr, BACKEND_MAC, service))
+                })
+                .collect()
+        };
+        let (web, any, other, catch) = (1u32, 2, 3, 4);
+        add_service(&mut lb, web, &family_backends(100, true, web), true)?;
+        add_service(&mut lb, any, &family_backends(200, true, any), false)?;
+        add_service(&mut lb, other, &family_backends(300, false, other), true)?;
+        add_service(&mut lb, catch, &family_backends(600, true, catch), true)?;
+        // VIP4 / VIP6: port 80 only (TCP and UDP). VIP4b / VIP6b: port 80 and port 0.
+        // VIP4c: port 80 without a fragment entry (another host's view).
+        let vip4b: IpAddr = Ipv4Addr::new(203, 0, 113, 20).into();
+        let vip6b: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0xf0, 0, 0, 0, 0, 0x20).into();
+        let vip4c: IpAddr = Ipv4Addr::new(203, 0, 113, 30).into();
+        let vips = [
+            (IpAddr::from(VIP4), TCP, 80u16, web),
+            (VIP4.into(), TCP, 8080, other),
+            (VIP4.into(), UDP, 80, web),
+            (VIP6.into(), TCP, 80, web),
+            (VIP6.into(), UDP, 80, web),
+            (vip4b, TCP, 80, web),
+            (vip4b, TCP, 0, any),
+            (vip6b, UDP, 80, web),
+            (vip6b, UDP, 0, any),
+        ];
+        for &(addr, proto, port, service) in &vips {
+            lb.add_vip(VipKey::new(addr, proto, port), service)?;
+        }
+        add_fragment_entries(&mut lb, &vips)?;
+        lb.add_vip(VipKey::new(vip4c, TCP, 80), web)?;
+
+        let mut ports_would_move = 0;
+        for i in 0..60 {
+            for (dst, proto, service) in [
+                (IpAddr::from(VIP4), TCP, web),
+                (VIP4.into(), UDP, web),
+                (VIP6.into(), TCP, web),
+                (VIP6.into(), UDP, web),
+                (vip4b, TCP, any),
+                (vip6b, UDP, any),
+            ] {
+                let base = if dst.is_ipv6() { Packet::random6(rng) } else { Packet { df: false, ..Packet::random4(rng) } };
+                let flow = Packet { dst, proto, dport: 80, ..base };
+                let fragments: Vec<(&str, Packet)> = if dst.is_ipv6() {
+                    vec![
+                        ("first", Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..flow.clone() }),
+                        ("middle", Packet { ext: vec![Ext::Fragment { offset: 3, more: true }], payload: vec![0xf2; 24], ..flow.clone() }),
+                        ("last", Packet { ext: vec![Ext::DestOpts(0), Ext::Fragment { offset: 6, more: false }], payload: vec![0xf3; 5], ..flow.clone() }),
+                    ]
+                } else {
+                    vec![
+                        ("first", Packet { mf: true, payload: vec![0xf1; 16], ..flow.clone() }),
+                        ("middle", Packet { mf: true, frag_offset: 5, payload: vec![0xf2; 24], ..flow.clone() }),
+                        ("last", Packet { frag_offset: 8, payload: vec![0xf3; 5], ..flow.clone() }),
+                    ]
+                };
+                // Fragments: addresses and protocol only, whatever the protocol and service.
+                let no_ports = Flow { sport: 0, dport: 0, ..flow.flow(true) };
+                let number = lb.predict(service, &no_ports);
+                for (name, fragment) in fragments {
+                    let what = format!("flow {i} to {dst} proto {proto}: {name} fragment");
+                    ensure!(fragment.flow(true).sport == 0, "{what}: a fragment's flow has no ports");
+                    check(&lb, &what, &fragment.frame(), tx(service, number, fragment.flow(true)))?;
+                }
+                // The unfragmented packet: by port (VIP :80 for vip4b/vip6b too), ports hashed where the service does.
+                let whole_service = web;
+                check_balanced(&lb, &format!("flow {i} to {dst} proto {proto}: whole"), &flow, whole_service)?;
+                if lb.predict(web, &flow.flow(true)) != lb.predict(web, &no_ports) {
+                    ports_would_move += 1;
+                }
+            }
+            // No fragment entry: the catch-all if there is one, else the stack.
+            let stray = Packet { dst: vip4c, mf: true, ..Packet::random4(rng) };
+            let stray = Packet { proto: TCP, ..stray };
+            check(&lb, &format!("flow {i}: fragment, no fragment entry, no catch-all"), &stray.frame(), Want::NoService)?;
+        }
+        ensure!(ports_would_move >= 100, "only {ports_would_move} flows change backend without ports");
+
+        // A fragment entry is not found by the port-0 pass of whole packets, nor the other way round.
+        check(&lb, "TCP to VIP4 port 0", &Packet::tcp4(1, 0).frame(), Want::NoService)?;
+        let mut config = lb.config.clone();
+        config.flags |= L4LB_CONFIG_CATCH_ALL;
+        config.catch_all = catch;
+        lb.set_config(config)?;
+        let stray = Packet { dst: vip4c, frag_offset: 9, ..Packet::tcp4(1, 80) };
+        check(&lb, "fragment, no fragment entry: catch-all", &stray.frame(), tx(catch, lb.predict(catch, &stray.flow(true)), stray.flow(true)))?;
+        let stray6 = Packet { dst: vip4c, ..Packet::udp4(1, 80) };
+        let stray6 = Packet { mf: true, ..stray6 };
+        check(&lb, "UDP fragment to a TCP-only address: catch-all", &stray6.frame(), tx(catch, lb.predict(catch, &stray6.flow(true)), stray6.flow(true)))?;
+        // An IPv6 fragment to a catch-all with IPv4 backends: the stack's (like any IPv6 packet).
+        let mut config = lb.config.clone();
+        config.catch_all = other;
+        lb.set_config(config)?;
+        let frag6 = Packet { ext: vec![Ext::Fragment { offset: 2, more: false }], ..Packet::tcp6(1, 80) };
+        let frag6 = Packet { dst: Ipv6Addr::new(0x2001, 0xdb8, 0xf0, 0, 0, 0, 0, 0x99).into(), ..frag6 };
+        check(&lb, "IPv6 fragment, IPv4-backend catch-all", &frag6.frame(), Want::NoService)?;
+        // An IPv4 fragment to IPv4 backends (4in4) through a fragment entry.
+        lb.add_vip(VipKey::fragment(vip4c, UDP), other)?;
+        let frag4 = Packet { dst: vip4c, mf: true, ..Packet::udp4(1, 80) };
+        check(&lb, "IPv4 fragment to IPv4 backends", &frag4.frame(), tx(other, lb.predict(other, &frag4.flow(true)), frag4.flow(true)))?;
+        // Atomic IPv6 fragments are whole packets: looked up by port.
+        let atomic = Packet { ext: vec![Ext::Fragment { offset: 0, more: false }], ..Packet::tcp6(1, 80) };
+        check_balanced(&lb, "atomic IPv6 fragment", &atomic, web)?;
+        Ok(())
+    })
 }

@@ -12,9 +12,15 @@
 //! MAC, from the frame's destination MAC) + an outer IPv4 header (RFC 1071
 //! checksum computed here) or an outer IPv6 header (traffic class, flow label
 //! = hash & 0xfffff, payload length, next header 4 or 41, hop limit, sources)
-//! towards exactly the backend the model predicts, followed by the input from
-//! offset 14 byte for byte; after every frame all 16 global counters are read
-//! and must have moved by exactly rx + the expected outcome. At the end of a
+//! towards exactly the backend the model predicts, behind the input's VLAN
+//! tags (kept), followed by the input's IP packet byte for byte; a TX_TOO_BIG
+//! frame is parsed as an ICMP "fragmentation needed" / ICMPv6 "packet too
+//! big" answer back to the sender (MACs swapped, tags kept, IPv4 header
+//! checksum, ICMP checksum and ICMPv6 checksum with its pseudo-header all
+//! computed here, MTU = mtu - the backend family's overhead) whose quote is
+//! the start of the input's IP packet, and compared with the model's answer
+//! byte for byte; after every frame all global counters are read and must
+//! have moved by exactly rx + the expected outcome. At the end of a
 //! slice the counters and the packets/bytes of every backend (4096) and every
 //! service (64) equal the test's own tally.
 //!
@@ -24,16 +30,23 @@
 //! and M bit; traffic class, flow label), aimed at the slice's VIPs (address
 //! and port) or anywhere; the same with 1..8 bytes changed; truncated; with
 //! tot_len/IHL or payload length lied about; random bytes; other EtherTypes,
-//! IP protocols and next headers; rarely shorter than 14 bytes.
+//! IP protocols and next headers; rarely shorter than 14 bytes. Issue 5
+//! added: frames behind 1 to 3 VLAN tags (802.1Q / 802.1ad, sometimes cut in
+//! the tags); ICMP / ICMPv6 errors to the VIPs quoting a VIP's answer, half
+//! of them mutated (quote bytes, type, quoted source, lengths); IPv4 headers
+//! with a wrong checksum (flipped frames get it right again half the time),
+//! TTL 0 and hop limit 0. Fragments look up the fragment entries the host
+//! would write.
 //!
 //! Slices (`SLICES`): several services (IPv4 and IPv6 VIPs, exact ports and
 //! port 0, a VIP displaced from its home entry, a VIP of an inactive service,
 //! a catch-all with IPv4 backends; IPv4 and IPv6 backends, own and gateway MACs; UDP with and
 //! without hash_ports) with holes in a table (empty slots, slots naming a
 //! backend never written or written inactive); a 32-backend Maglev catch-all
-//! with IPv4 backends (IPv6 packets pass) and an IPv6 VIP; empty tables; a
-//! low MTU with high outer addresses (outer IPv4 sums that carry past a first
-//! fold); no MTU with frames up to 3000 bytes.
+//! with IPv4 backends (IPv6 packets pass) and an IPv6 VIP; empty tables; the
+//! lowest MTU the host accepts (576, frames up to 1200 bytes: many too-big
+//! answers) with high outer addresses (outer IPv4 sums that carry past a
+//! first fold); no MTU with frames up to 3000 bytes.
 //!
 //! `L4LB_FUZZ_SEED=N` replays a run (the seed is printed, and named in any
 //! failure); `L4LB_FUZZ_FRAMES=N` changes the total number of frames (the
@@ -131,7 +144,7 @@ const SLICES: [Slice; 5] = [
     Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC },
     Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC },
     Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC },
-    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 200, max_len: 600, src: HIGH_SRC },
+    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC },
     Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC },
 ];
 
@@ -283,6 +296,21 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             lb.place_vip(VipKey::new(VIP4[1].into(), TCP, 443), 6, 2)?;
             // 5: the catch-all -> 5 IPv4 backends (the last behind the gateway):
             // IPv6 packets no VIP takes go to the stack.
+            // The fragment entries the host writes: per (address, protocol) the
+            // port-0 VIP, else the lowest port. VIP4[2] has none (fragments
+            // there go to the catch-all).
+            for (addr, proto, service) in [
+                (IpAddr::from(VIP4[0]), TCP, 1),
+                (VIP4[0].into(), UDP, 2),
+                (VIP6[0].into(), TCP, 3),
+                (VIP6[0].into(), UDP, 3),
+                (VIP6[2].into(), TCP, 3),
+                (VIP6[2].into(), UDP, 3),
+                (VIP6[1].into(), TCP, 4),
+                (VIP4[1].into(), TCP, 6),
+            ] {
+                lb.add_vip(VipKey::fragment(addr, proto), service)?;
+            }
             let s5: Vec<BackendEntry> = (0..5u32)
                 .map(|i| {
                     let addr = Ipv4Addr::from(addresses[i as usize]).into();
@@ -304,6 +332,8 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             add_service(&mut lb, 7, 200, &s7, false)?;
             lb.add_vip(VipKey::new(VIP6[0].into(), TCP, 0), 7)?;
             lb.add_vip(VipKey::new(VIP6[0].into(), UDP, 0), 7)?;
+            lb.add_vip(VipKey::fragment(VIP6[0].into(), TCP), 7)?;
+            lb.add_vip(VipKey::fragment(VIP6[0].into(), UDP), 7)?;
         }
         Setup::Empty => {
             // Fresh maps: every slot 0, backend 0 zeroed.
@@ -312,6 +342,8 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             lb.add_vip(VipKey::new(VIP4[0].into(), TCP, 80), 1)?;
             lb.add_vip(VipKey::new(VIP6[0].into(), UDP, 0), 2)?;
             lb.set_service(2, L4LB_SERVICE_ACTIVE)?;
+            lb.add_vip(VipKey::fragment(VIP4[0].into(), TCP), 1)?;
+            lb.add_vip(VipKey::fragment(VIP6[0].into(), UDP), 2)?;
         }
     }
     Ok(lb)
@@ -340,18 +372,28 @@ enum Kind {
     Other,
     /// Fewer than 14 bytes: refused by test_run.
     Tiny,
+    /// A valid frame (either family, or an ICMP error) behind 1 to 3 VLAN tags, sometimes cut in the tags.
+    Vlan,
+    /// An ICMP / ICMPv6 error to a VIP quoting a VIP's answer; half of them mutated
+    /// (quote bytes, type, quoted source, lengths).
+    IcmpError,
+    /// A valid frame with a wrong IPv4 header checksum, TTL 0 or hop limit 0.
+    BadCsumTtl,
 }
 
-const KINDS: [(Kind, u32); 9] = [
-    (Kind::Valid4, 170),
-    (Kind::Valid6, 170),
-    (Kind::Flipped, 180),
-    (Kind::Truncated, 110),
-    (Kind::Lied4, 80),
-    (Kind::Lied6, 80),
-    (Kind::Random, 90),
-    (Kind::Other, 118),
+const KINDS: [(Kind, u32); 12] = [
+    (Kind::Valid4, 140),
+    (Kind::Valid6, 140),
+    (Kind::Flipped, 150),
+    (Kind::Truncated, 90),
+    (Kind::Lied4, 70),
+    (Kind::Lied6, 70),
+    (Kind::Random, 70),
+    (Kind::Other, 98),
     (Kind::Tiny, 2),
+    (Kind::Vlan, 60),
+    (Kind::IcmpError, 80),
+    (Kind::BadCsumTtl, 30),
 ];
 
 const OTHER_PROTOCOLS: [u8; 8] = [ICMP, IPIP, GRE, ESP, SCTP, IPV6_IN_IPV4, 0, 255];
@@ -364,6 +406,24 @@ struct Generator {
     pool: Vec<u8>,
     mtu: u32,
     max_len: usize,
+}
+
+/// Recomputes the checksum of the IPv4 header at `at` (when its IHL is sane and the header is whole).
+fn fix_checksum_at(bytes: &mut [u8], at: usize) {
+    let header_len = usize::from(bytes[at] & 0x0f) * 4;
+    if header_len < 20 || bytes.len() < at + header_len {
+        return;
+    }
+    bytes[at + 10..at + 12].fill(0);
+    let sum = internet_checksum(&bytes[at..at + header_len]);
+    bytes[at + 10..at + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The same for an untagged frame's IPv4 header, if it has one.
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    if frame.len() >= ETH_LEN + 20 && frame[12..14] == ETHERTYPE_IPV4.to_be_bytes() {
+        fix_checksum_at(frame, ETH_LEN);
+    }
 }
 
 fn be16(bytes: &[u8], at: usize) -> usize {
@@ -422,6 +482,11 @@ impl Generator {
                     let end = if self.rng.gen_bool(0.7) { buf.len().min(ETH_LEN + 100) } else { buf.len() };
                     let at = self.rng.gen_range(0..end);
                     buf[at] ^= self.rng.gen_range(1..=255u8);
+                }
+                // Half the time the IPv4 header checksum is made right again, so
+                // that the flips reach the checks behind it.
+                if self.rng.gen() {
+                    fix_ipv4_checksum(buf);
                 }
             }
             Kind::Truncated => {
@@ -556,7 +621,153 @@ impl Generator {
                 let len = self.rng.gen_range(0..ETH_LEN);
                 self.random_bytes(buf, len);
             }
+            Kind::Vlan => {
+                if self.rng.gen_bool(0.8) {
+                    self.either(buf);
+                } else {
+                    self.icmp_error(buf);
+                }
+                let tags = match self.rng.gen_range(0..10) {
+                    0..=4 => 1,
+                    5..=8 => 2,
+                    _ => 3,
+                };
+                for i in 0..tags {
+                    let tpid: u16 = if i == 0 && self.rng.gen() { 0x88a8 } else { 0x8100 };
+                    let tag = [tpid.to_be_bytes(), self.rng.gen::<u16>().to_be_bytes()].concat();
+                    for (k, byte) in tag.into_iter().enumerate() {
+                        buf.insert(12 + k, byte);
+                    }
+                }
+                if self.rng.gen_bool(0.1) {
+                    let len = self.rng.gen_range(ETH_LEN..=(ETH_LEN + 4 * tags).min(buf.len()));
+                    buf.truncate(len);
+                }
+            }
+            Kind::IcmpError => self.icmp_error(buf),
+            Kind::BadCsumTtl => {
+                let v6 = self.rng.gen_bool(0.3);
+                let proto = if self.rng.gen_bool(0.1) { ICMP } else { self.tcp_or_udp() };
+                if v6 {
+                    self.ipv6(buf, if proto == ICMP { 58 } else { proto });
+                    buf[ETH_LEN + 7] = 0;
+                } else {
+                    self.ipv4(buf, proto);
+                    match self.rng.gen_range(0..3) {
+                        0 => {
+                            buf[ETH_LEN + 8] = 0;
+                            fix_ipv4_checksum(buf);
+                        }
+                        1 => buf[ETH_LEN + 10 + self.rng.gen_range(0..2)] ^= 1 << self.rng.gen_range(0..8),
+                        _ => {
+                            let header_len = usize::from(buf[ETH_LEN] & 0x0f) * 4;
+                            let at = ETH_LEN + self.rng.gen_range(0..header_len);
+                            buf[at] ^= self.rng.gen_range(1..=255u8);
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    /// An ICMP destination unreachable (IPv4) or ICMPv6 destination
+    /// unreachable / packet too big to a VIP address, quoting a VIP's answer
+    /// to a client (VIP:port -> client:port), sized up to the MTU and beyond;
+    /// half of them mutated.
+    fn icmp_error(&mut self, buf: &mut Vec<u8>) {
+        let v6 = self.rng.gen_bool(0.4);
+        let proto = self.tcp_or_udp();
+        let (vport, cport) = (self.port(), self.rng.gen::<u16>());
+        let mut quoted = Vec::new();
+        if v6 {
+            let vip = VIP6[self.rng.gen_range(0..VIP6.len())];
+            quoted.extend_from_slice(&(6u32 << 28 | self.rng.gen_range(0..1u32 << 28)).to_be_bytes());
+            quoted.extend_from_slice(&[0, 0, proto, 64]);
+            quoted.extend_from_slice(&vip.octets());
+            quoted.extend_from_slice(&self.rng.gen::<u128>().to_be_bytes());
+        } else {
+            let vip = VIP4[self.rng.gen_range(0..VIP4.len())];
+            let ihl = if self.rng.gen_bool(0.8) { 5 } else { self.rng.gen_range(6..=15) };
+            quoted.extend_from_slice(&[0x40 | ihl as u8, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0]);
+            quoted.extend_from_slice(&vip.octets());
+            quoted.extend_from_slice(&self.rng.gen::<u32>().to_be_bytes());
+            self.random_bytes(&mut quoted, (ihl - 5) * 4);
+        }
+        quoted.extend_from_slice(&vport.to_be_bytes());
+        quoted.extend_from_slice(&cport.to_be_bytes());
+        let header = if v6 { 40 } else { 20 };
+        let fixed = header + 8 + quoted.len();
+        let len = self.length(fixed);
+        self.random_bytes(&mut quoted, len - fixed);
+        if !v6 {
+            let ql = quoted.len() as u16;
+            quoted[2..4].copy_from_slice(&ql.to_be_bytes());
+            fix_checksum_at(&mut quoted, 0);
+        } else {
+            let pl = (quoted.len() - 40) as u16;
+            quoted[4..6].copy_from_slice(&pl.to_be_bytes());
+        }
+        let rest: u32 = if self.rng.gen() { self.rng.gen_range(68..9000) } else { 0 };
+        let (icmp_type, code) = if v6 { (self.rng.gen_range(1..=2u8), self.rng.gen_range(0..7u8)) } else { (3u8, self.rng.gen_range(0..16u8)) };
+        let mut message = vec![icmp_type, code, 0, 0];
+        message.extend_from_slice(&rest.to_be_bytes());
+        message.extend_from_slice(&quoted);
+        let router: u128 = self.rng.gen();
+        let dst: Vec<u8> = quoted[if v6 { 8..24 } else { 12..16 }].to_vec();
+        if v6 {
+            let sum = common::lb::icmpv6_checksum(&router.to_be_bytes(), &dst, &message);
+            message[2..4].copy_from_slice(&sum.to_be_bytes());
+            self.ethernet(buf, ETHERTYPE_IPV6);
+            buf.extend_from_slice(&(6u32 << 28 | self.rng.gen_range(0..1u32 << 28)).to_be_bytes());
+            buf.extend_from_slice(&(message.len() as u16).to_be_bytes());
+            buf.extend_from_slice(&[58, self.rng.gen_range(1..=255)]);
+            buf.extend_from_slice(&router.to_be_bytes());
+            buf.extend_from_slice(&dst);
+        } else {
+            let sum = internet_checksum(&message);
+            message[2..4].copy_from_slice(&sum.to_be_bytes());
+            self.ethernet(buf, ETHERTYPE_IPV4);
+            let df: u8 = if self.rng.gen() { 0x40 } else { 0 };
+            buf.extend_from_slice(&[0x45, self.rng.gen()]);
+            buf.extend_from_slice(&((20 + message.len()) as u16).to_be_bytes());
+            buf.extend_from_slice(&[self.rng.gen(), self.rng.gen(), df, 0, self.rng.gen_range(1..=255), ICMP, 0, 0]);
+            buf.extend_from_slice(&(router as u32).to_be_bytes());
+            buf.extend_from_slice(&dst);
+        }
+        buf.extend_from_slice(&message);
+        if self.rng.gen() {
+            // Mutations: bytes of the ICMP header or quote, the quoted source,
+            // the lengths, the type; the IPv4 header checksum made right again.
+            let ip = ETH_LEN;
+            let icmp = ip + header;
+            match self.rng.gen_range(0..6) {
+                0 | 1 => {
+                    for _ in 0..self.rng.gen_range(1..=4) {
+                        let at = self.rng.gen_range(icmp..buf.len().min(icmp + 8 + header + 8));
+                        buf[at] ^= self.rng.gen_range(1..=255u8);
+                    }
+                }
+                2 => buf[icmp] = self.rng.gen(),
+                3 => {
+                    let at = icmp + 8 + if v6 { 8 } else { 12 };
+                    buf[at + self.rng.gen_range(0..4)] ^= 0x01;
+                }
+                4 => {
+                    let keep = self.rng.gen_range(0..=8 + header + 8);
+                    let new = (if v6 { 8 } else { header + 8 } + keep) as u16;
+                    let at = if v6 { ip + 4 } else { ip + 2 };
+                    buf[at..at + 2].copy_from_slice(&new.to_be_bytes());
+                    if self.rng.gen() {
+                        buf.truncate(icmp + 8 + keep);
+                    }
+                }
+                _ => buf.truncate(self.rng.gen_range(ETH_LEN..buf.len())),
+            }
+            if !v6 {
+                fix_ipv4_checksum(buf);
+            }
+        }
+        self.trailer(buf);
     }
 
     /// A valid TCP/UDP frame of either family.
@@ -733,6 +944,11 @@ struct Tally {
     families: [u64; 3],
     /// TX frames whose outer IPv4 header sum (words read either way round) still carries after one fold.
     carries: u64,
+    /// TX_TOO_BIG answers: ICMP, ICMPv6.
+    answers: [u64; 2],
+    /// TX frames that were ICMP errors, and TX frames with VLAN tags.
+    icmp_tx: u64,
+    tagged_tx: u64,
 }
 
 /// Whether the one's-complement sum of `header` (checksum field zeroed) needs
@@ -804,14 +1020,23 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
                             fail(format!("{}: XDP_TX to backend {} ({}): {message}", what(), tx.backend, lb.backends[tx.backend as usize].ip()))
                         })?;
                         if tx.overhead == 20 {
-                            let outer = &output[ETH_LEN..ETH_LEN + 20];
+                            let outer = &output[tx.l2_len..tx.l2_len + 20];
                             tally.carries += u64::from(carries_twice(outer, false) || carries_twice(outer, true));
                         }
                         tally.families[if tx.overhead == 20 { 0 } else if tx.inner_v6 { 2 } else { 1 }] += 1;
+                        tally.icmp_tx += u64::from(tx.icmp_error);
+                        tally.tagged_tx += u64::from(tx.l2_len > ETH_LEN);
                         tally.backends[tx.backend as usize].0 += 1;
                         tally.backends[tx.backend as usize].1 += len as u64;
                         tally.services[tx.service as usize].0 += 1;
                         tally.services[tx.service as usize].1 += len as u64;
+                    }
+                    Outcome::TooBig(tb) => {
+                        common::lb::check_too_big_output(&frame, output, &tb).map_err(|message| {
+                            fail(format!("{}: XDP_TX ICMP answer (mtu {}): {message}", what(), tb.mtu))
+                        })?;
+                        same_bytes(&what(), output, &common::lb::too_big_answer(&frame, &tb))?;
+                        tally.answers[usize::from(tb.v6)] += 1;
                     }
                     // The datapath writes nothing before it decides to pass or drop.
                     _ if output != &frame[..] => same_bytes(&what(), output, &frame)?,
@@ -868,13 +1093,17 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     let services_used = tally.services.iter().filter(|(packets, _)| *packets > 0).count();
     println!(
         "fuzz {}: {frames} frames in {:.1?} ({} refused with EINVAL), {used} backends and {services_used} services used, \
-         TX 4in4 {} 4in6 {} 6in6 {}, {} outer sums carrying past one fold; kinds {}; counters {}",
+         TX 4in4 {} 4in6 {} 6in6 {} (ICMP errors {}, tagged {}), ICMP answers {} + ICMPv6 {}, {} outer sums carrying past one fold; kinds {}; counters {}",
         slice.name,
         started.elapsed(),
         tally.refused,
         tally.families[0],
         tally.families[1],
         tally.families[2],
+        tally.icmp_tx,
+        tally.tagged_tx,
+        tally.answers[0],
+        tally.answers[1],
         tally.carries,
         KINDS.iter().zip(tally.kinds).map(|((kind, _), n)| format!("{kind:?} {n}")).collect::<Vec<_>>().join(", "),
         named(&counters)

@@ -513,10 +513,14 @@ fn l4lb_object_keeps_its_own_rules() {
     assert!(entries < 3_072_000, "{entries} map entries offloaded, over the 3,072,000 an NFP card is said to hold");
     // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
     assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
-    // A regression guard, not a measured NFP limit (the NFP JIT turns each
-    // BPF instruction into one or more NFP instructions): the datapath is
-    // about 1,400 instructions; growing past 2,048 deserves a look.
-    assert!(count <= 2048, "l4lb_balance has {count} instructions, over the budget of 2,048");
+    // A regression guard, not a measured NFP limit: the NFP JIT turns each
+    // BPF instruction into one or more NFP instructions, and a third-party
+    // design note (mizar) gives about 2,800 NFP instructions per program,
+    // not verified here (no card). The datapath is about 2,260 instruction
+    // slots since issue 5 (VLANs, ICMP errors and answers, the IPv4
+    // checksum): growing past 2,400 deserves a look, and offloading it is
+    // untested.
+    assert!(count <= 2400, "l4lb_balance has {count} instructions, over the budget of 2,400");
     assert!(found.is_empty(), "{}", found.join("\n  "));
 }
 

@@ -1,7 +1,9 @@
 //! The balancer's XDP program under BPF_PROG_TEST_RUN, its maps filled
 //! directly (not through the host's apply engine), and a reference model of
 //! what it must do to a frame, written from the datapath semantics of issue 4
-//! (docs: spec steps 1 to 8) and include/l4lb.h, independently of src/bpf/.
+//! (docs: spec steps 1 to 8), issue 5's decisions (VLAN tags, IPv4 header
+//! checksum, TTL 0, fragment entries, ICMP errors, too-big answers) and
+//! include/l4lb.h, independently of src/bpf/.
 //!
 //! Map values are written as bytes laid out here from the header (so the
 //! layouts are checked too); only the flow hash and the slot come from the
@@ -96,6 +98,15 @@ impl VipKey {
     pub fn with_port(&self, port: u16) -> Self {
         VipKey { port, ..*self }
     }
+
+    /// The fragment entry of (addr, proto): family | L4LB_FAMILY_FRAGMENT, port 0 (issue 5).
+    pub fn fragment(addr: IpAddr, proto: u8) -> Self {
+        VipKey { addr: addr_bytes(addr), family: family_of(addr) | L4LB_FAMILY_FRAGMENT as u8, proto, port: 0 }
+    }
+
+    pub fn is_fragment_entry(&self) -> bool {
+        self.family & L4LB_FAMILY_FRAGMENT as u8 != 0
+    }
 }
 
 /// The home entry of a VIP key in l4lb_vips (spec step 2), computed here.
@@ -182,7 +193,7 @@ pub fn family_of(addr: IpAddr) -> u8 {
 pub enum Outcome {
     /// test_run refuses it (shorter than an Ethernet header): the program does not run.
     Refused,
-    /// XDP_PASS counted PASS (not IPv4/IPv6 TCP/UDP).
+    /// XDP_PASS counted PASS (not IPv4/IPv6 TCP/UDP, or ICMP that is not an error about a flow).
     Pass,
     /// XDP_PASS counted PASS_NO_SERVICE.
     PassNoService,
@@ -190,6 +201,9 @@ pub enum Outcome {
     Drop(u32),
     /// XDP_TX, encapsulated.
     Tx(Tx),
+    /// XDP_TX counted TX_TOO_BIG: the frame became an ICMP "fragmentation
+    /// needed" / ICMPv6 "packet too big" answer to the client.
+    TooBig(TooBig),
 }
 
 /// An encapsulated frame: where it goes and what its outer header copies.
@@ -208,7 +222,28 @@ pub struct Tx {
     pub df: bool,
     /// The client's packet is IPv6.
     pub inner_v6: bool,
+    /// Ethernet header with its VLAN tags: 14, 18 or 22 bytes (the tags are kept).
+    pub l2_len: usize,
+    /// The packet is an ICMP error balanced like the flow it quotes.
+    pub icmp_error: bool,
 }
+
+/// An ICMP answer to a packet too big once encapsulated (issue 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooBig {
+    /// The service and backend the packet would have gone to.
+    pub service: u32,
+    pub backend: u32,
+    /// The MTU advertised: config mtu - the backend family's overhead.
+    pub mtu: u32,
+    /// The client's packet is IPv6 (ICMPv6 packet too big) or IPv4 (fragmentation needed).
+    pub v6: bool,
+    pub l2_len: usize,
+}
+
+/// Bytes of the client's packet an answer quotes.
+pub const ICMP4_QUOTE: usize = L4LB_ICMP4_QUOTE as usize;
+pub const ICMP6_QUOTE: usize = L4LB_ICMP6_QUOTE as usize;
 
 impl Outcome {
     /// The verdict and the counter, as the program returns and counts them.
@@ -219,11 +254,15 @@ impl Outcome {
             Outcome::PassNoService => (super::wire::XDP_PASS, L4LB_CNT_PASS_NO_SERVICE),
             Outcome::Drop(counter) => (super::wire::XDP_DROP, *counter),
             Outcome::Tx(_) => (super::wire::XDP_TX, L4LB_CNT_TX),
+            Outcome::TooBig(_) => (super::wire::XDP_TX, L4LB_CNT_TX_TOO_BIG),
         }
     }
 }
 
-/// What the parser takes from a balanced packet.
+/// What the parser takes from a balanced packet. For an ICMP error the
+/// addresses, protocol and ports are those of the flow it is about, seen from
+/// the client (the quoted packet's, swapped); the lengths, TOS and DF are the
+/// ICMP packet's own.
 #[derive(Debug, Clone, Copy)]
 pub struct Parsed {
     pub src: IpAddr,
@@ -236,13 +275,23 @@ pub struct Parsed {
     pub l3_len: usize,
     pub tos: u8,
     pub df: bool,
+    pub icmp_error: bool,
+    /// Set by `classify` (the parsers see the L3 bytes only).
+    pub l2_len: usize,
 }
 
 fn be16(b: &[u8], at: usize) -> usize {
     usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
 }
 
-/// Spec step 1 for an IPv4 packet (the bytes after the Ethernet header).
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+pub const TPID_8021Q: usize = 0x8100;
+pub const TPID_8021AD: usize = 0x88a8;
+
+/// Spec step 1 for an IPv4 packet (the bytes after the Ethernet header and
+/// its tags), with issue 5's checks: header checksum (any IHL), TTL 0, ICMP
+/// destination unreachable about a flow.
 pub fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Outcome> {
     if ip.len() < 20 {
         return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV4));
@@ -262,10 +311,20 @@ pub fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Outcome> {
         return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_TOT_LEN));
     }
     let proto = ip[9];
-    if proto != TCP && proto != UDP {
+    if proto != TCP && proto != UDP && proto != ICMP {
         return Err(Outcome::Pass);
     }
+    // A right header (checksum field included) sums to 0xffff: RFC 1071 gives 0.
+    if internet_checksum(&ip[..header_len]) != 0 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_BAD_CSUM));
+    }
+    if ip[8] == 0 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_TTL_ZERO));
+    }
     let fragment = be16(ip, 6) & 0x3fff != 0; // MF or an offset
+    if proto == ICMP {
+        return parse_icmp4_error(ip, header_len, tot_len, fragment);
+    }
     let (sport, dport) = if fragment {
         (0, 0)
     } else {
@@ -285,10 +344,50 @@ pub fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Outcome> {
         l3_len: tot_len,
         tos: ip[1],
         df: ip[6] & 0x40 != 0,
+        icmp_error: false,
+        l2_len: 0,
     })
 }
 
-/// Spec step 1 for an IPv6 packet: at most 4 extension headers.
+/// An IPv4 ICMP packet: a destination unreachable (type 3, any code), not a
+/// fragment, quoting an IPv4 TCP/UDP packet (not a later fragment) sent by
+/// the outer destination, whole up to its ports inside both the frame and
+/// tot_len, is about the flow (quoted dst:dport -> quoted src:sport).
+/// Everything else ICMP is passed.
+fn parse_icmp4_error(ip: &[u8], header_len: usize, tot_len: usize, fragment: bool) -> Result<Parsed, Outcome> {
+    let quoted = header_len + 8;
+    if quoted + 20 > ip.len() || quoted + 20 > tot_len {
+        return Err(Outcome::Pass);
+    }
+    if ip[header_len] != 3 || fragment {
+        return Err(Outcome::Pass);
+    }
+    let q = &ip[quoted..];
+    if q[0] >> 4 != 4 || q[0] & 0x0f < 5 || (q[9] != TCP && q[9] != UDP) || be16(q, 6) & 0x1fff != 0 || q[12..16] != ip[16..20] {
+        return Err(Outcome::Pass);
+    }
+    let quoted_len = usize::from(q[0] & 0x0f) * 4;
+    if quoted + quoted_len + 4 > ip.len() || quoted + quoted_len + 4 > tot_len {
+        return Err(Outcome::Pass);
+    }
+    let v4 = |at: usize| IpAddr::V4(Ipv4Addr::new(q[at], q[at + 1], q[at + 2], q[at + 3]));
+    Ok(Parsed {
+        src: v4(16),
+        dst: v4(12),
+        proto: q[9],
+        sport: be16(q, quoted_len + 2) as u16,
+        dport: be16(q, quoted_len) as u16,
+        fragment: false,
+        l3_len: tot_len,
+        tos: ip[1],
+        df: ip[6] & 0x40 != 0,
+        icmp_error: true,
+        l2_len: 0,
+    })
+}
+
+/// Spec step 1 for an IPv6 packet: at most 4 extension headers; hop limit 0
+/// dropped; ICMPv6 destination unreachable / packet too big about a flow.
 pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
     if ip.len() < 40 {
         return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV6));
@@ -305,7 +404,7 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
     let mut at = 40;
     let mut fragment = false;
     let mut headers = 0;
-    while next != TCP && next != UDP {
+    while next != TCP && next != UDP && next != ICMPV6 {
         let is_ext = matches!(next, HOPOPTS | ROUTING | DSTOPTS | FRAGMENT);
         if !is_ext {
             return Err(Outcome::Pass);
@@ -325,6 +424,35 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
         next = ip[at];
         at += len;
     }
+    if ip[7] == 0 {
+        return Err(Outcome::Drop(L4LB_CNT_DROP_TTL_ZERO));
+    }
+    let tos = ((u32::from_be_bytes(ip[0..4].try_into().unwrap()) >> 20) & 0xff) as u8;
+    let v6 = |at: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap()));
+    if next == ICMPV6 {
+        // Type 1 or 2, not a fragment, quoting IPv6 TCP/UDP right after its
+        // fixed header, sent by the outer destination, ports inside the packet.
+        if at + 8 + 40 + 4 > l3_end || (ip[at] != 1 && ip[at] != 2) || fragment {
+            return Err(Outcome::Pass);
+        }
+        let q = at + 8;
+        if ip[q] >> 4 != 6 || (ip[q + 6] != TCP && ip[q + 6] != UDP) || ip[q + 8..q + 24] != ip[24..40] {
+            return Err(Outcome::Pass);
+        }
+        return Ok(Parsed {
+            src: v6(q + 24),
+            dst: v6(q + 8),
+            proto: ip[q + 6],
+            sport: be16(ip, q + 42) as u16,
+            dport: be16(ip, q + 40) as u16,
+            fragment: false,
+            l3_len: l3_end,
+            tos,
+            df: false,
+            icmp_error: true,
+            l2_len: 0,
+        });
+    }
     let (sport, dport) = if fragment {
         (0, 0)
     } else {
@@ -333,7 +461,6 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
         }
         (be16(ip, at) as u16, be16(ip, at + 2) as u16)
     };
-    let v6 = |at: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap()));
     Ok(Parsed {
         src: v6(8),
         dst: v6(24),
@@ -342,8 +469,10 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
         dport,
         fragment,
         l3_len: l3_end,
-        tos: ((u32::from_be_bytes(ip[0..4].try_into().unwrap()) >> 20) & 0xff) as u8,
+        tos,
         df: false,
+        icmp_error: false,
+        l2_len: 0,
     })
 }
 
@@ -427,7 +556,7 @@ impl Lb {
         let index = self.place_vip(key, service, displacement)?;
         let mut config = self.config.clone();
         config.vip_probes = config.vip_probes.max(displacement + 1);
-        if key.port == 0 {
+        if key.port == 0 && !key.is_fragment_entry() {
             config.flags |= L4LB_CONFIG_ANY_PORT;
         }
         self.set_config(config)?;
@@ -484,7 +613,7 @@ impl Lb {
         Ok((verdict, out))
     }
 
-    /// The 16 global counters (summed over CPUs when per-CPU).
+    /// The global counters, L4LB_CNT_MAX of them (summed over CPUs when per-CPU).
     pub fn counters(&self) -> TestResult<[u64; NCNT]> {
         let values = read_u64s(&self.skel.maps.l4lb_counters, NCNT, 1)?;
         let mut out = [0u64; NCNT];
@@ -511,13 +640,25 @@ impl Lb {
         if frame.len() < ETH_LEN {
             return Outcome::Refused;
         }
-        let parsed = match be16(frame, 12) {
-            0x0800 => parse_ipv4(&frame[ETH_LEN..]),
-            0x86dd => parse_ipv6(&frame[ETH_LEN..]),
+        // Up to two 802.1Q / 802.1ad tags (either TPID in either place); a third is not ours.
+        let mut ethertype = be16(frame, 12);
+        let mut l2_len = ETH_LEN;
+        for _ in 0..L4LB_MAX_VLAN_TAGS {
+            if ethertype == TPID_8021Q || ethertype == TPID_8021AD {
+                if frame.len() < l2_len + 4 {
+                    return Outcome::Drop(L4LB_CNT_DROP_SHORT_VLAN);
+                }
+                ethertype = be16(frame, l2_len + 2);
+                l2_len += 4;
+            }
+        }
+        let parsed = match ethertype {
+            0x0800 => parse_ipv4(&frame[l2_len..]),
+            0x86dd => parse_ipv6(&frame[l2_len..]),
             _ => return Outcome::Pass,
         };
         match parsed {
-            Ok(p) => self.decide(&p),
+            Ok(p) => self.decide(&Parsed { l2_len, ..p }),
             Err(outcome) => outcome,
         }
     }
@@ -531,13 +672,20 @@ impl Lb {
         })
     }
 
-    /// Spec steps 2 to 8 for a parsed packet.
+    /// Spec steps 2 to 8 for a parsed packet (issue 5: fragments look up
+    /// their fragment entry only; too big answered or dropped).
     pub fn decide(&self, p: &Parsed) -> Outcome {
         let key = VipKey::new(p.dst, p.proto, p.dport);
-        let mut service = self.find_vip(&key);
-        if service.is_none() && key.port != 0 && self.config.flags & L4LB_CONFIG_ANY_PORT != 0 {
-            service = self.find_vip(&key.with_port(0));
-        }
+        let mut service = if p.fragment {
+            self.find_vip(&VipKey::fragment(p.dst, p.proto))
+        } else {
+            let exact = self.find_vip(&key);
+            if exact.is_none() && key.port != 0 && self.config.flags & L4LB_CONFIG_ANY_PORT != 0 {
+                self.find_vip(&key.with_port(0))
+            } else {
+                exact
+            }
+        };
         if service.is_none() && self.config.flags & L4LB_CONFIG_CATCH_ALL != 0 {
             service = Some(self.config.catch_all);
         }
@@ -572,10 +720,34 @@ impl Lb {
         } else {
             return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
         };
-        if self.config.mtu != 0 && p.l3_len + overhead > self.config.mtu as usize {
-            return Outcome::Drop(L4LB_CNT_DROP_TOO_BIG);
+        let mtu = self.config.mtu as usize;
+        if mtu != 0 && p.l3_len + overhead > mtu {
+            // Never an error about an error; IPv4 without DF is dropped; an
+            // answer needs the whole quote (only short of it below 576).
+            let quote = if inner_v6 { ICMP6_QUOTE } else { ICMP4_QUOTE };
+            if p.icmp_error || mtu <= overhead || (!inner_v6 && !p.df) || p.l3_len < quote {
+                return Outcome::Drop(L4LB_CNT_DROP_TOO_BIG);
+            }
+            return Outcome::TooBig(TooBig {
+                service,
+                backend: number,
+                mtu: (mtu - overhead) as u32,
+                v6: inner_v6,
+                l2_len: p.l2_len,
+            });
         }
-        Outcome::Tx(Tx { service, backend: number, hash, overhead, l3_len: p.l3_len, tos: p.tos, df: p.df, inner_v6 })
+        Outcome::Tx(Tx {
+            service,
+            backend: number,
+            hash,
+            overhead,
+            l3_len: p.l3_len,
+            tos: p.tos,
+            df: p.df,
+            inner_v6,
+            l2_len: p.l2_len,
+            icmp_error: p.icmp_error,
+        })
     }
 
     /// Checks an XDP_TX output field by field against `tx` (spec step 7),
@@ -585,18 +757,13 @@ impl Lb {
         if out.len() != frame.len() + tx.overhead {
             return Err(format!("output is {} bytes, expected {} + {}", out.len(), frame.len(), tx.overhead));
         }
-        let field = |what: &str, actual: &[u8], expected: &[u8]| {
-            if actual == expected {
-                Ok(())
-            } else {
-                Err(format!("{what}: {} , expected {}", super::hex(actual), super::hex(expected)))
-            }
-        };
+        let l2 = tx.l2_len;
         field("Ethernet destination (backend's or gateway's MAC)", &out[0..6], &backend.mac)?;
         field("Ethernet source (the frame's destination)", &out[6..12], &frame[0..6])?;
-        let outer = &out[ETH_LEN..ETH_LEN + tx.overhead];
+        field("VLAN tags (kept byte for byte)", &out[12..l2 - 2], &frame[12..l2 - 2])?;
+        let outer = &out[l2..l2 + tx.overhead];
         if tx.overhead == 20 {
-            field("EtherType", &out[12..14], &[0x08, 0x00])?;
+            field("EtherType", &out[l2 - 2..l2], &[0x08, 0x00])?;
             field("outer version/IHL", &outer[0..1], &[0x45])?;
             field("outer TOS", &outer[1..2], &[tx.tos])?;
             field("outer tot_len", &outer[2..4], &((tx.l3_len + 20) as u16).to_be_bytes())?;
@@ -614,7 +781,7 @@ impl Lb {
             field("outer source", &outer[12..16], &self.config.src_v4)?;
             field("outer destination (predicted backend)", &outer[16..20], &backend.addr[..4])?;
         } else {
-            field("EtherType", &out[12..14], &[0x86, 0xdd])?;
+            field("EtherType", &out[l2 - 2..l2], &[0x86, 0xdd])?;
             let vtc = (6u32 << 28) | (u32::from(tx.tos) << 20) | (tx.hash & 0xfffff);
             field("outer version/traffic class/flow label", &outer[0..4], &vtc.to_be_bytes())?;
             field("outer payload length", &outer[4..6], &(tx.l3_len as u16).to_be_bytes())?;
@@ -623,12 +790,137 @@ impl Lb {
             field("outer source", &outer[8..24], &self.config.src_v6)?;
             field("outer destination (predicted backend)", &outer[24..40], &backend.addr)?;
         }
-        if out[ETH_LEN + tx.overhead..] != frame[ETH_LEN..] {
-            let at = out[ETH_LEN + tx.overhead..].iter().zip(&frame[ETH_LEN..]).position(|(a, b)| a != b).unwrap_or(0);
+        if out[l2 + tx.overhead..] != frame[l2..] {
+            let at = out[l2 + tx.overhead..].iter().zip(&frame[l2..]).position(|(a, b)| a != b).unwrap_or(0);
             return Err(format!("inner packet differs from the input at its byte {at}"));
         }
         Ok(())
     }
+}
+
+fn field(what: &str, actual: &[u8], expected: &[u8]) -> Result<(), String> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(format!("{what}: {} , expected {}", super::hex(actual), super::hex(expected)))
+    }
+}
+
+/// The ICMP answer the datapath must send for `frame` (spec "Too big"),
+/// built here byte by byte with this file's RFC 1071 sums: Ethernet back to
+/// the sender (MACs swapped, tags kept), a new IP header from the VIP to the
+/// client, ICMP type 3 code 4 with the 16-bit next-hop MTU (IPv4) or ICMPv6
+/// type 2 with the 32-bit MTU (checksum over the pseudo-header), then the
+/// first 68 / 80 bytes of the client's packet.
+pub fn too_big_answer(frame: &[u8], tb: &TooBig) -> Vec<u8> {
+    let l2 = tb.l2_len;
+    let ip = &frame[l2..];
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..l2 - 2]);
+    if !tb.v6 {
+        out.extend_from_slice(&[0x08, 0x00]);
+        let quote = &ip[..ICMP4_QUOTE];
+        let mut header = [0u8; 20];
+        header[0] = 0x45;
+        header[2..4].copy_from_slice(&((20 + 8 + ICMP4_QUOTE) as u16).to_be_bytes());
+        header[8] = L4LB_ICMP_TTL as u8;
+        header[9] = ICMP;
+        header[12..16].copy_from_slice(&ip[16..20]);
+        header[16..20].copy_from_slice(&ip[12..16]);
+        let sum = internet_checksum(&header);
+        header[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&(tb.mtu as u16).to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let sum = internet_checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&icmp);
+    } else {
+        out.extend_from_slice(&[0x86, 0xdd]);
+        let quote = &ip[..ICMP6_QUOTE];
+        let len = 8 + ICMP6_QUOTE;
+        let mut header = [0u8; 40];
+        header[0] = 0x60;
+        header[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        header[6] = ICMPV6;
+        header[7] = L4LB_ICMP_TTL as u8;
+        header[8..24].copy_from_slice(&ip[24..40]);
+        header[24..40].copy_from_slice(&ip[8..24]);
+        let mut icmp = vec![2u8, 0, 0, 0];
+        icmp.extend_from_slice(&tb.mtu.to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let sum = icmpv6_checksum(&header[8..24], &header[24..40], &icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&icmp);
+    }
+    out
+}
+
+/// RFC 4443 section 2.3 / RFC 8200 section 8.1: the ICMPv6 checksum covers a
+/// pseudo-header (source, destination, 32-bit upper-layer length, 3 zero
+/// bytes, next header 58) and the message (its checksum field as given).
+pub fn icmpv6_checksum(src: &[u8], dst: &[u8], message: &[u8]) -> u16 {
+    let mut bytes = Vec::with_capacity(40 + message.len());
+    bytes.extend_from_slice(src);
+    bytes.extend_from_slice(dst);
+    bytes.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&[0, 0, 0, ICMPV6]);
+    bytes.extend_from_slice(message);
+    internet_checksum(&bytes)
+}
+
+/// Checks an XDP_TX output counted TX_TOO_BIG, parsed field by field
+/// (independently of `too_big_answer`): a well-formed ICMP answer to the
+/// frame's sender whose checksums verify and whose quote is the start of the
+/// frame's IP packet. Err names the field.
+pub fn check_too_big_output(frame: &[u8], out: &[u8], tb: &TooBig) -> Result<(), String> {
+    let l2 = tb.l2_len;
+    let ip = &frame[l2..];
+    let (headers, quote) = if tb.v6 { (48, ICMP6_QUOTE) } else { (28, ICMP4_QUOTE) };
+    if out.len() != l2 + headers + quote {
+        return Err(format!("ICMP answer is {} bytes, expected {l2} + {headers} + {quote}", out.len()));
+    }
+    field("answer Ethernet destination (the frame's source)", &out[0..6], &frame[6..12])?;
+    field("answer Ethernet source (the frame's destination)", &out[6..12], &frame[0..6])?;
+    field("answer VLAN tags (kept)", &out[12..l2 - 2], &frame[12..l2 - 2])?;
+    let answer = &out[l2..];
+    if !tb.v6 {
+        field("answer EtherType", &out[l2 - 2..l2], &[0x08, 0x00])?;
+        field("answer version/IHL, TOS", &answer[0..2], &[0x45, 0])?;
+        field("answer tot_len", &answer[2..4], &96u16.to_be_bytes())?;
+        field("answer id, flags/offset (no DF)", &answer[4..8], &[0, 0, 0, 0])?;
+        field("answer TTL, protocol", &answer[8..10], &[64, 1])?;
+        if internet_checksum(&answer[..20]) != 0 {
+            return Err(format!("answer IPv4 header checksum {} does not verify", super::hex(&answer[10..12])));
+        }
+        field("answer source (the VIP)", &answer[12..16], &ip[16..20])?;
+        field("answer destination (the client)", &answer[16..20], &ip[12..16])?;
+        let icmp = &answer[20..];
+        field("ICMP type/code (3/4)", &icmp[0..2], &[3, 4])?;
+        field("ICMP unused + next-hop MTU", &icmp[4..8], &[0, 0, (tb.mtu >> 8) as u8, tb.mtu as u8])?;
+        if internet_checksum(icmp) != 0 {
+            return Err(format!("ICMP checksum {} does not verify", super::hex(&icmp[2..4])));
+        }
+        field("ICMP quote (the client's packet's first 68 bytes)", &icmp[8..], &ip[..ICMP4_QUOTE])?;
+    } else {
+        field("answer EtherType", &out[l2 - 2..l2], &[0x86, 0xdd])?;
+        field("answer version/class/label", &answer[0..4], &[0x60, 0, 0, 0])?;
+        field("answer payload length, next header, hop limit", &answer[4..8], &[0, 88, 58, 64])?;
+        field("answer source (the VIP)", &answer[8..24], &ip[24..40])?;
+        field("answer destination (the client)", &answer[24..40], &ip[8..24])?;
+        let icmp = &answer[40..];
+        field("ICMPv6 type/code (2/0)", &icmp[0..2], &[2, 0])?;
+        field("ICMPv6 MTU", &icmp[4..8], &tb.mtu.to_be_bytes())?;
+        if icmpv6_checksum(&answer[8..24], &answer[24..40], icmp) != 0 {
+            return Err(format!("ICMPv6 checksum {} does not verify (pseudo-header included)", super::hex(&icmp[2..4])));
+        }
+        field("ICMPv6 quote (the client's packet's first 80 bytes)", &icmp[8..], &ip[..ICMP6_QUOTE])?;
+    }
+    Ok(())
 }
 
 /// Every entry of an array map of u64 words (`words` per value), summed over
