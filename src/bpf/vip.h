@@ -55,21 +55,18 @@ static __always_inline struct l4lb_vip *vip_lookup(const struct l4lb_vip_key *ke
 static __always_inline int find_service(const struct l4lb_config *config, struct l4lb_vip_key *key,
 					int fragment, __u32 *number)
 {
-	struct l4lb_vip_key fragment_key;
 	struct l4lb_vip *vip;
 
-	if (fragment) {
-		/* A copy: the caller goes on reading the family from its key. */
-		fragment_key = *key;
-		fragment_key.family |= L4LB_FAMILY_FRAGMENT;
-		fragment_key.port = 0;
-		vip = vip_lookup(&fragment_key, config->vip_probes);
-	} else {
+	/* A fragment's port is already 0 (parse.h); its family gets the
+	 * fragment bit for the lookup only: the caller reads the family on.
+	 */
+	if (fragment)
+		key->family |= L4LB_FAMILY_FRAGMENT;
+	vip = vip_lookup(key, config->vip_probes);
+	key->family &= ~L4LB_FAMILY_FRAGMENT;
+	if (!vip && !fragment && key->port && (config->flags & L4LB_CONFIG_ANY_PORT)) {
+		key->port = 0;
 		vip = vip_lookup(key, config->vip_probes);
-		if (!vip && key->port && (config->flags & L4LB_CONFIG_ANY_PORT)) {
-			key->port = 0;
-			vip = vip_lookup(key, config->vip_probes);
-		}
 	}
 	if (vip) {
 		*number = vip->service;
