@@ -801,10 +801,7 @@ fn golden_ipv4_client_ipv6_backend() -> TestResult {
                         let packet = Packet { tos, sport, payload: vec![0x5a; payload_len], ..base.clone() };
                         let what = format!("4in6 proto {} tos {tos:#04x} payload {payload_len} sport {sport}", packet.proto);
                         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
-                        let hash = packet.flow(true).hash(HASH_SEED);
-                        let vtc = u32::from_be_bytes(out[ETH_LEN..ETH_LEN + 4].try_into().unwrap());
-                        ensure!(vtc == 6 << 28 | u32::from(tos) << 20 | (hash & 0xfffff), "{what}: vtc {vtc:#010x}");
-                        ensure!(out[ETH_LEN + 6] == 4 && out[ETH_LEN + 7] == 64, "{what}: next header/hop limit");
+                        outer_ipv6_fields(&what, &out, &packet, 4)?;
                         ensure!(out[12..14] == [0x86, 0xdd], "{what}: EtherType");
                         ensure!(out[ETH_LEN + 8..ETH_LEN + 24] == LB_SRC6.octets(), "{what}: outer source");
                         ensure!(out[ETH_LEN + 24..ETH_LEN + 40] == BACKEND6.octets(), "{what}: outer destination");
@@ -815,6 +812,20 @@ fn golden_ipv4_client_ipv6_backend() -> TestResult {
             check(&lb, "4in6 padded to 60 bytes", &padded(&short.frame(), 60), tx(SVC, BE, short.flow(true)))?;
         }
     }
+    Ok(())
+}
+
+/// The outer IPv6 header's fields of `out`, spelled out (on top of the
+/// byte-for-byte comparison `check` made): version, traffic class = the
+/// client's TOS / class, flow label = the flow hash & 0xfffff, payload
+/// length = the client's packet, `next_header`, hop limit 64.
+fn outer_ipv6_fields(what: &str, out: &[u8], packet: &Packet, next_header: u8) -> TestResult {
+    let hash = packet.flow(true).hash(HASH_SEED);
+    let vtc = u32::from_be_bytes(out[ETH_LEN..ETH_LEN + 4].try_into().unwrap());
+    ensure!(vtc == 6 << 28 | u32::from(packet.tos) << 20 | (hash & 0xfffff), "{what}: vtc {vtc:#010x}");
+    let payload = u16::from_be_bytes([out[ETH_LEN + 4], out[ETH_LEN + 5]]) as usize;
+    ensure!(payload == packet.l3_len(), "{what}: outer payload length {payload}");
+    ensure!(out[ETH_LEN + 6] == next_header && out[ETH_LEN + 7] == 64, "{what}: next header/hop limit");
     Ok(())
 }
 
@@ -830,12 +841,7 @@ fn golden_ipv6_client_ipv6_backend() -> TestResult {
                         let packet = Packet { tos, label, payload: vec![0x3c; payload_len], ..base.clone() };
                         let what = format!("6in6 proto {} class {tos:#04x} label {label:#x} payload {payload_len}", packet.proto);
                         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
-                        let hash = packet.flow(true).hash(HASH_SEED);
-                        let vtc = u32::from_be_bytes(out[ETH_LEN..ETH_LEN + 4].try_into().unwrap());
-                        ensure!(vtc == 6 << 28 | u32::from(tos) << 20 | (hash & 0xfffff), "{what}: vtc {vtc:#010x}");
-                        ensure!(out[ETH_LEN + 6] == 41, "{what}: next header {}", out[ETH_LEN + 6]);
-                        let payload = u16::from_be_bytes([out[ETH_LEN + 4], out[ETH_LEN + 5]]) as usize;
-                        ensure!(payload == packet.l3_len(), "{what}: outer payload length {payload}");
+                        outer_ipv6_fields(&what, &out, &packet, 41)?;
                     }
                 }
             }

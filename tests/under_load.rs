@@ -690,6 +690,22 @@ fn nonzero_drops(counters: &[u64]) -> Vec<String> {
         .collect()
 }
 
+/// One `l4lb` update command while the flood runs: it succeeds, no drop
+/// counter moves, and frames reached l4lb meanwhile. Returns the run and
+/// how many frames l4lb saw during it.
+fn run_under_flood(topo: &Topology, maps: &LbMaps, flood: &mut Flood, what: &str, args: Vec<String>) -> TestResult<(Run, u64)> {
+    flood.check()?;
+    let before = maps.read_counters()?;
+    let run = topo.l4lb_many(&[args])?.remove(0);
+    let after = maps.read_counters()?;
+    let run = Run { what: format!("{what}: {}", run.what), ..run }.success()?;
+    let drops = nonzero_drops(&after);
+    ensure!(drops.is_empty(), "{what}: drop counters moved: {}", drops.join(", "));
+    let frames = counter(&after, "rx") - counter(&before, "rx");
+    ensure!(frames > 0, "{what}: no frame reached l4lb while `l4lb` ran ({:?})", run.elapsed);
+    Ok((run, frames))
+}
+
 fn counter(counters: &[u64], name: &str) -> u64 {
     COUNTER_NAMES.iter().position(|n| *n == name).map_or(0, |i| counters[i])
 }
@@ -759,15 +775,7 @@ fn hundred_map_updates_under_flood() -> TestResult {
         let (next, change) = sets.next(&set, k);
         let what = format!("update {k} ({change:?}, {} -> {} destinations)", set.len(), next.len());
         let args = topo.map_args(&format!("update-{k}.csv"), &next)?;
-        flood.check()?;
-        let before = maps.read_counters()?;
-        let run = topo.l4lb_many(&[args])?.remove(0);
-        let after = maps.read_counters()?;
-        let run = Run { what: format!("{what}: {}", run.what), ..run }.success()?;
-        let drops = nonzero_drops(&after);
-        ensure!(drops.is_empty(), "{what}: drop counters moved: {}", drops.join(", "));
-        let frames = counter(&after, "rx") - counter(&before, "rx");
-        ensure!(frames > 0, "{what}: no frame reached l4lb while `l4lb map` ran ({:?})", run.elapsed);
+        let (run, frames) = run_under_flood(&topo, &maps, &mut flood, &what, args)?;
 
         let next_state = topo.snapshot()?;
         let line = map_summary(&topo.lb_dev, &plan_map(&state, &next)?, &next);
@@ -1073,15 +1081,7 @@ fn apply_updates_under_flood() -> TestResult {
         let before_verdicts = verdicts(&format!("{what}, before"), &program, &state.running, &probes)?;
 
         let args = topo.apply_args(&format!("update-{k}.toml"), &text)?;
-        flood.check()?;
-        let before = maps.read_counters()?;
-        let run = topo.l4lb_many(&[args])?.remove(0);
-        let after = maps.read_counters()?;
-        let run = Run { what: format!("{what}: {}", run.what), ..run }.success()?;
-        let drops = nonzero_drops(&after);
-        ensure!(drops.is_empty(), "{what}: drop counters moved: {}", drops.join(", "));
-        let frames = counter(&after, "rx") - counter(&before, "rx");
-        ensure!(frames > 0, "{what}: no frame reached l4lb while `l4lb apply` ran ({:?})", run.elapsed);
+        let (run, _frames) = run_under_flood(&topo, &maps, &mut flood, &what, args)?;
         let expected_out = if plan.is_empty() {
             "no changes\n".to_string()
         } else {
