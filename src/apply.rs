@@ -337,7 +337,7 @@ pub fn decode(
                 Some(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } })
             })
             .collect();
-        members.sort_by(|a, b| a.backend.addr.cmp(&b.backend.addr));
+        members.sort_by_key(|m| m.backend.addr);
         let flags = services[number as usize];
         out.push(RunningService {
             number,
@@ -472,6 +472,9 @@ pub fn check_mtu(wanted: &Model, running_mtu: u32) -> Result<()> {
     }
 }
 
+/// (slot, backend number) writes into one service's table.
+type SlotWrites = Vec<(u32, u32)>;
+
 /// Plans the apply of `wanted` over `now`. `fresh_seed` becomes the hash
 /// seed when neither the maps nor `wanted` have one; `wanted.global.mtu` of
 /// None keeps the running MTU (callers put the device's there when the
@@ -529,9 +532,9 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     let mut fresh_backends = Vec::new();
     let mut backend_writes: Vec<(u32, bpf::Backend)> = Vec::new();
     let mut after_services = Vec::new();
-    // (number, table writes, flags) per new and changed service.
-    let mut new_services: Vec<(u32, Vec<(u32, u32)>, u32, Option<[u8; 20]>)> = Vec::new();
-    let mut changed_services: Vec<(u32, Vec<(u32, u32)>, u32)> = Vec::new();
+    // (number, table writes, flags[, VIP key]) per new and changed service.
+    let mut new_services: Vec<(u32, SlotWrites, u32, Option<[u8; 20]>)> = Vec::new();
+    let mut changed_services: Vec<(u32, SlotWrites, u32)> = Vec::new();
     let mut in_use_backends: BTreeSet<u32> = BTreeSet::new();
     for s in &wanted.services {
         let number = number_of[&s.key];

@@ -333,7 +333,6 @@ fn lookup_batch_range(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>
         sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
         elem_flags: 0,
         flags: 0,
-        ..Default::default()
     };
     let mut done = 0u32;
     // The batch token of an array is the last key read: reading goes on from the next.
