@@ -23,6 +23,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{fail, in_netns, run, run_with, Outcome, TestResult};
+use l4lb::config::{self, Model, Protocol, Service, ServiceKey};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
@@ -51,6 +54,7 @@ fn main() {
             ("round_trips_follow_the_table_and_counters_agree", round_trips_follow_the_table_and_counters_agree),
             ("up_down_are_idempotent_and_leave_nothing_behind", up_down_are_idempotent_and_leave_nothing_behind),
             ("failure_at_every_step_of_up_leaves_nothing_behind", failure_at_every_step_of_up_leaves_nothing_behind),
+            ("hundred_applies_under_the_lab_flood_drop_nothing", hundred_applies_under_the_lab_flood_drop_nothing),
         ],
     );
 }
@@ -343,6 +347,51 @@ fn answering_backend(body: &str) -> TestResult<usize> {
         .ok_or_else(|| fail(format!("answer {body:?} names no backend")))
 }
 
+/// The lab's backend number K (1-based) of a backend address (scripts/lab:
+/// 198.18.0.(100+K) and 2001:db8:18::(100+K)).
+fn lab_backend_of(addr: IpAddr) -> Option<usize> {
+    (1..=100).find(|&k| addr == backend_addr6(k) || addr == IpAddr::V4(Ipv4Addr::new(198, 18, 0, 100 + k as u8)))
+}
+
+/// `connections` HTTP GETs from the client namespace to vip:port, each from a
+/// new source port: every one completes, and each is answered by the backend
+/// that its flow's slot names in `service`'s table as the kernel holds it
+/// (flow hash model). Returns how many each lab backend (index K - 1)
+/// answered.
+fn http_round_trips(
+    client_ns: &str,
+    client: IpAddr,
+    vip: IpAddr,
+    port: u16,
+    connections: usize,
+    service: &l4lb::state::RunningService,
+    seed: u32,
+) -> TestResult<Vec<usize>> {
+    let key = service.key;
+    let results = in_netns(client_ns, || Ok((0..connections).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    ensure!(failures.is_empty(), "{key}: {} of {connections} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
+    let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
+    ensure!(ports.len() == connections, "{key}: only {} distinct source ports in {connections} connections", ports.len());
+
+    let mut answered = vec![0usize; 4];
+    let mut misrouted = Vec::new();
+    for (sport, body) in &answers {
+        let k = answering_backend(body)?;
+        ensure!((1..=4).contains(&k), "answer {body:?} from an unknown backend");
+        answered[k - 1] += 1;
+        let flow = l4lb::flow_hash::Flow { saddr: client, daddr: vip, sport: *sport, dport: port, proto: 6 };
+        let slot = l4lb::maglev::flow_slot(&flow, seed, service.table.len());
+        let predicted = service.backends.iter().find(|b| b.number == service.table[slot]).and_then(|b| lab_backend_of(b.backend.addr));
+        if predicted != Some(k) {
+            misrouted.push(format!("source port {sport}: answered by be{k}, table says {predicted:?}"));
+        }
+    }
+    ensure!(misrouted.is_empty(), "{key}: {} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
+    Ok(answered)
+}
+
 // ---------------------------------------------------------------- tests
 
 /// HTTP round trips from the client to each of the lab's three services
@@ -397,28 +446,8 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
         }
 
         let started = Instant::now();
-        let results = in_netns(&lab.ns("client"), || Ok((0..connections).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+        let answered = http_round_trips(&lab.ns("client"), client, vip, port, connections, service, seed)?;
         let elapsed = started.elapsed();
-        let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-        ensure!(failures.is_empty(), "{service_key}: {} of {connections} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-        let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
-        let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
-        ensure!(ports.len() == connections, "{service_key}: only {} distinct source ports in {connections} connections", ports.len());
-
-        let mut answered = [0usize; 4];
-        let mut misrouted = Vec::new();
-        for (sport, body) in &answers {
-            let k = answering_backend(body)?;
-            ensure!((1..=4).contains(&k), "answer {body:?} from an unknown backend");
-            answered[k - 1] += 1;
-            let flow = l4lb::flow_hash::Flow { saddr: client, daddr: vip, sport: *sport, dport: port, proto: 6 };
-            let slot = l4lb::maglev::flow_slot(&flow, seed, service.table.len());
-            let predicted = lab_index(service.table[slot]).map(|i| i + 1);
-            if predicted != Some(k) {
-                misrouted.push(format!("source port {sport}: answered by be{k}, table says {predicted:?}"));
-            }
-        }
-        ensure!(misrouted.is_empty(), "{service_key}: {} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
         let mut out_of_bounds = Vec::new();
         let mut intervals = Vec::new();
         for i in 0..4 {
@@ -545,3 +574,161 @@ fn failure_at_every_step_of_up_leaves_nothing_behind() -> TestResult {
     Ok(())
 }
 
+
+/// Configuration changes under the lab's flood.
+const APPLIES: usize = 100;
+
+/// Kills the flood when dropped.
+struct Flood(std::process::Child);
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes a scratch directory when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One change of the lab's services (`k` picks the kind, `rng` the details):
+/// a weight (0 drains; a service keeps one backend with weight above 0), a
+/// backend removed (a service keeps one) or all of the lab's put back, a
+/// fourth service (203.0.113.12:8080, no traffic) added or removed. Returns
+/// what it did.
+fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) -> String {
+    let extra = ServiceKey::Vip { addr: "203.0.113.12".parse().expect("address"), protocol: Protocol::Tcp, port: 8080 };
+    if k % 4 == 3 {
+        if let Some(i) = model.services.iter().position(|s| s.key == extra) {
+            model.services.remove(i);
+            return format!("remove service {extra}");
+        }
+        let backends = base.services[0].backends.iter().map(|b| config::Backend { weight: 1, ..*b }).collect();
+        model.services.push(Service { key: extra, hash_ports: true, backends });
+        model.services.sort_by_key(|s| s.key);
+        return format!("add service {extra}");
+    }
+    let lab: Vec<usize> = (0..model.services.len()).filter(|&i| base.service(&model.services[i].key).is_some()).collect();
+    let index = lab[rng.gen_range(0..lab.len())];
+    let service = &mut model.services[index];
+    let original = base.service(&service.key).expect("a lab service");
+    match k % 4 {
+        0 => {
+            let b = rng.gen_range(0..service.backends.len());
+            service.backends[b].weight = rng.gen_range(0..=3);
+            if service.backends.iter().all(|b| b.weight == 0) {
+                service.backends[b].weight = 1;
+            }
+            format!("{}: {} weight {}", service.key, service.backends[b].addr, service.backends[b].weight)
+        }
+        1 if service.backends.len() > 1 => {
+            let b = rng.gen_range(0..service.backends.len());
+            let gone = service.backends.remove(b);
+            if service.backends.iter().all(|b| b.weight == 0) {
+                service.backends[0].weight = 1;
+            }
+            format!("{}: remove {}", service.key, gone.addr)
+        }
+        _ => {
+            service.backends = original.backends.clone();
+            format!("{}: the lab's backends back", service.key)
+        }
+    }
+}
+
+/// While the lab's flood runs through the balancer (`hping3 --rand-source
+/// --flood -S` to the IPv4 VIP's port 80, as `make demo` sends it), APPLIES
+/// `l4lb apply` changes: weights (0 included: draining), backends removed
+/// and put back, a fourth service added and removed, the last one back to the
+/// lab's own file. During every apply frames reach l4lb and no drop counter
+/// moves (no frame meets a missing or half-written table entry); afterwards
+/// every frame l4lb saw was sent or passed, and HTTP round trips to the three
+/// services are each answered by the backend the kernel's table names.
+fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(4)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let (lb_ns, lb_dev, client_ns) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?);
+    let base = config::load(Path::new(&get("CONFIG")?)).map_err(|err| fail(format!("{err:#}")))?;
+    let scratch = Scratch(PathBuf::from(format!("/run/{}-churn", lab.prefix)));
+    std::fs::create_dir_all(&scratch.0).map_err(|err| fail(format!("{}: {err}", scratch.0.display())))?;
+    let seed: u64 = std::env::var("L4LB_LAB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("lab: changes from seed {seed} (L4LB_LAB_SEED={seed} repeats them)");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let flood = std::process::Command::new("ip")
+        .args(["netns", "exec", &client_ns, "hping3", &get("VIP")?, "--rand-source", "--flood", "-S", "-p", &get("PORT")?, "-q"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|err| fail(format!("starting hping3: {err}")))?;
+    let flood = Flood(flood);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut model = base.clone();
+    let mut during = Vec::new();
+    let started = Instant::now();
+    for k in 1..=APPLIES {
+        let change = if k == APPLIES {
+            model = base.clone();
+            "back to the lab's lb.toml".to_string()
+        } else {
+            change_services(&mut model, &base, &mut rng, k)
+        };
+        let file = scratch.0.join(format!("update-{k}.toml"));
+        std::fs::write(&file, config::to_toml(&model)).map_err(|err| fail(format!("{}: {err}", file.display())))?;
+        let rx_before = lb_view(&lb_ns, &lb_dev)?.counters["rx"];
+        lab.l4lb("lb", &["apply", "-i", &lb_dev, "-c", &file.display().to_string()])
+            .success()
+            .map_err(|err| fail(format!("apply {k} ({change}): {err:?}")))?;
+        let view = lb_view(&lb_ns, &lb_dev)?;
+        let drops: Vec<String> = view.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+        ensure!(drops.is_empty(), "apply {k} ({change}): drop counters moved: {drops:?}");
+        let frames = view.counters["rx"] - rx_before;
+        ensure!(frames > 0, "apply {k} ({change}): no frame reached l4lb during the apply: is the flood running?");
+        during.push(frames);
+    }
+    let took = started.elapsed();
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let view = lb_view(&lb_ns, &lb_dev)?;
+    let c = &view.counters;
+    let drops: Vec<String> = c.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+    ensure!(drops.is_empty(), "after the flood: drop counters moved: {drops:?}");
+    ensure!(
+        c["rx"] == c["tx"] + c["tx_too_big"] + c["pass"] + c["pass_no_service"],
+        "rx {} != tx + tx_too_big + pass + pass_no_service: {c:?}",
+        c["rx"]
+    );
+    ensure!(view.running.model().services == base.services, "the last apply did not bring back the lab's services");
+    let hash_seed = view.running.global.hash_seed.ok_or_else(|| fail("no hash seed"))?;
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    for (vip, client) in [("VIP", "CLIENT_ADDR"), ("VIP_4IN6", "CLIENT_ADDR"), ("VIP6", "CLIENT_ADDR6")] {
+        let vip: IpAddr = get(vip)?.parse().map_err(|_| fail("bad VIP"))?;
+        let client: IpAddr = get(client)?.parse().map_err(|_| fail("bad client address"))?;
+        let key = ServiceKey::Vip { addr: vip, protocol: Protocol::Tcp, port };
+        let service = view.running.service(&key).ok_or_else(|| fail(format!("no service {key}")))?;
+        http_round_trips(&client_ns, client, vip, port, 100, service, hash_seed)?;
+    }
+    let in_applies: u64 = during.iter().sum();
+    during.sort_unstable();
+    eprintln!(
+        "lab: {APPLIES} applies under the flood in {took:.2?}: {in_applies} frames reached l4lb during them (per apply min {} median {} max {}), rx {} tx {}, no drop",
+        during[0],
+        during[during.len() / 2],
+        during[during.len() - 1],
+        c["rx"],
+        c["tx"]
+    );
+    Ok(())
+}
