@@ -55,6 +55,7 @@ fn main() {
             ("up_down_are_idempotent_and_leave_nothing_behind", up_down_are_idempotent_and_leave_nothing_behind),
             ("failure_at_every_step_of_up_leaves_nothing_behind", failure_at_every_step_of_up_leaves_nothing_behind),
             ("hundred_applies_under_the_lab_flood_drop_nothing", hundred_applies_under_the_lab_flood_drop_nothing),
+            ("too_big_answers_teach_the_client_its_path_mtu", too_big_answers_teach_the_client_its_path_mtu),
         ],
     );
 }
@@ -730,5 +731,43 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         c["rx"],
         c["tx"]
     );
+    Ok(())
+}
+
+/// Path MTU discovery through l4lb: with the client's routes to the VIPs at
+/// the segment's full 1500 bytes (the lab sets 1480 / 1460), an HTTP request
+/// with a 4000-byte header sends full-size segments with DF set; l4lb
+/// answers them with ICMP "fragmentation needed" / "packet too big"
+/// advertising 1500 minus its outer header, the client's kernel lowers its
+/// path MTU to exactly that (`ip route get` shows it) and retransmits, and
+/// the request is answered. For each service: IPv4 in IPv4 (1480), IPv4 in
+/// IPv6 (1460), IPv6 in IPv6 (1460).
+fn too_big_answers_teach_the_client_its_path_mtu() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(2)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let (lb_ns, lb_dev, client_ns, client_dev) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?, get("CLIENT_DEV")?);
+    let header = format!("X-Pad: {}", "a".repeat(4000));
+    for (vip_key, via_key, family, advertised) in
+        [("VIP", "LB_ADDR", "-4", 1480), ("VIP_4IN6", "LB_ADDR", "-4", 1460), ("VIP6", "LB_ADDR6", "-6", 1460)]
+    {
+        let (vip, via) = (get(vip_key)?, get(via_key)?);
+        let prefix = if family == "-4" { format!("{vip}/32") } else { format!("{vip}/128") };
+        run("ip", &["-n", &client_ns, family, "route", "change", &prefix, "via", &via, "dev", &client_dev, "mtu", "1500"]).success()?;
+        let before = lb_view(&lb_ns, &lb_dev)?.counters["tx_too_big"];
+        let url = if family == "-4" { format!("http://{vip}/") } else { format!("http://[{vip}]/") };
+        let out = run("ip", &["netns", "exec", &client_ns, "curl", "-sS", "--max-time", "10", "-H", &header, &url]).success()?;
+        ensure!(out.stdout.starts_with("be"), "{url}: answer {:?}", out.stdout);
+        let view = lb_view(&lb_ns, &lb_dev)?;
+        let answers = view.counters["tx_too_big"] - before;
+        ensure!(answers > 0, "{url}: l4lb sent no ICMP answer for the client's full-size segments: {:?}", view.counters);
+        let route = run("ip", &["-n", &client_ns, family, "route", "get", &vip]).success()?.stdout;
+        ensure!(route.contains(&format!("mtu {advertised}")), "{url}: the client's route did not learn mtu {advertised}: {route}");
+        let drops: Vec<String> = view.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+        ensure!(drops.is_empty(), "{url}: drop counters moved: {drops:?}");
+        eprintln!("lab: {url}: {answers} too-big answers, the client's path MTU is now {advertised}");
+    }
     Ok(())
 }
