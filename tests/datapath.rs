@@ -2343,7 +2343,7 @@ fn too_big_answers() -> TestResult {
                     continue;
                 }
                 let client = if v6 { Packet::tcp6(40000, 80) } else { Packet::tcp4(40000, 80) };
-                let minimum = client.clone().sized(0.max(client.l3_len())).l3_len();
+                let minimum = client.clone().sized(client.l3_len()).l3_len();
                 for l3 in [minimum.max(quote_len(v6) - 1), quote_len(v6)] {
                     if l3 < minimum {
                         continue;

@@ -880,7 +880,7 @@ impl GenConfig {
         } else {
             Ipv4Addr::new(10, 88, group, n as u8).into()
         };
-        let mac = rng.gen_bool(0.5).then(|| [0x02, 0x88, group, 0, (n >> 8) as u8, n as u8]);
+        let mac = rng.gen_bool(0.5).then_some([0x02, 0x88, group, 0, (n >> 8) as u8, n as u8]);
         GenBackend { addr, weight: rng.gen_range(1..=3), mac }
     }
 
@@ -943,15 +943,14 @@ impl GenConfig {
             }
         }
         let extras: Vec<ServiceKey> = self.services.keys().filter(|k| !flood_keys().contains(k)).copied().collect();
-        if k % 6 == 0 || extras.is_empty() && k % 6 == 3 {
+        if k.is_multiple_of(6) || extras.is_empty() && k % 6 == 3 {
             let key = if rng.gen_bool(0.5) {
                 vip_key(Ipv4Addr::new(203, 0, 113, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 80, 443][rng.gen_range(0..3)])
             } else {
                 vip_key(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 53, 443][rng.gen_range(0..3)])
             };
-            if !self.services.contains_key(&key) {
-                let service = Self::new_service(key, rng);
-                self.services.insert(key, service);
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.services.entry(key) {
+                entry.insert(Self::new_service(key, rng));
                 what.push(format!("+ service {key}"));
             }
         } else if k % 6 == 3 {

@@ -37,7 +37,8 @@ pub type TestResult<T = ()> = Result<T, Failed>;
 /// when the condition does not hold (`#[macro_use] mod common;` to use it).
 macro_rules! ensure {
     ($cond:expr, $($message:tt)+) => {
-        if !$cond {
+        let holds: bool = $cond;
+        if !holds {
             return Err(format!($($message)+).into());
         }
     };
