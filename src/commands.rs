@@ -288,31 +288,11 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
 /// services and backends, their traffic, and the global counters.
 pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
     let running = maps.read_running_without_tables()?;
-    let counters = crate::maps::read_u64_counters(&maps.counters, crate::bpf::COUNTER_NAMES.len())?;
-    Sample::new(&running, |n| read_traffic(&maps.svc_stats, n), |n| read_traffic(&maps.be_stats, n), counters)
-}
-
-/// Packets and bytes of entry `index` of l4lb_svc_stats or l4lb_be_stats,
-/// summed over CPUs when the map is per-CPU.
-fn read_traffic(map: &libbpf_rs::MapHandle, index: u32) -> Result<stats::Counts> {
-    use libbpf_rs::{MapCore as _, MapFlags, MapType};
-    let name = map.name().to_string_lossy().into_owned();
-    let key = index.to_ne_bytes();
-    let values = if map.map_type() == MapType::PercpuArray {
-        map.lookup_percpu(&key, MapFlags::ANY)
-    } else {
-        map.lookup(&key, MapFlags::ANY).map(|value| value.map(|v| vec![v]))
-    }
-    .with_context(|| format!("reading entry {index} of map `{name}`"))?
-    .ok_or_else(|| anyhow!("map `{name}` has no entry {index}"))?;
-    let mut total = stats::Counts::default();
-    for bytes in values {
-        let part: crate::bpf::Traffic =
-            crate::bpf::value_from(&bytes).ok_or_else(|| anyhow!("map `{name}`: short value"))?;
-        total.packets = total.packets.wrapping_add(part.packets);
-        total.bytes = total.bytes.wrapping_add(part.bytes);
-    }
-    Ok(total)
+    let counts = |map, n| {
+        let traffic = crate::maps::read_traffic_entry(map, n)?;
+        Ok(stats::Counts { packets: traffic.packets, bytes: traffic.bytes })
+    };
+    Sample::new(&running, |n| counts(&maps.svc_stats, n), |n| counts(&maps.be_stats, n), maps.read_counters()?)
 }
 
 fn stats(name: &str, sampling: Sampling) -> Result<()> {

@@ -275,17 +275,20 @@ pub fn wait_for_datapath_readers() {
 }
 
 fn read_traffic(map: &MapHandle, count: usize) -> Result<Vec<Traffic>> {
-    (0..count as u32)
-        .map(|number| {
-            let mut total = Traffic::default();
-            for bytes in lookup_counter(map, number)? {
-                let part: Traffic = bpf::value_from(&bytes).unwrap_or_default();
-                total.packets += part.packets;
-                total.bytes += part.bytes;
-            }
-            Ok(total)
-        })
-        .collect()
+    (0..count as u32).map(|number| read_traffic_entry(map, number)).collect()
+}
+
+/// Packets and bytes of entry `index` of l4lb_be_stats or l4lb_svc_stats,
+/// summed over CPUs when the map is per-CPU.
+pub fn read_traffic_entry(map: &MapHandle, index: u32) -> Result<Traffic> {
+    let mut total = Traffic::default();
+    for bytes in lookup_counter(map, index)? {
+        let part: Traffic = bpf::value_from(&bytes)
+            .ok_or_else(|| anyhow!("map `{}`: entry {index} is shorter than packets and bytes", map.name().to_string_lossy()))?;
+        total.packets = total.packets.wrapping_add(part.packets);
+        total.bytes = total.bytes.wrapping_add(part.bytes);
+    }
+    Ok(total)
 }
 
 fn lookup(map: &MapHandle, index: u32) -> Result<Vec<u8>> {

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Internet checksum of an IPv4 header without options. bpf_csum_diff() is not
- * among the helpers an offloaded program may call, so the sum is done here,
- * unrolled, with the carry folded until none is left.
+/* Internet checksums (RFC 1071): the outer IPv4 header's, the check of a
+ * client's IPv4 header, the ICMP answers'. bpf_csum_diff() is not among the
+ * helpers an offloaded program may call, so the sums are done here,
+ * unrolled, over 32-bit words, with the carry folded until none is left.
  */
 #ifndef L4LB_CSUM_H
 #define L4LB_CSUM_H
@@ -27,16 +28,25 @@ static __always_inline __u16 csum_fold64(__u64 sum)
 	return csum_fold((__u32)(sum & 0xffff) + (__u32)(sum >> 16));
 }
 
+/* The sum of `words` 32-bit words from start, for csum_fold64(); words is
+ * a constant at every call, so the loop unrolls. The caller has bounded
+ * the bytes.
+ */
+static __always_inline __u64 csum_words32(const void *start, const int words)
+{
+	const __u32 *word = start;
+	__u64 sum = 0;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < words; i++)
+		sum += word[i];
+	return sum;
+}
+
 /* iph->check must be 0 when this is called. */
 static __always_inline __u16 ipv4_header_csum(const struct iphdr *iph)
 {
-	const __u16 *word = (const __u16 *)iph;
-	__u32 sum = 0;
-
-#pragma clang loop unroll(full)
-	for (int i = 0; i < (int)(sizeof(*iph) / 2); i++)
-		sum += word[i];
-	return csum_fold(sum);
+	return csum_fold64(csum_words32(iph, sizeof(*iph) / 4));
 }
 
 #endif /* L4LB_CSUM_H */

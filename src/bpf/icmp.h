@@ -48,7 +48,6 @@ static __always_inline int answer_too_big4(struct xdp_md *ctx, const struct pack
 	struct icmp_header *icmp;
 	struct iphdr *ip, *quoted;
 	void *data_end;
-	__u64 sum = 0;
 
 	if (make_room(ctx, pkt, L4LB_ICMP4_QUOTE, ICMP4_ANSWER_HEADERS))
 		return -1;
@@ -79,10 +78,7 @@ static __always_inline int answer_too_big4(struct xdp_md *ctx, const struct pack
 	icmp->rest = bpf_htonl(mtu & 0xffff);  /* unused 16 bits, next-hop MTU */
 	if ((void *)icmp + sizeof(*icmp) + L4LB_ICMP4_QUOTE > data_end)
 		return -1;
-#pragma clang loop unroll(full)
-	for (int i = 0; i < (int)(sizeof(*icmp) + L4LB_ICMP4_QUOTE) / 4; i++)
-		sum += ((__u32 *)icmp)[i];
-	icmp->checksum = csum_fold64(sum);
+	icmp->checksum = csum_fold64(csum_words32(icmp, (sizeof(*icmp) + L4LB_ICMP4_QUOTE) / 4));
 	return 0;
 }
 
@@ -123,12 +119,8 @@ static __always_inline int answer_too_big6(struct xdp_md *ctx, const struct pack
 	 * upper-layer length and next header as 32-bit words.
 	 */
 	sum = bpf_htonl(sizeof(*icmp) + L4LB_ICMP6_QUOTE) + bpf_htonl(IPPROTO_ICMPV6);
-#pragma clang loop unroll(full)
-	for (int i = 0; i < 8; i++)
-		sum += ((__u32 *)ip6->saddr)[i];
-#pragma clang loop unroll(full)
-	for (int i = 0; i < (int)(sizeof(*icmp) + L4LB_ICMP6_QUOTE) / 4; i++)
-		sum += ((__u32 *)icmp)[i];
+	sum += csum_words32(ip6->saddr, 8);
+	sum += csum_words32(icmp, (sizeof(*icmp) + L4LB_ICMP6_QUOTE) / 4);
 	icmp->checksum = csum_fold64(sum);
 	return 0;
 }

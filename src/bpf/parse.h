@@ -171,11 +171,8 @@ static __always_inline __u32 read_ports(struct packet *pkt, void *l4, void *l3_e
 static __always_inline int ipv4_csum_ok(const struct iphdr *ip, __u32 ihl_bytes, void *data_end)
 {
 	const __u32 *word = (const __u32 *)ip;
-	__u64 sum = 0;
+	__u64 sum = csum_words32(ip, sizeof(*ip) / 4);
 
-#pragma clang loop unroll(full)
-	for (int i = 0; i < 5; i++)
-		sum += word[i];
 	if (ihl_bytes > sizeof(*ip)) {
 #pragma clang loop unroll(full)
 		for (int i = 5; i < 15; i++) {
