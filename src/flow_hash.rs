@@ -71,15 +71,6 @@ pub fn vip_home(key: &[u8; 20]) -> u32 {
     fold.wrapping_mul(VIP_HASH_MUL) >> (32 - VIP_BITS)
 }
 
-fn mix(a: &mut u32, b: &mut u32, c: &mut u32) {
-    *a = a.wrapping_sub(*c); *a ^= c.rotate_left(4); *c = c.wrapping_add(*b);
-    *b = b.wrapping_sub(*a); *b ^= a.rotate_left(6); *a = a.wrapping_add(*c);
-    *c = c.wrapping_sub(*b); *c ^= b.rotate_left(8); *b = b.wrapping_add(*a);
-    *a = a.wrapping_sub(*c); *a ^= c.rotate_left(16); *c = c.wrapping_add(*b);
-    *b = b.wrapping_sub(*a); *b ^= a.rotate_left(19); *a = a.wrapping_add(*c);
-    *c = c.wrapping_sub(*b); *c ^= b.rotate_left(4); *b = b.wrapping_add(*a);
-}
-
 fn finish(a: &mut u32, b: &mut u32, c: &mut u32) {
     *c ^= *b; *c = c.wrapping_sub(b.rotate_left(14));
     *a ^= *c; *a = a.wrapping_sub(c.rotate_left(11));
@@ -88,19 +79,6 @@ fn finish(a: &mut u32, b: &mut u32, c: &mut u32) {
     *a ^= *c; *a = a.wrapping_sub(c.rotate_left(4));
     *b ^= *a; *b = b.wrapping_sub(a.rotate_left(14));
     *c ^= *b; *c = c.wrapping_sub(b.rotate_left(24));
-}
-
-/// The kernel's jhash2() over four words.
-pub fn jhash_4words(w0: u32, w1: u32, w2: u32, w3: u32, seed: u32) -> u32 {
-    let init = JHASH_INITVAL.wrapping_add(4 << 2).wrapping_add(seed);
-    let (mut a, mut b, mut c) = (init, init, init);
-    a = a.wrapping_add(w0);
-    b = b.wrapping_add(w1);
-    c = c.wrapping_add(w2);
-    mix(&mut a, &mut b, &mut c);
-    a = a.wrapping_add(w3);
-    finish(&mut a, &mut b, &mut c);
-    c
 }
 
 /// The kernel's jhash_3words(): one final mix, no mixing round.
@@ -115,6 +93,30 @@ pub fn jhash_3words(w0: u32, w1: u32, w2: u32, initval: u32) -> u32 {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn mix(a: &mut u32, b: &mut u32, c: &mut u32) {
+        *a = a.wrapping_sub(*c); *a ^= c.rotate_left(4); *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a); *b ^= a.rotate_left(6); *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b); *c ^= b.rotate_left(8); *b = b.wrapping_add(*a);
+        *a = a.wrapping_sub(*c); *a ^= c.rotate_left(16); *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a); *b ^= a.rotate_left(19); *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b); *c ^= b.rotate_left(4); *b = b.wrapping_add(*a);
+    }
+
+    /// The kernel's jhash2() over four words: not the flow hash any more, kept
+    /// here because the kernel's reference values of it check finish(), which
+    /// jhash_3words shares.
+    fn jhash_4words(w0: u32, w1: u32, w2: u32, w3: u32, seed: u32) -> u32 {
+        let init = JHASH_INITVAL.wrapping_add(4 << 2).wrapping_add(seed);
+        let (mut a, mut b, mut c) = (init, init, init);
+        a = a.wrapping_add(w0);
+        b = b.wrapping_add(w1);
+        c = c.wrapping_add(w2);
+        mix(&mut a, &mut b, &mut c);
+        a = a.wrapping_add(w3);
+        finish(&mut a, &mut b, &mut c);
+        c
+    }
 
     /// Reference values of the kernel's jhash2(k, 4, initval), computed with
     /// the C code of include/linux/jhash.h.

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Bob Jenkins' lookup3 hash (the kernel's jhash), on a fixed number of 32-bit
- * words. The host has a bit-exact model of flow_hash() in src/flow_hash.rs.
+/* Bob Jenkins' lookup3 hash (the kernel's jhash) on three 32-bit words. The
+ * host has a bit-exact model of the flow hash in src/flow_hash.rs.
  */
 #ifndef L4LB_JHASH_H
 #define L4LB_JHASH_H
@@ -14,16 +14,6 @@ static __always_inline __u32 rol32(__u32 word, unsigned int shift)
 	return (word << shift) | (word >> ((-shift) & 31));
 }
 
-#define __jhash_mix(a, b, c)                        \
-	{                                           \
-		a -= c; a ^= rol32(c, 4);  c += b; \
-		b -= a; b ^= rol32(a, 6);  a += c; \
-		c -= b; c ^= rol32(b, 8);  b += a; \
-		a -= c; a ^= rol32(c, 16); c += b; \
-		b -= a; b ^= rol32(a, 19); a += c; \
-		c -= b; c ^= rol32(b, 4);  b += a; \
-	}
-
 #define __jhash_final(a, b, c)            \
 	{                                 \
 		c ^= b; c -= rol32(b, 14); \
@@ -35,23 +25,8 @@ static __always_inline __u32 rol32(__u32 word, unsigned int shift)
 		c ^= b; c -= rol32(b, 24); \
 	}
 
-/* jhash2() of four words: the kernel's lookup3 with length 4. */
-static __always_inline __u32 jhash_4words(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 seed)
-{
-	__u32 a, b, c;
-
-	a = b = c = JHASH_INITVAL + (4 << 2) + seed;
-	a += w0;
-	b += w1;
-	c += w2;
-	__jhash_mix(a, b, c);
-	a += w3;
-	__jhash_final(a, b, c);
-	return c;
-}
-
 /* The kernel's jhash_3words(): three words and an initval, one final mix
- * (no __jhash_mix round), what the kernel hashes its socket lookups with.
+ * (no mixing round), what the kernel hashes its socket lookups with.
  */
 static __always_inline __u32 jhash_3words(__u32 w0, __u32 w1, __u32 w2, __u32 initval)
 {
