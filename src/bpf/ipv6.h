@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* IPv6 header checks, the counterpart of parse.h's ipv4_check(). Used by the
  * backend's decapsulation (l4lb_decap.bpf.c) for an outer IPv6 header and for
- * an IPv6 client packet inside one; nothing here depends on either program's
- * maps or counters.
+ * an IPv6 client packet inside one; the balancer's parse.h takes
+ * IPV6_HDR_LEN and ip_version() from here. Nothing here depends on either
+ * program's maps or counters.
  */
 #ifndef L4LB_IPV6_H
 #define L4LB_IPV6_H

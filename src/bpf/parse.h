@@ -16,6 +16,7 @@
 #include <bpf/bpf_endian.h>
 #include "l4lb.h"
 #include "csum.h"
+#include "ipv6.h"
 
 #define IPV4_DF 0x4000
 #define IPV4_MF 0x2000
@@ -86,7 +87,6 @@ struct packet {
 #define PARSE_BALANCE L4LB_CNT_MAX
 
 #define IPV6_FRAG_OFFSET_MF 0xfff9  /* fragment offset and M bit of frag_off */
-#define IPV6_HDR_LEN 40
 #define ICMP_DEST_UNREACH 3          /* IPv4: every code, 4 = fragmentation needed */
 #define ICMPV6_DEST_UNREACH 1
 #define ICMPV6_PKT_TOOBIG 2
@@ -284,7 +284,7 @@ static __always_inline __u32 parse_icmp6_error(struct ipv6_header *ip6, void *ic
 		return L4LB_CNT_PASS;
 	if ((icmp->type != ICMPV6_DEST_UNREACH && icmp->type != ICMPV6_PKT_TOOBIG) || pkt->fragment)
 		return L4LB_CNT_PASS;
-	if ((quoted->vtc_flow & bpf_htonl(0xf0000000)) != bpf_htonl(0x60000000) ||
+	if (ip_version(quoted) != 6 ||
 	    (quoted->nexthdr != IPPROTO_TCP && quoted->nexthdr != IPPROTO_UDP))
 		return L4LB_CNT_PASS;
 	{
@@ -321,7 +321,7 @@ static __always_inline __u32 parse_ipv6(struct ipv6_header *ip6, void *data_end,
 
 	if ((void *)(ip6 + 1) > data_end)
 		return L4LB_CNT_DROP_SHORT_IPV6;
-	if ((ip6->vtc_flow & bpf_htonl(0xf0000000)) != bpf_htonl(0x60000000))
+	if (ip_version(ip6) != 6)
 		return L4LB_CNT_DROP_BAD_VERSION;
 	/* 0 would announce a jumbogram, which no XDP frame can hold. */
 	payload_len = bpf_ntohs(ip6->payload_len);
