@@ -320,6 +320,13 @@ struct LbView {
     counters: BTreeMap<&'static str, u64>,
 }
 
+impl LbView {
+    /// The drop counters that are not 0, as "name value".
+    fn drops(&self) -> Vec<String> {
+        self.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect()
+    }
+}
+
 fn lb_view(lb_ns: &str, lb_dev: &str) -> TestResult<LbView> {
     let (running, traffic, counters) = in_netns(lb_ns, || {
         let iface = l4lb::iface::Interface::by_name(lb_dev)?;
@@ -478,9 +485,8 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
         previous = Some(view.packets);
         std::thread::sleep(Duration::from_millis(500));
     };
-    for (name, value) in &after.counters {
-        ensure!(!name.starts_with("drop_") || *value == 0, "l4lb counter {name} is {value}: {:?}", after.counters);
-    }
+    let drops = after.drops();
+    ensure!(drops.is_empty(), "l4lb drop counters moved: {drops:?}: {:?}", after.counters);
     let tx = after.counters["tx"];
     ensure!(tx == after.packets.iter().sum::<u64>(), "l4lb tx {tx} != sum over backends");
     // Every backend entry of every service: what l4lb sent to lab backend k.
@@ -692,7 +698,7 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             .success()
             .map_err(|err| fail(format!("apply {k} ({change}): {err:?}")))?;
         let view = lb_view(&lb_ns, &lb_dev)?;
-        let drops: Vec<String> = view.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+        let drops = view.drops();
         ensure!(drops.is_empty(), "apply {k} ({change}): drop counters moved: {drops:?}");
         let frames = view.counters["rx"] - rx_before;
         ensure!(frames > 0, "apply {k} ({change}): no frame reached l4lb during the apply: is the flood running?");
@@ -704,7 +710,7 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
 
     let view = lb_view(&lb_ns, &lb_dev)?;
     let c = &view.counters;
-    let drops: Vec<String> = c.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+    let drops = view.drops();
     ensure!(drops.is_empty(), "after the flood: drop counters moved: {drops:?}");
     ensure!(
         c["rx"] == c["tx"] + c["tx_too_big"] + c["pass"] + c["pass_no_service"],
@@ -765,7 +771,7 @@ fn too_big_answers_teach_the_client_its_path_mtu() -> TestResult {
         ensure!(answers > 0, "{url}: l4lb sent no ICMP answer for the client's full-size segments: {:?}", view.counters);
         let route = run("ip", &["-n", &client_ns, family, "route", "get", &vip]).success()?.stdout;
         ensure!(route.contains(&format!("mtu {advertised}")), "{url}: the client's route did not learn mtu {advertised}: {route}");
-        let drops: Vec<String> = view.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+        let drops = view.drops();
         ensure!(drops.is_empty(), "{url}: drop counters moved: {drops:?}");
         eprintln!("lab: {url}: {answers} too-big answers, the client's path MTU is now {advertised}");
     }
