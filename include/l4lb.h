@@ -146,6 +146,7 @@ struct l4lb_service {
 #define L4LB_SERVICE_ACTIVE 0x1U      /* the service's table is filled */
 #define L4LB_SERVICE_HASH_PORTS 0x2U  /* UDP flows hash their ports (TCP always does) */
 #define L4LB_SERVICE_IPV4_BACKENDS 0x4U /* some backend is IPv4: IPv6 packets are not taken */
+#define L4LB_SERVICE_TRACK_FLOWS 0x8U /* flows are pinned to their backend in l4lb_flows */
 
 /* One backend (entry of l4lb_backends, indexed by backend number). */
 struct l4lb_backend {
@@ -161,6 +162,51 @@ struct l4lb_backend {
 #define L4LB_BACKEND_ACTIVE 0x1U      /* entry is filled; others are never selected */
 #define L4LB_BACKEND_GATEWAY_MAC 0x2U /* mac is the gateway's (the backend has none of its own) */
 
+/* ------------------------------------------------------------------------
+ * Connection tracking. A service with L4LB_SERVICE_TRACK_FLOWS pins each
+ * flow to the backend it first went to, in l4lb_flows, so that a change of
+ * the Maglev table moves only the flows whose backend left the service (or
+ * whose entry was evicted). A pin is used only while its backend number
+ * still holds the same backend (active, same service, same family and
+ * address); otherwise the flow takes its slot's backend and is pinned again.
+ * Pinned: a UDP flow's first datagram, a TCP flow's first segment without
+ * SYN (so a spoofed SYN flood creates no state; a SYN that finds a pin, a
+ * reused 4-tuple, re-pins it to the slot's backend), any fragment. ICMP
+ * errors follow a pin but never make one.
+ *
+ * The object declares a HASH map of L4LB_FLOW_ENTRIES (what iproute2 and
+ * offload load: a full HASH map pins no new flow, counted); `l4lb attach`
+ * loads it in driver or generic mode as an LRU hash of --flow-entries
+ * entries (default L4LB_FLOW_ENTRIES_DEFAULT), which evicts the least
+ * recently used pins.
+ */
+#define L4LB_FLOW_ENTRIES 65536
+#define L4LB_FLOW_ENTRIES_DEFAULT 1048576
+
+/* Key of l4lb_flows: the flow as it is hashed (ports 0 for fragments and for
+ * UDP services that do not hash ports). Addresses as in l4lb_vip_key. No
+ * implicit padding: the key is hashed byte for byte.
+ */
+struct l4lb_flow_key {
+	__u8 saddr[16];       /* client address */
+	__u8 daddr[16];       /* VIP address */
+	__u32 ports;          /* source and destination port as on the wire */
+	__u8 family;          /* L4LB_FAMILY_* */
+	__u8 proto;           /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[2];          /* zero */
+};
+
+/* Value of l4lb_flows: the backend the flow is pinned to, with what that
+ * backend number held when it was pinned (a number freed and given to
+ * another backend must not take the flow with it).
+ */
+struct l4lb_flow {
+	__u8 addr[16];        /* the backend's address (l4lb_backend.addr) */
+	__u32 backend;        /* backend number */
+	__u8 family;          /* the backend's family */
+	__u8 pad[3];          /* zero */
+};
+
 /* Traffic of a backend (l4lb_be_stats, same index as l4lb_backends) or a
  * service (l4lb_svc_stats, by service number). bytes counts the frame as
  * sent: Ethernet + outer header + inner packet.
@@ -172,7 +218,8 @@ struct l4lb_traffic {
 
 /* Global counters (l4lb_counters, one __u64 per entry). Every frame seen
  * (L4LB_CNT_RX) ends in exactly one of TX, TX_TOO_BIG, PASS, PASS_NO_SERVICE or a DROP_*
- * counter.
+ * counter (the outcomes, TX .. DROP_ENCAP_FAILED); the FLOW_* counters after
+ * them count connection-tracking events.
  */
 enum l4lb_counter {
 	L4LB_CNT_RX = 0,            /* frames seen by the program */
@@ -195,6 +242,10 @@ enum l4lb_counter {
 	L4LB_CNT_DROP_NO_BACKEND,   /* slot empty or its backend not active */
 	L4LB_CNT_DROP_TOO_BIG,      /* too big once encapsulated: IPv4 without DF, or an ICMP error */
 	L4LB_CNT_DROP_ENCAP_FAILED, /* no headroom for the outer header */
+	/* Connection-tracking events: not outcomes, a frame counts at most one. */
+	L4LB_CNT_FLOW_PINNED,       /* a new flow pinned to its slot's backend */
+	L4LB_CNT_FLOW_REPINNED,     /* a pin whose backend left (or a SYN's reused 4-tuple) pinned again */
+	L4LB_CNT_FLOW_TABLE_FULL,   /* a pin the flow table refused (HASH map full): balanced unpinned */
 	L4LB_CNT_MAX,
 };
 

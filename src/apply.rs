@@ -284,6 +284,9 @@ fn service_flags(s: &config::Service) -> u32 {
     if s.hash_ports {
         flags |= consts::L4LB_SERVICE_HASH_PORTS;
     }
+    if s.track_flows {
+        flags |= consts::L4LB_SERVICE_TRACK_FLOWS;
+    }
     if s.backends.iter().any(|b| b.addr.is_ipv4()) {
         flags |= consts::L4LB_SERVICE_IPV4_BACKENDS;
     }
@@ -343,6 +346,7 @@ pub fn decode(
             number,
             key,
             hash_ports: flags & consts::L4LB_SERVICE_HASH_PORTS != 0,
+            track_flows: flags & consts::L4LB_SERVICE_TRACK_FLOWS != 0,
             backends: members,
             table: table(number)?,
         });
@@ -557,7 +561,9 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             members.push(RunningBackend { number: n, backend: *b });
         }
         let flags = service_flags(s);
-        let unchanged = old.is_some_and(|o| o.hash_ports == s.hash_ports && o.backends.iter().map(|b| b.backend).eq(s.backends.iter().copied()));
+        // Any difference (backends or settings) recomputes the table; a
+        // settings change alone then writes no slot, only the flags word.
+        let unchanged = old.is_some_and(|o| o.model() == *s);
         let table = match old {
             Some(o) if unchanged => o.table.clone(),
             _ => {
@@ -580,7 +586,14 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
                 }
             }
         }
-        after_services.push(RunningService { number, key: s.key, hash_ports: s.hash_ports, backends: members, table });
+        after_services.push(RunningService {
+            number,
+            key: s.key,
+            hash_ports: s.hash_ports,
+            track_flows: s.track_flows,
+            backends: members,
+            table,
+        });
     }
 
     // VIP placement.

@@ -13,9 +13,45 @@ use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
 use crate::libbpf_log;
 
+/// The connection table (`l4lb_flows`) a program is loaded with. The object
+/// declares a HASH map of L4LB_FLOW_ENTRIES (the only kind offload takes; it
+/// evicts nothing, a full one pins no new flow); off the NIC l4lb loads an
+/// LRU hash instead, which makes room by dropping the least recently used pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTable {
+    pub lru: bool,
+    pub entries: u32,
+}
+
+impl FlowTable {
+    /// The table for `mode`, with `entries` (`--flow-entries`) if given.
+    /// Offloaded, the object's HASH map is kept as it is.
+    pub fn for_mode(mode: Mode, entries: Option<u32>) -> Result<FlowTable> {
+        match (mode, entries) {
+            (Mode::Offload, Some(n)) => bail!(
+                "--flow-entries {n}: offloaded, the flow table is the object's HASH map of {} entries; leave --flow-entries out",
+                crate::bpf::FLOW_ENTRIES
+            ),
+            (Mode::Offload, None) => Ok(FlowTable { lru: false, entries: crate::bpf::FLOW_ENTRIES }),
+            (_, n) => Ok(FlowTable { lru: true, entries: n.unwrap_or(crate::bpf::FLOW_ENTRIES_DEFAULT) }),
+        }
+    }
+}
+
+impl std::fmt::Display for FlowTable {
+    /// `LRU hash of 1048576 flows`, `HASH of 65536 flows (no eviction)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lru {
+            write!(f, "LRU hash of {} flows", self.entries)
+        } else {
+            write!(f, "HASH of {} flows (no eviction)", self.entries)
+        }
+    }
+}
+
 /// Loads l4lb and attaches it to `iface` in `mode`. The attachment is a
 /// netlink one: it stays after this process exits. Returns the program id.
-pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
+pub fn attach(iface: &Interface, mode: Mode, force: bool, flows: FlowTable) -> Result<u32> {
     let present = discover::attached_programs(iface)?;
     refuse_unless_forced(iface, &present, force)?;
 
@@ -35,6 +71,7 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
             &mut maps.l4lb_backends,
             &mut maps.l4lb_be_stats,
             &mut maps.l4lb_svc_stats,
+            &mut maps.l4lb_flows,
             &mut maps.l4lb_counters,
         ] {
             map.set_map_ifindex(iface.index);
@@ -48,6 +85,11 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool) -> Result<u32> {
         for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats, &mut open.maps.l4lb_svc_stats] {
             map.set_type(MapType::PercpuArray).context("switching counters to per-CPU")?;
         }
+    }
+    if flows.lru {
+        let table = &mut open.maps.l4lb_flows;
+        table.set_type(MapType::LruHash).context("switching l4lb_flows to an LRU hash")?;
+        table.set_max_entries(flows.entries).with_context(|| format!("sizing l4lb_flows to {} entries", flows.entries))?;
     }
     let skel = open.load().map_err(|err| {
         let hint = if mode == Mode::Offload {

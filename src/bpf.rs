@@ -47,6 +47,11 @@ pub const MAP_BACKENDS: &str = "l4lb_backends";
 pub const MAP_BACKEND_STATS: &str = "l4lb_be_stats";
 pub const MAP_SERVICE_STATS: &str = "l4lb_svc_stats";
 pub const MAP_COUNTERS: &str = "l4lb_counters";
+pub const MAP_FLOWS: &str = "l4lb_flows";
+/// Entries of l4lb_flows as the object declares it (iproute2 and offload load that).
+pub const FLOW_ENTRIES: u32 = consts::L4LB_FLOW_ENTRIES;
+/// Entries `l4lb attach` gives the LRU flow table unless told otherwise.
+pub const FLOW_ENTRIES_DEFAULT: u32 = consts::L4LB_FLOW_ENTRIES_DEFAULT;
 
 /// Slots of one service's Maglev table (`maglev::TABLE_SIZE`).
 pub const MAGLEV_SIZE: usize = consts::L4LB_MAGLEV_SIZE as usize;

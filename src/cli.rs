@@ -52,6 +52,9 @@ pub enum Command {
         /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
         #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
         mtu: Option<u32>,
+        /// Flows the connection table holds (an LRU hash: the least recently used pin goes first); about 110 bytes each [default: 1048576; hw mode: the object's 65536, fixed]
+        #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
+        flow_entries: Option<u32>,
     },
     /// Remove the l4lb program from an interface, whatever its mode
     Detach {
@@ -249,6 +252,21 @@ pub fn parse_vip(text: &str) -> Result<ServiceKey, String> {
     Ok(ServiceKey::Vip { addr, protocol, port })
 }
 
+/// Bounds of `--flow-entries`: below a thousand flows the table would churn
+/// under any load; above 16 Mi it would take gigabytes of kernel memory.
+pub const MIN_FLOW_ENTRIES: u32 = 1024;
+pub const MAX_FLOW_ENTRIES: u32 = 1 << 24;
+
+/// `--flow-entries`: a number of flows within [MIN_FLOW_ENTRIES, MAX_FLOW_ENTRIES].
+fn parse_flow_entries(text: &str) -> Result<u32, String> {
+    let range = format!("{MIN_FLOW_ENTRIES} to {MAX_FLOW_ENTRIES}");
+    let n: i64 = text.parse().map_err(|_| format!("`{text}` is not a number of flows ({range})"))?;
+    if !(i64::from(MIN_FLOW_ENTRIES)..=i64::from(MAX_FLOW_ENTRIES)).contains(&n) {
+        return Err(format!("{n} flows is outside {range}"));
+    }
+    Ok(n as u32)
+}
+
 /// `--mtu`: a number of bytes within the MTU rules that need no backends
 /// (the planner checks the IPv6 rule against the configuration).
 fn parse_mtu(text: &str) -> Result<u32, String> {
@@ -330,6 +348,25 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "-s", "10.0.0"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "attach", "-i", "eth0", "--mode", "turbo"]).is_err());
+    }
+
+    #[test]
+    fn flow_entries_are_checked() {
+        let entries = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Attach { flow_entries, .. }) => Ok(flow_entries),
+            Ok(other) => panic!("{other:?}"),
+            Err(err) => Err(err.to_string()),
+        };
+        assert_eq!(entries(&["l4lb", "attach", "-i", "eth0"]), Ok(None));
+        assert_eq!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "1024"]), Ok(Some(1024)));
+        assert_eq!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "16777216"]), Ok(Some(1 << 24)));
+        let low = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "1023"]).unwrap_err();
+        assert!(low.contains("invalid value '1023' for '--flow-entries <N>': 1023 flows is outside 1024 to 16777216"), "{low}");
+        let high = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "16777217"]).unwrap_err();
+        assert!(high.contains("16777217 flows is outside 1024 to 16777216"), "{high}");
+        let text = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "many"]).unwrap_err();
+        assert!(text.contains("'--flow-entries <N>': `many` is not a number of flows (1024 to 16777216)"), "{text}");
+        assert!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "-5"]).unwrap_err().contains("-5 flows is outside"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::stats::{self, Sample};
 pub fn run(command: Command) -> Result<()> {
     require_privileges()?;
     match command {
-        Command::Attach { interface, mode, force, seed, mtu } => attach(&interface, mode, force, seed, mtu),
+        Command::Attach { interface, mode, force, seed, mtu, flow_entries } => attach(&interface, mode, force, seed, mtu, flow_entries),
         Command::Detach { interface } => detach(&interface),
         Command::Map { interface, file, vip, source, seed } => map(&interface, &file, vip, source, seed),
         Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
@@ -152,16 +152,17 @@ fn default_mtu(iface: &Interface, now: &apply::Snapshot, wanted: &mut config::Mo
     Ok(())
 }
 
-fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>, mtu: Option<u32>) -> Result<()> {
+fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>, mtu: Option<u32>, flow_entries: Option<u32>) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let mode = Mode::from(mode);
     let mtu = choose_mtu(&iface, mtu)?;
+    let flows = crate::attach::FlowTable::for_mode(mode, flow_entries)?;
     let _lock = update_lock(&iface)?;
-    let id = crate::attach::attach(&iface, mode, force)?;
+    let id = crate::attach::attach(&iface, mode, force, flows)?;
     let (_, _, maps) = open_l4lb(name)?;
     let source = iface.ipv4_addr()?;
     maps.write_config(&attach_config(seed, source, mtu)?)?;
-    println!("l4lb attached to {} in {mode} mode (program id {id})", iface.name);
+    println!("l4lb attached to {} in {mode} mode (program id {id}); flow table: {flows}", iface.name);
     match source {
         Some(source) => println!(
             "outer source {source} (from {}); configure services with `l4lb apply -i {} -c FILE` or fill the catch-all with `l4lb map -i {} -f FILE`",
@@ -247,8 +248,11 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
     let mut backends: Vec<config::Backend> =
         list.destinations.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
     backends.sort();
-    let hash_ports = wanted.service(&key).is_none_or(|s| s.hash_ports);
-    let service = config::Service { key, hash_ports, backends };
+    // A new service gets the defaults; an existing one keeps its settings.
+    let existing = wanted.service(&key);
+    let hash_ports = existing.is_none_or(|s| s.hash_ports);
+    let track_flows = existing.is_none_or(|s| s.track_flows);
+    let service = config::Service { key, hash_ports, track_flows, backends };
     match wanted.services.binary_search_by(|s| s.key.cmp(&key)) {
         Ok(i) => wanted.services[i] = service,
         Err(i) => wanted.services.insert(i, service),

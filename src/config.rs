@@ -32,6 +32,7 @@
 //! protocol = "udp"
 //! port = 53
 //! hash_ports = false                # UDP: hash addresses only (default true)
+//! track_flows = false               # no connection tracking (default true)
 //! backends = [ { address = "2001:db8::101" } ]      # weight 1 by default
 //!
 //! [[service]]
@@ -57,10 +58,13 @@
 //!   (0..=65535, required; 0 = every port; the catch-all takes only 0, may be
 //!   left out), `hash_ports` (default true; `false` is for UDP services and
 //!   the catch-all's UDP traffic: a TCP service always hashes ports),
+//!   `track_flows` (default true: each flow is pinned to the backend it
+//!   first went to, so that backend and weight changes move only the flows
+//!   of backends that leave; `false`: every packet follows the Maglev table),
 //!   `backends` (at least one).
 //! * backend: `address` (required), `mac` (optional), `weight` (integer
-//!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new selections, though
-//!   without connection tracking its flows move too, see `maglev`).
+//!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new flows; flows pinned to
+//!   it stay while `track_flows` is on).
 //!
 //! A service is known by (vip, protocol, port): each must be unique, and
 //! within a service each backend address must be unique. The same backend
@@ -218,6 +222,10 @@ pub struct Service {
     pub key: ServiceKey,
     /// Whether UDP flows hash their ports (always true for TCP services).
     pub hash_ports: bool,
+    /// Whether flows are pinned to their first backend (connection
+    /// tracking, L4LB_SERVICE_TRACK_FLOWS), so that table changes do not
+    /// move established flows.
+    pub track_flows: bool,
     /// Sorted by address, addresses unique, at least one.
     pub backends: Vec<Backend>,
 }
@@ -297,6 +305,7 @@ struct RawService {
     protocol: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
     hash_ports: Option<Spanned<bool>>,
+    track_flows: Option<Spanned<bool>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
 }
 
@@ -514,6 +523,7 @@ impl Validator<'_> {
                 *h.get_ref()
             }
         };
+        let track_flows = raw.track_flows.as_ref().is_none_or(|t| *t.get_ref());
         let raw_backends =
             raw.backends.as_ref().ok_or_else(|| self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])")))?;
         if raw_backends.get_ref().is_empty() {
@@ -561,7 +571,7 @@ impl Validator<'_> {
             backends.push(backend);
         }
         backends.sort();
-        Ok(Service { key, hash_ports, backends })
+        Ok(Service { key, hash_ports, track_flows, backends })
     }
 
     fn backend(&self, raw: &RawBackend, span: &Range<usize>, key: &ServiceKey, global: &Global) -> Result<Backend> {
@@ -645,6 +655,10 @@ pub fn to_toml(model: &Model) -> String {
         if carries_udp {
             let _ = writeln!(out, "hash_ports = {}", service.hash_ports);
         }
+        // Only the exception: files that leave the default out round-trip.
+        if !service.track_flows {
+            out.push_str("track_flows = false\n");
+        }
         out.push_str("backends = [\n");
         for b in &service.backends {
             let _ = write!(out, "  {{ address = \"{}\"", b.addr);
@@ -707,6 +721,8 @@ pub struct ServiceChange {
     pub key: ServiceKey,
     /// (old, new) when it differs.
     pub hash_ports: Option<(bool, bool)>,
+    /// (old, new) when it differs.
+    pub track_flows: Option<(bool, bool)>,
     pub added: Vec<Backend>,
     pub removed: Vec<Backend>,
     pub changed: Vec<BackendChange>,
@@ -769,7 +785,8 @@ pub fn diff(running: &Model, wanted: &Model) -> Diff {
 fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
     let mut change = ServiceChange {
         key: new.key,
-        hash_ports: (old.hash_ports != new.hash_ports).then_some((old.hash_ports, new.hash_ports)),
+        hash_ports: changed(old.hash_ports, new.hash_ports),
+        track_flows: changed(old.track_flows, new.track_flows),
         added: Vec::new(),
         removed: Vec::new(),
         changed: Vec::new(),
@@ -780,8 +797,17 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
         Side::Both(o, n) if o != n => change.changed.push(BackendChange { old: *o, new: *n }),
         Side::Both(..) => {}
     });
-    let unchanged = change.hash_ports.is_none() && change.added.is_empty() && change.removed.is_empty() && change.changed.is_empty();
+    let unchanged = change.hash_ports.is_none()
+        && change.track_flows.is_none()
+        && change.added.is_empty()
+        && change.removed.is_empty()
+        && change.changed.is_empty();
     (!unchanged).then_some(change)
+}
+
+/// (old, new) when they differ.
+fn changed<T: PartialEq>(old: T, new: T) -> Option<(T, T)> {
+    (old != new).then_some((old, new))
 }
 
 enum Side<'a, T> {
@@ -839,6 +865,9 @@ impl fmt::Display for Diff {
             if !s.hash_ports {
                 writeln!(f, "    hash_ports false")?;
             }
+            if !s.track_flows {
+                writeln!(f, "    track_flows false")?;
+            }
             for b in &s.backends {
                 writeln!(f, "    + {b}")?;
             }
@@ -847,6 +876,9 @@ impl fmt::Display for Diff {
             writeln!(f, "~ service {}", c.key)?;
             if let Some((old, new)) = c.hash_ports {
                 writeln!(f, "    ~ hash_ports {old} -> {new}")?;
+            }
+            if let Some((old, new)) = c.track_flows {
+                writeln!(f, "    ~ track_flows {old} -> {new}")?;
             }
             for b in &c.removed {
                 writeln!(f, "    - {}", b.addr)?;
@@ -954,6 +986,8 @@ mod tests {
         );
         assert_eq!(m.services[2].backends, [backend(v6("2001:db8::101"), None, 1)], "weight 1 by default");
         assert!(!m.services[2].hash_ports);
+        assert!(m.services[0].track_flows && m.services[1].track_flows, "flows are tracked by default");
+        assert!(!m.services[2].track_flows);
         assert_eq!(m.total_backends(), 5);
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 53)), Some(&m.services[2]));
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 54)), None);
@@ -968,7 +1002,7 @@ mod tests {
         assert_eq!(m.global, Global { source_v4: Some(Ipv4Addr::new(198, 18, 0, 2)), ..Global::default() });
         assert_eq!(
             m.services,
-            [Service { key: udp(v4("203.0.113.10"), 0), hash_ports: true, backends: vec![backend(v4("198.18.0.101"), Some(MAC65), 1)] }]
+            [Service { key: udp(v4("203.0.113.10"), 0), hash_ports: true, track_flows: true, backends: vec![backend(v4("198.18.0.101"), Some(MAC65), 1)] }]
         );
         assert_eq!(m.services[0].key.to_string(), "203.0.113.10:*/udp");
     }
@@ -1002,6 +1036,20 @@ mod tests {
         assert!(!m.services[0].hash_ports, "the catch-all's UDP traffic may hash addresses only");
         assert_eq!(m.services[2].backends, [backend(v4("198.18.0.101"), None, 1), backend(v6("2001:db8::101"), None, 1)]);
         assert_eq!(m.total_backends(), 5, "a backend counts once per service");
+    }
+
+    #[test]
+    fn track_flows_is_on_unless_turned_off() {
+        let text = |setting: &str| with_global(&format!("[[service]]\nvip = \"*\"\n{setting}backends = [{{ address = \"198.18.0.101\" }}]\n"));
+        assert!(model(&text("")).services[0].track_flows, "default true");
+        assert!(model(&text("track_flows = true\n")).services[0].track_flows);
+        let off = model(&text("track_flows = false\n"));
+        assert!(!off.services[0].track_flows);
+        assert!(off.services[0].hash_ports, "independent of hash_ports");
+        // Rendered only when off, so files that leave it out print as written.
+        assert!(to_toml(&off).contains("\nport = 0\nhash_ports = true\ntrack_flows = false\nbackends = [\n"), "{}", to_toml(&off));
+        assert!(!to_toml(&model(&text(""))).contains("track_flows"));
+        assert_eq!(err(&text("track_flows = \"off\"\n")), "lb.toml:7: invalid type: string \"off\", expected a boolean");
     }
 
     #[test]
@@ -1125,7 +1173,7 @@ mod tests {
         assert_eq!(err("[globals]\n"), "lb.toml:1: unknown field `globals`, expected `global` or `service`");
         assert_eq!(
             err(&with_global("[[service]]\nvip = \"*\"\nports = 0\n")),
-            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `backends`"
+            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `track_flows`, `backends`"
         );
         assert_eq!(
             err(&service("203.0.113.10", "{ address = \"198.18.0.101\", wieght = 2 }")),
@@ -1138,6 +1186,10 @@ mod tests {
         assert_eq!(
             err(&with_global("[[service]]\nvip = \"*\"\nhash_ports = \"no\"\n")),
             "lb.toml:7: invalid type: string \"no\", expected a boolean"
+        );
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = 1\n")),
+            "lb.toml:9: invalid type: integer `1`, expected a boolean"
         );
         assert_eq!(err(&with_global("[[service]]\nvip = 10\n")), "lb.toml:6: invalid type: integer `10`, expected a string");
         assert_eq!(err(&with_global("[[service]]\nvip = \"*\"\nbackends = \"198.18.0.101\"\n")), "lb.toml:7: invalid type: string \"198.18.0.101\", expected a sequence");
@@ -1336,6 +1388,7 @@ vip = "2001:db8::10"
 protocol = "udp"
 port = 53
 hash_ports = false
+track_flows = false
 backends = [
   { address = "2001:db8::101", weight = 1 },
 ]
@@ -1355,6 +1408,7 @@ backends = [
             Model::default(),
             model("[global]\nhash_seed = 0xffffffff\n"),
             model(&with_global("[[service]]\nvip = \"*\"\nhash_ports = false\nbackends = [{ address = \"2001:db8::1\" }]\n")),
+            model(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = false\nbackends = [{ address = \"198.18.0.101\" }]\n")),
             big,
         ];
         for m in &models {
@@ -1379,10 +1433,10 @@ backends = [
         ));
         let wanted = model(
             "[global]\nsource_v4 = \"198.18.0.2\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:02\"\nhash_seed = 0x1234abcd\n\
-             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n\
+             [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = false\nbackends = [\n\
                { address = \"198.18.0.101\", weight = 3 },\n  { address = \"198.18.0.102\" },\n  { address = \"198.18.0.103\", weight = 2 },\n  { address = \"2001:db8::105\" },\n]\n\
              [[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 53\nhash_ports = false\nbackends = [{ address = \"198.18.0.101\" }]\n\
-             [[service]]\nvip = \"2001:db8::10\"\nprotocol = \"tcp\"\nport = 0\nbackends = [{ address = \"2001:db8::101\" }, { address = \"2001:db8::102\", mac = \"02:00:c6:12:00:65\" }]\n",
+             [[service]]\nvip = \"2001:db8::10\"\nprotocol = \"tcp\"\nport = 0\ntrack_flows = false\nbackends = [{ address = \"2001:db8::101\" }, { address = \"2001:db8::102\", mac = \"02:00:c6:12:00:65\" }]\n",
         );
         let d = diff(&running, &wanted);
         assert_eq!(
@@ -1398,6 +1452,7 @@ backends = [
         let web = &d.changed[0];
         assert_eq!(web.key, tcp(v4("203.0.113.10"), 80));
         assert_eq!(web.hash_ports, None);
+        assert_eq!(web.track_flows, Some((true, false)));
         assert_eq!(web.removed, [backend(v4("198.18.0.104"), None, 1)]);
         assert_eq!(web.added, [backend(v6("2001:db8::105"), None, 1)]);
         assert_eq!(
@@ -1408,15 +1463,18 @@ backends = [
             ]
         );
         assert_eq!(d.changed[1].hash_ports, Some((true, false)));
+        assert_eq!(d.changed[1].track_flows, None);
         assert_eq!(
             d.to_string(),
             "~ global gateway_mac 02:00:00:00:00:01 -> 02:00:00:00:00:02\n\
              ~ global hash_seed 0x00000001 -> 0x1234abcd\n\
              - service 203.0.113.11:53/udp (1 backend)\n\
              + service [2001:db8::10]:*/tcp (2 backends)\n\
+             \x20   track_flows false\n\
              \x20   + 2001:db8::101 mac gateway weight 1\n\
              \x20   + 2001:db8::102 mac 02:00:c6:12:00:65 weight 1\n\
              ~ service 203.0.113.10:80/tcp\n\
+             \x20   ~ track_flows true -> false\n\
              \x20   - 198.18.0.104\n\
              \x20   + 2001:db8::105 mac gateway weight 1\n\
              \x20   ~ 198.18.0.101 weight 1 -> 3\n\

@@ -21,6 +21,8 @@ pub struct RunningService {
     pub number: u32,
     pub key: ServiceKey,
     pub hash_ports: bool,
+    /// Whether flows are pinned to their backend (L4LB_SERVICE_TRACK_FLOWS).
+    pub track_flows: bool,
     /// Sorted by address.
     pub backends: Vec<RunningBackend>,
     /// MAGLEV_SIZE backend numbers (or SLOT_EMPTY).
@@ -79,6 +81,11 @@ impl Running {
 impl RunningService {
     /// The service as a configuration model entry.
     pub fn model(&self) -> config::Service {
-        config::Service { key: self.key, hash_ports: self.hash_ports, backends: self.backends.iter().map(|b| b.backend).collect() }
+        config::Service {
+            key: self.key,
+            hash_ports: self.hash_ports,
+            track_flows: self.track_flows,
+            backends: self.backends.iter().map(|b| b.backend).collect(),
+        }
     }
 }

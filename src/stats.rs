@@ -399,6 +399,7 @@ mod tests {
                     number: *number,
                     key: *key,
                     hash_ports: true,
+                    track_flows: true,
                     backends: backends.clone(),
                     table: Vec::new(),
                 })
@@ -512,6 +513,9 @@ mod tests {
  pass                     6          6
  pass_no_service          0          0
  drop_short_l4            4          4
+ flow_pinned              0          0
+ flow_repinned            0          0
+ flow_table_full          0          0
 ";
         assert_eq!(text, expected, "\n{text}");
     }

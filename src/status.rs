@@ -84,6 +84,8 @@ pub struct ServiceStatus {
     pub number: u32,
     /// Whether UDP flows hash their ports (TCP flows always do).
     pub hash_ports: bool,
+    /// Whether flows are pinned to their backend (connection tracking).
+    pub track_flows: bool,
     /// Slots of the service's table.
     pub slots: usize,
     /// Slots naming no backend (L4LB_SLOT_EMPTY): their flows are dropped.
@@ -176,6 +178,7 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>) -> ServiceStatus 
         id: ServiceId::from(&service.key),
         number: service.number,
         hash_ports: service.hash_ports,
+        track_flows: service.track_flows,
         slots,
         unset_slots,
         foreign_slots,
@@ -255,6 +258,8 @@ fn render_service(service: &ServiceStatus) -> String {
         _ if service.hash_ports => "",
         _ => ", UDP flows hash addresses only",
     };
+    // Like hash_ports, only the exception is said.
+    let tracking = if service.track_flows { "" } else { ", flows not tracked (table changes move them)" };
     let mut health = format!(
         "{} slots, {} unset",
         service.slots.to_formatted_string(&Locale::en),
@@ -267,7 +272,7 @@ fn render_service(service: &ServiceStatus) -> String {
         ));
     }
     let mut text = format!(
-        "\nService {}, number {}: {}{udp_ports}\nTable: {health}\n",
+        "\nService {}, number {}: {}{udp_ports}{tracking}\nTable: {health}\n",
         service_label(&service.key),
         service.number,
         plural(service.backends.len(), "backend", "backends"),
@@ -324,6 +329,7 @@ mod tests {
             number: 1,
             key: ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 80 },
             hash_ports: true,
+            track_flows: true,
             backends: vec![backend(3, "198.18.0.101", Some([2, 0, 0xc6, 0x12, 0, 0x65]), 1), backend(4, "198.18.0.102", None, 2)],
             table: vec![3, 4, 4, 3, 4, 4, 3, 4, 4, SLOT_EMPTY],
         };
@@ -332,6 +338,7 @@ mod tests {
             number: 2,
             key: ServiceKey::Vip { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, port: 53 },
             hash_ports: false,
+            track_flows: false,
             backends: vec![backend(5, "2001:db8::101", None, 0)],
             table: vec![5, 5, 5, 5, 5, 5, 5, 5, 3, 3],
         };
@@ -395,7 +402,7 @@ Table: 10 slots, 1 unset
  3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%
  4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%
 
-Service [2001:db8::10]:53/udp, number 2: 1 backend, UDP flows hash addresses only
+Service [2001:db8::10]:53/udp, number 2: 1 backend, UDP flows hash addresses only, flows not tracked (table changes move them)
 Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: apply again)
  #  Backend        MAC                        Weight  Slots    Share
  5  2001:db8::101  gateway 02:00:00:00:00:01       0      8  80.000%
@@ -443,11 +450,12 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             value["services"][1],
             serde_json::json!({
                 "service": "[2001:db8::10]:53/udp", "vip": "2001:db8::10", "protocol": "udp", "port": 53, "number": 2,
-                "hash_ports": false, "slots": 10, "unset_slots": 0, "foreign_slots": 2,
+                "hash_ports": false, "track_flows": false, "slots": 10, "unset_slots": 0, "foreign_slots": 2,
                 "backends": [{"number": 5, "addr": "2001:db8::101", "mac": "02:00:00:00:00:01", "via_gateway": true,
                               "weight": 0, "slots": 8, "share": 80.0}]
             })
         );
         assert_eq!(value["services"][0]["backends"][0]["mac"], "02:00:c6:12:00:65");
+        assert_eq!(value["services"][0]["track_flows"], true);
     }
 }

@@ -615,8 +615,9 @@ fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     let mut backends: Vec<config::Backend> = set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
     backends.sort();
     let hash_ports = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.hash_ports);
+    let track_flows = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.track_flows);
     wanted.services.retain(|s| s.key != ServiceKey::CatchAll);
-    wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, backends });
+    wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, track_flows, backends });
     Ok(apply::plan(now, &wanted, 0)?)
 }
 

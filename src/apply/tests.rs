@@ -38,7 +38,7 @@ fn be(addr: &str, weight: u32) -> Backend {
 fn service(key: ServiceKey, backends: &[Backend]) -> Service {
     let mut backends = backends.to_vec();
     backends.sort();
-    Service { key, hash_ports: true, backends }
+    Service { key, hash_ports: true, track_flows: true, backends }
 }
 
 fn model(services: Vec<Service>) -> Model {
@@ -131,7 +131,10 @@ fn a_new_service_is_written_whole_before_it_is_published() {
     assert_eq!((backend.addr[..4].to_vec(), backend.mac, backend.family, backend.service, backend.weight), (vec![10, 0, 0, 1], GW, 4, 0, 1));
     assert_eq!(u32::from(backend.flags), consts::L4LB_BACKEND_ACTIVE | consts::L4LB_BACKEND_GATEWAY_MAC);
     let flags = u32::from_ne_bytes(maps.read(MapId::Services, 0).unwrap()[..].try_into().unwrap());
-    assert_eq!(flags, consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS);
+    assert_eq!(
+        flags,
+        consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS | consts::L4LB_SERVICE_TRACK_FLOWS
+    );
 }
 
 #[test]
@@ -220,6 +223,24 @@ fn a_drained_backend_keeps_its_entry_and_loses_its_slots() {
     let drained = s.backends[2].number;
     assert!(s.table.iter().all(|&n| n != drained));
     assert_eq!(writes_to(&plan, MapId::Backends), [drained]);
+}
+
+#[test]
+fn flipping_track_flows_writes_only_the_service_entry() {
+    let maps = FakeMaps::new();
+    let tracked = service(udp("203.0.113.10", 53), &pool(1, 3));
+    let untracked = Service { track_flows: false, ..tracked.clone() };
+    let plan = run(&maps, &model(vec![tracked.clone()]));
+    let number = plan.after.running.service(&tracked.key).unwrap().number;
+    let table = plan.after.running.service(&tracked.key).unwrap().table.clone();
+    let base = consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS;
+    for (wanted, flags) in [(&untracked, base), (&tracked, base | consts::L4LB_SERVICE_TRACK_FLOWS)] {
+        let plan = run(&maps, &model(vec![wanted.clone()]));
+        assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: number, value: flags.to_ne_bytes().to_vec() }]);
+        let after = plan.after.running.service(&wanted.key).unwrap();
+        assert_eq!((after.track_flows, &after.table), (wanted.track_flows, &table), "the table stays");
+        assert_eq!(plan.diff.changed[0].track_flows, Some((!wanted.track_flows, wanted.track_flows)));
+    }
 }
 
 /// VIP keys (TCP ports of 203.0.113.10) whose home entry is the same, and

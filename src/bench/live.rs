@@ -363,7 +363,7 @@ fn service_of(kind: Kind) -> ServiceKey {
 fn timing_model(set: u8) -> Model {
     Model {
         global: global(),
-        services: vec![config::Service { key: tcp_vip(), hash_ports: true, backends: backends_of(destinations(set)) }],
+        services: vec![config::Service { key: tcp_vip(), hash_ports: true, track_flows: true, backends: backends_of(destinations(set)) }],
     }
 }
 
@@ -372,11 +372,11 @@ fn timing_model(set: u8) -> Model {
 /// catch-all, 512 backends each.
 fn bench_model() -> Model {
     let mut services = vec![
-        config::Service { key: tcp_vip(), hash_ports: true, backends: backends_of(destinations(0)) },
-        config::Service { key: service_of(Kind::Udp64), hash_ports: true, backends: backends_of(destinations(2)) },
-        config::Service { key: service_of(Kind::Syn4in6), hash_ports: true, backends: backends6(1) },
-        config::Service { key: service_of(Kind::Ipv6Syn), hash_ports: true, backends: backends6(2) },
-        config::Service { key: ServiceKey::CatchAll, hash_ports: true, backends: backends_of(destinations(3)) },
+        config::Service { key: tcp_vip(), hash_ports: true, track_flows: true, backends: backends_of(destinations(0)) },
+        config::Service { key: service_of(Kind::Udp64), hash_ports: true, track_flows: true, backends: backends_of(destinations(2)) },
+        config::Service { key: service_of(Kind::Syn4in6), hash_ports: true, track_flows: true, backends: backends6(1) },
+        config::Service { key: service_of(Kind::Ipv6Syn), hash_ports: true, track_flows: true, backends: backends6(2) },
+        config::Service { key: ServiceKey::CatchAll, hash_ports: true, track_flows: true, backends: backends_of(destinations(3)) },
     ];
     services.sort_by_key(|s| s.key);
     Model { global: global(), services }
@@ -400,7 +400,7 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, Servic
     let mut last = None;
     for _ in 0..FILL_REPEATS {
         sys::check_interrupted()?;
-        let id = crate::attach::attach(&iface, Mode::Driver, true)?;
+        let id = crate::attach::attach(&iface, Mode::Driver, true, crate::attach::FlowTable::for_mode(Mode::Driver, None)?)?;
         let program = discover::find_l4lb(&iface)?;
         let maps = LbMaps::open(&program)?;
         let mut config = maps.read_config()?;

@@ -3,9 +3,10 @@
  *
  * For each IPv4 or IPv6 TCP/UDP frame (up to two VLAN tags in front): find
  * its service (a VIP by address, protocol and port, else the catch-all, else
- * the stack), hash the flow with the configured seed, take the slot it falls
- * in in the service's Maglev table, push an outer header addressed to that
- * slot's backend (IPv4 or IPv6, by the backend's family) and send the frame
+ * the stack), hash the flow with the configured seed, take the backend the
+ * flow is pinned to (services that track flows) or else the one in the slot
+ * it falls in in the service's Maglev table, push an outer header addressed
+ * to that backend (IPv4 or IPv6, by the backend's family) and send the frame
  * back out (XDP_TX). ICMP errors about a balanced flow go to that flow's
  * backend; packets too big once encapsulated get an ICMP answer. Everything
  * else goes to the stack; malformed frames are dropped. Every frame is
@@ -13,8 +14,8 @@
  *
  * Loads through the Rust host's skeleton, through iproute2
  * (`ip link set dev DEV xdpdrv obj l4lb_xdp.o sec xdp`) and offloaded:
- * ARRAY maps only, no global variables, atomic adds only, no helper outside
- * the offload list, no subprogram calls, no division.
+ * ARRAY and HASH maps only, no global variables, atomic adds only, no helper
+ * outside the offload list, no subprogram calls, no division.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -24,23 +25,27 @@
 #include "parse.h"
 #include "vip.h"
 #include "jhash.h"
+#include "flows.h"
 #include "encap.h"
 #include "icmp.h"
 
-/* The flow's hash. TCP always hashes its ports; UDP unless the service says
- * otherwise (then all of a client's datagrams go to one backend); fragments
- * never (only the first one carries ports).
+/* The ports the flow is told apart by. TCP always has its ports; UDP unless
+ * the service says otherwise (then all of a client's datagrams go to one
+ * backend); fragments never (only the first one carries ports: parse.h left
+ * them 0).
  */
-static __always_inline __u32 flow_hash(const struct packet *pkt, const struct l4lb_service *service,
-				       __u32 seed)
+static __always_inline __u32 flow_ports(const struct packet *pkt, const struct l4lb_service *service)
 {
-	__u32 ports = pkt->ports;
-
 	if (pkt->vip.proto == IPPROTO_UDP && !(service->flags & L4LB_SERVICE_HASH_PORTS))
-		ports = 0;
-	/* The protocol goes into the initval: a fourth word would cost a whole
-	 * mixing round, and it only tells TCP from UDP in the catch-all.
-	 */
+		return 0;
+	return pkt->ports;
+}
+
+/* The flow's hash. The protocol goes into the initval: a fourth word would
+ * cost a whole mixing round, and it only tells TCP from UDP in the catch-all.
+ */
+static __always_inline __u32 flow_hash(const struct packet *pkt, __u32 ports, __u32 seed)
+{
 	return jhash_3words(pkt->saddr, pkt->daddr, ports, seed + pkt->vip.proto);
 }
 
@@ -70,14 +75,17 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct l4lb_service *service;
-	struct l4lb_backend *backend;
+	struct l4lb_backend *backend = NULL;
 	struct l4lb_config *config;
+	struct l4lb_flow_key key;
 	struct packet pkt;
 	struct inner inner;
-	__u32 zero = 0, outcome, service_number, number = 0, hash, overhead;
+	enum pin_state pin = PIN_NONE;
+	__u32 zero = 0, outcome, service_number, number = 0, ports, hash, overhead, tracked;
 	__u64 bytes;
 	int err;
 
+	pkt.flow = &key;
 	outcome = parse_packet(data, data_end, &pkt);
 	if (outcome != PARSE_BALANCE)
 		return outcome;
@@ -93,10 +101,28 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 	if (pkt.vip.family == L4LB_FAMILY_IPV6 && (service->flags & L4LB_SERVICE_IPV4_BACKENDS))
 		return L4LB_CNT_PASS_NO_SERVICE;
 
-	hash = flow_hash(&pkt, service, config->hash_seed);
-	backend = select_backend(service_number, hash, &number);
-	if (!backend)
-		return L4LB_CNT_DROP_NO_BACKEND;
+	ports = flow_ports(&pkt, service);
+	hash = flow_hash(&pkt, ports, config->hash_seed);
+	/* A pinned flow stays with its backend whatever the table says now. A
+	 * SYN starts a new connection: it takes its slot's backend, and pins
+	 * it only over an existing entry (a reused 4-tuple), so that a flood of
+	 * SYNs from spoofed sources creates no entries; the connection's next
+	 * segment pins it. ICMP errors follow pins and never make one.
+	 */
+	tracked = service->flags & L4LB_SERVICE_TRACK_FLOWS;
+	if (tracked) {
+		flow_key(&key, &pkt, ports);
+		backend = pinned_backend(&key, service_number, &number, &pin);
+		if (pkt.syn)
+			backend = NULL;
+	}
+	if (!backend) {
+		backend = select_backend(service_number, hash, &number);
+		if (!backend)
+			return L4LB_CNT_DROP_NO_BACKEND;
+		if (tracked && !pkt.icmp_error && (!pkt.syn || pin != PIN_NONE))
+			count(pin_flow(&key, backend, number, pin));
+	}
 
 	inner.l3_len = pkt.l3_len;
 	inner.l2_len = pkt.l2_len;

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* The datapath's maps. Only ARRAY maps with flags 0: the subset that XDP
- * hardware offload (NFP) accepts. The host may switch the three traffic and
+/* The datapath's maps. Only ARRAY and HASH maps with flags 0: the subset that
+ * XDP hardware offload (NFP) accepts. The host may switch the three traffic and
  * counter maps to per-CPU arrays before loading in driver or generic mode, so
  * that counters do not bounce cache lines between CPUs; the source stays the
  * same. Layouts and sizes: include/l4lb.h.
@@ -69,6 +69,17 @@ struct {
 	__type(key, __u32);
 	__type(value, struct l4lb_traffic);
 } l4lb_svc_stats SEC(".maps");
+
+/* Pinned flows (flows.h): struct l4lb_flow_key -> struct l4lb_flow. A HASH
+ * map here (offload takes no LRU map); `l4lb attach` makes it an LRU hash in
+ * driver and generic mode and sizes it (--flow-entries).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L4LB_FLOW_ENTRIES);
+	__type(key, struct l4lb_flow_key);
+	__type(value, struct l4lb_flow);
+} l4lb_flows SEC(".maps");
 
 /* Global counters, indexed by enum l4lb_counter. */
 struct {

@@ -69,6 +69,7 @@ static __always_inline enum ipv4_fault ipv4_check(const struct iphdr *ip, void *
  */
 struct packet {
 	struct l4lb_vip_key vip;  /* destination address, family, protocol, port */
+	struct l4lb_flow_key *flow; /* where parsing writes the client's address (flow->saddr) */
 	__u32 saddr;              /* source address word (IPv6: the XOR of its four words) */
 	__u32 daddr;              /* destination address word, likewise */
 	__u32 ports;              /* source and destination port, one word; 0 for fragments */
@@ -77,7 +78,7 @@ struct packet {
 	__u8 tos;                 /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
 	__u8 fragment;            /* 1 for any fragment of a datagram */
 	__u8 icmp_error;          /* 1 for an ICMP error about a balanced flow */
-	__u8 pad;
+	__u8 syn;                 /* 1 for a TCP segment with SYN and without ACK: a new connection */
 	__be16 df;                /* IPv4 DF bit as on the wire (network order); 0 for IPv6 */
 };
 
@@ -87,6 +88,9 @@ struct packet {
 #define PARSE_BALANCE L4LB_CNT_MAX
 
 #define IPV6_FRAG_OFFSET_MF 0xfff9  /* fragment offset and M bit of frag_off */
+#define TCP_FLAGS_OFFSET 13          /* the TCP header's flags byte */
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 #define ICMP_DEST_UNREACH 3          /* IPv4: every code, 4 = fragmentation needed */
 #define ICMPV6_DEST_UNREACH 1
 #define ICMPV6_PKT_TOOBIG 2
@@ -138,6 +142,39 @@ static __always_inline __u32 words_xor(const __u8 *addr)
 	return word[0] ^ word[1] ^ word[2] ^ word[3];
 }
 
+/* Whether two 16-byte addresses (4-byte aligned) are the same. */
+static __always_inline int addr16_equal(const __u8 *x, const __u8 *y)
+{
+	const __u32 *a = (const __u32 *)x, *b = (const __u32 *)y;
+
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
+}
+
+/* Copies a 16-byte address (4-byte aligned) word by word: __builtin_memcpy
+ * of byte arrays would copy byte by byte.
+ */
+static __always_inline void addr16_copy(__u8 *to, const __u8 *from)
+{
+	__u32 *a = (__u32 *)to;
+	const __u32 *b = (const __u32 *)from;
+
+	a[0] = b[0];
+	a[1] = b[1];
+	a[2] = b[2];
+	a[3] = b[3];
+}
+
+/* An IPv4 address as a 16-byte one: in the first 4 bytes, the rest 0. */
+static __always_inline void addr4_widen(__u8 *to, __be32 addr)
+{
+	__u32 *a = (__u32 *)to;
+
+	a[0] = addr;
+	a[1] = 0;
+	a[2] = 0;
+	a[3] = 0;
+}
+
 /* The two 16-bit halves of a ports word swapped: an ICMP error quotes the
  * VIP's answer (VIP port, client port), the flow is (client port, VIP port).
  */
@@ -152,15 +189,23 @@ static __always_inline __u32 swap_ports(__u32 ports)
 static __always_inline __u32 read_ports(struct packet *pkt, void *l4, void *l3_end, void *data_end)
 {
 	__u32 *ports = l4;
+	__u8 *tcp_flags = l4 + TCP_FLAGS_OFFSET;
 
 	pkt->ports = 0;
 	pkt->vip.port = 0;
+	pkt->syn = 0;
 	if (pkt->fragment)
 		return PARSE_BALANCE;
 	if ((void *)(ports + 1) > data_end || (void *)(ports + 1) > l3_end)
 		return L4LB_CNT_DROP_SHORT_L4;
 	pkt->ports = *ports;
 	pkt->vip.port = ((__be16 *)ports)[1];
+	/* A segment cut before its flags is balanced like any other, unpinned
+	 * only in that it is not taken for a SYN.
+	 */
+	if (pkt->vip.proto == IPPROTO_TCP && (void *)(tcp_flags + 1) <= data_end &&
+	    (void *)(tcp_flags + 1) <= l3_end)
+		pkt->syn = (*tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	return PARSE_BALANCE;
 }
 
@@ -213,10 +258,12 @@ static __always_inline __u32 parse_icmp4_error(struct iphdr *ip, __u32 ihl_bytes
 	pkt->vip.family = L4LB_FAMILY_IPV4;
 	pkt->vip.proto = quoted->protocol;
 	pkt->vip.port = ((__be16 *)ports)[0];
+	addr4_widen(pkt->flow->saddr, quoted->daddr);
 	pkt->saddr = quoted->daddr;
 	pkt->daddr = quoted->saddr;
 	pkt->ports = swap_ports(*ports);
 	pkt->fragment = 0;
+	pkt->syn = 0;
 	pkt->icmp_error = 1;
 	return PARSE_BALANCE;
 }
@@ -262,6 +309,7 @@ static __always_inline __u32 parse_ipv4(struct iphdr *ip, void *data_end, struct
 	__builtin_memcpy(pkt->vip.addr, &ip->daddr, 4);
 	pkt->vip.family = L4LB_FAMILY_IPV4;
 	pkt->vip.proto = ip->protocol;
+	addr4_widen(pkt->flow->saddr, ip->saddr);
 	pkt->saddr = ip->saddr;
 	pkt->daddr = ip->daddr;
 	pkt->fragment = !!(ip->frag_off & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK));
@@ -287,20 +335,18 @@ static __always_inline __u32 parse_icmp6_error(struct ipv6_header *ip6, void *ic
 	if (ip_version(quoted) != 6 ||
 	    (quoted->nexthdr != IPPROTO_TCP && quoted->nexthdr != IPPROTO_UDP))
 		return L4LB_CNT_PASS;
-	{
-		const __u32 *a = (const __u32 *)quoted->saddr, *b = (const __u32 *)ip6->daddr;
-
-		if ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]))
-			return L4LB_CNT_PASS;
-	}
+	if (!addr16_equal(quoted->saddr, ip6->daddr))
+		return L4LB_CNT_PASS;
 
 	__builtin_memcpy(pkt->vip.addr, quoted->saddr, 16);
 	pkt->vip.family = L4LB_FAMILY_IPV6;
 	pkt->vip.proto = quoted->nexthdr;
 	pkt->vip.port = ((__be16 *)ports)[0];
+	addr16_copy(pkt->flow->saddr, quoted->daddr);
 	pkt->saddr = words_xor(quoted->daddr);
 	pkt->daddr = words_xor(quoted->saddr);
 	pkt->ports = swap_ports(*ports);
+	pkt->syn = 0;
 	pkt->icmp_error = 1;
 	return PARSE_BALANCE;
 }
@@ -375,6 +421,7 @@ static __always_inline __u32 parse_ipv6(struct ipv6_header *ip6, void *data_end,
 	__builtin_memcpy(pkt->vip.addr, ip6->daddr, 16);
 	pkt->vip.family = L4LB_FAMILY_IPV6;
 	pkt->vip.proto = nexthdr;
+	addr16_copy(pkt->flow->saddr, ip6->saddr);
 	pkt->saddr = words_xor(ip6->saddr);
 	pkt->daddr = words_xor(ip6->daddr);
 	return read_ports(pkt, cursor, l3_end, data_end);
