@@ -25,7 +25,8 @@ pub use consts::l4lb_decap_counter as decap_counter;
 pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
 pub use decap_skel::types::l4lb_decap_addr as DecapAddr;
 pub use skel::types::{
-    l4lb_backend as Backend, l4lb_config as Config, l4lb_service as Service, l4lb_traffic as Traffic, l4lb_vip as Vip,
+    l4lb_backend as Backend, l4lb_config as Config, l4lb_flow as FlowPin, l4lb_flow_key as FlowKey, l4lb_service as Service,
+    l4lb_traffic as Traffic, l4lb_vip as Vip,
 };
 
 // SAFETY: plain C structs of integers and byte arrays, any bit pattern is valid.
@@ -35,6 +36,8 @@ unsafe impl plain::Plain for Service {}
 unsafe impl plain::Plain for Traffic {}
 unsafe impl plain::Plain for Vip {}
 unsafe impl plain::Plain for DecapAddr {}
+unsafe impl plain::Plain for FlowKey {}
+unsafe impl plain::Plain for FlowPin {}
 
 /// The XDP program's name as the kernel reports it.
 pub const PROG_NAME: &str = "l4lb_balance";
@@ -108,5 +111,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowPin>(), 24);
     }
 }

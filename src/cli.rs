@@ -108,6 +108,9 @@ pub enum Command {
         /// One JSON object
         #[arg(long)]
         json: bool,
+        /// Also walk the flow table: flows pinned per backend and service, entries in use and stale
+        #[arg(long)]
+        flows: bool,
     },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     Bench {

@@ -29,7 +29,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
         Command::Config { interface } => show_config(&interface),
         Command::Stats { interface, sampling } => stats(&interface, sampling),
-        Command::Status { interface, json } => status(&interface, json),
+        Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Bench { rounds, seconds, chart, json, variants } => {
             crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants })
         }
@@ -340,10 +340,15 @@ fn print_samples<S>(
     Ok(())
 }
 
-fn status(name: &str, json: bool) -> Result<()> {
+/// `l4lb status`; with `flows`, the flow table is walked and its pins
+/// counted against the running state (read first: a pin made to a backend
+/// added meanwhile counts as stale).
+fn status(name: &str, json: bool, flows: bool) -> Result<()> {
+    use libbpf_rs::MapCore;
     let (iface, program, maps) = open_l4lb(name)?;
     let running = maps.read_running()?;
     let vip_probes = maps.read_config().ok().map(|config| config.vip_probes);
+    let table = crate::maps::open_flows(&program).with_context(|| format!("{}: the flow table", iface.name))?;
     let info = crate::status::Program {
         interface: iface.name.clone(),
         ifindex: iface.index,
@@ -352,8 +357,20 @@ fn status(name: &str, json: bool) -> Result<()> {
         mode: program.mode,
         per_cpu_counters: maps.per_cpu_counters(),
         vip_probes,
+        flow_table: crate::status::FlowTable {
+            lru: table.map_type() == libbpf_rs::MapType::LruHash,
+            max_entries: table.max_entries(),
+        },
     };
-    let status = crate::status::build(&info, &running);
+    let counts = if flows {
+        let mut counter = crate::status::PinCounter::new(&running);
+        crate::maps::walk_flows(&table, |key, pin| counter.add(key, pin))
+            .with_context(|| format!("{}: walking map `{}`", iface.name, crate::bpf::MAP_FLOWS))?;
+        Some(counter.finish())
+    } else {
+        None
+    };
+    let status = crate::status::build(&info, &running, counts.as_ref());
     if json {
         println!("{}", stats::render_json(&status));
     } else {

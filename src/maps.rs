@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use crate::apply::{self, MapId, Snapshot, VipEntry};
-use crate::bpf::{self, Backend, Config, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_SLOTS};
+use crate::bpf::{self, Backend, Config, FlowKey, FlowPin, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_SLOTS};
 use crate::discover::AttachedProgram;
 use crate::state::Running;
 
@@ -397,4 +397,225 @@ fn write_u32_entries(map: &MapHandle, entries: &[(u32, u32)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The flow table (`l4lb_flows`) of a loaded program: a hash or LRU hash of
+/// this build's key and value layouts.
+pub fn open_flows(program: &AttachedProgram) -> Result<MapHandle> {
+    let map = ProgramMaps::open(program)?.take(bpf::MAP_FLOWS)?;
+    if !matches!(map.map_type(), MapType::Hash | MapType::LruHash) {
+        bail!("map `{}` is a {:?} map, this l4lb expects a hash or an LRU hash", bpf::MAP_FLOWS, map.map_type());
+    }
+    if map.key_size() as usize != size_of::<FlowKey>() || map.value_size() as usize != size_of::<FlowPin>() {
+        bail!(
+            "map `{}` has keys of {} and values of {} bytes, this l4lb expects {} and {}: object and binary are from different versions",
+            bpf::MAP_FLOWS,
+            map.key_size(),
+            map.value_size(),
+            size_of::<FlowKey>(),
+            size_of::<FlowPin>()
+        );
+    }
+    Ok(map)
+}
+
+/// Entries per batch of a flow table walk (64 bytes each: 512 KiB of buffers).
+const FLOW_BATCH: u32 = 8192;
+
+/// Calls `each` on every entry of the flow table, which the datapath may be
+/// changing meanwhile: an entry added or removed during the walk may or may
+/// not be seen, none is seen twice. In batches (bpf_map_lookup_batch, which
+/// walks the hash table bucket by bucket under each bucket's lock), else, where
+/// the kernel has no batches (offloaded maps), key by key. Returns the
+/// number of entries seen.
+pub fn walk_flows(map: &MapHandle, mut each: impl FnMut(&FlowKey, &FlowPin)) -> Result<usize> {
+    let mut parse = |key: &[u8], value: &[u8]| {
+        let key: FlowKey = bpf::value_from(key).expect("key size checked");
+        let pin: FlowPin = bpf::value_from(value).expect("value size checked");
+        each(&key, &pin);
+    };
+    match walk_batches(map, &mut parse)? {
+        Some(seen) => Ok(seen),
+        None => walk_keys(
+            |previous| next_key(map, previous),
+            |key| map.lookup(key, MapFlags::ANY).with_context(|| format!("reading an entry of map `{}`", bpf::MAP_FLOWS)),
+            2 * map.max_entries() as usize + 1024,
+            &mut parse,
+        ),
+    }
+}
+
+/// The batch walk of a hash map; None when the kernel has no batch
+/// operations for the map (and nothing was seen).
+fn walk_batches(map: &MapHandle, each: &mut impl FnMut(&[u8], &[u8])) -> Result<Option<usize>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let (key_size, value_size) = (map.key_size() as usize, map.value_size() as usize);
+    let mut capacity = FLOW_BATCH;
+    let mut keys = vec![0u8; capacity as usize * key_size];
+    let mut values = vec![0u8; capacity as usize * value_size];
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // The token of a hash map batch is a bucket index: the next batch starts there.
+    let mut token: u32 = 0;
+    let mut first = true;
+    let mut seen = 0usize;
+    loop {
+        let mut n = capacity;
+        let mut out_token: u32 = 0;
+        let in_token: *mut std::ffi::c_void = if first { std::ptr::null_mut() } else { (&mut token as *mut u32).cast() };
+        // SAFETY: keys and values have room for `capacity` entries of their sizes.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                in_token,
+                (&mut out_token as *mut u32).cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut n,
+                &opts,
+            )
+        };
+        let errno = if rc < 0 { -rc } else { 0 };
+        match errno {
+            0 | nix::libc::ENOENT => {
+                for i in 0..n as usize {
+                    each(&keys[i * key_size..][..key_size], &values[i * value_size..][..value_size]);
+                }
+                seen += n as usize;
+                if errno == nix::libc::ENOENT {
+                    return Ok(Some(seen));
+                }
+                token = out_token;
+                first = false;
+            }
+            nix::libc::EINTR => {}
+            // A bucket holds more entries than the batch has room for.
+            nix::libc::ENOSPC if capacity < 1 << 20 => {
+                capacity *= 2;
+                keys.resize(capacity as usize * key_size, 0);
+                values.resize(capacity as usize * value_size, 0);
+            }
+            // ENOTSUPP (524, kernel-internal) from offloaded maps, EINVAL from kernels without batches.
+            nix::libc::EOPNOTSUPP | nix::libc::EINVAL | 524 if first => return Ok(None),
+            _ => bail!(
+                "batch read of map `{}` ({seen} entries read): {}",
+                bpf::MAP_FLOWS,
+                std::io::Error::from_raw_os_error(errno)
+            ),
+        }
+    }
+}
+
+/// The key after `previous` (the first key without one); None at the end.
+fn next_key(map: &MapHandle, previous: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut next = vec![0u8; map.key_size() as usize];
+    let previous = previous.map_or(std::ptr::null(), <[u8]>::as_ptr);
+    // SAFETY: previous is null or a key of the map's key size, next has room for one.
+    let rc = unsafe { libbpf_sys::bpf_map_get_next_key(map.as_fd().as_raw_fd(), previous.cast(), next.as_mut_ptr().cast()) };
+    match -rc {
+        0 => Ok(Some(next)),
+        nix::libc::ENOENT => Ok(None),
+        errno => bail!("walking the keys of map `{}`: {}", bpf::MAP_FLOWS, std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// A walk of a hash map key by key (bpf_map_get_next_key). When the key
+/// just seen is deleted before the next step, the kernel starts over from
+/// the first key: keys seen before are skipped (not counted twice), and the
+/// walk gives up after `limit` steps (a table changing faster than it is
+/// walked).
+fn walk_keys(
+    mut next_key: impl FnMut(Option<&[u8]>) -> Result<Option<Vec<u8>>>,
+    mut lookup: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>>,
+    limit: usize,
+    each: &mut impl FnMut(&[u8], &[u8]),
+) -> Result<usize> {
+    let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut previous: Option<Vec<u8>> = None;
+    for _ in 0..limit {
+        let Some(key) = next_key(previous.as_deref())? else {
+            return Ok(seen.len());
+        };
+        if !seen.contains(&key) {
+            // Deleted since its key was read: not there any more.
+            if let Some(value) = lookup(&key)? {
+                each(&key, &value);
+                seen.insert(key.clone());
+            }
+        }
+        previous = Some(key);
+    }
+    bail!(
+        "walking the keys of map `{}`: still going after {limit} steps ({} entries seen): entries come and go faster than the walk",
+        bpf::MAP_FLOWS,
+        seen.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash map as bpf_map_get_next_key sees it: keys in bucket order;
+    /// the key after one that is not there is the first key.
+    struct FakeMap {
+        keys: Vec<u8>,
+    }
+
+    impl FakeMap {
+        fn next(&self, previous: Option<&[u8]>) -> Option<Vec<u8>> {
+            let at = match previous {
+                None => 0,
+                Some(p) => match self.keys.iter().position(|k| *k == p[0]) {
+                    Some(i) => i + 1,
+                    None => 0,
+                },
+            };
+            self.keys.get(at).map(|k| vec![*k])
+        }
+    }
+
+    #[test]
+    fn a_key_walk_counts_each_entry_once_when_the_kernel_starts_over() {
+        let map = std::cell::RefCell::new(FakeMap { keys: vec![1, 2, 3, 4, 5] });
+        let mut seen = Vec::new();
+        let count = walk_keys(
+            |previous| {
+                let next = map.borrow().next(previous);
+                // The datapath deletes key 3 just after the walk read it,
+                // and adds 6: the walk starts over from key 1.
+                if next == Some(vec![3]) {
+                    map.borrow_mut().keys = vec![1, 2, 4, 5, 6];
+                }
+                Ok(next)
+            },
+            |key| Ok(map.borrow().keys.contains(&key[0]).then(|| vec![key[0] * 10])),
+            100,
+            &mut |key: &[u8], value: &[u8]| seen.push((key[0], value[0])),
+        )
+        .unwrap();
+        // 3 was gone by the time its value was read.
+        assert_eq!(seen, [(1, 10), (2, 20), (4, 40), (5, 50), (6, 60)]);
+        assert_eq!(count, 5);
+    }
+
+    #[test]
+    fn a_key_walk_gives_up_on_a_table_that_never_settles() {
+        let mut n = 0u8;
+        let err = walk_keys(
+            |_| {
+                n = n.wrapping_add(1);
+                Ok(Some(vec![n % 3]))
+            },
+            |key| Ok(Some(key.to_vec())),
+            50,
+            &mut |_: &[u8], _: &[u8]| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("l4lb_flows") && err.to_string().contains("50 steps"), "{err}");
+    }
 }

@@ -1,7 +1,9 @@
 //! `l4lb status`: the balancer's settings and, per service, its backends,
 //! their weights and slot counts in the service's Maglev table, and the
-//! table's health (slots that lead nowhere). Pure: the caller reads the maps
-//! (the running state) and the program; this builds, renders and serialises.
+//! table's health (slots that lead nowhere); with `--flows`, the flows pinned
+//! to each backend (connection tracking). Pure: the caller reads the maps
+//! (the running state, the flow table's entries) and the program; this
+//! counts, builds, renders and serialises.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -10,7 +12,7 @@ use comfy_table::{presets, Cell, CellAlignment, Table};
 use num_format::{Locale, ToFormattedString};
 use serde::Serialize;
 
-use crate::bpf::SLOT_EMPTY;
+use crate::bpf::{FlowKey, FlowPin, FAMILY_IPV4, FAMILY_IPV6, SLOT_EMPTY};
 use crate::config::{format_mac, Protocol, ServiceKey};
 use crate::discover::Mode;
 use crate::state::{Running, RunningService};
@@ -29,6 +31,16 @@ pub struct Program {
     pub per_cpu_counters: bool,
     /// l4lb_config.vip_probes: how many entries a VIP lookup looks at.
     pub vip_probes: Option<u32>,
+    /// The flow table (l4lb_flows) as the kernel describes it.
+    pub flow_table: FlowTable,
+}
+
+/// The flow table's type and size (the map's info; no entry read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTable {
+    /// An LRU hash (evicts the least recently used pins), else a hash (evicts nothing).
+    pub lru: bool,
+    pub max_entries: u32,
 }
 
 /// The `--json` object, and what the text shows.
@@ -57,6 +69,7 @@ pub struct Status {
     /// The fragment entries of l4lb_vips: where fragments (no ports) of
     /// each VIP address and protocol go.
     pub fragments: Vec<FragmentStatus>,
+    pub flow_table: FlowTableStatus,
     pub services: Vec<ServiceStatus>,
     #[serde(skip)]
     pub mode_label: String,
@@ -73,6 +86,21 @@ pub struct FragmentStatus {
     pub number: u32,
     /// Index of the entry in l4lb_vips.
     pub entry: u32,
+}
+
+/// The flow table; `entries` and `stale` only when it was walked (`--flows`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowTableStatus {
+    /// `lru_hash` or `hash`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub max_entries: u32,
+    /// Entries in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries: Option<usize>,
+    /// Entries whose pin no longer holds (see [`PinCounter`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -93,6 +121,9 @@ pub struct ServiceStatus {
     /// Slots naming a backend number that is not one of the service's
     /// backends: should be 0.
     pub foreign_slots: usize,
+    /// Flows pinned to the service's backends (with `--flows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<usize>,
     pub backends: Vec<BackendStatus>,
     #[serde(skip)]
     pub key: ServiceKey,
@@ -112,10 +143,140 @@ pub struct BackendStatus {
     pub slots: usize,
     /// Those slots as a percentage of the table.
     pub share: f64,
+    /// Flows pinned to the backend whose pin holds (with `--flows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<usize>,
 }
 
-/// The status of `running` on `program`.
-pub fn build(program: &Program, running: &Running) -> Status {
+/// What a walk of the flow table found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    /// Entries seen.
+    pub entries: usize,
+    /// Entries whose pin does not hold.
+    pub stale: usize,
+    /// Pins that hold, per backend number.
+    pub pinned: HashMap<u32, usize>,
+}
+
+/// An address as the maps hold it: the family, and IPv4 in the first 4 bytes.
+fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (FAMILY_IPV4, bytes)
+        }
+        IpAddr::V6(a) => (FAMILY_IPV6, a.octets()),
+    }
+}
+
+fn ip_protocol(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+    }
+}
+
+/// A VIP address and protocol as a flow key holds them: (address, family, protocol).
+type Destination = ([u8; 16], u8, u8);
+
+/// Counts the entries of l4lb_flows, fed one by one (the table is walked in
+/// batches, never held whole), against the running state. A pin holds, as
+/// in the datapath (src/bpf/flows.h), when its backend number names an
+/// active backend with the pin's family and address, of the flow's
+/// service. The flow's service is found from the key like the datapath
+/// finds a packet's: its VIP (with the destination port, else the address's
+/// every-port VIP), else the catch-all. A key without ports (a fragment, or
+/// a UDP service that hashes addresses only) does not say which port it
+/// was sent to: any service of its address and protocol (its fragment
+/// entry's, its VIPs', the catch-all) counts as its own.
+pub struct PinCounter {
+    /// Backend number -> (service number, family, address).
+    backends: HashMap<u32, (u32, u8, [u8; 16])>,
+    /// (destination, port) -> service number; port 0 takes every port.
+    vips: HashMap<(Destination, u16), u32>,
+    /// Destination -> the services of its VIPs and fragment entry.
+    destinations: HashMap<Destination, Vec<u32>>,
+    catch_all: Option<u32>,
+    counts: FlowCounts,
+}
+
+impl PinCounter {
+    pub fn new(running: &Running) -> Self {
+        let mut counter = PinCounter {
+            backends: HashMap::new(),
+            vips: HashMap::new(),
+            destinations: HashMap::new(),
+            catch_all: None,
+            counts: FlowCounts::default(),
+        };
+        for service in &running.services {
+            for b in &service.backends {
+                let (family, addr) = addr_bytes(b.backend.addr);
+                counter.backends.insert(b.number, (service.number, family, addr));
+            }
+            match service.key {
+                ServiceKey::CatchAll => counter.catch_all = Some(service.number),
+                ServiceKey::Vip { addr, protocol, port } => {
+                    let (family, addr) = addr_bytes(addr);
+                    let destination = (addr, family, ip_protocol(protocol));
+                    counter.vips.insert((destination, port), service.number);
+                    counter.destinations.entry(destination).or_default().push(service.number);
+                }
+            }
+        }
+        for fragment in &running.fragments {
+            let (family, addr) = addr_bytes(fragment.addr);
+            counter.destinations.entry((addr, family, ip_protocol(fragment.protocol))).or_default().push(fragment.service);
+        }
+        counter
+    }
+
+    /// Whether a flow with this key may belong to service `number`.
+    fn flow_of(&self, key: &FlowKey, number: u32) -> bool {
+        let destination = (key.daddr, key.family, key.proto);
+        if key.ports == 0 {
+            return self.catch_all == Some(number)
+                || self.destinations.get(&destination).is_some_and(|services| services.contains(&number));
+        }
+        // Source and destination port as on the wire: the destination port is the second half.
+        let bytes = key.ports.to_ne_bytes();
+        let port = u16::from_be_bytes([bytes[2], bytes[3]]);
+        let service = self.vips.get(&(destination, port)).or_else(|| self.vips.get(&(destination, 0))).copied().or(self.catch_all);
+        service == Some(number)
+    }
+
+    pub fn add(&mut self, key: &FlowKey, pin: &FlowPin) {
+        self.counts.entries += 1;
+        let holds = self
+            .backends
+            .get(&pin.backend)
+            .is_some_and(|&(service, family, addr)| family == pin.family && addr == pin.addr && self.flow_of(key, service));
+        if holds {
+            *self.counts.pinned.entry(pin.backend).or_default() += 1;
+        } else {
+            self.counts.stale += 1;
+        }
+    }
+
+    pub fn finish(self) -> FlowCounts {
+        self.counts
+    }
+}
+
+/// The pins of `entries` counted against `running` (see [`PinCounter`]).
+pub fn count_pins<'a>(running: &Running, entries: impl IntoIterator<Item = (&'a FlowKey, &'a FlowPin)>) -> FlowCounts {
+    let mut counter = PinCounter::new(running);
+    for (key, pin) in entries {
+        counter.add(key, pin);
+    }
+    counter.finish()
+}
+
+/// The status of `running` on `program`, with the flow table's counts if it
+/// was walked.
+pub fn build(program: &Program, running: &Running, flows: Option<&FlowCounts>) -> Status {
     let gateway = running.global.gateway_mac;
     Status {
         interface: program.interface.clone(),
@@ -143,12 +304,18 @@ pub fn build(program: &Program, running: &Running) -> Status {
                 entry: f.entry,
             })
             .collect(),
-        services: running.services.iter().map(|s| service(s, gateway)).collect(),
+        flow_table: FlowTableStatus {
+            kind: if program.flow_table.lru { "lru_hash" } else { "hash" },
+            max_entries: program.flow_table.max_entries,
+            entries: flows.map(|f| f.entries),
+            stale: flows.map(|f| f.stale),
+        },
+        services: running.services.iter().map(|s| service(s, gateway, flows)).collect(),
         mode_label: program.mode.to_string(),
     }
 }
 
-fn service(service: &RunningService, gateway: Option<[u8; 6]>) -> ServiceStatus {
+fn service(service: &RunningService, gateway: Option<[u8; 6]>, flows: Option<&FlowCounts>) -> ServiceStatus {
     let mut counts: HashMap<u32, usize> = HashMap::new();
     for &number in &service.table {
         *counts.entry(number).or_default() += 1;
@@ -168,6 +335,7 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>) -> ServiceStatus 
                 weight: b.backend.weight,
                 slots: taken,
                 share: if slots == 0 { 0.0 } else { 100.0 * taken as f64 / slots as f64 },
+                pinned: flows.map(|f| f.pinned.get(&b.number).copied().unwrap_or(0)),
             }
         })
         .collect();
@@ -182,6 +350,7 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>) -> ServiceStatus 
         slots,
         unset_slots,
         foreign_slots,
+        pinned: flows.map(|_| backends.iter().filter_map(|b| b.pinned).sum()),
         backends,
         key: service.key,
     }
@@ -241,6 +410,7 @@ pub fn render(status: &Status) -> String {
             line("", text);
         }
     }
+    line("Flow table", flow_table_text(&status.flow_table));
     let backends: usize = status.services.iter().map(|s| s.backends.len()).sum();
     line("Services", format!("{}, {}", status.services.len(), plural(backends, "backend", "backends")));
     if status.services.is_empty() {
@@ -250,6 +420,27 @@ pub fn render(status: &Status) -> String {
         out.push_str(&render_service(service));
     }
     out
+}
+
+/// `LRU hash, 1,048,576 entries, 12,345 in use (3 stale)`,
+/// `hash, 65,536 entries (no eviction)`.
+fn flow_table_text(table: &FlowTableStatus) -> String {
+    let mut text = format!(
+        "{}, {} entries",
+        if table.kind == "lru_hash" { "LRU hash" } else { "hash" },
+        table.max_entries.to_formatted_string(&Locale::en)
+    );
+    if table.kind != "lru_hash" {
+        text.push_str(" (no eviction)");
+    }
+    if let (Some(entries), Some(stale)) = (table.entries, table.stale) {
+        text.push_str(&format!(
+            ", {} in use ({} stale)",
+            entries.to_formatted_string(&Locale::en),
+            stale.to_formatted_string(&Locale::en)
+        ));
+    }
+    text
 }
 
 fn render_service(service: &ServiceStatus) -> String {
@@ -271,31 +462,43 @@ fn render_service(service: &ServiceStatus) -> String {
             service.foreign_slots.to_formatted_string(&Locale::en)
         ));
     }
+    let pinned = match service.pinned {
+        Some(n) => format!(", {}", plural(n, "flow pinned", "flows pinned")),
+        None => String::new(),
+    };
     let mut text = format!(
-        "\nService {}, number {}: {}{udp_ports}{tracking}\nTable: {health}\n",
+        "\nService {}, number {}: {}{pinned}{udp_ports}{tracking}\nTable: {health}\n",
         service_label(&service.key),
         service.number,
         plural(service.backends.len(), "backend", "backends"),
     );
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
-    table.set_header(vec!["#", "Backend", "MAC", "Weight", "Slots", "Share"]);
+    let mut header = vec!["#", "Backend", "MAC", "Weight", "Slots", "Share"];
+    if service.pinned.is_some() {
+        header.push("Pinned");
+    }
+    table.set_header(header);
     for backend in &service.backends {
         let mac = match (&backend.mac, backend.via_gateway) {
             (Some(mac), false) => mac.clone(),
             (Some(mac), true) => format!("gateway {mac}"),
             (None, _) => "gateway (not set)".to_string(),
         };
-        table.add_row(vec![
+        let mut row = vec![
             Cell::new(backend.number),
             Cell::new(backend.addr),
             Cell::new(mac),
             Cell::new(backend.weight),
             Cell::new(backend.slots.to_formatted_string(&Locale::en)),
             Cell::new(format!("{:.3}%", backend.share)),
-        ]);
+        ];
+        if let Some(pinned) = backend.pinned {
+            row.push(Cell::new(pinned.to_formatted_string(&Locale::en)));
+        }
+        table.add_row(row);
     }
-    for column in 3..6 {
+    for column in 3..7 {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }
@@ -323,6 +526,7 @@ mod tests {
             mode: Mode::Driver,
             per_cpu_counters: true,
             vip_probes: Some(1),
+            flow_table: FlowTable { lru: true, max_entries: 1 << 20 },
         };
         // Tables of 10 slots: 3 and 4 take 3 and 6, one slot unset.
         let web = crate::state::RunningService {
@@ -365,7 +569,7 @@ mod tests {
     #[test]
     fn slot_counts_shares_and_table_health() {
         let (program, running) = example();
-        let status = build(&program, &running);
+        let status = build(&program, &running, None);
         assert_eq!(status.vips, 2);
         let web = &status.services[0];
         assert_eq!((web.slots, web.unset_slots, web.foreign_slots), (10, 1, 0));
@@ -380,7 +584,7 @@ mod tests {
     #[test]
     fn text_shows_settings_and_a_table_per_service() {
         let (program, running) = example();
-        let text = render(&build(&program, &running));
+        let text = render(&build(&program, &running, None));
         let expected = "\
 Interface:     l4lb-doc0 (index 3)
 Program:       l4lb_balance (id 124), Driver mode
@@ -394,6 +598,7 @@ VIPs:          2, lookups look at 1 entry
 Fragments:     203.0.113.10/tcp -> 203.0.113.10:80/tcp (service 1)
                [2001:db8::10]/tcp -> service 9 (not running)
                [2001:db8::10]/udp -> [2001:db8::10]:53/udp (service 2)
+Flow table:    LRU hash, 1,048,576 entries
 Services:      2, 3 backends
 
 Service 203.0.113.10:80/tcp, number 1: 2 backends
@@ -413,7 +618,7 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
     #[test]
     fn nothing_applied_yet() {
         let (program, _) = example();
-        let text = render(&build(&program, &Running::default()));
+        let text = render(&build(&program, &Running::default(), None));
         assert!(text.contains("Hash seed:     not set (chosen at the first `l4lb apply`)\n"), "{text}");
         assert!(text.contains("MTU:           no limit\n"), "{text}");
         assert!(text.contains("Fragments:     no entries\n"), "{text}");
@@ -423,13 +628,14 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
     #[test]
     fn json_has_the_documented_shape() {
         let (program, running) = example();
-        let value: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&build(&program, &running))).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
         let keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
             [
                 "interface", "ifindex", "program", "program_id", "mode", "per_cpu_counters", "hash_seed", "seed_fixed",
-                "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "fragments", "services"
+                "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "fragments", "flow_table",
+                "services"
             ]
         );
         assert_eq!(value["mode"], "driver");
@@ -457,5 +663,143 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         );
         assert_eq!(value["services"][0]["backends"][0]["mac"], "02:00:c6:12:00:65");
         assert_eq!(value["services"][0]["track_flows"], true);
+        // Without --flows: no counts.
+        assert_eq!(value["flow_table"], serde_json::json!({"type": "lru_hash", "max_entries": 1048576}));
+    }
+
+    /// A flow key as the datapath writes it: ports as on the wire (0 for
+    /// fragments and for UDP services that hash addresses only).
+    fn flow(client: &str, vip: &str, ports: Option<(u16, u16)>, protocol: Protocol) -> FlowKey {
+        let (family, daddr) = addr_bytes(vip.parse().unwrap());
+        let (_, saddr) = addr_bytes(client.parse().unwrap());
+        let ports = ports.map_or(0, |(source, destination)| {
+            let [a, b] = source.to_be_bytes();
+            let [c, d] = destination.to_be_bytes();
+            u32::from_ne_bytes([a, b, c, d])
+        });
+        FlowKey { saddr, daddr, ports, family, proto: ip_protocol(protocol), pad: [0; 2] }
+    }
+
+    fn pin(backend: u32, addr: &str) -> FlowPin {
+        let (family, addr) = addr_bytes(addr.parse().unwrap());
+        FlowPin { addr, backend, family, pad: [0; 3] }
+    }
+
+    /// The example's flow table: 5 pins that hold, 4 that do not.
+    fn example_flows() -> Vec<(FlowKey, FlowPin)> {
+        let web = |port| flow("192.0.2.1", "203.0.113.10", Some((port, 80)), Protocol::Tcp);
+        vec![
+            (web(40001), pin(3, "198.18.0.101")),
+            (web(40002), pin(4, "198.18.0.102")),
+            (web(40003), pin(4, "198.18.0.102")),
+            // A fragment (no ports) of the web VIP's address and protocol.
+            (flow("192.0.2.2", "203.0.113.10", None, Protocol::Tcp), pin(4, "198.18.0.102")),
+            // A UDP flow of a service that hashes addresses only (no ports).
+            (flow("2001:db8:c::1", "2001:db8::10", None, Protocol::Udp), pin(5, "2001:db8::101")),
+            // Stale: backend 3's number now holds another address (reused).
+            (web(40004), pin(3, "198.18.0.99")),
+            // Stale: backend 9 is gone.
+            (web(40005), pin(9, "198.18.0.109")),
+            // Stale: backend 5 is the DNS service's, not the web service's
+            // (a number reused by another service, same address).
+            (web(40006), pin(5, "2001:db8::101")),
+            // Stale: no service takes port 443 of the address (no catch-all).
+            (flow("192.0.2.1", "203.0.113.10", Some((40007, 443)), Protocol::Tcp), pin(3, "198.18.0.101")),
+        ]
+    }
+
+    #[test]
+    fn pins_hold_for_their_backend_of_their_flows_service() {
+        let (_, running) = example();
+        let flows = example_flows();
+        let counts = count_pins(&running, flows.iter().map(|(k, p)| (k, p)));
+        assert_eq!((counts.entries, counts.stale), (9, 4));
+        assert_eq!(counts.pinned, HashMap::from([(3, 1), (4, 3), (5, 1)]));
+    }
+
+    #[test]
+    fn a_flow_s_service_is_its_vip_then_the_every_port_vip_then_the_catch_all() {
+        let (_, mut running) = example();
+        let service = |number, key, backends| crate::state::RunningService {
+            number,
+            key,
+            hash_ports: true,
+            track_flows: true,
+            backends,
+            table: Vec::new(),
+        };
+        // 203.0.113.10, every TCP port but 80 (service 3); everything else (service 4).
+        running.services.push(service(
+            3,
+            ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 0 },
+            vec![backend(6, "198.18.0.106", None, 1)],
+        ));
+        running.services.push(service(4, ServiceKey::CatchAll, vec![backend(7, "198.18.0.107", None, 1)]));
+        let tcp = |vip, port| flow("192.0.2.1", vip, Some((40000, port)), Protocol::Tcp);
+        let flows = [
+            (tcp("203.0.113.10", 80), pin(3, "198.18.0.101")),
+            (tcp("203.0.113.10", 443), pin(6, "198.18.0.106")),
+            (tcp("198.51.100.1", 443), pin(7, "198.18.0.107")),
+            // Port 443 is the every-port VIP's, not the catch-all's nor port 80's.
+            (tcp("203.0.113.10", 443), pin(7, "198.18.0.107")),
+            (tcp("203.0.113.10", 443), pin(3, "198.18.0.101")),
+            // Port 80 is its own VIP's.
+            (tcp("203.0.113.10", 80), pin(6, "198.18.0.106")),
+            // The catch-all takes other addresses, and fragments without a
+            // fragment entry (they may be any port's).
+            (tcp("198.51.100.1", 80), pin(3, "198.18.0.101")),
+            (flow("192.0.2.1", "198.51.100.1", None, Protocol::Udp), pin(7, "198.18.0.107")),
+        ];
+        let counts = count_pins(&running, flows.iter().map(|(k, p)| (k, p)));
+        assert_eq!((counts.entries, counts.stale), (8, 4));
+        assert_eq!(counts.pinned, HashMap::from([(3, 1), (6, 1), (7, 2)]));
+    }
+
+    #[test]
+    fn flows_show_in_the_header_per_service_and_per_backend() {
+        let (program, running) = example();
+        let flows = example_flows();
+        let counts = count_pins(&running, flows.iter().map(|(k, p)| (k, p)));
+        let status = build(&program, &running, Some(&counts));
+        let text = render(&status);
+        let expected = "\
+Flow table:    LRU hash, 1,048,576 entries, 9 in use (4 stale)
+Services:      2, 3 backends
+
+Service 203.0.113.10:80/tcp, number 1: 2 backends, 4 flows pinned
+Table: 10 slots, 1 unset
+ #  Backend       MAC                        Weight  Slots    Share  Pinned
+ 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%       1
+ 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%       3
+
+Service [2001:db8::10]:53/udp, number 2: 1 backend, 1 flow pinned, UDP flows hash addresses only, flows not tracked (table changes move them)
+";
+        assert!(text.contains(expected), "\n{text}");
+        assert!(text.ends_with(" 5  2001:db8::101  gateway 02:00:00:00:00:01       0      8  80.000%       1\n"), "\n{text}");
+
+        let value: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&status)).unwrap();
+        assert_eq!(
+            value["flow_table"],
+            serde_json::json!({"type": "lru_hash", "max_entries": 1048576, "entries": 9, "stale": 4})
+        );
+        assert_eq!(value["services"][0]["pinned"], 4);
+        assert_eq!(value["services"][0]["backends"][1]["pinned"], 3);
+        let keys: Vec<&str> = value["services"][0].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(&keys[keys.len() - 2..], ["pinned", "backends"]);
+    }
+
+    #[test]
+    fn a_hash_flow_table_evicts_nothing() {
+        let (mut program, running) = example();
+        program.flow_table = FlowTable { lru: false, max_entries: 65536 };
+        let text = render(&build(&program, &running, None));
+        assert!(text.contains("\nFlow table:    hash, 65,536 entries (no eviction)\n"), "{text}");
+        let counts = FlowCounts { entries: 12345, stale: 0, pinned: HashMap::new() };
+        let text = render(&build(&program, &running, Some(&counts)));
+        assert!(text.contains("\nFlow table:    hash, 65,536 entries (no eviction), 12,345 in use (0 stale)\n"), "{text}");
+        let value: serde_json::Value =
+            serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
+        assert_eq!(value["flow_table"]["type"], "hash");
+        assert!(value["services"][0].get("pinned").is_none() && value["services"][0]["backends"][0].get("pinned").is_none());
     }
 }
