@@ -273,7 +273,8 @@ fn http_get(vip: IpAddr, port: u16) -> Result<(u16, String), String> {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).map_err(|err| format!("port {local}: receive: {err} (after {answer:?})"))?;
     let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("port {local}: no HTTP header end in {answer:?}"))?;
-    if !head.starts_with("HTTP/1.0 200") {
+    // The lab's servers speak HTTP/1.1 and close after answering a 1.0 request.
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         return Err(format!("port {local}: answer {head:?}"));
     }
     Ok((local, body.trim().to_string()))
@@ -617,7 +618,7 @@ fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) 
             return format!("remove service {extra}");
         }
         let backends = base.services[0].backends.iter().map(|b| config::Backend { weight: 1, ..*b }).collect();
-        model.services.push(Service { key: extra, hash_ports: true, track_flows: true, backends });
+        model.services.push(Service { key: extra, hash_ports: true, track_flows: base.services[0].track_flows, backends });
         model.services.sort_by_key(|s| s.key);
         return format!("add service {extra}");
     }
@@ -649,6 +650,244 @@ fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) 
     }
 }
 
+/// Long-lived connections from the client to the lab's services.
+const KEPT_PER_SERVICE: usize = 20;
+/// Applies of the comparison without connection tracking.
+const UNTRACKED_APPLIES: usize = 20;
+/// How long one request on a kept connection (or a connect) may take.
+const KEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A kept-alive HTTP/1.1 connection from the client to one of the lab's services.
+struct Kept {
+    stream: TcpStream,
+    /// The client's address (the flow's source).
+    client: IpAddr,
+    /// Index in `Conns::services`.
+    service: usize,
+    local_port: u16,
+    /// The lab backend (K) that answered its first request.
+    backend: usize,
+    /// The apply after which it was opened (0: before the first).
+    opened: usize,
+    /// The apply that removed its backend from its service, if one did.
+    backend_removed: Option<usize>,
+    /// Whether its flow's slot named another backend at some request.
+    off_table: bool,
+}
+
+/// One HTTP/1.1 request on a kept connection: the answer's body, or what went
+/// wrong (the connection is then useless).
+fn kept_request(stream: &mut TcpStream, host: &str) -> Result<String, String> {
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: l4lb-lab-test\r\n\r\n").as_bytes())
+        .map_err(|err| format!("send: {err}"))?;
+    kept_answer(stream)
+}
+
+/// One of the lab's services, as the kept connections see it.
+#[derive(Clone, Copy)]
+struct LabService {
+    key: ServiceKey,
+    target: SocketAddr,
+    /// Its backends are the lab backends' IPv4 addresses (else their IPv6 ones).
+    ipv4_backends: bool,
+}
+
+impl LabService {
+    /// Lab backend K's address in this service.
+    fn backend_addr(&self, k: usize) -> IpAddr {
+        if self.ipv4_backends {
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 100 + k as u8))
+        } else {
+            backend_addr6(k)
+        }
+    }
+}
+
+/// The kept connections and what happened to them.
+struct Conns {
+    client_ns: String,
+    /// The lab's three services.
+    services: Vec<LabService>,
+    open: Vec<Kept>,
+    /// Connections opened; requests sent after applies (not counting each
+    /// connection's first, which learns its backend); answers from the
+    /// connection's own backend; connections broken after their backend was
+    /// removed; answers after their backend was removed (by it).
+    opened: usize,
+    requests: usize,
+    same_backend: usize,
+    broken_removed: usize,
+    survived_removal: usize,
+    /// Broken although their backend stayed in the service, and answered
+    /// by another backend than their own: only allowed without tracking.
+    broken_stayed: usize,
+    other_backend: usize,
+    /// Answers from the connection's own backend while its weight was 0,
+    /// and while its flow's slot named another backend (the pin kept it).
+    drained_answers: usize,
+    off_table_answers: usize,
+    /// How many applies each broken connection lived through.
+    lifetimes: Vec<usize>,
+}
+
+impl Conns {
+    fn new(client_ns: &str, services: &[LabService]) -> Self {
+        Conns {
+            client_ns: client_ns.to_string(),
+            services: services.to_vec(),
+            open: Vec::new(),
+            opened: 0,
+            requests: 0,
+            same_backend: 0,
+            broken_removed: 0,
+            survived_removal: 0,
+            broken_stayed: 0,
+            other_backend: 0,
+            drained_answers: 0,
+            off_table_answers: 0,
+            lifetimes: Vec::new(),
+        }
+    }
+
+    /// Opens one connection to service `service` (from the client's
+    /// namespace) and learns its backend from a first request.
+    fn open(&mut self, service: usize, after_apply: usize) -> TestResult {
+        let LabService { key, target, .. } = self.services[service];
+        let mut stream = in_netns(&self.client_ns, || {
+            TcpStream::connect_timeout(&target, KEPT_TIMEOUT).map_err(|err| fail(format!("{key}: connect after apply {after_apply}: {err}")))
+        })?;
+        stream.set_read_timeout(Some(KEPT_TIMEOUT))?;
+        stream.set_write_timeout(Some(KEPT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr()?;
+        let local_port = local.port();
+        let body = kept_request(&mut stream, &target.to_string())
+            .map_err(|err| fail(format!("{key}: the first request of a new connection (port {local_port}) after apply {after_apply}: {err}")))?;
+        let backend = answering_backend(&body)?;
+        self.opened += 1;
+        self.open.push(Kept { stream, client: local.ip(), service, local_port, backend, opened: after_apply, backend_removed: None, off_table: false });
+        Ok(())
+    }
+
+    /// After apply `k` to `model` (`running`: the kernel's state then):
+    /// notes which connections lost their backend, sends one request on
+    /// every connection, and checks the answers. `tracked`: a connection
+    /// whose backend is still in its service must be answered by that
+    /// backend (else only counted). A broken connection is replaced by a
+    /// new one to the same service.
+    fn round(&mut self, model: &Model, running: &l4lb::state::Running, k: usize, change: &str, tracked: bool) -> TestResult {
+        let seed = running.global.hash_seed.ok_or_else(|| fail("no hash seed"))?;
+        // The lab backend (K) that a connection's slot names now.
+        let slot_backend = |c: &Kept| -> Option<usize> {
+            let service = running.service(&self.services[c.service].key)?;
+            let target = self.services[c.service].target;
+            let flow = l4lb::flow_hash::Flow { saddr: c.client, daddr: target.ip(), sport: c.local_port, dport: target.port(), proto: 6 };
+            let number = service.table[l4lb::maglev::flow_slot(&flow, seed, service.table.len())];
+            lab_backend_of(service.backends.iter().find(|b| b.number == number)?.backend.addr)
+        };
+        let slots: Vec<Option<usize>> = self.open.iter().map(slot_backend).collect();
+        let weight_of = |c: &Kept| {
+            let service = self.services[c.service];
+            let addr = service.backend_addr(c.backend);
+            model.service(&service.key).and_then(|s| s.backends.iter().find(|b| b.addr == addr)).map(|b| b.weight)
+        };
+        let weights: Vec<Option<u32>> = self.open.iter().map(weight_of).collect();
+        for (c, weight) in self.open.iter_mut().zip(&weights) {
+            if weight.is_none() && c.backend_removed.is_none() {
+                c.backend_removed = Some(k);
+            }
+        }
+        // Every request first, then every answer: the backends work in parallel.
+        let mut sent = Vec::new();
+        for c in &mut self.open {
+            let host = self.services[c.service].target.to_string();
+            let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: l4lb-lab-test\r\n\r\n");
+            sent.push(c.stream.write_all(request.as_bytes()).map_err(|err| format!("send: {err}")));
+        }
+        let mut broken = Vec::new();
+        for (i, c) in self.open.iter_mut().enumerate() {
+            self.requests += 1;
+            let key = self.services[c.service].key;
+            let answer = match &sent[i] {
+                Err(err) => Err(err.clone()),
+                Ok(()) => kept_answer(&mut c.stream),
+            };
+            let what = format!("apply {k} ({change}): {key}: connection from port {}, opened after apply {}, backend be{}", c.local_port, c.opened, c.backend);
+            match answer {
+                Ok(body) => {
+                    let answered = answering_backend(&body)?;
+                    if answered == c.backend {
+                        self.same_backend += 1;
+                        self.drained_answers += usize::from(weights[i] == Some(0));
+                        if slots[i] != Some(c.backend) {
+                            self.off_table_answers += 1;
+                            c.off_table = true;
+                        }
+                        if c.backend_removed.is_some() {
+                            self.survived_removal += 1;
+                        }
+                    } else {
+                        ensure!(!tracked, "{what}: answered by be{answered}");
+                        self.other_backend += 1;
+                    }
+                }
+                Err(err) => {
+                    if let Some(removed) = c.backend_removed {
+                        ensure!(removed == k, "{what}: broke ({err}) one or more applies after its backend was removed (apply {removed})");
+                        self.broken_removed += 1;
+                    } else {
+                        ensure!(!tracked, "{what}: broke although its backend stayed in the service: {err}");
+                        self.broken_stayed += 1;
+                    }
+                    broken.push(i);
+                }
+            }
+        }
+        for &i in broken.iter().rev() {
+            let gone = self.open.remove(i);
+            self.lifetimes.push(k - 1 - gone.opened);
+            self.open(gone.service, k)?;
+        }
+        Ok(())
+    }
+
+    fn close_all(&mut self) {
+        self.open.clear();
+    }
+}
+
+/// The answer to a request already sent on a kept connection: one HTTP/1.1
+/// answer (head and Content-Length body), nothing more.
+fn kept_answer(stream: &mut TcpStream) -> Result<String, String> {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).into_owned();
+            if !head.starts_with("HTTP/1.1 200") {
+                return Err(format!("answer {head:?}"));
+            }
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok()))
+                .flatten()
+                .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+            if answer.len() >= end + 4 + length {
+                if answer.len() > end + 4 + length {
+                    return Err(format!("more than one answer: {:?}", String::from_utf8_lossy(&answer)));
+                }
+                return Ok(String::from_utf8_lossy(&answer[end + 4..]).trim().to_string());
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(format!("closed by the peer (after {:?})", String::from_utf8_lossy(&answer))),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(err) => return Err(format!("receive: {err} (after {:?})", String::from_utf8_lossy(&answer))),
+        }
+    }
+}
+
 /// While the lab's flood runs through the balancer (`hping3 --rand-source
 /// --flood -S` to the IPv4 VIP's port 80, as `make demo` sends it), APPLIES
 /// `l4lb apply` changes: weights (0 included: draining), backends removed
@@ -657,6 +896,18 @@ fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) 
 /// moves (no frame meets a missing or half-written table entry); afterwards
 /// every frame l4lb saw was sent or passed, and HTTP round trips to the three
 /// services are each answered by the backend the kernel's table names.
+///
+/// Flows of unchanged backends stay put: before the flood, the client opens
+/// KEPT_PER_SERVICE kept-alive HTTP/1.1 connections to each of the three
+/// services; after every apply one request goes on each. A connection whose
+/// backend is still in its service (any weight, 0 included) is answered by
+/// that backend, every time, through all the applies (connection tracking
+/// pins it, whatever its slot says now); one whose backend was removed may
+/// break at the next request (its packets reach another backend, which
+/// resets it) and is replaced by a new one, which then must keep its
+/// backend. For comparison, UNTRACKED_APPLIES more changes with
+/// `track_flows = false` on every service, with fresh connections: what
+/// breaks then is printed, not asserted.
 fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
@@ -670,6 +921,24 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let seed: u64 = std::env::var("L4LB_LAB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("lab: changes from seed {seed} (L4LB_LAB_SEED={seed} repeats them)");
     let mut rng = StdRng::seed_from_u64(seed);
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let mut services = Vec::new();
+    for name in ["VIP", "VIP_4IN6", "VIP6"] {
+        let vip: IpAddr = get(name)?.parse().map_err(|_| fail(format!("bad {name}")))?;
+        let key = ServiceKey::Vip { addr: vip, protocol: Protocol::Tcp, port };
+        let service = base.service(&key).ok_or_else(|| fail(format!("no service {key} in the lab's file")))?;
+        ensure!(service.track_flows, "{key}: the lab's services track flows (the default)");
+        services.push(LabService { key, target: SocketAddr::new(vip, port), ipv4_backends: service.backends[0].addr.is_ipv4() });
+    }
+
+    // The kept connections, before the flood.
+    let mut conns = Conns::new(&client_ns, &services);
+    for service in 0..services.len() {
+        for _ in 0..KEPT_PER_SERVICE {
+            conns.open(service, 0)?;
+        }
+    }
+    let first_backends: BTreeSet<(usize, usize)> = conns.open.iter().map(|c| (c.service, c.backend)).collect();
 
     let flood = std::process::Command::new("ip")
         .args(["netns", "exec", &client_ns, "hping3", &get("VIP")?, "--rand-source", "--flood", "-S", "-p", &get("PORT")?, "-q"])
@@ -681,18 +950,11 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let flood = Flood(flood);
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut model = base.clone();
-    let mut during = Vec::new();
-    let started = Instant::now();
-    for k in 1..=APPLIES {
-        let change = if k == APPLIES {
-            model = base.clone();
-            "back to the lab's lb.toml".to_string()
-        } else {
-            change_services(&mut model, &base, &mut rng, k)
-        };
+    // One apply of `model` under the flood: no drop, frames during it; the
+    // kernel's state after it.
+    let apply = |k: usize, model: &Model, change: &str| -> TestResult<(u64, l4lb::state::Running)> {
         let file = scratch.0.join(format!("update-{k}.toml"));
-        std::fs::write(&file, config::to_toml(&model)).map_err(|err| fail(format!("{}: {err}", file.display())))?;
+        std::fs::write(&file, config::to_toml(model)).map_err(|err| fail(format!("{}: {err}", file.display())))?;
         let rx_before = lb_view(&lb_ns, &lb_dev)?.counters["rx"];
         lab.l4lb("lb", &["apply", "-i", &lb_dev, "-c", &file.display().to_string()])
             .success()
@@ -702,9 +964,98 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         ensure!(drops.is_empty(), "apply {k} ({change}): drop counters moved: {drops:?}");
         let frames = view.counters["rx"] - rx_before;
         ensure!(frames > 0, "apply {k} ({change}): no frame reached l4lb during the apply: is the flood running?");
+        Ok((frames, view.running))
+    };
+
+    let mut model = base.clone();
+    let mut during = Vec::new();
+    let mut kinds = BTreeMap::new();
+    let started = Instant::now();
+    for k in 1..=APPLIES {
+        let change = if k == APPLIES {
+            model = base.clone();
+            "back to the lab's lb.toml".to_string()
+        } else {
+            change_services(&mut model, &base, &mut rng, k)
+        };
+        let kind = if change.contains(" weight 0") {
+            "weight 0"
+        } else if change.contains(" weight ") {
+            "weight 1..3"
+        } else if change.contains(": remove ") {
+            "backend removed"
+        } else if change.contains("backends back") || change.starts_with("back to") {
+            "backends put back"
+        } else if change.starts_with("add service") {
+            "4th service added"
+        } else {
+            "4th service removed"
+        };
+        *kinds.entry(kind).or_insert(0usize) += 1;
+        let (frames, running) = apply(k, &model, &change)?;
         during.push(frames);
+        conns.round(&model, &running, k, &change, true)?;
     }
     let took = started.elapsed();
+    let lasted = conns.open.iter().filter(|c| c.opened == 0).count();
+    let off_table = conns.open.iter().filter(|c| c.off_table).count();
+    // Applies each connection lived through (those still open: all since they opened).
+    let mut lives: Vec<usize> = conns.lifetimes.iter().copied().chain(conns.open.iter().map(|c| APPLIES - c.opened)).collect();
+    lives.sort_unstable();
+    ensure!(conns.survived_removal == 0, "{} requests were answered by a backend removed from the connection's service", conns.survived_removal);
+    eprintln!(
+        "lab: kept connections, tracked: {} connections ({} opened before the applies, {} after), {} requests after the applies, {} answered by the connection's own backend ({} of them while it drained at weight 0, {} while the flow's slot named another backend: kept by its pin), {} broken because their backend was removed (each right after the apply that removed it, then reopened), 0 broken otherwise, 0 answered by another backend; {lasted} of the first {} lasted all {APPLIES} applies ({} service/backend pairs among them); of the {} open at the end, {off_table} were at some point off their slot's backend; applies a connection lived through: median {}, max {}",
+        conns.opened,
+        services.len() * KEPT_PER_SERVICE,
+        conns.opened - services.len() * KEPT_PER_SERVICE,
+        conns.requests,
+        conns.same_backend,
+        conns.drained_answers,
+        conns.off_table_answers,
+        conns.broken_removed,
+        services.len() * KEPT_PER_SERVICE,
+        first_backends.len(),
+        conns.open.len(),
+        lives[lives.len() / 2],
+        lives[lives.len() - 1]
+    );
+    eprintln!("lab: the {APPLIES} changes: {kinds:?}");
+
+    // The comparison: the same kind of changes without connection tracking.
+    let mut untracked = base.clone();
+    for s in &mut untracked.services {
+        s.track_flows = false;
+    }
+    model = untracked.clone();
+    let mut k = APPLIES + 1;
+    during.push(apply(k, &model, "track_flows = false")?.0);
+    conns.close_all();
+    let mut plain = Conns::new(&client_ns, &services);
+    for service in 0..services.len() {
+        for _ in 0..KEPT_PER_SERVICE {
+            plain.open(service, k)?;
+        }
+    }
+    for j in 1..=UNTRACKED_APPLIES {
+        k += 1;
+        let change = change_services(&mut model, &untracked, &mut rng, j);
+        let (frames, running) = apply(k, &model, &change)?;
+        during.push(frames);
+        plain.round(&model, &running, k, &change, false)?;
+    }
+    eprintln!(
+        "lab: kept connections, untracked (track_flows = false), {UNTRACKED_APPLIES} applies: {} connections, {} requests after the applies, {} answered by the connection's own backend, {} broken because their backend was removed, {} broken although their backend stayed (their slot changed hands), {} answered by another backend",
+        plain.opened,
+        plain.requests,
+        plain.same_backend,
+        plain.broken_removed,
+        plain.broken_stayed,
+        plain.other_backend
+    );
+    plain.close_all();
+    k += 1;
+    model = base.clone();
+    during.push(apply(k, &model, "back to the lab's lb.toml, tracking flows")?.0);
     drop(flood);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -719,7 +1070,6 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     );
     ensure!(view.running.model().services == base.services, "the last apply did not bring back the lab's services");
     let hash_seed = view.running.global.hash_seed.ok_or_else(|| fail("no hash seed"))?;
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
     for (vip, client) in [("VIP", "CLIENT_ADDR"), ("VIP_4IN6", "CLIENT_ADDR"), ("VIP6", "CLIENT_ADDR6")] {
         let vip: IpAddr = get(vip)?.parse().map_err(|_| fail("bad VIP"))?;
         let client: IpAddr = get(client)?.parse().map_err(|_| fail("bad client address"))?;
@@ -727,15 +1077,18 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         let service = view.running.service(&key).ok_or_else(|| fail(format!("no service {key}")))?;
         http_round_trips(&client_ns, client, vip, port, 100, service, hash_seed)?;
     }
+    let applies = during.len();
     let in_applies: u64 = during.iter().sum();
     during.sort_unstable();
     eprintln!(
-        "lab: {APPLIES} applies under the flood in {took:.2?}: {in_applies} frames reached l4lb during them (per apply min {} median {} max {}), rx {} tx {}, no drop",
+        "lab: {applies} applies under the flood ({APPLIES} tracked in {took:.2?}): {in_applies} frames reached l4lb during them (per apply min {} median {} max {}), rx {} tx {}, flows pinned {} re-pinned {}, no drop",
         during[0],
         during[during.len() / 2],
         during[during.len() - 1],
         c["rx"],
-        c["tx"]
+        c["tx"],
+        c["flow_pinned"],
+        c["flow_repinned"]
     );
     Ok(())
 }

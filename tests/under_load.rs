@@ -24,15 +24,23 @@
 //!   kernel state, the catch-all must hold the file's destinations with its
 //!   MACs, every slot must name one of them, each must have slots, and the
 //!   slots written must be exactly those whose value changed.
-//! * 60 `l4lb apply` updates of IPv4 and IPv6 services (the flood's VIPs, the
-//!   catch-all, and extra services added and removed; backends added,
+//! * 100 `l4lb apply` updates of IPv4 and IPv6 services (the flood's VIPs,
+//!   the catch-all, and extra services added and removed; backends added,
 //!   removed, reweighted to 0..4 (0 = draining), MACs changed, the gateway
 //!   changed, flood services taken away and given back, the same file
 //!   again): each prints exactly the planner's diff, no drop counter moves,
-//!   the kernel's state is the planner's prediction, and a sample of flows
-//!   run through the attached program (BPF_PROG_TEST_RUN) before and after
-//!   lands where the before and after tables say: a flow changes backend
-//!   only when its slot's backend changed.
+//!   and the kernel's state is the planner's prediction. Flows run through
+//!   the attached program (BPF_PROG_TEST_RUN) before and after each apply:
+//!   - established flows (TCP segments with ACK, UDP datagrams; a fixed set
+//!     per destination, from clients the flood never uses, sent around
+//!     every apply): the datapath does what a model of its flow table says,
+//!     and a flow whose backend is still in the service that balanced it
+//!     (same address, any weight, 0 included) keeps that backend; one whose
+//!     backend left takes the new table's backend (and is pinned to it), one
+//!     whose service went is passed or taken by the catch-all;
+//!   - new connections (SYNs, new ones for every apply) follow the tables:
+//!     one changes backend only when its slot's backend changed, and its
+//!     ACK after the apply goes where the new table says (a SYN pins nothing).
 //! * Two `l4lb map` processes started at the same moment with different
 //!   files, 10 times: both succeed, and the final table and both processes'
 //!   summary lines are exactly those of one order of the two updates (each
@@ -60,7 +68,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::services::{predict, same_snapshot, table_addresses, Probe, Program, Verdict, PROTO_TCP, PROTO_UDP};
+use common::services::{predict, predict_pinned, same_snapshot, table_addresses, Pins, Probe, Program, Segment, Verdict, PROTO_TCP, PROTO_UDP};
 use common::{fail, in_netns, ip, link_mac, TestResult};
 use l4lb::apply::{self, Snapshot};
 use l4lb::bench::frames::{self, Endpoints, Kind};
@@ -1008,9 +1016,12 @@ impl GenConfig {
     }
 }
 
-/// Probes to the flood's services and to the extra services of `model`.
-fn sample_probes(model: &Model, k: usize) -> Vec<Probe> {
+/// The destinations of the probes: the flood's services, UDP to the
+/// catch-all, and the VIP services of `model` (a port-0 VIP is probed on
+/// port 4242).
+fn probe_destinations(model: &Model) -> Vec<(IpAddr, u8, u16)> {
     let mut dsts: Vec<(IpAddr, u8, u16)> = FLOOD_KINDS.iter().map(|kind| (kind.dst(), if kind.is_udp() { PROTO_UDP } else { PROTO_TCP }, kind.dport())).collect();
+    dsts.push((frames::NO_VIP.into(), PROTO_UDP, 5353));
     for s in &model.services {
         if let ServiceKey::Vip { addr, protocol, port } = s.key {
             let proto = if protocol == Protocol::Tcp { PROTO_TCP } else { PROTO_UDP };
@@ -1019,16 +1030,32 @@ fn sample_probes(model: &Model, k: usize) -> Vec<Probe> {
     }
     dsts.sort();
     dsts.dedup();
-    common::services::probes(&dsts, 24, k as u32)
+    dsts
 }
 
-fn verdicts(what: &str, program: &Program, running: &l4lb::state::Running, probes: &[Probe]) -> TestResult<Vec<Verdict>> {
+/// SYN probes (new connections) to the TCP destinations of `model`, new
+/// ones for every apply.
+fn syn_probes(model: &Model, k: usize) -> Vec<Probe> {
+    let tcp: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| d.1 == PROTO_TCP).collect();
+    common::services::probes(&tcp, 24, k as u32)
+}
+
+/// Established-flow probes per destination (TCP segments with ACK and UDP
+/// datagrams), sent before and after every apply.
+const ESTABLISHED_PER_DESTINATION: usize = 16;
+
+/// SYN probes through the model (no pin lookup for a SYN: they must follow
+/// the table; their pins are recorded as the datapath makes them).
+fn syn_verdicts(what: &str, program: &Program, running: &l4lb::state::Running, pins: &mut Pins, probes: &[Probe]) -> TestResult<Vec<Verdict>> {
     probes
         .iter()
         .map(|p| {
             let got = program.verdict(p)?;
             let want = predict(running, p);
-            ensure!(got == want, "{what}: {p:?}: the datapath says {got:?}, the running state {want:?}");
+            ensure!(got == want, "{what}: SYN {p:?}: the datapath says {got:?}, the table {want:?}");
+            let pinned = predict_pinned(running, pins, p, Segment::Syn);
+            ensure!(pinned.verdict == want, "{what}: SYN {p:?}: the pin model says {:?}, the table {want:?}", pinned.verdict);
+            pins.record(&pinned);
             ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: {p:?} was dropped");
             Ok(got)
         })
@@ -1039,17 +1066,95 @@ fn verdicts(what: &str, program: &Program, running: &l4lb::state::Running, probe
 /// service, or the slot names none).
 fn slot_address(running: &l4lb::state::Running, probe: &Probe) -> Option<(ServiceKey, Option<IpAddr>)> {
     let service = common::services::service_of(running, probe)?;
-    let hash_ports = probe.proto == PROTO_TCP || service.hash_ports;
-    let flow = l4lb::flow_hash::Flow {
-        saddr: probe.src,
-        daddr: probe.dst,
-        sport: if hash_ports { probe.sport } else { 0 },
-        dport: if hash_ports { probe.dport } else { 0 },
-        proto: probe.proto,
-    };
-    let slot = flow.slot(running.global.hash_seed.unwrap_or(0));
-    let number = service.table[slot];
-    Some((service.key, service.backends.iter().find(|b| b.number == number).map(|b| b.backend.addr)))
+    Some((service.key, common::services::slot_backend(running, service, probe).map(|b| b.backend.addr)))
+}
+
+/// The established probes' bookkeeping: the flow table model, and for each
+/// probe the (service, backend address) it was last balanced to (None:
+/// never, or passed since: no contract holds then).
+#[derive(Default)]
+struct Established {
+    probes: Vec<Probe>,
+    destinations: BTreeSet<(IpAddr, u8, u16)>,
+    balanced: HashMap<Probe, (ServiceKey, IpAddr)>,
+    /// Probes sent after the applies; of those: kept their backend, moved
+    /// because their backend left its service, moved because another
+    /// service now takes them, balanced for the first time (or the first
+    /// since being passed), passed.
+    sent: usize,
+    kept: usize,
+    left: usize,
+    other_service: usize,
+    first: usize,
+    passed: usize,
+    /// Kept their backend although their slot changed hands in the apply
+    /// while that backend stayed (what the table alone would have moved).
+    saved_from_churn: usize,
+    /// Kept their backend although their slot now names another one.
+    kept_off_table: usize,
+}
+
+impl Established {
+    /// Adds probes for destinations not seen before.
+    fn extend(&mut self, model: &Model, salt: u32) {
+        let new: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| !self.destinations.contains(d)).collect();
+        self.destinations.extend(new.iter().copied());
+        self.probes.extend(common::services::quiet_probes(&new, ESTABLISHED_PER_DESTINATION, salt));
+    }
+
+    /// Sends every probe as an established segment through the program and
+    /// the model: the datapath must do what the model says. `after`: the
+    /// state right after an apply from `before` (then the contract is
+    /// checked and the outcomes counted); None: nothing changed since the
+    /// last send.
+    fn send(&mut self, what: &str, program: &Program, pins: &mut Pins, running: &l4lb::state::Running, before: Option<&l4lb::state::Running>) -> TestResult {
+        for p in &self.probes {
+            let prediction = predict_pinned(running, pins, p, Segment::Established);
+            let got = program.verdict_as(p, Segment::Established)?;
+            let now = common::services::balanced_by(running, p);
+            let last = self.balanced.get(p).copied();
+            // The contract: a flow whose backend is still in the service
+            // that balanced it (same address, any weight) stays with it.
+            let stays = last.filter(|&(key, addr)| now.is_some_and(|s| s.key == key && s.backends.iter().any(|b| b.backend.addr == addr)));
+            if let Some((key, addr)) = stays {
+                let slot = slot_address(running, p);
+                ensure!(
+                    got == Verdict::Backend(addr),
+                    "{what}: established {p:?} moved otherwise: balanced to {addr} by {key}, which still has it, but the datapath says {got:?} (the slot names {slot:?}; pin model: {prediction:?})"
+                );
+            }
+            ensure!(got == prediction.verdict, "{what}: established {p:?}: the datapath says {got:?}, the pin model {prediction:?}");
+            ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: established {p:?} was dropped");
+            pins.record(&prediction);
+            if let Some(before) = before {
+                self.sent += 1;
+                match (got, last, stays) {
+                    (Verdict::Pass, ..) => self.passed += 1,
+                    (_, _, Some((key, addr))) => {
+                        self.kept += 1;
+                        let slot_now = slot_address(running, p).and_then(|s| s.1);
+                        self.kept_off_table += usize::from(slot_now != Some(addr));
+                        // The slot's backend before the apply was still in the service with the same address after it.
+                        let slot_before = slot_address(before, p).filter(|s| s.0 == key).and_then(|s| s.1);
+                        let stayed = slot_before.is_some_and(|b| now.is_some_and(|s| s.backends.iter().any(|x| x.backend.addr == b)));
+                        self.saved_from_churn += usize::from(slot_before != slot_now && stayed);
+                    }
+                    (_, None, _) => self.first += 1,
+                    (_, Some((key, _)), None) if now.is_some_and(|s| s.key != key) => self.other_service += 1,
+                    (_, Some(_), None) => self.left += 1,
+                }
+            }
+            match (got, now) {
+                (Verdict::Backend(addr), Some(s)) => {
+                    self.balanced.insert(*p, (s.key, addr));
+                }
+                _ => {
+                    self.balanced.remove(p);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn apply_updates_under_flood() -> TestResult {
@@ -1069,7 +1174,12 @@ fn apply_updates_under_flood() -> TestResult {
     let mut times = Vec::new();
     let mut slots = Vec::new();
     let (mut flows, mut moved, mut moved_slot, mut kept_slot_moved) = (0usize, 0usize, 0usize, 0usize);
+    let mut syn_then_ack = 0usize;
+    let mut pins = Pins::default();
+    let mut established = Established::default();
     let mut services_seen = BTreeSet::new();
+    let flow_counters = |c: &[u64]| (counter(c, "flow_pinned"), counter(c, "flow_repinned"), counter(c, "flow_table_full"));
+    let flow_before = flow_counters(&maps.read_counters()?);
     let started = Instant::now();
     for k in 1..=APPLIES {
         let change = gen.mutate(k, &mut rng, &mut taken);
@@ -1077,8 +1187,12 @@ fn apply_updates_under_flood() -> TestResult {
         let wanted = config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
         let what = format!("apply {k} ({change})");
         let plan = apply::plan(&state, &wanted, 0)?;
-        let probes = sample_probes(&wanted, k);
-        let before_verdicts = verdicts(&format!("{what}, before"), &program, &state.running, &probes)?;
+        let probes = syn_probes(&wanted, k);
+        let before_verdicts = syn_verdicts(&format!("{what}, before"), &program, &state.running, &mut pins, &probes)?;
+        // Destinations of this apply's services too: their probes go to
+        // the catch-all (or are passed) until the apply, to the new service after it.
+        established.extend(&wanted, k as u32);
+        established.send(&format!("{what}, before"), &program, &mut pins, &state.running, None)?;
 
         let args = topo.apply_args(&format!("update-{k}.toml"), &text)?;
         let (run, _frames) = run_under_flood(&topo, &maps, &mut flood, &what, args)?;
@@ -1092,9 +1206,12 @@ fn apply_updates_under_flood() -> TestResult {
 
         let next = maps.read_snapshot()?;
         same_snapshot(&what, &next, &plan.after)?;
-        let after_verdicts = verdicts(&format!("{what}, after"), &program, &next.running, &probes)?;
-        // A flow changes backend only when its slot's backend changed (or
-        // its service did): the tables before and after say which.
+        established.send(&format!("{what}, after"), &program, &mut pins, &next.running, Some(&state.running))?;
+        let after_verdicts = syn_verdicts(&format!("{what}, after"), &program, &next.running, &mut pins, &probes)?;
+        // A new connection changes backend only when its slot's backend
+        // changed (or its service did): the tables before and after say
+        // which. Its next segment (an ACK) then goes where the new table
+        // says: the SYN before the apply pinned nothing.
         for (i, p) in probes.iter().enumerate() {
             let (old, new) = (slot_address(&state.running, p), slot_address(&next.running, p));
             flows += 1;
@@ -1110,6 +1227,16 @@ fn apply_updates_under_flood() -> TestResult {
                     });
                     kept_slot_moved += usize::from(still);
                 }
+                let prediction = predict_pinned(&next.running, &pins, p, Segment::Established);
+                let got = program.verdict_as(p, Segment::Established)?;
+                ensure!(
+                    got == after_verdicts[i] && prediction.verdict == got && prediction.previous.is_none(),
+                    "{what}: {p:?}: the SYN before the apply went to {:?}, the SYN after to {:?}, the ACK after to {got:?} (pin model {prediction:?})",
+                    before_verdicts[i],
+                    after_verdicts[i]
+                );
+                pins.record(&prediction);
+                syn_then_ack += 1;
             }
         }
         for s in &next.running.services {
@@ -1120,6 +1247,7 @@ fn apply_updates_under_flood() -> TestResult {
         state = next;
     }
     let took = started.elapsed();
+    let flow_after = flow_counters(&maps.read_counters()?);
     let ran = flood.stop()?;
     std::thread::sleep(Duration::from_millis(100));
     let counters = check_final_counters(&topo)?;
@@ -1133,8 +1261,31 @@ fn apply_updates_under_flood() -> TestResult {
     let mut sorted = slots.clone();
     sorted.sort();
     println!("  table slots written per apply: min {} / median {} / max {}", sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+    let e = &established;
     println!(
-        "  sampled flows: {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}); of those, the old backend stayed unchanged in the service: {kept_slot_moved}"
+        "  established probes ({} flows to {} destinations, TCP ACK and UDP, sent before and after every apply): {} after the applies; kept their backend {}, moved because their backend left {}, moved because another service took them {}, balanced for the first time {}, passed (no service) {}, moved otherwise 0",
+        e.probes.len(),
+        e.destinations.len(),
+        e.sent,
+        e.kept,
+        e.left,
+        e.other_service,
+        e.first,
+        e.passed
+    );
+    println!(
+        "  of those kept: {} had their slot change hands in the apply while their backend stayed (the table alone would have moved them), {} were off their slot's backend",
+        e.saved_from_churn, e.kept_off_table
+    );
+    println!(
+        "  SYN probes (new every apply): {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}; of those, the old backend stayed unchanged in the service: {kept_slot_moved}); the ACK after the apply followed the new table for all {syn_then_ack} (a SYN pins nothing)"
+    );
+    println!(
+        "  flow table during the applies: {} flows pinned, {} re-pinned, {} refused (table full); the model's pins: {}",
+        flow_after.0 - flow_before.0,
+        flow_after.1 - flow_before.1,
+        flow_after.2 - flow_before.2,
+        pins.len()
     );
     println!("  flood: {:.2} s, generator sent {}, counters: {counters:?}", ran.as_secs_f64(), flood.sent());
     Ok(())

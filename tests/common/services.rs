@@ -3,15 +3,18 @@
 //! BPF_PROG_TEST_RUN (the program the kernel runs, with the maps the host
 //! wrote), frames of both families, what an output frame's outer header says,
 //! and which backend the running state (read back through the library)
-//! predicts for a flow, following the datapath semantics of issue 4.
+//! predicts for a flow, following the datapath semantics of issue 4, and,
+//! for services that track flows, with a model of the flow table's pins
+//! (include/l4lb.h, "Connection tracking").
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use l4lb::apply::Snapshot;
 use l4lb::config::{Protocol, ServiceKey};
 use l4lb::flow_hash::Flow;
-use l4lb::state::{Running, RunningService};
+use l4lb::state::{Running, RunningBackend, RunningService};
 
 use super::wire::{TCP, UDP, XDP_PASS, XDP_TX};
 use super::{fail, TestResult};
@@ -48,9 +51,15 @@ impl Program {
         Ok((opts.retval, out))
     }
 
-    /// What the program did with `probe`'s frame.
+    /// What the program did with `probe`'s frame (a TCP probe is a SYN).
     pub fn verdict(&self, probe: &Probe) -> TestResult<Verdict> {
-        let (verdict, out) = self.run(&probe.frame())?;
+        self.verdict_as(probe, Segment::Syn)
+    }
+
+    /// What the program did with `probe`'s frame as a `segment` (UDP
+    /// probes are the same datagram either way).
+    pub fn verdict_as(&self, probe: &Probe, segment: Segment) -> TestResult<Verdict> {
+        let (verdict, out) = self.run(&probe.frame_as(segment))?;
         Ok(match verdict {
             XDP_TX => Verdict::Backend(outer_destination(&out).ok_or_else(|| fail(format!("{probe:?}: XDP_TX output is not encapsulated")))?),
             XDP_PASS => Verdict::Pass,
@@ -95,9 +104,26 @@ pub struct Probe {
     pub dport: u16,
 }
 
+/// What a TCP probe's segment is: a connection's first (SYN set, ACK
+/// clear), or one of an established connection (ACK set, no SYN). The
+/// datapath pins a flow on its first segment without SYN; a SYN takes the
+/// table's backend and pins only over an existing pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Segment {
+    #[default]
+    Syn,
+    Established,
+}
+
 impl Probe {
-    /// The frame (Ethernet addresses are arbitrary: the program does not check them).
+    /// The frame, a SYN if TCP (Ethernet addresses are arbitrary: the
+    /// program does not check them).
     pub fn frame(&self) -> Vec<u8> {
+        self.frame_as(Segment::Syn)
+    }
+
+    /// The frame, as `segment` if TCP.
+    pub fn frame_as(&self, segment: Segment) -> Vec<u8> {
         let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         let ip = match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
@@ -107,7 +133,12 @@ impl Probe {
         let payload = [0x5au8; 16];
         let mut frame = Vec::new();
         if self.proto == TCP {
-            ip.tcp(self.sport, self.dport, 1, 64240).syn().write(&mut frame, &payload).expect("building a TCP frame");
+            let tcp = ip.tcp(self.sport, self.dport, 1, 64240);
+            let tcp = match segment {
+                Segment::Syn => tcp.syn(),
+                Segment::Established => tcp.ack(1),
+            };
+            tcp.write(&mut frame, &payload).expect("building a TCP frame");
         } else {
             ip.udp(self.sport, self.dport).write(&mut frame, &payload).expect("building a UDP frame");
         }
@@ -132,26 +163,142 @@ pub fn service_of<'a>(running: &'a Running, probe: &Probe) -> Option<&'a Running
 
 /// What the running state says the datapath does with `probe` (spec steps
 /// 2 to 5): the backend's address, Pass, or Dropped(XDP_DROP) for an empty
-/// slot.
+/// slot. Pins are not looked at: right for SYNs and for flows that were
+/// never pinned (see `predict_pinned`).
 pub fn predict(running: &Running, probe: &Probe) -> Verdict {
-    let Some(service) = service_of(running, probe) else { return Verdict::Pass };
+    match balanced_by(running, probe) {
+        None => Verdict::Pass,
+        Some(service) => match slot_backend(running, service, probe) {
+            Some(b) => Verdict::Backend(b.backend.addr),
+            None => Verdict::Dropped(super::wire::XDP_DROP),
+        },
+    }
+}
+
+/// The service that balances `probe`; None: the datapath passes it (no
+/// service, or an IPv6 client of a catch-all with IPv4 backends).
+pub fn balanced_by<'a>(running: &'a Running, probe: &Probe) -> Option<&'a RunningService> {
+    let service = service_of(running, probe)?;
     let ipv4_backends = service.backends.iter().any(|b| b.backend.addr.is_ipv4());
     if probe.src.is_ipv6() && ipv4_backends {
-        return Verdict::Pass;
+        return None;
     }
+    Some(service)
+}
+
+/// The flow as the datapath hashes it for `service`.
+fn hashed_flow(service: &RunningService, probe: &Probe) -> Flow {
     let hash_ports = probe.proto == TCP || service.hash_ports;
-    let flow = Flow {
+    Flow {
         saddr: probe.src,
         daddr: probe.dst,
         sport: if hash_ports { probe.sport } else { 0 },
         dport: if hash_ports { probe.dport } else { 0 },
         proto: probe.proto,
-    };
+    }
+}
+
+/// The backend `probe`'s slot names in `service`'s table (None: an empty
+/// slot, or a number that is not one of the service's backends).
+pub fn slot_backend<'a>(running: &Running, service: &'a RunningService, probe: &Probe) -> Option<&'a RunningBackend> {
     let seed = running.global.hash_seed.unwrap_or(0);
-    let number = service.table[flow.slot(seed)];
-    match service.backends.iter().find(|b| b.number == number) {
-        Some(b) => Verdict::Backend(b.backend.addr),
-        None => Verdict::Dropped(super::wire::XDP_DROP),
+    let number = service.table[hashed_flow(service, probe).slot(seed)];
+    service.backends.iter().find(|b| b.number == number)
+}
+
+/// The key of a pin in l4lb_flows: the flow as it is hashed (ports 0 for
+/// UDP services that do not hash ports), so two probes may share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PinKey {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// A pin: the backend number and address a flow was pinned to, and (for
+/// the reports) the service that pinned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    pub service: ServiceKey,
+    pub number: u32,
+    pub addr: IpAddr,
+}
+
+/// The test's copy of l4lb_flows, as far as the probes sent through a
+/// model (`predict_pinned` + `Pins::record`) made it. Pins are never
+/// removed, as in the kernel (short of LRU eviction).
+#[derive(Debug, Default, Clone)]
+pub struct Pins {
+    map: HashMap<PinKey, Pin>,
+}
+
+impl Pins {
+    pub fn get(&self, key: &PinKey) -> Option<&Pin> {
+        self.map.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Takes what the datapath did to the flow table for a prediction.
+    pub fn record(&mut self, prediction: &Prediction) {
+        if let (Some(key), Some(pin)) = (prediction.key, prediction.pinned) {
+            self.map.insert(key, pin);
+        }
+    }
+}
+
+/// What a packet does to its flow, by the datapath's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prediction {
+    pub verdict: Verdict,
+    /// The flow's pin key (None: passed, or the service does not track flows).
+    pub key: Option<PinKey>,
+    /// The pin the flow had before this packet.
+    pub previous: Option<Pin>,
+    /// Whether that pin still held (its number names the same backend in
+    /// this service) and the packet used it.
+    pub held: bool,
+    /// The pin the packet wrote (new, or over a stale one or a SYN's).
+    pub pinned: Option<Pin>,
+}
+
+/// What the running state and the pins say the datapath does with
+/// `probe` sent as `segment` (include/l4lb.h, "Connection tracking"): a
+/// pin whose backend number still names the same backend (in this
+/// service, same address) decides, unless the packet is a SYN; otherwise
+/// the slot's backend, pinned unless the packet is a SYN that found no pin
+/// (a SYN pins only over an existing entry).
+pub fn predict_pinned(running: &Running, pins: &Pins, probe: &Probe, segment: Segment) -> Prediction {
+    let none = Prediction { verdict: Verdict::Pass, key: None, previous: None, held: false, pinned: None };
+    let Some(service) = balanced_by(running, probe) else { return none };
+    let table = |key, previous| {
+        let Some(b) = slot_backend(running, service, probe) else {
+            return Prediction { verdict: Verdict::Dropped(super::wire::XDP_DROP), key, previous, held: false, pinned: None };
+        };
+        let syn = probe.proto == TCP && segment == Segment::Syn;
+        let pinned = (key.is_some() && (!syn || previous.is_some())).then_some(Pin { service: service.key, number: b.number, addr: b.backend.addr });
+        Prediction { verdict: Verdict::Backend(b.backend.addr), key, previous, held: false, pinned }
+    };
+    if !service.track_flows {
+        return table(None, None);
+    }
+    let flow = hashed_flow(service, probe);
+    let key = PinKey { src: flow.saddr, dst: flow.daddr, sport: flow.sport, dport: flow.dport, proto: flow.proto };
+    let previous = pins.get(&key).copied();
+    let holds = previous.is_some_and(|p| service.backends.iter().any(|b| b.number == p.number && b.backend.addr == p.addr));
+    match previous {
+        Some(p) if holds && !(probe.proto == TCP && segment == Segment::Syn) => {
+            Prediction { verdict: Verdict::Backend(p.addr), key: Some(key), previous, held: true, pinned: None }
+        }
+        _ => table(Some(key), previous),
     }
 }
 
@@ -211,6 +358,32 @@ pub fn probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
         }
     }
     out
+}
+
+/// Like `probes`, but from clients that no other traffic of these suites
+/// uses (100.64.0.0/16, 2001:db8:e57::/64) and from source ports below
+/// 0x8000, so that no flood frame (bench frames: clients in 198.18.0.0/16
+/// and 2001:db8:18::/48, ports from 0x8000) shares a flow, or a pin, with
+/// them: for established-flow probes whose pins the test models.
+pub fn quiet_probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
+    probes(dsts, per, salt)
+        .into_iter()
+        .map(|mut p| {
+            p.src = match p.src {
+                IpAddr::V4(a) => {
+                    let [_, _, c, d] = a.octets();
+                    IpAddr::from([100, 64, c, d])
+                }
+                IpAddr::V6(a) => {
+                    let mut o = a.octets();
+                    o[4..6].copy_from_slice(&[0x0e, 0x57]);
+                    IpAddr::from(o)
+                }
+            };
+            p.sport = 1024 + p.sport % 0x7000;
+            p
+        })
+        .collect()
 }
 
 pub const PROTO_TCP: u8 = TCP;
