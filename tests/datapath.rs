@@ -21,6 +21,13 @@
 //! datapath on thousands of flows. Every case is also put to the reference
 //! model of tests/common/lb.rs (the fuzzer's expectation), which must agree.
 //!
+//! Connection tracking (section 17): `check` also compares the kernel's
+//! l4lb_flows with the model's after every frame (so every untracked case
+//! checks that no entry is ever made) and counts the frame's FLOW_* event;
+//! the tracking cases state the event and the map's entries, keys and
+//! values spelled out byte by byte, and load l4lb_flows resized (a full
+//! HASH map) or as an LRU hash where they need it.
+//!
 //! Random tests draw a new seed on every run and name it when they fail;
 //! `L4LB_TEST_SEED=N cargo test --test datapath` replays a run.
 
@@ -40,7 +47,7 @@ use libtest_mimic::Failed;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::lb::{BackendEntry, Lb, LbConfig, Outcome, VipKey, MAGLEV_SIZE, MAX_BACKENDS, NCNT, SLOT_EMPTY};
+use common::lb::{BackendEntry, FlowKey, FlowPin, FlowTable, Lb, LbConfig, Outcome, VipKey, MAGLEV_SIZE, MAX_BACKENDS, NCNT, SLOT_EMPTY};
 use common::packet::internet_checksum;
 use common::wire::*;
 use common::{counter_moves, fail, same_bytes};
@@ -83,6 +90,18 @@ fn main() {
             ("too_big_answers", too_big_answers),
             ("checksum_ttl_tot_len", checksum_ttl_tot_len),
             ("fragments_follow_fragment_entry", fragments_follow_fragment_entry),
+            ("tracking_off_creates_no_entry", tracking_off_creates_no_entry),
+            ("tracking_pins_and_holds", tracking_pins_and_holds),
+            ("tracking_backend_removed", tracking_backend_removed),
+            ("tracking_backend_number_reused", tracking_backend_number_reused),
+            ("tracking_syn", tracking_syn),
+            ("tracking_udp_ports", tracking_udp_ports),
+            ("tracking_ipv6", tracking_ipv6),
+            ("tracking_fragments", tracking_fragments),
+            ("tracking_icmp_errors", tracking_icmp_errors),
+            ("tracking_table_full", tracking_table_full),
+            ("tracking_lru", tracking_lru),
+            ("tracking_too_big", tracking_too_big),
         ],
     )
 }
@@ -214,12 +233,30 @@ fn tx(service: u32, backend: u32, flow: Flow) -> Want {
 }
 
 /// Runs `frame` once and checks everything it should do: the verdict, the
-/// exact output, RX plus exactly one outcome counter (all 16 compared), and
-/// the packets and bytes of every backend and service (only the chosen ones
-/// move). The reference model must agree with `want`. Returns the output.
+/// exact output, RX plus exactly one outcome counter (and the model's FLOW_*
+/// event, if any: all counters compared), the packets and bytes of every
+/// backend and service (only the chosen ones move), and l4lb_flows (the
+/// kernel's entries byte for byte against the model's: for an untracked
+/// service, no entry ever). The reference model must agree with `want`.
+/// Returns the output.
 fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Failed> {
+    check_tracked(lb, what, frame, want, None)
+}
+
+/// `check`, with the connection-tracking event stated by the case: `pin`
+/// Some(event) requires the reference model to agree (Pin::Nothing: the
+/// frame writes no entry), and the kernel's counters to move by it.
+fn check_tracked(lb: &Lb, what: &str, frame: &[u8], want: Want, pin: Option<Pin>) -> Result<Vec<u8>, Failed> {
     // The fuzzer's model must say the same as the case.
-    let model = lb.classify(frame);
+    let (model, tracking) = lb.classify_tracked(frame);
+    let event = tracking.as_ref().and_then(|t| t.event());
+    if let Some(pin) = pin {
+        ensure!(
+            pin.counter() == event,
+            "{what}: the reference model says {tracking:?} (event {:?}), the case {pin:?}",
+            event.map(|e| COUNTER_NAMES[e as usize])
+        );
+    }
     let agrees = match (want, model) {
         (Want::Tx { service, backend, flow }, Outcome::Tx(t)) => {
             t.service == service && t.backend == backend && t.hash == flow.hash(lb.config.hash_seed)
@@ -275,6 +312,10 @@ fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Faile
             same_bytes(what, &output, &output_wanted)?;
             counters_wanted[L4LB_CNT_RX as usize] += 1;
             counters_wanted[outcome as usize] += 1;
+            if let Some(event) = event {
+                counters_wanted[event as usize] += 1;
+            }
+            lb.pin_applied(&tracking);
             if let Want::Tx { service, backend, .. } = want {
                 check_outer_checksum(what, &output)?;
                 backends_wanted[backend as usize].0 += 1;
@@ -307,7 +348,32 @@ fn check(lb: &Lb, what: &str, frame: &[u8], want: Want) -> Result<Vec<u8>, Faile
             services_before[s], services_after[s], services_wanted[s]
         )));
     }
+    lb.compare_flows().map_err(|e| fail(format!("{what}: {e}")))?;
     Ok(output)
+}
+
+/// What a frame of a tracked service does to l4lb_flows, as a case states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    /// No update: untracked, followed its pin, a SYN without an entry, an ICMP error.
+    Nothing,
+    /// A new entry (FLOW_PINNED).
+    Pinned,
+    /// Over an existing entry (FLOW_REPINNED).
+    Repinned,
+    /// Refused: the HASH map is full (FLOW_TABLE_FULL).
+    Full,
+}
+
+impl Pin {
+    fn counter(self) -> Option<u32> {
+        match self {
+            Pin::Nothing => None,
+            Pin::Pinned => Some(L4LB_CNT_FLOW_PINNED),
+            Pin::Repinned => Some(L4LB_CNT_FLOW_REPINNED),
+            Pin::Full => Some(L4LB_CNT_FLOW_TABLE_FULL),
+        }
+    }
 }
 
 /// `check` with XDP_TX to the backend the host's model predicts for `packet` in `service`.
@@ -494,6 +560,8 @@ struct Packet {
     tags: Vec<(u16, u16)>,
     /// IPv4 TTL / IPv6 hop limit.
     ttl: u8,
+    /// The TCP header's flags byte (CWR ECE URG ACK PSH RST SYN FIN).
+    tcp_flags: u8,
 }
 
 impl Packet {
@@ -514,6 +582,7 @@ impl Packet {
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             tags: Vec::new(),
             ttl: 64,
+            tcp_flags: TCP_ACK | TCP_PSH,
         }
     }
 
@@ -604,9 +673,10 @@ impl Packet {
         }
         if self.proto == TCP {
             let mut tcp = TcpHeader::new(self.sport, self.dport, 0x0102_0304, 64240);
-            tcp.ack = true;
-            tcp.psh = true;
-            tcp.acknowledgment_number = 0x0a0b_0c0d;
+            let flag = |bit: u8| self.tcp_flags & bit != 0;
+            (tcp.fin, tcp.syn, tcp.rst, tcp.psh) = (flag(TCP_FIN), flag(TCP_SYN), flag(TCP_RST), flag(TCP_PSH));
+            (tcp.ack, tcp.urg, tcp.ece, tcp.cwr) = (flag(TCP_ACK), flag(0x20), flag(0x40), flag(0x80));
+            tcp.acknowledgment_number = if flag(TCP_ACK) { 0x0a0b_0c0d } else { 0 };
             tcp.checksum = checksum(&tcp);
             tcp.to_bytes().to_vec()
         } else {
@@ -756,6 +826,13 @@ fn with_rng(test: impl FnOnce(&mut StdRng) -> TestResult) -> TestResult {
 }
 
 const TOS_VALUES: [u8; 7] = [0x00, 0x01, 0x02, 0x03, 0xb8, 0xbb, 0xff];
+
+/// TCP flags (the flags byte, offset 13 of the TCP header).
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
 
 // ---------------------------------------------------------------------------
 // 1. Golden packets, every family combination
@@ -2598,4 +2675,697 @@ fn fragments_follow_fragment_entry() -> TestResult {
         check_balanced(&lb, "atomic IPv6 fragment", &atomic, web)?;
         Ok(())
     })
+}
+
+// ---------------------------------------------------------------------------
+// 17. Connection tracking (include/l4lb.h, "Connection tracking")
+//
+// Every case states the frame's outcome (exact output bytes through `check`),
+// its connection-tracking event (checked against the reference model and the
+// kernel's counters), and then the whole of l4lb_flows, entry by entry, with
+// keys and values spelled out here byte by byte from include/l4lb.h.
+
+/// Backends of the tracking cases: number 20 + i - 1 is 10.7.0.i, with a MAC of its own.
+fn pin_backend(i: u8) -> BackendEntry {
+    BackendEntry::new(Ipv4Addr::new(10, 7, 0, i).into(), [0x02, 0xbe, 0x07, 0, 0, i], SVC)
+}
+
+const BE_A: u32 = 20;
+const BE_B: u32 = 21;
+const BE_C: u32 = 22;
+
+fn tracked_flags(lb: &Lb, service: u32) -> u32 {
+    lb.services[service as usize] | L4LB_SERVICE_TRACK_FLOWS
+}
+
+/// Every slot of `service`'s table names backend `number`.
+fn fill_table(lb: &mut Lb, service: u32, number: u32) -> TestResult {
+    lb.set_table(service, &vec![number; MAGLEV_SIZE])
+}
+
+/// Loaded with `flows`; service SVC (tracking unless `track` is false; UDP
+/// hashing ports) with backends BE_A, BE_B, BE_C (10.7.0.1..3), every slot
+/// naming BE_A; VIP4:80/tcp, VIP4:53/udp, and the fragment entries of VIP4.
+fn pin_lb_with(track: bool, flows: FlowTable) -> Result<Lb, Failed> {
+    let mut lb = Lb::load_with(false, flows)?;
+    lb.set_config(base_config())?;
+    add_service(&mut lb, SVC, &[(BE_A, pin_backend(1)), (BE_B, pin_backend(2)), (BE_C, pin_backend(3))], true)?;
+    if track {
+        lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+    }
+    fill_table(&mut lb, SVC, BE_A)?;
+    let vips = [(IpAddr::from(VIP4), TCP, 80u16, SVC), (VIP4.into(), UDP, 53, SVC)];
+    for &(addr, proto, port, service) in &vips {
+        lb.add_vip(VipKey::new(addr, proto, port), service)?;
+    }
+    add_fragment_entries(&mut lb, &vips)?;
+    Ok(lb)
+}
+
+fn pin_lb(track: bool) -> Result<Lb, Failed> {
+    pin_lb_with(track, FlowTable::OBJECT)
+}
+
+fn addr16(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => [&a.octets()[..], &[0u8; 12]].concat(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// struct l4lb_flow_key spelled out: client address, VIP address (IPv4 in
+/// the first 4 bytes, then 12 zero bytes), source and destination port as on
+/// the wire (big-endian), family (4 or 6), protocol, 2 zero bytes: 40 bytes.
+fn key_bytes(client: IpAddr, vip: IpAddr, sport: u16, dport: u16, proto: u8) -> Vec<u8> {
+    let family = if vip.is_ipv4() { 4 } else { 6 };
+    [addr16(client), addr16(vip), sport.to_be_bytes().to_vec(), dport.to_be_bytes().to_vec(), vec![family, proto, 0, 0]].concat()
+}
+
+/// struct l4lb_flow spelled out: the backend's address (16 bytes as in
+/// l4lb_backend), its number (host order), its family, 3 zero bytes: 24 bytes.
+fn pin_bytes(backend: IpAddr, number: u32) -> Vec<u8> {
+    let family = if backend.is_ipv4() { 4 } else { 6 };
+    [addr16(backend), number.to_ne_bytes().to_vec(), vec![family, 0, 0, 0]].concat()
+}
+
+/// The key of `packet`'s flow as a case states it (ports as given: 0 where the datapath leaves them out).
+fn key_of(packet: &Packet, sport: u16, dport: u16) -> Vec<u8> {
+    key_bytes(packet.src, packet.dst, sport, dport, packet.proto)
+}
+
+fn pin_to(lb: &Lb, number: u32) -> Vec<u8> {
+    pin_bytes(lb.backends[number as usize].ip(), number)
+}
+
+/// l4lb_flows holds exactly `entries` (key, value bytes), read back from the kernel.
+fn expect_flows(lb: &Lb, what: &str, entries: &[(Vec<u8>, Vec<u8>)]) -> TestResult {
+    let got = lb.read_flows()?;
+    let want: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = entries.iter().cloned().collect();
+    ensure!(want.len() == entries.len(), "{what}: the case lists a key twice");
+    let show = |m: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>| {
+        m.iter().map(|(k, v)| format!("\n    {} -> {}", common::hex(k), common::hex(v))).collect::<String>()
+    };
+    ensure!(got == want, "{what}: l4lb_flows holds {} entries:{}\n  expected {}:{}", got.len(), show(&got), want.len(), show(&want));
+    Ok(())
+}
+
+/// The FLOW_* counters: (pinned, repinned, table full), and RX / TX so far.
+fn expect_flow_counters(lb: &Lb, what: &str, rx: u64, pinned: u64, repinned: u64, full: u64) -> TestResult {
+    let c = lb.counters()?;
+    let got = (c[L4LB_CNT_RX as usize], c[L4LB_CNT_FLOW_PINNED as usize], c[L4LB_CNT_FLOW_REPINNED as usize], c[L4LB_CNT_FLOW_TABLE_FULL as usize]);
+    ensure!(got == (rx, pinned, repinned, full), "{what}: (rx, pinned, repinned, table full) {got:?}, expected {:?}", (rx, pinned, repinned, full));
+    Ok(())
+}
+
+fn syn(packet: Packet) -> Packet {
+    Packet { tcp_flags: TCP_SYN, payload: Vec::new(), ..packet }
+}
+
+/// (a) A service without L4LB_SERVICE_TRACK_FLOWS never writes l4lb_flows
+/// (every other case of this suite checks that too, frame by frame): a table
+/// change moves its flows at once. Setting the flag pins; clearing it makes
+/// the service ignore its pins (they stay); setting it again follows them.
+fn tracking_off_creates_no_entry() -> TestResult {
+    let mut lb = pin_lb(false)?;
+    let flow = Packet::tcp4(40000, 80);
+    let udp = Packet::udp4(40001, 53);
+    let fragment = Packet { mf: true, ..Packet::tcp4(40002, 80) };
+    let error = icmp4_error(VIP4.into(), 3, 4, 1400, &answer_of(&flow).ip_bytes()[..28]);
+    for number in [BE_A, BE_B] {
+        fill_table(&mut lb, SVC, number)?;
+        // (name, frame, the flow it is balanced as)
+        for (name, packet, about) in [("TCP ACK", &flow, &flow), ("UDP", &udp, &udp), ("first fragment", &fragment, &fragment), ("ICMP error", &error, &flow)] {
+            let what = format!("untracked, table {number}: {name}");
+            check_tracked(&lb, &what, &packet.frame(), tx(SVC, number, about.flow(true)), Some(Pin::Nothing))?;
+        }
+        check_tracked(&lb, "untracked: SYN", &syn(flow.clone()).frame(), tx(SVC, number, flow.flow(true)), Some(Pin::Nothing))?;
+        expect_flows(&lb, "untracked", &[])?;
+    }
+    expect_flow_counters(&lb, "untracked", 10, 0, 0, 0)?;
+
+    // Tracking on: the flow pins to BE_B.
+    let untracked = lb.services[SVC as usize];
+    lb.set_service(SVC, untracked | L4LB_SERVICE_TRACK_FLOWS)?;
+    check_tracked(&lb, "tracked: pins", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Pinned))?;
+    let entry = (key_of(&flow, 40000, 80), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B));
+    expect_flows(&lb, "tracked", &[entry.clone()])?;
+    // Off again, table BE_C: the pin is not looked at (nor removed).
+    fill_table(&mut lb, SVC, BE_C)?;
+    lb.set_service(SVC, untracked)?;
+    check_tracked(&lb, "tracking off: the table", &flow.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "tracking off", &[entry.clone()])?;
+    // On again: the pin holds.
+    lb.set_service(SVC, untracked | L4LB_SERVICE_TRACK_FLOWS)?;
+    check_tracked(&lb, "tracking on again: the pin", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "tracking on again", &[entry])?;
+    expect_flow_counters(&lb, "untracked, then tracked", 13, 1, 0, 0)
+}
+
+/// (b) A TCP segment without SYN pins its flow to the slot's backend; the
+/// pin holds whatever the table says later, while new flows follow the new
+/// table. Then 60 random flows over a 3-backend Maglev table, the table
+/// rebuilt without BE_C (draining: still active): every flow stays put.
+fn tracking_pins_and_holds() -> TestResult {
+    with_rng(|rng| {
+        let mut lb = pin_lb(true)?;
+        let flow = Packet::tcp4(40000, 80);
+        let key = key_of(&flow, 40000, 80);
+        let out = check_tracked(&lb, "ACK segment, new flow", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+        ensure!(out[..6] == pin_backend(1).mac && out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 1], "to 10.7.0.1");
+        // The entry, spelled out once more by hand.
+        let spelled: Vec<u8> = [
+            &[198, 51, 100, 7][..], &[0; 12], &[203, 0, 113, 10], &[0; 12], &[0x9c, 0x40, 0x00, 0x50], &[4, 6, 0, 0],
+        ]
+        .concat();
+        ensure!(key == spelled, "key_bytes spells {} ", common::hex(&key));
+        let value: Vec<u8> = [&[10, 7, 0, 1][..], &[0; 12], &BE_A.to_ne_bytes(), &[4, 0, 0, 0]].concat();
+        expect_flows(&lb, "pinned", &[(key.clone(), value.clone())])?;
+        expect_flow_counters(&lb, "pinned", 1, 1, 0, 0)?;
+        check_tracked(&lb, "the same flow again", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+
+        // The table now names BE_B everywhere: the flow stays on BE_A, a new one goes to BE_B.
+        fill_table(&mut lb, SVC, BE_B)?;
+        let out = check_tracked(&lb, "pinned flow, table changed", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+        ensure!(out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 1], "pinned flow left 10.7.0.1");
+        let other = Packet::tcp4(40001, 80);
+        check_tracked(&lb, "new flow, new table", &other.frame(), tx(SVC, BE_B, other.flow(true)), Some(Pin::Pinned))?;
+        let other_entry = (key_of(&other, 40001, 80), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B));
+        expect_flows(&lb, "two flows", &[(key.clone(), value.clone()), other_entry.clone()])?;
+        // Another client, same ports: another flow.
+        let client2 = Packet { src: Ipv4Addr::new(198, 51, 100, 8).into(), ..flow.clone() };
+        check_tracked(&lb, "another client", &client2.frame(), tx(SVC, BE_B, client2.flow(true)), Some(Pin::Pinned))?;
+        expect_flows(&lb, "three flows", &[(key, value), other_entry, (key_of(&client2, 40000, 80), pin_to(&lb, BE_B))])?;
+        expect_flow_counters(&lb, "three flows", 5, 3, 0, 0)?;
+
+        // A Maglev table over BE_A, BE_B, BE_C, then one over BE_A, BE_B.
+        let mut lb = pin_lb(true)?;
+        add_service(&mut lb, SVC, &[(BE_A, pin_backend(1)), (BE_B, pin_backend(2)), (BE_C, pin_backend(3))], true)?;
+        lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+        let flows: Vec<Packet> = (0..60).map(|_| Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) }).collect();
+        let mut entries = Vec::new();
+        let mut first = Vec::new();
+        for (i, flow) in flows.iter().enumerate() {
+            let number = lb.predict(SVC, &flow.flow(true));
+            first.push(number);
+            check_tracked(&lb, &format!("flow {i}, 3 backends"), &flow.frame(), tx(SVC, number, flow.flow(true)), Some(Pin::Pinned))?;
+            entries.push((key_of(flow, flow.sport, flow.dport), pin_to(&lb, number)));
+        }
+        expect_flows(&lb, "60 flows pinned", &entries)?;
+        ensure!(first.iter().filter(|&&n| n == BE_C).count() >= 5, "too few flows on BE_C: {first:?}");
+        let table = lb.tables[SVC as usize].clone().unwrap();
+        add_service(&mut lb, SVC, &[(BE_A, pin_backend(1)), (BE_B, pin_backend(2))], true)?;
+        lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+        ensure!(lb.tables[SVC as usize].as_ref() != Some(&table), "the table did not change");
+        let mut would_move = 0;
+        for (i, flow) in flows.iter().enumerate() {
+            would_move += usize::from(lb.predict(SVC, &flow.flow(true)) != first[i]);
+            check_tracked(&lb, &format!("flow {i}, BE_C drained"), &flow.frame(), tx(SVC, first[i], flow.flow(true)), Some(Pin::Nothing))?;
+        }
+        ensure!(would_move >= 5, "only {would_move} of 60 flows would have moved without their pins");
+        expect_flows(&lb, "60 flows, table rebuilt", &entries)?;
+        expect_flow_counters(&lb, "60 flows", 120, 60, 0, 0)?;
+        eprintln!("tracking: {would_move} of 60 pinned flows stayed on their backend when the table moved them");
+        Ok(())
+    })
+}
+
+/// (c) The pinned backend removed (entry flags 0): the flow takes its slot's
+/// backend and is pinned again (FLOW_REPINNED), the entry rewritten. A change
+/// of a held backend's MAC or weight keeps the pin (new MAC on the wire).
+fn tracking_backend_removed() -> TestResult {
+    let mut lb = pin_lb(true)?;
+    let flow = Packet::tcp4(40000, 80);
+    let key = key_of(&flow, 40000, 80);
+    check_tracked(&lb, "pins to BE_A", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    // Another MAC and weight for BE_A: the same backend.
+    lb.set_backend(BE_A, BackendEntry { mac: [0x02, 0xbe, 0x07, 0, 1, 1], weight: 7, ..lb.backends[BE_A as usize] })?;
+    let out = check_tracked(&lb, "BE_A's MAC changed", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    ensure!(out[..6] == [0x02, 0xbe, 0x07, 0, 1, 1], "old MAC used");
+    expect_flows(&lb, "held", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 1).into(), BE_A))])?;
+    // BE_A removed: its entry written inactive.
+    lb.set_backend(BE_A, BackendEntry { flags: 0, ..lb.backends[BE_A as usize] })?;
+    check_tracked(&lb, "BE_A removed", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "re-pinned to BE_B", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B))])?;
+    check_tracked(&lb, "after re-pinning", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Nothing))?;
+    // BE_A back, the table naming it: the flow stays on BE_B.
+    lb.set_backend(BE_A, pin_backend(1))?;
+    fill_table(&mut lb, SVC, BE_A)?;
+    check_tracked(&lb, "BE_A back", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Nothing))?;
+    // BE_B removed and the table's slot empty or naming an inactive backend: dropped, entry untouched.
+    lb.set_backend(BE_B, BackendEntry { flags: 0, ..pin_backend(2) })?;
+    fill_table(&mut lb, SVC, SLOT_EMPTY)?;
+    check_tracked(&lb, "pin stale, slot empty", &flow.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Some(Pin::Nothing))?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    check_tracked(&lb, "pin stale, slot's backend inactive", &flow.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Some(Pin::Nothing))?;
+    expect_flows(&lb, "stale pin kept", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B))])?;
+    fill_table(&mut lb, SVC, BE_C)?;
+    check_tracked(&lb, "pin stale, slot BE_C", &flow.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "re-pinned to BE_C", &[(key, pin_bytes(Ipv4Addr::new(10, 7, 0, 3).into(), BE_C))])?;
+    expect_flow_counters(&lb, "backend removed", 8, 1, 2, 0)
+}
+
+/// (d) A backend number that now holds another backend does not keep the
+/// flows pinned to it: another address (same service), another family,
+/// another service; pins naming a number past the map's end or never written.
+fn tracking_backend_number_reused() -> TestResult {
+    let mut lb = pin_lb(true)?;
+    let flow = Packet::tcp4(40000, 80);
+    let key = key_of(&flow, 40000, 80);
+    check_tracked(&lb, "pins to BE_A", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+    // BE_A's number given to 10.7.0.9, same service; the table still names BE_A.
+    let reused = BackendEntry::new(Ipv4Addr::new(10, 7, 0, 9).into(), [0x02, 0xbe, 0x07, 0, 0, 9], SVC);
+    lb.set_backend(BE_A, reused)?;
+    let out = check_tracked(&lb, "number reused, same slot", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Repinned))?;
+    ensure!(out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 9], "not to the new backend");
+    expect_flows(&lb, "re-pinned to the new 10.7.0.9", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 9).into(), BE_A))])?;
+    check_tracked(&lb, "held again", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+
+    // Reused for an IPv6 backend (another family); the table names BE_B.
+    fill_table(&mut lb, SVC, BE_B)?;
+    lb.set_backend(BE_A, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 7, 0, 0, 0, 1).into(), BACKEND_MAC, SVC))?;
+    check_tracked(&lb, "number reused, IPv6", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "re-pinned to BE_B", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B))])?;
+
+    // BE_B's number moved to another service (same address); the table names BE_C.
+    fill_table(&mut lb, SVC, BE_C)?;
+    lb.set_backend(BE_B, BackendEntry { service: 6, ..pin_backend(2) })?;
+    check_tracked(&lb, "number moved to service 6", &flow.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "re-pinned to BE_C", &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 3).into(), BE_C))])?;
+
+    // A table naming a backend of another service (which the host never
+    // writes for long): select_backend does not look at `service`, so a new
+    // flow is pinned to it, and the pin never holds: every packet pins again.
+    // The pinned flow stays on BE_C.
+    fill_table(&mut lb, SVC, BE_B)?;
+    let stray = Packet::tcp4(40009, 80);
+    for (round, pin) in [Pin::Pinned, Pin::Repinned, Pin::Repinned].into_iter().enumerate() {
+        let what = format!("slot naming service 6's backend, packet {round}");
+        check_tracked(&lb, &what, &stray.frame(), tx(SVC, BE_B, stray.flow(true)), Some(pin))?;
+    }
+    check_tracked(&lb, "pinned to BE_C, slot naming service 6's backend", &flow.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Nothing))?;
+    lb.set_backend(BE_B, pin_backend(2))?;
+    check_tracked(&lb, "BE_B back in SVC", &stray.frame(), tx(SVC, BE_B, stray.flow(true)), Some(Pin::Nothing))?;
+    let stray_entry = (key_of(&stray, 40009, 80), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B));
+
+    // Pins written by hand: a number past l4lb_backends' end, one never
+    // written (zeroed), one whose family byte differs from its backend's.
+    fill_table(&mut lb, SVC, BE_C)?;
+    let pin_key = FlowKey::new(flow.src, flow.dst, TCP, 40000, 80);
+    ensure!(pin_key.bytes().to_vec() == key, "FlowKey lays the key out as {}", common::hex(&pin_key.bytes()));
+    for (name, pin) in [
+        ("backend number 5000", FlowPin { addr: pin_backend(3).addr, backend: 5000, family: 4 }),
+        ("backend number 3000, never written", FlowPin { addr: [0; 16], backend: 3000, family: 0 }),
+        ("BE_C with family 6", FlowPin { addr: pin_backend(3).addr, backend: BE_C, family: 6 }),
+        ("BE_C with another address", FlowPin { addr: pin_backend(4).addr, backend: BE_C, family: 4 }),
+    ] {
+        lb.set_flow(&pin_key, &pin)?;
+        check_tracked(&lb, &format!("hand-written pin: {name}"), &flow.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Repinned))?;
+        expect_flows(&lb, name, &[(key.clone(), pin_bytes(Ipv4Addr::new(10, 7, 0, 3).into(), BE_C)), stray_entry.clone()])?;
+    }
+    // And one that holds: BE_A, although the table names BE_C.
+    lb.set_backend(BE_A, pin_backend(1))?;
+    lb.set_flow(&pin_key, &FlowPin::to(BE_A, &pin_backend(1)))?;
+    check_tracked(&lb, "hand-written pin to BE_A", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "hand-written pin to BE_A", &[(key, pin_bytes(Ipv4Addr::new(10, 7, 0, 1).into(), BE_A)), stray_entry])?;
+    expect_flow_counters(&lb, "numbers reused", 15, 2, 9, 0)
+}
+
+/// (e) A SYN (SYN without ACK) takes its slot's backend: no entry if there
+/// is none; over an entry (held or stale) it pins again, even to the same
+/// backend. SYN+ACK, RST, FIN are not SYNs; SYN with FIN or RST is; a TCP
+/// segment cut before its flags byte (4 to 13 header bytes in the frame or
+/// in the datagram) is not a SYN; UDP never is.
+fn tracking_syn() -> TestResult {
+    let mut lb = pin_lb(true)?;
+    let flow = Packet::tcp4(40000, 80);
+    let key = key_of(&flow, 40000, 80);
+    check_tracked(&lb, "SYN, no entry", &syn(flow.clone()).frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "SYN", &[])?;
+    check_tracked(&lb, "SYN again", &syn(flow.clone()).frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "the ACK after it", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+    expect_flows(&lb, "ACK", &[(key.clone(), pin_to(&lb, BE_A))])?;
+    // The slot now names BE_B: a SYN for the same 4-tuple is a new connection.
+    fill_table(&mut lb, SVC, BE_B)?;
+    check_tracked(&lb, "ACK, pin held", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "SYN over a held pin", &syn(flow.clone()).frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "SYN re-pinned", &[(key.clone(), pin_to(&lb, BE_B))])?;
+    check_tracked(&lb, "ACK after the new SYN", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "SYN over a pin to its slot's backend", &syn(flow.clone()).frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Repinned))?;
+    // Over a stale pin.
+    lb.set_backend(BE_B, BackendEntry { flags: 0, ..pin_backend(2) })?;
+    fill_table(&mut lb, SVC, BE_C)?;
+    check_tracked(&lb, "SYN over a stale pin", &syn(flow.clone()).frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Repinned))?;
+    expect_flows(&lb, "SYN over a stale pin", &[(key.clone(), pin_to(&lb, BE_C))])?;
+    lb.set_backend(BE_B, pin_backend(2))?;
+    fill_table(&mut lb, SVC, BE_A)?;
+    let mut entries = vec![(key, pin_to(&lb, BE_C))];
+    let mut rx = 8;
+    let (mut pinned, repinned) = (1, 3);
+
+    // Flags: (flags, a SYN?). Each on a flow of its own.
+    let cases: [(u8, bool); 9] = [
+        (TCP_SYN | TCP_ACK, false),
+        (TCP_RST, false),
+        (TCP_FIN | TCP_ACK, false),
+        (0, false),
+        (TCP_SYN | TCP_FIN, true),
+        (TCP_SYN | TCP_RST, true),
+        (TCP_SYN | TCP_PSH | 0x40 | 0x80, true),
+        (TCP_SYN | TCP_ACK | TCP_PSH, false),
+        (0xff & !TCP_ACK, true),
+    ];
+    for (i, (flags, is_syn)) in cases.into_iter().enumerate() {
+        let packet = Packet { tcp_flags: flags, ..Packet::tcp4(41000 + i as u16, 80) };
+        let what = format!("flags {flags:#04x}");
+        let pin = if is_syn { Pin::Nothing } else { Pin::Pinned };
+        check_tracked(&lb, &what, &packet.frame(), tx(SVC, BE_A, packet.flow(true)), Some(pin))?;
+        rx += 1;
+        if !is_syn {
+            pinned += 1;
+            entries.push((key_of(&packet, packet.sport, 80), pin_to(&lb, BE_A)));
+        }
+    }
+    expect_flows(&lb, "flags", &entries)?;
+
+    // A SYN cut: the TCP header has 4..=13 bytes (no flags byte) in the frame,
+    // or in the datagram (tot_len / payload length ending it, the frame whole).
+    for v6 in [false, true] {
+        for tcp_len in 4..=14usize {
+            let base = if v6 { Packet::tcp6(42000 + tcp_len as u16, 80) } else { Packet::tcp4(42000 + tcp_len as u16, 80) };
+            let packet = syn(Packet { dst: if v6 { VIP6.into() } else { VIP4.into() }, ..base });
+            if v6 && tcp_len == 4 {
+                lb.add_vip(VipKey::new(VIP6.into(), TCP, 80), SVC)?;
+                // IPv6 clients need IPv6 backends: BE_C becomes one.
+                lb.set_service(SVC, lb.services[SVC as usize] & !L4LB_SERVICE_IPV4_BACKENDS)?;
+                lb.set_backend(BE_C, BackendEntry::new(BACKEND6.into(), BACKEND_MAC, SVC))?;
+                fill_table(&mut lb, SVC, BE_C)?;
+            }
+            let number = if v6 { BE_C } else { BE_A };
+            let ip_len = if v6 { 40 } else { 20 } + tcp_len;
+            // Cut in the frame (tot_len / payload length saying so), or only
+            // by tot_len / payload length (the frame whole); another client
+            // port each, so that each is a flow of its own.
+            for (how, sport_offset) in [("frame", 0u16), ("datagram", 100)] {
+                let hashed = Packet { sport: packet.sport + sport_offset, ..packet.clone() };
+                let sport = hashed.sport;
+                let whole = hashed.frame();
+                let frame = match (v6, how) {
+                    (false, "frame") => datagram_cut(&whole, ip_len),
+                    (false, _) => with_tot_len(&whole, ip_len as u16),
+                    (true, "frame") => ipv6_cut(&whole, ip_len),
+                    (true, _) => with_payload_len(&whole, tcp_len as u16),
+                };
+                ensure!((frame.len() == whole.len()) == (how == "datagram"), "{how} cut: {} bytes of {}", frame.len(), whole.len());
+                let cut = tcp_len < 14;
+                let what = format!("IPv{} SYN, {tcp_len} TCP header bytes in the {how}", if v6 { 6 } else { 4 });
+                check_tracked(&lb, &what, &frame, tx(SVC, number, hashed.flow(true)), Some(if cut { Pin::Pinned } else { Pin::Nothing }))?;
+                rx += 1;
+                if cut {
+                    pinned += 1;
+                    entries.push((key_of(&hashed, sport, 80), pin_to(&lb, number)));
+                }
+            }
+        }
+    }
+    // UDP with 0x02 where TCP's flags would be: pinned.
+    let udp = Packet { payload: vec![0x02; 8], ..Packet::udp4(43000, 53) };
+    let frame = udp.frame();
+    ensure!(frame[ETH_LEN + 20 + 13] == 0x02, "UDP byte 13 is {:#04x}", frame[ETH_LEN + 20 + 13]);
+    check_tracked(&lb, "UDP, byte 13 = SYN", &frame, tx(SVC, BE_C, udp.flow(true)), Some(Pin::Pinned))?;
+    entries.push((key_of(&udp, 43000, 53), pin_to(&lb, BE_C)));
+    expect_flows(&lb, "cut SYNs", &entries)?;
+    expect_flow_counters(&lb, "SYN", rx + 1, pinned + 1, repinned, 0)
+}
+
+/// (f) UDP: a service that does not hash ports keys its flows with ports 0
+/// (a client's datagrams from every port share one entry); one that does
+/// keys each port pair apart.
+fn tracking_udp_ports() -> TestResult {
+    let mut lb = pin_lb(true)?;
+    // Service 6: VIP4:5353/udp, not hashing ports, tracking, every slot BE_C... of its own.
+    let other = 6;
+    let be6 = BackendEntry { service: other, ..BackendEntry::new(Ipv4Addr::new(10, 7, 6, 1).into(), [0x02, 0xbe, 0x07, 6, 0, 1], other) };
+    add_service(&mut lb, other, &[(60, be6)], false)?;
+    lb.set_service(other, tracked_flags(&lb, other))?;
+    lb.add_vip(VipKey::new(VIP4.into(), UDP, 5353), other)?;
+    let first = Packet::udp4(50000, 5353);
+    let second = Packet::udp4(50001, 5353);
+    check_tracked(&lb, "no hash_ports, port 50000", &first.frame(), tx(other, 60, first.flow(false)), Some(Pin::Pinned))?;
+    check_tracked(&lb, "no hash_ports, port 50001", &second.frame(), tx(other, 60, second.flow(false)), Some(Pin::Nothing))?;
+    let shared = (key_of(&first, 0, 0), pin_bytes(Ipv4Addr::new(10, 7, 6, 1).into(), 60));
+    expect_flows(&lb, "one entry, ports 0", &[shared.clone()])?;
+    // Hashing ports (SVC, :53): two entries.
+    let a = Packet::udp4(50000, 53);
+    let b = Packet::udp4(50001, 53);
+    check_tracked(&lb, "hash_ports, port 50000", &a.frame(), tx(SVC, BE_A, a.flow(true)), Some(Pin::Pinned))?;
+    check_tracked(&lb, "hash_ports, port 50001", &b.frame(), tx(SVC, BE_A, b.flow(true)), Some(Pin::Pinned))?;
+    expect_flows(&lb, "ports kept", &[shared, (key_of(&a, 50000, 53), pin_to(&lb, BE_A)), (key_of(&b, 50001, 53), pin_to(&lb, BE_A))])?;
+    // The table change leaves both where they were.
+    fill_table(&mut lb, SVC, BE_B)?;
+    check_tracked(&lb, "hash_ports, port 50000 again", &a.frame(), tx(SVC, BE_A, a.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "hash_ports, port 50001 again", &b.frame(), tx(SVC, BE_A, b.flow(true)), Some(Pin::Nothing))?;
+    expect_flow_counters(&lb, "UDP", 6, 3, 0, 0)
+}
+
+/// (g) IPv6 clients with IPv6 backends (16-byte addresses in key and value,
+/// family 6), and IPv4 clients with IPv6 backends (an IPv4 key, an IPv6 pin).
+fn tracking_ipv6() -> TestResult {
+    let mut lb = loaded()?;
+    let be = |i: u16| BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 7, 0, 0, 0, i).into(), [0x02, 0xbe, 0x76, 0, 0, i as u8], SVC);
+    add_service(&mut lb, SVC, &[(BE_A, be(1)), (BE_B, be(2))], true)?;
+    lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+    fill_table(&mut lb, SVC, BE_A)?;
+    for (addr, proto, port) in [(IpAddr::from(VIP6), TCP, 80u16), (VIP6.into(), UDP, 53), (VIP4.into(), TCP, 80)] {
+        lb.add_vip(VipKey::new(addr, proto, port), SVC)?;
+    }
+    let tcp6 = Packet::tcp6(40000, 80);
+    let udp6 = Packet::udp6(40001, 53);
+    let tcp4 = Packet::tcp4(40002, 80);
+    for (name, packet) in [("6in6 TCP", &tcp6), ("6in6 UDP", &udp6), ("4in6 TCP", &tcp4)] {
+        check_tracked(&lb, name, &packet.frame(), tx(SVC, BE_A, packet.flow(true)), Some(Pin::Pinned))?;
+    }
+    let be_a: Vec<u8> = [&[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xbe, 0x00, 0x07, 0, 0, 0, 0, 0, 0, 0, 1][..], &BE_A.to_ne_bytes(), &[6, 0, 0, 0]].concat();
+    ensure!(pin_to(&lb, BE_A) == be_a, "pin_bytes spells {}", common::hex(&pin_to(&lb, BE_A)));
+    let key6: Vec<u8> = [
+        &CLIENT6.octets()[..],
+        &[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xf0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+        &[0x9c, 0x40, 0, 80, 6, 6, 0, 0],
+    ]
+    .concat();
+    ensure!(key_of(&tcp6, 40000, 80) == key6, "key_bytes spells {}", common::hex(&key_of(&tcp6, 40000, 80)));
+    let entries = [
+        (key6, be_a.clone()),
+        (key_of(&udp6, 40001, 53), be_a.clone()),
+        (key_bytes(CLIENT4.into(), VIP4.into(), 40002, 80, TCP), be_a),
+    ];
+    expect_flows(&lb, "IPv6", &entries)?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    for (name, packet) in [("6in6 TCP", &tcp6), ("6in6 UDP", &udp6), ("4in6 TCP", &tcp4)] {
+        check_tracked(&lb, &format!("{name}, table changed"), &packet.frame(), tx(SVC, BE_A, packet.flow(true)), Some(Pin::Nothing))?;
+    }
+    // Another IPv6 client address differing in its last word only: its own flow.
+    let other = Packet { src: Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 8).into(), ..tcp6.clone() };
+    check_tracked(&lb, "another IPv6 client", &other.frame(), tx(SVC, BE_B, other.flow(true)), Some(Pin::Pinned))?;
+    let mut entries = entries.to_vec();
+    entries.push((key_of(&other, 40000, 80), pin_to(&lb, BE_B)));
+    expect_flows(&lb, "IPv6, two clients", &entries)?;
+    expect_flow_counters(&lb, "IPv6", 7, 4, 0, 0)
+}
+
+/// (h) Fragments (IPv4 and IPv6) are keyed without ports and pinned: the
+/// first fragment pins (even one whose TCP flags say SYN), the later ones
+/// follow; the same addresses unfragmented are another flow (with ports).
+fn tracking_fragments() -> TestResult {
+    let mut lb = loaded()?;
+    let be = |i: u16| BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 8, 0, 0, 0, i).into(), [0x02, 0xbe, 0x86, 0, 0, i as u8], SVC);
+    add_service(&mut lb, SVC, &[(BE_A, be(1)), (BE_B, be(2))], true)?;
+    lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+    fill_table(&mut lb, SVC, BE_A)?;
+    let vips = [(IpAddr::from(VIP4), TCP, 80u16, SVC), (VIP6.into(), UDP, 53, SVC)];
+    for &(addr, proto, port, service) in &vips {
+        lb.add_vip(VipKey::new(addr, proto, port), service)?;
+    }
+    add_fragment_entries(&mut lb, &vips)?;
+    let flow4 = Packet::tcp4(40000, 80);
+    let flow6 = Packet::udp6(40001, 53);
+    let first4 = Packet { mf: true, tcp_flags: TCP_SYN, ..flow4.clone() };
+    let later4 = Packet { frag_offset: 5, payload: vec![0xf2; 24], ..flow4.clone() };
+    let first6 = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..flow6.clone() };
+    let later6 = Packet { ext: vec![Ext::Fragment { offset: 9, more: false }], payload: vec![0xf3; 5], ..flow6.clone() };
+    check_tracked(&lb, "IPv4 first fragment (SYN)", &first4.frame(), tx(SVC, BE_A, first4.flow(true)), Some(Pin::Pinned))?;
+    check_tracked(&lb, "IPv6 first fragment", &first6.frame(), tx(SVC, BE_A, first6.flow(true)), Some(Pin::Pinned))?;
+    let frag4 = (key_of(&flow4, 0, 0), pin_to(&lb, BE_A));
+    let frag6 = (key_of(&flow6, 0, 0), pin_to(&lb, BE_A));
+    expect_flows(&lb, "fragments", &[frag4.clone(), frag6.clone()])?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    check_tracked(&lb, "IPv4 later fragment", &later4.frame(), tx(SVC, BE_A, later4.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "IPv6 later fragment", &later6.frame(), tx(SVC, BE_A, later6.flow(true)), Some(Pin::Nothing))?;
+    // Unfragmented: keyed with ports, another entry (the table's BE_B).
+    check_tracked(&lb, "IPv4 whole", &flow4.frame(), tx(SVC, BE_B, flow4.flow(true)), Some(Pin::Pinned))?;
+    check_tracked(&lb, "IPv6 whole", &flow6.frame(), tx(SVC, BE_B, flow6.flow(true)), Some(Pin::Pinned))?;
+    // An atomic IPv6 fragment is a whole packet: the entry with ports.
+    let atomic = Packet { ext: vec![Ext::Fragment { offset: 0, more: false }], ..flow6.clone() };
+    check_tracked(&lb, "IPv6 atomic fragment", &atomic.frame(), tx(SVC, BE_B, atomic.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "fragments and whole", &[frag4, frag6, (key_of(&flow4, 40000, 80), pin_to(&lb, BE_B)), (key_of(&flow6, 40001, 53), pin_to(&lb, BE_B))])?;
+    expect_flow_counters(&lb, "fragments", 7, 4, 0, 0)
+}
+
+/// (i) An ICMP error about a pinned flow goes to the pinned backend (not
+/// the table's) and writes nothing; about an unpinned flow, or one whose pin
+/// is stale, it takes the table's backend and still writes nothing.
+fn tracking_icmp_errors() -> TestResult {
+    let mut lb = loaded()?;
+    let be = |i: u16| BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 9, 0, 0, 0, i).into(), [0x02, 0xbe, 0x96, 0, 0, i as u8], SVC);
+    add_service(&mut lb, SVC, &[(BE_A, be(1)), (BE_B, be(2)), (BE_C, be(3))], true)?;
+    lb.set_service(SVC, tracked_flags(&lb, SVC))?;
+    fill_table(&mut lb, SVC, BE_A)?;
+    for (addr, proto, port) in [(IpAddr::from(VIP4), TCP, 80u16), (VIP4.into(), UDP, 53), (VIP6.into(), TCP, 80)] {
+        lb.add_vip(VipKey::new(addr, proto, port), SVC)?;
+    }
+    let flows = [Packet::tcp4(40000, 80), Packet::udp4(40001, 53), Packet::tcp6(40002, 80)];
+    let error_of = |flow: &Packet| {
+        let answer = answer_of(flow).ip_bytes();
+        if flow.is_v6() {
+            icmp6_error(flow.dst, 2, 0, 1280, &answer[..48])
+        } else {
+            icmp4_error(flow.dst, 3, 4, 1400, &answer[..28])
+        }
+    };
+    let mut entries = Vec::new();
+    for flow in &flows {
+        check_tracked(&lb, "pins", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+        entries.push((key_of(flow, flow.sport, flow.dport), pin_to(&lb, BE_A)));
+    }
+    fill_table(&mut lb, SVC, BE_B)?;
+    for flow in &flows {
+        let what = format!("ICMP error about pinned {:?}", flow.flow(true));
+        check_tracked(&lb, &what, &error_of(flow).frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+        // Unpinned: another client port.
+        let unpinned = Packet { sport: flow.sport + 1000, ..flow.clone() };
+        let what = format!("ICMP error about unpinned {:?}", unpinned.flow(true));
+        check_tracked(&lb, &what, &error_of(&unpinned).frame(), tx(SVC, BE_B, unpinned.flow(true)), Some(Pin::Nothing))?;
+    }
+    expect_flows(&lb, "ICMP errors write nothing", &entries)?;
+    // BE_A removed: the pins are stale; errors take BE_B and re-pin nothing.
+    lb.set_backend(BE_A, BackendEntry { flags: 0, ..be(1) })?;
+    for flow in &flows {
+        let what = format!("ICMP error about stale {:?}", flow.flow(true));
+        check_tracked(&lb, &what, &error_of(flow).frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Nothing))?;
+    }
+    expect_flows(&lb, "stale pins left as they were", &entries)?;
+    expect_flow_counters(&lb, "ICMP errors", 12, 3, 0, 0)
+}
+
+/// (j) A full HASH map (loaded with 4 entries): a new flow is balanced by
+/// the table and counted FLOW_TABLE_FULL, no entry; an existing entry still
+/// updates (a stale pin, a SYN); a deleted entry makes room again.
+fn tracking_table_full() -> TestResult {
+    let mut lb = pin_lb_with(true, FlowTable { lru: false, entries: 4 })?;
+    ensure!(
+        lb.skel.maps.l4lb_flows.map_type() == MapType::Hash && lb.skel.maps.l4lb_flows.max_entries() == 4,
+        "l4lb_flows is {:?} of {}",
+        lb.skel.maps.l4lb_flows.map_type(),
+        lb.skel.maps.l4lb_flows.max_entries()
+    );
+    let flows: Vec<Packet> = (0..6).map(|i| Packet::tcp4(40000 + i, 80)).collect();
+    let mut entries = Vec::new();
+    for flow in &flows[..4] {
+        check_tracked(&lb, &format!("flow {}", flow.sport), &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+        entries.push((key_of(flow, flow.sport, 80), pin_to(&lb, BE_A)));
+    }
+    fill_table(&mut lb, SVC, BE_B)?;
+    for flow in &flows[4..] {
+        let what = format!("flow {}, table full", flow.sport);
+        check_tracked(&lb, &what, &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Full))?;
+        check_tracked(&lb, &format!("{what}, again"), &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Full))?;
+    }
+    expect_flows(&lb, "full", &entries)?;
+    // The pinned flows still hold.
+    check_tracked(&lb, "flow 40000 held", &flows[0].frame(), tx(SVC, BE_A, flows[0].flow(true)), Some(Pin::Nothing))?;
+    // A SYN over an existing entry updates it, full or not.
+    check_tracked(&lb, "SYN over an entry, table full", &syn(flows[1].clone()).frame(), tx(SVC, BE_B, flows[1].flow(true)), Some(Pin::Repinned))?;
+    entries[1].1 = pin_to(&lb, BE_B);
+    // A stale pin too: BE_A removed.
+    lb.set_backend(BE_A, BackendEntry { flags: 0, ..pin_backend(1) })?;
+    check_tracked(&lb, "stale pin, table full", &flows[0].frame(), tx(SVC, BE_B, flows[0].flow(true)), Some(Pin::Repinned))?;
+    entries[0].1 = pin_to(&lb, BE_B);
+    // A SYN of a new flow writes nothing: not counted full.
+    check_tracked(&lb, "SYN of a new flow, table full", &syn(flows[5].clone()).frame(), tx(SVC, BE_B, flows[5].flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "full, two updated", &entries)?;
+    // The host deletes one: room for flow 40004.
+    lb.delete_flow(&FlowKey::new(flows[3].src, flows[3].dst, TCP, flows[3].sport, 80))?;
+    entries.remove(3);
+    check_tracked(&lb, "flow 40004, room again", &flows[4].frame(), tx(SVC, BE_B, flows[4].flow(true)), Some(Pin::Pinned))?;
+    entries.push((key_of(&flows[4], 40004, 80), pin_to(&lb, BE_B)));
+    check_tracked(&lb, "flow 40005, full again", &flows[5].frame(), tx(SVC, BE_B, flows[5].flow(true)), Some(Pin::Full))?;
+    expect_flows(&lb, "full again", &entries)?;
+    expect_flow_counters(&lb, "table full", 14, 5, 2, 5)
+}
+
+/// (k) l4lb_flows switched to an LRU hash before loading (as `l4lb attach`
+/// does in driver and generic mode): pins, holds, stale pins and SYNs work
+/// the same (the map is kept far below its size: which pin an LRU map would
+/// evict is not modelled).
+fn tracking_lru() -> TestResult {
+    let mut lb = pin_lb_with(true, FlowTable { lru: true, entries: 4096 })?;
+    ensure!(
+        lb.skel.maps.l4lb_flows.map_type() == MapType::LruHash && lb.skel.maps.l4lb_flows.max_entries() == 4096,
+        "l4lb_flows is {:?} of {}",
+        lb.skel.maps.l4lb_flows.map_type(),
+        lb.skel.maps.l4lb_flows.max_entries()
+    );
+    let flow = Packet::tcp4(40000, 80);
+    let fragment = Packet { frag_offset: 3, ..Packet::udp4(40001, 53) };
+    check_tracked(&lb, "LRU: SYN", &syn(flow.clone()).frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "LRU: SYN", &[])?;
+    check_tracked(&lb, "LRU: ACK", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Pinned))?;
+    check_tracked(&lb, "LRU: fragment", &fragment.frame(), tx(SVC, BE_A, fragment.flow(true)), Some(Pin::Pinned))?;
+    expect_flows(&lb, "LRU: pinned", &[(key_of(&flow, 40000, 80), pin_to(&lb, BE_A)), (key_of(&fragment, 0, 0), pin_to(&lb, BE_A))])?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    check_tracked(&lb, "LRU: held", &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;
+    check_tracked(&lb, "LRU: fragment held", &fragment.frame(), tx(SVC, BE_A, fragment.flow(true)), Some(Pin::Nothing))?;
+    lb.set_backend(BE_A, BackendEntry { flags: 0, ..pin_backend(1) })?;
+    check_tracked(&lb, "LRU: stale", &flow.frame(), tx(SVC, BE_B, flow.flow(true)), Some(Pin::Repinned))?;
+    lb.set_backend(BE_A, pin_backend(1))?;
+    fill_table(&mut lb, SVC, BE_C)?;
+    check_tracked(&lb, "LRU: SYN over a pin", &syn(flow.clone()).frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Repinned))?;
+    let error = icmp4_error(VIP4.into(), 3, 4, 1400, &answer_of(&flow).ip_bytes()[..28]);
+    check_tracked(&lb, "LRU: ICMP error", &error.frame(), tx(SVC, BE_C, flow.flow(true)), Some(Pin::Nothing))?;
+    expect_flows(&lb, "LRU: after", &[(key_of(&flow, 40000, 80), pin_to(&lb, BE_C)), (key_of(&fragment, 0, 0), pin_to(&lb, BE_A))])?;
+    // 500 more flows: all pinned, none evicted below the map's size.
+    let mut entries = lb.read_flows()?.into_iter().collect::<Vec<_>>();
+    for i in 0..500u16 {
+        let packet = Packet { src: Ipv4Addr::new(198, 51, 101, (i % 250) as u8).into(), ..Packet::tcp4(10000 + i, 80) };
+        check_tracked(&lb, &format!("LRU: flow {i}"), &packet.frame(), tx(SVC, BE_C, packet.flow(true)), Some(Pin::Pinned))?;
+        entries.push((key_of(&packet, packet.sport, 80), pin_to(&lb, BE_C)));
+    }
+    expect_flows(&lb, "LRU: 502 flows", &entries)?;
+    expect_flow_counters(&lb, "LRU", 508, 502, 2, 0)
+}
+
+/// Too big once encapsulated: the frame is answered (DF) or dropped (no DF),
+/// not sent to a backend, yet it pins its flow like any packet past the
+/// backend's choice (the pin comes before the MTU check); the flow's next,
+/// smaller packets follow that pin after a table change. A SYN too big pins
+/// nothing.
+fn tracking_too_big() -> TestResult {
+    let mut lb = pin_lb(true)?;
+    let mut config = lb.config.clone();
+    config.mtu = 1000;
+    lb.set_config(config)?;
+    let answered = Packet::tcp4(40000, 80).sized(1000 - 20 + 1);
+    let dropped = Packet { df: false, ..Packet::udp4(40001, 53) }.sized(1000 - 20 + 1);
+    let syn_big = Packet { tcp_flags: TCP_SYN, ..Packet::tcp4(40002, 80) }.sized(1000 - 20 + 1);
+    check_tracked(&lb, "too big, DF: answered", &answered.frame(), too_big_want(&answered, 1000, 20), Some(Pin::Pinned))?;
+    check_tracked(&lb, "too big, no DF: dropped", &dropped.frame(), too_big_want(&dropped, 1000, 20), Some(Pin::Pinned))?;
+    check_tracked(&lb, "too big SYN: answered", &syn_big.frame(), too_big_want(&syn_big, 1000, 20), Some(Pin::Nothing))?;
+    expect_flows(&lb, "too big", &[(key_of(&answered, 40000, 80), pin_to(&lb, BE_A)), (key_of(&dropped, 40001, 53), pin_to(&lb, BE_A))])?;
+    fill_table(&mut lb, SVC, BE_B)?;
+    for packet in [&answered, &dropped, &syn_big] {
+        let small = Packet { payload: Vec::new(), tcp_flags: TCP_ACK, ..packet.clone() };
+        let (number, pin) = if packet.sport == 40002 { (BE_B, Pin::Pinned) } else { (BE_A, Pin::Nothing) };
+        check_tracked(&lb, &format!("the flow of port {} again, small", packet.sport), &small.frame(), tx(SVC, number, small.flow(true)), Some(pin))?;
+    }
+    expect_flow_counters(&lb, "too big", 6, 3, 0, 0)
 }

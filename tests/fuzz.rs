@@ -20,7 +20,7 @@
 //! computed here, MTU = mtu - the backend family's overhead) whose quote is
 //! the start of the input's IP packet, and compared with the model's answer
 //! byte for byte; after every frame all global counters are read and must
-//! have moved by exactly rx + the expected outcome. At the end of a
+//! have moved by exactly rx + the expected outcome (+ its FLOW_* event). At the end of a
 //! slice the counters and the packets/bytes of every backend (4096) and every
 //! service (64) equal the test's own tally.
 //!
@@ -47,6 +47,25 @@
 //! lowest MTU the host accepts (576, frames up to 1200 bytes: many too-big
 //! answers) with high outer addresses (outer IPv4 sums that carry past a
 //! first fold); no MTU with frames up to 3000 bytes.
+//!
+//! Connection tracking: in four slices some services track flows
+//! (`Slice::tracked`; `mtu_unset_large_frames` tracks none, and must leave
+//! l4lb_flows empty). The model keeps its own copy of the pins and says for
+//! each frame whether it follows a pin, pins (FLOW_PINNED), pins again
+//! (FLOW_REPINNED: a SYN over an entry, or a stale one: a key shared by two
+//! services, e.g. a fragment and a catch-all packet) or finds the HASH map
+//! of 65,536 entries full (FLOW_TABLE_FULL, modelled exactly: the map is
+//! never emptied, so `services_with_holes` fills it); the per-frame counter
+//! check covers the FLOW_* counters too, and at the end of a slice the
+//! kernel's l4lb_flows must equal the model's entry for entry. The tables
+//! never change during a run, so a held pin names the table's backend and
+//! the expected outputs are those of an untracked service. A fifth of the
+//! valid frames and ICMP errors come from 4 clients and 2 client ports per
+//! family, so that flows recur. A run of 1,000,000 frames (seed
+//! 12125166954377496700) sent 247,306 frames through tracked services
+//! (18,898 of them followed a pin) and counted FLOW pinned 158,369,
+//! repinned 1,424, table full 16,549 (all in `services_with_holes`, whose
+//! map ended full with 65,536 entries); each slice prints its own figures.
 //!
 //! `L4LB_FUZZ_SEED=N` replays a run (the seed is printed, and named in any
 //! failure); `L4LB_FUZZ_FRAMES=N` changes the total number of frames (the
@@ -138,14 +157,16 @@ struct Slice {
     max_len: usize,
     /// The configured outer IPv4 source.
     src: Ipv4Addr,
+    /// Services that track flows (L4LB_SERVICE_TRACK_FLOWS).
+    tracked: &'static [u32],
 }
 
 const SLICES: [Slice; 5] = [
-    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC },
-    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC },
-    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC },
-    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC },
-    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC },
+    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5] },
+    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7] },
+    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2] },
+    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6] },
+    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[] },
 ];
 
 fn services_with_holes() -> TestResult {
@@ -201,6 +222,13 @@ const VIP6: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0x2001, 0xdb8, 0xf0, 0, 0, 0, 0, 0x12),
 ];
 const PORTS: [u16; 4] = [80, 443, 53, 8080];
+
+/// Clients and client ports that a fifth of the valid frames and ICMP errors
+/// come from, so that flows recur: pins are followed, SYNs meet entries,
+/// fragments and whole packets of a client share keys across services.
+const CLIENTS4: [[u8; 4]; 4] = [[198, 51, 100, 1], [198, 51, 100, 2], [198, 51, 100, 3], [198, 51, 100, 4]];
+const CLIENT_PORTS: [u16; 2] = [40000, 40001];
+const REUSE: f64 = 0.2;
 
 /// Backend numbers the holes point to: never written, and written but inactive.
 const UNSET_BACKEND: u32 = 3000;
@@ -345,6 +373,9 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             lb.add_vip(VipKey::fragment(VIP4[0].into(), TCP), 1)?;
             lb.add_vip(VipKey::fragment(VIP6[0].into(), UDP), 2)?;
         }
+    }
+    for &service in slice.tracked {
+        lb.set_service(service, lb.services[service as usize] | L4LB_SERVICE_TRACK_FLOWS)?;
     }
     Ok(lb)
 }
@@ -677,20 +708,23 @@ impl Generator {
     fn icmp_error(&mut self, buf: &mut Vec<u8>) {
         let v6 = self.rng.gen_bool(0.4);
         let proto = self.tcp_or_udp();
-        let (vport, cport) = (self.port(), self.rng.gen::<u16>());
+        let reuse = self.rng.gen_bool(REUSE);
+        let (vport, cport) = (self.port(), self.client_port(reuse));
         let mut quoted = Vec::new();
         if v6 {
             let vip = VIP6[self.rng.gen_range(0..VIP6.len())];
             quoted.extend_from_slice(&(6u32 << 28 | self.rng.gen_range(0..1u32 << 28)).to_be_bytes());
             quoted.extend_from_slice(&[0, 0, proto, 64]);
             quoted.extend_from_slice(&vip.octets());
-            quoted.extend_from_slice(&self.rng.gen::<u128>().to_be_bytes());
+            let client = self.client6(reuse);
+            quoted.extend_from_slice(&client);
         } else {
             let vip = VIP4[self.rng.gen_range(0..VIP4.len())];
             let ihl = if self.rng.gen_bool(0.8) { 5 } else { self.rng.gen_range(6..=15) };
             quoted.extend_from_slice(&[0x40 | ihl as u8, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0]);
             quoted.extend_from_slice(&vip.octets());
-            quoted.extend_from_slice(&self.rng.gen::<u32>().to_be_bytes());
+            let client = self.client4(reuse);
+            quoted.extend_from_slice(&client);
             self.random_bytes(&mut quoted, (ihl - 5) * 4);
         }
         quoted.extend_from_slice(&vport.to_be_bytes());
@@ -787,6 +821,32 @@ impl Generator {
         buf.extend_from_slice(&ethertype.to_be_bytes());
     }
 
+    /// An IPv4 client address: one of CLIENTS4 when `reuse`, else random.
+    fn client4(&mut self, reuse: bool) -> [u8; 4] {
+        if reuse {
+            CLIENTS4[self.rng.gen_range(0..CLIENTS4.len())]
+        } else {
+            self.rng.gen::<u32>().to_be_bytes()
+        }
+    }
+
+    /// An IPv6 client address: 2001:db8:c1::1..4 when `reuse`, else random.
+    fn client6(&mut self, reuse: bool) -> [u8; 16] {
+        if reuse {
+            Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, self.rng.gen_range(1..=4)).octets()
+        } else {
+            self.rng.gen::<u128>().to_be_bytes()
+        }
+    }
+
+    fn client_port(&mut self, reuse: bool) -> u16 {
+        if reuse {
+            CLIENT_PORTS[self.rng.gen_range(0..CLIENT_PORTS.len())]
+        } else {
+            self.rng.gen()
+        }
+    }
+
     fn port(&mut self) -> u16 {
         if self.rng.gen_bool(0.6) {
             PORTS[self.rng.gen_range(0..PORTS.len())]
@@ -849,6 +909,8 @@ impl Generator {
         let l4_len = if offset != 0 { 0 } else { self.l4_len(proto) };
         let tot_len = self.length(header_len + l4_len);
         let dst = if self.rng.gen_bool(0.6) { VIP4[self.rng.gen_range(0..VIP4.len())] } else { Ipv4Addr::from(self.rng.gen::<u32>()) };
+        let reuse = self.rng.gen_bool(REUSE);
+        let src = self.client4(reuse);
 
         let ip = buf.len();
         buf.extend_from_slice(&[0x40 | ihl as u8, self.rng.gen()]);
@@ -856,12 +918,12 @@ impl Generator {
         buf.extend_from_slice(&self.rng.gen::<u16>().to_be_bytes());
         buf.extend_from_slice(&frag_off.to_be_bytes());
         buf.extend_from_slice(&[self.rng.gen(), proto, 0, 0]);
-        buf.extend_from_slice(&self.rng.gen::<u32>().to_be_bytes());
+        buf.extend_from_slice(&src);
         buf.extend_from_slice(&dst.octets());
         // Options, L4 header and payload: random bytes, then the ports.
         self.random_bytes(buf, tot_len - 20);
         if l4_len >= 4 {
-            let (sport, dport) = (self.rng.gen::<u16>(), self.port());
+            let (sport, dport) = (self.client_port(reuse), self.port());
             buf[ip + header_len..ip + header_len + 2].copy_from_slice(&sport.to_be_bytes());
             buf[ip + header_len + 2..ip + header_len + 4].copy_from_slice(&dport.to_be_bytes());
         }
@@ -889,8 +951,8 @@ impl Generator {
         let vtc = 6u32 << 28 | self.rng.gen_range(0..1u32 << 28);
         buf.extend_from_slice(&vtc.to_be_bytes());
         buf.extend_from_slice(&[0, 0, chain.first().copied().unwrap_or(proto), self.rng.gen()]);
-        let mut src = [0u8; 16];
-        self.rng.fill_bytes(&mut src);
+        let reuse = self.rng.gen_bool(REUSE);
+        let src = self.client6(reuse);
         buf.extend_from_slice(&src);
         let dst = if self.rng.gen_bool(0.6) { VIP6[self.rng.gen_range(0..VIP6.len())] } else { Ipv6Addr::from(self.rng.gen::<u128>()) };
         buf.extend_from_slice(&dst.octets());
@@ -916,7 +978,7 @@ impl Generator {
         let len = self.length(ext_end + l4_len);
         self.random_bytes(buf, len - ext_end);
         if l4_len >= 4 {
-            let (sport, dport) = (self.rng.gen::<u16>(), self.port());
+            let (sport, dport) = (self.client_port(reuse), self.port());
             buf[ip + ext_end..ip + ext_end + 2].copy_from_slice(&sport.to_be_bytes());
             buf[ip + ext_end + 2..ip + ext_end + 4].copy_from_slice(&dport.to_be_bytes());
         }
@@ -949,6 +1011,9 @@ struct Tally {
     /// TX frames that were ICMP errors, and TX frames with VLAN tags.
     icmp_tx: u64,
     tagged_tx: u64,
+    /// Frames that reached a tracked service's pin lookup, and those of them that followed a pin.
+    tracked: u64,
+    followed: u64,
 }
 
 /// Whether the one's-complement sum of `header` (checksum field zeroed) needs
@@ -985,7 +1050,7 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
         let kind = generator.kind();
         generator.frame(kind, &mut frame);
         tally.kinds[KINDS.iter().position(|(k, _)| *k == kind).unwrap()] += 1;
-        let expect = lb.classify(&frame);
+        let (expect, tracking) = lb.classify_tracked(&frame);
         let before = tally.counters;
         let what = || format!("frame {index} ({kind:?}, {} bytes: {})", frame.len(), hex(&frame[..frame.len().min(120)]));
 
@@ -1044,6 +1109,14 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
                 }
                 tally.counters[L4LB_CNT_RX as usize] += 1;
                 tally.counters[outcome as usize] += 1;
+                if let Some(t) = &tracking {
+                    tally.tracked += 1;
+                    tally.followed += u64::from(t.followed);
+                    if let Some(event) = t.event() {
+                        tally.counters[event as usize] += 1;
+                    }
+                }
+                lb.pin_applied(&tracking);
             }
         }
 
@@ -1063,7 +1136,8 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     let counters = lb.counters()?;
     let run = frames - tally.refused;
     let rx = counters[L4LB_CNT_RX as usize];
-    let outcomes: u64 = counters[L4LB_CNT_TX as usize..].iter().sum();
+    // The FLOW_* counters after the outcomes are events, not outcomes.
+    let outcomes: u64 = counters[L4LB_CNT_TX as usize..L4LB_CNT_FLOW_PINNED as usize].iter().sum();
     ensure!(
         rx == run && outcomes == rx && counters == tally.counters,
         "after {frames} frames ({} refused): counters {}, expected {}; rx {rx}, frames run {run}, tx + pass + drops {outcomes}",
@@ -1081,11 +1155,24 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     for (service, (got, want)) in services.iter().zip(&tally.services).enumerate().take(MAX_SERVICES) {
         ensure!(got == want, "service {service}: (packets, bytes) {got:?}, expected {want:?}");
     }
+    // l4lb_flows: exactly the model's pins, key and value bytes.
+    lb.compare_flows().map_err(fail)?;
+    let entries = lb.flows.borrow().len();
+    let flow = |counter: u32| tally.counters[counter as usize];
+    let (pinned, repinned, full) = (flow(L4LB_CNT_FLOW_PINNED), flow(L4LB_CNT_FLOW_REPINNED), flow(L4LB_CNT_FLOW_TABLE_FULL));
+    if slice.tracked.is_empty() {
+        ensure!(tally.tracked == 0 && entries == 0, "no tracked service, yet {} frames tracked, {entries} entries", tally.tracked);
+    } else if !matches!(slice.setup, Setup::Empty) && frames >= 100_000 {
+        // Not vacuous: pins made, followed and made again.
+        ensure!(pinned > 0 && repinned > 0 && tally.followed > 0, "tracking: {pinned} pinned, {repinned} re-pinned, {} followed", tally.followed);
+    }
     let used = tally.backends.iter().filter(|(packets, _)| *packets > 0).count();
     let services_used = tally.services.iter().filter(|(packets, _)| *packets > 0).count();
     println!(
         "fuzz {}: {frames} frames in {:.1?} ({} refused with EINVAL), {used} backends and {services_used} services used, \
-         TX 4in4 {} 4in6 {} 6in6 {} (ICMP errors {}, tagged {}), ICMP answers {} + ICMPv6 {}, {} outer sums carrying past one fold; kinds {}; counters {}",
+         TX 4in4 {} 4in6 {} 6in6 {} (ICMP errors {}, tagged {}), ICMP answers {} + ICMPv6 {}, {} outer sums carrying past one fold; \
+         tracking (services {:?}): {} frames through tracked services, {} followed a pin, FLOW pinned {pinned} repinned {repinned} \
+         table full {full}, {entries} entries at the end (of {}); kinds {}; counters {}",
         slice.name,
         started.elapsed(),
         tally.refused,
@@ -1097,6 +1184,10 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
         tally.answers[0],
         tally.answers[1],
         tally.carries,
+        slice.tracked,
+        tally.tracked,
+        tally.followed,
+        lb.flow_entries,
         KINDS.iter().zip(tally.kinds).map(|((kind, _), n)| format!("{kind:?} {n}")).collect::<Vec<_>>().join(", "),
         named(&counters)
     );

@@ -10,9 +10,18 @@
 //! host's model (`Flow::hash`, `maglev::flow_slot`), which the suites check
 //! against the datapath.
 //!
+//! Connection tracking (include/l4lb.h, "Connection tracking") is modelled
+//! too: the model keeps its own copy of the pins (`Lb::flows`), decides from
+//! it whether a frame of a tracked service follows a pin, takes its slot's
+//! backend, pins, re-pins or finds the table full, and `Lb::pin_applied`
+//! records what the frame did, so that the suites can compare the kernel's
+//! l4lb_flows with the model's, entry by entry.
+//!
 //! Used by tests/datapath.rs (explicit expectations, cross-checked with the
 //! model) and tests/fuzz.rs (the model is the expectation).
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
@@ -186,6 +195,93 @@ pub fn family_of(addr: IpAddr) -> u8 {
     }
 }
 
+/// struct l4lb_flow_key, 40 bytes: the flow as it is hashed (ports 0 for
+/// fragments and for UDP services that do not hash ports); ports as on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+
+pub const FLOW_KEY_LEN: usize = 40;
+pub const FLOW_PIN_LEN: usize = 24;
+
+impl FlowKey {
+    /// The key of a flow from `client`:`sport` to `vip`:`dport` (the same family).
+    pub fn new(client: IpAddr, vip: IpAddr, proto: u8, sport: u16, dport: u16) -> Self {
+        FlowKey { saddr: addr_bytes(client), daddr: addr_bytes(vip), sport, dport, family: family_of(vip), proto }
+    }
+
+    pub fn bytes(&self) -> [u8; FLOW_KEY_LEN] {
+        let mut b = [0u8; FLOW_KEY_LEN];
+        b[..16].copy_from_slice(&self.saddr);
+        b[16..32].copy_from_slice(&self.daddr);
+        b[32..34].copy_from_slice(&self.sport.to_be_bytes());
+        b[34..36].copy_from_slice(&self.dport.to_be_bytes());
+        b[36] = self.family;
+        b[37] = self.proto;
+        b
+    }
+}
+
+/// struct l4lb_flow, 24 bytes: the backend a flow is pinned to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowPin {
+    pub addr: [u8; 16],
+    pub backend: u32,
+    pub family: u8,
+}
+
+impl FlowPin {
+    /// A pin to backend `number`, holding what that entry holds now.
+    pub fn to(number: u32, backend: &BackendEntry) -> Self {
+        FlowPin { addr: backend.addr, backend: number, family: backend.family }
+    }
+
+    pub fn bytes(&self) -> [u8; FLOW_PIN_LEN] {
+        let mut b = [0u8; FLOW_PIN_LEN];
+        b[..16].copy_from_slice(&self.addr);
+        b[16..20].copy_from_slice(&self.backend.to_ne_bytes());
+        b[20] = self.family;
+        b
+    }
+}
+
+/// What the pin lookup of a tracked service's frame found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinState {
+    /// No entry.
+    None,
+    /// An entry whose backend number still holds that backend (active, the
+    /// frame's service, same family and address).
+    Held,
+    /// An entry whose backend number holds another backend, or none.
+    Stale,
+}
+
+/// What a frame of a tracked service does to l4lb_flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    pub key: FlowKey,
+    pub state: PinState,
+    /// The frame followed its pin (held, not a SYN).
+    pub followed: bool,
+    /// The update the frame makes (None: it makes none) and its counter:
+    /// FLOW_PINNED, FLOW_REPINNED or FLOW_TABLE_FULL (the update refused).
+    pub update: Option<(FlowPin, u32)>,
+}
+
+impl Tracking {
+    /// The FLOW_* counter the frame moves, if any.
+    pub fn event(&self) -> Option<u32> {
+        self.update.map(|(_, event)| event)
+    }
+}
+
 // ---------------------------------------------------------------- the model's answer
 
 /// What the datapath must do with a frame.
@@ -276,12 +372,23 @@ pub struct Parsed {
     pub tos: u8,
     pub df: bool,
     pub icmp_error: bool,
+    /// A TCP segment (not a fragment, not an ICMP error) whose flags byte lies
+    /// inside the frame and the datagram, with SYN and without ACK.
+    pub syn: bool,
     /// Set by `classify` (the parsers see the L3 bytes only).
     pub l2_len: usize,
 }
 
 fn be16(b: &[u8], at: usize) -> usize {
     usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+
+/// Whether the TCP header at `l4` of `ip` (the bytes from the IP header to
+/// the frame's end; the datagram ends at `l3_end`) has SYN without ACK. A
+/// flags byte (offset 13) outside the frame or the datagram: not a SYN.
+fn tcp_syn(ip: &[u8], proto: u8, l4: usize, l3_end: usize) -> bool {
+    let flags = l4 + 13;
+    proto == TCP && flags < l3_end.min(ip.len()) && ip[flags] & 0x12 == 0x02
 }
 
 pub const ICMP: u8 = 1;
@@ -345,6 +452,7 @@ pub fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Outcome> {
         tos: ip[1],
         df: ip[6] & 0x40 != 0,
         icmp_error: false,
+        syn: !fragment && tcp_syn(ip, proto, header_len, tot_len),
         l2_len: 0,
     })
 }
@@ -382,6 +490,7 @@ fn parse_icmp4_error(ip: &[u8], header_len: usize, tot_len: usize, fragment: boo
         tos: ip[1],
         df: ip[6] & 0x40 != 0,
         icmp_error: true,
+        syn: false,
         l2_len: 0,
     })
 }
@@ -450,6 +559,7 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
             tos,
             df: false,
             icmp_error: true,
+            syn: false,
             l2_len: 0,
         });
     }
@@ -472,6 +582,7 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
         tos,
         df: false,
         icmp_error: false,
+        syn: !fragment && tcp_syn(ip, next, at, l3_end),
         l2_len: 0,
     })
 }
@@ -488,11 +599,33 @@ pub struct Lb {
     pub tables: Vec<Option<Vec<u32>>>,
     pub backends: Vec<BackendEntry>,
     pub per_cpu: bool,
+    /// The model's copy of l4lb_flows (`pin_applied` keeps it up to date).
+    pub flows: RefCell<BTreeMap<FlowKey, FlowPin>>,
+    /// l4lb_flows as loaded: LRU hash or HASH, and its max_entries.
+    pub flow_lru: bool,
+    pub flow_entries: u32,
+}
+
+/// How l4lb_flows is loaded: as the object declares it (HASH of
+/// L4LB_FLOW_ENTRIES), or switched and sized first (as src/attach.rs does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTable {
+    pub lru: bool,
+    pub entries: u32,
+}
+
+impl FlowTable {
+    pub const OBJECT: FlowTable = FlowTable { lru: false, entries: L4LB_FLOW_ENTRIES };
 }
 
 impl Lb {
     /// Loads the program; `per_cpu` switches the counter and traffic maps to per-CPU arrays first.
     pub fn load(per_cpu: bool) -> TestResult<Self> {
+        Self::load_with(per_cpu, FlowTable::OBJECT)
+    }
+
+    /// `load`, with l4lb_flows switched to an LRU hash and/or resized first.
+    pub fn load_with(per_cpu: bool, flows: FlowTable) -> TestResult<Self> {
         // The skeleton borrows this storage for its whole life: one small leak per load.
         let storage = Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit()));
         let mut open = L4lbXdpSkelBuilder::default().open(storage)?;
@@ -500,6 +633,12 @@ impl Lb {
             open.maps.l4lb_counters.set_type(MapType::PercpuArray)?;
             open.maps.l4lb_be_stats.set_type(MapType::PercpuArray)?;
             open.maps.l4lb_svc_stats.set_type(MapType::PercpuArray)?;
+        }
+        if flows != FlowTable::OBJECT {
+            if flows.lru {
+                open.maps.l4lb_flows.set_type(MapType::LruHash)?;
+            }
+            open.maps.l4lb_flows.set_max_entries(flows.entries)?;
         }
         let skel = open.load()?;
         Ok(Lb {
@@ -510,6 +649,9 @@ impl Lb {
             tables: vec![None; MAX_SERVICES],
             backends: vec![BackendEntry::default(); MAX_BACKENDS],
             per_cpu,
+            flows: RefCell::new(BTreeMap::new()),
+            flow_lru: flows.lru,
+            flow_entries: flows.entries,
         })
     }
 
@@ -588,6 +730,68 @@ impl Lb {
         Ok(())
     }
 
+    /// Writes an entry of l4lb_flows directly (as a host or an earlier packet
+    /// would have), in the kernel and in the model.
+    pub fn set_flow(&self, key: &FlowKey, pin: &FlowPin) -> TestResult {
+        self.skel.maps.l4lb_flows.update(&key.bytes(), &pin.bytes(), MapFlags::ANY)?;
+        self.flows.borrow_mut().insert(*key, *pin);
+        Ok(())
+    }
+
+    /// Deletes an entry of l4lb_flows, in the kernel and in the model.
+    pub fn delete_flow(&self, key: &FlowKey) -> TestResult {
+        self.skel.maps.l4lb_flows.delete(&key.bytes())?;
+        self.flows.borrow_mut().remove(key);
+        Ok(())
+    }
+
+    /// Every entry of the kernel's l4lb_flows, as (key, value) bytes, sorted.
+    pub fn read_flows(&self) -> TestResult<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let map = &self.skel.maps.l4lb_flows;
+        let mut entries = BTreeMap::new();
+        for key in map.keys() {
+            let value = map
+                .lookup(&key, MapFlags::ANY)?
+                .ok_or_else(|| fail(format!("l4lb_flows: key {} listed but not found", super::hex(&key))))?;
+            entries.insert(key, value);
+        }
+        Ok(entries)
+    }
+
+    /// The model's l4lb_flows, as (key, value) bytes, sorted.
+    pub fn model_flows(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.flows.borrow().iter().map(|(k, p)| (k.bytes().to_vec(), p.bytes().to_vec())).collect()
+    }
+
+    /// Checks that the kernel's l4lb_flows holds exactly the model's entries;
+    /// Err names the first difference.
+    pub fn compare_flows(&self) -> Result<(), String> {
+        let kernel = self.read_flows().map_err(|e| format!("reading l4lb_flows: {e:?}"))?;
+        let model = self.model_flows();
+        if kernel == model {
+            return Ok(());
+        }
+        for (key, value) in &kernel {
+            match model.get(key) {
+                None => return Err(format!("l4lb_flows holds {} -> {} that the model does not ({} entries, model {})", super::hex(key), super::hex(value), kernel.len(), model.len())),
+                Some(v) if v != value => return Err(format!("l4lb_flows: {} -> {}, the model says {}", super::hex(key), super::hex(value), super::hex(v))),
+                _ => {}
+            }
+        }
+        let missing = model.keys().find(|k| !kernel.contains_key(*k)).map(|k| super::hex(k)).unwrap_or_default();
+        Err(format!("l4lb_flows lacks {missing} ({} entries, model {})", kernel.len(), model.len()))
+    }
+
+    /// Records in the model what a frame did to l4lb_flows (its `Tracking`,
+    /// from `classify_tracked`, once the frame has run).
+    pub fn pin_applied(&self, tracking: &Option<Tracking>) {
+        if let Some(Tracking { key, update: Some((pin, event)), .. }) = tracking {
+            if *event != L4LB_CNT_FLOW_TABLE_FULL {
+                self.flows.borrow_mut().insert(*key, *pin);
+            }
+        }
+    }
+
     /// The backend number in `slot` of `service`'s table, as the maps hold it.
     pub fn slot_value(&self, service: u32, slot: usize) -> u32 {
         self.tables[service as usize].as_ref().map_or(0, |table| table[slot])
@@ -637,8 +841,14 @@ impl Lb {
 
     /// What the datapath must do with `frame`, given what the maps hold.
     pub fn classify(&self, frame: &[u8]) -> Outcome {
+        self.classify_tracked(frame).0
+    }
+
+    /// `classify`, and for a frame that reaches a tracked service's pin
+    /// lookup what it finds there and what it writes (`pin_applied` records it).
+    pub fn classify_tracked(&self, frame: &[u8]) -> (Outcome, Option<Tracking>) {
         if frame.len() < ETH_LEN {
-            return Outcome::Refused;
+            return (Outcome::Refused, None);
         }
         // Up to two 802.1Q / 802.1ad tags (either TPID in either place); a third is not ours.
         let mut ethertype = be16(frame, 12);
@@ -646,7 +856,7 @@ impl Lb {
         for _ in 0..L4LB_MAX_VLAN_TAGS {
             if ethertype == TPID_8021Q || ethertype == TPID_8021AD {
                 if frame.len() < l2_len + 4 {
-                    return Outcome::Drop(L4LB_CNT_DROP_SHORT_VLAN);
+                    return (Outcome::Drop(L4LB_CNT_DROP_SHORT_VLAN), None);
                 }
                 ethertype = be16(frame, l2_len + 2);
                 l2_len += 4;
@@ -655,11 +865,11 @@ impl Lb {
         let parsed = match ethertype {
             0x0800 => parse_ipv4(&frame[l2_len..]),
             0x86dd => parse_ipv6(&frame[l2_len..]),
-            _ => return Outcome::Pass,
+            _ => return (Outcome::Pass, None),
         };
         match parsed {
-            Ok(p) => self.decide(&Parsed { l2_len, ..p }),
-            Err(outcome) => outcome,
+            Ok(p) => self.decide_tracked(&Parsed { l2_len, ..p }),
+            Err(outcome) => (outcome, None),
         }
     }
 
@@ -675,6 +885,29 @@ impl Lb {
     /// Spec steps 2 to 8 for a parsed packet (issue 5: fragments look up
     /// their fragment entry only; too big answered or dropped).
     pub fn decide(&self, p: &Parsed) -> Outcome {
+        self.decide_tracked(p).0
+    }
+
+    /// Whether `pin` still names the backend it was pinned to, for `service`.
+    pub fn pin_holds(&self, pin: &FlowPin, service: u32) -> bool {
+        self.backends.get(pin.backend as usize).is_some_and(|b| {
+            b.active() && b.service == service && b.family == pin.family && b.addr == pin.addr
+        })
+    }
+
+    /// `decide`, with connection tracking: a tracked service's frame follows
+    /// its held pin unless it is a SYN; else it takes its slot's backend and
+    /// pins it (not an ICMP error; a SYN only over an existing entry): a new
+    /// entry FLOW_PINNED, over one FLOW_REPINNED, refused by a full HASH map
+    /// FLOW_TABLE_FULL. An LRU map is never full (the model cannot say which
+    /// pin the kernel would evict: the suites keep LRU maps under their size).
+    pub fn decide_tracked(&self, p: &Parsed) -> (Outcome, Option<Tracking>) {
+        let mut tracking = None;
+        let outcome = self.decide_into(p, &mut tracking);
+        (outcome, tracking)
+    }
+
+    fn decide_into(&self, p: &Parsed, tracking: &mut Option<Tracking>) -> Outcome {
         let key = VipKey::new(p.dst, p.proto, p.dport);
         let mut service = if p.fragment {
             self.find_vip(&VipKey::fragment(p.dst, p.proto))
@@ -709,10 +942,45 @@ impl Lb {
             proto: p.proto,
         };
         let hash = flow.hash(self.config.hash_seed);
-        let number = self.predict(service, &flow);
-        let Some(backend) = self.backends.get(number as usize).filter(|b| b.active()) else {
-            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        let mut pinned = None;
+        if flags & L4LB_SERVICE_TRACK_FLOWS != 0 {
+            let key = FlowKey::new(p.src, p.dst, p.proto, flow.sport, flow.dport);
+            let pin = self.flows.borrow().get(&key).copied();
+            let state = match pin {
+                None => PinState::None,
+                Some(pin) if self.pin_holds(&pin, service) => PinState::Held,
+                Some(_) => PinState::Stale,
+            };
+            let followed = state == PinState::Held && !p.syn;
+            if followed {
+                pinned = pin.map(|pin| pin.backend);
+            }
+            *tracking = Some(Tracking { key, state, followed, update: None });
+        }
+        let number = match pinned {
+            Some(number) => number,
+            None => {
+                let number = self.predict(service, &flow);
+                let Some(backend) = self.backends.get(number as usize).filter(|b| b.active()) else {
+                    return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+                };
+                if let Some(t) = tracking.as_mut() {
+                    if !p.icmp_error && (!p.syn || t.state != PinState::None) {
+                        let full = !self.flow_lru && t.state == PinState::None && self.flows.borrow().len() >= self.flow_entries as usize;
+                        let event = if full {
+                            L4LB_CNT_FLOW_TABLE_FULL
+                        } else if t.state == PinState::None {
+                            L4LB_CNT_FLOW_PINNED
+                        } else {
+                            L4LB_CNT_FLOW_REPINNED
+                        };
+                        t.update = Some((FlowPin::to(number, backend), event));
+                    }
+                }
+                number
+            }
         };
+        let backend = &self.backends[number as usize];
         let overhead = if backend.family == L4LB_FAMILY_IPV6 as u8 {
             40
         } else if backend.family == L4LB_FAMILY_IPV4 as u8 && !inner_v6 {
