@@ -1,6 +1,7 @@
 //! The ratios as a bar chart (SVG): for each packet kind, l4lb's share of the
 //! plain floor and of the encapsulation floor (outer IPv4 or IPv6, as the
-//! row's backends), median bars with min-max whiskers, and the target line.
+//! row's backends), and the untracked l4lb's share of the encapsulation
+//! floor; median bars with min-max whiskers, and the target line.
 //! Pure: returns the SVG text.
 
 use plotters::prelude::*;
@@ -8,10 +9,11 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::report::{Results, Summary, TARGET};
 
-const WIDTH: u32 = 1100;
+const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 480;
 const PLAIN_COLOR: RGBColor = RGBColor(0x9e, 0xc5, 0xe8);
 const ENCAP_COLOR: RGBColor = RGBColor(0x1f, 0x5f, 0x9e);
+const UNTRACKED_COLOR: RGBColor = RGBColor(0x8a, 0x9a, 0xa8);
 const TARGET_COLOR: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
 
 /// The chart of `results` as an SVG document.
@@ -26,10 +28,10 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
     let top = results
         .kinds
         .iter()
-        .flat_map(|k| [k.throughput.ratio_plain.max, k.throughput.ratio_encap.max])
+        .flat_map(|k| [k.throughput.ratio_plain.max, k.throughput.ratio_encap.max, k.throughput.ratio_encap_untracked.max])
         .fold(1.1f64, f64::max);
     // Room above the bars for the legend.
-    let top = ((top + 0.25) * 10.0).ceil() / 10.0;
+    let top = ((top + 0.3) * 10.0).ceil() / 10.0;
 
     let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -54,7 +56,9 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
         .max_light_lines(0)
         .draw()?;
 
-    let bar = 0.32;
+    // Three bars per group: plain, encap (tracked: l4lb's default), untracked.
+    let bar = 0.26;
+    let gap = 0.015;
     let bars = |offset: f64, color: RGBColor, pick: fn(&super::report::Throughput) -> Summary| {
         results.kinds.iter().enumerate().map(move |(i, k)| {
             let s = pick(&k.throughput);
@@ -62,18 +66,25 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
             Rectangle::new([(x0, 0.0), (x0 + bar, s.median)], color.filled())
         })
     };
+    let (left, middle, right) = (-1.5 * bar - gap, -0.5 * bar, 0.5 * bar + gap);
     chart
-        .draw_series(bars(-bar - 0.02, PLAIN_COLOR, |t| t.ratio_plain))?
+        .draw_series(bars(left, PLAIN_COLOR, |t| t.ratio_plain))?
         .label("l4lb / plain floor (count, XDP_TX)")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], PLAIN_COLOR.filled()));
     chart
-        .draw_series(bars(0.02, ENCAP_COLOR, |t| t.ratio_encap))?
+        .draw_series(bars(middle, ENCAP_COLOR, |t| t.ratio_encap))?
         .label("l4lb / encapsulation floor (count, push the outer IPv4 or IPv6 header of the row, XDP_TX)")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ENCAP_COLOR.filled()));
+    chart
+        .draw_series(bars(right, UNTRACKED_COLOR, |t| t.ratio_encap_untracked))?
+        .label("l4lb with track_flows = false / encapsulation floor (l4lb's default tracks flows)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], UNTRACKED_COLOR.filled()));
 
     // Whiskers: min to max over the rounds, and the median's value.
     for (i, k) in results.kinds.iter().enumerate() {
-        for (offset, s) in [(-bar / 2.0 - 0.02, k.throughput.ratio_plain), (bar / 2.0 + 0.02, k.throughput.ratio_encap)] {
+        let t = &k.throughput;
+        for (offset, s) in [(left, t.ratio_plain), (middle, t.ratio_encap), (right, t.ratio_encap_untracked)] {
+            let offset = offset + bar / 2.0;
             let x = i as f64 + 0.5 + offset;
             let w = bar / 6.0;
             let black = BLACK.stroke_width(1);
@@ -82,14 +93,14 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
                 PathElement::new(vec![(x - w, s.min), (x + w, s.min)], black),
                 PathElement::new(vec![(x - w, s.max), (x + w, s.max)], black),
             ])?;
-            let label = ("sans-serif", 11).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
+            let label = ("sans-serif", 10).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
             chart.draw_series([Text::new(format!("{:.3}", s.median), (x, s.max + top * 0.012), label)])?;
         }
     }
 
     chart
         .draw_series([PathElement::new(vec![(0.0, TARGET), (groups, TARGET)], TARGET_COLOR.stroke_width(1))])?
-        .label(format!("target: {TARGET:.2} of the encapsulation floor (64 B TCP and UDP)"))
+        .label(format!("target: {TARGET:.2} of the encapsulation floor (64 B TCP SYN, TCP ACK and UDP)"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], TARGET_COLOR.stroke_width(2)));
     chart
         .configure_series_labels()
@@ -126,5 +137,9 @@ mod tests {
         let encap_fill = format!("#{:02X}{:02X}{:02X}", ENCAP_COLOR.0, ENCAP_COLOR.1, ENCAP_COLOR.2);
         let bars = text.matches(&encap_fill).count();
         assert!(bars >= results.kinds.len(), "{bars} encap bars");
+        let untracked_fill = format!("#{:02X}{:02X}{:02X}", UNTRACKED_COLOR.0, UNTRACKED_COLOR.1, UNTRACKED_COLOR.2);
+        assert!(text.matches(&untracked_fill).count() >= results.kinds.len(), "untracked bars");
+        assert!(text.contains("track_flows = false"));
+        assert!(text.contains("1.188"), "the untracked bars' medians");
     }
 }

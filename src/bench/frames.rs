@@ -4,6 +4,11 @@
 //! then changes (the last two bytes of the client address, the client port,
 //! the checksums), so that the two can be compared. Also the services the
 //! frames are sent to. Pure.
+//!
+//! Every row but one draws a new client address and port for every frame: a
+//! new flow each time. The TCP ACK row draws from a bounded set of flows
+//! (`ACK_FLOWS`: 16 bits of address, one port), so that once l4lb has pinned
+//! them (connection tracking) every frame finds its pin.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -26,6 +31,10 @@ pub const GEN_CONFIG_LEN: usize = 16 + TEMPLATE_LEN;
 pub const CLIENT_NET: u32 = 0xc612_0000;
 /// IPv6 clients are 2001:db8:18::/112 (the last 16 bits drawn).
 pub const CLIENT6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0);
+/// Distinct flows of the TCP ACK row: its random word is masked with
+/// `ACK_FLOW_MASK` (the address's last 16 bits; the port stays 32768).
+pub const ACK_FLOW_MASK: u32 = 0x0000_ffff;
+pub const ACK_FLOWS: u64 = ACK_FLOW_MASK as u64 + 1;
 
 /// The IPv4 VIP: TCP port 80 and UDP port 53, IPv4 backends.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -51,6 +60,10 @@ pub enum Kind {
     /// TCP SYN to the IPv4 VIP, port 80, no payload, padded to the minimum frame.
     #[serde(rename = "tcp_syn_64")]
     TcpSyn64,
+    /// TCP ACK (no SYN) to the IPv4 VIP, port 80, no payload: established
+    /// traffic from `ACK_FLOWS` flows, each pinned after its first segment.
+    #[serde(rename = "tcp_ack_64")]
+    TcpAck64,
     /// UDP to the IPv4 VIP, port 53, 18 bytes of payload.
     #[serde(rename = "udp_64")]
     Udp64,
@@ -72,12 +85,21 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::TcpSyn64, Kind::Udp64, Kind::Tcp1500, Kind::Ipv4Options, Kind::Ipv6Syn, Kind::Syn4in6, Kind::CatchAll];
+    pub const ALL: [Kind; 8] = [
+        Kind::TcpSyn64,
+        Kind::TcpAck64,
+        Kind::Udp64,
+        Kind::Tcp1500,
+        Kind::Ipv4Options,
+        Kind::Ipv6Syn,
+        Kind::Syn4in6,
+        Kind::CatchAll,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Kind::TcpSyn64 => "TCP SYN 64 B",
+            Kind::TcpAck64 => "TCP ACK 64 B",
             Kind::Udp64 => "UDP 64 B",
             Kind::Tcp1500 => "TCP 1500 B",
             Kind::Ipv4Options => "IPv4 options",
@@ -91,6 +113,7 @@ impl Kind {
     pub fn describe(self) -> &'static str {
         match self {
             Kind::TcpSyn64 => "IPv4 TCP SYN to the VIP's port 80, IPv4 backends (IPIP)",
+            Kind::TcpAck64 => "IPv4 TCP ACK to the VIP's port 80 from 65536 flows (established, pinned), IPv4 backends (IPIP)",
             Kind::Udp64 => "IPv4 UDP, 18 bytes of payload, to the VIP's port 53, IPv4 backends (IPIP)",
             Kind::Tcp1500 => "IPv4 TCP, 1460 bytes of payload, to the VIP's port 80, IPv4 backends (IPIP)",
             Kind::Ipv4Options => "IPv4 TCP SYN with 12 bytes of IPv4 options to the VIP's port 80 (IPIP)",
@@ -100,10 +123,37 @@ impl Kind {
         }
     }
 
+    /// What connection tracking does with the row's frames in l4lb (every
+    /// service of the bench tracks flows): a SYN only looks its flow up (a
+    /// miss: a new client every frame), any other segment or a datagram of
+    /// a new flow pins it (a new entry every frame), the ACK row's frames
+    /// find their pins.
+    pub fn tracking(self) -> &'static str {
+        match self {
+            Kind::TcpAck64 => "lookup, hit",
+            Kind::Udp64 | Kind::Tcp1500 => "new pin per frame",
+            _ => "lookup, miss (SYN)",
+        }
+    }
+
+    /// The random word's mask: what the generator draws the client from.
+    pub fn random_mask(self) -> u32 {
+        if self == Kind::TcpAck64 {
+            ACK_FLOW_MASK
+        } else {
+            u32::MAX
+        }
+    }
+
+    /// Distinct flows the row draws from, when bounded.
+    pub fn flows(self) -> Option<u64> {
+        (self.random_mask() != u32::MAX).then(|| u64::from(self.random_mask()) + 1)
+    }
+
     /// Bytes in the buffer (no FCS).
     pub fn frame_len(self) -> usize {
         match self {
-            Kind::TcpSyn64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll => 60,
+            Kind::TcpSyn64 | Kind::TcpAck64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll => 60,
             Kind::Tcp1500 => ETH_LEN + 1500,
             Kind::Ipv4Options => ETH_LEN + 32 + 20,
             Kind::Ipv6Syn => ETH_LEN + 40 + 20,
@@ -213,8 +263,10 @@ pub struct Endpoints {
 }
 
 /// The client address and port the generator derives from one random word
-/// for `kind`: the low 16 bits are the address's last two bytes.
+/// for `kind`: the word is masked with the kind's `random_mask()`, then its
+/// low 16 bits are the address's last two bytes, its high 15 the port's.
 pub fn client_of(kind: Kind, random: u32) -> (IpAddr, u16) {
+    let random = random & kind.random_mask();
     let port = ((random >> 16) as u16) | 0x8000;
     if kind.is_ipv6() {
         let mut octets = CLIENT6_NET.octets();
@@ -315,6 +367,9 @@ pub fn frame(kind: Kind, ends: &Endpoints, client: IpAddr, port: u16) -> Vec<u8>
             for (i, byte) in f[l4 + 20..end].iter_mut().enumerate() {
                 *byte = (i % 251) as u8;
             }
+        } else if kind == Kind::TcpAck64 {
+            f[l4 + 8..l4 + 12].copy_from_slice(&0x0000_0001u32.to_be_bytes());
+            f[l4 + 13] = 0x10; // ACK
         } else {
             f[l4 + 13] = 0x02; // SYN
         }
@@ -346,7 +401,8 @@ pub fn template(kind: Kind, ends: &Endpoints) -> [u8; TEMPLATE_LEN] {
 }
 
 /// The value of the generator's settings map (`struct bench_gen_config`,
-/// native byte order): what to copy, where to write, and the template.
+/// native byte order): what to copy, where to write, the random word's
+/// mask, and the template.
 pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
     let mut value = Vec::with_capacity(GEN_CONFIG_LEN);
     for field in [
@@ -359,17 +415,18 @@ pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
     ] {
         value.extend_from_slice(&(field as u16).to_ne_bytes());
     }
-    value.extend_from_slice(&[0u8; 4]);
+    value.extend_from_slice(&kind.random_mask().to_ne_bytes());
     value.extend_from_slice(&template(kind, ends));
     value
 }
 
 /// What the generator does to a frame after copying the template: set the
-/// last two bytes of the client address and the port from `random` and fix
+/// last two bytes of the client address and the port from `random` (masked
+/// with the kind's `random_mask()`) and fix
 /// the checksums incrementally (RFC 1624: the fields were 0 when the
 /// checksums were computed).
 pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
-    let lo = random as u16;
+    let lo = (random & kind.random_mask()) as u16;
     let (_, port) = client_of(kind, random);
     let add = |f: &mut [u8], at: usize, words: &[u16]| {
         let old = u16::from_be_bytes([f[at], f[at + 1]]);
@@ -445,6 +502,9 @@ mod tests {
         }
         let syn = frame(Kind::TcpSyn64, &ENDS, Ipv4Addr::LOCALHOST.into(), 1);
         assert_eq!(syn[ETH_LEN + 20 + 13], 0x02, "SYN");
+        let ack = frame(Kind::TcpAck64, &ENDS, Ipv4Addr::LOCALHOST.into(), 1);
+        assert_eq!(ack[ETH_LEN + 20 + 13], 0x10, "ACK without SYN");
+        assert_eq!(ack.len(), 60);
         assert_eq!(Kind::Tcp1500.frame_len(), 1514);
         assert_eq!(Kind::Ipv6Syn.frame_len(), 74);
         assert_eq!(Kind::Ipv6Syn.header_len(), IPV6_HEADER);
@@ -483,6 +543,31 @@ mod tests {
     }
 
     #[test]
+    fn the_ack_row_draws_from_a_bounded_set_of_flows() {
+        assert_eq!(Kind::TcpAck64.flows(), Some(ACK_FLOWS));
+        assert_eq!(ACK_FLOWS, 65_536);
+        assert!(Kind::ALL.iter().filter(|&&k| k != Kind::TcpAck64).all(|k| k.flows().is_none()));
+        // Whatever the random word, the port is 32768 and the address one of 65536.
+        let mut random = 0x9e37_79b9u32;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200_000 {
+            random ^= random << 13;
+            random ^= random >> 17;
+            random ^= random << 5;
+            let (client, port) = client_of(Kind::TcpAck64, random);
+            assert_eq!(port, 32768);
+            seen.insert(client);
+            // The generator's frame (template + randomize) is the model's.
+            if random.is_multiple_of(1024) {
+                assert_eq!(generated(Kind::TcpAck64, &ENDS, random), frame(Kind::TcpAck64, &ENDS, client, port));
+            }
+        }
+        assert!(seen.len() as u64 <= ACK_FLOWS && seen.len() > 60_000, "{} flows", seen.len());
+        assert_eq!(client_of(Kind::TcpAck64, 0xffff_ffff), (Ipv4Addr::new(198, 18, 255, 255).into(), 32768));
+        assert_eq!(client_of(Kind::TcpSyn64, 0xffff_ffff), (Ipv4Addr::new(198, 18, 255, 255).into(), 65535));
+    }
+
+    #[test]
     fn template_and_settings_cover_every_header_byte() {
         for kind in Kind::ALL {
             assert!(kind.header_len() <= TEMPLATE_LEN, "{kind:?}");
@@ -497,6 +582,7 @@ mod tests {
             assert_eq!(value.len(), GEN_CONFIG_LEN);
             assert_eq!(usize::from(u16::from_ne_bytes([value[0], value[1]])), kind.header_len());
             assert!(value[..12].chunks(2).all(|w| u16::from_ne_bytes([w[0], w[1]]) < 0x80), "offsets below the mask");
+            assert_eq!(u32::from_ne_bytes(value[12..16].try_into().unwrap()), kind.random_mask(), "{kind:?}");
         }
     }
 }

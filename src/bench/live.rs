@@ -17,8 +17,8 @@ use libbpf_rs::MapCore;
 
 use super::frames::{self, Endpoints, Kind};
 use super::report::{
-    ControlPlane, KindResult, L4lbCounts, ProgramSize, ProgramSizes, ProgramTimes, Round, ServicePackets, Summary,
-    Throughput, Variants,
+    ControlPlane, FlowEvents, KindResult, L4lbCounts, ProgramSize, ProgramSizes, ProgramTimes, Round, ServicePackets,
+    Summary, Throughput, Variants,
 };
 use super::skel::L4lbBenchSkelBuilder;
 use super::sys::{self, Topology, TEST_XDP_LIVE_FRAMES};
@@ -32,6 +32,10 @@ use crate::maps::LbMaps;
 
 /// Time for the path to settle before a bpf stats measurement.
 const WARMUP: Duration = Duration::from_millis(100);
+/// Traffic through the tracked l4lb alone before a row with a bounded set of
+/// flows is measured, so that every flow has its pin (65536 flows drawn at
+/// random at 3 to 4 Mpps: all of them drawn after about 0.2 s).
+const FLOW_WARMUP: Duration = Duration::from_millis(400);
 /// Programs are measured in turn in slices of about this length ...
 const SLICE: Duration = Duration::from_millis(100);
 /// ... each after this much traffic through the freshly swapped program.
@@ -62,21 +66,25 @@ const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 2);
 
 const XDP_TX: u32 = 3;
 
-/// A program on the balancer's veth. `Encap` is the floor of the packet
-/// kind: outer IPv4 or outer IPv6, as the kind's backends.
+/// A program on the balancer's veth. `L4lb` is l4lb as configured by
+/// default (every service tracks flows), `L4lbUntracked` a second l4lb with
+/// the same services and `track_flows = false`. `Encap` is the floor of the
+/// packet kind: outer IPv4 or outer IPv6, as the kind's backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     L4lb,
+    L4lbUntracked,
     Plain,
     Encap,
 }
 
-const VARIANTS: [Variant; 3] = [Variant::L4lb, Variant::Plain, Variant::Encap];
+const VARIANTS: [Variant; 4] = [Variant::L4lb, Variant::L4lbUntracked, Variant::Plain, Variant::Encap];
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::L4lb => "l4lb",
+            Variant::L4lbUntracked => "l4lb untracked",
             Variant::Plain => "plain",
             Variant::Encap => "encap",
         }
@@ -92,6 +100,7 @@ struct Fds {
     encap6: RawFd,
     empty: RawFd,
     l4lb: RawFd,
+    l4lb_untracked: RawFd,
     gen_cfg: RawFd,
     sink_cnt: RawFd,
 }
@@ -100,6 +109,7 @@ impl Fds {
     fn of(&self, variant: Variant, kind: Kind) -> RawFd {
         match variant {
             Variant::L4lb => self.l4lb,
+            Variant::L4lbUntracked => self.l4lb_untracked,
             Variant::Plain => self.plain,
             Variant::Encap => self.encap_of(kind),
         }
@@ -127,6 +137,8 @@ struct Setup<'a> {
     /// runs on the others while traffic flows.
     gen_cpu: usize,
     other_cpus: Vec<usize>,
+    /// The tracked l4lb's maps: its counters are read around every row.
+    tracked_maps: &'a LbMaps,
 }
 
 /// What `measure` found (the caller adds the context).
@@ -138,8 +150,9 @@ pub struct Measured {
     pub variants: Option<Variants>,
     /// The CPU the generator was pinned to.
     pub generator_cpu: usize,
-    /// l4lb's counters after the run.
+    /// l4lb's counters after the run, tracked and untracked.
     pub counts: L4lbCounts,
+    pub untracked_counts: L4lbCounts,
 }
 
 /// The variant programs of the benchmark object, in the order of the table.
@@ -152,7 +165,8 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
         ("+ select, hot table", "+ config, VIP, service, jhash, slot (of 256), backend, MTU check", fd(&progs.bv_select_hot)),
         ("+ select", "the same with all 51203 slots (200 KiB), as l4lb", fd(&progs.bv_select)),
         ("+ counters", "+ rx and tx counters (atomic adds, per-CPU map)", fd(&progs.bv_count)),
-        ("+ backend stats", "+ per-backend packets and bytes (atomic adds) = l4lb's work", fd(&progs.bv_l4lb)),
+        ("+ backend stats", "+ per-backend and per-service packets and bytes (atomic adds)", fd(&progs.bv_be_stats)),
+        ("+ flow table", "+ 40-byte key, l4lb_flows lookup (LRU hash; a SYN misses) = l4lb's work", fd(&progs.bv_l4lb)),
         ("l4lb", "l4lb_balance itself", l4lb),
         ("l4lb, no VIP lookup", "l4lb's work, the catch-all's service number instead of the VIP lookup", fd(&progs.bv_no_vip)),
         ("l4lb, VIP home entry", "l4lb's work, VIP looked up at its home entry only (1 probe, no port 0)", fd(&progs.bv_vip_home)),
@@ -173,14 +187,17 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     // l4lb through the product path, and the control-plane timings.
     eprintln!("l4lb bench: attaching l4lb and filling a service of {DESTINATIONS} backends ({FILL_REPEATS} times)");
-    let (l4lb_fd, map_ids, lb_ifindex, control, services) = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
+    let lb = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
+    let (l4lb_fd, map_ids, lb_ifindex, services) = (&lb.tracked, &lb.tracked_maps, lb.ifindex, &lb.services);
+    let tracked_maps = open_maps(lb.tracked_id, &lb.tracked_maps)?;
+    let untracked_maps = open_maps(lb.untracked_id, &lb.untracked_maps)?;
 
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
     crate::libbpf_log::capture();
     let mut storage = MaybeUninit::uninit();
     let mut open = L4lbBenchSkelBuilder::default().open(&mut storage).context("opening the embedded benchmark object")?;
     let mut handles = Vec::new();
-    for id in map_ids {
+    for &id in map_ids {
         handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
     }
     let find = |name: &str| {
@@ -188,7 +205,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
     };
     {
         // The variants read l4lb's configuration, VIPs, services, tables and
-        // backends (filled); they count into maps of their own, of the same
+        // backends (filled), and look up and pin flows in its flow table (the
+        // tracked l4lb's); they count into maps of their own, of the same
         // types (per-CPU in driver mode), so that l4lb's counters stay l4lb's.
         let maps = &mut open.maps;
         for (map, name) in [
@@ -197,6 +215,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
             (&mut maps.l4lb_services, crate::bpf::MAP_SERVICES),
             (&mut maps.l4lb_tables, crate::bpf::MAP_TABLES),
             (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
+            (&mut maps.l4lb_flows, crate::bpf::MAP_FLOWS),
         ] {
             map.reuse_fd(find(name)?.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
         }
@@ -240,14 +259,25 @@ pub fn measure(options: &Options) -> Result<Measured> {
         encap6: skel.progs.bench_encap6.as_fd().as_raw_fd(),
         empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
         l4lb: l4lb_fd.as_raw_fd(),
+        l4lb_untracked: lb.untracked.as_raw_fd(),
         gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
         sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
     };
     let allowed = sys::allowed_cpus()?;
     let (&gen_cpu, others) = allowed.split_last().ok_or_else(|| anyhow!("no CPU to run on"))?;
-    let setup = Setup { topo: &topo, fds, ends, gen_ifindex, lb_ifindex, cpus, gen_cpu, other_cpus: others.to_vec() };
+    let setup = Setup {
+        topo: &topo,
+        fds,
+        ends,
+        gen_ifindex,
+        lb_ifindex,
+        cpus,
+        gen_cpu,
+        other_cpus: others.to_vec(),
+        tracked_maps: &tracked_maps,
+    };
     let variants = variant_programs(&skel, fds.l4lb);
-    check_programs(&setup, &variants, &services)?;
+    check_programs(&setup, &variants, services, &lb.untracked_services)?;
     let sizes = ProgramSizes {
         l4lb: size(fds.l4lb)?,
         plain: size(fds.plain)?,
@@ -263,7 +293,9 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     let variants = if options.variants { Some(variants.as_slice()) } else { None };
     let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
-    let counts = check_l4lb_counters(&setup, &services)?;
+    let counts = check_l4lb_counters(&tracked_maps, services, true).context("the tracked l4lb")?;
+    let untracked_counts =
+        check_l4lb_counters(&untracked_maps, &lb.untracked_services, false).context("the untracked l4lb")?;
 
     let mut kinds = Vec::new();
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
@@ -290,7 +322,23 @@ pub fn measure(options: &Options) -> Result<Measured> {
         _ => None,
     };
     drop(topo);
-    Ok(Measured { kinds, sizes, stats_overhead_ns, control, variants, generator_cpu: gen_cpu, counts })
+    Ok(Measured {
+        kinds,
+        sizes,
+        stats_overhead_ns,
+        control: lb.control,
+        variants,
+        generator_cpu: gen_cpu,
+        counts,
+        untracked_counts,
+    })
+}
+
+/// The maps of an l4lb program we hold (attached or not), by its ids.
+fn open_maps(id: u32, map_ids: &[u32]) -> Result<LbMaps> {
+    let program =
+        discover::AttachedProgram { id, name: crate::bpf::PROG_NAME.into(), mode: Mode::Driver, map_ids: map_ids.to_vec() };
+    LbMaps::open(&program)
 }
 
 // ------------------------------------------------------------ l4lb, control plane
@@ -351,7 +399,7 @@ fn tcp_vip() -> ServiceKey {
 /// The service a packet kind is sent to.
 fn service_of(kind: Kind) -> ServiceKey {
     match kind {
-        Kind::TcpSyn64 | Kind::Tcp1500 | Kind::Ipv4Options => tcp_vip(),
+        Kind::TcpSyn64 | Kind::TcpAck64 | Kind::Tcp1500 | Kind::Ipv4Options => tcp_vip(),
         Kind::Udp64 => vip(frames::VIP4.into(), config::Protocol::Udp, frames::UDP_PORT),
         Kind::Ipv6Syn => vip(frames::VIP6.into(), config::Protocol::Tcp, frames::TCP_PORT),
         Kind::Syn4in6 => vip(frames::VIP4_TO_6.into(), config::Protocol::Tcp, frames::TCP_PORT),
@@ -369,14 +417,15 @@ fn timing_model(set: u8) -> Model {
 
 /// What the rows are sent to: the TCP VIP (set 0, as the timings leave it),
 /// the UDP VIP, the IPv4 VIP with IPv6 backends, the IPv6 VIP and the
-/// catch-all, 512 backends each.
-fn bench_model() -> Model {
+/// catch-all, 512 backends each; every one tracking flows (the default) or none.
+fn bench_model(track_flows: bool) -> Model {
+    let service = |key, backends| config::Service { key, hash_ports: true, track_flows, backends };
     let mut services = vec![
-        config::Service { key: tcp_vip(), hash_ports: true, track_flows: true, backends: backends_of(destinations(0)) },
-        config::Service { key: service_of(Kind::Udp64), hash_ports: true, track_flows: true, backends: backends_of(destinations(2)) },
-        config::Service { key: service_of(Kind::Syn4in6), hash_ports: true, track_flows: true, backends: backends6(1) },
-        config::Service { key: service_of(Kind::Ipv6Syn), hash_ports: true, track_flows: true, backends: backends6(2) },
-        config::Service { key: ServiceKey::CatchAll, hash_ports: true, track_flows: true, backends: backends_of(destinations(3)) },
+        service(tcp_vip(), backends_of(destinations(0))),
+        service(service_of(Kind::Udp64), backends_of(destinations(2))),
+        service(service_of(Kind::Syn4in6), backends6(1)),
+        service(service_of(Kind::Ipv6Syn), backends6(2)),
+        service(ServiceKey::CatchAll, backends_of(destinations(3))),
     ];
     services.sort_by_key(|s| s.key);
     Model { global: global(), services }
@@ -385,27 +434,75 @@ fn bench_model() -> Model {
 /// The backends' outer addresses per service, as the maps hold them.
 type ServiceBackends = HashMap<ServiceKey, (u32, Vec<IpAddr>)>;
 
+/// The two l4lb programs the bench holds, both loaded and configured by the
+/// product path: the tracked one (every service tracks flows, the default)
+/// and the untracked one (the same services, `track_flows = false`).
+struct L4lbSetup {
+    tracked: OwnedFd,
+    tracked_id: u32,
+    tracked_maps: Vec<u32>,
+    untracked: OwnedFd,
+    untracked_id: u32,
+    untracked_maps: Vec<u32>,
+    ifindex: u32,
+    control: ControlPlane,
+    /// The services' numbers and backends in each.
+    services: ServiceBackends,
+    untracked_services: ServiceBackends,
+}
+
+/// Attaches a fresh l4lb to `iface` (`crate::attach::attach`, driver mode,
+/// the default flow table: an LRU hash of 1048576 flows), sets its MTU, and
+/// opens its maps.
+fn fresh_l4lb(iface: &Interface) -> Result<(u32, discover::AttachedProgram, LbMaps)> {
+    let id = crate::attach::attach(iface, Mode::Driver, true, crate::attach::FlowTable::for_mode(Mode::Driver, None)?)?;
+    let program = discover::find_l4lb(iface)?;
+    let maps = LbMaps::open(&program)?;
+    let mut config = maps.read_config()?;
+    config.mtu = iface.mtu()?;
+    maps.write_config(&config)?;
+    Ok((id, program, maps))
+}
+
+/// Applies the benchmark's services (tracked or not) and checks them back;
+/// returns their numbers and backends.
+fn apply_bench_model(maps: &LbMaps, track_flows: bool) -> Result<ServiceBackends> {
+    let full = bench_model(track_flows);
+    maps.apply(&full)?;
+    let running = maps.read_running()?;
+    if running.model().services != full.services {
+        bail!("the benchmark's services did not read back as applied");
+    }
+    let mut services = ServiceBackends::new();
+    for s in &running.services {
+        if s.table.contains(&crate::bpf::SLOT_EMPTY) {
+            bail!("service {} has empty slots", s.key);
+        }
+        if s.track_flows != track_flows {
+            bail!("service {} has track_flows {}", s.key, s.track_flows);
+        }
+        services.insert(s.key, (s.number, s.backends.iter().map(|b| b.backend.addr).collect()));
+    }
+    Ok(services)
+}
+
 /// Attaches l4lb to `dev` with `crate::attach::attach`, fills one service
 /// (the TCP VIP, 512 backends) with `apply::plan` + `apply::execute` (what
 /// `l4lb apply` does), FILL_REPEATS times on a fresh program, and times a
 /// replacement of every backend and `l4lb stats` samples. Then applies the
-/// benchmark's whole configuration (five services) and checks it back.
-/// Runs in the lb namespace. Returns a fd of the last program (kept attached
-/// only by the caller's swaps from here on), its map ids, its ifindex, the
-/// timings and the services' numbers and backends.
-fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, ServiceBackends)> {
+/// benchmark's whole configuration (five services, tracking flows) and
+/// checks it back; then attaches a second l4lb with the same services
+/// untracked. Runs in the lb namespace. Returns fds of the two programs
+/// (kept attached only by the caller's swaps from here on), their map ids,
+/// the ifindex, the timings and the services' numbers and backends.
+fn setup_l4lb(dev: &str) -> Result<L4lbSetup> {
     let iface = Interface::by_name(dev)?;
     let wanted = timing_model(0);
     let (mut total, mut read, mut plan_ms, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..FILL_REPEATS {
         sys::check_interrupted()?;
-        let id = crate::attach::attach(&iface, Mode::Driver, true, crate::attach::FlowTable::for_mode(Mode::Driver, None)?)?;
-        let program = discover::find_l4lb(&iface)?;
-        let maps = LbMaps::open(&program)?;
-        let mut config = maps.read_config()?;
-        config.mtu = iface.mtu()?;
-        maps.write_config(&config)?;
+        let (id, program, maps) = fresh_l4lb(&iface)?;
 
         let t0 = Instant::now();
         let current = maps.read_snapshot()?;
@@ -452,20 +549,13 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, Servic
         }
     }
 
-    // The rows' services, through the same engine.
-    let full = bench_model();
-    maps.apply(&full)?;
-    let running = maps.read_running()?;
-    if running.model().services != full.services {
-        bail!("the benchmark's services did not read back as applied");
-    }
-    let mut services = ServiceBackends::new();
-    for s in &running.services {
-        if s.table.contains(&crate::bpf::SLOT_EMPTY) {
-            bail!("service {} has empty slots", s.key);
-        }
-        services.insert(s.key, (s.number, s.backends.iter().map(|b| b.backend.addr).collect()));
-    }
+    // The rows' services, through the same engine, tracked; then a second
+    // l4lb (replacing the first on the device: the fd keeps the first) with
+    // the same services untracked.
+    let services = apply_bench_model(&maps, true)?;
+    let tracked = sys::prog_fd_by_id(id)?;
+    let (untracked_id, untracked_program, untracked_maps) = fresh_l4lb(&iface)?;
+    let untracked_services = apply_bench_model(&untracked_maps, false)?;
 
     let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");
     let control = ControlPlane {
@@ -477,7 +567,18 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, Servic
         replace_ms: summary(&replace),
         stats_sample_ms: summary(&stats),
     };
-    Ok((sys::prog_fd_by_id(id)?, map_ids, iface.index, control, services))
+    Ok(L4lbSetup {
+        tracked,
+        tracked_id: id,
+        tracked_maps: map_ids,
+        untracked: sys::prog_fd_by_id(untracked_id)?,
+        untracked_id,
+        untracked_maps: untracked_program.map_ids,
+        ifindex: iface.index,
+        control,
+        services,
+        untracked_services,
+    })
 }
 
 // ------------------------------------------------------------ checks
@@ -486,7 +587,12 @@ fn setup_l4lb(dev: &str) -> Result<(OwnedFd, Vec<u32>, u32, ControlPlane, Servic
 /// every kind back (XDP_TX) with the outer header of the kind's backends,
 /// addressed to a backend of the kind's service; that the floors send it
 /// back with an outer header as long; and that the IPv4 variants do too.
-fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], services: &ServiceBackends) -> Result<()> {
+fn check_programs(
+    setup: &Setup,
+    variants: &[(&str, &str, RawFd)],
+    services: &ServiceBackends,
+    untracked_services: &ServiceBackends,
+) -> Result<()> {
     let fds = &setup.fds;
     for kind in Kind::ALL {
         write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
@@ -523,26 +629,34 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], services: &Se
         let (client, port) = frames::client_of(kind, 0x9c40_0102);
         let frame = frames::frame(kind, &setup.ends, client, port);
         let expected = frame.len() + kind.overhead();
-        let mut l4lb_out = vec![0u8; 4096];
-        let l4lb_run = sys::test_run(fds.l4lb, &frame, Some(&mut l4lb_out), None, 1, 0)?;
-        l4lb_out.truncate(l4lb_run.data_len);
-        if l4lb_run.retval != XDP_TX || l4lb_run.data_len != expected {
-            bail!(
-                "l4lb answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
-                kind.label(),
-                l4lb_run.retval,
-                l4lb_run.data_len
-            );
-        }
-        let outer_dst: IpAddr = if kind.outer_ipv6() {
-            <[u8; 16]>::try_from(&l4lb_out[14 + 24..14 + 40]).expect("16 bytes").into()
-        } else {
-            <[u8; 4]>::try_from(&l4lb_out[14 + 16..14 + 20]).expect("4 bytes").into()
-        };
-        let key = service_of(kind);
-        let (_, backends) = services.get(&key).ok_or_else(|| anyhow!("no service {key}"))?;
-        if !backends.contains(&outer_dst) {
-            bail!("l4lb sent a {} frame to {outer_dst}, not a backend of {key}", kind.label());
+        let mut l4lb_out = Vec::new();
+        for (name, fd, services) in
+            [("l4lb", fds.l4lb, services), ("the untracked l4lb", fds.l4lb_untracked, untracked_services)]
+        {
+            let mut got = vec![0u8; 4096];
+            let run = sys::test_run(fd, &frame, Some(&mut got), None, 1, 0)?;
+            got.truncate(run.data_len);
+            if run.retval != XDP_TX || run.data_len != expected {
+                bail!(
+                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
+                    kind.label(),
+                    run.retval,
+                    run.data_len
+                );
+            }
+            let outer_dst: IpAddr = if kind.outer_ipv6() {
+                <[u8; 16]>::try_from(&got[14 + 24..14 + 40]).expect("16 bytes").into()
+            } else {
+                <[u8; 4]>::try_from(&got[14 + 16..14 + 20]).expect("4 bytes").into()
+            };
+            let key = service_of(kind);
+            let (_, backends) = services.get(&key).ok_or_else(|| anyhow!("no service {key}"))?;
+            if !backends.contains(&outer_dst) {
+                bail!("{name} sent a {} frame to {outer_dst}, not a backend of {key}", kind.label());
+            }
+            if l4lb_out.is_empty() {
+                l4lb_out = got;
+            }
         }
         let floor = fds.encap_of(kind);
         let run = sys::test_run(floor, &frame, Some(&mut out), None, 1, 0)?;
@@ -564,7 +678,7 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], services: &Se
                     run.data_len,
                 );
             }
-            if name.starts_with("+ backend") && out[..run.data_len] != l4lb_out[..] {
+            if (name.starts_with("+ backend") || name.starts_with("+ flow")) && out[..run.data_len] != l4lb_out[..] {
                 bail!("the variant `{name}` does not produce l4lb's frame for {}", kind.label());
             }
         }
@@ -576,22 +690,41 @@ fn write_gen_config(map: RawFd, kind: Kind, ends: &Endpoints) -> Result<()> {
     sys::map_update(map, 0, &frames::gen_config(kind, ends))
 }
 
-/// l4lb (attached again at the end) must have sent back everything it saw,
-/// and every row's service must have had its traffic. The caller's
-/// generator has stopped: nothing is in flight.
-fn check_l4lb_counters(setup: &Setup, services: &ServiceBackends) -> Result<L4lbCounts> {
-    let (counters, traffic) = sys::in_netns(&setup.topo.lb_ns, || {
-        let iface = Interface::by_name(&setup.topo.lb_dev)?;
-        let maps = LbMaps::open(&discover::find_l4lb(&iface)?)?;
-        Ok((maps.read_counters()?, maps.read_service_stats()?))
-    })?;
+/// The value of l4lb's counter `name` in `counters` (indexed like COUNTER_NAMES).
+fn counter(counters: &[u64], name: &str) -> u64 {
+    crate::bpf::COUNTER_NAMES.iter().position(|n| *n == name).map_or(0, |i| counters[i])
+}
+
+/// What the tracked l4lb counted between two reads of its counters.
+fn flow_events(before: &[u64], after: &[u64]) -> FlowEvents {
+    let delta = |name: &str| counter(after, name).saturating_sub(counter(before, name));
+    FlowEvents {
+        tx: delta("tx"),
+        pinned: delta("flow_pinned"),
+        repinned: delta("flow_repinned"),
+        table_full: delta("flow_table_full"),
+        warmup_pinned: 0,
+    }
+}
+
+/// l4lb (either of the two) must have sent back everything it saw, and
+/// every row's service must have had its traffic; the untracked one must
+/// have pinned no flow. The caller's generator has stopped: nothing is in
+/// flight.
+fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool) -> Result<L4lbCounts> {
+    let (counters, traffic) = (maps.read_counters()?, maps.read_service_stats()?);
     let names = crate::bpf::COUNTER_NAMES;
-    let value = |name: &str| names.iter().position(|n| *n == name).map_or(0, |i| counters[i]);
-    let (rx, tx) = (value("rx"), value("tx"));
+    let (rx, tx) = (counter(&counters, "rx"), counter(&counters, "tx"));
     let others: Vec<(String, u64)> = names
         .iter()
         .zip(&counters)
-        .filter(|(name, count)| !matches!(**name, "rx" | "tx") && **count > 0)
+        .filter(|(name, count)| !matches!(**name, "rx" | "tx") && !name.starts_with("flow_") && **count > 0)
+        .map(|(name, count)| (name.to_string(), *count))
+        .collect();
+    let flow_events: Vec<(String, u64)> = names
+        .iter()
+        .zip(&counters)
+        .filter(|(name, _)| name.starts_with("flow_"))
         .map(|(name, count)| (name.to_string(), *count))
         .collect();
     let mut per_service: Vec<ServicePackets> = services
@@ -612,7 +745,7 @@ fn check_l4lb_counters(setup: &Setup, services: &ServiceBackends) -> Result<L4lb
         }
     }
     per_service.sort_by_key(|s| s.number);
-    let counts = L4lbCounts { rx, tx, others, services: per_service };
+    let counts = L4lbCounts { rx, tx, others, flow_events, services: per_service };
     let summed: u64 = counts.services.iter().map(|s| s.packets).sum();
     if rx == 0 || rx != tx || !counts.others.is_empty() || summed != tx {
         let others: Vec<String> = counts.others.iter().map(|(n, c)| format!("{n} {c}")).collect();
@@ -628,6 +761,10 @@ fn check_l4lb_counters(setup: &Setup, services: &ServiceBackends) -> Result<L4lb
         if !counts.services.iter().any(|s| s.service == key && s.packets > 0) {
             bail!("l4lb's service {key} ({}) counted no packets", kind.label());
         }
+    }
+    let pinned = counter(&counters, "flow_pinned");
+    if tracked == (pinned == 0) {
+        bail!("l4lb pinned {pinned} flows with its services' track_flows {tracked}");
     }
     Ok(counts)
 }
@@ -650,12 +787,12 @@ fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTime
     let frames: Vec<Vec<u8>> = (0..TEST_RUN_FRAMES as u32)
         .map(|i| frames::generated(kind, ends, i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995))
         .collect();
-    let programs = [fds.empty, fds.l4lb, fds.plain, fds.encap_of(kind)];
+    let programs = [fds.empty, fds.l4lb, fds.l4lb_untracked, fds.plain, fds.encap_of(kind)];
     let mut samples = vec![Vec::new(); programs.len()];
     let mut next = 0;
     for _ in 0..TEST_RUN_CHUNKS {
         sys::check_interrupted()?;
-        let mut avg = [0f64; 4];
+        let mut avg = [0f64; 5];
         for (p, &fd) in programs.iter().enumerate() {
             let mut sum = 0u64;
             for _ in 0..TEST_RUN_PER_CHUNK {
@@ -670,7 +807,7 @@ fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTime
         }
     }
     let median = |p: usize| Summary::of(&samples[p]).map_or(f64::NAN, |s| s.median);
-    Ok((ProgramTimes { l4lb: median(1), plain: median(2), encap: median(3) }, median(0)))
+    Ok((ProgramTimes { l4lb: median(1), l4lb_untracked: median(2), plain: median(3), encap: median(4) }, median(0)))
 }
 
 /// What bpf stats add to one run of the empty program, ns: chunks of its
@@ -945,29 +1082,48 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let _stop = StopOnDrop(&generator);
         scope.spawn(|| generator.run(setup));
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Kind::ALL.len()];
+        let counters = || setup.tracked_maps.read_counters();
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
                 generator.send(kind)?;
+                // A row of bounded flows: the tracked l4lb alone first, until
+                // every flow has its pin; the row then measures pins that hold.
+                let mut warmup_pinned = 0;
+                let mut before = counters()?;
+                if kind.flows().is_some() {
+                    attach_variant(setup, Variant::L4lb, kind)?;
+                    let start = counters()?;
+                    sys::sleep(FLOW_WARMUP)?;
+                    before = counters()?;
+                    warmup_pinned = flow_events(&start, &before).pinned;
+                }
                 let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
                 let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
+                let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters()?) };
                 let r = Round {
                     l4lb: mpps[0].mpps,
-                    plain: mpps[1].mpps,
-                    encap: mpps[2].mpps,
+                    l4lb_untracked: mpps[1].mpps,
+                    plain: mpps[2].mpps,
+                    encap: mpps[3].mpps,
                     cpu_busy: mpps.iter().map(|m| m.busy).fold(f64::INFINITY, f64::min),
                     steal: mpps.iter().map(|m| m.steal).fold(0.0, f64::max),
                     generator_share: mpps.iter().map(|m| m.thread).fold(f64::INFINITY, f64::min),
                     generator_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
+                    flows,
                 };
                 eprintln!(
-                    "round {}/{} {:<13} l4lb {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
+                    "round {}/{} {:<14} l4lb {:.3}  untracked {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}, untracked {:.3}; pinned {}{}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
                     round + 1,
                     options.rounds,
                     kind.label(),
                     r.l4lb,
+                    r.l4lb_untracked,
                     r.plain,
                     r.encap,
                     r.l4lb / r.encap,
+                    r.l4lb_untracked / r.encap,
+                    flows.pinned,
+                    if kind.flows().is_some() { format!(" (warm-up {warmup_pinned})") } else { String::new() },
                     setup.gen_cpu,
                     100.0 * r.cpu_busy,
                     100.0 * r.steal,
@@ -1015,7 +1171,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let mut run_times = Vec::new();
         for kind in Kind::ALL {
             generator.send(kind)?;
-            let mut ns = [0f64; 3];
+            let mut ns = [0f64; 4];
             for (v, &variant) in VARIANTS.iter().enumerate() {
                 attach_variant(setup, variant, kind)?;
                 sys::sleep(WARMUP)?;
@@ -1030,7 +1186,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
                 }
                 ns[v] = after.run_time_ns.saturating_sub(before.run_time_ns) as f64 / runs as f64;
             }
-            run_times.push(ProgramTimes { l4lb: ns[0], plain: ns[1], encap: ns[2] });
+            run_times.push(ProgramTimes { l4lb: ns[0], l4lb_untracked: ns[1], plain: ns[2], encap: ns[3] });
         }
         drop(stats);
         generator.want.store(GEN_IDLE, Ordering::SeqCst);

@@ -6,8 +6,10 @@
 //! On the other end runs, in turn, l4lb (loaded and configured through the
 //! product path: `attach`, then `apply::plan` + `apply::execute` with five
 //! services: an IPv4 VIP for TCP and for UDP, an IPv4 VIP with IPv6
-//! backends, an IPv6 VIP, the catch-all; 512 backends each) or one of two
-//! floors measured in the same run: the plain floor (count, XDP_TX) and the
+//! backends, an IPv6 VIP, the catch-all; 512 backends each, tracking flows),
+//! a second l4lb with the same services untracked (`track_flows = false`:
+//! what connection tracking costs), or one of two floors measured in the
+//! same run: the plain floor (count, XDP_TX) and the
 //! encapsulation floor (count, push the outer IPv4 or IPv6 header the row's
 //! backends need, XDP_TX). What comes back is counted and dropped by a sink
 //! on the generator's end. The programs are in src/bpf/l4lb_bench.bpf.c.
@@ -52,19 +54,25 @@ pub fn parse_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
-/// Rough length of a run, seconds: rounds, the bpf stats phase, setup.
+/// Programs measured per row: l4lb tracked and untracked, the two floors.
+const PROGRAMS_PER_KIND: usize = 4;
+
+/// Rough length of a run, seconds: rounds (with the flow warm-ups), the bpf
+/// stats phase, setup.
 pub fn estimated_seconds(rounds: usize, seconds: f64, variants: bool) -> f64 {
     let kinds = frames::Kind::ALL.len() as f64;
-    let programs = kinds * 3.0 + if variants { 15.0 } else { 0.0 };
-    rounds as f64 * programs * seconds * 1.35 + kinds * 3.0 * (seconds.min(0.5) + 0.15) + 5.0
+    let per_kind = PROGRAMS_PER_KIND as f64;
+    let programs = kinds * per_kind + if variants { 16.0 } else { 0.0 };
+    rounds as f64 * (programs * seconds * 1.35 + 0.5) + kinds * per_kind * (seconds.min(0.5) + 0.15) + 8.0
 }
 
 pub fn run(options: &Options) -> Result<()> {
     sys::catch_interrupts();
     eprintln!(
-        "l4lb bench: {} rounds x {} packet kinds x 3 programs x {} s, about {:.0} s in all",
+        "l4lb bench: {} rounds x {} packet kinds x {} programs x {} s, about {:.0} s in all",
         options.rounds,
         frames::Kind::ALL.len(),
+        PROGRAMS_PER_KIND,
         options.seconds,
         estimated_seconds(options.rounds, options.seconds, options.variants)
     );
@@ -90,6 +98,7 @@ pub fn run(options: &Options) -> Result<()> {
         stats_overhead_ns: measured.stats_overhead_ns,
         control_plane: measured.control,
         l4lb_counts: measured.counts,
+        l4lb_untracked_counts: measured.untracked_counts,
         variants: measured.variants,
     };
     if let Some(path) = &options.chart {
@@ -167,6 +176,6 @@ mod tests {
         assert!(parse_seconds("0.05").is_err());
         assert!(parse_seconds("61").is_err());
         assert!(parse_seconds("NaN").is_err());
-        assert!(estimated_seconds(4, 1.0, false) < 150.0, "{}", estimated_seconds(4, 1.0, false));
+        assert!(estimated_seconds(4, 1.0, false) < 210.0, "{}", estimated_seconds(4, 1.0, false));
     }
 }

@@ -15,15 +15,17 @@
  *   bench_empty  returns XDP_PASS: the baseline of the test_run timing loops.
  *   bv_*         variants for `l4lb bench --variants`: the encapsulation floor
  *                with l4lb's stages added one by one (parse, select, counters,
- *                backend stats), and l4lb with one thing changed. They use
- *                l4lb's own maps (the host points them at the maps of the
- *                l4lb program it attached, already filled).
+ *                backend stats, flow table), and l4lb with one thing changed.
+ *                They use l4lb's own maps (the host points them at the maps
+ *                of the tracked l4lb program it attached, already filled).
  *
  * Live frames are recycled, and the receiver modifies them in place (l4lb
  * writes its outer header over the old Ethernet header), so the generator
  * rewrites every header byte of every frame from a template, then draws a
  * random client (the last 16 bits of its address, IPv4 or IPv6) and port and
- * fixes the checksums incrementally (IPv4 header, TCP or UDP).
+ * fixes the checksums incrementally (IPv4 header, TCP or UDP). The random
+ * word is masked first: all ones for a new flow per frame, fewer bits for a
+ * bounded set of flows (the TCP ACK row: 16 bits, 65536 flows).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -37,6 +39,7 @@
 #include "jhash.h"
 #include "csum.h"
 #include "encap.h"
+#include "flows.h"
 
 /* Frames are at least this long (a minimum Ethernet frame without FCS), so
  * the template copy starts with one fixed-size block. */
@@ -65,7 +68,7 @@ struct bench_gen_config {
 	__u16 ip_csum_off; /* IPv4 header checksum; 0: none (IPv6) */
 	__u16 l4_csum_off; /* TCP or UDP checksum */
 	__u16 udp;         /* 1: UDP (a computed 0 is sent as 0xffff) */
-	__u32 reserved;
+	__u32 random_mask; /* ANDed into the random word: the flows drawn from */
 	/* The first bytes of the frame with the address's last two bytes and
 	 * the port 0, checksums computed for those zeros. */
 	__u8 tmpl[BENCH_TEMPLATE_LEN] __attribute__((aligned(8)));
@@ -162,7 +165,7 @@ int bench_gen(struct xdp_md *ctx)
 	check = field16(data, data_end, cfg->l4_csum_off);
 	if (!addr || !port || !check)
 		return XDP_ABORTED;
-	rnd = bpf_get_prandom_u32();
+	rnd = bpf_get_prandom_u32() & cfg->random_mask;
 	lo = bpf_htons(rnd & 0xffff);
 	sport = bpf_htons((rnd >> 16) | 0x8000);
 	*addr = lo;
@@ -314,7 +317,8 @@ int bench_empty(struct xdp_md *ctx)
 #define V_TABLE_4K 0x40    /* slot within the first 4096 entries: 16 KiB */
 #define V_TABLE_32K 0x80   /* slot within the first 32768 entries: 128 KiB */
 #define V_CHEAP_HASH 0x100 /* two multiplications instead of jhash */
-#define V_L4LB (V_PARSE | V_SELECT | V_COUNT | V_BE_STATS)
+#define V_FLOWS 0x800      /* flow table (flows.h): 40-byte key, l4lb_flows lookup, pin as l4lb does */
+#define V_L4LB (V_PARSE | V_SELECT | V_COUNT | V_BE_STATS | V_FLOWS)
 
 static __always_inline void v_add(__u64 *value, __u64 n, const __u32 what)
 {
@@ -350,11 +354,14 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 	struct l4lb_config floor_config, *config = &floor_config;
 	struct iphdr *ip = data + sizeof(struct ethhdr);
 	struct l4lb_service *service;
+	struct l4lb_flow_key key;
 	struct packet pkt = {};
 	struct inner inner = {};
-	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value;
+	enum pin_state pin = PIN_NONE;
+	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value, tracked = 0, event;
 	__u64 bytes;
 
+	pkt.flow = &key;
 	floor_setup(&floor_backend, &floor_config);
 	if (what & V_COUNT)
 		v_count(L4LB_CNT_RX, what);
@@ -395,6 +402,21 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		} else {
 			hash = jhash_3words(pkt.saddr, pkt.daddr, pkt.ports, config->hash_seed + pkt.vip.proto);
 		}
+		/* l4lb_balance's connection tracking: a pinned flow keeps its
+		 * backend, a SYN takes its slot's and re-pins only over an
+		 * existing entry, anything else of a new flow pins it. (The
+		 * bench's services hash ports and it sends no ICMP errors: the
+		 * key's ports are the packet's, every non-SYN pins.) */
+		backend = NULL;
+		if ((what & V_FLOWS) && (service->flags & L4LB_SERVICE_TRACK_FLOWS)) {
+			tracked = 1;
+			flow_key(&key, &pkt, pkt.ports);
+			backend = pinned_backend(&key, service_number, &number, &pin);
+			if (pkt.syn)
+				backend = NULL;
+		}
+		if (backend)
+			goto selected;
 		slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
 		if (what & V_SMALL_TABLE)
 			slot &= 0xff;
@@ -408,7 +430,15 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 			return XDP_DROP;
 		number = *slot_value;
 		backend = bpf_map_lookup_elem(&l4lb_backends, &number);
-		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE) || backend->family != L4LB_FAMILY_IPV4)
+		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
+			return XDP_DROP;
+		if (tracked && (!pkt.syn || pin != PIN_NONE)) {
+			event = pin_flow(&key, backend, number, pin);
+			if (what & V_COUNT)
+				v_count(event, what);
+		}
+selected:
+		if (backend->family != L4LB_FAMILY_IPV4)
 			return XDP_DROP;
 		if (config->mtu && pkt.l3_len + L4LB_IPIP_OVERHEAD > config->mtu)
 			return XDP_DROP;
@@ -454,6 +484,12 @@ SEC("xdp")
 int bv_count(struct xdp_md *ctx)
 {
 	return variant(ctx, V_PARSE | V_SELECT | V_COUNT);
+}
+
+SEC("xdp")
+int bv_be_stats(struct xdp_md *ctx)
+{
+	return variant(ctx, V_PARSE | V_SELECT | V_COUNT | V_BE_STATS);
 }
 
 SEC("xdp")
