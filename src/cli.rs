@@ -129,6 +129,9 @@ pub enum Command {
         /// Also measure l4lb's stages added one by one to the encapsulation floor (64-byte TCP)
         #[arg(long)]
         variants: bool,
+        /// Flow table size of the l4lbs under test, as `attach --flow-entries` [default: attach's]
+        #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
+        flow_entries: Option<u32>,
     },
     /// Backend side: strip the balancer's IPIP header in XDP (no ipip module needed)
     Decap {

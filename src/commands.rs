@@ -30,8 +30,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Config { interface } => show_config(&interface),
         Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface, json, flows } => status(&interface, json, flows),
-        Command::Bench { rounds, seconds, chart, json, variants } => {
-            crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants })
+        Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
+            crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants, flow_entries })
         }
         Command::Decap { command } => match command {
             DecapCommand::Attach { interface, mode, force, addrs } => decap_attach(&interface, mode, force, addrs),

@@ -187,7 +187,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     // l4lb through the product path, and the control-plane timings.
     eprintln!("l4lb bench: attaching l4lb and filling a service of {DESTINATIONS} backends ({FILL_REPEATS} times)");
-    let lb = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev))?;
+    let lb = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev, options.flow_entries))?;
     let (l4lb_fd, map_ids, lb_ifindex, services) = (&lb.tracked, &lb.tracked_maps, lb.ifindex, &lb.services);
     let tracked_maps = open_maps(lb.tracked_id, &lb.tracked_maps)?;
     let untracked_maps = open_maps(lb.untracked_id, &lb.untracked_maps)?;
@@ -452,10 +452,11 @@ struct L4lbSetup {
 }
 
 /// Attaches a fresh l4lb to `iface` (`crate::attach::attach`, driver mode,
-/// the default flow table: an LRU hash of 1048576 flows), sets its MTU, and
-/// opens its maps.
-fn fresh_l4lb(iface: &Interface) -> Result<(u32, discover::AttachedProgram, LbMaps)> {
-    let id = crate::attach::attach(iface, Mode::Driver, true, crate::attach::FlowTable::for_mode(Mode::Driver, None)?)?;
+/// an LRU flow table of `flow_entries`, else attach's default), sets its
+/// MTU, and opens its maps.
+fn fresh_l4lb(iface: &Interface, flow_entries: Option<u32>) -> Result<(u32, discover::AttachedProgram, LbMaps)> {
+    let flows = crate::attach::FlowTable::for_mode(Mode::Driver, flow_entries)?;
+    let id = crate::attach::attach(iface, Mode::Driver, true, flows)?;
     let program = discover::find_l4lb(iface)?;
     let maps = LbMaps::open(&program)?;
     let mut config = maps.read_config()?;
@@ -495,14 +496,14 @@ fn apply_bench_model(maps: &LbMaps, track_flows: bool) -> Result<ServiceBackends
 /// untracked. Runs in the lb namespace. Returns fds of the two programs
 /// (kept attached only by the caller's swaps from here on), their map ids,
 /// the ifindex, the timings and the services' numbers and backends.
-fn setup_l4lb(dev: &str) -> Result<L4lbSetup> {
+fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     let iface = Interface::by_name(dev)?;
     let wanted = timing_model(0);
     let (mut total, mut read, mut plan_ms, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..FILL_REPEATS {
         sys::check_interrupted()?;
-        let (id, program, maps) = fresh_l4lb(&iface)?;
+        let (id, program, maps) = fresh_l4lb(&iface, flow_entries)?;
 
         let t0 = Instant::now();
         let current = maps.read_snapshot()?;
@@ -554,7 +555,7 @@ fn setup_l4lb(dev: &str) -> Result<L4lbSetup> {
     // the same services untracked.
     let services = apply_bench_model(&maps, true)?;
     let tracked = sys::prog_fd_by_id(id)?;
-    let (untracked_id, untracked_program, untracked_maps) = fresh_l4lb(&iface)?;
+    let (untracked_id, untracked_program, untracked_maps) = fresh_l4lb(&iface, flow_entries)?;
     let untracked_services = apply_bench_model(&untracked_maps, false)?;
 
     let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");

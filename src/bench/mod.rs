@@ -44,6 +44,8 @@ pub struct Options {
     pub json: bool,
     /// Also measure l4lb's stages one by one (`--variants`).
     pub variants: bool,
+    /// Size of the tracked l4lb's flow table (`--flow-entries`; None: attach's default).
+    pub flow_entries: Option<u32>,
 }
 
 /// `--seconds`: 0.1 to 60 seconds per program, packet kind and round.
