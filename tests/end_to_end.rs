@@ -315,12 +315,30 @@ struct Expectation {
     destinations: BTreeMap<Ipv4Addr, [u8; 6]>,
     /// The running state from the maps: each flow's destination is predicted.
     model: Running,
+    /// Where flows went before (`send_and_check`'s routes): a UDP flow is
+    /// pinned by its first datagram (a TCP SYN pins nothing) and stays with
+    /// its destination while that is still active.
+    pinned: HashMap<FlowKey, Ipv4Addr>,
 }
 
 impl Expectation {
     fn new(topo: &Topology, outer_src: Ipv4Addr, destinations: &[(Ipv4Addr, [u8; 6])]) -> TestResult<Self> {
-        Ok(Expectation { lb_mac: topo.lb_mac, outer_src, destinations: destinations.iter().copied().collect(), model: topo.model()? })
+        let destinations = destinations.iter().copied().collect();
+        Ok(Expectation { lb_mac: topo.lb_mac, outer_src, destinations, model: topo.model()?, pinned: HashMap::new() })
     }
+
+    /// The same, for frames sent again after `routes` (their UDP flows are pinned).
+    fn after(self, routes: &HashMap<FlowKey, Ipv4Addr>) -> Self {
+        let pinned = routes.iter().filter(|(key, _)| key.0 == PROTO_UDP).map(|(k, v)| (*k, *v)).collect();
+        Expectation { pinned, ..self }
+    }
+}
+
+const PROTO_UDP: u8 = 17;
+
+/// The UDP frames among `frames` (each a new flow: pinned when first sent).
+fn udp_frames(frames: &[Vec<u8>]) -> u64 {
+    frames.iter().filter(|f| f[23] == PROTO_UDP).count() as u64
 }
 
 /// Checks one captured frame against the frame sent for its flow; returns
@@ -347,6 +365,10 @@ fn check_encapsulated(frame: &[u8], sent: &HashMap<FlowKey, &Vec<u8>>, expect: &
     let df = u16::from_be_bytes([inner[6], inner[7]]) & 0x4000;
     ensure!(u16::from_be_bytes([frame[20], frame[21]]) == df, "flow {key:?}: outer flags/offset {:02x?}, want only the inner DF ({df:#06x})", &frame[20..22]);
 
+    if let Some(&pinned) = expect.pinned.get(&key).filter(|d| expect.destinations.contains_key(d)) {
+        ensure!(dst == pinned, "flow {key:?} went to {dst}; it is pinned to {pinned}, still a destination");
+        return Ok((key, dst));
+    }
     let probe = Probe { src: flow.saddr, dst: flow.daddr, proto: flow.proto, sport: flow.sport, dport: flow.dport };
     let predicted = predict(&expect.model, &probe);
     ensure!(predicted == Verdict::Backend(dst.into()), "flow {key:?} went to {dst}; its slot in the catch-all's table leads to {predicted:?}");
@@ -431,16 +453,25 @@ fn stats_tally(sample: &Value) -> TestResult<Tally> {
 }
 
 /// Both stats samples show `mode`, exactly `expected` per destination, and
-/// counters saying that all `frames` frames seen were sent back, nothing else.
-fn check_stats(samples: &[Value], mode: &str, expected: &Tally, frames: usize) -> TestResult {
+/// counters saying that all `frames` frames seen were sent back, nothing
+/// else, and that each of their UDP flows was pinned (`flow_pinned`).
+fn check_stats(samples: &[Value], mode: &str, expected: &Tally, frames: &[Vec<u8>]) -> TestResult {
     let packets: u64 = expected.values().map(|v| v.0).sum();
     let bytes: u64 = expected.values().map(|v| v.1).sum();
-    check_stats_totals(samples, mode, expected, (packets, bytes), frames)
+    check_stats_totals(samples, mode, expected, (packets, bytes), frames.len(), (udp_frames(frames), 0))
 }
 
 /// check_stats, with the catch-all service's (and so all services')
-/// totals given: a service counts the traffic of backends it no longer has.
-fn check_stats_totals(samples: &[Value], mode: &str, expected: &Tally, (packets, bytes): (u64, u64), frames: usize) -> TestResult {
+/// totals given (a service counts the traffic of backends it no longer
+/// has), and the flow-table events: (flow_pinned, flow_repinned).
+fn check_stats_totals(
+    samples: &[Value],
+    mode: &str,
+    expected: &Tally,
+    (packets, bytes): (u64, u64),
+    frames: usize,
+    (pinned, repinned): (u64, u64),
+) -> TestResult {
     let frames = frames as u64;
     for sample in samples {
         ensure!(sample["mode"] == mode, "stats mode {}, want {mode}: {sample}", sample["mode"]);
@@ -453,7 +484,10 @@ fn check_stats_totals(samples: &[Value], mode: &str, expected: &Tally, (packets,
         let counters = sample["counters"].as_object().ok_or_else(|| fail(format!("no counters in {sample}")))?;
         ensure!(counters["tx"] == frames, "counters.tx {}, want {frames}", counters["tx"]);
         ensure!(counters["rx"] == frames, "counters.rx {}, want {frames} (no other traffic)", counters["rx"]);
-        for (name, value) in counters.iter().filter(|(name, _)| name.as_str() != "rx" && name.as_str() != "tx") {
+        ensure!(counters["flow_pinned"] == pinned, "counters.flow_pinned {}, want {pinned} (the UDP flows)", counters["flow_pinned"]);
+        ensure!(counters["flow_repinned"] == repinned, "counters.flow_repinned {}, want {repinned}", counters["flow_repinned"]);
+        let others = ["rx", "tx", "flow_pinned", "flow_repinned"];
+        for (name, value) in counters.iter().filter(|(name, _)| !others.contains(&name.as_str())) {
             ensure!(value == 0, "counter {name} is {value}, want 0: {sample}");
         }
     }
@@ -486,8 +520,9 @@ fn iproute2_load_then_map_balances_and_counts() -> TestResult {
     topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
 
     let expect = Expectation::new(&topo, LB_ADDR, &destinations)?;
-    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, N, 10_000), &expect)?;
-    check_stats(&topo.stats()?, "driver", &tally, N)?;
+    let frames = probe_frames(&topo, N, 10_000);
+    let (_, tally) = send_and_check(&topo, &frames, &expect)?;
+    check_stats(&topo.stats()?, "driver", &tally, &frames)?;
 
     let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
     ensure!(status.contains("Services:      1, 4 backends") && status.contains("Service * (catch-all)"), "status does not show the catch-all with 4 backends:\n{status}");
@@ -519,8 +554,9 @@ fn attach_driver_mode_with_outer_source_flag() -> TestResult {
     ensure!(status.contains("Services:      1, 4 backends"), "status:\n{status}");
 
     let expect = Expectation::new(&topo, source, &read_destinations(&file)?)?;
-    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, N, 20_000), &expect)?;
-    check_stats(&topo.stats()?, "driver", &tally, N)?;
+    let frames = probe_frames(&topo, N, 20_000);
+    let (_, tally) = send_and_check(&topo, &frames, &expect)?;
+    check_stats(&topo.stats()?, "driver", &tally, &frames)?;
 
     topo.l4lb(&["detach", "-i", dev]).success()?;
     topo.assert_no_xdp()
@@ -553,8 +589,9 @@ fn attach_refuses_without_force_and_generic_mode_works() -> TestResult {
     let file = sample("4_destinations.csv");
     topo.l4lb(&["map", "-i", dev, "-f", &file]).success()?;
     let expect = Expectation::new(&topo, LB_ADDR, &read_destinations(&file)?)?;
-    let (_, tally) = send_and_check(&topo, &probe_frames(&topo, 50, 30_000), &expect)?;
-    check_stats(&topo.stats()?, "generic", &tally, 50)?;
+    let frames = probe_frames(&topo, 50, 30_000);
+    let (_, tally) = send_and_check(&topo, &frames, &expect)?;
+    check_stats(&topo.stats()?, "generic", &tally, &frames)?;
 
     topo.l4lb(&["detach", "-i", dev]).success()?;
     topo.assert_no_xdp()
@@ -678,7 +715,7 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     let expect_old = Expectation::new(&topo, LB_ADDR, &old)?;
     let first_model = expect_old.model.clone();
     let (old_routes, first) = send_and_check(&topo, &frames, &expect_old)?;
-    check_stats(&topo.stats()?, "driver", &first, N)?;
+    check_stats(&topo.stats()?, "driver", &first, &frames)?;
 
     let removed = old[3];
     let added = (Ipv4Addr::new(10, 0, 1, 5), [0x02, 0x00, 0x0a, 0x00, 0x01, 0x05]);
@@ -692,11 +729,12 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     expected.insert(added.0, (0, 0));
     ensure!(after == expected, "after the update stats show {after:?}, want {expected:?} (staying counters kept, new one at 0)");
 
-    // The same flows again: those on staying destinations stay there.
-    // The same flows again: a flow of a staying destination moves only when
-    // Maglev's new table gave its slot to another backend (the tables read
-    // before and after the update say which slots changed hands).
-    let expect_new = Expectation::new(&topo, LB_ADDR, &new)?;
+    // The same flows again. A UDP flow was pinned by its first datagram: on
+    // a staying destination it stays, whatever the new table says. A TCP
+    // SYN pins nothing: it moves exactly when Maglev's new table gave its
+    // slot to another backend (the tables read before and after the update
+    // say which slots changed hands).
+    let expect_new = Expectation::new(&topo, LB_ADDR, &new)?.after(&old_routes);
     let (new_routes, second) = send_and_check(&topo, &frames, &expect_new)?;
     let (before_table, after_table) = (catch_all_addresses(&first_model)?, catch_all_addresses(&expect_new.model)?);
     let seed = expect_new.model.global.hash_seed.unwrap_or(0);
@@ -704,22 +742,29 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     let moved_slots = (0..before_table.len())
         .filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0)) && after_table[s] != before_table[s])
         .count();
-    let mut moved = 0;
-    let mut staying = 0;
+    let (mut moved, mut staying, mut pinned_kept, mut pinned_slot_moved, mut repinned) = (0, 0, 0, 0, 0u64);
     for frame in &frames {
         let (key, flow) = flow_of(&frame[14..]).expect("probe has ports");
         let (old_dst, new_dst) = (old_routes[&key], new_routes[&key]);
         if old_dst == removed.0 {
+            repinned += u64::from(key.0 == PROTO_UDP);
+            continue;
+        }
+        let slot = flow.slot(seed);
+        let slot_moved = after_table[slot] != before_table[slot];
+        if key.0 == PROTO_UDP {
+            ensure!(new_dst == old_dst, "pinned flow {key:?} went {old_dst} -> {new_dst} although {old_dst} stayed");
+            pinned_kept += 1;
+            pinned_slot_moved += usize::from(slot_moved);
             continue;
         }
         staying += 1;
-        let slot = flow.slot(seed);
-        let slot_moved = after_table[slot] != before_table[slot];
         ensure!(slot_moved == (old_dst != new_dst), "flow {key:?} went {old_dst} -> {new_dst}, its slot {slot}: {:?} -> {:?}", before_table[slot], after_table[slot]);
         moved += usize::from(old_dst != new_dst);
     }
     println!(
-        "remap: {moved} of {staying} flows of staying destinations moved (their slots changed hands: {moved_slots} of {staying_slots} slots of staying destinations, {:.1}%)",
+        "remap: {moved} of {staying} unpinned (SYN) flows of staying destinations moved (their slots changed hands: {moved_slots} of {staying_slots} slots of staying destinations, {:.1}%); \
+         {pinned_kept} pinned (UDP) flows of staying destinations stayed, {pinned_slot_moved} of them although their slot changed hands; {repinned} pinned flows of the removed destination re-pinned",
         100.0 * moved_slots as f64 / staying_slots as f64
     );
     let staying_set: HashSet<Ipv4Addr> = new.iter().map(|d| d.0).collect();
@@ -727,6 +772,6 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     // Per destination: kept counts plus the second batch; rx/tx: both batches.
     let all = sum(&first, &second);
     let totals = (all.values().map(|v| v.0).sum(), all.values().map(|v| v.1).sum());
-    check_stats_totals(&topo.stats()?, "driver", &sum(&expected, &second), totals, 2 * N)?;
+    check_stats_totals(&topo.stats()?, "driver", &sum(&expected, &second), totals, 2 * N, (udp_frames(&frames), repinned))?;
     Ok(())
 }
