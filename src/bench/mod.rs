@@ -101,6 +101,7 @@ pub fn run(options: &Options) -> Result<()> {
         control_plane: measured.control,
         l4lb_counts: measured.counts,
         l4lb_untracked_counts: measured.untracked_counts,
+        flow_entries: options.flow_entries.unwrap_or(crate::bpf::FLOW_ENTRIES_DEFAULT),
         variants: measured.variants,
     };
     if let Some(path) = &options.chart {

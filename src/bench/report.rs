@@ -284,6 +284,8 @@ pub struct Results {
     pub l4lb_counts: L4lbCounts,
     /// The untracked l4lb's (the same services, `track_flows = false`).
     pub l4lb_untracked_counts: L4lbCounts,
+    /// Entries of the l4lbs' LRU flow tables (`--flow-entries`, else attach's default).
+    pub flow_entries: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variants: Option<Variants>,
 }
@@ -538,7 +540,7 @@ pub fn render(results: &Results) -> String {
         "\nConnection tracking: l4lb above is l4lb as configured by default (every service tracks flows: an LRU hash\n\
          of {} flows); untracked is a second l4lb with the same services and track_flows = false, measured in\n\
          the same rounds against the same floors. ns tracking adds: per packet, tracked minus untracked, per round.\n",
-        crate::bpf::FLOW_ENTRIES_DEFAULT
+        results.flow_entries
     ));
     out.push_str(&table_lines(&tracking_table(results)));
     out.push_str("\nThe programs alone, ns per packet (test_run: repeat = 1 in a loop, minus the empty program's loop;\n");
@@ -657,6 +659,7 @@ pub(crate) mod tests {
             .collect();
         let size = ProgramSize { xlated_insns: 100, jited_bytes: 600 };
         Results {
+            flow_entries: crate::bpf::FLOW_ENTRIES_DEFAULT,
             context: Context {
                 cpu: "Some CPU".into(),
                 cpus: 2,
