@@ -655,10 +655,7 @@ pub fn to_toml(model: &Model) -> String {
         if carries_udp {
             let _ = writeln!(out, "hash_ports = {}", service.hash_ports);
         }
-        // Only the exception: files that leave the default out round-trip.
-        if !service.track_flows {
-            out.push_str("track_flows = false\n");
-        }
+        let _ = writeln!(out, "track_flows = {}", service.track_flows);
         out.push_str("backends = [\n");
         for b in &service.backends {
             let _ = write!(out, "  {{ address = \"{}\"", b.addr);
@@ -1046,9 +1043,9 @@ mod tests {
         let off = model(&text("track_flows = false\n"));
         assert!(!off.services[0].track_flows);
         assert!(off.services[0].hash_ports, "independent of hash_ports");
-        // Rendered only when off, so files that leave it out print as written.
+        // Rendered like every other key, default included.
         assert!(to_toml(&off).contains("\nport = 0\nhash_ports = true\ntrack_flows = false\nbackends = [\n"), "{}", to_toml(&off));
-        assert!(!to_toml(&model(&text(""))).contains("track_flows"));
+        assert!(to_toml(&model(&text(""))).contains("\nhash_ports = true\ntrack_flows = true\nbackends = [\n"));
         assert_eq!(err(&text("track_flows = \"off\"\n")), "lb.toml:7: invalid type: string \"off\", expected a boolean");
     }
 
@@ -1369,6 +1366,7 @@ vip = "*"
 protocol = "any"
 port = 0
 hash_ports = true
+track_flows = true
 backends = [
   { address = "198.18.0.201", mac = "02:00:c6:12:00:c9", weight = 1 },
 ]
@@ -1377,6 +1375,7 @@ backends = [
 vip = "203.0.113.10"
 protocol = "tcp"
 port = 80
+track_flows = true
 backends = [
   { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
   { address = "198.18.0.102", weight = 2 },
