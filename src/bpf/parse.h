@@ -142,7 +142,9 @@ static __always_inline __u32 words_xor(const __u8 *addr)
 	return word[0] ^ word[1] ^ word[2] ^ word[3];
 }
 
-/* Whether two 16-byte addresses (4-byte aligned) are the same. */
+/* Whether two 16-byte addresses are the same, compared as 32-bit words (like
+ * words_xor(), loads the verifier allows unaligned in packet memory).
+ */
 static __always_inline int addr16_equal(const __u8 *x, const __u8 *y)
 {
 	const __u32 *a = (const __u32 *)x, *b = (const __u32 *)y;
@@ -150,8 +152,8 @@ static __always_inline int addr16_equal(const __u8 *x, const __u8 *y)
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
 }
 
-/* Copies a 16-byte address (4-byte aligned) word by word: __builtin_memcpy
- * of byte arrays would copy byte by byte.
+/* Copies a 16-byte address as 32-bit words: __builtin_memcpy of byte arrays
+ * would copy byte by byte (and spill more).
  */
 static __always_inline void addr16_copy(__u8 *to, const __u8 *from)
 {
