@@ -3257,17 +3257,24 @@ fn tracking_icmp_errors() -> TestResult {
     expect_flow_counters(&lb, "ICMP errors", 12, 3, 0, 0)
 }
 
+/// The loaded l4lb_flows is a `map_type` map of `entries`.
+fn expect_flow_table(lb: &Lb, map_type: MapType, entries: u32) -> TestResult {
+    let flows = &lb.skel.maps.l4lb_flows;
+    ensure!(
+        flows.map_type() == map_type && flows.max_entries() == entries,
+        "l4lb_flows is {:?} of {}, want {map_type:?} of {entries}",
+        flows.map_type(),
+        flows.max_entries()
+    );
+    Ok(())
+}
+
 /// (j) A full HASH map (loaded with 4 entries): a new flow is balanced by
 /// the table and counted FLOW_TABLE_FULL, no entry; an existing entry still
 /// updates (a stale pin, a SYN); a deleted entry makes room again.
 fn tracking_table_full() -> TestResult {
     let mut lb = pin_lb_with(true, FlowTable { lru: false, entries: 4 })?;
-    ensure!(
-        lb.skel.maps.l4lb_flows.map_type() == MapType::Hash && lb.skel.maps.l4lb_flows.max_entries() == 4,
-        "l4lb_flows is {:?} of {}",
-        lb.skel.maps.l4lb_flows.map_type(),
-        lb.skel.maps.l4lb_flows.max_entries()
-    );
+    expect_flow_table(&lb, MapType::Hash, 4)?;
     let flows: Vec<Packet> = (0..6).map(|i| Packet::tcp4(40000 + i, 80)).collect();
     let mut entries = Vec::new();
     for flow in &flows[..4] {
@@ -3309,12 +3316,7 @@ fn tracking_table_full() -> TestResult {
 /// evict is not modelled).
 fn tracking_lru() -> TestResult {
     let mut lb = pin_lb_with(true, FlowTable { lru: true, entries: 4096 })?;
-    ensure!(
-        lb.skel.maps.l4lb_flows.map_type() == MapType::LruHash && lb.skel.maps.l4lb_flows.max_entries() == 4096,
-        "l4lb_flows is {:?} of {}",
-        lb.skel.maps.l4lb_flows.map_type(),
-        lb.skel.maps.l4lb_flows.max_entries()
-    );
+    expect_flow_table(&lb, MapType::LruHash, 4096)?;
     let flow = Packet::tcp4(40000, 80);
     let fragment = Packet { frag_offset: 3, ..Packet::udp4(40001, 53) };
     check_tracked(&lb, "LRU: SYN", &syn(flow.clone()).frame(), tx(SVC, BE_A, flow.flow(true)), Some(Pin::Nothing))?;

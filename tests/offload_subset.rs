@@ -552,7 +552,7 @@ fn l4lb_object_keeps_its_own_rules() {
     // card), and it counts NFP instructions, not BPF ones: the NFP JIT emits
     // one or more NFP instructions per BPF instruction. The datapath was about
     // 2,260 instruction slots after issue 5 (VLANs, ICMP errors and answers,
-    // the IPv4 checksum) and is about 2,540 with connection tracking, so the
+    // the IPv4 checksum) and is about 2,500 with connection tracking, so the
     // tracked datapath may well exceed the card's store once translated:
     // whether it can be offloaded at all is untested here. Growing past 2,600
     // deserves a look.

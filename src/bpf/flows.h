@@ -54,6 +54,29 @@ static __always_inline struct l4lb_backend *pinned_backend(const struct l4lb_flo
 	return backend;
 }
 
+/* The backend a packet of a tracked service keeps: its flow's pin, while
+ * the pin holds. A SYN starts a new connection and keeps none: it takes its
+ * slot's backend (the entry is still read: pins_flow() rewrites a reused
+ * 4-tuple's).
+ */
+static __always_inline struct l4lb_backend *kept_backend(const struct l4lb_flow_key *key, const struct packet *pkt,
+							 __u32 service, __u32 *number, enum pin_state *state)
+{
+	struct l4lb_backend *backend = pinned_backend(key, service, number, state);
+
+	return pkt->syn ? NULL : backend;
+}
+
+/* Whether a packet that took its slot's backend pins its flow there. Not an
+ * ICMP error (it follows pins, never makes one), and not a SYN of a flow
+ * without an entry, so that a flood of SYNs from spoofed sources creates no
+ * entries: the connection's next segment pins it.
+ */
+static __always_inline int pins_flow(const struct packet *pkt, enum pin_state state)
+{
+	return !pkt->icmp_error && (!pkt->syn || state != PIN_NONE);
+}
+
 /* Pins the flow to backend `number` (a new entry, or over the one it had);
  * returns the event's counter. The value is built on the stack and handed
  * to the update helper: offload takes no plain store into a map value.

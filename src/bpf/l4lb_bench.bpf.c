@@ -402,18 +402,14 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		} else {
 			hash = jhash_3words(pkt.saddr, pkt.daddr, pkt.ports, config->hash_seed + pkt.vip.proto);
 		}
-		/* l4lb_balance's connection tracking: a pinned flow keeps its
-		 * backend, a SYN takes its slot's and re-pins only over an
-		 * existing entry, anything else of a new flow pins it. (The
-		 * bench's services hash ports and it sends no ICMP errors: the
-		 * key's ports are the packet's, every non-SYN pins.) */
+		/* l4lb_balance's connection tracking, with flows.h's rules.
+		 * (The bench's services hash ports: the key's ports are the
+		 * packet's.) */
 		backend = NULL;
 		if ((what & V_FLOWS) && (service->flags & L4LB_SERVICE_TRACK_FLOWS)) {
 			tracked = 1;
 			flow_key(&key, &pkt, pkt.ports);
-			backend = pinned_backend(&key, service_number, &number, &pin);
-			if (pkt.syn)
-				backend = NULL;
+			backend = kept_backend(&key, &pkt, service_number, &number, &pin);
 		}
 		if (backend)
 			goto selected;
@@ -432,7 +428,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		backend = bpf_map_lookup_elem(&l4lb_backends, &number);
 		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
 			return XDP_DROP;
-		if (tracked && (!pkt.syn || pin != PIN_NONE)) {
+		if (tracked && pins_flow(&pkt, pin)) {
 			event = pin_flow(&key, backend, number, pin);
 			if (what & V_COUNT)
 				v_count(event, what);

@@ -103,24 +103,19 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 
 	ports = flow_ports(&pkt, service);
 	hash = flow_hash(&pkt, ports, config->hash_seed);
-	/* A pinned flow stays with its backend whatever the table says now. A
-	 * SYN starts a new connection: it takes its slot's backend, and pins
-	 * it only over an existing entry (a reused 4-tuple), so that a flood of
-	 * SYNs from spoofed sources creates no entries; the connection's next
-	 * segment pins it. ICMP errors follow pins and never make one.
+	/* A pinned flow stays with its backend whatever the table says now
+	 * (flows.h says which packets pin and which keep their pin).
 	 */
 	tracked = service->flags & L4LB_SERVICE_TRACK_FLOWS;
 	if (tracked) {
 		flow_key(&key, &pkt, ports);
-		backend = pinned_backend(&key, service_number, &number, &pin);
-		if (pkt.syn)
-			backend = NULL;
+		backend = kept_backend(&key, &pkt, service_number, &number, &pin);
 	}
 	if (!backend) {
 		backend = select_backend(service_number, hash, &number);
 		if (!backend)
 			return L4LB_CNT_DROP_NO_BACKEND;
-		if (tracked && !pkt.icmp_error && (!pkt.syn || pin != PIN_NONE))
+		if (tracked && pins_flow(&pkt, pin))
 			count(pin_flow(&key, backend, number, pin));
 	}
 
