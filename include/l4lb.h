@@ -40,8 +40,20 @@
  */
 #define L4LB_MAGLEV_SIZE 51203
 
-/* Slot value meaning "no backend": traffic hashing here is dropped. */
+/* A slot of l4lb_tables is one 32-bit word (docs/transitions.md):
+ *   B                                       steady: every packet to backend B
+ *   B | L4LB_SLOT_TRANSITION | A << 16      in transition: new flows to B,
+ *                                           flows from before the change to A
+ *   L4LB_SLOT_EMPTY                         no backend: dropped
+ * A steady word is a bare backend number (below L4LB_MAX_BACKENDS), so one
+ * compare tells the steady slot, which touches no per-flow state, from the
+ * rest.
+ */
 #define L4LB_SLOT_EMPTY 0xffffffffU
+#define L4LB_SLOT_BACKEND_MASK 0xffffU
+#define L4LB_SLOT_TRANSITION 0x80000000U
+#define L4LB_SLOT_PREVIOUS_SHIFT 16
+#define L4LB_SLOT_PREVIOUS_MASK 0xfffU
 
 /* The VIP table is direct-mapped: a VIP's home entry is
  * (fold(key) * L4LB_VIP_HASH_MUL) >> (32 - L4LB_VIP_BITS); the host places a
@@ -110,6 +122,8 @@ struct l4lb_config {
 	__u8 src_v6[16];      /* outer IPv6 source */
 	__u8 gateway_mac[6];  /* next hop of backends without their own MAC */
 	__u8 pad[2];
+	__u32 clock;          /* the tick: seconds of the host's monotonic clock, written by
+			       * every apply and every `l4lb settle` round (pins' last-seen time) */
 };
 
 /* l4lb_config.flags */
@@ -140,13 +154,20 @@ struct l4lb_vip {
 /* An entry of l4lb_services, indexed by service number. */
 struct l4lb_service {
 	__u32 flags;          /* L4LB_SERVICE_* */
+	__u32 changed;        /* the tick (l4lb_config.clock) of the last apply that put slots in transition */
+	__u32 udp_grace;      /* seconds after `changed` during which unknown UDP flows are old ones */
+	__u32 idle_timeout;   /* seconds a pin may stay unseen before `l4lb settle` drops it */
 };
 
 /* l4lb_service.flags */
 #define L4LB_SERVICE_ACTIVE 0x1U      /* the service's table is filled */
 #define L4LB_SERVICE_HASH_PORTS 0x2U  /* UDP flows hash their ports (TCP always does) */
 #define L4LB_SERVICE_IPV4_BACKENDS 0x4U /* some backend is IPv4: IPv6 packets are not taken */
-#define L4LB_SERVICE_TRACK_FLOWS 0x8U /* flows are pinned to their backend in l4lb_flows */
+#define L4LB_SERVICE_TRACK_FLOWS 0x8U /* table changes put slots in transition (host only) */
+
+/* Defaults of the per-service settings (seconds). */
+#define L4LB_IDLE_TIMEOUT_DEFAULT 300
+#define L4LB_UDP_GRACE_DEFAULT 30
 
 /* One backend (entry of l4lb_backends, indexed by backend number). */
 struct l4lb_backend {
@@ -163,16 +184,15 @@ struct l4lb_backend {
 #define L4LB_BACKEND_GATEWAY_MAC 0x2U /* mac is the gateway's (the backend has none of its own) */
 
 /* ------------------------------------------------------------------------
- * Connection tracking. A service with L4LB_SERVICE_TRACK_FLOWS pins each
- * flow to the backend it first went to, in l4lb_flows, so that a change of
- * the Maglev table moves only the flows whose backend left the service (or
- * whose entry was evicted). A pin is used only while its backend number
- * still holds the same backend (active, same service, same family and
- * address); otherwise the flow takes its slot's backend and is pinned again.
- * Pinned: a UDP flow's first datagram, a TCP flow's first segment without
- * SYN (so a spoofed SYN flood creates no state; a SYN that finds a pin, a
- * reused 4-tuple, re-pins it to the slot's backend), any fragment. ICMP
- * errors follow a pin but never make one.
+ * Connection tracking (docs/transitions.md). Only slots in transition keep
+ * per-flow state: l4lb_flows pins a flow of such a slot to the backend it
+ * went to. In a slot in transition: a TCP SYN goes to the current backend
+ * and pins there; a flow with a pin that holds follows it; any other TCP
+ * packet, and UDP during the service's grace, is from before the change:
+ * the previous backend (while it is in the service), pinned there; UDP after
+ * the grace goes to the current backend, pinned there. ICMP errors follow
+ * the same rules and never pin. `l4lb settle` drops idle pins and ends
+ * transitions.
  *
  * The object declares a HASH map of L4LB_FLOW_ENTRIES (what iproute2 and
  * offload load: a full HASH map pins no new flow, counted); `l4lb attach`
@@ -181,7 +201,7 @@ struct l4lb_backend {
  * recently used pins.
  */
 #define L4LB_FLOW_ENTRIES 65536
-#define L4LB_FLOW_ENTRIES_DEFAULT 1048576
+#define L4LB_FLOW_ENTRIES_DEFAULT 262144
 
 /* Key of l4lb_flows: the flow as it is hashed (ports 0 for fragments and for
  * UDP services that do not hash ports). Addresses as in l4lb_vip_key. No
@@ -198,11 +218,14 @@ struct l4lb_flow_key {
 
 /* Value of l4lb_flows: the backend the flow is pinned to, with what that
  * backend number held when it was pinned (a number freed and given to
- * another backend must not take the flow with it).
+ * another backend must not take the flow with it), the slot it was pinned
+ * in and when it was last seen.
  */
 struct l4lb_flow {
 	__u8 addr[16];        /* the backend's address (l4lb_backend.addr) */
 	__u32 backend;        /* backend number */
+	__u32 slot;           /* index in l4lb_tables of the slot the pin was made in */
+	__u32 seen;           /* the tick (l4lb_config.clock) of its last packet */
 	__u8 family;          /* the backend's family */
 	__u8 pad[3];          /* zero */
 };
@@ -243,8 +266,8 @@ enum l4lb_counter {
 	L4LB_CNT_DROP_TOO_BIG,      /* too big once encapsulated: IPv4 without DF, or an ICMP error */
 	L4LB_CNT_DROP_ENCAP_FAILED, /* no headroom for the outer header */
 	/* Connection-tracking events: not outcomes, a frame counts at most one. */
-	L4LB_CNT_FLOW_PINNED,       /* a new flow pinned to its slot's backend */
-	L4LB_CNT_FLOW_REPINNED,     /* a pin whose backend left (or a SYN's reused 4-tuple) pinned again */
+	L4LB_CNT_FLOW_PINNED,       /* a flow of a slot in transition pinned */
+	L4LB_CNT_FLOW_REPINNED,     /* a pin that no longer held (or a SYN's reused 4-tuple) pinned again */
 	L4LB_CNT_FLOW_TABLE_FULL,   /* a pin the flow table refused (HASH map full): balanced unpinned */
 	L4LB_CNT_MAX,
 };

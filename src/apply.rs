@@ -58,7 +58,8 @@
 //!     the configuration with vip_probes raised to cover old and new VIPs,
 //!     ANY_PORT and (new catch-all) CATCH_ALL; then the VIP entries; then
 //!     the new fragment entries and the re-pointed ones;
-//! (c) each changed service: only the slots that change, then its flags;
+//! (c) each changed service: only the slots that change, then its entry
+//!     (flags, transition settings and the tick of its last change);
 //! (d) fragment entries no VIP calls for any more unpublished, then removed
 //!     services unpublished (VIP entries freed); then the final
 //!     configuration: vip_probes lowered, catch-all cleared, (e) the seed;
@@ -69,6 +70,16 @@
 //! The MTU (`[global] mtu`; None keeps the running one) is written with the
 //! first configuration write, (a). A wanted model equal to the running one
 //! gives no step at all.
+//!
+//! # Slots in transition
+//!
+//! In a service that tracks flows, a slot whose backend changes while the
+//! old one stays in the service goes into transition (`transition::next_slot`,
+//! docs/transitions.md): its word keeps the previous backend. An apply that
+//! puts slots in transition stamps the service's `changed` with the
+//! snapshot's tick and writes that tick to l4lb_config.clock in (a), so that
+//! the datapath's pins and UDP grace count from it. A service that stops
+//! tracking flows gets every slot steady.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -76,11 +87,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_MASK, VIP_MAX_PROBES, VIP_SLOTS};
+use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SLOT_EMPTY, VIP_MASK, VIP_MAX_PROBES, VIP_SLOTS};
 use crate::config::{self, Backend, Model, Protocol, ServiceKey};
 use crate::flow_hash::vip_home;
 use crate::maglev;
 use crate::state::{Running, RunningBackend, RunningFragment, RunningService};
+use crate::transition;
 
 // ---------------------------------------------------------------------------
 // The state the planner works on
@@ -101,6 +113,9 @@ pub struct Snapshot {
     /// Services whose tables l4lb_tables has room for: MAX_SERVICES, fewer
     /// when the program was loaded with a smaller map (offload).
     pub service_tables: usize,
+    /// The host's tick when the snapshot was read (`maps::tick`): what an
+    /// apply from it stamps changed services with. Not a map's content.
+    pub tick: u32,
 }
 
 impl Snapshot {
@@ -111,6 +126,7 @@ impl Snapshot {
             config: Config::default(),
             vips: vec![[0; 24]; VIP_SLOTS],
             service_tables: MAX_SERVICES,
+            tick: 0,
         }
     }
 
@@ -279,6 +295,11 @@ pub fn backend_entry(b: &Backend, service: u32, gateway: Option<[u8; 6]>) -> bpf
     bpf::Backend { addr, mac, family, flags, service, weight: b.weight }
 }
 
+/// The l4lb_services entry of a service last changed at tick `changed`.
+pub fn service_entry(s: &config::Service, changed: u32) -> bpf::Service {
+    bpf::Service { flags: service_flags(s), changed, udp_grace: s.udp_grace, idle_timeout: s.idle_timeout }
+}
+
 fn service_flags(s: &config::Service) -> u32 {
     let mut flags = consts::L4LB_SERVICE_ACTIVE;
     if s.hash_ports {
@@ -297,13 +318,13 @@ fn bytes_of<T: plain::Plain>(value: &T) -> Vec<u8> {
     bpf::value_bytes(value).to_vec()
 }
 
-/// Rebuilds the state from the raw maps: `services` are the flags of every
-/// l4lb_services entry, `backends` every l4lb_backends entry, `table` reads
+/// Rebuilds the state from the raw maps: `services` are every l4lb_services
+/// entry, `backends` every l4lb_backends entry, `table` reads the words of
 /// the table of an active service. Entries nothing publishes are left out.
 pub fn decode(
     config: Config,
     vips: Vec<VipEntry>,
-    services: &[u32],
+    services: &[bpf::Service],
     backends: &[bpf::Backend],
     mut table: impl FnMut(u32) -> Result<Vec<u32>>,
 ) -> Result<Snapshot> {
@@ -315,7 +336,7 @@ pub fn decode(
         hash_seed: flag(consts::L4LB_CONFIG_SEED_SET).then_some(config.hash_seed),
         mtu: (config.mtu != 0).then_some(config.mtu),
     };
-    let active = |n: u32| services.get(n as usize).is_some_and(|f| f & consts::L4LB_SERVICE_ACTIVE != 0);
+    let active = |n: u32| services.get(n as usize).is_some_and(|s| s.flags & consts::L4LB_SERVICE_ACTIVE != 0);
     let mut keys: BTreeMap<u32, ServiceKey> = BTreeMap::new();
     if flag(consts::L4LB_CONFIG_CATCH_ALL) && active(config.catch_all) {
         keys.insert(config.catch_all, ServiceKey::CatchAll);
@@ -341,20 +362,26 @@ pub fn decode(
             })
             .collect();
         members.sort_by_key(|m| m.backend.addr);
-        let flags = services[number as usize];
+        let entry = services[number as usize];
+        let flags = entry.flags;
+        let (table, transitions) = transition::split(&table(number)?);
         out.push(RunningService {
             number,
             key,
             hash_ports: flags & consts::L4LB_SERVICE_HASH_PORTS != 0,
             track_flows: flags & consts::L4LB_SERVICE_TRACK_FLOWS != 0,
+            idle_timeout: entry.idle_timeout,
+            udp_grace: entry.udp_grace,
+            changed: entry.changed,
             backends: members,
-            table: table(number)?,
+            table,
+            transitions,
         });
     }
     out.sort_by_key(|s| s.key);
     let fragments = fragments_of(&vips);
     let running = Running { global, seed_fixed: flag(consts::L4LB_CONFIG_SEED_FIXED), services: out, fragments };
-    Ok(Snapshot { running, config, vips, service_tables: MAX_SERVICES })
+    Ok(Snapshot { running, config, vips, service_tables: MAX_SERVICES, tick: 0 })
 }
 
 // ---------------------------------------------------------------------------
@@ -367,7 +394,7 @@ pub enum Step {
     Write { map: MapId, key: u32, value: Vec<u8> },
     /// Entry `key` of a counter map becomes zero on every CPU.
     Zero { map: MapId, key: u32 },
-    /// Slots of service `service`'s table: (slot, backend number).
+    /// Slots of service `service`'s table: (slot, word: `transition::Slot`).
     Slots { service: u32, writes: Vec<(u32, u32)> },
     /// An RCU grace period: every packet that may have read what was
     /// unpublished before has left the program.
@@ -536,9 +563,10 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     let mut fresh_backends = Vec::new();
     let mut backend_writes: Vec<(u32, bpf::Backend)> = Vec::new();
     let mut after_services = Vec::new();
-    // (number, table writes, flags[, VIP key]) per new and changed service.
-    let mut new_services: Vec<(u32, SlotWrites, u32, Option<[u8; 20]>)> = Vec::new();
-    let mut changed_services: Vec<(u32, SlotWrites, u32)> = Vec::new();
+    // (number, table writes, entry[, VIP key]) per new and changed service.
+    let mut new_services: Vec<(u32, SlotWrites, bpf::Service, Option<[u8; 20]>)> = Vec::new();
+    let mut changed_services: Vec<(u32, SlotWrites, bpf::Service)> = Vec::new();
+    let mut stamped = false;
     let mut in_use_backends: BTreeSet<u32> = BTreeSet::new();
     for s in &wanted.services {
         let number = number_of[&s.key];
@@ -560,7 +588,6 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             in_use_backends.insert(n);
             members.push(RunningBackend { number: n, backend: *b });
         }
-        let flags = service_flags(s);
         // Any difference (backends or settings) recomputes the table; a
         // settings change alone then writes no slot, only the flags word.
         let unchanged = old.is_some_and(|o| o.model() == *s);
@@ -573,16 +600,29 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
                 maglev::to_numbers(&indices, &numbers)
             }
         };
+        let (transitions, changed) = match old {
+            None => (BTreeMap::new(), 0),
+            Some(o) if unchanged => (o.transitions.clone(), o.changed),
+            Some(o) if s.track_flows => {
+                let (transitions, started) = next_transitions(o, &table, &members);
+                stamped |= started;
+                (transitions, if started { now.tick } else { o.changed })
+            }
+            // Untracked: every slot steady.
+            Some(o) => (BTreeMap::new(), o.changed),
+        };
+        let entry = service_entry(s, changed);
+        let words = transition::join(&table, &transitions);
         match old {
             None => {
-                let writes = table.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect();
-                new_services.push((number, writes, flags, vip_key_bytes(&s.key)));
+                let writes = words.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect();
+                new_services.push((number, writes, entry, vip_key_bytes(&s.key)));
             }
             Some(o) => {
-                let old_flags = service_flags(&o.model());
-                let writes = if unchanged { Vec::new() } else { maglev::diff(&o.table, &table) };
-                if !writes.is_empty() || old_flags != flags {
-                    changed_services.push((number, writes, flags));
+                let old_entry = service_entry(&o.model(), o.changed);
+                let writes = if unchanged { Vec::new() } else { maglev::diff(&transition::join(&o.table, &o.transitions), &words) };
+                if !writes.is_empty() || bytes_of(&old_entry) != bytes_of(&entry) {
+                    changed_services.push((number, writes, entry));
                 }
             }
         }
@@ -591,8 +631,12 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             key: s.key,
             hash_ports: s.hash_ports,
             track_flows: s.track_flows,
+            idle_timeout: s.idle_timeout,
+            udp_grace: s.udp_grace,
+            changed,
             backends: members,
             table,
+            transitions,
         });
     }
 
@@ -743,6 +787,11 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     // MTU.
     let mut cfg_a = old;
     cfg_a.mtu = fin.mtu;
+    // Slots go into transition: the tick they count from, before them.
+    if stamped {
+        cfg_a.clock = now.tick;
+        fin.clock = now.tick;
+    }
     if let Some(a) = g.source_v4 {
         cfg_a.src_v4 = a.octets();
         cfg_a.flags |= consts::L4LB_CONFIG_SRC_SET;
@@ -798,10 +847,10 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         steps.push(Step::Grace);
     }
     // (b)
-    for (n, writes, flags, _) in &new_services {
+    for (n, writes, entry, _) in &new_services {
         steps.push(Step::Zero { map: MapId::ServiceStats, key: *n });
         steps.push(Step::Slots { service: *n, writes: writes.clone() });
-        steps.push(write(MapId::Services, *n, flags.to_ne_bytes().to_vec()));
+        steps.push(write(MapId::Services, *n, bytes_of(entry)));
     }
     steps.push(write(MapId::Config, 0, bytes_of(&cfg_b)));
     for (e, kb, n) in &new_vip_entries {
@@ -820,11 +869,11 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         steps.push(write(MapId::Vips, *e, value.to_vec()));
     }
     // (c)
-    for (n, writes, flags) in &changed_services {
+    for (n, writes, entry) in &changed_services {
         if !writes.is_empty() {
             steps.push(Step::Slots { service: *n, writes: writes.clone() });
         }
-        steps.push(write(MapId::Services, *n, flags.to_ne_bytes().to_vec()));
+        steps.push(write(MapId::Services, *n, bytes_of(entry)));
     }
     // (d), (e)
     for (e, value) in &fragment_unpublish {
@@ -845,7 +894,7 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         clears.push(write(MapId::Vips, e, vec![0; 24]));
     }
     for r in removed.iter().filter(|r| !in_use_services.contains(&r.number)) {
-        clears.push(write(MapId::Services, r.number, vec![0; 4]));
+        clears.push(write(MapId::Services, r.number, bytes_of(&bpf::Service::default())));
     }
     for &n in removed_backends.iter().filter(|n| !in_use_backends.contains(n)) {
         clears.push(write(MapId::Backends, n, bytes_of(&bpf::Backend::default())));
@@ -885,8 +934,36 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         config: fin,
         vips: after_vips,
         service_tables: now.service_tables,
+        tick: now.tick,
     };
     Ok(Plan { diff, steps, after })
+}
+
+/// The slots in transition of a tracked service after an apply that gives
+/// it `table` (current backend numbers) and `members`, from the running
+/// service `old`; and whether any slot went into transition or changed
+/// while in one (then the service's `changed` is stamped).
+fn next_transitions(old: &RunningService, table: &[u32], members: &[RunningBackend]) -> (BTreeMap<u32, u32>, bool) {
+    // An old number stays when the same backend (address) keeps it.
+    let stays = |n: u32| {
+        old.backends.iter().find(|b| b.number == n).is_some_and(|b| members.iter().any(|m| m.number == n && m.backend.addr == b.backend.addr))
+    };
+    let mut transitions = BTreeMap::new();
+    let mut started = false;
+    for (i, &current) in table.iter().enumerate() {
+        let slot = i as u32;
+        let was = match old.transitions.get(&slot) {
+            Some(&previous) if old.table[i] != SLOT_EMPTY => transition::Slot::Transition { current: old.table[i], previous },
+            _ if old.table[i] == SLOT_EMPTY => transition::Slot::Empty,
+            _ => transition::Slot::Steady(old.table[i]),
+        };
+        let next = transition::next_slot(was, current, stays);
+        if let Some(previous) = next.previous() {
+            transitions.insert(slot, previous);
+            started |= next != was;
+        }
+    }
+    (transitions, started)
 }
 
 // ---------------------------------------------------------------------------
@@ -1061,7 +1138,7 @@ pub(crate) mod fake {
             let mut entries = BTreeMap::new();
             entries.insert(MapId::Config, vec![vec![0; size_of::<Config>()]]);
             entries.insert(MapId::Vips, vec![vec![0; 24]; VIP_SLOTS]);
-            entries.insert(MapId::Services, vec![vec![0; 4]; MAX_SERVICES]);
+            entries.insert(MapId::Services, vec![vec![0; size_of::<bpf::Service>()]; MAX_SERVICES]);
             entries.insert(MapId::Backends, vec![vec![0; size_of::<bpf::Backend>()]; MAX_BACKENDS]);
             let cpus = 2;
             entries.insert(MapId::BackendStats, vec![vec![0; 16 * cpus]; MAX_BACKENDS]);
@@ -1082,7 +1159,7 @@ pub(crate) mod fake {
             let e = self.entries.borrow();
             let config: Config = bpf::value_from(&e[&MapId::Config][0]).unwrap();
             let vips = e[&MapId::Vips].iter().map(|v| v[..].try_into().unwrap()).collect();
-            let services: Vec<u32> = e[&MapId::Services].iter().map(|v| u32::from_ne_bytes(v[..].try_into().unwrap())).collect();
+            let services: Vec<bpf::Service> = e[&MapId::Services].iter().map(|v| bpf::value_from(v).unwrap()).collect();
             let backends: Vec<bpf::Backend> = e[&MapId::Backends].iter().map(|v| bpf::value_from(v).unwrap()).collect();
             let tables = self.tables.borrow();
             decode(config, vips, &services, &backends, |n| {

@@ -112,6 +112,19 @@ pub enum Command {
         #[arg(long)]
         flows: bool,
     },
+    /// End the transitions a table change started once their connections are idle (the sweep; docs/transitions.md)
+    ///
+    /// Each round advances the tick pins count time by, drops pins idle longer than their service's idle_timeout,
+    /// and returns each slot in transition whose service changed at least idle_timeout ago, and none of whose
+    /// connections still needs another backend than the current one, to steady. Run it with --every: without a
+    /// sweep, transitions never end. Example: l4lb settle -i eth0 --every 5
+    Settle {
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// Run a round every SECONDS until stopped (default: one round)
+        #[arg(long, value_name = "SECONDS", value_parser = parse_interval)]
+        every: Option<f64>,
+    },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     Bench {
         /// Rounds: each measures every packet kind through l4lb and both floors, in turn

@@ -30,6 +30,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Config { interface } => show_config(&interface),
         Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface, json, flows } => status(&interface, json, flows),
+        Command::Settle { interface, every } => settle(&interface, every),
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
             crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants, flow_entries })
         }
@@ -210,6 +211,24 @@ fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
     Ok(())
 }
 
+/// `l4lb settle`: sweep rounds (docs/transitions.md), one or one every
+/// `every` seconds until the process is stopped.
+fn settle(name: &str, every: Option<f64>) -> Result<()> {
+    let (iface, program, maps) = open_l4lb(name)?;
+    let flows = crate::maps::open_flows(&program).with_context(|| format!("{}: the flow table", iface.name))?;
+    loop {
+        let round = {
+            let _lock = update_lock(&iface)?;
+            crate::settle::round(&maps, &flows).with_context(|| format!("{}: settling", iface.name))?
+        };
+        println!("{}: {round}", iface.name);
+        match every {
+            None => return Ok(()),
+            Some(seconds) => std::thread::sleep(std::time::Duration::from_secs_f64(seconds)),
+        }
+    }
+}
+
 /// `l4lb config`: the running configuration as a file `apply` takes back
 /// unchanged.
 fn show_config(name: &str) -> Result<()> {
@@ -249,10 +268,10 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
         list.destinations.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
     backends.sort();
     // A new service gets the defaults; an existing one keeps its settings.
-    let existing = wanted.service(&key);
-    let hash_ports = existing.is_none_or(|s| s.hash_ports);
-    let track_flows = existing.is_none_or(|s| s.track_flows);
-    let service = config::Service { key, hash_ports, track_flows, backends };
+    let service = match wanted.service(&key) {
+        Some(existing) => config::Service { backends, ..existing.clone() },
+        None => config::Service::new(key, backends),
+    };
     match wanted.services.binary_search_by(|s| s.key.cmp(&key)) {
         Ok(i) => wanted.services[i] = service,
         Err(i) => wanted.services.insert(i, service),

@@ -33,6 +33,8 @@
 //! port = 53
 //! hash_ports = false                # UDP: hash addresses only (default true)
 //! track_flows = false               # no connection tracking (default true)
+//! idle_timeout = 300                # seconds a connection may stay silent through a change
+//! udp_grace = 30                    # seconds after a change unknown UDP flows count as old
 //! backends = [ { address = "2001:db8::101" } ]      # weight 1 by default
 //!
 //! [[service]]
@@ -58,13 +60,20 @@
 //!   (0..=65535, required; 0 = every port; the catch-all takes only 0, may be
 //!   left out), `hash_ports` (default true; `false` is for UDP services and
 //!   the catch-all's UDP traffic: a TCP service always hashes ports),
-//!   `track_flows` (default true: each flow is pinned to the backend it
-//!   first went to, so that backend and weight changes move only the flows
-//!   of backends that leave; `false`: every packet follows the Maglev table),
+//!   `track_flows` (default true: a table change puts the slots whose
+//!   backend changed in transition, where connections from before the change
+//!   keep their backend, so that backend and weight changes move only the
+//!   flows of backends that leave; `false`: every packet follows the Maglev
+//!   table; docs/transitions.md), `idle_timeout` (seconds, 1..=86400,
+//!   default 300: how long a connection may stay silent through a change
+//!   and keep its backend; `l4lb settle` ends a transition once its
+//!   connections have been idle that long), `udp_grace` (seconds,
+//!   0..=86400, default 30: after a change, UDP flows a slot in transition
+//!   has not seen yet count as flows from before the change for this long),
 //!   `backends` (at least one).
 //! * backend: `address` (required), `mac` (optional), `weight` (integer
-//!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new flows; flows pinned to
-//!   it stay while `track_flows` is on).
+//!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new flows; its connections
+//!   stay until idle while `track_flows` is on).
 //!
 //! A service is known by (vip, protocol, port): each must be unique, and
 //! within a service each backend address must be unique. The same backend
@@ -226,8 +235,35 @@ pub struct Service {
     /// tracking, L4LB_SERVICE_TRACK_FLOWS), so that table changes do not
     /// move established flows.
     pub track_flows: bool,
+    /// Seconds a connection may stay silent through a table change and keep
+    /// its backend (docs/transitions.md).
+    pub idle_timeout: u32,
+    /// Seconds after a change during which a UDP flow without a pin counts
+    /// as one from before the change.
+    pub udp_grace: u32,
     /// Sorted by address, addresses unique, at least one.
     pub backends: Vec<Backend>,
+}
+
+/// Default `idle_timeout` (seconds).
+pub const IDLE_TIMEOUT_DEFAULT: u32 = crate::bpf::consts::L4LB_IDLE_TIMEOUT_DEFAULT;
+/// Default `udp_grace` (seconds).
+pub const UDP_GRACE_DEFAULT: u32 = crate::bpf::consts::L4LB_UDP_GRACE_DEFAULT;
+/// Largest `idle_timeout` and `udp_grace`: a day.
+pub const MAX_TRANSITION_SECONDS: u32 = 86_400;
+
+impl Service {
+    /// A service with the default settings.
+    pub fn new(key: ServiceKey, backends: Vec<Backend>) -> Self {
+        Service {
+            key,
+            hash_ports: true,
+            track_flows: true,
+            idle_timeout: IDLE_TIMEOUT_DEFAULT,
+            udp_grace: UDP_GRACE_DEFAULT,
+            backends,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -306,6 +342,8 @@ struct RawService {
     port: Option<Spanned<i64>>,
     hash_ports: Option<Spanned<bool>>,
     track_flows: Option<Spanned<bool>>,
+    idle_timeout: Option<Spanned<i64>>,
+    udp_grace: Option<Spanned<i64>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
 }
 
@@ -524,6 +562,15 @@ impl Validator<'_> {
             }
         };
         let track_flows = raw.track_flows.as_ref().is_none_or(|t| *t.get_ref());
+        let seconds = |value: &Option<Spanned<i64>>, name: &str, min: i64, default: u32| -> Result<u32> {
+            match value {
+                None => Ok(default),
+                Some(v) if (min..=i64::from(MAX_TRANSITION_SECONDS)).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+                Some(v) => Err(self.at(&v.span(), format!("service {key}: {name} = {} is out of range ({min}..={MAX_TRANSITION_SECONDS} seconds)", v.get_ref()))),
+            }
+        };
+        let idle_timeout = seconds(&raw.idle_timeout, "idle_timeout", 1, IDLE_TIMEOUT_DEFAULT)?;
+        let udp_grace = seconds(&raw.udp_grace, "udp_grace", 0, UDP_GRACE_DEFAULT)?;
         let raw_backends =
             raw.backends.as_ref().ok_or_else(|| self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])")))?;
         if raw_backends.get_ref().is_empty() {
@@ -571,7 +618,7 @@ impl Validator<'_> {
             backends.push(backend);
         }
         backends.sort();
-        Ok(Service { key, hash_ports, track_flows, backends })
+        Ok(Service { key, hash_ports, track_flows, idle_timeout, udp_grace, backends })
     }
 
     fn backend(&self, raw: &RawBackend, span: &Range<usize>, key: &ServiceKey, global: &Global) -> Result<Backend> {
@@ -656,6 +703,7 @@ pub fn to_toml(model: &Model) -> String {
             let _ = writeln!(out, "hash_ports = {}", service.hash_ports);
         }
         let _ = writeln!(out, "track_flows = {}", service.track_flows);
+        let _ = writeln!(out, "idle_timeout = {}\nudp_grace = {}", service.idle_timeout, service.udp_grace);
         out.push_str("backends = [\n");
         for b in &service.backends {
             let _ = write!(out, "  {{ address = \"{}\"", b.addr);
@@ -720,6 +768,10 @@ pub struct ServiceChange {
     pub hash_ports: Option<(bool, bool)>,
     /// (old, new) when it differs.
     pub track_flows: Option<(bool, bool)>,
+    /// (old, new) when it differs.
+    pub idle_timeout: Option<(u32, u32)>,
+    /// (old, new) when it differs.
+    pub udp_grace: Option<(u32, u32)>,
     pub added: Vec<Backend>,
     pub removed: Vec<Backend>,
     pub changed: Vec<BackendChange>,
@@ -784,6 +836,8 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
         key: new.key,
         hash_ports: changed(old.hash_ports, new.hash_ports),
         track_flows: changed(old.track_flows, new.track_flows),
+        idle_timeout: changed(old.idle_timeout, new.idle_timeout),
+        udp_grace: changed(old.udp_grace, new.udp_grace),
         added: Vec::new(),
         removed: Vec::new(),
         changed: Vec::new(),
@@ -796,6 +850,8 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
     });
     let unchanged = change.hash_ports.is_none()
         && change.track_flows.is_none()
+        && change.idle_timeout.is_none()
+        && change.udp_grace.is_none()
         && change.added.is_empty()
         && change.removed.is_empty()
         && change.changed.is_empty();
@@ -865,6 +921,12 @@ impl fmt::Display for Diff {
             if !s.track_flows {
                 writeln!(f, "    track_flows false")?;
             }
+            if s.idle_timeout != IDLE_TIMEOUT_DEFAULT {
+                writeln!(f, "    idle_timeout {}", s.idle_timeout)?;
+            }
+            if s.udp_grace != UDP_GRACE_DEFAULT {
+                writeln!(f, "    udp_grace {}", s.udp_grace)?;
+            }
             for b in &s.backends {
                 writeln!(f, "    + {b}")?;
             }
@@ -876,6 +938,12 @@ impl fmt::Display for Diff {
             }
             if let Some((old, new)) = c.track_flows {
                 writeln!(f, "    ~ track_flows {old} -> {new}")?;
+            }
+            if let Some((old, new)) = c.idle_timeout {
+                writeln!(f, "    ~ idle_timeout {old} -> {new}")?;
+            }
+            if let Some((old, new)) = c.udp_grace {
+                writeln!(f, "    ~ udp_grace {old} -> {new}")?;
             }
             for b in &c.removed {
                 writeln!(f, "    - {}", b.addr)?;
@@ -999,7 +1067,7 @@ mod tests {
         assert_eq!(m.global, Global { source_v4: Some(Ipv4Addr::new(198, 18, 0, 2)), ..Global::default() });
         assert_eq!(
             m.services,
-            [Service { key: udp(v4("203.0.113.10"), 0), hash_ports: true, track_flows: true, backends: vec![backend(v4("198.18.0.101"), Some(MAC65), 1)] }]
+            [Service::new(udp(v4("203.0.113.10"), 0), vec![backend(v4("198.18.0.101"), Some(MAC65), 1)])]
         );
         assert_eq!(m.services[0].key.to_string(), "203.0.113.10:*/udp");
     }

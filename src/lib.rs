@@ -19,6 +19,8 @@ pub mod input_file;
 pub mod libbpf_log;
 pub mod maglev;
 pub mod maps;
+pub mod settle;
 pub mod state;
 pub mod stats;
 pub mod status;
+pub mod transition;

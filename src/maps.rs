@@ -156,9 +156,9 @@ impl LbMaps {
             .chunks_exact(size_of::<VipEntry>())
             .map(|c| c.try_into().expect("24 bytes"))
             .collect();
-        let services: Vec<u32> = read_array(&self.services, 0, MAX_SERVICES as u32)?
-            .chunks_exact(4)
-            .map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")))
+        let services: Vec<bpf::Service> = read_array(&self.services, 0, MAX_SERVICES as u32)?
+            .chunks_exact(size_of::<bpf::Service>())
+            .map(|c| bpf::value_from(c).expect("value size checked"))
             .collect();
         let backends: Vec<Backend> = read_array(&self.backends, 0, MAX_BACKENDS as u32)?
             .chunks_exact(size_of::<Backend>())
@@ -166,6 +166,7 @@ impl LbMaps {
             .collect();
         let mut snapshot = apply::decode(config, vips, &services, &backends, read_table)?;
         snapshot.service_tables = (self.tables.max_entries() as usize / MAGLEV_SIZE).min(MAX_SERVICES);
+        snapshot.tick = tick()?;
         Ok(snapshot)
     }
 
@@ -183,6 +184,11 @@ impl LbMaps {
     /// The MAGLEV_SIZE slots of service `number`'s table.
     pub fn read_table(&self, number: u32) -> Result<Vec<u32>> {
         read_u32s(&self.tables, number * MAGLEV_SIZE as u32, MAGLEV_SIZE as u32)
+    }
+
+    /// Writes words of l4lb_tables: (index, word).
+    pub fn write_slot_words(&self, entries: &[(u32, u32)]) -> Result<()> {
+        write_u32_entries(&self.tables, entries)
     }
 
     /// Packets and bytes per backend number, summed over CPUs.
@@ -252,6 +258,13 @@ impl apply::Io for LbMaps {
     fn grace(&self) {
         wait_for_datapath_readers()
     }
+}
+
+/// The host's tick (l4lb_config.clock): whole seconds of CLOCK_MONOTONIC,
+/// the clock the sweep and the applies share.
+pub fn tick() -> Result<u32> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).context("reading CLOCK_MONOTONIC")?;
+    Ok(now.tv_sec() as u32)
 }
 
 pub fn random_seed() -> Result<u32> {

@@ -21,12 +21,20 @@ pub struct RunningService {
     pub number: u32,
     pub key: ServiceKey,
     pub hash_ports: bool,
-    /// Whether flows are pinned to their backend (L4LB_SERVICE_TRACK_FLOWS).
+    /// Whether table changes put slots in transition (L4LB_SERVICE_TRACK_FLOWS).
     pub track_flows: bool,
+    pub idle_timeout: u32,
+    pub udp_grace: u32,
+    /// Tick of the last apply that put slots of it in transition.
+    pub changed: u32,
     /// Sorted by address.
     pub backends: Vec<RunningBackend>,
-    /// MAGLEV_SIZE backend numbers (or SLOT_EMPTY).
+    /// MAGLEV_SIZE backend numbers (or SLOT_EMPTY): each slot's current
+    /// backend, the one new flows get.
     pub table: Vec<u32>,
+    /// The slots in transition: slot -> previous backend number
+    /// (docs/transitions.md; `transition::join` gives the words).
+    pub transitions: std::collections::BTreeMap<u32, u32>,
 }
 
 /// Everything `l4lb config` prints and `l4lb apply` plans against.
@@ -85,6 +93,8 @@ impl RunningService {
             key: self.key,
             hash_ports: self.hash_ports,
             track_flows: self.track_flows,
+            idle_timeout: self.idle_timeout,
+            udp_grace: self.udp_grace,
             backends: self.backends.iter().map(|b| b.backend).collect(),
         }
     }

@@ -411,7 +411,7 @@ fn service_of(kind: Kind) -> ServiceKey {
 fn timing_model(set: u8) -> Model {
     Model {
         global: global(),
-        services: vec![config::Service { key: tcp_vip(), hash_ports: true, track_flows: true, backends: backends_of(destinations(set)) }],
+        services: vec![config::Service::new(tcp_vip(), backends_of(destinations(set)))],
     }
 }
 
@@ -419,7 +419,7 @@ fn timing_model(set: u8) -> Model {
 /// the UDP VIP, the IPv4 VIP with IPv6 backends, the IPv6 VIP and the
 /// catch-all, 512 backends each; every one tracking flows (the default) or none.
 fn bench_model(track_flows: bool) -> Model {
-    let service = |key, backends| config::Service { key, hash_ports: true, track_flows, backends };
+    let service = |key, backends| config::Service { track_flows, ..config::Service::new(key, backends) };
     let mut services = vec![
         service(tcp_vip(), backends_of(destinations(0))),
         service(service_of(Kind::Udp64), backends_of(destinations(2))),

@@ -1,20 +1,15 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Connection tracking: pinning a flow to the backend it went to, so that a
- * change of its service's Maglev table does not move it (include/l4lb.h says
- * which packets pin and when a pin holds). One HASH lookup per packet of a
- * tracked service; an update only when a flow is new or its pin went stale.
+/* Slots in transition (docs/transitions.md): the only place per-flow state
+ * is read or written. A steady slot never comes here. In a slot in
+ * transition a new connection goes to the slot's current backend, one from
+ * before the change to its previous backend, and each is pinned in
+ * l4lb_flows so that it stays there; include/l4lb.h has the rules in short.
  */
 #ifndef L4LB_FLOWS_H
 #define L4LB_FLOWS_H
 
 #include "maps.h"
 #include "parse.h"
-
-enum pin_state {
-	PIN_NONE,   /* the flow has no entry */
-	PIN_HELD,   /* its entry names a backend that is still the same one */
-	PIN_STALE,  /* its entry names a backend number that now holds another, or none */
-};
 
 /* The flow as it is hashed: `ports` is what flow_hash() took (0 for
  * fragments and for UDP services that do not hash ports). The client's
@@ -30,68 +25,95 @@ static __always_inline void flow_key(struct l4lb_flow_key *key, const struct pac
 	key->pad[1] = 0;
 }
 
-/* The backend the flow is pinned to, while its number still names the
- * backend it was pinned to (active, in this service, same address): backend
- * numbers are reused, a removed backend's flows must not follow its number.
+/* Whether backend number `number` is a backend of service `service`:
+ * numbers above L4LB_MAX_BACKENDS find no entry.
  */
-static __always_inline struct l4lb_backend *pinned_backend(const struct l4lb_flow_key *key, __u32 service,
-							   __u32 *number, enum pin_state *state)
+static __always_inline struct l4lb_backend *service_backend(__u32 number, __u32 service)
 {
-	struct l4lb_backend *backend;
-	struct l4lb_flow *pin;
+	struct l4lb_backend *backend = bpf_map_lookup_elem(&l4lb_backends, &number);
 
-	*state = PIN_NONE;
-	pin = bpf_map_lookup_elem(&l4lb_flows, key);
-	if (!pin)
+	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE) || backend->service != service)
 		return NULL;
-	*state = PIN_STALE;
-	backend = bpf_map_lookup_elem(&l4lb_backends, &pin->backend);
-	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE) || backend->service != service ||
-	    backend->family != pin->family || !addr16_equal(backend->addr, pin->addr))
-		return NULL;
-	*state = PIN_HELD;
-	*number = pin->backend;
 	return backend;
 }
 
-/* The backend a packet of a tracked service keeps: its flow's pin, while
- * the pin holds. A SYN starts a new connection and keeps none: it takes its
- * slot's backend (the entry is still read: pins_flow() rewrites a reused
- * 4-tuple's).
+/* Whether a pin still holds: made in this slot, and its backend number
+ * still names the backend it was pinned to (backend numbers are reused: a
+ * removed backend's flows must not follow its number).
  */
-static __always_inline struct l4lb_backend *kept_backend(const struct l4lb_flow_key *key, const struct packet *pkt,
-							 __u32 service, __u32 *number, enum pin_state *state)
+static __always_inline int pin_holds(const struct l4lb_flow *pin, __u32 service, __u32 slot)
 {
-	struct l4lb_backend *backend = pinned_backend(key, service, number, state);
+	struct l4lb_backend *backend;
 
-	return pkt->syn ? NULL : backend;
+	if (pin->slot != slot)
+		return 0;
+	backend = service_backend(pin->backend, service);
+	return backend && backend->family == pin->family && addr16_equal(backend->addr, pin->addr);
 }
 
-/* Whether a packet that took its slot's backend pins its flow there. Not an
- * ICMP error (it follows pins, never makes one), and not a SYN of a flow
- * without an entry, so that a flood of SYNs from spoofed sources creates no
- * entries: the connection's next segment pins it.
+/* Whether a packet without a pin belongs to a flow from before the slot's
+ * change: any TCP packet but a SYN, and UDP while the service's grace lasts
+ * (UDP has no handshake to tell a new flow by).
  */
-static __always_inline int pins_flow(const struct packet *pkt, enum pin_state state)
+static __always_inline int from_before_change(const struct packet *pkt, const struct l4lb_service *service,
+					      const struct l4lb_config *config)
 {
-	return !pkt->icmp_error && (!pkt->syn || state != PIN_NONE);
+	if (pkt->syn)
+		return 0;
+	if (pkt->vip.proto != IPPROTO_UDP)
+		return 1;
+	return config->clock - service->changed < service->udp_grace;
 }
 
-/* Pins the flow to backend `number` (a new entry, or over the one it had);
- * returns the event's counter. The value is built on the stack and handed
- * to the update helper: offload takes no plain store into a map value.
+/* Pins the flow to backend `number`; returns the event's counter. The value
+ * is built on the stack and handed to the update helper: offload takes no
+ * plain store into a map value.
  */
-static __always_inline __u32 pin_flow(const struct l4lb_flow_key *key, const struct l4lb_backend *backend,
-				      __u32 number, enum pin_state state)
+static __always_inline __u32 pin_flow(const struct l4lb_flow_key *key, __u32 number, __u32 slot, __u32 clock,
+				      int had_entry)
 {
 	struct l4lb_flow pin = {};
+	struct l4lb_backend *backend = bpf_map_lookup_elem(&l4lb_backends, &number);
 
+	if (!backend)
+		return L4LB_CNT_FLOW_TABLE_FULL;
 	addr16_copy(pin.addr, backend->addr);
 	pin.backend = number;
+	pin.slot = slot;
+	pin.seen = clock;
 	pin.family = backend->family;
 	if (bpf_map_update_elem(&l4lb_flows, key, &pin, BPF_ANY))
 		return L4LB_CNT_FLOW_TABLE_FULL;
-	return state == PIN_NONE ? L4LB_CNT_FLOW_PINNED : L4LB_CNT_FLOW_REPINNED;
+	return had_entry ? L4LB_CNT_FLOW_REPINNED : L4LB_CNT_FLOW_PINNED;
+}
+
+/* The backend number for a packet in a slot in transition (`word`, at
+ * index `slot` of l4lb_tables). *event is set to the FLOW_* counter of a pin
+ * written, or left alone.
+ */
+static __always_inline __u32 transition_backend(const struct l4lb_flow_key *key, const struct packet *pkt,
+						const struct l4lb_service *service, __u32 service_number,
+						const struct l4lb_config *config, __u32 slot, __u32 word,
+						__u32 *event)
+{
+	__u32 current = word & L4LB_SLOT_BACKEND_MASK;
+	__u32 previous = (word >> L4LB_SLOT_PREVIOUS_SHIFT) & L4LB_SLOT_PREVIOUS_MASK;
+	__u32 target = current, clock = config->clock;
+	struct l4lb_flow *pin = bpf_map_lookup_elem(&l4lb_flows, key);
+
+	if (pin && !pkt->syn && pin_holds(pin, service_number, slot)) {
+		/* Raised by an atomic add (offload takes no other write into a
+		 * map value); two CPUs racing push it ahead, never back.
+		 */
+		if (pin->seen != clock)
+			__sync_fetch_and_add(&pin->seen, clock - pin->seen);
+		return pin->backend;
+	}
+	if (from_before_change(pkt, service, config) && service_backend(previous, service_number))
+		target = previous;
+	if (!pkt->icmp_error)
+		*event = pin_flow(key, target, slot, clock, pin != NULL);
+	return target;
 }
 
 #endif /* L4LB_FLOWS_H */

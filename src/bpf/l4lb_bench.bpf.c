@@ -357,8 +357,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 	struct l4lb_flow_key key;
 	struct packet pkt = {};
 	struct inner inner = {};
-	enum pin_state pin = PIN_NONE;
-	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value, tracked = 0, event;
+	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value, event = L4LB_CNT_MAX;
 	__u64 bytes;
 
 	pkt.flow = &key;
@@ -402,17 +401,6 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		} else {
 			hash = jhash_3words(pkt.saddr, pkt.daddr, pkt.ports, config->hash_seed + pkt.vip.proto);
 		}
-		/* l4lb_balance's connection tracking, with flows.h's rules.
-		 * (The bench's services hash ports: the key's ports are the
-		 * packet's.) */
-		backend = NULL;
-		if ((what & V_FLOWS) && (service->flags & L4LB_SERVICE_TRACK_FLOWS)) {
-			tracked = 1;
-			flow_key(&key, &pkt, pkt.ports);
-			backend = kept_backend(&key, &pkt, service_number, &number, &pin);
-		}
-		if (backend)
-			goto selected;
 		slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
 		if (what & V_SMALL_TABLE)
 			slot &= 0xff;
@@ -425,15 +413,20 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		if (!slot_value)
 			return XDP_DROP;
 		number = *slot_value;
+		/* l4lb_balance's slots in transition, with flows.h's rules
+		 * (the bench's services hash ports: the key's ports are the
+		 * packet's). Without V_FLOWS a word in transition names no
+		 * backend and the frame is dropped.
+		 */
+		if ((what & V_FLOWS) && number > L4LB_SLOT_BACKEND_MASK && number != L4LB_SLOT_EMPTY) {
+			flow_key(&key, &pkt, pkt.ports);
+			number = transition_backend(&key, &pkt, service, service_number, config, index, number, &event);
+			if ((what & V_COUNT) && event != L4LB_CNT_MAX)
+				v_count(event, what);
+		}
 		backend = bpf_map_lookup_elem(&l4lb_backends, &number);
 		if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
 			return XDP_DROP;
-		if (tracked && pins_flow(&pkt, pin)) {
-			event = pin_flow(&key, backend, number, pin);
-			if (what & V_COUNT)
-				v_count(event, what);
-		}
-selected:
 		if (backend->family != L4LB_FAMILY_IPV4)
 			return XDP_DROP;
 		if (config->mtu && pkt.l3_len + L4LB_IPIP_OVERHEAD > config->mtu)

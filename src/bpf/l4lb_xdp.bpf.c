@@ -15,7 +15,8 @@
  * Loads through the Rust host's skeleton, through iproute2
  * (`ip link set dev DEV xdpdrv obj l4lb_xdp.o sec xdp`) and offloaded:
  * ARRAY and HASH maps only, no global variables, atomic adds only, no helper
- * outside the offload list, no subprogram calls, no division.
+ * outside the offload list, no subprogram calls, no division. (The loop
+ * in vip.h is unrolled.)
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -49,24 +50,12 @@ static __always_inline __u32 flow_hash(const struct packet *pkt, __u32 ports, __
 	return jhash_3words(pkt->saddr, pkt->daddr, ports, seed + pkt->vip.proto);
 }
 
-/* The backend in the flow's slot of the service's table: (hash * SIZE) >> 32
- * spreads the hash over the slots like a modulo, without a division.
+/* The flow's slot in the service's table: (hash * SIZE) >> 32 spreads the
+ * hash over the slots like a modulo, without a division.
  */
-static __always_inline struct l4lb_backend *select_backend(__u32 service, __u32 hash, __u32 *number_out)
+static __always_inline __u32 slot_index(__u32 service, __u32 hash)
 {
-	__u32 slot = ((__u64)hash * L4LB_MAGLEV_SIZE) >> 32;
-	__u32 index = service * L4LB_MAGLEV_SIZE + slot;
-	struct l4lb_backend *backend;
-	__u32 *number;
-
-	number = bpf_map_lookup_elem(&l4lb_tables, &index);
-	if (!number)
-		return NULL;
-	backend = bpf_map_lookup_elem(&l4lb_backends, number);
-	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
-		return NULL;
-	*number_out = *number;
-	return backend;
+	return service * L4LB_MAGLEV_SIZE + (((__u64)hash * L4LB_MAGLEV_SIZE) >> 32);
 }
 
 /* Everything between parsing and XDP_TX; returns the frame's outcome counter. */
@@ -75,13 +64,13 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct l4lb_service *service;
-	struct l4lb_backend *backend = NULL;
+	struct l4lb_backend *backend;
 	struct l4lb_config *config;
 	struct l4lb_flow_key key;
 	struct packet pkt;
 	struct inner inner;
-	enum pin_state pin = PIN_NONE;
-	__u32 zero = 0, outcome, service_number, number = 0, ports, hash, overhead, tracked;
+	__u32 zero = 0, outcome, service_number, number, ports, hash, overhead, slot, *word;
+	__u32 event = L4LB_CNT_MAX;
 	__u64 bytes;
 	int err;
 
@@ -103,21 +92,23 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 
 	ports = flow_ports(&pkt, service);
 	hash = flow_hash(&pkt, ports, config->hash_seed);
-	/* A pinned flow stays with its backend whatever the table says now
-	 * (flows.h says which packets pin and which keep their pin).
-	 */
-	tracked = service->flags & L4LB_SERVICE_TRACK_FLOWS;
-	if (tracked) {
-		flow_key(&key, &pkt, ports);
-		backend = kept_backend(&key, &pkt, service_number, &number, &pin);
-	}
-	if (!backend) {
-		backend = select_backend(service_number, hash, &number);
-		if (!backend)
+	slot = slot_index(service_number, hash);
+	word = bpf_map_lookup_elem(&l4lb_tables, &slot);
+	if (!word)
+		return L4LB_CNT_DROP_NO_BACKEND;
+	number = *word;
+	/* A steady slot is a bare backend number: no per-flow state. */
+	if (number > L4LB_SLOT_BACKEND_MASK) {
+		if (number == L4LB_SLOT_EMPTY)
 			return L4LB_CNT_DROP_NO_BACKEND;
-		if (tracked && pins_flow(&pkt, pin))
-			count(pin_flow(&key, backend, number, pin));
+		flow_key(&key, &pkt, ports);
+		number = transition_backend(&key, &pkt, service, service_number, config, slot, number, &event);
+		if (event != L4LB_CNT_MAX)
+			count(event);
 	}
+	backend = bpf_map_lookup_elem(&l4lb_backends, &number);
+	if (!backend || !(backend->flags & L4LB_BACKEND_ACTIVE))
+		return L4LB_CNT_DROP_NO_BACKEND;
 
 	inner.l3_len = pkt.l3_len;
 	inner.l2_len = pkt.l2_len;
