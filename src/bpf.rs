@@ -106,12 +106,34 @@ mod tests {
 
     #[test]
     fn layouts_are_the_headers() {
+        use std::mem::offset_of;
         assert_eq!(size_of::<Vip>(), 24);
-        assert_eq!(size_of::<Service>(), 4);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(
+            [offset_of!(Service, flags), offset_of!(Service, changed), offset_of!(Service, udp_grace), offset_of!(Service, idle_timeout)],
+            [0, 4, 8, 12]
+        );
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<Traffic>(), 16);
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Config>(), 52);
+        assert_eq!(offset_of!(Config, clock), 48);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowPin>(), 24);
+        assert_eq!(size_of::<FlowPin>(), 32);
+        assert_eq!(
+            [offset_of!(FlowPin, addr), offset_of!(FlowPin, backend), offset_of!(FlowPin, slot), offset_of!(FlowPin, seen), offset_of!(FlowPin, family)],
+            [0, 16, 20, 24, 28]
+        );
+    }
+
+    #[test]
+    fn slot_words_fit_the_backend_numbers() {
+        // A steady word is a bare backend number: below the TRANSITION bit
+        // and never EMPTY; a previous number fits its field.
+        assert!((MAX_BACKENDS as u32 - 1) <= consts::L4LB_SLOT_BACKEND_MASK);
+        assert!((MAX_BACKENDS as u32 - 1) <= consts::L4LB_SLOT_PREVIOUS_MASK);
+        assert_eq!(consts::L4LB_SLOT_BACKEND_MASK & consts::L4LB_SLOT_TRANSITION, 0);
+        assert_eq!((consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_TRANSITION, 0);
+        assert_eq!((consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_BACKEND_MASK, 0);
+        assert_eq!((consts::L4LB_IDLE_TIMEOUT_DEFAULT, consts::L4LB_UDP_GRACE_DEFAULT), (300, 30));
     }
 }
