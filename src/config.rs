@@ -1053,6 +1053,7 @@ mod tests {
         assert!(!m.services[2].hash_ports);
         assert!(m.services[0].track_flows && m.services[1].track_flows, "flows are tracked by default");
         assert!(!m.services[2].track_flows);
+        assert!(m.services.iter().all(|s| (s.idle_timeout, s.udp_grace) == (300, 30)), "the defaults, written out or not");
         assert_eq!(m.total_backends(), 5);
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 53)), Some(&m.services[2]));
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 54)), None);
@@ -1112,9 +1113,93 @@ mod tests {
         assert!(!off.services[0].track_flows);
         assert!(off.services[0].hash_ports, "independent of hash_ports");
         // Rendered like every other key, default included.
-        assert!(to_toml(&off).contains("\nport = 0\nhash_ports = true\ntrack_flows = false\nbackends = [\n"), "{}", to_toml(&off));
-        assert!(to_toml(&model(&text(""))).contains("\nhash_ports = true\ntrack_flows = true\nbackends = [\n"));
+        assert!(
+            to_toml(&off).contains("\nport = 0\nhash_ports = true\ntrack_flows = false\nidle_timeout = 300\nudp_grace = 30\nbackends = [\n"),
+            "{}",
+            to_toml(&off)
+        );
+        assert!(to_toml(&model(&text(""))).contains("\nhash_ports = true\ntrack_flows = true\nidle_timeout = 300\nudp_grace = 30\nbackends = [\n"));
         assert_eq!(err(&text("track_flows = \"off\"\n")), "lb.toml:7: invalid type: string \"off\", expected a boolean");
+    }
+
+    #[test]
+    fn idle_timeout_and_udp_grace_default_and_are_checked() {
+        // The setting on line 9.
+        let text = |setting: &str| {
+            with_global(&format!(
+                "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"udp\"\nport = 53\n{setting}backends = [{{ address = \"198.18.0.101\" }}]\n"
+            ))
+        };
+        let settings = |m: &Model| (m.services[0].idle_timeout, m.services[0].udp_grace);
+        assert_eq!((IDLE_TIMEOUT_DEFAULT, UDP_GRACE_DEFAULT, MAX_TRANSITION_SECONDS), (300, 30, 86_400));
+        assert_eq!(settings(&model(&text(""))), (300, 30), "defaults");
+        assert_eq!(settings(&model(&text("idle_timeout = 5\nudp_grace = 0\n"))), (5, 0));
+        assert_eq!(settings(&model(&text("udp_grace = 86400\nidle_timeout = 86400\n"))), (86_400, 86_400));
+        assert_eq!(settings(&model(&text("idle_timeout = 1\n"))), (1, 30));
+        // Independent of track_flows (kept for when it is turned back on).
+        let untracked = model(&text("track_flows = false\nidle_timeout = 60\n"));
+        assert_eq!((untracked.services[0].track_flows, settings(&untracked)), (false, (60, 30)));
+
+        let range = |name: &str, value: &str, min: u32| {
+            format!("lb.toml:9: service 203.0.113.10:53/udp: {name} = {value} is out of range ({min}..=86400 seconds)")
+        };
+        assert_eq!(err(&text("idle_timeout = 0\n")), range("idle_timeout", "0", 1));
+        assert_eq!(err(&text("idle_timeout = 86401\n")), range("idle_timeout", "86401", 1));
+        assert_eq!(err(&text("idle_timeout = -300\n")), range("idle_timeout", "-300", 1));
+        assert_eq!(err(&text("idle_timeout = 4294967596\n")), range("idle_timeout", "4294967596", 1), "not wrapped to 300");
+        assert_eq!(err(&text("udp_grace = -1\n")), range("udp_grace", "-1", 0));
+        assert_eq!(err(&text("udp_grace = 86401\n")), range("udp_grace", "86401", 0));
+        assert_eq!(
+            err(&text("idle_timeout = 5\nudp_grace = 100000\n")),
+            "lb.toml:10: service 203.0.113.10:53/udp: udp_grace = 100000 is out of range (0..=86400 seconds)"
+        );
+        assert_eq!(err(&text("idle_timeout = \"300\"\n")), "lb.toml:9: invalid type: string \"300\", expected an integer");
+        assert_eq!(err(&text("idle_timeout = \"5m\"\n")), "lb.toml:9: invalid type: string \"5m\", expected an integer");
+        assert_eq!(err(&text("udp_grace = 1.5\n")), "lb.toml:9: invalid type: floating point `1.5`, expected an integer");
+        assert_eq!(err(&text("udp_grace = true\n")), "lb.toml:9: invalid type: boolean `true`, expected an integer");
+
+        // Rendered (defaults included) and read back.
+        let tuned = model(&text("idle_timeout = 5\nudp_grace = 0\n"));
+        let rendered = to_toml(&tuned);
+        assert!(rendered.contains("\nport = 53\nhash_ports = true\ntrack_flows = true\nidle_timeout = 5\nudp_grace = 0\nbackends = [\n"), "{rendered}");
+        assert_eq!(model(&rendered), tuned);
+        assert_eq!(to_toml(&model(&rendered)), rendered);
+
+        // The diff names each change; an added service its non-defaults.
+        let running = model(&text(""));
+        let d = diff(&running, &model(&text("idle_timeout = 5\n")));
+        assert_eq!((d.changed.len(), d.changed[0].idle_timeout, d.changed[0].udp_grace), (1, Some((300, 5)), None));
+        assert_eq!(
+            d.to_string(),
+            "~ service 203.0.113.10:53/udp\n\
+             \x20   ~ idle_timeout 300 -> 5\n\
+             services: 0 added, 0 removed, 1 changed; global: 0 changed\n"
+        );
+        let d = diff(&running, &tuned);
+        assert_eq!((d.changed[0].idle_timeout, d.changed[0].udp_grace), (Some((300, 5)), Some((30, 0))));
+        assert_eq!(
+            d.to_string(),
+            "~ service 203.0.113.10:53/udp\n\
+             \x20   ~ idle_timeout 300 -> 5\n\
+             \x20   ~ udp_grace 30 -> 0\n\
+             services: 0 added, 0 removed, 1 changed; global: 0 changed\n"
+        );
+        assert!(diff(&tuned, &model(&rendered)).is_empty());
+        assert_eq!(
+            diff(&Model { global: tuned.global.clone(), services: vec![] }, &tuned).to_string(),
+            "+ service 203.0.113.10:53/udp (1 backend)\n\
+             \x20   idle_timeout 5\n\
+             \x20   udp_grace 0\n\
+             \x20   + 198.18.0.101 mac gateway weight 1\n\
+             services: 1 added, 0 removed, 0 changed; global: 0 changed\n"
+        );
+        assert_eq!(
+            diff(&Model { global: running.global.clone(), services: vec![] }, &running).to_string(),
+            "+ service 203.0.113.10:53/udp (1 backend)\n\
+             \x20   + 198.18.0.101 mac gateway weight 1\n\
+             services: 1 added, 0 removed, 0 changed; global: 0 changed\n",
+            "defaults are not listed"
+        );
     }
 
     #[test]
@@ -1238,7 +1323,7 @@ mod tests {
         assert_eq!(err("[globals]\n"), "lb.toml:1: unknown field `globals`, expected `global` or `service`");
         assert_eq!(
             err(&with_global("[[service]]\nvip = \"*\"\nports = 0\n")),
-            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `track_flows`, `backends`"
+            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `track_flows`, `idle_timeout`, `udp_grace`, `backends`"
         );
         assert_eq!(
             err(&service("203.0.113.10", "{ address = \"198.18.0.101\", wieght = 2 }")),
@@ -1435,6 +1520,8 @@ protocol = "any"
 port = 0
 hash_ports = true
 track_flows = true
+idle_timeout = 300
+udp_grace = 30
 backends = [
   { address = "198.18.0.201", mac = "02:00:c6:12:00:c9", weight = 1 },
 ]
@@ -1444,6 +1531,8 @@ vip = "203.0.113.10"
 protocol = "tcp"
 port = 80
 track_flows = true
+idle_timeout = 300
+udp_grace = 30
 backends = [
   { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
   { address = "198.18.0.102", weight = 2 },
@@ -1456,6 +1545,8 @@ protocol = "udp"
 port = 53
 hash_ports = false
 track_flows = false
+idle_timeout = 300
+udp_grace = 30
 backends = [
   { address = "2001:db8::101", weight = 1 },
 ]
@@ -1476,6 +1567,7 @@ backends = [
             model("[global]\nhash_seed = 0xffffffff\n"),
             model(&with_global("[[service]]\nvip = \"*\"\nhash_ports = false\nbackends = [{ address = \"2001:db8::1\" }]\n")),
             model(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = false\nbackends = [{ address = \"198.18.0.101\" }]\n")),
+            model(&with_global("[[service]]\nvip = \"*\"\nidle_timeout = 86400\nudp_grace = 0\nbackends = [{ address = \"198.18.0.101\" }]\n")),
             big,
         ];
         for m in &models {
