@@ -618,7 +618,7 @@ fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) 
             return format!("remove service {extra}");
         }
         let backends = base.services[0].backends.iter().map(|b| config::Backend { weight: 1, ..*b }).collect();
-        model.services.push(Service { key: extra, hash_ports: true, track_flows: base.services[0].track_flows, backends });
+        model.services.push(Service { track_flows: base.services[0].track_flows, ..Service::new(extra, backends) });
         model.services.sort_by_key(|s| s.key);
         return format!("add service {extra}");
     }
