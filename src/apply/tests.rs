@@ -38,7 +38,7 @@ fn be(addr: &str, weight: u32) -> Backend {
 fn service(key: ServiceKey, backends: &[Backend]) -> Service {
     let mut backends = backends.to_vec();
     backends.sort();
-    Service { key, hash_ports: true, track_flows: true, backends }
+    Service::new(key, backends)
 }
 
 fn model(services: Vec<Service>) -> Model {
@@ -50,6 +50,16 @@ fn model(services: Vec<Service>) -> Model {
 /// `n` backends 10.0.x.y (weight 1).
 fn pool(first: u32, n: u32) -> Vec<Backend> {
     (first..first + n).map(|i| Backend { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), mac: None, weight: 1 }).collect()
+}
+
+/// Flags of a tracked service with IPv4 backends (ports hashed).
+const TRACKED_V4: u32 =
+    consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS | consts::L4LB_SERVICE_TRACK_FLOWS;
+
+/// An l4lb_services entry as include/l4lb.h lays it out: flags, changed,
+/// udp_grace, idle_timeout (native order).
+fn entry_bytes(flags: u32, changed: u32, udp_grace: u32, idle_timeout: u32) -> Vec<u8> {
+    [flags, changed, udp_grace, idle_timeout].iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
 fn config_bytes(c: &Config) -> Vec<u8> {
@@ -65,16 +75,77 @@ fn assert_same(got: &Snapshot, want: &Snapshot) {
 /// Plans and executes `wanted`, checks that the maps read back as the plan
 /// said and that planning the same model again writes nothing.
 fn run(maps: &FakeMaps, wanted: &Model) -> Plan {
-    let now = maps.snapshot();
+    run_at(maps, wanted, 0)
+}
+
+/// [`run`] with the host's tick at `tick` when the maps are read (what
+/// changed services are stamped with); planned again one tick later.
+fn run_at(maps: &FakeMaps, wanted: &Model, tick: u32) -> Plan {
+    let now = snapshot_at(maps, tick);
     let plan = plan(&now, wanted, SEED).unwrap();
+    let tables = maps.tables.borrow().clone();
     execute(maps, &plan).unwrap();
-    let after = maps.snapshot();
-    assert_same(&after, &plan.after);
+    check_after(maps, &plan, &now, &tables);
+    let after = snapshot_at(maps, tick + 1);
     assert_eq!(after.running.model().services, wanted.services);
     let again = super::plan(&after, wanted, SEED ^ 1).unwrap();
     assert!(again.is_empty(), "not idempotent: {:?}", again.steps);
     assert!(again.diff.is_empty());
     plan
+}
+
+/// The maps read at tick `tick`.
+fn snapshot_at(maps: &FakeMaps, tick: u32) -> Snapshot {
+    let mut now = maps.snapshot();
+    now.tick = tick;
+    now
+}
+
+/// After `plan` (made from `now`, the tables then `tables`) was carried
+/// out: the maps read back exactly as `plan.after` (services with their
+/// tables, transitions and `changed`; the configuration with its clock;
+/// the VIP entries); every table word is the current backend, with the
+/// TRANSITION bit and the previous backend in the high half for a slot in
+/// transition; each entry carries changed, udp_grace and idle_timeout; a
+/// service that stays had exactly the slots whose word changed written.
+/// And the planner's promises: an untracked service has no slot in
+/// transition, a previous backend is a backend of the service.
+fn check_after(maps: &FakeMaps, plan: &Plan, now: &Snapshot, tables: &[u32]) {
+    assert_same(&maps.snapshot(), &plan.after);
+    let words = maps.tables.borrow();
+    for s in &plan.after.running.services {
+        let base = s.number as usize * MAGLEV_SIZE;
+        for (i, &word) in words[base..base + MAGLEV_SIZE].iter().enumerate() {
+            let want = match s.transitions.get(&(i as u32)) {
+                Some(&previous) => s.table[i] | consts::L4LB_SLOT_TRANSITION | previous << consts::L4LB_SLOT_PREVIOUS_SHIFT,
+                None => s.table[i],
+            };
+            assert_eq!(word, want, "service {} slot {i}", s.key);
+        }
+        let entry = maps.read(MapId::Services, s.number).unwrap();
+        assert_eq!(entry[4..], entry_bytes(0, s.changed, s.udp_grace, s.idle_timeout)[4..], "service {}", s.key);
+        assert!(s.track_flows || s.transitions.is_empty(), "{}: untracked with slots in transition", s.key);
+        for (slot, previous) in &s.transitions {
+            assert!(s.backends.iter().any(|b| b.number == *previous), "{} slot {slot}: previous {previous} is no backend of it", s.key);
+        }
+        if now.running.service(&s.key).is_some() {
+            let written: BTreeSet<u32> = slot_writes(plan, s.number).iter().map(|w| w.0).collect();
+            let changed: BTreeSet<u32> = (0..MAGLEV_SIZE).filter(|&i| tables[base + i] != words[base + i]).map(|i| i as u32).collect();
+            assert_eq!(written, changed, "{}: slots written", s.key);
+        }
+    }
+}
+
+/// The (slot, word) writes of `plan` into service `number`'s table.
+fn slot_writes(plan: &Plan, number: u32) -> Vec<(u32, u32)> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Slots { service, writes } if *service == number => Some(writes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 fn writes_to(plan: &Plan, map: MapId) -> Vec<u32> {
@@ -130,11 +201,8 @@ fn a_new_service_is_written_whole_before_it_is_published() {
     let backend: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, 0).unwrap()).unwrap();
     assert_eq!((backend.addr[..4].to_vec(), backend.mac, backend.family, backend.service, backend.weight), (vec![10, 0, 0, 1], GW, 4, 0, 1));
     assert_eq!(u32::from(backend.flags), consts::L4LB_BACKEND_ACTIVE | consts::L4LB_BACKEND_GATEWAY_MAC);
-    let flags = u32::from_ne_bytes(maps.read(MapId::Services, 0).unwrap()[..].try_into().unwrap());
-    assert_eq!(
-        flags,
-        consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS | consts::L4LB_SERVICE_TRACK_FLOWS
-    );
+    // Its entry: flags, never changed, the default grace and idle timeout.
+    assert_eq!(maps.read(MapId::Services, 0).unwrap(), entry_bytes(TRACKED_V4, 0, 30, 300));
 }
 
 #[test]
@@ -236,7 +304,7 @@ fn flipping_track_flows_writes_only_the_service_entry() {
     let base = consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS;
     for (wanted, flags) in [(&untracked, base), (&tracked, base | consts::L4LB_SERVICE_TRACK_FLOWS)] {
         let plan = run(&maps, &model(vec![wanted.clone()]));
-        assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: number, value: flags.to_ne_bytes().to_vec() }]);
+        assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: number, value: entry_bytes(flags, 0, 30, 300) }]);
         let after = plan.after.running.service(&wanted.key).unwrap();
         assert_eq!((after.track_flows, &after.table), (wanted.track_flows, &table), "the table stays");
         assert_eq!(plan.diff.changed[0].track_flows, Some((!wanted.track_flows, wanted.track_flows)));
@@ -418,8 +486,9 @@ fn ipv6_services_and_ipv4_in_ipv6() {
     let mixed = service(tcp("203.0.113.10", 443), &[be("198.18.0.101", 1), be("2001:db8::103", 1)]);
     let plan = run(&maps, &model(vec![v6.clone(), mixed.clone()]));
     let n6 = plan.after.running.service(&v6.key).unwrap().number;
-    let flags = u32::from_ne_bytes(maps.read(MapId::Services, n6).unwrap()[..].try_into().unwrap());
-    assert_eq!(flags & consts::L4LB_SERVICE_IPV4_BACKENDS, 0);
+    assert_eq!(maps.read(MapId::Services, n6).unwrap(), entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_IPV4_BACKENDS, 0, 30, 300));
+    let n4 = plan.after.running.service(&mixed.key).unwrap().number;
+    assert_eq!(maps.read(MapId::Services, n4).unwrap(), entry_bytes(TRACKED_V4, 0, 30, 300), "IPv4-in-IPv6: some backend is IPv4");
     let b = plan.after.running.service(&mixed.key).unwrap().backends[1].number;
     let entry: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, b).unwrap()).unwrap();
     assert_eq!((entry.family, entry.addr), (bpf::FAMILY_IPV6, "2001:db8::103".parse::<Ipv6Addr>().unwrap().octets()));
@@ -477,7 +546,7 @@ fn a_full_balancer_reuses_numbers_only_after_unpublishing() {
     let unpublish = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0));
     assert!(unpublish < grace && grace < table, "{:?}", &plan.steps[..8]);
     // Its service entry is not cleared afterwards.
-    assert!(!plan.steps[table..].iter().any(|s| matches!(s, Step::Write { map: MapId::Services, key: 0, value } if value == &vec![0; 4])));
+    assert!(!plan.steps[table..].iter().any(|s| matches!(s, Step::Write { map: MapId::Services, key: 0, value } if value == &vec![0; 16])));
     assert_eq!(old.running.services.len(), 64);
 }
 
@@ -486,7 +555,7 @@ fn decode_ignores_what_nothing_publishes() {
     let maps = FakeMaps::new();
     run(&maps, &model(vec![service(tcp("203.0.113.10", 80), &pool(1, 2))]));
     // An active service and backend no VIP names (an interrupted apply).
-    maps.write(MapId::Services, 5, &consts::L4LB_SERVICE_ACTIVE.to_ne_bytes()).unwrap();
+    maps.write(MapId::Services, 5, &entry_bytes(consts::L4LB_SERVICE_ACTIVE, 0, 30, 300)).unwrap();
     let stray = backend_entry(&be("10.9.9.9", 1), 5, Some(GW));
     maps.write(MapId::Backends, 77, &bytes_of(&stray)).unwrap();
     let running = maps.snapshot().running;
@@ -524,7 +593,7 @@ fn vip_write(plan: &Plan, entry: u32, pred: impl Fn(&[u8]) -> bool) -> usize {
 }
 
 fn service_write(plan: &Plan, n: u32) -> usize {
-    position(plan, |s| matches!(s, Step::Write { map: MapId::Services, key, value } if *key == n && value != &vec![0; 4]))
+    position(plan, |s| matches!(s, Step::Write { map: MapId::Services, key, value } if *key == n && value != &vec![0; 16]))
 }
 
 /// Fails the plan at every write in turn: each time the maps are back byte
