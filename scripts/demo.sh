@@ -85,6 +85,64 @@ for url in "http://$VIP/" "http://$VIP_4IN6/" "http://[$VIP6]/"; do
 done
 echo "(each answer went from its backend straight to the client: the balancer only sees the client's packets)"
 
+step "a change with connections open: 12 keep-alive connections to $VIP, then be1 drained (weight 0) and be2 removed"
+# One HTTP/1.1 connection per client port, each asked once before and once
+# after the apply: a connection whose backend stays in the service (be1 at
+# weight 0 included) keeps it although its slot may now name another one;
+# be2's connections break (their backend left). The slots whose backend
+# changed are in transition until `l4lb settle` ends them.
+backend_addr_of() { grep -v '^#' "$DESTINATIONS" | sed -n "${1}s/,.*//p" | tr -d ' '; }
+changed="$STATE/lb-changed.toml"
+python3 - "$STATE/lb.toml" "$changed" "$(backend_addr_of 1)" "$(backend_addr_of 2)" <<'PY'
+import re, sys
+src, dst, be1, be2 = sys.argv[1:5]
+text = open(src).read()
+text = re.sub(r'\n\[\[service\]\]\nvip = "[^"]*"', lambda m: m.group(0) + "\nidle_timeout = 5", text)
+text = re.sub(r'(  \{ address = "%s", mac = "[^"]*") \},' % re.escape(be1), r'\1, weight = 0 },', text)
+text = re.sub(r'  \{ address = "%s", mac = "[^"]*" \},\n' % re.escape(be2), '', text)
+open(dst, "w").write(text)
+PY
+fifo="$STATE/demo-keepalive.fifo"
+rm -f "$fifo"; mkfifo "$fifo"
+cat >"$STATE/demo-keepalive.py" <<'PY'
+import http.client, sys
+vip, first_port = sys.argv[1], int(sys.argv[2])
+conns = []
+for i in range(12):
+    c = http.client.HTTPConnection(vip, 80, timeout=3, source_address=("", first_port + i))
+    c.request("GET", "/"); before = c.getresponse().read().decode().split()[0]
+    conns.append((first_port + i, c, before))
+print("opened:", " ".join(f"{p}->{b}" for p, _, b in conns), flush=True)
+sys.stdin.readline()
+kept = broke = moved = 0
+for p, c, before in conns:
+    try:
+        c.request("GET", "/"); after = c.getresponse().read().decode().split()[0]
+    except Exception as err:
+        after = f"broken ({type(err).__name__})"
+    verdict = "kept" if after == before else ("broken" if after.startswith("broken") else "MOVED")
+    kept += verdict == "kept"; broke += verdict == "broken"; moved += verdict == "MOVED"
+    print(f"  port {p}: {before} -> {after}  {verdict}")
+print(f"{kept} kept their backend, {broke} broken (their backend was removed), {moved} moved")
+PY
+ip netns exec "$CLIENT_NS" python3 "$STATE/demo-keepalive.py" "$VIP" "$port" <"$fifo" &
+client_pid=$!
+exec 3>"$fifo"
+sleep 1.5
+port=$((port + 12))
+show ip netns exec "$LB_NS" "$L4LB" apply -i "$LB_DEV" -c "$changed"
+show ip netns exec "$LB_NS" "$L4LB" settle -i "$LB_DEV"
+echo >&3; exec 3>&-
+wait "$client_pid" || true
+rm -f "$fifo" "$STATE/demo-keepalive.py"
+echo "(the connections' idle time is 5 s here: once they are idle that long, settle ends the transitions)"
+sleep 6
+show ip netns exec "$LB_NS" "$L4LB" settle -i "$LB_DEV"
+sleep 1
+show ip netns exec "$LB_NS" "$L4LB" settle -i "$LB_DEV"
+show ip netns exec "$LB_NS" "$L4LB" apply -i "$LB_DEV" -c "$STATE/lb.toml"
+rm -f "$changed"
+
 step "flood: hping3 $VIP --rand-source --flood -S -p 80 from the client, live l4lb stats for ${SECONDS_TO_RUN}s"
 # Started directly (not through a shell function) so that $! is hping3 itself.
 ip netns exec "$CLIENT_NS" hping3 "$VIP" --rand-source --flood -S -p 80 -q >/dev/null 2>&1 &
