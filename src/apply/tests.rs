@@ -851,3 +851,266 @@ fn the_mtu_is_written_first_kept_when_absent_and_checked() {
 fn plan_of_err(maps: &FakeMaps, wanted: &Model) -> String {
     plan(&maps.snapshot(), wanted, SEED).unwrap_err().to_string()
 }
+
+// ----- slots in transition (docs/transitions.md)
+
+/// The word of a slot in transition, as include/l4lb.h spells it.
+fn transition_word(current: u32, previous: u32) -> u32 {
+    current | consts::L4LB_SLOT_TRANSITION | previous << consts::L4LB_SLOT_PREVIOUS_SHIFT
+}
+
+/// l4lb_config.clock in the bytes of a configuration write.
+fn clock_of(value: &[u8]) -> u32 {
+    u32::from_ne_bytes(value[48..52].try_into().unwrap())
+}
+
+/// 203.0.113.10:80/tcp with 10 backends (numbers 0..=9) applied at tick 0,
+/// then an 11th (number 10) at tick 1000: slots in transition.
+fn tracked_in_transition(maps: &FakeMaps) -> ServiceKey {
+    let key = tcp("203.0.113.10", 80);
+    run(maps, &model(vec![service(key, &pool(1, 10))]));
+    run_at(maps, &model(vec![service(key, &pool(1, 11))]), 1000);
+    key
+}
+
+#[test]
+fn adding_a_backend_puts_exactly_the_changed_slots_in_transition() {
+    let maps = FakeMaps::new();
+    let key = tcp("203.0.113.10", 80);
+    let first = run_at(&maps, &model(vec![service(key, &pool(1, 10))]), 500);
+    let before = first.after.running.service(&key).unwrap().clone();
+    assert!(before.transitions.is_empty() && before.changed == 0, "a new service starts steady, never changed");
+    assert_eq!(first.after.config.clock, 0, "no transition, no clock written");
+
+    let plan = run_at(&maps, &model(vec![service(key, &pool(1, 11))]), 1000);
+    let after = plan.after.running.service(&key).unwrap();
+    let moved: BTreeMap<u32, u32> =
+        (0..MAGLEV_SIZE).filter(|&i| before.table[i] != after.table[i]).map(|i| (i as u32, before.table[i])).collect();
+    assert!(moved.len() > MAGLEV_SIZE / 20 && moved.len() < MAGLEV_SIZE / 5, "about 1/11 of the slots move: {}", moved.len());
+    assert_eq!(after.transitions, moved, "the slots whose backend changed, each with its old backend as the previous one");
+    assert!(
+        after.table.iter().enumerate().filter(|(_, &n)| n == 10).all(|(i, _)| after.transitions.get(&(i as u32)).is_some_and(|&p| p < 10)),
+        "every slot of the new backend came from an old one"
+    );
+    assert_eq!((after.changed, plan.after.config.clock), (1000, 1000), "stamped with the snapshot's tick");
+    // The writes: counters and entry of the new backend, the clock (before
+    // any slot), the transition words of the moved slots, the entry.
+    let Step::Write { map: MapId::Config, value: config, .. } = &plan.steps[2] else { panic!("{:?}", plan.steps[2]) };
+    assert_eq!(clock_of(config), 1000);
+    let words: Vec<(u32, u32)> = moved.iter().map(|(&i, &previous)| (i, transition_word(after.table[i as usize], previous))).collect();
+    assert_eq!(plan.steps.len(), 5, "{:?}", plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>());
+    assert_eq!(plan.steps[0], Step::Zero { map: MapId::BackendStats, key: 10 });
+    assert!(matches!(plan.steps[1], Step::Write { map: MapId::Backends, key: 10, .. }));
+    assert_eq!(plan.steps[3], Step::Slots { service: after.number, writes: words });
+    assert_eq!(plan.steps[4], Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) });
+    assert_eq!(plan.slots_written(), moved.len());
+}
+
+#[test]
+fn a_removed_backend_leaves_no_transition_behind() {
+    let maps = FakeMaps::new();
+    let key = tracked_in_transition(&maps);
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+    let removed = before.backends.iter().find(|b| b.backend.addr == ip("10.0.0.3")).unwrap().number;
+    let fewer: Vec<Backend> = pool(1, 11).into_iter().filter(|b| b.addr != ip("10.0.0.3")).collect();
+    let now = snapshot_at(&maps, 2000);
+    let plan = plan(&now, &model(vec![service(key, &fewer)]), SEED).unwrap();
+    let tables = maps.tables.borrow().clone();
+    rollback_everywhere(&maps, &plan);
+    check_after(&maps, &plan, &now, &tables);
+    let after = plan.after.running.service(&key).unwrap();
+    assert!(after.table.iter().all(|&n| n != removed));
+    // Slot by slot, the rule of docs/transitions.md with `removed` gone.
+    let stays = |n: u32| n != removed;
+    let (mut steady_removed, mut previous_removed) = (0, 0);
+    for i in 0..MAGLEV_SIZE {
+        let (was, current) = (before.table[i], after.table[i]);
+        let want = match before.transitions.get(&(i as u32)) {
+            // Steady on the removed backend: steady on the new one.
+            None if was == removed => {
+                steady_removed += 1;
+                None
+            }
+            None if was == current => None,
+            None => Some(was),
+            // In transition from the removed backend: the old current one
+            // if it stays, else the new one.
+            Some(&previous) if !stays(previous) => {
+                previous_removed += 1;
+                Some(if stays(was) { was } else { current })
+            }
+            Some(&previous) => Some(previous),
+        };
+        assert_eq!(after.transitions.get(&(i as u32)).copied(), want, "slot {i}: was {was} (previous {:?}), now {current}", before.transitions.get(&(i as u32)));
+    }
+    assert!(steady_removed > 1000 && previous_removed > 100, "{steady_removed} steady on it, {previous_removed} in transition from it");
+    assert!(after.transitions.values().all(|&p| p != removed), "no previous number the apply removes");
+    // Its slots (steady, or current of a transition) are steady now.
+    for (i, &was) in before.table.iter().enumerate() {
+        if was == removed && !before.transitions.contains_key(&(i as u32)) {
+            assert!(!after.transitions.contains_key(&(i as u32)), "slot {i}");
+        }
+    }
+    // Slots in transition changed: the service is stamped, the clock written.
+    assert_eq!((after.changed, plan.after.config.clock), (2000, 2000));
+
+    // The new backend (number 10) goes too: the slots whose previous and
+    // current backends are both gone keep only their pins (previous = the
+    // new current).
+    let before = after.clone();
+    let both_gone: Vec<usize> = (0..MAGLEV_SIZE).filter(|&i| before.table[i] == 10 && before.transitions.get(&(i as u32)) == Some(&10)).collect();
+    assert!(both_gone.len() > 100, "{}", both_gone.len());
+    let fewer: Vec<Backend> = fewer.into_iter().filter(|b| b.addr != ip("10.0.0.11")).collect();
+    let plan = run_at(&maps, &model(vec![service(key, &fewer)]), 3000);
+    let after = plan.after.running.service(&key).unwrap();
+    for i in both_gone {
+        assert_eq!(after.transitions.get(&(i as u32)), Some(&after.table[i]), "slot {i}");
+    }
+    assert!(after.transitions.values().all(|&p| p != 10 && p != removed));
+    assert_eq!(after.changed, 3000);
+}
+
+#[test]
+fn a_second_change_keeps_the_first_previous_backend() {
+    // A -> B (a new backend, number 4) at tick 100, then B -> C (another
+    // new one, number 5) at tick 200: A stays the previous backend.
+    let maps = FakeMaps::new();
+    let key = tcp("203.0.113.10", 80);
+    run(&maps, &model(vec![service(key, &pool(1, 4))]));
+    let original = maps.snapshot().running.service(&key).unwrap().table.clone();
+    let first = run_at(&maps, &model(vec![service(key, &pool(1, 5))]), 100);
+    let middle = first.after.running.service(&key).unwrap().clone();
+    let plan = run_at(&maps, &model(vec![service(key, &pool(1, 6))]), 200);
+    let after = plan.after.running.service(&key).unwrap();
+    let mut twice = 0;
+    for i in 0..MAGLEV_SIZE {
+        let slot = i as u32;
+        match (middle.transitions.get(&slot), after.table[i]) {
+            // A -> B -> C.
+            (Some(&a), c) if c != middle.table[i] => {
+                assert_eq!(a, original[i]);
+                assert_eq!(after.transitions.get(&slot), Some(&a), "slot {i}: {a} -> {} -> {c}", middle.table[i]);
+                twice += 1;
+            }
+            // A -> B, left alone.
+            (Some(&a), _) => assert_eq!(after.transitions.get(&slot), Some(&a)),
+            // Steady A -> C.
+            (None, c) if c != middle.table[i] => assert_eq!(after.transitions.get(&slot), Some(&middle.table[i])),
+            (None, _) => assert_eq!(after.transitions.get(&slot), None),
+        }
+    }
+    assert!(twice > 100, "{twice} slots changed twice");
+    assert!(after.transitions.values().all(|&p| p < 4), "only the first four backends are ever previous ones");
+    assert_eq!((middle.changed, after.changed, plan.after.config.clock), (100, 200, 200));
+    // Only the slots whose word changed were written: those left alone
+    // kept their word.
+    let written: BTreeSet<u32> = slot_writes(&plan, after.number).iter().map(|w| w.0).collect();
+    assert_eq!(written.len(), (0..MAGLEV_SIZE).filter(|&i| middle.table[i] != after.table[i]).count());
+}
+
+#[test]
+fn draining_puts_the_drained_backend_s_slots_in_transition_from_it() {
+    let maps = FakeMaps::new();
+    let key = tcp("203.0.113.10", 80);
+    let mut backends = pool(1, 4);
+    run(&maps, &model(vec![service(key, &backends)]));
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+    let drained = before.backends.iter().find(|b| b.backend.addr == ip("10.0.0.3")).unwrap().number;
+    backends[2].weight = 0;
+    let plan = run_at(&maps, &model(vec![service(key, &backends)]), 500);
+    let after = plan.after.running.service(&key).unwrap();
+    let its: BTreeSet<u32> = (0..MAGLEV_SIZE as u32).filter(|&i| before.table[i as usize] == drained).collect();
+    let from_it: BTreeSet<u32> = after.transitions.iter().filter(|(_, &p)| p == drained).map(|(&i, _)| i).collect();
+    assert!(its.len() > MAGLEV_SIZE / 5);
+    assert_eq!(from_it, its, "every slot it had, in transition with it as the previous backend");
+    assert!(after.table.iter().all(|&n| n != drained), "no new flows");
+    for (&i, &previous) in &after.transitions {
+        assert_eq!(previous, before.table[i as usize]);
+    }
+    assert_eq!((after.changed, plan.after.config.clock), (500, 500));
+    // The entry stays (weight 0, bookkeeping); its words name it.
+    assert_eq!(writes_to(&plan, MapId::Backends), [drained]);
+    let slot = *its.first().unwrap();
+    assert_eq!(maps.tables.borrow()[after.number as usize * MAGLEV_SIZE + slot as usize], transition_word(after.table[slot as usize], drained));
+}
+
+#[test]
+fn an_untracked_service_gets_steady_words_only() {
+    let maps = FakeMaps::new();
+    let key = udp("203.0.113.10", 53);
+    let untracked = |n| Service { track_flows: false, ..service(key, &pool(1, n)) };
+    run(&maps, &model(vec![untracked(10)]));
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+    let plan = run_at(&maps, &model(vec![untracked(11)]), 100);
+    let after = plan.after.running.service(&key).unwrap();
+    assert!(after.transitions.is_empty());
+    let writes = slot_writes(&plan, after.number);
+    let moved: Vec<(u32, u32)> =
+        (0..MAGLEV_SIZE).filter(|&i| before.table[i] != after.table[i]).map(|i| (i as u32, after.table[i])).collect();
+    assert_eq!(writes, moved, "the new backend numbers, bare");
+    assert!(writes.iter().all(|&(_, w)| w < MAX_BACKENDS as u32));
+    // Nothing stamped, no clock written.
+    assert_eq!((after.changed, plan.after.config.clock), (0, 0));
+    assert!(writes_to(&plan, MapId::Config).is_empty(), "{:?}", writes_to(&plan, MapId::Config));
+    assert_eq!(maps.read(MapId::Services, after.number).unwrap(), entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 0, 30, 300));
+}
+
+#[test]
+fn turning_tracking_off_makes_every_slot_steady() {
+    let maps = FakeMaps::new();
+    let key = tracked_in_transition(&maps);
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+    assert!(!before.transitions.is_empty());
+    let off = Service { track_flows: false, ..service(key, &pool(1, 11)) };
+    let plan = run_at(&maps, &model(vec![off.clone()]), 2000);
+    let after = plan.after.running.service(&key).unwrap();
+    assert!(after.transitions.is_empty());
+    assert_eq!(after.table, before.table, "same backends, same table");
+    // The slots in transition, steady on their current backend; then the
+    // entry (tracking off, `changed` kept); nothing else, no clock.
+    let steady: Vec<(u32, u32)> = before.transitions.keys().map(|&i| (i, before.table[i as usize])).collect();
+    assert_eq!(
+        plan.steps,
+        [
+            Step::Slots { service: after.number, writes: steady },
+            Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 1000, 30, 300) },
+        ]
+    );
+    assert_eq!((after.changed, plan.after.config.clock), (1000, 1000));
+    assert_eq!(plan.diff.changed[0].track_flows, Some((true, false)));
+    // Back on: only the entry; the table stays steady.
+    let plan = run_at(&maps, &model(vec![service(key, &pool(1, 11))]), 3000);
+    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) }]);
+    assert!(plan.after.running.service(&key).unwrap().transitions.is_empty());
+}
+
+#[test]
+fn a_settings_change_rewrites_only_the_service_entry() {
+    let maps = FakeMaps::new();
+    let key = tracked_in_transition(&maps);
+    let before = maps.snapshot().running.service(&key).unwrap().clone();
+    let tuned = Service { idle_timeout: 5, ..service(key, &pool(1, 11)) };
+    let plan = run_at(&maps, &model(vec![tuned.clone()]), 2000);
+    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 30, 5) }]);
+    let after = plan.after.running.service(&key).unwrap();
+    assert_eq!((&after.table, &after.transitions, after.changed), (&before.table, &before.transitions, 1000), "slots and their change time stay");
+    assert_eq!(plan.diff.to_string(), "~ service 203.0.113.10:80/tcp\n    ~ idle_timeout 300 -> 5\nservices: 0 added, 0 removed, 1 changed; global: 0 changed\n");
+    let graced = Service { udp_grace: 0, ..tuned };
+    let plan = run_at(&maps, &model(vec![graced]), 2001);
+    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 0, 5) }]);
+}
+
+#[test]
+fn an_apply_that_changes_nothing_writes_nothing() {
+    let maps = FakeMaps::new();
+    let key = tracked_in_transition(&maps);
+    let wanted = maps.snapshot().running.model();
+    assert!(!maps.snapshot().running.service(&key).unwrap().transitions.is_empty());
+    let before = maps.dump();
+    let plan = plan(&snapshot_at(&maps, 5000), &wanted, SEED).unwrap();
+    assert!(plan.is_empty() && plan.diff.is_empty() && plan.writes() == 0, "{:?}", plan.steps);
+    execute(&maps, &plan).unwrap();
+    assert!(maps.dump() == before, "no write, the clock included");
+    assert_eq!((plan.after.config.clock, plan.after.running.service(&key).unwrap().changed), (1000, 1000));
+    assert_eq!(maps.graces.get(), 0);
+}
