@@ -38,7 +38,8 @@
 //!     (same address, any weight, 0 included) keeps that backend; one whose
 //!     backend left takes the new table's backend (and is pinned to it), one
 //!     whose service went is passed or taken by the catch-all;
-//!   - new connections (SYNs, new ones for every apply) follow the tables:
+//!   - new connections (SYNs, flows no probe used before, new ones for
+//!     every apply) follow the tables:
 //!     one changes backend only when its slot's backend changed, and its
 //!     ACK after the apply goes where the new table says (a SYN pins nothing).
 //! * Two `l4lb map` processes started at the same moment with different
@@ -50,6 +51,12 @@
 //! pass_no_service, every
 //! drop counter 0 (`drop_no_backend` above all), and more than 100,000 frames.
 //! The figures (frames, update times, counters) are printed.
+//!
+//! Everything a test chooses comes from one seed, printed at its start:
+//! destination sets, configurations, probes and the balancer's hash seed
+//! (`l4lb attach --seed`); `UNDER_LOAD_SEED=N` repeats a run (the flood's
+//! random clients, drawn in the kernel, and the timing of concurrent
+//! processes aside: neither decides an outcome the tests check).
 //!
 //! Namespaces are `l4lbt-<pid>-u<n>-gen` / `-lb`; a guard deletes them (and
 //! with them the veth and its XDP programs) even when an assertion fails. The
@@ -68,7 +75,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::services::{predict, predict_pinned, same_snapshot, table_addresses, Pins, Probe, Program, Segment, Verdict, PROTO_TCP, PROTO_UDP};
+use common::services::{
+    mix64, predict, predict_pinned, same_snapshot, table_addresses, FreshFlows, Pins, Probe, Program, Segment, Verdict, PROTO_TCP, PROTO_UDP,
+};
 use common::{fail, in_netns, ip, link_mac, TestResult};
 use l4lb::apply::{self, Snapshot};
 use l4lb::bench::frames::{self, Endpoints, Kind};
@@ -141,7 +150,9 @@ struct Topology {
 }
 
 impl Topology {
-    fn new() -> TestResult<Self> {
+    /// `hash_seed`: the balancer's (`l4lb attach --seed`), so that a run's
+    /// seed decides which slot every flow takes.
+    fn new(hash_seed: u32) -> TestResult<Self> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let base = format!("{PREFIX}-{}-u{n}", std::process::id());
@@ -170,7 +181,7 @@ impl Topology {
         ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
         topo.gen_mac = link_mac(gen, gen_dev)?;
         topo.lb_mac = link_mac(lb, lb_dev)?;
-        topo.l4lb(&["attach", "-i", lb_dev])?.success()?;
+        topo.l4lb(&["attach", "-i", lb_dev, "--seed", &format!("{hash_seed:#010x}")])?.success()?;
         Ok(topo)
     }
 
@@ -746,8 +757,25 @@ fn summary(times: &[Duration]) -> String {
     format!("min {:.1} ms, median {median:.1} ms, max {:.1} ms", ms(sorted[0]), ms(sorted[sorted.len() - 1]))
 }
 
+/// The run's seed: UNDER_LOAD_SEED, else a random one. Everything the
+/// tests choose comes from it: destination sets, configurations, probes,
+/// and the balancer's hash seed (`hash_seed_of`).
 fn seed() -> u64 {
     std::env::var("UNDER_LOAD_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}
+
+/// The balancer's hash seed for a run's seed.
+fn hash_seed_of(seed: u64) -> u32 {
+    (mix64(seed ^ 0x6861_7368_5f73_6565) >> 32) as u32
+}
+
+/// The line that names a run's seeds: enough to repeat the run exactly.
+fn print_seed(what: &str, seed: u64) {
+    println!(
+        "under_load: {what} from seed {seed}, the balancer's hash seed from it: {:#010x} (`l4lb attach --seed {:#010x}`); UNDER_LOAD_SEED={seed} repeats the run",
+        hash_seed_of(seed),
+        hash_seed_of(seed)
+    );
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -759,8 +787,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn hundred_map_updates_under_flood() -> TestResult {
     let _serial = serial();
     let seed = seed();
-    println!("under_load: destination sets from seed {seed} (UNDER_LOAD_SEED={seed} repeats them)");
-    let topo = Topology::new()?;
+    print_seed("destination sets", seed);
+    let topo = Topology::new(hash_seed_of(seed))?;
     let mut sets = Sets::new(seed);
 
     // The first fill, before the flood: frames must never meet an empty table.
@@ -1033,11 +1061,11 @@ fn probe_destinations(model: &Model) -> Vec<(IpAddr, u8, u16)> {
     dsts
 }
 
-/// SYN probes (new connections) to the TCP destinations of `model`, new
-/// ones for every apply.
-fn syn_probes(model: &Model, k: usize) -> Vec<Probe> {
+/// SYN probes (new connections) to the TCP destinations of `model`: flows
+/// no probe used before (`fresh`), new ones for every apply.
+fn syn_probes(model: &Model, fresh: &mut FreshFlows, salt: u64) -> Vec<Probe> {
     let tcp: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| d.1 == PROTO_TCP).collect();
-    common::services::probes(&tcp, 24, k as u32)
+    fresh.probes(&tcp, 24, salt)
 }
 
 /// Established-flow probes per destination (TCP segments with ACK and UDP
@@ -1095,11 +1123,12 @@ struct Established {
 }
 
 impl Established {
-    /// Adds probes for destinations not seen before.
-    fn extend(&mut self, model: &Model, salt: u32) {
+    /// Adds probes for destinations not seen before (flows no probe used
+    /// before: `fresh`).
+    fn extend(&mut self, model: &Model, fresh: &mut FreshFlows, salt: u64) {
         let new: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| !self.destinations.contains(d)).collect();
         self.destinations.extend(new.iter().copied());
-        self.probes.extend(common::services::quiet_probes(&new, ESTABLISHED_PER_DESTINATION, salt));
+        self.probes.extend(fresh.quiet_probes(&new, ESTABLISHED_PER_DESTINATION, salt));
     }
 
     /// Sends every probe as an established segment through the program and
@@ -1160,14 +1189,19 @@ impl Established {
 fn apply_updates_under_flood() -> TestResult {
     let _serial = serial();
     let seed = seed();
-    println!("under_load: configurations from seed {seed} (UNDER_LOAD_SEED={seed} repeats them)");
-    let topo = Topology::new()?;
+    print_seed("configurations", seed);
+    let topo = Topology::new(hash_seed_of(seed))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut gen = GenConfig::initial(&mut rng);
     topo.l4lb_many(&[topo.apply_args("initial.toml", &gen.text())?])?.remove(0).success()?;
     let maps = topo.open_maps()?;
     let program = topo.program()?;
     let mut state = maps.read_snapshot()?;
+    // Every probe's flow is new to the balancer when first sent: SYN
+    // probes new for every apply, established ones new for their
+    // destination, none of them a flow another one used.
+    let mut fresh = FreshFlows::default();
+    let probe_salt = mix64(seed);
 
     let mut flood = Flood::start(&topo)?;
     let mut taken = Vec::new();
@@ -1187,11 +1221,11 @@ fn apply_updates_under_flood() -> TestResult {
         let wanted = config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
         let what = format!("apply {k} ({change})");
         let plan = apply::plan(&state, &wanted, 0)?;
-        let probes = syn_probes(&wanted, k);
+        let probes = syn_probes(&wanted, &mut fresh, probe_salt.wrapping_add(k as u64));
         let before_verdicts = syn_verdicts(&format!("{what}, before"), &program, &state.running, &mut pins, &probes)?;
         // Destinations of this apply's services too: their probes go to
         // the catch-all (or are passed) until the apply, to the new service after it.
-        established.extend(&wanted, k as u32);
+        established.extend(&wanted, &mut fresh, probe_salt.wrapping_add(k as u64));
         established.send(&format!("{what}, before"), &program, &mut pins, &state.running, None)?;
 
         let args = topo.apply_args(&format!("update-{k}.toml"), &text)?;
@@ -1278,7 +1312,8 @@ fn apply_updates_under_flood() -> TestResult {
         e.saved_from_churn, e.kept_off_table
     );
     println!(
-        "  SYN probes (new every apply): {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}; of those, the old backend stayed unchanged in the service: {kept_slot_moved}); the ACK after the apply followed the new table for all {syn_then_ack} (a SYN pins nothing)"
+        "  SYN probes (new every apply, {} flows used by all probes, none twice): {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}; of those, the old backend stayed unchanged in the service: {kept_slot_moved}); the ACK after the apply followed the new table for all {syn_then_ack} (a SYN pins nothing)",
+        fresh.len()
     );
     println!(
         "  flow table during the applies: {} flows pinned, {} re-pinned, {} refused (table full); the model's pins: {}",
@@ -1294,8 +1329,8 @@ fn apply_updates_under_flood() -> TestResult {
 fn concurrent_map_processes_are_serialised() -> TestResult {
     let _serial = serial();
     let seed = seed();
-    println!("under_load: concurrent sets from seed {seed} (UNDER_LOAD_SEED={seed} repeats them)");
-    let topo = Topology::new()?;
+    print_seed("concurrent sets", seed);
+    let topo = Topology::new(hash_seed_of(seed))?;
     let mut sets = Sets::new(seed);
     let first = sets.fresh(20, &BTreeSet::new());
     let mut set: Vec<Destination> = sets.make(&first);

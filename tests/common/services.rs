@@ -7,7 +7,7 @@
 //! for services that track flows, with a model of the flow table's pins
 //! (include/l4lb.h, "Connection tracking").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -335,55 +335,152 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
     Err(fail(format!("{what}: running state differs (global {:?} / {:?}, fragments {:?} / {:?})", a.global, e.global, a.fragments, e.fragments)))
 }
 
-/// A deterministic sample of probes: IPv4 and IPv6 clients to `dst`
-/// addresses, TCP and UDP, to the given ports.
-pub fn probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
-    let mut out = Vec::new();
-    for (k, &(dst, proto, dport)) in dsts.iter().enumerate() {
-        for i in 0..per {
-            let x = (i as u32).wrapping_mul(0x9e37_79b1) ^ salt.wrapping_add(k as u32).wrapping_mul(0x85eb_ca6b);
-            let src = match dst {
-                IpAddr::V4(_) => IpAddr::from([198, 18, (x >> 8) as u8, x as u8 | 1]),
-                IpAddr::V6(_) => {
-                    let mut a = [0u8; 16];
-                    a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
-                    a[4..6].copy_from_slice(&[0xca, 0xfe]);
-                    a[12..].copy_from_slice(&x.to_be_bytes());
-                    a[15] |= 1;
-                    IpAddr::from(a)
-                }
-            };
-            let sport = 1024 + (x >> 16) as u16 % 60000;
-            out.push(Probe { src, dst, proto, sport, dport });
-        }
-    }
-    out
+/// splitmix64's finaliser (after its increment): a bijective 64-bit mix
+/// in which every input bit moves every output bit.
+pub fn mix64(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
-/// Like `probes`, but from clients that no other traffic of these suites
-/// uses (100.64.0.0/16, 2001:db8:e57::/64) and from source ports below
-/// 0x8000, so that no flood frame (bench frames: clients in 198.18.0.0/16
-/// and 2001:db8:18::/48, ports from 0x8000) shares a flow, or a pin, with
-/// them: for established-flow probes whose pins the test models.
-pub fn quiet_probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
-    probes(dsts, per, salt)
-        .into_iter()
-        .map(|mut p| {
-            p.src = match p.src {
-                IpAddr::V4(a) => {
-                    let [_, _, c, d] = a.octets();
-                    IpAddr::from([100, 64, c, d])
+/// The hash a probe is drawn from: every input (the salt, the destination
+/// itself, the probe's index for it) goes through the mix in turn, so
+/// that no two inputs give related probes (a destination's position in a
+/// list plays no part).
+fn probe_hash(salt: u64, dst: IpAddr, proto: u8, dport: u16, index: u64) -> u64 {
+    let (family, addr) = match dst {
+        IpAddr::V4(a) => (4u64, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (6u64, u128::from(a)),
+    };
+    let words = [salt, (addr >> 64) as u64, addr as u64, family << 32 | u64::from(proto) << 16 | u64::from(dport), index];
+    words.iter().fold(0x6c34_6c62_7072_6f62, |h, &w| mix64(h ^ w))
+}
+
+/// Where a sample's clients come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clients {
+    /// 198.18.0.0/16 and 2001:db8:cafe::/64, source ports 1024 to 61023.
+    Any,
+    /// 100.64.0.0/16 and 2001:db8:e57::/64, source ports 1024 to 0x7fff:
+    /// no flood frame of these suites (bench frames: clients in
+    /// 198.18.0.0/16 and 2001:db8:18::/48, ports from 0x8000) shares a
+    /// flow, or a pin, with them.
+    Quiet,
+}
+
+/// The probe that hash `h` names for a destination.
+fn probe_of(h: u64, (dst, proto, dport): (IpAddr, u8, u16), clients: Clients) -> Probe {
+    let (v4_net, v6_net, ports) = match clients {
+        Clients::Any => ([198, 18], [0xca, 0xfe], 60000),
+        Clients::Quiet => ([100, 64], [0x0e, 0x57], 0x7000),
+    };
+    let src = match dst {
+        IpAddr::V4(_) => IpAddr::from([v4_net[0], v4_net[1], (h >> 8) as u8, h as u8 | 1]),
+        IpAddr::V6(_) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+            a[4..6].copy_from_slice(&v6_net);
+            a[8..].copy_from_slice(&h.to_be_bytes());
+            a[15] |= 1;
+            IpAddr::from(a)
+        }
+    };
+    let sport = 1024 + (mix64(h) % ports) as u16;
+    Probe { src, dst, proto, sport, dport }
+}
+
+/// A flow as the flow table may key it: a UDP service that does not hash
+/// ports pins (source, destination) whatever the ports, so UDP flows are
+/// known without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowId {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    ports: (u16, u16),
+}
+
+impl FlowId {
+    fn of(p: &Probe) -> Self {
+        let ports = if p.proto == TCP { (p.sport, p.dport) } else { (0, 0) };
+        FlowId { src: p.src, dst: p.dst, proto: p.proto, ports }
+    }
+}
+
+/// The flows handed out so far: a probe drawn through it is a flow that
+/// no earlier one used (nor shared a pin with), whatever the salts and the
+/// destinations' order, so a test that wants new connections gets them
+/// for certain, not with high probability.
+#[derive(Debug, Default, Clone)]
+pub struct FreshFlows {
+    used: HashSet<FlowId>,
+}
+
+impl FreshFlows {
+    /// `per` new probes to each of `dsts` from 198.18.0.0/16 and
+    /// 2001:db8:cafe::/64, each drawn from (`salt`, the destination, an
+    /// index); a probe whose flow was handed out before is skipped for the
+    /// next index.
+    pub fn probes(&mut self, dsts: &[(IpAddr, u8, u16)], per: usize, salt: u64) -> Vec<Probe> {
+        self.sample(dsts, per, salt, Clients::Any)
+    }
+
+    /// Like `probes`, from clients that no other traffic of these suites
+    /// uses (100.64.0.0/16, 2001:db8:e57::/64) and from source ports below
+    /// 0x8000, so that no flood frame (bench frames: clients in
+    /// 198.18.0.0/16 and 2001:db8:18::/48, ports from 0x8000) shares a
+    /// flow, or a pin, with them: for established-flow probes whose pins
+    /// the test models.
+    pub fn quiet_probes(&mut self, dsts: &[(IpAddr, u8, u16)], per: usize, salt: u64) -> Vec<Probe> {
+        self.sample(dsts, per, salt, Clients::Quiet)
+    }
+
+    /// Records `probe`'s flow; false if it was handed out before.
+    pub fn claim(&mut self, probe: &Probe) -> bool {
+        self.used.insert(FlowId::of(probe))
+    }
+
+    /// Whether `probe`'s flow was handed out (or claimed) before.
+    pub fn used(&self, probe: &Probe) -> bool {
+        self.used.contains(&FlowId::of(probe))
+    }
+
+    /// Flows handed out so far.
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    fn sample(&mut self, dsts: &[(IpAddr, u8, u16)], per: usize, salt: u64, clients: Clients) -> Vec<Probe> {
+        let mut out = Vec::with_capacity(dsts.len() * per);
+        for &dst in dsts {
+            let (mut index, mut taken) = (0u64, 0);
+            while taken < per {
+                // Each destination has at least 2^15 clients times 2^12 ports.
+                assert!(index < 64 * per as u64 + 4096, "no fresh flow to {dst:?} after {index} draws ({} flows used)", self.used.len());
+                let probe = probe_of(probe_hash(salt, dst.0, dst.1, dst.2, index), dst, clients);
+                index += 1;
+                if self.claim(&probe) {
+                    out.push(probe);
+                    taken += 1;
                 }
-                IpAddr::V6(a) => {
-                    let mut o = a.octets();
-                    o[4..6].copy_from_slice(&[0x0e, 0x57]);
-                    IpAddr::from(o)
-                }
-            };
-            p.sport = 1024 + p.sport % 0x7000;
-            p
-        })
-        .collect()
+            }
+        }
+        out
+    }
+}
+
+/// A deterministic sample of probes: IPv4 and IPv6 clients (198.18.0.0/16,
+/// 2001:db8:cafe::/64) to `dst` addresses, TCP and UDP, to the given
+/// ports; `per` distinct flows to each, drawn from (`salt`, the
+/// destination, an index) as `FreshFlows::probes` draws them (a test that
+/// needs flows new across calls keeps one `FreshFlows`).
+pub fn probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
+    FreshFlows::default().probes(dsts, per, u64::from(salt))
 }
 
 pub const PROTO_TCP: u8 = TCP;
