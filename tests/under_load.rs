@@ -29,7 +29,10 @@
 //!   removed, reweighted to 0..4 (0 = draining), MACs changed, the gateway
 //!   changed, flood services taken away and given back, the same file
 //!   again): each prints exactly the planner's diff, no drop counter moves,
-//!   and the kernel's state is the planner's prediction. Flows run through
+//!   the kernel's state is the planner's prediction, and, checked without
+//!   the planner, the running configuration read back is the file's (with
+//!   the hash seed and MTU `l4lb attach` set) and every table is Maglev's
+//!   for its backends and weights. Flows run through
 //!   the attached program (BPF_PROG_TEST_RUN) before and after each apply:
 //!   - established flows (TCP segments with ACK, UDP datagrams; a fixed set
 //!     per destination, from clients the flood never uses, sent around
@@ -76,7 +79,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::services::{
-    mix64, predict, predict_pinned, same_snapshot, table_addresses, FreshFlows, Pins, Probe, Program, Segment, Verdict, PROTO_TCP, PROTO_UDP,
+    mix64, predict, predict_pinned, same_configuration, same_snapshot, table_addresses, tables_are_maglev, FreshFlows, Pins, Probe, Program, Segment, Verdict, PROTO_TCP,
+    PROTO_UDP,
 };
 use common::{fail, in_netns, ip, link_mac, TestResult};
 use l4lb::apply::{self, Snapshot};
@@ -147,6 +151,8 @@ struct Topology {
     lb_mac: [u8; 6],
     /// Scratch directory for destination files.
     dir: PathBuf,
+    /// The balancer's hash seed (`l4lb attach --seed`).
+    hash_seed: u32,
 }
 
 impl Topology {
@@ -164,6 +170,7 @@ impl Topology {
             gen_mac: [0; 6],
             lb_mac: [0; 6],
             dir: std::env::temp_dir().join(&base),
+            hash_seed,
         };
         // From here on the guard exists: a failure below still cleans up.
         std::fs::create_dir_all(&topo.dir)?;
@@ -629,6 +636,11 @@ impl Sets {
 /// configuration with the catch-all's backends replaced by the file's, the
 /// outer source the veth's address, the MTU kept).
 fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
+    Ok(apply::plan(now, &map_wanted(now, set), 0)?)
+}
+
+/// The configuration `l4lb map -f FILE` wants over `now`.
+fn map_wanted(now: &Snapshot, set: &[Destination]) -> Model {
     let mut wanted = now.running.model();
     wanted.global.source_v4 = Some(LB_ADDR);
     let mut backends: Vec<config::Backend> = set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
@@ -637,7 +649,7 @@ fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     let track_flows = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.track_flows);
     wanted.services.retain(|s| s.key != ServiceKey::CatchAll);
     wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, track_flows, backends });
-    Ok(apply::plan(now, &wanted, 0)?)
+    wanted
 }
 
 /// The line `l4lb map` ends with for `plan`.
@@ -666,12 +678,15 @@ struct Churn {
 }
 
 /// Checks the kernel's state after `l4lb map` from `before` to `set`:
-/// exactly the planner's prediction, the catch-all holding the file's
-/// destinations (with the file's MACs), every slot naming one of them and
-/// each of them some slots; returns the slot churn.
+/// exactly the planner's prediction, and without the planner: the running
+/// configuration that `map` wants, every table Maglev's, the catch-all
+/// holding the file's destinations (with the file's MACs), every slot
+/// naming one of them and each of them some slots; returns the slot churn.
 fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &Snapshot) -> TestResult<Churn> {
     let plan = plan_map(before, set)?;
     same_snapshot(what, after, &plan.after)?;
+    same_configuration(what, &after.running, &map_wanted(before, set))?;
+    tables_are_maglev(what, &after.running)?;
     let service = after.running.service(&ServiceKey::CatchAll).ok_or_else(|| fail(format!("{what}: no catch-all")))?;
     let mut wanted: Vec<(IpAddr, Option<[u8; 6]>, u32)> = set.iter().map(|d| (IpAddr::V4(d.addr), Some(d.mac), 1)).collect();
     wanted.sort();
@@ -1068,6 +1083,18 @@ fn syn_probes(model: &Model, fresh: &mut FreshFlows, salt: u64) -> Vec<Probe> {
     fresh.probes(&tcp, 24, salt)
 }
 
+/// The kernel's state after `l4lb apply` of `wanted`, checked without the
+/// planner: the running configuration read back is the file's (what the
+/// file leaves out, the hash seed and the MTU, as `kept` has them), and
+/// every table is Maglev's for its backends and weights.
+fn check_running(what: &str, got: &Snapshot, wanted: &Model, kept: &config::Global) -> TestResult {
+    let mut expected = wanted.clone();
+    expected.global.hash_seed = expected.global.hash_seed.or(kept.hash_seed);
+    expected.global.mtu = expected.global.mtu.or(kept.mtu);
+    same_configuration(what, &got.running, &expected)?;
+    tables_are_maglev(what, &got.running)
+}
+
 /// Established-flow probes per destination (TCP segments with ACK and UDP
 /// datagrams), sent before and after every apply.
 const ESTABLISHED_PER_DESTINATION: usize = 16;
@@ -1191,12 +1218,25 @@ fn apply_updates_under_flood() -> TestResult {
     let seed = seed();
     print_seed("configurations", seed);
     let topo = Topology::new(hash_seed_of(seed))?;
+    // What the files leave out stays as `l4lb attach` set it: the hash
+    // seed given, the MTU of the device.
+    let attached = topo.snapshot()?;
+    ensure!(
+        attached.running.global.hash_seed == Some(topo.hash_seed),
+        "attached with --seed {:#010x}, the running hash seed is {:?}",
+        topo.hash_seed,
+        attached.running.global.hash_seed
+    );
+    let kept = config::Global { hash_seed: Some(topo.hash_seed), mtu: attached.running.global.mtu, ..config::Global::default() };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut gen = GenConfig::initial(&mut rng);
-    topo.l4lb_many(&[topo.apply_args("initial.toml", &gen.text())?])?.remove(0).success()?;
+    let text = gen.text();
+    let initial = config::parse("initial.toml", text.as_bytes()).map_err(|e| fail(format!("the initial configuration: {e:#}\n{text}")))?;
+    topo.l4lb_many(&[topo.apply_args("initial.toml", &text)?])?.remove(0).success()?;
     let maps = topo.open_maps()?;
     let program = topo.program()?;
     let mut state = maps.read_snapshot()?;
+    check_running("the initial apply", &state, &initial, &kept)?;
     // Every probe's flow is new to the balancer when first sent: SYN
     // probes new for every apply, established ones new for their
     // destination, none of them a flow another one used.
@@ -1240,6 +1280,9 @@ fn apply_updates_under_flood() -> TestResult {
 
         let next = maps.read_snapshot()?;
         same_snapshot(&what, &next, &plan.after)?;
+        // Not only the planner's own prediction: the configuration read
+        // back is the file's, and every table Maglev's.
+        check_running(&what, &next, &wanted, &kept)?;
         established.send(&format!("{what}, after"), &program, &mut pins, &next.running, Some(&state.running))?;
         let after_verdicts = syn_verdicts(&format!("{what}, after"), &program, &next.running, &mut pins, &probes)?;
         // A new connection changes backend only when its slot's backend
@@ -1315,6 +1358,7 @@ fn apply_updates_under_flood() -> TestResult {
         "  SYN probes (new every apply, {} flows used by all probes, none twice): {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}; of those, the old backend stayed unchanged in the service: {kept_slot_moved}); the ACK after the apply followed the new table for all {syn_then_ack} (a SYN pins nothing)",
         fresh.len()
     );
+    println!("  after every apply, the running configuration read back was the file's and every table Maglev's for its backends");
     println!(
         "  flow table during the applies: {} flows pinned, {} re-pinned, {} refused (table full); the model's pins: {}",
         flow_after.0 - flow_before.0,

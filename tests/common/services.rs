@@ -310,6 +310,55 @@ pub fn table_addresses(service: &RunningService) -> Vec<Option<IpAddr>> {
     service.table.iter().map(|n| by_number.get(n).copied()).collect()
 }
 
+/// What Maglev (`l4lb::maglev::populate`, computed here from the service's
+/// backend addresses and weights, whatever the planner did) puts in each
+/// slot of `service`'s table, as backend addresses (None: an empty slot).
+pub fn maglev_addresses(service: &RunningService) -> TestResult<Vec<Option<IpAddr>>> {
+    let ids: Vec<l4lb::maglev::Backend> = service.backends.iter().map(|b| l4lb::maglev::Backend::from_addr(b.backend.addr, b.backend.weight)).collect();
+    let slots = l4lb::maglev::populate(&ids, l4lb::bpf::MAGLEV_SIZE).map_err(|e| fail(format!("service {}: maglev: {e}", service.key)))?;
+    Ok(slots.iter().map(|&i| (i != l4lb::maglev::EMPTY).then(|| service.backends[i as usize].backend.addr)).collect())
+}
+
+/// Fails unless every table of `running` is, slot for slot, Maglev's for
+/// its service's backends and weights.
+pub fn tables_are_maglev(what: &str, running: &Running) -> TestResult {
+    for s in &running.services {
+        let (got, want) = (table_addresses(s), maglev_addresses(s)?);
+        ensure!(got.len() == want.len(), "{what}: service {}: {} slots, Maglev's table has {}", s.key, got.len(), want.len());
+        let differ: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+        let name = |a: Option<IpAddr>| a.map_or("no backend".to_string(), |a| a.to_string());
+        ensure!(
+            differ.is_empty(),
+            "{what}: service {}: {} of {} slots are not Maglev's for its backends (address, weight) {:?}; first: slot {} names {}, Maglev's {}",
+            s.key,
+            differ.len(),
+            want.len(),
+            s.backends.iter().map(|b| (b.backend.addr, b.backend.weight)).collect::<Vec<_>>(),
+            differ[0],
+            name(got[differ[0]]),
+            name(want[differ[0]])
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless the running configuration (as `l4lb config` renders it)
+/// is `expected`; the message shows the canonical lines that differ.
+pub fn same_configuration(what: &str, running: &Running, expected: &l4lb::config::Model) -> TestResult {
+    let got = running.model();
+    if got == *expected {
+        return Ok(());
+    }
+    let (g, e) = (l4lb::config::to_toml(&got), l4lb::config::to_toml(expected));
+    let only = |a: &str, b: &str| a.lines().filter(|l| !b.lines().any(|x| x == *l)).map(|l| format!("\n    {l}")).collect::<String>();
+    Err(fail(format!(
+        "{what}: the running configuration is not the wanted one\n  running only:{}\n  wanted only:{}{}",
+        only(&g, &e),
+        only(&e, &g),
+        if g == e { "\n  (same canonical text: a difference the text does not show)" } else { "" }
+    )))
+}
+
 /// Fails unless two snapshots hold the same services, numbers, tables,
 /// configuration bytes and VIP entries; the message says what differs.
 pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> TestResult {
