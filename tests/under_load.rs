@@ -645,10 +645,13 @@ fn map_wanted(now: &Snapshot, set: &[Destination]) -> Model {
     wanted.global.source_v4 = Some(LB_ADDR);
     let mut backends: Vec<config::Backend> = set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
     backends.sort();
-    let hash_ports = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.hash_ports);
-    let track_flows = wanted.service(&ServiceKey::CatchAll).is_none_or(|s| s.track_flows);
+    // A new catch-all gets the defaults; an existing one keeps its settings.
+    let service = match wanted.service(&ServiceKey::CatchAll) {
+        Some(existing) => config::Service { backends, ..existing.clone() },
+        None => config::Service::new(ServiceKey::CatchAll, backends),
+    };
     wanted.services.retain(|s| s.key != ServiceKey::CatchAll);
-    wanted.services.insert(0, config::Service { key: ServiceKey::CatchAll, hash_ports, track_flows, backends });
+    wanted.services.insert(0, service);
     wanted
 }
 
