@@ -7,8 +7,9 @@ BPF_SRC   := src/bpf/$(BPF_NAME).bpf.c
 BPF_DEPS  := $(wildcard src/bpf/*.h) $(wildcard include/*.h)
 BPF_OBJ   ?= $(BPF_NAME).o
 CLANG     ?= clang
+BPF_EXTRA_CFLAGS ?=
 BPF_CFLAGS := -g -O2 -target bpf -Wall -Wextra -Werror \
-	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu
+	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu $(BPF_EXTRA_CFLAGS)
 
 CARGO     ?= cargo
 

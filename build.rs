@@ -15,12 +15,20 @@ use libbpf_cargo::SkeletonBuilder;
 /// (upper case) holding the object's path, for tests and tools.
 const BPF_PROGRAMS: &[&str] = &["l4lb_xdp", "l4lb_bench", "l4lb_decap"];
 
+/// The balancer's driver build: the same source compiled with
+/// -DL4LB_DRIVER_BUILD (plain adds into per-CPU counters), which the host
+/// loads in driver and generic mode; `l4lb_xdp.o` stays the object iproute2
+/// and offload load.
+const PERCPU_BUILD: (&str, &str, &str) = ("l4lb_xdp", "l4lb_xdp_percpu", "-DL4LB_DRIVER_BUILD");
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     for name in BPF_PROGRAMS {
-        build_program(&manifest_dir, &out_dir, name);
+        build_program(&manifest_dir, &out_dir, name, name, "");
     }
+    let (source, object, flags) = PERCPU_BUILD;
+    build_program(&manifest_dir, &out_dir, source, object, flags);
     // The balancer's object under the name the tests use.
     println!("cargo:rustc-env=L4LB_BPF_OBJECT={}", out_dir.join("l4lb_xdp.o").display());
 
@@ -58,16 +66,18 @@ fn main() {
     }
 }
 
-/// Builds one BPF object with the Makefile's rule and generates its skeleton.
-fn build_program(manifest_dir: &std::path::Path, out_dir: &std::path::Path, name: &str) {
-    let source = manifest_dir.join(format!("src/bpf/{name}.bpf.c"));
+/// Builds BPF object `name` from src/bpf/`source`.bpf.c with the Makefile's
+/// rule (and `extra` compiler flags) and generates its skeleton.
+fn build_program(manifest_dir: &std::path::Path, out_dir: &std::path::Path, source: &str, name: &str, extra: &str) {
+    let source = manifest_dir.join(format!("src/bpf/{source}.bpf.c"));
     let object = out_dir.join(format!("{name}.o"));
     let status = Command::new("make")
         .arg("--no-print-directory")
         .arg("-C")
         .arg(manifest_dir)
-        .arg(format!("BPF_NAME={name}"))
+        .arg(format!("BPF_NAME={}", source.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_suffix(".bpf")).expect("src/bpf/NAME.bpf.c")))
         .arg(format!("BPF_OBJ={}", object.display()))
+        .arg(format!("BPF_EXTRA_CFLAGS={extra}"))
         .arg(&object)
         .status()
         .expect("running make to build a BPF object (is make installed?)");

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapType, Xdp, XdpFlags};
 
+use crate::bpf::percpu_skel::L4lbXdpPercpuSkelBuilder;
 use crate::bpf::skel::L4lbXdpSkelBuilder;
 use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
@@ -49,58 +50,73 @@ impl std::fmt::Display for FlowTable {
     }
 }
 
+/// Opens an l4lb skeleton (`$builder`), shapes its maps for `$mode`, loads
+/// it and attaches it: one body for the two builds of the datapath, whose
+/// skeletons have the same maps and program under different types.
+macro_rules! load_and_attach {
+    ($builder:ty, $iface:expr, $mode:expr, $force:expr, $flows:expr, $present:expr) => {{
+        let (iface, mode, flows): (&Interface, Mode, FlowTable) = ($iface, $mode, $flows);
+        let mut storage = MaybeUninit::uninit();
+        let mut open = <$builder>::default().open(&mut storage).context("opening the embedded l4lb object")?;
+        if mode == Mode::Offload {
+            open.progs.l4lb_balance.set_ifindex(iface.index);
+            let maps = &mut open.maps;
+            for map in [
+                &mut maps.l4lb_config,
+                &mut maps.l4lb_vips,
+                &mut maps.l4lb_services,
+                &mut maps.l4lb_tables,
+                &mut maps.l4lb_backends,
+                &mut maps.l4lb_be_stats,
+                &mut maps.l4lb_svc_stats,
+                &mut maps.l4lb_flows,
+                &mut maps.l4lb_counters,
+            ] {
+                map.set_map_ifindex(iface.index);
+            }
+            // Room for fewer service tables on the NIC: see L4LB_OFFLOAD_MAX_SERVICES.
+            maps.l4lb_tables
+                .set_max_entries((crate::bpf::OFFLOAD_MAX_SERVICES * crate::bpf::MAGLEV_SIZE) as u32)
+                .context("sizing l4lb_tables for offload")?;
+        } else {
+            // Off the NIC, per-CPU counters keep CPUs from bouncing cache
+            // lines (and the driver build adds to them without atomics).
+            for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats, &mut open.maps.l4lb_svc_stats] {
+                map.set_type(MapType::PercpuArray).context("switching counters to per-CPU")?;
+            }
+        }
+        if flows.lru {
+            let table = &mut open.maps.l4lb_flows;
+            table.set_type(MapType::LruHash).context("switching l4lb_flows to an LRU hash")?;
+            table.set_max_entries(flows.entries).with_context(|| format!("sizing l4lb_flows to {} entries", flows.entries))?;
+        }
+        let skel = open.load().map_err(|err| {
+            let hint = if mode == Mode::Offload {
+                format!(" ({} may not support XDP hardware offload)", iface.name)
+            } else {
+                String::new()
+            };
+            refused("l4lb", &hint, err)
+        })?;
+        attach_fd(iface, skel.progs.l4lb_balance.as_fd(), mode, $force, $present)?;
+    }};
+}
+
 /// Loads l4lb and attaches it to `iface` in `mode`. The attachment is a
 /// netlink one: it stays after this process exits. Returns the program id.
+/// Offloaded it loads the object iproute2 loads (`l4lb_xdp.o`: atomic adds
+/// only); in driver and generic mode the driver build of the same source
+/// (`l4lb_xdp_percpu.o`: plain adds into its per-CPU counters).
 pub fn attach(iface: &Interface, mode: Mode, force: bool, flows: FlowTable) -> Result<u32> {
     let present = discover::attached_programs(iface)?;
     refuse_unless_forced(iface, &present, force)?;
 
     libbpf_log::capture();
-    let mut storage = MaybeUninit::uninit();
-    let mut open = L4lbXdpSkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the embedded l4lb object")?;
     if mode == Mode::Offload {
-        open.progs.l4lb_balance.set_ifindex(iface.index);
-        let maps = &mut open.maps;
-        for map in [
-            &mut maps.l4lb_config,
-            &mut maps.l4lb_vips,
-            &mut maps.l4lb_services,
-            &mut maps.l4lb_tables,
-            &mut maps.l4lb_backends,
-            &mut maps.l4lb_be_stats,
-            &mut maps.l4lb_svc_stats,
-            &mut maps.l4lb_flows,
-            &mut maps.l4lb_counters,
-        ] {
-            map.set_map_ifindex(iface.index);
-        }
-        // Room for fewer service tables on the NIC: see L4LB_OFFLOAD_MAX_SERVICES.
-        maps.l4lb_tables
-            .set_max_entries((crate::bpf::OFFLOAD_MAX_SERVICES * crate::bpf::MAGLEV_SIZE) as u32)
-            .context("sizing l4lb_tables for offload")?;
+        load_and_attach!(L4lbXdpSkelBuilder, iface, mode, force, flows, &present);
     } else {
-        // Off the NIC, per-CPU counters keep CPUs from bouncing cache lines.
-        for map in [&mut open.maps.l4lb_counters, &mut open.maps.l4lb_be_stats, &mut open.maps.l4lb_svc_stats] {
-            map.set_type(MapType::PercpuArray).context("switching counters to per-CPU")?;
-        }
+        load_and_attach!(L4lbXdpPercpuSkelBuilder, iface, mode, force, flows, &present);
     }
-    if flows.lru {
-        let table = &mut open.maps.l4lb_flows;
-        table.set_type(MapType::LruHash).context("switching l4lb_flows to an LRU hash")?;
-        table.set_max_entries(flows.entries).with_context(|| format!("sizing l4lb_flows to {} entries", flows.entries))?;
-    }
-    let skel = open.load().map_err(|err| {
-        let hint = if mode == Mode::Offload {
-            format!(" ({} may not support XDP hardware offload)", iface.name)
-        } else {
-            String::new()
-        };
-        refused("l4lb", &hint, err)
-    })?;
-
-    attach_fd(iface, skel.progs.l4lb_balance.as_fd(), mode, force, &present)?;
     let id = discover::find_l4lb(iface)?.id;
     Ok(id)
 }

@@ -7,6 +7,13 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/l4lb_xdp.skel.rs"));
 }
 
+/// The driver build of the same source (`-DL4LB_DRIVER_BUILD`: plain
+/// adds into per-CPU counters), which `l4lb attach` loads off the NIC.
+#[allow(clippy::all, unused_imports, dead_code, non_camel_case_types, non_snake_case)]
+pub mod percpu_skel {
+    include!(concat!(env!("OUT_DIR"), "/l4lb_xdp_percpu.skel.rs"));
+}
+
 /// The backend's decapsulation program (src/bpf/l4lb_decap.bpf.c); see `crate::decap`.
 #[allow(clippy::all, unused_imports, dead_code, non_camel_case_types, non_snake_case)]
 pub mod decap_skel {

@@ -102,11 +102,17 @@ static __always_inline __u32 transition_backend(const struct l4lb_flow_key *key,
 	struct l4lb_flow *pin = bpf_map_lookup_elem(&l4lb_flows, key);
 
 	if (pin && !pkt->syn && pin_holds(pin, service_number, slot)) {
-		/* Raised by an atomic add (offload takes no other write into a
-		 * map value); two CPUs racing push it ahead, never back.
+		/* Offloaded, raised by an atomic add (offload takes no other
+		 * write into a map value): two CPUs racing push it ahead, never
+		 * back. The driver build stores it.
 		 */
-		if (pin->seen != clock)
+		if (pin->seen != clock) {
+#ifdef L4LB_DRIVER_BUILD
+			pin->seen = clock;
+#else
 			__sync_fetch_and_add(&pin->seen, clock - pin->seen);
+#endif
+		}
 		return pin->backend;
 	}
 	if (from_before_change(pkt, service, config) && service_backend(previous, service_number))
