@@ -400,6 +400,10 @@ mod tests {
                     key: *key,
                     hash_ports: true,
                     track_flows: true,
+                    idle_timeout: 300,
+                    udp_grace: 30,
+                    changed: 0,
+                    transitions: Default::default(),
                     backends: backends.clone(),
                     table: Vec::new(),
                 })

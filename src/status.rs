@@ -1,7 +1,9 @@
 //! `l4lb status`: the balancer's settings and, per service, its backends,
-//! their weights and slot counts in the service's Maglev table, and the
-//! table's health (slots that lead nowhere); with `--flows`, the flows pinned
-//! to each backend (connection tracking). Pure: the caller reads the maps
+//! their weights and slot counts in the service's Maglev table, the table's
+//! health (slots that lead nowhere) and its slots in transition
+//! (docs/transitions.md: how many, from which backend, when the service last
+//! changed); with `--flows`, the flows pinned to each backend, which is how
+//! a draining backend is seen to empty out. Pure: the caller reads the maps
 //! (the running state, the flow table's entries) and the program; this
 //! counts, builds, renders and serialises.
 
@@ -12,8 +14,8 @@ use comfy_table::{presets, Cell, CellAlignment, Table};
 use num_format::{Locale, ToFormattedString};
 use serde::Serialize;
 
-use crate::bpf::{FlowKey, FlowPin, FAMILY_IPV4, FAMILY_IPV6, SLOT_EMPTY};
-use crate::config::{format_mac, Protocol, ServiceKey};
+use crate::bpf::{FlowKey, FlowPin, FAMILY_IPV4, FAMILY_IPV6, MAGLEV_SIZE, SLOT_EMPTY};
+use crate::config::{format_mac, Protocol, ServiceKey, IDLE_TIMEOUT_DEFAULT, UDP_GRACE_DEFAULT};
 use crate::discover::Mode;
 use crate::state::{Running, RunningService};
 use crate::stats::{service_label, table_text, ServiceId};
@@ -112,8 +114,18 @@ pub struct ServiceStatus {
     pub number: u32,
     /// Whether UDP flows hash their ports (TCP flows always do).
     pub hash_ports: bool,
-    /// Whether flows are pinned to their backend (connection tracking).
+    /// Whether a table change puts the slots whose backend changed in
+    /// transition (connection tracking).
     pub track_flows: bool,
+    /// Seconds a connection may stay silent through a change and keep its
+    /// backend (`l4lb settle` ends a transition once its pins are that idle).
+    pub idle_timeout: u32,
+    /// Seconds after a change during which UDP flows without a pin count as
+    /// flows from before it.
+    pub udp_grace: u32,
+    /// Tick (l4lb_config.clock) of the last apply that put slots of it in
+    /// transition; 0 = none since it was added.
+    pub changed: u32,
     /// Slots of the service's table.
     pub slots: usize,
     /// Slots naming no backend (L4LB_SLOT_EMPTY): their flows are dropped.
@@ -121,6 +133,10 @@ pub struct ServiceStatus {
     /// Slots naming a backend number that is not one of the service's
     /// backends: should be 0.
     pub foreign_slots: usize,
+    /// Slots in transition: new flows to their current backend, flows from
+    /// before the change to their previous one (0 once `l4lb settle` ended
+    /// them all).
+    pub transition_slots: usize,
     /// Flows pinned to the service's backends (with `--flows`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pinned: Option<usize>,
@@ -143,6 +159,9 @@ pub struct BackendStatus {
     pub slots: usize,
     /// Those slots as a percentage of the table.
     pub share: f64,
+    /// Slots in transition whose previous backend it is: flows from before
+    /// the change still go to it there.
+    pub previous_slots: usize,
     /// Flows pinned to the backend whose pin holds (with `--flows`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pinned: Option<usize>,
@@ -185,15 +204,23 @@ type Destination = ([u8; 16], u8, u8);
 /// batches, never held whole), against the running state. A pin holds, as
 /// in the datapath (src/bpf/flows.h), when its backend number names an
 /// active backend with the pin's family and address, of the flow's
-/// service. The flow's service is found from the key like the datapath
-/// finds a packet's: its VIP (with the destination port, else the address's
-/// every-port VIP), else the catch-all. A key without ports (a fragment, or
-/// a UDP service that hashes addresses only) does not say which port it
-/// was sent to: any service of its address and protocol (its fragment
-/// entry's, its VIPs', the catch-all) counts as its own.
+/// service, and the slot it was made in (its index in l4lb_tables) is a
+/// slot of that service still in transition: the datapath reads pins in
+/// such slots only, so a pin left in a slot whose transition ended is
+/// stale too (`l4lb settle` deletes it). The flow's service is found from
+/// the key like the datapath finds a packet's: its VIP (with the
+/// destination port, else the address's every-port VIP), else the
+/// catch-all. A key without ports (a fragment, or a UDP service that hashes
+/// addresses only) does not say which port it was sent to: any service of
+/// its address and protocol (its fragment entry's, its VIPs', the
+/// catch-all) counts as its own. The slot is not hashed again from the key:
+/// a pin of a flow that a new hash seed moved to another slot still in
+/// transition counts as holding.
 pub struct PinCounter {
     /// Backend number -> (service number, family, address).
     backends: HashMap<u32, (u32, u8, [u8; 16])>,
+    /// The slots in transition, as indices in l4lb_tables.
+    transitions: HashSet<u32>,
     /// (destination, port) -> service number; port 0 takes every port.
     vips: HashMap<(Destination, u16), u32>,
     /// Destination -> the services of its VIPs and fragment entry.
@@ -206,6 +233,7 @@ impl PinCounter {
     pub fn new(running: &Running) -> Self {
         let mut counter = PinCounter {
             backends: HashMap::new(),
+            transitions: HashSet::new(),
             vips: HashMap::new(),
             destinations: HashMap::new(),
             catch_all: None,
@@ -216,6 +244,8 @@ impl PinCounter {
                 let (family, addr) = addr_bytes(b.backend.addr);
                 counter.backends.insert(b.number, (service.number, family, addr));
             }
+            let base = service.number * MAGLEV_SIZE as u32;
+            counter.transitions.extend(service.transitions.keys().map(|slot| base + slot));
             match service.key {
                 ServiceKey::CatchAll => counter.catch_all = Some(service.number),
                 ServiceKey::Vip { addr, protocol, port } => {
@@ -247,12 +277,16 @@ impl PinCounter {
         service == Some(number)
     }
 
+    /// Whether `pin.slot` is a slot in transition of service `number`.
+    fn in_transition(&self, pin: &FlowPin, number: u32) -> bool {
+        pin.slot / MAGLEV_SIZE as u32 == number && self.transitions.contains(&pin.slot)
+    }
+
     pub fn add(&mut self, key: &FlowKey, pin: &FlowPin) {
         self.counts.entries += 1;
-        let holds = self
-            .backends
-            .get(&pin.backend)
-            .is_some_and(|&(service, family, addr)| family == pin.family && addr == pin.addr && self.flow_of(key, service));
+        let holds = self.backends.get(&pin.backend).is_some_and(|&(service, family, addr)| {
+            family == pin.family && addr == pin.addr && self.flow_of(key, service) && self.in_transition(pin, service)
+        });
         if holds {
             *self.counts.pinned.entry(pin.backend).or_default() += 1;
         } else {
@@ -320,6 +354,10 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>, flows: Option<&Fl
     for &number in &service.table {
         *counts.entry(number).or_default() += 1;
     }
+    let mut previous: HashMap<u32, usize> = HashMap::new();
+    for &number in service.transitions.values() {
+        *previous.entry(number).or_default() += 1;
+    }
     let slots = service.table.len();
     let unset_slots = counts.get(&SLOT_EMPTY).copied().unwrap_or(0);
     let backends: Vec<BackendStatus> = service
@@ -335,6 +373,7 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>, flows: Option<&Fl
                 weight: b.backend.weight,
                 slots: taken,
                 share: if slots == 0 { 0.0 } else { 100.0 * taken as f64 / slots as f64 },
+                previous_slots: previous.get(&b.number).copied().unwrap_or(0),
                 pinned: flows.map(|f| f.pinned.get(&b.number).copied().unwrap_or(0)),
             }
         })
@@ -347,9 +386,13 @@ fn service(service: &RunningService, gateway: Option<[u8; 6]>, flows: Option<&Fl
         number: service.number,
         hash_ports: service.hash_ports,
         track_flows: service.track_flows,
+        idle_timeout: service.idle_timeout,
+        udp_grace: service.udp_grace,
+        changed: service.changed,
         slots,
         unset_slots,
         foreign_slots,
+        transition_slots: service.transitions.len(),
         pinned: flows.map(|_| backends.iter().filter_map(|b| b.pinned).sum()),
         backends,
         key: service.key,
@@ -449,8 +492,19 @@ fn render_service(service: &ServiceStatus) -> String {
         _ if service.hash_ports => "",
         _ => ", UDP flows hash addresses only",
     };
-    // Like hash_ports, only the exception is said.
-    let tracking = if service.track_flows { "" } else { ", flows not tracked (table changes move them)" };
+    // Like hash_ports, only the exception is said: no tracking, or
+    // transition settings other than the defaults.
+    let mut tracking = String::new();
+    if !service.track_flows {
+        tracking.push_str(", flows not tracked (table changes move them)");
+    } else {
+        if service.idle_timeout != IDLE_TIMEOUT_DEFAULT {
+            tracking.push_str(&format!(", idle_timeout {} s", service.idle_timeout));
+        }
+        if service.udp_grace != UDP_GRACE_DEFAULT {
+            tracking.push_str(&format!(", udp_grace {} s", service.udp_grace));
+        }
+    }
     let mut health = format!(
         "{} slots, {} unset",
         service.slots.to_formatted_string(&Locale::en),
@@ -461,6 +515,12 @@ fn render_service(service: &ServiceStatus) -> String {
             ", {} naming no backend of the service (table damaged: apply again)",
             service.foreign_slots.to_formatted_string(&Locale::en)
         ));
+    }
+    if service.track_flows || service.transition_slots > 0 {
+        health.push_str(&format!(", {} in transition", service.transition_slots.to_formatted_string(&Locale::en)));
+    }
+    if service.changed != 0 {
+        health.push_str(&format!(", last change at tick {}", service.changed));
     }
     let pinned = match service.pinned {
         Some(n) => format!(", {}", plural(n, "flow pinned", "flows pinned")),
@@ -474,7 +534,12 @@ fn render_service(service: &ServiceStatus) -> String {
     );
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
+    // Slots in transition from each backend, while there are any.
+    let transitions = service.transition_slots > 0;
     let mut header = vec!["#", "Backend", "MAC", "Weight", "Slots", "Share"];
+    if transitions {
+        header.push("Previous");
+    }
     if service.pinned.is_some() {
         header.push("Pinned");
     }
@@ -493,17 +558,30 @@ fn render_service(service: &ServiceStatus) -> String {
             Cell::new(backend.slots.to_formatted_string(&Locale::en)),
             Cell::new(format!("{:.3}%", backend.share)),
         ];
+        if transitions {
+            row.push(Cell::new(backend.previous_slots.to_formatted_string(&Locale::en)));
+        }
         if let Some(pinned) = backend.pinned {
             row.push(Cell::new(pinned.to_formatted_string(&Locale::en)));
         }
         table.add_row(row);
     }
-    for column in 3..7 {
+    for column in 3..8 {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
     text.push_str(&table_text(&table));
+    // A drained backend nothing goes to any more (known with --flows only:
+    // a pin may hold it in a slot it is not the previous backend of).
+    for backend in &service.backends {
+        if backend.weight == 0 && backend.slots == 0 && backend.previous_slots == 0 && backend.pinned == Some(0) {
+            text.push_str(&format!(
+                "Backend {} ({}) is drained: no slot, none in transition from it, no flow pinned\n",
+                backend.number, backend.addr
+            ));
+        }
+    }
     text
 }
 
@@ -512,6 +590,12 @@ mod tests {
     use super::*;
     use crate::config::{Backend, Global};
     use crate::state::{RunningBackend, RunningFragment};
+    use std::collections::BTreeMap;
+
+    /// Index in l4lb_tables of slot `slot` of service `number`.
+    fn slot(number: u32, slot: u32) -> u32 {
+        number * MAGLEV_SIZE as u32 + slot
+    }
 
     fn backend(number: u32, addr: &str, mac: Option<[u8; 6]>, weight: u32) -> RunningBackend {
         RunningBackend { number, backend: Backend { addr: addr.parse().unwrap(), mac, weight } }
@@ -528,12 +612,18 @@ mod tests {
             vip_probes: Some(1),
             flow_table: FlowTable { lru: true, max_entries: 1 << 20 },
         };
-        // Tables of 10 slots: 3 and 4 take 3 and 6, one slot unset.
+        // Tables of 10 slots: 3 and 4 take 3 and 6, one slot unset. Backend
+        // 4 was added at tick 1000: 3 of the slots it took from 3 are still
+        // in transition. A shorter idle timeout than the default.
         let web = crate::state::RunningService {
             number: 1,
             key: ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 80 },
             hash_ports: true,
             track_flows: true,
+            idle_timeout: 60,
+            udp_grace: 30,
+            changed: 1000,
+            transitions: BTreeMap::from([(1, 3), (2, 3), (4, 3)]),
             backends: vec![backend(3, "198.18.0.101", Some([2, 0, 0xc6, 0x12, 0, 0x65]), 1), backend(4, "198.18.0.102", None, 2)],
             table: vec![3, 4, 4, 3, 4, 4, 3, 4, 4, SLOT_EMPTY],
         };
@@ -543,6 +633,10 @@ mod tests {
             key: ServiceKey::Vip { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, port: 53 },
             hash_ports: false,
             track_flows: false,
+            idle_timeout: 300,
+            udp_grace: 30,
+            changed: 0,
+            transitions: Default::default(),
             backends: vec![backend(5, "2001:db8::101", None, 0)],
             table: vec![5, 5, 5, 5, 5, 5, 5, 5, 3, 3],
         };
@@ -577,8 +671,11 @@ mod tests {
         assert_eq!(web.backends[1].share, 60.0);
         assert_eq!(web.backends[1].mac.as_deref(), Some("02:00:00:00:00:01"));
         assert!(web.backends[1].via_gateway && !web.backends[0].via_gateway);
+        assert_eq!((web.transition_slots, web.changed, web.idle_timeout, web.udp_grace), (3, 1000, 60, 30));
+        assert_eq!(web.backends.iter().map(|b| b.previous_slots).collect::<Vec<_>>(), [3, 0]);
         let dns = &status.services[1];
         assert_eq!((dns.slots, dns.unset_slots, dns.foreign_slots), (10, 0, 2));
+        assert_eq!((dns.transition_slots, dns.changed), (0, 0));
     }
 
     #[test]
@@ -601,11 +698,11 @@ Fragments:     203.0.113.10/tcp -> 203.0.113.10:80/tcp (service 1)
 Flow table:    LRU hash, 1,048,576 entries
 Services:      2, 3 backends
 
-Service 203.0.113.10:80/tcp, number 1: 2 backends
-Table: 10 slots, 1 unset
- #  Backend       MAC                        Weight  Slots    Share
- 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%
- 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%
+Service 203.0.113.10:80/tcp, number 1: 2 backends, idle_timeout 60 s
+Table: 10 slots, 1 unset, 3 in transition, last change at tick 1000
+ #  Backend       MAC                        Weight  Slots    Share  Previous
+ 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%         3
+ 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%         0
 
 Service [2001:db8::10]:53/udp, number 2: 1 backend, UDP flows hash addresses only, flows not tracked (table changes move them)
 Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: apply again)
@@ -613,6 +710,14 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
  5  2001:db8::101  gateway 02:00:00:00:00:01       0      8  80.000%
 ";
         assert_eq!(text, expected, "\n{text}");
+        // Only settings other than the defaults are said, and only for a
+        // service that tracks flows.
+        let (program, mut running) = example();
+        (running.services[0].idle_timeout, running.services[0].udp_grace) = (300, 5);
+        running.services[1].idle_timeout = 10;
+        let text = render(&build(&program, &running, None));
+        assert!(text.contains("\nService 203.0.113.10:80/tcp, number 1: 2 backends, udp_grace 5 s\n"), "\n{text}");
+        assert!(text.contains("number 2: 1 backend, UDP flows hash addresses only, flows not tracked (table changes move them)\n"), "\n{text}");
     }
 
     #[test]
@@ -656,13 +761,21 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             value["services"][1],
             serde_json::json!({
                 "service": "[2001:db8::10]:53/udp", "vip": "2001:db8::10", "protocol": "udp", "port": 53, "number": 2,
-                "hash_ports": false, "track_flows": false, "slots": 10, "unset_slots": 0, "foreign_slots": 2,
+                "hash_ports": false, "track_flows": false, "idle_timeout": 300, "udp_grace": 30, "changed": 0,
+                "slots": 10, "unset_slots": 0, "foreign_slots": 2, "transition_slots": 0,
                 "backends": [{"number": 5, "addr": "2001:db8::101", "mac": "02:00:00:00:00:01", "via_gateway": true,
-                              "weight": 0, "slots": 8, "share": 80.0}]
+                              "weight": 0, "slots": 8, "share": 80.0, "previous_slots": 0}]
             })
         );
         assert_eq!(value["services"][0]["backends"][0]["mac"], "02:00:c6:12:00:65");
         assert_eq!(value["services"][0]["track_flows"], true);
+        let web = &value["services"][0];
+        assert_eq!(
+            (&web["idle_timeout"], &web["udp_grace"], &web["changed"], &web["transition_slots"]),
+            (&serde_json::json!(60), &serde_json::json!(30), &serde_json::json!(1000), &serde_json::json!(3))
+        );
+        assert_eq!(web["backends"][0]["previous_slots"], 3);
+        assert_eq!(web["backends"][1]["previous_slots"], 0);
         // Without --flows: no counts.
         assert_eq!(value["flow_table"], serde_json::json!({"type": "lru_hash", "max_entries": 1048576}));
     }
@@ -680,41 +793,54 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         FlowKey { saddr, daddr, ports, family, proto: ip_protocol(protocol), pad: [0; 2] }
     }
 
-    fn pin(backend: u32, addr: &str) -> FlowPin {
+    /// A pin to backend `backend` at `addr`, made in slot `slot` of l4lb_tables.
+    fn pin(backend: u32, addr: &str, slot: u32) -> FlowPin {
         let (family, addr) = addr_bytes(addr.parse().unwrap());
-        FlowPin { addr, backend, family, pad: [0; 3] }
+        FlowPin { addr, backend, slot, seen: 0, family, pad: [0; 3] }
     }
 
-    /// The example's flow table: 5 pins that hold, 4 that do not.
+    /// The example's flow table: 4 pins that hold, 6 that do not. The web
+    /// service (number 1) has slots 1, 2 and 4 in transition.
     fn example_flows() -> Vec<(FlowKey, FlowPin)> {
         let web = |port| flow("192.0.2.1", "203.0.113.10", Some((port, 80)), Protocol::Tcp);
         vec![
-            (web(40001), pin(3, "198.18.0.101")),
-            (web(40002), pin(4, "198.18.0.102")),
-            (web(40003), pin(4, "198.18.0.102")),
+            // A connection from before the change, on the previous backend.
+            (web(40001), pin(3, "198.18.0.101", slot(1, 1))),
+            // New ones, on the current backend.
+            (web(40002), pin(4, "198.18.0.102", slot(1, 2))),
+            (web(40003), pin(4, "198.18.0.102", slot(1, 4))),
             // A fragment (no ports) of the web VIP's address and protocol.
-            (flow("192.0.2.2", "203.0.113.10", None, Protocol::Tcp), pin(4, "198.18.0.102")),
-            // A UDP flow of a service that hashes addresses only (no ports).
-            (flow("2001:db8:c::1", "2001:db8::10", None, Protocol::Udp), pin(5, "2001:db8::101")),
+            (flow("192.0.2.2", "203.0.113.10", None, Protocol::Tcp), pin(4, "198.18.0.102", slot(1, 1))),
+            // Stale: slot 0 is steady (its transition ended; `l4lb settle`
+            // deletes the pin).
+            (web(40007), pin(3, "198.18.0.101", slot(1, 0))),
+            // Stale: the DNS service tracks no flows, no slot of it is in
+            // transition (a UDP flow hashed without ports).
+            (flow("2001:db8:c::1", "2001:db8::10", None, Protocol::Udp), pin(5, "2001:db8::101", slot(2, 3))),
             // Stale: backend 3's number now holds another address (reused).
-            (web(40004), pin(3, "198.18.0.99")),
+            (web(40004), pin(3, "198.18.0.99", slot(1, 1))),
             // Stale: backend 9 is gone.
-            (web(40005), pin(9, "198.18.0.109")),
+            (web(40005), pin(9, "198.18.0.109", slot(1, 1))),
             // Stale: backend 5 is the DNS service's, not the web service's
             // (a number reused by another service, same address).
-            (web(40006), pin(5, "2001:db8::101")),
+            (web(40006), pin(5, "2001:db8::101", slot(1, 1))),
             // Stale: no service takes port 443 of the address (no catch-all).
-            (flow("192.0.2.1", "203.0.113.10", Some((40007, 443)), Protocol::Tcp), pin(3, "198.18.0.101")),
+            (flow("192.0.2.1", "203.0.113.10", Some((40007, 443)), Protocol::Tcp), pin(3, "198.18.0.101", slot(1, 1))),
         ]
     }
 
     #[test]
-    fn pins_hold_for_their_backend_of_their_flows_service() {
+    fn pins_hold_for_their_backend_of_their_flows_service_in_a_slot_in_transition() {
         let (_, running) = example();
         let flows = example_flows();
         let counts = count_pins(&running, flows.iter().map(|(k, p)| (k, p)));
-        assert_eq!((counts.entries, counts.stale), (9, 4));
-        assert_eq!(counts.pinned, HashMap::from([(3, 1), (4, 3), (5, 1)]));
+        assert_eq!((counts.entries, counts.stale), (10, 6));
+        assert_eq!(counts.pinned, HashMap::from([(3, 1), (4, 3)]));
+        // Once the transitions ended, every pin is stale.
+        let mut settled = running.clone();
+        settled.services[0].transitions.clear();
+        let counts = count_pins(&settled, flows.iter().map(|(k, p)| (k, p)));
+        assert_eq!((counts.entries, counts.stale, counts.pinned.len()), (10, 10, 0));
     }
 
     #[test]
@@ -725,33 +851,45 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             key,
             hash_ports: true,
             track_flows: true,
+            idle_timeout: 300,
+            udp_grace: 30,
+            changed: 0,
+            transitions: Default::default(),
             backends,
             table: Vec::new(),
         };
         // 203.0.113.10, every TCP port but 80 (service 3); everything else (service 4).
-        running.services.push(service(
+        // Each with slot 7 in transition.
+        let mut every_port = service(
             3,
             ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 0 },
             vec![backend(6, "198.18.0.106", None, 1)],
-        ));
-        running.services.push(service(4, ServiceKey::CatchAll, vec![backend(7, "198.18.0.107", None, 1)]));
+        );
+        every_port.transitions = BTreeMap::from([(7, 6)]);
+        let mut catch_all = service(4, ServiceKey::CatchAll, vec![backend(7, "198.18.0.107", None, 1)]);
+        catch_all.transitions = BTreeMap::from([(7, 7)]);
+        running.services.extend([every_port, catch_all]);
         let tcp = |vip, port| flow("192.0.2.1", vip, Some((40000, port)), Protocol::Tcp);
         let flows = [
-            (tcp("203.0.113.10", 80), pin(3, "198.18.0.101")),
-            (tcp("203.0.113.10", 443), pin(6, "198.18.0.106")),
-            (tcp("198.51.100.1", 443), pin(7, "198.18.0.107")),
+            (tcp("203.0.113.10", 80), pin(3, "198.18.0.101", slot(1, 1))),
+            (tcp("203.0.113.10", 443), pin(6, "198.18.0.106", slot(3, 7))),
+            (tcp("198.51.100.1", 443), pin(7, "198.18.0.107", slot(4, 7))),
             // Port 443 is the every-port VIP's, not the catch-all's nor port 80's.
-            (tcp("203.0.113.10", 443), pin(7, "198.18.0.107")),
-            (tcp("203.0.113.10", 443), pin(3, "198.18.0.101")),
+            (tcp("203.0.113.10", 443), pin(7, "198.18.0.107", slot(4, 7))),
+            (tcp("203.0.113.10", 443), pin(3, "198.18.0.101", slot(1, 1))),
             // Port 80 is its own VIP's.
-            (tcp("203.0.113.10", 80), pin(6, "198.18.0.106")),
+            (tcp("203.0.113.10", 80), pin(6, "198.18.0.106", slot(3, 7))),
             // The catch-all takes other addresses, and fragments without a
             // fragment entry (they may be any port's).
-            (tcp("198.51.100.1", 80), pin(3, "198.18.0.101")),
-            (flow("192.0.2.1", "198.51.100.1", None, Protocol::Udp), pin(7, "198.18.0.107")),
+            (tcp("198.51.100.1", 80), pin(3, "198.18.0.101", slot(1, 1))),
+            (flow("192.0.2.1", "198.51.100.1", None, Protocol::Udp), pin(7, "198.18.0.107", slot(4, 7))),
+            // Stale: the slot is in transition, but in another service's
+            // table than the flow's (slot 7 of the catch-all, slot 1 of web).
+            (tcp("203.0.113.10", 443), pin(6, "198.18.0.106", slot(4, 7))),
+            (tcp("198.51.100.1", 443), pin(7, "198.18.0.107", slot(1, 1))),
         ];
         let counts = count_pins(&running, flows.iter().map(|(k, p)| (k, p)));
-        assert_eq!((counts.entries, counts.stale), (8, 4));
+        assert_eq!((counts.entries, counts.stale), (10, 6));
         assert_eq!(counts.pinned, HashMap::from([(3, 1), (6, 1), (7, 2)]));
     }
 
@@ -763,29 +901,77 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         let status = build(&program, &running, Some(&counts));
         let text = render(&status);
         let expected = "\
-Flow table:    LRU hash, 1,048,576 entries, 9 in use (4 stale)
+Flow table:    LRU hash, 1,048,576 entries, 10 in use (6 stale)
 Services:      2, 3 backends
 
-Service 203.0.113.10:80/tcp, number 1: 2 backends, 4 flows pinned
-Table: 10 slots, 1 unset
- #  Backend       MAC                        Weight  Slots    Share  Pinned
- 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%       1
- 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%       3
+Service 203.0.113.10:80/tcp, number 1: 2 backends, 4 flows pinned, idle_timeout 60 s
+Table: 10 slots, 1 unset, 3 in transition, last change at tick 1000
+ #  Backend       MAC                        Weight  Slots    Share  Previous  Pinned
+ 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%         3       1
+ 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%         0       3
 
-Service [2001:db8::10]:53/udp, number 2: 1 backend, 1 flow pinned, UDP flows hash addresses only, flows not tracked (table changes move them)
+Service [2001:db8::10]:53/udp, number 2: 1 backend, 0 flows pinned, UDP flows hash addresses only, flows not tracked (table changes move them)
+Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: apply again)
+ #  Backend        MAC                        Weight  Slots    Share  Pinned
+ 5  2001:db8::101  gateway 02:00:00:00:00:01       0      8  80.000%       0
 ";
-        assert!(text.contains(expected), "\n{text}");
-        assert!(text.ends_with(" 5  2001:db8::101  gateway 02:00:00:00:00:01       0      8  80.000%       1\n"), "\n{text}");
+        assert!(text.ends_with(expected), "\n{text}");
 
         let value: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&status)).unwrap();
         assert_eq!(
             value["flow_table"],
-            serde_json::json!({"type": "lru_hash", "max_entries": 1048576, "entries": 9, "stale": 4})
+            serde_json::json!({"type": "lru_hash", "max_entries": 1048576, "entries": 10, "stale": 6})
         );
         assert_eq!(value["services"][0]["pinned"], 4);
         assert_eq!(value["services"][0]["backends"][1]["pinned"], 3);
         let keys: Vec<&str> = value["services"][0].as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(&keys[keys.len() - 2..], ["pinned", "backends"]);
+    }
+
+    #[test]
+    fn a_draining_backend_is_seen_to_empty_out() {
+        // Backend 6 of the web service drained (weight 0): no slot of its
+        // own, slot 8 still in transition from it, one connection pinned.
+        let (program, mut running) = example();
+        let web = &mut running.services[0];
+        web.backends.push(backend(6, "198.18.0.103", None, 0));
+        web.transitions.insert(8, 6);
+        let mut flows = example_flows();
+        let old = flow("192.0.2.3", "203.0.113.10", Some((40008, 80)), Protocol::Tcp);
+        flows.push((old, pin(6, "198.18.0.103", slot(1, 8))));
+        let text = render(&build(&program, &running, Some(&count_pins(&running, flows.iter().map(|(k, p)| (k, p))))));
+        let draining = "\
+Service 203.0.113.10:80/tcp, number 1: 3 backends, 5 flows pinned, idle_timeout 60 s
+Table: 10 slots, 1 unset, 4 in transition, last change at tick 1000
+ #  Backend       MAC                        Weight  Slots    Share  Previous  Pinned
+ 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%         3       1
+ 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%         0       3
+ 6  198.18.0.103  gateway 02:00:00:00:00:01       0      0   0.000%         1       1
+
+Service [2001:db8::10]:53/udp";
+        assert!(text.contains(draining), "\n{text}");
+        // `l4lb settle` ended slot 8 (its pin went idle): nothing left.
+        running.services[0].transitions.remove(&8);
+        let text = render(&build(&program, &running, Some(&count_pins(&running, flows.iter().map(|(k, p)| (k, p))))));
+        let drained = "\
+Table: 10 slots, 1 unset, 3 in transition, last change at tick 1000
+ #  Backend       MAC                        Weight  Slots    Share  Previous  Pinned
+ 3  198.18.0.101  02:00:c6:12:00:65               1      3  30.000%         3       1
+ 4  198.18.0.102  gateway 02:00:00:00:00:01       2      6  60.000%         0       3
+ 6  198.18.0.103  gateway 02:00:00:00:00:01       0      0   0.000%         0       0
+Backend 6 (198.18.0.103) is drained: no slot, none in transition from it, no flow pinned
+
+Service [2001:db8::10]:53/udp";
+        assert!(text.contains(drained), "\n{text}");
+        // Without --flows the pins are unknown: not said.
+        assert!(!render(&build(&program, &running, None)).contains("drained"));
+        // Every transition ended: no Previous column, 0 in transition.
+        running.services[0].transitions.clear();
+        let text = render(&build(&program, &running, None));
+        assert!(
+            text.contains("Table: 10 slots, 1 unset, 0 in transition, last change at tick 1000\n #  Backend       MAC                        Weight  Slots    Share\n"),
+            "\n{text}"
+        );
     }
 
     #[test]
