@@ -983,20 +983,20 @@ fn a_second_change_keeps_the_first_previous_backend() {
     let plan = run_at(&maps, &model(vec![service(key, &pool(1, 6))]), 200);
     let after = plan.after.running.service(&key).unwrap();
     let mut twice = 0;
-    for i in 0..MAGLEV_SIZE {
+    for (i, (&first, (&b, &c))) in original.iter().zip(middle.table.iter().zip(&after.table)).enumerate() {
         let slot = i as u32;
-        match (middle.transitions.get(&slot), after.table[i]) {
+        match middle.transitions.get(&slot) {
             // A -> B -> C.
-            (Some(&a), c) if c != middle.table[i] => {
-                assert_eq!(a, original[i]);
-                assert_eq!(after.transitions.get(&slot), Some(&a), "slot {i}: {a} -> {} -> {c}", middle.table[i]);
+            Some(&a) if c != b => {
+                assert_eq!(a, first);
+                assert_eq!(after.transitions.get(&slot), Some(&a), "slot {i}: {a} -> {b} -> {c}");
                 twice += 1;
             }
             // A -> B, left alone.
-            (Some(&a), _) => assert_eq!(after.transitions.get(&slot), Some(&a)),
-            // Steady A -> C.
-            (None, c) if c != middle.table[i] => assert_eq!(after.transitions.get(&slot), Some(&middle.table[i])),
-            (None, _) => assert_eq!(after.transitions.get(&slot), None),
+            Some(&a) => assert_eq!(after.transitions.get(&slot), Some(&a)),
+            // Steady B -> C.
+            None if c != b => assert_eq!(after.transitions.get(&slot), Some(&b)),
+            None => assert_eq!(after.transitions.get(&slot), None),
         }
     }
     assert!(twice > 100, "{twice} slots changed twice");
