@@ -409,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn settle_parses_one_round_or_an_interval() {
+        let settle = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Settle { interface, every }) => Ok((interface, every)),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(err) => Err(err.to_string()),
+        };
+        assert_eq!(settle(&["l4lb", "settle", "-i", "eth0"]), Ok(("eth0".to_string(), None)));
+        assert_eq!(settle(&["l4lb", "settle", "--interface", "eth0", "--every", "5"]), Ok(("eth0".to_string(), Some(5.0))));
+        assert_eq!(settle(&["l4lb", "settle", "-i", "eth0", "--every", "0.05"]), Ok(("eth0".to_string(), Some(0.05))));
+        let zero = settle(&["l4lb", "settle", "-i", "eth0", "--every", "0"]).unwrap_err();
+        assert!(zero.contains("invalid value '0' for '--every <SECONDS>': `0` is not an interval between 0.05 and 3600 seconds"), "{zero}");
+        assert!(settle(&["l4lb", "settle", "-i", "eth0", "--every", "3601"]).is_err());
+        assert!(settle(&["l4lb", "settle", "--every", "5"]).unwrap_err().contains("--interface <DEV>"));
+    }
+
+    #[test]
     fn decap_commands_parse() {
         let addrs = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
             Ok(Command::Decap { command: DecapCommand::Attach { addrs, .. } }) => Ok(addrs),
