@@ -270,6 +270,37 @@ mod tests {
     }
 
     #[test]
+    fn the_tick_may_wrap() {
+        // Changed 10 s before the tick wrapped, idle timeout 30.
+        let slots = BTreeMap::from([(5, (0, 2)), (6, (0, 2))]);
+        let services = BTreeMap::from([(0, ServiceClock { changed: u32::MAX - 9, idle_timeout: 30 })]);
+        let pins = [pin(5, 1, u32::MAX - 4), pin(6, 1, u32::MAX - 9)];
+        // 15 s after the change: too early.
+        let early = sweep(5, &slots, &services, &pins);
+        assert_eq!((early.end.len(), early.delete.len()), (0, 0));
+        // 30 s after: slot 6's pin (seen at the change) is idle, slot 5's
+        // (seen 5 s later) is not.
+        let later = sweep(20, &slots, &services, &pins);
+        assert_eq!((later.end, later.delete, later.idle), (BTreeSet::from([6]), vec![1], 1));
+        assert_eq!(sweep(25, &slots, &services, &pins).end, BTreeSet::from([5, 6]));
+    }
+
+    #[test]
+    fn pins_to_the_current_backend_do_not_hold_a_transition() {
+        // Slot 5: current 2, previous 1. Its pins to 2 (new connections)
+        // are fresh, yet the transition ends with them once the service is
+        // quiet: they are where the steady slot sends them anyway.
+        let slots = BTreeMap::from([(5, (0, 2))]);
+        let services = BTreeMap::from([(0, ServiceClock { changed: 100, idle_timeout: 30 })]);
+        let pins = [pin(5, 2, 139), pin(5, 2, 140)];
+        let s = sweep(140, &slots, &services, &pins);
+        assert_eq!((s.end, s.delete, s.idle, s.stale), (BTreeSet::from([5]), vec![0, 1], 0, 0));
+        // A service changed again later is not quiet: nothing ends.
+        let again = BTreeMap::from([(0, ServiceClock { changed: 120, idle_timeout: 30 })]);
+        assert!(sweep(140, &slots, &again, &pins).end.is_empty());
+    }
+
+    #[test]
     fn pins_ahead_of_the_tick_are_not_idle() {
         let slots = BTreeMap::from([(5, (0, 2))]);
         let services = BTreeMap::from([(0, ServiceClock { changed: 100, idle_timeout: 30 })]);
