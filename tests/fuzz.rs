@@ -274,6 +274,7 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
         src_v4: slice.src.octets(),
         src_v6: LB_SRC6.octets(),
         gateway_mac: GATEWAY_MAC,
+        clock: 0,
     })?;
     let catch_all = |lb: &mut Lb, service: u32| {
         let mut config = lb.config.clone();
@@ -375,7 +376,7 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
         }
     }
     for &service in slice.tracked {
-        lb.set_service(service, lb.services[service as usize] | L4LB_SERVICE_TRACK_FLOWS)?;
+        lb.set_service(service, lb.services[service as usize].flags | L4LB_SERVICE_TRACK_FLOWS)?;
     }
     Ok(lb)
 }

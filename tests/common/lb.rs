@@ -10,11 +10,15 @@
 //! host's model (`Flow::hash`, `maglev::flow_slot`), which the suites check
 //! against the datapath.
 //!
-//! Connection tracking (include/l4lb.h, "Connection tracking") is modelled
-//! too: the model keeps its own copy of the pins (`Lb::flows`), decides from
-//! it whether a frame of a tracked service follows a pin, takes its slot's
-//! backend, pins, re-pins or finds the table full, and `Lb::pin_applied`
-//! records what the frame did, so that the suites can compare the kernel's
+//! Slots in transition (docs/transitions.md, include/l4lb.h "Connection
+//! tracking") are modelled too: a slot word is a steady backend number (no
+//! per-flow state at all), the empty word, or a word in transition (current |
+//! TRANSITION | previous << 16: any word above 0xffff but the empty one).
+//! The model keeps its own copy of the pins (`Lb::flows`) and, for a frame
+//! in a slot in transition, says which rule decides (a SYN, a pin that holds,
+//! a flow from before the change, a new flow), what it finds and writes
+//! (pins, re-pins, a full table, a pin's `seen` raised to the clock), and
+//! `Lb::pin_applied` records it, so that the suites can compare the kernel's
 //! l4lb_flows with the model's, entry by entry.
 //!
 //! Used by tests/datapath.rs (explicit expectations, cross-checked with the
@@ -53,7 +57,7 @@ pub const DSTOPTS: u8 = 60;
 
 // ---------------------------------------------------------------- map values
 
-/// struct l4lb_config, 48 bytes.
+/// struct l4lb_config, 52 bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbConfig {
     pub hash_seed: u32,
@@ -64,11 +68,15 @@ pub struct LbConfig {
     pub src_v4: [u8; 4],
     pub src_v6: [u8; 16],
     pub gateway_mac: [u8; 6],
+    /// The tick (seconds of the host's monotonic clock): pins' `seen`.
+    pub clock: u32,
 }
 
+pub const CONFIG_LEN: usize = 52;
+
 impl LbConfig {
-    pub fn bytes(&self) -> [u8; 48] {
-        let mut b = [0u8; 48];
+    pub fn bytes(&self) -> [u8; CONFIG_LEN] {
+        let mut b = [0u8; CONFIG_LEN];
         b[0..4].copy_from_slice(&self.hash_seed.to_ne_bytes());
         b[4..8].copy_from_slice(&self.flags.to_ne_bytes());
         b[8..12].copy_from_slice(&self.mtu.to_ne_bytes());
@@ -77,8 +85,65 @@ impl LbConfig {
         b[20..24].copy_from_slice(&self.src_v4);
         b[24..40].copy_from_slice(&self.src_v6);
         b[40..46].copy_from_slice(&self.gateway_mac);
+        b[48..52].copy_from_slice(&self.clock.to_ne_bytes());
         b
     }
+}
+
+/// struct l4lb_service, 16 bytes: flags (L4LB_SERVICE_*), the tick of the
+/// last change that put slots in transition, the UDP grace and the idle
+/// timeout (seconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub flags: u32,
+    pub changed: u32,
+    pub udp_grace: u32,
+    pub idle_timeout: u32,
+}
+
+pub const SERVICE_LEN: usize = 16;
+
+impl ServiceEntry {
+    pub fn bytes(&self) -> [u8; SERVICE_LEN] {
+        let mut b = [0u8; SERVICE_LEN];
+        b[0..4].copy_from_slice(&self.flags.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.changed.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.udp_grace.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.idle_timeout.to_ne_bytes());
+        b
+    }
+}
+
+/// A slot word of l4lb_tables, as the datapath reads it: the empty word, a
+/// steady backend number (up to 0xffff: one compare tells it), or any other
+/// word, in transition (current in the low 16 bits, previous in bits 16..27;
+/// the TRANSITION bit is what the host sets, the datapath does not test it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotWord {
+    Empty,
+    Steady(u32),
+    Transition { current: u32, previous: u32 },
+}
+
+impl SlotWord {
+    pub fn of(word: u32) -> SlotWord {
+        if word == SLOT_EMPTY {
+            SlotWord::Empty
+        } else if word <= L4LB_SLOT_BACKEND_MASK {
+            SlotWord::Steady(word)
+        } else {
+            SlotWord::Transition {
+                current: word & L4LB_SLOT_BACKEND_MASK,
+                previous: (word >> L4LB_SLOT_PREVIOUS_SHIFT) & L4LB_SLOT_PREVIOUS_MASK,
+            }
+        }
+    }
+}
+
+/// The word of a slot in transition: new flows to `current`, flows from
+/// before the change to `previous` (spelled out here from include/l4lb.h).
+pub fn transition(current: u32, previous: u32) -> u32 {
+    current | L4LB_SLOT_TRANSITION | (previous << L4LB_SLOT_PREVIOUS_SHIFT)
 }
 
 /// struct l4lb_vip_key, 20 bytes; `port` in host order here, network order in the map.
@@ -208,7 +273,7 @@ pub struct FlowKey {
 }
 
 pub const FLOW_KEY_LEN: usize = 40;
-pub const FLOW_PIN_LEN: usize = 24;
+pub const FLOW_PIN_LEN: usize = 32;
 
 impl FlowKey {
     /// The key of a flow from `client`:`sport` to `vip`:`dport` (the same family).
@@ -228,57 +293,90 @@ impl FlowKey {
     }
 }
 
-/// struct l4lb_flow, 24 bytes: the backend a flow is pinned to.
+/// struct l4lb_flow, 32 bytes: the backend a flow is pinned to (its number
+/// and what that number held), the slot (index in l4lb_tables) it was pinned
+/// in, and the tick it was last seen at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowPin {
     pub addr: [u8; 16],
     pub backend: u32,
+    pub slot: u32,
+    pub seen: u32,
     pub family: u8,
 }
 
 impl FlowPin {
-    /// A pin to backend `number`, holding what that entry holds now.
-    pub fn to(number: u32, backend: &BackendEntry) -> Self {
-        FlowPin { addr: backend.addr, backend: number, family: backend.family }
+    /// A pin to backend `number` made in `slot` at tick `seen`, holding what that entry holds now.
+    pub fn to(number: u32, backend: &BackendEntry, slot: u32, seen: u32) -> Self {
+        FlowPin { addr: backend.addr, backend: number, slot, seen, family: backend.family }
     }
 
     pub fn bytes(&self) -> [u8; FLOW_PIN_LEN] {
         let mut b = [0u8; FLOW_PIN_LEN];
         b[..16].copy_from_slice(&self.addr);
         b[16..20].copy_from_slice(&self.backend.to_ne_bytes());
-        b[20] = self.family;
+        b[20..24].copy_from_slice(&self.slot.to_ne_bytes());
+        b[24..28].copy_from_slice(&self.seen.to_ne_bytes());
+        b[28] = self.family;
         b
     }
 }
 
-/// What the pin lookup of a tracked service's frame found.
+/// What the pin lookup of a frame in a slot in transition found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinState {
     /// No entry.
     None,
-    /// An entry whose backend number still holds that backend (active, the
-    /// frame's service, same family and address).
+    /// An entry made in this slot whose backend number still holds that
+    /// backend (active, the frame's service, same family and address).
     Held,
-    /// An entry whose backend number holds another backend, or none.
+    /// An entry made in another slot, or whose backend number holds another
+    /// backend, or none.
     Stale,
 }
 
-/// What a frame of a tracked service does to l4lb_flows.
+/// Which rule of docs/transitions.md decided a frame in a slot in transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// A TCP SYN: the current backend, pinned (over any entry).
+    Syn,
+    /// A pin that holds (not a SYN): its backend; `seen` raised to the clock.
+    Pin,
+    /// A flow from before the change (TCP but a SYN; UDP during the grace),
+    /// its previous backend valid: the previous backend.
+    Previous,
+    /// A flow from before the change whose previous backend is not one of
+    /// the service (inactive, another service): the current backend.
+    PreviousGone,
+    /// UDP after the grace: a new flow, the current backend.
+    New,
+}
+
+/// What a frame in a slot in transition does to l4lb_flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tracking {
     pub key: FlowKey,
+    /// The slot's index in l4lb_tables and its word.
+    pub slot: u32,
+    pub word: u32,
     pub state: PinState,
-    /// The frame followed its pin (held, not a SYN).
+    pub rule: Rule,
+    /// The backend number the rule chose (valid or not: the datapath checks it after).
+    pub number: u32,
+    /// The frame followed its pin (held, not a SYN): its `seen` becomes the clock.
     pub followed: bool,
-    /// The update the frame makes (None: it makes none) and its counter:
-    /// FLOW_PINNED, FLOW_REPINNED or FLOW_TABLE_FULL (the update refused).
-    pub update: Option<(FlowPin, u32)>,
+    /// The pin the frame writes (None: it writes none, or the update is refused).
+    pub write: Option<FlowPin>,
+    /// The FLOW_* counter it moves: FLOW_PINNED, FLOW_REPINNED or FLOW_TABLE_FULL.
+    pub event: Option<u32>,
+    /// The clock the frame saw (a followed pin's new `seen`).
+    pub clock: u32,
 }
 
 impl Tracking {
     /// The FLOW_* counter the frame moves, if any.
     pub fn event(&self) -> Option<u32> {
-        self.update.map(|(_, event)| event)
+        self.event
     }
 }
 
@@ -594,8 +692,8 @@ pub struct Lb {
     pub skel: L4lbXdpSkel<'static>,
     pub config: LbConfig,
     pub vips: Vec<Option<(VipKey, u32)>>,
-    pub services: Vec<u32>,
-    /// Each service's table; None: as loaded (every slot 0).
+    pub services: Vec<ServiceEntry>,
+    /// Each service's table (slot words); None: as loaded (every slot 0).
     pub tables: Vec<Option<Vec<u32>>>,
     pub backends: Vec<BackendEntry>,
     pub per_cpu: bool,
@@ -645,7 +743,7 @@ impl Lb {
             skel,
             config: LbConfig::default(),
             vips: vec![None; VIP_SLOTS],
-            services: vec![0; MAX_SERVICES],
+            services: vec![ServiceEntry::default(); MAX_SERVICES],
             tables: vec![None; MAX_SERVICES],
             backends: vec![BackendEntry::default(); MAX_BACKENDS],
             per_cpu,
@@ -705,13 +803,34 @@ impl Lb {
         Ok(index)
     }
 
+    /// Writes the flags of `service`'s entry (its other fields as they are).
     pub fn set_service(&mut self, service: u32, flags: u32) -> TestResult {
-        self.skel.maps.l4lb_services.update(&service.to_ne_bytes(), &flags.to_ne_bytes(), MapFlags::ANY)?;
-        self.services[service as usize] = flags;
+        let entry = ServiceEntry { flags, ..self.services[service as usize] };
+        self.set_service_entry(service, entry)
+    }
+
+    /// Writes the whole entry of `service`.
+    pub fn set_service_entry(&mut self, service: u32, entry: ServiceEntry) -> TestResult {
+        self.skel.maps.l4lb_services.update(&service.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
+        self.services[service as usize] = entry;
         Ok(())
     }
 
-    /// Writes a whole table (MAGLEV_SIZE backend numbers) of `service`.
+    /// Writes l4lb_config.clock (the tick), the rest of the configuration as it is.
+    pub fn set_clock(&mut self, clock: u32) -> TestResult {
+        let config = LbConfig { clock, ..self.config.clone() };
+        self.set_config(config)
+    }
+
+    /// Writes one slot word (`slot` in 0..MAGLEV_SIZE) of `service`'s table.
+    pub fn set_slot(&mut self, service: u32, slot: usize, word: u32) -> TestResult {
+        let index = service * MAGLEV_SIZE as u32 + slot as u32;
+        self.skel.maps.l4lb_tables.update(&index.to_ne_bytes(), &word.to_ne_bytes(), MapFlags::ANY)?;
+        self.tables[service as usize].get_or_insert_with(|| vec![0; MAGLEV_SIZE])[slot] = word;
+        Ok(())
+    }
+
+    /// Writes a whole table (MAGLEV_SIZE slot words) of `service`.
     pub fn set_table(&mut self, service: u32, table: &[u32]) -> TestResult {
         if table.len() != MAGLEV_SIZE {
             return Err(fail(format!("a table of {} slots, expected {MAGLEV_SIZE}", table.len())));
@@ -783,23 +902,40 @@ impl Lb {
     }
 
     /// Records in the model what a frame did to l4lb_flows (its `Tracking`,
-    /// from `classify_tracked`, once the frame has run).
+    /// from `classify_tracked`, once the frame has run): a followed pin's
+    /// `seen` becomes the clock; a pin written replaces the flow's entry.
     pub fn pin_applied(&self, tracking: &Option<Tracking>) {
-        if let Some(Tracking { key, update: Some((pin, event)), .. }) = tracking {
-            if *event != L4LB_CNT_FLOW_TABLE_FULL {
-                self.flows.borrow_mut().insert(*key, *pin);
+        let Some(t) = tracking else { return };
+        let mut flows = self.flows.borrow_mut();
+        if t.followed {
+            if let Some(pin) = flows.get_mut(&t.key) {
+                pin.seen = t.clock;
             }
+        }
+        if let Some(pin) = t.write {
+            flows.insert(t.key, pin);
         }
     }
 
-    /// The backend number in `slot` of `service`'s table, as the maps hold it.
+    /// The word in `slot` of `service`'s table, as the maps hold it.
     pub fn slot_value(&self, service: u32, slot: usize) -> u32 {
         self.tables[service as usize].as_ref().map_or(0, |table| table[slot])
     }
 
-    /// The backend number the model says `flow` of `service` lands on (valid or not).
+    /// The slot (0..MAGLEV_SIZE) `flow` falls in, in any service's table.
+    pub fn slot_of(&self, flow: &Flow) -> usize {
+        l4lb::maglev::flow_slot(flow, self.config.hash_seed, MAGLEV_SIZE)
+    }
+
+    /// The index in l4lb_tables of the slot `flow` of `service` falls in (a pin's `slot`).
+    pub fn table_index(&self, service: u32, flow: &Flow) -> u32 {
+        service * MAGLEV_SIZE as u32 + self.slot_of(flow) as u32
+    }
+
+    /// The slot word the model says `flow` of `service` lands on (for a
+    /// steady table: its backend number, valid or not).
     pub fn predict(&self, service: u32, flow: &Flow) -> u32 {
-        self.slot_value(service, l4lb::maglev::flow_slot(flow, self.config.hash_seed, MAGLEV_SIZE))
+        self.slot_value(service, self.slot_of(flow))
     }
 
     /// One BPF_PROG_TEST_RUN (repeat 1) into `out`: the verdict and the output length.
@@ -844,8 +980,8 @@ impl Lb {
         self.classify_tracked(frame).0
     }
 
-    /// `classify`, and for a frame that reaches a tracked service's pin
-    /// lookup what it finds there and what it writes (`pin_applied` records it).
+    /// `classify`, and for a frame that falls in a slot in transition what
+    /// it finds in l4lb_flows and what it writes (`pin_applied` records it).
     pub fn classify_tracked(&self, frame: &[u8]) -> (Outcome, Option<Tracking>) {
         if frame.len() < ETH_LEN {
             return (Outcome::Refused, None);
@@ -888,17 +1024,83 @@ impl Lb {
         self.decide_tracked(p).0
     }
 
-    /// Whether `pin` still names the backend it was pinned to, for `service`.
-    pub fn pin_holds(&self, pin: &FlowPin, service: u32) -> bool {
-        self.backends.get(pin.backend as usize).is_some_and(|b| {
-            b.active() && b.service == service && b.family == pin.family && b.addr == pin.addr
-        })
+    /// Whether backend number `number` is a backend of `service` (active, that service).
+    pub fn service_backend(&self, number: u32, service: u32) -> bool {
+        self.backends.get(number as usize).is_some_and(|b| b.active() && b.service == service)
     }
 
-    /// `decide`, with connection tracking: a tracked service's frame follows
-    /// its held pin unless it is a SYN; else it takes its slot's backend and
-    /// pins it (not an ICMP error; a SYN only over an existing entry): a new
-    /// entry FLOW_PINNED, over one FLOW_REPINNED, refused by a full HASH map
+    /// Whether `pin` holds for a frame of `service` in slot `slot` (index in
+    /// l4lb_tables): made in that slot, and its backend number still names
+    /// the backend it was pinned to (active, the service, same family and address).
+    pub fn pin_holds(&self, pin: &FlowPin, service: u32, slot: u32) -> bool {
+        pin.slot == slot
+            && self.service_backend(pin.backend, service)
+            && self.backends.get(pin.backend as usize).is_some_and(|b| b.family == pin.family && b.addr == pin.addr)
+    }
+
+    /// Whether a frame without a pin that holds is from a flow from before
+    /// the change of its slot: any TCP frame but a SYN (fragments and ICMP
+    /// errors included), UDP while (clock - changed) < udp_grace, computed
+    /// unsigned (a `changed` ahead of the clock is far in the past).
+    pub fn is_from_before_change(&self, p: &Parsed, service: &ServiceEntry) -> bool {
+        !p.syn && (p.proto != UDP || self.config.clock.wrapping_sub(service.changed) < service.udp_grace)
+    }
+
+    /// The rules of a slot in transition (docs/transitions.md, flows.h):
+    /// the backend number for the frame and what it does to l4lb_flows.
+    fn transition_tracking(&self, p: &Parsed, service: u32, key: FlowKey, slot: u32, word: u32) -> Tracking {
+        let SlotWord::Transition { current, previous } = SlotWord::of(word) else {
+            unreachable!("not a word in transition: {word:#x}")
+        };
+        let clock = self.config.clock;
+        let pin = self.flows.borrow().get(&key).copied();
+        let state = match pin {
+            None => PinState::None,
+            Some(pin) if self.pin_holds(&pin, service, slot) => PinState::Held,
+            Some(_) => PinState::Stale,
+        };
+        let mut t = Tracking { key, slot, word, state, rule: Rule::Syn, number: current, followed: false, write: None, event: None, clock };
+        if state == PinState::Held && !p.syn {
+            t.rule = Rule::Pin;
+            t.number = pin.map_or(current, |pin| pin.backend);
+            t.followed = true;
+            return t;
+        }
+        if self.is_from_before_change(p, &self.services[service as usize]) {
+            if self.service_backend(previous, service) {
+                t.rule = Rule::Previous;
+                t.number = previous;
+            } else {
+                t.rule = Rule::PreviousGone;
+            }
+        } else if !p.syn {
+            t.rule = Rule::New;
+        }
+        if p.icmp_error {
+            return t;
+        }
+        // The pin: the backend entry as it is now (any number below
+        // MAX_BACKENDS has one, zeroed if never written); a number past the
+        // map's end, or a full HASH map for a new key, refuses it.
+        let full = !self.flow_lru && pin.is_none() && self.flows.borrow().len() >= self.flow_entries as usize;
+        match self.backends.get(t.number as usize) {
+            Some(backend) if !full => {
+                t.write = Some(FlowPin::to(t.number, backend, slot, clock));
+                t.event = Some(if pin.is_some() { L4LB_CNT_FLOW_REPINNED } else { L4LB_CNT_FLOW_PINNED });
+            }
+            _ => t.event = Some(L4LB_CNT_FLOW_TABLE_FULL),
+        }
+        t
+    }
+
+    /// `decide`, with the rules of a slot in transition (`Tracking`, None for
+    /// a frame that never reaches one): a SYN takes the current backend; a
+    /// pin that holds keeps its flow (its `seen` raised to the clock); a flow
+    /// from before the change takes the previous backend while it is one of
+    /// the service, else the current one; UDP after the grace the current
+    /// one. All but a held pin's frames pin where they went (not an ICMP
+    /// error): a new entry FLOW_PINNED, over one FLOW_REPINNED, refused by a
+    /// full HASH map (or a backend number past l4lb_backends' end)
     /// FLOW_TABLE_FULL. An LRU map is never full (the model cannot say which
     /// pin the kernel would evict: the suites keep LRU maps under their size).
     pub fn decide_tracked(&self, p: &Parsed) -> (Outcome, Option<Tracking>) {
@@ -923,7 +1125,7 @@ impl Lb {
             service = Some(self.config.catch_all);
         }
         let Some(service) = service else { return Outcome::PassNoService };
-        let Some(&flags) = self.services.get(service as usize) else {
+        let Some(&ServiceEntry { flags, .. }) = self.services.get(service as usize) else {
             return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
         };
         if flags & L4LB_SERVICE_ACTIVE == 0 {
@@ -942,45 +1144,25 @@ impl Lb {
             proto: p.proto,
         };
         let hash = flow.hash(self.config.hash_seed);
-        let mut pinned = None;
-        if flags & L4LB_SERVICE_TRACK_FLOWS != 0 {
-            let key = FlowKey::new(p.src, p.dst, p.proto, flow.sport, flow.dport);
-            let pin = self.flows.borrow().get(&key).copied();
-            let state = match pin {
-                None => PinState::None,
-                Some(pin) if self.pin_holds(&pin, service) => PinState::Held,
-                Some(_) => PinState::Stale,
-            };
-            let followed = state == PinState::Held && !p.syn;
-            if followed {
-                pinned = pin.map(|pin| pin.backend);
-            }
-            *tracking = Some(Tracking { key, state, followed, update: None });
-        }
-        let number = match pinned {
-            Some(number) => number,
-            None => {
-                let number = self.predict(service, &flow);
-                let Some(backend) = self.backends.get(number as usize).filter(|b| b.active()) else {
-                    return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
-                };
-                if let Some(t) = tracking.as_mut() {
-                    if !p.icmp_error && (!p.syn || t.state != PinState::None) {
-                        let full = !self.flow_lru && t.state == PinState::None && self.flows.borrow().len() >= self.flow_entries as usize;
-                        let event = if full {
-                            L4LB_CNT_FLOW_TABLE_FULL
-                        } else if t.state == PinState::None {
-                            L4LB_CNT_FLOW_PINNED
-                        } else {
-                            L4LB_CNT_FLOW_REPINNED
-                        };
-                        t.update = Some((FlowPin::to(number, backend), event));
-                    }
-                }
+        // The slot word: steady (a backend number), empty, or in transition
+        // (the only frames that read or write l4lb_flows, whatever the
+        // service's TRACK_FLOWS flag says: the host's business).
+        let slot = self.table_index(service, &flow);
+        let word = self.predict(service, &flow);
+        let number = match SlotWord::of(word) {
+            SlotWord::Empty => return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND),
+            SlotWord::Steady(number) => number,
+            SlotWord::Transition { .. } => {
+                let key = FlowKey::new(p.src, p.dst, p.proto, flow.sport, flow.dport);
+                let t = self.transition_tracking(p, service, key, slot, word);
+                let number = t.number;
+                *tracking = Some(t);
                 number
             }
         };
-        let backend = &self.backends[number as usize];
+        let Some(backend) = self.backends.get(number as usize).filter(|b| b.active()) else {
+            return Outcome::Drop(L4LB_CNT_DROP_NO_BACKEND);
+        };
         let overhead = if backend.family == L4LB_FAMILY_IPV6 as u8 {
             40
         } else if backend.family == L4LB_FAMILY_IPV4 as u8 && !inner_v6 {
