@@ -42,30 +42,40 @@
 //! port 0, a VIP displaced from its home entry, a VIP of an inactive service,
 //! a catch-all with IPv4 backends; IPv4 and IPv6 backends, own and gateway MACs; UDP with and
 //! without hash_ports) with holes in a table (empty slots, slots naming a
-//! backend never written or written inactive); a 32-backend Maglev catch-all
-//! with IPv4 backends (IPv6 packets pass) and an IPv6 VIP; empty tables; the
+//! backend never written, written inactive or past l4lb_backends' end); a
+//! 32-backend Maglev catch-all with IPv4 backends (IPv6 packets pass) and an
+//! IPv6 VIP; empty tables; the
 //! lowest MTU the host accepts (576, frames up to 1200 bytes: many too-big
 //! answers) with high outer addresses (outer IPv4 sums that carry past a
 //! first fold); no MTU with frames up to 3000 bytes.
 //!
-//! Connection tracking: in four slices some services track flows
-//! (`Slice::tracked`; `mtu_unset_large_frames` tracks none, and must leave
-//! l4lb_flows empty). The model keeps its own copy of the pins and says for
-//! each frame whether it follows a pin, pins (FLOW_PINNED), pins again
-//! (FLOW_REPINNED: a SYN over an entry, or a stale one: a key shared by two
-//! services, e.g. a fragment and a catch-all packet) or finds the HASH map
-//! of 65,536 entries full (FLOW_TABLE_FULL, modelled exactly: the map is
-//! never emptied, so `services_with_holes` fills it); the per-frame counter
-//! check covers the FLOW_* counters too, and at the end of a slice the
-//! kernel's l4lb_flows must equal the model's entry for entry. The tables
-//! never change during a run, so a held pin names the table's backend and
-//! the expected outputs are those of an untracked service. A fifth of the
-//! valid frames and ICMP errors come from 4 clients and 2 client ports per
-//! family, so that flows recur. A run of 1,000,000 frames (seed
-//! 12125166954377496700) sent 247,306 frames through tracked services
-//! (18,898 of them followed a pin) and counted FLOW pinned 158,369,
-//! repinned 1,424, table full 16,549 (all in `services_with_holes`, whose
-//! map ended full with 65,536 entries); each slice prints its own figures.
+//! Slots in transition (docs/transitions.md): in four slices some services
+//! track flows (`Slice::tracked`): about 7 in 10 of their slots are words in
+//! transition (`put_in_transition`: the previous backend another of the
+//! service's, the same one, or one that is not the service's: inactive,
+//! never written, another service's; the current one the slot's, holes and
+//! a number past l4lb_backends included), their `changed` 0 to 35 s before
+//! the first frame with UDP graces of 0, 10, 30 and 60 s, and the clock
+//! moves 100 s over the slice (wrapping past u32::MAX in `low_mtu`), so that
+//! graces end during the run and pins' `seen` moves. `mtu_unset_large_frames`
+//! tracks none and `empty_tables` has no table: both must leave l4lb_flows
+//! empty. The model keeps its own copy of the pins and says for each frame
+//! which rule decides (SYN, a pin that holds, a flow from before the change
+//! with its previous backend valid or not, a new UDP flow after the grace),
+//! whether it pins (FLOW_PINNED), pins again (FLOW_REPINNED: a SYN over an
+//! entry, or a stale one, e.g. a key shared by two services, whose slots
+//! differ) or finds the HASH map full (FLOW_TABLE_FULL, modelled exactly:
+//! `services_with_holes` loads it with 16,384 entries and fills it; a
+//! current backend past l4lb_backends counts it too); the per-frame counter
+//! check covers the FLOW_* counters, and at the end of a slice the kernel's
+//! l4lb_flows (backend, slot, last-seen tick) must equal the model's entry
+//! for entry. A fifth of the valid frames and ICMP errors come from 4
+//! clients and 2 client ports per family, so that flows recur. A run of
+//! 1,000,000 frames (seed 4370193062551559530) sent 157,690 frames through
+//! slots in transition (13,820 followed a pin; every rule decided thousands)
+//! and counted FLOW pinned 87,929, repinned 1,053, table full 47,522 (36 of
+//! them for a current backend past l4lb_backends); each slice prints its own
+//! figures.
 //!
 //! `L4LB_FUZZ_SEED=N` replays a run (the seed is printed, and named in any
 //! failure); `L4LB_FUZZ_FRAMES=N` changes the total number of frames (the
@@ -82,7 +92,10 @@ use libtest_mimic::Failed;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use common::lb::{BackendEntry, Lb, LbConfig, Outcome, VipKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT, SLOT_EMPTY};
+use common::lb::{
+    transition, BackendEntry, FlowTable, Lb, LbConfig, Outcome, Rule, ServiceEntry, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT,
+    SLOT_EMPTY,
+};
 use common::packet::internet_checksum;
 use common::wire::*;
 use common::{counter_moves, fail, hex, same_bytes};
@@ -157,16 +170,28 @@ struct Slice {
     max_len: usize,
     /// The configured outer IPv4 source.
     src: Ipv4Addr,
-    /// Services that track flows (L4LB_SERVICE_TRACK_FLOWS).
+    /// Services that track flows (L4LB_SERVICE_TRACK_FLOWS): some of their
+    /// slots are in transition (`put_in_transition`).
     tracked: &'static [u32],
+    /// l4lb_config.clock at the first frame; it moves CLOCK_SPAN seconds
+    /// forward over the slice (wrapping past u32::MAX in `low_mtu`).
+    clock: u32,
+    /// l4lb_flows' size (a HASH map, as the object declares it): small in
+    /// `services_with_holes`, which fills it.
+    flow_entries: u32,
 }
 
+/// Seconds the clock moves over a slice: the UDP graces (0, 10, 30, 60 s
+/// after changes 0 to 35 s before the first frame) end during the run.
+const CLOCK_SPAN: u64 = 100;
+const UDP_GRACES: [u32; 4] = [30, 0, 60, 10];
+
 const SLICES: [Slice; 5] = [
-    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5] },
-    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7] },
-    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2] },
-    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6] },
-    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[] },
+    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5], clock: 100_000, flow_entries: 16384 },
+    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7], clock: 7, flow_entries: L4LB_FLOW_ENTRIES },
+    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES },
+    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6], clock: u32::MAX - 40, flow_entries: L4LB_FLOW_ENTRIES },
+    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES },
 ];
 
 fn services_with_holes() -> TestResult {
@@ -233,6 +258,9 @@ const REUSE: f64 = 0.2;
 /// Backend numbers the holes point to: never written, and written but inactive.
 const UNSET_BACKEND: u32 = 3000;
 const INACTIVE_BACKEND: u32 = 3001;
+/// A steady number past l4lb_backends' end (in transition: a current
+/// backend the pin cannot be made for, counted FLOW_TABLE_FULL).
+const BEYOND_BACKENDS: u32 = 0x7fff;
 
 fn mac(service: u32, i: u32) -> [u8; 6] {
     [0x02, 0xbe, 0xef, service as u8, 0x00, i as u8]
@@ -264,7 +292,7 @@ fn add_service(lb: &mut Lb, service: u32, first: u32, backends: &[BackendEntry],
 }
 
 fn load(slice: &Slice) -> Result<Lb, Failed> {
-    let mut lb = Lb::load(false)?;
+    let mut lb = Lb::load_with(false, FlowTable { lru: false, entries: slice.flow_entries })?;
     lb.set_config(LbConfig {
         hash_seed: HASH_SEED,
         flags: L4LB_CONFIG_SEED_SET | L4LB_CONFIG_SEED_FIXED | L4LB_CONFIG_SRC_SET | L4LB_CONFIG_SRC6_SET | L4LB_CONFIG_GATEWAY_SET,
@@ -274,7 +302,7 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
         src_v4: slice.src.octets(),
         src_v6: LB_SRC6.octets(),
         gateway_mac: GATEWAY_MAC,
-        clock: 0,
+        clock: slice.clock,
     })?;
     let catch_all = |lb: &mut Lb, service: u32| {
         let mut config = lb.config.clone();
@@ -294,6 +322,7 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
                     3 => *number = SLOT_EMPTY,
                     7 => *number = UNSET_BACKEND,
                     11 => *number = INACTIVE_BACKEND,
+                    13 => *number = BEYOND_BACKENDS,
                     _ => {}
                 }
             }
@@ -376,9 +405,48 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
         }
     }
     for &service in slice.tracked {
-        lb.set_service(service, lb.services[service as usize].flags | L4LB_SERVICE_TRACK_FLOWS)?;
+        let entry = ServiceEntry {
+            flags: lb.services[service as usize].flags | L4LB_SERVICE_TRACK_FLOWS,
+            changed: slice.clock.wrapping_sub(5 * service),
+            udp_grace: UDP_GRACES[service as usize % UDP_GRACES.len()],
+            idle_timeout: 300,
+        };
+        lb.set_service_entry(service, entry)?;
+        put_in_transition(&mut lb, service)?;
     }
     Ok(lb)
+}
+
+/// Puts about 7 in 10 of `service`'s non-empty slots in transition (none if
+/// its table was never written), chosen by slot: the current backend is the
+/// slot's (a hole's number too), the previous one another backend of the
+/// service (3 in 10), the same number ("pins only", 1 in 10), or a number
+/// that is not one of the service's: the inactive entry, one never written,
+/// a backend of another service (1 in 10 each). The datapath must take the
+/// current backend for old flows whose previous one is not the service's.
+fn put_in_transition(lb: &mut Lb, service: u32) -> TestResult {
+    let Some(table) = lb.tables[service as usize].clone() else { return Ok(()) };
+    let own: Vec<u32> = (0..MAX_BACKENDS as u32).filter(|&n| lb.service_backend(n, service)).collect();
+    let foreign = (0..MAX_BACKENDS as u32).find(|&n| lb.backends[n as usize].active() && lb.backends[n as usize].service != service);
+    ensure!(!own.is_empty() && foreign.is_some(), "service {service}: backends {own:?}, another service's {foreign:?}");
+    let words: Vec<u32> = table
+        .iter()
+        .enumerate()
+        .map(|(slot, &word)| {
+            let pick = (slot as u32).wrapping_mul(0x9e37_79b1) >> 20;
+            let previous = match pick % 10 {
+                _ if word == SLOT_EMPTY => return word,
+                0..=2 => own[(pick / 10) as usize % own.len()],
+                3 => word,
+                4 => INACTIVE_BACKEND,
+                5 => UNSET_BACKEND,
+                6 => foreign.unwrap_or(UNSET_BACKEND),
+                _ => return word,
+            };
+            transition(word, previous)
+        })
+        .collect();
+    lb.set_table(service, &words)
 }
 
 // ---------------------------------------------------------------------------
@@ -1012,10 +1080,15 @@ struct Tally {
     /// TX frames that were ICMP errors, and TX frames with VLAN tags.
     icmp_tx: u64,
     tagged_tx: u64,
-    /// Frames that reached a tracked service's pin lookup, and those of them that followed a pin.
+    /// Frames in a slot in transition, those of them that followed a pin,
+    /// and how many each rule decided (RULES' order).
     tracked: u64,
     followed: u64,
+    rules: [u64; RULES.len()],
 }
+
+/// The rules of a slot in transition, in the summary's order.
+const RULES: [Rule; 5] = [Rule::Syn, Rule::Pin, Rule::Previous, Rule::PreviousGone, Rule::New];
 
 /// Whether the one's-complement sum of `header` (checksum field zeroed) needs
 /// a second fold, with 16-bit words read big- or little-endian.
@@ -1039,7 +1112,7 @@ fn run_slice(slice: &Slice) -> TestResult {
 
 fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     let started = Instant::now();
-    let lb = load(slice)?;
+    let mut lb = load(slice)?;
     let mut generator = Generator::new(seed, slice);
     let mut tally = Tally { backends: vec![(0, 0); MAX_BACKENDS], services: vec![(0, 0); MAX_SERVICES], ..Tally::default() };
     let mut frame = Vec::with_capacity(4096);
@@ -1048,6 +1121,11 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     ensure!(counters == tally.counters, "counters not zero after loading: {counters:?}");
 
     for index in 0..frames {
+        // The tick moves on: 0 to CLOCK_SPAN seconds from the slice's start.
+        let clock = slice.clock.wrapping_add((index * CLOCK_SPAN / frames.max(1)) as u32);
+        if clock != lb.config.clock {
+            lb.set_clock(clock)?;
+        }
         let kind = generator.kind();
         generator.frame(kind, &mut frame);
         tally.kinds[KINDS.iter().position(|(k, _)| *k == kind).unwrap()] += 1;
@@ -1113,6 +1191,7 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
                 if let Some(t) = &tracking {
                     tally.tracked += 1;
                     tally.followed += u64::from(t.followed);
+                    tally.rules[RULES.iter().position(|r| *r == t.rule).unwrap()] += 1;
                     if let Some(event) = t.event() {
                         tally.counters[event as usize] += 1;
                     }
@@ -1164,16 +1243,26 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     if slice.tracked.is_empty() {
         ensure!(tally.tracked == 0 && entries == 0, "no tracked service, yet {} frames tracked, {entries} entries", tally.tracked);
     } else if !matches!(slice.setup, Setup::Empty) && frames >= 100_000 {
-        // Not vacuous: pins made, followed and made again.
+        // Not vacuous: pins made, followed and made again; every rule decided frames.
         ensure!(pinned > 0 && repinned > 0 && tally.followed > 0, "tracking: {pinned} pinned, {repinned} re-pinned, {} followed", tally.followed);
+        ensure!(tally.rules.iter().all(|&n| n > 0), "tracking: a rule never decided: {:?}", RULES.iter().zip(tally.rules).collect::<Vec<_>>());
+        ensure!(slice.flow_entries == L4LB_FLOW_ENTRIES || full > 0, "tracking: a flow table of {} entries never full", slice.flow_entries);
     }
+    let transition_slots = slice
+        .tracked
+        .iter()
+        .filter_map(|&s| lb.tables[s as usize].as_ref())
+        .flatten()
+        .filter(|&&w| matches!(SlotWord::of(w), SlotWord::Transition { .. }))
+        .count();
     let used = tally.backends.iter().filter(|(packets, _)| *packets > 0).count();
     let services_used = tally.services.iter().filter(|(packets, _)| *packets > 0).count();
     println!(
         "fuzz {}: {frames} frames in {:.1?} ({} refused with EINVAL), {used} backends and {services_used} services used, \
          TX 4in4 {} 4in6 {} 6in6 {} (ICMP errors {}, tagged {}), ICMP answers {} + ICMPv6 {}, {} outer sums carrying past one fold; \
-         tracking (services {:?}): {} frames through tracked services, {} followed a pin, FLOW pinned {pinned} repinned {repinned} \
-         table full {full}, {entries} entries at the end (of {}); kinds {}; counters {}",
+         tracking (services {:?}, {transition_slots} slots in transition, clock {} to {}): {} frames in slots in transition, \
+         {} followed a pin, rules {}, FLOW pinned {pinned} repinned {repinned} table full {full}, {entries} entries at the end (of {}); \
+         kinds {}; counters {}",
         slice.name,
         started.elapsed(),
         tally.refused,
@@ -1186,8 +1275,11 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
         tally.answers[1],
         tally.carries,
         slice.tracked,
+        slice.clock,
+        lb.config.clock,
         tally.tracked,
         tally.followed,
+        RULES.iter().zip(tally.rules).map(|(r, n)| format!("{r:?} {n}")).collect::<Vec<_>>().join(", "),
         lb.flow_entries,
         KINDS.iter().zip(tally.kinds).map(|((kind, _), n)| format!("{kind:?} {n}")).collect::<Vec<_>>().join(", "),
         named(&counters)
