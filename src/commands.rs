@@ -380,6 +380,10 @@ fn status(name: &str, json: bool, flows: bool) -> Result<()> {
             lru: table.map_type() == libbpf_rs::MapType::LruHash,
             max_entries: table.max_entries(),
         },
+        tick: match (maps.read_config(), crate::maps::tick()) {
+            (Ok(config), Ok(now)) => Some(crate::status::Tick { clock: config.clock, now }),
+            _ => None,
+        },
     };
     let counts = if flows {
         let mut counter = crate::status::PinCounter::new(&running);

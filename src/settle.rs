@@ -71,7 +71,7 @@ pub fn round(maps: &LbMaps, flows: &MapHandle) -> Result<Round> {
         services.insert(s.number, ServiceClock { changed: s.changed, idle_timeout: s.idle_timeout });
         names.insert(s.number, s.key.to_string());
         let base = s.number * MAGLEV_SIZE as u32;
-        for (&slot, _) in &s.transitions {
+        for &slot in s.transitions.keys() {
             slots.insert(base + slot, (s.number, s.table[slot as usize]));
         }
     }

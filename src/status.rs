@@ -35,6 +35,15 @@ pub struct Program {
     pub vip_probes: Option<u32>,
     /// The flow table (l4lb_flows) as the kernel describes it.
     pub flow_table: FlowTable,
+    /// l4lb_config.clock and the host's tick now (None if not read).
+    pub tick: Option<Tick>,
+}
+
+/// The datapath's tick as written by the last apply or sweep, and now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    pub clock: u32,
+    pub now: u32,
 }
 
 /// The flow table's type and size (the map's info; no entry read).
@@ -72,9 +81,19 @@ pub struct Status {
     /// each VIP address and protocol go.
     pub fragments: Vec<FragmentStatus>,
     pub flow_table: FlowTableStatus,
+    /// The tick (l4lb_config.clock) and its age in seconds.
+    pub tick: Option<TickStatus>,
     pub services: Vec<ServiceStatus>,
     #[serde(skip)]
     pub mode_label: String,
+}
+
+/// The tick pins and transitions count time by.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TickStatus {
+    pub clock: u32,
+    /// Seconds since it was written (by an apply or `l4lb settle`).
+    pub age: u32,
 }
 
 /// One fragment entry: fragments of (`vip`, `protocol`) go to service
@@ -344,6 +363,7 @@ pub fn build(program: &Program, running: &Running, flows: Option<&FlowCounts>) -
             entries: flows.map(|f| f.entries),
             stale: flows.map(|f| f.stale),
         },
+        tick: program.tick.map(|t| TickStatus { clock: t.clock, age: t.now.saturating_sub(t.clock) }),
         services: running.services.iter().map(|s| service(s, gateway, flows)).collect(),
         mode_label: program.mode.to_string(),
     }
@@ -454,6 +474,17 @@ pub fn render(status: &Status) -> String {
         }
     }
     line("Flow table", flow_table_text(&status.flow_table));
+    if let Some(tick) = &status.tick {
+        let in_transition = status.services.iter().any(|s| s.transition_slots > 0);
+        let mut text = format!("{}, written {} s ago (by an apply or `l4lb settle`)", tick.clock, tick.age);
+        if in_transition && tick.age > crate::settle::STALE_TICK {
+            text.push_str(&format!(
+                "; slots are in transition and no sweep ran for {} s: transitions end only while `l4lb settle -i {} --every 5` runs",
+                tick.age, status.interface
+            ));
+        }
+        line("Tick", text);
+    }
     let backends: usize = status.services.iter().map(|s| s.backends.len()).sum();
     line("Services", format!("{}, {}", status.services.len(), plural(backends, "backend", "backends")));
     if status.services.is_empty() {
@@ -611,6 +642,7 @@ mod tests {
             per_cpu_counters: true,
             vip_probes: Some(1),
             flow_table: FlowTable { lru: true, max_entries: 1 << 20 },
+            tick: None,
         };
         // Tables of 10 slots: 3 and 4 take 3 and 6, one slot unset. Backend
         // 4 was added at tick 1000: 3 of the slots it took from 3 are still
@@ -740,7 +772,7 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             [
                 "interface", "ifindex", "program", "program_id", "mode", "per_cpu_counters", "hash_seed", "seed_fixed",
                 "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "fragments", "flow_table",
-                "services"
+                "tick", "services"
             ]
         );
         assert_eq!(value["mode"], "driver");
@@ -801,6 +833,22 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
 
     /// The example's flow table: 4 pins that hold, 6 that do not. The web
     /// service (number 1) has slots 1, 2 and 4 in transition.
+    #[test]
+    fn the_tick_line_says_its_age_and_warns_when_no_sweep_runs() {
+        let (mut program, running) = example();
+        program.tick = Some(Tick { clock: 1000, now: 1003 });
+        let text = render(&build(&program, &running, None));
+        assert!(text.contains("\nTick:          1000, written 3 s ago (by an apply or `l4lb settle`)\n"), "{text}");
+        program.tick = Some(Tick { clock: 1000, now: 1060 });
+        let text = render(&build(&program, &running, None));
+        assert!(
+            text.contains("\nTick:          1000, written 60 s ago (by an apply or `l4lb settle`); slots are in transition and no sweep ran for 60 s: transitions end only while `l4lb settle -i l4lb-doc0 --every 5` runs\n"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
+        assert_eq!(json["tick"], serde_json::json!({"clock": 1000, "age": 60}));
+    }
+
     fn example_flows() -> Vec<(FlowKey, FlowPin)> {
         let web = |port| flow("192.0.2.1", "203.0.113.10", Some((port, 80)), Protocol::Tcp);
         vec![
