@@ -1,7 +1,10 @@
 //! The XDP datapath run in the kernel with BPF_PROG_TEST_RUN (repeat 1):
 //! verdicts, exact output frames, all the counters and the traffic of every
 //! backend and service, frame by frame. Needs root (CAP_BPF); without it
-//! every test is reported as ignored.
+//! every test is reported as ignored. Every test runs on both builds of
+//! src/bpf/l4lb_xdp.bpf.c: as NAME on l4lb_xdp.o (atomic adds: what iproute2
+//! and offload load) and as driver::NAME on l4lb_xdp_percpu.o (the driver
+//! build `l4lb attach` loads: per-CPU counters, a pin's `seen` stored).
 //!
 //! The maps are filled directly (tests/common/lb.rs lays the values out from
 //! include/l4lb.h), not through the host's apply engine, so this suite tests
@@ -49,7 +52,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::lb::{
-    BackendEntry, FlowKey, FlowPin, FlowTable, Lb, LbConfig, Outcome, ServiceEntry, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, NCNT,
+    BackendEntry, Build, FlowKey, FlowPin, FlowTable, Lb, LbConfig, Outcome, ServiceEntry, Skel, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, NCNT,
     SLOT_EMPTY,
 };
 use common::packet::internet_checksum;
@@ -64,7 +67,7 @@ use l4lb::maglev;
 type TestResult = Result<(), Failed>;
 
 fn main() {
-    common::run_suite(
+    common::lb::run_suite_both_builds(
         "datapath",
         "BPF_PROG_TEST_RUN needs CAP_BPF",
         vec![
@@ -1987,7 +1990,7 @@ fn maglev_through_the_datapath() -> TestResult {
 
 fn per_cpu_counters() -> TestResult {
     let mut lb = Lb::load(true)?;
-    for map in [&lb.skel.maps.l4lb_counters, &lb.skel.maps.l4lb_be_stats, &lb.skel.maps.l4lb_svc_stats] {
+    for map in [lb.maps().l4lb_counters, lb.maps().l4lb_be_stats, lb.maps().l4lb_svc_stats] {
         ensure!(
             map.map_type() == MapType::PercpuArray,
             "{} is {:?}, expected PercpuArray",
@@ -2891,7 +2894,18 @@ fn error_of(flow: &Packet) -> Packet {
 }
 
 /// The slot words agree: spelled here, by the model, by the host's encoder.
+/// (And this run's build is the one loaded: the driver build with per-CPU counters.)
 fn tracking_slot_words() -> TestResult {
+    let lb = pin_lb()?;
+    let build = common::lb::current_build();
+    let counters = lb.maps().l4lb_counters.map_type();
+    ensure!(
+        lb.build == build && matches!((&lb.skel, build), (Skel::Object(_), Build::Object) | (Skel::Driver(_), Build::Driver)),
+        "{} loaded, {} wanted",
+        lb.build.name(),
+        build.name()
+    );
+    ensure!(build == Build::Object || counters == MapType::PercpuArray, "the driver build's counters are {counters:?}");
     for (current, previous) in [(BE_B, BE_A), (0, 0), (0xffff, 0xfff), (4095, 1), (1, 4095)] {
         let spelled = word(current, previous);
         let host = l4lb::transition::Slot::Transition { current, previous }.encode();
@@ -3433,8 +3447,8 @@ fn tracking_icmp_errors() -> TestResult {
         }
     }
     eprintln!(
-        "tracking: an ICMP error about an unpinned UDP flow after the grace goes to the current backend \
-         (flows.h applies from_before_change; docs/transitions.md rule 3 says the previous backend)"
+        "tracking: an ICMP error about an unpinned flow follows the flow's rule by the quoted protocol: \
+         UDP after the grace goes to the current backend (docs/transitions.md of b29456a, rule 3, said the previous one)"
     );
     expect_flows(&lb, "no entry for unpinned flows", &want)?;
     // B removed: the TCP pins are stale; their errors take the previous backend and re-pin nothing.
@@ -3453,7 +3467,7 @@ fn tracking_icmp_errors() -> TestResult {
 
 /// The loaded l4lb_flows is a `map_type` map of `entries`.
 fn expect_flow_table(lb: &Lb, map_type: MapType, entries: u32) -> TestResult {
-    let flows = &lb.skel.maps.l4lb_flows;
+    let flows = lb.maps().l4lb_flows;
     ensure!(
         flows.map_type() == map_type && flows.max_entries() == entries,
         "l4lb_flows is {:?} of {}, want {map_type:?} of {entries}",
@@ -3488,7 +3502,7 @@ fn tracking_table_full() -> TestResult {
         .collect();
     let keys: Vec<u8> = filler.iter().flat_map(|(k, _)| k.bytes()).collect();
     let values: Vec<u8> = filler.iter().flat_map(|(_, p)| p.bytes()).collect();
-    lb.skel.maps.l4lb_flows.update_batch(&keys, &values, fill as u32, libbpf_rs::MapFlags::ANY, libbpf_rs::MapFlags::ANY)?;
+    lb.maps().l4lb_flows.update_batch(&keys, &values, fill as u32, libbpf_rs::MapFlags::ANY, libbpf_rs::MapFlags::ANY)?;
     lb.flows.borrow_mut().extend(filler);
     lb.compare_flows().map_err(fail)?;
     ensure!(lb.read_flows()?.len() == L4LB_FLOW_ENTRIES as usize, "the map is not full");

@@ -47,7 +47,10 @@
 //! IPv6 VIP; empty tables; the
 //! lowest MTU the host accepts (576, frames up to 1200 bytes: many too-big
 //! answers) with high outer addresses (outer IPv4 sums that carry past a
-//! first fold); no MTU with frames up to 3000 bytes.
+//! first fold); no MTU with frames up to 3000 bytes. `maglev_32_and_ipv6_vip`
+//! and `low_mtu` load the driver build (l4lb_xdp_percpu.o, what `l4lb
+//! attach` loads: per-CPU counters, a pin's `seen` stored), the others
+//! l4lb_xdp.o (atomic adds: what iproute2 and offload load).
 //!
 //! Slots in transition (docs/transitions.md): in four slices some services
 //! track flows (`Slice::tracked`): about 7 in 10 of their slots are words in
@@ -93,7 +96,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use common::lb::{
-    transition, BackendEntry, FlowTable, Lb, LbConfig, Outcome, Rule, ServiceEntry, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT,
+    transition, BackendEntry, Build, FlowTable, Lb, LbConfig, Outcome, Rule, ServiceEntry, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT,
     SLOT_EMPTY,
 };
 use common::packet::internet_checksum;
@@ -179,6 +182,8 @@ struct Slice {
     /// l4lb_flows' size (a HASH map, as the object declares it): small in
     /// `services_with_holes`, which fills it.
     flow_entries: u32,
+    /// The build of the datapath loaded (l4lb_xdp.o, or the driver build).
+    build: Build,
 }
 
 /// Seconds the clock moves over a slice: the UDP graces (0, 10, 30, 60 s
@@ -187,11 +192,11 @@ const CLOCK_SPAN: u64 = 100;
 const UDP_GRACES: [u32; 4] = [30, 0, 60, 10];
 
 const SLICES: [Slice; 5] = [
-    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5], clock: 100_000, flow_entries: 16384 },
-    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7], clock: 7, flow_entries: L4LB_FLOW_ENTRIES },
-    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES },
-    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6], clock: u32::MAX - 40, flow_entries: L4LB_FLOW_ENTRIES },
-    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES },
+    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5], clock: 100_000, flow_entries: 16384, build: Build::Object },
+    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7], clock: 7, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Driver },
+    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Object },
+    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6], clock: u32::MAX - 40, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Driver },
+    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Object },
 ];
 
 fn services_with_holes() -> TestResult {
@@ -292,7 +297,7 @@ fn add_service(lb: &mut Lb, service: u32, first: u32, backends: &[BackendEntry],
 }
 
 fn load(slice: &Slice) -> Result<Lb, Failed> {
-    let mut lb = Lb::load_with(false, FlowTable { lru: false, entries: slice.flow_entries })?;
+    let mut lb = Lb::load_build(slice.build, false, FlowTable { lru: false, entries: slice.flow_entries })?;
     lb.set_config(LbConfig {
         hash_seed: HASH_SEED,
         flags: L4LB_CONFIG_SEED_SET | L4LB_CONFIG_SEED_FIXED | L4LB_CONFIG_SRC_SET | L4LB_CONFIG_SRC6_SET | L4LB_CONFIG_GATEWAY_SET,
@@ -1258,12 +1263,13 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     let used = tally.backends.iter().filter(|(packets, _)| *packets > 0).count();
     let services_used = tally.services.iter().filter(|(packets, _)| *packets > 0).count();
     println!(
-        "fuzz {}: {frames} frames in {:.1?} ({} refused with EINVAL), {used} backends and {services_used} services used, \
+        "fuzz {} ({}): {frames} frames in {:.1?} ({} refused with EINVAL), {used} backends and {services_used} services used, \
          TX 4in4 {} 4in6 {} 6in6 {} (ICMP errors {}, tagged {}), ICMP answers {} + ICMPv6 {}, {} outer sums carrying past one fold; \
          tracking (services {:?}, {transition_slots} slots in transition, clock {} to {}): {} frames in slots in transition, \
          {} followed a pin, rules {}, FLOW pinned {pinned} repinned {repinned} table full {full}, {entries} entries at the end (of {}); \
          kinds {}; counters {}",
         slice.name,
+        slice.build.name(),
         started.elapsed(),
         tally.refused,
         tally.families[0],

@@ -31,12 +31,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapMut, MapType, OpenObject, ProgramInput};
+use libbpf_rs::{MapCore, MapFlags, MapMut, MapType, OpenObject, ProgramInput, ProgramMut};
 
 use super::packet::internet_checksum;
 use super::{fail, TestResult};
 use l4lb::bpf::consts::*;
 use l4lb::bpf::counter::*;
+use l4lb::bpf::percpu_skel::{L4lbXdpPercpuSkel, L4lbXdpPercpuSkelBuilder};
 use l4lb::bpf::skel::{L4lbXdpSkel, L4lbXdpSkelBuilder};
 use l4lb::flow_hash::Flow;
 
@@ -687,9 +688,145 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
 
 // ---------------------------------------------------------------- the balancer
 
+/// Which build of src/bpf/l4lb_xdp.bpf.c a balancer loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// l4lb_xdp.o, what iproute2 and offload load: atomic adds only (the
+    /// counters, a pin's `seen`).
+    Object,
+    /// l4lb_xdp_percpu.o (-DL4LB_DRIVER_BUILD), what `l4lb attach` loads in
+    /// driver and generic mode: plain adds into per-CPU counters (always
+    /// loaded per-CPU here, as attach does), a pin's `seen` stored.
+    Driver,
+}
+
+impl Build {
+    pub const ALL: [Build; 2] = [Build::Object, Build::Driver];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Object => "l4lb_xdp.o",
+            Build::Driver => "l4lb_xdp_percpu.o (driver build)",
+        }
+    }
+}
+
+thread_local! {
+    /// The build `Lb::load` and `Lb::load_with` load on this thread (a test
+    /// runs on one thread: `run_suite_both_builds` sets it per test).
+    static BUILD: std::cell::Cell<Build> = const { std::cell::Cell::new(Build::Object) };
+}
+
+/// The build this thread's loads use.
+pub fn current_build() -> Build {
+    BUILD.with(|b| b.get())
+}
+
+/// Runs `test` with this thread's loads using `build`.
+pub fn with_build<T>(build: Build, test: impl FnOnce() -> T) -> T {
+    let before = BUILD.with(|b| b.replace(build));
+    let out = test();
+    BUILD.with(|b| b.set(before));
+    out
+}
+
+/// `super::run_suite`, every test run twice: as `NAME` on l4lb_xdp.o and as
+/// `driver::NAME` on the driver build.
+pub fn run_suite_both_builds(suite: &str, needs: &str, tests: Vec<(&'static str, super::TestFn)>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let root = super::is_root();
+    if !root {
+        eprintln!("skipped: {suite}: {} tests need root ({needs}); not running as root", 2 * tests.len());
+    }
+    let trials = Build::ALL
+        .into_iter()
+        .flat_map(|build| {
+            tests.iter().map(move |&(name, test)| {
+                let name = if build == Build::Object { name.to_string() } else { format!("driver::{name}") };
+                libtest_mimic::Trial::test(name, move || with_build(build, test)).with_ignored_flag(!root)
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
+/// The loaded skeleton of either build (the same maps and program).
+pub enum Skel {
+    Object(L4lbXdpSkel<'static>),
+    Driver(L4lbXdpPercpuSkel<'static>),
+}
+
+/// The maps of a loaded balancer, whichever its build.
+pub struct Maps<'a> {
+    pub l4lb_config: &'a MapMut<'static>,
+    pub l4lb_vips: &'a MapMut<'static>,
+    pub l4lb_services: &'a MapMut<'static>,
+    pub l4lb_tables: &'a MapMut<'static>,
+    pub l4lb_backends: &'a MapMut<'static>,
+    pub l4lb_be_stats: &'a MapMut<'static>,
+    pub l4lb_svc_stats: &'a MapMut<'static>,
+    pub l4lb_counters: &'a MapMut<'static>,
+    pub l4lb_flows: &'a MapMut<'static>,
+}
+
+macro_rules! skel_maps {
+    ($skel:expr) => {
+        Maps {
+            l4lb_config: &$skel.maps.l4lb_config,
+            l4lb_vips: &$skel.maps.l4lb_vips,
+            l4lb_services: &$skel.maps.l4lb_services,
+            l4lb_tables: &$skel.maps.l4lb_tables,
+            l4lb_backends: &$skel.maps.l4lb_backends,
+            l4lb_be_stats: &$skel.maps.l4lb_be_stats,
+            l4lb_svc_stats: &$skel.maps.l4lb_svc_stats,
+            l4lb_counters: &$skel.maps.l4lb_counters,
+            l4lb_flows: &$skel.maps.l4lb_flows,
+        }
+    };
+}
+
+/// Opens `$builder`'s object into leaked storage, shapes its maps (`per_cpu`,
+/// `flows`) and loads it.
+macro_rules! open_and_load {
+    ($builder:ty, $per_cpu:expr, $flows:expr) => {{
+        // The skeleton borrows this storage for its whole life: one small leak per load.
+        let storage = Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit()));
+        let mut open = <$builder>::default().open(storage)?;
+        if $per_cpu {
+            open.maps.l4lb_counters.set_type(MapType::PercpuArray)?;
+            open.maps.l4lb_be_stats.set_type(MapType::PercpuArray)?;
+            open.maps.l4lb_svc_stats.set_type(MapType::PercpuArray)?;
+        }
+        if $flows != FlowTable::OBJECT {
+            if $flows.lru {
+                open.maps.l4lb_flows.set_type(MapType::LruHash)?;
+            }
+            open.maps.l4lb_flows.set_max_entries($flows.entries)?;
+        }
+        open.load()?
+    }};
+}
+
+impl Skel {
+    pub fn maps(&self) -> Maps<'_> {
+        match self {
+            Skel::Object(skel) => skel_maps!(skel),
+            Skel::Driver(skel) => skel_maps!(skel),
+        }
+    }
+
+    pub fn program(&self) -> &ProgramMut<'static> {
+        match self {
+            Skel::Object(skel) => &skel.progs.l4lb_balance,
+            Skel::Driver(skel) => &skel.progs.l4lb_balance,
+        }
+    }
+}
+
 /// One loaded program, and what its maps hold (the model's state).
 pub struct Lb {
-    pub skel: L4lbXdpSkel<'static>,
+    pub skel: Skel,
+    pub build: Build,
     pub config: LbConfig,
     pub vips: Vec<Option<(VipKey, u32)>>,
     pub services: Vec<ServiceEntry>,
@@ -717,30 +854,28 @@ impl FlowTable {
 }
 
 impl Lb {
-    /// Loads the program; `per_cpu` switches the counter and traffic maps to per-CPU arrays first.
+    /// Loads the program (this thread's build: `with_build`); `per_cpu`
+    /// switches the counter and traffic maps to per-CPU arrays first (the
+    /// driver build's always are).
     pub fn load(per_cpu: bool) -> TestResult<Self> {
         Self::load_with(per_cpu, FlowTable::OBJECT)
     }
 
     /// `load`, with l4lb_flows switched to an LRU hash and/or resized first.
     pub fn load_with(per_cpu: bool, flows: FlowTable) -> TestResult<Self> {
-        // The skeleton borrows this storage for its whole life: one small leak per load.
-        let storage = Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit()));
-        let mut open = L4lbXdpSkelBuilder::default().open(storage)?;
-        if per_cpu {
-            open.maps.l4lb_counters.set_type(MapType::PercpuArray)?;
-            open.maps.l4lb_be_stats.set_type(MapType::PercpuArray)?;
-            open.maps.l4lb_svc_stats.set_type(MapType::PercpuArray)?;
-        }
-        if flows != FlowTable::OBJECT {
-            if flows.lru {
-                open.maps.l4lb_flows.set_type(MapType::LruHash)?;
-            }
-            open.maps.l4lb_flows.set_max_entries(flows.entries)?;
-        }
-        let skel = open.load()?;
+        Self::load_build(current_build(), per_cpu, flows)
+    }
+
+    /// `load_with` of `build`.
+    pub fn load_build(build: Build, per_cpu: bool, flows: FlowTable) -> TestResult<Self> {
+        let per_cpu = per_cpu || build == Build::Driver;
+        let skel = match build {
+            Build::Object => Skel::Object(open_and_load!(L4lbXdpSkelBuilder, per_cpu, flows)),
+            Build::Driver => Skel::Driver(open_and_load!(L4lbXdpPercpuSkelBuilder, per_cpu, flows)),
+        };
         Ok(Lb {
             skel,
+            build,
             config: LbConfig::default(),
             vips: vec![None; VIP_SLOTS],
             services: vec![ServiceEntry::default(); MAX_SERVICES],
@@ -753,8 +888,13 @@ impl Lb {
         })
     }
 
+    /// The maps, whichever the build.
+    pub fn maps(&self) -> Maps<'_> {
+        self.skel.maps()
+    }
+
     pub fn set_config(&mut self, config: LbConfig) -> TestResult {
-        self.skel.maps.l4lb_config.update(&0u32.to_ne_bytes(), &config.bytes(), MapFlags::ANY)?;
+        self.maps().l4lb_config.update(&0u32.to_ne_bytes(), &config.bytes(), MapFlags::ANY)?;
         self.config = config;
         Ok(())
     }
@@ -766,7 +906,7 @@ impl Lb {
             bytes[..20].copy_from_slice(&key.bytes());
             bytes[20..].copy_from_slice(&service.to_ne_bytes());
         }
-        self.skel.maps.l4lb_vips.update(&index.to_ne_bytes(), &bytes, MapFlags::ANY)?;
+        self.maps().l4lb_vips.update(&index.to_ne_bytes(), &bytes, MapFlags::ANY)?;
         self.vips[index as usize] = vip;
         Ok(())
     }
@@ -811,7 +951,7 @@ impl Lb {
 
     /// Writes the whole entry of `service`.
     pub fn set_service_entry(&mut self, service: u32, entry: ServiceEntry) -> TestResult {
-        self.skel.maps.l4lb_services.update(&service.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
+        self.maps().l4lb_services.update(&service.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
         self.services[service as usize] = entry;
         Ok(())
     }
@@ -825,7 +965,7 @@ impl Lb {
     /// Writes one slot word (`slot` in 0..MAGLEV_SIZE) of `service`'s table.
     pub fn set_slot(&mut self, service: u32, slot: usize, word: u32) -> TestResult {
         let index = service * MAGLEV_SIZE as u32 + slot as u32;
-        self.skel.maps.l4lb_tables.update(&index.to_ne_bytes(), &word.to_ne_bytes(), MapFlags::ANY)?;
+        self.maps().l4lb_tables.update(&index.to_ne_bytes(), &word.to_ne_bytes(), MapFlags::ANY)?;
         self.tables[service as usize].get_or_insert_with(|| vec![0; MAGLEV_SIZE])[slot] = word;
         Ok(())
     }
@@ -838,13 +978,13 @@ impl Lb {
         let base = service * MAGLEV_SIZE as u32;
         let keys: Vec<u8> = (0..MAGLEV_SIZE as u32).flat_map(|slot| (base + slot).to_ne_bytes()).collect();
         let values: Vec<u8> = table.iter().flat_map(|n| n.to_ne_bytes()).collect();
-        self.skel.maps.l4lb_tables.update_batch(&keys, &values, MAGLEV_SIZE as u32, MapFlags::ANY, MapFlags::ANY)?;
+        self.maps().l4lb_tables.update_batch(&keys, &values, MAGLEV_SIZE as u32, MapFlags::ANY, MapFlags::ANY)?;
         self.tables[service as usize] = Some(table.to_vec());
         Ok(())
     }
 
     pub fn set_backend(&mut self, number: u32, entry: BackendEntry) -> TestResult {
-        self.skel.maps.l4lb_backends.update(&number.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
+        self.maps().l4lb_backends.update(&number.to_ne_bytes(), &entry.bytes(), MapFlags::ANY)?;
         self.backends[number as usize] = entry;
         Ok(())
     }
@@ -852,21 +992,21 @@ impl Lb {
     /// Writes an entry of l4lb_flows directly (as a host or an earlier packet
     /// would have), in the kernel and in the model.
     pub fn set_flow(&self, key: &FlowKey, pin: &FlowPin) -> TestResult {
-        self.skel.maps.l4lb_flows.update(&key.bytes(), &pin.bytes(), MapFlags::ANY)?;
+        self.maps().l4lb_flows.update(&key.bytes(), &pin.bytes(), MapFlags::ANY)?;
         self.flows.borrow_mut().insert(*key, *pin);
         Ok(())
     }
 
     /// Deletes an entry of l4lb_flows, in the kernel and in the model.
     pub fn delete_flow(&self, key: &FlowKey) -> TestResult {
-        self.skel.maps.l4lb_flows.delete(&key.bytes())?;
+        self.maps().l4lb_flows.delete(&key.bytes())?;
         self.flows.borrow_mut().remove(key);
         Ok(())
     }
 
     /// Every entry of the kernel's l4lb_flows, as (key, value) bytes, sorted.
     pub fn read_flows(&self) -> TestResult<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let map = &self.skel.maps.l4lb_flows;
+        let map = self.maps().l4lb_flows;
         let mut entries = BTreeMap::new();
         for key in map.keys() {
             let value = map
@@ -941,7 +1081,7 @@ impl Lb {
     /// One BPF_PROG_TEST_RUN (repeat 1) into `out`: the verdict and the output length.
     pub fn run_into(&self, frame: &[u8], out: &mut [u8]) -> libbpf_rs::Result<(u32, usize)> {
         let input = ProgramInput { data_in: Some(frame), data_out: Some(out), repeat: 1, ..Default::default() };
-        let output = self.skel.progs.l4lb_balance.test_run(input)?;
+        let output = self.skel.program().test_run(input)?;
         Ok((output.return_value, output.data.map_or(0, |data| data.len())))
     }
 
@@ -955,7 +1095,7 @@ impl Lb {
 
     /// The global counters, L4LB_CNT_MAX of them (summed over CPUs when per-CPU).
     pub fn counters(&self) -> TestResult<[u64; NCNT]> {
-        let values = read_u64s(&self.skel.maps.l4lb_counters, NCNT, 1)?;
+        let values = read_u64s(self.maps().l4lb_counters, NCNT, 1)?;
         let mut out = [0u64; NCNT];
         for (i, v) in values.iter().enumerate() {
             out[i] = v[0];
@@ -965,12 +1105,12 @@ impl Lb {
 
     /// (packets, bytes) of every backend entry.
     pub fn backend_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
-        Ok(read_u64s(&self.skel.maps.l4lb_be_stats, MAX_BACKENDS, 2)?.iter().map(|v| (v[0], v[1])).collect())
+        Ok(read_u64s(self.maps().l4lb_be_stats, MAX_BACKENDS, 2)?.iter().map(|v| (v[0], v[1])).collect())
     }
 
     /// (packets, bytes) of every service.
     pub fn service_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
-        Ok(read_u64s(&self.skel.maps.l4lb_svc_stats, MAX_SERVICES, 2)?.iter().map(|v| (v[0], v[1])).collect())
+        Ok(read_u64s(self.maps().l4lb_svc_stats, MAX_SERVICES, 2)?.iter().map(|v| (v[0], v[1])).collect())
     }
 
     // ------------------------------------------------------------ the model
