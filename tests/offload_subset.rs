@@ -473,9 +473,9 @@ fn checker_reads_the_l4lb_object() {
 /// allows ARRAY and HASH), all with flags 0 (a HASH map with flags 0 is
 /// preallocated), values of at most 64 bytes; no division or modulo
 /// instruction at all, not even by a constant (the slot is (hash * size) >>
-/// 32); map values changed only by plain atomic adds (the counters and the
-/// traffic) and by bpf_map_update_elem (the pins); and a program size kept
-/// under a budget.
+/// 32); map values changed only by plain atomic adds (the counters, the
+/// traffic, a pin's `seen`: a 32-bit add) and by bpf_map_update_elem (the
+/// pins); and a program size kept under a budget.
 #[test]
 fn l4lb_object_keeps_its_own_rules() {
     let object = ObjectBuilder::default()
@@ -489,7 +489,7 @@ fn l4lb_object_keeps_its_own_rules() {
         let name = map.name().to_string_lossy().into_owned();
         if name == l4lb::bpf::MAP_FLOWS {
             flows_seen = true;
-            // struct l4lb_flow_key (40 bytes) -> struct l4lb_flow (24 bytes), HASH, flags 0,
+            // struct l4lb_flow_key (40 bytes) -> struct l4lb_flow (32 bytes: backend, slot, seen), HASH, flags 0,
             // L4LB_FLOW_ENTRIES entries: what iproute2 and offload load as it is.
             if map.map_type() != MapType::Hash {
                 found.push(format!("map `{name}`: type {:?}, not Hash", map.map_type()));
@@ -497,8 +497,8 @@ fn l4lb_object_keeps_its_own_rules() {
             if map.map_flags() != 0 {
                 found.push(format!("map `{name}`: flags {:#x}, not 0", map.map_flags()));
             }
-            if (map.key_size(), map.value_size()) != (40, 24) {
-                found.push(format!("map `{name}`: {}-byte keys, {}-byte values, expected 40 and 24", map.key_size(), map.value_size()));
+            if (map.key_size(), map.value_size()) != (40, 32) {
+                found.push(format!("map `{name}`: {}-byte keys, {}-byte values, expected 40 and 32", map.key_size(), map.value_size()));
             }
             if map.max_entries() != l4lb::bpf::FLOW_ENTRIES {
                 found.push(format!("map `{name}`: {} entries, expected L4LB_FLOW_ENTRIES {}", map.max_entries(), l4lb::bpf::FLOW_ENTRIES));
@@ -522,6 +522,7 @@ fn l4lb_object_keeps_its_own_rules() {
     assert_eq!(maps.len(), 9, "9 maps expected");
     let prog = &progs[0];
     let mut atomics = 0;
+    let mut atomics32 = 0;
     let mut updates = 0;
     for (index, insn) in instructions(&prog.insns) {
         if matches!(class(insn), BPF_ALU | BPF_ALU64) && matches!(op(insn), BPF_DIV | BPF_MOD) {
@@ -529,6 +530,7 @@ fn l4lb_object_keeps_its_own_rules() {
         }
         if class(insn) == BPF_STX && insn.code & BPF_MODE_MASK == BPF_ATOMIC {
             atomics += 1;
+            atomics32 += usize::from(insn.code & 0x18 == 0x00);
         }
         if is_call_k(insn) && insn.src_reg() == 0 && insn.imm == 2 {
             updates += 1;
@@ -536,7 +538,7 @@ fn l4lb_object_keeps_its_own_rules() {
     }
     let count = prog.insns.len();
     println!(
-        "l4lb_balance: {count} instruction slots, {atomics} atomic adds, {updates} map_update_elem call(s), \
+        "l4lb_balance: {count} instruction slots, {atomics} atomic adds ({atomics32} of 32 bits), {updates} map_update_elem call(s), \
          {entries} map entries in all as offloaded"
     );
     // A third-party design note (mizar) gives 3,072,000 map entries over all
@@ -544,6 +546,9 @@ fn l4lb_object_keeps_its_own_rules() {
     assert!(entries < 3_072_000, "{entries} map entries offloaded, over the 3,072,000 an NFP card is said to hold");
     // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
     assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
+    // A pin's `seen` is raised by a 32-bit atomic add (flows.h): the NFP JIT
+    // has 32-bit atomic adds (BPF_STX | BPF_ATOMIC | BPF_W).
+    assert!(atomics32 >= 1, "no 32-bit atomic add: a pin's seen is raised by one (flows.h)");
     // Pinning a flow: bpf_map_update_elem (helper 2, in the NFP list), and nothing else writes a pin.
     assert!(updates >= 1, "no map_update_elem call: connection tracking pins nothing");
     // A regression guard, not an NFP limit: nothing here knows the card's
