@@ -7,10 +7,11 @@
 //! Its self-tests compile small deliberately bad programs with clang and check
 //! that each problem is named, so a checker that silently finds nothing fails.
 //!
-//! Not covered (needs the verifier's pointer tracking): plain stores into map
-//! values. The datapath changes map values only with atomic adds (counters.h)
-//! and writes pins whole with bpf_map_update_elem from a value built on the
-//! stack (flows.h).
+//! The NFP verifier's rules on map values (one use per 4-byte word: plain
+//! reads or atomic adds, never both; atomic counters initialized to zero by
+//! bpf_map_update_elem; no plain stores) need pointer tracking: a small
+//! data-flow over the program follows map pointers, map values and the stack
+//! for them (`map_word_violations`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,6 +121,7 @@ fn offload_violations(path: &Path) -> Vec<String> {
         found.extend(program_section_rule(prog));
         found.extend(instruction_violations(prog));
     }
+    found.extend(map_word_violations(path, &object, &progs));
     found
 }
 
@@ -414,6 +416,367 @@ fn loop_rule(prog: &ProgFacts) -> Vec<String> {
     found
 }
 
+// ---- map value words -------------------------------------------------------
+//
+// The NFP verifier (drivers/net/ethernet/netronome/nfp/bpf/verifier.c,
+// nfp_bpf_map_mark_used_one, nfp_bpf_map_update_value_ok, nfp_bpf_check_ptr)
+// gives each 4-byte word of a map's value one use over the whole program:
+// read by plain loads, or an atomic counter (atomic adds); a word used both
+// ways is refused ("map value use type conflict"). A word used as an atomic
+// counter must be written only as zero by bpf_map_update_elem (counters are
+// kept in the card's byte order: "bpf_map_update_elem() is required to
+// initialize atomic counters to zero"), and plain stores into map values are
+// refused ("map writes not supported"). These need the verifier's pointer
+// tracking; here a small forward data-flow over the program follows map
+// pointers (64-bit immediates relocated against a map, read from the ELF's
+// relocations), map values (bpf_map_lookup_elem's result, plus constant
+// offsets), the stack (r10 plus constants, spilled registers and which bytes
+// hold a constant zero) and constants, through moves, constant adds, spills
+// and fills, joining paths (a register that differs becomes unknown).
+
+const BPF_LDX: u8 = 0x01;
+const BPF_ST: u8 = 0x02;
+const BPF_MEM: u8 = 0x60;
+const BPF_MOV: u8 = 0xb0;
+const BPF_SUB: u8 = 0x10;
+const BPF_ADD_OP: u8 = 0x00;
+const BPF_SIZE_MASK: u8 = 0x18;
+const STACK_BYTES: usize = 512;
+
+fn access_bytes(insn: &bpf_insn) -> i64 {
+    match insn.code & BPF_SIZE_MASK {
+        0x00 => 4,
+        0x08 => 2,
+        0x10 => 1,
+        _ => 8,
+    }
+}
+
+/// What a register (or a spilled stack slot) is known to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Val {
+    Unknown,
+    Const(i64),
+    /// A map (a 64-bit immediate relocated against map number .0).
+    MapPtr(usize),
+    /// A pointer into a value of map .0, at offset .1.
+    MapValue(usize, i64),
+    /// r10 + .0.
+    Stack(i64),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct FlowState {
+    regs: [Val; 11],
+    /// Spilled registers, by 8-byte slot below r10 (slot i: r10 - 8 (i + 1)).
+    spills: Vec<Val>,
+    /// Stack bytes known to hold zero (index i: r10 - i - 1).
+    zero: Vec<bool>,
+}
+
+impl FlowState {
+    fn entry() -> Self {
+        let mut regs = [Val::Unknown; 11];
+        regs[10] = Val::Stack(0);
+        FlowState { regs, spills: vec![Val::Unknown; STACK_BYTES / 8], zero: vec![false; STACK_BYTES] }
+    }
+
+    /// Joins `other` in; whether anything changed.
+    fn join(&mut self, other: &FlowState) -> bool {
+        let mut changed = false;
+        for (a, b) in self.regs.iter_mut().zip(&other.regs).chain(self.spills.iter_mut().zip(&other.spills)) {
+            if *a != *b && *a != Val::Unknown {
+                *a = Val::Unknown;
+                changed = true;
+            }
+        }
+        for (a, b) in self.zero.iter_mut().zip(&other.zero) {
+            if *a && !*b {
+                *a = false;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn stack_byte(offset: i64) -> Option<usize> {
+        (-(STACK_BYTES as i64)..0).contains(&offset).then(|| (-offset - 1) as usize)
+    }
+
+    fn spill_slot(offset: i64) -> Option<usize> {
+        (offset % 8 == 0).then(|| Self::stack_byte(offset)).flatten().map(|byte| byte / 8)
+    }
+
+    /// A store of `size` bytes at r10 + `offset` of `value` (a register's, or None for an immediate `imm`).
+    fn store_stack(&mut self, offset: i64, size: i64, value: Option<Val>, imm: i64) {
+        let zero = match value {
+            Some(Val::Const(0)) => true,
+            Some(_) => false,
+            None => imm == 0,
+        };
+        for at in offset..offset + size {
+            if let Some(byte) = Self::stack_byte(at) {
+                self.zero[byte] = zero;
+                self.spills[byte / 8] = Val::Unknown;
+            }
+        }
+        if let (8, Some(value), Some(slot)) = (size, value, Self::spill_slot(offset)) {
+            self.spills[slot] = value;
+        }
+    }
+}
+
+/// How the program uses one 4-byte word of a map's value: the first
+/// instruction of each kind.
+#[derive(Debug, Default, Clone, Copy)]
+struct WordUse {
+    read: Option<usize>,
+    atomic: Option<usize>,
+    store: Option<usize>,
+    /// A bpf_map_update_elem whose value may be non-zero in this word.
+    nonzero_update: Option<usize>,
+}
+
+/// A minimal ELF64 little-endian reader: section headers, symbols, REL entries.
+struct Elf<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Elf<'a> {
+    fn u16(&self, at: usize) -> Option<u16> {
+        Some(u16::from_le_bytes(self.data.get(at..at + 2)?.try_into().ok()?))
+    }
+    fn u32(&self, at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(self.data.get(at..at + 4)?.try_into().ok()?))
+    }
+    fn u64(&self, at: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(self.data.get(at..at + 8)?.try_into().ok()?))
+    }
+
+    /// Section `index`: (name offset, type, file offset, size, link, info).
+    fn section(&self, index: usize) -> Option<(u32, u32, usize, usize, usize, usize)> {
+        let at = self.u64(0x28)? as usize + index * usize::from(self.u16(0x3a)?);
+        Some((
+            self.u32(at)?,
+            self.u32(at + 4)?,
+            self.u64(at + 24)? as usize,
+            self.u64(at + 32)? as usize,
+            self.u32(at + 40)? as usize,
+            self.u32(at + 44)? as usize,
+        ))
+    }
+
+    fn sections(&self) -> usize {
+        self.u16(0x3c).map_or(0, usize::from)
+    }
+
+    fn string(&self, table: usize, offset: u32) -> Option<&'a str> {
+        let (_, _, start, size, _, _) = self.section(table)?;
+        let bytes = self.data.get(start + offset as usize..start + size)?;
+        std::str::from_utf8(&bytes[..bytes.iter().position(|&b| b == 0)?]).ok()
+    }
+
+    fn section_name(&self, index: usize) -> Option<&'a str> {
+        let names = usize::from(self.u16(0x3e)?);
+        self.string(names, self.section(index)?.0)
+    }
+
+    /// (instruction index in `section`'s program `function`, symbol name) of
+    /// every relocation of that program against a symbol of section ".maps".
+    fn map_relocations(&self, section: &str, function: &str) -> Option<Vec<(usize, String)>> {
+        const SHT_REL: u32 = 9;
+        let target = (0..self.sections()).find(|&i| self.section_name(i) == Some(section))?;
+        let mut out = Vec::new();
+        for index in 0..self.sections() {
+            let (_, kind, start, size, symtab, info) = self.section(index)?;
+            if kind != SHT_REL || info != target {
+                continue;
+            }
+            let (_, _, sym_start, sym_size, strtab, _) = self.section(symtab)?;
+            let symbol = |n: usize| -> Option<(&'a str, usize, u64)> {
+                let at = sym_start + n * 24;
+                (at + 24 <= sym_start + sym_size).then_some(())?;
+                Some((self.string(strtab, self.u32(at)?)?, usize::from(self.u16(at + 6)?), self.u64(at + 8)?))
+            };
+            // Where the function starts in its section.
+            let base = (0..sym_size / 24)
+                .filter_map(symbol)
+                .find(|&(name, shndx, _)| name == function && shndx == target)
+                .map_or(0, |(_, _, value)| value);
+            for entry in (start..start + size).step_by(16) {
+                let offset = self.u64(entry)?;
+                let (name, shndx, _) = symbol((self.u64(entry + 8)? >> 32) as usize)?;
+                if self.section_name(shndx) == Some(".maps") && offset >= base {
+                    out.push((((offset - base) / 8) as usize, name.to_string()));
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+/// The map-value word rules of the NFP verifier, over every program of the
+/// object at `path` (see the comment above).
+fn map_word_violations(path: &Path, object: &OpenObject, progs: &[ProgFacts]) -> Vec<String> {
+    let maps: Vec<(String, usize)> =
+        object.maps().map(|map| (map.name().to_string_lossy().into_owned(), map.value_size() as usize)).collect();
+    let data = match std::fs::read(path) {
+        Ok(data) => data,
+        Err(err) => return vec![format!("[open] cannot read {}: {err}", path.display())],
+    };
+    let elf = Elf { data: &data };
+    let mut found = Vec::new();
+    for prog in progs {
+        let Some(relocations) = elf.map_relocations(&prog.section, &prog.name) else {
+            found.push(format!("[map-word] program `{}`: its relocations could not be read from the ELF", prog.name));
+            continue;
+        };
+        let map_at: std::collections::BTreeMap<usize, usize> = relocations
+            .iter()
+            .filter_map(|(index, name)| maps.iter().position(|(map, _)| map == name).map(|m| (*index, m)))
+            .collect();
+        let uses = map_word_uses(&prog.insns, &map_at, &maps);
+        for ((map, word), usage) in &uses {
+            let (name, at) = (&maps[*map].0, word * 4);
+            if let Some(store) = usage.store {
+                found.push(format!(
+                    "[map-store] {}: a plain store into map `{name}`'s value (word at offset {at}); NFP offload \
+                     changes map values only by atomic adds and bpf_map_update_elem (\"map writes not supported\")",
+                    prog.at(store)
+                ));
+            }
+            if let (Some(read), Some(atomic)) = (usage.read, usage.atomic) {
+                found.push(format!(
+                    "[map-word] {}: map `{name}`, value word at offset {at}: read by a plain load (insn {read}) and \
+                     atomically added (insn {atomic}); the NFP verifier gives each 4-byte word one use \
+                     (\"map value use type conflict read vs atomic off: {at}\")",
+                    prog.at(atomic)
+                ));
+            }
+            if let (Some(update), Some(atomic)) = (usage.nonzero_update, usage.atomic) {
+                found.push(format!(
+                    "[map-word] {}: map `{name}`, value word at offset {at}: atomically added (insn {atomic}) and \
+                     written non-zero by bpf_map_update_elem (insn {update}); NFP keeps atomic counters in its own \
+                     byte order and requires bpf_map_update_elem to initialize them to zero",
+                    prog.at(update)
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// The uses of every map-value word by `insns` (map numbers: `map_at`, by
+/// the instruction index of each relocated 64-bit immediate).
+fn map_word_uses(
+    insns: &[bpf_insn],
+    map_at: &std::collections::BTreeMap<usize, usize>,
+    maps: &[(String, usize)],
+) -> std::collections::BTreeMap<(usize, usize), WordUse> {
+    let mut uses: std::collections::BTreeMap<(usize, usize), WordUse> = std::collections::BTreeMap::new();
+    let mut mark = |map: usize, offset: i64, size: i64, index: usize, kind: fn(&mut WordUse) -> &mut Option<usize>| {
+        for at in offset.max(0)..(offset + size).max(0) {
+            let slot = kind(uses.entry((map, at as usize / 4)).or_default());
+            slot.get_or_insert(index);
+        }
+    };
+    let mut states: Vec<Option<FlowState>> = vec![None; insns.len()];
+    let mut work = vec![0usize];
+    if !insns.is_empty() {
+        states[0] = Some(FlowState::entry());
+    }
+    while let Some(index) = work.pop() {
+        let Some(mut state) = states[index].clone() else { continue };
+        let insn = &insns[index];
+        let (dst, src) = (usize::from(insn.dst_reg()).min(10), usize::from(insn.src_reg()).min(10));
+        let off = i64::from(insn.off);
+        let imm = i64::from(insn.imm);
+        match class(insn) {
+            BPF_ALU64 | BPF_ALU => {
+                let wide = class(insn) == BPF_ALU64;
+                let operand = if insn.code & BPF_SRC_X != 0 { state.regs[src] } else { Val::Const(imm) };
+                state.regs[dst] = match (op(insn), state.regs[dst], operand) {
+                    (BPF_MOV, _, value) if wide => value,
+                    (BPF_MOV, _, Val::Const(c)) => Val::Const(c & 0xffff_ffff),
+                    (BPF_ADD_OP, Val::MapValue(m, o), Val::Const(c)) if wide => Val::MapValue(m, o + c),
+                    (BPF_ADD_OP, Val::Stack(o), Val::Const(c)) if wide => Val::Stack(o + c),
+                    (BPF_SUB, Val::MapValue(m, o), Val::Const(c)) if wide => Val::MapValue(m, o - c),
+                    (BPF_SUB, Val::Stack(o), Val::Const(c)) if wide => Val::Stack(o - c),
+                    (BPF_ADD_OP, Val::Const(a), Val::Const(c)) if wide => Val::Const(a.wrapping_add(c)),
+                    _ => Val::Unknown,
+                };
+            }
+            BPF_LD if insn.code == LD_IMM64 => {
+                state.regs[dst] = match map_at.get(&index) {
+                    Some(&map) => Val::MapPtr(map),
+                    None => Val::Unknown,
+                };
+            }
+            BPF_LDX if insn.code & BPF_MODE_MASK == BPF_MEM => {
+                let size = access_bytes(insn);
+                let loaded = match state.regs[src] {
+                    Val::MapValue(map, o) => {
+                        mark(map, o + off, size, index, |u| &mut u.read);
+                        Val::Unknown
+                    }
+                    Val::Stack(o) if size == 8 => FlowState::spill_slot(o + off).map_or(Val::Unknown, |slot| state.spills[slot]),
+                    _ => Val::Unknown,
+                };
+                state.regs[dst] = loaded;
+            }
+            BPF_STX | BPF_ST if matches!(insn.code & BPF_MODE_MASK, BPF_MEM | BPF_ATOMIC) => {
+                let size = access_bytes(insn);
+                let atomic = insn.code & BPF_MODE_MASK == BPF_ATOMIC;
+                let value = (class(insn) == BPF_STX).then_some(state.regs[src]);
+                match state.regs[dst] {
+                    Val::MapValue(map, o) if atomic => mark(map, o + off, size, index, |u| &mut u.atomic),
+                    Val::MapValue(map, o) => mark(map, o + off, size, index, |u| &mut u.store),
+                    Val::Stack(o) if !atomic => state.store_stack(o + off, size, value, imm),
+                    Val::Stack(o) => state.store_stack(o + off, size, Some(Val::Unknown), 0),
+                    _ => {}
+                }
+                if atomic && insn.imm & BPF_FETCH != 0 {
+                    state.regs[if insn.imm == 0xf1 { 0 } else { src }] = Val::Unknown;
+                }
+            }
+            BPF_JMP if is_call_k(insn) => {
+                if insn.src_reg() == 0 && insn.imm == 2 {
+                    if let (Val::MapPtr(map), Val::Stack(o)) = (state.regs[1], state.regs[3]) {
+                        for i in 0..maps[map].1 as i64 {
+                            let zero = FlowState::stack_byte(o + i).is_some_and(|byte| state.zero[byte]);
+                            if !zero {
+                                mark(map, i, 1, index, |u| &mut u.nonzero_update);
+                            }
+                        }
+                    }
+                }
+                let result = match (insn.src_reg(), insn.imm, state.regs[1]) {
+                    (0, 1, Val::MapPtr(map)) => Val::MapValue(map, 0),
+                    _ => Val::Unknown,
+                };
+                for reg in 1..=5 {
+                    state.regs[reg] = Val::Unknown;
+                }
+                state.regs[0] = result;
+            }
+            _ => {}
+        }
+        for next in successors(insns, index) {
+            let changed = match &mut states[next] {
+                Some(existing) => existing.join(&state),
+                empty @ None => {
+                    *empty = Some(state.clone());
+                    true
+                }
+            };
+            if changed {
+                work.push(next);
+            }
+        }
+    }
+    uses
+}
+
 // ---- the datapath ----------------------------------------------------------
 
 fn l4lb_object() -> PathBuf {
@@ -450,6 +813,25 @@ fn checker_reads_the_l4lb_object() {
     let calls = progs[0].insns.iter().filter(|insn| is_call_k(insn)).count();
     assert!(calls > 0, "no helper call seen in the datapath");
     let names: Vec<&str> = maps.iter().map(|map| map.name.as_str()).collect();
+    // The map-word data-flow follows the datapath's maps: it sees the
+    // configuration read, the counters added to, the pins read and written.
+    let data = std::fs::read(l4lb_object()).expect("reading the l4lb object");
+    let relocations = Elf { data: &data }.map_relocations(&progs[0].section, &progs[0].name).expect("the program's relocations");
+    let map_names: Vec<(String, usize)> = object.maps().map(|m| (m.name().to_string_lossy().into_owned(), m.value_size() as usize)).collect();
+    let map_at: std::collections::BTreeMap<usize, usize> = relocations
+        .iter()
+        .filter_map(|(index, name)| map_names.iter().position(|(map, _)| map == name).map(|m| (*index, m)))
+        .collect();
+    assert!(map_at.len() >= 9, "only {} map relocations read: {relocations:?}", map_at.len());
+    let uses = map_word_uses(&progs[0].insns, &map_at, &map_names);
+    let seen = |name: &str, kind: fn(&WordUse) -> bool| {
+        let map = map_names.iter().position(|(m, _)| m == name).expect("a map of the object");
+        uses.iter().any(|((m, _), u)| *m == map && kind(u))
+    };
+    assert!(seen("l4lb_config", |u| u.read.is_some()), "no read of l4lb_config seen");
+    assert!(seen("l4lb_counters", |u| u.atomic.is_some()), "no atomic add into l4lb_counters seen");
+    assert!(seen("l4lb_backends", |u| u.read.is_some()), "no read of l4lb_backends seen");
+    assert!(seen("l4lb_flows", |u| u.read.is_some()) && seen("l4lb_flows", |u| u.nonzero_update.is_some()), "the pins' reads and updates not seen");
     for expected in [
         "l4lb_config",
         "l4lb_vips",
@@ -530,7 +912,7 @@ fn l4lb_object_keeps_its_own_rules() {
         }
         if class(insn) == BPF_STX && insn.code & BPF_MODE_MASK == BPF_ATOMIC {
             atomics += 1;
-            atomics32 += usize::from(insn.code & 0x18 == 0x00);
+            atomics32 += usize::from(insn.code & BPF_SIZE_MASK == 0x00);
         }
         if is_call_k(insn) && insn.src_reg() == 0 && insn.imm == 2 {
             updates += 1;
@@ -547,7 +929,9 @@ fn l4lb_object_keeps_its_own_rules() {
     // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
     assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
     // A pin's `seen` is raised by a 32-bit atomic add (flows.h): the NFP JIT
-    // has 32-bit atomic adds (BPF_STX | BPF_ATOMIC | BPF_W).
+    // has 32-bit atomic adds (BPF_STX | BPF_ATOMIC | BPF_W), so the size is
+    // not what keeps it off the card (the map-word rules are: see
+    // map_word_violations).
     assert!(atomics32 >= 1, "no 32-bit atomic add: a pin's seen is raised by one (flows.h)");
     // Pinning a flow: bpf_map_update_elem (helper 2, in the NFP list), and nothing else writes a pin.
     assert!(updates >= 1, "no map_update_elem call: connection tracking pins nothing");
@@ -1175,4 +1559,96 @@ fn ld_imm64_second_slot_is_skipped() {
         .collect();
     assert_eq!(indices, vec![0, 2]);
     assert!(check_insns(&insns).is_empty());
+}
+
+/// The NFP verifier's map-word rules: a word read and atomically added is
+/// caught (once, naming the word); another word only added to is not.
+#[test]
+fn catches_map_word_read_and_atomic_add() {
+    let violations = violations_of(
+        "word_read_add",
+        r#"
+struct two {
+	__u32 count;
+	__u32 other;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct two);
+} words SEC(".maps");
+
+SEC("xdp")
+int word_read_add(struct xdp_md *ctx)
+{
+	__u32 key = 0;
+	struct two *v = bpf_map_lookup_elem(&words, &key);
+
+	if (!v)
+		return XDP_PASS;
+	if (v->count > 5)                      /* a plain read of word 0 */
+		return XDP_DROP;
+	__sync_fetch_and_add(&v->count, 1);    /* an atomic add into word 0 */
+	__sync_fetch_and_add(&v->other, 1);    /* word 4: atomic adds only */
+	return XDP_PASS;
+}
+"#,
+        &[],
+    );
+    assert_caught(&violations, "map-word", &["map `words`", "offset 0", "read by a plain load", "type conflict read vs atomic"]);
+    assert!(
+        !violations.iter().any(|m| m.contains("offset 4")),
+        "word 4 is only added to:\n  {}",
+        violations.join("\n  ")
+    );
+}
+
+/// An atomic counter that bpf_map_update_elem may write non-zero is caught;
+/// the same program initializing it to zero is clean (reading and updating
+/// other words freely), and a plain store into a map value is caught.
+#[test]
+fn catches_map_word_counter_written_non_zero_and_map_stores() {
+    let program = |seen: &str, store: &str| {
+        format!(
+            r#"
+struct pinv {{
+	__u32 backend;
+	__u32 seen;
+}};
+
+struct {{
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, struct pinv);
+}} pins SEC(".maps");
+
+SEC("xdp")
+int counter_update(struct xdp_md *ctx)
+{{
+	PACKET(ctx, p, end)
+	__u32 key = p[0];
+	struct pinv *pin = bpf_map_lookup_elem(&pins, &key);
+
+	if (pin) {{
+		__sync_fetch_and_add(&pin->seen, 1);
+		{store}
+		return pin->backend == 3 ? XDP_TX : XDP_DROP;
+	}}
+	struct pinv fresh = {{ .backend = p[1], .seen = {seen} }};
+	bpf_map_update_elem(&pins, &key, &fresh, BPF_ANY);
+	return XDP_PASS;
+}}
+"#
+        )
+    };
+    let violations = violations_of("counter_nonzero", &program("p[2]", ""), &[]);
+    assert_caught(&violations, "map-word", &["map `pins`", "offset 4", "written non-zero by bpf_map_update_elem"]);
+    assert!(!violations.iter().any(|m| m.contains("offset 0")), "the backend word is only read and written whole:\n  {}", violations.join("\n  "));
+    let clean = violations_of("counter_zero", &program("0", ""), &[]);
+    assert!(clean.is_empty(), "a counter initialized to zero, false positives:\n  {}", clean.join("\n  "));
+    let stores = violations_of("map_store", &program("0", "pin->backend = 7;"), &[]);
+    assert_caught(&stores, "map-store", &["program `counter_update`", "map `pins`", "offset 0", "map writes not supported"]);
 }
