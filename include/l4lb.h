@@ -46,8 +46,8 @@
  *                                           flows from before the change to A
  *   L4LB_SLOT_EMPTY                         no backend: dropped
  * A steady word is a bare backend number (below L4LB_MAX_BACKENDS), so one
- * compare tells the steady slot, which touches no per-flow state, from the
- * rest.
+ * bit test tells the steady slot, which touches no per-flow state, from the
+ * rest (L4LB_SLOT_EMPTY has the bit too: no backend).
  */
 #define L4LB_SLOT_EMPTY 0xffffffffU
 #define L4LB_SLOT_BACKEND_MASK 0xffffU

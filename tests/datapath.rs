@@ -2925,7 +2925,8 @@ fn tracking_slot_words() -> TestResult {
     ensure!(word(BE_B, BE_A) == 0x8014_0015, "word(21, 20) is {:#010x}", word(BE_B, BE_A));
     ensure!(SlotWord::of(SLOT_EMPTY) == SlotWord::Empty && SLOT_EMPTY == 0xffff_ffff, "the empty word");
     ensure!(SlotWord::of(0xffff) == SlotWord::Steady(0xffff), "0xffff is steady");
-    ensure!(SlotWord::of(0x1_0000) == SlotWord::Transition { current: 0, previous: 1 }, "0x10000 is a word in transition for the datapath");
+    ensure!(SlotWord::of(0x1_0000) == SlotWord::Steady(0x1_0000), "0x10000 (no TRANSITION bit) is steady for the datapath: a number past l4lb_backends");
+    ensure!(SlotWord::of(0x8000_0000) == SlotWord::Transition { current: 0, previous: 0 }, "the TRANSITION bit alone is a word in transition");
     Ok(())
 }
 
@@ -3037,13 +3038,13 @@ fn tracking_transition_rules() -> TestResult {
     expect_flows(&lb, "pins followed", &want)?;
 
     // `changed` ahead of the clock (a service stamped after the tick was
-    // written): (clock - changed) is computed unsigned in flows.h, so the
-    // grace is over at once and unknown UDP goes to the current backend.
+    // written, no sweep since): (clock - changed) is computed signed in
+    // flows.h, so the grace has not started to run out: unknown UDP is old.
     lb.set_service_entry(SVC, ServiceEntry { changed: lb.config.clock + 5, ..lb.services[SVC as usize] })?;
     let udp_ahead = Packet::udp4(40006, 53);
-    send(&lb, &mut stated, "UDP, changed 5 s ahead of the clock", &udp_ahead.frame(), tx(SVC, BE_B, udp_ahead.flow(true)), Pin::Pinned)?;
-    want.extend([entry(&lb, &udp_ahead, BE_B)]);
-    eprintln!("tracking: with `changed` 5 s ahead of the clock, unknown UDP goes to the current backend (unsigned (clock - changed))");
+    send(&lb, &mut stated, "UDP, changed 5 s ahead of the clock", &udp_ahead.frame(), tx(SVC, BE_A, udp_ahead.flow(true)), Pin::Pinned)?;
+    want.extend([entry(&lb, &udp_ahead, BE_A)]);
+    eprintln!("tracking: with `changed` 5 s ahead of the clock, unknown UDP is inside the grace (signed (clock - changed)): the previous backend");
     // A grace of 0: no UDP flow is old.
     lb.set_service_entry(SVC, ServiceEntry { changed: lb.config.clock, udp_grace: 0, ..lb.services[SVC as usize] })?;
     let udp_zero = Packet::udp4(40007, 53);
@@ -3665,7 +3666,7 @@ fn tracking_empty_and_odd_words() -> TestResult {
     let udp = Packet::udp4(40001, 53);
     lb.set_flow(&flow_key(&lb, &conn), &FlowPin::to(BE_A, &pin_backend(1), slot_of(&lb, &conn), 7))?;
     let kept = entry_seen(&lb, &conn, BE_A, 7);
-    for (name, w) in [("the empty word", SLOT_EMPTY), ("steady 0xffff", 0xffff), ("steady 4096", MAX_BACKENDS as u32)] {
+    for (name, w) in [("the empty word", SLOT_EMPTY), ("steady 0xffff", 0xffff), ("steady 4096", MAX_BACKENDS as u32), ("steady 0x00140015 (no TRANSITION bit)", 0x0014_0015)] {
         fill_table(&mut lb, SVC, w)?;
         for (kind, packet) in [("SYN", syn(conn.clone())), ("ACK", conn.clone()), ("UDP", udp.clone()), ("ICMP error", error_of(&conn))] {
             let what = format!("{name}: {kind}");
@@ -3673,26 +3674,26 @@ fn tracking_empty_and_odd_words() -> TestResult {
         }
     }
     expect_flows(&lb, "empty and out-of-range words", &entries([kept.clone()]))?;
-    // Current backend inactive: SYNs pin to it and are dropped.
+    // Current backend inactive: SYNs are dropped and pin nothing (a pin goes
+    // only to a backend the frame can go to).
     lb.set_backend(BE_B, BackendEntry { flags: 0, ..pin_backend(2) })?;
     fill_table(&mut lb, SVC, word(BE_B, BE_A))?;
     let new_conn = Packet::tcp4(40002, 80);
-    send(&lb, &mut stated, "current inactive: SYN", &syn(new_conn.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Pinned)?;
+    send(&lb, &mut stated, "current inactive: SYN", &syn(new_conn.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
     send(&lb, &mut stated, "current inactive: ACK of a pinned flow", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Nothing)?;
-    let stale_b = (key_of(&lb, &new_conn), pin_bytes(Ipv4Addr::new(10, 7, 0, 2).into(), BE_B, slot_of(&lb, &new_conn), CLOCK));
-    expect_flows(&lb, "a pin to the inactive current backend", &entries([entry(&lb, &conn, BE_A), stale_b.clone()]))?;
+    expect_flows(&lb, "no pin to the inactive current backend", &entries([entry(&lb, &conn, BE_A)]))?;
     lb.set_backend(BE_B, pin_backend(2))?;
     // Current backend 4096 (past l4lb_backends), previous A.
     fill_table(&mut lb, SVC, word(MAX_BACKENDS as u32, BE_A))?;
     let fresh = Packet::tcp4(40003, 80);
-    send(&lb, &mut stated, "current 4096: SYN", &syn(fresh.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Full)?;
+    send(&lb, &mut stated, "current 4096: SYN", &syn(fresh.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
     send(&lb, &mut stated, "current 4096: an old ACK", &fresh.frame(), tx(SVC, BE_A, fresh.flow(true)), Pin::Pinned)?;
-    // 0x0014_0015: no bit 31, above 0xffff: current 21 (B), previous 20 (A).
-    fill_table(&mut lb, SVC, 0x0014_0015)?;
+    // The TRANSITION bit with current 21 (B), previous 20 (A).
+    fill_table(&mut lb, SVC, word(BE_B, BE_A))?;
     let odd = Packet::tcp4(40004, 80);
-    send(&lb, &mut stated, "0x00140015: an old ACK", &odd.frame(), tx(SVC, BE_A, odd.flow(true)), Pin::Pinned)?;
+    send(&lb, &mut stated, "in transition: an old ACK", &odd.frame(), tx(SVC, BE_A, odd.flow(true)), Pin::Pinned)?;
     let odd_syn = syn(Packet::tcp4(40005, 80));
-    send(&lb, &mut stated, "0x00140015: a SYN", &odd_syn.frame(), tx(SVC, BE_B, odd_syn.flow(true)), Pin::Pinned)?;
+    send(&lb, &mut stated, "in transition: a SYN", &odd_syn.frame(), tx(SVC, BE_B, odd_syn.flow(true)), Pin::Pinned)?;
     expect_stated(&lb, "empty and odd words", stated)
 }
 

@@ -928,13 +928,13 @@ fn l4lb_object_keeps_its_own_rules() {
     assert!(entries < 3_072_000, "{entries} map entries offloaded, over the 3,072,000 an NFP card is said to hold");
     // 1 counter add per outcome path at least: rx, the outcome, and 4 traffic adds.
     assert!(atomics >= 6, "only {atomics} atomic instructions (counters.h uses atomic adds)");
-    // A pin's `seen` is raised by a 32-bit atomic add (flows.h): the NFP JIT
-    // has 32-bit atomic adds (BPF_STX | BPF_ATOMIC | BPF_W), so the size is
-    // not what keeps it off the card (the map-word rules are: see
-    // map_word_violations).
-    assert!(atomics32 >= 1, "no 32-bit atomic add: a pin's seen is raised by one (flows.h)");
-    // Pinning a flow: bpf_map_update_elem (helper 2, in the NFP list), and nothing else writes a pin.
-    assert!(updates >= 1, "no map_update_elem call: connection tracking pins nothing");
+    // A pin's `seen` is read, so it may not also be added to (the NFP's
+    // map-word rules, map_word_violations): the object rewrites the pin
+    // instead, and its only atomic adds are the 64-bit counters.
+    assert!(atomics32 == 0, "{atomics32} 32-bit atomic adds: only the 64-bit counters add atomically (flows.h rewrites a pin to raise its seen)");
+    // Pinning a flow and raising its seen: bpf_map_update_elem (helper 2, in
+    // the NFP list), and nothing else writes a pin.
+    assert!(updates >= 2, "{updates} map_update_elem calls: a pin is written when made and when its seen is raised");
     // A regression guard, not an NFP limit: nothing here knows the card's
     // instruction store. A third-party design note (mizar) speaks of about
     // 2,800 NFP instructions per program; that figure is not verified (no
@@ -943,9 +943,10 @@ fn l4lb_object_keeps_its_own_rules() {
     // 2,260 instruction slots after issue 5 (VLANs, ICMP errors and answers,
     // the IPv4 checksum) and is about 2,500 with connection tracking, so the
     // tracked datapath may well exceed the card's store once translated:
-    // whether it can be offloaded at all is untested here. Growing past 2,600
-    // deserves a look.
-    assert!(count <= 2600, "l4lb_balance has {count} instructions, over the budget of 2,600");
+    // whether it can be offloaded at all is untested here. Slots in
+    // transition (issue 10) brought it to about 2,620, the rewrite of a pin
+    // that raises its seen included. Growing past 2,650 deserves a look.
+    assert!(count <= 2650, "l4lb_balance has {count} instructions, over the budget of 2,650");
     assert!(found.is_empty(), "{}", found.join("\n  "));
 }
 

@@ -62,21 +62,19 @@ static __always_inline int from_before_change(const struct packet *pkt, const st
 		return 0;
 	if (pkt->vip.proto != IPPROTO_UDP)
 		return 1;
-	return config->clock - service->changed < service->udp_grace;
+	/* Signed: a tick behind the change (no sweep since) is inside the grace. */
+	return (__s32)(config->clock - service->changed) < (__s32)service->udp_grace;
 }
 
-/* Pins the flow to backend `number`; returns the event's counter. The value
- * is built on the stack and handed to the update helper: offload takes no
- * plain store into a map value.
+/* Pins the flow to `backend` (number `number`); returns the event's
+ * counter. The value is built on the stack and handed to the update helper:
+ * offload takes no plain store into a map value.
  */
-static __always_inline __u32 pin_flow(const struct l4lb_flow_key *key, __u32 number, __u32 slot, __u32 clock,
-				      int had_entry)
+static __always_inline __u32 pin_flow(const struct l4lb_flow_key *key, const struct l4lb_backend *backend,
+				      __u32 number, __u32 slot, __u32 clock, int had_entry)
 {
 	struct l4lb_flow pin = {};
-	struct l4lb_backend *backend = bpf_map_lookup_elem(&l4lb_backends, &number);
 
-	if (!backend)
-		return L4LB_CNT_FLOW_TABLE_FULL;
 	addr16_copy(pin.addr, backend->addr);
 	pin.backend = number;
 	pin.slot = slot;
@@ -101,24 +99,31 @@ static __always_inline __u32 transition_backend(const struct l4lb_flow_key *key,
 	__u32 target = current, clock = config->clock;
 	struct l4lb_flow *pin = bpf_map_lookup_elem(&l4lb_flows, key);
 
+	struct l4lb_backend *backend;
+
 	if (pin && !pkt->syn && pin_holds(pin, service_number, slot)) {
-		/* Offloaded, raised by an atomic add (offload takes no other
-		 * write into a map value): two CPUs racing push it ahead, never
-		 * back. The driver build stores it.
+		/* Once per tick. The driver build stores it; the object offload
+		 * loads writes the pin again (the NFP takes no plain store into
+		 * a map value, and a word it reads it may not also add to).
 		 */
 		if (pin->seen != clock) {
 #ifdef L4LB_DRIVER_BUILD
 			pin->seen = clock;
 #else
-			__sync_fetch_and_add(&pin->seen, clock - pin->seen);
+			struct l4lb_flow fresh = *pin;
+
+			fresh.seen = clock;
+			bpf_map_update_elem(&l4lb_flows, key, &fresh, BPF_EXIST);
 #endif
 		}
 		return pin->backend;
 	}
 	if (from_before_change(pkt, service, config) && service_backend(previous, service_number))
 		target = previous;
-	if (!pkt->icmp_error)
-		*event = pin_flow(key, target, slot, clock, pin != NULL);
+	/* Pinned only to a backend the packet can go to. */
+	backend = service_backend(target, service_number);
+	if (backend && !pkt->icmp_error)
+		*event = pin_flow(key, backend, target, slot, clock, pin != NULL);
 	return target;
 }
 

@@ -418,7 +418,7 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		 * packet's). Without V_FLOWS a word in transition names no
 		 * backend and the frame is dropped.
 		 */
-		if ((what & V_FLOWS) && number > L4LB_SLOT_BACKEND_MASK && number != L4LB_SLOT_EMPTY) {
+		if ((what & V_FLOWS) && (number & L4LB_SLOT_TRANSITION) && number != L4LB_SLOT_EMPTY) {
 			flow_key(&key, &pkt, pkt.ports);
 			number = transition_backend(&key, &pkt, service, service_number, config, index, number, &event);
 			if ((what & V_COUNT) && event != L4LB_CNT_MAX)

@@ -98,7 +98,7 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 		return L4LB_CNT_DROP_NO_BACKEND;
 	number = *word;
 	/* A steady slot is a bare backend number: no per-flow state. */
-	if (number > L4LB_SLOT_BACKEND_MASK) {
+	if (number & L4LB_SLOT_TRANSITION) {
 		if (number == L4LB_SLOT_EMPTY)
 			return L4LB_CNT_DROP_NO_BACKEND;
 		flow_key(&key, &pkt, ports);

@@ -13,7 +13,8 @@
 //! Slots in transition (docs/transitions.md, include/l4lb.h "Connection
 //! tracking") are modelled too: a slot word is a steady backend number (no
 //! per-flow state at all), the empty word, or a word in transition (current |
-//! TRANSITION | previous << 16: any word above 0xffff but the empty one).
+//! TRANSITION | previous << 16: any word with the TRANSITION bit but the
+//! empty one).
 //! The model keeps its own copy of the pins (`Lb::flows`) and, for a frame
 //! in a slot in transition, says which rule decides (a SYN, a pin that holds,
 //! a flow from before the change, a new flow), what it finds and writes
@@ -116,9 +117,9 @@ impl ServiceEntry {
 }
 
 /// A slot word of l4lb_tables, as the datapath reads it: the empty word, a
-/// steady backend number (up to 0xffff: one compare tells it), or any other
-/// word, in transition (current in the low 16 bits, previous in bits 16..27;
-/// the TRANSITION bit is what the host sets, the datapath does not test it).
+/// word with the TRANSITION bit, in transition (current in the low 16 bits,
+/// previous in bits 16..27), or any other word, a steady backend number (one
+/// bit test tells it; a number past l4lb_backends' end finds no backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotWord {
     Empty,
@@ -130,7 +131,7 @@ impl SlotWord {
     pub fn of(word: u32) -> SlotWord {
         if word == SLOT_EMPTY {
             SlotWord::Empty
-        } else if word <= L4LB_SLOT_BACKEND_MASK {
+        } else if word & L4LB_SLOT_TRANSITION == 0 {
             SlotWord::Steady(word)
         } else {
             SlotWord::Transition {
@@ -1181,9 +1182,10 @@ impl Lb {
     /// Whether a frame without a pin that holds is from a flow from before
     /// the change of its slot: any TCP frame but a SYN (fragments and ICMP
     /// errors included), UDP while (clock - changed) < udp_grace, computed
-    /// unsigned (a `changed` ahead of the clock is far in the past).
+    /// signed (a `changed` ahead of the clock, no sweep since the apply, is
+    /// inside the grace).
     pub fn is_from_before_change(&self, p: &Parsed, service: &ServiceEntry) -> bool {
-        !p.syn && (p.proto != UDP || self.config.clock.wrapping_sub(service.changed) < service.udp_grace)
+        !p.syn && (p.proto != UDP || (self.config.clock.wrapping_sub(service.changed) as i32) < service.udp_grace as i32)
     }
 
     /// The rules of a slot in transition (docs/transitions.md, flows.h):
@@ -1219,16 +1221,18 @@ impl Lb {
         if p.icmp_error {
             return t;
         }
-        // The pin: the backend entry as it is now (any number below
-        // MAX_BACKENDS has one, zeroed if never written); a number past the
-        // map's end, or a full HASH map for a new key, refuses it.
+        // The pin: only to a backend of the service the frame can go to
+        // (else no pin, no event: the frame is dropped); a full HASH map
+        // refuses a new key.
+        if !self.service_backend(t.number, service) {
+            return t;
+        }
         let full = !self.flow_lru && pin.is_none() && self.flows.borrow().len() >= self.flow_entries as usize;
-        match self.backends.get(t.number as usize) {
-            Some(backend) if !full => {
-                t.write = Some(FlowPin::to(t.number, backend, slot, clock));
-                t.event = Some(if pin.is_some() { L4LB_CNT_FLOW_REPINNED } else { L4LB_CNT_FLOW_PINNED });
-            }
-            _ => t.event = Some(L4LB_CNT_FLOW_TABLE_FULL),
+        if full {
+            t.event = Some(L4LB_CNT_FLOW_TABLE_FULL);
+        } else {
+            t.write = Some(FlowPin::to(t.number, &self.backends[t.number as usize], slot, clock));
+            t.event = Some(if pin.is_some() { L4LB_CNT_FLOW_REPINNED } else { L4LB_CNT_FLOW_PINNED });
         }
         t
     }
