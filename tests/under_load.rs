@@ -9,7 +9,8 @@
 //! IPv4 TCP SYN and UDP frames to the benchmark's IPv4 VIP, IPv4 SYNs to its
 //! 4in6 VIP and to no VIP (the catch-all), and IPv6 SYNs to its IPv6 VIP, from
 //! random client addresses and ports for
-//! the whole test; the benchmark's `bench_sink` on the gen end counts and drops
+//! the whole test (in slots in transition each of its frames pins its flow:
+//! millions of pins, an LRU flow table turned over and over); the benchmark's `bench_sink` on the gen end counts and drops
 //! what l4lb sends back (a veth accepts its peer's XDP_TX frames only when it
 //! runs an XDP program). Meanwhile `l4lb map` runs, as a process in the lb
 //! namespace, on the other CPU(s):
@@ -31,20 +32,32 @@
 //!   again): each prints exactly the planner's diff, no drop counter moves,
 //!   the kernel's state is the planner's prediction, and, checked without
 //!   the planner, the running configuration read back is the file's (with
-//!   the hash seed and MTU `l4lb attach` set) and every table is Maglev's
-//!   for its backends and weights. Flows run through
-//!   the attached program (BPF_PROG_TEST_RUN) before and after each apply:
+//!   the hash seed and MTU `l4lb attach` set), every table is Maglev's
+//!   for its backends and weights and every slot word what the design makes
+//!   of the one before. Flows, all from clients and ports the flood never
+//!   uses, run through the attached program (BPF_PROG_TEST_RUN) before and
+//!   after each apply, each against a model of the datapath's rules and of
+//!   its flow table (`predict_pinned`: steady slots pin nothing; in a slot
+//!   in transition a SYN takes the current backend and pins, a pin that
+//!   holds decides, other TCP and UDP within the grace take the previous
+//!   backend, UDP after it the current one, pinned):
 //!   - established flows (TCP segments with ACK, UDP datagrams; a fixed set
-//!     per destination, from clients the flood never uses, sent around
-//!     every apply): the datapath does what a model of its flow table says,
-//!     and a flow whose backend is still in the service that balanced it
-//!     (same address, any weight, 0 included) keeps that backend; one whose
-//!     backend left takes the new table's backend (and is pinned to it), one
-//!     whose service went is passed or taken by the catch-all;
+//!     per destination, sent around every apply): the datapath does what
+//!     the model says, and a flow whose backend is still in the service that
+//!     balanced it (same address, any weight, 0 included) keeps that
+//!     backend, without exception;
 //!   - new connections (SYNs, flows no probe used before, new ones for
-//!     every apply) follow the tables:
-//!     one changes backend only when its slot's backend changed, and its
-//!     ACK after the apply goes where the new table says (a SYN pins nothing).
+//!     every apply) follow the tables, before and after the apply: one
+//!     changes backend only when its slot's backend changed. Their ACKs,
+//!     sent after the apply and before the SYNs again, go to the backend
+//!     that answered the SYN while it is in the service: in a slot the apply
+//!     put in transition that is its previous backend (the handshake window
+//!     is closed), in one in transition already the SYN's pin holds.
+//!   - the flow table: after each apply its entries for the probes' flows
+//!     are the model's pins field for field (backend number and address,
+//!     slot, tick), and at the end every entry of the probes' clients is;
+//!     pins the LRU evicted under the flood are followed (never one the
+//!     probes use: the table is sized for that) and counted.
 //! * Two `l4lb map` processes started at the same moment with different
 //!   files, 10 times: both succeed, and the final table and both processes'
 //!   summary lines are exactly those of one order of the two updates (each
@@ -53,7 +66,8 @@
 //! After the flood stops, `l4lb stats --json` must show rx = tx + pass +
 //! pass_no_service, every
 //! drop counter 0 (`drop_no_backend` above all), and more than 100,000 frames.
-//! The figures (frames, update times, counters) are printed.
+//! The figures (frames, update times, slots in transition, the probes'
+//! outcomes and the rules that decided them, pins, counters) are printed.
 //!
 //! Everything a test chooses comes from one seed, printed at its start:
 //! destination sets, configurations, probes and the balancer's hash seed
@@ -79,8 +93,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::services::{
-    mix64, predict, predict_pinned, same_configuration, same_snapshot, table_addresses, tables_are_maglev, FreshFlows, Pins, Probe, Program, Segment, Verdict, PROTO_TCP,
-    PROTO_UDP,
+    balanced_by, describe_entry, mix64, pin_key, predict, predict_pinned, probe_slot, quiet_client, same_configuration, same_snapshot, table_addresses, tables_are_maglev,
+    transitions_as_designed, FreshFlows, PinKey, Pins, Prediction, Probe, Program, Rule, Segment, SlotAddr, TransitionCount, Verdict, PROTO_TCP, PROTO_UDP,
 };
 use common::{fail, in_netns, ip, link_mac, TestResult};
 use l4lb::apply::{self, Snapshot};
@@ -119,6 +133,15 @@ const FLOOD_LIMIT: Duration = Duration::from_secs(150);
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The flood must have delivered more than this.
 const MIN_FRAMES: u64 = 100_000;
+/// The flow table of the apply test (`l4lb attach --flow-entries`, 128
+/// MiB): the flood's frames in slots in transition pin about 300,000 new
+/// flows a second, which turn the default table (262,144 entries) over in
+/// less than a second: a SYN's pin would then be evicted before its ACK
+/// (one apply later) now and then, and the established probes' pins
+/// looked up once per apply would be at risk. With four times as many
+/// entries the probes' pins outlive the rounds they are used in; the
+/// model follows the evictions of the others (`FlowTable`).
+const APPLY_FLOW_ENTRIES: u32 = 1 << 20;
 
 /// The floods of the two tests must not share the CPUs.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -157,8 +180,9 @@ struct Topology {
 
 impl Topology {
     /// `hash_seed`: the balancer's (`l4lb attach --seed`), so that a run's
-    /// seed decides which slot every flow takes.
-    fn new(hash_seed: u32) -> TestResult<Self> {
+    /// seed decides which slot every flow takes; `flow_entries`: its flow
+    /// table's size (`--flow-entries`; None: attach's default).
+    fn new(hash_seed: u32, flow_entries: Option<u32>) -> TestResult<Self> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let base = format!("{PREFIX}-{}-u{n}", std::process::id());
@@ -188,7 +212,11 @@ impl Topology {
         ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
         topo.gen_mac = link_mac(gen, gen_dev)?;
         topo.lb_mac = link_mac(lb, lb_dev)?;
-        topo.l4lb(&["attach", "-i", lb_dev, "--seed", &format!("{hash_seed:#010x}")])?.success()?;
+        let mut attach = vec!["attach".to_string(), "-i".into(), lb_dev.clone(), "--seed".into(), format!("{hash_seed:#010x}")];
+        if let Some(n) = flow_entries {
+            attach.extend(["--flow-entries".to_string(), n.to_string()]);
+        }
+        topo.l4lb_many(&[attach])?.remove(0).success()?;
         Ok(topo)
     }
 
@@ -263,6 +291,15 @@ impl Topology {
     fn snapshot(&self) -> TestResult<Snapshot> {
         let maps = self.open_maps()?;
         Ok(maps.read_snapshot()?)
+    }
+
+    /// The flow table (l4lb_flows) of the attached program.
+    fn open_flows(&self) -> TestResult<libbpf_rs::MapHandle> {
+        in_netns(&self.lb, || {
+            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
+            let program = l4lb::discover::find_l4lb(&iface)?;
+            Ok(l4lb::maps::open_flows(&program)?)
+        })
     }
 
     /// The attached l4lb program, for BPF_PROG_TEST_RUN.
@@ -639,6 +676,37 @@ fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     Ok(apply::plan(now, &map_wanted(now, set), 0)?)
 }
 
+/// `apply::plan` of `wanted` over `now` as a process that read the maps at
+/// tick `tick` makes it: the tick is what slots put in transition count
+/// from (l4lb_config.clock, the services' `changed`).
+fn plan_at(now: &Snapshot, wanted: &Model, tick: u32) -> TestResult<apply::Plan> {
+    let mut at = now.clone();
+    at.tick = tick;
+    Ok(apply::plan(&at, wanted, 0)?)
+}
+
+/// The plan the `l4lb` process carried out over `before` (read by the
+/// test at `before.tick`), given what the test read afterwards (`after`,
+/// at `after.tick`): the process read the maps at a tick in between, which
+/// shows in the clock when its plan put slots in transition (else the
+/// clock stays and the tick plays no part). Fails if the clock is a tick
+/// outside that window.
+fn plan_as_applied(before: &Snapshot, wanted: &Model, after: &Snapshot) -> TestResult<apply::Plan> {
+    let plan = apply::plan(before, wanted, 0)?;
+    let clock = after.config.clock;
+    if clock == plan.after.config.clock {
+        return Ok(plan);
+    }
+    ensure!(
+        (before.tick..=after.tick).contains(&clock),
+        "the clock is {clock} after the update: not the old one ({}) nor a tick between the readings around it ({} to {})",
+        before.config.clock,
+        before.tick,
+        after.tick
+    );
+    plan_at(before, wanted, clock)
+}
+
 /// The configuration `l4lb map -f FILE` wants over `now`.
 fn map_wanted(now: &Snapshot, set: &[Destination]) -> Model {
     let mut wanted = now.running.model();
@@ -806,7 +874,7 @@ fn hundred_map_updates_under_flood() -> TestResult {
     let _serial = serial();
     let seed = seed();
     print_seed("destination sets", seed);
-    let topo = Topology::new(hash_seed_of(seed))?;
+    let topo = Topology::new(hash_seed_of(seed), None)?;
     let mut sets = Sets::new(seed);
 
     // The first fill, before the flood: frames must never meet an empty table.
@@ -1080,10 +1148,12 @@ fn probe_destinations(model: &Model) -> Vec<(IpAddr, u8, u16)> {
 }
 
 /// SYN probes (new connections) to the TCP destinations of `model`: flows
-/// no probe used before (`fresh`), new ones for every apply.
+/// no probe used before (`fresh`), new ones for every apply, from the quiet
+/// clients: a flood SYN in a slot in transition pins its flow, so no flood
+/// frame may share a flow with them.
 fn syn_probes(model: &Model, fresh: &mut FreshFlows, salt: u64) -> Vec<Probe> {
     let tcp: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| d.1 == PROTO_TCP).collect();
-    fresh.probes(&tcp, 24, salt)
+    fresh.quiet_probes(&tcp, 24, salt)
 }
 
 /// The kernel's state after `l4lb apply` of `wanted`, checked without the
@@ -1102,22 +1172,38 @@ fn check_running(what: &str, got: &Snapshot, wanted: &Model, kept: &config::Glob
 /// datagrams), sent before and after every apply.
 const ESTABLISHED_PER_DESTINATION: usize = 16;
 
-/// SYN probes through the model (no pin lookup for a SYN: they must follow
-/// the table; their pins are recorded as the datapath makes them).
-fn syn_verdicts(what: &str, program: &Program, running: &l4lb::state::Running, pins: &mut Pins, probes: &[Probe]) -> TestResult<Vec<Verdict>> {
-    probes
+/// SYN probes through the datapath and the model (`running` at tick
+/// `clock`): each goes to its slot's current backend, in transition or not
+/// (what `predict` reads off the table), and the model says the same; in a
+/// slot in transition it pins there (recorded in `pins`). Returns the
+/// verdicts and how many pinned.
+fn syn_verdicts(
+    what: &str,
+    program: &Program,
+    flows: &mut FlowTable,
+    running: &l4lb::state::Running,
+    clock: u32,
+    pins: &mut Pins,
+    probes: &[Probe],
+) -> TestResult<(Vec<Verdict>, usize)> {
+    let mut pinned = 0;
+    let verdicts = probes
         .iter()
         .map(|p| {
+            flows.adopt_eviction(what, pins, running, p)?;
             let got = program.verdict(p)?;
             let want = predict(running, p);
             ensure!(got == want, "{what}: SYN {p:?}: the datapath says {got:?}, the table {want:?}");
-            let pinned = predict_pinned(running, pins, p, Segment::Syn);
-            ensure!(pinned.verdict == want, "{what}: SYN {p:?}: the pin model says {:?}, the table {want:?}", pinned.verdict);
-            pins.record(&pinned);
+            let model = predict_pinned(running, clock, pins, p, Segment::Syn);
+            ensure!(model.verdict == want, "{what}: SYN {p:?}: the pin model says {model:?}, the table {want:?}");
+            ensure!(matches!(model.rule, Rule::Syn | Rule::Steady | Rule::Passed), "{what}: SYN {p:?}: decided by {:?}", model.rule);
+            pinned += usize::from(model.pinned.is_some());
+            pins.record(&model);
             ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: {p:?} was dropped");
             Ok(got)
         })
-        .collect()
+        .collect::<TestResult<Vec<_>>>()?;
+    Ok((verdicts, pinned))
 }
 
 /// The backend address `probe`'s slot names in `running` (None: no
@@ -1127,9 +1213,101 @@ fn slot_address(running: &l4lb::state::Running, probe: &Probe) -> Option<(Servic
     Some((service.key, common::services::slot_backend(running, service, probe).map(|b| b.backend.addr)))
 }
 
-/// The established probes' bookkeeping: the flow table model, and for each
-/// probe the (service, backend address) it was last balanced to (None:
-/// never, or passed since: no contract holds then).
+/// Whether the service `key` of `running` has a backend at `addr` (any weight).
+fn has_backend(running: &l4lb::state::Running, key: ServiceKey, addr: IpAddr) -> bool {
+    running.service(&key).is_some_and(|s| s.backends.iter().any(|b| b.backend.addr == addr))
+}
+
+/// The kernel's flow table (l4lb_flows, an LRU hash in driver mode) as
+/// the test compares it with the model.
+struct FlowTable {
+    map: libbpf_rs::MapHandle,
+    /// Pins of the model the LRU evicted (the flood pins in slots in
+    /// transition faster than the table turns over), all of flows that no
+    /// longer meet a slot in transition: none written or held in this
+    /// apply's round of packets or the one before (that fails the test).
+    evicted_idle: usize,
+    /// Entries found equal to the model's pin, field for field.
+    compared: usize,
+}
+
+impl FlowTable {
+    fn entry(&self, what: &str, key: &PinKey) -> TestResult<Option<l4lb::bpf::FlowPin>> {
+        Ok(self
+            .map
+            .lookup(l4lb::bpf::value_bytes(&key.kernel()), libbpf_rs::MapFlags::ANY)
+            .map_err(|e| fail(format!("{what}: looking up {key:?} in l4lb_flows: {e}")))?
+            .map(|bytes| l4lb::bpf::value_from::<l4lb::bpf::FlowPin>(&bytes).expect("value size checked")))
+    }
+
+    /// Before `probe` is sent to `running`: the kernel's entry under the
+    /// key the datapath looks its flow up with is the model's pin, field
+    /// for field, or gone (evicted) if no packet wrote or held it in this
+    /// round or the one before: then the model forgets it too. (A lookup
+    /// from user space does not mark an LRU entry used.) Returns the
+    /// evicted pin.
+    fn adopt_eviction(&mut self, what: &str, pins: &mut Pins, running: &l4lb::state::Running, probe: &Probe) -> TestResult<Option<common::services::Pin>> {
+        let Some(key) = pin_key(running, probe) else { return Ok(None) };
+        let Some(pin) = pins.get(&key).copied() else { return Ok(None) };
+        match self.entry(what, &key)? {
+            Some(entry) if pin.is(&entry) => Ok(None),
+            Some(entry) => Err(fail(format!("{what}: {probe:?}: l4lb_flows holds {} under {key:?}, the model {pin:?}", describe_entry(&entry)))),
+            None => {
+                ensure!(
+                    !pins.touched_lately(&key),
+                    "{what}: {probe:?}: l4lb_flows lost the pin {pin:?}, written or held in this round of packets or the one before: evicted by the LRU under the flood (a table of APPLY_FLOW_ENTRIES = {APPLY_FLOW_ENTRIES} is too small here?)"
+                );
+                self.evicted_idle += 1;
+                pins.forget(&key);
+                Ok(Some(pin))
+            }
+        }
+    }
+
+    /// After a round of packets: for the flow of each of `probes`, the
+    /// entry under the key it is looked up with in `running` is the
+    /// model's pin field for field (backend number, address, slot, tick),
+    /// absent where the model has none; a pin written or held in this
+    /// round is there, an older one may have been evicted (forgotten).
+    fn check<'a>(&mut self, what: &str, pins: &mut Pins, running: &l4lb::state::Running, probes: impl Iterator<Item = &'a Probe>) -> TestResult {
+        for p in probes {
+            let Some(key) = pin_key(running, p) else { continue };
+            match (pins.get(&key).copied(), self.entry(what, &key)?) {
+                (None, None) => {}
+                (Some(pin), Some(entry)) if pin.is(&entry) => self.compared += 1,
+                (Some(_), None) if !pins.touched_this_round(&key) => {
+                    self.evicted_idle += 1;
+                    pins.forget(&key);
+                }
+                (model, entry) => {
+                    return Err(fail(format!(
+                        "{what}: {p:?}: l4lb_flows holds {} under {key:?}, the model {model:?}{}",
+                        entry.as_ref().map_or("nothing".to_string(), describe_entry),
+                        if pins.touched_this_round(&key) { " (written or held in this round)" } else { "" }
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The model's key of a kernel flow key.
+fn key_of(key: &l4lb::bpf::FlowKey) -> PinKey {
+    let addr = |a: &[u8; 16]| -> IpAddr {
+        if key.family == 6 {
+            IpAddr::from(*a)
+        } else {
+            IpAddr::from(<[u8; 4]>::try_from(&a[..4]).expect("4 bytes"))
+        }
+    };
+    let [a, b, c, d] = key.ports.to_ne_bytes();
+    PinKey { src: addr(&key.saddr), dst: addr(&key.daddr), sport: u16::from_be_bytes([a, b]), dport: u16::from_be_bytes([c, d]), proto: key.proto }
+}
+
+/// The established probes' bookkeeping: for each probe the (service,
+/// backend address) it was last balanced to (None: never, or passed
+/// since: no contract holds then), and the figures.
 #[derive(Default)]
 struct Established {
     probes: Vec<Probe>,
@@ -1148,13 +1326,17 @@ struct Established {
     /// Kept their backend although their slot changed hands in the apply
     /// while that backend stayed (what the table alone would have moved).
     saved_from_churn: usize,
-    /// Kept their backend although their slot now names another one.
+    /// Kept their backend although their slot's current backend is another one.
     kept_off_table: usize,
+    /// The rule that decided each kept one.
+    kept_by: BTreeMap<Rule, usize>,
+    /// The rule that decided each one sent after an apply.
+    rules: BTreeMap<Rule, usize>,
 }
 
 impl Established {
     /// Adds probes for destinations not seen before (flows no probe used
-    /// before: `fresh`).
+    /// before: `fresh`; quiet clients: no flood frame shares their flows).
     fn extend(&mut self, model: &Model, fresh: &mut FreshFlows, salt: u64) {
         let new: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| !self.destinations.contains(d)).collect();
         self.destinations.extend(new.iter().copied());
@@ -1162,24 +1344,38 @@ impl Established {
     }
 
     /// Sends every probe as an established segment through the program and
-    /// the model: the datapath must do what the model says. `after`: the
-    /// state right after an apply from `before` (then the contract is
-    /// checked and the outcomes counted); None: nothing changed since the
+    /// the model (`running` at tick `clock`): the datapath must do exactly
+    /// what the model says, and a flow whose backend is still in the
+    /// service that balanced it (same address, any weight) stays with it.
+    /// `before`: the state right before the apply that made `running`
+    /// (then the outcomes are counted); None: nothing changed since the
     /// last send.
-    fn send(&mut self, what: &str, program: &Program, pins: &mut Pins, running: &l4lb::state::Running, before: Option<&l4lb::state::Running>) -> TestResult {
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        what: &str,
+        program: &Program,
+        flows: &mut FlowTable,
+        pins: &mut Pins,
+        running: &l4lb::state::Running,
+        clock: u32,
+        before: Option<&l4lb::state::Running>,
+    ) -> TestResult {
         for p in &self.probes {
-            let prediction = predict_pinned(running, pins, p, Segment::Established);
+            let evicted = flows.adopt_eviction(what, pins, running, p)?;
+            let prediction: Prediction = predict_pinned(running, clock, pins, p, Segment::Established);
             let got = program.verdict_as(p, Segment::Established)?;
-            let now = common::services::balanced_by(running, p);
+            let now = balanced_by(running, p);
             let last = self.balanced.get(p).copied();
             // The contract: a flow whose backend is still in the service
             // that balanced it (same address, any weight) stays with it.
-            let stays = last.filter(|&(key, addr)| now.is_some_and(|s| s.key == key && s.backends.iter().any(|b| b.backend.addr == addr)));
+            let stays = last.filter(|&(key, addr)| now.is_some_and(|s| s.key == key) && has_backend(running, key, addr));
             if let Some((key, addr)) = stays {
-                let slot = slot_address(running, p);
                 ensure!(
                     got == Verdict::Backend(addr),
-                    "{what}: established {p:?} moved otherwise: balanced to {addr} by {key}, which still has it, but the datapath says {got:?} (the slot names {slot:?}; pin model: {prediction:?})"
+                    "{what}: established {p:?} moved otherwise: balanced to {addr} by {key}, which still has it, but the datapath says {got:?} (its slot: {:?}; pin model: {prediction:?}{})",
+                    probe_slot(running, p),
+                    evicted.map_or(String::new(), |pin| format!("; the LRU evicted its pin {pin:?}"))
                 );
             }
             ensure!(got == prediction.verdict, "{what}: established {p:?}: the datapath says {got:?}, the pin model {prediction:?}");
@@ -1187,15 +1383,17 @@ impl Established {
             pins.record(&prediction);
             if let Some(before) = before {
                 self.sent += 1;
+                *self.rules.entry(prediction.rule).or_default() += 1;
                 match (got, last, stays) {
                     (Verdict::Pass, ..) => self.passed += 1,
                     (_, _, Some((key, addr))) => {
                         self.kept += 1;
+                        *self.kept_by.entry(prediction.rule).or_default() += 1;
                         let slot_now = slot_address(running, p).and_then(|s| s.1);
                         self.kept_off_table += usize::from(slot_now != Some(addr));
                         // The slot's backend before the apply was still in the service with the same address after it.
                         let slot_before = slot_address(before, p).filter(|s| s.0 == key).and_then(|s| s.1);
-                        let stayed = slot_before.is_some_and(|b| now.is_some_and(|s| s.backends.iter().any(|x| x.backend.addr == b)));
+                        let stayed = slot_before.is_some_and(|b| has_backend(running, key, b));
                         self.saved_from_churn += usize::from(slot_before != slot_now && stayed);
                     }
                     (_, None, _) => self.first += 1,
@@ -1216,11 +1414,39 @@ impl Established {
     }
 }
 
+/// The SYN probes' figures: each SYN sent before and after its apply, its
+/// ACK after the apply and before the second SYN.
+#[derive(Default)]
+struct Handshakes {
+    flows: usize,
+    /// SYNs (before, after the apply) that pinned: their slot was in transition.
+    pinned_before: usize,
+    pinned_after: usize,
+    /// SYNs after the apply whose two SYNs went to different backends;
+    /// of those: the slot's backend changed (all of them); the old one
+    /// stayed unchanged in the service (Maglev's extra churn).
+    moved: usize,
+    moved_slot: usize,
+    kept_slot_moved: usize,
+    /// ACKs to the backend that answered the SYN, still in the service
+    /// that balanced it; of those: in a slot the apply put in transition
+    /// (its previous backend), through the SYN's pin (its slot was in
+    /// transition already), in a steady slot.
+    ack_kept: usize,
+    ack_previous: usize,
+    ack_pin: usize,
+    ack_steady: usize,
+    /// ACKs whose SYN's backend left the service, or whose flow another
+    /// service (or none) takes now.
+    ack_left: usize,
+    ack_other_service: usize,
+}
+
 fn apply_updates_under_flood() -> TestResult {
     let _serial = serial();
     let seed = seed();
     print_seed("configurations", seed);
-    let topo = Topology::new(hash_seed_of(seed))?;
+    let topo = Topology::new(hash_seed_of(seed), Some(APPLY_FLOW_ENTRIES))?;
     // What the files leave out stays as `l4lb attach` set it: the hash
     // seed given, the MTU of the device.
     let attached = topo.snapshot()?;
@@ -1237,12 +1463,14 @@ fn apply_updates_under_flood() -> TestResult {
     let initial = config::parse("initial.toml", text.as_bytes()).map_err(|e| fail(format!("the initial configuration: {e:#}\n{text}")))?;
     topo.l4lb_many(&[topo.apply_args("initial.toml", &text)?])?.remove(0).success()?;
     let maps = topo.open_maps()?;
+    let mut flows = FlowTable { map: topo.open_flows()?, evicted_idle: 0, compared: 0 };
     let program = topo.program()?;
     let mut state = maps.read_snapshot()?;
     check_running("the initial apply", &state, &initial, &kept)?;
     // Every probe's flow is new to the balancer when first sent: SYN
     // probes new for every apply, established ones new for their
-    // destination, none of them a flow another one used.
+    // destination, none of them a flow another one used, none a flow of
+    // the flood.
     let mut fresh = FreshFlows::default();
     let probe_salt = mix64(seed);
 
@@ -1250,8 +1478,10 @@ fn apply_updates_under_flood() -> TestResult {
     let mut taken = Vec::new();
     let mut times = Vec::new();
     let mut slots = Vec::new();
-    let (mut flows, mut moved, mut moved_slot, mut kept_slot_moved) = (0usize, 0usize, 0usize, 0usize);
-    let mut syn_then_ack = 0usize;
+    let mut hs = Handshakes::default();
+    // From the first SYN before an apply to the last ACK after it.
+    let mut handshake_windows = Vec::new();
+    let mut transitions = TransitionCount::default();
     let mut pins = Pins::default();
     let mut established = Established::default();
     let mut services_seen = BTreeSet::new();
@@ -1263,16 +1493,22 @@ fn apply_updates_under_flood() -> TestResult {
         let text = gen.text();
         let wanted = config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
         let what = format!("apply {k} ({change})");
-        let plan = apply::plan(&state, &wanted, 0)?;
+        let clock = state.config.clock;
+        pins.start_round();
+        let round_started = Instant::now();
         let probes = syn_probes(&wanted, &mut fresh, probe_salt.wrapping_add(k as u64));
-        let before_verdicts = syn_verdicts(&format!("{what}, before"), &program, &state.running, &mut pins, &probes)?;
+        let (before_verdicts, pinned) = syn_verdicts(&format!("{what}, before"), &program, &mut flows, &state.running, clock, &mut pins, &probes)?;
+        hs.pinned_before += pinned;
         // Destinations of this apply's services too: their probes go to
         // the catch-all (or are passed) until the apply, to the new service after it.
         established.extend(&wanted, &mut fresh, probe_salt.wrapping_add(k as u64));
-        established.send(&format!("{what}, before"), &program, &mut pins, &state.running, None)?;
+        established.send(&format!("{what}, before"), &program, &mut flows, &mut pins, &state.running, clock, None)?;
 
         let args = topo.apply_args(&format!("update-{k}.toml"), &text)?;
         let (run, _frames) = run_under_flood(&topo, &maps, &mut flood, &what, args)?;
+        let next = maps.read_snapshot()?;
+        // Planned at the process's tick (the clock shows it when slots went in transition).
+        let plan = plan_as_applied(&state, &wanted, &next)?;
         let expected_out = if plan.is_empty() {
             "no changes\n".to_string()
         } else {
@@ -1280,45 +1516,79 @@ fn apply_updates_under_flood() -> TestResult {
         };
         ensure!(run.stdout == expected_out, "{what}: `l4lb apply` printed\n{}\nexpected\n{expected_out}", run.stdout);
         ensure!(k != 30 || plan.is_empty(), "{what}: the same file planned writes");
-
-        let next = maps.read_snapshot()?;
         same_snapshot(&what, &next, &plan.after)?;
         // Not only the planner's own prediction: the configuration read
-        // back is the file's, and every table Maglev's.
+        // back is the file's, every table Maglev's, every slot word what
+        // the design makes of the one before.
         check_running(&what, &next, &wanted, &kept)?;
-        established.send(&format!("{what}, after"), &program, &mut pins, &next.running, Some(&state.running))?;
-        let after_verdicts = syn_verdicts(&format!("{what}, after"), &program, &next.running, &mut pins, &probes)?;
+        let t = transitions_as_designed(&what, &state.running, &next.running, next.config.clock)?;
+        transitions.slots = transitions.slots.max(t.slots);
+        transitions.started += t.started;
+        transitions.changed_again += t.changed_again;
+        transitions.stamped += t.stamped;
+        let clock = next.config.clock;
+        established.send(&format!("{what}, after"), &program, &mut flows, &mut pins, &next.running, clock, Some(&state.running))?;
+
+        // The ACK of each SYN sent before the apply, now: the handshake
+        // window is closed. The backend that answered the SYN gets it
+        // while it is in the service that balanced the SYN: in a slot the
+        // apply put in transition it is the previous backend (rule 4), in
+        // one in transition before the SYN's pin holds.
+        for (i, p) in probes.iter().enumerate() {
+            flows.adopt_eviction(&format!("{what}, ACK"), &mut pins, &next.running, p)?;
+            let model = predict_pinned(&next.running, clock, &pins, p, Segment::Established);
+            let got = program.verdict_as(p, Segment::Established)?;
+            ensure!(got == model.verdict, "{what}: ACK {p:?} after the apply: the datapath says {got:?}, the pin model {model:?}");
+            let (syn_at, ack_at) = (probe_slot(&state.running, p), probe_slot(&next.running, p));
+            match (before_verdicts[i], syn_at, ack_at) {
+                (Verdict::Backend(a), Some((k0, was)), Some((k1, now))) if k0 == k1 && has_backend(&next.running, k1, a) => {
+                    ensure!(
+                        got == Verdict::Backend(a),
+                        "{what}: ACK {p:?}: its SYN before the apply went to {a} of {k0}, still in the service, the ACK after it to {got:?} (slot {was:?} -> {now:?}; pin model {model:?})"
+                    );
+                    hs.ack_kept += 1;
+                    if let (Some(SlotAddr::Steady(x)), Some(SlotAddr::Transition { previous, .. })) = (was, now) {
+                        ensure!(
+                            x == a && previous == a && model.rule == Rule::Previous,
+                            "{what}: ACK {p:?}: the apply put its slot (steady {x}) in transition {now:?}; the SYN went to {a}, the ACK to {got:?} ({:?})",
+                            model.rule
+                        );
+                        hs.ack_previous += 1;
+                    }
+                    hs.ack_pin += usize::from(model.rule == Rule::Held);
+                    hs.ack_steady += usize::from(model.rule == Rule::Steady);
+                }
+                (Verdict::Backend(_), Some((k0, _)), Some((k1, _))) if k0 == k1 => hs.ack_left += 1,
+                _ => hs.ack_other_service += 1,
+            }
+            pins.record(&model);
+        }
+        handshake_windows.push(round_started.elapsed());
+        // The same SYNs again: the new tables' current backends, pinned
+        // (over the ACK's pin) in slots in transition.
+        let (after_verdicts, pinned) = syn_verdicts(&format!("{what}, after"), &program, &mut flows, &next.running, clock, &mut pins, &probes)?;
+        hs.pinned_after += pinned;
         // A new connection changes backend only when its slot's backend
-        // changed (or its service did): the tables before and after say
-        // which. Its next segment (an ACK) then goes where the new table
-        // says: the SYN before the apply pinned nothing.
+        // changed (or its service did): the tables before and after say which.
         for (i, p) in probes.iter().enumerate() {
             let (old, new) = (slot_address(&state.running, p), slot_address(&next.running, p));
-            flows += 1;
+            hs.flows += 1;
             if before_verdicts[i] != after_verdicts[i] {
-                moved += 1;
+                hs.moved += 1;
                 ensure!(old != new, "{what}: {p:?} moved {:?} -> {:?} although its slot still names {old:?}", before_verdicts[i], after_verdicts[i]);
-                moved_slot += 1;
+                hs.moved_slot += 1;
                 // Maglev's extra churn: the old backend is still in the service with its weight.
                 if let (Some((ko, Some(a))), Some((kn, _))) = (old, new) {
                     let still = next.running.service(&kn).is_some_and(|s| {
                         ko == kn
                             && s.backends.iter().any(|b| b.backend.addr == a && state.running.service(&ko).is_some_and(|o| o.backends.iter().any(|ob| ob.backend == b.backend)))
                     });
-                    kept_slot_moved += usize::from(still);
+                    hs.kept_slot_moved += usize::from(still);
                 }
-                let prediction = predict_pinned(&next.running, &pins, p, Segment::Established);
-                let got = program.verdict_as(p, Segment::Established)?;
-                ensure!(
-                    got == after_verdicts[i] && prediction.verdict == got && prediction.previous.is_none(),
-                    "{what}: {p:?}: the SYN before the apply went to {:?}, the SYN after to {:?}, the ACK after to {got:?} (pin model {prediction:?})",
-                    before_verdicts[i],
-                    after_verdicts[i]
-                );
-                pins.record(&prediction);
-                syn_then_ack += 1;
             }
         }
+        // The flow table holds exactly the model's pins for every probe's flow.
+        flows.check(&format!("{what}, after"), &mut pins, &next.running, established.probes.iter().chain(&probes))?;
         for s in &next.running.services {
             services_seen.insert(s.key);
         }
@@ -1331,6 +1601,25 @@ fn apply_updates_under_flood() -> TestResult {
     let ran = flood.stop()?;
     std::thread::sleep(Duration::from_millis(100));
     let counters = check_final_counters(&topo)?;
+    // The whole flow table: the quiet clients' entries are the model's pins, all of them.
+    let (mut total, mut quiet) = (0usize, 0usize);
+    let mut wrong: Vec<String> = Vec::new();
+    l4lb::maps::walk_flows(&flows.map, |key, entry| {
+        total += 1;
+        let key = key_of(key);
+        if !quiet_client(key.src) {
+            return;
+        }
+        quiet += 1;
+        if !pins.get(&key).is_some_and(|pin| pin.is(entry)) && wrong.len() < 5 {
+            wrong.push(format!("{key:?}: {} (model: {:?})", describe_entry(entry), pins.get(&key)));
+        }
+    })
+    .map_err(|e| fail(format!("walking l4lb_flows: {e:#}")))?;
+    ensure!(wrong.is_empty(), "after the applies, l4lb_flows holds entries of the probes' flows that the model has not: {}", wrong.join("; "));
+    // The model's pins the walk did not meet: evicted (not looked up by the probes since).
+    let unseen = pins.len() - quiet;
+
     let v6 = services_seen.iter().filter(|k| matches!(k, ServiceKey::Vip { addr: IpAddr::V6(_), .. })).count();
     println!(
         "under_load: {APPLIES} `l4lb apply` updates under flood in {:.2} s ({} services seen, {v6} of them IPv6)",
@@ -1341,6 +1630,10 @@ fn apply_updates_under_flood() -> TestResult {
     let mut sorted = slots.clone();
     sorted.sort();
     println!("  table slots written per apply: min {} / median {} / max {}", sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+    println!(
+        "  slots in transition (every slot word as docs/transitions.md makes it, checked after every apply): {} put in transition, {} changed again in transition, a service's tick stamped {} times, at most {} slots in transition at once",
+        transitions.started, transitions.changed_again, transitions.stamped, transitions.slots
+    );
     let e = &established;
     println!(
         "  established probes ({} flows to {} destinations, TCP ACK and UDP, sent before and after every apply): {} after the applies; kept their backend {}, moved because their backend left {}, moved because another service took them {}, balanced for the first time {}, passed (no service) {}, moved otherwise 0",
@@ -1354,20 +1647,40 @@ fn apply_updates_under_flood() -> TestResult {
         e.passed
     );
     println!(
-        "  of those kept: {} had their slot change hands in the apply while their backend stayed (the table alone would have moved them), {} were off their slot's backend",
-        e.saved_from_churn, e.kept_off_table
+        "  of those kept: {} had their slot change hands in the apply while their backend stayed (the table alone would have moved them), {} were off their slot's current backend; decided by {:?}",
+        e.saved_from_churn, e.kept_off_table, e.kept_by
+    );
+    println!("  rules that decided the established probes after the applies: {:?}", e.rules);
+    println!(
+        "  SYN probes (new every apply, {} flows used by all probes, none twice): {}; pinned (slot in transition) before the apply {}, after it {}; changed backend: {} (all where the slot's backend changed: {}; of those, the old backend stayed unchanged in the service: {})",
+        fresh.len(),
+        hs.flows,
+        hs.pinned_before,
+        hs.pinned_after,
+        hs.moved,
+        hs.moved_slot,
+        hs.kept_slot_moved
     );
     println!(
-        "  SYN probes (new every apply, {} flows used by all probes, none twice): {flows}; changed backend: {moved} (all where the slot's backend changed: {moved_slot}; of those, the old backend stayed unchanged in the service: {kept_slot_moved}); the ACK after the apply followed the new table for all {syn_then_ack} (a SYN pins nothing)",
-        fresh.len()
+        "  their ACKs after the apply: to the backend that answered the SYN, still in the service: {} of {} (in a slot the apply put in transition, its previous backend: {}; through the SYN's pin: {}; steady slot: {}), the SYN's backend left {}, another service or none takes the flow {}",
+        hs.ack_kept,
+        hs.flows,
+        hs.ack_previous,
+        hs.ack_pin,
+        hs.ack_steady,
+        hs.ack_left,
+        hs.ack_other_service
     );
+    println!("  from the SYNs before an apply to their ACKs after it: {}", summary(&handshake_windows));
     println!("  after every apply, the running configuration read back was the file's and every table Maglev's for its backends");
     println!(
-        "  flow table during the applies: {} flows pinned, {} re-pinned, {} refused (table full); the model's pins: {}",
+        "  flow table during the applies: {} flows pinned, {} re-pinned, {} refused (table full); the model's pins: {} ({} entries matched field for field after the applies); evicted by the LRU under the flood: {} pins of flows no longer looked up (none the probes used), {unseen} more found gone at the end, when {quiet} of its {total} entries were the probes' (all as the model says)",
         flow_after.0 - flow_before.0,
         flow_after.1 - flow_before.1,
         flow_after.2 - flow_before.2,
-        pins.len()
+        pins.len(),
+        flows.compared,
+        flows.evicted_idle
     );
     println!("  flood: {:.2} s, generator sent {}, counters: {counters:?}", ran.as_secs_f64(), flood.sent());
     Ok(())
@@ -1377,7 +1690,7 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
     let _serial = serial();
     let seed = seed();
     print_seed("concurrent sets", seed);
-    let topo = Topology::new(hash_seed_of(seed))?;
+    let topo = Topology::new(hash_seed_of(seed), None)?;
     let mut sets = Sets::new(seed);
     let first = sets.fresh(20, &BTreeSet::new());
     let mut set: Vec<Destination> = sets.make(&first);

@@ -4,8 +4,8 @@
 //! wrote), frames of both families, what an output frame's outer header says,
 //! and which backend the running state (read back through the library)
 //! predicts for a flow, following the datapath semantics of issue 4, and,
-//! for services that track flows, with a model of the flow table's pins
-//! (include/l4lb.h, "Connection tracking").
+//! in slots in transition, with a model of the flow table's pins
+//! (docs/transitions.md, "Packet rules in a slot in transition").
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -105,9 +105,11 @@ pub struct Probe {
 }
 
 /// What a TCP probe's segment is: a connection's first (SYN set, ACK
-/// clear), or one of an established connection (ACK set, no SYN). The
-/// datapath pins a flow on its first segment without SYN; a SYN takes the
-/// table's backend and pins only over an existing pin.
+/// clear), or one of an established connection (ACK set, no SYN). In a
+/// slot in transition a SYN takes the current backend and pins there;
+/// any other segment follows a pin that holds, else is a connection from
+/// before the change (the previous backend, pinned). Steady slots pin
+/// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Segment {
     #[default]
@@ -162,9 +164,10 @@ pub fn service_of<'a>(running: &'a Running, probe: &Probe) -> Option<&'a Running
 }
 
 /// What the running state says the datapath does with `probe` (spec steps
-/// 2 to 5): the backend's address, Pass, or Dropped(XDP_DROP) for an empty
-/// slot. Pins are not looked at: right for SYNs and for flows that were
-/// never pinned (see `predict_pinned`).
+/// 2 to 5): the backend's address of its slot's current backend, Pass, or
+/// Dropped(XDP_DROP) for an empty slot. Pins are not looked at: right for
+/// TCP SYNs (a SYN takes the current backend, in transition or not) and for
+/// every packet of a steady slot (see `predict_pinned`).
 pub fn predict(running: &Running, probe: &Probe) -> Verdict {
     match balanced_by(running, probe) {
         None => Verdict::Pass,
@@ -198,8 +201,9 @@ fn hashed_flow(service: &RunningService, probe: &Probe) -> Flow {
     }
 }
 
-/// The backend `probe`'s slot names in `service`'s table (None: an empty
-/// slot, or a number that is not one of the service's backends).
+/// The backend `probe`'s slot names in `service`'s table, its current one
+/// for a slot in transition (None: an empty slot, or a number that is not
+/// one of the service's backends).
 pub fn slot_backend<'a>(running: &Running, service: &'a RunningService, probe: &Probe) -> Option<&'a RunningBackend> {
     let seed = running.global.hash_seed.unwrap_or(0);
     let number = service.table[hashed_flow(service, probe).slot(seed)];
@@ -217,21 +221,75 @@ pub struct PinKey {
     pub proto: u8,
 }
 
-/// A pin: the backend number and address a flow was pinned to, and (for
-/// the reports) the service that pinned it.
+impl PinKey {
+    /// The key bytes as the datapath writes them (struct l4lb_flow_key):
+    /// addresses widened to 16 bytes, ports as on the wire.
+    pub fn kernel(&self) -> l4lb::bpf::FlowKey {
+        let (family, daddr) = addr16(self.dst);
+        let [a, b] = self.sport.to_be_bytes();
+        let [c, d] = self.dport.to_be_bytes();
+        l4lb::bpf::FlowKey { saddr: addr16(self.src).1, daddr, ports: u32::from_ne_bytes([a, b, c, d]), family, proto: self.proto, pad: [0; 2] }
+    }
+}
+
+/// (family, 16 address bytes) as l4lb's structs hold an address (IPv4 in
+/// the first 4 bytes).
+fn addr16(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (4, out)
+        }
+        IpAddr::V6(a) => (6, a.octets()),
+    }
+}
+
+/// A pin (struct l4lb_flow): the backend number and address a flow was
+/// pinned to, the slot of l4lb_tables it was pinned in, the tick of its
+/// last packet, and (for the reports) the service that pinned it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pin {
     pub service: ServiceKey,
+    /// Index in l4lb_tables (service number x MAGLEV_SIZE + slot).
+    pub slot: u32,
     pub number: u32,
     pub addr: IpAddr,
+    /// l4lb_config.clock when it was written or last held.
+    pub seen: u32,
 }
 
-/// The test's copy of l4lb_flows, as far as the probes sent through a
-/// model (`predict_pinned` + `Pins::record`) made it. Pins are never
-/// removed, as in the kernel (short of LRU eviction).
+impl Pin {
+    /// Whether the kernel's entry is this pin, field for field (the
+    /// service is the test's bookkeeping, not in the entry).
+    pub fn is(&self, entry: &l4lb::bpf::FlowPin) -> bool {
+        let (family, addr) = addr16(self.addr);
+        entry.backend == self.number && entry.slot == self.slot && entry.seen == self.seen && entry.family == family && entry.addr == addr
+    }
+}
+
+/// The kernel's pin entry in words, for failure messages.
+pub fn describe_entry(entry: &l4lb::bpf::FlowPin) -> String {
+    let addr: IpAddr = if entry.family == 6 {
+        IpAddr::from(entry.addr)
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(&entry.addr[..4]).expect("4 bytes"))
+    };
+    format!("backend {} ({addr}, family {}), slot {}, seen {}", entry.backend, entry.family, entry.slot, entry.seen)
+}
+
+/// The test's copy of l4lb_flows, as far as the probes sent through the
+/// model (`predict_pinned` + `Pins::record`) made it. The datapath never
+/// removes a pin and no `l4lb settle` runs in these suites; the one thing
+/// the model cannot know is which pins an LRU flow table evicts under a
+/// flood (`forget`). Rounds (`start_round`) tell a pin written or held
+/// lately from one no packet looked up since.
 #[derive(Debug, Default, Clone)]
 pub struct Pins {
     map: HashMap<PinKey, Pin>,
+    /// The round each pin was last written or held in.
+    touched: HashMap<PinKey, u64>,
+    round: u64,
 }
 
 impl Pins {
@@ -251,54 +309,141 @@ impl Pins {
     pub fn record(&mut self, prediction: &Prediction) {
         if let (Some(key), Some(pin)) = (prediction.key, prediction.pinned) {
             self.map.insert(key, pin);
+            self.touched.insert(key, self.round);
         }
     }
+
+    /// Drops a pin the kernel's LRU flow table evicted; returns it.
+    pub fn forget(&mut self, key: &PinKey) -> Option<Pin> {
+        self.touched.remove(key);
+        self.map.remove(key)
+    }
+
+    /// Starts a round of packets.
+    pub fn start_round(&mut self) {
+        self.round += 1;
+    }
+
+    /// Whether the pin under `key` was written or held in the current round.
+    pub fn touched_this_round(&self, key: &PinKey) -> bool {
+        self.touched.get(key) == Some(&self.round)
+    }
+
+    /// Whether the pin under `key` was written or held in the current or the previous round.
+    pub fn touched_lately(&self, key: &PinKey) -> bool {
+        self.touched.get(key).is_some_and(|&r| r + 1 >= self.round)
+    }
+}
+
+/// Which of the datapath's rules decided a packet (docs/transitions.md,
+/// "Packet rules in a slot in transition"; src/bpf/flows.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rule {
+    /// No service takes the packet, or it cannot carry it: passed.
+    Passed,
+    /// An empty slot, or one naming no backend of the service: dropped.
+    Empty,
+    /// A steady slot: its backend; no per-flow state read or written.
+    Steady,
+    /// Rule 1, a TCP SYN in a slot in transition: the current backend,
+    /// pinned there (over any entry the flow had).
+    Syn,
+    /// Rule 2, a pin that holds (made in this slot, its backend number
+    /// still names the same backend: active, same service, same address):
+    /// its backend; its tick refreshed.
+    Held,
+    /// Rule 3, a flow from before the change (TCP but a SYN, UDP within the
+    /// service's grace): the previous backend, pinned there.
+    Previous,
+    /// Rule 3 with a previous backend that is not (any more) one of the
+    /// service: the current backend, pinned there.
+    PreviousGone,
+    /// Rule 4, UDP after the service's grace: a new flow, the current
+    /// backend, pinned there.
+    AfterGrace,
 }
 
 /// What a packet does to its flow, by the datapath's rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prediction {
     pub verdict: Verdict,
-    /// The flow's pin key (None: passed, or the service does not track flows).
+    pub rule: Rule,
+    /// The flow's pin key: Some only in a slot in transition (the only
+    /// place the datapath looks a flow up).
     pub key: Option<PinKey>,
-    /// The pin the flow had before this packet.
-    pub previous: Option<Pin>,
-    /// Whether that pin still held (its number names the same backend in
-    /// this service) and the packet used it.
-    pub held: bool,
-    /// The pin the packet wrote (new, or over a stale one or a SYN's).
+    /// The slot's index in l4lb_tables and its current and previous
+    /// backend numbers, for a slot in transition.
+    pub transition: Option<(u32, u32, u32)>,
+    /// The entry the flow had before this packet (in a slot in transition).
+    pub found: Option<Pin>,
+    /// The pin the flow has after it: written (rules 1, 3, 4) or refreshed
+    /// (rule 2); None outside slots in transition.
     pub pinned: Option<Pin>,
 }
 
-/// What the running state and the pins say the datapath does with
-/// `probe` sent as `segment` (include/l4lb.h, "Connection tracking"): a
-/// pin whose backend number still names the same backend (in this
-/// service, same address) decides, unless the packet is a SYN; otherwise
-/// the slot's backend, pinned unless the packet is a SYN that found no pin
-/// (a SYN pins only over an existing entry).
-pub fn predict_pinned(running: &Running, pins: &Pins, probe: &Probe, segment: Segment) -> Prediction {
-    let none = Prediction { verdict: Verdict::Pass, key: None, previous: None, held: false, pinned: None };
-    let Some(service) = balanced_by(running, probe) else { return none };
-    let table = |key, previous| {
-        let Some(b) = slot_backend(running, service, probe) else {
-            return Prediction { verdict: Verdict::Dropped(super::wire::XDP_DROP), key, previous, held: false, pinned: None };
-        };
-        let syn = probe.proto == TCP && segment == Segment::Syn;
-        let pinned = (key.is_some() && (!syn || previous.is_some())).then_some(Pin { service: service.key, number: b.number, addr: b.backend.addr });
-        Prediction { verdict: Verdict::Backend(b.backend.addr), key, previous, held: false, pinned }
-    };
-    if !service.track_flows {
-        return table(None, None);
+impl Prediction {
+    /// Whether the packet wrote an entry over an existing one (the
+    /// datapath counts flow_repinned, else flow_pinned, for a written pin).
+    pub fn repinned(&self) -> bool {
+        self.found.is_some() && matches!(self.rule, Rule::Syn | Rule::Previous | Rule::PreviousGone | Rule::AfterGrace)
     }
+}
+
+/// What the running state, the tick (`l4lb_config.clock`) and the pins say
+/// the datapath does with `probe` sent as `segment` (docs/transitions.md,
+/// src/bpf/flows.h `transition_backend`). A steady slot: its backend, no
+/// pin read or written. A slot in transition, in order: a TCP SYN goes to
+/// the current backend and pins there; a pin that holds (made in this
+/// slot, its number still naming the same backend: active, same service,
+/// same family and address) decides and is refreshed; TCP but a SYN, and
+/// UDP while the service's grace lasts ((clock - changed) < udp_grace,
+/// signed: a clock behind the change is inside), go to the previous
+/// backend if it is one of the service's (else the current one) and pin
+/// there; UDP after the grace goes to the current backend and pins there. Nothing is pinned to a number that names no
+/// backend of the service (the packet is dropped).
+pub fn predict_pinned(running: &Running, clock: u32, pins: &Pins, probe: &Probe, segment: Segment) -> Prediction {
+    let outcome = |verdict, rule| Prediction { verdict, rule, key: None, transition: None, found: None, pinned: None };
+    let Some(service) = balanced_by(running, probe) else { return outcome(Verdict::Pass, Rule::Passed) };
+    let dropped = outcome(Verdict::Dropped(super::wire::XDP_DROP), Rule::Empty);
     let flow = hashed_flow(service, probe);
+    let slot = flow.slot(running.global.hash_seed.unwrap_or(0));
+    let current = service.table[slot];
+    let member = |n: u32| service.backends.iter().find(|b| b.number == n);
+    let Some(&previous) = service.transitions.get(&(slot as u32)).filter(|_| current != l4lb::maglev::EMPTY) else {
+        return match member(current) {
+            Some(b) => outcome(Verdict::Backend(b.backend.addr), Rule::Steady),
+            None => dropped,
+        };
+    };
+    let index = service.number * l4lb::bpf::MAGLEV_SIZE as u32 + slot as u32;
     let key = PinKey { src: flow.saddr, dst: flow.daddr, sport: flow.sport, dport: flow.dport, proto: flow.proto };
-    let previous = pins.get(&key).copied();
-    let holds = previous.is_some_and(|p| service.backends.iter().any(|b| b.number == p.number && b.backend.addr == p.addr));
-    match previous {
-        Some(p) if holds && !(probe.proto == TCP && segment == Segment::Syn) => {
-            Prediction { verdict: Verdict::Backend(p.addr), key: Some(key), previous, held: true, pinned: None }
-        }
-        _ => table(Some(key), previous),
+    let found = pins.get(&key).copied();
+    let syn = probe.proto == TCP && segment == Segment::Syn;
+    let base = Prediction { verdict: Verdict::Pass, rule: Rule::Syn, key: Some(key), transition: Some((index, current, previous)), found, pinned: None };
+    let holds = found.filter(|p| p.slot == index && member(p.number).is_some_and(|b| b.backend.addr == p.addr));
+    if let Some(pin) = holds.filter(|_| !syn) {
+        return Prediction { verdict: Verdict::Backend(pin.addr), rule: Rule::Held, pinned: Some(Pin { seen: clock, ..pin }), ..base };
+    }
+    // Signed, as the datapath reads it: a clock behind the change is inside the grace.
+    let within_grace = (clock.wrapping_sub(service.changed) as i32) < service.udp_grace as i32;
+    let rule = if syn {
+        Rule::Syn
+    } else if probe.proto == UDP && !within_grace {
+        Rule::AfterGrace
+    } else if member(previous).is_some() {
+        Rule::Previous
+    } else {
+        Rule::PreviousGone
+    };
+    let target = if rule == Rule::Previous { previous } else { current };
+    match member(target) {
+        Some(b) => Prediction {
+            verdict: Verdict::Backend(b.backend.addr),
+            rule,
+            pinned: Some(Pin { service: service.key, slot: index, number: target, addr: b.backend.addr, seen: clock }),
+            ..base
+        },
+        None => Prediction { rule: Rule::Empty, ..dropped },
     }
 }
 
@@ -359,8 +504,11 @@ pub fn same_configuration(what: &str, running: &Running, expected: &l4lb::config
     )))
 }
 
-/// Fails unless two snapshots hold the same services, numbers, tables,
-/// configuration bytes and VIP entries; the message says what differs.
+/// Fails unless two snapshots hold the same services, numbers, settings,
+/// tables (slot words: current and previous backends), change ticks,
+/// configuration bytes (the clock included) and VIP entries; the message
+/// says what differs. A caller comparing with a plan made at another tick
+/// than the apply's plans again at the apply's (its clock tells it).
 pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> TestResult {
     let config = |s: &Snapshot| l4lb::bpf::value_bytes(&s.config).to_vec();
     if config(actual) != config(expected) {
@@ -377,11 +525,170 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
     ensure!(keys(a) == keys(e), "{what}: services (key, number) {:?}, expected {:?}", keys(a), keys(e));
     for (sa, se) in a.services.iter().zip(&e.services) {
         ensure!(sa.backends == se.backends, "{what}: service {}: backends {:?}, expected {:?}", sa.key, sa.backends, se.backends);
-        ensure!(sa.hash_ports == se.hash_ports, "{what}: service {}: hash_ports {}, expected {}", sa.key, sa.hash_ports, se.hash_ports);
+        let settings = |s: &RunningService| (s.hash_ports, s.track_flows, s.idle_timeout, s.udp_grace);
+        ensure!(settings(sa) == settings(se), "{what}: service {}: (hash_ports, track_flows, idle_timeout, udp_grace) {:?}, expected {:?}", sa.key, settings(sa), settings(se));
+        ensure!(sa.changed == se.changed, "{what}: service {}: changed at tick {}, expected {}", sa.key, sa.changed, se.changed);
         let differ = (0..sa.table.len()).filter(|&i| sa.table[i] != se.table[i]).count();
         ensure!(differ == 0, "{what}: service {}: {differ} table slots differ", sa.key);
+        if sa.transitions != se.transitions {
+            let slots: std::collections::BTreeSet<u32> = sa.transitions.keys().chain(se.transitions.keys()).copied().collect();
+            let first = slots.iter().find(|i| sa.transitions.get(i) != se.transitions.get(i)).expect("some slot differs");
+            return Err(fail(format!(
+                "{what}: service {}: {} slots in transition, expected {}; first difference: slot {first} previous {:?}, expected {:?}",
+                sa.key,
+                sa.transitions.len(),
+                se.transitions.len(),
+                sa.transitions.get(first),
+                se.transitions.get(first)
+            )));
+        }
     }
     Err(fail(format!("{what}: running state differs (global {:?} / {:?}, fragments {:?} / {:?})", a.global, e.global, a.fragments, e.fragments)))
+}
+
+/// A slot by backend addresses: what must agree whatever numbers a
+/// balancer gave backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAddr {
+    Empty,
+    Steady(IpAddr),
+    Transition { current: IpAddr, previous: IpAddr },
+}
+
+impl SlotAddr {
+    pub fn in_transition(self) -> bool {
+        matches!(self, SlotAddr::Transition { .. })
+    }
+
+    /// The backend new flows get (None: empty).
+    pub fn current(self) -> Option<IpAddr> {
+        match self {
+            SlotAddr::Empty => None,
+            SlotAddr::Steady(c) | SlotAddr::Transition { current: c, .. } => Some(c),
+        }
+    }
+}
+
+/// The service that balances `probe` and its slot there by addresses
+/// (None inside: the slot names a number of no backend of the service).
+pub fn probe_slot(running: &Running, probe: &Probe) -> Option<(ServiceKey, Option<SlotAddr>)> {
+    let service = balanced_by(running, probe)?;
+    let slot = hashed_flow(service, probe).slot(running.global.hash_seed.unwrap_or(0));
+    Some((service.key, slot_addr(service, slot)))
+}
+
+/// The key the datapath would look `probe`'s flow up with in the service
+/// that balances it (whether its slot is in transition or not).
+pub fn pin_key(running: &Running, probe: &Probe) -> Option<PinKey> {
+    let flow = hashed_flow(balanced_by(running, probe)?, probe);
+    Some(PinKey { src: flow.saddr, dst: flow.daddr, sport: flow.sport, dport: flow.dport, proto: flow.proto })
+}
+
+/// Slot `i` of `service` by addresses; None: a number that names no
+/// backend of the service.
+pub fn slot_addr(service: &RunningService, i: usize) -> Option<SlotAddr> {
+    let addr = |n: u32| service.backends.iter().find(|b| b.number == n).map(|b| b.backend.addr);
+    let current = service.table[i];
+    if current == l4lb::maglev::EMPTY {
+        return Some(SlotAddr::Empty);
+    }
+    Some(match service.transitions.get(&(i as u32)) {
+        Some(&p) => SlotAddr::Transition { current: addr(current)?, previous: addr(p)? },
+        None => SlotAddr::Steady(addr(current)?),
+    })
+}
+
+/// Slots in transition after an apply, as `transitions_as_designed` counts them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TransitionCount {
+    /// Slots in transition after the apply, in all services.
+    pub slots: usize,
+    /// Of those: put in transition by this apply (steady before).
+    pub started: usize,
+    /// Of those: in transition before and changed again.
+    pub changed_again: usize,
+    /// Services whose change tick the apply stamped.
+    pub stamped: usize,
+}
+
+/// Fails unless every slot of every service in `after` is what
+/// docs/transitions.md says an apply makes of it from `before` (checked by
+/// backend addresses, without the planner): a service that did not change
+/// keeps its words; an untracked or new one has no slot in transition; in
+/// a changed tracked one, a slot whose current backend A gives way to B
+/// goes in transition (previous A) while A stays in the service (any
+/// weight), else steady; a slot in transition (current B, previous A) now
+/// current C stays in transition with previous A if A stays, else B if B
+/// stays, else C; an empty slot has no previous. A service with a slot
+/// newly in transition or changed in transition (another word) has
+/// `changed` = `clock` (the apply's tick), every other keeps its `changed`.
+pub fn transitions_as_designed(what: &str, before: &Running, after: &Running, clock: u32) -> TestResult<TransitionCount> {
+    let mut count = TransitionCount::default();
+    for s in &after.services {
+        let name = |a: Option<SlotAddr>| a.map_or("a number of no backend".to_string(), |a| format!("{a:?}"));
+        let got: Vec<Option<SlotAddr>> = (0..s.table.len()).map(|i| slot_addr(s, i)).collect();
+        if let Some(i) = got.iter().position(Option::is_none) {
+            return Err(fail(format!("{what}: service {}: slot {i} (current {}, previous {:?}) names no backend of it", s.key, s.table[i], s.transitions.get(&(i as u32)))));
+        }
+        count.slots += s.transitions.len();
+        let old = before.service(&s.key);
+        let Some(old) = old.filter(|_| s.track_flows) else {
+            ensure!(s.transitions.is_empty(), "{what}: service {} ({}) has {} slots in transition", s.key, if s.track_flows { "new" } else { "untracked" }, s.transitions.len());
+            continue;
+        };
+        if old.model() == s.model() {
+            ensure!(
+                old.table == s.table && old.transitions == s.transitions && old.changed == s.changed,
+                "{what}: service {} did not change, its table words or change tick did",
+                s.key
+            );
+            continue;
+        }
+        let stays = |a: IpAddr| old.backends.iter().any(|b| b.backend.addr == a) && s.backends.iter().any(|b| b.backend.addr == a);
+        let mut stamped = false;
+        for (i, got) in got.iter().enumerate() {
+            let got = got.expect("checked above");
+            let was = slot_addr(old, i).ok_or_else(|| fail(format!("{what}: service {}: slot {i} named no backend before the apply", s.key)))?;
+            let current = match got {
+                SlotAddr::Empty => None,
+                SlotAddr::Steady(c) | SlotAddr::Transition { current: c, .. } => Some(c),
+            };
+            let want = match (was, current) {
+                (_, None) => SlotAddr::Empty,
+                (SlotAddr::Empty, Some(c)) => SlotAddr::Steady(c),
+                (SlotAddr::Steady(a), Some(c)) if a == c => SlotAddr::Steady(c),
+                (SlotAddr::Steady(a), Some(c)) if stays(a) => SlotAddr::Transition { current: c, previous: a },
+                (SlotAddr::Steady(_), Some(c)) => SlotAddr::Steady(c),
+                (SlotAddr::Transition { current: b, previous: a }, Some(c)) => {
+                    let previous = if stays(a) {
+                        a
+                    } else if stays(b) {
+                        b
+                    } else {
+                        c
+                    };
+                    SlotAddr::Transition { current: c, previous }
+                }
+            };
+            ensure!(got == want, "{what}: service {}: slot {i} was {was:?}, is {}, the design says {want:?}", s.key, name(Some(got)));
+            if got.in_transition() {
+                // Another word: the numbers of a staying backend do not change, so words differ where addresses do, or where a number was reused.
+                let word = |r: &RunningService| (r.table[i], r.transitions.get(&(i as u32)).copied());
+                if word(old) != word(s) {
+                    stamped = true;
+                    if was.in_transition() {
+                        count.changed_again += 1;
+                    } else {
+                        count.started += 1;
+                    }
+                }
+            }
+        }
+        let want = if stamped { clock } else { old.changed };
+        ensure!(s.changed == want, "{what}: service {}: changed at tick {}, expected {want} (slots newly in transition: {stamped}; clock {clock}, before {})", s.key, s.changed, old.changed);
+        count.stamped += usize::from(stamped);
+    }
+    Ok(count)
 }
 
 /// splitmix64's finaliser (after its increment): a bijective 64-bit mix
@@ -416,6 +723,15 @@ enum Clients {
     /// 198.18.0.0/16 and 2001:db8:18::/48, ports from 0x8000) shares a
     /// flow, or a pin, with them.
     Quiet,
+}
+
+/// Whether `addr` is one of the quiet clients (`FreshFlows::quiet_probes`):
+/// 100.64.0.0/16 or 2001:db8:e57::/64, which no flood frame uses.
+pub fn quiet_client(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.octets()[..2] == [100, 64],
+        IpAddr::V6(a) => a.octets()[..8] == [0x20, 0x01, 0x0d, 0xb8, 0x0e, 0x57, 0, 0],
+    }
 }
 
 /// The probe that hash `h` names for a destination.
