@@ -22,9 +22,13 @@
 //!   sampled around each one (frames must arrive during every update, and no
 //!   drop counter may move); after each, the kernel's state (read through the
 //!   library) must be exactly `apply::plan`'s prediction from the previous
-//!   kernel state, the catch-all must hold the file's destinations with its
-//!   MACs, every slot must name one of them, each must have slots, and the
-//!   slots written must be exactly those whose value changed.
+//!   kernel state, planned at the process's tick (the clock and the
+//!   services' `changed` move when slots go in transition), every slot word
+//!   (current and previous backend) must be what docs/transitions.md makes
+//!   of the one before, checked by addresses without the planner, the
+//!   catch-all must hold the file's destinations with its MACs, every slot
+//!   must name one of them, each must have slots, and the slots written
+//!   must be exactly those whose word changed.
 //! * 100 `l4lb apply` updates of IPv4 and IPv6 services (the flood's VIPs,
 //!   the catch-all, and extra services added and removed; backends added,
 //!   removed, reweighted to 0..4 (0 = draining), MACs changed, the gateway
@@ -740,24 +744,43 @@ fn map_summary(dev: &str, plan: &apply::Plan, set: &[Destination]) -> String {
 /// Slot figures of one update of the catch-all.
 #[derive(Debug, Default, Clone, Copy)]
 struct Churn {
-    /// Slots whose value changed.
+    /// Slots whose word changed.
     written: usize,
     /// Slots held by backends that stay (same address, same weight) before the update ...
     staying: usize,
     /// ... and those of them that changed hands.
     moved: usize,
+    /// Slots in transition after the update, of them put in transition by
+    /// it and changed again in transition; services whose tick it stamped.
+    transitions: TransitionCount,
+}
+
+impl Churn {
+    fn add(&mut self, c: &Churn) {
+        self.written += c.written;
+        self.staying += c.staying;
+        self.moved += c.moved;
+        self.transitions.slots = self.transitions.slots.max(c.transitions.slots);
+        self.transitions.started += c.transitions.started;
+        self.transitions.changed_again += c.transitions.changed_again;
+        self.transitions.stamped += c.transitions.stamped;
+    }
 }
 
 /// Checks the kernel's state after `l4lb map` from `before` to `set`:
-/// exactly the planner's prediction, and without the planner: the running
-/// configuration that `map` wants, every table Maglev's, the catch-all
-/// holding the file's destinations (with the file's MACs), every slot
-/// naming one of them and each of them some slots; returns the slot churn.
-fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &Snapshot) -> TestResult<Churn> {
-    let plan = plan_map(before, set)?;
+/// exactly the planner's prediction (made at the process's tick), and
+/// without the planner: the running configuration that `map` wants, every
+/// table Maglev's, every slot word what docs/transitions.md makes of the
+/// one before (`transitions_as_designed`), the catch-all holding the
+/// file's destinations (with the file's MACs), every slot naming one of
+/// them and each of them some slots, the slots written exactly those whose
+/// word changed; returns the plan and the slot churn.
+fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &Snapshot) -> TestResult<(apply::Plan, Churn)> {
+    let plan = plan_as_applied(before, &map_wanted(before, set), after)?;
     same_snapshot(what, after, &plan.after)?;
     same_configuration(what, &after.running, &map_wanted(before, set))?;
     tables_are_maglev(what, &after.running)?;
+    let transitions = transitions_as_designed(what, &before.running, &after.running, after.config.clock)?;
     let service = after.running.service(&ServiceKey::CatchAll).ok_or_else(|| fail(format!("{what}: no catch-all")))?;
     let mut wanted: Vec<(IpAddr, Option<[u8; 6]>, u32)> = set.iter().map(|d| (IpAddr::V4(d.addr), Some(d.mac), 1)).collect();
     wanted.sort();
@@ -770,11 +793,16 @@ fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &
         *counts.entry(addr).or_default() += 1;
     }
     ensure!(counts.len() == set.len(), "{what}: {} of {} destinations have slots", counts.len(), set.len());
-    let mut churn = Churn { written: plan.slots_written(), ..Churn::default() };
+    if before.running.service(&ServiceKey::CatchAll).is_none() {
+        ensure!(plan.slots_written() == MAGLEV_SIZE, "{what}: a new catch-all: {} slots written", plan.slots_written());
+    }
+    let mut churn = Churn { written: plan.slots_written(), transitions, ..Churn::default() };
+    let words = |s: &l4lb::state::RunningService| l4lb::transition::join(&s.table, &s.transitions);
     if let Some(old) = before.running.service(&ServiceKey::CatchAll) {
         let old_table = table_addresses(old);
-        let raw = l4lb::maglev::diff(&old.table, &service.table).len();
-        ensure!(plan.slots_written() == raw, "{what}: {} slots written, {raw} differ", plan.slots_written());
+        // Words, not backend numbers: a slot may change state (steady, in transition) with its current backend.
+        let raw = l4lb::maglev::diff(&words(old), &words(service)).len();
+        ensure!(plan.slots_written() == raw, "{what}: {} slots written, {raw} slot words differ", plan.slots_written());
         let stays = |a: &IpAddr| old.backends.iter().any(|b| b.backend.addr == *a) && held.iter().any(|h| h.0 == *a);
         for i in 0..table.len() {
             if old_table[i].as_ref().is_some_and(stays) {
@@ -783,7 +811,7 @@ fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &
             }
         }
     }
-    Ok(churn)
+    Ok((plan, churn))
 }
 
 /// The drop counters that are not 0, as "name value".
@@ -901,12 +929,10 @@ fn hundred_map_updates_under_flood() -> TestResult {
         let (run, frames) = run_under_flood(&topo, &maps, &mut flood, &what, args)?;
 
         let next_state = topo.snapshot()?;
-        let line = map_summary(&topo.lb_dev, &plan_map(&state, &next)?, &next);
+        let (plan, c) = check_map_update(&what, &state, &next, &next_state)?;
+        let line = map_summary(&topo.lb_dev, &plan, &next);
         ensure!(run.stdout.lines().any(|l| l == line), "{what}: `l4lb map` printed\n{}\nexpected the line\n{line}", run.stdout);
-        let c = check_map_update(&what, &state, &next, &next_state)?;
-        churn.written += c.written;
-        churn.staying += c.staying;
-        churn.moved += c.moved;
+        churn.add(&c);
         times.push(run.elapsed);
         during.push(frames);
         sizes.push(next.len());
@@ -932,6 +958,14 @@ fn hundred_map_updates_under_flood() -> TestResult {
         churn.moved,
         churn.staying,
         100.0 * churn.moved as f64 / churn.staying.max(1) as f64
+    );
+    println!(
+        "  slots in transition (every slot word as docs/transitions.md makes it, checked after every update): {} put in transition, {} changed again in transition, the tick stamped {} times, at most {} of {MAGLEV_SIZE} in transition at once, {} at the end",
+        churn.transitions.started,
+        churn.transitions.changed_again,
+        churn.transitions.stamped,
+        churn.transitions.slots,
+        state.running.service(&ServiceKey::CatchAll).map_or(0, |s| s.transitions.len())
     );
     println!(
         "  frames reaching l4lb while an update ran: {in_updates} in all, per update min {} / median {} / max {}",
@@ -1729,19 +1763,24 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
         times.push(second_run.elapsed);
         let after = topo.snapshot()?;
 
-        // Either order, each update planned against the other's finished state.
+        // Either order, each update planned against the other's finished
+        // state, each process at its own tick (between the readings around
+        // the round; the later one's no earlier).
         let mut matched = None;
-        for (order, (a, b, a_run, b_run)) in [(&one, &two, &first_run, &second_run), (&two, &one, &second_run, &first_run)].into_iter().enumerate() {
-            let middle_plan = plan_map(&state, a)?;
-            let end_plan = plan_map(&middle_plan.after, b)?;
-            if same_snapshot("", &after, &end_plan.after).is_ok()
-                && a_run.stdout.contains(&map_summary(&topo.lb_dev, &middle_plan, a))
-                && b_run.stdout.contains(&map_summary(&topo.lb_dev, &end_plan, b))
-            {
-                check_map_update(&format!("round {round}, order {order}, second update"), &middle_plan.after, b, &after)?;
-                // order 0: `one` applied first; started first on even rounds.
-                matched = Some((usize::from((order == 1) != (round % 2 == 1)), b.clone()));
-                break;
+        let ticks: Vec<(u32, u32)> = (state.tick..=after.tick).flat_map(|ta| (ta..=after.tick).map(move |tb| (ta, tb))).collect();
+        'orders: for (order, (a, b, a_run, b_run)) in [(&one, &two, &first_run, &second_run), (&two, &one, &second_run, &first_run)].into_iter().enumerate() {
+            for &(ta, tb) in &ticks {
+                let middle_plan = plan_at(&state, &map_wanted(&state, a), ta)?;
+                let end_plan = plan_at(&middle_plan.after, &map_wanted(&middle_plan.after, b), tb)?;
+                if same_snapshot("", &after, &end_plan.after).is_ok()
+                    && a_run.stdout.contains(&map_summary(&topo.lb_dev, &middle_plan, a))
+                    && b_run.stdout.contains(&map_summary(&topo.lb_dev, &end_plan, b))
+                {
+                    check_map_update(&format!("round {round}, order {order}, second update"), &middle_plan.after, b, &after)?;
+                    // order 0: `one` applied first; started first on even rounds.
+                    matched = Some((usize::from((order == 1) != (round % 2 == 1)), b.clone()));
+                    break 'orders;
+                }
             }
         }
         let Some((order, last)) = matched else {
