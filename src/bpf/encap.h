@@ -65,30 +65,39 @@ static __always_inline void *rewrite_ethernet(struct xdp_md *ctx, __u32 moved, _
 	return l3;
 }
 
-/* Outer IPv4: IP-in-IP to an IPv4 backend (the inner packet is IPv4). */
+/* Outer IPv4: IP-in-IP to an IPv4 backend (the inner packet is IPv4). The
+ * header is built as five 32-bit words in registers (as they lie in memory),
+ * summed there and stored once: summing it back from the packet would load
+ * what was just stored piecewise (a store-forwarding stall per word).
+ */
 static __always_inline int push_ipv4(struct xdp_md *ctx, const struct l4lb_backend *backend,
 				     const struct l4lb_config *config, const struct inner *inner)
 {
-	struct iphdr *outer;
+	__u32 *outer, word[5];
 
 	if (bpf_xdp_adjust_head(ctx, -L4LB_IPIP_OVERHEAD))
 		return -1;
 	outer = rewrite_ethernet(ctx, L4LB_IPIP_OVERHEAD, inner->l2_len, backend->mac, bpf_htons(ETH_P_IP),
-				 sizeof(*outer));
+				 L4LB_IPIP_OVERHEAD);
 	if (!outer)
 		return -1;
-	outer->version = 4;
-	outer->ihl = sizeof(*outer) / 4;
-	outer->tos = inner->tos;
-	outer->tot_len = bpf_htons(inner->l3_len + L4LB_IPIP_OVERHEAD);
-	outer->id = 0;
-	outer->frag_off = inner->df;
-	outer->ttl = L4LB_OUTER_TTL;
-	outer->protocol = L4LB_IPPROTO_IPIP;
-	outer->check = 0;
-	__builtin_memcpy(&outer->saddr, config->src_v4, 4);
-	__builtin_memcpy(&outer->daddr, backend->addr, 4);
-	outer->check = ipv4_header_csum(outer);
+	/* version 4, IHL 5; TOS; total length */
+	word[0] = bpf_htonl(0x45000000 | ((__u32)inner->tos << 16) | (inner->l3_len + L4LB_IPIP_OVERHEAD));
+	/* ID 0; flags (DF as the client's) and offset 0 */
+	word[1] = bpf_htonl((__u32)bpf_ntohs(inner->df));
+	/* TTL; protocol; checksum 0 for the sum */
+	word[2] = bpf_htonl(((__u32)L4LB_OUTER_TTL << 24) | ((__u32)L4LB_IPPROTO_IPIP << 16));
+	word[3] = *(const __u32 *)config->src_v4;
+	word[4] = *(const __u32 *)backend->addr;
+	/* The checksum goes where the sum counted 0: the low half of word 2
+	 * in network order, its last two bytes in memory.
+	 */
+	word[2] |= (__u32)csum_fold64(csum_words32(word, 5)) << 16;
+	outer[0] = word[0];
+	outer[1] = word[1];
+	outer[2] = word[2];
+	outer[3] = word[3];
+	outer[4] = word[4];
 	return 0;
 }
 
