@@ -40,6 +40,24 @@
  */
 #define L4LB_MAGLEV_SIZE 51203
 
+/* l4lb_tables packs L4LB_TABLE_ENTRY_SLOTS slot words into each map entry:
+ * an array map rounds every value up to 8 bytes, so a 4-byte word per entry
+ * took 8 (a service's table 400 KiB, 8 useful slots per cache line), and the
+ * slot load was the datapath's costliest line. Packed, a table is 200 KiB,
+ * 16 slots per 64-byte line. Slot g (service * L4LB_MAGLEV_SIZE + slot) is
+ * word g % 16 of entry g / 16; tables of neighbouring services may share an
+ * entry.
+ */
+#define L4LB_TABLE_ENTRY_SLOTS 16
+#define L4LB_TABLE_ENTRY_SHIFT 4
+#define L4LB_TABLE_ENTRY_MASK (L4LB_TABLE_ENTRY_SLOTS - 1)
+/* Entries of l4lb_tables for `services` tables. */
+#define L4LB_TABLE_ENTRIES(services) (((services) * L4LB_MAGLEV_SIZE + L4LB_TABLE_ENTRY_MASK) >> L4LB_TABLE_ENTRY_SHIFT)
+
+struct l4lb_table_entry {
+	__u32 slot[L4LB_TABLE_ENTRY_SLOTS];
+};
+
 /* A slot of l4lb_tables is one 32-bit word (docs/transitions.md):
  *   B                                       steady: every packet to backend B
  *   B | L4LB_SLOT_TRANSITION | A << 16      in transition: new flows to B,

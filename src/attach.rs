@@ -76,7 +76,7 @@ macro_rules! load_and_attach {
             }
             // Room for fewer service tables on the NIC: see L4LB_OFFLOAD_MAX_SERVICES.
             maps.l4lb_tables
-                .set_max_entries((crate::bpf::OFFLOAD_MAX_SERVICES * crate::bpf::MAGLEV_SIZE) as u32)
+                .set_max_entries(crate::bpf::table_entries(crate::bpf::OFFLOAD_MAX_SERVICES))
                 .context("sizing l4lb_tables for offload")?;
         } else {
             // Off the NIC, per-CPU counters keep CPUs from bouncing cache

@@ -73,6 +73,12 @@ pub const MAX_BACKENDS: usize = consts::L4LB_MAX_BACKENDS as usize;
 /// Backends one service may have.
 pub const MAX_SERVICE_BACKENDS: usize = consts::L4LB_MAX_SERVICE_BACKENDS as usize;
 pub const SLOT_EMPTY: u32 = consts::L4LB_SLOT_EMPTY;
+/// Slot words per entry of l4lb_tables (include/l4lb.h, "l4lb_tables packs").
+pub const TABLE_ENTRY_SLOTS: usize = consts::L4LB_TABLE_ENTRY_SLOTS as usize;
+/// Entries of l4lb_tables for `services` tables.
+pub const fn table_entries(services: usize) -> u32 {
+    (services * MAGLEV_SIZE).div_ceil(TABLE_ENTRY_SLOTS) as u32
+}
 pub const VIP_SLOTS: usize = consts::L4LB_VIP_SLOTS as usize;
 pub const VIP_BITS: u32 = consts::L4LB_VIP_BITS;
 pub const VIP_MASK: u32 = consts::L4LB_VIP_MASK;

@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use crate::apply::{self, MapId, Snapshot, VipEntry};
-use crate::bpf::{self, Backend, Config, FlowKey, FlowPin, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_SLOTS};
+use std::collections::BTreeMap;
+
+use crate::bpf::{self, Backend, Config, FlowKey, FlowPin, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, TABLE_ENTRY_SLOTS, VIP_SLOTS};
 use crate::discover::AttachedProgram;
 use crate::state::Running;
 
@@ -105,10 +107,8 @@ impl LbMaps {
         check_shape(&self.vips, size_of::<VipEntry>(), VIP_SLOTS)?;
         check_shape(&self.services, size_of::<bpf::Service>(), MAX_SERVICES)?;
         // Offloaded, the tables map is loaded smaller (attach.rs).
-        let tables = self.tables.max_entries() as usize;
-        if tables != MAX_SERVICES * MAGLEV_SIZE {
-            check_shape(&self.tables, size_of::<u32>(), bpf::OFFLOAD_MAX_SERVICES * MAGLEV_SIZE)?;
-        }
+        let tables = if self.tables.max_entries() == bpf::table_entries(MAX_SERVICES) { MAX_SERVICES } else { bpf::OFFLOAD_MAX_SERVICES };
+        check_shape(&self.tables, size_of::<u32>() * TABLE_ENTRY_SLOTS, bpf::table_entries(tables) as usize)?;
         check_shape(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
         check_shape(&self.be_stats, size_of::<Traffic>(), MAX_BACKENDS)?;
         check_shape(&self.svc_stats, size_of::<Traffic>(), MAX_SERVICES)?;
@@ -165,7 +165,7 @@ impl LbMaps {
             .map(|c| bpf::value_from(c).expect("value size checked"))
             .collect();
         let mut snapshot = apply::decode(config, vips, &services, &backends, read_table)?;
-        snapshot.service_tables = (self.tables.max_entries() as usize / MAGLEV_SIZE).min(MAX_SERVICES);
+        snapshot.service_tables = (self.tables.max_entries() as usize * TABLE_ENTRY_SLOTS / MAGLEV_SIZE).min(MAX_SERVICES);
         snapshot.tick = tick()?;
         Ok(snapshot)
     }
@@ -183,12 +183,12 @@ impl LbMaps {
 
     /// The MAGLEV_SIZE slots of service `number`'s table.
     pub fn read_table(&self, number: u32) -> Result<Vec<u32>> {
-        read_u32s(&self.tables, number * MAGLEV_SIZE as u32, MAGLEV_SIZE as u32)
+        read_table_words(&self.tables, number * MAGLEV_SIZE as u32, MAGLEV_SIZE as u32)
     }
 
     /// Writes words of l4lb_tables: (index, word).
     pub fn write_slot_words(&self, entries: &[(u32, u32)]) -> Result<()> {
-        write_u32_entries(&self.tables, entries)
+        write_table_words(&self.tables, entries)
     }
 
     /// Packets and bytes per backend number, summed over CPUs.
@@ -248,11 +248,11 @@ impl apply::Io for LbMaps {
     }
 
     fn read_slots(&self, start: u32, count: u32) -> Result<Vec<u32>> {
-        read_u32s(&self.tables, start, count)
+        read_table_words(&self.tables, start, count)
     }
 
     fn write_slots(&self, entries: &[(u32, u32)]) -> Result<()> {
-        write_u32_entries(&self.tables, entries)
+        write_table_words(&self.tables, entries)
     }
 
     fn grace(&self) {
@@ -395,17 +395,49 @@ fn read_u32s(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u32>> {
     Ok(read_array(map, start, count)?.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
 }
 
-/// Writes (index, value) pairs of a u32 array, batched where possible. A
-/// batch is one syscall, not one transaction; each entry changes atomically.
-fn write_u32_entries(map: &MapHandle, entries: &[(u32, u32)]) -> Result<()> {
+/// Slot words `start .. start + count` of l4lb_tables, whose entries hold
+/// TABLE_ENTRY_SLOTS words each (include/l4lb.h).
+fn read_table_words(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u32>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let per = TABLE_ENTRY_SLOTS as u32;
+    let (first, last) = (start / per, (start + count - 1) / per);
+    let words = read_u32s(map, first, last - first + 1)?;
+    let from = (start - first * per) as usize;
+    Ok(words[from..from + count as usize].to_vec())
+}
+
+/// Writes (slot, word) pairs of l4lb_tables: each entry they fall in is read,
+/// changed in those words and written back whole (batched where possible).
+/// A packet reads any word of an entry being written either old or new, never
+/// torn (the kernel copies values in aligned 8-byte pieces at least).
+fn write_table_words(map: &MapHandle, writes: &[(u32, u32)]) -> Result<()> {
+    let per = TABLE_ENTRY_SLOTS as u32;
+    let mut by_entry: BTreeMap<u32, Vec<(usize, u32)>> = BTreeMap::new();
+    for &(slot, word) in writes {
+        by_entry.entry(slot / per).or_default().push(((slot % per) as usize, word));
+    }
+    let (Some(&first), Some(&last)) = (by_entry.keys().next(), by_entry.keys().next_back()) else {
+        return Ok(());
+    };
+    let mut words = read_u32s(map, first, last - first + 1)?;
+    let mut entries: Vec<(u32, Vec<u8>)> = Vec::with_capacity(by_entry.len());
+    for (&entry, lanes) in &by_entry {
+        let base = ((entry - first) * per) as usize;
+        for &(lane, word) in lanes {
+            words[base + lane] = word;
+        }
+        entries.push((entry, words[base..base + per as usize].iter().flat_map(|w| w.to_ne_bytes()).collect()));
+    }
     for chunk in entries.chunks(BATCH as usize) {
         let keys: Vec<u8> = chunk.iter().flat_map(|(k, _)| k.to_ne_bytes()).collect();
-        let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
+        let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         if map.update_batch(&keys, &values, chunk.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok() {
             continue;
         }
         for (index, value) in chunk {
-            map.update(&key(*index), &value.to_ne_bytes(), MapFlags::ANY)
+            map.update(&key(*index), value, MapFlags::ANY)
                 .with_context(|| format!("writing entry {index} of map `{}`", map.name().to_string_lossy()))?;
         }
     }

@@ -895,7 +895,7 @@ fn l4lb_object_keeps_its_own_rules() {
         // L4LB_OFFLOAD_MAX_SERVICES tables only; every other map (l4lb_flows'
         // 65,536 entries included) as the object declares it.
         entries += if name == "l4lb_tables" {
-            (l4lb::bpf::OFFLOAD_MAX_SERVICES * l4lb::bpf::MAGLEV_SIZE) as u64
+            u64::from(l4lb::bpf::table_entries(l4lb::bpf::OFFLOAD_MAX_SERVICES))
         } else {
             u64::from(map.max_entries())
         };

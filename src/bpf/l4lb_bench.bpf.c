@@ -357,7 +357,8 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 	struct l4lb_flow_key key;
 	struct packet pkt = {};
 	struct inner inner = {};
-	__u32 zero = 0, slot, index, number = 0, service_number = 0, hash, *slot_value, event = L4LB_CNT_MAX;
+	__u32 zero = 0, slot, index, entry_index, number = 0, service_number = 0, hash, event = L4LB_CNT_MAX;
+	struct l4lb_table_entry *table_entry;
 	__u64 bytes;
 
 	pkt.flow = &key;
@@ -409,10 +410,11 @@ static __always_inline int variant(struct xdp_md *ctx, const __u32 what)
 		else if (what & V_TABLE_32K)
 			slot &= 0x7fff;
 		index = service_number * L4LB_MAGLEV_SIZE + slot;
-		slot_value = bpf_map_lookup_elem(&l4lb_tables, &index);
-		if (!slot_value)
+		entry_index = index >> L4LB_TABLE_ENTRY_SHIFT;
+		table_entry = bpf_map_lookup_elem(&l4lb_tables, &entry_index);
+		if (!table_entry)
 			return XDP_DROP;
-		number = *slot_value;
+		number = table_entry->slot[index & L4LB_TABLE_ENTRY_MASK];
 		/* l4lb_balance's slots in transition, with flows.h's rules
 		 * (the bench's services hash ports: the key's ports are the
 		 * packet's). Without V_FLOWS a word in transition names no

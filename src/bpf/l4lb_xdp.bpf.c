@@ -69,7 +69,8 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 	struct l4lb_flow_key key;
 	struct packet pkt;
 	struct inner inner;
-	__u32 zero = 0, outcome, service_number, number, ports, hash, overhead, slot, *word;
+	__u32 zero = 0, outcome, service_number, number, ports, hash, overhead, slot, entry_index;
+	struct l4lb_table_entry *entry;
 	__u32 event = L4LB_CNT_MAX;
 	__u64 bytes;
 	int err;
@@ -93,10 +94,11 @@ static __always_inline __u32 balance(struct xdp_md *ctx)
 	ports = flow_ports(&pkt, service);
 	hash = flow_hash(&pkt, ports, config->hash_seed);
 	slot = slot_index(service_number, hash);
-	word = bpf_map_lookup_elem(&l4lb_tables, &slot);
-	if (!word)
+	entry_index = slot >> L4LB_TABLE_ENTRY_SHIFT;
+	entry = bpf_map_lookup_elem(&l4lb_tables, &entry_index);
+	if (!entry)
 		return L4LB_CNT_DROP_NO_BACKEND;
-	number = *word;
+	number = entry->slot[slot & L4LB_TABLE_ENTRY_MASK];
 	/* A steady slot is a bare backend number: no per-flow state. */
 	if (number & L4LB_SLOT_TRANSITION) {
 		if (number == L4LB_SLOT_EMPTY)

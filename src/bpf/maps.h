@@ -36,14 +36,15 @@ struct {
 	__type(value, struct l4lb_service);
 } l4lb_services SEC(".maps");
 
-/* Every service's Maglev table, one after the other:
- * service * L4LB_MAGLEV_SIZE + slot -> backend number.
+/* Every service's Maglev table, one after the other: slot word
+ * g = service * L4LB_MAGLEV_SIZE + slot is word g % 16 of entry g / 16
+ * (include/l4lb.h, "l4lb_tables packs").
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, L4LB_MAX_SERVICES * L4LB_MAGLEV_SIZE);
+	__uint(max_entries, L4LB_TABLE_ENTRIES(L4LB_MAX_SERVICES));
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct l4lb_table_entry);
 } l4lb_tables SEC(".maps");
 
 /* Backends, indexed by backend number. */

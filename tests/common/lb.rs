@@ -965,10 +965,9 @@ impl Lb {
 
     /// Writes one slot word (`slot` in 0..MAGLEV_SIZE) of `service`'s table.
     pub fn set_slot(&mut self, service: u32, slot: usize, word: u32) -> TestResult {
-        let index = service * MAGLEV_SIZE as u32 + slot as u32;
-        self.maps().l4lb_tables.update(&index.to_ne_bytes(), &word.to_ne_bytes(), MapFlags::ANY)?;
         self.tables[service as usize].get_or_insert_with(|| vec![0; MAGLEV_SIZE])[slot] = word;
-        Ok(())
+        let index = service * MAGLEV_SIZE as u32 + slot as u32;
+        self.write_table_entries(index, index)
     }
 
     /// Writes a whole table (MAGLEV_SIZE slot words) of `service`.
@@ -976,11 +975,25 @@ impl Lb {
         if table.len() != MAGLEV_SIZE {
             return Err(fail(format!("a table of {} slots, expected {MAGLEV_SIZE}", table.len())));
         }
-        let base = service * MAGLEV_SIZE as u32;
-        let keys: Vec<u8> = (0..MAGLEV_SIZE as u32).flat_map(|slot| (base + slot).to_ne_bytes()).collect();
-        let values: Vec<u8> = table.iter().flat_map(|n| n.to_ne_bytes()).collect();
-        self.maps().l4lb_tables.update_batch(&keys, &values, MAGLEV_SIZE as u32, MapFlags::ANY, MapFlags::ANY)?;
         self.tables[service as usize] = Some(table.to_vec());
+        let base = service * MAGLEV_SIZE as u32;
+        self.write_table_entries(base, base + MAGLEV_SIZE as u32 - 1)
+    }
+
+    /// Writes the entries of l4lb_tables that hold slot words `first..=last`
+    /// (L4LB_TABLE_ENTRY_SLOTS words each, include/l4lb.h) from the model's
+    /// tables: an entry may hold the end of one service's table and the start
+    /// of the next one's (a table never written is zeros).
+    fn write_table_entries(&self, first: u32, last: u32) -> TestResult {
+        let per = L4LB_TABLE_ENTRY_SLOTS;
+        let word = |g: u32| {
+            let (service, slot) = ((g as usize) / MAGLEV_SIZE, (g as usize) % MAGLEV_SIZE);
+            self.tables.get(service).and_then(|t| t.as_ref()).map_or(0, |t| t[slot])
+        };
+        let entries: Vec<u32> = (first / per..=last / per).collect();
+        let keys: Vec<u8> = entries.iter().flat_map(|e| e.to_ne_bytes()).collect();
+        let values: Vec<u8> = entries.iter().flat_map(|&e| (e * per..(e + 1) * per).flat_map(|g| word(g).to_ne_bytes())).collect();
+        self.maps().l4lb_tables.update_batch(&keys, &values, entries.len() as u32, MapFlags::ANY, MapFlags::ANY)?;
         Ok(())
     }
 
