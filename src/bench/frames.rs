@@ -46,6 +46,10 @@ pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 1);
 pub const NO_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 9);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
+/// The port of the service the rows in transition go to (TCP, on `VIP4`):
+/// 32 backends, and a 33rd added just before each round of those rows, so
+/// that about 1/33 of its slots are in transition while they are measured.
+pub const CHANGE_PORT: u16 = 81;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -82,10 +86,19 @@ pub enum Kind {
     /// IPv4 TCP SYN to an address no VIP takes: the catch-all (the seed's mode).
     #[serde(rename = "catch_all_tcp_syn_64")]
     CatchAll,
+    /// TCP ACK from `ACK_FLOWS` established flows to the change service, a
+    /// 33rd backend just added: the flows of its slots in transition go to
+    /// their previous backend, pinned.
+    #[serde(rename = "tcp_ack_64_transition")]
+    AckChanged,
+    /// TCP SYN from random clients to the change service, a 33rd backend
+    /// just added: a SYN in a slot in transition pins its flow.
+    #[serde(rename = "tcp_syn_64_transition")]
+    SynChanged,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::TcpSyn64,
         Kind::TcpAck64,
         Kind::Udp64,
@@ -94,6 +107,8 @@ impl Kind {
         Kind::Ipv6Syn,
         Kind::Syn4in6,
         Kind::CatchAll,
+        Kind::AckChanged,
+        Kind::SynChanged,
     ];
 
     pub fn label(self) -> &'static str {
@@ -106,6 +121,8 @@ impl Kind {
             Kind::Ipv6Syn => "IPv6 SYN 78 B",
             Kind::Syn4in6 => "4in6 SYN 64 B",
             Kind::CatchAll => "catch-all 64 B",
+            Kind::AckChanged => "ACK, 33rd added",
+            Kind::SynChanged => "SYN, 33rd added",
         }
     }
 
@@ -113,32 +130,39 @@ impl Kind {
     pub fn describe(self) -> &'static str {
         match self {
             Kind::TcpSyn64 => "IPv4 TCP SYN to the VIP's port 80, IPv4 backends (IPIP)",
-            Kind::TcpAck64 => "IPv4 TCP ACK to the VIP's port 80 from 65536 flows (established, pinned), IPv4 backends (IPIP)",
+            Kind::TcpAck64 => "IPv4 TCP ACK to the VIP's port 80 from 65536 flows (established), IPv4 backends (IPIP)",
             Kind::Udp64 => "IPv4 UDP, 18 bytes of payload, to the VIP's port 53, IPv4 backends (IPIP)",
             Kind::Tcp1500 => "IPv4 TCP, 1460 bytes of payload, to the VIP's port 80, IPv4 backends (IPIP)",
             Kind::Ipv4Options => "IPv4 TCP SYN with 12 bytes of IPv4 options to the VIP's port 80 (IPIP)",
             Kind::Ipv6Syn => "IPv6 TCP SYN (74-byte buffer) to an IPv6 VIP, IPv6 backends (6in6)",
             Kind::Syn4in6 => "IPv4 TCP SYN to an IPv4 VIP with IPv6 backends (4in6)",
             Kind::CatchAll => "IPv4 TCP SYN to an address no VIP takes: the catch-all service (IPIP)",
+            Kind::AckChanged => "IPv4 TCP ACK from 65536 established flows to port 81, 32 backends and a 33rd added just before the round (IPIP)",
+            Kind::SynChanged => "IPv4 TCP SYN from random clients to port 81, 32 backends and a 33rd added just before the round (IPIP)",
         }
     }
 
     /// What connection tracking does with the row's frames in l4lb (every
-    /// service of the bench tracks flows): a SYN only looks its flow up (a
-    /// miss: a new client every frame), any other segment or a datagram of
-    /// a new flow pins it (a new entry every frame), the ACK row's frames
-    /// find their pins.
+    /// service of the bench tracks flows): in steady slots nothing; in the
+    /// rows measured right after a change, the frames of the slots in
+    /// transition (about 1/33) look their pin up: an ACK finds the pin of
+    /// its established flow, a SYN pins its new flow.
     pub fn tracking(self) -> &'static str {
         match self {
-            Kind::TcpAck64 => "lookup, hit",
-            Kind::Udp64 | Kind::Tcp1500 => "new pin per frame",
-            _ => "lookup, miss (SYN)",
+            Kind::AckChanged => "1/33: pin hit",
+            Kind::SynChanged => "1/33: new pin",
+            _ => "nothing (steady)",
         }
+    }
+
+    /// Whether the row is measured right after a table change (slots in transition).
+    pub fn changed(self) -> bool {
+        matches!(self, Kind::AckChanged | Kind::SynChanged)
     }
 
     /// The random word's mask: what the generator draws the client from.
     pub fn random_mask(self) -> u32 {
-        if self == Kind::TcpAck64 {
+        if matches!(self, Kind::TcpAck64 | Kind::AckChanged) {
             ACK_FLOW_MASK
         } else {
             u32::MAX
@@ -153,7 +177,7 @@ impl Kind {
     /// Bytes in the buffer (no FCS).
     pub fn frame_len(self) -> usize {
         match self {
-            Kind::TcpSyn64 | Kind::TcpAck64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll => 60,
+            Kind::TcpSyn64 | Kind::TcpAck64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll | Kind::AckChanged | Kind::SynChanged => 60,
             Kind::Tcp1500 => ETH_LEN + 1500,
             Kind::Ipv4Options => ETH_LEN + 32 + 20,
             Kind::Ipv6Syn => ETH_LEN + 40 + 20,
@@ -204,6 +228,8 @@ impl Kind {
     pub fn dport(self) -> u16 {
         if self.is_udp() {
             UDP_PORT
+        } else if self.changed() {
+            CHANGE_PORT
         } else {
             TCP_PORT
         }
@@ -367,7 +393,7 @@ pub fn frame(kind: Kind, ends: &Endpoints, client: IpAddr, port: u16) -> Vec<u8>
             for (i, byte) in f[l4 + 20..end].iter_mut().enumerate() {
                 *byte = (i % 251) as u8;
             }
-        } else if kind == Kind::TcpAck64 {
+        } else if matches!(kind, Kind::TcpAck64 | Kind::AckChanged) {
             f[l4 + 8..l4 + 12].copy_from_slice(&0x0000_0001u32.to_be_bytes());
             f[l4 + 13] = 0x10; // ACK
         } else {
@@ -545,8 +571,9 @@ mod tests {
     #[test]
     fn the_ack_row_draws_from_a_bounded_set_of_flows() {
         assert_eq!(Kind::TcpAck64.flows(), Some(ACK_FLOWS));
+        assert_eq!(Kind::AckChanged.flows(), Some(ACK_FLOWS));
         assert_eq!(ACK_FLOWS, 65_536);
-        assert!(Kind::ALL.iter().filter(|&&k| k != Kind::TcpAck64).all(|k| k.flows().is_none()));
+        assert!(Kind::ALL.iter().filter(|&&k| !matches!(k, Kind::TcpAck64 | Kind::AckChanged)).all(|k| k.flows().is_none()));
         // Whatever the random word, the port is 32768 and the address one of 65536.
         let mut random = 0x9e37_79b9u32;
         let mut seen = std::collections::HashSet::new();

@@ -139,6 +139,17 @@ struct Setup<'a> {
     other_cpus: Vec<usize>,
     /// The tracked l4lb's maps: its counters are read around every row.
     tracked_maps: &'a LbMaps,
+    /// The tracked l4lb's flow table, emptied before each row after a change.
+    tracked_flows: &'a libbpf_rs::MapHandle,
+    untracked_maps: &'a LbMaps,
+}
+
+impl Setup<'_> {
+    /// Both l4lbs right after adding the change service's 33rd backend.
+    fn start_change(&self) -> Result<()> {
+        start_change(self.tracked_maps, Some(self.tracked_flows), true).context("the tracked l4lb")?;
+        start_change(self.untracked_maps, None, false).context("the untracked l4lb")
+    }
 }
 
 /// What `measure` found (the caller adds the context).
@@ -191,6 +202,12 @@ pub fn measure(options: &Options) -> Result<Measured> {
     let (l4lb_fd, map_ids, lb_ifindex, services) = (&lb.tracked, &lb.tracked_maps, lb.ifindex, &lb.services);
     let tracked_maps = open_maps(lb.tracked_id, &lb.tracked_maps)?;
     let untracked_maps = open_maps(lb.untracked_id, &lb.untracked_maps)?;
+    let tracked_flows = crate::maps::open_flows(&discover::AttachedProgram {
+        id: lb.tracked_id,
+        name: crate::bpf::PROG_NAME.into(),
+        mode: Mode::Driver,
+        map_ids: lb.tracked_maps.clone(),
+    })?;
 
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
     crate::libbpf_log::capture();
@@ -275,6 +292,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
         gen_cpu,
         other_cpus: others.to_vec(),
         tracked_maps: &tracked_maps,
+        tracked_flows: &tracked_flows,
+        untracked_maps: &untracked_maps,
     };
     let variants = variant_programs(&skel, fds.l4lb);
     check_programs(&setup, &variants, services, &lb.untracked_services)?;
@@ -288,6 +307,9 @@ pub fn measure(options: &Options) -> Result<Measured> {
     eprintln!("l4lb bench: timing the programs with BPF_PROG_TEST_RUN");
     let mut test_runs = Vec::new();
     for kind in Kind::ALL {
+        if kind.changed() {
+            setup.start_change()?;
+        }
         test_runs.push(time_test_run(&fds, kind, &ends)?);
     }
 
@@ -404,8 +426,17 @@ fn service_of(kind: Kind) -> ServiceKey {
         Kind::Ipv6Syn => vip(frames::VIP6.into(), config::Protocol::Tcp, frames::TCP_PORT),
         Kind::Syn4in6 => vip(frames::VIP4_TO_6.into(), config::Protocol::Tcp, frames::TCP_PORT),
         Kind::CatchAll => ServiceKey::CatchAll,
+        Kind::AckChanged | Kind::SynChanged => change_vip(),
     }
 }
+
+/// The service of the rows measured right after a change.
+fn change_vip() -> ServiceKey {
+    vip(frames::VIP4.into(), config::Protocol::Tcp, frames::CHANGE_PORT)
+}
+
+/// Backends of the change service before a change (the 33rd is added).
+const CHANGE_BACKENDS: usize = 32;
 
 /// One service, the TCP VIP, with backend set `set`: the control-plane timings.
 fn timing_model(set: u8) -> Model {
@@ -417,8 +448,10 @@ fn timing_model(set: u8) -> Model {
 
 /// What the rows are sent to: the TCP VIP (set 0, as the timings leave it),
 /// the UDP VIP, the IPv4 VIP with IPv6 backends, the IPv6 VIP and the
-/// catch-all, 512 backends each; every one tracking flows (the default) or none.
-fn bench_model(track_flows: bool) -> Model {
+/// catch-all, 512 backends each, and the change service with `change`
+/// backends (CHANGE_BACKENDS, or one more right after a change); every one
+/// tracking flows (the default) or none.
+fn bench_model_with(track_flows: bool, change: usize) -> Model {
     let service = |key, backends| config::Service { track_flows, ..config::Service::new(key, backends) };
     let mut services = vec![
         service(tcp_vip(), backends_of(destinations(0))),
@@ -426,9 +459,45 @@ fn bench_model(track_flows: bool) -> Model {
         service(service_of(Kind::Syn4in6), backends6(1)),
         service(service_of(Kind::Ipv6Syn), backends6(2)),
         service(ServiceKey::CatchAll, backends_of(destinations(3))),
+        service(change_vip(), backends_of(destinations(4).into_iter().take(change).collect())),
     ];
     services.sort_by_key(|s| s.key);
     Model { global: global(), services }
+}
+
+fn bench_model(track_flows: bool) -> Model {
+    bench_model_with(track_flows, CHANGE_BACKENDS)
+}
+
+/// Makes the change service's slots all steady with CHANGE_BACKENDS
+/// backends and empties the flow table, then adds the 33rd backend: about
+/// 1/33 of the slots go in transition (tracked), or just change (untracked).
+/// What a row measured right after a change starts from.
+fn start_change(maps: &LbMaps, flows: Option<&libbpf_rs::MapHandle>, track_flows: bool) -> Result<()> {
+    if track_flows {
+        // Tracking turned off writes every slot steady; turned on again it
+        // changes no slot.
+        let mut off = bench_model(true);
+        for s in off.services.iter_mut().filter(|s| s.key == change_vip()) {
+            s.track_flows = false;
+        }
+        maps.apply(&off)?;
+    }
+    maps.apply(&bench_model(track_flows))?;
+    if let Some(flows) = flows {
+        let mut keys = Vec::new();
+        crate::maps::walk_flows(flows, |key, _| keys.push(crate::bpf::value_bytes(key).to_vec()))?;
+        for key in keys {
+            let _ = flows.delete(&key);
+        }
+    }
+    maps.apply(&bench_model_with(track_flows, CHANGE_BACKENDS + 1))?;
+    let running = maps.read_running()?;
+    let in_transition = running.service(&change_vip()).map_or(0, |s| s.transitions.len());
+    if track_flows != (in_transition > 0) {
+        bail!("{} slots of {} in transition after the 33rd backend, tracking {track_flows}", in_transition, change_vip());
+    }
+    Ok(())
 }
 
 /// The backends' outer addresses per service, as the maps hold them.
@@ -763,11 +832,11 @@ fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool)
             bail!("l4lb's service {key} ({}) counted no packets", kind.label());
         }
     }
-    // Every slot is steady (no change since the services were applied):
-    // tracked or not, nothing reads or writes the flow table.
+    // Only the rows measured right after a change meet slots in
+    // transition: the tracked l4lb pins their flows, the untracked none.
     let pinned = counter(&counters, "flow_pinned");
-    if pinned != 0 {
-        bail!("l4lb pinned {pinned} flows with its services' track_flows {tracked}, all slots steady");
+    if tracked == (pinned == 0) {
+        bail!("l4lb pinned {pinned} flows with its services' track_flows {tracked}");
     }
     Ok(counts)
 }
@@ -1088,6 +1157,10 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let counters = || setup.tracked_maps.read_counters();
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
+                // A row measured right after a change: the 33rd backend just added.
+                if kind.changed() {
+                    setup.start_change()?;
+                }
                 generator.send(kind)?;
                 // A row of bounded flows: the tracked l4lb alone first, until
                 // every flow has its pin; the row then measures pins that hold.
@@ -1173,6 +1246,9 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let stats = sys::enable_bpf_stats()?;
         let mut run_times = Vec::new();
         for kind in Kind::ALL {
+            if kind.changed() {
+                setup.start_change()?;
+            }
             generator.send(kind)?;
             let mut ns = [0f64; 4];
             for (v, &variant) in VARIANTS.iter().enumerate() {
