@@ -97,7 +97,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::services::{
-    balanced_by, describe_entry, mix64, pin_key, predict, predict_pinned, probe_slot, quiet_client, same_configuration, same_snapshot, table_addresses, tables_are_maglev,
+    balanced_by, describe_entry, mix64, pin_key, plan_as_applied, plan_at, predict, predict_pinned, probe_slot, quiet_client, same_configuration, same_snapshot, table_addresses, tables_are_maglev,
     transitions_as_designed, FreshFlows, PinKey, Pins, Prediction, Probe, Program, Rule, Segment, SlotAddr, TransitionCount, Verdict, PROTO_TCP, PROTO_UDP,
 };
 use common::{fail, in_netns, ip, link_mac, TestResult};
@@ -678,37 +678,6 @@ impl Sets {
 /// outer source the veth's address, the MTU kept).
 fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
     Ok(apply::plan(now, &map_wanted(now, set), 0)?)
-}
-
-/// `apply::plan` of `wanted` over `now` as a process that read the maps at
-/// tick `tick` makes it: the tick is what slots put in transition count
-/// from (l4lb_config.clock, the services' `changed`).
-fn plan_at(now: &Snapshot, wanted: &Model, tick: u32) -> TestResult<apply::Plan> {
-    let mut at = now.clone();
-    at.tick = tick;
-    Ok(apply::plan(&at, wanted, 0)?)
-}
-
-/// The plan the `l4lb` process carried out over `before` (read by the
-/// test at `before.tick`), given what the test read afterwards (`after`,
-/// at `after.tick`): the process read the maps at a tick in between, which
-/// shows in the clock when its plan put slots in transition (else the
-/// clock stays and the tick plays no part). Fails if the clock is a tick
-/// outside that window.
-fn plan_as_applied(before: &Snapshot, wanted: &Model, after: &Snapshot) -> TestResult<apply::Plan> {
-    let plan = apply::plan(before, wanted, 0)?;
-    let clock = after.config.clock;
-    if clock == plan.after.config.clock {
-        return Ok(plan);
-    }
-    ensure!(
-        (before.tick..=after.tick).contains(&clock),
-        "the clock is {clock} after the update: not the old one ({}) nor a tick between the readings around it ({} to {})",
-        before.config.clock,
-        before.tick,
-        after.tick
-    );
-    plan_at(before, wanted, clock)
 }
 
 /// The configuration `l4lb map -f FILE` wants over `now`.

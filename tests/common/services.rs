@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use l4lb::apply::Snapshot;
+use l4lb::apply::{self, Snapshot};
+use l4lb::config::Model;
 use l4lb::config::{Protocol, ServiceKey};
 use l4lb::flow_hash::Flow;
 use l4lb::state::{Running, RunningBackend, RunningService};
@@ -850,3 +851,34 @@ pub fn probes(dsts: &[(IpAddr, u8, u16)], per: usize, salt: u32) -> Vec<Probe> {
 
 pub const PROTO_TCP: u8 = TCP;
 pub const PROTO_UDP: u8 = UDP;
+
+/// `apply::plan` of `wanted` over `now` as a process that read the maps at
+/// tick `tick` makes it: the tick is what slots put in transition count
+/// from (l4lb_config.clock, the services' `changed`).
+pub fn plan_at(now: &Snapshot, wanted: &Model, tick: u32) -> TestResult<apply::Plan> {
+    let mut at = now.clone();
+    at.tick = tick;
+    apply::plan(&at, wanted, 0).map_err(|e| fail(format!("{e:#}")))
+}
+
+/// The plan the `l4lb` process carried out over `before` (read by the
+/// test at `before.tick`), given what the test read afterwards (`after`,
+/// at `after.tick`): the process read the maps at a tick in between, which
+/// shows in the clock when its plan put slots in transition (else the
+/// clock stays and the tick plays no part). Fails if the clock is a tick
+/// outside that window.
+pub fn plan_as_applied(before: &Snapshot, wanted: &Model, after: &Snapshot) -> TestResult<apply::Plan> {
+    let plan = apply::plan(before, wanted, 0).map_err(|e| fail(format!("{e:#}")))?;
+    let clock = after.config.clock;
+    if clock == plan.after.config.clock {
+        return Ok(plan);
+    }
+    ensure!(
+        (before.tick..=after.tick).contains(&clock),
+        "the clock is {clock} after the update: not the old one ({}) nor a tick between the readings around it ({} to {})",
+        before.config.clock,
+        before.tick,
+        after.tick
+    );
+    plan_at(before, wanted, clock)
+}
