@@ -31,7 +31,7 @@ test: deps
 demo: deps
 	scripts/demo.sh
 
-# Throughput benchmark (root, about 90 s): l4lb against two floors measured in
+# Throughput benchmark (root, about 4 minutes): l4lb against two floors measured in
 # the same run. Tables in bench-results/results.txt, chart in
 # bench-results/ratios.svg. More: make bench BENCH_ARGS="--rounds 8 --variants"
 BENCH_ARGS ?=
