@@ -52,7 +52,7 @@ pub enum Command {
         /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
         #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
         mtu: Option<u32>,
-        /// Flows the connection table holds (an LRU hash: the least recently used pin goes first); about 110 bytes each [default: 1048576; hw mode: the object's 65536, fixed]
+        /// Flows the connection table holds: pins of flows in slots in transition (an LRU hash: the least recently used pin goes first); about 128 bytes each [default: 262144; hw mode: the object's 65536, fixed]
         #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
         flow_entries: Option<u32>,
     },
