@@ -98,10 +98,13 @@ static __always_inline __u32 transition_backend(const struct l4lb_flow_key *key,
 	__u32 previous = (word >> L4LB_SLOT_PREVIOUS_SHIFT) & L4LB_SLOT_PREVIOUS_MASK;
 	__u32 target = current, clock = config->clock;
 	struct l4lb_flow *pin = bpf_map_lookup_elem(&l4lb_flows, key);
-
 	struct l4lb_backend *backend;
 
 	if (pin && !pkt->syn && pin_holds(pin, service_number, slot)) {
+		/* Read before the pin is written again: a preallocated hash map
+		 * reuses a replaced element at once.
+		 */
+		target = pin->backend;
 		/* Once per tick. The driver build stores it; the object offload
 		 * loads writes the pin again (the NFP takes no plain store into
 		 * a map value, and a word it reads it may not also add to).
@@ -116,7 +119,7 @@ static __always_inline __u32 transition_backend(const struct l4lb_flow_key *key,
 			bpf_map_update_elem(&l4lb_flows, key, &fresh, BPF_EXIST);
 #endif
 		}
-		return pin->backend;
+		return target;
 	}
 	if (from_before_change(pkt, service, config) && service_backend(previous, service_number))
 		target = previous;
