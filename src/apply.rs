@@ -87,7 +87,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SLOT_EMPTY, VIP_MASK, VIP_MAX_PROBES, VIP_SLOTS};
+use crate::bpf::{self, consts, Config, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VIP_MASK, VIP_MAX_PROBES, VIP_SLOTS};
 use crate::config::{self, Backend, Model, Protocol, ServiceKey};
 use crate::flow_hash::vip_home;
 use crate::maglev;
@@ -952,11 +952,7 @@ fn next_transitions(old: &RunningService, table: &[u32], members: &[RunningBacke
     let mut started = false;
     for (i, &current) in table.iter().enumerate() {
         let slot = i as u32;
-        let was = match old.transitions.get(&slot) {
-            Some(&previous) if old.table[i] != SLOT_EMPTY => transition::Slot::Transition { current: old.table[i], previous },
-            _ if old.table[i] == SLOT_EMPTY => transition::Slot::Empty,
-            _ => transition::Slot::Steady(old.table[i]),
-        };
+        let was = transition::Slot::of(old.table[i], old.transitions.get(&slot).copied());
         let next = transition::next_slot(was, current, stays);
         if let Some(previous) = next.previous() {
             transitions.insert(slot, previous);

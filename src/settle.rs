@@ -108,7 +108,8 @@ pub fn round(maps: &LbMaps, flows: &MapHandle) -> Result<Round> {
     for (service, _) in slots.values() {
         *out.open.entry(names[service].clone()).or_default() += 1;
     }
-    let mut config = maps.read_config()?;
+    // The configuration as the snapshot read it (the update lock is held).
+    let mut config = snapshot.config;
     config.clock = now;
     maps.write_config(&config)?;
     Ok(out)

@@ -43,6 +43,16 @@ impl Slot {
         }
     }
 
+    /// A slot from its current backend number (EMPTY for none) and, in
+    /// transition, its previous one: how `state::RunningService` holds it.
+    pub fn of(current: u32, previous: Option<u32>) -> Slot {
+        match previous {
+            _ if current == EMPTY => Slot::Empty,
+            Some(previous) => Slot::Transition { current, previous },
+            None => Slot::Steady(current),
+        }
+    }
+
     /// The backend number new flows get (EMPTY for none).
     pub fn current(self) -> u32 {
         match self {
@@ -83,11 +93,7 @@ pub fn join(current: &[u32], previous: &BTreeMap<u32, u32>) -> Vec<u32> {
     current
         .iter()
         .enumerate()
-        .map(|(i, &c)| match previous.get(&(i as u32)) {
-            Some(&p) if c != EMPTY => Slot::Transition { current: c, previous: p }.encode(),
-            _ if c == EMPTY => EMPTY,
-            _ => Slot::Steady(c).encode(),
-        })
+        .map(|(i, &c)| Slot::of(c, previous.get(&(i as u32)).copied()).encode())
         .collect()
 }
 
