@@ -29,7 +29,7 @@
  */
 #define L4LB_OFFLOAD_MAX_SERVICES 32
 /* Backend entries over all services (a backend in two services has two). */
-#define L4LB_MAX_BACKENDS 4096
+#define L4LB_MAX_BACKENDS 32768
 /* Backends one service may have (Maglev's table size is chosen from it). */
 #define L4LB_MAX_SERVICE_BACKENDS 512
 
@@ -65,13 +65,15 @@ struct l4lb_table_entry {
  *   L4LB_SLOT_EMPTY                         no backend: dropped
  * A steady word is a bare backend number (below L4LB_MAX_BACKENDS), so one
  * bit test tells the steady slot, which touches no per-flow state, from the
- * rest (L4LB_SLOT_EMPTY has the bit too: no backend).
+ * rest (L4LB_SLOT_EMPTY has the bit too: no backend). Current takes the low
+ * 16 bits, previous the 15 above: both below L4LB_MAX_BACKENDS (32768), so
+ * no pair of backends spells L4LB_SLOT_EMPTY.
  */
 #define L4LB_SLOT_EMPTY 0xffffffffU
 #define L4LB_SLOT_BACKEND_MASK 0xffffU
 #define L4LB_SLOT_TRANSITION 0x80000000U
 #define L4LB_SLOT_PREVIOUS_SHIFT 16
-#define L4LB_SLOT_PREVIOUS_MASK 0xfffU
+#define L4LB_SLOT_PREVIOUS_MASK 0x7fffU
 
 /* The VIP table is direct-mapped: a VIP's home entry is
  * (fold(key) * L4LB_VIP_HASH_MUL) >> (32 - L4LB_VIP_BITS); the host places a

@@ -455,9 +455,6 @@ pub fn check_limits(wanted: &Model) -> Result<()> {
             bail!("the catch-all service may not mix IPv4 and IPv6 backends");
         }
     }
-    if wanted.total_backends() > MAX_BACKENDS {
-        bail!("{} backends over all services: at most MAX_TOTAL_BACKENDS = {MAX_BACKENDS}", wanted.total_backends());
-    }
     Ok(())
 }
 

@@ -93,7 +93,8 @@
 //! [`MAX_SERVICES`] services (64: each costs a Maglev table of 200 KiB, see
 //! `maglev`), [`MAX_BACKENDS_PER_SERVICE`] backends per service (512, the
 //! Maglev table's limit) and [`MAX_TOTAL_BACKENDS`] backend entries over all
-//! services (4096; a backend in two services counts twice).
+//! services (32768 = 64 x 512, so any file within the first two limits is
+//! within this one; a backend in two services counts twice).
 //!
 //! # Canonical model
 //!
@@ -120,12 +121,14 @@ pub use crate::maglev::MAX_BACKENDS_PER_SERVICE;
 /// Services per configuration.
 pub const MAX_SERVICES: usize = 64;
 /// Backend entries over all services (a backend in two services counts twice).
-pub const MAX_TOTAL_BACKENDS: usize = 4096;
+pub const MAX_TOTAL_BACKENDS: usize = 32768;
+// Every service may have its 512 backends: the total needs no check of its own.
+const _: () = assert!(MAX_TOTAL_BACKENDS == MAX_SERVICES * MAX_BACKENDS_PER_SERVICE);
 /// The largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
 /// Files larger than this are refused before reading: a configuration at
-/// every limit is about 300 KB.
-pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// every limit (64 services of 512 backends, one per line) is about 1.2 MB.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
 
 /// A backend's weight when the file gives none.
 pub const DEFAULT_WEIGHT: u32 = 1;
@@ -591,12 +594,6 @@ impl Validator<'_> {
                 ));
             }
             *total += 1;
-            if *total > MAX_TOTAL_BACKENDS {
-                return Err(self.at(
-                    &bspan,
-                    format!("more than MAX_TOTAL_BACKENDS = {MAX_TOTAL_BACKENDS} backends over all services"),
-                ));
-            }
             let backend = self.backend(raw_backend.get_ref(), &bspan, &key, global)?;
             let aspan = raw_backend.get_ref().address.as_ref().map(Spanned::span).unwrap_or(bspan);
             if let Some(first) = first_line.insert(backend.addr, self.line(&aspan)) {
@@ -1447,7 +1444,7 @@ mod tests {
 
     #[test]
     fn enforces_the_limits() {
-        assert_eq!((MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_TOTAL_BACKENDS, MAX_WEIGHT), (64, 512, 4096, 65535));
+        assert_eq!((MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_TOTAL_BACKENDS, MAX_WEIGHT), (64, 512, 32768, 65535));
         assert_eq!(model(&sized(MAX_SERVICES, 1)).services.len(), 64);
         // Service 65 starts at line 5 + 64 * 7.
         assert_eq!(err(&sized(MAX_SERVICES + 1, 1)), "lb.toml:453: 65 services: at most MAX_SERVICES = 64");
@@ -1459,11 +1456,10 @@ mod tests {
             "lb.toml:522: service 203.0.113.1:80/tcp has 522 backends: at most MAX_BACKENDS_PER_SERVICE = 512"
         );
 
-        let full = model(&sized(8, 512));
-        assert_eq!(full.total_backends(), MAX_TOTAL_BACKENDS);
-        // The first backend of service 8 (index 8): line 5 + 8 * 518 + 5.
-        assert_eq!(err(&sized(9, 512)), "lb.toml:4154: more than MAX_TOTAL_BACKENDS = 4096 backends over all services");
-        assert!(sized(64, 64).len() < MAX_FILE_BYTES as usize, "a file at the limits fits the size limit");
+        // Every service at its 512 backends: the largest configuration, and its file fits the size limit.
+        let largest = sized(MAX_SERVICES, MAX_BACKENDS_PER_SERVICE);
+        assert!(largest.len() < MAX_FILE_BYTES as usize, "a file at the limits fits the size limit ({} bytes)", largest.len());
+        assert_eq!(model(&largest).total_backends(), MAX_TOTAL_BACKENDS);
     }
 
     #[test]
@@ -1495,7 +1491,7 @@ mod tests {
         let bad_message = format!("{:#}", load(&bad).unwrap_err());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(loaded.unwrap(), model(&doc_example()));
-        assert!(huge_message.ends_with("huge.toml: 1048577 bytes is too large for a configuration file (limit 1048576)"), "{huge_message}");
+        assert!(huge_message.ends_with("huge.toml: 4194305 bytes is too large for a configuration file (limit 4194304)"), "{huge_message}");
         assert!(dir_message.ends_with(": not a regular file"), "{dir_message}");
         assert_eq!(bad_message, format!("{}:2: hash_seed -1 is out of range (0 to 0xffffffff)", bad.display()));
     }

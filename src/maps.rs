@@ -287,8 +287,43 @@ pub fn wait_for_datapath_readers() {
     }
 }
 
+/// Packets and bytes of the first `count` entries of l4lb_be_stats or
+/// l4lb_svc_stats, summed over CPUs: in batches where the kernel has them,
+/// else one entry at a time.
 fn read_traffic(map: &MapHandle, count: usize) -> Result<Vec<Traffic>> {
-    (0..count as u32).map(|number| read_traffic_entry(map, number)).collect()
+    let Ok(values) = lookup_batch_range(map, 0, count as u32) else {
+        return (0..count as u32).map(|number| read_traffic_entry(map, number)).collect();
+    };
+    let stride = batch_value_size(map)?;
+    let part = if map.map_type() == MapType::PercpuArray { round_up8(map.value_size() as usize) } else { stride };
+    values
+        .chunks_exact(stride)
+        .enumerate()
+        .map(|(number, entry)| {
+            let mut total = Traffic::default();
+            for bytes in entry.chunks_exact(part) {
+                let cpu: Traffic = bpf::value_from(bytes)
+                    .ok_or_else(|| anyhow!("map `{}`: entry {number} is shorter than packets and bytes", map.name().to_string_lossy()))?;
+                total.packets = total.packets.wrapping_add(cpu.packets);
+                total.bytes = total.bytes.wrapping_add(cpu.bytes);
+            }
+            Ok(total)
+        })
+        .collect()
+}
+
+fn round_up8(size: usize) -> usize {
+    size.div_ceil(8) * 8
+}
+
+/// Bytes a batch read returns per entry: the value, or for a per-CPU array
+/// the value rounded up to 8 bytes for every possible CPU.
+fn batch_value_size(map: &MapHandle) -> Result<usize> {
+    if map.map_type() == MapType::PercpuArray {
+        Ok(round_up8(map.value_size() as usize) * libbpf_rs::num_possible_cpus().context("counting possible CPUs")?)
+    } else {
+        Ok(map.value_size() as usize)
+    }
 }
 
 /// Packets and bytes of entry `index` of l4lb_be_stats or l4lb_svc_stats,
@@ -326,6 +361,7 @@ const BATCH: u32 = 1 << 16;
 
 /// `count` consecutive entries of a (not per-CPU) array from `start`, their
 /// values concatenated: in batches where the kernel has them, else one by one.
+/// (lookup_batch_range also reads per-CPU arrays: `read_traffic`.)
 pub fn read_array(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>> {
     let size = map.value_size() as usize;
     match lookup_batch_range(map, start, count) {
@@ -342,7 +378,7 @@ pub fn read_array(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>> {
 
 fn lookup_batch_range(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>> {
     use std::os::fd::{AsFd, AsRawFd};
-    let size = map.value_size() as usize;
+    let size = batch_value_size(map)?;
     let mut values = vec![0u8; count as usize * size];
     let mut keys = vec![0u32; count as usize];
     let opts = libbpf_sys::bpf_map_batch_opts {

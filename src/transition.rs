@@ -212,11 +212,11 @@ mod tests {
 
     #[test]
     fn words_round_trip_and_steady_words_are_bare_numbers() {
-        for slot in [Slot::Empty, Slot::Steady(0), Slot::Steady(4095), Slot::Transition { current: 7, previous: 4095 }, Slot::Transition { current: 4095, previous: 0 }] {
+        for slot in [Slot::Empty, Slot::Steady(0), Slot::Steady(32767), Slot::Transition { current: 7, previous: 32767 }, Slot::Transition { current: 32767, previous: 0 }] {
             assert_eq!(Slot::decode(slot.encode()), slot);
         }
         assert_eq!(Slot::Steady(12).encode(), 12);
-        assert!(Slot::Transition { current: 4095, previous: 4095 }.encode() != EMPTY);
+        assert!(Slot::Transition { current: 32767, previous: 32767 }.encode() != EMPTY);
         let words = [3, Slot::Transition { current: 1, previous: 3 }.encode(), EMPTY];
         let (current, previous) = split(&words);
         assert_eq!(current, [3, 1, EMPTY]);

@@ -413,7 +413,7 @@ fn bad_files_are_refused() -> TestResult {
     let directory = b.dir.join("config.d");
     std::fs::create_dir_all(&directory)?;
     let mut huge = full_config();
-    while huge.len() <= 1 << 20 {
+    while huge.len() as u64 <= l4lb::config::MAX_FILE_BYTES {
         huge.push_str("# padding padding padding padding padding padding padding padding\n");
     }
     // (name, contents (None: no file), line the error must name, text it must contain)

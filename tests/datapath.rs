@@ -1356,7 +1356,7 @@ fn no_backend() -> TestResult {
     lb.set_backend(BE, BackendEntry { flags: L4LB_BACKEND_GATEWAY_MAC as u8, ..backend6() })?;
     check(&lb, "backend GATEWAY_MAC only, not active", &frame4.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND))?;
     lb.set_backend(BE, backend6())?;
-    for (number, name) in [(SLOT_EMPTY, "SLOT_EMPTY"), (MAX_BACKENDS as u32, "4096 (beyond the map)"), (BE + 1, "a zeroed entry")] {
+    for (number, name) in [(SLOT_EMPTY, "SLOT_EMPTY"), (MAX_BACKENDS as u32, "MAX_BACKENDS (beyond the map)"), (BE + 1, "a zeroed entry")] {
         lb.set_table(SVC, &vec![number; MAGLEV_SIZE])?;
         check(&lb, &format!("every slot {name}"), &frame4.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND))?;
     }
@@ -2906,7 +2906,7 @@ fn tracking_slot_words() -> TestResult {
         build.name()
     );
     ensure!(build == Build::Object || counters == MapType::PercpuArray, "the driver build's counters are {counters:?}");
-    for (current, previous) in [(BE_B, BE_A), (0, 0), (0xffff, 0xfff), (4095, 1), (1, 4095)] {
+    for (current, previous) in [(BE_B, BE_A), (0, 0), (0xfffe, 0x7fff), (32767, 1), (1, 32767)] {
         let spelled = word(current, previous);
         let host = l4lb::transition::Slot::Transition { current, previous }.encode();
         ensure!(spelled == host, "({current}, {previous}): spelled {spelled:#010x}, the host encodes {host:#010x}");
@@ -3666,7 +3666,7 @@ fn tracking_empty_and_odd_words() -> TestResult {
     let udp = Packet::udp4(40001, 53);
     lb.set_flow(&flow_key(&lb, &conn), &FlowPin::to(BE_A, &pin_backend(1), slot_of(&lb, &conn), 7))?;
     let kept = entry_seen(&lb, &conn, BE_A, 7);
-    for (name, w) in [("the empty word", SLOT_EMPTY), ("steady 0xffff", 0xffff), ("steady 4096", MAX_BACKENDS as u32), ("steady 0x00140015 (no TRANSITION bit)", 0x0014_0015)] {
+    for (name, w) in [("the empty word", SLOT_EMPTY), ("steady 0xffff", 0xffff), ("steady MAX_BACKENDS", MAX_BACKENDS as u32), ("steady 0x00140015 (no TRANSITION bit)", 0x0014_0015)] {
         fill_table(&mut lb, SVC, w)?;
         for (kind, packet) in [("SYN", syn(conn.clone())), ("ACK", conn.clone()), ("UDP", udp.clone()), ("ICMP error", error_of(&conn))] {
             let what = format!("{name}: {kind}");
@@ -3683,11 +3683,11 @@ fn tracking_empty_and_odd_words() -> TestResult {
     send(&lb, &mut stated, "current inactive: ACK of a pinned flow", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Nothing)?;
     expect_flows(&lb, "no pin to the inactive current backend", &entries([entry(&lb, &conn, BE_A)]))?;
     lb.set_backend(BE_B, pin_backend(2))?;
-    // Current backend 4096 (past l4lb_backends), previous A.
+    // Current backend MAX_BACKENDS (past l4lb_backends), previous A.
     fill_table(&mut lb, SVC, word(MAX_BACKENDS as u32, BE_A))?;
     let fresh = Packet::tcp4(40003, 80);
-    send(&lb, &mut stated, "current 4096: SYN", &syn(fresh.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
-    send(&lb, &mut stated, "current 4096: an old ACK", &fresh.frame(), tx(SVC, BE_A, fresh.flow(true)), Pin::Pinned)?;
+    send(&lb, &mut stated, "current MAX_BACKENDS: SYN", &syn(fresh.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
+    send(&lb, &mut stated, "current MAX_BACKENDS: an old ACK", &fresh.frame(), tx(SVC, BE_A, fresh.flow(true)), Pin::Pinned)?;
     // The TRANSITION bit with current 21 (B), previous 20 (A).
     fill_table(&mut lb, SVC, word(BE_B, BE_A))?;
     let odd = Packet::tcp4(40004, 80);
@@ -3804,6 +3804,41 @@ fn tracking_two_balancers_agree() -> TestResult {
             }
         }
         expect_stated(&lb1, "balancer 1", s1)?;
-        expect_stated(&lb2, "balancer 2", s2)
+        expect_stated(&lb2, "balancer 2", s2)?;
+
+        // The cost, measured over many connections: back in the transition,
+        // each opened on balancer 1 (its SYN), then moved by ECMP to balancer
+        // 2 (its next segment). Exactly those whose slot is in transition
+        // reach another backend there; the share is the table's.
+        lb1.set_table(SVC, &words)?;
+        lb2.set_table(SVC, &words)?;
+        let (total, mut broken, mut in_slots_in_transition) = (4000usize, 0usize, 0usize);
+        for _ in 0..total {
+            let conn = Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
+            let in_transition = matches!(SlotWord::of(lb1.predict(SVC, &conn.flow(true))), SlotWord::Transition { .. });
+            let (verdict1, out1) = lb1.run(&syn(conn.clone()).frame())?;
+            let (verdict2, out2) = lb2.run(&conn.frame())?;
+            ensure!(verdict1 == XDP_TX && verdict2 == XDP_TX, "verdicts {verdict1} and {verdict2}");
+            // The outer destination (the SYN and the ACK differ inside).
+            let outer_dst = |out: &[u8]| match u16::from_be_bytes([out[12], out[13]]) {
+                0x0800 => out[14 + 16..14 + 20].to_vec(),
+                _ => out[14 + 24..14 + 40].to_vec(),
+            };
+            broken += usize::from(outer_dst(&out1) != outer_dst(&out2));
+            in_slots_in_transition += usize::from(in_transition);
+        }
+        ensure!(
+            broken == in_slots_in_transition,
+            "{broken} of {total} moved connections reached another backend, {in_slots_in_transition} were in slots in transition"
+        );
+        eprintln!(
+            "tracking: ECMP cost: of {total} random connections opened on balancer 1 during the transition and moved to balancer 2, \
+             {broken} ({:.1}%) reached another backend there (broken), exactly those in slots in transition \
+             ({in_transition} of {} slots, {:.1}%)",
+            100.0 * broken as f64 / total as f64,
+            words.len(),
+            100.0 * in_transition as f64 / words.len() as f64
+        );
+        Ok(())
     })
 }

@@ -21,7 +21,7 @@
 //! the start of the input's IP packet, and compared with the model's answer
 //! byte for byte; after every frame all global counters are read and must
 //! have moved by exactly rx + the expected outcome (+ its FLOW_* event). At the end of a
-//! slice the counters and the packets/bytes of every backend (4096) and every
+//! slice the counters and the packets/bytes of every backend (32,768) and every
 //! service (64) equal the test's own tally.
 //!
 //! The frames (see `Kind`): valid TCP/UDP IPv4 frames (options, fragment

@@ -704,6 +704,147 @@ impl LabService {
     }
 }
 
+/// The lab backend (K) that the slot of the flow from `client`:`port` to
+/// `service` names in `running` (the current backend of a slot in
+/// transition: where a SYN goes).
+fn slot_lab_backend(running: &l4lb::state::Running, service: &LabService, client: IpAddr, port: u16) -> Option<usize> {
+    let seed = running.global.hash_seed?;
+    let entry = running.service(&service.key)?;
+    let target = service.target;
+    let flow = l4lb::flow_hash::Flow { saddr: client, daddr: target.ip(), sport: port, dport: target.port(), proto: 6 };
+    let number = entry.table[l4lb::maglev::flow_slot(&flow, seed, entry.table.len())];
+    lab_backend_of(entry.backends.iter().find(|b| b.number == number)?.backend.addr)
+}
+
+/// Connections opened per service right before each apply whose handshake
+/// the apply splits: the SYN goes through l4lb before it, the final ACK after.
+const STRADDLES_PER_SERVICE: usize = 2;
+/// How long the client's kernel holds the handshake's final ACK back to send
+/// it with the first data (TCP_DELACK_MAX) when the socket has
+/// TCP_DEFER_ACCEPT; a request written later may have found it sent.
+const DEFERRED_ACK: Duration = Duration::from_millis(200);
+
+/// A connection whose final ACK waits for its first request: connect()
+/// returns on the SYN-ACK, and TCP_DEFER_ACCEPT on the client's socket
+/// makes its kernel send the ACK with the request (within DEFERRED_ACK).
+fn connect_deferred(target: SocketAddr) -> Result<TcpStream, String> {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|err| format!("socket: {err}"))?;
+    let one: nix::libc::c_int = 1;
+    // SAFETY: a valid TCP socket; the option's value is an int, passed with its size.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_DEFER_ACCEPT,
+            (&one as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error()));
+    }
+    // A blocking connect gives up after SO_SNDTIMEO.
+    let timeout = nix::sys::time::TimeVal::new(KEPT_TIMEOUT.as_secs() as _, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|err| format!("SO_SNDTIMEO: {err}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(target)).map_err(|err| format!("connect: {err}"))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A connection opened right before an apply, its final ACK held back.
+struct Straddle {
+    stream: TcpStream,
+    service: usize,
+    client: IpAddr,
+    local_port: u16,
+    /// When connect() returned (the SYN-ACK arrived).
+    connected: Instant,
+    /// The lab backend the SYN went to (its slot's current backend before the apply).
+    syn_backend: Option<usize>,
+}
+
+/// What the connections whose handshake straddled an apply did.
+#[derive(Default)]
+struct Straddles {
+    opened: usize,
+    /// The request (and with it the final ACK) went out within DEFERRED_ACK
+    /// of the SYN-ACK, after the apply.
+    straddled: usize,
+    /// ... in a slot whose backend the apply changed.
+    slot_changed: usize,
+    /// Answered by the backend that had the SYN (every one whose backend stayed).
+    answered: usize,
+    /// Broken because the apply removed the backend that had the SYN.
+    broken_removed: usize,
+}
+
+impl Straddles {
+    /// Opens STRADDLES_PER_SERVICE connections to each service; `before`:
+    /// the kernel's state they meet.
+    fn open(client_ns: &str, services: &[LabService], before: &l4lb::state::Running, k: usize) -> TestResult<Vec<Straddle>> {
+        let mut pending = Vec::new();
+        for (service, lab_service) in services.iter().enumerate() {
+            for _ in 0..STRADDLES_PER_SERVICE {
+                let target = lab_service.target;
+                let stream = in_netns(client_ns, || {
+                    connect_deferred(target).map_err(|err| fail(format!("{}: connect before apply {k}: {err}", lab_service.key)))
+                })?;
+                let connected = Instant::now();
+                stream.set_read_timeout(Some(KEPT_TIMEOUT))?;
+                stream.set_write_timeout(Some(KEPT_TIMEOUT))?;
+                let local = stream.local_addr()?;
+                let syn_backend = slot_lab_backend(before, lab_service, local.ip(), local.port());
+                pending.push(Straddle { stream, service, client: local.ip(), local_port: local.port(), connected, syn_backend });
+            }
+        }
+        Ok(pending)
+    }
+
+    /// After apply `k` to `model` (`after`: the kernel's state then): each
+    /// pending connection sends its request (with the held-back ACK) and
+    /// must be answered by the backend that had its SYN, unless the apply
+    /// removed that backend.
+    fn finish(&mut self, pending: Vec<Straddle>, services: &[LabService], model: &Model, after: &l4lb::state::Running, k: usize, change: &str) -> TestResult {
+        for mut p in pending {
+            let service = &services[p.service];
+            self.opened += 1;
+            let in_time = p.connected.elapsed() < DEFERRED_ACK;
+            let slot_now = slot_lab_backend(after, service, p.client, p.local_port);
+            let changed = slot_now != p.syn_backend;
+            if in_time {
+                self.straddled += 1;
+                self.slot_changed += usize::from(changed);
+            }
+            let syn_backend = p.syn_backend.ok_or_else(|| fail(format!("{}: no backend for port {} before apply {k}", service.key, p.local_port)))?;
+            let stayed = model
+                .service(&service.key)
+                .is_some_and(|s| s.backends.iter().any(|b| b.addr == service.backend_addr(syn_backend)));
+            match kept_request(&mut p.stream, &service.target.to_string()) {
+                Ok(body) => {
+                    let backend = answering_backend(&body)?;
+                    ensure!(
+                        backend == syn_backend,
+                        "apply {k} ({change}): {} port {}: the handshake began with backend {syn_backend}, backend {backend} answered",
+                        service.key,
+                        p.local_port
+                    );
+                    self.answered += 1;
+                }
+                Err(_) if !stayed => self.broken_removed += 1,
+                Err(err) => {
+                    return Err(fail(format!(
+                        "apply {k} ({change}): {} port {}: a handshake begun before the apply with backend {syn_backend} (still in the service; its slot names {slot_now:?} now) broke: {err}",
+                        service.key, p.local_port
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The kept connections and what happened to them.
 struct Conns {
     client_ns: String,
@@ -777,15 +918,8 @@ impl Conns {
     /// backend (else only counted). A broken connection is replaced by a
     /// new one to the same service.
     fn round(&mut self, model: &Model, running: &l4lb::state::Running, k: usize, change: &str, tracked: bool) -> TestResult {
-        let seed = running.global.hash_seed.ok_or_else(|| fail("no hash seed"))?;
         // The lab backend (K) that a connection's slot names now.
-        let slot_backend = |c: &Kept| -> Option<usize> {
-            let service = running.service(&self.services[c.service].key)?;
-            let target = self.services[c.service].target;
-            let flow = l4lb::flow_hash::Flow { saddr: c.client, daddr: target.ip(), sport: c.local_port, dport: target.port(), proto: 6 };
-            let number = service.table[l4lb::maglev::flow_slot(&flow, seed, service.table.len())];
-            lab_backend_of(service.backends.iter().find(|b| b.number == number)?.backend.addr)
-        };
+        let slot_backend = |c: &Kept| slot_lab_backend(running, &self.services[c.service], c.client, c.local_port);
         let slots: Vec<Option<usize>> = self.open.iter().map(slot_backend).collect();
         let weight_of = |c: &Kept| {
             let service = self.services[c.service];
@@ -970,6 +1104,8 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let mut model = base.clone();
     let mut during = Vec::new();
     let mut kinds = BTreeMap::new();
+    let mut straddles = Straddles::default();
+    let mut before = lb_view(&lb_ns, &lb_dev)?.running;
     let started = Instant::now();
     for k in 1..=APPLIES {
         let change = if k == APPLIES {
@@ -992,9 +1128,12 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             "4th service removed"
         };
         *kinds.entry(kind).or_insert(0usize) += 1;
+        let pending = Straddles::open(&client_ns, &services, &before, k)?;
         let (frames, running) = apply(k, &model, &change)?;
+        straddles.finish(pending, &services, &model, &running, k, &change)?;
         during.push(frames);
         conns.round(&model, &running, k, &change, true)?;
+        before = running;
     }
     let took = started.elapsed();
     let lasted = conns.open.iter().filter(|c| c.opened == 0).count();
@@ -1020,6 +1159,15 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         lives[lives.len() - 1]
     );
     eprintln!("lab: the {APPLIES} changes: {kinds:?}");
+    eprintln!(
+        "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (SYN before, final ACK held back by TCP_DEFER_ACCEPT), {} of them sent their ACK after the apply (within {DEFERRED_ACK:?} of the SYN-ACK), {} of those in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise",
+        straddles.opened, straddles.straddled, straddles.slot_changed, straddles.answered, straddles.broken_removed
+    );
+    ensure!(
+        straddles.slot_changed > 0,
+        "no handshake straddled an apply that changed its slot ({} straddled): the test did not test the window",
+        straddles.straddled
+    );
 
     // The comparison: the same kind of changes without connection tracking.
     let mut untracked = base.clone();

@@ -6,7 +6,8 @@
 //! frames are sent to. Pure.
 //!
 //! Every row but one draws a new client address and port for every frame: a
-//! new flow each time. The TCP ACK row draws from a bounded set of flows
+//! new flow each time. The 64-services row also draws the destination, one
+//! of `SPREAD_SERVICES` VIPs. The TCP ACK row draws from a bounded set of flows
 //! (`ACK_FLOWS`: 16 bits of address, one port), so that once l4lb has pinned
 //! them (connection tracking) every frame finds its pin.
 
@@ -25,8 +26,9 @@ pub const MIN_FRAME: usize = 60;
 pub const OPTIONS_HEADER: usize = 66;
 pub const IPV6_HEADER: usize = 74;
 const _: () = assert!(IPV6_HEADER <= TEMPLATE_LEN);
-/// Size of the generator's settings (`struct bench_gen_config`).
-pub const GEN_CONFIG_LEN: usize = 16 + TEMPLATE_LEN;
+/// Size of the generator's settings (`struct bench_gen_config`): offsets and
+/// masks (24 bytes), then the template.
+pub const GEN_CONFIG_LEN: usize = 24 + TEMPLATE_LEN;
 /// IPv4 clients are 198.18.0.0/16 (the benchmarking range), ports 32768-65535.
 pub const CLIENT_NET: u32 = 0xc612_0000;
 /// IPv6 clients are 2001:db8:18::/112 (the last 16 bits drawn).
@@ -50,6 +52,14 @@ pub const UDP_PORT: u16 = 53;
 /// 32 backends, and a 33rd added just before each round of those rows, so
 /// that about 1/33 of its slots are in transition while they are measured.
 pub const CHANGE_PORT: u16 = 81;
+/// The 64-services row: VIPs `SPREAD_BASE` + 0 .. `SPREAD_SERVICES` - 1
+/// (198.19.4.128 - 198.19.4.191), TCP port 80, 512 IPv4 backends each. The
+/// generator adds a random number below `SPREAD_SERVICES` to the address's
+/// last byte (128: the sum never carries out of it).
+pub const SPREAD_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 4, 128);
+pub const SPREAD_SERVICES: usize = 64;
+const SPREAD_MASK: u16 = SPREAD_SERVICES as u16 - 1;
+const _: () = assert!(SPREAD_SERVICES.is_power_of_two() && 128 + SPREAD_SERVICES <= 256);
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -95,10 +105,14 @@ pub enum Kind {
     /// just added: a SYN in a slot in transition pins its flow.
     #[serde(rename = "tcp_syn_64_transition")]
     SynChanged,
+    /// TCP SYN from random clients to one of `SPREAD_SERVICES` VIPs (drawn
+    /// per frame), 512 backends each: every service's table in use.
+    #[serde(rename = "tcp_syn_64_spread")]
+    Spread64,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::TcpSyn64,
         Kind::TcpAck64,
         Kind::Udp64,
@@ -109,6 +123,7 @@ impl Kind {
         Kind::CatchAll,
         Kind::AckChanged,
         Kind::SynChanged,
+        Kind::Spread64,
     ];
 
     pub fn label(self) -> &'static str {
@@ -123,6 +138,7 @@ impl Kind {
             Kind::CatchAll => "catch-all 64 B",
             Kind::AckChanged => "ACK, 33rd added",
             Kind::SynChanged => "SYN, 33rd added",
+            Kind::Spread64 => "64 services",
         }
     }
 
@@ -139,6 +155,7 @@ impl Kind {
             Kind::CatchAll => "IPv4 TCP SYN to an address no VIP takes: the catch-all service (IPIP)",
             Kind::AckChanged => "IPv4 TCP ACK from 65536 established flows to port 81, 32 backends and a 33rd added just before the round (IPIP)",
             Kind::SynChanged => "IPv4 TCP SYN from random clients to port 81, 32 backends and a 33rd added just before the round (IPIP)",
+            Kind::Spread64 => "IPv4 TCP SYN from random clients to 64 VIPs (198.19.4.128-191 port 80, drawn per frame), 512 backends each: a second l4lb pair holding those 64 services, every table in use (IPIP)",
         }
     }
 
@@ -177,7 +194,14 @@ impl Kind {
     /// Bytes in the buffer (no FCS).
     pub fn frame_len(self) -> usize {
         match self {
-            Kind::TcpSyn64 | Kind::TcpAck64 | Kind::Udp64 | Kind::Syn4in6 | Kind::CatchAll | Kind::AckChanged | Kind::SynChanged => 60,
+            Kind::TcpSyn64
+            | Kind::TcpAck64
+            | Kind::Udp64
+            | Kind::Syn4in6
+            | Kind::CatchAll
+            | Kind::AckChanged
+            | Kind::SynChanged
+            | Kind::Spread64 => 60,
             Kind::Tcp1500 => ETH_LEN + 1500,
             Kind::Ipv4Options => ETH_LEN + 32 + 20,
             Kind::Ipv6Syn => ETH_LEN + 40 + 20,
@@ -221,7 +245,26 @@ impl Kind {
             Kind::Ipv6Syn => VIP6.into(),
             Kind::Syn4in6 => VIP4_TO_6.into(),
             Kind::CatchAll => NO_VIP.into(),
+            Kind::Spread64 => SPREAD_BASE.into(),
             _ => VIP4.into(),
+        }
+    }
+
+    /// What the generator's second random number is masked with: 0 but for
+    /// the 64-services row (`SPREAD_SERVICES` - 1).
+    pub fn dst_mask(self) -> u16 {
+        if self == Kind::Spread64 {
+            SPREAD_MASK
+        } else {
+            0
+        }
+    }
+
+    /// The destination of a frame whose second random number is `dst_random`.
+    pub fn dst_of(self, dst_random: u32) -> IpAddr {
+        match self.dst() {
+            IpAddr::V4(base) => Ipv4Addr::from(u32::from(base) + (dst_random & u32::from(self.dst_mask()))).into(),
+            dst => dst,
         }
     }
 
@@ -272,6 +315,15 @@ impl Kind {
             ETH_LEN + 8 + 14
         } else {
             ETH_LEN + 12 + 2
+        }
+    }
+
+    /// Offset of the last two bytes of the destination address.
+    fn dst_offset(self) -> usize {
+        if self.is_ipv6() {
+            ETH_LEN + 24 + 14
+        } else {
+            ETH_LEN + 16 + 2
         }
     }
 
@@ -336,16 +388,31 @@ fn octets(addr: IpAddr) -> Vec<u8> {
     }
 }
 
-/// A whole frame from `client`:`port` to the kind's destination, checksums
-/// correct. `client` must be of the kind's family.
+/// The destination address written in a frame of `kind`.
+pub fn dst_in(kind: Kind, f: &[u8]) -> IpAddr {
+    if kind.is_ipv6() {
+        IpAddr::from(<[u8; 16]>::try_from(&f[ETH_LEN + 24..ETH_LEN + 40]).expect("16 bytes"))
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(&f[ETH_LEN + 16..ETH_LEN + 20]).expect("4 bytes"))
+    }
+}
+
+/// A whole frame from `client`:`port` to the kind's (first) destination,
+/// checksums correct. `client` must be of the kind's family.
 pub fn frame(kind: Kind, ends: &Endpoints, client: IpAddr, port: u16) -> Vec<u8> {
+    frame_to(kind, ends, client, port, kind.dst())
+}
+
+/// The same to destination `dst` (of the kind's family).
+pub fn frame_to(kind: Kind, ends: &Endpoints, client: IpAddr, port: u16, dst: IpAddr) -> Vec<u8> {
     assert_eq!(client.is_ipv6(), kind.is_ipv6(), "client family of {kind:?}");
+    assert_eq!(dst.is_ipv6(), kind.is_ipv6(), "destination family of {kind:?}");
     let mut f = vec![0u8; kind.frame_len()];
     f[0..6].copy_from_slice(&ends.dst_mac);
     f[6..12].copy_from_slice(&ends.src_mac);
     let proto = if kind.is_udp() { UDP } else { TCP };
     let ihl = kind.ip_header_len();
-    let (src, dst) = (octets(client), octets(kind.dst()));
+    let (src, dst) = (octets(client), octets(dst));
     if kind.is_ipv6() {
         f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
         let ip = &mut f[ETH_LEN..ETH_LEN + 40];
@@ -428,7 +495,7 @@ pub fn template(kind: Kind, ends: &Endpoints) -> [u8; TEMPLATE_LEN] {
 
 /// The value of the generator's settings map (`struct bench_gen_config`,
 /// native byte order): what to copy, where to write, the random word's
-/// mask, and the template.
+/// mask, the destination's offset and mask, and the template.
 pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
     let mut value = Vec::with_capacity(GEN_CONFIG_LEN);
     for field in [
@@ -442,17 +509,23 @@ pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
         value.extend_from_slice(&(field as u16).to_ne_bytes());
     }
     value.extend_from_slice(&kind.random_mask().to_ne_bytes());
+    value.extend_from_slice(&(kind.dst_offset() as u16).to_ne_bytes());
+    value.extend_from_slice(&kind.dst_mask().to_ne_bytes());
+    value.extend_from_slice(&[0; 4]);
     value.extend_from_slice(&template(kind, ends));
     value
 }
 
 /// What the generator does to a frame after copying the template: set the
 /// last two bytes of the client address and the port from `random` (masked
-/// with the kind's `random_mask()`) and fix
-/// the checksums incrementally (RFC 1624: the fields were 0 when the
-/// checksums were computed).
-pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
+/// with the kind's `random_mask()`), add `dst_random` masked with the kind's
+/// `dst_mask()` to the destination's last two bytes, and fix the checksums
+/// incrementally (RFC 1624: the fields were 0 when the checksums were
+/// computed; the destination's added number lands in its last byte, which
+/// does not carry).
+pub fn randomize(f: &mut [u8], kind: Kind, random: u32, dst_random: u32) {
     let lo = (random & kind.random_mask()) as u16;
+    let dst_add = dst_random as u16 & kind.dst_mask();
     let (_, port) = client_of(kind, random);
     let add = |f: &mut [u8], at: usize, words: &[u16]| {
         let old = u16::from_be_bytes([f[at], f[at + 1]]);
@@ -461,14 +534,17 @@ pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
     };
     let at = kind.addr_offset();
     f[at..at + 2].copy_from_slice(&lo.to_be_bytes());
+    let at = kind.dst_offset();
+    let dst = u16::from_be_bytes([f[at], f[at + 1]]) + dst_add;
+    f[at..at + 2].copy_from_slice(&dst.to_be_bytes());
     let l4 = kind.l4_offset();
     f[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
     if let Some(at) = kind.ip_checksum_offset() {
-        let check = add(f, at, &[lo]);
+        let check = add(f, at, &[lo, dst_add]);
         f[at..at + 2].copy_from_slice(&check.to_be_bytes());
     }
     let at = kind.l4_checksum_offset();
-    let mut check = add(f, at, &[lo, port]);
+    let mut check = add(f, at, &[lo, port, dst_add]);
     if kind.is_udp() && check == 0 {
         check = 0xffff;
     }
@@ -477,11 +553,11 @@ pub fn randomize(f: &mut [u8], kind: Kind, random: u32) {
 
 /// A frame as the generator leaves it: `data_in` (whose bytes past the
 /// template stay) with the template over its head, then randomized.
-pub fn generated(kind: Kind, ends: &Endpoints, random: u32) -> Vec<u8> {
+pub fn generated(kind: Kind, ends: &Endpoints, random: u32, dst_random: u32) -> Vec<u8> {
     let mut f = frame(kind, ends, client_of(kind, 0).0, 0);
     let header = kind.header_len();
     f[..header].copy_from_slice(&template(kind, ends)[..header]);
-    randomize(&mut f, kind, random);
+    randomize(&mut f, kind, random, dst_random);
     f
 }
 
@@ -544,16 +620,19 @@ mod tests {
             random ^= random << 13;
             random ^= random >> 17;
             random ^= random << 5;
+            let dst_random = random.rotate_left(7);
             for kind in Kind::ALL {
                 let (client, port) = client_of(kind, random);
-                assert_eq!(generated(kind, &ENDS, random), frame(kind, &ENDS, client, port), "{kind:?} {random:#x}");
+                let want = frame_to(kind, &ENDS, client, port, kind.dst_of(dst_random));
+                assert_eq!(generated(kind, &ENDS, random, dst_random), want, "{kind:?} {random:#x}");
             }
         }
         // Extremes of the ranges, including sums that carry.
         for random in [0, u32::MAX, 0xffff, 0xffff_0000, 0x7fff_8000] {
             for kind in Kind::ALL {
                 let (client, port) = client_of(kind, random);
-                assert_eq!(generated(kind, &ENDS, random), frame(kind, &ENDS, client, port), "{kind:?} {random:#x}");
+                let want = frame_to(kind, &ENDS, client, port, kind.dst_of(random));
+                assert_eq!(generated(kind, &ENDS, random, random), want, "{kind:?} {random:#x}");
             }
         }
     }
@@ -586,7 +665,7 @@ mod tests {
             seen.insert(client);
             // The generator's frame (template + randomize) is the model's.
             if random.is_multiple_of(1024) {
-                assert_eq!(generated(Kind::TcpAck64, &ENDS, random), frame(Kind::TcpAck64, &ENDS, client, port));
+                assert_eq!(generated(Kind::TcpAck64, &ENDS, random, random), frame(Kind::TcpAck64, &ENDS, client, port));
             }
         }
         assert!(seen.len() as u64 <= ACK_FLOWS && seen.len() > 60_000, "{} flows", seen.len());
@@ -610,6 +689,19 @@ mod tests {
             assert_eq!(usize::from(u16::from_ne_bytes([value[0], value[1]])), kind.header_len());
             assert!(value[..12].chunks(2).all(|w| u16::from_ne_bytes([w[0], w[1]]) < 0x80), "offsets below the mask");
             assert_eq!(u32::from_ne_bytes(value[12..16].try_into().unwrap()), kind.random_mask(), "{kind:?}");
+            assert_eq!(usize::from(u16::from_ne_bytes([value[16], value[17]])), kind.dst_offset(), "{kind:?}");
+            assert!(kind.dst_offset() < 0x80, "{kind:?}: destination offset below the mask");
+            assert_eq!(u16::from_ne_bytes([value[18], value[19]]), kind.dst_mask(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn the_spread_row_draws_each_of_its_vips() {
+        let vips: std::collections::BTreeSet<IpAddr> = (0..4096u32).map(|r| Kind::Spread64.dst_of(r.wrapping_mul(0x9e37_79b9))).collect();
+        let want: std::collections::BTreeSet<IpAddr> =
+            (0..SPREAD_SERVICES as u32).map(|i| Ipv4Addr::from(u32::from(SPREAD_BASE) + i).into()).collect();
+        assert_eq!(vips, want);
+        assert_eq!(Kind::Spread64.dst_of(u32::MAX), IpAddr::from(Ipv4Addr::new(198, 19, 4, 191)));
+        assert!(Kind::ALL.iter().filter(|&&k| k != Kind::Spread64).all(|k| k.dst_mask() == 0 && k.dst_of(u32::MAX) == k.dst()));
     }
 }

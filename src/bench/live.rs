@@ -101,13 +101,19 @@ struct Fds {
     empty: RawFd,
     l4lb: RawFd,
     l4lb_untracked: RawFd,
+    /// The pair holding the 64 services of the 64-services row.
+    l4lb_spread: RawFd,
+    l4lb_spread_untracked: RawFd,
     gen_cfg: RawFd,
     sink_cnt: RawFd,
 }
 
 impl Fds {
     fn of(&self, variant: Variant, kind: Kind) -> RawFd {
+        let spread = kind == Kind::Spread64;
         match variant {
+            Variant::L4lb if spread => self.l4lb_spread,
+            Variant::L4lbUntracked if spread => self.l4lb_spread_untracked,
             Variant::L4lb => self.l4lb,
             Variant::L4lbUntracked => self.l4lb_untracked,
             Variant::Plain => self.plain,
@@ -142,9 +148,20 @@ struct Setup<'a> {
     /// The tracked l4lb's flow table, emptied before each row after a change.
     tracked_flows: &'a libbpf_rs::MapHandle,
     untracked_maps: &'a LbMaps,
+    /// The tracked l4lb of the 64-services row's pair.
+    spread_maps: &'a LbMaps,
 }
 
 impl Setup<'_> {
+    /// The maps of the tracked l4lb that measures `kind`.
+    fn tracked_maps_of(&self, kind: Kind) -> &LbMaps {
+        if kind == Kind::Spread64 {
+            self.spread_maps
+        } else {
+            self.tracked_maps
+        }
+    }
+
     /// Both l4lbs right after adding the change service's 33rd backend.
     fn start_change(&self) -> Result<()> {
         start_change(self.tracked_maps, Some(self.tracked_flows), true).context("the tracked l4lb")?;
@@ -202,6 +219,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
     let (l4lb_fd, map_ids, lb_ifindex, services) = (&lb.tracked, &lb.tracked_maps, lb.ifindex, &lb.services);
     let tracked_maps = open_maps(lb.tracked_id, &lb.tracked_maps)?;
     let untracked_maps = open_maps(lb.untracked_id, &lb.untracked_maps)?;
+    let spread_maps = open_maps(lb.spread.id, &lb.spread.map_ids)?;
+    let spread_untracked_maps = open_maps(lb.spread_untracked.id, &lb.spread_untracked.map_ids)?;
     let tracked_flows = crate::maps::open_flows(&discover::AttachedProgram {
         id: lb.tracked_id,
         name: crate::bpf::PROG_NAME.into(),
@@ -277,6 +296,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
         empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
         l4lb: l4lb_fd.as_raw_fd(),
         l4lb_untracked: lb.untracked.as_raw_fd(),
+        l4lb_spread: lb.spread.program.as_raw_fd(),
+        l4lb_spread_untracked: lb.spread_untracked.program.as_raw_fd(),
         gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
         sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
     };
@@ -294,9 +315,16 @@ pub fn measure(options: &Options) -> Result<Measured> {
         tracked_maps: &tracked_maps,
         tracked_flows: &tracked_flows,
         untracked_maps: &untracked_maps,
+        spread_maps: &spread_maps,
     };
     let variants = variant_programs(&skel, fds.l4lb);
-    check_programs(&setup, &variants, services, &lb.untracked_services)?;
+    let row_services = RowServices {
+        tracked: services,
+        untracked: &lb.untracked_services,
+        spread: &lb.spread.services,
+        spread_untracked: &lb.spread_untracked.services,
+    };
+    check_programs(&setup, &variants, &row_services)?;
     let sizes = ProgramSizes {
         l4lb: size(fds.l4lb)?,
         plain: size(fds.plain)?,
@@ -315,9 +343,19 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     let variants = if options.variants { Some(variants.as_slice()) } else { None };
     let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
-    let counts = check_l4lb_counters(&tracked_maps, services, true).context("the tracked l4lb")?;
+    let main_rows: Vec<Kind> = Kind::ALL.into_iter().filter(|&k| k != Kind::Spread64).collect();
+    let counts = check_l4lb_counters(&tracked_maps, services, true, &main_rows).context("the tracked l4lb")?;
     let untracked_counts =
-        check_l4lb_counters(&untracked_maps, &lb.untracked_services, false).context("the untracked l4lb")?;
+        check_l4lb_counters(&untracked_maps, &lb.untracked_services, false, &main_rows).context("the untracked l4lb")?;
+    for (maps, spread, name) in [
+        (&spread_maps, &lb.spread, "the tracked l4lb of the 64 services"),
+        (&spread_untracked_maps, &lb.spread_untracked, "the untracked l4lb of the 64 services"),
+    ] {
+        let spread_counts = check_l4lb_counters(maps, &spread.services, spread.tracked, &[Kind::Spread64]).context(name)?;
+        if let Some(idle) = spread_counts.services.iter().find(|s| s.packets == 0) {
+            bail!("{name}: service {} counted no packets: not every table was in use", idle.service);
+        }
+    }
 
     let mut kinds = Vec::new();
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
@@ -427,7 +465,22 @@ fn service_of(kind: Kind) -> ServiceKey {
         Kind::Syn4in6 => vip(frames::VIP4_TO_6.into(), config::Protocol::Tcp, frames::TCP_PORT),
         Kind::CatchAll => ServiceKey::CatchAll,
         Kind::AckChanged | Kind::SynChanged => change_vip(),
+        Kind::Spread64 => vip(frames::SPREAD_BASE.into(), config::Protocol::Tcp, frames::TCP_PORT),
     }
+}
+
+/// The 64-services row's l4lbs hold these: `SPREAD_SERVICES` TCP VIPs, 512
+/// IPv4 backends each (eight backend sets, taken in turn): every service
+/// at its limit, 32,768 backend entries, all 64 tables in use.
+fn spread_model(track_flows: bool) -> Model {
+    let mut services: Vec<config::Service> = (0..frames::SPREAD_SERVICES as u32)
+        .map(|i| {
+            let key = vip(Ipv4Addr::from(u32::from(frames::SPREAD_BASE) + i).into(), config::Protocol::Tcp, frames::TCP_PORT);
+            config::Service { track_flows, ..config::Service::new(key, backends_of(destinations((i % 8) as u8))) }
+        })
+        .collect();
+    services.sort_by_key(|s| s.key);
+    Model { global: global(), services }
 }
 
 /// The service of the rows measured right after a change.
@@ -503,9 +556,36 @@ fn start_change(maps: &LbMaps, flows: Option<&libbpf_rs::MapHandle>, track_flows
 /// The backends' outer addresses per service, as the maps hold them.
 type ServiceBackends = HashMap<ServiceKey, (u32, Vec<IpAddr>)>;
 
-/// The two l4lb programs the bench holds, both loaded and configured by the
+/// A further l4lb the bench holds (the 64-services row's pair).
+struct HeldL4lb {
+    program: OwnedFd,
+    id: u32,
+    map_ids: Vec<u32>,
+    tracked: bool,
+    services: ServiceBackends,
+}
+
+/// Attaches a fresh l4lb to `iface` and applies `model` to it (every service
+/// tracking flows or none); the caller holds it from here on.
+fn held_l4lb(iface: &Interface, flow_entries: Option<u32>, model: &Model, tracked: bool) -> Result<HeldL4lb> {
+    let (id, program, maps) = fresh_l4lb(iface, flow_entries)?;
+    let services = apply_checked(&maps, model, tracked)?;
+    Ok(HeldL4lb { program: sys::prog_fd_by_id(id)?, id, map_ids: program.map_ids, tracked, services })
+}
+
+/// The services each l4lb holds, by row: the main pair's, and the 64
+/// services of the spread pair.
+struct RowServices<'a> {
+    tracked: &'a ServiceBackends,
+    untracked: &'a ServiceBackends,
+    spread: &'a ServiceBackends,
+    spread_untracked: &'a ServiceBackends,
+}
+
+/// The l4lb programs the bench holds, all loaded and configured by the
 /// product path: the tracked one (every service tracks flows, the default)
-/// and the untracked one (the same services, `track_flows = false`).
+/// and the untracked one (the same services, `track_flows = false`), and
+/// the pair of the 64-services row.
 struct L4lbSetup {
     tracked: OwnedFd,
     tracked_id: u32,
@@ -518,6 +598,8 @@ struct L4lbSetup {
     /// The services' numbers and backends in each.
     services: ServiceBackends,
     untracked_services: ServiceBackends,
+    spread: HeldL4lb,
+    spread_untracked: HeldL4lb,
 }
 
 /// Attaches a fresh l4lb to `iface` (`crate::attach::attach`, driver mode,
@@ -537,8 +619,13 @@ fn fresh_l4lb(iface: &Interface, flow_entries: Option<u32>) -> Result<(u32, disc
 /// Applies the benchmark's services (tracked or not) and checks them back;
 /// returns their numbers and backends.
 fn apply_bench_model(maps: &LbMaps, track_flows: bool) -> Result<ServiceBackends> {
-    let full = bench_model(track_flows);
-    maps.apply(&full)?;
+    apply_checked(maps, &bench_model(track_flows), track_flows)
+}
+
+/// Applies `full` (every service tracking flows or none) and checks it
+/// back; returns the services' numbers and backends.
+fn apply_checked(maps: &LbMaps, full: &Model, track_flows: bool) -> Result<ServiceBackends> {
+    maps.apply(full)?;
     let running = maps.read_running()?;
     if running.model().services != full.services {
         bail!("the benchmark's services did not read back as applied");
@@ -626,6 +713,11 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     let tracked = sys::prog_fd_by_id(id)?;
     let (untracked_id, untracked_program, untracked_maps) = fresh_l4lb(&iface, flow_entries)?;
     let untracked_services = apply_bench_model(&untracked_maps, false)?;
+    // Held from here on: the next attach replaces it on the device.
+    let untracked = sys::prog_fd_by_id(untracked_id)?;
+    eprintln!("l4lb bench: two more l4lbs with {} services of {DESTINATIONS} backends (the 64-services row)", frames::SPREAD_SERVICES);
+    let spread = held_l4lb(&iface, flow_entries, &spread_model(true), true)?;
+    let spread_untracked = held_l4lb(&iface, flow_entries, &spread_model(false), false)?;
 
     let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");
     let control = ControlPlane {
@@ -641,13 +733,15 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
         tracked,
         tracked_id: id,
         tracked_maps: map_ids,
-        untracked: sys::prog_fd_by_id(untracked_id)?,
+        untracked,
         untracked_id,
         untracked_maps: untracked_program.map_ids,
         ifindex: iface.index,
         control,
         services,
         untracked_services,
+        spread,
+        spread_untracked,
     })
 }
 
@@ -657,12 +751,7 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
 /// every kind back (XDP_TX) with the outer header of the kind's backends,
 /// addressed to a backend of the kind's service; that the floors send it
 /// back with an outer header as long; and that the IPv4 variants do too.
-fn check_programs(
-    setup: &Setup,
-    variants: &[(&str, &str, RawFd)],
-    services: &ServiceBackends,
-    untracked_services: &ServiceBackends,
-) -> Result<()> {
+fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], rows: &RowServices<'_>) -> Result<()> {
     let fds = &setup.fds;
     for kind in Kind::ALL {
         write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
@@ -678,7 +767,11 @@ fn check_programs(
         if client.is_ipv6() != kind.is_ipv6() {
             bail!("generator: a {} frame from {client}", kind.label());
         }
-        let mut want = frames::frame(kind, &setup.ends, client, port);
+        let dst = frames::dst_in(kind, got);
+        if !(0..=u32::from(kind.dst_mask())).any(|r| kind.dst_of(r) == dst) {
+            bail!("generator: a {} frame to {dst}", kind.label());
+        }
+        let mut want = frames::frame_to(kind, &setup.ends, client, port, dst);
         // Past the headers the generator leaves the bytes it was given.
         let header = kind.header_len();
         want[header..].copy_from_slice(&data[header..]);
@@ -700,9 +793,12 @@ fn check_programs(
         let frame = frames::frame(kind, &setup.ends, client, port);
         let expected = frame.len() + kind.overhead();
         let mut l4lb_out = Vec::new();
-        for (name, fd, services) in
-            [("l4lb", fds.l4lb, services), ("the untracked l4lb", fds.l4lb_untracked, untracked_services)]
-        {
+        let (services, untracked_services) =
+            if kind == Kind::Spread64 { (rows.spread, rows.spread_untracked) } else { (rows.tracked, rows.untracked) };
+        for (name, fd, services) in [
+            ("l4lb", fds.of(Variant::L4lb, kind), services),
+            ("the untracked l4lb", fds.of(Variant::L4lbUntracked, kind), untracked_services),
+        ] {
             let mut got = vec![0u8; 4096];
             let run = sys::test_run(fd, &frame, Some(&mut got), None, 1, 0)?;
             got.truncate(run.data_len);
@@ -735,7 +831,7 @@ fn check_programs(
         }
         // The variants replicate l4lb's work on IPv4 to a VIP with IPv4
         // backends; the one with every stage must give l4lb's frame byte for byte.
-        if kind.is_ipv6() || kind.outer_ipv6() || kind == Kind::CatchAll {
+        if kind.is_ipv6() || kind.outer_ipv6() || matches!(kind, Kind::CatchAll | Kind::Spread64) {
             continue;
         }
         for &(name, _, fd) in variants.iter().filter(|v| v.2 != fds.plain) {
@@ -777,11 +873,12 @@ fn flow_events(before: &[u64], after: &[u64]) -> FlowEvents {
     }
 }
 
-/// l4lb (either of the two) must have sent back everything it saw, and
-/// every row's service must have had its traffic; the untracked one must
-/// have pinned no flow. The caller's generator has stopped: nothing is in
-/// flight.
-fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool) -> Result<L4lbCounts> {
+/// An l4lb's counters after the run (the caller's generator has stopped:
+/// nothing is in flight): every frame it saw was sent back, no drop or pass
+/// counter moved, the services' packets add up, the service of each of
+/// `rows` counted packets, and flows were pinned exactly when tracking met
+/// slots in transition (rows measured right after a change).
+fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool, rows: &[Kind]) -> Result<L4lbCounts> {
     let (counters, traffic) = (maps.read_counters()?, maps.read_service_stats()?);
     let names = crate::bpf::COUNTER_NAMES;
     let (rx, tx) = (counter(&counters, "rx"), counter(&counters, "tx"));
@@ -826,7 +923,7 @@ fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool)
             others.join(", ")
         );
     }
-    for kind in Kind::ALL {
+    for &kind in rows {
         let key = service_of(kind).to_string();
         if !counts.services.iter().any(|s| s.service == key && s.packets > 0) {
             bail!("l4lb's service {key} ({}) counted no packets", kind.label());
@@ -835,7 +932,8 @@ fn check_l4lb_counters(maps: &LbMaps, services: &ServiceBackends, tracked: bool)
     // Only the rows measured right after a change meet slots in
     // transition: the tracked l4lb pins their flows, the untracked none.
     let pinned = counter(&counters, "flow_pinned");
-    if tracked == (pinned == 0) {
+    let transitions = tracked && rows.iter().any(|k| k.changed());
+    if transitions == (pinned == 0) {
         bail!("l4lb pinned {pinned} flows with its services' track_flows {tracked}");
     }
     Ok(counts)
@@ -857,9 +955,10 @@ fn size(fd: RawFd) -> Result<ProgramSize> {
 /// program's.
 fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTimes, f64)> {
     let frames: Vec<Vec<u8>> = (0..TEST_RUN_FRAMES as u32)
-        .map(|i| frames::generated(kind, ends, i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995))
+        .map(|i| frames::generated(kind, ends, i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995, i.wrapping_mul(0x85eb_ca6b)))
         .collect();
-    let programs = [fds.empty, fds.l4lb, fds.l4lb_untracked, fds.plain, fds.encap_of(kind)];
+    let programs =
+        [fds.empty, fds.of(Variant::L4lb, kind), fds.of(Variant::L4lbUntracked, kind), fds.plain, fds.encap_of(kind)];
     let mut samples = vec![Vec::new(); programs.len()];
     let mut next = 0;
     for _ in 0..TEST_RUN_CHUNKS {
@@ -1030,6 +1129,15 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// Puts a program on the balancer's veth (replacing the one there).
+/// Switches the generator to `kind` with the plain floor on the balancer's
+/// veth meanwhile: an l4lb sees only frames of its own rows (the pair of the
+/// 64-services row has none of the other rows' services, and would pass
+/// their frames to the stack).
+fn switch_row(setup: &Setup, generator: &Generator, kind: Kind) -> Result<()> {
+    attach(setup, setup.fds.plain)?;
+    generator.send(kind)
+}
+
 fn attach(setup: &Setup, fd: RawFd) -> Result<()> {
     let ifindex = setup.lb_ifindex;
     sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd)).context("putting a program on the balancer's veth")
@@ -1154,28 +1262,28 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let _stop = StopOnDrop(&generator);
         scope.spawn(|| generator.run(setup));
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Kind::ALL.len()];
-        let counters = || setup.tracked_maps.read_counters();
+        let counters = |kind: Kind| setup.tracked_maps_of(kind).read_counters();
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
                 // A row measured right after a change: the 33rd backend just added.
                 if kind.changed() {
                     setup.start_change()?;
                 }
-                generator.send(kind)?;
+                switch_row(setup, &generator, kind)?;
                 // A row of bounded flows: the tracked l4lb alone first, until
                 // every flow has its pin; the row then measures pins that hold.
                 let mut warmup_pinned = 0;
-                let mut before = counters()?;
+                let mut before = counters(kind)?;
                 if kind.flows().is_some() {
                     attach_variant(setup, Variant::L4lb, kind)?;
-                    let start = counters()?;
+                    let start = counters(kind)?;
                     sys::sleep(FLOW_WARMUP)?;
-                    before = counters()?;
+                    before = counters(kind)?;
                     warmup_pinned = flow_events(&start, &before).pinned;
                 }
                 let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
                 let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
-                let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters()?) };
+                let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters(kind)?) };
                 let r = Round {
                     l4lb: mpps[0].mpps,
                     l4lb_untracked: mpps[1].mpps,
@@ -1214,7 +1322,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
             None => None,
             Some(programs) => {
                 eprintln!("l4lb bench: variants, {}", VARIANT_KIND.label());
-                generator.send(VARIANT_KIND)?;
+                switch_row(setup, &generator, VARIANT_KIND)?;
                 let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
                 let mut per_program = vec![Vec::new(); programs.len()];
                 for round in 0..options.rounds {
@@ -1249,7 +1357,7 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
             if kind.changed() {
                 setup.start_change()?;
             }
-            generator.send(kind)?;
+            switch_row(setup, &generator, kind)?;
             let mut ns = [0f64; 4];
             for (v, &variant) in VARIANTS.iter().enumerate() {
                 attach_variant(setup, variant, kind)?;

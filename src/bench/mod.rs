@@ -179,6 +179,6 @@ mod tests {
         assert!(parse_seconds("0.05").is_err());
         assert!(parse_seconds("61").is_err());
         assert!(parse_seconds("NaN").is_err());
-        assert!(estimated_seconds(4, 1.0, false) < 270.0, "{}", estimated_seconds(4, 1.0, false));
+        assert!(estimated_seconds(4, 1.0, false) < 300.0, "{}", estimated_seconds(4, 1.0, false));
     }
 }

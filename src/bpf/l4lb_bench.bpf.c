@@ -69,6 +69,9 @@ struct bench_gen_config {
 	__u16 l4_csum_off; /* TCP or UDP checksum */
 	__u16 udp;         /* 1: UDP (a computed 0 is sent as 0xffff) */
 	__u32 random_mask; /* ANDed into the random word: the flows drawn from */
+	__u16 dst_off;     /* the destination address's last two bytes */
+	__u16 dst_mask;    /* 0, or ANDed into a second random word added to them */
+	__u32 pad;
 	/* The first bytes of the frame with the address's last two bytes and
 	 * the port 0, checksums computed for those zeros. */
 	__u8 tmpl[BENCH_TEMPLATE_LEN] __attribute__((aligned(8)));
@@ -133,8 +136,8 @@ int bench_gen(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct bench_gen_config *cfg;
-	__u32 zero = 0, rnd, lo, sport, i;
-	__u16 *addr, *port, *check;
+	__u32 zero = 0, rnd, lo, sport, i, dst_add = 0;
+	__u16 *addr, *port, *check, *dst;
 
 	cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
 	if (!cfg)
@@ -170,14 +173,23 @@ int bench_gen(struct xdp_md *ctx)
 	sport = bpf_htons((rnd >> 16) | 0x8000);
 	*addr = lo;
 	*port = sport;
+	/* The 64-services row: the destination's last byte gets a number below
+	 * 64 added (the template's byte is 128: no carry), the checksums too. */
+	if (cfg->dst_mask) {
+		dst = field16(data, data_end, cfg->dst_off);
+		if (!dst)
+			return XDP_ABORTED;
+		dst_add = bpf_htons(bpf_get_prandom_u32() & cfg->dst_mask);
+		*dst += dst_add;
+	}
 	if (cfg->ip_csum_off) {
 		__u16 *ip_check = field16(data, data_end, cfg->ip_csum_off);
 
 		if (!ip_check)
 			return XDP_ABORTED;
-		*ip_check = csum_add2(*ip_check, lo, 0);
+		*ip_check = csum_add2(*ip_check, lo, dst_add);
 	}
-	*check = csum_add2(*check, lo, sport);
+	*check = csum_add2(*check, lo + dst_add, sport);
 	if (cfg->udp && *check == 0)
 		*check = 0xffff; /* 0 means "no checksum" in UDP */
 	return XDP_TX;
