@@ -717,35 +717,111 @@ fn slot_lab_backend(running: &l4lb::state::Running, service: &LabService, client
 }
 
 /// Connections opened per service right before each apply whose handshake
-/// the apply splits: the SYN goes through l4lb before it, the final ACK after.
+/// the apply splits: the SYN goes through l4lb before it, the first segment
+/// that acknowledges the SYN-ACK after.
 const STRADDLES_PER_SERVICE: usize = 2;
-/// How long the client's kernel holds the handshake's final ACK back to send
-/// it with the first data (TCP_DELACK_MAX) when the socket has
-/// TCP_DEFER_ACCEPT; a request written later may have found it sent.
-const DEFERRED_ACK: Duration = Duration::from_millis(200);
+/// The straddling connections' client ports: 0xf000 - 0xf3ff (61440-62463),
+/// outside the kernel's ephemeral range, one port per connection.
+const STRADDLE_PORTS: u16 = 0xf000;
+const STRADDLE_PORT_MASK: u16 = 0xfc00;
 
-/// A connection whose final ACK waits for its first request: connect()
-/// returns on the SYN-ACK, and TCP_DEFER_ACCEPT on the client's socket
-/// makes its kernel send the ACK with the request (within DEFERRED_ACK).
-fn connect_deferred(target: SocketAddr) -> Result<TcpStream, String> {
-    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+/// A tc egress program for the client's veth: drops the pure ACKs (flags ==
+/// ACK) of TCP segments from the straddling ports, counting them. The
+/// handshake's final ACK never leaves; the first segment that acknowledges
+/// the SYN-ACK is the request the test writes after the apply (PSH|ACK).
+const HOLD_ACKS_C: &str = r#"
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} l4lbt_held SEC(".maps");
+
+SEC("tc")
+int l4lbt_hold_acks(struct __sk_buff *skb)
+{
+	unsigned char *p = (void *)(long)skb->data, *end = (void *)(long)skb->data_end, *l4;
+	__u32 zero = 0;
+	__u64 *held;
+
+	if (p + 54 > end)
+		return 0; /* TC_ACT_OK */
+	if (p[12] == 0x08 && p[13] == 0x00 && p[23] == 6)
+		l4 = p + 14 + (p[14] & 0xf) * 4;
+	else if (p[12] == 0x86 && p[13] == 0xdd && p[20] == 6)
+		l4 = p + 54;
+	else
+		return 0;
+	if (l4 + 14 > end)
+		return 0;
+	if ((((l4[0] << 8) | l4[1]) & PORT_MASK) != PORTS || l4[13] != 0x10)
+		return 0;
+	held = bpf_map_lookup_elem(&l4lbt_held, &zero);
+	if (held)
+		__sync_fetch_and_add(held, 1);
+	return 2; /* TC_ACT_SHOT */
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"#;
+
+/// Builds the ACK-holding program, attaches it to egress of `dev` in
+/// `client_ns` (the namespace's deletion removes it) and returns the id of
+/// its counter map.
+fn hold_acks(client_ns: &str, dev: &str, scratch: &Path) -> TestResult<u32> {
+    let source = scratch.join("hold_acks.bpf.c");
+    let object = scratch.join("hold_acks.bpf.o");
+    std::fs::write(&source, HOLD_ACKS_C)?;
+    let (source, object) = (source.display().to_string(), object.display().to_string());
+    let ports = format!("-DPORTS={STRADDLE_PORTS:#x}");
+    let mask = format!("-DPORT_MASK={STRADDLE_PORT_MASK:#x}");
+    // The multiarch include directory holds asm/types.h (as the Makefile passes it).
+    let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    run("clang", &["-O2", "-g", "-target", "bpf", &multiarch, &ports, &mask, "-c", &source, "-o", &object]).success()?;
+    let dev = dev.to_string();
+    in_netns(client_ns, move || {
+        use libbpf_rs::MapCore;
+        use std::os::fd::AsFd;
+        let object = libbpf_rs::ObjectBuilder::default().open_file(&object)?.load()?;
+        let ifindex = nix::net::if_::if_nametoindex(dev.as_str()).map_err(|err| fail(format!("{dev}: {err}")))?;
+        let map_id = object.maps().find(|m| m.name() == "l4lbt_held").ok_or_else(|| fail("no map l4lbt_held"))?.info()?.info.id;
+        let program = object.progs().find(|p| p.name() == "l4lbt_hold_acks").ok_or_else(|| fail("no program"))?;
+        let mut hook = libbpf_rs::TcHookBuilder::new(program.as_fd())
+            .ifindex(ifindex as i32)
+            .replace(true)
+            .handle(1)
+            .priority(1)
+            .hook(libbpf_rs::TC_EGRESS);
+        hook.create()?;
+        hook.attach()?;
+        Ok(map_id)
+    })
+}
+
+/// The pure ACKs the program held back so far.
+fn held_acks(map_id: u32) -> TestResult<u64> {
+    use libbpf_rs::MapCore;
+    let map = libbpf_rs::MapHandle::from_map_id(map_id)?;
+    let value = map.lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY)?.ok_or_else(|| fail("no counter"))?;
+    Ok(u64::from_ne_bytes(value[..8].try_into().map_err(|_| fail("short counter"))?))
+}
+
+/// A connection from client port `port` to `target` (from the calling
+/// thread's namespace): connect() returns on the SYN-ACK, whose ACK the
+/// client's egress program drops.
+fn connect_from(port: u16, target: SocketAddr) -> Result<TcpStream, String> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     use std::os::fd::AsRawFd;
-    let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|err| format!("socket: {err}"))?;
-    let one: nix::libc::c_int = 1;
-    // SAFETY: a valid TCP socket; the option's value is an int, passed with its size.
-    let rc = unsafe {
-        nix::libc::setsockopt(
-            fd.as_raw_fd(),
-            nix::libc::IPPROTO_TCP,
-            nix::libc::TCP_DEFER_ACCEPT,
-            (&one as *const nix::libc::c_int).cast(),
-            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-        )
+    let (family, local) = if target.is_ipv4() {
+        (AddressFamily::Inet, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))
+    } else {
+        (AddressFamily::Inet6, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port))
     };
-    if rc != 0 {
-        return Err(format!("TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error()));
-    }
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|err| format!("socket: {err}"))?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(|err| format!("bind to port {port}: {err}"))?;
     // A blocking connect gives up after SO_SNDTIMEO.
     let timeout = nix::sys::time::TimeVal::new(KEPT_TIMEOUT.as_secs() as _, 0);
     setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|err| format!("SO_SNDTIMEO: {err}"))?;
@@ -759,8 +835,6 @@ struct Straddle {
     service: usize,
     client: IpAddr,
     local_port: u16,
-    /// When connect() returned (the SYN-ACK arrived).
-    connected: Instant,
     /// The lab backend the SYN went to (its slot's current backend before the apply).
     syn_backend: Option<usize>,
 }
@@ -769,10 +843,9 @@ struct Straddle {
 #[derive(Default)]
 struct Straddles {
     opened: usize,
-    /// The request (and with it the final ACK) went out within DEFERRED_ACK
-    /// of the SYN-ACK, after the apply.
-    straddled: usize,
-    /// ... in a slot whose backend the apply changed.
+    /// The next client port (after STRADDLE_PORTS).
+    next_port: u16,
+    /// In a slot whose backend the apply changed.
     slot_changed: usize,
     /// Answered by the backend that had the SYN (every one whose backend stayed).
     answered: usize,
@@ -783,20 +856,22 @@ struct Straddles {
 impl Straddles {
     /// Opens STRADDLES_PER_SERVICE connections to each service; `before`:
     /// the kernel's state they meet.
-    fn open(client_ns: &str, services: &[LabService], before: &l4lb::state::Running, k: usize) -> TestResult<Vec<Straddle>> {
+    fn open(&mut self, client_ns: &str, services: &[LabService], before: &l4lb::state::Running, k: usize) -> TestResult<Vec<Straddle>> {
         let mut pending = Vec::new();
         for (service, lab_service) in services.iter().enumerate() {
             for _ in 0..STRADDLES_PER_SERVICE {
                 let target = lab_service.target;
+                let port = STRADDLE_PORTS + self.next_port;
+                ensure!(port & STRADDLE_PORT_MASK == STRADDLE_PORTS, "out of straddling ports after {} connections", self.next_port);
+                self.next_port += 1;
                 let stream = in_netns(client_ns, || {
-                    connect_deferred(target).map_err(|err| fail(format!("{}: connect before apply {k}: {err}", lab_service.key)))
+                    connect_from(port, target).map_err(|err| fail(format!("{}: connect before apply {k}: {err}", lab_service.key)))
                 })?;
-                let connected = Instant::now();
                 stream.set_read_timeout(Some(KEPT_TIMEOUT))?;
                 stream.set_write_timeout(Some(KEPT_TIMEOUT))?;
                 let local = stream.local_addr()?;
                 let syn_backend = slot_lab_backend(before, lab_service, local.ip(), local.port());
-                pending.push(Straddle { stream, service, client: local.ip(), local_port: local.port(), connected, syn_backend });
+                pending.push(Straddle { stream, service, client: local.ip(), local_port: local.port(), syn_backend });
             }
         }
         Ok(pending)
@@ -810,13 +885,8 @@ impl Straddles {
         for mut p in pending {
             let service = &services[p.service];
             self.opened += 1;
-            let in_time = p.connected.elapsed() < DEFERRED_ACK;
             let slot_now = slot_lab_backend(after, service, p.client, p.local_port);
-            let changed = slot_now != p.syn_backend;
-            if in_time {
-                self.straddled += 1;
-                self.slot_changed += usize::from(changed);
-            }
+            self.slot_changed += usize::from(slot_now != p.syn_backend);
             let syn_backend = p.syn_backend.ok_or_else(|| fail(format!("{}: no backend for port {} before apply {k}", service.key, p.local_port)))?;
             let stayed = model
                 .service(&service.key)
@@ -1039,7 +1109,13 @@ fn kept_answer(stream: &mut TcpStream) -> Result<String, String> {
 /// pins it, whatever its slot says now); one whose backend was removed may
 /// break at the next request (its packets reach another backend, which
 /// resets it) and is replaced by a new one, which then must keep its
-/// backend. For comparison, UNTRACKED_APPLIES more changes with
+/// backend. Right before each apply the client also opens
+/// STRADDLES_PER_SERVICE connections to each service whose handshake the
+/// apply splits: their SYN goes through l4lb before it, and a tc program on
+/// the client's egress drops their pure ACKs, so the first segment that
+/// acknowledges the SYN-ACK is the request written after the apply; each
+/// must be answered by the backend its SYN reached, unless the apply
+/// removed that backend. For comparison, UNTRACKED_APPLIES more changes with
 /// `track_flows = false` on every service, with fresh connections: what
 /// breaks then is printed, not asserted.
 fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
@@ -1105,6 +1181,7 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let mut during = Vec::new();
     let mut kinds = BTreeMap::new();
     let mut straddles = Straddles::default();
+    let held = hold_acks(&client_ns, &get("CLIENT_DEV")?, &scratch.0)?;
     let mut before = lb_view(&lb_ns, &lb_dev)?.running;
     let started = Instant::now();
     for k in 1..=APPLIES {
@@ -1128,7 +1205,7 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             "4th service removed"
         };
         *kinds.entry(kind).or_insert(0usize) += 1;
-        let pending = Straddles::open(&client_ns, &services, &before, k)?;
+        let pending = straddles.open(&client_ns, &services, &before, k)?;
         let (frames, running) = apply(k, &model, &change)?;
         straddles.finish(pending, &services, &model, &running, k, &change)?;
         during.push(frames);
@@ -1159,15 +1236,13 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         lives[lives.len() - 1]
     );
     eprintln!("lab: the {APPLIES} changes: {kinds:?}");
+    let held = held_acks(held)?;
     eprintln!(
-        "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (SYN before, final ACK held back by TCP_DEFER_ACCEPT), {} of them sent their ACK after the apply (within {DEFERRED_ACK:?} of the SYN-ACK), {} of those in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise",
-        straddles.opened, straddles.straddled, straddles.slot_changed, straddles.answered, straddles.broken_removed
+        "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (their SYN through l4lb before it; the client's egress dropped {held} pure ACKs of theirs, so the first segment acknowledging the SYN-ACK was the request written after the apply), {} of them in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise",
+        straddles.opened, straddles.slot_changed, straddles.answered, straddles.broken_removed
     );
-    ensure!(
-        straddles.slot_changed > 0,
-        "no handshake straddled an apply that changed its slot ({} straddled): the test did not test the window",
-        straddles.straddled
-    );
+    ensure!(held >= straddles.opened as u64, "the client's egress held back {held} pure ACKs of {} straddling connections", straddles.opened);
+    ensure!(straddles.slot_changed > 0, "no handshake straddled an apply that changed its slot: the test did not test the window");
 
     // The comparison: the same kind of changes without connection tracking.
     let mut untracked = base.clone();
