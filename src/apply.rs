@@ -349,18 +349,19 @@ pub fn decode(
             }
         }
     }
+    // Active backend entries by owning service, in one pass over the 32,768.
+    let mut by_service: BTreeMap<u32, Vec<RunningBackend>> = BTreeMap::new();
+    for (i, b) in backends.iter().enumerate() {
+        if u32::from(b.flags) & consts::L4LB_BACKEND_ACTIVE == 0 || !keys.contains_key(&b.service) {
+            continue;
+        }
+        let Some(addr) = addr_from(&b.addr, b.family) else { continue };
+        let mac = (u32::from(b.flags) & consts::L4LB_BACKEND_GATEWAY_MAC == 0).then_some(b.mac);
+        by_service.entry(b.service).or_default().push(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } });
+    }
     let mut out = Vec::new();
     for (&number, &key) in &keys {
-        let mut members: Vec<RunningBackend> = backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| u32::from(b.flags) & consts::L4LB_BACKEND_ACTIVE != 0 && b.service == number)
-            .filter_map(|(i, b)| {
-                let addr = addr_from(&b.addr, b.family)?;
-                let mac = (u32::from(b.flags) & consts::L4LB_BACKEND_GATEWAY_MAC == 0).then_some(b.mac);
-                Some(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } })
-            })
-            .collect();
+        let mut members = by_service.remove(&number).unwrap_or_default();
         members.sort_by_key(|m| m.backend.addr);
         let entry = services[number as usize];
         let flags = entry.flags;
@@ -461,19 +462,34 @@ pub fn check_limits(wanted: &Model) -> Result<()> {
 /// Lowest numbers below `limit` not in `used`, then (only when those run
 /// out) numbers of `reusable`, each handed out once.
 struct Numbers {
-    fresh: std::vec::IntoIter<u32>,
+    /// The next number to try, below `limit`, and the numbers in use, in
+    /// order: fresh numbers are found walking both (a plan takes a few of
+    /// 32,768 backend numbers; listing every free one cost a set lookup each).
+    next: u32,
+    limit: u32,
+    used: Vec<u32>,
+    used_at: usize,
     reusable: std::vec::IntoIter<u32>,
 }
 
 impl Numbers {
     fn new(limit: usize, used: &BTreeSet<u32>, reusable: Vec<u32>) -> Self {
-        let fresh: Vec<u32> = (0..limit as u32).filter(|n| !used.contains(n)).collect();
-        Numbers { fresh: fresh.into_iter(), reusable: reusable.into_iter() }
+        Numbers { next: 0, limit: limit as u32, used: used.iter().copied().collect(), used_at: 0, reusable: reusable.into_iter() }
     }
 
     /// (number, reused).
     fn take(&mut self) -> Option<(u32, bool)> {
-        self.fresh.next().map(|n| (n, false)).or_else(|| self.reusable.next().map(|n| (n, true)))
+        while self.next < self.limit {
+            let n = self.next;
+            self.next += 1;
+            while self.used.get(self.used_at).is_some_and(|&u| u < n) {
+                self.used_at += 1;
+            }
+            if self.used.get(self.used_at) != Some(&n) {
+                return Some((n, false));
+            }
+        }
+        self.reusable.next().map(|n| (n, true))
     }
 }
 

@@ -1111,20 +1111,18 @@ impl Lb {
     pub fn counters(&self) -> TestResult<[u64; NCNT]> {
         let values = read_u64s(self.maps().l4lb_counters, NCNT, 1)?;
         let mut out = [0u64; NCNT];
-        for (i, v) in values.iter().enumerate() {
-            out[i] = v[0];
-        }
+        out.copy_from_slice(&values);
         Ok(out)
     }
 
     /// (packets, bytes) of every backend entry.
     pub fn backend_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
-        Ok(read_u64s(self.maps().l4lb_be_stats, MAX_BACKENDS, 2)?.iter().map(|v| (v[0], v[1])).collect())
+        Ok(read_u64s(self.maps().l4lb_be_stats, MAX_BACKENDS, 2)?.chunks_exact(2).map(|v| (v[0], v[1])).collect())
     }
 
     /// (packets, bytes) of every service.
     pub fn service_traffic(&self) -> TestResult<Vec<(u64, u64)>> {
-        Ok(read_u64s(self.maps().l4lb_svc_stats, MAX_SERVICES, 2)?.iter().map(|v| (v[0], v[1])).collect())
+        Ok(read_u64s(self.maps().l4lb_svc_stats, MAX_SERVICES, 2)?.chunks_exact(2).map(|v| (v[0], v[1])).collect())
     }
 
     // ------------------------------------------------------------ the model
@@ -1531,8 +1529,9 @@ pub fn check_too_big_output(frame: &[u8], out: &[u8], tb: &TooBig) -> Result<(),
 }
 
 /// Every entry of an array map of u64 words (`words` per value), summed over
-/// CPUs for a per-CPU map, with one batch lookup.
-pub fn read_u64s(map: &MapMut, entries: usize, words: usize) -> TestResult<Vec<Vec<u64>>> {
+/// CPUs for a per-CPU map, with one batch lookup: entry e's word w at
+/// e * words + w.
+pub fn read_u64s(map: &MapMut, entries: usize, words: usize) -> TestResult<Vec<u64>> {
     let cpus = if map.map_type().is_percpu() { libbpf_rs::num_possible_cpus()? } else { 1 };
     let stride = words * cpus;
     let mut keys = vec![0u32; entries];
@@ -1560,7 +1559,15 @@ pub fn read_u64s(map: &MapMut, entries: usize, words: usize) -> TestResult<Vec<V
     if keys.iter().enumerate().any(|(i, &k)| k as usize != i) {
         return Err(fail(format!("batch lookup of {}: keys out of order", map.name().to_string_lossy())));
     }
-    Ok((0..entries)
-        .map(|e| (0..words).map(|w| (0..cpus).map(|c| values[e * stride + c * words + w]).sum()).collect())
-        .collect())
+    // Summed over CPUs into one flat vector, entry after entry: a check reads
+    // 32,768 backends twice, and the suite runs unoptimized in CI.
+    let mut out = vec![0u64; entries * words];
+    for (e, entry) in values.chunks_exact(stride).enumerate() {
+        for cpu in entry.chunks_exact(words) {
+            for (w, value) in cpu.iter().enumerate() {
+                out[e * words + w] += value;
+            }
+        }
+    }
+    Ok(out)
 }
