@@ -881,8 +881,34 @@ impl Straddles {
     /// pending connection sends its request (with the held-back ACK) and
     /// must be answered by the backend that had its SYN, unless the apply
     /// removed that backend.
-    fn finish(&mut self, pending: Vec<Straddle>, services: &[LabService], model: &Model, after: &l4lb::state::Running, k: usize, change: &str) -> TestResult {
-        for mut p in pending {
+    /// Right after the apply command returns: each pending connection sends
+    /// its request (the first segment acknowledging its SYN-ACK) and reads
+    /// the answer. The backend's listener holds the unacknowledged
+    /// connection meanwhile, and under the flood it drops such ones after a
+    /// few seconds: the window is the apply command alone.
+    fn ask(pending: Vec<Straddle>, services: &[LabService]) -> Vec<(Straddle, Result<String, String>)> {
+        pending
+            .into_iter()
+            .map(|mut p| {
+                let answer = kept_request(&mut p.stream, &services[p.service].target.to_string());
+                (p, answer)
+            })
+            .collect()
+    }
+
+    /// Judges the answers after apply `k` to `model` (`after`: the kernel's
+    /// state then): each must come from the backend that had the SYN,
+    /// unless the apply removed that backend.
+    fn finish(
+        &mut self,
+        answered: Vec<(Straddle, Result<String, String>)>,
+        services: &[LabService],
+        model: &Model,
+        after: &l4lb::state::Running,
+        k: usize,
+        change: &str,
+    ) -> TestResult {
+        for (p, answer) in answered {
             let service = &services[p.service];
             self.opened += 1;
             let slot_now = slot_lab_backend(after, service, p.client, p.local_port);
@@ -891,7 +917,7 @@ impl Straddles {
             let stayed = model
                 .service(&service.key)
                 .is_some_and(|s| s.backends.iter().any(|b| b.addr == service.backend_addr(syn_backend)));
-            match kept_request(&mut p.stream, &service.target.to_string()) {
+            match answer {
                 Ok(body) => {
                     let backend = answering_backend(&body)?;
                     ensure!(
@@ -1162,19 +1188,35 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
 
     // One apply of `model` under the flood: no drop, frames during it; the
     // kernel's state after it.
-    let apply = |k: usize, model: &Model, change: &str| -> TestResult<(u64, l4lb::state::Running)> {
+    // With `straddle` (the straddles and the kernel's state before), opens
+    // the straddling connections right before the apply command and sends
+    // their requests right after it; returns their answers.
+    type Answers = Vec<(Straddle, Result<String, String>)>;
+    let apply_straddled = |k: usize,
+                           model: &Model,
+                           change: &str,
+                           straddle: Option<(&mut Straddles, &l4lb::state::Running)>|
+     -> TestResult<(u64, l4lb::state::Running, Answers)> {
         let file = scratch.0.join(format!("update-{k}.toml"));
         std::fs::write(&file, config::to_toml(model)).map_err(|err| fail(format!("{}: {err}", file.display())))?;
         let rx_before = lb_view(&lb_ns, &lb_dev)?.counters["rx"];
+        let pending = match straddle {
+            Some((straddles, before)) => straddles.open(&client_ns, &services, before, k)?,
+            None => Vec::new(),
+        };
         lab.l4lb("lb", &["apply", "-i", &lb_dev, "-c", &file.display().to_string()])
             .success()
             .map_err(|err| fail(format!("apply {k} ({change}): {err:?}")))?;
+        let answers = Straddles::ask(pending, &services);
         let view = lb_view(&lb_ns, &lb_dev)?;
         let drops = view.drops();
         ensure!(drops.is_empty(), "apply {k} ({change}): drop counters moved: {drops:?}");
         let frames = view.counters["rx"] - rx_before;
         ensure!(frames > 0, "apply {k} ({change}): no frame reached l4lb during the apply: is the flood running?");
-        Ok((frames, view.running))
+        Ok((frames, view.running, answers))
+    };
+    let apply = |k: usize, model: &Model, change: &str| -> TestResult<(u64, l4lb::state::Running)> {
+        apply_straddled(k, model, change, None).map(|(frames, running, _)| (frames, running))
     };
 
     let mut model = base.clone();
@@ -1205,9 +1247,8 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             "4th service removed"
         };
         *kinds.entry(kind).or_insert(0usize) += 1;
-        let pending = straddles.open(&client_ns, &services, &before, k)?;
-        let (frames, running) = apply(k, &model, &change)?;
-        straddles.finish(pending, &services, &model, &running, k, &change)?;
+        let (frames, running, answers) = apply_straddled(k, &model, &change, Some((&mut straddles, &before)))?;
+        straddles.finish(answers, &services, &model, &running, k, &change)?;
         during.push(frames);
         conns.round(&model, &running, k, &change, true)?;
         before = running;
