@@ -299,17 +299,21 @@ fn read_traffic(map: &MapHandle, count: usize) -> Result<Vec<Traffic>> {
     values
         .chunks_exact(stride)
         .enumerate()
-        .map(|(number, entry)| {
-            let mut total = Traffic::default();
-            for bytes in entry.chunks_exact(part) {
-                let cpu: Traffic = bpf::value_from(bytes)
-                    .ok_or_else(|| anyhow!("map `{}`: entry {number} is shorter than packets and bytes", map.name().to_string_lossy()))?;
-                total.packets = total.packets.wrapping_add(cpu.packets);
-                total.bytes = total.bytes.wrapping_add(cpu.bytes);
-            }
-            Ok(total)
-        })
+        .map(|(number, entry)| sum_traffic(map, number as u32, entry.chunks_exact(part)))
         .collect()
+}
+
+/// The packets and bytes of entry `index` of a traffic map: the sum of its
+/// per-CPU `parts` (one part when the map is not per-CPU).
+fn sum_traffic<'a>(map: &MapHandle, index: u32, parts: impl Iterator<Item = &'a [u8]>) -> Result<Traffic> {
+    let mut total = Traffic::default();
+    for bytes in parts {
+        let part: Traffic = bpf::value_from(bytes)
+            .ok_or_else(|| anyhow!("map `{}`: entry {index} is shorter than packets and bytes", map.name().to_string_lossy()))?;
+        total.packets = total.packets.wrapping_add(part.packets);
+        total.bytes = total.bytes.wrapping_add(part.bytes);
+    }
+    Ok(total)
 }
 
 fn round_up8(size: usize) -> usize {
@@ -329,14 +333,8 @@ fn batch_value_size(map: &MapHandle) -> Result<usize> {
 /// Packets and bytes of entry `index` of l4lb_be_stats or l4lb_svc_stats,
 /// summed over CPUs when the map is per-CPU.
 pub fn read_traffic_entry(map: &MapHandle, index: u32) -> Result<Traffic> {
-    let mut total = Traffic::default();
-    for bytes in lookup_counter(map, index)? {
-        let part: Traffic = bpf::value_from(&bytes)
-            .ok_or_else(|| anyhow!("map `{}`: entry {index} is shorter than packets and bytes", map.name().to_string_lossy()))?;
-        total.packets = total.packets.wrapping_add(part.packets);
-        total.bytes = total.bytes.wrapping_add(part.bytes);
-    }
-    Ok(total)
+    let parts = lookup_counter(map, index)?;
+    sum_traffic(map, index, parts.iter().map(Vec::as_slice))
 }
 
 fn lookup(map: &MapHandle, index: u32) -> Result<Vec<u8>> {
