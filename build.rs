@@ -75,7 +75,14 @@ fn build_program(manifest_dir: &std::path::Path, out_dir: &std::path::Path, sour
         .arg("--no-print-directory")
         .arg("-C")
         .arg(manifest_dir)
-        .arg(format!("BPF_NAME={}", source.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_suffix(".bpf")).expect("src/bpf/NAME.bpf.c")))
+        .arg(format!(
+            "BPF_NAME={}",
+            source
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.strip_suffix(".bpf"))
+                .expect("src/bpf/NAME.bpf.c")
+        ))
         .arg(format!("BPF_OBJ={}", object.display()))
         .arg(format!("BPF_EXTRA_CFLAGS={extra}"))
         .arg(&object)

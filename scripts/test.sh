@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Every test of l4lb: the standalone object build (BPF warnings are errors),
-# unit tests, datapath golden tests through BPF_PROG_TEST_RUN, the offload
-# subset check and the end-to-end tests over veth pairs in namespaces.
+# `cargo fmt --check` and clippy with warnings as errors, unit tests,
+# datapath golden tests through BPF_PROG_TEST_RUN, the offload subset check
+# and the end-to-end tests over veth pairs in namespaces.
 # Root-only suites report their tests as ignored, with the reason, when not root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 make --no-print-directory l4lb_xdp.o
+# Style and lints first: they fail fast, before the long suites.
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
 cargo build --release --locked
 cargo test --locked 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}

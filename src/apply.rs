@@ -357,7 +357,10 @@ pub fn decode(
         }
         let Some(addr) = addr_from(&b.addr, b.family) else { continue };
         let mac = (u32::from(b.flags) & consts::L4LB_BACKEND_GATEWAY_MAC == 0).then_some(b.mac);
-        by_service.entry(b.service).or_default().push(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } });
+        by_service
+            .entry(b.service)
+            .or_default()
+            .push(RunningBackend { number: i as u32, backend: Backend { addr, mac, weight: b.weight } });
     }
     let mut out = Vec::new();
     for (&number, &key) in &keys {
@@ -452,7 +455,10 @@ pub fn check_limits(wanted: &Model) -> Result<()> {
         if s.backends.is_empty() {
             bail!("service {} has no backends", s.key);
         }
-        if s.key == ServiceKey::CatchAll && s.backends.iter().any(|b| b.addr.is_ipv4()) && s.backends.iter().any(|b| b.addr.is_ipv6()) {
+        if s.key == ServiceKey::CatchAll
+            && s.backends.iter().any(|b| b.addr.is_ipv4())
+            && s.backends.iter().any(|b| b.addr.is_ipv6())
+        {
             bail!("the catch-all service may not mix IPv4 and IPv6 backends");
         }
     }
@@ -474,7 +480,13 @@ struct Numbers {
 
 impl Numbers {
     fn new(limit: usize, used: &BTreeSet<u32>, reusable: Vec<u32>) -> Self {
-        Numbers { next: 0, limit: limit as u32, used: used.iter().copied().collect(), used_at: 0, reusable: reusable.into_iter() }
+        Numbers {
+            next: 0,
+            limit: limit as u32,
+            used: used.iter().copied().collect(),
+            used_at: 0,
+            reusable: reusable.into_iter(),
+        }
     }
 
     /// (number, reused).
@@ -498,16 +510,17 @@ impl Numbers {
 /// (0 = no limit) against `wanted`'s backends (IPv6 backends need at least
 /// MIN_MTU_IPV6_BACKENDS).
 pub fn check_mtu(wanted: &Model, running_mtu: u32) -> Result<()> {
-    let ipv6 = wanted.services.iter().find_map(|s| s.backends.iter().find(|b| b.addr.is_ipv6()).map(|b| format!("{} of {}", b.addr, s.key)));
+    let ipv6 = wanted
+        .services
+        .iter()
+        .find_map(|s| s.backends.iter().find(|b| b.addr.is_ipv6()).map(|b| format!("{} of {}", b.addr, s.key)));
     let problem = match wanted.global.mtu {
         // The running MTU printed back by `l4lb config` is held to the IPv6 rule only.
         Some(mtu) if mtu != running_mtu => config::mtu_problem("mtu", i64::from(mtu), ipv6.as_deref()),
-        _ if running_mtu != 0 && ipv6.is_some() && running_mtu < config::MIN_MTU_IPV6_BACKENDS => config::mtu_problem(
-            "the running MTU",
-            i64::from(running_mtu),
-            ipv6.as_deref(),
-        )
-        .map(|p| format!("{p}; raise it with [global] mtu (or `l4lb attach --mtu`)")),
+        _ if running_mtu != 0 && ipv6.is_some() && running_mtu < config::MIN_MTU_IPV6_BACKENDS => {
+            config::mtu_problem("the running MTU", i64::from(running_mtu), ipv6.as_deref())
+                .map(|p| format!("{p}; raise it with [global] mtu (or `l4lb attach --mtu`)"))
+        }
         _ => None,
     };
     match problem {
@@ -548,7 +561,8 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         let n = match running.service(&s.key) {
             Some(r) => r.number,
             None => {
-                let (n, reused) = service_numbers.take().ok_or_else(|| anyhow!("no free service number for {}", s.key))?;
+                let (n, reused) =
+                    service_numbers.take().ok_or_else(|| anyhow!("no free service number for {}", s.key))?;
                 if reused {
                     reused_services.insert(n);
                 }
@@ -559,16 +573,18 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     }
 
     // Backend numbers.
-    let running_backends: HashMap<(ServiceKey, IpAddr), &RunningBackend> = running
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(move |b| ((s.key, b.backend.addr), b)))
-        .collect();
+    let running_backends: HashMap<(ServiceKey, IpAddr), &RunningBackend> =
+        running.services.iter().flat_map(|s| s.backends.iter().map(move |b| ((s.key, b.backend.addr), b))).collect();
     let wanted_backends: BTreeSet<(ServiceKey, IpAddr)> =
         wanted.services.iter().flat_map(|s| s.backends.iter().map(move |b| (s.key, b.addr))).collect();
     let used: BTreeSet<u32> = running_backends.values().map(|b| b.number).collect();
-    let removed_backends: Vec<u32> =
-        running_backends.iter().filter(|(k, _)| !wanted_backends.contains(k)).map(|(_, b)| b.number).collect::<BTreeSet<_>>().into_iter().collect();
+    let removed_backends: Vec<u32> = running_backends
+        .iter()
+        .filter(|(k, _)| !wanted_backends.contains(k))
+        .map(|(_, b)| b.number)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut backend_numbers = Numbers::new(MAX_BACKENDS, &used, removed_backends.clone());
 
     let old_gateway = running.global.gateway_mac;
@@ -589,7 +605,9 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             let (n, entry_before) = match running_backends.get(&(s.key, b.addr)) {
                 Some(r) => (r.number, Some(backend_entry(&r.backend, number, old_gateway))),
                 None => {
-                    let (n, _) = backend_numbers.take().ok_or_else(|| anyhow!("no free backend number for {} of {}", b.addr, s.key))?;
+                    let (n, _) = backend_numbers
+                        .take()
+                        .ok_or_else(|| anyhow!("no free backend number for {} of {}", b.addr, s.key))?;
                     fresh_backends.push(n);
                     (n, None)
                 }
@@ -607,8 +625,10 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         let table = match old {
             Some(o) if unchanged => o.table.clone(),
             _ => {
-                let identities: Vec<maglev::Backend> = s.backends.iter().map(|b| maglev::Backend::from_addr(b.addr, b.weight)).collect();
-                let indices = maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| anyhow!("service {}: {e}", s.key))?;
+                let identities: Vec<maglev::Backend> =
+                    s.backends.iter().map(|b| maglev::Backend::from_addr(b.addr, b.weight)).collect();
+                let indices =
+                    maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| anyhow!("service {}: {e}", s.key))?;
                 let numbers: Vec<u32> = members.iter().map(|m| m.number).collect();
                 maglev::to_numbers(&indices, &numbers)
             }
@@ -633,7 +653,11 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             }
             Some(o) => {
                 let old_entry = service_entry(&o.model(), o.changed);
-                let writes = if unchanged { Vec::new() } else { maglev::diff(&transition::join(&o.table, &o.transitions), &words) };
+                let writes = if unchanged {
+                    Vec::new()
+                } else {
+                    maglev::diff(&transition::join(&o.table, &o.transitions), &words)
+                };
                 if !writes.is_empty() || bytes_of(&old_entry) != bytes_of(&entry) {
                     changed_services.push((number, writes, entry));
                 }
@@ -702,7 +726,8 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         .map(|(i, e)| (e[..20].try_into().expect("20 bytes"), (i as u32, vip_service(e))))
         .collect();
     let wanted_fragments = fragment_targets(&wanted.services);
-    let staying: BTreeSet<u32> = running.services.iter().filter(|s| wanted_keys.contains(&s.key)).map(|s| s.number).collect();
+    let staying: BTreeSet<u32> =
+        running.services.iter().filter(|s| wanted_keys.contains(&s.key)).map(|s| s.number).collect();
     let mut fragment_publish: Vec<(u32, [u8; 20], u32)> = Vec::new();
     let mut fragment_repoint: Vec<(u32, VipEntry)> = Vec::new();
     let mut fragment_early: Vec<(u32, VipEntry)> = Vec::new();
@@ -959,7 +984,10 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
 fn next_transitions(old: &RunningService, table: &[u32], members: &[RunningBackend]) -> (BTreeMap<u32, u32>, bool) {
     // An old number stays when the same backend (address) keeps it.
     let stays = |n: u32| {
-        old.backends.iter().find(|b| b.number == n).is_some_and(|b| members.iter().any(|m| m.number == n && m.backend.addr == b.backend.addr))
+        old.backends
+            .iter()
+            .find(|b| b.number == n)
+            .is_some_and(|b| members.iter().any(|m| m.number == n && m.backend.addr == b.backend.addr))
     };
     let mut transitions = BTreeMap::new();
     let mut started = false;
@@ -1020,7 +1048,9 @@ pub fn execute(io: &dyn Io, plan: &Plan) -> Result<()> {
     let Err(err) = result else { return Ok(()) };
     match undo(io, journal) {
         Ok(()) => Err(err.context("the update was rolled back; the maps are as they were")),
-        Err(restore) => Err(err.context(format!("rolling back failed too, the maps are left half-updated: {restore:#}"))),
+        Err(restore) => {
+            Err(err.context(format!("rolling back failed too, the maps are left half-updated: {restore:#}")))
+        }
     }
 }
 
@@ -1028,7 +1058,8 @@ fn run_steps(io: &dyn Io, steps: &[Step], journal: &mut Vec<Undo>) -> Result<()>
     for step in steps {
         match step {
             Step::Write { map, key, value } => {
-                let old = io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
+                let old =
+                    io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
                 if old == *value {
                     continue;
                 }
@@ -1036,7 +1067,8 @@ fn run_steps(io: &dyn Io, steps: &[Step], journal: &mut Vec<Undo>) -> Result<()>
                 io.write(*map, *key, value).context(Refused { map: *map, key: *key })?;
             }
             Step::Zero { map, key } => {
-                let old = io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
+                let old =
+                    io.read(*map, *key).with_context(|| format!("reading entry {key} of map `{}`", map.name()))?;
                 if old.iter().all(|&b| b == 0) {
                     continue;
                 }
@@ -1079,7 +1111,9 @@ fn undo(io: &dyn Io, journal: Vec<Undo>) -> Result<()> {
     for entry in journal.into_iter().rev() {
         match entry {
             Undo::Entry { map, key, old } => io.write(map, key, &old).context(Refused { map, key })?,
-            Undo::Slots(entries) => io.write_slots(&entries).context(Refused { map: MapId::Tables, key: entries[0].0 })?,
+            Undo::Slots(entries) => {
+                io.write_slots(&entries).context(Refused { map: MapId::Tables, key: entries[0].0 })?
+            }
             Undo::Grace => io.grace(),
         }
     }

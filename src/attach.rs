@@ -88,7 +88,9 @@ macro_rules! load_and_attach {
         if flows.lru {
             let table = &mut open.maps.l4lb_flows;
             table.set_type(MapType::LruHash).context("switching l4lb_flows to an LRU hash")?;
-            table.set_max_entries(flows.entries).with_context(|| format!("sizing l4lb_flows to {} entries", flows.entries))?;
+            table
+                .set_max_entries(flows.entries)
+                .with_context(|| format!("sizing l4lb_flows to {} entries", flows.entries))?;
         }
         let skel = open.load().map_err(|err| {
             let hint = if mode == Mode::Offload {
@@ -140,7 +142,13 @@ pub fn refuse_unless_forced(iface: &Interface, present: &[AttachedProgram], forc
 /// Attaches a loaded XDP program in `mode` (a netlink attachment: it stays
 /// after this process exits). Programs of `present` in other modes are
 /// removed first; one in the same mode is replaced only with `force`.
-pub fn attach_fd(iface: &Interface, program: BorrowedFd<'_>, mode: Mode, force: bool, present: &[AttachedProgram]) -> Result<()> {
+pub fn attach_fd(
+    iface: &Interface,
+    program: BorrowedFd<'_>,
+    mode: Mode,
+    force: bool,
+    present: &[AttachedProgram],
+) -> Result<()> {
     // Only one mode may hold a program at a time: clear the others first.
     for other in present.iter().filter(|p| p.mode != mode) {
         detach_program(iface, other)?;

@@ -32,8 +32,8 @@ pub use consts::l4lb_decap_counter as decap_counter;
 pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
 pub use decap_skel::types::l4lb_decap_addr as DecapAddr;
 pub use skel::types::{
-    l4lb_backend as Backend, l4lb_config as Config, l4lb_flow as FlowPin, l4lb_flow_key as FlowKey, l4lb_service as Service,
-    l4lb_traffic as Traffic, l4lb_vip as Vip,
+    l4lb_backend as Backend, l4lb_config as Config, l4lb_flow as FlowPin, l4lb_flow_key as FlowKey,
+    l4lb_service as Service, l4lb_traffic as Traffic, l4lb_vip as Vip,
 };
 
 // SAFETY: plain C structs of integers and byte arrays, any bit pattern is valid.
@@ -123,7 +123,12 @@ mod tests {
         assert_eq!(size_of::<Vip>(), 24);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(
-            [offset_of!(Service, flags), offset_of!(Service, changed), offset_of!(Service, udp_grace), offset_of!(Service, idle_timeout)],
+            [
+                offset_of!(Service, flags),
+                offset_of!(Service, changed),
+                offset_of!(Service, udp_grace),
+                offset_of!(Service, idle_timeout)
+            ],
             [0, 4, 8, 12]
         );
         assert_eq!(size_of::<Backend>(), 32);
@@ -133,7 +138,13 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowPin>(), 32);
         assert_eq!(
-            [offset_of!(FlowPin, addr), offset_of!(FlowPin, backend), offset_of!(FlowPin, slot), offset_of!(FlowPin, seen), offset_of!(FlowPin, family)],
+            [
+                offset_of!(FlowPin, addr),
+                offset_of!(FlowPin, backend),
+                offset_of!(FlowPin, slot),
+                offset_of!(FlowPin, seen),
+                offset_of!(FlowPin, family)
+            ],
             [0, 16, 20, 24, 28]
         );
     }
@@ -145,8 +156,14 @@ mod tests {
         assert!((MAX_BACKENDS as u32 - 1) <= consts::L4LB_SLOT_BACKEND_MASK);
         assert!((MAX_BACKENDS as u32 - 1) <= consts::L4LB_SLOT_PREVIOUS_MASK);
         assert_eq!(consts::L4LB_SLOT_BACKEND_MASK & consts::L4LB_SLOT_TRANSITION, 0);
-        assert_eq!((consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_TRANSITION, 0);
-        assert_eq!((consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_BACKEND_MASK, 0);
+        assert_eq!(
+            (consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_TRANSITION,
+            0
+        );
+        assert_eq!(
+            (consts::L4LB_SLOT_PREVIOUS_MASK << consts::L4LB_SLOT_PREVIOUS_SHIFT) & consts::L4LB_SLOT_BACKEND_MASK,
+            0
+        );
         assert_eq!((consts::L4LB_IDLE_TIMEOUT_DEFAULT, consts::L4LB_UDP_GRACE_DEFAULT), (300, 30));
     }
 }

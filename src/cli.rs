@@ -9,7 +9,11 @@ use crate::config::{Protocol, ServiceKey};
 use crate::discover::Mode;
 
 #[derive(Debug, Parser)]
-#[command(name = "l4lb", version, about = "XDP layer-4 load balancer: hashes each flow to a destination and sends it there over IP-in-IP (direct server return)")]
+#[command(
+    name = "l4lb",
+    version,
+    about = "XDP layer-4 load balancer: hashes each flow to a destination and sends it there over IP-in-IP (direct server return)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -229,7 +233,9 @@ fn parse_source(text: &str) -> Result<Ipv4Addr, String> {
     let addr: Ipv4Addr = match text.parse::<IpAddr>() {
         Ok(IpAddr::V4(addr)) => addr,
         Ok(IpAddr::V6(_)) => {
-            return Err(format!("`{text}` is IPv6: the outer source of `l4lb map` is IPv4 (IPv6 backends are configured with `l4lb apply`)"))
+            return Err(format!(
+            "`{text}` is IPv6: the outer source of `l4lb map` is IPv4 (IPv6 backends are configured with `l4lb apply`)"
+        ))
         }
         Err(_) => return Err(format!("`{text}` is not an IPv4 address")),
     };
@@ -289,7 +295,9 @@ fn parse_flow_entries(text: &str) -> Result<u32, String> {
 /// `--mtu`: a number of bytes within the MTU rules that need no backends
 /// (the planner checks the IPv6 rule against the configuration).
 fn parse_mtu(text: &str) -> Result<u32, String> {
-    let mtu: i64 = text.parse().map_err(|_| format!("`{text}` is not an MTU (a number of bytes, {} to {})", crate::config::MIN_MTU, crate::config::MAX_MTU))?;
+    let mtu: i64 = text.parse().map_err(|_| {
+        format!("`{text}` is not an MTU (a number of bytes, {} to {})", crate::config::MIN_MTU, crate::config::MAX_MTU)
+    })?;
     match crate::config::mtu_problem("MTU", mtu, None) {
         Some(problem) => Err(problem),
         None => Ok(mtu as u32),
@@ -327,10 +335,18 @@ mod tests {
         assert_eq!(parse_vip("[2001:db8::10]"), key(v6, Protocol::Tcp, 0));
         assert_eq!(parse_vip("2001:db8::10"), key(v6, Protocol::Tcp, 0));
         assert_eq!(parse_vip("2001:db8::10/udp"), key(v6, Protocol::Udp, 0));
-        for bad in ["203.0.113.10:80/sctp", "203.0.113.10:65536", "[2001:db8::10:53", "[2001:db8::10]53", "example.com:80", "224.0.0.1:80"] {
+        for bad in [
+            "203.0.113.10:80/sctp",
+            "203.0.113.10:65536",
+            "[2001:db8::10:53",
+            "[2001:db8::10]53",
+            "example.com:80",
+            "224.0.0.1:80",
+        ] {
             assert!(parse_vip(bad).is_err(), "{bad}");
         }
-        let cli = Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "--vip", "203.0.113.10:80"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["l4lb", "map", "-i", "eth0", "-f", "d.csv", "--vip", "203.0.113.10:80"]).unwrap();
         match cli.command {
             Command::Map { vip, .. } => assert_eq!(Ok(vip.unwrap()), key(v4, Protocol::Tcp, 80)),
             other => panic!("parsed as {other:?}"),
@@ -341,7 +357,10 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
-        assert!(matches!(Cli::try_parse_from(["l4lb", "config", "-i", "eth0"]).unwrap().command, Command::Config { .. }));
+        assert!(matches!(
+            Cli::try_parse_from(["l4lb", "config", "-i", "eth0"]).unwrap().command,
+            Command::Config { .. }
+        ));
     }
 
     #[test]
@@ -380,12 +399,17 @@ mod tests {
         assert_eq!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "1024"]), Ok(Some(1024)));
         assert_eq!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "16777216"]), Ok(Some(1 << 24)));
         let low = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "1023"]).unwrap_err();
-        assert!(low.contains("invalid value '1023' for '--flow-entries <N>': 1023 flows is outside 1024 to 16777216"), "{low}");
+        assert!(
+            low.contains("invalid value '1023' for '--flow-entries <N>': 1023 flows is outside 1024 to 16777216"),
+            "{low}"
+        );
         let high = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "16777217"]).unwrap_err();
         assert!(high.contains("16777217 flows is outside 1024 to 16777216"), "{high}");
         let text = entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "many"]).unwrap_err();
         assert!(text.contains("'--flow-entries <N>': `many` is not a number of flows (1024 to 16777216)"), "{text}");
-        assert!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "-5"]).unwrap_err().contains("-5 flows is outside"));
+        assert!(entries(&["l4lb", "attach", "-i", "eth0", "--flow-entries", "-5"])
+            .unwrap_err()
+            .contains("-5 flows is outside"));
     }
 
     #[test]
@@ -416,10 +440,18 @@ mod tests {
             Err(err) => Err(err.to_string()),
         };
         assert_eq!(settle(&["l4lb", "settle", "-i", "eth0"]), Ok(("eth0".to_string(), None)));
-        assert_eq!(settle(&["l4lb", "settle", "--interface", "eth0", "--every", "5"]), Ok(("eth0".to_string(), Some(5.0))));
+        assert_eq!(
+            settle(&["l4lb", "settle", "--interface", "eth0", "--every", "5"]),
+            Ok(("eth0".to_string(), Some(5.0)))
+        );
         assert_eq!(settle(&["l4lb", "settle", "-i", "eth0", "--every", "0.05"]), Ok(("eth0".to_string(), Some(0.05))));
         let zero = settle(&["l4lb", "settle", "-i", "eth0", "--every", "0"]).unwrap_err();
-        assert!(zero.contains("invalid value '0' for '--every <SECONDS>': `0` is not an interval between 0.05 and 3600 seconds"), "{zero}");
+        assert!(
+            zero.contains(
+                "invalid value '0' for '--every <SECONDS>': `0` is not an interval between 0.05 and 3600 seconds"
+            ),
+            "{zero}"
+        );
         assert!(settle(&["l4lb", "settle", "-i", "eth0", "--every", "3601"]).is_err());
         assert!(settle(&["l4lb", "settle", "--every", "5"]).unwrap_err().contains("--interface <DEV>"));
     }
@@ -433,17 +465,44 @@ mod tests {
         let a: IpAddr = "192.0.2.2".parse().unwrap();
         let b: IpAddr = "203.0.113.10".parse().unwrap();
         assert_eq!(addrs(&["l4lb", "decap", "attach", "-i", "eth0"]), Ok(vec![]));
-        assert_eq!(addrs(&["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2.2", "203.0.113.10"]), Ok(vec![a, b]));
-        assert_eq!(addrs(&["l4lb", "decap", "attach", "--addr", "192.0.2.2", "--addr", "203.0.113.10", "-i", "eth0"]), Ok(vec![a, b]));
-        match Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--mode", "skb", "--force"]).unwrap().command {
-            Command::Decap { command: DecapCommand::Attach { mode, force, .. } } => assert_eq!((mode, force), (DecapMode::Skb, true)),
+        assert_eq!(
+            addrs(&["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2.2", "203.0.113.10"]),
+            Ok(vec![a, b])
+        );
+        assert_eq!(
+            addrs(&["l4lb", "decap", "attach", "--addr", "192.0.2.2", "--addr", "203.0.113.10", "-i", "eth0"]),
+            Ok(vec![a, b])
+        );
+        match Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--mode", "skb", "--force"])
+            .unwrap()
+            .command
+        {
+            Command::Decap { command: DecapCommand::Attach { mode, force, .. } } => {
+                assert_eq!((mode, force), (DecapMode::Skb, true))
+            }
             other => panic!("parsed as {other:?}"),
         }
         assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--mode", "hw"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr", "192.0.2"]).is_err());
         assert!(Cli::try_parse_from(["l4lb", "decap", "attach", "-i", "eth0", "--addr"]).is_err());
-        match Cli::try_parse_from(["l4lb", "decap", "stats", "-i", "eth0", "--json", "--count", "1", "--interval", "0.2"]).unwrap().command {
-            Command::Decap { command: DecapCommand::Stats { interface, sampling: Sampling { interval, count, json } } } => {
+        match Cli::try_parse_from([
+            "l4lb",
+            "decap",
+            "stats",
+            "-i",
+            "eth0",
+            "--json",
+            "--count",
+            "1",
+            "--interval",
+            "0.2",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Decap {
+                command: DecapCommand::Stats { interface, sampling: Sampling { interval, count, json } },
+            } => {
                 assert_eq!((interface.as_str(), interval, count, json), ("eth0", 0.2, Some(1), true))
             }
             other => panic!("parsed as {other:?}"),

@@ -23,7 +23,9 @@ use crate::stats::{self, Sample};
 pub fn run(command: Command) -> Result<()> {
     require_privileges()?;
     match command {
-        Command::Attach { interface, mode, force, seed, mtu, flow_entries } => attach(&interface, mode, force, seed, mtu, flow_entries),
+        Command::Attach { interface, mode, force, seed, mtu, flow_entries } => {
+            attach(&interface, mode, force, seed, mtu, flow_entries)
+        }
         Command::Detach { interface } => detach(&interface),
         Command::Map { interface, file, vip, source, seed } => map(&interface, &file, vip, source, seed),
         Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
@@ -32,7 +34,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Settle { interface, every } => settle(&interface, every),
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
-            crate::bench::run(&crate::bench::Options { rounds: rounds as usize, seconds, chart, json, variants, flow_entries })
+            crate::bench::run(&crate::bench::Options {
+                rounds: rounds as usize,
+                seconds,
+                chart,
+                json,
+                variants,
+                flow_entries,
+            })
         }
         Command::Decap { command } => match command {
             DecapCommand::Attach { interface, mode, force, addrs } => decap_attach(&interface, mode, force, addrs),
@@ -54,7 +63,9 @@ const NEEDED_CAPABILITIES: [(u32, &str); 2] = [(21, "CAP_SYS_ADMIN"), (12, "CAP_
 fn require_privileges() -> Result<()> {
     let uid = nix::unistd::geteuid();
     let missing: Vec<&str> = match effective_capabilities() {
-        Some(caps) => NEEDED_CAPABILITIES.iter().filter(|(bit, _)| caps & (1 << bit) == 0).map(|&(_, name)| name).collect(),
+        Some(caps) => {
+            NEEDED_CAPABILITIES.iter().filter(|(bit, _)| caps & (1 << bit) == 0).map(|&(_, name)| name).collect()
+        }
         None if uid.is_root() => Vec::new(),
         None => NEEDED_CAPABILITIES.iter().map(|&(_, name)| name).collect(),
     };
@@ -133,14 +144,19 @@ fn choose_mtu(iface: &Interface, given: Option<u32>) -> Result<u32> {
     match given {
         Some(mtu) => {
             if mtu > device {
-                eprintln!("warning: --mtu {mtu} is above {}'s MTU {device}: frames the device cannot send are dropped by it", iface.name);
+                eprintln!(
+                    "warning: --mtu {mtu} is above {}'s MTU {device}: frames the device cannot send are dropped by it",
+                    iface.name
+                );
             }
             Ok(mtu)
         }
-        None => match config::mtu_problem(&format!("{}'s MTU", iface.name), i64::from(device.min(config::MAX_MTU)), None) {
-            Some(problem) => bail!("{problem}: raise it (ip link set {} mtu 1500) or give --mtu", iface.name),
-            None => Ok(device.min(config::MAX_MTU)),
-        },
+        None => {
+            match config::mtu_problem(&format!("{}'s MTU", iface.name), i64::from(device.min(config::MAX_MTU)), None) {
+                Some(problem) => bail!("{problem}: raise it (ip link set {} mtu 1500) or give --mtu", iface.name),
+                None => Ok(device.min(config::MAX_MTU)),
+            }
+        }
     }
 }
 
@@ -153,7 +169,14 @@ fn default_mtu(iface: &Interface, now: &apply::Snapshot, wanted: &mut config::Mo
     Ok(())
 }
 
-fn attach(name: &str, mode: AttachMode, force: bool, seed: Option<u32>, mtu: Option<u32>, flow_entries: Option<u32>) -> Result<()> {
+fn attach(
+    name: &str,
+    mode: AttachMode,
+    force: bool,
+    seed: Option<u32>,
+    mtu: Option<u32>,
+    flow_entries: Option<u32>,
+) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let mode = Mode::from(mode);
     let mtu = choose_mtu(&iface, mtu)?;
@@ -202,12 +225,7 @@ fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
         return Ok(());
     }
     apply::execute(&maps, &plan)?;
-    println!(
-        "{}: applied ({} map writes, {} table slots)",
-        iface.name,
-        plan.writes(),
-        plan.slots_written()
-    );
+    println!("{}: applied ({} map writes, {} table slots)", iface.name, plan.writes(), plan.slots_written());
     Ok(())
 }
 
@@ -264,8 +282,11 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
     if seed.is_some() {
         wanted.global.hash_seed = seed;
     }
-    let mut backends: Vec<config::Backend> =
-        list.destinations.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    let mut backends: Vec<config::Backend> = list
+        .destinations
+        .iter()
+        .map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 })
+        .collect();
     backends.sort();
     // A new service gets the defaults; an existing one keeps its settings.
     let service = match wanted.service(&key) {
@@ -289,11 +310,12 @@ fn map(name: &str, file: &Path, vip: Option<ServiceKey>, source: Option<Ipv4Addr
     }
     println!("Loading file with {} destinations", list.destinations.len());
     apply::execute(&maps, &plan)?;
-    let (added, removed, changed) = match (plan.diff.added.iter().find(|s| s.key == key), plan.diff.changed.iter().find(|c| c.key == key)) {
-        (Some(s), _) => (s.backends.len(), 0, 0),
-        (_, Some(c)) => (c.added.len(), c.removed.len(), c.changed.len()),
-        _ => (0, 0, 0),
-    };
+    let (added, removed, changed) =
+        match (plan.diff.added.iter().find(|s| s.key == key), plan.diff.changed.iter().find(|c| c.key == key)) {
+            (Some(s), _) => (s.backends.len(), 0, 0),
+            (_, Some(c)) => (c.added.len(), c.removed.len(), c.changed.len()),
+            _ => (0, 0, 0),
+        };
     let target = match key {
         ServiceKey::CatchAll => String::new(),
         key => format!(" for {key}"),
@@ -320,10 +342,18 @@ pub(crate) fn sample(maps: &LbMaps) -> Result<Sample> {
 
 fn stats(name: &str, sampling: Sampling) -> Result<()> {
     let (_, program, maps) = open_l4lb(name)?;
-    print_samples(sampling, || sample(&maps), |before, now, elapsed| {
-        let report = stats::report(program.mode, before, now, elapsed);
-        if sampling.json { stats::render_json(&report) + "\n" } else { stats::render_table(&report) }
-    })
+    print_samples(
+        sampling,
+        || sample(&maps),
+        |before, now, elapsed| {
+            let report = stats::report(program.mode, before, now, elapsed);
+            if sampling.json {
+                stats::render_json(&report) + "\n"
+            } else {
+                stats::render_table(&report)
+            }
+        },
+    )
 }
 
 /// Prints a report every `sampling.interval` seconds, `sampling.count` times
@@ -440,10 +470,18 @@ fn decap_stats(name: &str, sampling: Sampling) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let (program, maps) = DecapMaps::find(&iface)?;
     let addrs = maps.read_addrs()?;
-    print_samples(sampling, || maps.read_counters(), |before, now, elapsed| {
-        let report = stats::decap_report(program.mode, &addrs, before, now, elapsed);
-        if sampling.json { stats::render_json(&report) + "\n" } else { stats::render_decap_table(&report) }
-    })
+    print_samples(
+        sampling,
+        || maps.read_counters(),
+        |before, now, elapsed| {
+            let report = stats::decap_report(program.mode, &addrs, before, now, elapsed);
+            if sampling.json {
+                stats::render_json(&report) + "\n"
+            } else {
+                stats::render_decap_table(&report)
+            }
+        },
+    )
 }
 
 fn join_addrs(addrs: &[IpAddr]) -> String {

@@ -373,7 +373,8 @@ pub fn parse(origin: &str, bytes: &[u8]) -> Result<Model> {
     if let Some(nul) = bytes.iter().position(|&b| b == 0) {
         bail!("{origin}:{}: not text (NUL byte)", line_of(nul));
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("{origin}:{}: not text (invalid UTF-8)", line_of(e.valid_up_to())))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| anyhow!("{origin}:{}: not text (invalid UTF-8)", line_of(e.valid_up_to())))?;
     let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
         Some(span) => anyhow!("{origin}:{}: {}", line_of(span.start), toml_message(&e)),
         None => anyhow!("{origin}: {}", toml_message(&e)),
@@ -427,10 +428,9 @@ impl Validator<'_> {
         for (index, spanned) in raw.services.iter().enumerate() {
             let span = spanned.span();
             if index == MAX_SERVICES {
-                return Err(self.at(
-                    &span,
-                    format!("{} services: at most MAX_SERVICES = {MAX_SERVICES}", raw.services.len()),
-                ));
+                return Err(
+                    self.at(&span, format!("{} services: at most MAX_SERVICES = {MAX_SERVICES}", raw.services.len()))
+                );
             }
             let service = self.service(spanned.get_ref(), &span, &global, &mut seen, &mut total)?;
             services.push(service);
@@ -492,7 +492,10 @@ impl Validator<'_> {
         parse_unicast_mac(text.get_ref()).map_err(|err| match err {
             MacError::Unreadable => self.at(
                 &span,
-                format!("{what} `{}` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)", text.get_ref()),
+                format!(
+                    "{what} `{}` is not a MAC address (expected six hex pairs like 02:00:c6:12:00:65)",
+                    text.get_ref()
+                ),
             ),
             MacError::NotUnicast(mac) => {
                 self.at(&span, format!("{what} {} is not a unicast MAC address", format_mac(mac.into_array())))
@@ -501,7 +504,10 @@ impl Validator<'_> {
     }
 
     fn key(&self, raw: &RawService, span: &Range<usize>) -> Result<ServiceKey> {
-        let vip = raw.vip.as_ref().ok_or_else(|| self.at(span, "service has no vip (an address, or \"*\" for the catch-all)"))?;
+        let vip = raw
+            .vip
+            .as_ref()
+            .ok_or_else(|| self.at(span, "service has no vip (an address, or \"*\" for the catch-all)"))?;
         if vip.get_ref() == "*" {
             if let Some(p) = &raw.protocol {
                 if p.get_ref() != "any" {
@@ -528,15 +534,19 @@ impl Validator<'_> {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
                 "any" => {
-                    return Err(self.at(&p.span(), "protocol \"any\" is only for the catch-all service (vip = \"*\"): use \"tcp\" or \"udp\""))
+                    return Err(self.at(
+                        &p.span(),
+                        "protocol \"any\" is only for the catch-all service (vip = \"*\"): use \"tcp\" or \"udp\"",
+                    ))
                 }
                 other => return Err(self.at(&p.span(), format!("protocol `{other}` is not \"tcp\" or \"udp\""))),
             },
         };
         let port = match &raw.port {
             None => return Err(self.at(span, format!("service {addr} has no port (1 to 65535, or 0 for every port)"))),
-            Some(p) => u16::try_from(*p.get_ref())
-                .map_err(|_| self.at(&p.span(), format!("port {} is out of range (0 to 65535; 0 = every port)", p.get_ref())))?,
+            Some(p) => u16::try_from(*p.get_ref()).map_err(|_| {
+                self.at(&p.span(), format!("port {} is out of range (0 to 65535; 0 = every port)", p.get_ref()))
+            })?,
         };
         Ok(ServiceKey::Vip { addr, protocol, port })
     }
@@ -569,13 +579,20 @@ impl Validator<'_> {
             match value {
                 None => Ok(default),
                 Some(v) if (min..=i64::from(MAX_TRANSITION_SECONDS)).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
-                Some(v) => Err(self.at(&v.span(), format!("service {key}: {name} = {} is out of range ({min}..={MAX_TRANSITION_SECONDS} seconds)", v.get_ref()))),
+                Some(v) => Err(self.at(
+                    &v.span(),
+                    format!(
+                        "service {key}: {name} = {} is out of range ({min}..={MAX_TRANSITION_SECONDS} seconds)",
+                        v.get_ref()
+                    ),
+                )),
             }
         };
         let idle_timeout = seconds(&raw.idle_timeout, "idle_timeout", 1, IDLE_TIMEOUT_DEFAULT)?;
         let udp_grace = seconds(&raw.udp_grace, "udp_grace", 0, UDP_GRACE_DEFAULT)?;
-        let raw_backends =
-            raw.backends.as_ref().ok_or_else(|| self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])")))?;
+        let raw_backends = raw.backends.as_ref().ok_or_else(|| {
+            self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])"))
+        })?;
         if raw_backends.get_ref().is_empty() {
             return Err(self.at(
                 &raw_backends.span(),
@@ -597,7 +614,8 @@ impl Validator<'_> {
             let backend = self.backend(raw_backend.get_ref(), &bspan, &key, global)?;
             let aspan = raw_backend.get_ref().address.as_ref().map(Spanned::span).unwrap_or(bspan);
             if let Some(first) = first_line.insert(backend.addr, self.line(&aspan)) {
-                return Err(self.at(&aspan, format!("service {key}: backend {} is already listed on line {first}", backend.addr)));
+                return Err(self
+                    .at(&aspan, format!("service {key}: backend {} is already listed on line {first}", backend.addr)));
             }
             if key == ServiceKey::CatchAll {
                 if let Some(other) = backends.iter().find(|b| b.addr.is_ipv4() != backend.addr.is_ipv4()) {
@@ -619,7 +637,8 @@ impl Validator<'_> {
     }
 
     fn backend(&self, raw: &RawBackend, span: &Range<usize>, key: &ServiceKey, global: &Global) -> Result<Backend> {
-        let address = raw.address.as_ref().ok_or_else(|| self.at(span, format!("service {key}: backend has no address")))?;
+        let address =
+            raw.address.as_ref().ok_or_else(|| self.at(span, format!("service {key}: backend has no address")))?;
         let aspan = address.span();
         let addr = self.address(address, "backend")?;
         match (key, addr) {
@@ -652,10 +671,12 @@ impl Validator<'_> {
         };
         let weight = match &raw.weight {
             None => DEFAULT_WEIGHT,
-            Some(w) => u32::try_from(*w.get_ref())
-                .ok()
-                .filter(|&w| w <= MAX_WEIGHT)
-                .ok_or_else(|| self.at(&w.span(), format!("weight {} is out of range (0 to MAX_WEIGHT = {MAX_WEIGHT}; 0 drains)", w.get_ref())))?,
+            Some(w) => u32::try_from(*w.get_ref()).ok().filter(|&w| w <= MAX_WEIGHT).ok_or_else(|| {
+                self.at(
+                    &w.span(),
+                    format!("weight {} is out of range (0 to MAX_WEIGHT = {MAX_WEIGHT}; 0 drains)", w.get_ref()),
+                )
+            })?,
         };
         Ok(Backend { addr, mac, weight })
     }
@@ -719,13 +740,28 @@ pub fn to_toml(model: &Model) -> String {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GlobalChange {
-    SourceV4 { old: Option<Ipv4Addr>, new: Option<Ipv4Addr> },
-    SourceV6 { old: Option<Ipv6Addr>, new: Option<Ipv6Addr> },
-    GatewayMac { old: Option<[u8; 6]>, new: Option<[u8; 6]> },
+    SourceV4 {
+        old: Option<Ipv4Addr>,
+        new: Option<Ipv4Addr>,
+    },
+    SourceV6 {
+        old: Option<Ipv6Addr>,
+        new: Option<Ipv6Addr>,
+    },
+    GatewayMac {
+        old: Option<[u8; 6]>,
+        new: Option<[u8; 6]>,
+    },
     /// Only when the wanted model names a seed (None keeps the running one).
-    HashSeed { old: Option<u32>, new: u32 },
+    HashSeed {
+        old: Option<u32>,
+        new: u32,
+    },
     /// Only when the wanted model names an MTU (None keeps the running one).
-    Mtu { old: Option<u32>, new: u32 },
+    Mtu {
+        old: Option<u32>,
+        new: u32,
+    },
 }
 
 impl fmt::Display for GlobalChange {
@@ -816,15 +852,20 @@ pub fn diff(running: &Model, wanted: &Model) -> Diff {
         }
     }
     let mut out = Diff { global, ..Diff::default() };
-    merge(&running.services, &wanted.services, |s| s.key, |side| match side {
-        Side::Old(s) => out.removed.push(s.clone()),
-        Side::New(s) => out.added.push(s.clone()),
-        Side::Both(old, new) => {
-            if let Some(change) = service_change(old, new) {
-                out.changed.push(change);
+    merge(
+        &running.services,
+        &wanted.services,
+        |s| s.key,
+        |side| match side {
+            Side::Old(s) => out.removed.push(s.clone()),
+            Side::New(s) => out.added.push(s.clone()),
+            Side::Both(old, new) => {
+                if let Some(change) = service_change(old, new) {
+                    out.changed.push(change);
+                }
             }
-        }
-    });
+        },
+    );
     out
 }
 
@@ -839,12 +880,17 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceChange> {
         removed: Vec::new(),
         changed: Vec::new(),
     };
-    merge(&old.backends, &new.backends, |b| b.addr, |side| match side {
-        Side::Old(b) => change.removed.push(*b),
-        Side::New(b) => change.added.push(*b),
-        Side::Both(o, n) if o != n => change.changed.push(BackendChange { old: *o, new: *n }),
-        Side::Both(..) => {}
-    });
+    merge(
+        &old.backends,
+        &new.backends,
+        |b| b.addr,
+        |side| match side {
+            Side::Old(b) => change.removed.push(*b),
+            Side::New(b) => change.added.push(*b),
+            Side::Both(o, n) if o != n => change.changed.push(BackendChange { old: *o, new: *n }),
+            Side::Both(..) => {}
+        },
+    );
     let unchanged = change.hash_ports.is_none()
         && change.track_flows.is_none()
         && change.idle_timeout.is_none()
@@ -1013,7 +1059,10 @@ mod tests {
         let source = include_str!("config.rs");
         let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
         let end = start + source[start..].find("//! ```\n").unwrap();
-        source[start..end].lines().map(|l| format!("{}\n", l.strip_prefix("//!").unwrap().trim_start_matches(' '))).collect()
+        source[start..end]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("//!").unwrap().trim_start_matches(' ')))
+            .collect()
     }
 
     const MAC65: [u8; 6] = [0x02, 0x00, 0xc6, 0x12, 0x00, 0x65];
@@ -1050,7 +1099,10 @@ mod tests {
         assert!(!m.services[2].hash_ports);
         assert!(m.services[0].track_flows && m.services[1].track_flows, "flows are tracked by default");
         assert!(!m.services[2].track_flows);
-        assert!(m.services.iter().all(|s| (s.idle_timeout, s.udp_grace) == (300, 30)), "the defaults, written out or not");
+        assert!(
+            m.services.iter().all(|s| (s.idle_timeout, s.udp_grace) == (300, 30)),
+            "the defaults, written out or not"
+        );
         assert_eq!(m.total_backends(), 5);
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 53)), Some(&m.services[2]));
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 54)), None);
@@ -1097,13 +1149,18 @@ mod tests {
         let keys: Vec<String> = m.services.iter().map(|s| s.key.to_string()).collect();
         assert_eq!(keys, ["*", "203.0.113.10:53/tcp", "203.0.113.10:53/udp", "[2001:db8::10]:53/udp"]);
         assert!(!m.services[0].hash_ports, "the catch-all's UDP traffic may hash addresses only");
-        assert_eq!(m.services[2].backends, [backend(v4("198.18.0.101"), None, 1), backend(v6("2001:db8::101"), None, 1)]);
+        assert_eq!(
+            m.services[2].backends,
+            [backend(v4("198.18.0.101"), None, 1), backend(v6("2001:db8::101"), None, 1)]
+        );
         assert_eq!(m.total_backends(), 5, "a backend counts once per service");
     }
 
     #[test]
     fn track_flows_is_on_unless_turned_off() {
-        let text = |setting: &str| with_global(&format!("[[service]]\nvip = \"*\"\n{setting}backends = [{{ address = \"198.18.0.101\" }}]\n"));
+        let text = |setting: &str| {
+            with_global(&format!("[[service]]\nvip = \"*\"\n{setting}backends = [{{ address = \"198.18.0.101\" }}]\n"))
+        };
         assert!(model(&text("")).services[0].track_flows, "default true");
         assert!(model(&text("track_flows = true\n")).services[0].track_flows);
         let off = model(&text("track_flows = false\n"));
@@ -1115,8 +1172,12 @@ mod tests {
             "{}",
             to_toml(&off)
         );
-        assert!(to_toml(&model(&text(""))).contains("\nhash_ports = true\ntrack_flows = true\nidle_timeout = 300\nudp_grace = 30\nbackends = [\n"));
-        assert_eq!(err(&text("track_flows = \"off\"\n")), "lb.toml:7: invalid type: string \"off\", expected a boolean");
+        assert!(to_toml(&model(&text("")))
+            .contains("\nhash_ports = true\ntrack_flows = true\nidle_timeout = 300\nudp_grace = 30\nbackends = [\n"));
+        assert_eq!(
+            err(&text("track_flows = \"off\"\n")),
+            "lb.toml:7: invalid type: string \"off\", expected a boolean"
+        );
     }
 
     #[test]
@@ -1143,22 +1204,40 @@ mod tests {
         assert_eq!(err(&text("idle_timeout = 0\n")), range("idle_timeout", "0", 1));
         assert_eq!(err(&text("idle_timeout = 86401\n")), range("idle_timeout", "86401", 1));
         assert_eq!(err(&text("idle_timeout = -300\n")), range("idle_timeout", "-300", 1));
-        assert_eq!(err(&text("idle_timeout = 4294967596\n")), range("idle_timeout", "4294967596", 1), "not wrapped to 300");
+        assert_eq!(
+            err(&text("idle_timeout = 4294967596\n")),
+            range("idle_timeout", "4294967596", 1),
+            "not wrapped to 300"
+        );
         assert_eq!(err(&text("udp_grace = -1\n")), range("udp_grace", "-1", 0));
         assert_eq!(err(&text("udp_grace = 86401\n")), range("udp_grace", "86401", 0));
         assert_eq!(
             err(&text("idle_timeout = 5\nudp_grace = 100000\n")),
             "lb.toml:10: service 203.0.113.10:53/udp: udp_grace = 100000 is out of range (0..=86400 seconds)"
         );
-        assert_eq!(err(&text("idle_timeout = \"300\"\n")), "lb.toml:9: invalid type: string \"300\", expected an integer");
-        assert_eq!(err(&text("idle_timeout = \"5m\"\n")), "lb.toml:9: invalid type: string \"5m\", expected an integer");
-        assert_eq!(err(&text("udp_grace = 1.5\n")), "lb.toml:9: invalid type: floating point `1.5`, expected an integer");
+        assert_eq!(
+            err(&text("idle_timeout = \"300\"\n")),
+            "lb.toml:9: invalid type: string \"300\", expected an integer"
+        );
+        assert_eq!(
+            err(&text("idle_timeout = \"5m\"\n")),
+            "lb.toml:9: invalid type: string \"5m\", expected an integer"
+        );
+        assert_eq!(
+            err(&text("udp_grace = 1.5\n")),
+            "lb.toml:9: invalid type: floating point `1.5`, expected an integer"
+        );
         assert_eq!(err(&text("udp_grace = true\n")), "lb.toml:9: invalid type: boolean `true`, expected an integer");
 
         // Rendered (defaults included) and read back.
         let tuned = model(&text("idle_timeout = 5\nudp_grace = 0\n"));
         let rendered = to_toml(&tuned);
-        assert!(rendered.contains("\nport = 53\nhash_ports = true\ntrack_flows = true\nidle_timeout = 5\nudp_grace = 0\nbackends = [\n"), "{rendered}");
+        assert!(
+            rendered.contains(
+                "\nport = 53\nhash_ports = true\ntrack_flows = true\nidle_timeout = 5\nudp_grace = 0\nbackends = [\n"
+            ),
+            "{rendered}"
+        );
         assert_eq!(model(&rendered), tuned);
         assert_eq!(to_toml(&model(&rendered)), rendered);
 
@@ -1240,7 +1319,10 @@ mod tests {
         let dup_backend = with_global(
             "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  { address = \"2001:db8::101\" },\n  { address = \"198.18.0.101\" },\n  { address = \"2001:db8:0::101\", weight = 2 },\n]\n",
         );
-        assert_eq!(err(&dup_backend), "lb.toml:12: service 203.0.113.10:80/tcp: backend 2001:db8::101 is already listed on line 10");
+        assert_eq!(
+            err(&dup_backend),
+            "lb.toml:12: service 203.0.113.10:80/tcp: backend 2001:db8::101 is already listed on line 10"
+        );
     }
 
     /// One TCP service on port 80 of `vip` with `backends` as given; the
@@ -1253,7 +1335,10 @@ mod tests {
     fn refuses_bad_addresses() {
         let b = "{ address = \"198.18.0.101\" }";
         assert_eq!(err(&service("203.0.113.300", b)), "lb.toml:6: vip `203.0.113.300` is not an IPv4 or IPv6 address");
-        assert_eq!(err(&service("www.example.com", b)), "lb.toml:6: vip `www.example.com` is not an IPv4 or IPv6 address");
+        assert_eq!(
+            err(&service("www.example.com", b)),
+            "lb.toml:6: vip `www.example.com` is not an IPv4 or IPv6 address"
+        );
         assert_eq!(err(&service("0.0.0.0", b)), "lb.toml:6: vip 0.0.0.0 is unspecified (0.0.0.0)");
         assert_eq!(err(&service("255.255.255.255", b)), "lb.toml:6: vip 255.255.255.255 is the broadcast address");
         assert_eq!(err(&service("127.0.0.1", b)), "lb.toml:6: vip 127.0.0.1 is a loopback address");
@@ -1266,13 +1351,28 @@ mod tests {
             "lb.toml:6: vip ::ffff:203.0.113.10 is an IPv4-mapped IPv6 address (write the IPv4 address)"
         );
         let vip = "203.0.113.10";
-        assert_eq!(err(&service(vip, "{ address = \"198.18.0\" }")), "lb.toml:9: backend `198.18.0` is not an IPv4 or IPv6 address");
+        assert_eq!(
+            err(&service(vip, "{ address = \"198.18.0\" }")),
+            "lb.toml:9: backend `198.18.0` is not an IPv4 or IPv6 address"
+        );
         assert_eq!(err(&service(vip, "{ address = \"224.1.2.3\" }")), "lb.toml:9: backend 224.1.2.3 is multicast");
         assert_eq!(err(&service(vip, "{ address = \"::1\" }")), "lb.toml:9: backend ::1 is a loopback address");
-        assert_eq!(err(&service(vip, "{ weight = 1 }")), "lb.toml:9: service 203.0.113.10:80/tcp: backend has no address");
-        assert_eq!(err("[global]\nsource_v4 = \"2001:db8::2\"\n"), "lb.toml:2: source_v4 2001:db8::2 is not an IPv4 address");
-        assert_eq!(err("[global]\nsource_v6 = \"198.18.0.2\"\n"), "lb.toml:2: source_v6 198.18.0.2 is not an IPv6 address");
-        assert_eq!(err("[global]\n\nsource_v4 = \"0.0.0.0\"\n"), "lb.toml:3: source_v4 0.0.0.0 is unspecified (0.0.0.0)");
+        assert_eq!(
+            err(&service(vip, "{ weight = 1 }")),
+            "lb.toml:9: service 203.0.113.10:80/tcp: backend has no address"
+        );
+        assert_eq!(
+            err("[global]\nsource_v4 = \"2001:db8::2\"\n"),
+            "lb.toml:2: source_v4 2001:db8::2 is not an IPv4 address"
+        );
+        assert_eq!(
+            err("[global]\nsource_v6 = \"198.18.0.2\"\n"),
+            "lb.toml:2: source_v6 198.18.0.2 is not an IPv6 address"
+        );
+        assert_eq!(
+            err("[global]\n\nsource_v4 = \"0.0.0.0\"\n"),
+            "lb.toml:3: source_v4 0.0.0.0 is unspecified (0.0.0.0)"
+        );
         assert_eq!(err("[global]\nsource_v6 = \"ff02::2\"\n"), "lb.toml:2: source_v6 ff02::2 is multicast");
     }
 
@@ -1338,9 +1438,18 @@ mod tests {
             err(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = 1\n")),
             "lb.toml:9: invalid type: integer `1`, expected a boolean"
         );
-        assert_eq!(err(&with_global("[[service]]\nvip = 10\n")), "lb.toml:6: invalid type: integer `10`, expected a string");
-        assert_eq!(err(&with_global("[[service]]\nvip = \"*\"\nbackends = \"198.18.0.101\"\n")), "lb.toml:7: invalid type: string \"198.18.0.101\", expected a sequence");
-        assert_eq!(err("[global]\nhash_seed = 0x1_0000_0000\n"), "lb.toml:2: hash_seed 4294967296 is out of range (0 to 0xffffffff)");
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = 10\n")),
+            "lb.toml:6: invalid type: integer `10`, expected a string"
+        );
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"*\"\nbackends = \"198.18.0.101\"\n")),
+            "lb.toml:7: invalid type: string \"198.18.0.101\", expected a sequence"
+        );
+        assert_eq!(
+            err("[global]\nhash_seed = 0x1_0000_0000\n"),
+            "lb.toml:2: hash_seed 4294967296 is out of range (0 to 0xffffffff)"
+        );
         assert_eq!(err("[global]\nhash_seed = \"1\"\n"), "lb.toml:2: invalid type: string \"1\", expected an integer");
         assert_eq!(err("[global]\nsource_v4 = \"198.18.0.2\n"), "lb.toml:2: invalid basic string, expected `\"`");
         assert_eq!(err("[global]\n[global]\n"), "lb.toml:2: duplicate key");
@@ -1350,14 +1459,26 @@ mod tests {
     fn refuses_incomplete_or_contradictory_services() {
         let head = |vip: &str, rest: &str| with_global(&format!("\n[[service]]\nvip = \"{vip}\"\n{rest}"));
         let b = "backends = [{ address = \"198.18.0.101\" }]\n";
-        assert_eq!(err(&with_global("\n[[service]]\nprotocol = \"tcp\"\n")), "lb.toml:6: service has no vip (an address, or \"*\" for the catch-all)");
-        assert_eq!(err(&head("203.0.113.10", "port = 80\n")), "lb.toml:6: service 203.0.113.10 has no protocol (\"tcp\" or \"udp\")");
-        assert_eq!(err(&head("203.0.113.10", "protocol = \"TCP\"\n")), "lb.toml:8: protocol `TCP` is not \"tcp\" or \"udp\"");
+        assert_eq!(
+            err(&with_global("\n[[service]]\nprotocol = \"tcp\"\n")),
+            "lb.toml:6: service has no vip (an address, or \"*\" for the catch-all)"
+        );
+        assert_eq!(
+            err(&head("203.0.113.10", "port = 80\n")),
+            "lb.toml:6: service 203.0.113.10 has no protocol (\"tcp\" or \"udp\")"
+        );
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"TCP\"\n")),
+            "lb.toml:8: protocol `TCP` is not \"tcp\" or \"udp\""
+        );
         assert_eq!(
             err(&head("203.0.113.10", "protocol = \"any\"\n")),
             "lb.toml:8: protocol \"any\" is only for the catch-all service (vip = \"*\"): use \"tcp\" or \"udp\""
         );
-        assert_eq!(err(&head("203.0.113.10", "protocol = \"udp\"\n")), "lb.toml:6: service 203.0.113.10 has no port (1 to 65535, or 0 for every port)");
+        assert_eq!(
+            err(&head("203.0.113.10", "protocol = \"udp\"\n")),
+            "lb.toml:6: service 203.0.113.10 has no port (1 to 65535, or 0 for every port)"
+        );
         assert_eq!(
             err(&head("203.0.113.10", "protocol = \"udp\"\nport = 65536\n")),
             "lb.toml:9: port 65536 is out of range (0 to 65535; 0 = every port)"
@@ -1382,7 +1503,10 @@ mod tests {
             err(&head("*", &format!("protocol = \"tcp\"\n{b}"))),
             "lb.toml:8: the catch-all service (vip = \"*\") takes TCP and UDP: protocol must be \"any\" (or left out), not `tcp`"
         );
-        assert_eq!(model(&head("*", &format!("protocol = \"any\"\nport = 0\n{b}"))).services[0].key, ServiceKey::CatchAll);
+        assert_eq!(
+            model(&head("*", &format!("protocol = \"any\"\nport = 0\n{b}"))).services[0].key,
+            ServiceKey::CatchAll
+        );
     }
 
     #[test]
@@ -1420,7 +1544,8 @@ mod tests {
             err(no_v4),
             "lb.toml:6: backend 198.18.0.101 is IPv4 but [global] has no source_v4 (the outer source address of packets to IPv4 backends)"
         );
-        let no_global = "[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\", mac = \"02:00:c6:12:00:65\" }]\n";
+        let no_global =
+            "[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\", mac = \"02:00:c6:12:00:65\" }]\n";
         assert_eq!(
             err(no_global),
             "lb.toml:3: backend 198.18.0.101 is IPv4 but [global] has no source_v4 (the outer source address of packets to IPv4 backends)"
@@ -1433,7 +1558,11 @@ mod tests {
     fn sized(services: usize, per_service: usize) -> String {
         let mut text = with_global("");
         for s in 0..services {
-            let _ = write!(text, "[[service]]\nvip = \"203.0.113.{}\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n", s + 1);
+            let _ = write!(
+                text,
+                "[[service]]\nvip = \"203.0.113.{}\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n",
+                s + 1
+            );
             for i in 0..per_service {
                 let _ = writeln!(text, "  {{ address = \"10.{}.{}.{}\" }},", s, i / 256, i % 256);
             }
@@ -1458,7 +1587,11 @@ mod tests {
 
         // Every service at its 512 backends: the largest configuration, and its file fits the size limit.
         let largest = sized(MAX_SERVICES, MAX_BACKENDS_PER_SERVICE);
-        assert!(largest.len() < MAX_FILE_BYTES as usize, "a file at the limits fits the size limit ({} bytes)", largest.len());
+        assert!(
+            largest.len() < MAX_FILE_BYTES as usize,
+            "a file at the limits fits the size limit ({} bytes)",
+            largest.len()
+        );
         assert_eq!(model(&largest).total_backends(), MAX_TOTAL_BACKENDS);
     }
 
@@ -1468,7 +1601,10 @@ mod tests {
         assert_eq!(err(""), none);
         assert_eq!(err("# only a comment\n\n  \n"), none);
         assert_eq!(err("#\n\u{7f}ELF\u{2}\u{1}\u{1}\0\0\0"), "lb.toml:2: not text (NUL byte)");
-        assert_eq!(format!("{:#}", parse("lb.toml", b"[global]\n\n# \xff\xfe\n").unwrap_err()), "lb.toml:3: not text (invalid UTF-8)");
+        assert_eq!(
+            format!("{:#}", parse("lb.toml", b"[global]\n\n# \xff\xfe\n").unwrap_err()),
+            "lb.toml:3: not text (invalid UTF-8)"
+        );
         let crlf = model("[global]\r\nsource_v4 = \"198.18.0.2\" # lab\r\n");
         assert_eq!(crlf.global.source_v4, Some(Ipv4Addr::new(198, 18, 0, 2)));
     }
@@ -1491,7 +1627,10 @@ mod tests {
         let bad_message = format!("{:#}", load(&bad).unwrap_err());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(loaded.unwrap(), model(&doc_example()));
-        assert!(huge_message.ends_with("huge.toml: 4194305 bytes is too large for a configuration file (limit 4194304)"), "{huge_message}");
+        assert!(
+            huge_message.ends_with("huge.toml: 4194305 bytes is too large for a configuration file (limit 4194304)"),
+            "{huge_message}"
+        );
         assert!(dir_message.ends_with(": not a regular file"), "{dir_message}");
         assert_eq!(bad_message, format!("{}:2: hash_seed -1 is out of range (0 to 0xffffffff)", bad.display()));
     }
@@ -1614,7 +1753,10 @@ backends = [
             web.changed,
             [
                 BackendChange { old: backend(v4("198.18.0.101"), None, 1), new: backend(v4("198.18.0.101"), None, 3) },
-                BackendChange { old: backend(v4("198.18.0.103"), Some(MAC65), 1), new: backend(v4("198.18.0.103"), None, 2) },
+                BackendChange {
+                    old: backend(v4("198.18.0.103"), Some(MAC65), 1),
+                    new: backend(v4("198.18.0.103"), None, 2)
+                },
             ]
         );
         assert_eq!(d.changed[1].hash_ports, Some((true, false)));
@@ -1662,11 +1804,20 @@ backends = [
         assert!(diff(&running, &model("[global]\n")).is_empty());
         let d = diff(&running, &model("[global]\nmtu = 9000\n"));
         assert_eq!(d.global, [GlobalChange::Mtu { old: Some(1500), new: 9000 }]);
-        assert_eq!(d.to_string(), "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n");
+        assert_eq!(
+            d.to_string(),
+            "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n"
+        );
         assert!(diff(&running, &running).is_empty());
-        assert_eq!(diff(&Model::default(), &running).to_string().lines().next(), Some("~ global mtu (no limit) -> 1500"));
+        assert_eq!(
+            diff(&Model::default(), &running).to_string().lines().next(),
+            Some("~ global mtu (no limit) -> 1500")
+        );
         // Printed and read back.
-        for m in [running, model(&with_global("mtu = 1320\n[[service]]\nvip = \"*\"\nbackends = [{ address = \"2001:db8::1\" }]\n"))] {
+        for m in [
+            running,
+            model(&with_global("mtu = 1320\n[[service]]\nvip = \"*\"\nbackends = [{ address = \"2001:db8::1\" }]\n")),
+        ] {
             let text = to_toml(&m);
             assert!(text.contains(&format!("\nmtu = {}\n", m.global.mtu.unwrap())), "{text}");
             assert_eq!(model(&text), m);
@@ -1682,16 +1833,24 @@ backends = [
         assert_eq!(err("[global]\nmtu = 0\n"), "lb.toml:2: mtu 0 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)");
         assert_eq!(err("[global]\nmtu = -1500\n"), "lb.toml:2: mtu -1500 is below L4LB_MIN_MTU = 576 (the IPv4 datagram every host accepts, RFC 791; the balancer's ICMP answers need it)");
         assert_eq!(err("[global]\nmtu = 65536\n"), "lb.toml:2: mtu 65536 is above 65535 (the largest IPv4 packet)");
-        assert_eq!(err("[global]\nmtu = 9999999999999\n"), "lb.toml:2: mtu 9999999999999 is above 65535 (the largest IPv4 packet)");
+        assert_eq!(
+            err("[global]\nmtu = 9999999999999\n"),
+            "lb.toml:2: mtu 9999999999999 is above 65535 (the largest IPv4 packet)"
+        );
         assert_eq!(err("[global]\nmtu = \"1500\"\n"), "lb.toml:2: invalid type: string \"1500\", expected an integer");
-        assert_eq!(err("[global]\nmtu = 1500.0\n"), "lb.toml:2: invalid type: floating point `1500.0`, expected an integer");
+        assert_eq!(
+            err("[global]\nmtu = 1500.0\n"),
+            "lb.toml:2: invalid type: floating point `1500.0`, expected an integer"
+        );
     }
 
     #[test]
     fn refuses_small_mtus_with_ipv6_backends() {
         assert_eq!((MIN_MTU, MIN_MTU_IPV6_BACKENDS), (576, 1320));
         // IPv4 backends only: 576 will do.
-        let v4 = |mtu: u32| with_global(&format!("mtu = {mtu}\n[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  {{ address = \"198.18.0.101\" }},\n]\n"));
+        let v4 = |mtu: u32| {
+            with_global(&format!("mtu = {mtu}\n[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [\n  {{ address = \"198.18.0.101\" }},\n]\n"))
+        };
         assert_eq!(model(&v4(576)).global.mtu, Some(576));
         // One IPv6 backend (line 19, in the second service): 1320 at least, the error on the mtu line.
         let v6 = |mtu: u32| {
@@ -1717,7 +1876,10 @@ backends = [
     fn an_absent_hash_seed_keeps_the_running_one() {
         let running = model("[global]\nhash_seed = 7\n");
         assert!(diff(&running, &model("[global]\n")).is_empty());
-        assert_eq!(diff(&running, &model("[global]\nhash_seed = 8\n")).global, [GlobalChange::HashSeed { old: Some(7), new: 8 }]);
+        assert_eq!(
+            diff(&running, &model("[global]\nhash_seed = 8\n")).global,
+            [GlobalChange::HashSeed { old: Some(7), new: 8 }]
+        );
         assert!(diff(&running, &running).is_empty());
     }
 }

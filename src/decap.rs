@@ -15,10 +15,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
+use crate::addr::check_unicast;
 use crate::attach;
 use crate::bpf::decap_skel::L4lbDecapSkelBuilder;
 use crate::bpf::{self, consts, DecapAddr, DECAP_COUNTER_NAMES};
-use crate::addr::check_unicast;
 use crate::discover::{self, AttachedProgram, Kind, Mode};
 use crate::iface::Interface;
 use crate::libbpf_log;
@@ -51,7 +51,9 @@ pub fn addr_key(addr: IpAddr) -> DecapAddr {
 /// The address a decap_addrs key holds; None for an unknown family.
 pub fn key_addr(key: &DecapAddr) -> Option<IpAddr> {
     match u32::from(key.family) {
-        consts::L4LB_DECAP_FAMILY_IPV4 => Some(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]).into()),
+        consts::L4LB_DECAP_FAMILY_IPV4 => {
+            Some(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]).into())
+        }
         consts::L4LB_DECAP_FAMILY_IPV6 => Some(Ipv6Addr::from(key.addr).into()),
         _ => None,
     }
@@ -91,12 +93,8 @@ pub fn attach(iface: &Interface, mode: Mode, force: bool, addrs: &[IpAddr]) -> R
 
     libbpf_log::capture();
     let mut storage = MaybeUninit::uninit();
-    let open = L4lbDecapSkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the embedded l4lb decap object")?;
-    let skel = open
-        .load()
-        .map_err(|err| attach::refused(KIND.label, "", err))?;
+    let open = L4lbDecapSkelBuilder::default().open(&mut storage).context("opening the embedded l4lb decap object")?;
+    let skel = open.load().map_err(|err| attach::refused(KIND.label, "", err))?;
     for &addr in &addrs {
         skel.maps
             .decap_addrs

@@ -50,7 +50,8 @@ pub fn parse(origin: &str, bytes: &[u8]) -> Result<DestinationList> {
     let mut first_line: HashMap<Ipv4Addr, usize> = HashMap::new();
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
-        let text = std::str::from_utf8(raw).map_err(|_| anyhow::anyhow!("{origin}:{line}: not text (invalid UTF-8)"))?;
+        let text =
+            std::str::from_utf8(raw).map_err(|_| anyhow::anyhow!("{origin}:{line}: not text (invalid UTF-8)"))?;
         let row = text.split('#').next().unwrap_or("").trim();
         if row.is_empty() {
             continue;
@@ -75,12 +76,12 @@ fn parse_row(row: &str) -> std::result::Result<Destination, String> {
     let [addr_text, mac_text] = fields[..] else {
         return Err(format!("expected 2 fields `IP, MAC`, found {}", fields.len()));
     };
-    let addr: Ipv4Addr = addr_text
-        .parse()
-        .map_err(|_| format!("`{addr_text}` is not an IPv4 address"))?;
+    let addr: Ipv4Addr = addr_text.parse().map_err(|_| format!("`{addr_text}` is not an IPv4 address"))?;
     check_unicast_ipv4(addr).map_err(|why| format!("address {addr} {why}"))?;
     let mac = parse_unicast_mac(mac_text).map_err(|err| match err {
-        MacError::Unreadable => format!("`{mac_text}` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)"),
+        MacError::Unreadable => {
+            format!("`{mac_text}` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)")
+        }
         MacError::NotUnicast(mac) => format!("MAC {mac} is not a unicast address"),
     })?;
     Ok(Destination { addr, mac })
@@ -110,11 +111,20 @@ mod tests {
 
     #[test]
     fn names_file_line_and_problem() {
-        assert_eq!(err("10.0.0.1, 02:00:00:00:00:01\n10.0.0.300, 02:00:00:00:00:02\n"), "d.csv:2: `10.0.0.300` is not an IPv4 address");
-        assert_eq!(err("10.0.0.1, 02:00:00:00:00:zz\n"), "d.csv:1: `02:00:00:00:00:zz` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)");
+        assert_eq!(
+            err("10.0.0.1, 02:00:00:00:00:01\n10.0.0.300, 02:00:00:00:00:02\n"),
+            "d.csv:2: `10.0.0.300` is not an IPv4 address"
+        );
+        assert_eq!(
+            err("10.0.0.1, 02:00:00:00:00:zz\n"),
+            "d.csv:1: `02:00:00:00:00:zz` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)"
+        );
         assert_eq!(err("10.0.0.1\n"), "d.csv:1: expected 2 fields `IP, MAC`, found 1");
         assert_eq!(err("10.0.0.1, 02:00:00:00:00:01, x\n"), "d.csv:1: expected 2 fields `IP, MAC`, found 3");
-        assert_eq!(err("# c\n\n10.0.0.1, 02:00:00:00:00:01\n10.0.0.1, 02:00:00:00:00:02\n"), "d.csv:4: destination 10.0.0.1 is already listed on line 3");
+        assert_eq!(
+            err("# c\n\n10.0.0.1, 02:00:00:00:00:01\n10.0.0.1, 02:00:00:00:00:02\n"),
+            "d.csv:4: destination 10.0.0.1 is already listed on line 3"
+        );
         assert_eq!(err("224.0.0.1, 02:00:00:00:00:01\n"), "d.csv:1: address 224.0.0.1 is multicast");
         assert_eq!(err("0.0.0.0, 02:00:00:00:00:01\n"), "d.csv:1: address 0.0.0.0 is unspecified (0.0.0.0)");
         assert_eq!(err("10.0.0.1, 01:00:5e:00:00:01\n"), "d.csv:1: MAC 01:00:5E:00:00:01 is not a unicast address");

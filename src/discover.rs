@@ -3,7 +3,7 @@
 //! `ip link set dev DEV xdpdrv obj l4lb_xdp.o sec xdp` are handled the same.
 
 use std::fmt;
-use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::XdpFlags;
@@ -100,10 +100,7 @@ pub fn attached_programs(iface: &Interface) -> Result<Vec<AttachedProgram>> {
             .with_context(|| format!("{}: querying attached XDP programs", iface.name));
     }
     let ids = [(Mode::Driver, opts.drv_prog_id), (Mode::Generic, opts.skb_prog_id), (Mode::Offload, opts.hw_prog_id)];
-    ids.into_iter()
-        .filter(|&(_, id)| id != 0)
-        .map(|(mode, id)| program_info(id, mode))
-        .collect()
+    ids.into_iter().filter(|&(_, id)| id != 0).map(|(mode, id)| program_info(id, mode)).collect()
 }
 
 fn program_info(id: u32, mode: Mode) -> Result<AttachedProgram> {
@@ -115,7 +112,11 @@ fn program_info(id: u32, mode: Mode) -> Result<AttachedProgram> {
     // SAFETY: fd was just returned to us and is owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut map_ids = vec![0u32; 64];
-    let mut info = libbpf_sys::bpf_prog_info { nr_map_ids: map_ids.len() as u32, map_ids: map_ids.as_mut_ptr() as u64, ..Default::default() };
+    let mut info = libbpf_sys::bpf_prog_info {
+        nr_map_ids: map_ids.len() as u32,
+        map_ids: map_ids.as_mut_ptr() as u64,
+        ..Default::default()
+    };
     let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
     // SAFETY: info points to a bpf_prog_info of `len` bytes whose map_ids buffer holds nr_map_ids entries.
     let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };

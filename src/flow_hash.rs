@@ -67,18 +67,26 @@ pub fn scale(hash: u32, size: usize) -> usize {
 /// of its five little-endian words, times L4LB_VIP_HASH_MUL (wrapping), top
 /// L4LB_VIP_BITS bits.
 pub fn vip_home(key: &[u8; 20]) -> u32 {
-    let fold = key.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).fold(0, |acc, w| acc ^ w);
+    let fold =
+        key.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).fold(0, |acc, w| acc ^ w);
     fold.wrapping_mul(VIP_HASH_MUL) >> (32 - VIP_BITS)
 }
 
 fn finish(a: &mut u32, b: &mut u32, c: &mut u32) {
-    *c ^= *b; *c = c.wrapping_sub(b.rotate_left(14));
-    *a ^= *c; *a = a.wrapping_sub(c.rotate_left(11));
-    *b ^= *a; *b = b.wrapping_sub(a.rotate_left(25));
-    *c ^= *b; *c = c.wrapping_sub(b.rotate_left(16));
-    *a ^= *c; *a = a.wrapping_sub(c.rotate_left(4));
-    *b ^= *a; *b = b.wrapping_sub(a.rotate_left(14));
-    *c ^= *b; *c = c.wrapping_sub(b.rotate_left(24));
+    *c ^= *b;
+    *c = c.wrapping_sub(b.rotate_left(14));
+    *a ^= *c;
+    *a = a.wrapping_sub(c.rotate_left(11));
+    *b ^= *a;
+    *b = b.wrapping_sub(a.rotate_left(25));
+    *c ^= *b;
+    *c = c.wrapping_sub(b.rotate_left(16));
+    *a ^= *c;
+    *a = a.wrapping_sub(c.rotate_left(4));
+    *b ^= *a;
+    *b = b.wrapping_sub(a.rotate_left(14));
+    *c ^= *b;
+    *c = c.wrapping_sub(b.rotate_left(24));
 }
 
 /// The kernel's jhash_3words(): one final mix, no mixing round.
@@ -95,12 +103,24 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn mix(a: &mut u32, b: &mut u32, c: &mut u32) {
-        *a = a.wrapping_sub(*c); *a ^= c.rotate_left(4); *c = c.wrapping_add(*b);
-        *b = b.wrapping_sub(*a); *b ^= a.rotate_left(6); *a = a.wrapping_add(*c);
-        *c = c.wrapping_sub(*b); *c ^= b.rotate_left(8); *b = b.wrapping_add(*a);
-        *a = a.wrapping_sub(*c); *a ^= c.rotate_left(16); *c = c.wrapping_add(*b);
-        *b = b.wrapping_sub(*a); *b ^= a.rotate_left(19); *a = a.wrapping_add(*c);
-        *c = c.wrapping_sub(*b); *c ^= b.rotate_left(4); *b = b.wrapping_add(*a);
+        *a = a.wrapping_sub(*c);
+        *a ^= c.rotate_left(4);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a);
+        *b ^= a.rotate_left(6);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b);
+        *c ^= b.rotate_left(8);
+        *b = b.wrapping_add(*a);
+        *a = a.wrapping_sub(*c);
+        *a ^= c.rotate_left(16);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a);
+        *b ^= a.rotate_left(19);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b);
+        *c ^= b.rotate_left(4);
+        *b = b.wrapping_add(*a);
     }
 
     /// The kernel's jhash2() over four words: not the flow hash any more, kept

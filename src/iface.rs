@@ -19,7 +19,10 @@ fn name_problem(name: &str) -> Option<String> {
         Some("it is empty".into())
     } else if name.len() >= nix::libc::IFNAMSIZ {
         Some(format!("{} bytes: at most {}", name.len(), nix::libc::IFNAMSIZ - 1))
-    } else if name == "." || name == ".." || name.contains(|c: char| c == '/' || c == ':' || c == '\0' || c.is_whitespace()) {
+    } else if name == "."
+        || name == ".."
+        || name.contains(|c: char| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
         Some("no `/`, `:`, blanks, `.` or `..`".into())
     } else {
         None
@@ -32,10 +35,14 @@ fn name_problem(name: &str) -> Option<String> {
 pub fn current_netns() -> String {
     use std::os::unix::fs::MetadataExt;
     let Ok(own) = std::fs::metadata("/proc/self/ns/net") else { return "this network namespace".into() };
-    let same = |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino());
+    let same =
+        |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino());
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        let mut names: Vec<String> =
-            entries.flatten().filter(|e| same(&e.path())).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| same(&e.path()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         if let Some(name) = names.first() {
             return format!("network namespace `{name}`");

@@ -147,7 +147,13 @@ pub fn populate(backends: &[Backend], size: usize) -> Result<Vec<u32>, Error> {
         .filter(|&i| backends[i].weight > 0)
         .map(|i| {
             let (offset, skip) = offset_skip(&backends[i].id, size);
-            Filler { index: i as u32, weight: u64::from(backends[i].weight), credit: max_weight / 2, next: offset, skip }
+            Filler {
+                index: i as u32,
+                weight: u64::from(backends[i].weight),
+                credit: max_weight / 2,
+                next: offset,
+                skip,
+            }
         })
         .collect();
 
@@ -186,12 +192,7 @@ pub fn offset_skip(id: &[u8], size: usize) -> (u64, u64) {
 /// update needs. Both tables have the same size.
 pub fn diff(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
     assert_eq!(old.len(), new.len(), "tables of different sizes");
-    old.iter()
-        .zip(new)
-        .enumerate()
-        .filter(|(_, (o, n))| o != n)
-        .map(|(slot, (_, &n))| (slot as u32, n))
-        .collect()
+    old.iter().zip(new).enumerate().filter(|(_, (o, n))| o != n).map(|(slot, (_, &n))| (slot as u32, n)).collect()
 }
 
 /// Replaces each index of `table` by `numbers[index]` (e.g. the datapath's
@@ -239,10 +240,20 @@ pub fn siphash24(k0: u64, k1: u64, data: &[u8]) -> u64 {
         k1 ^ 0x7465_6462_7974_6573,
     ];
     fn round(v: &mut [u64; 4]) {
-        v[0] = v[0].wrapping_add(v[1]); v[1] = v[1].rotate_left(13); v[1] ^= v[0]; v[0] = v[0].rotate_left(32);
-        v[2] = v[2].wrapping_add(v[3]); v[3] = v[3].rotate_left(16); v[3] ^= v[2];
-        v[0] = v[0].wrapping_add(v[3]); v[3] = v[3].rotate_left(21); v[3] ^= v[0];
-        v[2] = v[2].wrapping_add(v[1]); v[1] = v[1].rotate_left(17); v[1] ^= v[2]; v[2] = v[2].rotate_left(32);
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13);
+        v[1] ^= v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16);
+        v[3] ^= v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21);
+        v[3] ^= v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17);
+        v[1] ^= v[2];
+        v[2] = v[2].rotate_left(32);
     }
     fn compress(v: &mut [u64; 4], m: u64) {
         v[3] ^= m;
@@ -379,7 +390,10 @@ mod tests {
         let shares = shares(&table, 32);
         let mean = 1.0 / 32.0;
         let deviation = shares.iter().map(|s| (s - mean).abs() / mean).fold(0.0, f64::max);
-        eprintln!("maglev: 32 equal backends: slots {min}..{max}, max flow-share deviation from mean {:.2}%", deviation * 100.0);
+        eprintln!(
+            "maglev: 32 equal backends: slots {min}..{max}, max flow-share deviation from mean {:.2}%",
+            deviation * 100.0
+        );
         assert!(deviation <= 0.02, "max deviation {deviation}");
     }
 
@@ -404,7 +418,11 @@ mod tests {
         let more = equal(33);
         let after = populate(&more, TABLE_SIZE).unwrap();
         let fraction = moved(&before, &all, &after, &more);
-        eprintln!("maglev: adding a 33rd backend moves {:.3}% of flows (1/33 = {:.3}%)", fraction * 100.0, 100.0 / 33.0);
+        eprintln!(
+            "maglev: adding a 33rd backend moves {:.3}% of flows (1/33 = {:.3}%)",
+            fraction * 100.0,
+            100.0 / 33.0
+        );
         assert!(fraction <= 1.0 / 33.0 + 0.01, "moved {fraction}");
     }
 

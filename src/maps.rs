@@ -12,7 +12,10 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use crate::apply::{self, MapId, Snapshot, VipEntry};
 use std::collections::BTreeMap;
 
-use crate::bpf::{self, Backend, Config, FlowKey, FlowPin, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, TABLE_ENTRY_SLOTS, VIP_SLOTS};
+use crate::bpf::{
+    self, Backend, Config, FlowKey, FlowPin, Traffic, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, TABLE_ENTRY_SLOTS,
+    VIP_SLOTS,
+};
 use crate::discover::AttachedProgram;
 use crate::state::Running;
 
@@ -43,18 +46,17 @@ impl<'a> ProgramMaps<'a> {
     pub fn open(program: &'a AttachedProgram) -> Result<Self> {
         let mut handles = Vec::new();
         for &id in &program.map_ids {
-            let handle = MapHandle::from_map_id(id).with_context(|| format!("opening map id {id} of program {program}"))?;
+            let handle =
+                MapHandle::from_map_id(id).with_context(|| format!("opening map id {id} of program {program}"))?;
             handles.push(handle);
         }
         Ok(ProgramMaps { program, handles })
     }
 
     pub fn take(&mut self, name: &str) -> Result<MapHandle> {
-        let position = self
-            .handles
-            .iter()
-            .position(|h| h.name().to_string_lossy() == name)
-            .ok_or_else(|| anyhow!("program {} has no map `{name}`: not an l4lb object of this version", self.program))?;
+        let position = self.handles.iter().position(|h| h.name().to_string_lossy() == name).ok_or_else(|| {
+            anyhow!("program {} has no map `{name}`: not an l4lb object of this version", self.program)
+        })?;
         Ok(self.handles.swap_remove(position))
     }
 }
@@ -75,10 +77,7 @@ pub fn check_shape(map: &MapHandle, value_size: usize, entries: usize) -> Result
 pub fn read_u64_counters(map: &MapHandle, count: usize) -> Result<Vec<u64>> {
     (0..count as u32)
         .map(|index| {
-            Ok(lookup_counter(map, index)?
-                .iter()
-                .map(|bytes| bpf::value_from::<u64>(bytes).unwrap_or(0))
-                .sum())
+            Ok(lookup_counter(map, index)?.iter().map(|bytes| bpf::value_from::<u64>(bytes).unwrap_or(0)).sum())
         })
         .collect()
 }
@@ -107,7 +106,11 @@ impl LbMaps {
         check_shape(&self.vips, size_of::<VipEntry>(), VIP_SLOTS)?;
         check_shape(&self.services, size_of::<bpf::Service>(), MAX_SERVICES)?;
         // Offloaded, the tables map is loaded smaller (attach.rs).
-        let tables = if self.tables.max_entries() == bpf::table_entries(MAX_SERVICES) { MAX_SERVICES } else { bpf::OFFLOAD_MAX_SERVICES };
+        let tables = if self.tables.max_entries() == bpf::table_entries(MAX_SERVICES) {
+            MAX_SERVICES
+        } else {
+            bpf::OFFLOAD_MAX_SERVICES
+        };
         check_shape(&self.tables, size_of::<u32>() * TABLE_ENTRY_SLOTS, bpf::table_entries(tables) as usize)?;
         check_shape(&self.backends, size_of::<Backend>(), MAX_BACKENDS)?;
         check_shape(&self.be_stats, size_of::<Traffic>(), MAX_BACKENDS)?;
@@ -165,7 +168,8 @@ impl LbMaps {
             .map(|c| bpf::value_from(c).expect("value size checked"))
             .collect();
         let mut snapshot = apply::decode(config, vips, &services, &backends, read_table)?;
-        snapshot.service_tables = (self.tables.max_entries() as usize * TABLE_ENTRY_SLOTS / MAGLEV_SIZE).min(MAX_SERVICES);
+        snapshot.service_tables =
+            (self.tables.max_entries() as usize * TABLE_ENTRY_SLOTS / MAGLEV_SIZE).min(MAX_SERVICES);
         snapshot.tick = tick()?;
         Ok(snapshot)
     }
@@ -308,8 +312,9 @@ fn read_traffic(map: &MapHandle, count: usize) -> Result<Vec<Traffic>> {
 fn sum_traffic<'a>(map: &MapHandle, index: u32, parts: impl Iterator<Item = &'a [u8]>) -> Result<Traffic> {
     let mut total = Traffic::default();
     for bytes in parts {
-        let part: Traffic = bpf::value_from(bytes)
-            .ok_or_else(|| anyhow!("map `{}`: entry {index} is shorter than packets and bytes", map.name().to_string_lossy()))?;
+        let part: Traffic = bpf::value_from(bytes).ok_or_else(|| {
+            anyhow!("map `{}`: entry {index} is shorter than packets and bytes", map.name().to_string_lossy())
+        })?;
         total.packets = total.packets.wrapping_add(part.packets);
         total.bytes = total.bytes.wrapping_add(part.bytes);
     }
@@ -426,7 +431,10 @@ fn lookup_batch_range(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u8>
 }
 
 fn read_u32s(map: &MapHandle, start: u32, count: u32) -> Result<Vec<u32>> {
-    Ok(read_array(map, start, count)?.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
+    Ok(read_array(map, start, count)?
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")))
+        .collect())
 }
 
 /// Slot words `start .. start + count` of l4lb_tables, whose entries hold
@@ -517,7 +525,9 @@ pub fn walk_flows(map: &MapHandle, mut each: impl FnMut(&FlowKey, &FlowPin)) -> 
         Some(seen) => Ok(seen),
         None => walk_keys(
             |previous| next_key(map, previous),
-            |key| map.lookup(key, MapFlags::ANY).with_context(|| format!("reading an entry of map `{}`", bpf::MAP_FLOWS)),
+            |key| {
+                map.lookup(key, MapFlags::ANY).with_context(|| format!("reading an entry of map `{}`", bpf::MAP_FLOWS))
+            },
             2 * map.max_entries() as usize + 1024,
             &mut parse,
         ),
@@ -544,7 +554,8 @@ fn walk_batches(map: &MapHandle, each: &mut impl FnMut(&[u8], &[u8])) -> Result<
     loop {
         let mut n = capacity;
         let mut out_token: u32 = 0;
-        let in_token: *mut std::ffi::c_void = if first { std::ptr::null_mut() } else { (&mut token as *mut u32).cast() };
+        let in_token: *mut std::ffi::c_void =
+            if first { std::ptr::null_mut() } else { (&mut token as *mut u32).cast() };
         // SAFETY: keys and values have room for `capacity` entries of their sizes.
         let rc = unsafe {
             libbpf_sys::bpf_map_lookup_batch(
@@ -594,7 +605,8 @@ fn next_key(map: &MapHandle, previous: Option<&[u8]>) -> Result<Option<Vec<u8>>>
     let mut next = vec![0u8; map.key_size() as usize];
     let previous = previous.map_or(std::ptr::null(), <[u8]>::as_ptr);
     // SAFETY: previous is null or a key of the map's key size, next has room for one.
-    let rc = unsafe { libbpf_sys::bpf_map_get_next_key(map.as_fd().as_raw_fd(), previous.cast(), next.as_mut_ptr().cast()) };
+    let rc =
+        unsafe { libbpf_sys::bpf_map_get_next_key(map.as_fd().as_raw_fd(), previous.cast(), next.as_mut_ptr().cast()) };
     match -rc {
         0 => Ok(Some(next)),
         nix::libc::ENOENT => Ok(None),

@@ -68,11 +68,7 @@ impl Running {
     pub fn model(&self) -> config::Model {
         config::Model {
             global: self.global.clone(),
-            services: self
-                .services
-                .iter()
-                .map(RunningService::model)
-                .collect(),
+            services: self.services.iter().map(RunningService::model).collect(),
         }
     }
 

@@ -73,9 +73,16 @@ impl Sample {
                 let backends = service
                     .backends
                     .iter()
-                    .map(|b| Ok(BackendSample { number: b.number, backend: b.backend, counts: backend_counts(b.number)? }))
+                    .map(|b| {
+                        Ok(BackendSample { number: b.number, backend: b.backend, counts: backend_counts(b.number)? })
+                    })
                     .collect::<Result<_>>()?;
-                Ok(ServiceSample { number: service.number, key: service.key, counts: service_counts(service.number)?, backends })
+                Ok(ServiceSample {
+                    number: service.number,
+                    key: service.key,
+                    counts: service_counts(service.number)?,
+                    backends,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Sample { services, counters })
@@ -134,7 +141,9 @@ impl From<&ServiceKey> for ServiceId {
     fn from(key: &ServiceKey) -> Self {
         match *key {
             ServiceKey::CatchAll => ServiceId { vip: "*".into(), protocol: "any", port: 0 },
-            ServiceKey::Vip { addr, protocol, port } => ServiceId { vip: addr.to_string(), protocol: protocol.name(), port },
+            ServiceKey::Vip { addr, protocol, port } => {
+                ServiceId { vip: addr.to_string(), protocol: protocol.name(), port }
+            }
         }
     }
 }
@@ -221,7 +230,11 @@ pub fn report(mode: Mode, before: &Sample, now: &Sample, elapsed: Duration) -> R
                     number: b.number,
                     addr: b.backend.addr,
                     weight: b.backend.weight,
-                    traffic: traffic(b.counts, backends_before.get(&(b.number, s.key, b.backend.addr)).copied(), seconds),
+                    traffic: traffic(
+                        b.counts,
+                        backends_before.get(&(b.number, s.key, b.backend.addr)).copied(),
+                        seconds,
+                    ),
                 })
                 .collect(),
             key: s.key,
@@ -250,7 +263,10 @@ pub fn report(mode: Mode, before: &Sample, now: &Sample, elapsed: Duration) -> R
 }
 
 /// `{name: value}` in the order of `names`.
-fn named<T: Into<serde_json::Value>>(names: &[&str], values: impl Iterator<Item = T>) -> serde_json::Map<String, serde_json::Value> {
+fn named<T: Into<serde_json::Value>>(
+    names: &[&str],
+    values: impl Iterator<Item = T>,
+) -> serde_json::Map<String, serde_json::Value> {
     names.iter().zip(values).map(|(name, value)| (name.to_string(), value.into())).collect()
 }
 
@@ -311,7 +327,6 @@ pub fn thousands(value: f64) -> String {
     (value.max(0.0).round() as u64).to_formatted_string(&Locale::en)
 }
 
-
 /// The statistics screen: one row per service with its backends below it
 /// (weight, rates, totals), the totals over all services, then the global
 /// counters (drop counters only when not zero) with their rates.
@@ -351,7 +366,11 @@ pub fn render_table(report: &Report) -> String {
             continue;
         }
         let rate = report.counter_rates.get(name).and_then(|r| r.as_f64()).unwrap_or(0.0);
-        counters.add_row(vec![Cell::new(name), Cell::new(total.to_formatted_string(&Locale::en)), Cell::new(thousands(rate))]);
+        counters.add_row(vec![
+            Cell::new(name),
+            Cell::new(total.to_formatted_string(&Locale::en)),
+            Cell::new(thousands(rate)),
+        ]);
     }
     for column in 1..3 {
         if let Some(column) = counters.column_mut(column) {
@@ -426,7 +445,10 @@ mod tests {
 
     #[test]
     fn sample_follows_the_running_state() {
-        let r = running(&[(0, ServiceKey::CatchAll, vec![backend(5, 9, 1)]), (2, vip(10, 80), vec![backend(1, 1, 1), backend(7, 2, 3)])]);
+        let r = running(&[
+            (0, ServiceKey::CatchAll, vec![backend(5, 9, 1)]),
+            (2, vip(10, 80), vec![backend(1, 1, 1), backend(7, 2, 3)]),
+        ]);
         let s = sample(&r, &[(2, 40)], &[(7, 30), (1, 10)], 0);
         assert_eq!(s.backend_count(), 3);
         assert_eq!(s.services[1].number, 2);
@@ -438,7 +460,10 @@ mod tests {
 
     #[test]
     fn rates_are_deltas_over_the_interval() {
-        let r = running(&[(0, ServiceKey::CatchAll, vec![backend(5, 9, 1)]), (2, vip(10, 80), vec![backend(1, 1, 1), backend(7, 2, 3)])]);
+        let r = running(&[
+            (0, ServiceKey::CatchAll, vec![backend(5, 9, 1)]),
+            (2, vip(10, 80), vec![backend(1, 1, 1), backend(7, 2, 3)]),
+        ]);
         let before = sample(&r, &[(0, 100), (2, 1_000)], &[(5, 100), (1, 400), (7, 600)], 1_100);
         let now = sample(&r, &[(0, 300), (2, 4_000)], &[(5, 300), (1, 1_400), (7, 2_600)], 4_400);
         let report = report(Mode::Driver, &before, &now, Duration::from_millis(2000));
@@ -471,13 +496,21 @@ mod tests {
         let report = report(Mode::Generic, &before, &now, Duration::from_secs(1));
         let https = &report.services[0];
         assert_eq!((https.number, https.service.as_str()), (2, "203.0.113.10:443/tcp"));
-        assert_eq!((https.traffic.packets, https.traffic.pps, https.traffic.bps), (6_000, 0.0, 0.0), "number reused: no rate");
+        assert_eq!(
+            (https.traffic.packets, https.traffic.pps, https.traffic.bps),
+            (6_000, 0.0, 0.0),
+            "number reused: no rate"
+        );
         assert_eq!(https.backends[0].traffic.pps, 0.0, "backend number reused for another address: no rate");
         let web = &report.services[1];
         assert_eq!(web.traffic.pps, 0.0, "service moved to another number: new");
         assert_eq!(web.backends[0].traffic.pps, 10.0, "same backend, counters went back: restarted from 0");
         assert_eq!(web.backends[1].traffic.pps, 0.0, "new backend number");
-        for traffic in report.services.iter().flat_map(|s| std::iter::once(&s.traffic).chain(s.backends.iter().map(|b| &b.traffic))) {
+        for traffic in report
+            .services
+            .iter()
+            .flat_map(|s| std::iter::once(&s.traffic).chain(s.backends.iter().map(|b| &b.traffic)))
+        {
             assert!(traffic.pps >= 0.0 && traffic.bps >= 0.0 && traffic.pps < 1e6);
         }
         // The global counters restart too (a counter that went back).
@@ -534,7 +567,8 @@ mod tests {
 
     #[test]
     fn json_line_has_the_documented_shape() {
-        let v6: ServiceKey = ServiceKey::Vip { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, port: 0 };
+        let v6: ServiceKey =
+            ServiceKey::Vip { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, port: 0 };
         let r = running(&[(0, ServiceKey::CatchAll, vec![]), (4, v6, vec![backend(9, 57, 2)])]);
         let before = sample(&r, &[], &[], 0);
         let now = sample(&r, &[(4, 3)], &[(9, 3)], 3);

@@ -277,7 +277,11 @@ impl PinCounter {
         }
         for fragment in &running.fragments {
             let (family, addr) = addr_bytes(fragment.addr);
-            counter.destinations.entry((addr, family, ip_protocol(fragment.protocol))).or_default().push(fragment.service);
+            counter
+                .destinations
+                .entry((addr, family, ip_protocol(fragment.protocol)))
+                .or_default()
+                .push(fragment.service);
         }
         counter
     }
@@ -292,7 +296,12 @@ impl PinCounter {
         // Source and destination port as on the wire: the destination port is the second half.
         let bytes = key.ports.to_ne_bytes();
         let port = u16::from_be_bytes([bytes[2], bytes[3]]);
-        let service = self.vips.get(&(destination, port)).or_else(|| self.vips.get(&(destination, 0))).copied().or(self.catch_all);
+        let service = self
+            .vips
+            .get(&(destination, port))
+            .or_else(|| self.vips.get(&(destination, 0)))
+            .copied()
+            .or(self.catch_all);
         service == Some(number)
     }
 
@@ -656,7 +665,10 @@ mod tests {
             udp_grace: 30,
             changed: 1000,
             transitions: BTreeMap::from([(1, 3), (2, 3), (4, 3)]),
-            backends: vec![backend(3, "198.18.0.101", Some([2, 0, 0xc6, 0x12, 0, 0x65]), 1), backend(4, "198.18.0.102", None, 2)],
+            backends: vec![
+                backend(3, "198.18.0.101", Some([2, 0, 0xc6, 0x12, 0, 0x65]), 1),
+                backend(4, "198.18.0.102", None, 2),
+            ],
             table: vec![3, 4, 4, 3, 4, 4, 3, 4, 4, SLOT_EMPTY],
         };
         // A damaged table: 2 slots name backend 3 (of another service).
@@ -683,10 +695,25 @@ mod tests {
             seed_fixed: false,
             services: vec![web, dns],
             fragments: vec![
-                RunningFragment { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, service: 1, entry: 523 },
+                RunningFragment {
+                    addr: "203.0.113.10".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    service: 1,
+                    entry: 523,
+                },
                 // An entry naming a service number nothing runs (an interrupted apply).
-                RunningFragment { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Tcp, service: 9, entry: 78 },
-                RunningFragment { addr: "2001:db8::10".parse().unwrap(), protocol: Protocol::Udp, service: 2, entry: 77 },
+                RunningFragment {
+                    addr: "2001:db8::10".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    service: 9,
+                    entry: 78,
+                },
+                RunningFragment {
+                    addr: "2001:db8::10".parse().unwrap(),
+                    protocol: Protocol::Udp,
+                    service: 2,
+                    entry: 77,
+                },
             ],
         };
         (program, running)
@@ -749,7 +776,12 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         running.services[1].idle_timeout = 10;
         let text = render(&build(&program, &running, None));
         assert!(text.contains("\nService 203.0.113.10:80/tcp, number 1: 2 backends, udp_grace 5 s\n"), "\n{text}");
-        assert!(text.contains("number 2: 1 backend, UDP flows hash addresses only, flows not tracked (table changes move them)\n"), "\n{text}");
+        assert!(
+            text.contains(
+                "number 2: 1 backend, UDP flows hash addresses only, flows not tracked (table changes move them)\n"
+            ),
+            "\n{text}"
+        );
     }
 
     #[test]
@@ -759,20 +791,39 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
         assert!(text.contains("Hash seed:     not set (chosen at the first `l4lb apply`)\n"), "{text}");
         assert!(text.contains("MTU:           no limit\n"), "{text}");
         assert!(text.contains("Fragments:     no entries\n"), "{text}");
-        assert!(text.ends_with("Services:      0, 0 backends\nNo services: every packet goes to the stack\n"), "{text}");
+        assert!(
+            text.ends_with("Services:      0, 0 backends\nNo services: every packet goes to the stack\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn json_has_the_documented_shape() {
         let (program, running) = example();
-        let value: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
         let keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
             [
-                "interface", "ifindex", "program", "program_id", "mode", "per_cpu_counters", "hash_seed", "seed_fixed",
-                "source_v4", "source_v6", "gateway_mac", "mtu", "vips", "vip_probes", "fragments", "flow_table",
-                "tick", "services"
+                "interface",
+                "ifindex",
+                "program",
+                "program_id",
+                "mode",
+                "per_cpu_counters",
+                "hash_seed",
+                "seed_fixed",
+                "source_v4",
+                "source_v6",
+                "gateway_mac",
+                "mtu",
+                "vips",
+                "vip_probes",
+                "fragments",
+                "flow_table",
+                "tick",
+                "services"
             ]
         );
         assert_eq!(value["mode"], "driver");
@@ -845,7 +896,8 @@ Table: 10 slots, 0 unset, 2 naming no backend of the service (table damaged: app
             text.contains("\nTick:          1000, written 60 s ago (by an apply or `l4lb settle`); slots are in transition and no sweep ran for 60 s: transitions end only while `l4lb settle -i l4lb-doc0 --every 5` runs\n"),
             "{text}"
         );
-        let json: serde_json::Value = serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
         assert_eq!(json["tick"], serde_json::json!({"clock": 1000, "age": 60}));
     }
 
@@ -1030,10 +1082,15 @@ Service [2001:db8::10]:53/udp";
         assert!(text.contains("\nFlow table:    hash, 65,536 entries (no eviction)\n"), "{text}");
         let counts = FlowCounts { entries: 12345, stale: 0, pinned: HashMap::new() };
         let text = render(&build(&program, &running, Some(&counts)));
-        assert!(text.contains("\nFlow table:    hash, 65,536 entries (no eviction), 12,345 in use (0 stale)\n"), "{text}");
+        assert!(
+            text.contains("\nFlow table:    hash, 65,536 entries (no eviction), 12,345 in use (0 stale)\n"),
+            "{text}"
+        );
         let value: serde_json::Value =
             serde_json::from_str(&crate::stats::render_json(&build(&program, &running, None))).unwrap();
         assert_eq!(value["flow_table"]["type"], "hash");
-        assert!(value["services"][0].get("pinned").is_none() && value["services"][0]["backends"][0].get("pinned").is_none());
+        assert!(
+            value["services"][0].get("pinned").is_none() && value["services"][0]["backends"][0].get("pinned").is_none()
+        );
     }
 }

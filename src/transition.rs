@@ -21,7 +21,10 @@ pub enum Slot {
     Steady(u32),
     /// New flows to `current`, flows from before the change to `previous`
     /// (pins decide for the flows that have one).
-    Transition { current: u32, previous: u32 },
+    Transition {
+        current: u32,
+        previous: u32,
+    },
 }
 
 impl Slot {
@@ -90,11 +93,7 @@ pub fn split(words: &[u32]) -> (Vec<u32>, BTreeMap<u32, u32>) {
 
 /// The words of a table from its current numbers and transitions.
 pub fn join(current: &[u32], previous: &BTreeMap<u32, u32>) -> Vec<u32> {
-    current
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| Slot::of(c, previous.get(&(i as u32)).copied()).encode())
-        .collect()
+    current.iter().enumerate().map(|(i, &c)| Slot::of(c, previous.get(&(i as u32)).copied()).encode()).collect()
 }
 
 /// What an apply makes of a slot of a tracked service: `old` as it was,
@@ -173,7 +172,12 @@ pub struct Sweep {
 /// its pins that name another backend than the current one is still alive:
 /// then its remaining pins go with it. Pins of slots not in transition are
 /// stale (left over from a transition that ended while a packet wrote one).
-pub fn sweep(tick: u32, slots: &BTreeMap<u32, (u32, u32)>, services: &BTreeMap<u32, ServiceClock>, pins: &[PinView]) -> Sweep {
+pub fn sweep(
+    tick: u32,
+    slots: &BTreeMap<u32, (u32, u32)>,
+    services: &BTreeMap<u32, ServiceClock>,
+    pins: &[PinView],
+) -> Sweep {
     let mut out = Sweep::default();
     let mut held: BTreeSet<u32> = BTreeSet::new();
     let mut alive: Vec<usize> = Vec::new();
@@ -212,7 +216,13 @@ mod tests {
 
     #[test]
     fn words_round_trip_and_steady_words_are_bare_numbers() {
-        for slot in [Slot::Empty, Slot::Steady(0), Slot::Steady(32767), Slot::Transition { current: 7, previous: 32767 }, Slot::Transition { current: 32767, previous: 0 }] {
+        for slot in [
+            Slot::Empty,
+            Slot::Steady(0),
+            Slot::Steady(32767),
+            Slot::Transition { current: 7, previous: 32767 },
+            Slot::Transition { current: 32767, previous: 0 },
+        ] {
             assert_eq!(Slot::decode(slot.encode()), slot);
         }
         assert_eq!(Slot::Steady(12).encode(), 12);

@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result as AnyResult;
-use common::services::{plan_as_applied, predict, probes, same_snapshot, table_addresses, Probe, Program, Verdict, PROTO_TCP, PROTO_UDP};
+use common::services::{
+    plan_as_applied, predict, probes, same_snapshot, table_addresses, Probe, Program, Verdict, PROTO_TCP, PROTO_UDP,
+};
 use common::{fail, in_netns, ip, run, Outcome, TestResult};
 use l4lb::apply::{self, Faulty, Io, MapId, Snapshot};
 use l4lb::bpf::MAGLEV_SIZE;
@@ -70,7 +72,19 @@ impl Balancer {
         ip(&["netns", "add", &b.ns])?;
         // No IPv6 in the kernel's stack: no router solicitations or MLD reports
         // among the counters (the datapath's IPv6 is exercised by test runs).
-        run("ip", &["netns", "exec", &b.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]).success()?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &b.ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )
+        .success()?;
         let peer = format!("{PREFIX}-a{n}p");
         ip(&["-n", &b.ns, "link", "add", &b.dev, "type", "veth", "peer", "name", &peer])?;
         ip(&["-n", &b.ns, "addr", "add", "192.0.2.2/24", "dev", &b.dev])?;
@@ -227,7 +241,12 @@ fn model_of(text: &str) -> TestResult<Model> {
 
 /// Every probe through the attached program lands where the running state
 /// says; returns the verdicts.
-fn check_datapath(what: &str, program: &Program, running: &l4lb::state::Running, probes: &[Probe]) -> TestResult<Vec<Verdict>> {
+fn check_datapath(
+    what: &str,
+    program: &Program,
+    running: &l4lb::state::Running,
+    probes: &[Probe],
+) -> TestResult<Vec<Verdict>> {
     let mut out = Vec::with_capacity(probes.len());
     for p in probes {
         let got = program.verdict(p)?;
@@ -252,14 +271,35 @@ fn apply_then_config_round_trips() -> TestResult {
     let out = out.success()?;
     let plan = apply::plan(&empty, &wanted, 0)?;
     let applied = format!("{}: applied ({} map writes, {} table slots)\n", b.dev, plan.writes(), plan.slots_written());
-    ensure!(out.stdout == format!("{}{applied}", plan.diff), "apply printed:\n{}\nexpected:\n{}{applied}", out.stdout, plan.diff);
-    ensure!(plan.slots_written() == 5 * MAGLEV_SIZE, "a first apply of 5 services wrote {} slots", plan.slots_written());
-    for line in ["+ service * (2 backends)", "+ service 203.0.113.10:80/tcp (4 backends)", "    hash_ports false", "+ service [2001:db8::10]:*/udp (1 backend)", "    + 198.18.0.104 mac gateway weight 0", "services: 5 added, 0 removed, 0 changed; global: 3 changed"] {
+    ensure!(
+        out.stdout == format!("{}{applied}", plan.diff),
+        "apply printed:\n{}\nexpected:\n{}{applied}",
+        out.stdout,
+        plan.diff
+    );
+    ensure!(
+        plan.slots_written() == 5 * MAGLEV_SIZE,
+        "a first apply of 5 services wrote {} slots",
+        plan.slots_written()
+    );
+    for line in [
+        "+ service * (2 backends)",
+        "+ service 203.0.113.10:80/tcp (4 backends)",
+        "    hash_ports false",
+        "+ service [2001:db8::10]:*/udp (1 backend)",
+        "    + 198.18.0.104 mac gateway weight 0",
+        "services: 5 added, 0 removed, 0 changed; global: 3 changed",
+    ] {
         ensure!(out.stdout.lines().any(|l| l == line), "apply output lacks `{line}`:\n{}", out.stdout);
     }
     let after = b.snapshot()?;
     same_snapshot("after the first apply", &after, &plan.after)?;
-    println!("apply: 5 services, 10 backends from nothing: {:.1} ms (process), {} map writes, {} table slots", took.as_secs_f64() * 1e3, plan.writes(), plan.slots_written());
+    println!(
+        "apply: 5 services, 10 backends from nothing: {:.1} ms (process), {} map writes, {} table slots",
+        took.as_secs_f64() * 1e3,
+        plan.writes(),
+        plan.slots_written()
+    );
 
     // `l4lb config` prints what apply takes back unchanged.
     let printed = b.l4lb(&["config", "-i", &b.dev]).success()?.stdout;
@@ -293,7 +333,10 @@ fn apply_then_config_round_trips() -> TestResult {
     let verdicts = check_datapath("after apply", &program, &after.running, &full_probes(40, 1))?;
     let backends: std::collections::BTreeSet<_> = verdicts.iter().collect();
     ensure!(backends.len() >= 10, "the probes reached only {backends:?}");
-    ensure!(!verdicts.contains(&Verdict::Pass), "a probe passed: the catch-all (IPv6 backends) takes every IPv4 and IPv6 flow");
+    ensure!(
+        !verdicts.contains(&Verdict::Pass),
+        "a probe passed: the catch-all (IPv6 backends) takes every IPv4 and IPv6 flow"
+    );
     Ok(())
 }
 
@@ -308,7 +351,8 @@ fn changed_file_prints_the_diff() -> TestResult {
     );
     b.apply(&b.file("first.toml", &first)?).0.success()?;
     let before = b.snapshot()?;
-    let key: ServiceKey = ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: config::Protocol::Tcp, port: 80 };
+    let key: ServiceKey =
+        ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: config::Protocol::Tcp, port: 80 };
     let old_table = before.running.service(&key).ok_or_else(|| fail("no 203.0.113.10:80/tcp"))?.table.clone();
 
     let out = b.apply(&b.file("second.toml", &second)?).0.success()?;
@@ -318,7 +362,11 @@ fn changed_file_prints_the_diff() -> TestResult {
     // Planned at the tick the process read the maps at (the clock says it).
     let plan = plan_as_applied(&before, &model_of(&second)?, &after)?;
     same_snapshot("after the second apply", &after, &plan.after)?;
-    ensure!(plan.slots_written() == MAGLEV_SIZE + changed, "the plan writes {} slots: a new table ({MAGLEV_SIZE}) and {changed} changed slots expected", plan.slots_written());
+    ensure!(
+        plan.slots_written() == MAGLEV_SIZE + changed,
+        "the plan writes {} slots: a new table ({MAGLEV_SIZE}) and {changed} changed slots expected",
+        plan.slots_written()
+    );
     let expected = format!(
         "- service 203.0.113.20:53/udp (1 backend)
 + service 203.0.113.30:443/tcp (1 backend)
@@ -409,7 +457,8 @@ fn bad_files_are_refused() -> TestResult {
     let one = "  { address = \"198.18.0.1\" },\n";
     let many_services: String = GLOBAL.to_string()
         + &(0..65).map(|i| format!("\n[[service]]\nvip = \"203.0.113.{}\"\nprotocol = \"tcp\"\nport = 80\nbackends = [ {{ address = \"198.18.0.1\" }} ]\n", i + 1)).collect::<String>();
-    let many_backends: String = (0..513).map(|i| format!("  {{ address = \"198.18.{}.{}\" }},\n", i / 200, i % 200 + 1)).collect();
+    let many_backends: String =
+        (0..513).map(|i| format!("  {{ address = \"198.18.{}.{}\" }},\n", i / 200, i % 200 + 1)).collect();
     let directory = b.dir.join("config.d");
     std::fs::create_dir_all(&directory)?;
     let mut huge = full_config();
@@ -418,23 +467,88 @@ fn bad_files_are_refused() -> TestResult {
     }
     // (name, contents (None: no file), line the error must name, text it must contain)
     let cases: Vec<(&str, Option<String>, Option<usize>, &str)> = vec![
-        ("syntax error", Some(format!("{GLOBAL}\n[[service]]\nvip = \"203.0.113.10\nprotocol = \"tcp\"\n")), Some(8), ""),
+        (
+            "syntax error",
+            Some(format!("{GLOBAL}\n[[service]]\nvip = \"203.0.113.10\nprotocol = \"tcp\"\n")),
+            Some(8),
+            "",
+        ),
         ("wrong type", Some(service("203.0.113.10", "tcp", "\"80\"", one)), Some(10), "\"80\""),
         ("unknown key", Some(service("203.0.113.10", "tcp", "80", one).replace("protocol", "proto")), Some(9), "proto"),
         ("unknown protocol", Some(service("203.0.113.10", "sctp", "80", one)), Some(9), "sctp"),
         ("port out of range", Some(service("203.0.113.10", "tcp", "65536", one)), Some(10), "65536"),
-        ("duplicate service", Some(service("203.0.113.10", "tcp", "80", one) + &service("203.0.113.10", "tcp", "80", one).replace(GLOBAL, "")), Some(16), "203.0.113.10:80/tcp is already defined on line 8"),
-        ("duplicate backend", Some(service("203.0.113.10", "tcp", "80", &format!("{one}  {{ address = \"198.18.0.2\" }},\n{one}"))), Some(14), "198.18.0.1"),
+        (
+            "duplicate service",
+            Some(
+                service("203.0.113.10", "tcp", "80", one)
+                    + &service("203.0.113.10", "tcp", "80", one).replace(GLOBAL, ""),
+            ),
+            Some(16),
+            "203.0.113.10:80/tcp is already defined on line 8",
+        ),
+        (
+            "duplicate backend",
+            Some(service("203.0.113.10", "tcp", "80", &format!("{one}  {{ address = \"198.18.0.2\" }},\n{one}"))),
+            Some(14),
+            "198.18.0.1",
+        ),
         ("65 services", Some(many_services), Some(5 + 64 * 6 + 2), "65 services"),
         ("513 backends", Some(service("203.0.113.10", "tcp", "80", &many_backends)), Some(12 + 512), "513 backends"),
-        ("bad address", Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.300\" },\n")), Some(12), "198.18.0.300"),
+        (
+            "bad address",
+            Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.300\" },\n")),
+            Some(12),
+            "198.18.0.300",
+        ),
         ("bad VIP", Some(service("203.0.113.1000", "tcp", "80", one)), Some(8), "203.0.113.1000"),
-        ("multicast backend", Some(service("203.0.113.10", "tcp", "80", "  { address = \"224.0.0.5\" },\n")), Some(12), "224.0.0.5"),
-        ("bad MAC", Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.1\", mac = \"02:00:00:00:00:0g\" },\n")), Some(12), "02:00:00:00:00:0g"),
-        ("multicast MAC", Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.1\", mac = \"01:00:5e:00:00:01\" },\n")), Some(12), "01:00:5e:00:00:01"),
-        ("weight out of range", Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.1\", weight = 65536 },\n")), Some(12), "65536"),
-        ("IPv6 VIP, IPv4 backend", Some(service("2001:db8::10", "tcp", "80", &format!("  {{ address = \"2001:db8::1\" }},\n{one}"))), Some(13), "198.18.0.1"),
-        ("catch-all mixing families", Some(format!("{GLOBAL}\n[[service]]\nvip = \"*\"\nbackends = [\n{one}  {{ address = \"2001:db8::1\" }},\n]\n")), Some(11), "2001:db8::1 after 198.18.0.1 (line 10)"),
+        (
+            "multicast backend",
+            Some(service("203.0.113.10", "tcp", "80", "  { address = \"224.0.0.5\" },\n")),
+            Some(12),
+            "224.0.0.5",
+        ),
+        (
+            "bad MAC",
+            Some(service(
+                "203.0.113.10",
+                "tcp",
+                "80",
+                "  { address = \"198.18.0.1\", mac = \"02:00:00:00:00:0g\" },\n",
+            )),
+            Some(12),
+            "02:00:00:00:00:0g",
+        ),
+        (
+            "multicast MAC",
+            Some(service(
+                "203.0.113.10",
+                "tcp",
+                "80",
+                "  { address = \"198.18.0.1\", mac = \"01:00:5e:00:00:01\" },\n",
+            )),
+            Some(12),
+            "01:00:5e:00:00:01",
+        ),
+        (
+            "weight out of range",
+            Some(service("203.0.113.10", "tcp", "80", "  { address = \"198.18.0.1\", weight = 65536 },\n")),
+            Some(12),
+            "65536",
+        ),
+        (
+            "IPv6 VIP, IPv4 backend",
+            Some(service("2001:db8::10", "tcp", "80", &format!("  {{ address = \"2001:db8::1\" }},\n{one}"))),
+            Some(13),
+            "198.18.0.1",
+        ),
+        (
+            "catch-all mixing families",
+            Some(format!(
+                "{GLOBAL}\n[[service]]\nvip = \"*\"\nbackends = [\n{one}  {{ address = \"2001:db8::1\" }},\n]\n"
+            )),
+            Some(11),
+            "2001:db8::1 after 198.18.0.1 (line 10)",
+        ),
         ("no backends", Some(service("203.0.113.10", "tcp", "80", "")), Some(11), "no backends"),
         ("empty file", Some(String::new()), None, "no configuration"),
         ("only comments", Some("# nothing\n\n# here\n".into()), None, "no configuration"),
@@ -456,7 +570,10 @@ fn bad_files_are_refused() -> TestResult {
             || !lines[0].contains(text)
             || !out.stdout.is_empty()
         {
-            problems.push(format!("{name}: want one `l4lb: error:` line naming {place} and `{text}`, nothing on stdout: {}", out.describe()));
+            problems.push(format!(
+                "{name}: want one `l4lb: error:` line naming {place} and `{text}`, nothing on stdout: {}",
+                out.describe()
+            ));
         }
         if b.dump()? != before {
             problems.push(format!("{name}: the maps changed"));
@@ -470,7 +587,8 @@ fn bad_files_are_refused() -> TestResult {
         };
         check(name, &path, *line, text)?;
     }
-    let binary = b.file("binary.toml", [b"[global]\n".as_slice(), &[0x7f, b'E', b'L', b'F', 0, 1, 0xff, 0xfe]].concat())?;
+    let binary =
+        b.file("binary.toml", [b"[global]\n".as_slice(), &[0x7f, b'E', b'L', b'F', 0, 1, 0xff, 0xfe]].concat())?;
     check("binary file", &binary, Some(2), "not text")?;
     let utf = b.file("latin1.toml", [b"[global]\n# caf".as_slice(), &[0xe9, b'\n']].concat())?;
     check("invalid UTF-8", &utf, Some(2), "not text")?;
@@ -500,7 +618,10 @@ fn failure_at_every_write_rolls_back() -> TestResult {
     let three = two
         .replace("02:00:00:00:00:01", "02:00:00:00:00:02")
         .replace(SERVICES[0], "")
-        .replace("{ address = \"198.18.0.111\" }", "{ address = \"198.18.0.113\" }, { address = \"198.18.0.111\", weight = 5 }")
+        .replace(
+            "{ address = \"198.18.0.111\" }",
+            "{ address = \"198.18.0.113\" }, { address = \"198.18.0.111\", weight = 5 }",
+        )
         .replace("hash_ports = false\n", "")
         + r#"
 [[service]]
@@ -521,7 +642,11 @@ backends = [ { address = "2001:db8::211" }, { address = "2001:db8::212", weight 
     let before = maps.dump()?;
     let now = maps.read_snapshot()?;
     let plan = apply::plan(&now, &wanted, 0)?;
-    ensure!(plan.diff.added.len() == 2 && plan.diff.removed.len() == 1 && !plan.diff.changed.is_empty(), "the plan is not the intended mix:\n{}", plan.diff);
+    ensure!(
+        plan.diff.added.len() == 2 && plan.diff.removed.len() == 1 && !plan.diff.changed.is_empty(),
+        "the plan is not the intended mix:\n{}",
+        plan.diff
+    );
     let steps = plan.steps.len();
     // Each step is at most one write (a slot batch counts as one): try every
     // index up to the first that is past the last write (the apply then
@@ -562,16 +687,27 @@ backends = [ { address = "2001:db8::211" }, { address = "2001:db8::212", weight 
     );
     // The datapath follows the final state.
     let running = maps.read_running()?;
-    check_datapath("after the apply", &program, &running, &probes(&[("203.0.113.20".parse().unwrap(), PROTO_TCP, 7), ("2001:db8::20".parse().unwrap(), PROTO_UDP, 5353)], 50, 4))?;
+    check_datapath(
+        "after the apply",
+        &program,
+        &running,
+        &probes(
+            &[("203.0.113.20".parse().unwrap(), PROTO_TCP, 7), ("2001:db8::20".parse().unwrap(), PROTO_UDP, 5353)],
+            50,
+            4,
+        ),
+    )?;
     Ok(())
 }
 
 fn map_fills_only_its_pool() -> TestResult {
     let b = Balancer::new()?;
     // The catch-all with IPv4 backends here (map fills IPv4 destinations).
-    let text = full_config().replace(SERVICES[0], "\n[[service]]\nvip = \"*\"\nbackends = [ { address = \"198.18.0.1\" } ]\n");
+    let text =
+        full_config().replace(SERVICES[0], "\n[[service]]\nvip = \"*\"\nbackends = [ { address = \"198.18.0.1\" } ]\n");
     b.apply(&b.file("lb.toml", &text)?).0.success()?;
-    let key: ServiceKey = ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: config::Protocol::Tcp, port: 80 };
+    let key: ServiceKey =
+        ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: config::Protocol::Tcp, port: 80 };
     let destinations = "10.0.1.1, 02:00:0a:00:01:01\n10.0.1.2, 02:00:0a:00:01:02\n198.18.0.101, 02:00:c6:12:00:65\n";
     let file = b.file("d.csv", destinations)?;
 
@@ -579,7 +715,10 @@ fn map_fills_only_its_pool() -> TestResult {
         // The tick may move: the slots the change put in transition count from it.
         let mut same_clock = after.config;
         same_clock.clock = before.config.clock;
-        ensure!(l4lb::bpf::value_bytes(&before.config) == l4lb::bpf::value_bytes(&same_clock), "{what}: the configuration changed");
+        ensure!(
+            l4lb::bpf::value_bytes(&before.config) == l4lb::bpf::value_bytes(&same_clock),
+            "{what}: the configuration changed"
+        );
         ensure!(before.vips == after.vips, "{what}: VIP entries changed");
         let keys = |s: &Snapshot| s.running.services.iter().map(|s| (s.key, s.number)).collect::<Vec<_>>();
         ensure!(keys(before) == keys(after), "{what}: services changed: {:?} -> {:?}", keys(before), keys(after));
@@ -589,12 +728,23 @@ fn map_fills_only_its_pool() -> TestResult {
             }
         }
         let s = after.running.service(&changed).ok_or_else(|| fail(format!("{what}: no {changed}")))?;
-        let addrs: Vec<String> = s.backends.iter().map(|b| format!("{}, {}", b.backend.addr, b.backend.mac.map(config::format_mac).unwrap_or_default())).collect();
-        ensure!(addrs == ["10.0.1.1, 02:00:0a:00:01:01", "10.0.1.2, 02:00:0a:00:01:02", "198.18.0.101, 02:00:c6:12:00:65"], "{what}: {changed} has {addrs:?}");
+        let addrs: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| format!("{}, {}", b.backend.addr, b.backend.mac.map(config::format_mac).unwrap_or_default()))
+            .collect();
+        ensure!(
+            addrs == ["10.0.1.1, 02:00:0a:00:01:01", "10.0.1.2, 02:00:0a:00:01:02", "198.18.0.101, 02:00:c6:12:00:65"],
+            "{what}: {changed} has {addrs:?}"
+        );
         ensure!(s.backends.iter().all(|b| b.backend.weight == 1), "{what}: weights {:?}", s.backends);
-        let ids: Vec<l4lb::maglev::Backend> = s.backends.iter().map(|b| l4lb::maglev::Backend::from_addr(b.backend.addr, 1)).collect();
+        let ids: Vec<l4lb::maglev::Backend> =
+            s.backends.iter().map(|b| l4lb::maglev::Backend::from_addr(b.backend.addr, 1)).collect();
         let numbers: Vec<u32> = s.backends.iter().map(|b| b.number).collect();
-        let table = l4lb::maglev::to_numbers(&l4lb::maglev::populate(&ids, MAGLEV_SIZE).map_err(|e| fail(e.to_string()))?, &numbers);
+        let table = l4lb::maglev::to_numbers(
+            &l4lb::maglev::populate(&ids, MAGLEV_SIZE).map_err(|e| fail(e.to_string()))?,
+            &numbers,
+        );
         ensure!(s.table == table, "{what}: {changed}'s table is not Maglev's for its backends");
         Ok(())
     };
@@ -617,20 +767,33 @@ fn map_fills_only_its_pool() -> TestResult {
     let before = after;
     b.l4lb(&["map", "-i", &b.dev, "-f", &file, "--vip", "203.0.113.77:8080"]).success()?;
     let after = b.snapshot()?;
-    let new_key = ServiceKey::Vip { addr: "203.0.113.77".parse().unwrap(), protocol: config::Protocol::Tcp, port: 8080 };
-    ensure!(after.running.services.len() == before.running.services.len() + 1 && after.running.service(&new_key).is_some(), "map --vip of a new VIP did not add exactly it");
+    let new_key =
+        ServiceKey::Vip { addr: "203.0.113.77".parse().unwrap(), protocol: config::Protocol::Tcp, port: 8080 };
+    ensure!(
+        after.running.services.len() == before.running.services.len() + 1 && after.running.service(&new_key).is_some(),
+        "map --vip of a new VIP did not add exactly it"
+    );
     for s in &before.running.services {
         ensure!(after.running.service(&s.key) == Some(s), "map --vip of a new VIP changed {}", s.key);
     }
     let dump = b.dump()?;
     let out = b.l4lb(&["map", "-i", &b.dev, "-f", &file, "--vip", "[2001:db8::10]:443"]).failure()?;
-    ensure!(out.stderr.starts_with("l4lb: error:") && out.stderr.contains("2001:db8::10") && out.stderr.contains("IPv6"), "map --vip IPv6: {}", out.describe());
+    ensure!(
+        out.stderr.starts_with("l4lb: error:") && out.stderr.contains("2001:db8::10") && out.stderr.contains("IPv6"),
+        "map --vip IPv6: {}",
+        out.describe()
+    );
     ensure!(b.dump()? == dump, "a refused map --vip changed the maps");
 
     // Through the datapath.
     let program = b.program()?;
     let v4: IpAddr = "203.0.113.10".parse().unwrap();
-    check_datapath("after map", &program, &after.running, &probes(&[(v4, PROTO_TCP, 80), (v4, PROTO_TCP, 81), ("203.0.113.77".parse().unwrap(), PROTO_TCP, 8080)], 60, 5))?;
+    check_datapath(
+        "after map",
+        &program,
+        &after.running,
+        &probes(&[(v4, PROTO_TCP, 80), (v4, PROTO_TCP, 81), ("203.0.113.77".parse().unwrap(), PROTO_TCP, 8080)], 60, 5),
+    )?;
     Ok(())
 }
 
@@ -663,14 +826,22 @@ fn two_balancers_agree() -> TestResult {
         let (ta, tb) = (table_addresses(x), table_addresses(y));
         let differ = (0..ta.len()).filter(|&i| ta[i] != tb[i]).count();
         ensure!(differ == 0, "service {}: {differ} slots name other backends on the two balancers", x.key);
-        ensure!(ta.iter().all(|t| t.is_some()) || x.backends.iter().all(|b| b.backend.weight == 0), "service {}: slots naming no backend", x.key);
+        ensure!(
+            ta.iter().all(|t| t.is_some()) || x.backends.iter().all(|b| b.backend.weight == 0),
+            "service {}: slots naming no backend",
+            x.key
+        );
     }
 
     // Through both datapaths: the same backend for every flow.
     let (pa, pb, pc) = (a.program()?, b.program()?, c.program()?);
     let probes = full_probes(112, 6);
     ensure!(probes.len() >= 1000, "{} probes", probes.len());
-    let (va, vb, vc) = (check_datapath("a", &pa, &sa.running, &probes)?, check_datapath("b", &pb, &sb.running, &probes)?, check_datapath("c", &pc, &sa.running, &probes)?);
+    let (va, vb, vc) = (
+        check_datapath("a", &pa, &sa.running, &probes)?,
+        check_datapath("b", &pb, &sb.running, &probes)?,
+        check_datapath("c", &pc, &sa.running, &probes)?,
+    );
     let disagree = (0..probes.len()).filter(|&i| va[i] != vb[i] || va[i] != vc[i]).count();
     ensure!(disagree == 0, "{disagree} of {} flows went elsewhere on another balancer", probes.len());
     println!(

@@ -81,7 +81,8 @@ fn check_counts(which: &str, counts: &Value) -> Result<(), Failed> {
         return Err(fail(format!("{which}: services counted {summed} packets, l4lb sent {tx}: {services:?}")));
     }
     for (name, _, service) in ROWS.into_iter().filter(|row| row.2 != SPREAD_ROW_SERVICE) {
-        let packets = services.iter().find(|s| s["service"] == service).and_then(|s| s["packets"].as_u64()).unwrap_or(0);
+        let packets =
+            services.iter().find(|s| s["service"] == service).and_then(|s| s["packets"].as_u64()).unwrap_or(0);
         if packets == 0 {
             return Err(fail(format!("{which}: {name}: service {service} counted no packets: {services:?}")));
         }
@@ -107,7 +108,8 @@ fn short_run_reports_every_row_and_cleans_up() -> Result<(), Failed> {
     if !out.status.success() {
         return Err(fail(format!("l4lb bench failed: {stderr}")));
     }
-    let results: Value = serde_json::from_slice(&out.stdout).map_err(|err| fail(format!("not JSON ({err}): {stderr}")))?;
+    let results: Value =
+        serde_json::from_slice(&out.stdout).map_err(|err| fail(format!("not JSON ({err}): {stderr}")))?;
     let kinds = results["kinds"].as_array().ok_or_else(|| fail("no kinds"))?;
     let names: Vec<&str> = kinds.iter().filter_map(|k| k["kind"].as_str()).collect();
     let wanted: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
@@ -194,7 +196,11 @@ fn short_run_reports_every_row_and_cleans_up() -> Result<(), Failed> {
         return Err(fail(format!("control plane: {}", results["control_plane"])));
     }
     let svg = std::fs::read_to_string(&chart)?;
-    if !svg.starts_with("<svg") || !svg.contains("TCP SYN 64 B") || !svg.contains("TCP ACK 64 B") || !svg.contains("IPv6 SYN") {
+    if !svg.starts_with("<svg")
+        || !svg.contains("TCP SYN 64 B")
+        || !svg.contains("TCP ACK 64 B")
+        || !svg.contains("IPv6 SYN")
+    {
         return Err(fail("the chart is not an SVG with the packet kinds"));
     }
     let left: Vec<String> = bench_namespaces().into_iter().filter(|ns| !before.contains(ns)).collect();

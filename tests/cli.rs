@@ -109,7 +109,19 @@ impl Balancer {
         // From here on the guard exists: a failure below still cleans up.
         std::fs::create_dir_all(&b.dir)?;
         ip(&["netns", "add", &b.ns])?;
-        run("ip", &["netns", "exec", &b.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]).success()?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &b.ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )
+        .success()?;
         ip(&["-n", &b.ns, "link", "add", &b.dev, "type", "veth", "peer", "name", &b.peer])?;
         ip(&["-n", &b.ns, "addr", "add", "192.0.2.2/24", "dev", &b.dev])?;
         ip(&["-n", &b.ns, "link", "set", "dev", &b.peer, "up"])?;
@@ -247,7 +259,10 @@ fn check_cases(b: &Balancer, cases: &[(Vec<&str>, Vec<String>, Want)]) -> TestRe
             problems.push(format!("l4lb {}: the running state changed", args.join(" ")));
         }
     }
-    println!("{} bad inputs refused, the running state byte-identical after each", cases.len() - problems.len().min(cases.len()));
+    println!(
+        "{} bad inputs refused, the running state byte-identical after each",
+        cases.len() - problems.len().min(cases.len())
+    );
     ensure!(problems.is_empty(), "{} of {} cases:\n{}", problems.len(), cases.len(), problems.join("\n\n"));
     Ok(())
 }
@@ -296,31 +311,52 @@ fn bad_interfaces() -> TestResult {
     }
     // Names the kernel cannot have.
     cases.push(case("status -i abcdefghijklmnop", invalid_name("abcdefghijklmnop", "16 bytes: at most 15")));
-    cases.push(case(&format!("apply -i {dev}-much-too-long -c {config}"), invalid_name(&format!("{dev}-much-too-long"), &format!("{} bytes: at most 15", dev.len() + 14))));
+    cases.push(case(
+        &format!("apply -i {dev}-much-too-long -c {config}"),
+        invalid_name(&format!("{dev}-much-too-long"), &format!("{} bytes: at most 15", dev.len() + 14)),
+    ));
     cases.push(case_args(&["status", "-i", ""], invalid_name("", "it is empty")));
     for name in ["a/b", "eth0:1", "a b", "..", "tab\there"] {
         cases.push(case_args(&["config", "-i", name], invalid_name(name, "no `/`, `:`, blanks, `.` or `..`")));
     }
     // Interfaces without the program asked for.
-    cases.push(case(&format!("status -i {peer}"), l4lb_error(format!("no l4lb program on {peer} (attach one with `l4lb attach -i {peer}`)"))));
+    cases.push(case(
+        &format!("status -i {peer}"),
+        l4lb_error(format!("no l4lb program on {peer} (attach one with `l4lb attach -i {peer}`)")),
+    ));
     cases.push(case(&format!("detach -i {peer}"), l4lb_error(format!("no l4lb program on {peer}"))));
-    cases.push(case(&format!("map -i {peer} -f {destinations}"), l4lb_error(format!("no l4lb program on {peer} (attach one with `l4lb attach -i {peer}`)"))));
+    cases.push(case(
+        &format!("map -i {peer} -f {destinations}"),
+        l4lb_error(format!("no l4lb program on {peer} (attach one with `l4lb attach -i {peer}`)")),
+    ));
     cases.push(case(
         &format!("decap stats -i {dev}"),
         l4lb_error(format!("{dev} has XDP program `l4lb_balance` (id {id}, Driver mode), which is not l4lb decap")),
     ));
     cases.push(case(
         &format!("decap detach -i {dev}"),
-        l4lb_error(format!("{dev} has XDP program `l4lb_balance` (id {id}, Driver mode), which is not l4lb decap: leaving it")),
+        l4lb_error(format!(
+            "{dev} has XDP program `l4lb_balance` (id {id}, Driver mode), which is not l4lb decap: leaving it"
+        )),
     ));
-    cases.push(case(&format!("attach -i {dev}"), l4lb_error(format!("{dev} already has XDP program `l4lb_balance` (id {id}, Driver mode); use --force to replace it"))));
+    cases.push(case(
+        &format!("attach -i {dev}"),
+        l4lb_error(format!(
+            "{dev} already has XDP program `l4lb_balance` (id {id}, Driver mode); use --force to replace it"
+        )),
+    ));
     cases.push(case(
         &format!("decap attach -i {dev} --addr 192.0.2.9"),
-        l4lb_error(format!("{dev} already has XDP program `l4lb_balance` (id {id}, Driver mode); use --force to replace it")),
+        l4lb_error(format!(
+            "{dev} already has XDP program `l4lb_balance` (id {id}, Driver mode); use --force to replace it"
+        )),
     ));
     // The option missing or without a value.
     cases.push(case("status", Want::Usage("error: the following required arguments were not provided:".into())));
-    cases.push(case("status -i", Want::Usage("error: a value is required for '--interface <DEV>' but none was supplied".into())));
+    cases.push(case(
+        "status -i",
+        Want::Usage("error: a value is required for '--interface <DEV>' but none was supplied".into()),
+    ));
     check_cases(&b, &cases)?;
 
     // The interface exists, in another namespace than the one l4lb runs in:
@@ -477,7 +513,10 @@ fn bad_files() -> TestResult {
         (&map, "destination file", l4lb::destinations::MAX_FILE_BYTES),
     ] {
         cases.push(case(&command(&fifo), l4lb_error(format!("{fifo}: not a regular file"))));
-        cases.push(case(&command(&huge), l4lb_error(format!("{huge}: 1099511627776 bytes is too large for a {what} (limit {limit})"))));
+        cases.push(case(
+            &command(&huge),
+            l4lb_error(format!("{huge}: 1099511627776 bytes is too large for a {what} (limit {limit})")),
+        ));
         // Root reads any file: the unreadable one is read by a root without
         // CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH; and /proc/self/mem is a
         // regular file whose first read fails for anyone.
@@ -487,7 +526,10 @@ fn bad_files() -> TestResult {
             args,
             l4lb_error(format!("{locked}: cannot read: Permission denied (os error 13)")),
         ));
-        cases.push(case(&command("/proc/self/mem"), l4lb_error("/proc/self/mem: cannot read: Input/output error (os error 5)")));
+        cases.push(case(
+            &command("/proc/self/mem"),
+            l4lb_error("/proc/self/mem: cannot read: Input/output error (os error 5)"),
+        ));
     }
 
     // Destination files: addresses and MACs the tests of end_to_end do not try.
@@ -495,7 +537,11 @@ fn bad_files() -> TestResult {
     for (name, row, message) in [
         ("broadcast-mac", "10.0.1.2, ff:ff:ff:ff:ff:ff", "MAC FF:FF:FF:FF:FF:FF is not a unicast address"),
         ("zero-mac", "10.0.1.2, 00:00:00:00:00:00", "MAC 00:00:00:00:00:00 is not a unicast address"),
-        ("short-mac", "10.0.1.2, 02:00:0a:00:01", "`02:00:0a:00:01` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)"),
+        (
+            "short-mac",
+            "10.0.1.2, 02:00:0a:00:01",
+            "`02:00:0a:00:01` is not a MAC address (expected six hex pairs like 00:15:4d:59:7f:ad)",
+        ),
         ("multicast-ip", "239.1.1.1, 02:00:0a:00:01:02", "address 239.1.1.1 is multicast"),
         ("loopback-ip", "127.0.0.1, 02:00:0a:00:01:02", "address 127.0.0.1 is a loopback address"),
         ("unspecified-ip", "0.0.0.0, 02:00:0a:00:01:02", "address 0.0.0.0 is unspecified (0.0.0.0)"),
@@ -510,7 +556,8 @@ fn bad_files() -> TestResult {
 
     // Configuration files: type errors and values apply.rs does not try.
     // HEAD is 4 lines; a service starts on line 6.
-    const HEAD: &str = "[global]\nsource_v4 = \"192.0.2.2\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:01\"\n";
+    const HEAD: &str =
+        "[global]\nsource_v4 = \"192.0.2.2\"\nsource_v6 = \"2001:db8::2\"\ngateway_mac = \"02:00:00:00:00:01\"\n";
     let service = |vip: &str, proto: &str, port: &str, extra: &str, backends: &str| {
         format!("{HEAD}\n[[service]]\nvip = {vip}\nprotocol = {proto}\nport = {port}\n{extra}backends = {backends}\n")
     };
@@ -581,7 +628,8 @@ fn every_subcommand(b: &Balancer) -> Vec<Vec<String>> {
     .collect()
 }
 
-const WHY: &str = "(CAP_SYS_ADMIN and CAP_NET_ADMIN, to load BPF programs, attach XDP and open BPF maps; CAP_BPF is not enough)";
+const WHY: &str =
+    "(CAP_SYS_ADMIN and CAP_NET_ADMIN, to load BPF programs, attach XDP and open BPF maps; CAP_BPF is not enough)";
 
 fn without_privileges() -> TestResult {
     let b = Balancer::new()?;
@@ -601,7 +649,9 @@ fn without_privileges() -> TestResult {
         cases.push((
             nobody.to_vec(),
             args.clone(),
-            l4lb_error(format!("l4lb needs root {WHY}, and uid 65534 lacks CAP_SYS_ADMIN and CAP_NET_ADMIN: run it with sudo")),
+            l4lb_error(format!(
+                "l4lb needs root {WHY}, and uid 65534 lacks CAP_SYS_ADMIN and CAP_NET_ADMIN: run it with sudo"
+            )),
         ));
         cases.push((no_sys_admin.to_vec(), args.clone(), container("CAP_SYS_ADMIN")));
         cases.push((bpf_only.to_vec(), args.clone(), container("CAP_SYS_ADMIN")));
@@ -612,17 +662,30 @@ fn without_privileges() -> TestResult {
     // The check is on capabilities, not on the user id: a user given
     // CAP_SYS_ADMIN and CAP_NET_ADMIN (ambient) reads the balancer.
     let with_caps = [
-        "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=+sys_admin,+net_admin", "--ambient-caps=+sys_admin,+net_admin",
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--inh-caps=+sys_admin,+net_admin",
+        "--ambient-caps=+sys_admin,+net_admin",
     ];
     let out = b.l4lb_as(&with_caps, &["status", "-i", &b.dev]).success()?;
-    ensure!(out.stdout.contains("203.0.113.10:80/tcp"), "status as uid 65534 with the capabilities: {}", out.describe());
+    ensure!(
+        out.stdout.contains("203.0.113.10:80/tcp"),
+        "status as uid 65534 with the capabilities: {}",
+        out.describe()
+    );
     Ok(())
 }
 
 fn without_bpffs() -> TestResult {
     let b = Balancer::new()?;
     let host_bpffs = || -> Vec<String> {
-        std::fs::read_dir("/sys/fs/bpf").map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+        std::fs::read_dir("/sys/fs/bpf")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
     };
     let pinned_before = host_bpffs();
     // A private mount namespace with every bpf file system unmounted, then
@@ -667,13 +730,18 @@ fn memlock_zero() -> TestResult {
     let zero = ["prlimit", "--memlock=0:0"];
     let config = b.path("lb.toml");
     let release = nix::sys::utsname::uname()?.release().to_string_lossy().into_owned();
-    let version: Vec<u32> = release.split(|c: char| !c.is_ascii_digit()).take(2).map(|n| n.parse().unwrap_or(0)).collect();
+    let version: Vec<u32> =
+        release.split(|c: char| !c.is_ascii_digit()).take(2).map(|n| n.parse().unwrap_or(0)).collect();
     let attach = b.l4lb_as(&zero, &["attach", "-i", &b.dev, "--force"]);
     if version[..] < [5, 11][..] {
         // Before 5.11 BPF memory counts against RLIMIT_MEMLOCK: libbpf
         // raises the limit itself with CAP_SYS_RESOURCE, else the error
         // carries its advice.
-        ensure!(attach.code == Some(0) || attach.stderr.contains("ulimit -l"), "kernel {release}: {}", attach.describe());
+        ensure!(
+            attach.code == Some(0) || attach.stderr.contains("ulimit -l"),
+            "kernel {release}: {}",
+            attach.describe()
+        );
         return Ok(());
     }
     attach.success()?;
@@ -744,12 +812,18 @@ fn verifier_rejection() -> TestResult {
         };
         let message = format!("{:#}", l4lb::attach::refused("l4lb", "", err));
         let lines: Vec<&str> = message.lines().collect();
-        ensure!(lines[0] == "the kernel refused the l4lb program: Permission denied (os error 13)", "first line: {message}");
+        ensure!(
+            lines[0] == "the kernel refused the l4lb program: Permission denied (os error 13)",
+            "first line: {message}"
+        );
         ensure!(
             (2..=13).contains(&lines.len()) && lines[1..].iter().all(|l| l.starts_with("  ")),
             "not at most 12 indented lines of libbpf's log: {message}"
         );
-        ensure!(lines.iter().any(|l| l.contains("-- END PROG LOAD LOG --")), "the end of the verifier log is not there: {message}");
+        ensure!(
+            lines.iter().any(|l| l.contains("-- END PROG LOAD LOG --")),
+            "the end of the verifier log is not there: {message}"
+        );
         ensure!(
             lines.iter().any(|l| l.contains("invalid access to packet")),
             "the verifier's reason is not among the last lines: {message}"

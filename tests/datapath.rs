@@ -42,9 +42,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{
-    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset, IpNumber,
-    Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4HeaderSlice, Ipv4Options, Ipv6FlowLabel, Ipv6Header, Ipv6HeaderSlice, TcpHeader,
-    UdpHeader,
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset,
+    IpNumber, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4HeaderSlice, Ipv4Options, Ipv6FlowLabel, Ipv6Header, Ipv6HeaderSlice,
+    TcpHeader, UdpHeader,
 };
 use libbpf_rs::{MapCore, MapType};
 use libtest_mimic::Failed;
@@ -52,8 +52,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::lb::{
-    BackendEntry, Build, FlowKey, FlowPin, FlowTable, Lb, LbConfig, Outcome, ServiceEntry, Skel, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, NCNT,
-    SLOT_EMPTY,
+    BackendEntry, Build, FlowKey, FlowPin, FlowTable, Lb, LbConfig, Outcome, ServiceEntry, Skel, SlotWord, VipKey,
+    MAGLEV_SIZE, MAX_BACKENDS, NCNT, SLOT_EMPTY,
 };
 use common::packet::internet_checksum;
 use common::wire::*;
@@ -277,7 +277,9 @@ fn check_tracked(lb: &Lb, what: &str, frame: &[u8], want: Want, pin: Option<Pin>
             t.service == service && t.backend == backend && t.hash == flow.hash(lb.config.hash_seed)
         }
         (Want::TooBig { mtu }, Outcome::TooBig(t)) => t.mtu == mtu,
-        (Want::Pass, Outcome::Pass) | (Want::NoService, Outcome::PassNoService) | (Want::Refused, Outcome::Refused) => true,
+        (Want::Pass, Outcome::Pass) | (Want::NoService, Outcome::PassNoService) | (Want::Refused, Outcome::Refused) => {
+            true
+        }
         (Want::Drop(a), Outcome::Drop(b)) => a == b,
         _ => false,
     };
@@ -293,7 +295,10 @@ fn check_tracked(lb: &Lb, what: &str, frame: &[u8], want: Want, pin: Option<Pin>
     let output = match (want, lb.run(frame)) {
         (Want::Refused, Err(error)) if error.kind() == libbpf_rs::ErrorKind::InvalidInput => Vec::new(),
         (Want::Refused, result) => {
-            return Err(fail(format!("{what}: test_run gave {result:?} for a {}-byte frame, expected EINVAL", frame.len())))
+            return Err(fail(format!(
+                "{what}: test_run gave {result:?} for a {}-byte frame, expected EINVAL",
+                frame.len()
+            )))
         }
         (_, Err(error)) => return Err(fail(format!("{what}: test_run failed: {error}"))),
         (want, Ok((verdict, output))) => {
@@ -492,7 +497,8 @@ fn check_outer_checksum(what: &str, output: &[u8]) -> TestResult {
         return Ok(()); // IPv6 has no header checksum
     }
     let header = &output[l2..l2 + 20];
-    let outer = Ipv4HeaderSlice::from_slice(header).map_err(|e| fail(format!("{what}: outer header: {e}")))?.to_header();
+    let outer =
+        Ipv4HeaderSlice::from_slice(header).map_err(|e| fail(format!("{what}: outer header: {e}")))?.to_header();
     ensure!(
         internet_checksum(header) == 0 && outer.calc_header_checksum() == outer.header_checksum,
         "{what}: outer checksum {:#06x} is wrong",
@@ -512,7 +518,10 @@ enum Ext {
     Routing(u8),
     DestOpts(u8),
     /// Offset in 8-byte units; `more`: the M bit.
-    Fragment { offset: u16, more: bool },
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
 }
 
 impl Ext {
@@ -703,14 +712,16 @@ impl Packet {
     fn ip_bytes(&self) -> Vec<u8> {
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                let mut ip = Ipv4Header::new(0, self.ttl, IpNumber(self.proto), src.octets(), dst.octets()).expect("fits");
+                let mut ip =
+                    Ipv4Header::new(0, self.ttl, IpNumber(self.proto), src.octets(), dst.octets()).expect("fits");
                 ip.dscp = Ipv4Dscp::try_new(self.tos >> 2).unwrap();
                 ip.ecn = Ipv4Ecn::try_new(self.tos & 3).unwrap();
                 ip.identification = 0x4c42;
                 ip.dont_fragment = self.df;
                 ip.more_fragments = self.mf;
                 ip.fragment_offset = IpFragOffset::try_new(self.frag_offset).expect("13-bit fragment offset");
-                ip.options = Ipv4Options::try_from(&self.options[..]).expect("options: a multiple of 4, at most 40 bytes");
+                ip.options =
+                    Ipv4Options::try_from(&self.options[..]).expect("options: a multiple of 4, at most 40 bytes");
                 let l4 = self.l4_bytes(
                     |tcp| tcp.calc_checksum_ipv4(&ip, &self.payload).unwrap(),
                     |s, d| UdpHeader::with_ipv4_checksum(s, d, &ip, &self.payload).unwrap(),
@@ -863,7 +874,8 @@ fn golden_ipv4_client_ipv4_backend() -> TestResult {
                 for tos in TOS_VALUES {
                     for payload_len in [0, 1, 333] {
                         let packet = Packet { df, tos, payload: vec![0xa5; payload_len], ..base.clone() };
-                        let what = format!("{mac}: 4in4 proto {} df {df} tos {tos:#04x} payload {payload_len}", packet.proto);
+                        let what =
+                            format!("{mac}: 4in4 proto {} df {df} tos {tos:#04x} payload {payload_len}", packet.proto);
                         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
                         // A few fields spelled out once more, by offset.
                         ensure!(out[0..6] == backend.mac && out[6..12] == LB_MAC, "{what}: MACs {:02x?}", &out[..12]);
@@ -891,7 +903,8 @@ fn golden_ipv4_client_ipv6_backend() -> TestResult {
                 for payload_len in [0, 1, 333] {
                     for sport in [1u16, 40000, 65535] {
                         let packet = Packet { tos, sport, payload: vec![0x5a; payload_len], ..base.clone() };
-                        let what = format!("4in6 proto {} tos {tos:#04x} payload {payload_len} sport {sport}", packet.proto);
+                        let what =
+                            format!("4in6 proto {} tos {tos:#04x} payload {payload_len} sport {sport}", packet.proto);
                         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
                         outer_ipv6_fields(&what, &out, &packet, 4)?;
                         ensure!(out[12..14] == [0x86, 0xdd], "{what}: EtherType");
@@ -931,7 +944,10 @@ fn golden_ipv6_client_ipv6_backend() -> TestResult {
                 for label in [0u32, 0x12345, 0xfffff] {
                     for payload_len in [0, 1, 333] {
                         let packet = Packet { tos, label, payload: vec![0x3c; payload_len], ..base.clone() };
-                        let what = format!("6in6 proto {} class {tos:#04x} label {label:#x} payload {payload_len}", packet.proto);
+                        let what = format!(
+                            "6in6 proto {} class {tos:#04x} label {label:#x} payload {payload_len}",
+                            packet.proto
+                        );
                         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
                         outer_ipv6_fields(&what, &out, &packet, 41)?;
                     }
@@ -951,7 +967,16 @@ fn ipv6_extension_headers() -> TestResult {
     with_rng(|rng| {
         let mut lb = loaded()?;
         let backends: Vec<(u32, BackendEntry)> = (0..16u32)
-            .map(|i| (100 + i, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, 1, i as u16).into(), BACKEND_MAC, SVC)))
+            .map(|i| {
+                (
+                    100 + i,
+                    BackendEntry::new(
+                        Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, 1, i as u16).into(),
+                        BACKEND_MAC,
+                        SVC,
+                    ),
+                )
+            })
             .collect();
         add_service(&mut lb, SVC, &backends, true)?;
         let mut config = lb.config.clone();
@@ -982,11 +1007,22 @@ fn ipv6_extension_headers() -> TestResult {
         let five: [&[Ext]; 3] = [
             &[Ext::HopByHop(0), Ext::Routing(0), Ext::DestOpts(0), Ext::DestOpts(0), Ext::DestOpts(0)],
             &[Ext::HopByHop(0); 5],
-            &[Ext::HopByHop(0), Ext::Routing(0), Ext::DestOpts(0), Ext::Routing(0), Ext::Fragment { offset: 0, more: false }],
+            &[
+                Ext::HopByHop(0),
+                Ext::Routing(0),
+                Ext::DestOpts(0),
+                Ext::Routing(0),
+                Ext::Fragment { offset: 0, more: false },
+            ],
         ];
         for chain in five {
             let packet = Packet { ext: chain.to_vec(), ..Packet::tcp6(40000, 443) };
-            check(&lb, &format!("5 extension headers {chain:?}"), &packet.frame(), Want::Drop(L4LB_CNT_DROP_EXT_HEADERS))?;
+            check(
+                &lb,
+                &format!("5 extension headers {chain:?}"),
+                &packet.frame(),
+                Want::Drop(L4LB_CNT_DROP_EXT_HEADERS),
+            )?;
         }
         // Four, then a next header that is neither TCP/UDP nor an extension: to the stack.
         let icmp_after_four =
@@ -1019,7 +1055,12 @@ fn ipv6_extension_headers() -> TestResult {
             check(&lb, &format!("payload length ends at {ip_len}"), &lied, Want::Drop(L4LB_CNT_DROP_SHORT_IPV6))?;
         }
         let ports_only = ipv6_cut(&frame, headers_end + 4);
-        check(&lb, "ports and nothing more", &ports_only, tx(SVC, lb.predict(SVC, &packet.flow(true)), packet.flow(true)))?;
+        check(
+            &lb,
+            "ports and nothing more",
+            &ports_only,
+            tx(SVC, lb.predict(SVC, &packet.flow(true)), packet.flow(true)),
+        )?;
         Ok(())
     })
 }
@@ -1032,7 +1073,16 @@ fn ipv6_fragments_hash_without_ports() -> TestResult {
     with_rng(|rng| {
         let mut lb = loaded()?;
         let backends: Vec<(u32, BackendEntry)> = (0..32u32)
-            .map(|i| (200 + i, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, 2, i as u16).into(), BACKEND_MAC, SVC)))
+            .map(|i| {
+                (
+                    200 + i,
+                    BackendEntry::new(
+                        Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, 2, i as u16).into(),
+                        BACKEND_MAC,
+                        SVC,
+                    ),
+                )
+            })
             .collect();
         add_service(&mut lb, SVC, &backends, true)?;
         let mut config = lb.config.clone();
@@ -1045,14 +1095,17 @@ fn ipv6_fragments_hash_without_ports() -> TestResult {
             let flow = Packet::random6(rng);
             let first = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..flow.clone() };
             let other_ports = Packet { sport: flow.sport ^ 0x5555, dport: flow.dport ^ 0x0f0f, ..first.clone() };
-            let middle = Packet { ext: vec![Ext::Fragment { offset: 5, more: true }], payload: vec![0xf2; 24], ..flow.clone() };
+            let middle =
+                Packet { ext: vec![Ext::Fragment { offset: 5, more: true }], payload: vec![0xf2; 24], ..flow.clone() };
             let last = Packet {
                 ext: vec![Ext::HopByHop(0), Ext::Fragment { offset: 9, more: false }],
                 payload: vec![0xf3; 5],
                 ..flow.clone()
             };
             let mut expected = None;
-            for (name, fragment) in [("first", first), ("first, other ports", other_ports), ("middle", middle), ("last", last)] {
+            for (name, fragment) in
+                [("first", first), ("first, other ports", other_ports), ("middle", middle), ("last", last)]
+            {
                 let what = format!("flow {i}: {name} fragment");
                 let number = lb.predict(SVC, &fragment.flow(true));
                 expected.get_or_insert(number);
@@ -1084,17 +1137,33 @@ fn ipv6_malformed() -> TestResult {
         bad[ETH_LEN] = version << 4 | (bad[ETH_LEN] & 0x0f);
         check(&lb, &format!("version {version} under EtherType IPv6"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_VERSION))?;
     }
-    let ipv4_as_ipv6 = [&frame[..12], &ETHERTYPE_IPV6.to_be_bytes(), &Packet::tcp4(1, 2).ip_bytes(), &[0u8; 20]].concat();
+    let ipv4_as_ipv6 =
+        [&frame[..12], &ETHERTYPE_IPV6.to_be_bytes(), &Packet::tcp4(1, 2).ip_bytes(), &[0u8; 20]].concat();
     check(&lb, "IPv4 packet under EtherType IPv6", &ipv4_as_ipv6, Want::Drop(L4LB_CNT_DROP_BAD_VERSION))?;
 
-    check(&lb, "payload length 0 (jumbogram)", &with_payload_len(&frame, 0), Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN))?;
+    check(
+        &lb,
+        "payload length 0 (jumbogram)",
+        &with_payload_len(&frame, 0),
+        Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN),
+    )?;
     for payload_len in [ip_len - 40 + 1, ip_len - 40 + 100, 0xffff] {
         let bad = with_payload_len(&frame, payload_len as u16);
-        check(&lb, &format!("payload length {payload_len} beyond the frame"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN))?;
+        check(
+            &lb,
+            &format!("payload length {payload_len} beyond the frame"),
+            &bad,
+            Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN),
+        )?;
     }
     // Frame cut inside the TCP header (payload length still says the whole).
     for len in ETH_LEN + 40..frame.len() {
-        check(&lb, &format!("frame cut to {len}, payload length unchanged"), &frame[..len], Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN))?;
+        check(
+            &lb,
+            &format!("frame cut to {len}, payload length unchanged"),
+            &frame[..len],
+            Want::Drop(L4LB_CNT_DROP_BAD_PAYLOAD_LEN),
+        )?;
     }
     // Packets that end before the 4 port bytes.
     for l4 in 1..4 {
@@ -1134,9 +1203,15 @@ fn vip_matching() -> TestResult {
     let be = |service: u32| 100 + service;
 
     // Our model of the VIP home agrees with the host's.
-    for key in [VipKey::new(VIP4.into(), TCP, 443), VipKey::new(VIP6.into(), UDP, 0), VipKey::new(CLIENT4.into(), UDP, 65535)] {
+    for key in
+        [VipKey::new(VIP4.into(), TCP, 443), VipKey::new(VIP6.into(), UDP, 0), VipKey::new(CLIENT4.into(), UDP, 65535)]
+    {
         let host = l4lb::flow_hash::vip_home(&key.bytes());
-        ensure!(host == common::lb::vip_home(&key), "vip_home of {key:?}: host {host}, test {}", common::lb::vip_home(&key));
+        ensure!(
+            host == common::lb::vip_home(&key),
+            "vip_home of {key:?}: host {host}, test {}",
+            common::lb::vip_home(&key)
+        );
     }
 
     let tcp443 = Packet::tcp4(40000, 443);
@@ -1149,10 +1224,20 @@ fn vip_matching() -> TestResult {
     check(&lb, "exact port", &tcp443.frame(), tx(web4, be(web4), tcp443.flow(true)))?;
     check(&lb, "other port", &Packet::tcp4(40000, 444).frame(), Want::NoService)?;
     check(&lb, "other protocol, same port", &Packet::udp4(40000, 443).frame(), Want::NoService)?;
-    check(&lb, "other address", &Packet { dst: Ipv4Addr::new(203, 0, 113, 11).into(), ..tcp443.clone() }.frame(), Want::NoService)?;
+    check(
+        &lb,
+        "other address",
+        &Packet { dst: Ipv4Addr::new(203, 0, 113, 11).into(), ..tcp443.clone() }.frame(),
+        Want::NoService,
+    )?;
     // The IPv6 address whose first 4 bytes are the IPv4 VIP's: another key (family, rest).
     let lookalike: Ipv6Addr = Ipv6Addr::from(u128::from(u32::from(VIP4)) << 96);
-    check(&lb, "IPv6 lookalike of the IPv4 VIP", &Packet { dst: lookalike.into(), ..tcp6.clone() }.frame(), Want::NoService)?;
+    check(
+        &lb,
+        "IPv6 lookalike of the IPv4 VIP",
+        &Packet { dst: lookalike.into(), ..tcp6.clone() }.frame(),
+        Want::NoService,
+    )?;
 
     lb.add_vip(VipKey::new(VIP4.into(), UDP, 0), any4)?;
     ensure!(lb.config.flags & L4LB_CONFIG_ANY_PORT != 0, "add_vip sets ANY_PORT");
@@ -1179,8 +1264,18 @@ fn vip_matching() -> TestResult {
     // The host's fragment entries: UDP -> the port-0 VIP, TCP -> the lowest port (443).
     lb.add_vip(VipKey::fragment(VIP4.into(), UDP), any4)?;
     lb.add_vip(VipKey::fragment(VIP4.into(), TCP), web4)?;
-    check(&lb, "UDP first fragment: fragment entry", &first_fragment.frame(), tx(any4, be(any4), first_fragment.flow(true)))?;
-    check(&lb, "TCP later fragment: fragment entry", &tcp_fragment.frame(), tx(web4, be(web4), tcp_fragment.flow(true)))?;
+    check(
+        &lb,
+        "UDP first fragment: fragment entry",
+        &first_fragment.frame(),
+        tx(any4, be(any4), first_fragment.flow(true)),
+    )?;
+    check(
+        &lb,
+        "TCP later fragment: fragment entry",
+        &tcp_fragment.frame(),
+        tx(web4, be(web4), tcp_fragment.flow(true)),
+    )?;
     // A port-0 packet is no fragment: the fragment entry (family | 0x80) is not its key.
     check(&lb, "TCP to port 0 (not a fragment)", &Packet::tcp4(40000, 0).frame(), Want::NoService)?;
 
@@ -1197,9 +1292,19 @@ fn vip_matching() -> TestResult {
     let stray6 = Packet::udp6(1, 2);
     check(&lb, "catch-all: IPv4 TCP", &stray4.frame(), tx(catch, be(catch), stray4.flow(true)))?;
     check(&lb, "catch-all: IPv6 UDP", &stray6.frame(), tx(catch, be(catch), stray6.flow(true)))?;
-    check(&lb, "catch-all: TCP later fragment still to its entry", &tcp_fragment.frame(), tx(web4, be(web4), tcp_fragment.flow(true)))?;
+    check(
+        &lb,
+        "catch-all: TCP later fragment still to its entry",
+        &tcp_fragment.frame(),
+        tx(web4, be(web4), tcp_fragment.flow(true)),
+    )?;
     let stray_fragment = Packet { dst: Ipv4Addr::new(203, 0, 113, 99).into(), ..tcp_fragment.clone() };
-    check(&lb, "catch-all: fragment to no VIP", &stray_fragment.frame(), tx(catch, be(catch), stray_fragment.flow(true)))?;
+    check(
+        &lb,
+        "catch-all: fragment to no VIP",
+        &stray_fragment.frame(),
+        tx(catch, be(catch), stray_fragment.flow(true)),
+    )?;
     check(&lb, "VIPs still before the catch-all", &tcp443.frame(), tx(web4, be(web4), tcp443.flow(true)))?;
     check(&lb, "catch-all: not TCP/UDP still passes", &Packet::other4(ICMP, vec![8, 0, 0, 0]).frame(), Want::Pass)?;
 
@@ -1208,7 +1313,9 @@ fn vip_matching() -> TestResult {
     let home = common::lb::vip_home(&key);
     for i in 0..3 {
         // Other VIPs (to no service a packet of `key` could match) take the entries before it.
-        let filler = (0u16..).map(|p| VipKey::new(Ipv4Addr::new(198, 18, 0, 1).into(), UDP, p)).find(|k| common::lb::vip_home(k) == (home + i) % 1024);
+        let filler = (0u16..)
+            .map(|p| VipKey::new(Ipv4Addr::new(198, 18, 0, 1).into(), UDP, p))
+            .find(|k| common::lb::vip_home(k) == (home + i) % 1024);
         let filler = filler.ok_or_else(|| fail("no filler key"))?;
         lb.place_vip(filler, idle, 0)?;
     }
@@ -1269,7 +1376,9 @@ fn vip_matching() -> TestResult {
     check(&lb, "CATCH_ALL flag clear", &stray4.frame(), Want::NoService)?;
 
     // A VIP entry removed (zeroed): its packets are no longer taken.
-    let index = (0..1024u32).find(|&i| matches!(lb.vips[i as usize], Some((k, _)) if k == VipKey::new(VIP4.into(), TCP, 443))).unwrap();
+    let index = (0..1024u32)
+        .find(|&i| matches!(lb.vips[i as usize], Some((k, _)) if k == VipKey::new(VIP4.into(), TCP, 443)))
+        .unwrap();
     lb.set_vip_entry(index, None)?;
     check(&lb, "VIP entry zeroed", &tcp443.frame(), Want::NoService)?;
     Ok(())
@@ -1281,7 +1390,14 @@ fn udp_hash_ports() -> TestResult {
     with_rng(|rng| {
         let mut lb = loaded()?;
         let backends = |base: u32| -> Vec<(u32, BackendEntry)> {
-            (0..32u32).map(|i| (base + i, BackendEntry::new(Ipv4Addr::new(10, 3, (base / 100) as u8, i as u8 + 1).into(), BACKEND_MAC, 0))).collect()
+            (0..32u32)
+                .map(|i| {
+                    (
+                        base + i,
+                        BackendEntry::new(Ipv4Addr::new(10, 3, (base / 100) as u8, i as u8 + 1).into(), BACKEND_MAC, 0),
+                    )
+                })
+                .collect()
         };
         let no_ports = 1;
         let ports = 2;
@@ -1293,7 +1409,16 @@ fn udp_hash_ports() -> TestResult {
         // An IPv6 VIP needs IPv6 backends (a service with an IPv4 backend passes IPv6 packets).
         let no_ports6 = 3;
         let backends6: Vec<(u32, BackendEntry)> = (0..32u32)
-            .map(|i| (300 + i, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 3, 0, 0, 0, i as u16 + 1).into(), BACKEND_MAC, 0)))
+            .map(|i| {
+                (
+                    300 + i,
+                    BackendEntry::new(
+                        Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 3, 0, 0, 0, i as u16 + 1).into(),
+                        BACKEND_MAC,
+                        0,
+                    ),
+                )
+            })
             .collect();
         add_service(&mut lb, no_ports6, &backends6, false)?;
         lb.add_vip(VipKey::new(VIP6.into(), UDP, 53), no_ports6)?;
@@ -1310,7 +1435,8 @@ fn udp_hash_ports() -> TestResult {
             for i in 0..16 {
                 let sport = rng.gen();
                 let udp = Packet { src: src4, ..Packet::udp4(sport, 53) };
-                let out = check_balanced(&lb, &format!("client {client} datagram {i}, no hash_ports:"), &udp, no_ports)?;
+                let out =
+                    check_balanced(&lb, &format!("client {client} datagram {i}, no hash_ports:"), &udp, no_ports)?;
                 one_backend.insert(out[ETH_LEN + 16..ETH_LEN + 20].to_vec());
                 let udp6 = Packet { src: src6, ..Packet::udp6(sport, 53) };
                 check_balanced(&lb, &format!("client {client} IPv6 datagram {i}, no hash_ports:"), &udp6, no_ports6)?;
@@ -1321,7 +1447,11 @@ fn udp_hash_ports() -> TestResult {
                 let out = check_balanced(&lb, &format!("client {client} TCP {i}, no hash_ports:"), &tcp, no_ports)?;
                 tcp_spread.insert(out[ETH_LEN + 16..ETH_LEN + 20].to_vec());
             }
-            ensure!(one_backend.len() == 1, "client {client}: UDP without hash_ports reached {} backends", one_backend.len());
+            ensure!(
+                one_backend.len() == 1,
+                "client {client}: UDP without hash_ports reached {} backends",
+                one_backend.len()
+            );
             ensure!(spread.len() >= 4, "client {client}: UDP with hash_ports reached only {} backends", spread.len());
             ensure!(tcp_spread.len() >= 4, "client {client}: TCP reached only {} backends", tcp_spread.len());
         }
@@ -1356,7 +1486,9 @@ fn no_backend() -> TestResult {
     lb.set_backend(BE, BackendEntry { flags: L4LB_BACKEND_GATEWAY_MAC as u8, ..backend6() })?;
     check(&lb, "backend GATEWAY_MAC only, not active", &frame4.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND))?;
     lb.set_backend(BE, backend6())?;
-    for (number, name) in [(SLOT_EMPTY, "SLOT_EMPTY"), (MAX_BACKENDS as u32, "MAX_BACKENDS (beyond the map)"), (BE + 1, "a zeroed entry")] {
+    for (number, name) in
+        [(SLOT_EMPTY, "SLOT_EMPTY"), (MAX_BACKENDS as u32, "MAX_BACKENDS (beyond the map)"), (BE + 1, "a zeroed entry")]
+    {
         lb.set_table(SVC, &vec![number; MAGLEV_SIZE])?;
         check(&lb, &format!("every slot {name}"), &frame4.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND))?;
     }
@@ -1422,10 +1554,20 @@ fn mtu_limit() -> TestResult {
                 check(&lb, &format!("{what}: inner {}", mtu - overhead), &fits.frame(), tx(SVC, BE, fits.flow(true)))?;
                 // Trailer bytes are not part of the packet (nor of the answer's quote).
                 let trailer = padded(&fits.frame(), fits.frame().len() + 6);
-                check(&lb, &format!("{what}: inner {} + 6 bytes trailer", mtu - overhead), &trailer, tx(SVC, BE, fits.flow(true)))?;
+                check(
+                    &lb,
+                    &format!("{what}: inner {} + 6 bytes trailer", mtu - overhead),
+                    &trailer,
+                    tx(SVC, BE, fits.flow(true)),
+                )?;
                 let too_big = client.clone().sized(mtu - overhead + 1);
                 let trailer = padded(&too_big.frame(), too_big.frame().len() + 9);
-                check(&lb, &format!("{what}: too big + 9 bytes trailer"), &trailer, too_big_want(client, mtu, overhead))?;
+                check(
+                    &lb,
+                    &format!("{what}: too big + 9 bytes trailer"),
+                    &trailer,
+                    too_big_want(client, mtu, overhead),
+                )?;
             }
         }
         let mut config = lb.config.clone();
@@ -1465,8 +1607,18 @@ fn not_tcp_udp_passes() -> TestResult {
     check(&lb, "ARP request", &arp_request_frame(), Want::Pass)?;
     // Tagged frames are balanced now (issue 5; see vlan_tags): three tags are not ours.
     let three = [(0x88a8, 5), (0x8100, 6), (0x8100, 7)];
-    check(&lb, "three VLAN tags, IPv4 TCP", &Packet { tags: three.to_vec(), ..Packet::tcp4(1, 2) }.frame(), Want::Pass)?;
-    check(&lb, "three VLAN tags, IPv6 TCP", &Packet { tags: three.to_vec(), ..Packet::tcp6(1, 2) }.frame(), Want::Pass)?;
+    check(
+        &lb,
+        "three VLAN tags, IPv4 TCP",
+        &Packet { tags: three.to_vec(), ..Packet::tcp4(1, 2) }.frame(),
+        Want::Pass,
+    )?;
+    check(
+        &lb,
+        "three VLAN tags, IPv6 TCP",
+        &Packet { tags: three.to_vec(), ..Packet::tcp6(1, 2) }.frame(),
+        Want::Pass,
+    )?;
     check(&lb, "Ethernet header alone, type ARP", &ethernet_frame(ETHERTYPE_ARP, &[]), Want::Pass)?;
     check(&lb, "EtherType 0x0801", &ethernet_frame(0x0801, &Packet::tcp4(1, 2).ip_bytes()), Want::Pass)?;
     check(&lb, "EtherType 0xdd86", &ethernet_frame(0xdd86, &Packet::tcp6(1, 2).ip_bytes()), Want::Pass)?;
@@ -1537,7 +1689,12 @@ fn truncated_ipv4_frames_drop() -> TestResult {
     // Cut inside 40 bytes of options (IHL 15).
     let with_options = Packet { options: vec![0x01; 40], ..Packet::udp4(1234, 53) }.frame();
     for len in ETH_LEN + 20..ETH_LEN + 60 {
-        check(&lb, &format!("IHL 15 frame cut to {len} bytes"), &with_options[..len], Want::Drop(L4LB_CNT_DROP_SHORT_IPV4))?;
+        check(
+            &lb,
+            &format!("IHL 15 frame cut to {len} bytes"),
+            &with_options[..len],
+            Want::Drop(L4LB_CNT_DROP_SHORT_IPV4),
+        )?;
     }
 
     // Datagrams that end before the 4 port bytes: frame cut there, or padded
@@ -1608,9 +1765,13 @@ fn ipv4_fragments_hash_without_ports() -> TestResult {
             let last = Packet { frag_offset: 8, payload: vec![0xf3; 5], ..flow.clone() };
             let empty = Packet { frag_offset: 11, payload: Vec::new(), ..flow.clone() };
             let mut backends = std::collections::BTreeSet::new();
-            for (name, fragment) in
-                [("first", first), ("first, other ports", other_ports), ("middle", middle), ("last", last), ("empty later", empty)]
-            {
+            for (name, fragment) in [
+                ("first", first),
+                ("first, other ports", other_ports),
+                ("middle", middle),
+                ("last", last),
+                ("empty later", empty),
+            ] {
                 let out = check_balanced(&lb, &format!("flow {i}: {name} fragment"), &fragment, SVC)?;
                 backends.insert(out[ETH_LEN + 16..ETH_LEN + 20].to_vec());
             }
@@ -1632,7 +1793,11 @@ fn ipv4_fragments_hash_without_ports() -> TestResult {
 /// reads them big-endian, a little-endian CPU (BPF on x86) the other way round.
 fn needs_second_fold(header: &[u8], little_endian: bool) -> bool {
     let word = |pair: &[u8]| {
-        u32::from(if little_endian { u16::from_le_bytes([pair[0], pair[1]]) } else { u16::from_be_bytes([pair[0], pair[1]]) })
+        u32::from(if little_endian {
+            u16::from_le_bytes([pair[0], pair[1]])
+        } else {
+            u16::from_be_bytes([pair[0], pair[1]])
+        })
     };
     let sum: u32 = header.chunks(2).map(word).sum();
     (sum & 0xffff) + (sum >> 16) > 0xffff
@@ -1699,7 +1864,10 @@ fn checksum_carry_folding() -> TestResult {
         let packet = Packet { tos, df: true, ..Packet::udp4(5353, 53).sized(usize::from(inner_len)) };
         let what = format!("outer {src} -> {backend}, tos {tos:#04x}, inner {inner_len} bytes");
         let out = check(&lb, &what, &packet.frame(), tx(SVC, BE, packet.flow(true)))?;
-        ensure!(out[ETH_LEN..ETH_LEN + 20] == outer_header(tos, inner_len + 20, true, src, backend), "{what}: hand-built header");
+        ensure!(
+            out[ETH_LEN..ETH_LEN + 20] == outer_header(tos, inner_len + 20, true, src, backend),
+            "{what}: hand-built header"
+        );
     }
     Ok(())
 }
@@ -1843,7 +2011,13 @@ struct Measured {
 /// identities; backend numbers 1000 + index), sends the datapath flows
 /// through test_run, checks each against the model, and looks up the model
 /// flows' slots.
-fn measure(lb: &mut Lb, list: &[(Ipv4Addr, u32)], frames: &[Vec<u8>], flows: &[Flow], model_slots: &[u32]) -> Result<Measured, Failed> {
+fn measure(
+    lb: &mut Lb,
+    list: &[(Ipv4Addr, u32)],
+    frames: &[Vec<u8>],
+    flows: &[Flow],
+    model_slots: &[u32],
+) -> Result<Measured, Failed> {
     let numbered: Vec<(u32, BackendEntry)> = list
         .iter()
         .map(|&(addr, weight)| {
@@ -1857,7 +2031,11 @@ fn measure(lb: &mut Lb, list: &[(Ipv4Addr, u32)], frames: &[Vec<u8>], flows: &[F
     let mut datapath = Vec::with_capacity(frames.len());
     for (i, (frame, flow)) in frames.iter().zip(flows).enumerate() {
         let (verdict, len) = lb.run_into(frame, &mut out)?;
-        ensure!(verdict == XDP_TX && len == frame.len() + 20, "flow {i} {flow:?}: {} ({len} bytes)", verdict_name(verdict));
+        ensure!(
+            verdict == XDP_TX && len == frame.len() + 20,
+            "flow {i} {flow:?}: {} ({len} bytes)",
+            verdict_name(verdict)
+        );
         let number = 1000 + u32::from(out[ETH_LEN + 19]);
         let predicted = lb.predict(SVC, flow);
         ensure!(
@@ -1887,7 +2065,8 @@ fn worst_deviation(shares: &[f64], targets: &[f64]) -> f64 {
 
 /// Fraction of flows whose backend (by address) differs between two runs.
 fn moved(before: &[u32], before_list: &[(Ipv4Addr, u32)], after: &[u32], after_list: &[(Ipv4Addr, u32)]) -> f64 {
-    let changed = before.iter().zip(after).filter(|(&b, &a)| before_list[b as usize].0 != after_list[a as usize].0).count();
+    let changed =
+        before.iter().zip(after).filter(|(&b, &a)| before_list[b as usize].0 != after_list[a as usize].0).count();
     changed as f64 / before.len() as f64
 }
 
@@ -1903,7 +2082,8 @@ fn maglev_through_the_datapath() -> TestResult {
         let addr = |i: u8| Ipv4Addr::new(10, 64, 0, i);
         let equal32: Vec<(Ipv4Addr, u32)> = (1..=32).map(|i| (addr(i), 1)).collect();
         let removed = rng.gen_range(0..32);
-        let equal31: Vec<(Ipv4Addr, u32)> = equal32.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, b)| *b).collect();
+        let equal31: Vec<(Ipv4Addr, u32)> =
+            equal32.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, b)| *b).collect();
         let equal33: Vec<(Ipv4Addr, u32)> = equal32.iter().copied().chain([(addr(33), 1)]).collect();
         let weighted: Vec<(Ipv4Addr, u32)> = vec![(addr(41), 1), (addr(42), 2), (addr(43), 3)];
 
@@ -1930,7 +2110,9 @@ fn maglev_through_the_datapath() -> TestResult {
         let table_share = |lb: &Lb, list: &[(Ipv4Addr, u32)]| -> Vec<f64> {
             let table = lb.tables[SVC as usize].as_ref().unwrap();
             list.iter()
-                .map(|(a, _)| table.iter().filter(|&&n| n == 1000 + u32::from(a.octets()[3])).count() as f64 / MAGLEV_SIZE as f64)
+                .map(|(a, _)| {
+                    table.iter().filter(|&&n| n == 1000 + u32::from(a.octets()[3])).count() as f64 / MAGLEV_SIZE as f64
+                })
                 .collect()
         };
         let slots32 = table_share(&lb, &equal32);
@@ -1940,10 +2122,19 @@ fn maglev_through_the_datapath() -> TestResult {
         let slots_w = table_share(&lb, &weighted);
 
         let even32 = vec![1.0 / 32.0; 32];
-        let (dp32, model32, table32) =
-            (worst_deviation(&shares(&m32.datapath, 32), &even32), worst_deviation(&shares(&m32.model, 32), &even32), worst_deviation(&slots32, &even32));
-        let moved31 = (moved(&m32.datapath, &equal32, &m31.datapath, &equal31), moved(&m32.model, &equal32, &m31.model, &equal31));
-        let moved33 = (moved(&m32.datapath, &equal32, &m33.datapath, &equal33), moved(&m32.model, &equal32, &m33.model, &equal33));
+        let (dp32, model32, table32) = (
+            worst_deviation(&shares(&m32.datapath, 32), &even32),
+            worst_deviation(&shares(&m32.model, 32), &even32),
+            worst_deviation(&slots32, &even32),
+        );
+        let moved31 = (
+            moved(&m32.datapath, &equal32, &m31.datapath, &equal31),
+            moved(&m32.model, &equal32, &m31.model, &equal31),
+        );
+        let moved33 = (
+            moved(&m32.datapath, &equal32, &m33.datapath, &equal33),
+            moved(&m32.model, &equal32, &m33.model, &equal33),
+        );
         let targets_w = [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0];
         let (shares_w_dp, shares_w_model) = (shares(&mw.datapath, 3), shares(&mw.model, 3));
         let pct = |v: &[f64]| v.iter().map(|s| format!("{:.3}%", s * 100.0)).collect::<Vec<_>>().join(", ");
@@ -1980,7 +2171,11 @@ fn maglev_through_the_datapath() -> TestResult {
         // have a binomial spread of ~1.8%, so only a looser bound holds there.
         ensure!(dp32 <= 0.08, "32 equal backends: a datapath share {:.2}% off the mean", dp32 * 100.0);
         // (The 1/6 share of 100,000 flows spreads by ~0.7% relative: 5% is 7 sigma.)
-        ensure!(worst_deviation(&shares_w_dp, &targets_w) <= 0.05, "weights 1:2:3 through the datapath: {}", pct(&shares_w_dp));
+        ensure!(
+            worst_deviation(&shares_w_dp, &targets_w) <= 0.05,
+            "weights 1:2:3 through the datapath: {}",
+            pct(&shares_w_dp)
+        );
         Ok(())
     })
 }
@@ -2010,7 +2205,12 @@ fn per_cpu_counters() -> TestResult {
     }
     check(&lb, "per-CPU: ARP", &arp_request_frame(), Want::Pass)?;
     check(&lb, "per-CPU: no service", &Packet::tcp4(1, 81).frame(), Want::NoService)?;
-    check(&lb, "per-CPU: IHL 4", &with_ip_byte(&Packet::udp4(1, 2).frame(), 0, 0x44), Want::Drop(L4LB_CNT_DROP_BAD_IHL))?;
+    check(
+        &lb,
+        "per-CPU: IHL 4",
+        &with_ip_byte(&Packet::udp4(1, 2).frame(), 0, 0x44),
+        Want::Drop(L4LB_CNT_DROP_BAD_IHL),
+    )?;
     let counters = lb.counters()?;
     ensure!(counters.len() == NCNT && counters[L4LB_CNT_RX as usize] == 13, "counters {counters:?}");
     Ok(())
@@ -2035,7 +2235,9 @@ fn vip_service(v6_backends: bool) -> Result<Lb, Failed> {
         })
         .collect();
     add_service(&mut lb, SVC, &backends, true)?;
-    for (addr, proto, port) in [(IpAddr::from(VIP4), TCP, 80), (VIP4.into(), UDP, 53), (VIP6.into(), TCP, 80), (VIP6.into(), UDP, 53)] {
+    for (addr, proto, port) in
+        [(IpAddr::from(VIP4), TCP, 80), (VIP4.into(), UDP, 53), (VIP6.into(), TCP, 80), (VIP6.into(), UDP, 53)]
+    {
         lb.add_vip(VipKey::new(addr, proto, port), SVC)?;
     }
     Ok(lb)
@@ -2058,11 +2260,21 @@ fn vlan_tags() -> TestResult {
                 for i in 0..20 {
                     let mut packets = vec![
                         Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen(), 80) },
-                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), tos: rng.gen(), ..Packet::udp4(rng.gen(), 53) },
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            tos: rng.gen(),
+                            ..Packet::udp4(rng.gen(), 53)
+                        },
                     ];
                     if v6_backends {
-                        packets.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::tcp6(rng.gen(), 80) });
-                        packets.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen(), 53) });
+                        packets.push(Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            ..Packet::tcp6(rng.gen(), 80)
+                        });
+                        packets.push(Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            ..Packet::udp6(rng.gen(), 53)
+                        });
                     }
                     for packet in packets {
                         let tagged = Packet { tags: tags.to_vec(), ..packet.clone() };
@@ -2078,10 +2290,18 @@ fn vlan_tags() -> TestResult {
                             );
                         }
                         let outer_type = if v6_backends { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
-                        ensure!(out[l2..l2 + 2] == outer_type.to_be_bytes(), "{what}: outer EtherType {:02x?}", &out[l2..l2 + 2]);
+                        ensure!(
+                            out[l2..l2 + 2] == outer_type.to_be_bytes(),
+                            "{what}: outer EtherType {:02x?}",
+                            &out[l2..l2 + 2]
+                        );
                         // The same flow untagged goes to the same backend.
                         let plain = lb.run(&packet.frame())?.1;
-                        ensure!(plain[ETH_LEN..ETH_LEN + 40.min(plain.len() - ETH_LEN)] == out[l2 + 2..l2 + 2 + 40.min(plain.len() - ETH_LEN)], "{what}: the untagged flow's outer header differs");
+                        ensure!(
+                            plain[ETH_LEN..ETH_LEN + 40.min(plain.len() - ETH_LEN)]
+                                == out[l2 + 2..l2 + 2 + 40.min(plain.len() - ETH_LEN)],
+                            "{what}: the untagged flow's outer header differs"
+                        );
                     }
                 }
             }
@@ -2096,7 +2316,12 @@ fn vlan_tags() -> TestResult {
             // Tags cut off: the first (frames of 14..17 bytes), the second (18..21).
             let two = Packet { tags: vec![(0x88a8, 7), (0x8100, 8)], ..Packet::tcp4(40000, 80) }.frame();
             for len in ETH_LEN..ETH_LEN + 8 {
-                check(&lb, &format!("two tags, frame cut to {len}"), &two[..len], Want::Drop(L4LB_CNT_DROP_SHORT_VLAN))?;
+                check(
+                    &lb,
+                    &format!("two tags, frame cut to {len}"),
+                    &two[..len],
+                    Want::Drop(L4LB_CNT_DROP_SHORT_VLAN),
+                )?;
             }
             let one = Packet { tags: vec![(0x8100, 7)], ..Packet::tcp6(40000, 80) }.frame();
             for len in ETH_LEN..ETH_LEN + 4 {
@@ -2169,7 +2394,16 @@ fn icmp_errors() -> TestResult {
             // UDP to :5353 in a service that does not hash UDP ports.
             let no_ports = 6;
             let backends: Vec<(u32, BackendEntry)> = (0..16u32)
-                .map(|i| (500 + i, BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 6, 0, 0, 0, i as u16 + 1).into(), BACKEND_MAC, no_ports)))
+                .map(|i| {
+                    (
+                        500 + i,
+                        BackendEntry::new(
+                            Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 6, 0, 0, 0, i as u16 + 1).into(),
+                            BACKEND_MAC,
+                            no_ports,
+                        ),
+                    )
+                })
                 .collect();
             add_service(&mut lb, no_ports, &backends, false)?;
             lb.add_vip(VipKey::new(VIP4.into(), UDP, 5353), no_ports)?;
@@ -2179,14 +2413,47 @@ fn icmp_errors() -> TestResult {
             let mut cases = 0;
             for i in 0..40 {
                 let mut flows = vec![
-                    (SVC, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) }),
-                    (SVC, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::udp4(rng.gen_range(1024..65535), 53) }),
-                    (no_ports, Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::udp4(rng.gen_range(1024..65535), 5353) }),
+                    (
+                        SVC,
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            ..Packet::tcp4(rng.gen_range(1024..65535), 80)
+                        },
+                    ),
+                    (
+                        SVC,
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            ..Packet::udp4(rng.gen_range(1024..65535), 53)
+                        },
+                    ),
+                    (
+                        no_ports,
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            ..Packet::udp4(rng.gen_range(1024..65535), 5353)
+                        },
+                    ),
                 ];
                 if v6_backends {
-                    flows.push((SVC, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::tcp6(rng.gen_range(1024..65535), 80) }));
-                    flows.push((SVC, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen_range(1024..65535), 53) }));
-                    flows.push((no_ports, Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(1, 5353) }));
+                    flows.push((
+                        SVC,
+                        Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            ..Packet::tcp6(rng.gen_range(1024..65535), 80)
+                        },
+                    ));
+                    flows.push((
+                        SVC,
+                        Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            ..Packet::udp6(rng.gen_range(1024..65535), 53)
+                        },
+                    ));
+                    flows.push((
+                        no_ports,
+                        Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(1, 5353) },
+                    ));
                 }
                 for (service, flow) in flows {
                     let hash_ports = lb.services[service as usize].flags & L4LB_SERVICE_HASH_PORTS != 0;
@@ -2196,19 +2463,43 @@ fn icmp_errors() -> TestResult {
                     let flow_outer = out[ETH_LEN..].to_vec();
                     let answer = answer_of(&flow);
                     // Hashing the quoted tuple unswapped would usually land elsewhere.
-                    let unswapped = Flow { saddr: answer.src, daddr: answer.dst, sport: answer.sport, dport: answer.dport, proto: answer.proto };
+                    let unswapped = Flow {
+                        saddr: answer.src,
+                        daddr: answer.dst,
+                        sport: answer.sport,
+                        dport: answer.dport,
+                        proto: answer.proto,
+                    };
                     moved_without_swap += usize::from(lb.predict(service, &unswapped) != number);
                     let errors: Vec<(String, Packet)> = if flow.is_v6() {
                         vec![
-                            ("ICMPv6 packet too big".into(), icmp6_error(flow.dst, 2, 0, 1280, &quote_of(&answer, Quote { len: Some(1232) }))),
-                            ("ICMPv6 unreachable, port".into(), icmp6_error(flow.dst, 1, 4, 0, &quote_of(&answer, Quote { len: Some(48) }))),
-                            ("ICMPv6 unreachable, no route".into(), icmp6_error(flow.dst, 1, 0, 0, &quote_of(&answer, Quote { len: None }))),
+                            (
+                                "ICMPv6 packet too big".into(),
+                                icmp6_error(flow.dst, 2, 0, 1280, &quote_of(&answer, Quote { len: Some(1232) })),
+                            ),
+                            (
+                                "ICMPv6 unreachable, port".into(),
+                                icmp6_error(flow.dst, 1, 4, 0, &quote_of(&answer, Quote { len: Some(48) })),
+                            ),
+                            (
+                                "ICMPv6 unreachable, no route".into(),
+                                icmp6_error(flow.dst, 1, 0, 0, &quote_of(&answer, Quote { len: None })),
+                            ),
                         ]
                     } else {
                         vec![
-                            ("frag needed".into(), icmp4_error(flow.dst, 3, 4, 1400, &quote_of(&answer, Quote { len: Some(28) }))),
-                            ("host unreachable".into(), icmp4_error(flow.dst, 3, 1, 0, &quote_of(&answer, Quote { len: None }))),
-                            ("port unreachable".into(), icmp4_error(flow.dst, 3, 3, 0, &quote_of(&answer, Quote { len: Some(24) }))),
+                            (
+                                "frag needed".into(),
+                                icmp4_error(flow.dst, 3, 4, 1400, &quote_of(&answer, Quote { len: Some(28) })),
+                            ),
+                            (
+                                "host unreachable".into(),
+                                icmp4_error(flow.dst, 3, 1, 0, &quote_of(&answer, Quote { len: None })),
+                            ),
+                            (
+                                "port unreachable".into(),
+                                icmp4_error(flow.dst, 3, 3, 0, &quote_of(&answer, Quote { len: Some(24) })),
+                            ),
                             ("admin prohibited, quoted options".into(), {
                                 let with_options = Packet { options: vec![1, 1, 1, 0], ..answer.clone() };
                                 icmp4_error(flow.dst, 3, 13, 0, &quote_of(&with_options, Quote { len: Some(32) }))
@@ -2223,13 +2514,19 @@ fn icmp_errors() -> TestResult {
                         let l3 = error.l3_len();
                         let outer_len = out.len() - ETH_LEN - l3;
                         ensure!(
-                            out[ETH_LEN + 12.min(outer_len)..ETH_LEN + outer_len] == flow_outer[12.min(outer_len)..outer_len]
+                            out[ETH_LEN + 12.min(outer_len)..ETH_LEN + outer_len]
+                                == flow_outer[12.min(outer_len)..outer_len]
                                 || outer_len == 20,
                             "{what}: outer header differs from the flow's"
                         );
                         // Tagged too.
                         let tagged = Packet { tags: vec![(0x88a8, 3), (0x8100, 4)], ..error.clone() };
-                        check(&lb, &format!("{what}, QinQ"), &tagged.frame(), tx(service, number, flow.flow(hash_ports)))?;
+                        check(
+                            &lb,
+                            &format!("{what}, QinQ"),
+                            &tagged.frame(),
+                            tx(service, number, flow.flow(hash_ports)),
+                        )?;
                         cases += 2;
                     }
                 }
@@ -2257,16 +2554,31 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
     // Echo request / reply, time exceeded, redirect, source quench, parameter problem.
     let echo = Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 0x4c42, seq: 1 });
     let ping = [&Icmpv4Header::with_checksum(echo, b"ping").to_bytes()[..], b"ping"].concat();
-    check(lb, "echo request to the VIP", &Packet { src: CLIENT4.into(), ..Packet::other4(ICMP, ping) }.frame(), Want::Pass)?;
+    check(
+        lb,
+        "echo request to the VIP",
+        &Packet { src: CLIENT4.into(), ..Packet::other4(ICMP, ping) }.frame(),
+        Want::Pass,
+    )?;
     for icmp_type in [0u8, 4, 5, 8, 11, 12, 13, 255] {
         let error = icmp4_error(VIP4.into(), icmp_type, 0, 0, &quoted[..28]);
         check(lb, &format!("ICMP type {icmp_type} quoting the flow"), &error.frame(), Want::Pass)?;
     }
     // The quoted packet not from the outer destination.
     let other_src = Packet { src: Ipv4Addr::new(203, 0, 113, 11).into(), ..answer.clone() };
-    check(lb, "quote from another address", &icmp4_error(VIP4.into(), 3, 4, 0, &other_src.ip_bytes()[..28]).frame(), Want::Pass)?;
+    check(
+        lb,
+        "quote from another address",
+        &icmp4_error(VIP4.into(), 3, 4, 0, &other_src.ip_bytes()[..28]).frame(),
+        Want::Pass,
+    )?;
     let from_client = flow.ip_bytes();
-    check(lb, "quote of the client's own packet", &icmp4_error(VIP4.into(), 3, 4, 0, &from_client[..28]).frame(), Want::Pass)?;
+    check(
+        lb,
+        "quote of the client's own packet",
+        &icmp4_error(VIP4.into(), 3, 4, 0, &from_client[..28]).frame(),
+        Want::Pass,
+    )?;
     // Not TCP/UDP.
     for proto in [ICMP, GRE, SCTP, IPIP] {
         let mut q = quoted[..28].to_vec();
@@ -2280,7 +2592,12 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
     for first in [0x65u8, 0x44, 0x40, 0x35] {
         let mut q = quoted[..28].to_vec();
         q[0] = first;
-        check(lb, &format!("quoted first byte {first:#04x}"), &icmp4_error(VIP4.into(), 3, 4, 0, &q).frame(), Want::Pass)?;
+        check(
+            lb,
+            &format!("quoted first byte {first:#04x}"),
+            &icmp4_error(VIP4.into(), 3, 4, 0, &q).frame(),
+            Want::Pass,
+        )?;
     }
     // A later fragment quoted (no ports there); a first fragment has its ports.
     let later = Packet { frag_offset: 4, ..answer.clone() };
@@ -2312,7 +2629,12 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
     check(lb, "error with TTL 1", &Packet { ttl: 1, ..good.clone() }.frame(), flow_tx)?;
     // About a flow to a port no VIP has (and no catch-all).
     let stray = answer_of(&Packet::tcp4(40000, 81)).ip_bytes();
-    check(lb, "error about a flow no VIP takes", &icmp4_error(VIP4.into(), 3, 4, 0, &stray[..28]).frame(), Want::NoService)?;
+    check(
+        lb,
+        "error about a flow no VIP takes",
+        &icmp4_error(VIP4.into(), 3, 4, 0, &stray[..28]).frame(),
+        Want::NoService,
+    )?;
 
     // ICMPv6.
     if v6 {
@@ -2326,7 +2648,12 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
             check(lb, &format!("ICMPv6 type {icmp_type} quoting the flow"), &error.frame(), Want::Pass)?;
         }
         let other_src = Packet { src: CLIENT6.into(), ..answer.clone() };
-        check(lb, "ICMPv6 quote from another address", &icmp6_error(VIP6.into(), 1, 0, 0, &other_src.ip_bytes()[..48]).frame(), Want::Pass)?;
+        check(
+            lb,
+            "ICMPv6 quote from another address",
+            &icmp6_error(VIP6.into(), 1, 0, 0, &other_src.ip_bytes()[..48]).frame(),
+            Want::Pass,
+        )?;
         let mut icmp_quoted = quoted[..48].to_vec();
         icmp_quoted[6] = 58;
         check(lb, "ICMPv6 quoting ICMPv6", &icmp6_error(VIP6.into(), 1, 0, 0, &icmp_quoted).frame(), Want::Pass)?;
@@ -2334,20 +2661,41 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
         v4_quoted[0] = 0x45;
         check(lb, "ICMPv6 quoting version 4", &icmp6_error(VIP6.into(), 1, 0, 0, &v4_quoted).frame(), Want::Pass)?;
         let with_ext = Packet { ext: vec![Ext::DestOpts(0)], ..answer.clone() }.ip_bytes();
-        check(lb, "ICMPv6 quoting extension headers", &icmp6_error(VIP6.into(), 1, 0, 0, &with_ext[..56]).frame(), Want::Pass)?;
-        let fragment_quoted = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..answer.clone() }.ip_bytes();
-        check(lb, "ICMPv6 quoting a fragment header", &icmp6_error(VIP6.into(), 2, 0, 1280, &fragment_quoted[..56]).frame(), Want::Pass)?;
+        check(
+            lb,
+            "ICMPv6 quoting extension headers",
+            &icmp6_error(VIP6.into(), 1, 0, 0, &with_ext[..56]).frame(),
+            Want::Pass,
+        )?;
+        let fragment_quoted =
+            Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..answer.clone() }.ip_bytes();
+        check(
+            lb,
+            "ICMPv6 quoting a fragment header",
+            &icmp6_error(VIP6.into(), 2, 0, 1280, &fragment_quoted[..56]).frame(),
+            Want::Pass,
+        )?;
         for len in 0..44 {
             let error = icmp6_error(VIP6.into(), 2, 0, 1280, &quoted[..len]);
             check(lb, &format!("ICMPv6 quote of {len} bytes"), &error.frame(), Want::Pass)?;
         }
         // Behind extension headers: skipped like any packet's.
         let behind = Packet { ext: vec![Ext::HopByHop(0), Ext::DestOpts(1)], ..good.clone() };
-        check(lb, "ICMPv6 error behind extension headers", &behind.frame(), tx(SVC, lb.predict(SVC, &flow.flow(true)), flow.flow(true)))?;
+        check(
+            lb,
+            "ICMPv6 error behind extension headers",
+            &behind.frame(),
+            tx(SVC, lb.predict(SVC, &flow.flow(true)), flow.flow(true)),
+        )?;
         // The ICMPv6 packet a fragment (not atomic).
         let fragment = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..good.clone() };
         check(lb, "ICMPv6 error in a fragment", &fragment.frame(), Want::Pass)?;
-        check(lb, "ICMPv6 error, hop limit 0", &Packet { ttl: 0, ..good.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        check(
+            lb,
+            "ICMPv6 error, hop limit 0",
+            &Packet { ttl: 0, ..good.clone() }.frame(),
+            Want::Drop(L4LB_CNT_DROP_TTL_ZERO),
+        )?;
         let echo6 = Packet { src: CLIENT6.into(), ..Packet::other6(58, vec![128, 0, 0, 0, 0x4c, 0x42, 0, 1]) };
         check(lb, "ICMPv6 echo request to the VIP", &echo6.frame(), Want::Pass)?;
     }
@@ -2359,7 +2707,12 @@ fn icmp_errors_passed(lb: &mut Lb) -> TestResult {
     config.mtu = (big.l3_len() + overhead - 1) as u32;
     lb.set_config(config.clone())?;
     for df in [false, true] {
-        check(lb, &format!("too-big ICMP error, df {df}"), &Packet { df, ..big.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+        check(
+            lb,
+            &format!("too-big ICMP error, df {df}"),
+            &Packet { df, ..big.clone() }.frame(),
+            Want::Drop(L4LB_CNT_DROP_TOO_BIG),
+        )?;
     }
     if v6 {
         let flow = Packet::tcp6(40000, 80);
@@ -2390,20 +2743,40 @@ fn too_big_answers() -> TestResult {
                 for i in 0..10 {
                     let tags = TAG_SETS[rng.gen_range(0..TAG_SETS.len())].to_vec();
                     let mut clients = vec![
-                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), tos: rng.gen(), ..Packet::tcp4(rng.gen(), 80) },
-                        Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), df: true, ..Packet::udp4(rng.gen(), 53) },
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            tos: rng.gen(),
+                            ..Packet::tcp4(rng.gen(), 80)
+                        },
+                        Packet {
+                            src: Ipv4Addr::from(rng.gen::<u32>()).into(),
+                            df: true,
+                            ..Packet::udp4(rng.gen(), 53)
+                        },
                         Packet { options: vec![1; 40], ..Packet::tcp4(rng.gen(), 80) },
                         Packet { df: false, ..Packet::tcp4(rng.gen(), 80) },
                     ];
                     if v6_backends {
-                        clients.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), tos: rng.gen(), ..Packet::tcp6(rng.gen(), 80) });
-                        clients.push(Packet { src: Ipv6Addr::from(rng.gen::<u128>()).into(), ..Packet::udp6(rng.gen(), 53) });
+                        clients.push(Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            tos: rng.gen(),
+                            ..Packet::tcp6(rng.gen(), 80)
+                        });
+                        clients.push(Packet {
+                            src: Ipv6Addr::from(rng.gen::<u128>()).into(),
+                            ..Packet::udp6(rng.gen(), 53)
+                        });
                         clients.push(Packet { ext: vec![Ext::HopByHop(2)], ..Packet::tcp6(rng.gen(), 80) });
                     }
                     for client in clients {
                         for tags in [Vec::new(), tags.clone()] {
                             let client = Packet { tags, ..client.clone() };
-                            let what = format!("mtu {mtu} +{overhead} client {i} {:?} tags {:04x?} df {}", client.flow(true), client.tags, client.df);
+                            let what = format!(
+                                "mtu {mtu} +{overhead} client {i} {:?} tags {:04x?} df {}",
+                                client.flow(true),
+                                client.tags,
+                                client.df
+                            );
                             let at = client.clone().sized(mtu - overhead);
                             check_balanced(&lb, &format!("{what}: exactly at the MTU"), &at, SVC)?;
                             for extra in [1usize, 7, 300] {
@@ -2413,14 +2786,21 @@ fn too_big_answers() -> TestResult {
                                 if let Want::TooBig { mtu: advertised } = want {
                                     // A few fields by offset once more.
                                     let l2 = 12 + 4 * big.tags.len() + 2;
-                                    ensure!(out[..6] == ROUTER_MAC && out[6..12] == LB_MAC, "{what}: MACs {:02x?}", &out[..12]);
+                                    ensure!(
+                                        out[..6] == ROUTER_MAC && out[6..12] == LB_MAC,
+                                        "{what}: MACs {:02x?}",
+                                        &out[..12]
+                                    );
                                     let icmp = l2 + if big.is_v6() { 40 } else { 20 };
                                     let mtu_field = if big.is_v6() {
                                         u32::from_be_bytes(out[icmp + 4..icmp + 8].try_into().unwrap())
                                     } else {
                                         u32::from(u16::from_be_bytes([out[icmp + 6], out[icmp + 7]]))
                                     };
-                                    ensure!(mtu_field == advertised && advertised as usize == mtu - overhead, "{what}: MTU field {mtu_field}");
+                                    ensure!(
+                                        mtu_field == advertised && advertised as usize == mtu - overhead,
+                                        "{what}: MTU field {mtu_field}"
+                                    );
                                 }
                             }
                         }
@@ -2449,13 +2829,23 @@ fn too_big_answers() -> TestResult {
                     } else {
                         Want::TooBig { mtu: (l3 - 1) as u32 }
                     };
-                    check(&lb, &format!("IPv{} packet of {l3} bytes, mtu {}", if v6 { 6 } else { 4 }, l3 + overhead - 1), &packet.frame(), want)?;
+                    check(
+                        &lb,
+                        &format!("IPv{} packet of {l3} bytes, mtu {}", if v6 { 6 } else { 4 }, l3 + overhead - 1),
+                        &packet.frame(),
+                        want,
+                    )?;
                 }
                 for mtu in [1, overhead - 1, overhead] {
                     let mut config = lb.config.clone();
                     config.mtu = mtu as u32;
                     lb.set_config(config)?;
-                    check(&lb, &format!("mtu {mtu} <= overhead {overhead}"), &client.frame(), Want::Drop(L4LB_CNT_DROP_TOO_BIG))?;
+                    check(
+                        &lb,
+                        &format!("mtu {mtu} <= overhead {overhead}"),
+                        &client.frame(),
+                        Want::Drop(L4LB_CNT_DROP_TOO_BIG),
+                    )?;
                 }
             }
             let mut config = lb.config.clone();
@@ -2486,25 +2876,51 @@ fn checksum_ttl_tot_len() -> TestResult {
             // The checksum field off by one bit, or any header byte changed without it.
             let mut bad = frame.clone();
             bad[ETH_LEN + 10 + rng.gen_range(0..2)] ^= 1 << rng.gen_range(0..8);
-            check(&lb, &format!("IHL {ihl} flow {i}, checksum field flipped"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+            check(
+                &lb,
+                &format!("IHL {ihl} flow {i}, checksum field flipped"),
+                &bad,
+                Want::Drop(L4LB_CNT_DROP_BAD_CSUM),
+            )?;
             // A byte the parser does not otherwise read (TOS, id, addresses, options).
             let mut bad = frame.clone();
-            let at = [1usize, 4, 5, 12, 15, 19].into_iter().chain(20..ihl * 4).nth(rng.gen_range(0..6 + (ihl - 5) * 4)).unwrap();
+            let at = [1usize, 4, 5, 12, 15, 19]
+                .into_iter()
+                .chain(20..ihl * 4)
+                .nth(rng.gen_range(0..6 + (ihl - 5) * 4))
+                .unwrap();
             bad[ETH_LEN + at] ^= rng.gen_range(1..=255u8);
-            check(&lb, &format!("IHL {ihl} flow {i}, header byte {at} changed"), &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
+            check(
+                &lb,
+                &format!("IHL {ihl} flow {i}, header byte {at} changed"),
+                &bad,
+                Want::Drop(L4LB_CNT_DROP_BAD_CSUM),
+            )?;
         }
         // The checksum's two zeros: a field of 0xffff where 0x0000 is right
         // (one's complement: the same sum) verifies, as RFC 1071 says.
-        let zero = (0u16..=u16::MAX).map(|id| {
-            let mut frame = Packet::udp4(5353, 53).frame();
-            frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
-            refresh_ipv4_checksum(&mut frame);
-            frame
-        }).find(|frame| frame[ETH_LEN + 10..ETH_LEN + 12] == [0, 0]);
+        let zero = (0u16..=u16::MAX)
+            .map(|id| {
+                let mut frame = Packet::udp4(5353, 53).frame();
+                frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+                refresh_ipv4_checksum(&mut frame);
+                frame
+            })
+            .find(|frame| frame[ETH_LEN + 10..ETH_LEN + 12] == [0, 0]);
         if let Some(mut frame) = zero {
-            check(&lb, "checksum 0x0000", &frame, tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)))?;
+            check(
+                &lb,
+                "checksum 0x0000",
+                &frame,
+                tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)),
+            )?;
             frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0xff, 0xff]);
-            check(&lb, "checksum 0xffff for 0x0000", &frame, tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)))?;
+            check(
+                &lb,
+                "checksum 0xffff for 0x0000",
+                &frame,
+                tx(SVC, lb.predict(SVC, &Packet::udp4(5353, 53).flow(true)), Packet::udp4(5353, 53).flow(true)),
+            )?;
         }
         // Not ours: a bad checksum on GRE / ESP is the stack's business.
         for proto in [GRE, ESP, IPIP] {
@@ -2522,12 +2938,24 @@ fn checksum_ttl_tot_len() -> TestResult {
         }
         let options = Packet { options: vec![1; 40], ..Packet::tcp4(1, 2) }.frame();
         for tot_len in [20u16, 59] {
-            check(&lb, &format!("IHL 15, tot_len {tot_len}"), &with_tot_len(&options, tot_len), Want::Drop(L4LB_CNT_DROP_BAD_TOT_LEN))?;
+            check(
+                &lb,
+                &format!("IHL 15, tot_len {tot_len}"),
+                &with_tot_len(&options, tot_len),
+                Want::Drop(L4LB_CNT_DROP_BAD_TOT_LEN),
+            )?;
         }
 
         // TTL: 0 dropped (after the checksum), 1 balanced with the inner TTL untouched.
-        for packet in [Packet::tcp4(40000, 80), Packet::udp4(5353, 53), Packet { options: vec![1; 12], ..Packet::tcp4(1, 2) }] {
-            check(&lb, &format!("TTL 0, proto {}", packet.proto), &Packet { ttl: 0, ..packet.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        for packet in
+            [Packet::tcp4(40000, 80), Packet::udp4(5353, 53), Packet { options: vec![1; 12], ..Packet::tcp4(1, 2) }]
+        {
+            check(
+                &lb,
+                &format!("TTL 0, proto {}", packet.proto),
+                &Packet { ttl: 0, ..packet.clone() }.frame(),
+                Want::Drop(L4LB_CNT_DROP_TTL_ZERO),
+            )?;
             let mut bad = Packet { ttl: 0, ..packet.clone() }.frame();
             bad[ETH_LEN + 11] ^= 0x10;
             check(&lb, "TTL 0 and a bad checksum", &bad, Want::Drop(L4LB_CNT_DROP_BAD_CSUM))?;
@@ -2538,18 +2966,42 @@ fn checksum_ttl_tot_len() -> TestResult {
             }
         }
         check(&lb, "TTL 0, GRE (not ours)", &Packet { ttl: 0, ..Packet::other4(GRE, vec![0; 8]) }.frame(), Want::Pass)?;
-        check(&lb, "TTL 0 ICMP echo", &Packet { ttl: 0, ..Packet::other4(ICMP, vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0]) }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        check(
+            &lb,
+            "TTL 0 ICMP echo",
+            &Packet { ttl: 0, ..Packet::other4(ICMP, vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0]) }.frame(),
+            Want::Drop(L4LB_CNT_DROP_TTL_ZERO),
+        )?;
         // IPv6 hop limit.
-        for packet in [Packet::tcp6(40000, 80), Packet::udp6(5353, 53), Packet { ext: vec![Ext::HopByHop(0)], ..Packet::tcp6(1, 2) }] {
-            check(&lb6, "hop limit 0", &Packet { ttl: 0, ..packet.clone() }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
+        for packet in [
+            Packet::tcp6(40000, 80),
+            Packet::udp6(5353, 53),
+            Packet { ext: vec![Ext::HopByHop(0)], ..Packet::tcp6(1, 2) },
+        ] {
+            check(
+                &lb6,
+                "hop limit 0",
+                &Packet { ttl: 0, ..packet.clone() }.frame(),
+                Want::Drop(L4LB_CNT_DROP_TTL_ZERO),
+            )?;
             for ttl in [1u8, 255] {
                 let alive = Packet { ttl, ..packet.clone() };
                 let out = check(&lb6, &format!("hop limit {ttl}"), &alive.frame(), tx(SVC, BE, alive.flow(true)))?;
                 ensure!(out[ETH_LEN + 40 + 7] == ttl, "hop limit {ttl}: inner hop limit became {}", out[ETH_LEN + 47]);
             }
         }
-        check(&lb6, "hop limit 0, ICMPv6 echo", &Packet { ttl: 0, ..Packet::other6(58, vec![128, 0, 0, 0, 0, 1, 0, 1]) }.frame(), Want::Drop(L4LB_CNT_DROP_TTL_ZERO))?;
-        check(&lb6, "hop limit 0, no next header", &Packet { ttl: 0, ..Packet::other6(59, vec![0; 8]) }.frame(), Want::Pass)?;
+        check(
+            &lb6,
+            "hop limit 0, ICMPv6 echo",
+            &Packet { ttl: 0, ..Packet::other6(58, vec![128, 0, 0, 0, 0, 1, 0, 1]) }.frame(),
+            Want::Drop(L4LB_CNT_DROP_TTL_ZERO),
+        )?;
+        check(
+            &lb6,
+            "hop limit 0, no next header",
+            &Packet { ttl: 0, ..Packet::other6(59, vec![0; 8]) }.frame(),
+            Want::Pass,
+        )?;
         Ok(())
     })
 }
@@ -2626,13 +3078,28 @@ fn fragments_follow_fragment_entry() -> TestResult {
                 (vip4b, TCP, any),
                 (vip6b, UDP, any),
             ] {
-                let base = if dst.is_ipv6() { Packet::random6(rng) } else { Packet { df: false, ..Packet::random4(rng) } };
+                let base =
+                    if dst.is_ipv6() { Packet::random6(rng) } else { Packet { df: false, ..Packet::random4(rng) } };
                 let flow = Packet { dst, proto, dport: 80, ..base };
                 let fragments: Vec<(&str, Packet)> = if dst.is_ipv6() {
                     vec![
                         ("first", Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..flow.clone() }),
-                        ("middle", Packet { ext: vec![Ext::Fragment { offset: 3, more: true }], payload: vec![0xf2; 24], ..flow.clone() }),
-                        ("last", Packet { ext: vec![Ext::DestOpts(0), Ext::Fragment { offset: 6, more: false }], payload: vec![0xf3; 5], ..flow.clone() }),
+                        (
+                            "middle",
+                            Packet {
+                                ext: vec![Ext::Fragment { offset: 3, more: true }],
+                                payload: vec![0xf2; 24],
+                                ..flow.clone()
+                            },
+                        ),
+                        (
+                            "last",
+                            Packet {
+                                ext: vec![Ext::DestOpts(0), Ext::Fragment { offset: 6, more: false }],
+                                payload: vec![0xf3; 5],
+                                ..flow.clone()
+                            },
+                        ),
                     ]
                 } else {
                     vec![
@@ -2659,7 +3126,12 @@ fn fragments_follow_fragment_entry() -> TestResult {
             // No fragment entry: the catch-all if there is one, else the stack.
             let stray = Packet { dst: vip4c, mf: true, ..Packet::random4(rng) };
             let stray = Packet { proto: TCP, ..stray };
-            check(&lb, &format!("flow {i}: fragment, no fragment entry, no catch-all"), &stray.frame(), Want::NoService)?;
+            check(
+                &lb,
+                &format!("flow {i}: fragment, no fragment entry, no catch-all"),
+                &stray.frame(),
+                Want::NoService,
+            )?;
         }
         ensure!(ports_would_move >= 100, "only {ports_would_move} flows change backend without ports");
 
@@ -2670,10 +3142,20 @@ fn fragments_follow_fragment_entry() -> TestResult {
         config.catch_all = catch;
         lb.set_config(config)?;
         let stray = Packet { dst: vip4c, frag_offset: 9, ..Packet::tcp4(1, 80) };
-        check(&lb, "fragment, no fragment entry: catch-all", &stray.frame(), tx(catch, lb.predict(catch, &stray.flow(true)), stray.flow(true)))?;
+        check(
+            &lb,
+            "fragment, no fragment entry: catch-all",
+            &stray.frame(),
+            tx(catch, lb.predict(catch, &stray.flow(true)), stray.flow(true)),
+        )?;
         let stray6 = Packet { dst: vip4c, ..Packet::udp4(1, 80) };
         let stray6 = Packet { mf: true, ..stray6 };
-        check(&lb, "UDP fragment to a TCP-only address: catch-all", &stray6.frame(), tx(catch, lb.predict(catch, &stray6.flow(true)), stray6.flow(true)))?;
+        check(
+            &lb,
+            "UDP fragment to a TCP-only address: catch-all",
+            &stray6.frame(),
+            tx(catch, lb.predict(catch, &stray6.flow(true)), stray6.flow(true)),
+        )?;
         // An IPv6 fragment to a catch-all with IPv4 backends: the stack's (like any IPv6 packet).
         let mut config = lb.config.clone();
         config.catch_all = other;
@@ -2684,7 +3166,12 @@ fn fragments_follow_fragment_entry() -> TestResult {
         // An IPv4 fragment to IPv4 backends (4in4) through a fragment entry.
         lb.add_vip(VipKey::fragment(vip4c, UDP), other)?;
         let frag4 = Packet { dst: vip4c, mf: true, ..Packet::udp4(1, 80) };
-        check(&lb, "IPv4 fragment to IPv4 backends", &frag4.frame(), tx(other, lb.predict(other, &frag4.flow(true)), frag4.flow(true)))?;
+        check(
+            &lb,
+            "IPv4 fragment to IPv4 backends",
+            &frag4.frame(),
+            tx(other, lb.predict(other, &frag4.flow(true)), frag4.flow(true)),
+        )?;
         // Atomic IPv6 fragments are whole packets: looked up by port.
         let atomic = Packet { ext: vec![Ext::Fragment { offset: 0, more: false }], ..Packet::tcp6(1, 80) };
         check_balanced(&lb, "atomic IPv6 fragment", &atomic, web)?;
@@ -2782,7 +3269,8 @@ fn addr16(addr: IpAddr) -> Vec<u8> {
 /// the wire (big-endian), family (4 or 6), protocol, 2 zero bytes: 40 bytes.
 fn key_bytes(client: IpAddr, vip: IpAddr, sport: u16, dport: u16, proto: u8) -> Vec<u8> {
     let family = if vip.is_ipv4() { 4 } else { 6 };
-    [addr16(client), addr16(vip), sport.to_be_bytes().to_vec(), dport.to_be_bytes().to_vec(), vec![family, proto, 0, 0]].concat()
+    [addr16(client), addr16(vip), sport.to_be_bytes().to_vec(), dport.to_be_bytes().to_vec(), vec![family, proto, 0, 0]]
+        .concat()
 }
 
 /// struct l4lb_flow spelled out: the backend's address (16 bytes as in
@@ -2790,8 +3278,14 @@ fn key_bytes(client: IpAddr, vip: IpAddr, sport: u16, dport: u16, proto: u8) -> 
 /// was last seen at (host order), its family, 3 zero bytes: 32 bytes.
 fn pin_bytes(backend: IpAddr, number: u32, slot: u32, seen: u32) -> Vec<u8> {
     let family = if backend.is_ipv4() { 4 } else { 6 };
-    [addr16(backend), number.to_ne_bytes().to_vec(), slot.to_ne_bytes().to_vec(), seen.to_ne_bytes().to_vec(), vec![family, 0, 0, 0]]
-        .concat()
+    [
+        addr16(backend),
+        number.to_ne_bytes().to_vec(),
+        slot.to_ne_bytes().to_vec(),
+        seen.to_ne_bytes().to_vec(),
+        vec![family, 0, 0, 0],
+    ]
+    .concat()
 }
 
 /// The flow `packet` is hashed as in SVC (ports 0 for fragments, and for
@@ -2832,8 +3326,17 @@ type Entries = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 /// l4lb_flows holds exactly `want` (key, value bytes), read back from the kernel.
 fn expect_flows(lb: &Lb, what: &str, want: &Entries) -> TestResult {
     let got = lb.read_flows()?;
-    let show = |m: &Entries| m.iter().map(|(k, v)| format!("\n    {} -> {}", common::hex(k), common::hex(v))).collect::<String>();
-    ensure!(got == *want, "{what}: l4lb_flows holds {} entries:{}\n  expected {}:{}", got.len(), show(&got), want.len(), show(want));
+    let show = |m: &Entries| {
+        m.iter().map(|(k, v)| format!("\n    {} -> {}", common::hex(k), common::hex(v))).collect::<String>()
+    };
+    ensure!(
+        got == *want,
+        "{what}: l4lb_flows holds {} entries:{}\n  expected {}:{}",
+        got.len(),
+        show(&got),
+        want.len(),
+        show(want)
+    );
     Ok(())
 }
 
@@ -2900,7 +3403,8 @@ fn tracking_slot_words() -> TestResult {
     let build = common::lb::current_build();
     let counters = lb.maps().l4lb_counters.map_type();
     ensure!(
-        lb.build == build && matches!((&lb.skel, build), (Skel::Object(_), Build::Object) | (Skel::Driver(_), Build::Driver)),
+        lb.build == build
+            && matches!((&lb.skel, build), (Skel::Object(_), Build::Object) | (Skel::Driver(_), Build::Driver)),
         "{} loaded, {} wanted",
         lb.build.name(),
         build.name()
@@ -2910,7 +3414,10 @@ fn tracking_slot_words() -> TestResult {
         let spelled = word(current, previous);
         let host = l4lb::transition::Slot::Transition { current, previous }.encode();
         ensure!(spelled == host, "({current}, {previous}): spelled {spelled:#010x}, the host encodes {host:#010x}");
-        ensure!(spelled == common::lb::transition(current, previous), "({current}, {previous}): the model encodes another word");
+        ensure!(
+            spelled == common::lb::transition(current, previous),
+            "({current}, {previous}): the model encodes another word"
+        );
         ensure!(
             SlotWord::of(spelled) == SlotWord::Transition { current, previous },
             "({current}, {previous}): the model decodes {:?}",
@@ -2925,8 +3432,14 @@ fn tracking_slot_words() -> TestResult {
     ensure!(word(BE_B, BE_A) == 0x8014_0015, "word(21, 20) is {:#010x}", word(BE_B, BE_A));
     ensure!(SlotWord::of(SLOT_EMPTY) == SlotWord::Empty && SLOT_EMPTY == 0xffff_ffff, "the empty word");
     ensure!(SlotWord::of(0xffff) == SlotWord::Steady(0xffff), "0xffff is steady");
-    ensure!(SlotWord::of(0x1_0000) == SlotWord::Steady(0x1_0000), "0x10000 (no TRANSITION bit) is steady for the datapath: a number past l4lb_backends");
-    ensure!(SlotWord::of(0x8000_0000) == SlotWord::Transition { current: 0, previous: 0 }, "the TRANSITION bit alone is a word in transition");
+    ensure!(
+        SlotWord::of(0x1_0000) == SlotWord::Steady(0x1_0000),
+        "0x10000 (no TRANSITION bit) is steady for the datapath: a number past l4lb_backends"
+    );
+    ensure!(
+        SlotWord::of(0x8000_0000) == SlotWord::Transition { current: 0, previous: 0 },
+        "the TRANSITION bit alone is a word in transition"
+    );
     Ok(())
 }
 
@@ -2993,16 +3506,37 @@ fn tracking_transition_rules() -> TestResult {
     let mut want = Entries::new();
     let new_conn = Packet::tcp4(40000, 80);
     let old_conn = Packet::tcp4(40001, 80);
-    send(&lb, &mut stated, "SYN: a new connection", &syn(new_conn.clone()).frame(), tx(SVC, BE_B, new_conn.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN: a new connection",
+        &syn(new_conn.clone()).frame(),
+        tx(SVC, BE_B, new_conn.flow(true)),
+        Pin::Pinned,
+    )?;
     want.extend([entry(&lb, &new_conn, BE_B)]);
-    let out = send(&lb, &mut stated, "ACK without a pin: from before the change", &old_conn.frame(), tx(SVC, BE_A, old_conn.flow(true)), Pin::Pinned)?;
-    ensure!(out[..6] == pin_backend(1).mac && out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 1], "the ACK is not sent to 10.7.0.1");
+    let out = send(
+        &lb,
+        &mut stated,
+        "ACK without a pin: from before the change",
+        &old_conn.frame(),
+        tx(SVC, BE_A, old_conn.flow(true)),
+        Pin::Pinned,
+    )?;
+    ensure!(
+        out[..6] == pin_backend(1).mac && out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 1],
+        "the ACK is not sent to 10.7.0.1"
+    );
     want.extend([entry(&lb, &old_conn, BE_A)]);
     // The ACK's entry, spelled out once more by hand.
     let slot = slot_of(&lb, &old_conn);
     ensure!(slot / MAGLEV_SIZE as u32 == SVC, "slot index {slot} is not in SVC's table");
-    let key: Vec<u8> = [&[198, 51, 100, 7][..], &[0; 12], &[203, 0, 113, 10], &[0; 12], &[0x9c, 0x41, 0x00, 0x50], &[4, 6, 0, 0]].concat();
-    let value: Vec<u8> = [&[10, 7, 0, 1][..], &[0; 12], &BE_A.to_ne_bytes(), &slot.to_ne_bytes(), &CLOCK.to_ne_bytes(), &[4, 0, 0, 0]].concat();
+    let key: Vec<u8> =
+        [&[198, 51, 100, 7][..], &[0; 12], &[203, 0, 113, 10], &[0; 12], &[0x9c, 0x41, 0x00, 0x50], &[4, 6, 0, 0]]
+            .concat();
+    let value: Vec<u8> =
+        [&[10, 7, 0, 1][..], &[0; 12], &BE_A.to_ne_bytes(), &slot.to_ne_bytes(), &CLOCK.to_ne_bytes(), &[4, 0, 0, 0]]
+            .concat();
     ensure!(want.get(&key) == Some(&value), "the ACK's entry is spelled {:?}", want.get(&key).map(|v| common::hex(v)));
     expect_flows(&lb, "SYN and ACK", &want)?;
 
@@ -3017,11 +3551,25 @@ fn tracking_transition_rules() -> TestResult {
     send(&lb, &mut stated, "UDP at the grace's end", &udp_end.frame(), tx(SVC, BE_B, udp_end.flow(true)), Pin::Pinned)?;
     want.extend([entry(&lb, &udp_end, BE_B)]);
     lb.set_clock(CLOCK + 4000)?;
-    send(&lb, &mut stated, "UDP long after the grace", &udp_late.frame(), tx(SVC, BE_B, udp_late.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "UDP long after the grace",
+        &udp_late.frame(),
+        tx(SVC, BE_B, udp_late.flow(true)),
+        Pin::Pinned,
+    )?;
     want.extend([entry(&lb, &udp_late, BE_B)]);
     // TCP knows no grace: an ACK without a pin is old whenever it comes.
     let old_late = Packet::tcp4(40005, 80);
-    send(&lb, &mut stated, "ACK without a pin, long after", &old_late.frame(), tx(SVC, BE_A, old_late.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "ACK without a pin, long after",
+        &old_late.frame(),
+        tx(SVC, BE_A, old_late.flow(true)),
+        Pin::Pinned,
+    )?;
     want.extend([entry(&lb, &old_late, BE_A)]);
     expect_flows(&lb, "UDP and late TCP", &want)?;
 
@@ -3032,7 +3580,14 @@ fn tracking_transition_rules() -> TestResult {
         ("the UDP flow of the grace", &udp_in, BE_A),
         ("the UDP flow of the grace's end", &udp_end, BE_B),
     ] {
-        send(&lb, &mut stated, &format!("{name}, pinned"), &packet.frame(), tx(SVC, number, packet.flow(true)), Pin::Nothing)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("{name}, pinned"),
+            &packet.frame(),
+            tx(SVC, number, packet.flow(true)),
+            Pin::Nothing,
+        )?;
         want.extend([entry(&lb, packet, number)]);
     }
     expect_flows(&lb, "pins followed", &want)?;
@@ -3042,7 +3597,14 @@ fn tracking_transition_rules() -> TestResult {
     // flows.h, so the grace has not started to run out: unknown UDP is old.
     lb.set_service_entry(SVC, ServiceEntry { changed: lb.config.clock + 5, ..lb.services[SVC as usize] })?;
     let udp_ahead = Packet::udp4(40006, 53);
-    send(&lb, &mut stated, "UDP, changed 5 s ahead of the clock", &udp_ahead.frame(), tx(SVC, BE_A, udp_ahead.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "UDP, changed 5 s ahead of the clock",
+        &udp_ahead.frame(),
+        tx(SVC, BE_A, udp_ahead.flow(true)),
+        Pin::Pinned,
+    )?;
     want.extend([entry(&lb, &udp_ahead, BE_A)]);
     eprintln!("tracking: with `changed` 5 s ahead of the clock, unknown UDP is inside the grace (signed (clock - changed)): the previous backend");
     // A grace of 0: no UDP flow is old.
@@ -3076,7 +3638,14 @@ fn tracking_what_is_a_syn() -> TestResult {
     for (i, (flags, is_syn)) in cases.into_iter().enumerate() {
         let packet = Packet { tcp_flags: flags, ..Packet::tcp4(41000 + i as u16, 80) };
         let number = if is_syn { BE_B } else { BE_A };
-        send(&lb, &mut stated, &format!("flags {flags:#04x}"), &packet.frame(), tx(SVC, number, packet.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("flags {flags:#04x}"),
+            &packet.frame(),
+            tx(SVC, number, packet.flow(true)),
+            Pin::Pinned,
+        )?;
         want.extend([entry(&lb, &packet, number)]);
     }
     // SYNs cut: 4..=13 TCP header bytes (no flags byte) in the frame or in the datagram; 14 is whole.
@@ -3084,7 +3653,11 @@ fn tracking_what_is_a_syn() -> TestResult {
         for (how, sport_offset) in [("frame", 0u16), ("datagram", 100)] {
             let packet = syn(Packet::tcp4(42000 + tcp_len as u16 + sport_offset, 80));
             let whole = packet.frame();
-            let frame = if how == "frame" { datagram_cut(&whole, 20 + tcp_len) } else { with_tot_len(&whole, (20 + tcp_len) as u16) };
+            let frame = if how == "frame" {
+                datagram_cut(&whole, 20 + tcp_len)
+            } else {
+                with_tot_len(&whole, (20 + tcp_len) as u16)
+            };
             let number = if tcp_len < 14 { BE_A } else { BE_B };
             let what = format!("SYN, {tcp_len} TCP header bytes in the {how}");
             send(&lb, &mut stated, &what, &frame, tx(SVC, number, packet.flow(true)), Pin::Pinned)?;
@@ -3137,17 +3710,38 @@ fn tracking_pin_holds() -> TestResult {
     lb.set_clock(CLOCK + 10)?;
     // Another MAC and weight for BE_B: the same backend, the new MAC on the wire.
     lb.set_backend(BE_B, BackendEntry { mac: [0x02, 0xbe, 0x07, 0, 2, 2], weight: 0, ..lb.backends[BE_B as usize] })?;
-    let out = send(&lb, &mut stated, "BE_B's MAC and weight changed", &conn.frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Nothing)?;
+    let out = send(
+        &lb,
+        &mut stated,
+        "BE_B's MAC and weight changed",
+        &conn.frame(),
+        tx(SVC, BE_B, conn.flow(true)),
+        Pin::Nothing,
+    )?;
     ensure!(out[..6] == [0x02, 0xbe, 0x07, 0, 2, 2], "old MAC used");
     // The table moves again (current BE_C, previous still BE_A): the pin holds.
     fill_table(&mut lb, SVC, word(BE_C, BE_A))?;
-    send(&lb, &mut stated, "ACK, the slot's current backend now BE_C", &conn.frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "ACK, the slot's current backend now BE_C",
+        &conn.frame(),
+        tx(SVC, BE_B, conn.flow(true)),
+        Pin::Nothing,
+    )?;
     // UDP: pinned within the grace, followed after it.
     let udp = Packet::udp4(40001, 53);
     lb.set_clock(CHANGED + 1)?;
     send(&lb, &mut stated, "UDP within the grace", &udp.frame(), tx(SVC, BE_A, udp.flow(true)), Pin::Pinned)?;
     lb.set_clock(CHANGED + GRACE + 100)?;
-    send(&lb, &mut stated, "the same UDP flow after the grace", &udp.frame(), tx(SVC, BE_A, udp.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "the same UDP flow after the grace",
+        &udp.frame(),
+        tx(SVC, BE_A, udp.flow(true)),
+        Pin::Nothing,
+    )?;
     expect_flows(
         &lb,
         "pins held",
@@ -3166,8 +3760,22 @@ fn tracking_double_change() -> TestResult {
     let mut stated = Stated::default();
     let on_b = Packet::tcp4(40000, 80);
     let on_a = Packet::tcp4(40001, 80);
-    send(&lb, &mut stated, "SYN while the slot names B", &syn(on_b.clone()).frame(), tx(SVC, BE_B, on_b.flow(true)), Pin::Pinned)?;
-    send(&lb, &mut stated, "an old connection while the slot names B", &on_a.frame(), tx(SVC, BE_A, on_a.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN while the slot names B",
+        &syn(on_b.clone()).frame(),
+        tx(SVC, BE_B, on_b.flow(true)),
+        Pin::Pinned,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "an old connection while the slot names B",
+        &on_a.frame(),
+        tx(SVC, BE_A, on_a.flow(true)),
+        Pin::Pinned,
+    )?;
     fill_table(&mut lb, SVC, word(BE_C, BE_A))?;
     lb.set_clock(CLOCK + 1)?;
     let unpinned = Packet::tcp4(40002, 80);
@@ -3176,14 +3784,28 @@ fn tracking_double_change() -> TestResult {
     send(&lb, &mut stated, "the connection pinned to A", &on_a.frame(), tx(SVC, BE_A, on_a.flow(true)), Pin::Nothing)?;
     send(&lb, &mut stated, "an unpinned ACK", &unpinned.frame(), tx(SVC, BE_A, unpinned.flow(true)), Pin::Pinned)?;
     send(&lb, &mut stated, "a SYN", &syn(new_conn.clone()).frame(), tx(SVC, BE_C, new_conn.flow(true)), Pin::Pinned)?;
-    let mut want = entries([entry(&lb, &on_b, BE_B), entry(&lb, &on_a, BE_A), entry(&lb, &unpinned, BE_A), entry(&lb, &new_conn, BE_C)]);
+    let mut want = entries([
+        entry(&lb, &on_b, BE_B),
+        entry(&lb, &on_a, BE_A),
+        entry(&lb, &unpinned, BE_A),
+        entry(&lb, &new_conn, BE_C),
+    ]);
     expect_flows(&lb, "A -> B -> C", &want)?;
     // Previous = current = C: only the pins keep flows elsewhere.
     fill_table(&mut lb, SVC, word(BE_C, BE_C))?;
     lb.set_clock(CLOCK + 2)?;
     let fresh = Packet::tcp4(40004, 80);
-    for (name, packet, number) in [("pinned to B", &on_b, BE_B), ("pinned to A", &on_a, BE_A), ("pinned to C", &new_conn, BE_C)] {
-        send(&lb, &mut stated, &format!("pins only: {name}"), &packet.frame(), tx(SVC, number, packet.flow(true)), Pin::Nothing)?;
+    for (name, packet, number) in
+        [("pinned to B", &on_b, BE_B), ("pinned to A", &on_a, BE_A), ("pinned to C", &new_conn, BE_C)]
+    {
+        send(
+            &lb,
+            &mut stated,
+            &format!("pins only: {name}"),
+            &packet.frame(),
+            tx(SVC, number, packet.flow(true)),
+            Pin::Nothing,
+        )?;
         want.extend([entry(&lb, packet, number)]);
     }
     send(&lb, &mut stated, "pins only: an unpinned ACK", &fresh.frame(), tx(SVC, BE_C, fresh.flow(true)), Pin::Pinned)?;
@@ -3204,7 +3826,11 @@ fn tracking_previous_not_in_service() -> TestResult {
     let mut port = 40000;
     let mut next = |proto: u8| {
         port += 1;
-        if proto == TCP { Packet::tcp4(port, 80) } else { Packet::udp4(port, 53) }
+        if proto == TCP {
+            Packet::tcp4(port, 80)
+        } else {
+            Packet::udp4(port, 53)
+        }
     };
     let cases: [(&str, u32, Option<BackendEntry>); 4] = [
         ("A inactive", BE_A, Some(BackendEntry { flags: 0, ..pin_backend(1) })),
@@ -3221,9 +3847,23 @@ fn tracking_previous_not_in_service() -> TestResult {
         let udp = next(UDP);
         let icmp_about = next(TCP);
         send(&lb, &mut stated, &format!("{name}: ACK"), &ack.frame(), tx(SVC, BE_B, ack.flow(true)), Pin::Pinned)?;
-        send(&lb, &mut stated, &format!("{name}: UDP within the grace"), &udp.frame(), tx(SVC, BE_B, udp.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("{name}: UDP within the grace"),
+            &udp.frame(),
+            tx(SVC, BE_B, udp.flow(true)),
+            Pin::Pinned,
+        )?;
         let error = error_of(&icmp_about);
-        send(&lb, &mut stated, &format!("{name}: ICMP error"), &error.frame(), tx(SVC, BE_B, icmp_about.flow(true)), Pin::Nothing)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("{name}: ICMP error"),
+            &error.frame(),
+            tx(SVC, BE_B, icmp_about.flow(true)),
+            Pin::Nothing,
+        )?;
         want.extend([entry(&lb, &ack, BE_B), entry(&lb, &udp, BE_B)]);
         lb.set_backend(BE_A, pin_backend(1))?;
         expect_flows(&lb, name, &want)?;
@@ -3234,7 +3874,14 @@ fn tracking_previous_not_in_service() -> TestResult {
     send(&lb, &mut stated, "A back: an unpinned ACK", &ack.frame(), tx(SVC, BE_A, ack.flow(true)), Pin::Pinned)?;
     want.extend([entry(&lb, &ack, BE_A)]);
     let first = Packet::tcp4(40001, 80);
-    send(&lb, &mut stated, "A back: the flow pinned to B", &first.frame(), tx(SVC, BE_B, first.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "A back: the flow pinned to B",
+        &first.frame(),
+        tx(SVC, BE_B, first.flow(true)),
+        Pin::Nothing,
+    )?;
     expect_flows(&lb, "A back", &want)?;
     expect_stated(&lb, "previous not in the service", stated)
 }
@@ -3249,22 +3896,50 @@ fn tracking_syn_repins() -> TestResult {
     let conn = Packet::tcp4(40000, 80);
     send(&lb, &mut stated, "an old connection", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Pinned)?;
     lb.set_clock(CLOCK + 1)?;
-    send(&lb, &mut stated, "SYN over a pin that holds (to A)", &syn(conn.clone()).frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN over a pin that holds (to A)",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_B, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     expect_flows(&lb, "SYN over a held pin", &entries([entry(&lb, &conn, BE_B)]))?;
     send(&lb, &mut stated, "its ACK", &conn.frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Nothing)?;
     lb.set_clock(CLOCK + 2)?;
-    send(&lb, &mut stated, "SYN over a pin to the current backend", &syn(conn.clone()).frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN over a pin to the current backend",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_B, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     expect_flows(&lb, "SYN over a pin to B", &entries([entry(&lb, &conn, BE_B)]))?;
     // B removed; the slot now names C (previous A).
     lb.set_backend(BE_B, BackendEntry { flags: 0, ..pin_backend(2) })?;
     fill_table(&mut lb, SVC, word(BE_C, BE_A))?;
     lb.set_clock(CLOCK + 3)?;
-    send(&lb, &mut stated, "SYN over a stale pin", &syn(conn.clone()).frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN over a stale pin",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_C, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     expect_flows(&lb, "SYN over a stale pin", &entries([entry(&lb, &conn, BE_C)]))?;
     // A pin to A made in another slot.
     let other_slot = slot_of(&lb, &conn) + 1;
     lb.set_flow(&flow_key(&lb, &conn), &FlowPin::to(BE_A, &pin_backend(1), other_slot, CLOCK))?;
-    send(&lb, &mut stated, "SYN over a pin of another slot", &syn(conn.clone()).frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN over a pin of another slot",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_C, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     expect_flows(&lb, "SYN over another slot's pin", &entries([entry(&lb, &conn, BE_C)]))?;
     expect_stated(&lb, "SYN re-pins", stated)
 }
@@ -3279,20 +3954,45 @@ fn tracking_pin_other_slot() -> TestResult {
     let conn = Packet::tcp4(40000, 80);
     let key = flow_key(&lb, &conn);
     let slot = slot_of(&lb, &conn);
-    for (name, other) in [("the next slot", slot + 1), ("the slot before", slot - 1), ("the same slot of service 6", slot + MAGLEV_SIZE as u32)] {
+    for (name, other) in [
+        ("the next slot", slot + 1),
+        ("the slot before", slot - 1),
+        ("the same slot of service 6", slot + MAGLEV_SIZE as u32),
+    ] {
         lb.set_flow(&key, &FlowPin::to(BE_C, &pin_backend(3), other, CLOCK - 1))?;
-        send(&lb, &mut stated, &format!("a pin to C made in {name}"), &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Repinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("a pin to C made in {name}"),
+            &conn.frame(),
+            tx(SVC, BE_A, conn.flow(true)),
+            Pin::Repinned,
+        )?;
         expect_flows(&lb, name, &entries([entry(&lb, &conn, BE_A)]))?;
     }
     // The same pin in its own slot holds.
     lb.set_flow(&key, &FlowPin::to(BE_C, &pin_backend(3), slot, CLOCK - 1))?;
-    send(&lb, &mut stated, "a pin to C made in this slot", &conn.frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "a pin to C made in this slot",
+        &conn.frame(),
+        tx(SVC, BE_C, conn.flow(true)),
+        Pin::Nothing,
+    )?;
     expect_flows(&lb, "its own slot", &entries([entry(&lb, &conn, BE_C)]))?;
     // Another hash seed: the flow falls in another slot, its pin (to C) no longer holds.
     let old_entry = entry(&lb, &conn, BE_C);
     lb.set_config(LbConfig { hash_seed: HASH_SEED ^ 0x0101_0101, ..lb.config.clone() })?;
     ensure!(slot_of(&lb, &conn) != slot, "the new seed puts the flow in the same slot");
-    send(&lb, &mut stated, "new seed: the pin of the old slot", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "new seed: the pin of the old slot",
+        &conn.frame(),
+        tx(SVC, BE_A, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     let new_entry = entry(&lb, &conn, BE_A);
     ensure!(new_entry.0 == old_entry.0 && new_entry.1 != old_entry.1, "the same key, another value");
     expect_flows(&lb, "new seed", &entries([new_entry]))?;
@@ -3310,11 +4010,25 @@ fn tracking_backend_number_reused() -> TestResult {
     let conn = Packet::tcp4(40000, 80);
     let key = flow_key(&lb, &conn);
     let slot = slot_of(&lb, &conn);
-    send(&lb, &mut stated, "SYN: pinned to C (10.7.0.3)", &syn(conn.clone()).frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN: pinned to C (10.7.0.3)",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_C, conn.flow(true)),
+        Pin::Pinned,
+    )?;
     // C's number given to 10.7.0.9 in the same service.
     let reused = BackendEntry::new(Ipv4Addr::new(10, 7, 0, 9).into(), [0x02, 0xbe, 0x07, 0, 0, 9], SVC);
     lb.set_backend(BE_C, reused)?;
-    let out = send(&lb, &mut stated, "C's number now 10.7.0.9", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Repinned)?;
+    let out = send(
+        &lb,
+        &mut stated,
+        "C's number now 10.7.0.9",
+        &conn.frame(),
+        tx(SVC, BE_A, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     ensure!(out[ETH_LEN + 16..ETH_LEN + 20] == [10, 7, 0, 1], "not to the previous backend 10.7.0.1");
     expect_flows(&lb, "re-pinned to A", &entries([entry(&lb, &conn, BE_A)]))?;
     lb.set_backend(BE_C, pin_backend(3))?;
@@ -3329,12 +4043,26 @@ fn tracking_backend_number_reused() -> TestResult {
     lb.set_backend(BE_B, BackendEntry { service: 6, ..pin_backend(2) })?;
     for (name, pin) in stale {
         lb.set_flow(&key, &pin)?;
-        send(&lb, &mut stated, &format!("hand-written pin: {name}"), &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Repinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("hand-written pin: {name}"),
+            &conn.frame(),
+            tx(SVC, BE_A, conn.flow(true)),
+            Pin::Repinned,
+        )?;
         expect_flows(&lb, name, &entries([entry(&lb, &conn, BE_A)]))?;
     }
     lb.set_backend(BE_B, pin_backend(2))?;
     lb.set_flow(&key, &FlowPin::to(BE_B, &pin_backend(2), slot, 7))?;
-    send(&lb, &mut stated, "hand-written pin to B that holds", &conn.frame(), tx(SVC, BE_B, conn.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "hand-written pin to B that holds",
+        &conn.frame(),
+        tx(SVC, BE_B, conn.flow(true)),
+        Pin::Nothing,
+    )?;
     expect_flows(&lb, "held", &entries([entry(&lb, &conn, BE_B)]))?;
     expect_stated(&lb, "numbers reused", stated)
 }
@@ -3345,11 +4073,22 @@ fn tracking_backend_number_reused() -> TestResult {
 fn transition_lb6(word: u32) -> Result<Lb, Failed> {
     let mut lb = Lb::load(false)?;
     lb.set_config(LbConfig { clock: CLOCK, ..base_config() })?;
-    let be = |i: u16| BackendEntry::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 8, 0, 0, 0, i).into(), [0x02, 0xbe, 0x86, 0, 0, i as u8], SVC);
+    let be = |i: u16| {
+        BackendEntry::new(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 8, 0, 0, 0, i).into(),
+            [0x02, 0xbe, 0x86, 0, 0, i as u8],
+            SVC,
+        )
+    };
     add_service(&mut lb, SVC, &[(BE_A, be(1)), (BE_B, be(2)), (BE_C, be(3))], true)?;
     lb.set_service_entry(SVC, svc_entry(lb.services[SVC as usize].flags | L4LB_SERVICE_TRACK_FLOWS))?;
     fill_table(&mut lb, SVC, word)?;
-    let vips = [(IpAddr::from(VIP4), TCP, 80u16, SVC), (VIP4.into(), UDP, 53, SVC), (VIP6.into(), TCP, 80, SVC), (VIP6.into(), UDP, 53, SVC)];
+    let vips = [
+        (IpAddr::from(VIP4), TCP, 80u16, SVC),
+        (VIP4.into(), UDP, 53, SVC),
+        (VIP6.into(), TCP, 80, SVC),
+        (VIP6.into(), UDP, 53, SVC),
+    ];
     for &(addr, proto, port, service) in &vips {
         lb.add_vip(VipKey::new(addr, proto, port), service)?;
     }
@@ -3375,14 +4114,35 @@ fn tracking_fragments() -> TestResult {
     let first6 = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], tcp_flags: TCP_SYN, ..tcp6.clone() };
     let later6 = Packet { ext: vec![Ext::Fragment { offset: 9, more: false }], payload: vec![0xf3; 5], ..tcp6.clone() };
     for (name, first, later) in [("IPv4", &first4, &later4), ("IPv6", &first6, &later6)] {
-        send(&lb, &mut stated, &format!("{name} TCP first fragment (SYN set)"), &first.frame(), tx(SVC, BE_A, first.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("{name} TCP first fragment (SYN set)"),
+            &first.frame(),
+            tx(SVC, BE_A, first.flow(true)),
+            Pin::Pinned,
+        )?;
         want.extend([entry(&lb, first, BE_A)]);
         ensure!(key_of(&lb, first)[32..36] == [0, 0, 0, 0], "{name}: a fragment's key has ports");
-        send(&lb, &mut stated, &format!("{name} TCP later fragment"), &later.frame(), tx(SVC, BE_A, later.flow(true)), Pin::Nothing)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("{name} TCP later fragment"),
+            &later.frame(),
+            tx(SVC, BE_A, later.flow(true)),
+            Pin::Nothing,
+        )?;
     }
     // Unfragmented SYNs of the same addresses and ports: their own flows.
     for packet in [&tcp4, &tcp6] {
-        send(&lb, &mut stated, "whole SYN", &syn(packet.clone()).frame(), tx(SVC, BE_B, packet.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            "whole SYN",
+            &syn(packet.clone()).frame(),
+            tx(SVC, BE_B, packet.flow(true)),
+            Pin::Pinned,
+        )?;
         want.extend([entry(&lb, packet, BE_B)]);
     }
     expect_flows(&lb, "TCP fragments", &want)?;
@@ -3393,19 +4153,42 @@ fn tracking_fragments() -> TestResult {
         lb.set_clock(clock)?;
         let client = if clock == CLOCK { 1 } else { 2 };
         let u4 = Packet { src: Ipv4Addr::new(198, 51, 100, client).into(), ..udp4.clone() };
-        let u6 = Packet { src: Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, u16::from(client)).into(), ..udp6.clone() };
+        let u6 =
+            Packet { src: Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, u16::from(client)).into(), ..udp6.clone() };
         let first4 = Packet { mf: true, ..u4.clone() };
         let later4 = Packet { frag_offset: 3, payload: vec![0xf4; 8], ..u4.clone() };
         let first6 = Packet { ext: vec![Ext::Fragment { offset: 0, more: true }], ..u6.clone() };
-        let later6 = Packet { ext: vec![Ext::Fragment { offset: 2, more: false }], payload: vec![0xf5; 8], ..u6.clone() };
+        let later6 =
+            Packet { ext: vec![Ext::Fragment { offset: 2, more: false }], payload: vec![0xf5; 8], ..u6.clone() };
         for (name, first, later) in [("IPv4", &first4, &later4), ("IPv6", &first6, &later6)] {
-            send(&lb, &mut stated, &format!("{name} UDP first fragment, {when}"), &first.frame(), tx(SVC, number, first.flow(true)), Pin::Pinned)?;
+            send(
+                &lb,
+                &mut stated,
+                &format!("{name} UDP first fragment, {when}"),
+                &first.frame(),
+                tx(SVC, number, first.flow(true)),
+                Pin::Pinned,
+            )?;
             want.extend([entry(&lb, first, number)]);
-            send(&lb, &mut stated, &format!("{name} UDP later fragment, {when}"), &later.frame(), tx(SVC, number, later.flow(true)), Pin::Nothing)?;
+            send(
+                &lb,
+                &mut stated,
+                &format!("{name} UDP later fragment, {when}"),
+                &later.frame(),
+                tx(SVC, number, later.flow(true)),
+                Pin::Nothing,
+            )?;
         }
         // An atomic IPv6 fragment (offset 0, no M bit) is a whole datagram: keyed with ports.
         let atomic = Packet { ext: vec![Ext::Fragment { offset: 0, more: false }], ..u6.clone() };
-        send(&lb, &mut stated, &format!("IPv6 atomic fragment, {when}"), &atomic.frame(), tx(SVC, number, atomic.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("IPv6 atomic fragment, {when}"),
+            &atomic.frame(),
+            tx(SVC, number, atomic.flow(true)),
+            Pin::Pinned,
+        )?;
         want.extend([entry(&lb, &atomic, number)]);
         ensure!(key_of(&lb, &atomic)[32..36] != [0, 0, 0, 0], "an atomic fragment's key has no ports");
     }
@@ -3433,7 +4216,14 @@ fn tracking_icmp_errors() -> TestResult {
     lb.set_clock(CLOCK + 3)?;
     for flow in &flows {
         let what = format!("ICMP error about pinned {:?}", flow.flow(true));
-        send(&lb, &mut stated, &what, &error_of(flow).frame(), tx(SVC, pinned_to(flow), flow.flow(true)), Pin::Nothing)?;
+        send(
+            &lb,
+            &mut stated,
+            &what,
+            &error_of(flow).frame(),
+            tx(SVC, pinned_to(flow), flow.flow(true)),
+            Pin::Nothing,
+        )?;
         want.extend([entry(&lb, flow, pinned_to(flow))]);
     }
     expect_flows(&lb, "errors followed the pins, seen raised", &want)?;
@@ -3444,7 +4234,14 @@ fn tracking_icmp_errors() -> TestResult {
             let unpinned = Packet { sport: flow.sport + 1000, ..flow.clone() };
             let number = if flow.proto == UDP && clock >= CHANGED + GRACE { BE_B } else { BE_A };
             let what = format!("ICMP error about unpinned {:?}, {when}", unpinned.flow(true));
-            send(&lb, &mut stated, &what, &error_of(&unpinned).frame(), tx(SVC, number, unpinned.flow(true)), Pin::Nothing)?;
+            send(
+                &lb,
+                &mut stated,
+                &what,
+                &error_of(&unpinned).frame(),
+                tx(SVC, number, unpinned.flow(true)),
+                Pin::Nothing,
+            )?;
         }
     }
     eprintln!(
@@ -3461,7 +4258,14 @@ fn tracking_icmp_errors() -> TestResult {
     // A not in the service either: the current backend, inactive: dropped.
     lb.set_backend(BE_A, BackendEntry { flags: 0, ..lb.backends[BE_A as usize] })?;
     let flow = &flows[0];
-    send(&lb, &mut stated, "ICMP error, previous and current inactive", &error_of(flow).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "ICMP error, previous and current inactive",
+        &error_of(flow).frame(),
+        Want::Drop(L4LB_CNT_DROP_NO_BACKEND),
+        Pin::Nothing,
+    )?;
     expect_flows(&lb, "stale pins left as they were", &want)?;
     expect_stated(&lb, "ICMP errors", stated)
 }
@@ -3492,18 +4296,34 @@ fn tracking_table_full() -> TestResult {
     // Four flows of the case pinned by packets, the rest filled by the host.
     let flows: Vec<Packet> = (0..4).map(|i| Packet::tcp4(40000 + i, 80)).collect();
     for flow in &flows {
-        send(&lb, &mut stated, &format!("flow {}", flow.sport), &flow.frame(), tx(SVC, BE_A, flow.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("flow {}", flow.sport),
+            &flow.frame(),
+            tx(SVC, BE_A, flow.flow(true)),
+            Pin::Pinned,
+        )?;
     }
     let fill = L4LB_FLOW_ENTRIES as usize - flows.len();
     let filler: Vec<(FlowKey, FlowPin)> = (0..fill)
         .map(|i| {
             let client = Ipv4Addr::new(100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
-            (FlowKey::new(client.into(), VIP4.into(), TCP, 1024, 80), FlowPin::to(BE_C, &pin_backend(3), SVC * MAGLEV_SIZE as u32, 1))
+            (
+                FlowKey::new(client.into(), VIP4.into(), TCP, 1024, 80),
+                FlowPin::to(BE_C, &pin_backend(3), SVC * MAGLEV_SIZE as u32, 1),
+            )
         })
         .collect();
     let keys: Vec<u8> = filler.iter().flat_map(|(k, _)| k.bytes()).collect();
     let values: Vec<u8> = filler.iter().flat_map(|(_, p)| p.bytes()).collect();
-    lb.maps().l4lb_flows.update_batch(&keys, &values, fill as u32, libbpf_rs::MapFlags::ANY, libbpf_rs::MapFlags::ANY)?;
+    lb.maps().l4lb_flows.update_batch(
+        &keys,
+        &values,
+        fill as u32,
+        libbpf_rs::MapFlags::ANY,
+        libbpf_rs::MapFlags::ANY,
+    )?;
     lb.flows.borrow_mut().extend(filler);
     lb.compare_flows().map_err(fail)?;
     ensure!(lb.read_flows()?.len() == L4LB_FLOW_ENTRIES as usize, "the map is not full");
@@ -3513,26 +4333,86 @@ fn tracking_table_full() -> TestResult {
     let udp_new = Packet::udp4(41002, 53);
     send(&lb, &mut stated, "ACK of a new flow, table full", &ack.frame(), tx(SVC, BE_A, ack.flow(true)), Pin::Full)?;
     send(&lb, &mut stated, "the same ACK again", &ack.frame(), tx(SVC, BE_A, ack.flow(true)), Pin::Full)?;
-    send(&lb, &mut stated, "SYN of a new flow, table full", &syn(syn_new.clone()).frame(), tx(SVC, BE_B, syn_new.flow(true)), Pin::Full)?;
-    send(&lb, &mut stated, "UDP within the grace, table full", &udp_new.frame(), tx(SVC, BE_A, udp_new.flow(true)), Pin::Full)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN of a new flow, table full",
+        &syn(syn_new.clone()).frame(),
+        tx(SVC, BE_B, syn_new.flow(true)),
+        Pin::Full,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "UDP within the grace, table full",
+        &udp_new.frame(),
+        tx(SVC, BE_A, udp_new.flow(true)),
+        Pin::Full,
+    )?;
     lb.set_clock(CHANGED + GRACE + 1)?;
-    send(&lb, &mut stated, "UDP after the grace, table full", &udp_new.frame(), tx(SVC, BE_B, udp_new.flow(true)), Pin::Full)?;
-    send(&lb, &mut stated, "ICMP error, table full", &error_of(&ack).frame(), tx(SVC, BE_A, ack.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "UDP after the grace, table full",
+        &udp_new.frame(),
+        tx(SVC, BE_B, udp_new.flow(true)),
+        Pin::Full,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "ICMP error, table full",
+        &error_of(&ack).frame(),
+        tx(SVC, BE_A, ack.flow(true)),
+        Pin::Nothing,
+    )?;
     // Pins hold, full or not; entries are written over.
     send(&lb, &mut stated, "flow 40000 held", &flows[0].frame(), tx(SVC, BE_A, flows[0].flow(true)), Pin::Nothing)?;
-    send(&lb, &mut stated, "SYN over an entry, table full", &syn(flows[1].clone()).frame(), tx(SVC, BE_B, flows[1].flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN over an entry, table full",
+        &syn(flows[1].clone()).frame(),
+        tx(SVC, BE_B, flows[1].flow(true)),
+        Pin::Repinned,
+    )?;
     lb.set_flow(&flow_key(&lb, &flows[2]), &FlowPin::to(BE_A, &pin_backend(1), slot_of(&lb, &flows[2]) + 1, 1))?;
-    send(&lb, &mut stated, "a pin of another slot, table full", &flows[2].frame(), tx(SVC, BE_A, flows[2].flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "a pin of another slot, table full",
+        &flows[2].frame(),
+        tx(SVC, BE_A, flows[2].flow(true)),
+        Pin::Repinned,
+    )?;
     // The host deletes one: room for one more, then full again.
     lb.delete_flow(&flow_key(&lb, &flows[3]))?;
     send(&lb, &mut stated, "ACK, room again", &ack.frame(), tx(SVC, BE_A, ack.flow(true)), Pin::Pinned)?;
-    send(&lb, &mut stated, "SYN, full again", &syn(syn_new.clone()).frame(), tx(SVC, BE_B, syn_new.flow(true)), Pin::Full)?;
+    send(
+        &lb,
+        &mut stated,
+        "SYN, full again",
+        &syn(syn_new.clone()).frame(),
+        tx(SVC, BE_B, syn_new.flow(true)),
+        Pin::Full,
+    )?;
     // The case's entries, all last seen at the clock (flow 40003's deleted).
-    let case = entries([entry(&lb, &flows[0], BE_A), entry(&lb, &flows[1], BE_B), entry(&lb, &flows[2], BE_A), entry(&lb, &ack, BE_A)]);
+    let case = entries([
+        entry(&lb, &flows[0], BE_A),
+        entry(&lb, &flows[1], BE_B),
+        entry(&lb, &flows[2], BE_A),
+        entry(&lb, &ack, BE_A),
+    ]);
     let got = lb.read_flows()?;
     ensure!(got.len() == L4LB_FLOW_ENTRIES as usize, "{} entries, expected a full map", got.len());
     for (key, value) in &case {
-        ensure!(got.get(key) == Some(value), "entry {}: {:?}, expected {}", common::hex(key), got.get(key).map(|v| common::hex(v)), common::hex(value));
+        ensure!(
+            got.get(key) == Some(value),
+            "entry {}: {:?}, expected {}",
+            common::hex(key),
+            got.get(key).map(|v| common::hex(v)),
+            common::hex(value)
+        );
     }
     expect_stated(&lb, "table full", stated)
 }
@@ -3557,14 +4437,28 @@ fn tracking_lru() -> TestResult {
     send(&lb, &mut stated, "LRU: stale, previous gone", &old.frame(), tx(SVC, BE_B, old.flow(true)), Pin::Repinned)?;
     lb.set_backend(BE_A, pin_backend(1))?;
     fill_table(&mut lb, SVC, word(BE_C, BE_A))?;
-    send(&lb, &mut stated, "LRU: SYN over a pin", &syn(conn.clone()).frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Repinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "LRU: SYN over a pin",
+        &syn(conn.clone()).frame(),
+        tx(SVC, BE_C, conn.flow(true)),
+        Pin::Repinned,
+    )?;
     send(&lb, &mut stated, "LRU: ICMP error", &error_of(&conn).frame(), tx(SVC, BE_C, conn.flow(true)), Pin::Nothing)?;
     let mut want = entries([entry(&lb, &conn, BE_C), entry(&lb, &old, BE_B), entry_seen(&lb, &fragment, BE_A, CLOCK)]);
     expect_flows(&lb, "LRU", &want)?;
     // 500 more old flows: all pinned, none evicted below the map's size.
     for i in 0..500u16 {
         let packet = Packet { src: Ipv4Addr::new(198, 51, 101, (i % 250) as u8).into(), ..Packet::tcp4(10000 + i, 80) };
-        send(&lb, &mut stated, &format!("LRU: flow {i}"), &packet.frame(), tx(SVC, BE_A, packet.flow(true)), Pin::Pinned)?;
+        send(
+            &lb,
+            &mut stated,
+            &format!("LRU: flow {i}"),
+            &packet.frame(),
+            tx(SVC, BE_A, packet.flow(true)),
+            Pin::Pinned,
+        )?;
         want.extend([entry(&lb, &packet, BE_A)]);
     }
     expect_flows(&lb, "LRU: 503 flows", &want)?;
@@ -3585,8 +4479,22 @@ fn tracking_too_big() -> TestResult {
     let answered = Packet::tcp4(40000, 80).sized(1000 - 20 + 1);
     let dropped = Packet { df: false, ..Packet::udp4(40001, 53) }.sized(1000 - 20 + 1);
     let syn_big = Packet { tcp_flags: TCP_SYN, ..Packet::tcp4(40002, 80) }.sized(1000 - 20 + 1);
-    send(&lb, &mut stated, "too big ACK, DF: answered", &answered.frame(), too_big_want(&answered, 1000, 20), Pin::Pinned)?;
-    send(&lb, &mut stated, "too big UDP, no DF: dropped", &dropped.frame(), too_big_want(&dropped, 1000, 20), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "too big ACK, DF: answered",
+        &answered.frame(),
+        too_big_want(&answered, 1000, 20),
+        Pin::Pinned,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "too big UDP, no DF: dropped",
+        &dropped.frame(),
+        too_big_want(&dropped, 1000, 20),
+        Pin::Pinned,
+    )?;
     send(&lb, &mut stated, "too big SYN: answered", &syn_big.frame(), too_big_want(&syn_big, 1000, 20), Pin::Pinned)?;
     let want = entries([entry(&lb, &answered, BE_A), entry(&lb, &dropped, BE_A), entry(&lb, &syn_big, BE_B)]);
     expect_flows(&lb, "too big", &want)?;
@@ -3611,15 +4519,32 @@ fn tracking_ipv6() -> TestResult {
         send(&lb, &mut stated, name, &packet.frame(), tx(SVC, BE_A, packet.flow(true)), Pin::Pinned)?;
     }
     let slot = slot_of(&lb, &tcp6);
-    let be_a: Vec<u8> =
-        [&[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xbe, 0x00, 0x08, 0, 0, 0, 0, 0, 0, 0, 1][..], &BE_A.to_ne_bytes(), &slot.to_ne_bytes(), &CLOCK.to_ne_bytes(), &[6, 0, 0, 0]]
-            .concat();
-    let key6: Vec<u8> =
-        [&CLIENT6.octets()[..], &[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xf0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10], &[0x9c, 0x40, 0, 80, 6, 6, 0, 0]].concat();
+    let be_a: Vec<u8> = [
+        &[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xbe, 0x00, 0x08, 0, 0, 0, 0, 0, 0, 0, 1][..],
+        &BE_A.to_ne_bytes(),
+        &slot.to_ne_bytes(),
+        &CLOCK.to_ne_bytes(),
+        &[6, 0, 0, 0],
+    ]
+    .concat();
+    let key6: Vec<u8> = [
+        &CLIENT6.octets()[..],
+        &[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xf0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+        &[0x9c, 0x40, 0, 80, 6, 6, 0, 0],
+    ]
+    .concat();
     ensure!(entry(&lb, &tcp6, BE_A) == (key6, be_a), "the IPv6 entry is spelled {:?}", entry(&lb, &tcp6, BE_A));
     let other = Packet { src: Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 8).into(), ..tcp6.clone() };
-    send(&lb, &mut stated, "another IPv6 client, SYN", &syn(other.clone()).frame(), tx(SVC, BE_B, other.flow(true)), Pin::Pinned)?;
-    let want = entries([entry(&lb, &tcp6, BE_A), entry(&lb, &udp6, BE_A), entry(&lb, &tcp4, BE_A), entry(&lb, &other, BE_B)]);
+    send(
+        &lb,
+        &mut stated,
+        "another IPv6 client, SYN",
+        &syn(other.clone()).frame(),
+        tx(SVC, BE_B, other.flow(true)),
+        Pin::Pinned,
+    )?;
+    let want =
+        entries([entry(&lb, &tcp6, BE_A), entry(&lb, &udp6, BE_A), entry(&lb, &tcp4, BE_A), entry(&lb, &other, BE_B)]);
     expect_flows(&lb, "IPv6", &want)?;
     expect_stated(&lb, "IPv6", stated)
 }
@@ -3638,16 +4563,43 @@ fn tracking_udp_ports() -> TestResult {
     lb.add_vip(VipKey::new(VIP4.into(), UDP, 5353), other)?;
     let first = Packet::udp4(50000, 5353);
     let second = Packet::udp4(50001, 5353);
-    send(&lb, &mut stated, "no hash_ports, port 50000, within the grace", &first.frame(), tx(other, 60, first.flow(false)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "no hash_ports, port 50000, within the grace",
+        &first.frame(),
+        tx(other, 60, first.flow(false)),
+        Pin::Pinned,
+    )?;
     lb.set_clock(CHANGED + GRACE + 1)?;
-    send(&lb, &mut stated, "no hash_ports, port 50001, after the grace", &second.frame(), tx(other, 60, second.flow(false)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "no hash_ports, port 50001, after the grace",
+        &second.frame(),
+        tx(other, 60, second.flow(false)),
+        Pin::Nothing,
+    )?;
     let slot = lb.table_index(other, &first.flow(false));
     ensure!(slot == lb.table_index(other, &second.flow(false)), "two slots for one client");
-    let shared = (key_bytes(first.src, first.dst, 0, 0, UDP), pin_bytes(Ipv4Addr::new(10, 7, 6, 1).into(), 60, slot, lb.config.clock));
+    let shared = (
+        key_bytes(first.src, first.dst, 0, 0, UDP),
+        pin_bytes(Ipv4Addr::new(10, 7, 6, 1).into(), 60, slot, lb.config.clock),
+    );
     let client2 = Packet { src: Ipv4Addr::new(198, 51, 100, 9).into(), ..first.clone() };
-    send(&lb, &mut stated, "no hash_ports, another client after the grace", &client2.frame(), tx(other, 61, client2.flow(false)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "no hash_ports, another client after the grace",
+        &client2.frame(),
+        tx(other, 61, client2.flow(false)),
+        Pin::Pinned,
+    )?;
     let slot2 = lb.table_index(other, &client2.flow(false));
-    let client2_entry = (key_bytes(client2.src, client2.dst, 0, 0, UDP), pin_bytes(Ipv4Addr::new(10, 7, 6, 2).into(), 61, slot2, lb.config.clock));
+    let client2_entry = (
+        key_bytes(client2.src, client2.dst, 0, 0, UDP),
+        pin_bytes(Ipv4Addr::new(10, 7, 6, 2).into(), 61, slot2, lb.config.clock),
+    );
     expect_flows(&lb, "ports 0", &entries([shared, client2_entry]))?;
     expect_stated(&lb, "UDP ports", stated)
 }
@@ -3666,9 +4618,16 @@ fn tracking_empty_and_odd_words() -> TestResult {
     let udp = Packet::udp4(40001, 53);
     lb.set_flow(&flow_key(&lb, &conn), &FlowPin::to(BE_A, &pin_backend(1), slot_of(&lb, &conn), 7))?;
     let kept = entry_seen(&lb, &conn, BE_A, 7);
-    for (name, w) in [("the empty word", SLOT_EMPTY), ("steady 0xffff", 0xffff), ("steady MAX_BACKENDS", MAX_BACKENDS as u32), ("steady 0x00140015 (no TRANSITION bit)", 0x0014_0015)] {
+    for (name, w) in [
+        ("the empty word", SLOT_EMPTY),
+        ("steady 0xffff", 0xffff),
+        ("steady MAX_BACKENDS", MAX_BACKENDS as u32),
+        ("steady 0x00140015 (no TRANSITION bit)", 0x0014_0015),
+    ] {
         fill_table(&mut lb, SVC, w)?;
-        for (kind, packet) in [("SYN", syn(conn.clone())), ("ACK", conn.clone()), ("UDP", udp.clone()), ("ICMP error", error_of(&conn))] {
+        for (kind, packet) in
+            [("SYN", syn(conn.clone())), ("ACK", conn.clone()), ("UDP", udp.clone()), ("ICMP error", error_of(&conn))]
+        {
             let what = format!("{name}: {kind}");
             send(&lb, &mut stated, &what, &packet.frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
         }
@@ -3679,15 +4638,43 @@ fn tracking_empty_and_odd_words() -> TestResult {
     lb.set_backend(BE_B, BackendEntry { flags: 0, ..pin_backend(2) })?;
     fill_table(&mut lb, SVC, word(BE_B, BE_A))?;
     let new_conn = Packet::tcp4(40002, 80);
-    send(&lb, &mut stated, "current inactive: SYN", &syn(new_conn.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
-    send(&lb, &mut stated, "current inactive: ACK of a pinned flow", &conn.frame(), tx(SVC, BE_A, conn.flow(true)), Pin::Nothing)?;
+    send(
+        &lb,
+        &mut stated,
+        "current inactive: SYN",
+        &syn(new_conn.clone()).frame(),
+        Want::Drop(L4LB_CNT_DROP_NO_BACKEND),
+        Pin::Nothing,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "current inactive: ACK of a pinned flow",
+        &conn.frame(),
+        tx(SVC, BE_A, conn.flow(true)),
+        Pin::Nothing,
+    )?;
     expect_flows(&lb, "no pin to the inactive current backend", &entries([entry(&lb, &conn, BE_A)]))?;
     lb.set_backend(BE_B, pin_backend(2))?;
     // Current backend MAX_BACKENDS (past l4lb_backends), previous A.
     fill_table(&mut lb, SVC, word(MAX_BACKENDS as u32, BE_A))?;
     let fresh = Packet::tcp4(40003, 80);
-    send(&lb, &mut stated, "current MAX_BACKENDS: SYN", &syn(fresh.clone()).frame(), Want::Drop(L4LB_CNT_DROP_NO_BACKEND), Pin::Nothing)?;
-    send(&lb, &mut stated, "current MAX_BACKENDS: an old ACK", &fresh.frame(), tx(SVC, BE_A, fresh.flow(true)), Pin::Pinned)?;
+    send(
+        &lb,
+        &mut stated,
+        "current MAX_BACKENDS: SYN",
+        &syn(fresh.clone()).frame(),
+        Want::Drop(L4LB_CNT_DROP_NO_BACKEND),
+        Pin::Nothing,
+    )?;
+    send(
+        &lb,
+        &mut stated,
+        "current MAX_BACKENDS: an old ACK",
+        &fresh.frame(),
+        tx(SVC, BE_A, fresh.flow(true)),
+        Pin::Pinned,
+    )?;
     // The TRANSITION bit with current 21 (B), previous 20 (A).
     fill_table(&mut lb, SVC, word(BE_B, BE_A))?;
     let odd = Packet::tcp4(40004, 80);
@@ -3707,7 +4694,10 @@ fn drained_lb(before: &[u32], after: &[u32]) -> Result<Lb, Failed> {
     let words: Vec<u32> = before
         .iter()
         .zip(after)
-        .map(|(&old, &new)| l4lb::transition::next_slot(l4lb::transition::Slot::Steady(old), new, |n| [BE_A, BE_B, BE_C].contains(&n)).encode())
+        .map(|(&old, &new)| {
+            l4lb::transition::next_slot(l4lb::transition::Slot::Steady(old), new, |n| [BE_A, BE_B, BE_C].contains(&n))
+                .encode()
+        })
         .collect();
     lb.set_table(SVC, &words)?;
     Ok(lb)
@@ -3715,7 +4705,8 @@ fn drained_lb(before: &[u32], after: &[u32]) -> Result<Lb, Failed> {
 
 /// Maglev's tables over (number, backend) pairs.
 fn maglev_numbers(numbered: &[(u32, BackendEntry)]) -> Result<Vec<u32>, Failed> {
-    let identities: Vec<maglev::Backend> = numbered.iter().map(|(_, b)| maglev::Backend::from_addr(b.ip(), b.weight)).collect();
+    let identities: Vec<maglev::Backend> =
+        numbered.iter().map(|(_, b)| maglev::Backend::from_addr(b.ip(), b.weight)).collect();
     let indices = maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| fail(format!("maglev: {e}")))?;
     Ok(maglev::to_numbers(&indices, &numbered.iter().map(|(n, _)| *n).collect::<Vec<_>>()))
 }
@@ -3739,7 +4730,10 @@ fn tracking_two_balancers_agree() -> TestResult {
         ensure!(lb1.tables[SVC as usize] == lb2.tables[SVC as usize], "the two balancers' words differ");
         let words = lb1.tables[SVC as usize].clone().unwrap_or_default();
         let in_transition = words.iter().filter(|&&w| matches!(SlotWord::of(w), SlotWord::Transition { .. })).count();
-        let from_c = words.iter().filter(|&&w| matches!(SlotWord::of(w), SlotWord::Transition { previous, .. } if previous == BE_C)).count();
+        let from_c = words
+            .iter()
+            .filter(|&&w| matches!(SlotWord::of(w), SlotWord::Transition { previous, .. } if previous == BE_C))
+            .count();
         ensure!(from_c > 0 && in_transition >= from_c, "{in_transition} slots in transition, {from_c} from C");
         let (mut s1, mut s2) = (Stated::default(), Stated::default());
         let (mut want1, mut want2) = (Entries::new(), Entries::new());
@@ -3747,14 +4741,29 @@ fn tracking_two_balancers_agree() -> TestResult {
         // Established connections: random clients until 30 fall in slots in transition and 10 in steady ones.
         let (mut moved, mut steady) = (0, 0);
         while moved < 30 || steady < 10 {
-            let conn = Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
+            let conn =
+                Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
             let flow = conn.flow(true);
             match SlotWord::of(lb1.predict(SVC, &flow)) {
                 SlotWord::Transition { previous, .. } if moved < 30 => {
                     moved += 1;
                     let what = format!("an established connection {flow:?}");
-                    let out2 = send(&lb2, &mut s2, &format!("{what}, seen by balancer 2 only"), &conn.frame(), tx(SVC, previous, flow), Pin::Pinned)?;
-                    let out1 = send(&lb1, &mut s1, &format!("{what}, on balancer 1"), &conn.frame(), tx(SVC, previous, flow), Pin::Pinned)?;
+                    let out2 = send(
+                        &lb2,
+                        &mut s2,
+                        &format!("{what}, seen by balancer 2 only"),
+                        &conn.frame(),
+                        tx(SVC, previous, flow),
+                        Pin::Pinned,
+                    )?;
+                    let out1 = send(
+                        &lb1,
+                        &mut s1,
+                        &format!("{what}, on balancer 1"),
+                        &conn.frame(),
+                        tx(SVC, previous, flow),
+                        Pin::Pinned,
+                    )?;
                     ensure!(out1 == out2, "{what}: the balancers' frames differ");
                     want1.extend([entry(&lb1, &conn, previous)]);
                     want2.extend([entry(&lb2, &conn, previous)]);
@@ -3762,8 +4771,22 @@ fn tracking_two_balancers_agree() -> TestResult {
                 SlotWord::Steady(number) if steady < 10 => {
                     steady += 1;
                     let what = format!("a connection in a steady slot {flow:?}");
-                    send(&lb2, &mut s2, &format!("{what}, balancer 2"), &conn.frame(), tx(SVC, number, flow), Pin::Nothing)?;
-                    send(&lb1, &mut s1, &format!("{what}, balancer 1"), &conn.frame(), tx(SVC, number, flow), Pin::Nothing)?;
+                    send(
+                        &lb2,
+                        &mut s2,
+                        &format!("{what}, balancer 2"),
+                        &conn.frame(),
+                        tx(SVC, number, flow),
+                        Pin::Nothing,
+                    )?;
+                    send(
+                        &lb1,
+                        &mut s1,
+                        &format!("{what}, balancer 1"),
+                        &conn.frame(),
+                        tx(SVC, number, flow),
+                        Pin::Nothing,
+                    )?;
                 }
                 _ => {}
             }
@@ -3774,10 +4797,18 @@ fn tracking_two_balancers_agree() -> TestResult {
         // Connections opened during the transition on balancer 1, moved to balancer 2.
         let mut opened = Vec::new();
         while opened.len() < 10 {
-            let conn = Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
+            let conn =
+                Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
             let flow = conn.flow(true);
             let SlotWord::Transition { current, previous } = SlotWord::of(lb1.predict(SVC, &flow)) else { continue };
-            send(&lb1, &mut s1, &format!("SYN {flow:?} on balancer 1"), &syn(conn.clone()).frame(), tx(SVC, current, flow), Pin::Pinned)?;
+            send(
+                &lb1,
+                &mut s1,
+                &format!("SYN {flow:?} on balancer 1"),
+                &syn(conn.clone()).frame(),
+                tx(SVC, current, flow),
+                Pin::Pinned,
+            )?;
             send(&lb1, &mut s1, "its ACK on balancer 1", &conn.frame(), tx(SVC, current, flow), Pin::Nothing)?;
             send(&lb2, &mut s2, "its ACK moved to balancer 2", &conn.frame(), tx(SVC, previous, flow), Pin::Pinned)?;
             want1.extend([entry(&lb1, &conn, current)]);
@@ -3814,7 +4845,8 @@ fn tracking_two_balancers_agree() -> TestResult {
         lb2.set_table(SVC, &words)?;
         let (total, mut broken, mut in_slots_in_transition) = (4000usize, 0usize, 0usize);
         for _ in 0..total {
-            let conn = Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
+            let conn =
+                Packet { src: Ipv4Addr::from(rng.gen::<u32>()).into(), ..Packet::tcp4(rng.gen_range(1024..65535), 80) };
             let in_transition = matches!(SlotWord::of(lb1.predict(SVC, &conn.flow(true))), SlotWord::Transition { .. });
             let (verdict1, out1) = lb1.run(&syn(conn.clone()).frame())?;
             let (verdict2, out2) = lb2.run(&conn.frame())?;

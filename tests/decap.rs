@@ -29,7 +29,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use etherparse::{IpNumber, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader};
+use etherparse::{
+    IpNumber, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
+};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
 use serde_json::Value;
@@ -496,7 +498,12 @@ fn not_ours_passes_untouched() -> TestResult {
     }
     decap.check("ARP request", &arp_request(), Want::Pass)?;
     decap.check("IPv6 UDP", &[ethernet_header(ETHERTYPE_IPV6), ipv6_packet()].concat(), Want::Pass)?;
-    let tagged = [ethernet_header(ETHERTYPE_VLAN), vec![0x00, 0x05, 0x08, 0x00], Ipip::to(LOCAL, inner.clone()).frame()[ETH_LEN..].to_vec()].concat();
+    let tagged = [
+        ethernet_header(ETHERTYPE_VLAN),
+        vec![0x00, 0x05, 0x08, 0x00],
+        Ipip::to(LOCAL, inner.clone()).frame()[ETH_LEN..].to_vec(),
+    ]
+    .concat();
     decap.check("802.1Q-tagged IPIP", &tagged, Want::Pass)?;
     // Too short to be told apart (no whole fixed IPv4 header): the stack's business.
     let frame = Ipip::to(LOCAL, inner.clone()).frame();
@@ -527,20 +534,36 @@ fn malformed_outer_drops() -> TestResult {
         decap.check(&format!("outer version {version}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_BAD_VERSION))?;
     }
     for ihl in 0u8..5 {
-        decap.check(&format!("outer IHL {ihl}"), &with_byte(&frame, ETH_LEN, 0x40 | ihl), Want::Drop(L4LB_DECAP_CNT_DROP_BAD_IHL))?;
+        decap.check(
+            &format!("outer IHL {ihl}"),
+            &with_byte(&frame, ETH_LEN, 0x40 | ihl),
+            Want::Drop(L4LB_DECAP_CNT_DROP_BAD_IHL),
+        )?;
     }
     // Options cut off by the end of the frame.
     let with_options = Ipip { options: vec![0x01; 40], ..ipip.clone() }.frame();
     for len in ETH_LEN + 20..ETH_LEN + 60 {
-        decap.check(&format!("outer IHL 15, frame cut to {len}"), &with_options[..len], Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_OUTER))?;
+        decap.check(
+            &format!("outer IHL 15, frame cut to {len}"),
+            &with_options[..len],
+            Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_OUTER),
+        )?;
     }
     for tot_len in [ip_len + 1, ip_len + 100, 0xffff] {
         let bad = with_outer_tot_len(&frame, tot_len);
-        decap.check(&format!("outer tot_len {tot_len} beyond the frame"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_BAD_TOT_LEN))?;
+        decap.check(
+            &format!("outer tot_len {tot_len} beyond the frame"),
+            &bad,
+            Want::Drop(L4LB_DECAP_CNT_DROP_BAD_TOT_LEN),
+        )?;
     }
     for tot_len in [0usize, 1, 19] {
         let bad = with_outer_tot_len(&frame, tot_len);
-        decap.check(&format!("outer tot_len {tot_len} below the header"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_BAD_TOT_LEN))?;
+        decap.check(
+            &format!("outer tot_len {tot_len} below the header"),
+            &bad,
+            Want::Drop(L4LB_DECAP_CNT_DROP_BAD_TOT_LEN),
+        )?;
     }
     let six_words = Ipip { options: vec![0x01; 4], ..ipip.clone() }.frame();
     for tot_len in 20usize..24 {
@@ -574,32 +597,60 @@ fn malformed_inner_drops() -> TestResult {
             let cut = with_outer_tot_len(&frame[..inner_at + room], outer_len + room);
             decap.check(&format!("{tag}: {room} inner bytes"), &cut, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
             let behind = with_outer_tot_len(&frame, outer_len + room);
-            decap.check(&format!("{tag}: {room} inner bytes, more behind"), &behind, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
+            decap.check(
+                &format!("{tag}: {room} inner bytes, more behind"),
+                &behind,
+                Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER),
+            )?;
             let mut padded = cut.clone();
             padded.resize(cut.len() + 40, 0);
-            decap.check(&format!("{tag}: {room} inner bytes, zeros behind"), &padded, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
+            decap.check(
+                &format!("{tag}: {room} inner bytes, zeros behind"),
+                &padded,
+                Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER),
+            )?;
         }
         // Inner options beyond the outer packet.
         let optioned = Ipip { inner: client_packet(UDP, 13, 0, &[0x01; 40], b"x"), ..ipip.clone() }.frame();
         for room in 20..60 {
             let bad = with_outer_tot_len(&optioned, outer_len + room);
-            decap.check(&format!("{tag}: inner IHL 15, {room} inner bytes"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
+            decap.check(
+                &format!("{tag}: inner IHL 15, {room} inner bytes"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER),
+            )?;
         }
 
         for version in [0u8, 5, 7, 15] {
             let bad = with_byte(&frame, inner_at, version << 4 | 5);
-            decap.check(&format!("{tag}: inner version {version}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_VERSION))?;
+            decap.check(
+                &format!("{tag}: inner version {version}"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_INNER_VERSION),
+            )?;
         }
         let bad = with_byte(&frame, inner_at, 0x65);
         decap.check(&format!("{tag}: inner version 6"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
         let ipv6_inside = Ipip { inner: ipv6_packet(), ..ipip.clone() }.frame();
-        decap.check(&format!("{tag}: IPv6 packet under protocol 4"), &ipv6_inside, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
+        decap.check(
+            &format!("{tag}: IPv6 packet under protocol 4"),
+            &ipv6_inside,
+            Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY),
+        )?;
         for room in 1..20 {
             // The family is told from the first byte: a short IPv6 packet is still the wrong family.
             let cut = with_outer_tot_len(&ipv6_inside[..inner_at + room], outer_len + room);
-            decap.check(&format!("{tag}: {room} bytes of IPv6 under protocol 4"), &cut, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
+            decap.check(
+                &format!("{tag}: {room} bytes of IPv6 under protocol 4"),
+                &cut,
+                Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY),
+            )?;
             let bad = with_outer_tot_len(&with_byte(&frame, inner_at, 0x55), outer_len + room);
-            decap.check(&format!("{tag}: {room} inner bytes of version 5"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_VERSION))?;
+            decap.check(
+                &format!("{tag}: {room} inner bytes of version 5"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_INNER_VERSION),
+            )?;
         }
         for ihl in 0u8..5 {
             let bad = with_byte(&frame, inner_at, 0x40 | ihl);
@@ -609,7 +660,11 @@ fn malformed_inner_drops() -> TestResult {
         for tot_len in [0usize, 19, inner_len + 1, 0xffff] {
             let mut bad = frame.clone();
             bad[inner_at + 2..inner_at + 4].copy_from_slice(&(tot_len as u16).to_be_bytes());
-            decap.check(&format!("{tag}: inner tot_len {tot_len}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_TOT_LEN))?;
+            decap.check(
+                &format!("{tag}: inner tot_len {tot_len}"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_INNER_TOT_LEN),
+            )?;
         }
         // Beyond the outer packet, though not beyond the frame (padding behind it).
         let padded = Ipip { trailer: vec![0; 20], ..ipip.clone() }.frame();
@@ -684,13 +739,21 @@ fn ipv6_outer_6in6_4in6_decapsulated() -> TestResult {
             let inner6 = client_packet6(proto, 40000 + i as u16, class, (0x12345 * i as u32) & 0xfffff, &payload);
             let inner4 = client_packet(proto, 40000 + i as u16, class, &[], &payload);
             for inner in [inner6, inner4] {
-                ensure!(checksums_right(&inner), "built a client packet with a wrong checksum: {}", common::hex(&inner));
+                ensure!(
+                    checksums_right(&inner),
+                    "built a client packet with a wrong checksum: {}",
+                    common::hex(&inner)
+                );
                 let family = if inner[0] >> 4 == 6 { "6in6" } else { "4in6" };
                 let mut frame = Ip6in::to(dst, inner);
                 check_decap6(&decap, &format!("{family}, proto {proto} to {dst}, {payload_len}-byte payload"), &frame)?;
                 // Outer fields the program does not look at.
                 (frame.traffic_class, frame.flow_label) = (0xff, 0xfffff);
-                check_decap6(&decap, &format!("{family}, proto {proto} to {dst}, {payload_len} bytes, other class and label"), &frame)?;
+                check_decap6(
+                    &decap,
+                    &format!("{family}, proto {proto} to {dst}, {payload_len} bytes, other class and label"),
+                    &frame,
+                )?;
             }
         }
     }
@@ -732,9 +795,17 @@ fn ipv6_outer_6in6_4in6_decapsulated() -> TestResult {
     for inner in [udp_packet6(5, 10), udp_packet(5, 10)] {
         let mut longer = Ip6in::to(LOCAL6, inner.clone());
         longer.inner.extend([0xee; 5]);
-        check_decap6(&decap, &format!("inner packet of version {} shorter than the outer payload", inner[0] >> 4), &longer)?;
+        check_decap6(
+            &decap,
+            &format!("inner packet of version {} shorter than the outer payload", inner[0] >> 4),
+            &longer,
+        )?;
         longer.trailer = vec![0x11; 9];
-        check_decap6(&decap, &format!("inner packet of version {}, more behind the outer payload", inner[0] >> 4), &longer)?;
+        check_decap6(
+            &decap,
+            &format!("inner packet of version {}, more behind the outer payload", inner[0] >> 4),
+            &longer,
+        )?;
     }
     // IPv4 outer headers still work next to IPv6 ones.
     check_decap(&decap, "IPIP next to IPv6 addresses", &Ipip::to(LOCAL, udp_packet(6, 20)))?;
@@ -809,15 +880,27 @@ fn ipv6_outer_malformed_drops() -> TestResult {
 
         for version in [0u8, 1, 4, 5, 7, 15] {
             let bad = with_byte(&frame, ETH_LEN, version << 4 | (frame[ETH_LEN] & 0xf));
-            decap.check(&format!("{tag}: outer version {version}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_BAD_VERSION6))?;
+            decap.check(
+                &format!("{tag}: outer version {version}"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_BAD_VERSION6),
+            )?;
         }
         for len in [payload_len + 1, payload_len + 100, 0xffff] {
             let bad = with_outer_payload_len(&frame, len);
-            decap.check(&format!("{tag}: outer payload_len {len} beyond the frame"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_BAD_PAYLOAD_LEN))?;
+            decap.check(
+                &format!("{tag}: outer payload_len {len} beyond the frame"),
+                &bad,
+                Want::Drop(L4LB_DECAP_CNT_DROP_BAD_PAYLOAD_LEN),
+            )?;
         }
         // Cut anywhere after the fixed header: payload_len still says the whole.
         for len in ETH_LEN + 40..frame.len() {
-            decap.check(&format!("{tag}: frame cut to {len}"), &frame[..len], Want::Drop(L4LB_DECAP_CNT_DROP_BAD_PAYLOAD_LEN))?;
+            decap.check(
+                &format!("{tag}: frame cut to {len}"),
+                &frame[..len],
+                Want::Drop(L4LB_DECAP_CNT_DROP_BAD_PAYLOAD_LEN),
+            )?;
         }
         check_decap6(&decap, &format!("{tag}: the same frame, whole"), &good)?;
     }
@@ -838,30 +921,54 @@ fn ipv6_outer_malformed_inner_drops() -> TestResult {
         let cut = with_outer_payload_len(&frame[..inner_at + room], room);
         decap.check(&format!("6in6: {room} inner bytes"), &cut, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER6))?;
         let behind = with_outer_payload_len(&frame, room);
-        decap.check(&format!("6in6: {room} inner bytes, more behind"), &behind, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER6))?;
+        decap.check(
+            &format!("6in6: {room} inner bytes, more behind"),
+            &behind,
+            Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER6),
+        )?;
         let mut padded = cut.clone();
         padded.resize(cut.len() + 40, 0);
-        decap.check(&format!("6in6: {room} inner bytes, zeros behind"), &padded, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER6))?;
+        decap.check(
+            &format!("6in6: {room} inner bytes, zeros behind"),
+            &padded,
+            Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER6),
+        )?;
     }
     for version in [0u8, 1, 5, 7, 15] {
         let bad = with_byte(&frame, inner_at, version << 4);
         decap.check(&format!("6in6: inner version {version}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER6_VERSION))?;
         let short = with_outer_payload_len(&bad, 1);
-        decap.check(&format!("6in6: one inner byte, version {version}"), &short, Want::Drop(L4LB_DECAP_CNT_DROP_INNER6_VERSION))?;
+        decap.check(
+            &format!("6in6: one inner byte, version {version}"),
+            &short,
+            Want::Drop(L4LB_DECAP_CNT_DROP_INNER6_VERSION),
+        )?;
     }
     // An IPv4 packet under next header 41, whole or as short as one byte.
     let ipv4_inside = Ip6in { next_header: IPV6_IN_IPV4, ..Ip6in::to(LOCAL6, udp_packet(13, 40)) };
-    decap.check("6in6: IPv4 packet under next header 41", &ipv4_inside.frame(), Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
+    decap.check(
+        "6in6: IPv4 packet under next header 41",
+        &ipv4_inside.frame(),
+        Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY),
+    )?;
     for room in [1usize, 19, 20, 39] {
         let short = with_outer_payload_len(&ipv4_inside.frame()[..inner_at + room], room);
-        decap.check(&format!("6in6: {room} bytes of IPv4 under next header 41"), &short, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
+        decap.check(
+            &format!("6in6: {room} bytes of IPv4 under next header 41"),
+            &short,
+            Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY),
+        )?;
     }
     // Inner payload_len beyond the outer payload (and the frame), or beyond
     // the outer payload only (padding behind it).
     for len in [inner_len - 40 + 1, inner_len - 40 + 100, 0xffff] {
         let mut bad = frame.clone();
         bad[inner_at + 4..inner_at + 6].copy_from_slice(&(len as u16).to_be_bytes());
-        decap.check(&format!("6in6: inner payload_len {len}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER6_PAYLOAD_LEN))?;
+        decap.check(
+            &format!("6in6: inner payload_len {len}"),
+            &bad,
+            Want::Drop(L4LB_DECAP_CNT_DROP_INNER6_PAYLOAD_LEN),
+        )?;
     }
     let padded = Ip6in { trailer: vec![0; 20], ..good.clone() }.frame();
     for len in [inner_len - 40 + 1, inner_len - 40 + 20] {
@@ -880,19 +987,31 @@ fn ipv6_outer_malformed_inner_drops() -> TestResult {
         let cut = with_outer_payload_len(&frame[..inner_at + room], room);
         decap.check(&format!("4in6: {room} inner bytes"), &cut, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
         let behind = with_outer_payload_len(&frame, room);
-        decap.check(&format!("4in6: {room} inner bytes, more behind"), &behind, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
+        decap.check(
+            &format!("4in6: {room} inner bytes, more behind"),
+            &behind,
+            Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER),
+        )?;
     }
     let optioned = Ip6in::to(LOCAL6, client_packet(UDP, 15, 0, &[0x01; 40], b"x")).frame();
     for room in 20..60 {
         let bad = with_outer_payload_len(&optioned, room);
-        decap.check(&format!("4in6: inner IHL 15, {room} inner bytes"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER))?;
+        decap.check(
+            &format!("4in6: inner IHL 15, {room} inner bytes"),
+            &bad,
+            Want::Drop(L4LB_DECAP_CNT_DROP_SHORT_INNER),
+        )?;
     }
     for version in [0u8, 5, 7, 15] {
         let bad = with_byte(&frame, inner_at, version << 4 | 5);
         decap.check(&format!("4in6: inner version {version}"), &bad, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_VERSION))?;
     }
     let ipv6_inside = Ip6in { next_header: IPIP, ..Ip6in::to(LOCAL6, udp_packet6(16, 40)) };
-    decap.check("4in6: IPv6 packet under next header 4", &ipv6_inside.frame(), Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
+    decap.check(
+        "4in6: IPv6 packet under next header 4",
+        &ipv6_inside.frame(),
+        Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY),
+    )?;
     let short = with_outer_payload_len(&ipv6_inside.frame()[..inner_at + 1], 1);
     decap.check("4in6: one byte of IPv6 under next header 4", &short, Want::Drop(L4LB_DECAP_CNT_DROP_INNER_FAMILY))?;
     for ihl in 0u8..5 {
@@ -1015,7 +1134,8 @@ impl Pair {
 
     /// The XDP programs on the backend veth: (mode as iproute2 names it, id, name).
     fn be_xdp(&self) -> TestResult<Vec<(String, u64, String)>> {
-        let json: Value = serde_json::from_str(&ip(&["-n", &self.be, "-j", "-d", "link", "show", "dev", &self.be_dev])?)?;
+        let json: Value =
+            serde_json::from_str(&ip(&["-n", &self.be, "-j", "-d", "link", "show", "dev", &self.be_dev])?)?;
         let xdp = &json[0]["xdp"];
         let attached = match xdp["attached"].as_array() {
             Some(list) => list.clone(),
@@ -1030,14 +1150,20 @@ impl Pair {
                     Some(2) => "xdpgeneric",
                     _ => "other",
                 };
-                (mode.to_string(), entry["prog"]["id"].as_u64().unwrap_or(0), entry["prog"]["name"].as_str().unwrap_or("").to_string())
+                (
+                    mode.to_string(),
+                    entry["prog"]["id"].as_u64().unwrap_or(0),
+                    entry["prog"]["name"].as_str().unwrap_or("").to_string(),
+                )
             })
             .collect())
     }
 
     /// One `l4lb decap stats --json` sample.
     fn decap_stats(&self) -> TestResult<Value> {
-        let out = self.l4lb(&["decap", "stats", "-i", &self.be_dev, "--json", "--count", "1", "--interval", "0.1"]).success()?;
+        let out = self
+            .l4lb(&["decap", "stats", "-i", &self.be_dev, "--json", "--count", "1", "--interval", "0.1"])
+            .success()?;
         let lines: Vec<&str> = out.stdout.lines().collect();
         ensure!(lines.len() == 1, "expected one JSON line: {}", out.describe());
         serde_json::from_str(lines[0]).map_err(|err| fail(format!("{:?} is not JSON: {err}", lines[0])))
@@ -1049,8 +1175,9 @@ impl Pair {
         client_datagrams(first_port, payloads)
             .iter()
             .map(|inner| {
-                let mut outer = Ipv4Header::new(inner.len() as u16, 64, IpNumber::IPV4, GEN_ADDR.octets(), outer_dst.octets())
-                    .expect("fits");
+                let mut outer =
+                    Ipv4Header::new(inner.len() as u16, 64, IpNumber::IPV4, GEN_ADDR.octets(), outer_dst.octets())
+                        .expect("fits");
                 outer.dont_fragment = true;
                 outer.header_checksum = outer.calc_header_checksum();
                 [&self.be_mac[..], &self.gen_mac, &ETHERTYPE_IPV4.to_be_bytes(), &outer.to_bytes(), inner].concat()
@@ -1102,7 +1229,8 @@ fn udp_service_receives(
     expected: usize,
 ) -> TestResult<Vec<(Vec<u8>, SocketAddr)>> {
     in_netns(&pair.be, || {
-        let socket = UdpSocket::bind((VIP, SERVICE_PORT)).map_err(|err| fail(format!("binding {VIP}:{SERVICE_PORT}: {err}")))?;
+        let socket =
+            UdpSocket::bind((VIP, SERVICE_PORT)).map_err(|err| fail(format!("binding {VIP}:{SERVICE_PORT}: {err}")))?;
         socket.set_read_timeout(Some(Duration::from_secs(3)))?;
         send()?;
         let mut received = Vec::new();
@@ -1110,7 +1238,9 @@ fn udp_service_receives(
         while received.len() < expected {
             match socket.recv_from(&mut buf) {
                 Ok((n, from)) => received.push((buf[..n].to_vec(), from)),
-                Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    break
+                }
                 Err(err) => return Err(fail(format!("receiving on {VIP}:{SERVICE_PORT}: {err}"))),
             }
         }
@@ -1123,11 +1253,19 @@ fn end_to_end_udp_service_on_vip() -> TestResult {
     let pair = Pair::new()?;
     let dev = pair.be_dev.as_str();
     let attached = pair.l4lb(&["decap", "attach", "-i", dev]).success()?;
-    ensure!(attached.stdout.contains(&format!("decapsulating IPIP for {BE_ADDR}")), "attach output: {}", attached.describe());
+    ensure!(
+        attached.stdout.contains(&format!("decapsulating IPIP for {BE_ADDR}")),
+        "attach output: {}",
+        attached.describe()
+    );
     let programs = pair.be_xdp()?;
-    ensure!(programs.len() == 1 && programs[0].0 == "xdp" && programs[0].2 == "l4lb_decap", "after decap attach: {programs:?}");
+    ensure!(
+        programs.len() == 1 && programs[0].0 == "xdp" && programs[0].2 == "l4lb_decap",
+        "after decap attach: {programs:?}"
+    );
 
-    let payloads: Vec<Vec<u8>> = (0..FRAMES).map(|i| format!("l4lb decap datagram {i:02} {}", "x".repeat(i * 37)).into_bytes()).collect();
+    let payloads: Vec<Vec<u8>> =
+        (0..FRAMES).map(|i| format!("l4lb decap datagram {i:02} {}", "x".repeat(i * 37)).into_bytes()).collect();
     let frames = pair.ipip_frames(BE_ADDR, 41000, &payloads);
     let send = || in_netns(&pair.gen, || send_frames(&pair.gen_dev, &frames));
     check_received(udp_service_receives(&pair, send, FRAMES)?, 41000, &payloads)?;
@@ -1194,7 +1332,8 @@ fn udp_services_receive(
                         got.push((buf[..n].to_vec(), from));
                         last = Instant::now();
                     }
-                    Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    }
                     Err(err) => return Err(fail(format!("receiving on {service}: {err}"))),
                 }
             }
@@ -1215,8 +1354,10 @@ fn end_to_end_ipv6_outer_udp_services() -> TestResult {
     let wanted = format!("decapsulating IPIP for {BE_ADDR}, {LOCAL6} (from {dev}'s addresses)");
     ensure!(attached.stdout.contains(&wanted), "attach output (link-local left out?): {}", attached.describe());
 
-    let payloads6: Vec<Vec<u8>> = (0..FRAMES).map(|i| format!("6in6 datagram {i:02} {}", "v".repeat(i * 61)).into_bytes()).collect();
-    let payloads4: Vec<Vec<u8>> = (0..FRAMES).map(|i| format!("4in6 datagram {i:02} {}", "w".repeat(i * 29)).into_bytes()).collect();
+    let payloads6: Vec<Vec<u8>> =
+        (0..FRAMES).map(|i| format!("6in6 datagram {i:02} {}", "v".repeat(i * 61)).into_bytes()).collect();
+    let payloads4: Vec<Vec<u8>> =
+        (0..FRAMES).map(|i| format!("4in6 datagram {i:02} {}", "w".repeat(i * 29)).into_bytes()).collect();
     let inners = [client_datagrams6(43000, &payloads6), client_datagrams(44000, &payloads4)].concat();
     for inner in &inners {
         ensure!(checksums_right(inner), "built a client datagram with a wrong checksum: {}", common::hex(inner));
@@ -1240,7 +1381,12 @@ fn end_to_end_ipv6_outer_udp_services() -> TestResult {
 
     let stats = pair.decap_stats()?;
     let counters = stats["counters"].as_object().ok_or_else(|| fail(format!("no counters in {stats}")))?;
-    ensure!(counters["decapsulated"] == 2 * FRAMES, "decapsulated {}, want {}: {stats}", counters["decapsulated"], 2 * FRAMES);
+    ensure!(
+        counters["decapsulated"] == 2 * FRAMES,
+        "decapsulated {}, want {}: {stats}",
+        counters["decapsulated"],
+        2 * FRAMES
+    );
     for (name, value) in counters.iter().filter(|(name, _)| name.starts_with("drop_")) {
         ensure!(value == 0, "{name} is {value}, want 0: {stats}");
     }
@@ -1269,7 +1415,10 @@ fn end_to_end_ipv6_outer_udp_services() -> TestResult {
     check_received_from(got6, services[0], CLIENT6.into(), 46000, &payloads)?;
     ensure!(got4.is_empty(), "IPIP for an address no longer listed reached the IPv4 service: {got4:?}");
     let stats = pair.decap_stats()?;
-    ensure!(stats["counters"]["decapsulated"] == 3 && stats["counters"]["passed"].as_u64() >= Some(3), "stats: {stats}");
+    ensure!(
+        stats["counters"]["decapsulated"] == 3 && stats["counters"]["passed"].as_u64() >= Some(3),
+        "stats: {stats}"
+    );
 
     pair.l4lb(&["decap", "detach", "-i", dev]).success()?;
     ensure!(pair.be_xdp()?.is_empty(), "XDP left on {dev}: {:?}", pair.be_xdp()?);
@@ -1297,7 +1446,9 @@ fn check_received_from(
         "the service on {service} received {} of {} datagrams, or not as sent; got: {:?}",
         got.len(),
         payloads.len(),
-        got.iter().map(|(p, from)| (String::from_utf8_lossy(&p[..p.len().min(24)]).into_owned(), *from)).collect::<Vec<_>>()
+        got.iter()
+            .map(|(p, from)| (String::from_utf8_lossy(&p[..p.len().min(24)]).into_owned(), *from))
+            .collect::<Vec<_>>()
     );
     Ok(())
 }
@@ -1316,7 +1467,8 @@ fn end_to_end_balancer_then_decap() -> TestResult {
     let _ = std::fs::remove_file(&file);
     mapped.success()?;
 
-    let payloads: Vec<Vec<u8>> = (0..FRAMES).map(|i| format!("through the balancer {i:02} {}", "y".repeat(i * 53)).into_bytes()).collect();
+    let payloads: Vec<Vec<u8>> =
+        (0..FRAMES).map(|i| format!("through the balancer {i:02} {}", "y".repeat(i * 53)).into_bytes()).collect();
     let frames: Vec<Vec<u8>> = client_datagrams(42000, &payloads)
         .iter()
         .map(|packet| [&pair.gen_mac[..], &pair.be_mac, &ETHERTYPE_IPV4.to_be_bytes(), packet].concat())
@@ -1326,8 +1478,10 @@ fn end_to_end_balancer_then_decap() -> TestResult {
 
     let decap = pair.decap_stats()?;
     ensure!(decap["counters"]["decapsulated"] == FRAMES, "decap stats: {decap}");
-    let out = pair.l4lb_gen(&["stats", "-i", &pair.gen_dev, "--json", "--count", "1", "--interval", "0.1"]).success()?;
-    let balancer: Value = serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("{}: {err}", out.describe())))?;
+    let out =
+        pair.l4lb_gen(&["stats", "-i", &pair.gen_dev, "--json", "--count", "1", "--interval", "0.1"]).success()?;
+    let balancer: Value =
+        serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("{}: {err}", out.describe())))?;
     ensure!(balancer["counters"]["tx"] == FRAMES, "balancer stats: {balancer}");
     Ok(())
 }
@@ -1336,7 +1490,10 @@ fn end_to_end_cli_errors_and_foreign_programs() -> TestResult {
     let pair = Pair::new()?;
     let dev = pair.be_dev.as_str();
 
-    error_containing(pair.l4lb(&["decap", "stats", "-i", dev, "--count", "1"]), &format!("no l4lb decap program on {dev}"))?;
+    error_containing(
+        pair.l4lb(&["decap", "stats", "-i", dev, "--count", "1"]),
+        &format!("no l4lb decap program on {dev}"),
+    )?;
     error_containing(pair.l4lb(&["decap", "detach", "-i", dev]), &format!("no l4lb decap program on {dev}"))?;
     error_containing(pair.l4lb(&["decap", "attach", "-i", "nosuchdev0"]), "nosuchdev0")?;
     error_containing(pair.l4lb(&["decap", "attach", "-i", dev, "--addr", "ff02::1"]), "ff02::1: it is multicast")?;
@@ -1351,11 +1508,29 @@ fn end_to_end_cli_errors_and_foreign_programs() -> TestResult {
     ensure!(pair.be_xdp()? == first, "a refused attach changed the programs: {:?}, was {first:?}", pair.be_xdp()?);
 
     let other = Ipv4Addr::new(198, 18, 0, 9);
-    pair.l4lb(&["decap", "attach", "-i", dev, "--force", "--mode", "skb", "--addr", &VIP.to_string(), &other.to_string()]).success()?;
+    pair.l4lb(&[
+        "decap",
+        "attach",
+        "-i",
+        dev,
+        "--force",
+        "--mode",
+        "skb",
+        "--addr",
+        &VIP.to_string(),
+        &other.to_string(),
+    ])
+    .success()?;
     let generic = pair.be_xdp()?;
-    ensure!(generic.len() == 1 && generic[0].0 == "xdpgeneric" && generic[0].2 == "l4lb_decap", "after --force --mode skb: {generic:?}");
+    ensure!(
+        generic.len() == 1 && generic[0].0 == "xdpgeneric" && generic[0].2 == "l4lb_decap",
+        "after --force --mode skb: {generic:?}"
+    );
     let stats = pair.decap_stats()?;
-    ensure!(stats["mode"] == "generic" && stats["addrs"] == serde_json::json!([other.to_string(), VIP.to_string()]), "stats: {stats}");
+    ensure!(
+        stats["mode"] == "generic" && stats["addrs"] == serde_json::json!([other.to_string(), VIP.to_string()]),
+        "stats: {stats}"
+    );
 
     // The balancer's commands leave the decap program alone, and the other way round.
     error_containing(pair.l4lb(&["detach", "-i", dev]), "not l4lb")?;

@@ -45,11 +45,20 @@ fn main() {
         vec![
             ("iproute2_load_then_map_balances_and_counts", iproute2_load_then_map_balances_and_counts),
             ("attach_driver_mode_with_outer_source_flag", attach_driver_mode_with_outer_source_flag),
-            ("attach_refuses_without_force_and_generic_mode_works", attach_refuses_without_force_and_generic_mode_works),
+            (
+                "attach_refuses_without_force_and_generic_mode_works",
+                attach_refuses_without_force_and_generic_mode_works,
+            ),
             ("bad_destination_files_leave_maps_byte_identical", bad_destination_files_leave_maps_byte_identical),
             ("clear_errors_without_an_l4lb_program", clear_errors_without_an_l4lb_program),
-            ("map_without_address_needs_source_and_foreign_program_is_left_alone", map_without_address_needs_source_and_foreign_program_is_left_alone),
-            ("remap_keeps_counters_and_flows_of_staying_destinations", remap_keeps_counters_and_flows_of_staying_destinations),
+            (
+                "map_without_address_needs_source_and_foreign_program_is_left_alone",
+                map_without_address_needs_source_and_foreign_program_is_left_alone,
+            ),
+            (
+                "remap_keeps_counters_and_flows_of_staying_destinations",
+                remap_keeps_counters_and_flows_of_staying_destinations,
+            ),
         ],
     );
 }
@@ -96,8 +105,19 @@ impl Topology {
         for ns in [&topo.gen, &topo.lb] {
             ip(&["netns", "add", ns])?;
             // No IPv6: no router solicitations or MLD reports to disturb counters.
-            run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
-                .success()?;
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )
+            .success()?;
         }
         let (gen, lb, gen_dev, lb_dev) = (&topo.gen, &topo.lb, &topo.gen_dev, &topo.lb_dev);
         ip(&["-n", gen, "link", "add", gen_dev, "type", "veth", "peer", "name", lb_dev, "netns", lb])?;
@@ -131,7 +151,8 @@ impl Topology {
     /// (mode as iproute2 names it: "xdp" (driver), "xdpgeneric", "xdpoffload";
     /// program id; program name).
     fn lb_xdp_programs(&self) -> TestResult<Vec<(String, u32, String)>> {
-        let json: Value = serde_json::from_str(&ip(&["-n", &self.lb, "-j", "-d", "link", "show", "dev", &self.lb_dev])?)?;
+        let json: Value =
+            serde_json::from_str(&ip(&["-n", &self.lb, "-j", "-d", "link", "show", "dev", &self.lb_dev])?)?;
         let xdp = &json[0]["xdp"];
         let attached = match xdp["attached"].as_array() {
             Some(list) => list.clone(),
@@ -156,7 +177,11 @@ impl Topology {
     /// Asserts that the lb veth has no XDP program at all.
     fn assert_no_xdp(&self) -> TestResult {
         let text = ip(&["-n", &self.lb, "-d", "link", "show", "dev", &self.lb_dev])?;
-        ensure!(!text.contains("prog/xdp") && !text.contains(" xdp"), "{} still has an XDP program:\n{text}", self.lb_dev);
+        ensure!(
+            !text.contains("prog/xdp") && !text.contains(" xdp"),
+            "{} still has an XDP program:\n{text}",
+            self.lb_dev
+        );
         Ok(())
     }
 
@@ -187,7 +212,9 @@ impl Topology {
         let samples: Vec<Value> = out
             .stdout
             .lines()
-            .map(|line| serde_json::from_str(line).map_err(|err| fail(format!("stats line {line:?} is not JSON: {err}"))))
+            .map(|line| {
+                serde_json::from_str(line).map_err(|err| fail(format!("stats line {line:?} is not JSON: {err}")))
+            })
             .collect::<TestResult<_>>()?;
         ensure!(samples.len() == 2, "expected 2 JSON lines from stats --count 2:\n{}", out.stdout);
         Ok(samples)
@@ -213,15 +240,24 @@ fn attach_xdp_pass(ns: &str, dev: &str) -> TestResult {
         insns[0].code = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
         insns[0].imm = 2; // XDP_PASS
         insns[1].code = 0x95; // BPF_JMP | BPF_EXIT
-        // SAFETY: valid instruction array of 2, NUL-terminated strings, null opts.
+                              // SAFETY: valid instruction array of 2, NUL-terminated strings, null opts.
         let fd = unsafe {
-            libbpf_sys::bpf_prog_load(libbpf_sys::BPF_PROG_TYPE_XDP, c"l4lbt_pass".as_ptr(), c"GPL".as_ptr(), insns.as_ptr(), 2, std::ptr::null_mut())
+            libbpf_sys::bpf_prog_load(
+                libbpf_sys::BPF_PROG_TYPE_XDP,
+                c"l4lbt_pass".as_ptr(),
+                c"GPL".as_ptr(),
+                insns.as_ptr(),
+                2,
+                std::ptr::null_mut(),
+            )
         };
         ensure!(fd >= 0, "loading the XDP_PASS program: {}", std::io::Error::from_raw_os_error(-fd));
         // SAFETY: fd was just returned to us.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: plain syscall wrapper with a valid fd, null options.
-        let rc = unsafe { libbpf_sys::bpf_xdp_attach(index as i32, fd.as_raw_fd(), libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null()) };
+        let rc = unsafe {
+            libbpf_sys::bpf_xdp_attach(index as i32, fd.as_raw_fd(), libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null())
+        };
         ensure!(rc == 0, "attaching the XDP_PASS program to {dev}: {}", std::io::Error::from_raw_os_error(-rc));
         Ok(())
     })
@@ -259,12 +295,20 @@ fn probe_frames(topo: &Topology, count: usize, first_port: u16) -> Vec<Vec<u8>> 
             let sport = first_port + i as u16;
             let dport = [80, 443, 53, 8080, rng.gen()][i % 5];
             let payload: Vec<u8> = (0..rng.gen_range(0..300)).map(|_| rng.gen()).collect();
-            let builder = etherparse::PacketBuilder::ethernet2(topo.gen_mac, topo.lb_mac).ipv4(saddr.octets(), daddr.octets(), 64);
+            let builder = etherparse::PacketBuilder::ethernet2(topo.gen_mac, topo.lb_mac).ipv4(
+                saddr.octets(),
+                daddr.octets(),
+                64,
+            );
             let mut frame = Vec::new();
             if i % 2 == 0 {
                 builder.udp(sport, dport).write(&mut frame, &payload).expect("building a UDP frame");
             } else {
-                builder.tcp(sport, dport, rng.gen(), 65535).syn().write(&mut frame, &payload).expect("building a TCP frame");
+                builder
+                    .tcp(sport, dport, rng.gen(), 65535)
+                    .syn()
+                    .write(&mut frame, &payload)
+                    .expect("building a TCP frame");
             }
             // Vary what the outer header copies (TOS, DF) and the id; fix the checksum.
             frame[15] = rng.gen();
@@ -294,7 +338,9 @@ fn exchange(topo: &Topology, frames: &[Vec<u8>]) -> TestResult<Vec<Vec<u8>>> {
         let mut quiet_until: Option<Instant> = None;
         let mut received = Vec::new();
         while Instant::now() < deadline {
-            if received.len() >= frames.len() && *quiet_until.get_or_insert(Instant::now() + Duration::from_millis(300)) <= Instant::now() {
+            if received.len() >= frames.len()
+                && *quiet_until.get_or_insert(Instant::now() + Duration::from_millis(300)) <= Instant::now()
+            {
                 break;
             }
             if let Some(frame) = socket.recv()? {
@@ -339,27 +385,68 @@ const PROTO_UDP: u8 = 17;
 
 /// Checks one captured frame against the frame sent for its flow; returns
 /// the flow and the outer destination.
-fn check_encapsulated(frame: &[u8], sent: &HashMap<FlowKey, &Vec<u8>>, expect: &Expectation) -> Result<(FlowKey, Ipv4Addr), String> {
+fn check_encapsulated(
+    frame: &[u8],
+    sent: &HashMap<FlowKey, &Vec<u8>>,
+    expect: &Expectation,
+) -> Result<(FlowKey, Ipv4Addr), String> {
     ensure!(frame.len() >= 14 + 20 + 20, "{}-byte frame is too short for Ethernet + 2 IPv4 headers", frame.len());
     let inner = &frame[34..];
     let (key, flow) = flow_of(inner).ok_or("inner packet has no ports")?;
     let original = sent.get(&key).ok_or_else(|| format!("inner packet of flow {key:?} was never sent"))?;
-    ensure!(inner == &original[14..], "inner packet of flow {key:?} differs from what was sent:\n sent {:02x?}\n got  {:02x?}", &original[14..], inner);
+    ensure!(
+        inner == &original[14..],
+        "inner packet of flow {key:?} differs from what was sent:\n sent {:02x?}\n got  {:02x?}",
+        &original[14..],
+        inner
+    );
 
-    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).map_err(|err| format!("outer header of {key:?}: {err}"))?;
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..])
+        .map_err(|err| format!("outer header of {key:?}: {err}"))?;
     let dst = outer.destination_addr();
-    let mac = expect.destinations.get(&dst).ok_or_else(|| format!("flow {key:?}: outer destination {dst} is not an active destination"))?;
-    ensure!(frame[0..6] == mac[..], "flow {key:?}: Ethernet destination {:02x?}, want {dst}'s MAC {:02x?}", &frame[0..6], mac);
-    ensure!(frame[6..12] == expect.lb_mac, "flow {key:?}: Ethernet source {:02x?}, want the lb veth's {:02x?}", &frame[6..12], expect.lb_mac);
+    let mac = expect
+        .destinations
+        .get(&dst)
+        .ok_or_else(|| format!("flow {key:?}: outer destination {dst} is not an active destination"))?;
+    ensure!(
+        frame[0..6] == mac[..],
+        "flow {key:?}: Ethernet destination {:02x?}, want {dst}'s MAC {:02x?}",
+        &frame[0..6],
+        mac
+    );
+    ensure!(
+        frame[6..12] == expect.lb_mac,
+        "flow {key:?}: Ethernet source {:02x?}, want the lb veth's {:02x?}",
+        &frame[6..12],
+        expect.lb_mac
+    );
     ensure!(frame[14] == 0x45, "flow {key:?}: outer version/IHL byte {:#04x}, want 0x45", frame[14]);
-    ensure!(outer.source_addr() == expect.outer_src, "flow {key:?}: outer source {}, want {}", outer.source_addr(), expect.outer_src);
+    ensure!(
+        outer.source_addr() == expect.outer_src,
+        "flow {key:?}: outer source {}, want {}",
+        outer.source_addr(),
+        expect.outer_src
+    );
     ensure!(outer.ttl() == 64, "flow {key:?}: outer TTL {}", outer.ttl());
     ensure!(outer.protocol().0 == 4, "flow {key:?}: outer protocol {}", outer.protocol().0);
-    ensure!(usize::from(outer.total_len()) == frame.len() - 14, "flow {key:?}: outer total length {} for {} bytes after Ethernet", outer.total_len(), frame.len() - 14);
-    ensure!(internet_checksum(&frame[14..34]) == 0, "flow {key:?}: outer header checksum {:#06x} is wrong", outer.header_checksum());
+    ensure!(
+        usize::from(outer.total_len()) == frame.len() - 14,
+        "flow {key:?}: outer total length {} for {} bytes after Ethernet",
+        outer.total_len(),
+        frame.len() - 14
+    );
+    ensure!(
+        internet_checksum(&frame[14..34]) == 0,
+        "flow {key:?}: outer header checksum {:#06x} is wrong",
+        outer.header_checksum()
+    );
     ensure!(frame[15] == inner[1], "flow {key:?}: outer TOS {:#04x}, inner {:#04x}", frame[15], inner[1]);
     let df = u16::from_be_bytes([inner[6], inner[7]]) & 0x4000;
-    ensure!(u16::from_be_bytes([frame[20], frame[21]]) == df, "flow {key:?}: outer flags/offset {:02x?}, want only the inner DF ({df:#06x})", &frame[20..22]);
+    ensure!(
+        u16::from_be_bytes([frame[20], frame[21]]) == df,
+        "flow {key:?}: outer flags/offset {:02x?}, want only the inner DF ({df:#06x})",
+        &frame[20..22]
+    );
 
     if let Some(&pinned) = expect.pinned.get(&key).filter(|d| expect.destinations.contains_key(d)) {
         ensure!(dst == pinned, "flow {key:?} went to {dst}; it is pinned to {pinned}, still a destination");
@@ -367,7 +454,10 @@ fn check_encapsulated(frame: &[u8], sent: &HashMap<FlowKey, &Vec<u8>>, expect: &
     }
     let probe = Probe { src: flow.saddr, dst: flow.daddr, proto: flow.proto, sport: flow.sport, dport: flow.dport };
     let predicted = predict(&expect.model, &probe);
-    ensure!(predicted == Verdict::Backend(dst.into()), "flow {key:?} went to {dst}; its slot in the catch-all's table leads to {predicted:?}");
+    ensure!(
+        predicted == Verdict::Backend(dst.into()),
+        "flow {key:?} went to {dst}; its slot in the catch-all's table leads to {predicted:?}"
+    );
     Ok((key, dst))
 }
 
@@ -377,8 +467,13 @@ type Tally = BTreeMap<Ipv4Addr, (u64, u64)>;
 /// Sends `frames`, checks that exactly one encapsulated frame comes back for
 /// each and that each is right; returns the flows' destinations and the tally
 /// per destination (every active destination present, maybe with 0).
-fn send_and_check(topo: &Topology, frames: &[Vec<u8>], expect: &Expectation) -> TestResult<(HashMap<FlowKey, Ipv4Addr>, Tally)> {
-    let sent: HashMap<FlowKey, &Vec<u8>> = frames.iter().map(|f| (flow_of(&f[14..]).expect("probe has ports").0, f)).collect();
+fn send_and_check(
+    topo: &Topology,
+    frames: &[Vec<u8>],
+    expect: &Expectation,
+) -> TestResult<(HashMap<FlowKey, Ipv4Addr>, Tally)> {
+    let sent: HashMap<FlowKey, &Vec<u8>> =
+        frames.iter().map(|f| (flow_of(&f[14..]).expect("probe has ports").0, f)).collect();
     assert_eq!(sent.len(), frames.len(), "probe flows must be distinct");
     let received = exchange(topo, frames)?;
     let mut tally: Tally = expect.destinations.keys().map(|&addr| (addr, (0, 0))).collect();
@@ -436,11 +531,15 @@ fn stats_tally(sample: &Value) -> TestResult<Tally> {
     let services = sample["services"].as_array().ok_or_else(|| fail(format!("no services in {sample}")))?;
     ensure!(services.len() == 1, "expected the catch-all service only: {sample}");
     let service = &services[0];
-    ensure!(service["service"] == "*" && service["vip"] == "*" && service["protocol"] == "any", "not the catch-all: {service}");
+    ensure!(
+        service["service"] == "*" && service["vip"] == "*" && service["protocol"] == "any",
+        "not the catch-all: {service}"
+    );
     let rows = service["backends"].as_array().ok_or_else(|| fail(format!("no backends in {service}")))?;
     let mut tally = Tally::new();
     for row in rows {
-        let addr: Ipv4Addr = row["addr"].as_str().unwrap_or("").parse().map_err(|_| fail(format!("bad addr in {row}")))?;
+        let addr: Ipv4Addr =
+            row["addr"].as_str().unwrap_or("").parse().map_err(|_| fail(format!("bad addr in {row}")))?;
         let packets = row["packets"].as_u64().ok_or_else(|| fail(format!("no packets in {row}")))?;
         let bytes = row["bytes"].as_u64().ok_or_else(|| fail(format!("no bytes in {row}")))?;
         ensure!(tally.insert(addr, (packets, bytes)).is_none(), "{addr} listed twice in {sample}");
@@ -473,15 +572,32 @@ fn check_stats_totals(
         ensure!(sample["mode"] == mode, "stats mode {}, want {mode}: {sample}", sample["mode"]);
         let tally = stats_tally(sample)?;
         ensure!(&tally == expected, "stats per destination (packets, bytes) {tally:?}, captured {expected:?}");
-        ensure!(sample["totals"]["packets"] == packets, "totals.packets {}, want {packets}", sample["totals"]["packets"]);
+        ensure!(
+            sample["totals"]["packets"] == packets,
+            "totals.packets {}, want {packets}",
+            sample["totals"]["packets"]
+        );
         ensure!(sample["totals"]["bytes"] == bytes, "totals.bytes {}, want {bytes}", sample["totals"]["bytes"]);
         let service = &sample["services"][0];
-        ensure!(service["packets"] == packets && service["bytes"] == bytes, "catch-all service counts {}/{}, want {packets}/{bytes}", service["packets"], service["bytes"]);
+        ensure!(
+            service["packets"] == packets && service["bytes"] == bytes,
+            "catch-all service counts {}/{}, want {packets}/{bytes}",
+            service["packets"],
+            service["bytes"]
+        );
         let counters = sample["counters"].as_object().ok_or_else(|| fail(format!("no counters in {sample}")))?;
         ensure!(counters["tx"] == frames, "counters.tx {}, want {frames}", counters["tx"]);
         ensure!(counters["rx"] == frames, "counters.rx {}, want {frames} (no other traffic)", counters["rx"]);
-        ensure!(counters["flow_pinned"] == pinned, "counters.flow_pinned {}, want {pinned} (the flows of slots in transition)", counters["flow_pinned"]);
-        ensure!(counters["flow_repinned"] == repinned, "counters.flow_repinned {}, want {repinned}", counters["flow_repinned"]);
+        ensure!(
+            counters["flow_pinned"] == pinned,
+            "counters.flow_pinned {}, want {pinned} (the flows of slots in transition)",
+            counters["flow_pinned"]
+        );
+        ensure!(
+            counters["flow_repinned"] == repinned,
+            "counters.flow_repinned {}, want {repinned}",
+            counters["flow_repinned"]
+        );
         let others = ["rx", "tx", "flow_pinned", "flow_repinned"];
         for (name, value) in counters.iter().filter(|(name, _)| !others.contains(&name.as_str())) {
             ensure!(value == 0, "counter {name} is {value}, want 0: {sample}");
@@ -508,7 +624,10 @@ fn iproute2_load_then_map_balances_and_counts() -> TestResult {
     let dev = topo.lb_dev.as_str();
     ip(&["-n", &topo.lb, "link", "set", "dev", dev, "xdpdrv", "obj", BPF_OBJECT, "sec", "xdp"])?;
     let programs = topo.lb_xdp_programs()?;
-    ensure!(programs.len() == 1 && programs[0].0 == "xdp" && programs[0].2 == "l4lb_balance", "after ip link set: {programs:?}");
+    ensure!(
+        programs.len() == 1 && programs[0].0 == "xdp" && programs[0].2 == "l4lb_balance",
+        "after ip link set: {programs:?}"
+    );
 
     let file = sample("4_destinations.csv");
     let destinations = read_destinations(&file)?;
@@ -521,7 +640,10 @@ fn iproute2_load_then_map_balances_and_counts() -> TestResult {
     check_stats(&topo.stats()?, "driver", &tally, &frames)?;
 
     let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
-    ensure!(status.contains("Services:      1, 4 backends") && status.contains("Service * (catch-all)"), "status does not show the catch-all with 4 backends:\n{status}");
+    ensure!(
+        status.contains("Services:      1, 4 backends") && status.contains("Service * (catch-all)"),
+        "status does not show the catch-all with 4 backends:\n{status}"
+    );
     ensure!(status.contains("Driver mode") && status.contains("l4lb_balance"), "status:\n{status}");
     ensure!(status.contains(&format!("Source IPv4:   {LB_ADDR}\n")), "status:\n{status}");
     for (addr, _) in &destinations {
@@ -569,16 +691,26 @@ fn attach_refuses_without_force_and_generic_mode_works() -> TestResult {
     for args in [&["attach", "-i", dev][..], &["attach", "-i", dev, "--mode", "skb"][..]] {
         let refused = topo.l4lb(args).failure()?;
         ensure!(refused.stderr.contains("--force"), "refusal does not mention --force: {}", refused.describe());
-        ensure!(topo.lb_xdp_programs()? == first, "a refused attach changed the programs: {:?}", topo.lb_xdp_programs()?);
+        ensure!(
+            topo.lb_xdp_programs()? == first,
+            "a refused attach changed the programs: {:?}",
+            topo.lb_xdp_programs()?
+        );
     }
 
     topo.l4lb(&["attach", "-i", dev, "--force"]).success()?;
     let replaced = topo.lb_xdp_programs()?;
-    ensure!(replaced.len() == 1 && replaced[0].0 == "xdp" && replaced[0].1 != first[0].1, "after attach --force: {replaced:?} (was {first:?})");
+    ensure!(
+        replaced.len() == 1 && replaced[0].0 == "xdp" && replaced[0].1 != first[0].1,
+        "after attach --force: {replaced:?} (was {first:?})"
+    );
 
     topo.l4lb(&["attach", "-i", dev, "--mode", "skb", "--force"]).success()?;
     let generic = topo.lb_xdp_programs()?;
-    ensure!(generic.len() == 1 && generic[0].0 == "xdpgeneric" && generic[0].2 == "l4lb_balance", "after --mode skb --force: {generic:?}");
+    ensure!(
+        generic.len() == 1 && generic[0].0 == "xdpgeneric" && generic[0].2 == "l4lb_balance",
+        "after --mode skb --force: {generic:?}"
+    );
     let status = topo.l4lb(&["status", "-i", dev]).success()?.stdout;
     ensure!(status.contains("Generic mode"), "status does not say Generic:\n{status}");
 
@@ -614,10 +746,25 @@ fn bad_destination_files_leave_maps_byte_identical() -> TestResult {
         ("empty file", topo.file("empty.csv", b"")?, None),
         ("only comments", topo.file("comments.csv", b"# IP, MAC\n\n   # nothing else\n")?, None),
         ("bad IP", topo.file("bad_ip.csv", format!("{good}10.0.1.256, 02:00:0a:00:01:02\n").as_bytes())?, Some(2)),
-        ("bad MAC", topo.file("bad_mac.csv", format!("# lab\n{good}10.0.1.2, 02:00:0a:00:01:0g\n").as_bytes())?, Some(3)),
+        (
+            "bad MAC",
+            topo.file("bad_mac.csv", format!("# lab\n{good}10.0.1.2, 02:00:0a:00:01:0g\n").as_bytes())?,
+            Some(3),
+        ),
         ("3 fields", topo.file("three.csv", b"10.0.1.1, 02:00:0a:00:01:01, 7\n")?, Some(1)),
-        ("duplicate address", topo.file("dup.csv", format!("{good}10.0.1.2, 02:00:0a:00:01:02\n10.0.1.1, 02:00:0a:00:01:03\n").as_bytes())?, Some(3)),
-        ("binary garbage", topo.file("garbage.csv", &[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0xff, 0xfe, 0x80, 0, b',', 0xc3])?, Some(1)),
+        (
+            "duplicate address",
+            topo.file(
+                "dup.csv",
+                format!("{good}10.0.1.2, 02:00:0a:00:01:02\n10.0.1.1, 02:00:0a:00:01:03\n").as_bytes(),
+            )?,
+            Some(3),
+        ),
+        (
+            "binary garbage",
+            topo.file("garbage.csv", &[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0xff, 0xfe, 0x80, 0, b',', 0xc3])?,
+            Some(1),
+        ),
         ("a directory", directory.display().to_string(), None),
     ];
     let mut problems = Vec::new();
@@ -633,7 +780,11 @@ fn bad_destination_files_leave_maps_byte_identical() -> TestResult {
             || !lines[0].starts_with("l4lb: error:")
             || !names_place
         {
-            problems.push(format!("{name}: want one `l4lb: error:` line naming {path}{}: {}", line.map(|l| format!(":{l}")).unwrap_or_default(), out.describe()));
+            problems.push(format!(
+                "{name}: want one `l4lb: error:` line naming {path}{}: {}",
+                line.map(|l| format!(":{l}")).unwrap_or_default(),
+                out.describe()
+            ));
         }
         if topo.dump()? != before {
             problems.push(format!("{name}: the maps changed"));
@@ -678,7 +829,11 @@ fn map_without_address_needs_source_and_foreign_program_is_left_alone() -> TestR
     topo.l4lb(&["attach", "-i", dev]).success()?;
     let before = topo.dump()?;
     let out = topo.l4lb(&["map", "-i", dev, "-f", &file]).failure()?;
-    ensure!(out.stderr.starts_with("l4lb: error:") && out.stderr.contains("-s"), "map without address: {}", out.describe());
+    ensure!(
+        out.stderr.starts_with("l4lb: error:") && out.stderr.contains("-s"),
+        "map without address: {}",
+        out.describe()
+    );
     ensure!(topo.dump()? == before, "a refused map changed the maps");
     topo.l4lb(&["map", "-i", dev, "-f", &file, "-s", "192.0.2.98"]).success()?;
     topo.l4lb(&["detach", "-i", dev]).success()?;
@@ -723,7 +878,10 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     let mut expected: Tally = first.clone();
     expected.remove(&removed.0);
     expected.insert(added.0, (0, 0));
-    ensure!(after == expected, "after the update stats show {after:?}, want {expected:?} (staying counters kept, new one at 0)");
+    ensure!(
+        after == expected,
+        "after the update stats show {after:?}, want {expected:?} (staying counters kept, new one at 0)"
+    );
 
     // The same flows again. The slots whose backend changed while it stays
     // are in transition: a UDP flow there counts as one from before the
@@ -735,7 +893,8 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
     let (new_routes, second) = send_and_check(&topo, &frames, &expect_new)?;
     let (before_table, after_table) = (catch_all_addresses(&first_model)?, catch_all_addresses(&expect_new.model)?);
     let seed = expect_new.model.global.hash_seed.unwrap_or(0);
-    let staying_slots = (0..before_table.len()).filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0))).count();
+    let staying_slots =
+        (0..before_table.len()).filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0))).count();
     let moved_slots = (0..before_table.len())
         .filter(|&s| before_table[s].is_some_and(|a| a != IpAddr::V4(removed.0)) && after_table[s] != before_table[s])
         .count();
@@ -756,7 +915,12 @@ fn remap_keeps_counters_and_flows_of_staying_destinations() -> TestResult {
             continue;
         }
         staying += 1;
-        ensure!(slot_moved == (old_dst != new_dst), "SYN flow {key:?} went {old_dst} -> {new_dst}, its slot {slot}: {:?} -> {:?}", before_table[slot], after_table[slot]);
+        ensure!(
+            slot_moved == (old_dst != new_dst),
+            "SYN flow {key:?} went {old_dst} -> {new_dst}, its slot {slot}: {:?} -> {:?}",
+            before_table[slot],
+            after_table[slot]
+        );
         moved += usize::from(old_dst != new_dst);
     }
     println!(

@@ -96,8 +96,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use common::lb::{
-    transition, BackendEntry, Build, FlowTable, Lb, LbConfig, Outcome, Rule, ServiceEntry, SlotWord, VipKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT,
-    SLOT_EMPTY,
+    transition, BackendEntry, Build, FlowTable, Lb, LbConfig, Outcome, Rule, ServiceEntry, SlotWord, VipKey,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, NCNT, SLOT_EMPTY,
 };
 use common::packet::internet_checksum;
 use common::wire::*;
@@ -192,11 +192,71 @@ const CLOCK_SPAN: u64 = 100;
 const UDP_GRACES: [u32; 4] = [30, 0, 60, 10];
 
 const SLICES: [Slice; 5] = [
-    Slice { index: 0, name: "services_with_holes", share: 400, setup: Setup::Services(&LOW), mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[1, 2, 3, 5], clock: 100_000, flow_entries: 16384, build: Build::Object },
-    Slice { index: 1, name: "maglev_32_and_ipv6_vip", share: 300, setup: Setup::Maglev32, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 7], clock: 7, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Driver },
-    Slice { index: 2, name: "empty_tables", share: 50, setup: Setup::Empty, mtu: 1500, max_len: 1600, src: LB_SRC, tracked: &[0, 2], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Object },
-    Slice { index: 3, name: "low_mtu", share: 150, setup: Setup::Services(&HIGH), mtu: 576, max_len: 1200, src: HIGH_SRC, tracked: &[1, 2, 3, 5, 6], clock: u32::MAX - 40, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Driver },
-    Slice { index: 4, name: "mtu_unset_large_frames", share: 100, setup: Setup::Maglev32, mtu: 0, max_len: 3000, src: HIGH_SRC, tracked: &[], clock: 100_000, flow_entries: L4LB_FLOW_ENTRIES, build: Build::Object },
+    Slice {
+        index: 0,
+        name: "services_with_holes",
+        share: 400,
+        setup: Setup::Services(&LOW),
+        mtu: 1500,
+        max_len: 1600,
+        src: LB_SRC,
+        tracked: &[1, 2, 3, 5],
+        clock: 100_000,
+        flow_entries: 16384,
+        build: Build::Object,
+    },
+    Slice {
+        index: 1,
+        name: "maglev_32_and_ipv6_vip",
+        share: 300,
+        setup: Setup::Maglev32,
+        mtu: 1500,
+        max_len: 1600,
+        src: LB_SRC,
+        tracked: &[0, 7],
+        clock: 7,
+        flow_entries: L4LB_FLOW_ENTRIES,
+        build: Build::Driver,
+    },
+    Slice {
+        index: 2,
+        name: "empty_tables",
+        share: 50,
+        setup: Setup::Empty,
+        mtu: 1500,
+        max_len: 1600,
+        src: LB_SRC,
+        tracked: &[0, 2],
+        clock: 100_000,
+        flow_entries: L4LB_FLOW_ENTRIES,
+        build: Build::Object,
+    },
+    Slice {
+        index: 3,
+        name: "low_mtu",
+        share: 150,
+        setup: Setup::Services(&HIGH),
+        mtu: 576,
+        max_len: 1200,
+        src: HIGH_SRC,
+        tracked: &[1, 2, 3, 5, 6],
+        clock: u32::MAX - 40,
+        flow_entries: L4LB_FLOW_ENTRIES,
+        build: Build::Driver,
+    },
+    Slice {
+        index: 4,
+        name: "mtu_unset_large_frames",
+        share: 100,
+        setup: Setup::Maglev32,
+        mtu: 0,
+        max_len: 3000,
+        src: HIGH_SRC,
+        tracked: &[],
+        clock: 100_000,
+        flow_entries: L4LB_FLOW_ENTRIES,
+        build: Build::Object,
+    },
 ];
 
 fn services_with_holes() -> TestResult {
@@ -245,7 +305,8 @@ const HIGH: [[u8; 4]; 5] =
 const HASH_SEED: u32 = 0x5eed_f022;
 
 /// The VIP addresses the generator aims at (and some that no VIP has).
-const VIP4: [Ipv4Addr; 3] = [Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(203, 0, 113, 12)];
+const VIP4: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(203, 0, 113, 12)];
 const VIP6: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0x2001, 0xdb8, 0xf0, 0, 0, 0, 0, 0x10),
     Ipv6Addr::new(0x2001, 0xdb8, 0xf0, 0, 0, 0, 0, 0x11),
@@ -276,7 +337,13 @@ fn v6(tag: u16, i: u32) -> IpAddr {
 }
 
 /// Fills `service` with `backends` (numbers first + i) by Maglev and marks it active.
-fn add_service(lb: &mut Lb, service: u32, first: u32, backends: &[BackendEntry], hash_ports: bool) -> Result<Vec<u32>, Failed> {
+fn add_service(
+    lb: &mut Lb,
+    service: u32,
+    first: u32,
+    backends: &[BackendEntry],
+    hash_ports: bool,
+) -> Result<Vec<u32>, Failed> {
     let mut flags = L4LB_SERVICE_ACTIVE;
     if hash_ports {
         flags |= L4LB_SERVICE_HASH_PORTS;
@@ -300,7 +367,11 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
     let mut lb = Lb::load_build(slice.build, false, FlowTable { lru: false, entries: slice.flow_entries })?;
     lb.set_config(LbConfig {
         hash_seed: HASH_SEED,
-        flags: L4LB_CONFIG_SEED_SET | L4LB_CONFIG_SEED_FIXED | L4LB_CONFIG_SRC_SET | L4LB_CONFIG_SRC6_SET | L4LB_CONFIG_GATEWAY_SET,
+        flags: L4LB_CONFIG_SEED_SET
+            | L4LB_CONFIG_SEED_FIXED
+            | L4LB_CONFIG_SRC_SET
+            | L4LB_CONFIG_SRC6_SET
+            | L4LB_CONFIG_GATEWAY_SET,
         mtu: slice.mtu,
         catch_all: 0,
         vip_probes: 0,
@@ -321,7 +392,10 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             let s1: Vec<BackendEntry> =
                 (0..5).map(|i| BackendEntry::new(Ipv4Addr::from(addresses[i as usize]).into(), mac(1, i), 1)).collect();
             let mut table = add_service(&mut lb, 1, 10, &s1, true)?;
-            lb.set_backend(INACTIVE_BACKEND, BackendEntry { flags: 0, ..BackendEntry::new(Ipv4Addr::new(10, 9, 9, 9).into(), mac(1, 99), 1) })?;
+            lb.set_backend(
+                INACTIVE_BACKEND,
+                BackendEntry { flags: 0, ..BackendEntry::new(Ipv4Addr::new(10, 9, 9, 9).into(), mac(1, 99), 1) },
+            )?;
             for (slot, number) in table.iter_mut().enumerate() {
                 match slot % 16 {
                     3 => *number = SLOT_EMPTY,
@@ -340,7 +414,13 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             lb.add_vip(VipKey::new(VIP4[0].into(), UDP, 0), 2)?;
             // 3: VIP6[0]:443/tcp and :53/udp -> 4 IPv6 backends, own and gateway MACs.
             let s3: Vec<BackendEntry> = (0..4)
-                .map(|i| if i % 2 == 0 { BackendEntry::new(v6(3, i), mac(3, i), 3) } else { BackendEntry::via_gateway(v6(3, i), GATEWAY_MAC, 3) })
+                .map(|i| {
+                    if i % 2 == 0 {
+                        BackendEntry::new(v6(3, i), mac(3, i), 3)
+                    } else {
+                        BackendEntry::via_gateway(v6(3, i), GATEWAY_MAC, 3)
+                    }
+                })
                 .collect();
             add_service(&mut lb, 3, 30, &s3, true)?;
             lb.add_vip(VipKey::new(VIP6[0].into(), TCP, 443), 3)?;
@@ -377,7 +457,11 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             let s5: Vec<BackendEntry> = (0..5u32)
                 .map(|i| {
                     let addr = Ipv4Addr::from(addresses[i as usize]).into();
-                    if i == 4 { BackendEntry::via_gateway(addr, GATEWAY_MAC, 5) } else { BackendEntry::new(addr, mac(5, i), 5) }
+                    if i == 4 {
+                        BackendEntry::via_gateway(addr, GATEWAY_MAC, 5)
+                    } else {
+                        BackendEntry::new(addr, mac(5, i), 5)
+                    }
                 })
                 .collect();
             add_service(&mut lb, 5, 50, &s5, true)?;
@@ -387,8 +471,9 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
             lb.set_config(config)?;
         }
         Setup::Maglev32 => {
-            let s0: Vec<BackendEntry> =
-                (0..32).map(|i| BackendEntry::new(Ipv4Addr::new(10, 32, 0, i as u8 + 1).into(), mac(0, i), 0)).collect();
+            let s0: Vec<BackendEntry> = (0..32)
+                .map(|i| BackendEntry::new(Ipv4Addr::new(10, 32, 0, i as u8 + 1).into(), mac(0, i), 0))
+                .collect();
             add_service(&mut lb, 0, 100, &s0, true)?;
             catch_all(&mut lb, 0)?;
             let s7: Vec<BackendEntry> = (0..8).map(|i| BackendEntry::new(v6(7, i), mac(7, i), 7)).collect();
@@ -432,7 +517,8 @@ fn load(slice: &Slice) -> Result<Lb, Failed> {
 fn put_in_transition(lb: &mut Lb, service: u32) -> TestResult {
     let Some(table) = lb.tables[service as usize].clone() else { return Ok(()) };
     let own: Vec<u32> = (0..MAX_BACKENDS as u32).filter(|&n| lb.service_backend(n, service)).collect();
-    let foreign = (0..MAX_BACKENDS as u32).find(|&n| lb.backends[n as usize].active() && lb.backends[n as usize].service != service);
+    let foreign = (0..MAX_BACKENDS as u32)
+        .find(|&n| lb.backends[n as usize].active() && lb.backends[n as usize].service != service);
     ensure!(!own.is_empty() && foreign.is_some(), "service {service}: backends {own:?}, another service's {foreign:?}");
     let words: Vec<u32> = table
         .iter()
@@ -650,7 +736,11 @@ impl Generator {
                 buf[ip + 4..ip + 6].copy_from_slice(&new.to_be_bytes());
             }
             Kind::Random => {
-                let len = if self.rng.gen_bool(0.7) { self.rng.gen_range(ETH_LEN..=128) } else { self.rng.gen_range(ETH_LEN..=1600) };
+                let len = if self.rng.gen_bool(0.7) {
+                    self.rng.gen_range(ETH_LEN..=128)
+                } else {
+                    self.rng.gen_range(ETH_LEN..=1600)
+                };
                 self.random_bytes(buf, len);
                 let variant = self.rng.gen_range(0..10);
                 let v6 = self.rng.gen_bool(0.5);
@@ -816,7 +906,11 @@ impl Generator {
             quoted[4..6].copy_from_slice(&pl.to_be_bytes());
         }
         let rest: u32 = if self.rng.gen() { self.rng.gen_range(68..9000) } else { 0 };
-        let (icmp_type, code) = if v6 { (self.rng.gen_range(1..=2u8), self.rng.gen_range(0..7u8)) } else { (3u8, self.rng.gen_range(0..16u8)) };
+        let (icmp_type, code) = if v6 {
+            (self.rng.gen_range(1..=2u8), self.rng.gen_range(0..7u8))
+        } else {
+            (3u8, self.rng.gen_range(0..16u8))
+        };
         let mut message = vec![icmp_type, code, 0, 0];
         message.extend_from_slice(&rest.to_be_bytes());
         message.extend_from_slice(&quoted);
@@ -982,7 +1076,11 @@ impl Generator {
         let frag_off = (u16::from(reserved) << 15) | (u16::from(df) << 14) | (u16::from(mf) << 13) | offset;
         let l4_len = if offset != 0 { 0 } else { self.l4_len(proto) };
         let tot_len = self.length(header_len + l4_len);
-        let dst = if self.rng.gen_bool(0.6) { VIP4[self.rng.gen_range(0..VIP4.len())] } else { Ipv4Addr::from(self.rng.gen::<u32>()) };
+        let dst = if self.rng.gen_bool(0.6) {
+            VIP4[self.rng.gen_range(0..VIP4.len())]
+        } else {
+            Ipv4Addr::from(self.rng.gen::<u32>())
+        };
         let reuse = self.rng.gen_bool(REUSE);
         let src = self.client4(reuse);
 
@@ -1028,7 +1126,11 @@ impl Generator {
         let reuse = self.rng.gen_bool(REUSE);
         let src = self.client6(reuse);
         buf.extend_from_slice(&src);
-        let dst = if self.rng.gen_bool(0.6) { VIP6[self.rng.gen_range(0..VIP6.len())] } else { Ipv6Addr::from(self.rng.gen::<u128>()) };
+        let dst = if self.rng.gen_bool(0.6) {
+            VIP6[self.rng.gen_range(0..VIP6.len())]
+        } else {
+            Ipv6Addr::from(self.rng.gen::<u128>())
+        };
         buf.extend_from_slice(&dst.octets());
 
         let mut later_fragment = false;
@@ -1102,7 +1204,9 @@ fn carries_twice(header: &[u8], little_endian: bool) -> bool {
         .chunks(2)
         .enumerate()
         .filter(|(i, _)| *i != 5)
-        .map(|(_, w)| u32::from(if little_endian { u16::from_le_bytes([w[0], w[1]]) } else { u16::from_be_bytes([w[0], w[1]]) }))
+        .map(|(_, w)| {
+            u32::from(if little_endian { u16::from_le_bytes([w[0], w[1]]) } else { u16::from_be_bytes([w[0], w[1]]) })
+        })
         .sum();
     (sum & 0xffff) + (sum >> 16) > 0xffff
 }
@@ -1111,15 +1215,18 @@ fn run_slice(slice: &Slice) -> TestResult {
     let settings = settings();
     let frames = slice_frames(slice, settings.frames);
     let seed = settings.seed ^ slice.index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let replay = format!("[seed {0}: L4LB_FUZZ_SEED={0} L4LB_FUZZ_FRAMES={1} replays it]", settings.seed, settings.frames);
-    fuzz(slice, frames, seed).map_err(|failed| fail(format!("{}: {} {replay}", slice.name, failed.message().unwrap_or("failed"))))
+    let replay =
+        format!("[seed {0}: L4LB_FUZZ_SEED={0} L4LB_FUZZ_FRAMES={1} replays it]", settings.seed, settings.frames);
+    fuzz(slice, frames, seed)
+        .map_err(|failed| fail(format!("{}: {} {replay}", slice.name, failed.message().unwrap_or("failed"))))
 }
 
 fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     let started = Instant::now();
     let mut lb = load(slice)?;
     let mut generator = Generator::new(seed, slice);
-    let mut tally = Tally { backends: vec![(0, 0); MAX_BACKENDS], services: vec![(0, 0); MAX_SERVICES], ..Tally::default() };
+    let mut tally =
+        Tally { backends: vec![(0, 0); MAX_BACKENDS], services: vec![(0, 0); MAX_SERVICES], ..Tally::default() };
     let mut frame = Vec::with_capacity(4096);
     let mut out = vec![0u8; 8192];
     let counters = lb.counters()?;
@@ -1136,13 +1243,20 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
         tally.kinds[KINDS.iter().position(|(k, _)| *k == kind).unwrap()] += 1;
         let (expect, tracking) = lb.classify_tracked(&frame);
         let before = tally.counters;
-        let what = || format!("frame {index} ({kind:?}, {} bytes: {})", frame.len(), hex(&frame[..frame.len().min(120)]));
+        let what =
+            || format!("frame {index} ({kind:?}, {} bytes: {})", frame.len(), hex(&frame[..frame.len().min(120)]));
 
         match (expect, lb.run_into(&frame, &mut out)) {
             (Outcome::Refused, Err(error)) if error.kind() == libbpf_rs::ErrorKind::InvalidInput => tally.refused += 1,
-            (Outcome::Refused, Err(error)) => return Err(fail(format!("{}: test_run failed with {error}, expected EINVAL", what()))),
+            (Outcome::Refused, Err(error)) => {
+                return Err(fail(format!("{}: test_run failed with {error}, expected EINVAL", what())))
+            }
             (Outcome::Refused, Ok((verdict, _))) => {
-                return Err(fail(format!("{}: test_run ran the program ({}), expected EINVAL", what(), verdict_name(verdict))))
+                return Err(fail(format!(
+                    "{}: test_run ran the program ({}), expected EINVAL",
+                    what(),
+                    verdict_name(verdict)
+                )))
             }
             (_, Err(error)) => return Err(fail(format!("{}: test_run failed: {error}", what()))),
             (_, Ok((verdict, len))) => {
@@ -1166,13 +1280,24 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
                 match expect {
                     Outcome::Tx(tx) => {
                         lb.check_tx_output(&frame, output, &tx).map_err(|message| {
-                            fail(format!("{}: XDP_TX to backend {} ({}): {message}", what(), tx.backend, lb.backends[tx.backend as usize].ip()))
+                            fail(format!(
+                                "{}: XDP_TX to backend {} ({}): {message}",
+                                what(),
+                                tx.backend,
+                                lb.backends[tx.backend as usize].ip()
+                            ))
                         })?;
                         if tx.overhead == 20 {
                             let outer = &output[tx.l2_len..tx.l2_len + 20];
                             tally.carries += u64::from(carries_twice(outer, false) || carries_twice(outer, true));
                         }
-                        tally.families[if tx.overhead == 20 { 0 } else if tx.inner_v6 { 2 } else { 1 }] += 1;
+                        tally.families[if tx.overhead == 20 {
+                            0
+                        } else if tx.inner_v6 {
+                            2
+                        } else {
+                            1
+                        }] += 1;
                         tally.icmp_tx += u64::from(tx.icmp_error);
                         tally.tagged_tx += u64::from(tx.l2_len > ETH_LEN);
                         tally.backends[tx.backend as usize].0 += 1;
@@ -1231,12 +1356,20 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
         named(&tally.counters)
     );
     let backends = lb.backend_traffic()?;
-    ensure!(backends.len() >= MAX_BACKENDS && tally.backends.len() >= MAX_BACKENDS, "backend traffic: {} entries read", backends.len());
+    ensure!(
+        backends.len() >= MAX_BACKENDS && tally.backends.len() >= MAX_BACKENDS,
+        "backend traffic: {} entries read",
+        backends.len()
+    );
     for (number, (got, want)) in backends.iter().zip(&tally.backends).enumerate().take(MAX_BACKENDS) {
         ensure!(got == want, "backend {number}: (packets, bytes) {got:?}, expected {want:?}");
     }
     let services = lb.service_traffic()?;
-    ensure!(services.len() >= MAX_SERVICES && tally.services.len() >= MAX_SERVICES, "service traffic: {} entries read", services.len());
+    ensure!(
+        services.len() >= MAX_SERVICES && tally.services.len() >= MAX_SERVICES,
+        "service traffic: {} entries read",
+        services.len()
+    );
     for (service, (got, want)) in services.iter().zip(&tally.services).enumerate().take(MAX_SERVICES) {
         ensure!(got == want, "service {service}: (packets, bytes) {got:?}, expected {want:?}");
     }
@@ -1244,14 +1377,31 @@ fn fuzz(slice: &Slice, frames: u64, seed: u64) -> TestResult {
     lb.compare_flows().map_err(fail)?;
     let entries = lb.flows.borrow().len();
     let flow = |counter: u32| tally.counters[counter as usize];
-    let (pinned, repinned, full) = (flow(L4LB_CNT_FLOW_PINNED), flow(L4LB_CNT_FLOW_REPINNED), flow(L4LB_CNT_FLOW_TABLE_FULL));
+    let (pinned, repinned, full) =
+        (flow(L4LB_CNT_FLOW_PINNED), flow(L4LB_CNT_FLOW_REPINNED), flow(L4LB_CNT_FLOW_TABLE_FULL));
     if slice.tracked.is_empty() {
-        ensure!(tally.tracked == 0 && entries == 0, "no tracked service, yet {} frames tracked, {entries} entries", tally.tracked);
+        ensure!(
+            tally.tracked == 0 && entries == 0,
+            "no tracked service, yet {} frames tracked, {entries} entries",
+            tally.tracked
+        );
     } else if !matches!(slice.setup, Setup::Empty) && frames >= 100_000 {
         // Not vacuous: pins made, followed and made again; every rule decided frames.
-        ensure!(pinned > 0 && repinned > 0 && tally.followed > 0, "tracking: {pinned} pinned, {repinned} re-pinned, {} followed", tally.followed);
-        ensure!(tally.rules.iter().all(|&n| n > 0), "tracking: a rule never decided: {:?}", RULES.iter().zip(tally.rules).collect::<Vec<_>>());
-        ensure!(slice.flow_entries == L4LB_FLOW_ENTRIES || full > 0, "tracking: a flow table of {} entries never full", slice.flow_entries);
+        ensure!(
+            pinned > 0 && repinned > 0 && tally.followed > 0,
+            "tracking: {pinned} pinned, {repinned} re-pinned, {} followed",
+            tally.followed
+        );
+        ensure!(
+            tally.rules.iter().all(|&n| n > 0),
+            "tracking: a rule never decided: {:?}",
+            RULES.iter().zip(tally.rules).collect::<Vec<_>>()
+        );
+        ensure!(
+            slice.flow_entries == L4LB_FLOW_ENTRIES || full > 0,
+            "tracking: a flow table of {} entries never full",
+            slice.flow_entries
+        );
     }
     let transition_slots = slice
         .tracked

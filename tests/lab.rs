@@ -114,7 +114,10 @@ impl Lab {
         for line in text.lines() {
             let row = line.split('#').next().unwrap_or("").trim();
             if let Some((addr, mac)) = row.split_once(',') {
-                out.push((addr.trim().parse().map_err(|_| fail(format!("bad row {line:?} in {}", path.display())))?, mac.trim().to_string()));
+                out.push((
+                    addr.trim().parse().map_err(|_| fail(format!("bad row {line:?} in {}", path.display())))?,
+                    mac.trim().to_string(),
+                ));
             }
         }
         Ok(out)
@@ -211,7 +214,13 @@ fn root_links() -> BTreeSet<String> {
 /// After `down`: no namespace, state directory, process, program (given by
 /// id) or root-namespace link of the lab remains. Programs are freed when
 /// the kernel finishes destroying the namespaces, asynchronously: up to 10 s.
-fn assert_nothing_left(lab: &Lab, programs: &[u32], pids: &[u32], links_before: &BTreeSet<String>, when: &str) -> TestResult {
+fn assert_nothing_left(
+    lab: &Lab,
+    programs: &[u32],
+    pids: &[u32],
+    links_before: &BTreeSet<String>,
+    when: &str,
+) -> TestResult {
     let traces = lab.traces();
     ensure!(traces.is_empty(), "{when}: left behind: {traces:?}");
     for pid in pids {
@@ -240,7 +249,8 @@ fn remove_leftovers() {
         let mut parts = rest.splitn(3, '-');
         let pid = parts.next()?.parse::<u32>().ok()?;
         let n = parts.next()?;
-        (pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()).then(|| format!("{PREFIX}-{pid}-{n}"))
+        (pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+            .then(|| format!("{PREFIX}-{pid}-{n}"))
     };
     let mut prefixes = BTreeSet::new();
     for line in run("ip", &["netns", "list"]).stdout.lines() {
@@ -272,7 +282,8 @@ fn http_get(vip: IpAddr, port: u16) -> Result<(u16, String), String> {
         .map_err(|err| format!("port {local}: send: {err}"))?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).map_err(|err| format!("port {local}: receive: {err} (after {answer:?})"))?;
-    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("port {local}: no HTTP header end in {answer:?}"))?;
+    let (head, body) =
+        answer.split_once("\r\n\r\n").ok_or_else(|| format!("port {local}: no HTTP header end in {answer:?}"))?;
     // The lab's servers speak HTTP/1.1 and close after answering a 1.0 request.
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         return Err(format!("port {local}: answer {head:?}"));
@@ -324,7 +335,11 @@ struct LbView {
 impl LbView {
     /// The drop counters that are not 0, as "name value".
     fn drops(&self) -> Vec<String> {
-        self.counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect()
+        self.counters
+            .iter()
+            .filter(|(n, v)| n.starts_with("drop_") && **v > 0)
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect()
     }
 }
 
@@ -342,8 +357,11 @@ fn lb_view(lb_ns: &str, lb_dev: &str) -> TestResult<LbView> {
 fn decapsulated(lab: &Lab, k: usize) -> TestResult<(u64, Value)> {
     let dev = format!("be{k}");
     let out = lab.l4lb(&format!("be{k}"), &["decap", "stats", "-i", &dev, "--json", "--count", "1"]).success()?;
-    let sample: Value = serde_json::from_str(out.stdout.trim()).map_err(|err| fail(format!("decap stats output {:?}: {err}", out.stdout)))?;
-    let count = sample["counters"]["decapsulated"].as_u64().ok_or_else(|| fail(format!("no counters.decapsulated in {sample}")))?;
+    let sample: Value = serde_json::from_str(out.stdout.trim())
+        .map_err(|err| fail(format!("decap stats output {:?}: {err}", out.stdout)))?;
+    let count = sample["counters"]["decapsulated"]
+        .as_u64()
+        .ok_or_else(|| fail(format!("no counters.decapsulated in {sample}")))?;
     Ok((count, sample))
 }
 
@@ -379,10 +397,19 @@ fn http_round_trips(
     let key = service.key;
     let results = in_netns(client_ns, || Ok((0..connections).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    ensure!(failures.is_empty(), "{key}: {} of {connections} connections failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    ensure!(
+        failures.is_empty(),
+        "{key}: {} of {connections} connections failed, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
     let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
-    ensure!(ports.len() == connections, "{key}: only {} distinct source ports in {connections} connections", ports.len());
+    ensure!(
+        ports.len() == connections,
+        "{key}: only {} distinct source ports in {connections} connections",
+        ports.len()
+    );
 
     let mut answered = vec![0usize; 4];
     let mut misrouted = Vec::new();
@@ -392,12 +419,21 @@ fn http_round_trips(
         answered[k - 1] += 1;
         let flow = l4lb::flow_hash::Flow { saddr: client, daddr: vip, sport: *sport, dport: port, proto: 6 };
         let slot = l4lb::maglev::flow_slot(&flow, seed, service.table.len());
-        let predicted = service.backends.iter().find(|b| b.number == service.table[slot]).and_then(|b| lab_backend_of(b.backend.addr));
+        let predicted = service
+            .backends
+            .iter()
+            .find(|b| b.number == service.table[slot])
+            .and_then(|b| lab_backend_of(b.backend.addr));
         if predicted != Some(k) {
             misrouted.push(format!("source port {sport}: answered by be{k}, table says {predicted:?}"));
         }
     }
-    ensure!(misrouted.is_empty(), "{key}: {} connections answered by another backend than the table's, e.g. {:?}", misrouted.len(), &misrouted[..misrouted.len().min(5)]);
+    ensure!(
+        misrouted.is_empty(),
+        "{key}: {} connections answered by another backend than the table's, e.g. {:?}",
+        misrouted.len(),
+        &misrouted[..misrouted.len().min(5)]
+    );
     Ok(answered)
 }
 
@@ -434,23 +470,29 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
 
     let before = lb_view(&lb_ns, &lb_dev)?;
     let seed = before.running.global.hash_seed.ok_or_else(|| fail("no hash seed set"))?;
-    let services = [("VIP", CONNECTIONS, client4), ("VIP_4IN6", CONNECTIONS / 2, client4), ("VIP6", CONNECTIONS / 2, client6)];
+    let services =
+        [("VIP", CONNECTIONS, client4), ("VIP_4IN6", CONNECTIONS / 2, client4), ("VIP6", CONNECTIONS / 2, client6)];
     let mut answered_total = [0usize; 4];
     for (key, connections, client) in services {
         let vip = addr(key)?;
         let service_key = l4lb::config::ServiceKey::Vip { addr: vip, protocol: l4lb::config::Protocol::Tcp, port };
-        let service = before.running.service(&service_key).ok_or_else(|| fail(format!("no service {service_key} in the kernel")))?;
+        let service = before
+            .running
+            .service(&service_key)
+            .ok_or_else(|| fail(format!("no service {service_key} in the kernel")))?;
         ensure!(service.backends.len() == 4, "{service_key}: {} backends", service.backends.len());
         // Backend number -> lab backend index (by the address family's row order).
         let lab_index = |number: u32| service.backends.iter().position(|b| b.number == number);
         let mut slots = [0usize; 4];
         for &number in &service.table {
-            let index = lab_index(number).ok_or_else(|| fail(format!("{service_key}: slot names number {number}, not one of its backends")))?;
+            let index = lab_index(number)
+                .ok_or_else(|| fail(format!("{service_key}: slot names number {number}, not one of its backends")))?;
             slots[index] += 1;
         }
         // The service's backends are sorted by address, as the lab numbers them.
         for (i, b) in service.backends.iter().enumerate() {
-            let want: IpAddr = if vip.is_ipv4() && key == "VIP" { IpAddr::V4(backends[i].0) } else { backend_addr6(i + 1) };
+            let want: IpAddr =
+                if vip.is_ipv4() && key == "VIP" { IpAddr::V4(backends[i].0) } else { backend_addr6(i + 1) };
             ensure!(b.backend.addr == want, "{service_key}: backend {i} is {}, the lab made {want}", b.backend.addr);
         }
 
@@ -460,12 +502,20 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
         let mut out_of_bounds = Vec::new();
         let mut intervals = Vec::new();
         for i in 0..4 {
-            ensure!(answered[i] > 0, "{service_key}: be{} answered none of {connections} connections: {answered:?}", i + 1);
+            ensure!(
+                answered[i] > 0,
+                "{service_key}: be{} answered none of {connections} connections: {answered:?}",
+                i + 1
+            );
             let share = slots[i] as f64 / service.table.len() as f64;
             let (lo, hi) = binomial_interval(connections, share, ALPHA);
             intervals.push((lo, hi));
             if answered[i] < lo || answered[i] > hi {
-                out_of_bounds.push(format!("be{}: {} of {connections}, table share {share:.4}, 99.99% interval [{lo}, {hi}]", i + 1, answered[i]));
+                out_of_bounds.push(format!(
+                    "be{}: {} of {connections}, table share {share:.4}, 99.99% interval [{lo}, {hi}]",
+                    i + 1,
+                    answered[i]
+                ));
             }
             answered_total[i] += answered[i];
         }
@@ -504,9 +554,20 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
     }
     for k in 0..4 {
         let (decap, sample) = decapsulated(&lab, k + 1)?;
-        ensure!(decap == sent[k], "backend be{} decapsulated {decap} packets, l4lb sent it {}: {sample}", k + 1, sent[k]);
+        ensure!(
+            decap == sent[k],
+            "backend be{} decapsulated {decap} packets, l4lb sent it {}: {sample}",
+            k + 1,
+            sent[k]
+        );
         // Every connection is at least SYN, ACK, request, ACK/FIN from the client.
-        ensure!(sent[k] >= 4 * answered_total[k] as u64, "l4lb sent be{} {} packets for {} connections", k + 1, sent[k], answered_total[k]);
+        ensure!(
+            sent[k] >= 4 * answered_total[k] as u64,
+            "l4lb sent be{} {} packets for {} connections",
+            k + 1,
+            sent[k],
+            answered_total[k]
+        );
     }
     eprintln!("lab: l4lb packets per backend {sent:?} = decapsulated per backend");
     Ok(())
@@ -532,7 +593,10 @@ fn up_down_are_idempotent_and_leave_nothing_behind() -> TestResult {
     ensure!(pids.iter().all(|pid| Path::new(&format!("/proc/{pid}")).exists()), "a server is not running: {pids:?}");
     let before = lab.traces();
     ensure!(before.namespaces.len() == 5 && before.state && before.processes.len() == 2, "after up: {before:?}");
-    ensure!(lab.lab(&["status"], &[]).success()?.stdout.contains("HTTP pid"), "status after up does not list the servers");
+    ensure!(
+        lab.lab(&["status"], &[]).success()?.stdout.contains("HTTP pid"),
+        "status after up does not list the servers"
+    );
 
     let second = lab.up(2)?;
     ensure!(second.stdout.contains("already up"), "second up did not keep the lab: {}", second.stdout);
@@ -560,7 +624,11 @@ fn failure_at_every_step_of_up_leaves_nothing_behind() -> TestResult {
     let lab = Lab::new();
     for step in STEPS {
         let out = lab.lab(&["up", "--backends", "2"], &[("LAB_FAIL_AFTER", step)]).failure()?;
-        ensure!(out.stderr.contains(&format!("failing on purpose after step `{step}'")), "step {step}: {}", out.describe());
+        ensure!(
+            out.stderr.contains(&format!("failing on purpose after step `{step}'")),
+            "step {step}: {}",
+            out.describe()
+        );
         ensure!(out.stderr.contains("removing what was built"), "step {step}: no cleanup message: {}", out.describe());
         let programs = program_ids(&out.stdout);
         let pids = server_pids(&out.stdout);
@@ -581,7 +649,6 @@ fn failure_at_every_step_of_up_leaves_nothing_behind() -> TestResult {
     lab.up(1)?;
     Ok(())
 }
-
 
 /// Configuration changes under the lab's flood.
 const APPLIES: usize = 100;
@@ -622,7 +689,8 @@ fn change_services(model: &mut Model, base: &Model, rng: &mut StdRng, k: usize) 
         model.services.sort_by_key(|s| s.key);
         return format!("add service {extra}");
     }
-    let lab: Vec<usize> = (0..model.services.len()).filter(|&i| base.service(&model.services[i].key).is_some()).collect();
+    let lab: Vec<usize> =
+        (0..model.services.len()).filter(|&i| base.service(&model.services[i].key).is_some()).collect();
     let index = lab[rng.gen_range(0..lab.len())];
     let service = &mut model.services[index];
     let original = base.service(&service.key).expect("a lab service");
@@ -780,14 +848,16 @@ fn hold_acks(client_ns: &str, dev: &str, scratch: &Path) -> TestResult<u32> {
     let mask = format!("-DPORT_MASK={STRADDLE_PORT_MASK:#x}");
     // The multiarch include directory holds asm/types.h (as the Makefile passes it).
     let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
-    run("clang", &["-O2", "-g", "-target", "bpf", &multiarch, &ports, &mask, "-c", &source, "-o", &object]).success()?;
+    run("clang", &["-O2", "-g", "-target", "bpf", &multiarch, &ports, &mask, "-c", &source, "-o", &object])
+        .success()?;
     let dev = dev.to_string();
     in_netns(client_ns, move || {
         use libbpf_rs::MapCore;
         use std::os::fd::AsFd;
         let object = libbpf_rs::ObjectBuilder::default().open_file(&object)?.load()?;
         let ifindex = nix::net::if_::if_nametoindex(dev.as_str()).map_err(|err| fail(format!("{dev}: {err}")))?;
-        let map_id = object.maps().find(|m| m.name() == "l4lbt_held").ok_or_else(|| fail("no map l4lbt_held"))?.info()?.info.id;
+        let map_id =
+            object.maps().find(|m| m.name() == "l4lbt_held").ok_or_else(|| fail("no map l4lbt_held"))?.info()?.info.id;
         let program = object.progs().find(|p| p.name() == "l4lbt_hold_acks").ok_or_else(|| fail("no program"))?;
         let mut hook = libbpf_rs::TcHookBuilder::new(program.as_fd())
             .ifindex(ifindex as i32)
@@ -813,7 +883,9 @@ fn held_acks(map_id: u32) -> TestResult<u64> {
 /// thread's namespace): connect() returns on the SYN-ACK, whose ACK the
 /// client's egress program drops.
 fn connect_from(port: u16, target: SocketAddr) -> Result<TcpStream, String> {
-    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
     use std::os::fd::AsRawFd;
     let (family, local) = if target.is_ipv4() {
         (AddressFamily::Inet, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))
@@ -856,16 +928,27 @@ struct Straddles {
 impl Straddles {
     /// Opens STRADDLES_PER_SERVICE connections to each service; `before`:
     /// the kernel's state they meet.
-    fn open(&mut self, client_ns: &str, services: &[LabService], before: &l4lb::state::Running, k: usize) -> TestResult<Vec<Straddle>> {
+    fn open(
+        &mut self,
+        client_ns: &str,
+        services: &[LabService],
+        before: &l4lb::state::Running,
+        k: usize,
+    ) -> TestResult<Vec<Straddle>> {
         let mut pending = Vec::new();
         for (service, lab_service) in services.iter().enumerate() {
             for _ in 0..STRADDLES_PER_SERVICE {
                 let target = lab_service.target;
                 let port = STRADDLE_PORTS + self.next_port;
-                ensure!(port & STRADDLE_PORT_MASK == STRADDLE_PORTS, "out of straddling ports after {} connections", self.next_port);
+                ensure!(
+                    port & STRADDLE_PORT_MASK == STRADDLE_PORTS,
+                    "out of straddling ports after {} connections",
+                    self.next_port
+                );
                 self.next_port += 1;
                 let stream = in_netns(client_ns, || {
-                    connect_from(port, target).map_err(|err| fail(format!("{}: connect before apply {k}: {err}", lab_service.key)))
+                    connect_from(port, target)
+                        .map_err(|err| fail(format!("{}: connect before apply {k}: {err}", lab_service.key)))
                 })?;
                 stream.set_read_timeout(Some(KEPT_TIMEOUT))?;
                 stream.set_write_timeout(Some(KEPT_TIMEOUT))?;
@@ -913,7 +996,9 @@ impl Straddles {
             self.opened += 1;
             let slot_now = slot_lab_backend(after, service, p.client, p.local_port);
             self.slot_changed += usize::from(slot_now != p.syn_backend);
-            let syn_backend = p.syn_backend.ok_or_else(|| fail(format!("{}: no backend for port {} before apply {k}", service.key, p.local_port)))?;
+            let syn_backend = p.syn_backend.ok_or_else(|| {
+                fail(format!("{}: no backend for port {} before apply {k}", service.key, p.local_port))
+            })?;
             let stayed = model
                 .service(&service.key)
                 .is_some_and(|s| s.backends.iter().any(|b| b.addr == service.backend_addr(syn_backend)));
@@ -992,18 +1077,31 @@ impl Conns {
     fn open(&mut self, service: usize, after_apply: usize) -> TestResult {
         let LabService { key, target, .. } = self.services[service];
         let mut stream = in_netns(&self.client_ns, || {
-            TcpStream::connect_timeout(&target, KEPT_TIMEOUT).map_err(|err| fail(format!("{key}: connect after apply {after_apply}: {err}")))
+            TcpStream::connect_timeout(&target, KEPT_TIMEOUT)
+                .map_err(|err| fail(format!("{key}: connect after apply {after_apply}: {err}")))
         })?;
         stream.set_read_timeout(Some(KEPT_TIMEOUT))?;
         stream.set_write_timeout(Some(KEPT_TIMEOUT))?;
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?;
         let local_port = local.port();
-        let body = kept_request(&mut stream, &target.to_string())
-            .map_err(|err| fail(format!("{key}: the first request of a new connection (port {local_port}) after apply {after_apply}: {err}")))?;
+        let body = kept_request(&mut stream, &target.to_string()).map_err(|err| {
+            fail(format!(
+                "{key}: the first request of a new connection (port {local_port}) after apply {after_apply}: {err}"
+            ))
+        })?;
         let backend = answering_backend(&body)?;
         self.opened += 1;
-        self.open.push(Kept { stream, client: local.ip(), service, local_port, backend, opened: after_apply, backend_removed: None, off_table: false });
+        self.open.push(Kept {
+            stream,
+            client: local.ip(),
+            service,
+            local_port,
+            backend,
+            opened: after_apply,
+            backend_removed: None,
+            off_table: false,
+        });
         Ok(())
     }
 
@@ -1013,7 +1111,14 @@ impl Conns {
     /// whose backend is still in its service must be answered by that
     /// backend (else only counted). A broken connection is replaced by a
     /// new one to the same service.
-    fn round(&mut self, model: &Model, running: &l4lb::state::Running, k: usize, change: &str, tracked: bool) -> TestResult {
+    fn round(
+        &mut self,
+        model: &Model,
+        running: &l4lb::state::Running,
+        k: usize,
+        change: &str,
+        tracked: bool,
+    ) -> TestResult {
         // The lab backend (K) that a connection's slot names now.
         let slot_backend = |c: &Kept| slot_lab_backend(running, &self.services[c.service], c.client, c.local_port);
         let slots: Vec<Option<usize>> = self.open.iter().map(slot_backend).collect();
@@ -1043,7 +1148,10 @@ impl Conns {
                 Err(err) => Err(err.clone()),
                 Ok(()) => kept_answer(&mut c.stream),
             };
-            let what = format!("apply {k} ({change}): {key}: connection from port {}, opened after apply {}, backend be{}", c.local_port, c.opened, c.backend);
+            let what = format!(
+                "apply {k} ({change}): {key}: connection from port {}, opened after apply {}, backend be{}",
+                c.local_port, c.opened, c.backend
+            );
             match answer {
                 Ok(body) => {
                     let answered = answering_backend(&body)?;
@@ -1064,7 +1172,10 @@ impl Conns {
                 }
                 Err(err) => {
                     if let Some(removed) = c.backend_removed {
-                        ensure!(removed == k, "{what}: broke ({err}) one or more applies after its backend was removed (apply {removed})");
+                        ensure!(
+                            removed == k,
+                            "{what}: broke ({err}) one or more applies after its backend was removed (apply {removed})"
+                        );
                         self.broken_removed += 1;
                     } else {
                         ensure!(!tracked, "{what}: broke although its backend stayed in the service: {err}");
@@ -1100,7 +1211,9 @@ fn kept_answer(stream: &mut TcpStream) -> Result<String, String> {
             }
             let length: usize = head
                 .lines()
-                .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok()))
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok())
+                })
                 .flatten()
                 .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
             if answer.len() >= end + 4 + length {
@@ -1164,7 +1277,11 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         let key = ServiceKey::Vip { addr: vip, protocol: Protocol::Tcp, port };
         let service = base.service(&key).ok_or_else(|| fail(format!("no service {key} in the lab's file")))?;
         ensure!(service.track_flows, "{key}: the lab's services track flows (the default)");
-        services.push(LabService { key, target: SocketAddr::new(vip, port), ipv4_backends: service.backends[0].addr.is_ipv4() });
+        services.push(LabService {
+            key,
+            target: SocketAddr::new(vip, port),
+            ipv4_backends: service.backends[0].addr.is_ipv4(),
+        });
     }
 
     // The kept connections, before the flood.
@@ -1177,7 +1294,19 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let first_backends: BTreeSet<(usize, usize)> = conns.open.iter().map(|c| (c.service, c.backend)).collect();
 
     let flood = std::process::Command::new("ip")
-        .args(["netns", "exec", &client_ns, "hping3", &get("VIP")?, "--rand-source", "--flood", "-S", "-p", &get("PORT")?, "-q"])
+        .args([
+            "netns",
+            "exec",
+            &client_ns,
+            "hping3",
+            &get("VIP")?,
+            "--rand-source",
+            "--flood",
+            "-S",
+            "-p",
+            &get("PORT")?,
+            "-q",
+        ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1257,9 +1386,14 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let lasted = conns.open.iter().filter(|c| c.opened == 0).count();
     let off_table = conns.open.iter().filter(|c| c.off_table).count();
     // Applies each connection lived through (those still open: all since they opened).
-    let mut lives: Vec<usize> = conns.lifetimes.iter().copied().chain(conns.open.iter().map(|c| APPLIES - c.opened)).collect();
+    let mut lives: Vec<usize> =
+        conns.lifetimes.iter().copied().chain(conns.open.iter().map(|c| APPLIES - c.opened)).collect();
     lives.sort_unstable();
-    ensure!(conns.survived_removal == 0, "{} requests were answered by a backend removed from the connection's service", conns.survived_removal);
+    ensure!(
+        conns.survived_removal == 0,
+        "{} requests were answered by a backend removed from the connection's service",
+        conns.survived_removal
+    );
     eprintln!(
         "lab: kept connections, tracked: {} connections ({} opened before the applies, {} after), {} requests after the applies, {} answered by the connection's own backend ({} of them while it drained at weight 0, {} while the flow's slot named another backend: kept by its pin), {} broken because their backend was removed (each right after the apply that removed it, then reopened), 0 broken otherwise, 0 answered by another backend; {lasted} of the first {} lasted all {APPLIES} applies ({} service/backend pairs among them); of the {} open at the end, {off_table} were at some point off their slot's backend; applies a connection lived through: median {}, max {}",
         conns.opened,
@@ -1282,8 +1416,15 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
         "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (their SYN through l4lb before it; the client's egress dropped {held} pure ACKs of theirs, so the first segment acknowledging the SYN-ACK was the request written after the apply), {} of them in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise",
         straddles.opened, straddles.slot_changed, straddles.answered, straddles.broken_removed
     );
-    ensure!(held >= straddles.opened as u64, "the client's egress held back {held} pure ACKs of {} straddling connections", straddles.opened);
-    ensure!(straddles.slot_changed > 0, "no handshake straddled an apply that changed its slot: the test did not test the window");
+    ensure!(
+        held >= straddles.opened as u64,
+        "the client's egress held back {held} pure ACKs of {} straddling connections",
+        straddles.opened
+    );
+    ensure!(
+        straddles.slot_changed > 0,
+        "no handshake straddled an apply that changed its slot: the test did not test the window"
+    );
 
     // The comparison: the same kind of changes without connection tracking.
     let mut untracked = base.clone();
@@ -1378,16 +1519,28 @@ fn too_big_answers_teach_the_client_its_path_mtu() -> TestResult {
     {
         let (vip, via) = (get(vip_key)?, get(via_key)?);
         let prefix = if family == "-4" { format!("{vip}/32") } else { format!("{vip}/128") };
-        run("ip", &["-n", &client_ns, family, "route", "change", &prefix, "via", &via, "dev", &client_dev, "mtu", "1500"]).success()?;
+        run(
+            "ip",
+            &["-n", &client_ns, family, "route", "change", &prefix, "via", &via, "dev", &client_dev, "mtu", "1500"],
+        )
+        .success()?;
         let before = lb_view(&lb_ns, &lb_dev)?.counters["tx_too_big"];
         let url = if family == "-4" { format!("http://{vip}/") } else { format!("http://[{vip}]/") };
-        let out = run("ip", &["netns", "exec", &client_ns, "curl", "-sS", "--max-time", "10", "-H", &header, &url]).success()?;
+        let out = run("ip", &["netns", "exec", &client_ns, "curl", "-sS", "--max-time", "10", "-H", &header, &url])
+            .success()?;
         ensure!(out.stdout.starts_with("be"), "{url}: answer {:?}", out.stdout);
         let view = lb_view(&lb_ns, &lb_dev)?;
         let answers = view.counters["tx_too_big"] - before;
-        ensure!(answers > 0, "{url}: l4lb sent no ICMP answer for the client's full-size segments: {:?}", view.counters);
+        ensure!(
+            answers > 0,
+            "{url}: l4lb sent no ICMP answer for the client's full-size segments: {:?}",
+            view.counters
+        );
         let route = run("ip", &["-n", &client_ns, family, "route", "get", &vip]).success()?.stdout;
-        ensure!(route.contains(&format!("mtu {advertised}")), "{url}: the client's route did not learn mtu {advertised}: {route}");
+        ensure!(
+            route.contains(&format!("mtu {advertised}")),
+            "{url}: the client's route did not learn mtu {advertised}: {route}"
+        );
         let drops = view.drops();
         ensure!(drops.is_empty(), "{url}: drop counters moved: {drops:?}");
         eprintln!("lab: {url}: {answers} too-big answers, the client's path MTU is now {advertised}");

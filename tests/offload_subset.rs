@@ -93,10 +93,7 @@ struct ProgFacts {
 
 impl ProgFacts {
     fn at(&self, index: usize) -> String {
-        format!(
-            "program `{}` (section \"{}\"), insn {index}",
-            self.name, self.section
-        )
+        format!("program `{}` (section \"{}\"), insn {index}", self.name, self.section)
     }
 }
 
@@ -173,10 +170,9 @@ fn instructions(insns: &[bpf_insn]) -> Vec<(usize, &bpf_insn)> {
 fn map_type_rule(map: &MapFacts) -> Option<String> {
     match map.map_type {
         MapType::Array | MapType::Hash => None,
-        other => Some(format!(
-            "[map-type] map `{}`: type {other:?} (only ARRAY and HASH maps can be offloaded)",
-            map.name
-        )),
+        other => {
+            Some(format!("[map-type] map `{}`: type {other:?} (only ARRAY and HASH maps can be offloaded)", map.name))
+        }
     }
 }
 
@@ -190,9 +186,9 @@ fn map_flags_rule(map: &MapFacts) -> Option<String> {
 }
 
 fn global_variable_rule(map: &MapFacts) -> Option<String> {
-    let section = GLOBAL_DATA_SECTIONS.iter().find(|section| {
-        map.name.ends_with(*section) || map.name.contains(&format!("{section}."))
-    })?;
+    let section = GLOBAL_DATA_SECTIONS
+        .iter()
+        .find(|section| map.name.ends_with(*section) || map.name.contains(&format!("{section}.")))?;
     Some(format!(
         "[global-variable] map `{}`: global variables ({section}) become an internal map with flags, \
          which cannot be offloaded",
@@ -214,26 +210,16 @@ fn program_count_rule(progs: &[ProgFacts]) -> Option<String> {
 }
 
 fn program_section_rule(prog: &ProgFacts) -> Option<String> {
-    (prog.section != "xdp").then(|| {
-        format!(
-            "[program-section] program `{}`: section \"{}\", not \"xdp\"",
-            prog.name, prog.section
-        )
-    })
+    (prog.section != "xdp")
+        .then(|| format!("[program-section] program `{}`: section \"{}\", not \"xdp\"", prog.name, prog.section))
 }
 
 // ---- instruction rules -----------------------------------------------------
 
 type InsnRule = fn(&ProgFacts, usize, &bpf_insn) -> Option<String>;
 
-const INSN_RULES: [InsnRule; 6] = [
-    helper_rule,
-    subprogram_call_rule,
-    kfunc_call_rule,
-    indirect_call_rule,
-    variable_division_rule,
-    atomic_rule,
-];
+const INSN_RULES: [InsnRule; 6] =
+    [helper_rule, subprogram_call_rule, kfunc_call_rule, indirect_call_rule, variable_division_rule, atomic_rule];
 
 fn class(insn: &bpf_insn) -> u8 {
     insn.code & BPF_CLASS_MASK
@@ -260,10 +246,7 @@ fn helper_rule(prog: &ProgFacts, index: usize, insn: &bpf_insn) -> Option<String
         .iter()
         .find(|(other, _)| *other == id)
         .map_or(String::new(), |(_, name)| format!(" (bpf_{name})"));
-    let allowed: Vec<String> = ALLOWED_HELPERS
-        .iter()
-        .map(|(id, name)| format!("{id} {name}"))
-        .collect();
+    let allowed: Vec<String> = ALLOWED_HELPERS.iter().map(|(id, name)| format!("{id} {name}")).collect();
     Some(format!(
         "[helper] {}: calls helper {id}{name}, outside the offload list [{}]",
         prog.at(index),
@@ -281,12 +264,8 @@ fn subprogram_call_rule(prog: &ProgFacts, index: usize, insn: &bpf_insn) -> Opti
 }
 
 fn kfunc_call_rule(prog: &ProgFacts, index: usize, insn: &bpf_insn) -> Option<String> {
-    (is_call_k(insn) && insn.src_reg() == BPF_PSEUDO_KFUNC_CALL).then(|| {
-        format!(
-            "[kfunc-call] {}: calls a kernel function (kfunc)",
-            prog.at(index)
-        )
-    })
+    (is_call_k(insn) && insn.src_reg() == BPF_PSEUDO_KFUNC_CALL)
+        .then(|| format!("[kfunc-call] {}: calls a kernel function (kfunc)", prog.at(index)))
 }
 
 /// callx (BPF_JMP | BPF_CALL | BPF_X) or a call with an unknown src_reg.
@@ -363,7 +342,8 @@ fn successors(insns: &[bpf_insn], index: usize) -> Vec<usize> {
     }
     if jump {
         // gotol (BPF_JMP32 | BPF_JA) keeps its offset in imm.
-        let offset = if class(insn) == BPF_JMP32 && op(insn) == BPF_JA { i64::from(insn.imm) } else { i64::from(insn.off) };
+        let offset =
+            if class(insn) == BPF_JMP32 && op(insn) == BPF_JA { i64::from(insn.imm) } else { i64::from(insn.off) };
         out.push((index as i64 + 1 + offset) as usize);
     }
     out.retain(|&target| target < insns.len());
@@ -719,7 +699,9 @@ fn map_word_uses(
                         mark(map, o + off, size, index, |u| &mut u.read);
                         Val::Unknown
                     }
-                    Val::Stack(o) if size == 8 => FlowState::spill_slot(o + off).map_or(Val::Unknown, |slot| state.spills[slot]),
+                    Val::Stack(o) if size == 8 => {
+                        FlowState::spill_slot(o + off).map_or(Val::Unknown, |slot| state.spills[slot])
+                    }
                     _ => Val::Unknown,
                 };
                 state.regs[dst] = loaded;
@@ -799,25 +781,21 @@ fn l4lb_object_fits_the_offload_subset() {
 /// Guards against a vacuous pass: the checker saw the datapath's program and maps.
 #[test]
 fn checker_reads_the_l4lb_object() {
-    let object = ObjectBuilder::default()
-        .open_file(l4lb_object())
-        .expect("opening the l4lb object");
+    let object = ObjectBuilder::default().open_file(l4lb_object()).expect("opening the l4lb object");
     let (maps, progs) = facts(&object);
     assert_eq!(progs.len(), 1, "one program expected");
     assert_eq!(progs[0].name, "l4lb_balance");
-    assert!(
-        progs[0].insns.len() > 100,
-        "program has only {} instructions",
-        progs[0].insns.len()
-    );
+    assert!(progs[0].insns.len() > 100, "program has only {} instructions", progs[0].insns.len());
     let calls = progs[0].insns.iter().filter(|insn| is_call_k(insn)).count();
     assert!(calls > 0, "no helper call seen in the datapath");
     let names: Vec<&str> = maps.iter().map(|map| map.name.as_str()).collect();
     // The map-word data-flow follows the datapath's maps: it sees the
     // configuration read, the counters added to, the pins read and written.
     let data = std::fs::read(l4lb_object()).expect("reading the l4lb object");
-    let relocations = Elf { data: &data }.map_relocations(&progs[0].section, &progs[0].name).expect("the program's relocations");
-    let map_names: Vec<(String, usize)> = object.maps().map(|m| (m.name().to_string_lossy().into_owned(), m.value_size() as usize)).collect();
+    let relocations =
+        Elf { data: &data }.map_relocations(&progs[0].section, &progs[0].name).expect("the program's relocations");
+    let map_names: Vec<(String, usize)> =
+        object.maps().map(|m| (m.name().to_string_lossy().into_owned(), m.value_size() as usize)).collect();
     let map_at: std::collections::BTreeMap<usize, usize> = relocations
         .iter()
         .filter_map(|(index, name)| map_names.iter().position(|(map, _)| map == name).map(|m| (*index, m)))
@@ -831,7 +809,10 @@ fn checker_reads_the_l4lb_object() {
     assert!(seen("l4lb_config", |u| u.read.is_some()), "no read of l4lb_config seen");
     assert!(seen("l4lb_counters", |u| u.atomic.is_some()), "no atomic add into l4lb_counters seen");
     assert!(seen("l4lb_backends", |u| u.read.is_some()), "no read of l4lb_backends seen");
-    assert!(seen("l4lb_flows", |u| u.read.is_some()) && seen("l4lb_flows", |u| u.nonzero_update.is_some()), "the pins' reads and updates not seen");
+    assert!(
+        seen("l4lb_flows", |u| u.read.is_some()) && seen("l4lb_flows", |u| u.nonzero_update.is_some()),
+        "the pins' reads and updates not seen"
+    );
     for expected in [
         "l4lb_config",
         "l4lb_vips",
@@ -843,10 +824,7 @@ fn checker_reads_the_l4lb_object() {
         "l4lb_counters",
         "l4lb_flows",
     ] {
-        assert!(
-            names.contains(&expected),
-            "map {expected} not seen (maps: {names:?})"
-        );
+        assert!(names.contains(&expected), "map {expected} not seen (maps: {names:?})");
     }
 }
 
@@ -860,9 +838,7 @@ fn checker_reads_the_l4lb_object() {
 /// pins); and a program size kept under a budget.
 #[test]
 fn l4lb_object_keeps_its_own_rules() {
-    let object = ObjectBuilder::default()
-        .open_file(l4lb_object())
-        .expect("opening the l4lb object");
+    let object = ObjectBuilder::default().open_file(l4lb_object()).expect("opening the l4lb object");
     let (maps, progs) = facts(&object);
     let mut found = Vec::new();
     let mut entries = 0u64;
@@ -880,10 +856,18 @@ fn l4lb_object_keeps_its_own_rules() {
                 found.push(format!("map `{name}`: flags {:#x}, not 0", map.map_flags()));
             }
             if (map.key_size(), map.value_size()) != (40, 32) {
-                found.push(format!("map `{name}`: {}-byte keys, {}-byte values, expected 40 and 32", map.key_size(), map.value_size()));
+                found.push(format!(
+                    "map `{name}`: {}-byte keys, {}-byte values, expected 40 and 32",
+                    map.key_size(),
+                    map.value_size()
+                ));
             }
             if map.max_entries() != l4lb::bpf::FLOW_ENTRIES {
-                found.push(format!("map `{name}`: {} entries, expected L4LB_FLOW_ENTRIES {}", map.max_entries(), l4lb::bpf::FLOW_ENTRIES));
+                found.push(format!(
+                    "map `{name}`: {} entries, expected L4LB_FLOW_ENTRIES {}",
+                    map.max_entries(),
+                    l4lb::bpf::FLOW_ENTRIES
+                ));
             }
         } else if map.map_type() != MapType::Array {
             found.push(format!("map `{name}`: type {:?}, not Array", map.map_type()));
@@ -1008,10 +992,7 @@ fn compile(name: &str, body: &str, extra: &[&str]) -> Fixture {
     let dir = std::env::temp_dir().join(format!("l4lb-offload-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("creating the fixture directory");
-    let fixture = Fixture {
-        object: dir.join(format!("{name}.o")),
-        dir,
-    };
+    let fixture = Fixture { object: dir.join(format!("{name}.o")), dir };
     let source = fixture.dir.join(format!("{name}.bpf.c"));
     std::fs::write(&source, format!("{PRELUDE}\n{body}")).expect("writing the fixture source");
 
@@ -1036,9 +1017,9 @@ fn compile(name: &str, body: &str, extra: &[&str]) -> Fixture {
 /// Asserts that one message of rule `rule` mentions every one of `needles`.
 fn assert_caught(violations: &[String], rule: &str, needles: &[&str]) {
     let tag = format!("[{rule}]");
-    let hit = violations.iter().any(|message| {
-        message.starts_with(&tag) && needles.iter().all(|needle| message.contains(needle))
-    });
+    let hit = violations
+        .iter()
+        .any(|message| message.starts_with(&tag) && needles.iter().all(|needle| message.contains(needle)));
     assert!(
         hit,
         "expected a {tag} violation mentioning {needles:?}; the checker found:\n  {}",
@@ -1095,11 +1076,7 @@ int clean(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert!(
-        violations.is_empty(),
-        "false positives:\n  {}",
-        violations.join("\n  ")
-    );
+    assert!(violations.is_empty(), "false positives:\n  {}", violations.join("\n  "));
 }
 
 #[test]
@@ -1220,12 +1197,7 @@ int flags(struct xdp_md *ctx)
     assert_caught(&violations, "map-flags", &["no_prealloc", "0x1"]);
     assert_caught(&violations, "map-flags", &["read_only", "0x80"]);
     // Both are still ARRAY/HASH: only the flags rule may fire.
-    assert!(
-        !violations
-            .iter()
-            .any(|message| message.starts_with("[map-type]")),
-        "{violations:?}"
-    );
+    assert!(!violations.iter().any(|message| message.starts_with("[map-type]")), "{violations:?}");
 }
 
 #[test]
@@ -1243,16 +1215,8 @@ int helpers(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert_caught(
-        &violations,
-        "helper",
-        &["program `helpers`", "helper 5 ", "ktime_get_ns"],
-    );
-    assert_caught(
-        &violations,
-        "helper",
-        &["program `helpers`", "helper 23 ", "redirect"],
-    );
+    assert_caught(&violations, "helper", &["program `helpers`", "helper 5 ", "ktime_get_ns"]);
+    assert_caught(&violations, "helper", &["program `helpers`", "helper 23 ", "redirect"]);
 }
 
 #[test]
@@ -1274,11 +1238,7 @@ int subprog(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert_caught(
-        &violations,
-        "subprogram-call",
-        &["program `subprog`", "insn "],
-    );
+    assert_caught(&violations, "subprogram-call", &["program `subprog`", "insn "]);
 }
 
 #[test]
@@ -1297,11 +1257,7 @@ int division(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert_caught(
-        &violations,
-        "variable-division",
-        &["program `division`", "division by register"],
-    );
+    assert_caught(&violations, "variable-division", &["program `division`", "division by register"]);
 }
 
 #[test]
@@ -1323,11 +1279,7 @@ int modulo(struct xdp_md *ctx)
     // clang 14 expands `a % b` into a - (a / b) * b; newer ones emit BPF_MOD.
     // Either way a division by a register is left (BPF_MOD itself: see
     // rules_on_hand_made_instructions).
-    assert_caught(
-        &violations,
-        "variable-division",
-        &["program `modulo`", "64-bit", "by register"],
-    );
+    assert_caught(&violations, "variable-division", &["program `modulo`", "64-bit", "by register"]);
 }
 
 #[test]
@@ -1348,11 +1300,7 @@ int loop(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert_caught(
-        &violations,
-        "loop",
-        &["program `loop`", "jumps back to insn"],
-    );
+    assert_caught(&violations, "loop", &["program `loop`", "jumps back to insn"]);
 }
 
 /// Fetching and non-add atomics need clang's -mcpu=v3.
@@ -1379,24 +1327,12 @@ int atomics(struct xdp_md *ctx)
 "#,
         &["-mcpu=v3"],
     );
-    assert_caught(
-        &violations,
-        "atomic",
-        &["program `atomics`", "atomic fetch-add"],
-    );
+    assert_caught(&violations, "atomic", &["program `atomics`", "atomic fetch-add"]);
     assert_caught(&violations, "atomic", &["atomic or"]);
     assert_caught(&violations, "atomic", &["atomic xchg"]);
     assert_caught(&violations, "atomic", &["atomic cmpxchg"]);
-    let atomics = violations
-        .iter()
-        .filter(|message| message.starts_with("[atomic]"))
-        .count();
-    assert_eq!(
-        atomics,
-        4,
-        "the plain add must not be flagged:\n  {}",
-        violations.join("\n  ")
-    );
+    let atomics = violations.iter().filter(|message| message.starts_with("[atomic]")).count();
+    assert_eq!(atomics, 4, "the plain add must not be flagged:\n  {}", violations.join("\n  "));
 }
 
 #[test]
@@ -1418,33 +1354,20 @@ int second_tc(struct __sk_buff *skb)
 "#,
         &[],
     );
-    assert_caught(
-        &violations,
-        "program-count",
-        &["2 programs", "first_xdp", "second_tc"],
-    );
+    assert_caught(&violations, "program-count", &["2 programs", "first_xdp", "second_tc"]);
     assert_caught(&violations, "program-section", &["second_tc", "\"tc\""]);
 }
 
 // ---- encodings clang 14 does not emit, checked on hand-made instructions ----
 
 fn insn(code: u8, src_reg: u8, off: i16, imm: i32) -> bpf_insn {
-    let mut insn = bpf_insn {
-        code,
-        off,
-        imm,
-        ..Default::default()
-    };
+    let mut insn = bpf_insn { code, off, imm, ..Default::default() };
     insn.set_src_reg(src_reg);
     insn
 }
 
 fn check_insns(insns: &[bpf_insn]) -> Vec<String> {
-    let prog = ProgFacts {
-        name: "hand_made".to_string(),
-        section: "xdp".to_string(),
-        insns: insns.to_vec(),
-    };
+    let prog = ProgFacts { name: "hand_made".to_string(), section: "xdp".to_string(), insns: insns.to_vec() };
     instruction_violations(&prog)
 }
 
@@ -1454,54 +1377,18 @@ fn rules_on_hand_made_instructions() {
     let mov = insn(BPF_ALU64 | 0xb0, 0, 0, 0);
     // (what, instruction, expected (rule, text) or None for no violation)
     let cases = [
-        (
-            "mod32 x",
-            insn(BPF_ALU | BPF_MOD | BPF_SRC_X, 2, 0, 0),
-            Some(("variable-division", "32-bit modulo")),
-        ),
-        (
-            "mod64 x",
-            insn(BPF_ALU64 | BPF_MOD | BPF_SRC_X, 2, 0, 0),
-            Some(("variable-division", "64-bit modulo")),
-        ),
-        (
-            "div32 x",
-            insn(BPF_ALU | BPF_DIV | BPF_SRC_X, 3, 0, 0),
-            Some(("variable-division", "32-bit division")),
-        ),
-        (
-            "sdiv64 x",
-            insn(BPF_ALU64 | BPF_DIV | BPF_SRC_X, 3, 1, 0),
-            Some(("variable-division", "64-bit division")),
-        ),
+        ("mod32 x", insn(BPF_ALU | BPF_MOD | BPF_SRC_X, 2, 0, 0), Some(("variable-division", "32-bit modulo"))),
+        ("mod64 x", insn(BPF_ALU64 | BPF_MOD | BPF_SRC_X, 2, 0, 0), Some(("variable-division", "64-bit modulo"))),
+        ("div32 x", insn(BPF_ALU | BPF_DIV | BPF_SRC_X, 3, 0, 0), Some(("variable-division", "32-bit division"))),
+        ("sdiv64 x", insn(BPF_ALU64 | BPF_DIV | BPF_SRC_X, 3, 1, 0), Some(("variable-division", "64-bit division"))),
         ("div64 k", insn(BPF_ALU64 | BPF_DIV, 0, 0, 7), None),
         ("mod32 k", insn(BPF_ALU | BPF_MOD, 0, 0, 7), None),
-        (
-            "kfunc",
-            insn(BPF_JMP | BPF_CALL, BPF_PSEUDO_KFUNC_CALL, 0, 1234),
-            Some(("kfunc-call", "kfunc")),
-        ),
-        (
-            "callx",
-            insn(BPF_JMP | BPF_CALL | BPF_SRC_X, 0, 0, 0),
-            Some(("call", "unknown kind")),
-        ),
-        (
-            "gotol back",
-            insn(BPF_JMP32 | BPF_JA, 0, 0, -3),
-            Some(("loop", "jumps back to insn")),
-        ),
-        (
-            "jlt32 back",
-            insn(BPF_JMP32 | 0xa0, 0, -2, 0),
-            Some(("loop", "jumps back to insn")),
-        ),
+        ("kfunc", insn(BPF_JMP | BPF_CALL, BPF_PSEUDO_KFUNC_CALL, 0, 1234), Some(("kfunc-call", "kfunc"))),
+        ("callx", insn(BPF_JMP | BPF_CALL | BPF_SRC_X, 0, 0, 0), Some(("call", "unknown kind"))),
+        ("gotol back", insn(BPF_JMP32 | BPF_JA, 0, 0, -3), Some(("loop", "jumps back to insn"))),
+        ("jlt32 back", insn(BPF_JMP32 | 0xa0, 0, -2, 0), Some(("loop", "jumps back to insn"))),
         ("ja forward", insn(BPF_JMP | BPF_JA, 0, 1, 0), None),
-        (
-            "atomic and",
-            insn(BPF_STX | BPF_ATOMIC | BPF_DW, 1, 0, 0x50),
-            Some(("atomic", "atomic and")),
-        ),
+        ("atomic and", insn(BPF_STX | BPF_ATOMIC | BPF_DW, 1, 0, 0x50), Some(("atomic", "atomic and"))),
     ];
     for (what, case, expected) in cases {
         // Padding (r0 = 0) so that backward targets stay inside the program
@@ -1513,10 +1400,7 @@ fn rules_on_hand_made_instructions() {
                 assert_caught(&violations, rule, &[needle, "insn 4"]);
                 assert_eq!(violations.len(), 1, "{what}: {violations:?}");
             }
-            None => assert!(
-                violations.is_empty(),
-                "{what}: false positive {violations:?}"
-            ),
+            None => assert!(violations.is_empty(), "{what}: false positive {violations:?}"),
         }
     }
 }
@@ -1527,9 +1411,9 @@ fn rules_on_hand_made_instructions() {
 fn backward_jump_without_loop_is_allowed() {
     let exit = insn(BPF_JMP | BPF_EXIT, 0, 0, 0);
     let insns = [
-        insn(BPF_JMP | 0x10, 0, 2, 0),   // 0: if r0 == 0 goto 3
-        insn(BPF_ALU64 | 0xb0, 0, 0, 1), // 1: r0 = 1
-        exit,                            // 2: exit
+        insn(BPF_JMP | 0x10, 0, 2, 0),    // 0: if r0 == 0 goto 3
+        insn(BPF_ALU64 | 0xb0, 0, 0, 1),  // 1: r0 = 1
+        exit,                             // 2: exit
         insn(BPF_JMP | BPF_JA, 0, -2, 0), // 3: goto 2 (backwards, to the exit)
     ];
     assert!(check_insns(&insns).is_empty(), "{:?}", check_insns(&insns));
@@ -1549,15 +1433,8 @@ fn backward_jump_without_loop_is_allowed() {
 fn ld_imm64_second_slot_is_skipped() {
     // The upper half of the immediate happens to encode "ja -1".
     let second = insn(BPF_JMP | BPF_JA, 0, -1, 0);
-    let insns = [
-        insn(LD_IMM64, 0, 0, 1),
-        second,
-        insn(BPF_JMP | BPF_EXIT, 0, 0, 0),
-    ];
-    let indices: Vec<usize> = instructions(&insns)
-        .into_iter()
-        .map(|(index, _)| index)
-        .collect();
+    let insns = [insn(LD_IMM64, 0, 0, 1), second, insn(BPF_JMP | BPF_EXIT, 0, 0, 0)];
+    let indices: Vec<usize> = instructions(&insns).into_iter().map(|(index, _)| index).collect();
     assert_eq!(indices, vec![0, 2]);
     assert!(check_insns(&insns).is_empty());
 }
@@ -1598,7 +1475,11 @@ int word_read_add(struct xdp_md *ctx)
 "#,
         &[],
     );
-    assert_caught(&violations, "map-word", &["map `words`", "offset 0", "read by a plain load", "type conflict read vs atomic"]);
+    assert_caught(
+        &violations,
+        "map-word",
+        &["map `words`", "offset 0", "read by a plain load", "type conflict read vs atomic"],
+    );
     assert!(
         !violations.iter().any(|m| m.contains("offset 4")),
         "word 4 is only added to:\n  {}",
@@ -1647,9 +1528,17 @@ int counter_update(struct xdp_md *ctx)
     };
     let violations = violations_of("counter_nonzero", &program("p[2]", ""), &[]);
     assert_caught(&violations, "map-word", &["map `pins`", "offset 4", "written non-zero by bpf_map_update_elem"]);
-    assert!(!violations.iter().any(|m| m.contains("offset 0")), "the backend word is only read and written whole:\n  {}", violations.join("\n  "));
+    assert!(
+        !violations.iter().any(|m| m.contains("offset 0")),
+        "the backend word is only read and written whole:\n  {}",
+        violations.join("\n  ")
+    );
     let clean = violations_of("counter_zero", &program("0", ""), &[]);
     assert!(clean.is_empty(), "a counter initialized to zero, false positives:\n  {}", clean.join("\n  "));
     let stores = violations_of("map_store", &program("0", "pin->backend = 7;"), &[]);
-    assert_caught(&stores, "map-store", &["program `counter_update`", "map `pins`", "offset 0", "map writes not supported"]);
+    assert_caught(
+        &stores,
+        "map-store",
+        &["program `counter_update`", "map `pins`", "offset 0", "map writes not supported"],
+    );
 }

@@ -99,8 +99,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::services::{
-    balanced_by, describe_entry, mix64, pin_key, plan_as_applied, plan_at, predict, predict_pinned, probe_slot, quiet_client, same_configuration, same_snapshot, table_addresses, tables_are_maglev,
-    transitions_as_designed, FreshFlows, PinKey, Pins, Prediction, Probe, Program, Rule, Segment, SlotAddr, TransitionCount, Verdict, PROTO_TCP, PROTO_UDP,
+    balanced_by, describe_entry, mix64, pin_key, plan_as_applied, plan_at, predict, predict_pinned, probe_slot,
+    quiet_client, same_configuration, same_snapshot, table_addresses, tables_are_maglev, transitions_as_designed,
+    FreshFlows, PinKey, Pins, Prediction, Probe, Program, Rule, Segment, SlotAddr, TransitionCount, Verdict, PROTO_TCP,
+    PROTO_UDP,
 };
 use common::{fail, in_netns, ip, link_mac, TestResult};
 use l4lb::apply::{self, Snapshot};
@@ -209,8 +211,19 @@ impl Topology {
         for ns in [&topo.gen, &topo.lb] {
             ip(&["netns", "add", ns])?;
             // No IPv6: no router solicitations or MLD reports among the counters.
-            common::run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
-                .success()?;
+            common::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )
+            .success()?;
         }
         let (gen, lb, gen_dev, lb_dev) = (&topo.gen, &topo.lb, &topo.gen_dev, &topo.lb_dev);
         ip(&["-n", gen, "link", "add", gen_dev, "type", "veth", "peer", "name", lb_dev, "netns", lb])?;
@@ -220,7 +233,8 @@ impl Topology {
         ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
         topo.gen_mac = link_mac(gen, gen_dev)?;
         topo.lb_mac = link_mac(lb, lb_dev)?;
-        let mut attach = vec!["attach".to_string(), "-i".into(), lb_dev.clone(), "--seed".into(), format!("{hash_seed:#010x}")];
+        let mut attach =
+            vec!["attach".to_string(), "-i".into(), lb_dev.clone(), "--seed".into(), format!("{hash_seed:#010x}")];
         if let Some(n) = flow_entries {
             attach.extend(["--flow-entries".to_string(), n.to_string()]);
         }
@@ -328,13 +342,18 @@ impl Topology {
 
     /// One `l4lb stats --json` sample's counters.
     fn stats_counters(&self) -> TestResult<BTreeMap<String, u64>> {
-        let run = self.l4lb(&["stats", "-i", &self.lb_dev, "--json", "--count", "1", "--interval", "0.2"])?.success()?;
+        let run =
+            self.l4lb(&["stats", "-i", &self.lb_dev, "--json", "--count", "1", "--interval", "0.2"])?.success()?;
         let line = run.stdout.lines().next().ok_or_else(|| fail(format!("no output from {}", run.what)))?;
-        let sample: Value = serde_json::from_str(line).map_err(|err| fail(format!("stats line {line:?} is not JSON: {err}")))?;
+        let sample: Value =
+            serde_json::from_str(line).map_err(|err| fail(format!("stats line {line:?} is not JSON: {err}")))?;
         let counters = sample["counters"].as_object().ok_or_else(|| fail(format!("no counters in {line}")))?;
         let mut out = BTreeMap::new();
         for name in COUNTER_NAMES {
-            let value = counters.get(&name.to_string()).and_then(Value::as_u64).ok_or_else(|| fail(format!("no counter `{name}` in {line}")))?;
+            let value = counters
+                .get(&name.to_string())
+                .and_then(Value::as_u64)
+                .ok_or_else(|| fail(format!("no counter `{name}` in {line}")))?;
             out.insert(name.to_string(), value);
         }
         Ok(out)
@@ -415,9 +434,16 @@ impl Flood {
                 .ok_or_else(|| fail(format!("{BENCH_OBJECT} has no program {name}")))
         };
         let map_fd = |name: &str, value_size: Option<usize>| -> TestResult<RawFd> {
-            let map = object.maps().find(|m| m.name() == name).ok_or_else(|| fail(format!("{BENCH_OBJECT} has no map {name}")))?;
+            let map = object
+                .maps()
+                .find(|m| m.name() == name)
+                .ok_or_else(|| fail(format!("{BENCH_OBJECT} has no map {name}")))?;
             if let Some(size) = value_size {
-                ensure!(map.value_size() as usize == size, "map {name} has value size {}, expected {size}", map.value_size());
+                ensure!(
+                    map.value_size() as usize == size,
+                    "map {name} has value size {}, expected {size}",
+                    map.value_size()
+                );
             }
             Ok(map.as_fd().as_raw_fd())
         };
@@ -447,7 +473,16 @@ impl Flood {
                 }
             })
         };
-        let flood = Flood { stop, sent, error, thread: Some(thread), sink_cnt, started: Instant::now(), stopped: None, _object: object };
+        let flood = Flood {
+            stop,
+            sent,
+            error,
+            thread: Some(thread),
+            sink_cnt,
+            started: Instant::now(),
+            stopped: None,
+            _object: object,
+        };
         // The first frames must be under way before anything is measured.
         let deadline = Instant::now() + Duration::from_secs(5);
         while flood.sent.load(Ordering::SeqCst) == 0 {
@@ -463,7 +498,10 @@ impl Flood {
         if let Some(err) = self.error.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Err(fail(format!("generator: {err}")));
         }
-        ensure!(self.stopped.is_some() || !self.thread.as_ref().is_some_and(|t| t.is_finished()), "the generator stopped early");
+        ensure!(
+            self.stopped.is_some() || !self.thread.as_ref().is_some_and(|t| t.is_finished()),
+            "the generator stopped early"
+        );
         Ok(())
     }
 
@@ -491,7 +529,9 @@ impl Flood {
         let mut values = vec![0u64; cpus];
         let key = 0u32;
         // SAFETY: values holds one u64 per possible CPU, as the kernel writes for a per-CPU array.
-        let rc = unsafe { libbpf_sys::bpf_map_lookup_elem(self.sink_cnt, (&key as *const u32).cast(), values.as_mut_ptr().cast()) };
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(self.sink_cnt, (&key as *const u32).cast(), values.as_mut_ptr().cast())
+        };
         ensure!(rc == 0, "reading the sink's counter: {}", std::io::Error::last_os_error());
         Ok(values.iter().sum())
     }
@@ -531,7 +571,8 @@ fn generate(
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| format!("setns {ns}: {err}"))?;
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).map_err(|err| format!("CPU {cpu}: {err}"))?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|err| format!("pinning to CPU {cpu}: {err}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|err| format!("pinning to CPU {cpu}: {err}"))?;
     let configs: Vec<(Vec<u8>, Vec<u8>)> = FLOOD_KINDS
         .iter()
         .map(|&kind| (frames::gen_config(kind, ends), frames::frame(kind, ends, frames::client_of(kind, 0).0, 0)))
@@ -558,7 +599,7 @@ fn generate(
         opts.ctx_size_in = std::mem::size_of_val(&ctx) as u32;
         opts.repeat = LIVE_BATCH as i32;
         opts.flags = 2; // BPF_F_TEST_XDP_LIVE_FRAMES
-        // SAFETY: every pointer in opts is valid for the sizes given, for the call.
+                        // SAFETY: every pointer in opts is valid for the sizes given, for the call.
         let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog, &mut opts) };
         match rc {
             0 => {
@@ -575,7 +616,10 @@ fn generate(
 
 /// The pool's destination `i` with MAC generation `generation`.
 fn destination(i: usize, generation: u8) -> Destination {
-    Destination { addr: Ipv4Addr::new(10, 77, (i / 200) as u8, (i % 200 + 1) as u8), mac: [0x02, 0x4c, 0x34, generation, 0, i as u8] }
+    Destination {
+        addr: Ipv4Addr::new(10, 77, (i / 200) as u8, (i % 200 + 1) as u8),
+        mac: [0x02, 0x4c, 0x34, generation, 0, i as u8],
+    }
 }
 
 /// A destination file: a comment, then `IP, MAC` rows (with a blank line).
@@ -583,7 +627,12 @@ fn destination_file(set: &[Destination]) -> String {
     let mut text = String::from("# l4lb under_load test\n");
     for (i, d) in set.iter().enumerate() {
         let [a, b, c, e, f, g] = d.mac;
-        let _ = writeln!(text, "{}{}, {a:02x}:{b:02x}:{c:02x}:{e:02x}:{f:02x}:{g:02x}", if i == 1 { "\n" } else { "" }, d.addr);
+        let _ = writeln!(
+            text,
+            "{}{}, {a:02x}:{b:02x}:{c:02x}:{e:02x}:{f:02x}:{g:02x}",
+            if i == 1 { "\n" } else { "" },
+            d.addr
+        );
     }
     text
 }
@@ -656,7 +705,9 @@ impl Sets {
             };
             let most_kept = size.min(prev.len());
             // Keep most, but drop a few so that additions and removals mix.
-            let kept_n = most_kept.saturating_sub(self.rng.gen_range(0..=most_kept.min(3))).max(usize::from(size > 1 && prev.len() > 1));
+            let kept_n = most_kept
+                .saturating_sub(self.rng.gen_range(0..=most_kept.min(3)))
+                .max(usize::from(size > 1 && prev.len() > 1));
             let mut kept: Vec<usize> = prev.choose_multiple(&mut self.rng, kept_n).copied().collect();
             let mac_change = k % 7 == 3 && !kept.is_empty();
             if mac_change {
@@ -688,7 +739,8 @@ fn plan_map(now: &Snapshot, set: &[Destination]) -> TestResult<apply::Plan> {
 fn map_wanted(now: &Snapshot, set: &[Destination]) -> Model {
     let mut wanted = now.running.model();
     wanted.global.source_v4 = Some(LB_ADDR);
-    let mut backends: Vec<config::Backend> = set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
+    let mut backends: Vec<config::Backend> =
+        set.iter().map(|d| config::Backend { addr: d.addr.into(), mac: Some(d.mac), weight: 1 }).collect();
     backends.sort();
     // A new catch-all gets the defaults; an existing one keeps its settings.
     let service = match wanted.service(&ServiceKey::CatchAll) {
@@ -702,7 +754,10 @@ fn map_wanted(now: &Snapshot, set: &[Destination]) -> Model {
 
 /// The line `l4lb map` ends with for `plan`.
 fn map_summary(dev: &str, plan: &apply::Plan, set: &[Destination]) -> String {
-    let (added, removed, changed) = match (plan.diff.added.iter().find(|s| s.key == ServiceKey::CatchAll), plan.diff.changed.iter().find(|c| c.key == ServiceKey::CatchAll)) {
+    let (added, removed, changed) = match (
+        plan.diff.added.iter().find(|s| s.key == ServiceKey::CatchAll),
+        plan.diff.changed.iter().find(|c| c.key == ServiceKey::CatchAll),
+    ) {
         (Some(s), _) => (s.backends.len(), 0, 0),
         (_, Some(c)) => (c.added.len(), c.removed.len(), c.changed.len()),
         _ => (0, 0, 0),
@@ -748,16 +803,23 @@ impl Churn {
 /// file's destinations (with the file's MACs), every slot naming one of
 /// them and each of them some slots, the slots written exactly those whose
 /// word changed; returns the plan and the slot churn.
-fn check_map_update(what: &str, before: &Snapshot, set: &[Destination], after: &Snapshot) -> TestResult<(apply::Plan, Churn)> {
+fn check_map_update(
+    what: &str,
+    before: &Snapshot,
+    set: &[Destination],
+    after: &Snapshot,
+) -> TestResult<(apply::Plan, Churn)> {
     let plan = plan_as_applied(before, &map_wanted(before, set), after)?;
     same_snapshot(what, after, &plan.after)?;
     same_configuration(what, &after.running, &map_wanted(before, set))?;
     tables_are_maglev(what, &after.running)?;
     let transitions = transitions_as_designed(what, &before.running, &after.running, after.config.clock)?;
     let service = after.running.service(&ServiceKey::CatchAll).ok_or_else(|| fail(format!("{what}: no catch-all")))?;
-    let mut wanted: Vec<(IpAddr, Option<[u8; 6]>, u32)> = set.iter().map(|d| (IpAddr::V4(d.addr), Some(d.mac), 1)).collect();
+    let mut wanted: Vec<(IpAddr, Option<[u8; 6]>, u32)> =
+        set.iter().map(|d| (IpAddr::V4(d.addr), Some(d.mac), 1)).collect();
     wanted.sort();
-    let held: Vec<(IpAddr, Option<[u8; 6]>, u32)> = service.backends.iter().map(|b| (b.backend.addr, b.backend.mac, b.backend.weight)).collect();
+    let held: Vec<(IpAddr, Option<[u8; 6]>, u32)> =
+        service.backends.iter().map(|b| (b.backend.addr, b.backend.mac, b.backend.weight)).collect();
     ensure!(held == wanted, "{what}: the catch-all holds {held:?}, the file says {wanted:?}");
     let table = table_addresses(service);
     let mut counts: HashMap<IpAddr, usize> = HashMap::new();
@@ -800,7 +862,13 @@ fn nonzero_drops(counters: &[u64]) -> Vec<String> {
 /// One `l4lb` update command while the flood runs: it succeeds, no drop
 /// counter moves, and frames reached l4lb meanwhile. Returns the run and
 /// how many frames l4lb saw during it.
-fn run_under_flood(topo: &Topology, maps: &LbMaps, flood: &mut Flood, what: &str, args: Vec<String>) -> TestResult<(Run, u64)> {
+fn run_under_flood(
+    topo: &Topology,
+    maps: &LbMaps,
+    flood: &mut Flood,
+    what: &str,
+    args: Vec<String>,
+) -> TestResult<(Run, u64)> {
     flood.check()?;
     let before = maps.read_counters()?;
     let run = topo.l4lb_many(&[args])?.remove(0);
@@ -821,7 +889,8 @@ fn counter(counters: &[u64], name: &str) -> u64 {
 fn check_final_counters(topo: &Topology) -> TestResult<BTreeMap<String, u64>> {
     let counters = topo.stats_counters()?;
     let (rx, tx, pass, none) = (counters["rx"], counters["tx"], counters["pass"], counters["pass_no_service"]);
-    let drops: Vec<String> = counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
+    let drops: Vec<String> =
+        counters.iter().filter(|(n, v)| n.starts_with("drop_") && **v > 0).map(|(n, v)| format!("{n} {v}")).collect();
     ensure!(drops.is_empty(), "drop counters moved under load: {}", drops.join(", "));
     ensure!(rx == tx + pass + none, "rx {rx} != tx {tx} + pass {pass} + pass_no_service {none}");
     ensure!(rx > MIN_FRAMES, "only {rx} frames reached l4lb (expected more than {MIN_FRAMES})");
@@ -904,7 +973,11 @@ fn hundred_map_updates_under_flood() -> TestResult {
         let next_state = topo.snapshot()?;
         let (plan, c) = check_map_update(&what, &state, &next, &next_state)?;
         let line = map_summary(&topo.lb_dev, &plan, &next);
-        ensure!(run.stdout.lines().any(|l| l == line), "{what}: `l4lb map` printed\n{}\nexpected the line\n{line}", run.stdout);
+        ensure!(
+            run.stdout.lines().any(|l| l == line),
+            "{what}: `l4lb map` printed\n{}\nexpected the line\n{line}",
+            run.stdout
+        );
         churn.add(&c);
         times.push(run.elapsed);
         during.push(frames);
@@ -943,7 +1016,11 @@ fn hundred_map_updates_under_flood() -> TestResult {
     println!(
         "  frames reaching l4lb while an update ran: {in_updates} in all, per update min {} / median {} / max {}",
         during.iter().min().unwrap_or(&0),
-        { let mut d = during.clone(); d.sort(); d[d.len() / 2] },
+        {
+            let mut d = during.clone();
+            d.sort();
+            d[d.len() / 2]
+        },
         during.iter().max().unwrap_or(&0)
     );
     println!("  frames reaching l4lb during the {UPDATES} updates and checks: {rx_during_updates}");
@@ -1063,7 +1140,8 @@ impl GenConfig {
                 }
                 _ => {
                     let i = rng.gen_range(0..backends.len());
-                    backends[i].mac = if backends[i].mac.is_some() { None } else { Some([0x02, 0x99, 0, 0, k as u8, i as u8]) };
+                    backends[i].mac =
+                        if backends[i].mac.is_some() { None } else { Some([0x02, 0x99, 0, 0, k as u8, i as u8]) };
                     what.push(format!("{key}: {} mac {:?}", backends[i].addr, backends[i].mac));
                 }
             }
@@ -1075,9 +1153,17 @@ impl GenConfig {
         let extras: Vec<ServiceKey> = self.services.keys().filter(|k| !flood_keys().contains(k)).copied().collect();
         if k.is_multiple_of(6) || extras.is_empty() && k % 6 == 3 {
             let key = if rng.gen_bool(0.5) {
-                vip_key(Ipv4Addr::new(203, 0, 113, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 80, 443][rng.gen_range(0..3)])
+                vip_key(
+                    Ipv4Addr::new(203, 0, 113, rng.gen_range(1..200)).into(),
+                    if rng.gen() { Protocol::Tcp } else { Protocol::Udp },
+                    [0, 80, 443][rng.gen_range(0..3)],
+                )
             } else {
-                vip_key(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, rng.gen_range(1..200)).into(), if rng.gen() { Protocol::Tcp } else { Protocol::Udp }, [0, 53, 443][rng.gen_range(0..3)])
+                vip_key(
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, rng.gen_range(1..200)).into(),
+                    if rng.gen() { Protocol::Tcp } else { Protocol::Udp },
+                    [0, 53, 443][rng.gen_range(0..3)],
+                )
             };
             if let std::collections::btree_map::Entry::Vacant(entry) = self.services.entry(key) {
                 entry.insert(Self::new_service(key, rng));
@@ -1141,7 +1227,10 @@ impl GenConfig {
 /// catch-all, and the VIP services of `model` (a port-0 VIP is probed on
 /// port 4242).
 fn probe_destinations(model: &Model) -> Vec<(IpAddr, u8, u16)> {
-    let mut dsts: Vec<(IpAddr, u8, u16)> = FLOOD_KINDS.iter().map(|kind| (kind.dst(), if kind.is_udp() { PROTO_UDP } else { PROTO_TCP }, kind.dport())).collect();
+    let mut dsts: Vec<(IpAddr, u8, u16)> = FLOOD_KINDS
+        .iter()
+        .map(|kind| (kind.dst(), if kind.is_udp() { PROTO_UDP } else { PROTO_TCP }, kind.dport()))
+        .collect();
     dsts.push((frames::NO_VIP.into(), PROTO_UDP, 5353));
     for s in &model.services {
         if let ServiceKey::Vip { addr, protocol, port } = s.key {
@@ -1203,7 +1292,11 @@ fn syn_verdicts(
             ensure!(got == want, "{what}: SYN {p:?}: the datapath says {got:?}, the table {want:?}");
             let model = predict_pinned(running, clock, pins, p, Segment::Syn);
             ensure!(model.verdict == want, "{what}: SYN {p:?}: the pin model says {model:?}, the table {want:?}");
-            ensure!(matches!(model.rule, Rule::Syn | Rule::Steady | Rule::Passed), "{what}: SYN {p:?}: decided by {:?}", model.rule);
+            ensure!(
+                matches!(model.rule, Rule::Syn | Rule::Steady | Rule::Passed),
+                "{what}: SYN {p:?}: decided by {:?}",
+                model.rule
+            );
             pinned += usize::from(model.pinned.is_some());
             pins.record(&model);
             ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: {p:?} was dropped");
@@ -1260,12 +1353,21 @@ impl FlowTable {
     /// round or the one before: then the model forgets it too. (A lookup
     /// from user space does not mark an LRU entry used.) Returns the
     /// evicted pin.
-    fn adopt_eviction(&mut self, what: &str, pins: &mut Pins, running: &l4lb::state::Running, probe: &Probe) -> TestResult<Option<common::services::Pin>> {
+    fn adopt_eviction(
+        &mut self,
+        what: &str,
+        pins: &mut Pins,
+        running: &l4lb::state::Running,
+        probe: &Probe,
+    ) -> TestResult<Option<common::services::Pin>> {
         let Some(key) = pin_key(running, probe) else { return Ok(None) };
         let Some(pin) = pins.get(&key).copied() else { return Ok(None) };
         match self.entry(what, &key)? {
             Some(entry) if pin.is(&entry) => Ok(None),
-            Some(entry) => Err(fail(format!("{what}: {probe:?}: l4lb_flows holds {} under {key:?}, the model {pin:?}", describe_entry(&entry)))),
+            Some(entry) => Err(fail(format!(
+                "{what}: {probe:?}: l4lb_flows holds {} under {key:?}, the model {pin:?}",
+                describe_entry(&entry)
+            ))),
             None => {
                 if pins.touched_lately(&key) {
                     self.evicted_in_use += 1;
@@ -1283,7 +1385,13 @@ impl FlowTable {
     /// model's pin field for field (backend number, address, slot, tick),
     /// absent where the model has none; a pin written or held in this
     /// round is there, an older one may have been evicted (forgotten).
-    fn check<'a>(&mut self, what: &str, pins: &mut Pins, running: &l4lb::state::Running, probes: impl Iterator<Item = &'a Probe>) -> TestResult {
+    fn check<'a>(
+        &mut self,
+        what: &str,
+        pins: &mut Pins,
+        running: &l4lb::state::Running,
+        probes: impl Iterator<Item = &'a Probe>,
+    ) -> TestResult {
         for p in probes {
             let Some(key) = pin_key(running, p) else { continue };
             match (pins.get(&key).copied(), self.entry(what, &key)?) {
@@ -1320,7 +1428,13 @@ fn key_of(key: &l4lb::bpf::FlowKey) -> PinKey {
         }
     };
     let [a, b, c, d] = key.ports.to_ne_bytes();
-    PinKey { src: addr(&key.saddr), dst: addr(&key.daddr), sport: u16::from_be_bytes([a, b]), dport: u16::from_be_bytes([c, d]), proto: key.proto }
+    PinKey {
+        src: addr(&key.saddr),
+        dst: addr(&key.daddr),
+        sport: u16::from_be_bytes([a, b]),
+        dport: u16::from_be_bytes([c, d]),
+        proto: key.proto,
+    }
 }
 
 /// The established probes' bookkeeping: for each probe the (service,
@@ -1359,7 +1473,8 @@ impl Established {
     /// Adds probes for destinations not seen before (flows no probe used
     /// before: `fresh`; quiet clients: no flood frame shares their flows).
     fn extend(&mut self, model: &Model, fresh: &mut FreshFlows, salt: u64) {
-        let new: Vec<(IpAddr, u8, u16)> = probe_destinations(model).into_iter().filter(|d| !self.destinations.contains(d)).collect();
+        let new: Vec<(IpAddr, u8, u16)> =
+            probe_destinations(model).into_iter().filter(|d| !self.destinations.contains(d)).collect();
         self.destinations.extend(new.iter().copied());
         self.probes.extend(fresh.quiet_probes(&new, ESTABLISHED_PER_DESTINATION, salt));
     }
@@ -1390,7 +1505,8 @@ impl Established {
             let last = self.balanced.get(p).copied();
             // The contract: a flow whose backend is still in the service
             // that balanced it (same address, any weight) stays with it.
-            let stays = last.filter(|&(key, addr)| now.is_some_and(|s| s.key == key) && has_backend(running, key, addr));
+            let stays =
+                last.filter(|&(key, addr)| now.is_some_and(|s| s.key == key) && has_backend(running, key, addr));
             // A flow whose pin the flood's pins evicted takes its slot's
             // rule again (checked against the model below): counted apart.
             let moved_by_eviction = evicted.is_some() && stays.is_some_and(|(_, addr)| got != Verdict::Backend(addr));
@@ -1402,7 +1518,10 @@ impl Established {
                     evicted.map_or(String::new(), |pin| format!("; the LRU evicted its pin {pin:?}"))
                 );
             }
-            ensure!(got == prediction.verdict, "{what}: established {p:?}: the datapath says {got:?}, the pin model {prediction:?}");
+            ensure!(
+                got == prediction.verdict,
+                "{what}: established {p:?}: the datapath says {got:?}, the pin model {prediction:?}"
+            );
             ensure!(!matches!(got, Verdict::Dropped(_)), "{what}: established {p:?} was dropped");
             pins.record(&prediction);
             if let Some(before) = before {
@@ -1483,11 +1602,16 @@ fn apply_updates_under_flood() -> TestResult {
         topo.hash_seed,
         attached.running.global.hash_seed
     );
-    let kept = config::Global { hash_seed: Some(topo.hash_seed), mtu: attached.running.global.mtu, ..config::Global::default() };
+    let kept = config::Global {
+        hash_seed: Some(topo.hash_seed),
+        mtu: attached.running.global.mtu,
+        ..config::Global::default()
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut gen = GenConfig::initial(&mut rng);
     let text = gen.text();
-    let initial = config::parse("initial.toml", text.as_bytes()).map_err(|e| fail(format!("the initial configuration: {e:#}\n{text}")))?;
+    let initial = config::parse("initial.toml", text.as_bytes())
+        .map_err(|e| fail(format!("the initial configuration: {e:#}\n{text}")))?;
     topo.l4lb_many(&[topo.apply_args("initial.toml", &text)?])?.remove(0).success()?;
     let maps = topo.open_maps()?;
     let mut flows = FlowTable { map: topo.open_flows()?, evicted_idle: 0, evicted_in_use: 0, compared: 0 };
@@ -1512,19 +1636,22 @@ fn apply_updates_under_flood() -> TestResult {
     let mut pins = Pins::default();
     let mut established = Established::default();
     let mut services_seen = BTreeSet::new();
-    let flow_counters = |c: &[u64]| (counter(c, "flow_pinned"), counter(c, "flow_repinned"), counter(c, "flow_table_full"));
+    let flow_counters =
+        |c: &[u64]| (counter(c, "flow_pinned"), counter(c, "flow_repinned"), counter(c, "flow_table_full"));
     let flow_before = flow_counters(&maps.read_counters()?);
     let started = Instant::now();
     for k in 1..=APPLIES {
         let change = gen.mutate(k, &mut rng, &mut taken);
         let text = gen.text();
-        let wanted = config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
+        let wanted =
+            config::parse("generated.toml", text.as_bytes()).map_err(|e| fail(format!("update {k}: {e:#}\n{text}")))?;
         let what = format!("apply {k} ({change})");
         let clock = state.config.clock;
         pins.start_round();
         let round_started = Instant::now();
         let probes = syn_probes(&wanted, &mut fresh, probe_salt.wrapping_add(k as u64));
-        let (before_verdicts, pinned) = syn_verdicts(&format!("{what}, before"), &program, &mut flows, &state.running, clock, &mut pins, &probes)?;
+        let (before_verdicts, pinned) =
+            syn_verdicts(&format!("{what}, before"), &program, &mut flows, &state.running, clock, &mut pins, &probes)?;
         hs.pinned_before += pinned;
         // Destinations of this apply's services too: their probes go to
         // the catch-all (or are passed) until the apply, to the new service after it.
@@ -1539,7 +1666,13 @@ fn apply_updates_under_flood() -> TestResult {
         let expected_out = if plan.is_empty() {
             "no changes\n".to_string()
         } else {
-            format!("{}{}: applied ({} map writes, {} table slots)\n", plan.diff, topo.lb_dev, plan.writes(), plan.slots_written())
+            format!(
+                "{}{}: applied ({} map writes, {} table slots)\n",
+                plan.diff,
+                topo.lb_dev,
+                plan.writes(),
+                plan.slots_written()
+            )
         };
         ensure!(run.stdout == expected_out, "{what}: `l4lb apply` printed\n{}\nexpected\n{expected_out}", run.stdout);
         ensure!(k != 30 || plan.is_empty(), "{what}: the same file planned writes");
@@ -1554,7 +1687,15 @@ fn apply_updates_under_flood() -> TestResult {
         transitions.changed_again += t.changed_again;
         transitions.stamped += t.stamped;
         let clock = next.config.clock;
-        established.send(&format!("{what}, after"), &program, &mut flows, &mut pins, &next.running, clock, Some(&state.running))?;
+        established.send(
+            &format!("{what}, after"),
+            &program,
+            &mut flows,
+            &mut pins,
+            &next.running,
+            clock,
+            Some(&state.running),
+        )?;
 
         // The ACK of each SYN sent before the apply, now: the handshake
         // window is closed. The backend that answered the SYN gets it
@@ -1565,17 +1706,25 @@ fn apply_updates_under_flood() -> TestResult {
             let evicted = flows.adopt_eviction(&format!("{what}, ACK"), &mut pins, &next.running, p)?;
             let model = predict_pinned(&next.running, clock, &pins, p, Segment::Established);
             let got = program.verdict_as(p, Segment::Established)?;
-            ensure!(got == model.verdict, "{what}: ACK {p:?} after the apply: the datapath says {got:?}, the pin model {model:?}");
+            ensure!(
+                got == model.verdict,
+                "{what}: ACK {p:?} after the apply: the datapath says {got:?}, the pin model {model:?}"
+            );
             let (syn_at, ack_at) = (probe_slot(&state.running, p), probe_slot(&next.running, p));
             match (before_verdicts[i], syn_at, ack_at) {
                 // Its pin evicted by the flood's pins: the slot's rule again
                 // (the model's verdict, checked above), counted apart.
                 (Verdict::Backend(a), Some((k0, _)), Some((k1, _)))
-                    if k0 == k1 && has_backend(&next.running, k1, a) && evicted.is_some() && got != Verdict::Backend(a) =>
+                    if k0 == k1
+                        && has_backend(&next.running, k1, a)
+                        && evicted.is_some()
+                        && got != Verdict::Backend(a) =>
                 {
                     hs.ack_pin_evicted += 1
                 }
-                (Verdict::Backend(a), Some((k0, was)), Some((k1, now))) if k0 == k1 && has_backend(&next.running, k1, a) => {
+                (Verdict::Backend(a), Some((k0, was)), Some((k1, now)))
+                    if k0 == k1 && has_backend(&next.running, k1, a) =>
+                {
                     ensure!(
                         got == Verdict::Backend(a),
                         "{what}: ACK {p:?}: its SYN before the apply went to {a} of {k0}, still in the service, the ACK after it to {got:?} (slot {was:?} -> {now:?}; pin model {model:?})"
@@ -1600,7 +1749,8 @@ fn apply_updates_under_flood() -> TestResult {
         handshake_windows.push(round_started.elapsed());
         // The same SYNs again: the new tables' current backends, pinned
         // (over the ACK's pin) in slots in transition.
-        let (after_verdicts, pinned) = syn_verdicts(&format!("{what}, after"), &program, &mut flows, &next.running, clock, &mut pins, &probes)?;
+        let (after_verdicts, pinned) =
+            syn_verdicts(&format!("{what}, after"), &program, &mut flows, &next.running, clock, &mut pins, &probes)?;
         hs.pinned_after += pinned;
         // A new connection changes backend only when its slot's backend
         // changed (or its service did): the tables before and after say which.
@@ -1609,13 +1759,24 @@ fn apply_updates_under_flood() -> TestResult {
             hs.flows += 1;
             if before_verdicts[i] != after_verdicts[i] {
                 hs.moved += 1;
-                ensure!(old != new, "{what}: {p:?} moved {:?} -> {:?} although its slot still names {old:?}", before_verdicts[i], after_verdicts[i]);
+                ensure!(
+                    old != new,
+                    "{what}: {p:?} moved {:?} -> {:?} although its slot still names {old:?}",
+                    before_verdicts[i],
+                    after_verdicts[i]
+                );
                 hs.moved_slot += 1;
                 // Maglev's extra churn: the old backend is still in the service with its weight.
                 if let (Some((ko, Some(a))), Some((kn, _))) = (old, new) {
                     let still = next.running.service(&kn).is_some_and(|s| {
                         ko == kn
-                            && s.backends.iter().any(|b| b.backend.addr == a && state.running.service(&ko).is_some_and(|o| o.backends.iter().any(|ob| ob.backend == b.backend)))
+                            && s.backends.iter().any(|b| {
+                                b.backend.addr == a
+                                    && state
+                                        .running
+                                        .service(&ko)
+                                        .is_some_and(|o| o.backends.iter().any(|ob| ob.backend == b.backend))
+                            })
                     });
                     hs.kept_slot_moved += usize::from(still);
                 }
@@ -1650,7 +1811,11 @@ fn apply_updates_under_flood() -> TestResult {
         }
     })
     .map_err(|e| fail(format!("walking l4lb_flows: {e:#}")))?;
-    ensure!(wrong.is_empty(), "after the applies, l4lb_flows holds entries of the probes' flows that the model has not: {}", wrong.join("; "));
+    ensure!(
+        wrong.is_empty(),
+        "after the applies, l4lb_flows holds entries of the probes' flows that the model has not: {}",
+        wrong.join("; ")
+    );
     // The model's pins the walk did not meet: evicted (not looked up by the probes since).
     let unseen = pins.len() - quiet;
 
@@ -1663,7 +1828,12 @@ fn apply_updates_under_flood() -> TestResult {
     println!("  apply times (process start to exit): {}", summary(&times));
     let mut sorted = slots.clone();
     sorted.sort();
-    println!("  table slots written per apply: min {} / median {} / max {}", sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+    println!(
+        "  table slots written per apply: min {} / median {} / max {}",
+        sorted[0],
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
     println!(
         "  slots in transition (every slot word as docs/transitions.md makes it, checked after every apply): {} put in transition, {} changed again in transition, a service's tick stamped {} times, at most {} slots in transition at once",
         transitions.started, transitions.changed_again, transitions.stamped, transitions.slots
@@ -1740,7 +1910,9 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
     for round in 0..CONCURRENT_ROUNDS {
         // Two different files, each overlapping the current set and the
         // other, drawn until the two orders end differently.
-        let end_of = |a: &[Destination], b: &[Destination]| -> TestResult<Snapshot> { Ok(plan_map(&plan_map(&state, a)?.after, b)?.after) };
+        let end_of = |a: &[Destination], b: &[Destination]| -> TestResult<Snapshot> {
+            Ok(plan_map(&plan_map(&state, a)?.after, b)?.after)
+        };
         let mut draw = 0;
         let (one, two) = loop {
             let (one, _) = sets.next(&set, 2 * round + 1 + draw);
@@ -1752,7 +1924,8 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
             ensure!(draw < 50, "round {round}: no pair of files among 50 draws tells the orders apart");
         };
         // Started one right after the other, in turn in both orders.
-        let mut args = vec![topo.map_args(&format!("c{round}-1.csv"), &one)?, topo.map_args(&format!("c{round}-2.csv"), &two)?];
+        let mut args =
+            vec![topo.map_args(&format!("c{round}-1.csv"), &one)?, topo.map_args(&format!("c{round}-2.csv"), &two)?];
         if round % 2 == 1 {
             args.reverse();
         }
@@ -1770,8 +1943,11 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
         // state, each process at its own tick (between the readings around
         // the round; the later one's no earlier).
         let mut matched = None;
-        let ticks: Vec<(u32, u32)> = (state.tick..=after.tick).flat_map(|ta| (ta..=after.tick).map(move |tb| (ta, tb))).collect();
-        'orders: for (order, (a, b, a_run, b_run)) in [(&one, &two, &first_run, &second_run), (&two, &one, &second_run, &first_run)].into_iter().enumerate() {
+        let ticks: Vec<(u32, u32)> =
+            (state.tick..=after.tick).flat_map(|ta| (ta..=after.tick).map(move |tb| (ta, tb))).collect();
+        'orders: for (order, (a, b, a_run, b_run)) in
+            [(&one, &two, &first_run, &second_run), (&two, &one, &second_run, &first_run)].into_iter().enumerate()
+        {
             for &(ta, tb) in &ticks {
                 let middle_plan = plan_at(&state, &map_wanted(&state, a), ta)?;
                 let end_plan = plan_at(&middle_plan.after, &map_wanted(&middle_plan.after, b), tb)?;
@@ -1779,7 +1955,12 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
                     && a_run.stdout.contains(&map_summary(&topo.lb_dev, &middle_plan, a))
                     && b_run.stdout.contains(&map_summary(&topo.lb_dev, &end_plan, b))
                 {
-                    check_map_update(&format!("round {round}, order {order}, second update"), &middle_plan.after, b, &after)?;
+                    check_map_update(
+                        &format!("round {round}, order {order}, second update"),
+                        &middle_plan.after,
+                        b,
+                        &after,
+                    )?;
                     // order 0: `one` applied first; started first on even rounds.
                     matched = Some((usize::from((order == 1) != (round % 2 == 1)), b.clone()));
                     break 'orders;

@@ -49,12 +49,16 @@ fn model(services: Vec<Service>) -> Model {
 
 /// `n` backends 10.0.x.y (weight 1).
 fn pool(first: u32, n: u32) -> Vec<Backend> {
-    (first..first + n).map(|i| Backend { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), mac: None, weight: 1 }).collect()
+    (first..first + n)
+        .map(|i| Backend { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), mac: None, weight: 1 })
+        .collect()
 }
 
 /// Flags of a tracked service with IPv4 backends (ports hashed).
-const TRACKED_V4: u32 =
-    consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS | consts::L4LB_SERVICE_TRACK_FLOWS;
+const TRACKED_V4: u32 = consts::L4LB_SERVICE_ACTIVE
+    | consts::L4LB_SERVICE_HASH_PORTS
+    | consts::L4LB_SERVICE_IPV4_BACKENDS
+    | consts::L4LB_SERVICE_TRACK_FLOWS;
 
 /// An l4lb_services entry as include/l4lb.h lays it out: flags, changed,
 /// udp_grace, idle_timeout (native order).
@@ -117,7 +121,9 @@ fn check_after(maps: &FakeMaps, plan: &Plan, now: &Snapshot, tables: &[u32]) {
         let base = s.number as usize * MAGLEV_SIZE;
         for (i, &word) in words[base..base + MAGLEV_SIZE].iter().enumerate() {
             let want = match s.transitions.get(&(i as u32)) {
-                Some(&previous) => s.table[i] | consts::L4LB_SLOT_TRANSITION | previous << consts::L4LB_SLOT_PREVIOUS_SHIFT,
+                Some(&previous) => {
+                    s.table[i] | consts::L4LB_SLOT_TRANSITION | previous << consts::L4LB_SLOT_PREVIOUS_SHIFT
+                }
                 None => s.table[i],
             };
             assert_eq!(word, want, "service {} slot {i}", s.key);
@@ -126,11 +132,16 @@ fn check_after(maps: &FakeMaps, plan: &Plan, now: &Snapshot, tables: &[u32]) {
         assert_eq!(entry[4..], entry_bytes(0, s.changed, s.udp_grace, s.idle_timeout)[4..], "service {}", s.key);
         assert!(s.track_flows || s.transitions.is_empty(), "{}: untracked with slots in transition", s.key);
         for (slot, previous) in &s.transitions {
-            assert!(s.backends.iter().any(|b| b.number == *previous), "{} slot {slot}: previous {previous} is no backend of it", s.key);
+            assert!(
+                s.backends.iter().any(|b| b.number == *previous),
+                "{} slot {slot}: previous {previous} is no backend of it",
+                s.key
+            );
         }
         if now.running.service(&s.key).is_some() {
             let written: BTreeSet<u32> = slot_writes(plan, s.number).iter().map(|w| w.0).collect();
-            let changed: BTreeSet<u32> = (0..MAGLEV_SIZE).filter(|&i| tables[base + i] != words[base + i]).map(|i| i as u32).collect();
+            let changed: BTreeSet<u32> =
+                (0..MAGLEV_SIZE).filter(|&i| tables[base + i] != words[base + i]).map(|i| i as u32).collect();
             assert_eq!(written, changed, "{}: slots written", s.key);
         }
     }
@@ -175,8 +186,13 @@ fn a_new_service_is_written_whole_before_it_is_published() {
 
     let table = position(&plan, |s| matches!(s, Step::Slots { service: 0, .. }));
     let entry = position(&plan, |s| matches!(s, Step::Write { map: MapId::Services, key: 0, .. }));
-    let vip_writes: Vec<usize> =
-        plan.steps.iter().enumerate().filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, .. })).map(|(i, _)| i).collect();
+    let vip_writes: Vec<usize> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, .. }))
+        .map(|(i, _)| i)
+        .collect();
     let backends = position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, .. }));
     assert!(backends < table && table < entry && entry < vip_writes[0], "{:?}", plan.steps);
     // The entry is staged with family 0, then published by its family.
@@ -199,7 +215,10 @@ fn a_new_service_is_written_whole_before_it_is_published() {
     assert_eq!(c.flags & consts::L4LB_CONFIG_SRC_SET, consts::L4LB_CONFIG_SRC_SET);
     assert_eq!(c.flags & (consts::L4LB_CONFIG_ANY_PORT | consts::L4LB_CONFIG_CATCH_ALL), 0);
     let backend: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, 0).unwrap()).unwrap();
-    assert_eq!((backend.addr[..4].to_vec(), backend.mac, backend.family, backend.service, backend.weight), (vec![10, 0, 0, 1], GW, 4, 0, 1));
+    assert_eq!(
+        (backend.addr[..4].to_vec(), backend.mac, backend.family, backend.service, backend.weight),
+        (vec![10, 0, 0, 1], GW, 4, 0, 1)
+    );
     assert_eq!(u32::from(backend.flags), consts::L4LB_BACKEND_ACTIVE | consts::L4LB_BACKEND_GATEWAY_MAC);
     // Its entry: flags, never changed, the default grace and idle timeout.
     assert_eq!(maps.read(MapId::Services, 0).unwrap(), entry_bytes(TRACKED_V4, 0, 30, 300));
@@ -218,8 +237,12 @@ fn a_removed_service_is_unpublished_then_cleared_after_a_grace_period() {
 
     let plan = run(&maps, &model(vec![web.clone()]));
     let grace = position(&plan, |s| *s == Step::Grace);
-    let freed = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value[..16] != [0; 16]));
-    let cleared = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value == &vec![0; 24]));
+    let freed = position(
+        &plan,
+        |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value[..16] != [0; 16]),
+    );
+    let cleared =
+        position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value == &vec![0; 24]));
     assert!(freed < grace && grace < cleared);
     assert_eq!(writes_to(&plan, MapId::Services), [dns_number]);
     let mut backends = writes_to(&plan, MapId::Backends);
@@ -264,17 +287,36 @@ fn backend_changes_write_only_the_slots_that_change() {
 
     // A backend removed: its slots move first, its entry is cleared after the grace period.
     let fewer: Vec<Backend> = heavier.iter().copied().filter(|b| b.addr != ip("10.0.0.5")).collect();
-    let removed_number = maps.snapshot().running.service(&key).unwrap().backends.iter().find(|b| b.backend.addr == ip("10.0.0.5")).unwrap().number;
+    let removed_number = maps
+        .snapshot()
+        .running
+        .service(&key)
+        .unwrap()
+        .backends
+        .iter()
+        .find(|b| b.backend.addr == ip("10.0.0.5"))
+        .unwrap()
+        .number;
     let plan = run(&maps, &model(vec![service(key, &fewer)]));
     let slots = position(&plan, |s| matches!(s, Step::Slots { .. }));
     let grace = position(&plan, |s| *s == Step::Grace);
-    let clear = position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, key, .. } if *key == removed_number));
+    let clear =
+        position(&plan, |s| matches!(s, Step::Write { map: MapId::Backends, key, .. } if *key == removed_number));
     assert!(slots < grace && grace < clear);
     assert!(plan.after.running.service(&key).unwrap().table.iter().all(|&n| n != removed_number));
 
     // Cleared by that apply, the number is free again: the lowest free one.
     let plan = run(&maps, &model(vec![service(key, &heavier)]));
-    let back = plan.after.running.service(&key).unwrap().backends.iter().find(|b| b.backend.addr == ip("10.0.0.5")).unwrap().number;
+    let back = plan
+        .after
+        .running
+        .service(&key)
+        .unwrap()
+        .backends
+        .iter()
+        .find(|b| b.backend.addr == ip("10.0.0.5"))
+        .unwrap()
+        .number;
     assert_eq!(back, removed_number);
     assert_eq!(writes_to(&plan, MapId::BackendStats), [removed_number]);
 }
@@ -304,7 +346,10 @@ fn flipping_track_flows_writes_only_the_service_entry() {
     let base = consts::L4LB_SERVICE_ACTIVE | consts::L4LB_SERVICE_HASH_PORTS | consts::L4LB_SERVICE_IPV4_BACKENDS;
     for (wanted, flags) in [(&untracked, base), (&tracked, base | consts::L4LB_SERVICE_TRACK_FLOWS)] {
         let plan = run(&maps, &model(vec![wanted.clone()]));
-        assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: number, value: entry_bytes(flags, 0, 30, 300) }]);
+        assert_eq!(
+            plan.steps,
+            [Step::Write { map: MapId::Services, key: number, value: entry_bytes(flags, 0, 30, 300) }]
+        );
         let after = plan.after.running.service(&wanted.key).unwrap();
         assert_eq!((after.track_flows, &after.table), (wanted.track_flows, &table), "the table stays");
         assert_eq!(plan.diff.changed[0].track_flows, Some((!wanted.track_flows, wanted.track_flows)));
@@ -353,7 +398,10 @@ fn vips_are_placed_within_the_probe_bound() {
     let err = plan(&maps.snapshot(), &model(more), SEED).unwrap_err().to_string();
     assert_eq!(
         err,
-        format!("VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {probes} entries of its home entry {home}", keys[probes])
+        format!(
+            "VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {probes} entries of its home entry {home}",
+            keys[probes]
+        )
     );
     // Removing the first: the others stay where they are, the bound stays.
     // (Its fragment entry moves to the next lowest port: rewritten in place.)
@@ -372,7 +420,13 @@ fn vips_are_placed_within_the_probe_bound() {
     let plan = run(&maps, &model(vec![service(keys[probes], &pool(1, 1))]));
     assert_eq!(plan.after.config.vip_probes, 1);
     let last_config = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Config, .. })).unwrap();
-    let last_unpublish = plan.steps.iter().rposition(|s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value != &vec![0; 24])).unwrap();
+    let last_unpublish = plan
+        .steps
+        .iter()
+        .rposition(
+            |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0 && value != &vec![0; 24]),
+        )
+        .unwrap();
     assert!(last_unpublish < last_config);
     let plan = run(&maps, &model(vec![]));
     assert_eq!(plan.after.config.vip_probes, 0);
@@ -381,7 +435,10 @@ fn vips_are_placed_within_the_probe_bound() {
 #[test]
 fn any_port_and_catch_all_flags() {
     let maps = FakeMaps::new();
-    let plan = run(&maps, &model(vec![service(tcp("203.0.113.10", 0), &pool(1, 2)), service(ServiceKey::CatchAll, &pool(3, 2))]));
+    let plan = run(
+        &maps,
+        &model(vec![service(tcp("203.0.113.10", 0), &pool(1, 2)), service(ServiceKey::CatchAll, &pool(3, 2))]),
+    );
     let c = plan.after.config;
     assert_ne!(c.flags & consts::L4LB_CONFIG_ANY_PORT, 0);
     assert_ne!(c.flags & consts::L4LB_CONFIG_CATCH_ALL, 0);
@@ -389,8 +446,10 @@ fn any_port_and_catch_all_flags() {
     assert_eq!(c.catch_all, catch_all);
     // The catch-all is published by the configuration after its table.
     let table = position(&plan, |s| matches!(s, Step::Slots { service, .. } if *service == catch_all));
-    let publish = position(&plan, |s| matches!(s, Step::Write { map: MapId::Config, value, .. }
-        if u32::from_ne_bytes(value[4..8].try_into().unwrap()) & consts::L4LB_CONFIG_CATCH_ALL != 0));
+    let publish = position(&plan, |s| {
+        matches!(s, Step::Write { map: MapId::Config, value, .. }
+        if u32::from_ne_bytes(value[4..8].try_into().unwrap()) & consts::L4LB_CONFIG_CATCH_ALL != 0)
+    });
     assert!(table < publish);
     let plan = run(&maps, &model(vec![service(tcp("203.0.113.10", 80), &pool(1, 2))]));
     assert_eq!(plan.after.config.flags & (consts::L4LB_CONFIG_ANY_PORT | consts::L4LB_CONFIG_CATCH_ALL), 0);
@@ -448,12 +507,18 @@ fn limits_are_errors() {
     let too_many: Vec<Service> = (0..65u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(1, 1))).collect();
     assert_eq!(check_limits(&model(too_many)).unwrap_err().to_string(), "65 services: at most MAX_SERVICES = 64");
     let wide = model(vec![service(ServiceKey::CatchAll, &pool(0, 513))]);
-    assert_eq!(check_limits(&wide).unwrap_err().to_string(), "service * has 513 backends: at most MAX_BACKENDS_PER_SERVICE = 512");
+    assert_eq!(
+        check_limits(&wide).unwrap_err().to_string(),
+        "service * has 513 backends: at most MAX_BACKENDS_PER_SERVICE = 512"
+    );
     // Every service at its 512 backends fits l4lb_backends: no limit of its own.
     let full: Vec<Service> = (0..64u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(0, 512))).collect();
     assert!(check_limits(&model(full)).is_ok());
     let mixed = model(vec![service(ServiceKey::CatchAll, &[be("198.18.0.101", 1), be("2001:db8::101", 1)])]);
-    assert_eq!(check_limits(&mixed).unwrap_err().to_string(), "the catch-all service may not mix IPv4 and IPv6 backends");
+    assert_eq!(
+        check_limits(&mixed).unwrap_err().to_string(),
+        "the catch-all service may not mix IPv4 and IPv6 backends"
+    );
     assert!(plan(&Snapshot::empty(), &mixed, SEED).is_err());
 }
 
@@ -464,7 +529,8 @@ fn the_catch_all_through_map_edits_leaves_other_services_alone() {
     run(&maps, &model(vec![web.clone()]));
     let web_before = maps.snapshot().running.service(&web.key).unwrap().clone();
     // What `l4lb map` does: the running model with the catch-all's backends replaced.
-    let rows = |first: u32| -> Vec<Backend> { pool(first, 5).into_iter().map(|b| Backend { mac: Some(MAC), ..b }).collect() };
+    let rows =
+        |first: u32| -> Vec<Backend> { pool(first, 5).into_iter().map(|b| Backend { mac: Some(MAC), ..b }).collect() };
     for first in [1, 3] {
         let mut wanted = maps.snapshot().running.model();
         let catch_all = service(ServiceKey::CatchAll, &rows(first));
@@ -476,7 +542,10 @@ fn the_catch_all_through_map_edits_leaves_other_services_alone() {
         assert!(!plan.steps.iter().any(|s| matches!(s, Step::Slots { service, .. } if *service == web_before.number)));
         assert_eq!(plan.after.running.service(&web.key), Some(&web_before));
         let catch_all = plan.after.running.service(&ServiceKey::CatchAll).unwrap();
-        assert_eq!(catch_all.backends.iter().map(|b| b.backend.addr).collect::<Vec<_>>(), rows(first).iter().map(|b| b.addr).collect::<Vec<_>>());
+        assert_eq!(
+            catch_all.backends.iter().map(|b| b.backend.addr).collect::<Vec<_>>(),
+            rows(first).iter().map(|b| b.addr).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -487,9 +556,16 @@ fn ipv6_services_and_ipv4_in_ipv6() {
     let mixed = service(tcp("203.0.113.10", 443), &[be("198.18.0.101", 1), be("2001:db8::103", 1)]);
     let plan = run(&maps, &model(vec![v6.clone(), mixed.clone()]));
     let n6 = plan.after.running.service(&v6.key).unwrap().number;
-    assert_eq!(maps.read(MapId::Services, n6).unwrap(), entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_IPV4_BACKENDS, 0, 30, 300));
+    assert_eq!(
+        maps.read(MapId::Services, n6).unwrap(),
+        entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_IPV4_BACKENDS, 0, 30, 300)
+    );
     let n4 = plan.after.running.service(&mixed.key).unwrap().number;
-    assert_eq!(maps.read(MapId::Services, n4).unwrap(), entry_bytes(TRACKED_V4, 0, 30, 300), "IPv4-in-IPv6: some backend is IPv4");
+    assert_eq!(
+        maps.read(MapId::Services, n4).unwrap(),
+        entry_bytes(TRACKED_V4, 0, 30, 300),
+        "IPv4-in-IPv6: some backend is IPv4"
+    );
     let b = plan.after.running.service(&mixed.key).unwrap().backends[1].number;
     let entry: bpf::Backend = bpf::value_from(&maps.read(MapId::Backends, b).unwrap()).unwrap();
     assert_eq!((entry.family, entry.addr), (bpf::FAMILY_IPV6, "2001:db8::103".parse::<Ipv6Addr>().unwrap().octets()));
@@ -502,7 +578,11 @@ fn a_refused_write_leaves_every_map_as_it_was() {
     let dns = udp("203.0.113.10", 53);
     run(&maps, &model(vec![service(web, &pool(1, 6)), service(dns, &pool(1, 2))]));
     maps.write(MapId::BackendStats, 9, &[1; 32]).unwrap();
-    let mut next = model(vec![service(web, &pool(3, 7)), service(ServiceKey::CatchAll, &pool(20, 2)), service(tcp("203.0.113.11", 0), &pool(30, 1))]);
+    let mut next = model(vec![
+        service(web, &pool(3, 7)),
+        service(ServiceKey::CatchAll, &pool(20, 2)),
+        service(tcp("203.0.113.11", 0), &pool(30, 1)),
+    ]);
     next.global.gateway_mac = Some(GW2);
     next.global.hash_seed = Some(99);
     let now = maps.snapshot();
@@ -534,7 +614,8 @@ fn a_refused_write_leaves_every_map_as_it_was() {
 #[test]
 fn a_full_balancer_reuses_numbers_only_after_unpublishing() {
     let maps = FakeMaps::new();
-    let full: Vec<Service> = (0..64u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p) * 2, 1))).collect();
+    let full: Vec<Service> =
+        (0..64u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p) * 2, 1))).collect();
     run(&maps, &model(full.clone()));
     let mut swapped = full[1..].to_vec();
     swapped.push(service(tcp("203.0.113.20", 80), &pool(500, 1)));
@@ -547,7 +628,9 @@ fn a_full_balancer_reuses_numbers_only_after_unpublishing() {
     let unpublish = position(&plan, |s| matches!(s, Step::Write { map: MapId::Vips, value, .. } if value[16] == 0));
     assert!(unpublish < grace && grace < table, "{:?}", &plan.steps[..8]);
     // Its service entry is not cleared afterwards.
-    assert!(!plan.steps[table..].iter().any(|s| matches!(s, Step::Write { map: MapId::Services, key: 0, value } if value == &vec![0; 16])));
+    assert!(!plan.steps[table..]
+        .iter()
+        .any(|s| matches!(s, Step::Write { map: MapId::Services, key: 0, value } if value == &vec![0; 16])));
     assert_eq!(old.running.services.len(), 64);
 }
 
@@ -568,7 +651,8 @@ fn decode_ignores_what_nothing_publishes() {
 fn an_offloaded_program_holds_fewer_service_tables() {
     let mut small = Snapshot::empty();
     small.service_tables = crate::bpf::OFFLOAD_MAX_SERVICES;
-    let services: Vec<Service> = (0..33u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p), 1))).collect();
+    let services: Vec<Service> =
+        (0..33u16).map(|p| service(tcp("203.0.113.10", p + 1), &pool(u32::from(p), 1))).collect();
     let err = plan(&small, &model(services.clone()), 7).unwrap_err().to_string();
     assert_eq!(
         err,
@@ -594,7 +678,10 @@ fn vip_write(plan: &Plan, entry: u32, pred: impl Fn(&[u8]) -> bool) -> usize {
 }
 
 fn service_write(plan: &Plan, n: u32) -> usize {
-    position(plan, |s| matches!(s, Step::Write { map: MapId::Services, key, value } if *key == n && value != &vec![0; 16]))
+    position(
+        plan,
+        |s| matches!(s, Step::Write { map: MapId::Services, key, value } if *key == n && value != &vec![0; 16]),
+    )
 }
 
 /// Fails the plan at every write in turn: each time the maps are back byte
@@ -647,16 +734,32 @@ fn fragment_entries_follow_the_vips() {
     let staged = vip_write(&plan, f.entry, |v| v[16] == 0);
     let published = vip_write(&plan, f.entry, |v| v[16] == 0x84);
     assert!(service_write(&plan, f.service) < staged && staged < published);
-    assert!(vip_write(&plan, now.vips.iter().position(|v| v[..20] == vip_key_bytes(&web.key).unwrap()[..]).unwrap() as u32, |v| v[16] == 4) < staged);
+    assert!(
+        vip_write(
+            &plan,
+            now.vips.iter().position(|v| v[..20] == vip_key_bytes(&web.key).unwrap()[..]).unwrap() as u32,
+            |v| v[16] == 4
+        ) < staged
+    );
 
     // A port-0 VIP is preferred: the entry is re-pointed in place, one
     // write of the service field, once the new service is published.
     let any = service(tcp("203.0.113.10", 0), &pool(5, 1));
-    let plan = run(&maps, &model(vec![web.clone(), tls.clone(), dns.clone(), dns6.clone(), catch_all.clone(), any.clone()]));
+    let plan =
+        run(&maps, &model(vec![web.clone(), tls.clone(), dns.clone(), dns6.clone(), catch_all.clone(), any.clone()]));
     let after = maps.snapshot();
     let any_number = number(&after, &any.key);
-    assert_eq!(fragment(&after, "203.0.113.10", Protocol::Tcp).unwrap(), crate::state::RunningFragment { service: any_number, ..f });
-    let repoint: Vec<usize> = plan.steps.iter().enumerate().filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, key, .. } if *key == f.entry)).map(|(i, _)| i).collect();
+    assert_eq!(
+        fragment(&after, "203.0.113.10", Protocol::Tcp).unwrap(),
+        crate::state::RunningFragment { service: any_number, ..f }
+    );
+    let repoint: Vec<usize> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Step::Write { map: MapId::Vips, key, .. } if *key == f.entry))
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(repoint.len(), 1, "{:?}", plan.steps);
     let Step::Write { value, .. } = &plan.steps[repoint[0]] else { unreachable!() };
     assert_eq!(value[..20], e[..20], "only the service field changes");
@@ -698,7 +801,8 @@ fn fragment_entries_roll_back_and_survive_number_reuse() {
     // 64 services: 203.0.113.10:1 (number 0) and 63 on 203.0.113.11.
     let maps = FakeMaps::new();
     let first = service(tcp("203.0.113.10", 1), &pool(0, 1));
-    let mut full: Vec<Service> = (1..64u16).map(|p| service(tcp("203.0.113.11", p), &pool(u32::from(p) * 2, 1))).collect();
+    let mut full: Vec<Service> =
+        (1..64u16).map(|p| service(tcp("203.0.113.11", p), &pool(u32::from(p) * 2, 1))).collect();
     full.push(first.clone());
     run(&maps, &model(full.clone()));
     let before = maps.snapshot();
@@ -720,7 +824,11 @@ fn fragment_entries_roll_back_and_survive_number_reuse() {
     let grace = position(&plan, |s| *s == Step::Grace);
     let table = position(&plan, |s| matches!(s, Step::Slots { service: 0, .. }));
     let on = vip_write(&plan, f.entry, |v| v[16] == 0x84);
-    assert!(off < grace && grace < table && table < service_write(&plan, 0) && service_write(&plan, 0) < on, "{:?}", plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>());
+    assert!(
+        off < grace && grace < table && table < service_write(&plan, 0) && service_write(&plan, 0) < on,
+        "{:?}",
+        plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>()
+    );
     assert_eq!(fragment(&after, "203.0.113.10", Protocol::Tcp).unwrap(), f);
     assert!(super::plan(&after, &model(swapped.clone()), SEED).unwrap().is_empty());
 
@@ -819,7 +927,10 @@ fn the_mtu_is_written_first_kept_when_absent_and_checked() {
     wanted.global.mtu = Some(9000);
     let plan = run(&maps, &wanted);
     assert_eq!(plan.steps.len(), 1);
-    assert_eq!(plan.diff.to_string(), "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n");
+    assert_eq!(
+        plan.diff.to_string(),
+        "~ global mtu 1500 -> 9000\nservices: 0 added, 0 removed, 0 changed; global: 1 changed\n"
+    );
 
     // Refused: out of range (models built by hand), too small for IPv6
     // backends (given, or running with no mtu in the model).
@@ -887,10 +998,22 @@ fn adding_a_backend_puts_exactly_the_changed_slots_in_transition() {
     let after = plan.after.running.service(&key).unwrap();
     let moved: BTreeMap<u32, u32> =
         (0..MAGLEV_SIZE).filter(|&i| before.table[i] != after.table[i]).map(|i| (i as u32, before.table[i])).collect();
-    assert!(moved.len() > MAGLEV_SIZE / 20 && moved.len() < MAGLEV_SIZE / 5, "about 1/11 of the slots move: {}", moved.len());
-    assert_eq!(after.transitions, moved, "the slots whose backend changed, each with its old backend as the previous one");
     assert!(
-        after.table.iter().enumerate().filter(|(_, &n)| n == 10).all(|(i, _)| after.transitions.get(&(i as u32)).is_some_and(|&p| p < 10)),
+        moved.len() > MAGLEV_SIZE / 20 && moved.len() < MAGLEV_SIZE / 5,
+        "about 1/11 of the slots move: {}",
+        moved.len()
+    );
+    assert_eq!(
+        after.transitions, moved,
+        "the slots whose backend changed, each with its old backend as the previous one"
+    );
+    assert!(
+        after
+            .table
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n == 10)
+            .all(|(i, _)| after.transitions.get(&(i as u32)).is_some_and(|&p| p < 10)),
         "every slot of the new backend came from an old one"
     );
     assert_eq!((after.changed, plan.after.config.clock), (1000, 1000), "stamped with the snapshot's tick");
@@ -898,12 +1021,21 @@ fn adding_a_backend_puts_exactly_the_changed_slots_in_transition() {
     // any slot), the transition words of the moved slots, the entry.
     let Step::Write { map: MapId::Config, value: config, .. } = &plan.steps[2] else { panic!("{:?}", plan.steps[2]) };
     assert_eq!(clock_of(config), 1000);
-    let words: Vec<(u32, u32)> = moved.iter().map(|(&i, &previous)| (i, transition_word(after.table[i as usize], previous))).collect();
-    assert_eq!(plan.steps.len(), 5, "{:?}", plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>());
+    let words: Vec<(u32, u32)> =
+        moved.iter().map(|(&i, &previous)| (i, transition_word(after.table[i as usize], previous))).collect();
+    assert_eq!(
+        plan.steps.len(),
+        5,
+        "{:?}",
+        plan.steps.iter().filter(|s| !matches!(s, Step::Slots { .. })).collect::<Vec<_>>()
+    );
     assert_eq!(plan.steps[0], Step::Zero { map: MapId::BackendStats, key: 10 });
     assert!(matches!(plan.steps[1], Step::Write { map: MapId::Backends, key: 10, .. }));
     assert_eq!(plan.steps[3], Step::Slots { service: after.number, writes: words });
-    assert_eq!(plan.steps[4], Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) });
+    assert_eq!(
+        plan.steps[4],
+        Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) }
+    );
     assert_eq!(plan.slots_written(), moved.len());
 }
 
@@ -942,9 +1074,17 @@ fn a_removed_backend_leaves_no_transition_behind() {
             }
             Some(&previous) => Some(previous),
         };
-        assert_eq!(after.transitions.get(&(i as u32)).copied(), want, "slot {i}: was {was} (previous {:?}), now {current}", before.transitions.get(&(i as u32)));
+        assert_eq!(
+            after.transitions.get(&(i as u32)).copied(),
+            want,
+            "slot {i}: was {was} (previous {:?}), now {current}",
+            before.transitions.get(&(i as u32))
+        );
     }
-    assert!(steady_removed > 1000 && previous_removed > 100, "{steady_removed} steady on it, {previous_removed} in transition from it");
+    assert!(
+        steady_removed > 1000 && previous_removed > 100,
+        "{steady_removed} steady on it, {previous_removed} in transition from it"
+    );
     assert!(after.transitions.values().all(|&p| p != removed), "no previous number the apply removes");
     // Its slots (steady, or current of a transition) are steady now.
     for (i, &was) in before.table.iter().enumerate() {
@@ -959,7 +1099,9 @@ fn a_removed_backend_leaves_no_transition_behind() {
     // current backends are both gone keep only their pins (previous = the
     // new current).
     let before = after.clone();
-    let both_gone: Vec<usize> = (0..MAGLEV_SIZE).filter(|&i| before.table[i] == 10 && before.transitions.get(&(i as u32)) == Some(&10)).collect();
+    let both_gone: Vec<usize> = (0..MAGLEV_SIZE)
+        .filter(|&i| before.table[i] == 10 && before.transitions.get(&(i as u32)) == Some(&10))
+        .collect();
     assert!(both_gone.len() > 100, "{}", both_gone.len());
     let fewer: Vec<Backend> = fewer.into_iter().filter(|b| b.addr != ip("10.0.0.11")).collect();
     let plan = run_at(&maps, &model(vec![service(key, &fewer)]), 3000);
@@ -1032,7 +1174,10 @@ fn draining_puts_the_drained_backend_s_slots_in_transition_from_it() {
     // The entry stays (weight 0, bookkeeping); its words name it.
     assert_eq!(writes_to(&plan, MapId::Backends), [drained]);
     let slot = *its.first().unwrap();
-    assert_eq!(maps.tables.borrow()[after.number as usize * MAGLEV_SIZE + slot as usize], transition_word(after.table[slot as usize], drained));
+    assert_eq!(
+        maps.tables.borrow()[after.number as usize * MAGLEV_SIZE + slot as usize],
+        transition_word(after.table[slot as usize], drained)
+    );
 }
 
 #[test]
@@ -1053,7 +1198,10 @@ fn an_untracked_service_gets_steady_words_only() {
     // Nothing stamped, no clock written.
     assert_eq!((after.changed, plan.after.config.clock), (0, 0));
     assert!(writes_to(&plan, MapId::Config).is_empty(), "{:?}", writes_to(&plan, MapId::Config));
-    assert_eq!(maps.read(MapId::Services, after.number).unwrap(), entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 0, 30, 300));
+    assert_eq!(
+        maps.read(MapId::Services, after.number).unwrap(),
+        entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 0, 30, 300)
+    );
 }
 
 #[test]
@@ -1074,14 +1222,21 @@ fn turning_tracking_off_makes_every_slot_steady() {
         plan.steps,
         [
             Step::Slots { service: after.number, writes: steady },
-            Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 1000, 30, 300) },
+            Step::Write {
+                map: MapId::Services,
+                key: after.number,
+                value: entry_bytes(TRACKED_V4 & !consts::L4LB_SERVICE_TRACK_FLOWS, 1000, 30, 300)
+            },
         ]
     );
     assert_eq!((after.changed, plan.after.config.clock), (1000, 1000));
     assert_eq!(plan.diff.changed[0].track_flows, Some((true, false)));
     // Back on: only the entry; the table stays steady.
     let plan = run_at(&maps, &model(vec![service(key, &pool(1, 11))]), 3000);
-    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) }]);
+    assert_eq!(
+        plan.steps,
+        [Step::Write { map: MapId::Services, key: after.number, value: entry_bytes(TRACKED_V4, 1000, 30, 300) }]
+    );
     assert!(plan.after.running.service(&key).unwrap().transitions.is_empty());
 }
 
@@ -1092,13 +1247,23 @@ fn a_settings_change_rewrites_only_the_service_entry() {
     let before = maps.snapshot().running.service(&key).unwrap().clone();
     let tuned = Service { idle_timeout: 5, ..service(key, &pool(1, 11)) };
     let plan = run_at(&maps, &model(vec![tuned.clone()]), 2000);
-    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 30, 5) }]);
+    assert_eq!(
+        plan.steps,
+        [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 30, 5) }]
+    );
     let after = plan.after.running.service(&key).unwrap();
-    assert_eq!((&after.table, &after.transitions, after.changed), (&before.table, &before.transitions, 1000), "slots and their change time stay");
+    assert_eq!(
+        (&after.table, &after.transitions, after.changed),
+        (&before.table, &before.transitions, 1000),
+        "slots and their change time stay"
+    );
     assert_eq!(plan.diff.to_string(), "~ service 203.0.113.10:80/tcp\n    ~ idle_timeout 300 -> 5\nservices: 0 added, 0 removed, 1 changed; global: 0 changed\n");
     let graced = Service { udp_grace: 0, ..tuned };
     let plan = run_at(&maps, &model(vec![graced]), 2001);
-    assert_eq!(plan.steps, [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 0, 5) }]);
+    assert_eq!(
+        plan.steps,
+        [Step::Write { map: MapId::Services, key: before.number, value: entry_bytes(TRACKED_V4, 1000, 0, 5) }]
+    );
 }
 
 #[test]

@@ -28,7 +28,9 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Box<dyn std::error::E
     let top = results
         .kinds
         .iter()
-        .flat_map(|k| [k.throughput.ratio_plain.max, k.throughput.ratio_encap.max, k.throughput.ratio_encap_untracked.max])
+        .flat_map(|k| {
+            [k.throughput.ratio_plain.max, k.throughput.ratio_encap.max, k.throughput.ratio_encap_untracked.max]
+        })
         .fold(1.1f64, f64::max);
     // Room above the bars for the legend.
     let top = ((top + 0.3) * 10.0).ceil() / 10.0;

@@ -368,10 +368,7 @@ pub fn client_in(kind: Kind, f: &[u8]) -> (IpAddr, u16) {
 
 /// One's-complement sum of big-endian 16-bit words (an odd last byte is padded).
 fn sum16(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum()
+    bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum()
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -641,10 +638,7 @@ mod tests {
     fn clients_stay_in_the_benchmark_ranges() {
         assert_eq!(client_of(Kind::TcpSyn64, 0), (Ipv4Addr::new(198, 18, 0, 0).into(), 32768));
         assert_eq!(client_of(Kind::Udp64, u32::MAX), (Ipv4Addr::new(198, 18, 255, 255).into(), 65535));
-        assert_eq!(
-            client_of(Kind::Ipv6Syn, 0xffff_abcd),
-            ("2001:db8:18::abcd".parse::<IpAddr>().unwrap(), 65535)
-        );
+        assert_eq!(client_of(Kind::Ipv6Syn, 0xffff_abcd), ("2001:db8:18::abcd".parse::<IpAddr>().unwrap(), 65535));
     }
 
     #[test]
@@ -652,7 +646,10 @@ mod tests {
         assert_eq!(Kind::TcpAck64.flows(), Some(ACK_FLOWS));
         assert_eq!(Kind::AckChanged.flows(), Some(ACK_FLOWS));
         assert_eq!(ACK_FLOWS, 65_536);
-        assert!(Kind::ALL.iter().filter(|&&k| !matches!(k, Kind::TcpAck64 | Kind::AckChanged)).all(|k| k.flows().is_none()));
+        assert!(Kind::ALL
+            .iter()
+            .filter(|&&k| !matches!(k, Kind::TcpAck64 | Kind::AckChanged))
+            .all(|k| k.flows().is_none()));
         // Whatever the random word, the port is 32768 and the address one of 65536.
         let mut random = 0x9e37_79b9u32;
         let mut seen = std::collections::HashSet::new();
@@ -665,7 +662,10 @@ mod tests {
             seen.insert(client);
             // The generator's frame (template + randomize) is the model's.
             if random.is_multiple_of(1024) {
-                assert_eq!(generated(Kind::TcpAck64, &ENDS, random, random), frame(Kind::TcpAck64, &ENDS, client, port));
+                assert_eq!(
+                    generated(Kind::TcpAck64, &ENDS, random, random),
+                    frame(Kind::TcpAck64, &ENDS, client, port)
+                );
             }
         }
         assert!(seen.len() as u64 <= ACK_FLOWS && seen.len() > 60_000, "{} flows", seen.len());
@@ -697,11 +697,15 @@ mod tests {
 
     #[test]
     fn the_spread_row_draws_each_of_its_vips() {
-        let vips: std::collections::BTreeSet<IpAddr> = (0..4096u32).map(|r| Kind::Spread64.dst_of(r.wrapping_mul(0x9e37_79b9))).collect();
+        let vips: std::collections::BTreeSet<IpAddr> =
+            (0..4096u32).map(|r| Kind::Spread64.dst_of(r.wrapping_mul(0x9e37_79b9))).collect();
         let want: std::collections::BTreeSet<IpAddr> =
             (0..SPREAD_SERVICES as u32).map(|i| Ipv4Addr::from(u32::from(SPREAD_BASE) + i).into()).collect();
         assert_eq!(vips, want);
         assert_eq!(Kind::Spread64.dst_of(u32::MAX), IpAddr::from(Ipv4Addr::new(198, 19, 4, 191)));
-        assert!(Kind::ALL.iter().filter(|&&k| k != Kind::Spread64).all(|k| k.dst_mask() == 0 && k.dst_of(u32::MAX) == k.dst()));
+        assert!(Kind::ALL
+            .iter()
+            .filter(|&&k| k != Kind::Spread64)
+            .all(|k| k.dst_mask() == 0 && k.dst_of(u32::MAX) == k.dst()));
     }
 }

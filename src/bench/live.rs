@@ -3,8 +3,8 @@
 //! control-plane timings. Everything here needs root; the numbers go to the
 //! pure `report` module.
 
-use std::mem::MaybeUninit;
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
@@ -190,14 +190,26 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
     vec![
         ("encap floor", "count, push outer IPv4 header, XDP_TX", fd(&progs.bench_encap)),
         ("+ parse", "+ parse_packet(): every check, the 5-tuple", fd(&progs.bv_parse)),
-        ("+ select, hot table", "+ config, VIP, service, jhash, slot (of 256), backend, MTU check", fd(&progs.bv_select_hot)),
+        (
+            "+ select, hot table",
+            "+ config, VIP, service, jhash, slot (of 256), backend, MTU check",
+            fd(&progs.bv_select_hot),
+        ),
         ("+ select", "the same with all 51203 slots (200 KiB), as l4lb", fd(&progs.bv_select)),
         ("+ counters", "+ rx and tx counters (atomic adds, per-CPU map)", fd(&progs.bv_count)),
         ("+ backend stats", "+ per-backend and per-service packets and bytes (atomic adds)", fd(&progs.bv_be_stats)),
         ("+ flow table", "+ 40-byte key, l4lb_flows lookup (LRU hash; a SYN misses) = l4lb's work", fd(&progs.bv_l4lb)),
         ("l4lb", "l4lb_balance itself", l4lb),
-        ("l4lb, no VIP lookup", "l4lb's work, the catch-all's service number instead of the VIP lookup", fd(&progs.bv_no_vip)),
-        ("l4lb, VIP home entry", "l4lb's work, VIP looked up at its home entry only (1 probe, no port 0)", fd(&progs.bv_vip_home)),
+        (
+            "l4lb, no VIP lookup",
+            "l4lb's work, the catch-all's service number instead of the VIP lookup",
+            fd(&progs.bv_no_vip),
+        ),
+        (
+            "l4lb, VIP home entry",
+            "l4lb's work, VIP looked up at its home entry only (1 probe, no port 0)",
+            fd(&progs.bv_vip_home),
+        ),
         ("l4lb, plain adds", "l4lb's work with plain adds instead of atomic adds", fd(&progs.bv_plain_add)),
         ("l4lb, cheap hash", "l4lb's work with two multiplications instead of jhash", fd(&progs.bv_cheap_hash)),
         ("l4lb, 128 KiB table", "l4lb's work, slot & 32767 (u16 entries' footprint)", fd(&progs.bv_table_32k)),
@@ -231,7 +243,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
     crate::libbpf_log::capture();
     let mut storage = MaybeUninit::uninit();
-    let mut open = L4lbBenchSkelBuilder::default().open(&mut storage).context("opening the embedded benchmark object")?;
+    let mut open =
+        L4lbBenchSkelBuilder::default().open(&mut storage).context("opening the embedded benchmark object")?;
     let mut handles = Vec::new();
     for &id in map_ids {
         handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
@@ -253,7 +266,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
             (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
             (&mut maps.l4lb_flows, crate::bpf::MAP_FLOWS),
         ] {
-            map.reuse_fd(find(name)?.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
+            map.reuse_fd(find(name)?.as_fd())
+                .with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
         }
         for (map, name) in [
             (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
@@ -345,13 +359,14 @@ pub fn measure(options: &Options) -> Result<Measured> {
     let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
     let main_rows: Vec<Kind> = Kind::ALL.into_iter().filter(|&k| k != Kind::Spread64).collect();
     let counts = check_l4lb_counters(&tracked_maps, services, true, &main_rows).context("the tracked l4lb")?;
-    let untracked_counts =
-        check_l4lb_counters(&untracked_maps, &lb.untracked_services, false, &main_rows).context("the untracked l4lb")?;
+    let untracked_counts = check_l4lb_counters(&untracked_maps, &lb.untracked_services, false, &main_rows)
+        .context("the untracked l4lb")?;
     for (maps, spread, name) in [
         (&spread_maps, &lb.spread, "the tracked l4lb of the 64 services"),
         (&spread_untracked_maps, &lb.spread_untracked, "the untracked l4lb of the 64 services"),
     ] {
-        let spread_counts = check_l4lb_counters(maps, &spread.services, spread.tracked, &[Kind::Spread64]).context(name)?;
+        let spread_counts =
+            check_l4lb_counters(maps, &spread.services, spread.tracked, &[Kind::Spread64]).context(name)?;
         if let Some(idle) = spread_counts.services.iter().find(|s| s.packets == 0) {
             bail!("{name}: service {} counted no packets: not every table was in use", idle.service);
         }
@@ -359,7 +374,8 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
     let mut kinds = Vec::new();
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
-        let throughput = Throughput::of(rounds[i].clone()).ok_or_else(|| anyhow!("no rounds measured for {}", kind.label()))?;
+        let throughput =
+            Throughput::of(rounds[i].clone()).ok_or_else(|| anyhow!("no rounds measured for {}", kind.label()))?;
         kinds.push(KindResult {
             kind,
             label: kind.label(),
@@ -396,8 +412,12 @@ pub fn measure(options: &Options) -> Result<Measured> {
 
 /// The maps of an l4lb program we hold (attached or not), by its ids.
 fn open_maps(id: u32, map_ids: &[u32]) -> Result<LbMaps> {
-    let program =
-        discover::AttachedProgram { id, name: crate::bpf::PROG_NAME.into(), mode: Mode::Driver, map_ids: map_ids.to_vec() };
+    let program = discover::AttachedProgram {
+        id,
+        name: crate::bpf::PROG_NAME.into(),
+        mode: Mode::Driver,
+        map_ids: map_ids.to_vec(),
+    };
     LbMaps::open(&program)
 }
 
@@ -475,7 +495,8 @@ fn service_of(kind: Kind) -> ServiceKey {
 fn spread_model(track_flows: bool) -> Model {
     let mut services: Vec<config::Service> = (0..frames::SPREAD_SERVICES as u32)
         .map(|i| {
-            let key = vip(Ipv4Addr::from(u32::from(frames::SPREAD_BASE) + i).into(), config::Protocol::Tcp, frames::TCP_PORT);
+            let key =
+                vip(Ipv4Addr::from(u32::from(frames::SPREAD_BASE) + i).into(), config::Protocol::Tcp, frames::TCP_PORT);
             config::Service { track_flows, ..config::Service::new(key, backends_of(destinations((i % 8) as u8))) }
         })
         .collect();
@@ -493,10 +514,7 @@ const CHANGE_BACKENDS: usize = 32;
 
 /// One service, the TCP VIP, with backend set `set`: the control-plane timings.
 fn timing_model(set: u8) -> Model {
-    Model {
-        global: global(),
-        services: vec![config::Service::new(tcp_vip(), backends_of(destinations(set)))],
-    }
+    Model { global: global(), services: vec![config::Service::new(tcp_vip(), backends_of(destinations(set)))] }
 }
 
 /// What the rows are sent to: the TCP VIP (set 0, as the timings leave it),
@@ -548,7 +566,11 @@ fn start_change(maps: &LbMaps, flows: Option<&libbpf_rs::MapHandle>, track_flows
     let running = maps.read_running()?;
     let in_transition = running.service(&change_vip()).map_or(0, |s| s.transitions.len());
     if track_flows != (in_transition > 0) {
-        bail!("{} slots of {} in transition after the 33rd backend, tracking {track_flows}", in_transition, change_vip());
+        bail!(
+            "{} slots of {} in transition after the 33rd backend, tracking {track_flows}",
+            in_transition,
+            change_vip()
+        );
     }
     Ok(())
 }
@@ -676,9 +698,9 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     }
     let (id, map_ids, maps) = last.expect("FILL_REPEATS > 0");
     let running = maps.read_running()?;
-    let filled = running.service(&tcp_vip()).is_some_and(|s| {
-        s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY)
-    });
+    let filled = running
+        .service(&tcp_vip())
+        .is_some_and(|s| s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY));
     if !filled {
         bail!("the service {} was not filled with {DESTINATIONS} backends", tcp_vip());
     }
@@ -715,7 +737,10 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     let untracked_services = apply_bench_model(&untracked_maps, false)?;
     // Held from here on: the next attach replaces it on the device.
     let untracked = sys::prog_fd_by_id(untracked_id)?;
-    eprintln!("l4lb bench: two more l4lbs with {} services of {DESTINATIONS} backends (the 64-services row)", frames::SPREAD_SERVICES);
+    eprintln!(
+        "l4lb bench: two more l4lbs with {} services of {DESTINATIONS} backends (the 64-services row)",
+        frames::SPREAD_SERVICES
+    );
     let spread = held_l4lb(&iface, flow_entries, &spread_model(true), true)?;
     let spread_untracked = held_l4lb(&iface, flow_entries, &spread_model(false), false)?;
 
@@ -827,7 +852,12 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], rows: &RowSer
         let floor = fds.encap_of(kind);
         let run = sys::test_run(floor, &frame, Some(&mut out), None, 1, 0)?;
         if run.retval != XDP_TX || run.data_len != expected {
-            bail!("the encapsulation floor answered a {} frame with verdict {} and {} bytes", kind.label(), run.retval, run.data_len);
+            bail!(
+                "the encapsulation floor answered a {} frame with verdict {} and {} bytes",
+                kind.label(),
+                run.retval,
+                run.data_len
+            );
         }
         // The variants replicate l4lb's work on IPv4 to a VIP with IPv4
         // backends; the one with every stage must give l4lb's frame byte for byte.
@@ -968,7 +998,9 @@ fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTime
             let mut sum = 0u64;
             for _ in 0..TEST_RUN_PER_CHUNK {
                 next = (next + 1) % frames.len();
-                sum += u64::from(sys::test_run(fd, &frames[next], None, None, 1, 0).context("timing with test_run")?.duration_ns);
+                sum += u64::from(
+                    sys::test_run(fd, &frames[next], None, None, 1, 0).context("timing with test_run")?.duration_ns,
+                );
             }
             avg[p] = sum as f64 / TEST_RUN_PER_CHUNK as f64;
         }
@@ -1140,7 +1172,8 @@ fn switch_row(setup: &Setup, generator: &Generator, kind: Kind) -> Result<()> {
 
 fn attach(setup: &Setup, fd: RawFd) -> Result<()> {
     let ifindex = setup.lb_ifindex;
-    sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd)).context("putting a program on the balancer's veth")
+    sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd))
+        .context("putting a program on the balancer's veth")
 }
 
 fn attach_variant(setup: &Setup, variant: Variant, kind: Kind) -> Result<()> {
@@ -1331,7 +1364,8 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
                     let waited = rates.iter().map(|r| r.waited).fold(0.0, f64::max);
                     let mpps: Vec<f64> = rates.iter().map(|r| r.mpps).collect();
                     let encap = mpps[0];
-                    let line: Vec<String> = programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
+                    let line: Vec<String> =
+                        programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
                     eprintln!(
                         "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, generator waited {:.1}%): {}",
                         round + 1,

@@ -122,9 +122,9 @@ pub fn run(options: &Options) -> Result<()> {
 
 fn command_line() -> String {
     let mut args = std::env::args();
-    let program = args.next().map(|p| {
-        std::path::Path::new(&p).file_name().map_or(p.clone(), |name| name.to_string_lossy().into_owned())
-    });
+    let program = args
+        .next()
+        .map(|p| std::path::Path::new(&p).file_name().map_or(p.clone(), |name| name.to_string_lossy().into_owned()));
     program.into_iter().chain(args).collect::<Vec<_>>().join(" ")
 }
 

@@ -513,10 +513,7 @@ pub fn control_table(results: &Results) -> Table {
 pub fn render(results: &Results) -> String {
     let c = &results.context;
     let mut out = String::new();
-    out.push_str(&format!(
-        "l4lb bench: {} CPUs ({}), kernel {}, {}\n",
-        c.cpus, c.cpu, c.kernel, c.date
-    ));
+    out.push_str(&format!("l4lb bench: {} CPUs ({}), kernel {}, {}\n", c.cpus, c.cpu, c.kernel, c.date));
     out.push_str(&format!(
         "{} rounds of {} s per program and packet kind, alternating; load average before: {}, after: {}\n\n",
         c.rounds, c.seconds, c.load_before, c.load_after
@@ -527,7 +524,9 @@ pub fn render(results: &Results) -> String {
         c.generator_cpu
     ));
     out.push_str(&table_lines(&throughput_table(results)));
-    out.push_str("Rows (outer: the header l4lb pushes for the row's backends; its encapsulation floor pushes the same):\n");
+    out.push_str(
+        "Rows (outer: the header l4lb pushes for the row's backends; its encapsulation floor pushes the same):\n",
+    );
     for k in &results.kinds {
         out.push_str(&format!("  {:<15} {}\n", k.label, k.kind.describe()));
     }
@@ -581,7 +580,9 @@ pub fn render(results: &Results) -> String {
         results.flow_entries
     ));
     out.push_str(&table_lines(&tracking_table(results)));
-    out.push_str("\nThe programs alone, ns per packet (test_run: repeat = 1 in a loop, minus the empty program's loop;\n");
+    out.push_str(
+        "\nThe programs alone, ns per packet (test_run: repeat = 1 in a loop, minus the empty program's loop;\n",
+    );
     out.push_str(&format!(
         "run_time: run_time_ns / run_cnt with bpf stats on, live traffic; enabling the stats adds about {:.0} ns per run):\n",
         results.stats_overhead_ns
@@ -727,14 +728,22 @@ pub(crate) mod tests {
                 rx: 10,
                 tx: 10,
                 others: Vec::new(),
-                flow_events: vec![("flow_pinned".into(), 4), ("flow_repinned".into(), 0), ("flow_table_full".into(), 0)],
+                flow_events: vec![
+                    ("flow_pinned".into(), 4),
+                    ("flow_repinned".into(), 0),
+                    ("flow_table_full".into(), 0),
+                ],
                 services: vec![ServicePackets { service: "*".into(), number: 0, packets: 10, bytes: 740 }],
             },
             l4lb_untracked_counts: L4lbCounts {
                 rx: 12,
                 tx: 12,
                 others: Vec::new(),
-                flow_events: vec![("flow_pinned".into(), 0), ("flow_repinned".into(), 0), ("flow_table_full".into(), 0)],
+                flow_events: vec![
+                    ("flow_pinned".into(), 0),
+                    ("flow_repinned".into(), 0),
+                    ("flow_table_full".into(), 0),
+                ],
                 services: vec![ServicePackets { service: "*".into(), number: 0, packets: 12, bytes: 888 }],
             },
             variants: None,
@@ -755,7 +764,10 @@ pub(crate) mod tests {
             text.contains("target: TCP SYN 64 B    0.950 of the encapsulation floor (at least 0.90, goal 0.95), tracked / untracked 0.800 (at least 0.97): NOT met; untracked 1.188\n"),
             "{text}"
         );
-        assert!(text.contains("target: TCP ACK 64 B    0.875 of the encapsulation floor (at least 0.90, goal 0.95)"), "{text}");
+        assert!(
+            text.contains("target: TCP ACK 64 B    0.875 of the encapsulation floor (at least 0.90, goal 0.95)"),
+            "{text}"
+        );
         assert!(text.contains("target: SYN, 33rd added 0.275 of the encapsulation floor (at least 0.85, goal 0.95): NOT met; untracked 0.344\n"), "{text}");
         let checks = results.target_checks();
         assert_eq!(checks.len(), Kind::ALL.len());

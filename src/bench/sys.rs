@@ -320,11 +320,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {program} (is iproute2 installed? `make deps`)"))?;
     if !output.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -363,7 +359,10 @@ impl Topology {
             run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
         }
         let steps: [&[&str]; 5] = [
-            &["-n", gen, "link", "add", gen_dev, "mtu", &mtu, "type", "veth", "peer", "name", lb_dev, "netns", lb, "mtu", &mtu],
+            &[
+                "-n", gen, "link", "add", gen_dev, "mtu", &mtu, "type", "veth", "peer", "name", lb_dev, "netns", lb,
+                "mtu", &mtu,
+            ],
             &["-n", gen, "addr", "add", &gen_cidr, "dev", gen_dev],
             &["-n", lb, "addr", "add", &lb_cidr, "dev", lb_dev],
             &["-n", gen, "link", "set", "dev", gen_dev, "up"],
@@ -399,7 +398,8 @@ fn remove_leftovers() {
         let name = line.split_whitespace().next().unwrap_or("");
         let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { continue };
         let pid = rest.split('-').next().unwrap_or("");
-        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()) {
+        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+        {
             let _ = run("ip", &["netns", "del", name]);
         }
     }
@@ -411,7 +411,8 @@ mod tests {
 
     #[test]
     fn proc_stat_lines_are_read_per_cpu() {
-        let stat = "cpu  10 1 30 400 5 2 60 7 0 0\ncpu0 4 0 10 200 1 1 20 3 0 0\ncpu1 6 1 20 200 4 1 40 4 0 0\nintr 1 2 3\n";
+        let stat =
+            "cpu  10 1 30 400 5 2 60 7 0 0\ncpu0 4 0 10 200 1 1 20 3 0 0\ncpu1 6 1 20 200 4 1 40 4 0 0\nintr 1 2 3\n";
         assert_eq!(parse_cpu_ticks(stat, 1), Some(CpuTicks { busy: 6 + 1 + 20 + 1 + 40, idle: 204, steal: 4 }));
         assert_eq!(parse_cpu_ticks(stat, 0).map(|t| t.total()), Some(4 + 10 + 1 + 20 + 201 + 3));
         assert_eq!(parse_cpu_ticks(stat, 2), None);

@@ -218,7 +218,10 @@ impl BackendEntry {
 
     /// Flagged GATEWAY_MAC: `mac` holds the gateway's MAC (the host writes it so).
     pub fn via_gateway(addr: IpAddr, gateway_mac: [u8; 6], service: u32) -> Self {
-        BackendEntry { flags: (L4LB_BACKEND_ACTIVE | L4LB_BACKEND_GATEWAY_MAC) as u8, ..Self::new(addr, gateway_mac, service) }
+        BackendEntry {
+            flags: (L4LB_BACKEND_ACTIVE | L4LB_BACKEND_GATEWAY_MAC) as u8,
+            ..Self::new(addr, gateway_mac, service)
+        }
     }
 
     pub fn active(&self) -> bool {
@@ -571,7 +574,12 @@ fn parse_icmp4_error(ip: &[u8], header_len: usize, tot_len: usize, fragment: boo
         return Err(Outcome::Pass);
     }
     let q = &ip[quoted..];
-    if q[0] >> 4 != 4 || q[0] & 0x0f < 5 || (q[9] != TCP && q[9] != UDP) || be16(q, 6) & 0x1fff != 0 || q[12..16] != ip[16..20] {
+    if q[0] >> 4 != 4
+        || q[0] & 0x0f < 5
+        || (q[9] != TCP && q[9] != UDP)
+        || be16(q, 6) & 0x1fff != 0
+        || q[12..16] != ip[16..20]
+    {
         return Err(Outcome::Pass);
     }
     let quoted_len = usize::from(q[0] & 0x0f) * 4;
@@ -622,7 +630,13 @@ pub fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Outcome> {
             return Err(Outcome::Drop(L4LB_CNT_DROP_EXT_HEADERS));
         }
         headers += 1;
-        let len = if next == FRAGMENT { 8 } else if at + 2 <= ip.len() { (usize::from(ip[at + 1]) + 1) * 8 } else { 8 };
+        let len = if next == FRAGMENT {
+            8
+        } else if at + 2 <= ip.len() {
+            (usize::from(ip[at + 1]) + 1) * 8
+        } else {
+            8
+        };
         if at + len > l3_end {
             return Err(Outcome::Drop(L4LB_CNT_DROP_SHORT_IPV6));
         }
@@ -992,7 +1006,8 @@ impl Lb {
         };
         let entries: Vec<u32> = (first / per..=last / per).collect();
         let keys: Vec<u8> = entries.iter().flat_map(|e| e.to_ne_bytes()).collect();
-        let values: Vec<u8> = entries.iter().flat_map(|&e| (e * per..(e + 1) * per).flat_map(|g| word(g).to_ne_bytes())).collect();
+        let values: Vec<u8> =
+            entries.iter().flat_map(|&e| (e * per..(e + 1) * per).flat_map(|g| word(g).to_ne_bytes())).collect();
         self.maps().l4lb_tables.update_batch(&keys, &values, entries.len() as u32, MapFlags::ANY, MapFlags::ANY)?;
         Ok(())
     }
@@ -1046,8 +1061,23 @@ impl Lb {
         }
         for (key, value) in &kernel {
             match model.get(key) {
-                None => return Err(format!("l4lb_flows holds {} -> {} that the model does not ({} entries, model {})", super::hex(key), super::hex(value), kernel.len(), model.len())),
-                Some(v) if v != value => return Err(format!("l4lb_flows: {} -> {}, the model says {}", super::hex(key), super::hex(value), super::hex(v))),
+                None => {
+                    return Err(format!(
+                        "l4lb_flows holds {} -> {} that the model does not ({} entries, model {})",
+                        super::hex(key),
+                        super::hex(value),
+                        kernel.len(),
+                        model.len()
+                    ))
+                }
+                Some(v) if v != value => {
+                    return Err(format!(
+                        "l4lb_flows: {} -> {}, the model says {}",
+                        super::hex(key),
+                        super::hex(value),
+                        super::hex(v)
+                    ))
+                }
                 _ => {}
             }
         }
@@ -1164,9 +1194,11 @@ impl Lb {
     /// The VIP entry's service for `key`, looking at vip_probes entries from its home.
     pub fn find_vip(&self, key: &VipKey) -> Option<u32> {
         let home = vip_home(key);
-        (0..self.config.vip_probes.min(L4LB_VIP_MAX_PROBES)).find_map(|i| match self.vips[((home + i) & L4LB_VIP_MASK) as usize] {
-            Some((entry, service)) if entry == *key => Some(service),
-            _ => None,
+        (0..self.config.vip_probes.min(L4LB_VIP_MAX_PROBES)).find_map(|i| {
+            match self.vips[((home + i) & L4LB_VIP_MASK) as usize] {
+                Some((entry, service)) if entry == *key => Some(service),
+                _ => None,
+            }
         })
     }
 
@@ -1196,7 +1228,8 @@ impl Lb {
     /// signed (a `changed` ahead of the clock, no sweep since the apply, is
     /// inside the grace).
     pub fn is_from_before_change(&self, p: &Parsed, service: &ServiceEntry) -> bool {
-        !p.syn && (p.proto != UDP || (self.config.clock.wrapping_sub(service.changed) as i32) < service.udp_grace as i32)
+        !p.syn
+            && (p.proto != UDP || (self.config.clock.wrapping_sub(service.changed) as i32) < service.udp_grace as i32)
     }
 
     /// The rules of a slot in transition (docs/transitions.md, flows.h):
@@ -1212,7 +1245,18 @@ impl Lb {
             Some(pin) if self.pin_holds(&pin, service, slot) => PinState::Held,
             Some(_) => PinState::Stale,
         };
-        let mut t = Tracking { key, slot, word, state, rule: Rule::Syn, number: current, followed: false, write: None, event: None, clock };
+        let mut t = Tracking {
+            key,
+            slot,
+            word,
+            state,
+            rule: Rule::Syn,
+            number: current,
+            followed: false,
+            write: None,
+            event: None,
+            clock,
+        };
         if state == PinState::Held && !p.syn {
             t.rule = Rule::Pin;
             t.number = pin.map_or(current, |pin| pin.backend);
@@ -1521,7 +1565,10 @@ pub fn check_too_big_output(frame: &[u8], out: &[u8], tb: &TooBig) -> Result<(),
         field("ICMPv6 type/code (2/0)", &icmp[0..2], &[2, 0])?;
         field("ICMPv6 MTU", &icmp[4..8], &tb.mtu.to_be_bytes())?;
         if icmpv6_checksum(&answer[8..24], &answer[24..40], icmp) != 0 {
-            return Err(format!("ICMPv6 checksum {} does not verify (pseudo-header included)", super::hex(&icmp[2..4])));
+            return Err(format!(
+                "ICMPv6 checksum {} does not verify (pseudo-header included)",
+                super::hex(&icmp[2..4])
+            ));
         }
         field("ICMPv6 quote (the client's packet's first 80 bytes)", &icmp[8..], &ip[..ICMP6_QUOTE])?;
     }

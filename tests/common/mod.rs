@@ -18,10 +18,7 @@ pub fn run_suite(suite: &str, needs: &str, tests: Vec<(&'static str, TestFn)>) -
     if !root {
         eprintln!("skipped: {suite}: {} tests need root ({needs}); not running as root", tests.len());
     }
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| Trial::test(name, test).with_ignored_flag(!root))
-        .collect();
+    let trials = tests.into_iter().map(|(name, test)| Trial::test(name, test).with_ignored_flag(!root)).collect();
     libtest_mimic::run(&args, trials).exit()
 }
 
@@ -180,7 +177,8 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> 
         scope
             .spawn(move || {
                 let file = std::fs::File::open(&path).map_err(|err| fail(format!("{path}: {err}")))?;
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| fail(format!("setns {path}: {err}")))?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|err| fail(format!("setns {path}: {err}")))?;
                 f()
             })
             .join()
@@ -193,7 +191,8 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> TestResult<T> + Send) -> 
 pub fn is_leftover(prefix: &str, name: &str) -> bool {
     let Some(rest) = name.strip_prefix(&format!("{prefix}-")) else { return false };
     let pid = rest.split('-').next().unwrap_or("");
-    pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    pid.parse::<u32>()
+        .is_ok_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Deletes the network namespaces `<prefix>-<pid>-...` of earlier runs whose

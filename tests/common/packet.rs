@@ -32,7 +32,11 @@ impl PacketSocket {
         addr.sll_ifindex = nix::net::if_::if_nametoindex(dev)? as i32;
         // SAFETY: addr is a valid sockaddr_ll of the given size.
         let rc = unsafe {
-            libc::bind(fd, &addr as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         ensure!(rc == 0, "binding to {dev}: {}", std::io::Error::last_os_error());
         socket.option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(16i32 << 20))?;
@@ -45,7 +49,13 @@ impl PacketSocket {
     fn option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> TestResult {
         // SAFETY: value points to a T of the given size.
         let rc = unsafe {
-            libc::setsockopt(self.fd.as_raw_fd(), level, name, value as *const T as *const libc::c_void, std::mem::size_of::<T>() as u32)
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                level,
+                name,
+                value as *const T as *const libc::c_void,
+                std::mem::size_of::<T>() as u32,
+            )
         };
         ensure!(rc == 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
         Ok(())
@@ -54,7 +64,12 @@ impl PacketSocket {
     pub fn send(&self, frame: &[u8]) -> TestResult {
         // SAFETY: frame is a valid buffer of frame.len() bytes.
         let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
-        ensure!(sent == frame.len() as isize, "sending a {}-byte frame: {}", frame.len(), std::io::Error::last_os_error());
+        ensure!(
+            sent == frame.len() as isize,
+            "sending a {}-byte frame: {}",
+            frame.len(),
+            std::io::Error::last_os_error()
+        );
         Ok(())
     }
 
@@ -78,7 +93,9 @@ impl PacketSocket {
         if n < 0 {
             let err = std::io::Error::last_os_error();
             return match err.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => Ok(None),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => {
+                    Ok(None)
+                }
                 _ => Err(fail(format!("receiving: {err}"))),
             };
         }

@@ -62,7 +62,9 @@ impl Program {
     pub fn verdict_as(&self, probe: &Probe, segment: Segment) -> TestResult<Verdict> {
         let (verdict, out) = self.run(&probe.frame_as(segment))?;
         Ok(match verdict {
-            XDP_TX => Verdict::Backend(outer_destination(&out).ok_or_else(|| fail(format!("{probe:?}: XDP_TX output is not encapsulated")))?),
+            XDP_TX => Verdict::Backend(
+                outer_destination(&out).ok_or_else(|| fail(format!("{probe:?}: XDP_TX output is not encapsulated")))?,
+            ),
             XDP_PASS => Verdict::Pass,
             other => Verdict::Dropped(other),
         })
@@ -161,7 +163,10 @@ impl Probe {
 /// port-0 VIP of its address, else the catch-all.
 pub fn service_of<'a>(running: &'a Running, probe: &Probe) -> Option<&'a RunningService> {
     let key = |port| ServiceKey::Vip { addr: probe.dst, protocol: probe.protocol(), port };
-    running.service(&key(probe.dport)).or_else(|| running.service(&key(0))).or_else(|| running.service(&ServiceKey::CatchAll))
+    running
+        .service(&key(probe.dport))
+        .or_else(|| running.service(&key(0)))
+        .or_else(|| running.service(&ServiceKey::CatchAll))
 }
 
 /// What the running state says the datapath does with `probe` (spec steps
@@ -229,7 +234,14 @@ impl PinKey {
         let (family, daddr) = addr16(self.dst);
         let [a, b] = self.sport.to_be_bytes();
         let [c, d] = self.dport.to_be_bytes();
-        l4lb::bpf::FlowKey { saddr: addr16(self.src).1, daddr, ports: u32::from_ne_bytes([a, b, c, d]), family, proto: self.proto, pad: [0; 2] }
+        l4lb::bpf::FlowKey {
+            saddr: addr16(self.src).1,
+            daddr,
+            ports: u32::from_ne_bytes([a, b, c, d]),
+            family,
+            proto: self.proto,
+            pad: [0; 2],
+        }
     }
 }
 
@@ -265,7 +277,11 @@ impl Pin {
     /// service is the test's bookkeeping, not in the entry).
     pub fn is(&self, entry: &l4lb::bpf::FlowPin) -> bool {
         let (family, addr) = addr16(self.addr);
-        entry.backend == self.number && entry.slot == self.slot && entry.seen == self.seen && entry.family == family && entry.addr == addr
+        entry.backend == self.number
+            && entry.slot == self.slot
+            && entry.seen == self.seen
+            && entry.family == family
+            && entry.addr == addr
     }
 }
 
@@ -420,10 +436,22 @@ pub fn predict_pinned(running: &Running, clock: u32, pins: &Pins, probe: &Probe,
     let key = PinKey { src: flow.saddr, dst: flow.daddr, sport: flow.sport, dport: flow.dport, proto: flow.proto };
     let found = pins.get(&key).copied();
     let syn = probe.proto == TCP && segment == Segment::Syn;
-    let base = Prediction { verdict: Verdict::Pass, rule: Rule::Syn, key: Some(key), transition: Some((index, current, previous)), found, pinned: None };
+    let base = Prediction {
+        verdict: Verdict::Pass,
+        rule: Rule::Syn,
+        key: Some(key),
+        transition: Some((index, current, previous)),
+        found,
+        pinned: None,
+    };
     let holds = found.filter(|p| p.slot == index && member(p.number).is_some_and(|b| b.backend.addr == p.addr));
     if let Some(pin) = holds.filter(|_| !syn) {
-        return Prediction { verdict: Verdict::Backend(pin.addr), rule: Rule::Held, pinned: Some(Pin { seen: clock, ..pin }), ..base };
+        return Prediction {
+            verdict: Verdict::Backend(pin.addr),
+            rule: Rule::Held,
+            pinned: Some(Pin { seen: clock, ..pin }),
+            ..base
+        };
     }
     // Signed, as the datapath reads it: a clock behind the change is inside the grace.
     let within_grace = (clock.wrapping_sub(service.changed) as i32) < service.udp_grace as i32;
@@ -452,7 +480,8 @@ pub fn predict_pinned(running: &Running, clock: u32, pins: &Pins, probe: &Probe,
 /// no backend of the service): what must agree between balancers whatever
 /// numbers they gave services and backends.
 pub fn table_addresses(service: &RunningService) -> Vec<Option<IpAddr>> {
-    let by_number: std::collections::HashMap<u32, IpAddr> = service.backends.iter().map(|b| (b.number, b.backend.addr)).collect();
+    let by_number: std::collections::HashMap<u32, IpAddr> =
+        service.backends.iter().map(|b| (b.number, b.backend.addr)).collect();
     service.table.iter().map(|n| by_number.get(n).copied()).collect()
 }
 
@@ -460,8 +489,10 @@ pub fn table_addresses(service: &RunningService) -> Vec<Option<IpAddr>> {
 /// backend addresses and weights, whatever the planner did) puts in each
 /// slot of `service`'s table, as backend addresses (None: an empty slot).
 pub fn maglev_addresses(service: &RunningService) -> TestResult<Vec<Option<IpAddr>>> {
-    let ids: Vec<l4lb::maglev::Backend> = service.backends.iter().map(|b| l4lb::maglev::Backend::from_addr(b.backend.addr, b.backend.weight)).collect();
-    let slots = l4lb::maglev::populate(&ids, l4lb::bpf::MAGLEV_SIZE).map_err(|e| fail(format!("service {}: maglev: {e}", service.key)))?;
+    let ids: Vec<l4lb::maglev::Backend> =
+        service.backends.iter().map(|b| l4lb::maglev::Backend::from_addr(b.backend.addr, b.backend.weight)).collect();
+    let slots = l4lb::maglev::populate(&ids, l4lb::bpf::MAGLEV_SIZE)
+        .map_err(|e| fail(format!("service {}: maglev: {e}", service.key)))?;
     Ok(slots.iter().map(|&i| (i != l4lb::maglev::EMPTY).then(|| service.backends[i as usize].backend.addr)).collect())
 }
 
@@ -470,7 +501,13 @@ pub fn maglev_addresses(service: &RunningService) -> TestResult<Vec<Option<IpAdd
 pub fn tables_are_maglev(what: &str, running: &Running) -> TestResult {
     for s in &running.services {
         let (got, want) = (table_addresses(s), maglev_addresses(s)?);
-        ensure!(got.len() == want.len(), "{what}: service {}: {} slots, Maglev's table has {}", s.key, got.len(), want.len());
+        ensure!(
+            got.len() == want.len(),
+            "{what}: service {}: {} slots, Maglev's table has {}",
+            s.key,
+            got.len(),
+            want.len()
+        );
         let differ: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
         let name = |a: Option<IpAddr>| a.map_or("no backend".to_string(), |a| a.to_string());
         ensure!(
@@ -496,7 +533,9 @@ pub fn same_configuration(what: &str, running: &Running, expected: &l4lb::config
         return Ok(());
     }
     let (g, e) = (l4lb::config::to_toml(&got), l4lb::config::to_toml(expected));
-    let only = |a: &str, b: &str| a.lines().filter(|l| !b.lines().any(|x| x == *l)).map(|l| format!("\n    {l}")).collect::<String>();
+    let only = |a: &str, b: &str| {
+        a.lines().filter(|l| !b.lines().any(|x| x == *l)).map(|l| format!("\n    {l}")).collect::<String>()
+    };
     Err(fail(format!(
         "{what}: the running configuration is not the wanted one\n  running only:{}\n  wanted only:{}{}",
         only(&g, &e),
@@ -516,7 +555,10 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
         return Err(fail(format!("{what}: l4lb_config differs: {:?}, expected {:?}", actual.config, expected.config)));
     }
     if let Some(i) = (0..actual.vips.len()).find(|&i| actual.vips[i] != expected.vips[i]) {
-        return Err(fail(format!("{what}: VIP entry {i} differs: {:?}, expected {:?}", actual.vips[i], expected.vips[i])));
+        return Err(fail(format!(
+            "{what}: VIP entry {i} differs: {:?}, expected {:?}",
+            actual.vips[i], expected.vips[i]
+        )));
     }
     let (a, e) = (&actual.running, &expected.running);
     if a == e {
@@ -525,15 +567,35 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
     let keys = |r: &Running| r.services.iter().map(|s| (s.key, s.number)).collect::<Vec<_>>();
     ensure!(keys(a) == keys(e), "{what}: services (key, number) {:?}, expected {:?}", keys(a), keys(e));
     for (sa, se) in a.services.iter().zip(&e.services) {
-        ensure!(sa.backends == se.backends, "{what}: service {}: backends {:?}, expected {:?}", sa.key, sa.backends, se.backends);
+        ensure!(
+            sa.backends == se.backends,
+            "{what}: service {}: backends {:?}, expected {:?}",
+            sa.key,
+            sa.backends,
+            se.backends
+        );
         let settings = |s: &RunningService| (s.hash_ports, s.track_flows, s.idle_timeout, s.udp_grace);
-        ensure!(settings(sa) == settings(se), "{what}: service {}: (hash_ports, track_flows, idle_timeout, udp_grace) {:?}, expected {:?}", sa.key, settings(sa), settings(se));
-        ensure!(sa.changed == se.changed, "{what}: service {}: changed at tick {}, expected {}", sa.key, sa.changed, se.changed);
+        ensure!(
+            settings(sa) == settings(se),
+            "{what}: service {}: (hash_ports, track_flows, idle_timeout, udp_grace) {:?}, expected {:?}",
+            sa.key,
+            settings(sa),
+            settings(se)
+        );
+        ensure!(
+            sa.changed == se.changed,
+            "{what}: service {}: changed at tick {}, expected {}",
+            sa.key,
+            sa.changed,
+            se.changed
+        );
         let differ = (0..sa.table.len()).filter(|&i| sa.table[i] != se.table[i]).count();
         ensure!(differ == 0, "{what}: service {}: {differ} table slots differ", sa.key);
         if sa.transitions != se.transitions {
-            let slots: std::collections::BTreeSet<u32> = sa.transitions.keys().chain(se.transitions.keys()).copied().collect();
-            let first = slots.iter().find(|i| sa.transitions.get(i) != se.transitions.get(i)).expect("some slot differs");
+            let slots: std::collections::BTreeSet<u32> =
+                sa.transitions.keys().chain(se.transitions.keys()).copied().collect();
+            let first =
+                slots.iter().find(|i| sa.transitions.get(i) != se.transitions.get(i)).expect("some slot differs");
             return Err(fail(format!(
                 "{what}: service {}: {} slots in transition, expected {}; first difference: slot {first} previous {:?}, expected {:?}",
                 sa.key,
@@ -544,7 +606,10 @@ pub fn same_snapshot(what: &str, actual: &Snapshot, expected: &Snapshot) -> Test
             )));
         }
     }
-    Err(fail(format!("{what}: running state differs (global {:?} / {:?}, fragments {:?} / {:?})", a.global, e.global, a.fragments, e.fragments)))
+    Err(fail(format!(
+        "{what}: running state differs (global {:?} / {:?}, fragments {:?} / {:?})",
+        a.global, e.global, a.fragments, e.fragments
+    )))
 }
 
 /// A slot by backend addresses: what must agree whatever numbers a
@@ -623,18 +688,34 @@ pub struct TransitionCount {
 /// stays, else C; an empty slot has no previous. A service with a slot
 /// newly in transition or changed in transition (another word) has
 /// `changed` = `clock` (the apply's tick), every other keeps its `changed`.
-pub fn transitions_as_designed(what: &str, before: &Running, after: &Running, clock: u32) -> TestResult<TransitionCount> {
+pub fn transitions_as_designed(
+    what: &str,
+    before: &Running,
+    after: &Running,
+    clock: u32,
+) -> TestResult<TransitionCount> {
     let mut count = TransitionCount::default();
     for s in &after.services {
         let name = |a: Option<SlotAddr>| a.map_or("a number of no backend".to_string(), |a| format!("{a:?}"));
         let got: Vec<Option<SlotAddr>> = (0..s.table.len()).map(|i| slot_addr(s, i)).collect();
         if let Some(i) = got.iter().position(Option::is_none) {
-            return Err(fail(format!("{what}: service {}: slot {i} (current {}, previous {:?}) names no backend of it", s.key, s.table[i], s.transitions.get(&(i as u32)))));
+            return Err(fail(format!(
+                "{what}: service {}: slot {i} (current {}, previous {:?}) names no backend of it",
+                s.key,
+                s.table[i],
+                s.transitions.get(&(i as u32))
+            )));
         }
         count.slots += s.transitions.len();
         let old = before.service(&s.key);
         let Some(old) = old.filter(|_| s.track_flows) else {
-            ensure!(s.transitions.is_empty(), "{what}: service {} ({}) has {} slots in transition", s.key, if s.track_flows { "new" } else { "untracked" }, s.transitions.len());
+            ensure!(
+                s.transitions.is_empty(),
+                "{what}: service {} ({}) has {} slots in transition",
+                s.key,
+                if s.track_flows { "new" } else { "untracked" },
+                s.transitions.len()
+            );
             continue;
         };
         if old.model() == s.model() {
@@ -645,11 +726,15 @@ pub fn transitions_as_designed(what: &str, before: &Running, after: &Running, cl
             );
             continue;
         }
-        let stays = |a: IpAddr| old.backends.iter().any(|b| b.backend.addr == a) && s.backends.iter().any(|b| b.backend.addr == a);
+        let stays = |a: IpAddr| {
+            old.backends.iter().any(|b| b.backend.addr == a) && s.backends.iter().any(|b| b.backend.addr == a)
+        };
         let mut stamped = false;
         for (i, got) in got.iter().enumerate() {
             let got = got.expect("checked above");
-            let was = slot_addr(old, i).ok_or_else(|| fail(format!("{what}: service {}: slot {i} named no backend before the apply", s.key)))?;
+            let was = slot_addr(old, i).ok_or_else(|| {
+                fail(format!("{what}: service {}: slot {i} named no backend before the apply", s.key))
+            })?;
             let current = match got {
                 SlotAddr::Empty => None,
                 SlotAddr::Steady(c) | SlotAddr::Transition { current: c, .. } => Some(c),
@@ -671,7 +756,12 @@ pub fn transitions_as_designed(what: &str, before: &Running, after: &Running, cl
                     SlotAddr::Transition { current: c, previous }
                 }
             };
-            ensure!(got == want, "{what}: service {}: slot {i} was {was:?}, is {}, the design says {want:?}", s.key, name(Some(got)));
+            ensure!(
+                got == want,
+                "{what}: service {}: slot {i} was {was:?}, is {}, the design says {want:?}",
+                s.key,
+                name(Some(got))
+            );
             if got.in_transition() {
                 // Another word: the numbers of a staying backend do not change, so words differ where addresses do, or where a number was reused.
                 let word = |r: &RunningService| (r.table[i], r.transitions.get(&(i as u32)).copied());
@@ -710,7 +800,8 @@ fn probe_hash(salt: u64, dst: IpAddr, proto: u8, dport: u16, index: u64) -> u64 
         IpAddr::V4(a) => (4u64, u128::from(u32::from(a))),
         IpAddr::V6(a) => (6u64, u128::from(a)),
     };
-    let words = [salt, (addr >> 64) as u64, addr as u64, family << 32 | u64::from(proto) << 16 | u64::from(dport), index];
+    let words =
+        [salt, (addr >> 64) as u64, addr as u64, family << 32 | u64::from(proto) << 16 | u64::from(dport), index];
     words.iter().fold(0x6c34_6c62_7072_6f62, |h, &w| mix64(h ^ w))
 }
 
@@ -827,7 +918,11 @@ impl FreshFlows {
             let (mut index, mut taken) = (0u64, 0);
             while taken < per {
                 // Each destination has at least 2^15 clients times 2^12 ports.
-                assert!(index < 64 * per as u64 + 4096, "no fresh flow to {dst:?} after {index} draws ({} flows used)", self.used.len());
+                assert!(
+                    index < 64 * per as u64 + 4096,
+                    "no fresh flow to {dst:?} after {index} draws ({} flows used)",
+                    self.used.len()
+                );
                 let probe = probe_of(probe_hash(salt, dst.0, dst.1, dst.2, index), dst, clients);
                 index += 1;
                 if self.claim(&probe) {
