@@ -12,8 +12,22 @@ BPF_CFLAGS := -g -O2 -target bpf -Wall -Wextra -Werror \
 	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu $(BPF_EXTRA_CFLAGS)
 
 CARGO     ?= cargo
+L4LB_BIN  ?= target/release/l4lb
 
-.PHONY: all build deps test demo bench clean
+# make install [PREFIX=/usr/local] [DESTDIR=]: the binary, the standalone object
+# (for iproute2), manual pages and shell completions generated from the
+# command line's definition, and the documentation.
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+BINDIR    := $(DESTDIR)$(PREFIX)/bin
+OBJDIR    := $(DESTDIR)$(PREFIX)/lib/l4lb
+MANDIR    := $(DESTDIR)$(PREFIX)/share/man/man1
+DOCDIR    := $(DESTDIR)$(PREFIX)/share/doc/l4lb
+BASHDIR   := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSHDIR    := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISHDIR   := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+
+.PHONY: all build deps test demo bench clean install uninstall
 all: $(BPF_OBJ) build
 
 $(BPF_OBJ): $(BPF_SRC) $(BPF_DEPS)
@@ -40,6 +54,25 @@ bench: deps
 	mkdir -p bench-results
 	target/release/l4lb bench --chart bench-results/ratios.svg $(BENCH_ARGS) > bench-results/results.txt
 	cat bench-results/results.txt
+
+install: all
+	install -d $(BINDIR) $(OBJDIR) $(MANDIR) $(DOCDIR) $(BASHDIR) $(ZSHDIR) $(FISHDIR)
+	install -m 0755 $(L4LB_BIN) $(BINDIR)/l4lb
+	install -m 0644 $(BPF_OBJ) $(OBJDIR)/l4lb_xdp.o
+	$(L4LB_BIN) man --out $(MANDIR)
+	chmod 0644 $(MANDIR)/l4lb*.1
+	$(L4LB_BIN) completions bash > $(BASHDIR)/l4lb
+	$(L4LB_BIN) completions zsh > $(ZSHDIR)/_l4lb
+	$(L4LB_BIN) completions fish > $(FISHDIR)/l4lb.fish
+	install -m 0644 README.md $(DOCDIR)/README.md
+	install -d $(DOCDIR)/docs
+	install -m 0644 docs/*.md docs/*.svg $(DOCDIR)/docs/
+
+uninstall:
+	rm -f $(BINDIR)/l4lb $(OBJDIR)/l4lb_xdp.o $(MANDIR)/l4lb.1 $(MANDIR)/l4lb-*.1
+	rm -f $(BASHDIR)/l4lb $(ZSHDIR)/_l4lb $(FISHDIR)/l4lb.fish
+	rm -rf $(DOCDIR)
+	-rmdir $(OBJDIR)
 
 clean:
 	rm -f l4lb_xdp.o

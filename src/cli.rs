@@ -12,7 +12,8 @@ use crate::discover::Mode;
 #[command(
     name = "l4lb",
     version,
-    about = "XDP layer-4 load balancer: hashes each flow to a destination and sends it there over IP-in-IP (direct server return)"
+    about = "XDP layer-4 load balancer: hashes each flow to a destination and sends it there over IP-in-IP (direct server return)",
+    after_help = "Example: l4lb attach -i eth0 && l4lb apply -i eth0 -c lb.toml && l4lb stats -i eth0\n\nManual: docs/ in the source tree, and man l4lb-<command>"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,7 +43,9 @@ impl From<AttachMode> for Mode {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load l4lb and attach it to an interface (stays attached after exit)
+    #[command(after_help = "Example: l4lb attach -i eth0 --seed 0x5eed1234")]
     Attach {
+        /// Interface to attach to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         #[arg(short, long, value_enum, default_value = "drv")]
@@ -61,12 +64,18 @@ pub enum Command {
         flow_entries: Option<u32>,
     },
     /// Remove the l4lb program from an interface, whatever its mode
+    #[command(after_help = "Example: l4lb detach -i eth0")]
     Detach {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
     },
     /// Set the backends of the catch-all service (or of one VIP) from a destination file (`IP, MAC` rows)
+    #[command(
+        after_help = "Example: l4lb map -i eth0 -f destination_samples/4_destinations.csv --vip 203.0.113.10:80/tcp"
+    )]
     Map {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         /// Destination file: one `IP, MAC` row per destination
@@ -83,7 +92,9 @@ pub enum Command {
         seed: Option<u32>,
     },
     /// Program the services of a configuration file (TOML), changing only what differs
+    #[command(after_help = "Example: l4lb apply -i eth0 -c lb.toml --dry-run")]
     Apply {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         /// Configuration file (see README: Configuration)
@@ -94,19 +105,25 @@ pub enum Command {
         dry_run: bool,
     },
     /// Print the running configuration as a file `l4lb apply` takes back unchanged
+    #[command(after_help = "Example: l4lb config -i eth0 > lb.toml")]
     Config {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
     },
     /// Show traffic per service and backend, and the counters, redrawn every interval
+    #[command(after_help = "Example: l4lb stats -i eth0 --interval 2")]
     Stats {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         #[command(flatten)]
         sampling: Sampling,
     },
     /// Show the program, settings, and per service its backends, weights and table slots
+    #[command(after_help = "Example: l4lb status -i eth0 --flows")]
     Status {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         /// One JSON object
@@ -121,8 +138,10 @@ pub enum Command {
     /// Each round advances the tick pins count time by, drops pins idle longer than their service's idle_timeout,
     /// and returns each slot in transition whose service changed at least idle_timeout ago, and none of whose
     /// connections still needs another backend than the current one, to steady. Run it with --every: without a
-    /// sweep, transitions never end. Example: l4lb settle -i eth0 --every 5
+    /// sweep, transitions never end.
+    #[command(after_help = "Example: l4lb settle -i eth0 --every 5")]
     Settle {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         /// Run a round every SECONDS until stopped (default: one round)
@@ -130,6 +149,7 @@ pub enum Command {
         every: Option<f64>,
     },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
+    #[command(after_help = "Example: l4lb bench --rounds 3 --seconds 0.5 --chart ratios.svg")]
     Bench {
         /// Rounds: each measures every packet kind through l4lb and both floors, in turn
         #[arg(long, default_value = "4", value_parser = clap::value_parser!(u64).range(1..=100))]
@@ -150,7 +170,20 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
         flow_entries: Option<u32>,
     },
+    /// Print a shell completion script to standard output (no privileges needed)
+    #[command(after_help = "Example: l4lb completions bash > /usr/share/bash-completion/completions/l4lb")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages of l4lb and of every subcommand (roff, section 1) into DIR (no privileges needed)
+    #[command(after_help = "Example: l4lb man --out /usr/local/share/man/man1")]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Backend side: strip the balancer's IPIP header in XDP (no ipip module needed)
+    #[command(after_help = "Example: l4lb decap attach -i eth0")]
     Decap {
         #[command(subcommand)]
         command: DecapCommand,
@@ -178,7 +211,9 @@ impl From<DecapMode> for Mode {
 #[derive(Debug, Subcommand)]
 pub enum DecapCommand {
     /// Load the decap program and attach it to a backend's interface (stays attached after exit)
+    #[command(after_help = "Example: l4lb decap attach -i eth0 --addr 198.18.0.101 2001:db8:18::101")]
     Attach {
+        /// Interface to attach to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         #[arg(short, long, value_enum, default_value = "drv")]
@@ -191,12 +226,16 @@ pub enum DecapCommand {
         addrs: Vec<IpAddr>,
     },
     /// Remove the decap program from an interface, whatever its mode
+    #[command(after_help = "Example: l4lb decap detach -i eth0")]
     Detach {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
     },
     /// Show the decap counters, redrawn every interval
+    #[command(after_help = "Example: l4lb decap stats -i eth0 --count 5")]
     Stats {
+        /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
         #[command(flatten)]

@@ -21,8 +21,18 @@ use crate::maps::{random_seed, LbMaps};
 use crate::stats::{self, Sample};
 
 pub fn run(command: Command) -> Result<()> {
+    // Generated from the command line's definition: nothing to open, no privileges.
+    match command {
+        Command::Completions { shell } => {
+            crate::generate::completions(shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { out } => return crate::generate::man_pages(&out),
+        _ => {}
+    }
     require_privileges()?;
     match command {
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
         Command::Attach { interface, mode, force, seed, mtu, flow_entries } => {
             attach(&interface, mode, force, seed, mtu, flow_entries)
         }

@@ -14,6 +14,7 @@ pub mod decap;
 pub mod destinations;
 pub mod discover;
 pub mod flow_hash;
+pub mod generate;
 pub mod iface;
 pub mod input_file;
 pub mod libbpf_log;
