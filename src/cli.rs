@@ -97,7 +97,7 @@ pub enum Command {
         /// Interface the program is attached to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
-        /// Configuration file (see README: Configuration)
+        /// Configuration file (TOML; format: docs/configuration.md)
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
         /// Print the changes, write nothing

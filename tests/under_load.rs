@@ -1,4 +1,4 @@
-//! Table updates under load: the README's claim that a valid `l4lb map`
+//! Table updates under load: the documentation's claim (docs/usage.md) that a valid `l4lb map`
 //! update never lets traffic meet a half-written table, checked with live
 //! traffic.
 //!
