@@ -1,27 +1,16 @@
-//! l4lb host library: everything the `l4lb` binary does, split by concern so
-//! that the pure parts (file parsing, table computation, statistics) are
-//! tested without root.
+//! l4lb host library: everything the `l4lb` binary does, one folder per
+//! layer (docs/architecture.md): `kernel` (layer 2: layouts, loading, maps),
+//! `control` (layer 3: configuration to map writes, pure where it can be),
+//! `present` (layer 4: command line and output); the benchmark beside them.
+//! Layer 1, the datapath, is the C under src/bpf/.
 
-pub mod addr;
-pub mod apply;
-pub mod attach;
 pub mod bench;
-pub mod bpf;
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod decap;
-pub mod destinations;
-pub mod discover;
-pub mod flow_hash;
-pub mod generate;
-pub mod iface;
-pub mod input_file;
-pub mod libbpf_log;
-pub mod maglev;
-pub mod maps;
-pub mod settle;
-pub mod state;
-pub mod stats;
-pub mod status;
-pub mod transition;
+pub mod control;
+pub mod kernel;
+pub mod present;
+
+// Every module under its short name (`crate::config`, `l4lb::maps`, ...),
+// as the code and the tests name them.
+pub use control::{addr, apply, config, destinations, flow_hash, input_file, maglev, settle, state, transition};
+pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps};
+pub use present::{cli, commands, generate, stats, status};

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Bob Jenkins' lookup3 hash (the kernel's jhash) on three 32-bit words. The
- * host has a bit-exact model of the flow hash in src/flow_hash.rs.
+ * host has a bit-exact model of the flow hash in src/control/flow_hash.rs.
  */
 #ifndef L4LB_JHASH_H
 #define L4LB_JHASH_H

@@ -64,7 +64,7 @@ static __always_inline enum ipv4_fault ipv4_check(const struct iphdr *ip, void *
 /* What the balancer needs from a client's packet, read before the outer
  * header moves the head. Address and port words hold the bytes as they are
  * on the wire, loaded as host-order words (the host's model of the hash,
- * src/flow_hash.rs, does the same). For an ICMP error, the flow is the one
+ * src/control/flow_hash.rs, does the same). For an ICMP error, the flow is the one
  * the quoted packet belongs to, seen from the client.
  */
 struct packet {

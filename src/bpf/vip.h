@@ -3,7 +3,7 @@
  * a hash map: on these machines a HASH lookup costs about 25 ns, an ARRAY
  * lookup (inlined by the verifier) 1 to 2 ns. The host places each VIP at
  * most vip_probes - 1 entries after its home entry (the same hash, modelled
- * in src/flow_hash.rs) and the key is checked in the value.
+ * in src/control/flow_hash.rs) and the key is checked in the value.
  */
 #ifndef L4LB_VIP_H
 #define L4LB_VIP_H

@@ -857,7 +857,7 @@ pub struct Lb {
 }
 
 /// How l4lb_flows is loaded: as the object declares it (HASH of
-/// L4LB_FLOW_ENTRIES), or switched and sized first (as src/attach.rs does).
+/// L4LB_FLOW_ENTRIES), or switched and sized first (as src/kernel/attach.rs does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowTable {
     pub lru: bool,

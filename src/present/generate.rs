@@ -32,7 +32,7 @@ pub fn man_pages(dir: &Path) -> Result<()> {
 pub fn command_reference() -> String {
     let mut text = String::from(
         "# Commands\n\n\
-         <!-- Generated from src/cli.rs by `cargo test --lib generate` (L4LB_BLESS=1 rewrites it): do not edit. -->\n\n\
+         <!-- Generated from src/present/cli.rs by `cargo test --lib generate` (L4LB_BLESS=1 rewrites it): do not edit. -->\n\n\
          Every command's `--help`, as the binary prints it. The same text is in the manual pages\n\
          (`man l4lb`, `man l4lb-apply`, ...) that `make install` installs.\n",
     );
@@ -70,7 +70,7 @@ mod tests {
     }
 
     /// docs/commands.md is what the command line says today. After a change
-    /// of src/cli.rs: L4LB_BLESS=1 cargo test --lib generate.
+    /// of src/present/cli.rs: L4LB_BLESS=1 cargo test --lib generate.
     #[test]
     fn command_reference_is_current() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands.md");
