@@ -537,6 +537,20 @@ type SlotWrites = Vec<(u32, u32)>;
 /// None keeps the running MTU (callers put the device's there when the
 /// running one is 0).
 pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
+    check_capacity(now, wanted)?;
+    let diff = config::diff(&now.running.model(), wanted);
+    let numbers = ServiceNumbers::assign(now, wanted)?;
+    let services = plan_services(now, wanted, &numbers)?;
+    let mut vips = place_vips(now, wanted, &numbers)?;
+    let fragments = plan_fragments(now, wanted, &numbers, &mut vips)?;
+    let configs = plan_configs(now, wanted, &numbers, vips.probes_needed, services.stamped, fresh_seed);
+    let steps = order_steps(now, &numbers, &services, &vips, &fragments, &configs);
+    let after = snapshot_after(now, &wanted.global, services.after, vips.after, configs.fin);
+    Ok(Plan { diff, steps, after })
+}
+
+/// The limits of the datapath and of this program's maps.
+fn check_capacity(now: &Snapshot, wanted: &Model) -> Result<()> {
     check_limits(wanted)?;
     check_mtu(wanted, now.config.mtu)?;
     if wanted.services.len() > now.service_tables {
@@ -547,32 +561,76 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             consts::L4LB_OFFLOAD_MAX_SERVICES
         );
     }
-    let running = &now.running;
-    let diff = config::diff(&running.model(), wanted);
+    Ok(())
+}
 
-    // Service numbers.
-    let wanted_keys: BTreeSet<ServiceKey> = wanted.services.iter().map(|s| s.key).collect();
-    let removed: Vec<&RunningService> = running.services.iter().filter(|s| !wanted_keys.contains(&s.key)).collect();
-    let used: BTreeSet<u32> = running.services.iter().map(|s| s.number).collect();
-    let mut service_numbers = Numbers::new(now.service_tables, &used, removed.iter().map(|s| s.number).collect());
-    let mut number_of: BTreeMap<ServiceKey, u32> = BTreeMap::new();
-    let mut reused_services: BTreeSet<u32> = BTreeSet::new();
-    for s in &wanted.services {
-        let n = match running.service(&s.key) {
-            Some(r) => r.number,
-            None => {
-                let (n, reused) =
-                    service_numbers.take().ok_or_else(|| anyhow!("no free service number for {}", s.key))?;
-                if reused {
-                    reused_services.insert(n);
+/// The service numbers of an apply: a running service keeps its number, a
+/// new one takes a fresh number, or (only when none is left) one of a
+/// service this apply removes.
+struct ServiceNumbers<'a> {
+    number_of: BTreeMap<ServiceKey, u32>,
+    /// Running services the wanted model drops.
+    removed: Vec<&'a RunningService>,
+    /// Numbers of removed services that new services take.
+    reused: BTreeSet<u32>,
+}
+
+impl<'a> ServiceNumbers<'a> {
+    fn assign(now: &'a Snapshot, wanted: &Model) -> Result<Self> {
+        let running = &now.running;
+        let wanted_keys: BTreeSet<ServiceKey> = wanted.services.iter().map(|s| s.key).collect();
+        let removed: Vec<&RunningService> = running.services.iter().filter(|s| !wanted_keys.contains(&s.key)).collect();
+        let used: BTreeSet<u32> = running.services.iter().map(|s| s.number).collect();
+        let mut free = Numbers::new(now.service_tables, &used, removed.iter().map(|s| s.number).collect());
+        let mut number_of = BTreeMap::new();
+        let mut reused = BTreeSet::new();
+        for s in &wanted.services {
+            let n = match running.service(&s.key) {
+                Some(r) => r.number,
+                None => {
+                    let (n, was_used) = free.take().ok_or_else(|| anyhow!("no free service number for {}", s.key))?;
+                    if was_used {
+                        reused.insert(n);
+                    }
+                    n
                 }
-                n
-            }
-        };
-        number_of.insert(s.key, n);
+            };
+            number_of.insert(s.key, n);
+        }
+        Ok(ServiceNumbers { number_of, removed, reused })
     }
 
-    // Backend numbers.
+    /// Whether a running service keeps its number (it stays).
+    fn staying(&self, now: &Snapshot) -> BTreeSet<u32> {
+        let removed: BTreeSet<u32> = self.removed.iter().map(|r| r.number).collect();
+        now.running.services.iter().map(|s| s.number).filter(|n| !removed.contains(n)).collect()
+    }
+}
+
+/// A new service: its number, its whole table, its entry and its VIP key.
+type NewService = (u32, SlotWrites, bpf::Service, Option<[u8; 20]>);
+
+/// What the services and their backends need written.
+struct ServicePlan {
+    /// Backend numbers new in this apply (their counters are zeroed first).
+    fresh_backends: Vec<u32>,
+    /// New and changed backend entries.
+    backend_writes: Vec<(u32, bpf::Backend)>,
+    /// Numbers of running backends the wanted model drops.
+    removed_backends: Vec<u32>,
+    /// Backend numbers of the wanted model.
+    in_use_backends: BTreeSet<u32>,
+    new_services: Vec<NewService>,
+    /// (number, slot writes, entry) of each service whose table or entry changes.
+    changed_services: Vec<(u32, SlotWrites, bpf::Service)>,
+    /// Some slot went into transition (or changed in one): the tick is stamped.
+    stamped: bool,
+    /// The running services after the apply, in the wanted model's order.
+    after: Vec<RunningService>,
+}
+
+fn plan_services(now: &Snapshot, wanted: &Model, numbers: &ServiceNumbers) -> Result<ServicePlan> {
+    let running = &now.running;
     let running_backends: HashMap<(ServiceKey, IpAddr), &RunningBackend> =
         running.services.iter().flat_map(|s| s.backends.iter().map(move |b| ((s.key, b.backend.addr), b))).collect();
     let wanted_backends: BTreeSet<(ServiceKey, IpAddr)> =
@@ -585,139 +643,222 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut backend_numbers = Numbers::new(MAX_BACKENDS, &used, removed_backends.clone());
-
-    let old_gateway = running.global.gateway_mac;
-    let new_gateway = wanted.global.gateway_mac;
-    let mut fresh_backends = Vec::new();
-    let mut backend_writes: Vec<(u32, bpf::Backend)> = Vec::new();
-    let mut after_services = Vec::new();
-    // (number, table writes, entry[, VIP key]) per new and changed service.
-    let mut new_services: Vec<(u32, SlotWrites, bpf::Service, Option<[u8; 20]>)> = Vec::new();
-    let mut changed_services: Vec<(u32, SlotWrites, bpf::Service)> = Vec::new();
-    let mut stamped = false;
-    let mut in_use_backends: BTreeSet<u32> = BTreeSet::new();
+    let mut backends = BackendNumbers {
+        running: running_backends,
+        free: Numbers::new(MAX_BACKENDS, &used, removed_backends.clone()),
+        old_gateway: running.global.gateway_mac,
+        new_gateway: wanted.global.gateway_mac,
+    };
+    let mut plan = ServicePlan {
+        fresh_backends: Vec::new(),
+        backend_writes: Vec::new(),
+        removed_backends,
+        in_use_backends: BTreeSet::new(),
+        new_services: Vec::new(),
+        changed_services: Vec::new(),
+        stamped: false,
+        after: Vec::new(),
+    };
     for s in &wanted.services {
-        let number = number_of[&s.key];
-        let old = running.service(&s.key);
-        let mut members = Vec::with_capacity(s.backends.len());
-        for b in &s.backends {
-            let (n, entry_before) = match running_backends.get(&(s.key, b.addr)) {
-                Some(r) => (r.number, Some(backend_entry(&r.backend, number, old_gateway))),
-                None => {
-                    let (n, _) = backend_numbers
-                        .take()
-                        .ok_or_else(|| anyhow!("no free backend number for {} of {}", b.addr, s.key))?;
-                    fresh_backends.push(n);
-                    (n, None)
-                }
-            };
-            let entry = backend_entry(b, number, new_gateway);
-            if entry_before.is_none_or(|e| bytes_of(&e) != bytes_of(&entry)) {
-                backend_writes.push((n, entry));
-            }
-            in_use_backends.insert(n);
-            members.push(RunningBackend { number: n, backend: *b });
-        }
-        // Any difference (backends or settings) recomputes the table; a
-        // settings change alone then writes no slot, only the flags word.
-        let unchanged = old.is_some_and(|o| o.model() == *s);
-        let table = match old {
-            Some(o) if unchanged => o.table.clone(),
-            _ => {
-                let identities: Vec<maglev::Backend> =
-                    s.backends.iter().map(|b| maglev::Backend::from_addr(b.addr, b.weight)).collect();
-                let indices =
-                    maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| anyhow!("service {}: {e}", s.key))?;
-                let numbers: Vec<u32> = members.iter().map(|m| m.number).collect();
-                maglev::to_numbers(&indices, &numbers)
-            }
-        };
-        let (transitions, changed) = match old {
-            None => (BTreeMap::new(), 0),
-            Some(o) if unchanged => (o.transitions.clone(), o.changed),
-            Some(o) if s.track_flows => {
-                let (transitions, started) = next_transitions(o, &table, &members);
-                stamped |= started;
-                (transitions, if started { now.tick } else { o.changed })
-            }
-            // Untracked: every slot steady.
-            Some(o) => (BTreeMap::new(), o.changed),
-        };
-        let entry = service_entry(s, changed);
-        let words = transition::join(&table, &transitions);
-        match old {
-            None => {
-                let writes = words.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect();
-                new_services.push((number, writes, entry, vip_key_bytes(&s.key)));
-            }
-            Some(o) => {
-                let old_entry = service_entry(&o.model(), o.changed);
-                let writes = if unchanged {
-                    Vec::new()
-                } else {
-                    maglev::diff(&transition::join(&o.table, &o.transitions), &words)
-                };
-                if !writes.is_empty() || bytes_of(&old_entry) != bytes_of(&entry) {
-                    changed_services.push((number, writes, entry));
-                }
-            }
-        }
-        after_services.push(RunningService {
-            number,
-            key: s.key,
-            hash_ports: s.hash_ports,
-            track_flows: s.track_flows,
-            idle_timeout: s.idle_timeout,
-            udp_grace: s.udp_grace,
-            changed,
-            backends: members,
-            table,
-            transitions,
-        });
+        let number = numbers.number_of[&s.key];
+        let members = plan_members(s, number, &mut backends, &mut plan)?;
+        plan_table(now, s, number, members, &mut plan)?;
     }
+    Ok(plan)
+}
 
-    // VIP placement.
-    let positions = now.vip_positions();
-    let mut taken: BTreeSet<u32> = positions.values().copied().collect();
-    let mut after_vips = now.vips.clone();
-    let mut new_vip_entries: Vec<(u32, [u8; 20], u32)> = Vec::new();
-    let mut removed_vip_entries: Vec<u32> = Vec::new();
-    for r in &removed {
-        if let Some(kb) = vip_key_bytes(&r.key) {
-            if let Some(&e) = positions.get(&kb) {
-                removed_vip_entries.push(e);
-                after_vips[e as usize] = [0; 24];
+/// How backends get their numbers and entries: the running ones by
+/// (service, address), fresh ones from `free`; the gateway MAC before and
+/// after the apply (an entry without its own MAC takes the gateway's).
+struct BackendNumbers<'a> {
+    running: HashMap<(ServiceKey, IpAddr), &'a RunningBackend>,
+    free: Numbers,
+    old_gateway: Option<[u8; 6]>,
+    new_gateway: Option<[u8; 6]>,
+}
+
+/// Service `s`'s backends with their numbers (kept, or fresh), recording
+/// the backend entries to write.
+fn plan_members(
+    s: &config::Service,
+    number: u32,
+    backends: &mut BackendNumbers,
+    plan: &mut ServicePlan,
+) -> Result<Vec<RunningBackend>> {
+    let mut members = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        let (n, entry_before) = match backends.running.get(&(s.key, b.addr)) {
+            Some(r) => (r.number, Some(backend_entry(&r.backend, number, backends.old_gateway))),
+            None => {
+                let (n, _) = backends
+                    .free
+                    .take()
+                    .ok_or_else(|| anyhow!("no free backend number for {} of {}", b.addr, s.key))?;
+                plan.fresh_backends.push(n);
+                (n, None)
+            }
+        };
+        let entry = backend_entry(b, number, backends.new_gateway);
+        if entry_before.is_none_or(|e| bytes_of(&e) != bytes_of(&entry)) {
+            plan.backend_writes.push((n, entry));
+        }
+        plan.in_use_backends.insert(n);
+        members.push(RunningBackend { number: n, backend: *b });
+    }
+    Ok(members)
+}
+
+/// Service `s`'s table, its slots in transition and its entry: recorded as a
+/// new service, or as the slot writes and entry of a changed one.
+fn plan_table(
+    now: &Snapshot,
+    s: &config::Service,
+    number: u32,
+    members: Vec<RunningBackend>,
+    plan: &mut ServicePlan,
+) -> Result<()> {
+    let old = now.running.service(&s.key);
+    // Any difference (backends or settings) recomputes the table; a
+    // settings change alone then writes no slot, only the flags word.
+    let unchanged = old.is_some_and(|o| o.model() == *s);
+    let table = match old {
+        Some(o) if unchanged => o.table.clone(),
+        _ => {
+            let identities: Vec<maglev::Backend> =
+                s.backends.iter().map(|b| maglev::Backend::from_addr(b.addr, b.weight)).collect();
+            let indices = maglev::populate(&identities, MAGLEV_SIZE).map_err(|e| anyhow!("service {}: {e}", s.key))?;
+            let numbers: Vec<u32> = members.iter().map(|m| m.number).collect();
+            maglev::to_numbers(&indices, &numbers)
+        }
+    };
+    let (transitions, changed) = match old {
+        None => (BTreeMap::new(), 0),
+        Some(o) if unchanged => (o.transitions.clone(), o.changed),
+        Some(o) if s.track_flows => {
+            let (transitions, started) = next_transitions(o, &table, &members);
+            plan.stamped |= started;
+            (transitions, if started { now.tick } else { o.changed })
+        }
+        // Untracked: every slot steady.
+        Some(o) => (BTreeMap::new(), o.changed),
+    };
+    let entry = service_entry(s, changed);
+    let words = transition::join(&table, &transitions);
+    match old {
+        None => {
+            let writes = words.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect();
+            plan.new_services.push((number, writes, entry, vip_key_bytes(&s.key)));
+        }
+        Some(o) => {
+            let old_entry = service_entry(&o.model(), o.changed);
+            let writes =
+                if unchanged { Vec::new() } else { maglev::diff(&transition::join(&o.table, &o.transitions), &words) };
+            if !writes.is_empty() || bytes_of(&old_entry) != bytes_of(&entry) {
+                plan.changed_services.push((number, writes, entry));
             }
         }
     }
-    let mut probes_needed = 0u32;
+    plan.after.push(RunningService {
+        number,
+        key: s.key,
+        hash_ports: s.hash_ports,
+        track_flows: s.track_flows,
+        idle_timeout: s.idle_timeout,
+        udp_grace: s.udp_grace,
+        changed,
+        backends: members,
+        table,
+        transitions,
+    });
+    Ok(())
+}
+
+/// Where the VIPs sit in l4lb_vips after the apply.
+struct VipPlan {
+    /// Entries of the running VIPs (and fragment entries), by key.
+    positions: HashMap<[u8; 20], u32>,
+    /// Entries taken, running or new.
+    taken: BTreeSet<u32>,
+    /// l4lb_vips after the apply.
+    after: Vec<VipEntry>,
+    /// (entry, key, service number) of each new VIP.
+    new_entries: Vec<(u32, [u8; 20], u32)>,
+    /// Entries of removed VIPs, cleared after the grace period.
+    removed_entries: Vec<u32>,
+    /// How far past its home entry the farthest entry sits, plus one.
+    probes_needed: u32,
+}
+
+/// The first free entry within VIP_MAX_PROBES of `home`.
+fn free_vip_entry(home: u32, taken: &BTreeSet<u32>) -> Option<u32> {
+    (0..VIP_MAX_PROBES).map(|i| (home + i) & VIP_MASK).find(|e| !taken.contains(e))
+}
+
+/// How many probes reach entry `e` from `home`.
+fn probes_to(e: u32, home: u32) -> u32 {
+    ((e.wrapping_sub(home)) & VIP_MASK) + 1
+}
+
+fn place_vips(now: &Snapshot, wanted: &Model, numbers: &ServiceNumbers) -> Result<VipPlan> {
+    let positions = now.vip_positions();
+    let mut vips = VipPlan {
+        taken: positions.values().copied().collect(),
+        positions,
+        after: now.vips.clone(),
+        new_entries: Vec::new(),
+        removed_entries: Vec::new(),
+        probes_needed: 0,
+    };
+    for r in &numbers.removed {
+        if let Some(&e) = vip_key_bytes(&r.key).and_then(|kb| vips.positions.get(&kb)) {
+            vips.removed_entries.push(e);
+            vips.after[e as usize] = [0; 24];
+        }
+    }
     for s in &wanted.services {
         let Some(kb) = vip_key_bytes(&s.key) else { continue };
         let home = vip_home(&kb);
-        let entry = match positions.get(&kb) {
-            Some(&e) if running.service(&s.key).is_some() => e,
+        let entry = match vips.positions.get(&kb) {
+            Some(&e) if now.running.service(&s.key).is_some() => e,
             _ => {
-                let e = (0..VIP_MAX_PROBES).map(|i| (home + i) & VIP_MASK).find(|e| !taken.contains(e)).ok_or_else(|| {
+                let e = free_vip_entry(home, &vips.taken).ok_or_else(|| {
                     anyhow!(
                         "VIP {}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {VIP_MAX_PROBES} entries of its home entry {home}",
                         s.key
                     )
                 })?;
-                taken.insert(e);
-                new_vip_entries.push((e, kb, number_of[&s.key]));
-                after_vips[e as usize] = vip_entry(&kb, number_of[&s.key]);
+                let n = numbers.number_of[&s.key];
+                vips.taken.insert(e);
+                vips.new_entries.push((e, kb, n));
+                vips.after[e as usize] = vip_entry(&kb, n);
                 e
             }
         };
-        probes_needed = probes_needed.max(((entry.wrapping_sub(home)) & VIP_MASK) + 1);
+        vips.probes_needed = vips.probes_needed.max(probes_to(entry, home));
     }
+    Ok(vips)
+}
 
-    // Fragment entries: (entry, key bytes, service number) to publish in
-    // (b) (staged, then the family byte); (entry, value) to re-point in (b),
-    // to unpublish or re-point before the first grace period ("early": the
-    // entry names a number a new service reuses, or no running service), to
-    // unpublish in (d); entries to clear in (g).
+/// Fragment entries: (entry, key bytes, service number) to publish in (b)
+/// (staged, then the family byte); (entry, value) to re-point in (b), to
+/// unpublish or re-point before the first grace period ("early": the entry
+/// names a number a new service reuses, or no running service), to
+/// unpublish in (d); entries to clear in (g).
+struct FragmentPlan {
+    publish: Vec<(u32, [u8; 20], u32)>,
+    repoint: Vec<(u32, VipEntry)>,
+    early: Vec<(u32, VipEntry)>,
+    unpublish: Vec<(u32, VipEntry)>,
+    clear: Vec<u32>,
+}
+
+fn plan_fragments(
+    now: &Snapshot,
+    wanted: &Model,
+    numbers: &ServiceNumbers,
+    vips: &mut VipPlan,
+) -> Result<FragmentPlan> {
+    let running = &now.running;
     let old_fragments: BTreeMap<[u8; 20], (u32, u32)> = now
         .vips
         .iter()
@@ -726,41 +867,42 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
         .map(|(i, e)| (e[..20].try_into().expect("20 bytes"), (i as u32, vip_service(e))))
         .collect();
     let wanted_fragments = fragment_targets(&wanted.services);
-    let staying: BTreeSet<u32> =
-        running.services.iter().filter(|s| wanted_keys.contains(&s.key)).map(|s| s.number).collect();
-    let mut fragment_publish: Vec<(u32, [u8; 20], u32)> = Vec::new();
-    let mut fragment_repoint: Vec<(u32, VipEntry)> = Vec::new();
-    let mut fragment_early: Vec<(u32, VipEntry)> = Vec::new();
-    let mut fragment_unpublish: Vec<(u32, VipEntry)> = Vec::new();
-    let mut fragment_clear: Vec<u32> = Vec::new();
+    let staying = numbers.staying(now);
+    let mut plan = FragmentPlan {
+        publish: Vec::new(),
+        repoint: Vec::new(),
+        early: Vec::new(),
+        unpublish: Vec::new(),
+        clear: Vec::new(),
+    };
     for (kb, &(e, was)) in &old_fragments {
         let mut off = now.vips[e as usize];
         off[16] = 0;
-        let early = reused_services.contains(&was) || running.services.iter().all(|s| s.number != was);
-        match wanted_fragments.get(kb).map(|t| number_of[t]) {
+        let early = numbers.reused.contains(&was) || running.services.iter().all(|s| s.number != was);
+        match wanted_fragments.get(kb).map(|t| numbers.number_of[t]) {
             None => {
                 if early {
-                    fragment_early.push((e, off));
+                    plan.early.push((e, off));
                 } else {
-                    fragment_unpublish.push((e, off));
+                    plan.unpublish.push((e, off));
                 }
-                fragment_clear.push(e);
-                after_vips[e as usize] = [0; 24];
+                plan.clear.push(e);
+                vips.after[e as usize] = [0; 24];
             }
             Some(n) => {
-                probes_needed = probes_needed.max(((e.wrapping_sub(vip_home(kb))) & VIP_MASK) + 1);
+                vips.probes_needed = vips.probes_needed.max(probes_to(e, vip_home(kb)));
                 if n == was && staying.contains(&was) {
                     continue;
                 }
                 let entry = vip_entry(kb, n);
-                after_vips[e as usize] = entry;
+                vips.after[e as usize] = entry;
                 if !early {
-                    fragment_repoint.push((e, entry));
+                    plan.repoint.push((e, entry));
                 } else if staying.contains(&n) {
-                    fragment_early.push((e, entry));
+                    plan.early.push((e, entry));
                 } else {
-                    fragment_early.push((e, off));
-                    fragment_publish.push((e, *kb, n));
+                    plan.early.push((e, off));
+                    plan.publish.push((e, *kb, n));
                 }
             }
         }
@@ -770,7 +912,7 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             continue;
         }
         let home = vip_home(kb);
-        let e = (0..VIP_MAX_PROBES).map(|i| (home + i) & VIP_MASK).find(|e| !taken.contains(e)).ok_or_else(|| {
+        let e = free_vip_entry(home, &vips.taken).ok_or_else(|| {
             let name = match target {
                 ServiceKey::Vip { addr, protocol, .. } => format!("{addr}/{}", protocol.name()),
                 ServiceKey::CatchAll => unreachable!("the catch-all has no fragment entry"),
@@ -779,19 +921,36 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
                 "fragment entry of {name}: no free entry in l4lb_vips within L4LB_VIP_MAX_PROBES = {VIP_MAX_PROBES} entries of its home entry {home}"
             )
         })?;
-        taken.insert(e);
-        let n = number_of[target];
-        fragment_publish.push((e, *kb, n));
-        after_vips[e as usize] = vip_entry(kb, n);
-        probes_needed = probes_needed.max(((e.wrapping_sub(home)) & VIP_MASK) + 1);
+        vips.taken.insert(e);
+        let n = numbers.number_of[target];
+        plan.publish.push((e, *kb, n));
+        vips.after[e as usize] = vip_entry(kb, n);
+        vips.probes_needed = vips.probes_needed.max(probes_to(e, home));
     }
+    Ok(plan)
+}
 
-    // Configurations.
+/// The configuration word as written at (a), at (b), and at the end.
+struct Configs {
+    a: Config,
+    b: Config,
+    fin: Config,
+}
+
+fn plan_configs(
+    now: &Snapshot,
+    wanted: &Model,
+    numbers: &ServiceNumbers,
+    probes_needed: u32,
+    stamped: bool,
+    fresh_seed: u32,
+) -> Configs {
     let old = now.config;
-    let mut fin = old;
+    let g = &wanted.global;
     let set = |c: &mut Config, bit: u32, on: bool| if on { c.flags |= bit } else { c.flags &= !bit };
+    let mut fin = old;
     let seed_set = old.flags & consts::L4LB_CONFIG_SEED_SET != 0;
-    match wanted.global.hash_seed {
+    match g.hash_seed {
         Some(seed) if seed_set && old.hash_seed == seed => {}
         Some(seed) => {
             fin.hash_seed = seed;
@@ -804,14 +963,13 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
             fin.flags &= !consts::L4LB_CONFIG_SEED_FIXED;
         }
     }
-    let g = &wanted.global;
     fin.src_v4 = g.source_v4.map(|a| a.octets()).unwrap_or_default();
     set(&mut fin, consts::L4LB_CONFIG_SRC_SET, g.source_v4.is_some());
     fin.src_v6 = g.source_v6.map(|a| a.octets()).unwrap_or_default();
     set(&mut fin, consts::L4LB_CONFIG_SRC6_SET, g.source_v6.is_some());
     fin.gateway_mac = g.gateway_mac.unwrap_or_default();
     set(&mut fin, consts::L4LB_CONFIG_GATEWAY_SET, g.gateway_mac.is_some());
-    let catch_all = number_of.get(&ServiceKey::CatchAll).copied();
+    let catch_all = numbers.number_of.get(&ServiceKey::CatchAll).copied();
     fin.catch_all = catch_all.unwrap_or(0);
     set(&mut fin, consts::L4LB_CONFIG_CATCH_ALL, catch_all.is_some());
     let any_port = wanted.services.iter().any(|s| matches!(s.key, ServiceKey::Vip { port: 0, .. }));
@@ -823,127 +981,143 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     // (a): sources and gateway new backends need; old values kept where the
     // wanted model drops them (removed services still send until (d)); the
     // MTU.
-    let mut cfg_a = old;
-    cfg_a.mtu = fin.mtu;
+    let mut a = old;
+    a.mtu = fin.mtu;
     // Slots go into transition: the tick they count from, before them.
     if stamped {
-        cfg_a.clock = now.tick;
+        a.clock = now.tick;
         fin.clock = now.tick;
     }
-    if let Some(a) = g.source_v4 {
-        cfg_a.src_v4 = a.octets();
-        cfg_a.flags |= consts::L4LB_CONFIG_SRC_SET;
+    if let Some(addr) = g.source_v4 {
+        a.src_v4 = addr.octets();
+        a.flags |= consts::L4LB_CONFIG_SRC_SET;
     }
-    if let Some(a) = g.source_v6 {
-        cfg_a.src_v6 = a.octets();
-        cfg_a.flags |= consts::L4LB_CONFIG_SRC6_SET;
+    if let Some(addr) = g.source_v6 {
+        a.src_v6 = addr.octets();
+        a.flags |= consts::L4LB_CONFIG_SRC6_SET;
     }
     if let Some(m) = g.gateway_mac {
-        cfg_a.gateway_mac = m;
-        cfg_a.flags |= consts::L4LB_CONFIG_GATEWAY_SET;
+        a.gateway_mac = m;
+        a.flags |= consts::L4LB_CONFIG_GATEWAY_SET;
     }
-    let removed_catch_all = removed.iter().find(|s| s.key == ServiceKey::CatchAll).map(|s| s.number);
-    if removed_catch_all.is_some_and(|n| reused_services.contains(&n)) {
-        cfg_a.flags &= !consts::L4LB_CONFIG_CATCH_ALL;
-        cfg_a.catch_all = 0;
+    let removed_catch_all = numbers.removed.iter().find(|s| s.key == ServiceKey::CatchAll).map(|s| s.number);
+    if removed_catch_all.is_some_and(|n| numbers.reused.contains(&n)) {
+        a.flags &= !consts::L4LB_CONFIG_CATCH_ALL;
+        a.catch_all = 0;
     }
     // (b): lookups cover old and new VIPs; the new catch-all is published.
-    let mut cfg_b = cfg_a;
-    cfg_b.vip_probes = old.vip_probes.max(fin.vip_probes);
+    let mut b = a;
+    b.vip_probes = old.vip_probes.max(fin.vip_probes);
     if any_port {
-        cfg_b.flags |= consts::L4LB_CONFIG_ANY_PORT;
+        b.flags |= consts::L4LB_CONFIG_ANY_PORT;
     }
-    if let Some(n) = catch_all.filter(|_| running.service(&ServiceKey::CatchAll).is_none()) {
-        cfg_b.flags |= consts::L4LB_CONFIG_CATCH_ALL;
-        cfg_b.catch_all = n;
+    if let Some(n) = catch_all.filter(|_| now.running.service(&ServiceKey::CatchAll).is_none()) {
+        b.flags |= consts::L4LB_CONFIG_CATCH_ALL;
+        b.catch_all = n;
     }
+    Configs { a, b, fin }
+}
 
-    // The steps.
+/// A VIP entry written with family 0 (not matched), then whole.
+fn publish_vip(steps: &mut Vec<Step>, e: u32, kb: &[u8; 20], n: u32) {
+    let mut staged = vip_entry(kb, n);
+    staged[16] = 0;
+    steps.push(Step::Write { map: MapId::Vips, key: e, value: staged.to_vec() });
+    steps.push(Step::Write { map: MapId::Vips, key: e, value: vip_entry(kb, n).to_vec() });
+}
+
+/// A running VIP entry unpublished: its family byte 0.
+fn unpublish_vip(steps: &mut Vec<Step>, now: &Snapshot, vips: &VipPlan, r: &RunningService) {
+    if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| vips.positions.get(&kb)) {
+        let mut freed = now.vips[*e as usize];
+        freed[16] = 0;
+        steps.push(Step::Write { map: MapId::Vips, key: *e, value: freed.to_vec() });
+    }
+}
+
+/// The writes in the order of the module comment's steps (a) to (g), then
+/// without the configuration writes that change nothing.
+fn order_steps(
+    now: &Snapshot,
+    numbers: &ServiceNumbers,
+    services: &ServicePlan,
+    vips: &VipPlan,
+    fragments: &FragmentPlan,
+    configs: &Configs,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     let write = |map: MapId, key: u32, value: Vec<u8>| Step::Write { map, key, value };
     // (a)
-    for &n in &fresh_backends {
+    for &n in &services.fresh_backends {
         steps.push(Step::Zero { map: MapId::BackendStats, key: n });
     }
-    for (n, entry) in &backend_writes {
+    for (n, entry) in &services.backend_writes {
         steps.push(write(MapId::Backends, *n, bytes_of(entry)));
     }
-    steps.push(write(MapId::Config, 0, bytes_of(&cfg_a)));
+    steps.push(write(MapId::Config, 0, bytes_of(&configs.a)));
     // Removed services whose number a new service takes: unpublished first.
-    let early: Vec<&&RunningService> = removed.iter().filter(|r| reused_services.contains(&r.number)).collect();
-    if !early.is_empty() || !fragment_early.is_empty() {
-        for (e, value) in &fragment_early {
+    let early: Vec<&&RunningService> = numbers.removed.iter().filter(|r| numbers.reused.contains(&r.number)).collect();
+    if !early.is_empty() || !fragments.early.is_empty() {
+        for (e, value) in &fragments.early {
             steps.push(write(MapId::Vips, *e, value.to_vec()));
         }
         for r in &early {
-            if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
-                let mut freed = now.vips[*e as usize];
-                freed[16] = 0;
-                steps.push(write(MapId::Vips, *e, freed.to_vec()));
-            }
+            unpublish_vip(&mut steps, now, vips, r);
         }
         steps.push(Step::Grace);
     }
     // (b)
-    for (n, writes, entry, _) in &new_services {
+    for (n, writes, entry, _) in &services.new_services {
         steps.push(Step::Zero { map: MapId::ServiceStats, key: *n });
         steps.push(Step::Slots { service: *n, writes: writes.clone() });
         steps.push(write(MapId::Services, *n, bytes_of(entry)));
     }
-    steps.push(write(MapId::Config, 0, bytes_of(&cfg_b)));
-    for (e, kb, n) in &new_vip_entries {
-        let mut staged = vip_entry(kb, *n);
-        staged[16] = 0;
-        steps.push(write(MapId::Vips, *e, staged.to_vec()));
-        steps.push(write(MapId::Vips, *e, vip_entry(kb, *n).to_vec()));
+    steps.push(write(MapId::Config, 0, bytes_of(&configs.b)));
+    for (e, kb, n) in vips.new_entries.iter().chain(&fragments.publish) {
+        publish_vip(&mut steps, *e, kb, *n);
     }
-    for (e, kb, n) in &fragment_publish {
-        let mut staged = vip_entry(kb, *n);
-        staged[16] = 0;
-        steps.push(write(MapId::Vips, *e, staged.to_vec()));
-        steps.push(write(MapId::Vips, *e, vip_entry(kb, *n).to_vec()));
-    }
-    for (e, value) in &fragment_repoint {
+    for (e, value) in &fragments.repoint {
         steps.push(write(MapId::Vips, *e, value.to_vec()));
     }
     // (c)
-    for (n, writes, entry) in &changed_services {
+    for (n, writes, entry) in &services.changed_services {
         if !writes.is_empty() {
             steps.push(Step::Slots { service: *n, writes: writes.clone() });
         }
         steps.push(write(MapId::Services, *n, bytes_of(entry)));
     }
     // (d), (e)
-    for (e, value) in &fragment_unpublish {
+    for (e, value) in &fragments.unpublish {
         steps.push(write(MapId::Vips, *e, value.to_vec()));
     }
-    for r in removed.iter().filter(|r| !reused_services.contains(&r.number)) {
-        if let Some(e) = vip_key_bytes(&r.key).and_then(|kb| positions.get(&kb)) {
-            let mut freed = now.vips[*e as usize];
-            freed[16] = 0;
-            steps.push(write(MapId::Vips, *e, freed.to_vec()));
-        }
+    for r in numbers.removed.iter().filter(|r| !numbers.reused.contains(&r.number)) {
+        unpublish_vip(&mut steps, now, vips, r);
     }
-    steps.push(write(MapId::Config, 0, bytes_of(&fin)));
+    steps.push(write(MapId::Config, 0, bytes_of(&configs.fin)));
     // (f), (g)
-    let in_use_services: BTreeSet<u32> = number_of.values().copied().collect();
+    let in_use_services: BTreeSet<u32> = numbers.number_of.values().copied().collect();
     let mut clears = Vec::new();
-    for &e in removed_vip_entries.iter().chain(&fragment_clear) {
+    for &e in vips.removed_entries.iter().chain(&fragments.clear) {
         clears.push(write(MapId::Vips, e, vec![0; 24]));
     }
-    for r in removed.iter().filter(|r| !in_use_services.contains(&r.number)) {
+    for r in numbers.removed.iter().filter(|r| !in_use_services.contains(&r.number)) {
         clears.push(write(MapId::Services, r.number, bytes_of(&bpf::Service::default())));
     }
-    for &n in removed_backends.iter().filter(|n| !in_use_backends.contains(n)) {
+    for &n in services.removed_backends.iter().filter(|n| !services.in_use_backends.contains(n)) {
         clears.push(write(MapId::Backends, n, bytes_of(&bpf::Backend::default())));
     }
     if !clears.is_empty() {
         steps.push(Step::Grace);
         steps.extend(clears);
     }
+    drop_unchanged_config_writes(&mut steps, &now.config);
+    steps
+}
 
-    // Drop writes that change nothing (the config's, when equal).
-    let mut config_now = bytes_of(&old);
+/// Drops the configuration writes that change nothing; a plan of grace
+/// periods alone becomes empty.
+fn drop_unchanged_config_writes(steps: &mut Vec<Step>, old: &Config) {
+    let mut config_now = bytes_of(old);
     steps.retain(|s| match s {
         Step::Write { map: MapId::Config, value, .. } => {
             let changes = *value != config_now;
@@ -955,8 +1129,17 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
     if steps.iter().all(|s| matches!(s, Step::Grace)) {
         steps.clear();
     }
+}
 
-    let after = Snapshot {
+/// The maps as the plan leaves them.
+fn snapshot_after(
+    now: &Snapshot,
+    g: &config::Global,
+    services: Vec<RunningService>,
+    vips: Vec<VipEntry>,
+    fin: Config,
+) -> Snapshot {
+    Snapshot {
         running: Running {
             global: config::Global {
                 source_v4: g.source_v4,
@@ -966,15 +1149,14 @@ pub fn plan(now: &Snapshot, wanted: &Model, fresh_seed: u32) -> Result<Plan> {
                 mtu: (fin.mtu != 0).then_some(fin.mtu),
             },
             seed_fixed: fin.flags & consts::L4LB_CONFIG_SEED_FIXED != 0,
-            services: after_services,
-            fragments: fragments_of(&after_vips),
+            services,
+            fragments: fragments_of(&vips),
         },
         config: fin,
-        vips: after_vips,
+        vips,
         service_tables: now.service_tables,
         tick: now.tick,
-    };
-    Ok(Plan { diff, steps, after })
+    }
 }
 
 /// The slots in transition of a tracked service after an apply that gives
