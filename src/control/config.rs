@@ -564,6 +564,14 @@ impl Validator<'_> {
         if let Some(first) = seen.insert(key, self.line(&key_span)) {
             return Err(self.at(&key_span, format!("service {key} is already defined on line {first}")));
         }
+        let (hash_ports, track_flows, idle_timeout, udp_grace) = self.service_settings(raw, &key)?;
+        let backends = self.service_backends(raw, span, &key, global, total)?;
+        Ok(Service { key, hash_ports, track_flows, idle_timeout, udp_grace, backends })
+    }
+
+    /// A service's settings: hash_ports, track_flows, idle_timeout, udp_grace.
+    fn service_settings(&self, raw: &RawService, key: &ServiceKey) -> Result<(bool, bool, u32, u32)> {
+        let key = *key;
         let hash_ports = match &raw.hash_ports {
             None => true,
             Some(h) => {
@@ -590,6 +598,20 @@ impl Validator<'_> {
         };
         let idle_timeout = seconds(&raw.idle_timeout, "idle_timeout", 1, IDLE_TIMEOUT_DEFAULT)?;
         let udp_grace = seconds(&raw.udp_grace, "udp_grace", 0, UDP_GRACE_DEFAULT)?;
+        Ok((hash_ports, track_flows, idle_timeout, udp_grace))
+    }
+
+    /// A service's backends, each checked, none twice, sorted; `total`
+    /// counts them over the file.
+    fn service_backends(
+        &self,
+        raw: &RawService,
+        span: &Range<usize>,
+        key: &ServiceKey,
+        global: &Global,
+        total: &mut usize,
+    ) -> Result<Vec<Backend>> {
+        let key = *key;
         let raw_backends = raw.backends.as_ref().ok_or_else(|| {
             self.at(span, format!("service {key} has no backends (backends = [ {{ address = ... }} ])"))
         })?;
@@ -633,7 +655,7 @@ impl Validator<'_> {
             backends.push(backend);
         }
         backends.sort();
-        Ok(Service { key, hash_ports, track_flows, idle_timeout, udp_grace, backends })
+        Ok(backends)
     }
 
     fn backend(&self, raw: &RawBackend, span: &Range<usize>, key: &ServiceKey, global: &Global) -> Result<Backend> {
