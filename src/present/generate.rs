@@ -86,9 +86,19 @@ mod tests {
         );
     }
 
+    /// A scratch directory, removed when dropped (also when a check fails).
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn man_pages_cover_every_subcommand() {
-        let dir = std::env::temp_dir().join(format!("l4lb-man-test-{}", std::process::id()));
+        let scratch = Scratch(std::env::temp_dir().join(format!("l4lb-man-test-{}", std::process::id())));
+        let dir = scratch.0.clone();
         std::fs::create_dir_all(&dir).unwrap();
         man_pages(&dir).unwrap();
         for page in ["l4lb.1", "l4lb-attach.1", "l4lb-apply.1", "l4lb-settle.1", "l4lb-decap-attach.1"] {
@@ -97,7 +107,6 @@ mod tests {
             assert!(text.contains("Example: l4lb"), "{page} has no example");
         }
         assert!(man_pages(&dir.join("missing")).unwrap_err().to_string().contains("is not a directory"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
