@@ -13,14 +13,12 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::packet::{internet_checksum, PacketSocket};
 use common::services::{predict, Probe, Verdict};
-use common::{fail, in_netns, ip, link_mac, run, Outcome, TestResult};
+use common::veth::{attach_xdp_pass, VethPair, LB_ADDR};
+use common::{fail, in_netns, ip, run, Outcome, TestResult};
 use l4lb::state::Running;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -30,8 +28,6 @@ const BPF_OBJECT: &str = env!("L4LB_BPF_OBJECT");
 const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/destination_samples");
 /// Namespaces, interfaces and temporary directories of this suite start with this.
 const PREFIX: &str = "l4lbt";
-const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Frames per traffic check.
 const N: usize = 200;
 
@@ -71,64 +67,22 @@ fn sample(name: &str) -> String {
 
 // ---------------------------------------------------------------- topology
 
-/// Two namespaces joined by a veth pair; deleting them on drop removes the
-/// veth and every XDP program attached to it.
-struct Topology {
-    gen: String,
-    lb: String,
-    gen_dev: String,
-    lb_dev: String,
-    lb_mac: [u8; 6],
-    gen_mac: [u8; 6],
-    /// Scratch directory for destination files.
-    dir: PathBuf,
+/// The suite's gen <-> lb veth pair (gen runs an XDP_PASS program, so that
+/// it receives the balancer's XDP_TX frames).
+struct Topology(VethPair);
+
+impl std::ops::Deref for Topology {
+    type Target = VethPair;
+    fn deref(&self) -> &VethPair {
+        &self.0
+    }
 }
 
 impl Topology {
-    /// gen (192.0.2.1/24, XDP_PASS program so it receives XDP_TX frames)
-    /// <-> lb (192.0.2.2/24 when `lb_address`, no XDP program yet).
+    /// gen (192.0.2.1/24, XDP_PASS) <-> lb (192.0.2.2/24 when `lb_address`,
+    /// no XDP program yet).
     fn new(lb_address: bool) -> TestResult<Self> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let base = format!("{PREFIX}-{}-{n}", std::process::id());
-        let mut topo = Topology {
-            gen: format!("{base}-gen"),
-            lb: format!("{base}-lb"),
-            gen_dev: format!("{PREFIX}{n}g"),
-            lb_dev: format!("{PREFIX}{n}l"),
-            lb_mac: [0; 6],
-            gen_mac: [0; 6],
-            dir: std::env::temp_dir().join(&base),
-        };
-        // From here on the guard exists: a failure below still cleans up.
-        std::fs::create_dir_all(&topo.dir)?;
-        for ns in [&topo.gen, &topo.lb] {
-            ip(&["netns", "add", ns])?;
-            // No IPv6: no router solicitations or MLD reports to disturb counters.
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )
-            .success()?;
-        }
-        let (gen, lb, gen_dev, lb_dev) = (&topo.gen, &topo.lb, &topo.gen_dev, &topo.lb_dev);
-        ip(&["-n", gen, "link", "add", gen_dev, "type", "veth", "peer", "name", lb_dev, "netns", lb])?;
-        ip(&["-n", gen, "addr", "add", &format!("{GEN_ADDR}/24"), "dev", gen_dev])?;
-        if lb_address {
-            ip(&["-n", lb, "addr", "add", &format!("{LB_ADDR}/24"), "dev", lb_dev])?;
-        }
-        ip(&["-n", gen, "link", "set", "dev", gen_dev, "up"])?;
-        ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
-        topo.gen_mac = link_mac(gen, gen_dev)?;
-        topo.lb_mac = link_mac(lb, lb_dev)?;
+        let topo = Topology(VethPair::new(PREFIX, lb_address)?);
         attach_xdp_pass(&topo.gen, &topo.gen_dev)?;
         Ok(topo)
     }
@@ -142,9 +96,7 @@ impl Topology {
 
     /// Writes a file into the scratch directory; returns its path.
     fn file(&self, name: &str, contents: &[u8]) -> TestResult<String> {
-        let path = self.dir.join(name);
-        std::fs::write(&path, contents)?;
-        Ok(path.display().to_string())
+        Ok(self.write_file(name, contents)?.display().to_string())
     }
 
     /// The XDP programs on the lb veth as `ip -j -d link show` lists them:
@@ -186,13 +138,9 @@ impl Topology {
     }
 
     /// Runs `f` on the maps of the l4lb program on the lb veth, through the library.
-    fn with_maps<T: Send>(&self, f: impl FnOnce(&l4lb::maps::LbMaps) -> anyhow::Result<T> + Send) -> TestResult<T> {
-        in_netns(&self.lb, || {
-            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
-            let program = l4lb::discover::find_l4lb(&iface)?;
-            let maps = l4lb::maps::LbMaps::open(&program)?;
-            Ok(f(&maps)?)
-        })
+    fn with_maps<T>(&self, f: impl FnOnce(&l4lb::maps::LbMaps) -> anyhow::Result<T>) -> TestResult<T> {
+        let program = self.attached_l4lb()?;
+        Ok(f(&l4lb::maps::LbMaps::open(&program)?)?)
     }
 
     /// Every byte of every map of the l4lb program.
@@ -219,48 +167,6 @@ impl Topology {
         ensure!(samples.len() == 2, "expected 2 JSON lines from stats --count 2:\n{}", out.stdout);
         Ok(samples)
     }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in [&self.gen, &self.lb] {
-            let _ = run("ip", &["netns", "del", ns]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Loads `r0 = XDP_PASS; exit` and attaches it to `dev` in driver mode. The
-/// attachment outlives the program fd (netlink attach).
-fn attach_xdp_pass(ns: &str, dev: &str) -> TestResult {
-    in_netns(ns, || {
-        let index = nix::net::if_::if_nametoindex(dev)?;
-        // SAFETY: bpf_insn is plain data; all-zero is a valid value.
-        let mut insns: [libbpf_sys::bpf_insn; 2] = unsafe { std::mem::zeroed() };
-        insns[0].code = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
-        insns[0].imm = 2; // XDP_PASS
-        insns[1].code = 0x95; // BPF_JMP | BPF_EXIT
-                              // SAFETY: valid instruction array of 2, NUL-terminated strings, null opts.
-        let fd = unsafe {
-            libbpf_sys::bpf_prog_load(
-                libbpf_sys::BPF_PROG_TYPE_XDP,
-                c"l4lbt_pass".as_ptr(),
-                c"GPL".as_ptr(),
-                insns.as_ptr(),
-                2,
-                std::ptr::null_mut(),
-            )
-        };
-        ensure!(fd >= 0, "loading the XDP_PASS program: {}", std::io::Error::from_raw_os_error(-fd));
-        // SAFETY: fd was just returned to us.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: plain syscall wrapper with a valid fd, null options.
-        let rc = unsafe {
-            libbpf_sys::bpf_xdp_attach(index as i32, fd.as_raw_fd(), libbpf_sys::XDP_FLAGS_DRV_MODE, std::ptr::null())
-        };
-        ensure!(rc == 0, "attaching the XDP_PASS program to {dev}: {}", std::io::Error::from_raw_os_error(-rc));
-        Ok(())
-    })
 }
 
 // ---------------------------------------------------------------- frames

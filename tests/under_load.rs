@@ -92,9 +92,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -104,7 +103,8 @@ use common::services::{
     FreshFlows, PinKey, Pins, Prediction, Probe, Program, Rule, Segment, SlotAddr, TransitionCount, Verdict, PROTO_TCP,
     PROTO_UDP,
 };
-use common::{fail, in_netns, ip, link_mac, TestResult};
+use common::veth::{VethPair, LB_ADDR};
+use common::{fail, in_netns, TestResult};
 use l4lb::apply::{self, Snapshot};
 use l4lb::bench::frames::{self, Endpoints, Kind};
 use l4lb::bpf::{COUNTER_NAMES, MAGLEV_SIZE};
@@ -120,8 +120,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 const BENCH_OBJECT: &str = env!("L4LB_BENCH_OBJECT");
 /// Namespaces, interfaces and temporary directories of this suite start with this.
 const PREFIX: &str = "l4lbt";
-const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Updates under the flood in the main test.
 const UPDATES: usize = 100;
 /// `l4lb apply` updates under the flood.
@@ -177,19 +175,18 @@ fn main() {
 
 // ---------------------------------------------------------------- topology
 
-/// gen (192.0.2.1/24) <-> lb (192.0.2.2/24, l4lb attached in driver mode);
-/// deleting the namespaces on drop removes the veth and every XDP program.
+/// The suite's gen <-> lb veth pair, l4lb attached to lb in driver mode.
 struct Topology {
-    gen: String,
-    lb: String,
-    gen_dev: String,
-    lb_dev: String,
-    gen_mac: [u8; 6],
-    lb_mac: [u8; 6],
-    /// Scratch directory for destination files.
-    dir: PathBuf,
+    veth: VethPair,
     /// The balancer's hash seed (`l4lb attach --seed`).
     hash_seed: u32,
+}
+
+impl std::ops::Deref for Topology {
+    type Target = VethPair;
+    fn deref(&self) -> &VethPair {
+        &self.veth
+    }
 }
 
 impl Topology {
@@ -197,46 +194,8 @@ impl Topology {
     /// seed decides which slot every flow takes; `flow_entries`: its flow
     /// table's size (`--flow-entries`; None: attach's default).
     fn new(hash_seed: u32, flow_entries: Option<u32>) -> TestResult<Self> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let base = format!("{PREFIX}-{}-u{n}", std::process::id());
-        let mut topo = Topology {
-            gen: format!("{base}-gen"),
-            lb: format!("{base}-lb"),
-            gen_dev: format!("{PREFIX}-u{n}g"),
-            lb_dev: format!("{PREFIX}-u{n}l"),
-            gen_mac: [0; 6],
-            lb_mac: [0; 6],
-            dir: std::env::temp_dir().join(&base),
-            hash_seed,
-        };
-        // From here on the guard exists: a failure below still cleans up.
-        std::fs::create_dir_all(&topo.dir)?;
-        for ns in [&topo.gen, &topo.lb] {
-            ip(&["netns", "add", ns])?;
-            // No IPv6: no router solicitations or MLD reports among the counters.
-            common::run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )
-            .success()?;
-        }
-        let (gen, lb, gen_dev, lb_dev) = (&topo.gen, &topo.lb, &topo.gen_dev, &topo.lb_dev);
-        ip(&["-n", gen, "link", "add", gen_dev, "type", "veth", "peer", "name", lb_dev, "netns", lb])?;
-        ip(&["-n", gen, "addr", "add", &format!("{GEN_ADDR}/24"), "dev", gen_dev])?;
-        ip(&["-n", lb, "addr", "add", &format!("{LB_ADDR}/24"), "dev", lb_dev])?;
-        ip(&["-n", gen, "link", "set", "dev", gen_dev, "up"])?;
-        ip(&["-n", lb, "link", "set", "dev", lb_dev, "up"])?;
-        topo.gen_mac = link_mac(gen, gen_dev)?;
-        topo.lb_mac = link_mac(lb, lb_dev)?;
+        let topo = Topology { veth: VethPair::new(PREFIX, true)?, hash_seed };
+        let lb_dev = &topo.lb_dev;
         let mut attach =
             vec!["attach".to_string(), "-i".into(), lb_dev.clone(), "--seed".into(), format!("{hash_seed:#010x}")];
         if let Some(n) = flow_entries {
@@ -297,20 +256,13 @@ impl Topology {
 
     /// `l4lb map -i DEV -f FILE` arguments for a file written now.
     fn map_args(&self, name: &str, set: &[Destination]) -> TestResult<Vec<String>> {
-        let path = self.dir.join(name);
-        std::fs::write(&path, destination_file(set))?;
+        let path = self.write_file(name, destination_file(set).as_bytes())?;
         Ok(vec!["map".into(), "-i".into(), self.lb_dev.clone(), "-f".into(), path.display().to_string()])
     }
 
-    /// Discovers the l4lb program on the lb veth through the library, in a
-    /// thread inside the lb namespace, and opens its maps. The handles work
-    /// from any thread afterwards.
+    /// The maps of the l4lb program on the lb veth, found afresh.
     fn open_maps(&self) -> TestResult<LbMaps> {
-        in_netns(&self.lb, || {
-            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
-            let program = l4lb::discover::find_l4lb(&iface)?;
-            Ok(LbMaps::open(&program)?)
-        })
+        Ok(LbMaps::open(&self.attached_l4lb()?)?)
     }
 
     /// The state as the datapath sees it, found afresh through the library.
@@ -321,26 +273,17 @@ impl Topology {
 
     /// The flow table (l4lb_flows) of the attached program.
     fn open_flows(&self) -> TestResult<libbpf_rs::MapHandle> {
-        in_netns(&self.lb, || {
-            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
-            let program = l4lb::discover::find_l4lb(&iface)?;
-            Ok(l4lb::maps::open_flows(&program)?)
-        })
+        Ok(l4lb::maps::open_flows(&self.attached_l4lb()?)?)
     }
 
     /// The attached l4lb program, for BPF_PROG_TEST_RUN.
     fn program(&self) -> TestResult<Program> {
-        let id = in_netns(&self.lb, || {
-            let iface = l4lb::iface::Interface::by_name(&self.lb_dev)?;
-            Ok(l4lb::discover::find_l4lb(&iface)?.id)
-        })?;
-        Program::from_id(id)
+        Program::from_id(self.attached_l4lb()?.id)
     }
 
     /// `l4lb apply -i DEV -c FILE` arguments for a file written now.
     fn apply_args(&self, name: &str, text: &str) -> TestResult<Vec<String>> {
-        let path = self.dir.join(name);
-        std::fs::write(&path, text)?;
+        let path = self.write_file(name, text.as_bytes())?;
         Ok(vec!["apply".into(), "-i".into(), self.lb_dev.clone(), "-c".into(), path.display().to_string()])
     }
 
@@ -361,15 +304,6 @@ impl Topology {
             out.insert(name.to_string(), value);
         }
         Ok(out)
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in [&self.gen, &self.lb] {
-            let _ = common::run("ip", &["netns", "del", ns]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

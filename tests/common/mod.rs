@@ -44,6 +44,7 @@ macro_rules! ensure {
 pub mod lb;
 pub mod packet;
 pub mod services;
+pub mod veth;
 pub mod wire;
 
 // ---------------------------------------------------------------- checks
