@@ -109,6 +109,23 @@ struct Fds {
 }
 
 impl Fds {
+    /// The benchmark object's programs and maps and the l4lbs the bench holds.
+    fn new(skel: &super::skel::L4lbBenchSkel<'_>, lb: &L4lbSetup) -> Fds {
+        Fds {
+            gen: skel.progs.bench_gen.as_fd().as_raw_fd(),
+            plain: skel.progs.bench_plain.as_fd().as_raw_fd(),
+            encap: skel.progs.bench_encap.as_fd().as_raw_fd(),
+            encap6: skel.progs.bench_encap6.as_fd().as_raw_fd(),
+            empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
+            l4lb: lb.tracked.as_raw_fd(),
+            l4lb_untracked: lb.untracked.as_raw_fd(),
+            l4lb_spread: lb.spread.program.as_raw_fd(),
+            l4lb_spread_untracked: lb.spread_untracked.program.as_raw_fd(),
+            gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
+            sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
+        }
+    }
+
     fn of(&self, variant: Variant, kind: Kind) -> RawFd {
         let spread = kind == Kind::Spread64;
         match variant {
@@ -228,93 +245,17 @@ pub fn measure(options: &Options) -> Result<Measured> {
     // l4lb through the product path, and the control-plane timings.
     eprintln!("l4lb bench: attaching l4lb and filling a service of {DESTINATIONS} backends ({FILL_REPEATS} times)");
     let lb = sys::in_netns(&topo.lb_ns, || setup_l4lb(&topo.lb_dev, options.flow_entries))?;
-    let (l4lb_fd, map_ids, lb_ifindex, services) = (&lb.tracked, &lb.tracked_maps, lb.ifindex, &lb.services);
     let tracked_maps = open_maps(lb.tracked_id, &lb.tracked_maps)?;
     let untracked_maps = open_maps(lb.untracked_id, &lb.untracked_maps)?;
     let spread_maps = open_maps(lb.spread.id, &lb.spread.map_ids)?;
     let spread_untracked_maps = open_maps(lb.spread_untracked.id, &lb.spread_untracked.map_ids)?;
-    let tracked_flows = crate::maps::open_flows(&discover::AttachedProgram {
-        id: lb.tracked_id,
-        name: crate::bpf::PROG_NAME.into(),
-        mode: Mode::Driver,
-        map_ids: lb.tracked_maps.clone(),
-    })?;
+    let tracked_flows = crate::maps::open_flows(&held_program(lb.tracked_id, &lb.tracked_maps))?;
 
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
-    crate::libbpf_log::capture();
     let mut storage = MaybeUninit::uninit();
-    let mut open =
-        L4lbBenchSkelBuilder::default().open(&mut storage).context("opening the embedded benchmark object")?;
-    let mut handles = Vec::new();
-    for &id in map_ids {
-        handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
-    }
-    let find = |name: &str| {
-        handles.iter().find(|h| h.name().to_string_lossy() == name).ok_or_else(|| anyhow!("l4lb has no map `{name}`"))
-    };
-    {
-        // The variants read l4lb's configuration, VIPs, services, tables and
-        // backends (filled), and look up and pin flows in its flow table (the
-        // tracked l4lb's); they count into maps of their own, of the same
-        // types (per-CPU in driver mode), so that l4lb's counters stay l4lb's.
-        let maps = &mut open.maps;
-        for (map, name) in [
-            (&mut maps.l4lb_config, crate::bpf::MAP_CONFIG),
-            (&mut maps.l4lb_vips, crate::bpf::MAP_VIPS),
-            (&mut maps.l4lb_services, crate::bpf::MAP_SERVICES),
-            (&mut maps.l4lb_tables, crate::bpf::MAP_TABLES),
-            (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
-            (&mut maps.l4lb_flows, crate::bpf::MAP_FLOWS),
-        ] {
-            map.reuse_fd(find(name)?.as_fd())
-                .with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
-        }
-        for (map, name) in [
-            (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
-            (&mut maps.l4lb_svc_stats, crate::bpf::MAP_SERVICE_STATS),
-            (&mut maps.l4lb_counters, crate::bpf::MAP_COUNTERS),
-        ] {
-            map.set_type(find(name)?.map_type()).with_context(|| format!("typing the variants' `{name}`"))?;
-        }
-    }
-    let skel = open
-        .load()
-        .map_err(|err| anyhow!("the kernel refused the benchmark programs: {err}{}", crate::libbpf_log::tail(12)))?;
-    let gen_cfg_size = skel.maps.bench_gen_cfg.value_size() as usize;
-    if gen_cfg_size != frames::GEN_CONFIG_LEN {
-        bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", frames::GEN_CONFIG_LEN);
-    }
-
-    let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
-    let gen_fd = skel.progs.bench_gen.as_fd().as_raw_fd();
-    let gen_ifindex = sys::in_netns(&topo.gen_ns, || {
-        let index = Interface::by_name(&topo.gen_dev)?.index;
-        sys::xdp_attach(index, sink_fd)?;
-        // Every live test_run call puts its program into the kernel's XDP
-        // dispatcher and takes it out again when it returns, and each change
-        // of the dispatcher waits for an RCU grace period (synchronize_rcu,
-        // milliseconds): the generator idled more than half the time. A
-        // program attached to a device stays in the dispatcher, and then a
-        // test_run call only counts one more user. So the generator is parked
-        // on the gen namespace's loopback (generic mode; nothing is sent there).
-        let lo = Interface::by_name("lo")?.index;
-        sys::xdp_attach_mode(lo, gen_fd, libbpf_sys::XDP_FLAGS_SKB_MODE)?;
-        Ok(index)
-    })?;
-
-    let fds = Fds {
-        gen: skel.progs.bench_gen.as_fd().as_raw_fd(),
-        plain: skel.progs.bench_plain.as_fd().as_raw_fd(),
-        encap: skel.progs.bench_encap.as_fd().as_raw_fd(),
-        encap6: skel.progs.bench_encap6.as_fd().as_raw_fd(),
-        empty: skel.progs.bench_empty.as_fd().as_raw_fd(),
-        l4lb: l4lb_fd.as_raw_fd(),
-        l4lb_untracked: lb.untracked.as_raw_fd(),
-        l4lb_spread: lb.spread.program.as_raw_fd(),
-        l4lb_spread_untracked: lb.spread_untracked.program.as_raw_fd(),
-        gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
-        sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
-    };
+    let skel = load_bench_object(&mut storage, &lb.tracked_maps)?;
+    let gen_ifindex = attach_sink_and_park_generator(&topo, &skel)?;
+    let fds = Fds::new(&skel, &lb);
     let allowed = sys::allowed_cpus()?;
     let (&gen_cpu, others) = allowed.split_last().ok_or_else(|| anyhow!("no CPU to run on"))?;
     let setup = Setup {
@@ -322,7 +263,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
         fds,
         ends,
         gen_ifindex,
-        lb_ifindex,
+        lb_ifindex: lb.ifindex,
         cpus,
         gen_cpu,
         other_cpus: others.to_vec(),
@@ -333,7 +274,7 @@ pub fn measure(options: &Options) -> Result<Measured> {
     };
     let variants = variant_programs(&skel, fds.l4lb);
     let row_services = RowServices {
-        tracked: services,
+        tracked: &lb.services,
         untracked: &lb.untracked_services,
         spread: &lb.spread.services,
         spread_untracked: &lb.spread_untracked.services,
@@ -347,54 +288,23 @@ pub fn measure(options: &Options) -> Result<Measured> {
     };
 
     eprintln!("l4lb bench: timing the programs with BPF_PROG_TEST_RUN");
-    let mut test_runs = Vec::new();
-    for kind in Kind::ALL {
-        if kind.changed() {
-            setup.start_change()?;
-        }
-        test_runs.push(time_test_run(&fds, kind, &ends)?);
-    }
+    let test_runs = Kind::ALL
+        .into_iter()
+        .map(|kind| {
+            if kind.changed() {
+                setup.start_change()?;
+            }
+            time_test_run(&fds, kind, &ends)
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     let variants = if options.variants { Some(variants.as_slice()) } else { None };
     let (rounds, run_times, stats_overhead_ns, variant_rounds) = live_phases(&setup, options, variants)?;
-    let main_rows: Vec<Kind> = Kind::ALL.into_iter().filter(|&k| k != Kind::Spread64).collect();
-    let counts = check_l4lb_counters(&tracked_maps, services, true, &main_rows).context("the tracked l4lb")?;
-    let untracked_counts = check_l4lb_counters(&untracked_maps, &lb.untracked_services, false, &main_rows)
-        .context("the untracked l4lb")?;
-    for (maps, spread, name) in [
-        (&spread_maps, &lb.spread, "the tracked l4lb of the 64 services"),
-        (&spread_untracked_maps, &lb.spread_untracked, "the untracked l4lb of the 64 services"),
-    ] {
-        let spread_counts =
-            check_l4lb_counters(maps, &spread.services, spread.tracked, &[Kind::Spread64]).context(name)?;
-        if let Some(idle) = spread_counts.services.iter().find(|s| s.packets == 0) {
-            bail!("{name}: service {} counted no packets: not every table was in use", idle.service);
-        }
-    }
-
-    let mut kinds = Vec::new();
-    for (i, kind) in Kind::ALL.into_iter().enumerate() {
-        let throughput =
-            Throughput::of(rounds[i].clone()).ok_or_else(|| anyhow!("no rounds measured for {}", kind.label()))?;
-        kinds.push(KindResult {
-            kind,
-            label: kind.label(),
-            outer: if kind.outer_ipv6() { "IPv6" } else { "IPv4" },
-            frame_bytes: kind.frame_len(),
-            throughput,
-            test_run_ns: test_runs[i].0,
-            test_run_empty_ns: test_runs[i].1,
-            run_time_ns: run_times[i],
-        });
-    }
+    let (counts, untracked_counts) =
+        check_counts_after(&setup, &spread_untracked_maps, &row_services, (&lb.spread, &lb.spread_untracked))?;
+    let kinds = kind_results(rounds, &test_runs, &run_times)?;
     let variants = match (variants, variant_rounds) {
-        (Some(programs), Some(rounds)) => {
-            let mut rows = Vec::new();
-            for (&(name, what, fd), mpps) in programs.iter().zip(rounds) {
-                rows.push((name, what, mpps, size(fd)?));
-            }
-            Some(Variants::of(VARIANT_KIND, rows).ok_or_else(|| anyhow!("no variant rounds measured"))?)
-        }
+        (Some(programs), Some(rounds)) => Some(variant_results(programs, rounds)?),
         _ => None,
     };
     drop(topo);
@@ -410,15 +320,142 @@ pub fn measure(options: &Options) -> Result<Measured> {
     })
 }
 
+/// Opens the embedded benchmark object and loads it, its variants sharing
+/// the maps of the tracked l4lb (`map_ids`) that they read.
+fn load_bench_object<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    map_ids: &[u32],
+) -> Result<super::skel::L4lbBenchSkel<'obj>> {
+    crate::libbpf_log::capture();
+    let mut open = L4lbBenchSkelBuilder::default().open(storage).context("opening the embedded benchmark object")?;
+    let mut handles = Vec::new();
+    for &id in map_ids {
+        handles.push(libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening l4lb's map id {id}"))?);
+    }
+    let find = |name: &str| {
+        handles.iter().find(|h| h.name().to_string_lossy() == name).ok_or_else(|| anyhow!("l4lb has no map `{name}`"))
+    };
+    // The variants read l4lb's configuration, VIPs, services, tables and
+    // backends (filled), and look up and pin flows in its flow table (the
+    // tracked l4lb's); they count into maps of their own, of the same
+    // types (per-CPU in driver mode), so that l4lb's counters stay l4lb's.
+    let maps = &mut open.maps;
+    for (map, name) in [
+        (&mut maps.l4lb_config, crate::bpf::MAP_CONFIG),
+        (&mut maps.l4lb_vips, crate::bpf::MAP_VIPS),
+        (&mut maps.l4lb_services, crate::bpf::MAP_SERVICES),
+        (&mut maps.l4lb_tables, crate::bpf::MAP_TABLES),
+        (&mut maps.l4lb_backends, crate::bpf::MAP_BACKENDS),
+        (&mut maps.l4lb_flows, crate::bpf::MAP_FLOWS),
+    ] {
+        map.reuse_fd(find(name)?.as_fd()).with_context(|| format!("sharing l4lb's map `{name}` with the variants"))?;
+    }
+    for (map, name) in [
+        (&mut maps.l4lb_be_stats, crate::bpf::MAP_BACKEND_STATS),
+        (&mut maps.l4lb_svc_stats, crate::bpf::MAP_SERVICE_STATS),
+        (&mut maps.l4lb_counters, crate::bpf::MAP_COUNTERS),
+    ] {
+        map.set_type(find(name)?.map_type()).with_context(|| format!("typing the variants' `{name}`"))?;
+    }
+    let skel = open
+        .load()
+        .map_err(|err| anyhow!("the kernel refused the benchmark programs: {err}{}", crate::libbpf_log::tail(12)))?;
+    let gen_cfg_size = skel.maps.bench_gen_cfg.value_size() as usize;
+    if gen_cfg_size != frames::GEN_CONFIG_LEN {
+        bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", frames::GEN_CONFIG_LEN);
+    }
+    Ok(skel)
+}
+
+/// Attaches the sink to the gen veth and parks the generator on the gen
+/// namespace's loopback; returns the gen veth's ifindex.
+fn attach_sink_and_park_generator(topo: &Topology, skel: &super::skel::L4lbBenchSkel<'_>) -> Result<u32> {
+    let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
+    let gen_fd = skel.progs.bench_gen.as_fd().as_raw_fd();
+    sys::in_netns(&topo.gen_ns, || {
+        let index = Interface::by_name(&topo.gen_dev)?.index;
+        sys::xdp_attach(index, sink_fd)?;
+        // Every live test_run call puts its program into the kernel's XDP
+        // dispatcher and takes it out again when it returns, and each change
+        // of the dispatcher waits for an RCU grace period (synchronize_rcu,
+        // milliseconds): the generator idled more than half the time. A
+        // program attached to a device stays in the dispatcher, and then a
+        // test_run call only counts one more user. So the generator is parked
+        // on the gen namespace's loopback (generic mode; nothing is sent there).
+        let lo = Interface::by_name("lo")?.index;
+        sys::xdp_attach_mode(lo, gen_fd, libbpf_sys::XDP_FLAGS_SKB_MODE)?;
+        Ok(index)
+    })
+}
+
+/// After the live phases: every l4lb's counters must add up (and every
+/// table of the 64 services must have been used); returns the main pair's.
+fn check_counts_after(
+    setup: &Setup,
+    spread_untracked_maps: &LbMaps,
+    rows: &RowServices<'_>,
+    (spread, spread_untracked): (&HeldL4lb, &HeldL4lb),
+) -> Result<(L4lbCounts, L4lbCounts)> {
+    let main_rows: Vec<Kind> = Kind::ALL.into_iter().filter(|&k| k != Kind::Spread64).collect();
+    let counts = check_l4lb_counters(setup.tracked_maps, rows.tracked, true, &main_rows).context("the tracked l4lb")?;
+    let untracked_counts =
+        check_l4lb_counters(setup.untracked_maps, rows.untracked, false, &main_rows).context("the untracked l4lb")?;
+    for (maps, held, name) in [
+        (setup.spread_maps, spread, "the tracked l4lb of the 64 services"),
+        (spread_untracked_maps, spread_untracked, "the untracked l4lb of the 64 services"),
+    ] {
+        let spread_counts = check_l4lb_counters(maps, &held.services, held.tracked, &[Kind::Spread64]).context(name)?;
+        if let Some(idle) = spread_counts.services.iter().find(|s| s.packets == 0) {
+            bail!("{name}: service {} counted no packets: not every table was in use", idle.service);
+        }
+    }
+    Ok((counts, untracked_counts))
+}
+
+/// One result per packet kind, from its rounds and timings.
+fn kind_results(
+    rounds: Vec<Vec<Round>>,
+    test_runs: &[(ProgramTimes, f64)],
+    run_times: &[ProgramTimes],
+) -> Result<Vec<KindResult>> {
+    Kind::ALL
+        .into_iter()
+        .zip(rounds)
+        .enumerate()
+        .map(|(i, (kind, rounds))| {
+            let throughput =
+                Throughput::of(rounds).ok_or_else(|| anyhow!("no rounds measured for {}", kind.label()))?;
+            Ok(KindResult {
+                kind,
+                label: kind.label(),
+                outer: if kind.outer_ipv6() { "IPv6" } else { "IPv4" },
+                frame_bytes: kind.frame_len(),
+                throughput,
+                test_run_ns: test_runs[i].0,
+                test_run_empty_ns: test_runs[i].1,
+                run_time_ns: run_times[i],
+            })
+        })
+        .collect()
+}
+
+/// The variants' table: each program's rounds and size.
+fn variant_results(programs: &[(&'static str, &'static str, RawFd)], rounds: Vec<Vec<f64>>) -> Result<Variants> {
+    let mut rows = Vec::new();
+    for (&(name, what, fd), mpps) in programs.iter().zip(rounds) {
+        rows.push((name, what, mpps, size(fd)?));
+    }
+    Variants::of(VARIANT_KIND, rows).ok_or_else(|| anyhow!("no variant rounds measured"))
+}
+
+/// The discovery record of an l4lb program the bench holds, by its ids.
+fn held_program(id: u32, map_ids: &[u32]) -> discover::AttachedProgram {
+    discover::AttachedProgram { id, name: crate::bpf::PROG_NAME.into(), mode: Mode::Driver, map_ids: map_ids.to_vec() }
+}
+
 /// The maps of an l4lb program we hold (attached or not), by its ids.
 fn open_maps(id: u32, map_ids: &[u32]) -> Result<LbMaps> {
-    let program = discover::AttachedProgram {
-        id,
-        name: crate::bpf::PROG_NAME.into(),
-        mode: Mode::Driver,
-        map_ids: map_ids.to_vec(),
-    };
-    LbMaps::open(&program)
+    LbMaps::open(&held_program(id, map_ids))
 }
 
 // ------------------------------------------------------------ l4lb, control plane
@@ -676,57 +713,9 @@ fn apply_checked(maps: &LbMaps, full: &Model, track_flows: bool) -> Result<Servi
 /// the ifindex, the timings and the services' numbers and backends.
 fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     let iface = Interface::by_name(dev)?;
-    let wanted = timing_model(0);
-    let (mut total, mut read, mut plan_ms, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut last = None;
-    for _ in 0..FILL_REPEATS {
-        sys::check_interrupted()?;
-        let (id, program, maps) = fresh_l4lb(&iface, flow_entries)?;
-
-        let t0 = Instant::now();
-        let current = maps.read_snapshot()?;
-        let t1 = Instant::now();
-        let plan = apply::plan(&current, &wanted, 0x5eed_bec4)?;
-        let t2 = Instant::now();
-        apply::execute(&maps, &plan)?;
-        let t3 = Instant::now();
-        total.push(ms(t3 - t0));
-        read.push(ms(t1 - t0));
-        plan_ms.push(ms(t2 - t1));
-        apply_ms.push(ms(t3 - t2));
-        last = Some((id, program.map_ids.clone(), maps));
-    }
-    let (id, map_ids, maps) = last.expect("FILL_REPEATS > 0");
-    let running = maps.read_running()?;
-    let filled = running
-        .service(&tcp_vip())
-        .is_some_and(|s| s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY));
-    if !filled {
-        bail!("the service {} was not filled with {DESTINATIONS} backends", tcp_vip());
-    }
-
-    // Replacing every backend, back and forth: every slot is rewritten.
-    let mut replace = Vec::new();
-    for round in 0..4u8 {
-        let t0 = Instant::now();
-        maps.apply(&timing_model((round + 1) % 2))?;
-        replace.push(ms(t0.elapsed()));
-    }
-    // Back to set 0 (4 replacements: 1, 0, 1, 0).
-    if maps.read_running()?.model().services != wanted.services {
-        bail!("the TCP VIP does not hold the first backend set after the replacements");
-    }
-
-    let mut stats = Vec::new();
-    for _ in 0..STATS_SAMPLES {
-        let t0 = Instant::now();
-        let sample = crate::commands::sample(&maps)?;
-        stats.push(ms(t0.elapsed()));
-        let listed: usize = sample.services.iter().map(|s| s.backends.len()).sum();
-        if listed != DESTINATIONS {
-            bail!("a stats sample listed {listed} backends, expected {DESTINATIONS}");
-        }
-    }
+    let (fills, (id, map_ids, maps)) = time_fills(&iface, flow_entries)?;
+    let replace = time_replacements(&maps)?;
+    let stats = time_stats_samples(&maps)?;
 
     // The rows' services, through the same engine, tracked; then a second
     // l4lb (replacing the first on the device: the fd keeps the first) with
@@ -747,10 +736,10 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     let summary = |values: &[f64]| Summary::of(values).expect("timings are numbers");
     let control = ControlPlane {
         destinations: DESTINATIONS,
-        fill_ms: summary(&total),
-        fill_read_ms: summary(&read),
-        fill_plan_ms: summary(&plan_ms),
-        fill_apply_ms: summary(&apply_ms),
+        fill_ms: summary(&fills.total),
+        fill_read_ms: summary(&fills.read),
+        fill_plan_ms: summary(&fills.plan),
+        fill_apply_ms: summary(&fills.apply),
         replace_ms: summary(&replace),
         stats_sample_ms: summary(&stats),
     };
@@ -770,6 +759,85 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     })
 }
 
+/// The l4lb the fills leave: program id, map ids, maps.
+type FilledL4lb = (u32, Vec<u32>, LbMaps);
+
+/// Milliseconds of each fill of the TCP VIP's service: in all, and its
+/// three steps (read the maps, plan, write).
+#[derive(Default)]
+struct FillTimes {
+    total: Vec<f64>,
+    read: Vec<f64>,
+    plan: Vec<f64>,
+    apply: Vec<f64>,
+}
+
+/// Fills the TCP VIP's service (512 backends) on a fresh l4lb, FILL_REPEATS
+/// times, timing each step; checks the last fill and returns the timings
+/// and the last l4lb (program id, map ids, maps).
+fn time_fills(iface: &Interface, flow_entries: Option<u32>) -> Result<(FillTimes, FilledL4lb)> {
+    let wanted = timing_model(0);
+    let mut times = FillTimes::default();
+    let mut last = None;
+    for _ in 0..FILL_REPEATS {
+        sys::check_interrupted()?;
+        let (id, program, maps) = fresh_l4lb(iface, flow_entries)?;
+
+        let t0 = Instant::now();
+        let current = maps.read_snapshot()?;
+        let t1 = Instant::now();
+        let plan = apply::plan(&current, &wanted, 0x5eed_bec4)?;
+        let t2 = Instant::now();
+        apply::execute(&maps, &plan)?;
+        let t3 = Instant::now();
+        times.total.push(ms(t3 - t0));
+        times.read.push(ms(t1 - t0));
+        times.plan.push(ms(t2 - t1));
+        times.apply.push(ms(t3 - t2));
+        last = Some((id, program.map_ids.clone(), maps));
+    }
+    let last = last.expect("FILL_REPEATS > 0");
+    let running = last.2.read_running()?;
+    let filled = running
+        .service(&tcp_vip())
+        .is_some_and(|s| s.backends.len() == DESTINATIONS && s.table.iter().all(|&n| n != crate::bpf::SLOT_EMPTY));
+    if !filled {
+        bail!("the service {} was not filled with {DESTINATIONS} backends", tcp_vip());
+    }
+    Ok((times, last))
+}
+
+/// Milliseconds of replacing every backend of the TCP VIP, back and forth
+/// (every slot is rewritten); leaves the first backend set.
+fn time_replacements(maps: &LbMaps) -> Result<Vec<f64>> {
+    let mut replace = Vec::new();
+    for round in 0..4u8 {
+        let t0 = Instant::now();
+        maps.apply(&timing_model((round + 1) % 2))?;
+        replace.push(ms(t0.elapsed()));
+    }
+    // Back to set 0 (4 replacements: 1, 0, 1, 0).
+    if maps.read_running()?.model().services != timing_model(0).services {
+        bail!("the TCP VIP does not hold the first backend set after the replacements");
+    }
+    Ok(replace)
+}
+
+/// Milliseconds of STATS_SAMPLES `l4lb stats` samples, each checked.
+fn time_stats_samples(maps: &LbMaps) -> Result<Vec<f64>> {
+    let mut stats = Vec::new();
+    for _ in 0..STATS_SAMPLES {
+        let t0 = Instant::now();
+        let sample = crate::commands::sample(maps)?;
+        stats.push(ms(t0.elapsed()));
+        let listed: usize = sample.services.iter().map(|s| s.backends.len()).sum();
+        if listed != DESTINATIONS {
+            bail!("a stats sample listed {listed} backends, expected {DESTINATIONS}");
+        }
+    }
+    Ok(stats)
+}
+
 // ------------------------------------------------------------ checks
 
 /// Checks the generator's frames against the host's model; that l4lb sends
@@ -777,109 +845,111 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
 /// addressed to a backend of the kind's service; that the floors send it
 /// back with an outer header as long; and that the IPv4 variants do too.
 fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], rows: &RowServices<'_>) -> Result<()> {
-    let fds = &setup.fds;
     for kind in Kind::ALL {
-        write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
-        // The generator on a frame of garbage must write the whole frame.
-        let data = vec![0xa5u8; kind.frame_len()];
-        let mut out = vec![0u8; 4096];
-        let run = sys::test_run(fds.gen, &data, Some(&mut out), None, 1, 0).context("running the generator once")?;
-        if run.retval != XDP_TX || run.data_len != kind.frame_len() {
-            bail!("generator: verdict {} and {} bytes for {}", run.retval, run.data_len, kind.label());
-        }
-        let got = &out[..run.data_len];
-        let (client, port) = frames::client_in(kind, got);
-        if client.is_ipv6() != kind.is_ipv6() {
-            bail!("generator: a {} frame from {client}", kind.label());
-        }
-        let dst = frames::dst_in(kind, got);
-        if !(0..=u32::from(kind.dst_mask())).any(|r| kind.dst_of(r) == dst) {
-            bail!("generator: a {} frame to {dst}", kind.label());
-        }
-        let mut want = frames::frame_to(kind, &setup.ends, client, port, dst);
-        // Past the headers the generator leaves the bytes it was given.
-        let header = kind.header_len();
-        want[header..].copy_from_slice(&data[header..]);
-        if got != want.as_slice() {
-            bail!(
-                "generator: the {} frame differs from the host's model:\n got  {:02x?}\n want {:02x?}",
-                kind.label(),
-                &got[..header],
-                &want[..header]
-            );
-        }
-        let (lowest, _) = frames::client_of(kind, 0);
-        let (highest, _) = frames::client_of(kind, 0xffff);
-        if client < lowest || client > highest || port < 0x8000 {
-            bail!("generator: client {client} port {port} outside {lowest} - {highest}, 32768-65535");
-        }
-
+        check_generator(setup, kind)?;
         let (client, port) = frames::client_of(kind, 0x9c40_0102);
         let frame = frames::frame(kind, &setup.ends, client, port);
-        let expected = frame.len() + kind.overhead();
-        let mut l4lb_out = Vec::new();
-        let (services, untracked_services) =
-            if kind == Kind::Spread64 { (rows.spread, rows.spread_untracked) } else { (rows.tracked, rows.untracked) };
-        for (name, fd, services) in [
-            ("l4lb", fds.of(Variant::L4lb, kind), services),
-            ("the untracked l4lb", fds.of(Variant::L4lbUntracked, kind), untracked_services),
-        ] {
-            let mut got = vec![0u8; 4096];
-            let run = sys::test_run(fd, &frame, Some(&mut got), None, 1, 0)?;
-            got.truncate(run.data_len);
-            if run.retval != XDP_TX || run.data_len != expected {
-                bail!(
-                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
-                    kind.label(),
-                    run.retval,
-                    run.data_len
-                );
-            }
-            let outer_dst: IpAddr = if kind.outer_ipv6() {
-                <[u8; 16]>::try_from(&got[14 + 24..14 + 40]).expect("16 bytes").into()
-            } else {
-                <[u8; 4]>::try_from(&got[14 + 16..14 + 20]).expect("4 bytes").into()
-            };
-            let key = service_of(kind);
-            let (_, backends) = services.get(&key).ok_or_else(|| anyhow!("no service {key}"))?;
-            if !backends.contains(&outer_dst) {
-                bail!("{name} sent a {} frame to {outer_dst}, not a backend of {key}", kind.label());
-            }
-            if l4lb_out.is_empty() {
-                l4lb_out = got;
-            }
-        }
-        let floor = fds.encap_of(kind);
-        let run = sys::test_run(floor, &frame, Some(&mut out), None, 1, 0)?;
-        if run.retval != XDP_TX || run.data_len != expected {
-            bail!(
-                "the encapsulation floor answered a {} frame with verdict {} and {} bytes",
-                kind.label(),
-                run.retval,
-                run.data_len
-            );
-        }
+        let l4lb_out = check_l4lbs(setup, kind, &frame, rows)?;
+        check_answer("the encapsulation floor", setup.fds.encap_of(kind), kind, &frame)?;
         // The variants replicate l4lb's work on IPv4 to a VIP with IPv4
         // backends; the one with every stage must give l4lb's frame byte for byte.
         if kind.is_ipv6() || kind.outer_ipv6() || matches!(kind, Kind::CatchAll | Kind::Spread64) {
             continue;
         }
-        for &(name, _, fd) in variants.iter().filter(|v| v.2 != fds.plain) {
-            let run = sys::test_run(fd, &frame, Some(&mut out), None, 1, 0)?;
-            if run.retval != XDP_TX || run.data_len != expected {
-                bail!(
-                    "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected}): is the table filled?",
-                    kind.label(),
-                    run.retval,
-                    run.data_len,
-                );
-            }
-            if (name.starts_with("+ backend") || name.starts_with("+ flow")) && out[..run.data_len] != l4lb_out[..] {
+        for &(name, _, fd) in variants.iter().filter(|v| v.2 != setup.fds.plain) {
+            let out = check_answer(name, fd, kind, &frame)
+                .with_context(|| format!("the variant `{name}`: is the table filled?"))?;
+            if (name.starts_with("+ backend") || name.starts_with("+ flow")) && out != l4lb_out {
                 bail!("the variant `{name}` does not produce l4lb's frame for {}", kind.label());
             }
         }
     }
     Ok(())
+}
+
+/// The generator, run once on a frame of garbage, must write the whole
+/// `kind` frame as the host's model builds it, from a client in its range.
+fn check_generator(setup: &Setup, kind: Kind) -> Result<()> {
+    let fds = &setup.fds;
+    write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
+    let data = vec![0xa5u8; kind.frame_len()];
+    let mut out = vec![0u8; 4096];
+    let run = sys::test_run(fds.gen, &data, Some(&mut out), None, 1, 0).context("running the generator once")?;
+    if run.retval != XDP_TX || run.data_len != kind.frame_len() {
+        bail!("generator: verdict {} and {} bytes for {}", run.retval, run.data_len, kind.label());
+    }
+    let got = &out[..run.data_len];
+    let (client, port) = frames::client_in(kind, got);
+    if client.is_ipv6() != kind.is_ipv6() {
+        bail!("generator: a {} frame from {client}", kind.label());
+    }
+    let dst = frames::dst_in(kind, got);
+    if !(0..=u32::from(kind.dst_mask())).any(|r| kind.dst_of(r) == dst) {
+        bail!("generator: a {} frame to {dst}", kind.label());
+    }
+    let mut want = frames::frame_to(kind, &setup.ends, client, port, dst);
+    // Past the headers the generator leaves the bytes it was given.
+    let header = kind.header_len();
+    want[header..].copy_from_slice(&data[header..]);
+    if got != want.as_slice() {
+        bail!(
+            "generator: the {} frame differs from the host's model:\n got  {:02x?}\n want {:02x?}",
+            kind.label(),
+            &got[..header],
+            &want[..header]
+        );
+    }
+    let (lowest, _) = frames::client_of(kind, 0);
+    let (highest, _) = frames::client_of(kind, 0xffff);
+    if client < lowest || client > highest || port < 0x8000 {
+        bail!("generator: client {client} port {port} outside {lowest} - {highest}, 32768-65535");
+    }
+    Ok(())
+}
+
+/// Runs `frame` through program `fd` once: it must answer XDP_TX with the
+/// frame and `kind`'s outer header. Returns what it sent.
+fn check_answer(name: &str, fd: RawFd, kind: Kind, frame: &[u8]) -> Result<Vec<u8>> {
+    let expected = frame.len() + kind.overhead();
+    let mut out = vec![0u8; 4096];
+    let run = sys::test_run(fd, frame, Some(&mut out), None, 1, 0)?;
+    if run.retval != XDP_TX || run.data_len != expected {
+        bail!(
+            "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
+            kind.label(),
+            run.retval,
+            run.data_len
+        );
+    }
+    out.truncate(run.data_len);
+    Ok(out)
+}
+
+/// Both l4lbs of `kind`'s row must send `frame` to a backend of its
+/// service; returns the tracked one's frame.
+fn check_l4lbs(setup: &Setup, kind: Kind, frame: &[u8], rows: &RowServices<'_>) -> Result<Vec<u8>> {
+    let (services, untracked_services) =
+        if kind == Kind::Spread64 { (rows.spread, rows.spread_untracked) } else { (rows.tracked, rows.untracked) };
+    let mut l4lb_out = Vec::new();
+    for (name, variant, services) in
+        [("l4lb", Variant::L4lb, services), ("the untracked l4lb", Variant::L4lbUntracked, untracked_services)]
+    {
+        let got = check_answer(name, setup.fds.of(variant, kind), kind, frame)?;
+        let outer_dst: IpAddr = if kind.outer_ipv6() {
+            <[u8; 16]>::try_from(&got[14 + 24..14 + 40]).expect("16 bytes").into()
+        } else {
+            <[u8; 4]>::try_from(&got[14 + 16..14 + 20]).expect("4 bytes").into()
+        };
+        let key = service_of(kind);
+        let (_, backends) = services.get(&key).ok_or_else(|| anyhow!("no service {key}"))?;
+        if !backends.contains(&outer_dst) {
+            bail!("{name} sent a {} frame to {outer_dst}, not a backend of {key}", kind.label());
+        }
+        if l4lb_out.is_empty() {
+            l4lb_out = got;
+        }
+    }
+    Ok(l4lb_out)
 }
 
 fn write_gen_config(map: RawFd, kind: Kind, ends: &Endpoints) -> Result<()> {
@@ -1295,123 +1365,147 @@ fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str,
         let _stop = StopOnDrop(&generator);
         scope.spawn(|| generator.run(setup));
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Kind::ALL.len()];
-        let counters = |kind: Kind| setup.tracked_maps_of(kind).read_counters();
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
-                // A row measured right after a change: the 33rd backend just added.
-                if kind.changed() {
-                    setup.start_change()?;
-                }
-                switch_row(setup, &generator, kind)?;
-                // A row of bounded flows: the tracked l4lb alone first, until
-                // every flow has its pin; the row then measures pins that hold.
-                let mut warmup_pinned = 0;
-                let mut before = counters(kind)?;
-                if kind.flows().is_some() {
-                    attach_variant(setup, Variant::L4lb, kind)?;
-                    let start = counters(kind)?;
-                    sys::sleep(FLOW_WARMUP)?;
-                    before = counters(kind)?;
-                    warmup_pinned = flow_events(&start, &before).pinned;
-                }
-                let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
-                let mpps = interleaved(setup, &generator, &fds, options.seconds, round + k)?;
-                let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters(kind)?) };
-                let r = Round {
-                    l4lb: mpps[0].mpps,
-                    l4lb_untracked: mpps[1].mpps,
-                    plain: mpps[2].mpps,
-                    encap: mpps[3].mpps,
-                    cpu_busy: mpps.iter().map(|m| m.busy).fold(f64::INFINITY, f64::min),
-                    steal: mpps.iter().map(|m| m.steal).fold(0.0, f64::max),
-                    generator_share: mpps.iter().map(|m| m.thread).fold(f64::INFINITY, f64::min),
-                    generator_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
-                    flows,
-                };
-                eprintln!(
-                    "round {}/{} {:<14} l4lb {:.3}  untracked {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}, untracked {:.3}; pinned {}{}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
-                    round + 1,
-                    options.rounds,
-                    kind.label(),
-                    r.l4lb,
-                    r.l4lb_untracked,
-                    r.plain,
-                    r.encap,
-                    r.l4lb / r.encap,
-                    r.l4lb_untracked / r.encap,
-                    flows.pinned,
-                    if kind.flows().is_some() { format!(" (warm-up {warmup_pinned})") } else { String::new() },
-                    setup.gen_cpu,
-                    100.0 * r.cpu_busy,
-                    100.0 * r.steal,
-                    100.0 * r.generator_share,
-                    100.0 * r.generator_waited
-                );
+                let r = ab_round(setup, &generator, kind, round + k, options.seconds)?;
+                print_round(setup, kind, round, options.rounds, &r);
                 rounds[k].push(r);
             }
         }
-
         let variant_rounds = match variants {
             None => None,
-            Some(programs) => {
-                eprintln!("l4lb bench: variants, {}", VARIANT_KIND.label());
-                switch_row(setup, &generator, VARIANT_KIND)?;
-                let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
-                let mut per_program = vec![Vec::new(); programs.len()];
-                for round in 0..options.rounds {
-                    let rates = interleaved(setup, &generator, &fds, options.seconds, round)?;
-                    let busy = rates.iter().map(|r| r.busy).fold(f64::INFINITY, f64::min);
-                    let waited = rates.iter().map(|r| r.waited).fold(0.0, f64::max);
-                    let mpps: Vec<f64> = rates.iter().map(|r| r.mpps).collect();
-                    let encap = mpps[0];
-                    let line: Vec<String> =
-                        programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
-                    eprintln!(
-                        "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, generator waited {:.1}%): {}",
-                        round + 1,
-                        options.rounds,
-                        100.0 * busy,
-                        100.0 * waited,
-                        line.join(", ")
-                    );
-                    for (p, m) in mpps.into_iter().enumerate() {
-                        per_program[p].push(m);
-                    }
-                }
-                Some(per_program)
-            }
+            Some(programs) => Some(variant_rounds(setup, &generator, programs, options)?),
         };
-
         // bpf stats: on only for this phase (they cost every program run).
         eprintln!("l4lb bench: run_time_ns/run_cnt with bpf stats on");
         let stats_overhead = stats_overhead_ns(&setup.fds)?;
         let stats = sys::enable_bpf_stats()?;
-        let mut run_times = Vec::new();
-        for kind in Kind::ALL {
-            if kind.changed() {
-                setup.start_change()?;
-            }
-            switch_row(setup, &generator, kind)?;
-            let mut ns = [0f64; 4];
-            for (v, &variant) in VARIANTS.iter().enumerate() {
-                attach_variant(setup, variant, kind)?;
-                sys::sleep(WARMUP)?;
-                let fd = setup.fds.of(variant, kind);
-                let before = sys::prog_info(fd)?;
-                sys::sleep(Duration::from_secs_f64(STATS_SECONDS.min(options.seconds)))?;
-                let after = sys::prog_info(fd)?;
-                generator.check()?;
-                let runs = after.run_cnt.saturating_sub(before.run_cnt);
-                if runs == 0 {
-                    bail!("{} did not run with bpf stats on", variant.name());
-                }
-                ns[v] = after.run_time_ns.saturating_sub(before.run_time_ns) as f64 / runs as f64;
-            }
-            run_times.push(ProgramTimes { l4lb: ns[0], l4lb_untracked: ns[1], plain: ns[2], encap: ns[3] });
-        }
+        let run_times = Kind::ALL
+            .into_iter()
+            .map(|kind| run_times_of(setup, &generator, kind, options.seconds))
+            .collect::<Result<Vec<_>>>()?;
         drop(stats);
         generator.want.store(GEN_IDLE, Ordering::SeqCst);
         attach_variant(setup, Variant::L4lb, VARIANT_KIND)?;
         Ok((rounds, run_times, stats_overhead, variant_rounds))
     })
+}
+
+/// One A/B round of `kind`: the four programs alternated in slices (`turn`
+/// decides which goes first), with the tracked l4lb's flow events.
+fn ab_round(setup: &Setup, generator: &Generator, kind: Kind, turn: usize, seconds: f64) -> Result<Round> {
+    let counters = |kind: Kind| setup.tracked_maps_of(kind).read_counters();
+    // A row measured right after a change: the 33rd backend just added.
+    if kind.changed() {
+        setup.start_change()?;
+    }
+    switch_row(setup, generator, kind)?;
+    // A row of bounded flows: the tracked l4lb alone first, until every flow
+    // has its pin; the row then measures pins that hold.
+    let mut warmup_pinned = 0;
+    let mut before = counters(kind)?;
+    if kind.flows().is_some() {
+        attach_variant(setup, Variant::L4lb, kind)?;
+        let start = counters(kind)?;
+        sys::sleep(FLOW_WARMUP)?;
+        before = counters(kind)?;
+        warmup_pinned = flow_events(&start, &before).pinned;
+    }
+    let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
+    let mpps = interleaved(setup, generator, &fds, seconds, turn)?;
+    let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters(kind)?) };
+    Ok(Round {
+        l4lb: mpps[0].mpps,
+        l4lb_untracked: mpps[1].mpps,
+        plain: mpps[2].mpps,
+        encap: mpps[3].mpps,
+        cpu_busy: mpps.iter().map(|m| m.busy).fold(f64::INFINITY, f64::min),
+        steal: mpps.iter().map(|m| m.steal).fold(0.0, f64::max),
+        generator_share: mpps.iter().map(|m| m.thread).fold(f64::INFINITY, f64::min),
+        generator_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
+        flows,
+    })
+}
+
+/// The progress line of one A/B round.
+fn print_round(setup: &Setup, kind: Kind, round: usize, rounds: usize, r: &Round) {
+    let warmup = if kind.flows().is_some() { format!(" (warm-up {})", r.flows.warmup_pinned) } else { String::new() };
+    eprintln!(
+        "round {}/{} {:<14} l4lb {:.3}  untracked {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}, untracked {:.3}; pinned {}{}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
+        round + 1,
+        rounds,
+        kind.label(),
+        r.l4lb,
+        r.l4lb_untracked,
+        r.plain,
+        r.encap,
+        r.l4lb / r.encap,
+        r.l4lb_untracked / r.encap,
+        r.flows.pinned,
+        warmup,
+        setup.gen_cpu,
+        100.0 * r.cpu_busy,
+        100.0 * r.steal,
+        100.0 * r.generator_share,
+        100.0 * r.generator_waited
+    );
+}
+
+/// The variants phase: every variant program alternated in slices on
+/// VARIANT_KIND, `options.rounds` times; Mpps per program per round.
+fn variant_rounds(
+    setup: &Setup,
+    generator: &Generator,
+    programs: &[(&str, &str, RawFd)],
+    options: &Options,
+) -> Result<Vec<Vec<f64>>> {
+    eprintln!("l4lb bench: variants, {}", VARIANT_KIND.label());
+    switch_row(setup, generator, VARIANT_KIND)?;
+    let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
+    let mut per_program = vec![Vec::new(); programs.len()];
+    for round in 0..options.rounds {
+        let rates = interleaved(setup, generator, &fds, options.seconds, round)?;
+        let busy = rates.iter().map(|r| r.busy).fold(f64::INFINITY, f64::min);
+        let waited = rates.iter().map(|r| r.waited).fold(0.0, f64::max);
+        let mpps: Vec<f64> = rates.iter().map(|r| r.mpps).collect();
+        let encap = mpps[0];
+        let line: Vec<String> = programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
+        eprintln!(
+            "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, generator waited {:.1}%): {}",
+            round + 1,
+            options.rounds,
+            100.0 * busy,
+            100.0 * waited,
+            line.join(", ")
+        );
+        for (p, m) in mpps.into_iter().enumerate() {
+            per_program[p].push(m);
+        }
+    }
+    Ok(per_program)
+}
+
+/// run_time_ns / run_cnt of each of the four programs on `kind`'s live
+/// traffic (bpf stats must be on).
+fn run_times_of(setup: &Setup, generator: &Generator, kind: Kind, seconds: f64) -> Result<ProgramTimes> {
+    if kind.changed() {
+        setup.start_change()?;
+    }
+    switch_row(setup, generator, kind)?;
+    let mut ns = [0f64; 4];
+    for (v, &variant) in VARIANTS.iter().enumerate() {
+        attach_variant(setup, variant, kind)?;
+        sys::sleep(WARMUP)?;
+        let fd = setup.fds.of(variant, kind);
+        let before = sys::prog_info(fd)?;
+        sys::sleep(Duration::from_secs_f64(STATS_SECONDS.min(seconds)))?;
+        let after = sys::prog_info(fd)?;
+        generator.check()?;
+        let runs = after.run_cnt.saturating_sub(before.run_cnt);
+        if runs == 0 {
+            bail!("{} did not run with bpf stats on", variant.name());
+        }
+        ns[v] = after.run_time_ns.saturating_sub(before.run_time_ns) as f64 / runs as f64;
+    }
+    Ok(ProgramTimes { l4lb: ns[0], l4lb_untracked: ns[1], plain: ns[2], encap: ns[3] })
 }

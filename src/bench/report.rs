@@ -511,18 +511,41 @@ pub fn control_table(results: &Results) -> Table {
 
 /// The whole text report.
 pub fn render(results: &Results) -> String {
-    let c = &results.context;
-    let mut out = String::new();
-    out.push_str(&format!("l4lb bench: {} CPUs ({}), kernel {}, {}\n", c.cpus, c.cpu, c.kernel, c.date));
+    let mut out = run_header(&results.context);
+    out.push_str(&throughput_section(results));
+    out.push_str(&generator_cpu_line(results));
+    out.push_str(&target_lines(results));
+    out.push_str(&tracking_section(results));
+    out.push_str(&programs_section(results));
+    out.push('\n');
+    for (which, n) in [("l4lb's", &results.l4lb_counts), ("the untracked l4lb's", &results.l4lb_untracked_counts)] {
+        out.push_str(&counters_line(which, n));
+    }
+    out.push('\n');
+    out.push_str(&table_lines(&control_table(results)));
+    if let Some(variants) = &results.variants {
+        out.push_str(&variants_section(variants));
+    }
+    out
+}
+
+/// The machine, the kernel and how the rounds ran.
+fn run_header(c: &Context) -> String {
+    let mut out = format!("l4lb bench: {} CPUs ({}), kernel {}, {}\n", c.cpus, c.cpu, c.kernel, c.date);
     out.push_str(&format!(
         "{} rounds of {} s per program and packet kind, alternating; load average before: {}, after: {}\n\n",
         c.rounds, c.seconds, c.load_before, c.load_after
     ));
-    out.push_str(&format!(
+    out
+}
+
+/// What the throughput is, its table, and what each row's packets are.
+fn throughput_section(results: &Results) -> String {
+    let mut out = format!(
         "Throughput through the balancer's veth, Mpps: frames back at the sink per wall-clock second. The generator is\n\
          pinned to CPU {} and keeps it busy; generator, both veths, the program and the sink all run there:\n",
-        c.generator_cpu
-    ));
+        results.context.generator_cpu
+    );
     out.push_str(&table_lines(&throughput_table(results)));
     out.push_str(
         "Rows (outer: the header l4lb pushes for the row's backends; its encapsulation floor pushes the same):\n",
@@ -530,34 +553,46 @@ pub fn render(results: &Results) -> String {
     for k in &results.kinds {
         out.push_str(&format!("  {:<15} {}\n", k.label, k.kind.describe()));
     }
+    out
+}
+
+/// How busy the generator's CPU was over all rounds, and whether that makes
+/// the rates understate the path; nothing without rounds.
+fn generator_cpu_line(results: &Results) -> String {
     let all = |f: fn(&Round) -> f64| -> Vec<f64> {
         results.kinds.iter().flat_map(|k| k.throughput.rounds.iter().map(f)).collect()
     };
-    if let (Some(busy), Some(steal), Some(thread), Some(waited)) = (
+    let (Some(busy), Some(steal), Some(thread), Some(waited)) = (
         Summary::of(&all(|r| r.cpu_busy)),
         Summary::of(&all(|r| r.steal)),
         Summary::of(&all(|r| r.generator_share)),
         Summary::of(&all(|r| r.generator_waited)),
-    ) {
-        out.push_str(&format!(
-            "CPU {} was busy {:.0}% to {:.0}% of the measured time (/proc/stat, softirq included), steal {:.0}% to {:.0}%;\n\
-             the generator thread ran {:.0}% to {:.0}% of it and waited for the CPU {:.1}% to {:.1}%{}.\n",
-            c.generator_cpu,
-            100.0 * busy.min,
-            100.0 * busy.max,
-            100.0 * steal.min,
-            100.0 * steal.max,
-            100.0 * thread.min,
-            100.0 * thread.max,
-            100.0 * waited.min,
-            100.0 * waited.max,
-            match (busy.min < 0.95, waited.max > 0.05) {
-                (true, _) => " (below 95% busy: the path was not CPU-bound there, those rates understate it)",
-                (false, true) => " (other tasks took the generator's CPU: those rounds' rates understate the path)",
-                _ => "",
-            }
-        ));
-    }
+    ) else {
+        return String::new();
+    };
+    format!(
+        "CPU {} was busy {:.0}% to {:.0}% of the measured time (/proc/stat, softirq included), steal {:.0}% to {:.0}%;\n\
+         the generator thread ran {:.0}% to {:.0}% of it and waited for the CPU {:.1}% to {:.1}%{}.\n",
+        results.context.generator_cpu,
+        100.0 * busy.min,
+        100.0 * busy.max,
+        100.0 * steal.min,
+        100.0 * steal.max,
+        100.0 * thread.min,
+        100.0 * thread.max,
+        100.0 * waited.min,
+        100.0 * waited.max,
+        match (busy.min < 0.95, waited.max > 0.05) {
+            (true, _) => " (below 95% busy: the path was not CPU-bound there, those rates understate it)",
+            (false, true) => " (other tasks took the generator's CPU: those rounds' rates understate the path)",
+            _ => "",
+        }
+    )
+}
+
+/// One line per packet kind: its share of the encapsulation floor against the target.
+fn target_lines(results: &Results) -> String {
+    let mut out = String::new();
     for c in results.target_checks() {
         let tracking = if c.kind.changed() {
             String::new()
@@ -573,14 +608,24 @@ pub fn render(results: &Results) -> String {
             c.untracked_share
         ));
     }
-    out.push_str(&format!(
+    out
+}
+
+/// What connection tracking costs: how it was measured, and its table.
+fn tracking_section(results: &Results) -> String {
+    let mut out = format!(
         "\nConnection tracking: l4lb above is l4lb as configured by default (every service tracks flows: an LRU hash\n\
          of {} flows); untracked is a second l4lb with the same services and track_flows = false, measured in\n\
          the same rounds against the same floors. ns tracking adds: per packet, tracked minus untracked, per round.\n",
         results.flow_entries
-    ));
+    );
     out.push_str(&table_lines(&tracking_table(results)));
-    out.push_str(
+    out
+}
+
+/// The programs' own time per packet: how it was measured, and its table.
+fn programs_section(results: &Results) -> String {
+    let mut out = String::from(
         "\nThe programs alone, ns per packet (test_run: repeat = 1 in a loop, minus the empty program's loop;\n",
     );
     out.push_str(&format!(
@@ -588,30 +633,32 @@ pub fn render(results: &Results) -> String {
         results.stats_overhead_ns
     ));
     out.push_str(&table_lines(&program_table(results)));
-    out.push('\n');
-    for (which, n) in [("l4lb's", &results.l4lb_counts), ("the untracked l4lb's", &results.l4lb_untracked_counts)] {
-        out.push_str(&format!(
-            "{which} counters after the run: rx {}, tx {}{}; {}; per service: {}\n",
-            n.rx,
-            n.tx,
-            if n.others.is_empty() {
-                ", no pass or drop counter moved".to_string()
-            } else {
-                n.others.iter().map(|(name, c)| format!(", {name} {c}")).collect::<String>()
-            },
-            n.flow_events.iter().map(|(name, c)| format!("{name} {c}")).collect::<Vec<_>>().join(", "),
-            n.services.iter().map(|s| format!("{} {}", s.service, s.packets)).collect::<Vec<_>>().join(", ")
-        ));
-    }
-    out.push('\n');
-    out.push_str(&table_lines(&control_table(results)));
-    if let Some(variants) = &results.variants {
-        out.push_str(&format!(
-            "\nWhat costs what ({}, programs measured in turn like the rounds above, ratios per round to the encapsulation floor):\n",
-            variants.kind.label()
-        ));
-        out.push_str(&table_lines(&variants_table(variants)));
-    }
+    out
+}
+
+/// An l4lb's counters after the run: outcomes, flow events and packets per service.
+fn counters_line(which: &str, n: &L4lbCounts) -> String {
+    format!(
+        "{which} counters after the run: rx {}, tx {}{}; {}; per service: {}\n",
+        n.rx,
+        n.tx,
+        if n.others.is_empty() {
+            ", no pass or drop counter moved".to_string()
+        } else {
+            n.others.iter().map(|(name, c)| format!(", {name} {c}")).collect::<String>()
+        },
+        n.flow_events.iter().map(|(name, c)| format!("{name} {c}")).collect::<Vec<_>>().join(", "),
+        n.services.iter().map(|s| format!("{} {}", s.service, s.packets)).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// What each variant of the program costs, against the encapsulation floor.
+fn variants_section(variants: &Variants) -> String {
+    let mut out = format!(
+        "\nWhat costs what ({}, programs measured in turn like the rounds above, ratios per round to the encapsulation floor):\n",
+        variants.kind.label()
+    );
+    out.push_str(&table_lines(&variants_table(variants)));
     out
 }
 

@@ -527,24 +527,47 @@ fn flow_table_text(table: &FlowTableStatus) -> String {
 }
 
 fn render_service(service: &ServiceStatus) -> String {
-    let udp_ports = match service.key {
+    let pinned = match service.pinned {
+        Some(n) => format!(", {}", plural(n, "flow pinned", "flows pinned")),
+        None => String::new(),
+    };
+    let mut text = format!(
+        "\nService {}, number {}: {}{pinned}{}\nTable: {}\n",
+        service_label(&service.key),
+        service.number,
+        plural(service.backends.len(), "backend", "backends"),
+        settings_text(service),
+        table_health_text(service),
+    );
+    text.push_str(&table_text(&backend_table(service)));
+    text.push_str(&drained_text(service));
+    text
+}
+
+/// The service's settings that differ from the defaults, each after a comma.
+fn settings_text(service: &ServiceStatus) -> String {
+    let mut text = String::from(match service.key {
         ServiceKey::Vip { protocol: Protocol::Tcp, .. } => "",
         _ if service.hash_ports => "",
         _ => ", UDP flows hash addresses only",
-    };
+    });
     // Like hash_ports, only the exception is said: no tracking, or
     // transition settings other than the defaults.
-    let mut tracking = String::new();
     if !service.track_flows {
-        tracking.push_str(", flows not tracked (table changes move them)");
+        text.push_str(", flows not tracked (table changes move them)");
     } else {
         if service.idle_timeout != IDLE_TIMEOUT_DEFAULT {
-            tracking.push_str(&format!(", idle_timeout {} s", service.idle_timeout));
+            text.push_str(&format!(", idle_timeout {} s", service.idle_timeout));
         }
         if service.udp_grace != UDP_GRACE_DEFAULT {
-            tracking.push_str(&format!(", udp_grace {} s", service.udp_grace));
+            text.push_str(&format!(", udp_grace {} s", service.udp_grace));
         }
     }
+    text
+}
+
+/// The table's health: `10 slots, 1 unset, 3 in transition, last change at tick 1000`.
+fn table_health_text(service: &ServiceStatus) -> String {
     let mut health = format!(
         "{} slots, {} unset",
         service.slots.to_formatted_string(&Locale::en),
@@ -562,16 +585,11 @@ fn render_service(service: &ServiceStatus) -> String {
     if service.changed != 0 {
         health.push_str(&format!(", last change at tick {}", service.changed));
     }
-    let pinned = match service.pinned {
-        Some(n) => format!(", {}", plural(n, "flow pinned", "flows pinned")),
-        None => String::new(),
-    };
-    let mut text = format!(
-        "\nService {}, number {}: {}{pinned}{udp_ports}{tracking}\nTable: {health}\n",
-        service_label(&service.key),
-        service.number,
-        plural(service.backends.len(), "backend", "backends"),
-    );
+    health
+}
+
+/// A row per backend: its next hop, weight and slots, and the slots and flows it still has from before a change.
+fn backend_table(service: &ServiceStatus) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
     // Slots in transition from each backend, while there are any.
@@ -611,7 +629,12 @@ fn render_service(service: &ServiceStatus) -> String {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
-    text.push_str(&table_text(&table));
+    table
+}
+
+/// A line per backend that is drained.
+fn drained_text(service: &ServiceStatus) -> String {
+    let mut text = String::new();
     // A drained backend nothing goes to any more (known with --flows only:
     // a pin may hold it in a slot it is not the previous backend of).
     for backend in &service.backends {
