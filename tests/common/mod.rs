@@ -41,6 +41,7 @@ macro_rules! ensure {
     };
 }
 
+pub mod flood;
 pub mod lb;
 pub mod packet;
 pub mod services;
