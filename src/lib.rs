@@ -4,6 +4,7 @@
 //! `present` (layer 4: command line and output); the benchmark beside them.
 //! Layer 1, the datapath, is the C under src/bpf/.
 
+pub mod agent;
 pub mod bench;
 pub mod control;
 pub mod kernel;
@@ -11,6 +12,8 @@ pub mod present;
 
 // Every module under its short name (`crate::config`, `l4lb::maps`, ...),
 // as the code and the tests name them.
-pub use control::{addr, apply, config, destinations, flow_hash, input_file, maglev, settle, state, transition};
+pub use control::{
+    addr, apply, config, destinations, device, flow_hash, input_file, maglev, settle, state, transition,
+};
 pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps};
 pub use present::{cli, commands, generate, stats, status};

@@ -363,8 +363,12 @@ struct RawBackend {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Model> {
-    let bytes = crate::input_file::read_limited(path, MAX_FILE_BYTES, "configuration file")?;
-    parse(&path.display().to_string(), &bytes)
+    parse(&path.display().to_string(), &read(path)?)
+}
+
+/// A configuration file's bytes (at most MAX_FILE_BYTES), for `parse`.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    crate::input_file::read_limited(path, MAX_FILE_BYTES, "configuration file")
 }
 
 /// Parses and validates a configuration; `origin` names the file in errors.

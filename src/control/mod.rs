@@ -9,6 +9,7 @@ pub mod addr;
 pub mod apply;
 pub mod config;
 pub mod destinations;
+pub mod device;
 pub mod flow_hash;
 pub mod input_file;
 pub mod maglev;

@@ -148,6 +148,34 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", value_parser = parse_interval)]
         every: Option<f64>,
     },
+    /// Run as the balancer's agent: attach l4lb if none is attached, apply FILE, apply it again on every change and on SIGHUP, sweep transitions; stop with SIGTERM (the datapath keeps forwarding)
+    #[command(after_help = "Example: l4lb serve -i eth0 -c /etc/l4lb/lb.toml --log-format json")]
+    Serve {
+        /// Interface to balance on
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// Configuration file (the format of `l4lb apply`), watched for changes
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Mode to attach in when no l4lb is attached (one that is attached is kept as it is)
+        #[arg(short, long, value_enum, default_value = "drv")]
+        mode: AttachMode,
+        /// Hash seed when attaching (see `attach`)
+        #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
+        seed: Option<u32>,
+        /// MTU when attaching (see `attach`) [default: DEV's MTU]
+        #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
+        mtu: Option<u32>,
+        /// Flow table size when attaching (see `attach`)
+        #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
+        flow_entries: Option<u32>,
+        /// Seconds between two rounds of the sweep that ends transitions (`l4lb settle`)
+        #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_interval)]
+        sweep_every: f64,
+        /// Log lines as text or as JSON objects (one per line)
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: crate::agent::log::LogFormat,
+    },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     #[command(after_help = "Example: l4lb bench --rounds 3 --seconds 0.5 --chart ratios.svg")]
     Bench {

@@ -10,12 +10,13 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::addr::check_unicast_ipv4;
 use crate::apply;
-use crate::bpf::{consts, Config, MAGLEV_SIZE};
+use crate::bpf::MAGLEV_SIZE;
 use crate::cli::{AttachMode, Command, DecapCommand, DecapMode, Sampling};
 use crate::config::{self, ServiceKey};
 use crate::decap::{self, DecapMaps};
 use crate::destinations;
-use crate::discover::{self, Mode};
+use crate::device::{self, default_mtu, open_l4lb, update_lock};
+use crate::discover::Mode;
 use crate::iface::Interface;
 use crate::maps::{random_seed, LbMaps};
 use crate::stats::{self, Sample};
@@ -43,6 +44,18 @@ pub fn run(command: Command) -> Result<()> {
         Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Settle { interface, every } => settle(&interface, every),
+        Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format } => {
+            crate::agent::run(&crate::agent::Options {
+                interface,
+                config,
+                mode: Mode::from(mode),
+                seed,
+                mtu,
+                flow_entries,
+                sweep_every: Duration::from_secs_f64(sweep_every),
+                log_format,
+            })
+        }
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
             crate::bench::run(&crate::bench::Options {
                 rounds: rounds as usize,
@@ -100,85 +113,6 @@ fn effective_capabilities() -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-/// The interface, its l4lb program and that program's maps.
-fn open_l4lb(name: &str) -> Result<(Interface, discover::AttachedProgram, LbMaps)> {
-    let iface = Interface::by_name(name)?;
-    let program = discover::find_l4lb(&iface)?;
-    let maps = LbMaps::open(&program)?;
-    Ok((iface, program, maps))
-}
-
-/// Serialises updates of one interface's maps: two `l4lb map` runs at once
-/// would each plan against a state the other is changing. Held until dropped.
-fn update_lock(iface: &Interface) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    let path = std::path::PathBuf::from(format!("/run/l4lb-{}.lock", iface.name));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("{}: opening the update lock", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| anyhow!("{}: taking the update lock: {errno}", path.display()))
-}
-
-/// The configuration of a freshly attached program: a given seed is fixed,
-/// else a random one is chosen; the outer IPv4 source is the device's
-/// address if it has one; the MTU is the device's. No service yet.
-fn attach_config(seed: Option<u32>, source: Option<Ipv4Addr>, mtu: u32) -> Result<Config> {
-    let mut config = Config::default();
-    match seed {
-        Some(seed) => {
-            config.hash_seed = seed;
-            config.flags |= consts::L4LB_CONFIG_SEED_SET | consts::L4LB_CONFIG_SEED_FIXED;
-        }
-        None => {
-            config.hash_seed = random_seed()?;
-            config.flags |= consts::L4LB_CONFIG_SEED_SET;
-        }
-    }
-    if let Some(source) = source {
-        config.src_v4 = source.octets();
-        config.flags |= consts::L4LB_CONFIG_SRC_SET;
-    }
-    config.mtu = mtu;
-    Ok(config)
-}
-
-/// The MTU to run with: `--mtu` if given (warned about when above the
-/// device's: the device drops what it cannot send), else the device's,
-/// capped at config::MAX_MTU (loopback has 65536) and refused below
-/// config::MIN_MTU.
-fn choose_mtu(iface: &Interface, given: Option<u32>) -> Result<u32> {
-    let device = iface.mtu()?;
-    match given {
-        Some(mtu) => {
-            if mtu > device {
-                eprintln!(
-                    "warning: --mtu {mtu} is above {}'s MTU {device}: frames the device cannot send are dropped by it",
-                    iface.name
-                );
-            }
-            Ok(mtu)
-        }
-        None => {
-            match config::mtu_problem(&format!("{}'s MTU", iface.name), i64::from(device.min(config::MAX_MTU)), None) {
-                Some(problem) => bail!("{problem}: raise it (ip link set {} mtu 1500) or give --mtu", iface.name),
-                None => Ok(device.min(config::MAX_MTU)),
-            }
-        }
-    }
-}
-
-/// The MTU `apply` and `map` plan with: the wanted one, else the running
-/// one, else (a program iproute2 loaded runs without) the device's.
-fn default_mtu(iface: &Interface, now: &apply::Snapshot, wanted: &mut config::Model) -> Result<()> {
-    if wanted.global.mtu.is_none() && now.config.mtu == 0 {
-        wanted.global.mtu = Some(choose_mtu(iface, None)?);
-    }
-    Ok(())
-}
-
 fn attach(
     name: &str,
     mode: AttachMode,
@@ -188,14 +122,8 @@ fn attach(
     flow_entries: Option<u32>,
 ) -> Result<()> {
     let iface = Interface::by_name(name)?;
-    let mode = Mode::from(mode);
-    let mtu = choose_mtu(&iface, mtu)?;
-    let flows = crate::attach::FlowTable::for_mode(mode, flow_entries)?;
-    let _lock = update_lock(&iface)?;
-    let id = crate::attach::attach(&iface, mode, force, flows)?;
-    let (_, _, maps) = open_l4lb(name)?;
-    let source = iface.ipv4_addr()?;
-    maps.write_config(&attach_config(seed, source, mtu)?)?;
+    let device::Attached { id, mode, flows, source } =
+        device::attach(&iface, Mode::from(mode), force, seed, mtu, flow_entries)?;
     println!("l4lb attached to {} in {mode} mode (program id {id}); flow table: {flows}", iface.name);
     match source {
         Some(source) => println!(
@@ -220,12 +148,10 @@ fn detach(name: &str) -> Result<()> {
 
 /// `l4lb apply`: the whole configuration from a file.
 fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
-    let mut wanted = config::load(file)?;
+    let wanted = config::load(file)?;
     let (iface, _, maps) = open_l4lb(name)?;
-    let _lock = update_lock(&iface)?;
-    let now = maps.read_snapshot()?;
-    default_mtu(&iface, &now, &mut wanted)?;
-    let plan = apply::plan(&now, &wanted, random_seed()?)?;
+    let planned = device::plan(&iface, &maps, wanted)?;
+    let plan = &planned.plan;
     print!("{}", plan.diff);
     if dry_run {
         println!("dry run: nothing written");
@@ -234,7 +160,7 @@ fn apply(name: &str, file: &Path, dry_run: bool) -> Result<()> {
     if plan.is_empty() {
         return Ok(());
     }
-    apply::execute(&maps, &plan)?;
+    apply::execute(&maps, plan)?;
     println!("{}: applied ({} map writes, {} table slots)", iface.name, plan.writes(), plan.slots_written());
     Ok(())
 }

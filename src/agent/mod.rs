@@ -1,0 +1,369 @@
+//! `l4lb serve`, the agent: one long-running process per balancer that keeps
+//! the datapath programmed from a file. It attaches l4lb where none is
+//! attached (and keeps one it finds), applies the file, applies it again on
+//! every change and on SIGHUP with the same all-or-nothing apply as
+//! `l4lb apply`, and runs the sweep that ends table transitions.
+//!
+//! Forwarding never depends on it: the program stays attached and its maps
+//! stay filled when the agent stops, crashes or restarts; a restarted agent
+//! finds the program, and applying the same file again writes nothing.
+
+pub mod log;
+pub mod watch;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::MapHandle;
+
+use crate::apply;
+use crate::config;
+use crate::device;
+use crate::discover::{self, AttachedProgram, Mode};
+use crate::iface::Interface;
+use crate::maps::LbMaps;
+use log::{Event, Level, Log, LogFormat};
+use watch::Wake;
+
+/// How long after the first change in the file's directory the file is
+/// read again: an editor's or a deployment's burst of events is one read.
+const QUIET: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub interface: String,
+    pub config: PathBuf,
+    /// Used only when the agent attaches l4lb itself.
+    pub mode: Mode,
+    pub seed: Option<u32>,
+    pub mtu: Option<u32>,
+    pub flow_entries: Option<u32>,
+    /// Between two rounds of the sweep (`l4lb settle`).
+    pub sweep_every: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. A configuration file that does not
+/// validate stops the start before anything is touched; once running, a bad
+/// file is refused (logged with FILE:LINE) and the running state is kept.
+pub fn run(options: &Options) -> Result<()> {
+    let log = Log::new(options.log_format, &options.interface);
+    let origin = options.config.display().to_string();
+    let bytes = config::read(&options.config)?;
+    let wanted = config::parse(&origin, &bytes)?;
+    let iface = Interface::by_name(&options.interface)?;
+
+    let (wake, woken) = mpsc::channel();
+    watch::signals(wake.clone())?;
+    watch::directory(&options.config, wake)?;
+    let mut agent = Agent::start(options, iface, log)?;
+    if let Err(err) = agent.apply(bytes, wanted, "start") {
+        // Leave the interface as the agent found it.
+        if agent.attached_here {
+            let _ = crate::attach::detach(&agent.iface);
+        }
+        return Err(err);
+    }
+    agent.log.write(
+        Event::info(
+            "serving",
+            format!(
+                "applying {origin} on every change and on SIGHUP; sweeping transitions every {} s",
+                options.sweep_every.as_secs_f64()
+            ),
+        )
+        .with("file", origin.as_str())
+        .with("pid", std::process::id()),
+    );
+
+    let mut timers = Timers::new(Instant::now(), options.sweep_every);
+    loop {
+        match woken.recv_timeout(timers.wait(Instant::now())) {
+            Ok(Wake::DirectoryChanged) => timers.file_touched(Instant::now()),
+            Ok(Wake::Reload) => agent.reload("SIGHUP", true),
+            Ok(Wake::Stop(signal)) => {
+                agent.log.write(Event::info(
+                    "stopping",
+                    format!("{signal}: stopping; the datapath keeps forwarding as configured"),
+                ));
+                return Ok(());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => bail!("the signal and file watchers stopped"),
+        }
+        let now = Instant::now();
+        if timers.take_reread(now) {
+            agent.reload("file changed", false);
+        }
+        if timers.take_sweep(now) {
+            agent.sweep();
+        }
+    }
+}
+
+/// When to read the file again and when to sweep (pure, unit-tested).
+#[derive(Debug)]
+struct Timers {
+    reread_at: Option<Instant>,
+    next_sweep: Instant,
+    every: Duration,
+}
+
+impl Timers {
+    fn new(now: Instant, every: Duration) -> Timers {
+        Timers { reread_at: None, next_sweep: now + every, every }
+    }
+
+    /// A change in the directory: read the file QUIET after the first one.
+    fn file_touched(&mut self, now: Instant) {
+        self.reread_at.get_or_insert(now + QUIET);
+    }
+
+    /// How long to wait for a wake-up before the next deadline.
+    fn wait(&self, now: Instant) -> Duration {
+        let next = self.reread_at.map_or(self.next_sweep, |at| at.min(self.next_sweep));
+        next.saturating_duration_since(now)
+    }
+
+    fn take_reread(&mut self, now: Instant) -> bool {
+        let due = self.reread_at.is_some_and(|at| at <= now);
+        if due {
+            self.reread_at = None;
+        }
+        due
+    }
+
+    fn take_sweep(&mut self, now: Instant) -> bool {
+        let due = self.next_sweep <= now;
+        if due {
+            self.next_sweep = now + self.every;
+        }
+        due
+    }
+}
+
+/// The agent's hold on one interface's l4lb.
+struct Agent<'a> {
+    options: &'a Options,
+    iface: Interface,
+    log: Log,
+    program: AttachedProgram,
+    maps: LbMaps,
+    flows: MapHandle,
+    /// Applies that changed something since the agent started.
+    generation: u64,
+    /// The bytes of the file last applied.
+    applied: Option<Vec<u8>>,
+    /// The agent attached l4lb at its start (none was attached).
+    attached_here: bool,
+}
+
+impl<'a> Agent<'a> {
+    /// Keeps the l4lb attached to the interface, or attaches one where no
+    /// XDP program is; refuses to replace another program.
+    fn start(options: &'a Options, iface: Interface, log: Log) -> Result<Agent<'a>> {
+        let (program, attached_here) = attach_unless_attached(options, &iface, &log)?;
+        let (maps, flows) = open(&iface, &program)?;
+        Ok(Agent { options, iface, log, program, maps, flows, generation: 0, applied: None, attached_here })
+    }
+
+    /// Reads the file again and applies it: always when `forced` (SIGHUP:
+    /// it also undoes changes made by hand since), else only if its bytes
+    /// changed. A file that cannot be read or does not validate is refused
+    /// and the running state is kept.
+    fn reload(&mut self, cause: &str, forced: bool) {
+        let origin = self.options.config.display().to_string();
+        let bytes = match config::read(&self.options.config) {
+            Ok(bytes) => bytes,
+            Err(err) => return self.refused(cause, err),
+        };
+        if !forced && self.applied.as_ref() == Some(&bytes) {
+            return;
+        }
+        match config::parse(&origin, &bytes) {
+            Ok(wanted) => {
+                if let Err(err) = self.apply(bytes, wanted, cause) {
+                    self.refused(cause, err);
+                }
+            }
+            Err(err) => self.refused(cause, err),
+        }
+    }
+
+    /// Plans `wanted` against the running state and executes the plan (all
+    /// or nothing: a failed write rolls back the ones before it).
+    fn apply(&mut self, bytes: Vec<u8>, wanted: config::Model, cause: &str) -> Result<()> {
+        let planned = device::plan(&self.iface, &self.maps, wanted)?;
+        let plan = &planned.plan;
+        if plan.is_empty() {
+            self.log.write(
+                Event::info("unchanged", format!("{cause}: the running configuration is the file's already"))
+                    .with("cause", cause)
+                    .with("generation", self.generation),
+            );
+        } else {
+            apply::execute(&self.maps, plan)?;
+            self.generation += 1;
+            let changes: Vec<String> = plan.diff.to_string().lines().map(|line| line.trim().to_string()).collect();
+            self.log.write(
+                Event::info(
+                    "applied",
+                    format!(
+                        "{cause}: generation {}: {} ({} map writes, {} table slots)",
+                        self.generation,
+                        changes.join("; "),
+                        plan.writes(),
+                        plan.slots_written()
+                    ),
+                )
+                .with("cause", cause)
+                .with("generation", self.generation)
+                .with("changes", changes)
+                .with("map_writes", plan.writes())
+                .with("slots_written", plan.slots_written()),
+            );
+        }
+        self.applied = Some(bytes);
+        Ok(())
+    }
+
+    fn refused(&self, cause: &str, err: anyhow::Error) {
+        self.log.write(
+            Event::error("refused", format!("{cause}: {err:#}; the running configuration is kept"))
+                .with("cause", cause)
+                .with("error", format!("{err:#}")),
+        );
+    }
+
+    /// One round of the sweep, after making sure l4lb is still the program
+    /// on the interface (attached again if someone detached it); logs each
+    /// service's slots that left their transition.
+    fn sweep(&mut self) {
+        if let Err(err) = self.check_attached() {
+            self.log.write(Event::error("sweep_failed", format!("{err:#}")));
+            return;
+        }
+        let round = {
+            let lock = device::update_lock(&self.iface);
+            lock.and_then(|_lock| crate::settle::round(&self.maps, &self.flows))
+        };
+        match round {
+            Ok(round) => {
+                for (service, &ended) in round.ended.iter().filter(|(_, &n)| n > 0) {
+                    let open = round.open.get(service).copied().unwrap_or(0);
+                    self.log.write(
+                        Event::info(
+                            "transition_ended",
+                            format!("{service}: {ended} slots left their transition, {open} still in transition"),
+                        )
+                        .with("service", service.as_str())
+                        .with("slots_ended", ended)
+                        .with("slots_in_transition", open),
+                    );
+                }
+            }
+            Err(err) => self.log.write(Event::error("sweep_failed", format!("{err:#}"))),
+        }
+    }
+
+    /// The program on the interface is still ours; another l4lb (replaced
+    /// by hand) is adopted, and where none is, l4lb is attached again; both
+    /// then get the file.
+    fn check_attached(&mut self) -> Result<()> {
+        let present = discover::attached_programs(&self.iface)?;
+        if present.iter().any(|p| p.is_l4lb() && p.id == self.program.id) {
+            return Ok(());
+        }
+        self.program = match present.iter().find(|p| p.is_l4lb()) {
+            Some(other) => {
+                self.log.write(Event::new(
+                    Level::Warn,
+                    "adopted",
+                    format!("l4lb {} replaced {}: applying the file to it", other, self.program),
+                ));
+                other.clone()
+            }
+            None => {
+                self.log.write(Event::new(
+                    Level::Warn,
+                    "reattaching",
+                    format!("{} is no longer attached to {}", self.program, self.iface.name),
+                ));
+                attach_unless_attached(self.options, &self.iface, &self.log)?.0
+            }
+        };
+        (self.maps, self.flows) = open(&self.iface, &self.program)?;
+        self.applied = None;
+        self.reload("program changed", true);
+        Ok(())
+    }
+}
+
+/// The l4lb attached to `iface`, or a fresh one attached as the options say
+/// where no XDP program is (then true).
+fn attach_unless_attached(options: &Options, iface: &Interface, log: &Log) -> Result<(AttachedProgram, bool)> {
+    let present = discover::attached_programs(iface)?;
+    if let Some(l4lb) = present.iter().find(|p| p.is_l4lb()) {
+        log.write(Event::info("kept", format!("l4lb is attached already: {l4lb}")).with("program_id", l4lb.id));
+        return Ok((l4lb.clone(), false));
+    }
+    if let Some(other) = present.first() {
+        bail!(
+            "{} has XDP program {other}, not l4lb: the agent keeps an l4lb it finds and attaches one where no program is; detach the other program first",
+            iface.name
+        );
+    }
+    let attached = device::attach(iface, options.mode, false, options.seed, options.mtu, options.flow_entries)?;
+    let source = attached.source.map_or("none (the file must give source_v4)".to_string(), |s| s.to_string());
+    log.write(
+        Event::info(
+            "attached",
+            format!(
+                "l4lb attached in {} mode (program id {}); flow table: {}; outer source {source}",
+                attached.mode, attached.id, attached.flows
+            ),
+        )
+        .with("program_id", attached.id),
+    );
+    Ok((discover::find_l4lb(iface)?, true))
+}
+
+/// The program's maps and flow table.
+fn open(iface: &Interface, program: &AttachedProgram) -> Result<(LbMaps, MapHandle)> {
+    let maps = LbMaps::open(program).with_context(|| format!("{}: opening l4lb's maps", iface.name))?;
+    let flows = crate::maps::open_flows(program).with_context(|| format!("{}: the flow table", iface.name))?;
+    Ok((maps, flows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_file_events_is_one_read_a_quiet_moment_after_the_first() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0, Duration::from_secs(5));
+        assert_eq!(timers.wait(t0), Duration::from_secs(5));
+        timers.file_touched(t0);
+        timers.file_touched(t0 + Duration::from_millis(150));
+        assert_eq!(timers.wait(t0 + Duration::from_millis(150)), Duration::from_millis(50));
+        assert!(!timers.take_reread(t0 + Duration::from_millis(199)));
+        assert!(timers.take_reread(t0 + QUIET));
+        assert!(!timers.take_reread(t0 + QUIET), "one read per burst");
+        assert_eq!(timers.wait(t0 + QUIET), Duration::from_secs(5) - QUIET);
+    }
+
+    #[test]
+    fn sweeps_come_every_interval_from_the_last_one() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0, Duration::from_secs(2));
+        assert!(!timers.take_sweep(t0 + Duration::from_millis(1999)));
+        assert!(timers.take_sweep(t0 + Duration::from_secs(3)));
+        assert!(!timers.take_sweep(t0 + Duration::from_millis(4999)));
+        assert!(timers.take_sweep(t0 + Duration::from_secs(5)));
+        // A wait past a deadline is zero, never negative.
+        assert_eq!(timers.wait(t0 + Duration::from_secs(60)), Duration::ZERO);
+    }
+}

@@ -1,0 +1,393 @@
+//! The agent, `l4lb serve`, as an operator runs it: a real process in the lb
+//! namespace of a gen <-> lb veth pair, its JSON log read line by line.
+//!
+//! * It attaches l4lb, applies the file, applies every change (a file
+//!   renamed over the old one, as editors and deployment tools write), and
+//!   refuses a bad file with FILE:LINE in its log while the running
+//!   configuration stays exactly as it was; SIGHUP applies the file again
+//!   and so undoes a change made by hand; SIGTERM stops it with the program
+//!   attached and configured; a new agent keeps that program and writes
+//!   nothing.
+//! * A bad file at the start, or another XDP program on the interface,
+//!   stops it before anything is touched.
+//! * Forwarding never depends on it: killed with SIGKILL under a flood of
+//!   live frames and started again, no frame is dropped (every frame l4lb
+//!   received went out, no drop counter moved) and no flow moved (the
+//!   program, its services and every table slot are what they were).
+//! * A change's transition ends without a person: the agent's sweep ends it
+//!   and logs it.
+//!
+//! Each test builds its own namespaces (`l4lbt-agent-<pid>-<n>-gen`, `-lb`)
+//! and removes them, agents included, also when a check fails.
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::flood::Flood;
+use common::veth::{attach_xdp_pass, VethPair, LB_ADDR};
+use common::{fail, run, Outcome, TestResult};
+use l4lb::bench::frames::{self, Kind};
+use l4lb::bpf::COUNTER_NAMES;
+use l4lb::state::Running;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+/// Namespaces, interfaces and temporary directories of this suite start with this.
+const PREFIX: &str = "l4lbt-agent";
+/// How long an agent may take to log an expected event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn main() {
+    if common::is_root() {
+        common::remove_leftovers(PREFIX);
+    }
+    common::run_suite(
+        "agent",
+        "network namespaces, XDP and signals to root processes need root",
+        vec![
+            ("serve_applies_the_file_and_every_change_and_refuses_bad_ones", serve_applies_the_file_and_every_change),
+            ("serve_with_a_bad_file_or_a_foreign_program_touches_nothing", serve_refuses_to_start),
+            ("killing_the_agent_under_a_flood_drops_no_frame_and_moves_no_flow", kill_under_flood),
+            ("the_agents_sweep_ends_transitions", sweep_ends_transitions),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------- the agent
+
+/// A running `l4lb serve` in the lb namespace, its log going to a file.
+/// Dropping it kills it (SIGKILL): the namespaces go right after.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `l4lb serve -i DEV -c FILE --log-format json EXTRA..` and waits
+    /// for its `serving` event.
+    fn start(topo: &VethPair, config: &Path, log_name: &str, extra: &[&str]) -> TestResult<Agent> {
+        let agent = Agent::spawn(topo, config, log_name, extra)?;
+        agent.wait_for("serving", |_| true)?;
+        Ok(agent)
+    }
+
+    fn spawn(topo: &VethPair, config: &Path, log_name: &str, extra: &[&str]) -> TestResult<Agent> {
+        let log = topo.dir.join(log_name);
+        let stderr = std::fs::File::create(&log)?;
+        let config = config.display().to_string();
+        let mut args = vec!["netns", "exec", &topo.lb, BIN, "serve", "-i", &topo.lb_dev, "-c", &config];
+        args.extend(["--log-format", "json"]);
+        args.extend_from_slice(extra);
+        // `ip netns exec` execs l4lb: the child's pid is the agent's.
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|err| fail(format!("starting {BIN} serve: {err}")))?;
+        Ok(Agent { child, log })
+    }
+
+    /// Every line logged so far, each a JSON object.
+    fn events(&self) -> TestResult<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.log)?;
+        text.lines()
+            .map(|line| serde_json::from_str(line).map_err(|err| fail(format!("log line {line:?} is not JSON: {err}"))))
+            .collect()
+    }
+
+    /// Waits for the first event named `name` that `matches` (counting from
+    /// the start of the log); fails if the agent exits first.
+    fn wait_for(&self, name: &str, matches: impl Fn(&Value) -> bool) -> TestResult<Value> {
+        self.wait_for_nth(name, 1, matches)
+    }
+
+    /// The `n`th event named `name` that `matches`.
+    fn wait_for_nth(&self, name: &str, n: usize, matches: impl Fn(&Value) -> bool) -> TestResult<Value> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let events = self.events()?;
+            if let Some(event) = events.iter().filter(|e| e["event"] == name && matches(e)).nth(n - 1) {
+                return Ok(event.clone());
+            }
+            let log = events.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+            ensure!(Instant::now() < deadline, "no event `{name}` (#{n}) within {EVENT_TIMEOUT:?}; the log:\n{log}");
+            ensure!(
+                std::fs::metadata(format!("/proc/{}", self.child.id())).is_ok(),
+                "the agent is gone before event `{name}`; the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the agent.
+    fn signal(&self, signal: nix::sys::signal::Signal) -> TestResult {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the agent to exit; its exit code (None: killed by a signal).
+    fn wait_exit(&mut self, timeout: Duration) -> TestResult<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            ensure!(Instant::now() < deadline, "the agent did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// `l4lb ARGS` inside the lb namespace.
+fn l4lb(topo: &VethPair, args: &[&str]) -> Outcome {
+    let mut full = vec!["netns", "exec", &topo.lb, BIN];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// The running state of the l4lb on the lb veth, read through the library.
+fn running(topo: &VethPair) -> TestResult<Running> {
+    Ok(l4lb::maps::LbMaps::open(&topo.attached_l4lb()?)?.read_running()?)
+}
+
+/// Writes `text` as `name` in the scratch directory the way editors and
+/// deployment tools do: a new file renamed over the old one.
+fn replace_file(topo: &VethPair, name: &str, text: &str) -> TestResult<PathBuf> {
+    let scratch = topo.write_file(&format!(".{name}.new"), text.as_bytes())?;
+    let path = topo.dir.join(name);
+    std::fs::rename(&scratch, &path)?;
+    Ok(path)
+}
+
+/// The services of configuration `text` are the running ones (checked on the
+/// running configuration read back, so a planner's mistake cannot pass).
+fn runs_file(topo: &VethPair, text: &str) -> TestResult {
+    let wanted = l4lb::config::parse("wanted", text.as_bytes())?;
+    let model = running(topo)?.model();
+    ensure!(
+        model.services == wanted.services,
+        "running services differ from the file's:\n running {:#?}\n file {:#?}",
+        model.services,
+        wanted.services
+    );
+    ensure!(model.global.source_v4 == wanted.global.source_v4, "source_v4 {:?}", model.global.source_v4);
+    ensure!(model.global.gateway_mac == wanted.global.gateway_mac, "gateway_mac {:?}", model.global.gateway_mac);
+    Ok(())
+}
+
+/// A configuration: the benchmark's IPv4 VIP (TCP port 80, where the flood
+/// goes) with `backends` (198.18.0.<n>, each with its own MAC).
+fn config_text(backends: &[u8]) -> String {
+    let mut text =
+        format!("# l4lb agent test\n[global]\nsource_v4 = \"{LB_ADDR}\"\ngateway_mac = \"02:00:00:00:00:01\"\n\n");
+    text += &format!("[[service]]\nvip = \"{}\"\nprotocol = \"tcp\"\nport = {}\n", frames::VIP4, frames::TCP_PORT);
+    text += "idle_timeout = 1\nbackends = [\n";
+    for n in backends {
+        text += &format!("  {{ address = \"198.18.0.{n}\", mac = \"02:00:c6:12:00:{n:02x}\" }},\n");
+    }
+    text + "]\n"
+}
+
+/// One `l4lb stats --json` sample's counters.
+fn counters(topo: &VethPair) -> TestResult<BTreeMap<String, u64>> {
+    let out = l4lb(topo, &["stats", "-i", &topo.lb_dev, "--json", "--count", "1", "--interval", "0.2"]).success()?;
+    let line = out.stdout.lines().next().ok_or_else(|| fail(format!("no output: {}", out.describe())))?;
+    let sample: Value = serde_json::from_str(line).map_err(|err| fail(format!("{line:?} is not JSON: {err}")))?;
+    COUNTER_NAMES
+        .iter()
+        .map(|&name| {
+            let value = sample["counters"][name].as_u64().ok_or_else(|| fail(format!("no `{name}` in {line}")))?;
+            Ok((name.to_string(), value))
+        })
+        .collect()
+}
+
+/// The lb veth's XDP programs: (name, id).
+fn lb_programs(topo: &VethPair) -> TestResult<Vec<(String, u32)>> {
+    common::in_netns(&topo.lb, || {
+        let iface = l4lb::iface::Interface::by_name(&topo.lb_dev)?;
+        Ok(l4lb::discover::attached_programs(&iface)?.into_iter().map(|p| (p.name, p.id)).collect())
+    })
+}
+
+// ---------------------------------------------------------------- tests
+
+fn serve_applies_the_file_and_every_change() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    let first = config_text(&[1, 2, 3]);
+    let file = replace_file(&topo, "lb.toml", &first)?;
+    let mut agent = Agent::start(&topo, &file, "agent1.log", &["--sweep-every", "0.2"])?;
+    agent.wait_for("attached", |_| true)?;
+    let applied = agent.wait_for("applied", |e| e["cause"] == "start")?;
+    ensure!(applied["generation"] == 1, "first apply: {applied}");
+    runs_file(&topo, &first)?;
+    let program = topo.attached_l4lb()?.id;
+
+    // A change, written the way editors write: applied as generation 2.
+    let second = config_text(&[1, 2, 3, 4]);
+    replace_file(&topo, "lb.toml", &second)?;
+    let applied = agent.wait_for("applied", |e| e["generation"] == 2)?;
+    ensure!(applied["cause"] == "file changed", "{applied}");
+    let changes = applied["changes"].to_string();
+    ensure!(changes.contains("+ 198.18.0.4"), "the change's diff should name the new backend: {applied}");
+    runs_file(&topo, &second)?;
+
+    // A bad file: refused with FILE:LINE, the running state exactly kept.
+    let before = running(&topo)?;
+    let bad = second.replace("port = 80\n", "port = 80\nprot = 1\n");
+    let bad_line = bad.lines().position(|l| l == "prot = 1").expect("inserted") + 1;
+    replace_file(&topo, "lb.toml", &bad)?;
+    let refused = agent.wait_for("refused", |_| true)?;
+    let place = format!("{}:{bad_line}:", file.display());
+    ensure!(refused["level"] == "error" && refused["error"].as_str().is_some_and(|e| e.contains(&place)), "{refused}");
+    ensure!(running(&topo)? == before, "a refused file changed the running state");
+
+    // Fixed again (another change than the last applied): applied.
+    let third = config_text(&[2, 3, 4]);
+    replace_file(&topo, "lb.toml", &third)?;
+    agent.wait_for("applied", |e| e["generation"] == 3)?;
+    runs_file(&topo, &third)?;
+
+    // A change by hand; SIGHUP puts the file's configuration back.
+    let by_hand = topo.write_file("by-hand.toml", config_text(&[9]).as_bytes())?;
+    l4lb(&topo, &["apply", "-i", &topo.lb_dev, "-c", &by_hand.display().to_string()]).success()?;
+    runs_file(&topo, &config_text(&[9]))?;
+    agent.signal(nix::sys::signal::Signal::SIGHUP)?;
+    let applied = agent.wait_for("applied", |e| e["generation"] == 4)?;
+    ensure!(applied["cause"] == "SIGHUP", "{applied}");
+    runs_file(&topo, &third)?;
+
+    // SIGTERM: exits 0, the program stays attached and configured.
+    let before = running(&topo)?;
+    agent.signal(nix::sys::signal::Signal::SIGTERM)?;
+    ensure!(agent.wait_exit(Duration::from_secs(10))? == Some(0), "the agent should exit 0 on SIGTERM");
+    agent.wait_for("stopping", |_| true)?;
+    ensure!(topo.attached_l4lb()?.id == program, "the program changed");
+    ensure!(running(&topo)? == before, "stopping the agent changed the running state");
+
+    // A new agent keeps the program and writes nothing.
+    let again = Agent::start(&topo, &file, "agent2.log", &[])?;
+    again.wait_for("kept", |e| e["program_id"] == program)?;
+    again.wait_for("unchanged", |e| e["cause"] == "start")?;
+    ensure!(again.events()?.iter().all(|e| e["event"] != "applied" && e["event"] != "attached"), "wrote something");
+    ensure!(running(&topo)? == before, "a restarted agent changed the running state");
+    println!("agent: applied 4 generations (start, a renamed file, a fixed file, SIGHUP), refused a bad file at line {bad_line}, stopped on SIGTERM, kept program {program} on restart");
+    Ok(())
+}
+
+fn serve_refuses_to_start() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    // A file that does not validate: exit 1 with FILE:LINE, nothing attached.
+    let bad = config_text(&[1]).replace("protocol = \"tcp\"", "protocol = \"sctp\"");
+    let bad_line = bad.lines().position(|l| l.starts_with("protocol")).expect("present") + 1;
+    let file = replace_file(&topo, "bad.toml", &bad)?;
+    let mut agent = Agent::spawn(&topo, &file, "bad.log", &[])?;
+    ensure!(agent.wait_exit(Duration::from_secs(10))? == Some(1), "a bad file at the start must exit 1");
+    let log = std::fs::read_to_string(&agent.log)?;
+    ensure!(log.contains(&format!("l4lb: error: {}:{bad_line}:", file.display())), "expected FILE:LINE: {log}");
+    ensure!(lb_programs(&topo)?.is_empty(), "something was attached: {:?}", lb_programs(&topo)?);
+
+    // Another XDP program: refused, left attached.
+    attach_xdp_pass(&topo.lb, &topo.lb_dev)?;
+    let before = lb_programs(&topo)?;
+    ensure!(before.len() == 1 && before[0].0 == "l4lbt_pass", "the XDP_PASS program is not attached: {before:?}");
+    let good = replace_file(&topo, "good.toml", &config_text(&[1]))?;
+    let mut agent = Agent::spawn(&topo, &good, "foreign.log", &[])?;
+    ensure!(agent.wait_exit(Duration::from_secs(10))? == Some(1), "a foreign program must stop the agent");
+    let log = std::fs::read_to_string(&agent.log)?;
+    ensure!(log.contains("not l4lb") && log.contains("detach the other program first"), "{log}");
+    ensure!(lb_programs(&topo)? == before, "the foreign program was touched");
+    println!("agent: refused a bad file (line {bad_line}) and a foreign program {before:?}, touching nothing");
+    Ok(())
+}
+
+fn kill_under_flood() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    let text = config_text(&(1..=16).collect::<Vec<u8>>());
+    let file = replace_file(&topo, "lb.toml", &text)?;
+    let agent = Agent::start(&topo, &file, "agent1.log", &["--sweep-every", "0.2"])?;
+    let program = topo.attached_l4lb()?.id;
+    let before = running(&topo)?;
+    let mut flood = Flood::start(&topo, &[Kind::TcpSyn64])?;
+    let counted_before = counters(&topo)?;
+
+    std::thread::sleep(Duration::from_millis(500));
+    drop(agent); // SIGKILL
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = Agent::start(&topo, &file, "agent2.log", &["--sweep-every", "0.2"])?;
+    restarted.wait_for("kept", |e| e["program_id"] == program)?;
+    restarted.wait_for("unchanged", |_| true)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let ran = flood.stop()?;
+    let sent = flood.sent();
+    std::thread::sleep(Duration::from_millis(200));
+    let counted = counters(&topo)?;
+
+    let delta = |name: &str| counted[name] - counted_before[name];
+    let drops: Vec<String> = COUNTER_NAMES
+        .iter()
+        .filter(|name| name.starts_with("drop_") && counted[**name] != 0)
+        .map(|name| format!("{name} {}", counted[*name]))
+        .collect();
+    ensure!(drops.is_empty(), "frames were dropped: {}", drops.join(", "));
+    let accounted = counted["tx"] + counted["pass"] + counted["pass_no_service"];
+    ensure!(
+        counted["rx"] == accounted,
+        "rx {} but tx + pass + pass_no_service {accounted}: frames lost",
+        counted["rx"]
+    );
+    ensure!(
+        delta("tx") * 100 >= delta("rx") * 99,
+        "tx {} of rx {}: the flood was not forwarded",
+        delta("tx"),
+        delta("rx")
+    );
+    ensure!(delta("rx") > 100_000, "only {} frames during the test", delta("rx"));
+    ensure!(topo.attached_l4lb()?.id == program, "the program changed");
+    ensure!(running(&topo)? == before, "the services or tables changed: flows moved");
+    ensure!(restarted.events()?.iter().all(|e| e["event"] != "applied"), "the restarted agent wrote");
+    println!(
+        "agent: SIGKILL and restart under a flood of {sent} frames in {ran:.1?}: l4lb received {} and sent {} during the test, 0 dropped, program {program} and its tables unchanged",
+        delta("rx"),
+        delta("tx")
+    );
+    Ok(())
+}
+
+fn sweep_ends_transitions() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    let file = replace_file(&topo, "lb.toml", &config_text(&[1, 2, 3]))?;
+    let agent = Agent::start(&topo, &file, "agent.log", &["--sweep-every", "0.2"])?;
+    // A fourth backend takes slots of the three: those go in transition
+    // (idle_timeout 1 s in the file; no flow holds a pin).
+    replace_file(&topo, "lb.toml", &config_text(&[1, 2, 3, 4]))?;
+    agent.wait_for("applied", |e| e["generation"] == 2)?;
+    let in_transition = running(&topo)?.services[0].transitions.len();
+    ensure!(in_transition > 0, "the change put no slot in transition");
+    let ended = agent.wait_for("transition_ended", |_| true)?;
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while !running(&topo)?.services[0].transitions.is_empty() {
+        ensure!(Instant::now() < deadline, "slots still in transition: {ended}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let service = format!("{}:{}/tcp", frames::VIP4, frames::TCP_PORT);
+    ensure!(ended["service"] == service.as_str() && ended["slots_ended"].as_u64() > Some(0), "{ended}");
+    println!("agent: {in_transition} slots in transition after a change, ended by the agent's sweep: {ended}");
+    Ok(())
+}
