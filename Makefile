@@ -16,7 +16,8 @@ L4LB_BIN  ?= target/release/l4lb
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: the binary, the standalone object
 # (for iproute2), manual pages and shell completions generated from the
-# command line's definition, and the documentation.
+# command line's definition, the agent's systemd unit (l4lb@DEV.service) and
+# the documentation.
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 BINDIR    := $(DESTDIR)$(PREFIX)/bin
@@ -26,6 +27,7 @@ DOCDIR    := $(DESTDIR)$(PREFIX)/share/doc/l4lb
 BASHDIR   := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 ZSHDIR    := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 FISHDIR   := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+UNITDIR   := $(DESTDIR)$(PREFIX)/lib/systemd/system
 
 .PHONY: all build deps test demo bench clean install uninstall
 all: $(BPF_OBJ) build
@@ -56,7 +58,7 @@ bench: deps
 	cat bench-results/results.txt
 
 install: all
-	install -d $(BINDIR) $(OBJDIR) $(MANDIR) $(DOCDIR) $(BASHDIR) $(ZSHDIR) $(FISHDIR)
+	install -d $(BINDIR) $(OBJDIR) $(MANDIR) $(DOCDIR) $(BASHDIR) $(ZSHDIR) $(FISHDIR) $(UNITDIR)
 	install -m 0755 $(L4LB_BIN) $(BINDIR)/l4lb
 	install -m 0644 $(BPF_OBJ) $(OBJDIR)/l4lb_xdp.o
 	$(L4LB_BIN) man --out $(MANDIR)
@@ -64,6 +66,8 @@ install: all
 	$(L4LB_BIN) completions bash > $(BASHDIR)/l4lb
 	$(L4LB_BIN) completions zsh > $(ZSHDIR)/_l4lb
 	$(L4LB_BIN) completions fish > $(FISHDIR)/l4lb.fish
+	sed 's#@BINDIR@#$(PREFIX)/bin#' systemd/l4lb@.service > $(UNITDIR)/l4lb@.service
+	chmod 0644 $(UNITDIR)/l4lb@.service
 	install -m 0644 README.md $(DOCDIR)/README.md
 	install -d $(DOCDIR)/docs
 	install -m 0644 docs/*.md docs/*.svg $(DOCDIR)/docs/
@@ -71,6 +75,7 @@ install: all
 uninstall:
 	rm -f $(BINDIR)/l4lb $(OBJDIR)/l4lb_xdp.o $(MANDIR)/l4lb.1 $(MANDIR)/l4lb-*.1
 	rm -f $(BASHDIR)/l4lb $(ZSHDIR)/_l4lb $(FISHDIR)/l4lb.fish
+	rm -f $(UNITDIR)/l4lb@.service
 	rm -rf $(DOCDIR)
 	-rmdir $(OBJDIR)
 

@@ -11,6 +11,7 @@ packages=(
   bpftool iproute2    # loading and inspecting from the shell
   ethtool hping3 tcpdump  # demo traffic and inspection
   curl python3        # the lab (scripts/lab): HTTP servers on the backends, requests from the client
+  systemd             # systemd-analyze: the agent's unit (systemd/l4lb@.service) is verified by the install test
   make
 )
 missing=()

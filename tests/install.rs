@@ -1,7 +1,8 @@
 //! `make install` and `make uninstall` into a scratch DESTDIR (no root
 //! needed): the binary, the standalone object, a manual page for l4lb and
-//! for every subcommand, the shell completions and the documentation land
-//! where the Makefile says; uninstall takes every one of them away again.
+//! for every subcommand, the shell completions, the agent's systemd unit
+//! (verified by `systemd-analyze verify`) and the documentation land where
+//! the Makefile says; uninstall takes every one of them away again.
 //! The scratch directory goes even when an assertion fails.
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,8 @@ fn make_install_then_uninstall() {
         assert!(text.contains(marker) && text.contains("apply"), "{file} is not l4lb's completion script");
     }
 
+    check_unit(&usr, &root);
+
     for doc in ["README.md", "docs/commands.md", "docs/transitions.md"] {
         assert!(usr.join("share/doc/l4lb").join(doc).is_file(), "{doc} is not installed");
     }
@@ -102,4 +105,25 @@ fn make_install_then_uninstall() {
         }
     }
     assert!(left.is_empty(), "make uninstall left {left:?}");
+}
+
+/// The installed unit runs the installed binary's `serve` with the
+/// instance's interface and file; an instance of it, pointed at the binary
+/// in DESTDIR, passes `systemd-analyze verify` without a warning.
+fn check_unit(usr: &Path, root: &Path) {
+    let unit = std::fs::read_to_string(usr.join("lib/systemd/system/l4lb@.service")).expect("the installed unit");
+    let exec = "ExecStart=/usr/bin/l4lb serve -i %i -c /etc/l4lb/%i.toml";
+    assert!(unit.lines().any(|line| line == exec), "the unit does not run `{exec}`:\n{unit}");
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "reload must be SIGHUP");
+    let instance = root.join("l4lb@l4lbt0.service");
+    let bin = usr.join("bin/l4lb");
+    std::fs::write(&instance, unit.replace("/usr/bin/l4lb", &bin.display().to_string())).expect("writing");
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&instance)
+        .output()
+        .expect("running systemd-analyze (scripts/install-deps.sh installs systemd)");
+    let said = format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    std::fs::remove_file(&instance).expect("removing the instance");
 }
