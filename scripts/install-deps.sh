@@ -12,6 +12,7 @@ packages=(
   ethtool hping3 tcpdump  # demo traffic and inspection
   curl python3        # the lab (scripts/lab): HTTP servers on the backends, requests from the client
   systemd             # systemd-analyze: the agent's unit (systemd/l4lb@.service) is verified by the install test
+  prometheus          # promtool checks the agent's metrics (tests/agent.rs)
   make
 )
 missing=()

@@ -16,6 +16,9 @@
 //!   program, its services and every table slot are what they were).
 //! * A change's transition ends without a person: the agent's sweep ends it
 //!   and logs it.
+//! * `--metrics`: after a flood, `GET /metrics` passes `promtool check
+//!   metrics` and gives every backend's packets and bytes and the datapath's
+//!   counters exactly as `l4lb stats` reads them; any other path is a 404.
 //!
 //! Each test builds its own namespaces (`l4lbt-agent-<pid>-<n>-gen`, `-lb`)
 //! and removes them, agents included, also when a check fails.
@@ -24,6 +27,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,6 +58,7 @@ fn main() {
             ("serve_with_a_bad_file_or_a_foreign_program_touches_nothing", serve_refuses_to_start),
             ("killing_the_agent_under_a_flood_drops_no_frame_and_moves_no_flow", kill_under_flood),
             ("the_agents_sweep_ends_transitions", sweep_ends_transitions),
+            ("the_metrics_endpoint_serves_what_the_datapath_counted", metrics_endpoint),
         ],
     );
 }
@@ -389,5 +394,79 @@ fn sweep_ends_transitions() -> TestResult {
     let service = format!("{}:{}/tcp", frames::VIP4, frames::TCP_PORT);
     ensure!(ended["service"] == service.as_str() && ended["slots_ended"].as_u64() > Some(0), "{ended}");
     println!("agent: {in_transition} slots in transition after a change, ended by the agent's sweep: {ended}");
+    Ok(())
+}
+
+/// `GET PATH` to 127.0.0.1:PORT inside the lb namespace: (status, body).
+fn http_get(topo: &VethPair, port: u16, path: &str) -> TestResult<(u16, String)> {
+    let response = common::in_netns(&topo.lb, || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })?;
+    let (head, body) =
+        response.split_once("\r\n\r\n").ok_or_else(|| fail(format!("no HTTP header end: {response}")))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    Ok((status.ok_or_else(|| fail(format!("no status in {head:?}")))?, body.to_string()))
+}
+
+/// The value of the series `name{labels}` (exactly as written) in an exposition.
+fn series(text: &str, name_and_labels: &str) -> TestResult<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| fail(format!("no series {name_and_labels} in:\n{text}")))
+}
+
+fn metrics_endpoint() -> TestResult {
+    const PORT: u16 = 9469;
+    let topo = VethPair::new(PREFIX, true)?;
+    run("ip", &["-n", &topo.lb, "link", "set", "dev", "lo", "up"]).success()?;
+    let text = config_text(&[1, 2, 3, 4]);
+    let file = replace_file(&topo, "lb.toml", &text)?;
+    let agent = Agent::start(&topo, &file, "agent.log", &["--metrics", &PORT.to_string()])?;
+    let serving = agent.wait_for("serving", |_| true)?;
+    ensure!(serving["metrics"] == format!("http://127.0.0.1:{PORT}/metrics"), "{serving}");
+    let mut flood = Flood::start(&topo, &[Kind::TcpSyn64])?;
+    std::thread::sleep(Duration::from_millis(500));
+    flood.stop()?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (status, exposition) = http_get(&topo, PORT, "/metrics")?;
+    ensure!(status == 200, "GET /metrics: {status}: {exposition}");
+    let checked = topo.write_file("metrics.txt", exposition.as_bytes())?;
+    let promtool = run("sh", &["-c", &format!("promtool check metrics < {}", checked.display())]);
+    ensure!(promtool.code == Some(0), "promtool check metrics: {}", promtool.describe());
+
+    let out = l4lb(&topo, &["stats", "-i", &topo.lb_dev, "--json", "--count", "1", "--interval", "0.1"]).success()?;
+    let sample: Value = serde_json::from_str(out.stdout.lines().next().unwrap_or(""))
+        .map_err(|err| fail(format!("stats --json: {err}: {}", out.describe())))?;
+    let service = format!("{}:{}/tcp", frames::VIP4, frames::TCP_PORT);
+    let mut compared = 0;
+    for backend in sample["services"][0]["backends"].as_array().ok_or_else(|| fail(format!("{sample}")))? {
+        let labels = format!("{{service=\"{service}\",backend=\"{}\"}}", backend["addr"].as_str().unwrap_or(""));
+        for what in ["packets", "bytes"] {
+            let exported = series(&exposition, &format!("l4lb_backend_{what}_total{labels}"))?;
+            ensure!(Some(exported) == backend[what].as_u64(), "{what} of {labels}: {exported} exported, {backend}");
+        }
+        ensure!(backend["packets"].as_u64() > Some(1000), "backend {backend} got almost nothing of the flood");
+        compared += 1;
+    }
+    ensure!(compared == 4, "{compared} backends in {sample}");
+    for (counter, series_name) in [("rx", "l4lb_received_packets_total"), ("tx", "l4lb_forwarded_packets_total")] {
+        let exported = series(&exposition, series_name)?;
+        ensure!(Some(exported) == sample["counters"][counter].as_u64(), "{series_name} {exported}: {sample}");
+    }
+    ensure!(series(&exposition, "l4lb_applies_total{result=\"applied\"}")? == 1, "{exposition}");
+    ensure!(series(&exposition, "l4lb_config_generation")? == 1, "{exposition}");
+    let (status, _) = http_get(&topo, PORT, "/")?;
+    ensure!(status == 404, "GET / answered {status}");
+    println!(
+        "agent: /metrics passed promtool; {compared} backends' packets and bytes and rx {} / tx {} as `l4lb stats` read them",
+        sample["counters"]["rx"],
+        sample["counters"]["tx"]
+    );
     Ok(())
 }

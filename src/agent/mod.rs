@@ -9,10 +9,13 @@
 //! finds the program, and applying the same file again writes nothing.
 
 pub mod log;
+pub mod metrics;
 pub mod watch;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +28,7 @@ use crate::discover::{self, AttachedProgram, Mode};
 use crate::iface::Interface;
 use crate::maps::LbMaps;
 use log::{Event, Level, Log, LogFormat};
+use metrics::AgentFigures;
 use watch::Wake;
 
 /// How long after the first change in the file's directory the file is
@@ -43,6 +47,8 @@ pub struct Options {
     /// Between two rounds of the sweep (`l4lb settle`).
     pub sweep_every: Duration,
     pub log_format: LogFormat,
+    /// Where `GET /metrics` is served; None: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. A configuration file that does not
@@ -59,6 +65,9 @@ pub fn run(options: &Options) -> Result<()> {
     watch::signals(wake.clone())?;
     watch::directory(&options.config, wake)?;
     let mut agent = Agent::start(options, iface, log)?;
+    if let Some(addr) = options.metrics {
+        metrics::serve(addr, agent.shared())?;
+    }
     if let Err(err) = agent.apply(bytes, wanted, "start") {
         // Leave the interface as the agent found it.
         if agent.attached_here {
@@ -75,7 +84,8 @@ pub fn run(options: &Options) -> Result<()> {
             ),
         )
         .with("file", origin.as_str())
-        .with("pid", std::process::id()),
+        .with("pid", std::process::id())
+        .with("metrics", options.metrics.map_or("none".to_string(), |addr| format!("http://{addr}/metrics"))),
     );
 
     let mut timers = Timers::new(Instant::now(), options.sweep_every);
@@ -150,8 +160,11 @@ struct Agent<'a> {
     iface: Interface,
     log: Log,
     program: AttachedProgram,
-    maps: LbMaps,
+    maps: Arc<LbMaps>,
     flows: MapHandle,
+    /// The maps the metrics endpoint reads (the same as `maps`).
+    shared_maps: Arc<Mutex<Arc<LbMaps>>>,
+    figures: Arc<Mutex<AgentFigures>>,
     /// Applies that changed something since the agent started.
     generation: u64,
     /// The bytes of the file last applied.
@@ -166,7 +179,31 @@ impl<'a> Agent<'a> {
     fn start(options: &'a Options, iface: Interface, log: Log) -> Result<Agent<'a>> {
         let (program, attached_here) = attach_unless_attached(options, &iface, &log)?;
         let (maps, flows) = open(&iface, &program)?;
-        Ok(Agent { options, iface, log, program, maps, flows, generation: 0, applied: None, attached_here })
+        let maps = Arc::new(maps);
+        let figures = AgentFigures { flow_table_capacity: flow_capacity(&flows), ..AgentFigures::default() };
+        Ok(Agent {
+            options,
+            iface,
+            log,
+            program,
+            shared_maps: Arc::new(Mutex::new(maps.clone())),
+            maps,
+            flows,
+            figures: Arc::new(Mutex::new(figures)),
+            generation: 0,
+            applied: None,
+            attached_here,
+        })
+    }
+
+    /// What the metrics endpoint reads.
+    fn shared(&self) -> metrics::Shared {
+        metrics::Shared { maps: self.shared_maps.clone(), figures: self.figures.clone() }
+    }
+
+    /// Updates the agent's figures.
+    fn count(&self, update: impl FnOnce(&mut AgentFigures)) {
+        update(&mut self.figures.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Reads the file again and applies it: always when `forced` (SIGHUP:
@@ -195,17 +232,25 @@ impl<'a> Agent<'a> {
     /// Plans `wanted` against the running state and executes the plan (all
     /// or nothing: a failed write rolls back the ones before it).
     fn apply(&mut self, bytes: Vec<u8>, wanted: config::Model, cause: &str) -> Result<()> {
+        let started = Instant::now();
         let planned = device::plan(&self.iface, &self.maps, wanted)?;
         let plan = &planned.plan;
         if plan.is_empty() {
+            self.count(|f| f.count_apply("unchanged"));
             self.log.write(
                 Event::info("unchanged", format!("{cause}: the running configuration is the file's already"))
                     .with("cause", cause)
                     .with("generation", self.generation),
             );
         } else {
-            apply::execute(&self.maps, plan)?;
+            apply::execute(&*self.maps, plan)?;
             self.generation += 1;
+            let (seconds, generation) = (started.elapsed().as_secs_f64(), self.generation);
+            self.count(|f| {
+                f.count_apply("applied");
+                f.apply_seconds.observe(seconds);
+                f.generation = generation;
+            });
             let changes: Vec<String> = plan.diff.to_string().lines().map(|line| line.trim().to_string()).collect();
             self.log.write(
                 Event::info(
@@ -230,6 +275,7 @@ impl<'a> Agent<'a> {
     }
 
     fn refused(&self, cause: &str, err: anyhow::Error) {
+        self.count(|f| f.count_apply("refused"));
         self.log.write(
             Event::error("refused", format!("{cause}: {err:#}; the running configuration is kept"))
                 .with("cause", cause)
@@ -242,6 +288,7 @@ impl<'a> Agent<'a> {
     /// service's slots that left their transition.
     fn sweep(&mut self) {
         if let Err(err) = self.check_attached() {
+            self.count(|f| f.sweeps_failed += 1);
             self.log.write(Event::error("sweep_failed", format!("{err:#}")));
             return;
         }
@@ -251,6 +298,12 @@ impl<'a> Agent<'a> {
         };
         match round {
             Ok(round) => {
+                self.count(|f| {
+                    f.sweeps_ok += 1;
+                    f.slots_in_transition = round.open.iter().map(|(s, &n)| (s.clone(), n as u64)).collect();
+                    let deleted = round.pins_idle + round.pins_stale + round.pins_ended;
+                    f.flow_table_entries = round.pins_seen.saturating_sub(deleted) as u64;
+                });
                 for (service, &ended) in round.ended.iter().filter(|(_, &n)| n > 0) {
                     let open = round.open.get(service).copied().unwrap_or(0);
                     self.log.write(
@@ -264,7 +317,10 @@ impl<'a> Agent<'a> {
                     );
                 }
             }
-            Err(err) => self.log.write(Event::error("sweep_failed", format!("{err:#}"))),
+            Err(err) => {
+                self.count(|f| f.sweeps_failed += 1);
+                self.log.write(Event::error("sweep_failed", format!("{err:#}")));
+            }
         }
     }
 
@@ -294,7 +350,9 @@ impl<'a> Agent<'a> {
                 attach_unless_attached(self.options, &self.iface, &self.log)?.0
             }
         };
-        (self.maps, self.flows) = open(&self.iface, &self.program)?;
+        let (maps, flows) = open(&self.iface, &self.program)?;
+        (self.maps, self.flows) = (Arc::new(maps), flows);
+        *self.shared_maps.lock().unwrap_or_else(|e| e.into_inner()) = self.maps.clone();
         self.applied = None;
         self.reload("program changed", true);
         Ok(())
@@ -328,6 +386,11 @@ fn attach_unless_attached(options: &Options, iface: &Interface, log: &Log) -> Re
         .with("program_id", attached.id),
     );
     Ok((discover::find_l4lb(iface)?, true))
+}
+
+/// Entries the flow table holds at most.
+fn flow_capacity(flows: &MapHandle) -> u64 {
+    u64::from(libbpf_rs::MapCore::max_entries(flows))
 }
 
 /// The program's maps and flow table.

@@ -175,6 +175,9 @@ pub enum Command {
         /// Log lines as text or as JSON objects (one per line)
         #[arg(long, value_enum, default_value = "text")]
         log_format: crate::agent::log::LogFormat,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a PORT alone: on 127.0.0.1); the only port the agent opens [default: none]
+        #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     #[command(after_help = "Example: l4lb bench --rounds 3 --seconds 0.5 --chart ratios.svg")]
@@ -371,6 +374,14 @@ fn parse_mtu(text: &str) -> Result<u32, String> {
     }
 }
 
+/// `ADDR:PORT`, or a port alone (127.0.0.1: reachable from this host only).
+fn parse_metrics_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| format!("`{text}` is neither ADDR:PORT (192.0.2.1:9469, [2001:db8::1]:9469) nor a port"))
+}
+
 fn parse_interval(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if (0.05..=3600.0).contains(&seconds) => Ok(seconds),
@@ -497,6 +508,15 @@ mod tests {
         let text = mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "jumbo"]).unwrap_err();
         assert!(text.contains("'--mtu <BYTES>': `jumbo` is not an MTU (a number of bytes, 576 to 65535)"), "{text}");
         assert!(mtu(&["l4lb", "attach", "-i", "eth0", "--mtu", "-1"]).is_err());
+    }
+
+    #[test]
+    fn metrics_take_an_address_and_port_or_a_port_on_loopback() {
+        assert_eq!(parse_metrics_addr("9469"), Ok("127.0.0.1:9469".parse().unwrap()));
+        assert_eq!(parse_metrics_addr("0.0.0.0:9100"), Ok("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(parse_metrics_addr("[::1]:9469"), Ok("[::1]:9469".parse().unwrap()));
+        assert!(parse_metrics_addr("localhost:9469").unwrap_err().contains("`localhost:9469` is neither"));
+        assert!(parse_metrics_addr("70000").is_err());
     }
 
     #[test]

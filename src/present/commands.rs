@@ -44,7 +44,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Settle { interface, every } => settle(&interface, every),
-        Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format } => {
+        Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format, metrics } => {
             crate::agent::run(&crate::agent::Options {
                 interface,
                 config,
@@ -54,6 +54,7 @@ pub fn run(command: Command) -> Result<()> {
                 flow_entries,
                 sweep_every: Duration::from_secs_f64(sweep_every),
                 log_format,
+                metrics,
             })
         }
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
