@@ -112,7 +112,7 @@ fn make_install_then_uninstall() {
 /// in DESTDIR, passes `systemd-analyze verify` without a warning.
 fn check_unit(usr: &Path, root: &Path) {
     let unit = std::fs::read_to_string(usr.join("lib/systemd/system/l4lb@.service")).expect("the installed unit");
-    let exec = "ExecStart=/usr/bin/l4lb serve -i %i -c /etc/l4lb/%i.toml";
+    let exec = "ExecStart=/usr/bin/l4lb serve -i %i -c /etc/l4lb/%i.toml $L4LB_SERVE_ARGS";
     assert!(unit.lines().any(|line| line == exec), "the unit does not run `{exec}`:\n{unit}");
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "reload must be SIGHUP");
     let instance = root.join("l4lb@l4lbt0.service");
