@@ -1,7 +1,8 @@
 //! Layer 2, the kernel-facing host: the datapath's layouts as Rust types
 //! (`bpf`), loading and attaching programs (`attach`, `decap`), finding
 //! what is attached (`discover`), reading and writing the maps (`maps`),
-//! interfaces (`iface`) and libbpf's log (`libbpf_log`). It knows the
+//! replacing the program in place (`upgrade`), interfaces (`iface`) and
+//! libbpf's log (`libbpf_log`). It knows the
 //! control plane only where `maps` implements `apply::Io`.
 
 pub mod attach;
@@ -11,3 +12,4 @@ pub mod discover;
 pub mod iface;
 pub mod libbpf_log;
 pub mod maps;
+pub mod upgrade;

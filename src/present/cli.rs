@@ -148,6 +148,16 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", value_parser = parse_interval)]
         every: Option<f64>,
     },
+    /// Replace the running l4lb program in place with this binary's datapath (or an l4lb object): its maps, tables, flow pins and counters carried over, one atomic swap; refused if the map layouts differ
+    #[command(after_help = "Example: l4lb upgrade -i eth0")]
+    Upgrade {
+        /// Interface the program is attached to
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// An l4lb BPF object to load instead of the datapath built into this binary
+        #[arg(long, value_name = "FILE")]
+        object: Option<PathBuf>,
+    },
     /// Run as the balancer's agent: attach l4lb if none is attached, apply FILE, apply it again on every change and on SIGHUP, sweep transitions; stop with SIGTERM (the datapath keeps forwarding)
     #[command(after_help = "Example: l4lb serve -i eth0 -c /etc/l4lb/lb.toml --log-format json")]
     Serve {

@@ -44,6 +44,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Stats { interface, sampling } => stats(&interface, sampling),
         Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Settle { interface, every } => settle(&interface, every),
+        Command::Upgrade { interface, object } => upgrade(&interface, object.as_deref()),
         Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format, metrics } => {
             crate::agent::run(&crate::agent::Options {
                 interface,
@@ -136,6 +137,23 @@ fn attach(
             iface.name, iface.name, iface.name
         ),
     }
+    Ok(())
+}
+
+/// `l4lb upgrade`: the datapath replaced in place, under the update lock.
+fn upgrade(name: &str, object: Option<&Path>) -> Result<()> {
+    let iface = Interface::by_name(name)?;
+    let _lock = update_lock(&iface)?;
+    let done = crate::upgrade::upgrade(&iface, object)?;
+    let kept: Vec<String> = done.kept.iter().map(|(name, id)| format!("{name} (id {id})")).collect();
+    println!(
+        "{}: l4lb upgraded in place in {} mode: program id {} -> {}; maps kept: {}",
+        iface.name,
+        done.old.mode,
+        done.old.id,
+        done.new_id,
+        kept.join(", ")
+    );
     Ok(())
 }
 
