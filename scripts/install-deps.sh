@@ -13,6 +13,7 @@ packages=(
   curl python3        # the lab (scripts/lab): HTTP servers on the backends, requests from the client
   systemd             # systemd-analyze: the agent's unit (systemd/l4lb@.service) is verified by the install test
   prometheus          # promtool checks the agent's metrics (tests/agent.rs)
+  tmux                # a real terminal for `l4lb top` (tests/agent.rs)
   make
 )
 missing=()

@@ -16,4 +16,4 @@ pub use control::{
     addr, apply, config, destinations, device, flow_hash, input_file, maglev, settle, state, transition,
 };
 pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps, upgrade};
-pub use present::{cli, commands, generate, stats, status};
+pub use present::{cli, commands, generate, stats, status, top};

@@ -24,6 +24,8 @@
 //!   frame dropped, every map kept (same ids: tables, pins, counters, which
 //!   go on counting), the running state unchanged; an object whose maps do
 //!   not match is refused and nothing changes.
+//! * `l4lb top` in a real terminal (tmux): the flood's service and every
+//!   backend with rates, the view redrawn to a smaller window, q quits.
 //!
 //! Each test builds its own namespaces (`l4lbt-agent-<pid>-<n>-gen`, `-lb`)
 //! and removes them, agents included, also when a check fails.
@@ -67,6 +69,7 @@ fn main() {
             ("the_agents_sweep_ends_transitions", sweep_ends_transitions),
             ("the_metrics_endpoint_serves_what_the_datapath_counted", metrics_endpoint),
             ("upgrade_in_place_under_a_flood_drops_no_frame_and_keeps_the_maps", upgrade_under_flood),
+            ("top_in_a_real_terminal_shows_the_flood_and_follows_resizes", top_in_tmux),
         ],
     );
 }
@@ -586,5 +589,81 @@ fn upgrade_under_flood() -> TestResult {
         after["flow_pinned"] - before["flow_pinned"],
         new.map_ids
     );
+    Ok(())
+}
+
+/// A tmux server of its own (`-L`), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> Outcome {
+        let mut full = vec!["-L", &self.socket];
+        full.extend_from_slice(args);
+        run("tmux", &full)
+    }
+
+    /// The visible screen of session `name`.
+    fn screen(&self, name: &str) -> TestResult<String> {
+        Ok(self.run(&["capture-pane", "-p", "-t", name]).success()?.stdout)
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// Waits until `screen()` satisfies `ready`; returns that screen.
+fn wait_screen(tmux: &Tmux, name: &str, ready: impl Fn(&str) -> bool) -> TestResult<String> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let screen = tmux.screen(name)?;
+        if ready(&screen) {
+            return Ok(screen);
+        }
+        ensure!(Instant::now() < deadline, "the screen never showed what was expected:\n{screen}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn top_in_tmux() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    l4lb(&topo, &["attach", "-i", &topo.lb_dev]).success()?;
+    let file = topo.write_file("lb.toml", config_text(&[1, 2, 3]).as_bytes())?;
+    l4lb(&topo, &["apply", "-i", &topo.lb_dev, "-c", &file.display().to_string()]).success()?;
+    let tmux = Tmux { socket: format!("{PREFIX}-{}", std::process::id()) };
+    let command = format!("ip netns exec {} {BIN} top -i {} --interval 0.5", topo.lb, topo.lb_dev);
+    tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "30", &command]).success()?;
+    let mut flood = Flood::start(&topo, &[Kind::TcpSyn64])?;
+
+    let service = format!("{}:{}/tcp", frames::VIP4, frames::TCP_PORT);
+    // A line of the service with a non-zero rate, and every backend's.
+    let busy = |screen: &str| {
+        let rated = |start: &str| {
+            screen
+                .lines()
+                .any(|l| l.trim_start().starts_with(start) && l.split_whitespace().nth(2).is_some_and(|r| r != "0"))
+        };
+        rated(&service) && (1..=3).all(|n| rated(&format!("198.18.0.{n} ")))
+    };
+    let wide = wait_screen(&tmux, "top", busy)?;
+    ensure!(wide.contains(&format!("l4lb top: {}", topo.lb_dev)) && wide.contains("Drops: none"), "{wide}");
+    ensure!(wide.contains('█'), "no sparkline:\n{wide}");
+
+    tmux.run(&["resize-window", "-t", "top", "-x", "72", "-y", "20"]).success()?;
+    let narrow = wait_screen(&tmux, "top", |s| s.lines().count() <= 20 && busy(s))?;
+    ensure!(narrow.lines().all(|l| l.chars().count() <= 72), "wider than the window:\n{narrow}");
+    flood.stop()?;
+
+    tmux.run(&["send-keys", "-t", "top", "q"]).success()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tmux.run(&["has-session", "-t", "top"]).code == Some(0) {
+        ensure!(Instant::now() < deadline, "l4lb top did not quit on q:\n{}", tmux.screen("top")?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("top: 120x30 then 72x20, the flood's service and its 3 backends with rates; q quit it\n{narrow}");
     Ok(())
 }

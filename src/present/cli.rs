@@ -148,6 +148,16 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", value_parser = parse_interval)]
         every: Option<f64>,
     },
+    /// Live view in the terminal: each service's and backend's rates with their recent history, and drops by reason; q quits
+    #[command(after_help = "Example: l4lb top -i eth0")]
+    Top {
+        /// Interface the program is attached to
+        #[arg(short, long, value_name = "DEV")]
+        interface: String,
+        /// Seconds between two samples
+        #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_interval)]
+        interval: f64,
+    },
     /// Replace the running l4lb program in place with this binary's datapath (or an l4lb object): its maps, tables, flow pins and counters carried over, one atomic swap; refused if the map layouts differ
     #[command(after_help = "Example: l4lb upgrade -i eth0")]
     Upgrade {

@@ -45,6 +45,11 @@ pub fn run(command: Command) -> Result<()> {
         Command::Status { interface, json, flows } => status(&interface, json, flows),
         Command::Settle { interface, every } => settle(&interface, every),
         Command::Upgrade { interface, object } => upgrade(&interface, object.as_deref()),
+        Command::Top { interface, interval } => {
+            let (iface, program, maps) = open_l4lb(&interface)?;
+            let title = format!("l4lb top: {} ({} mode, program id {})", iface.name, program.mode, program.id);
+            crate::top::run(title, program.mode, Duration::from_secs_f64(interval), || sample(&maps))
+        }
         Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format, metrics } => {
             crate::agent::run(&crate::agent::Options {
                 interface,
