@@ -56,6 +56,10 @@ fn main() {
             ("failure_at_every_step_of_up_leaves_nothing_behind", failure_at_every_step_of_up_leaves_nothing_behind),
             ("hundred_applies_under_the_lab_flood_drop_nothing", hundred_applies_under_the_lab_flood_drop_nothing),
             ("too_big_answers_teach_the_client_its_path_mtu", too_big_answers_teach_the_client_its_path_mtu),
+            (
+                "prometheus_scraping_the_agent_counts_what_the_backends_decapsulated",
+                prometheus_counts_what_backends_got,
+            ),
         ],
     );
 }
@@ -592,10 +596,16 @@ fn up_down_are_idempotent_and_leave_nothing_behind() -> TestResult {
     ensure!(pids.len() == 2, "expected 2 server pids in the output of up: {}", first.stdout);
     ensure!(pids.iter().all(|pid| Path::new(&format!("/proc/{pid}")).exists()), "a server is not running: {pids:?}");
     let before = lab.traces();
-    ensure!(before.namespaces.len() == 5 && before.state && before.processes.len() == 2, "after up: {before:?}");
+    // The two servers and the agent (`l4lb serve -c STATE/lb.toml`).
+    let agents = before.processes.iter().filter(|p| p.contains(" serve -i ")).count();
     ensure!(
-        lab.lab(&["status"], &[]).success()?.stdout.contains("HTTP pid"),
-        "status after up does not list the servers"
+        before.namespaces.len() == 5 && before.state && before.processes.len() == 3 && agents == 1,
+        "after up: {before:?}"
+    );
+    let status = lab.lab(&["status"], &[]).success()?.stdout;
+    ensure!(
+        status.contains("HTTP pid") && status.contains("agent (l4lb serve) pid"),
+        "status after up does not list the servers and the agent:\n{status}"
     );
 
     let second = lab.up(2)?;
@@ -1545,5 +1555,163 @@ fn too_big_answers_teach_the_client_its_path_mtu() -> TestResult {
         ensure!(drops.is_empty(), "{url}: drop counters moved: {drops:?}");
         eprintln!("lab: {url}: {answers} too-big answers, the client's path MTU is now {advertised}");
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- Prometheus
+
+/// A Prometheus server (Debian's `prometheus`) in the balancer's namespace,
+/// scraping the lab's agent every second; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    ns: String,
+    _scratch: Scratch,
+}
+
+/// Where the test's Prometheus listens, inside the balancer's namespace.
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+impl Prometheus {
+    fn start(lb_ns: &str, metrics: &str) -> TestResult<Prometheus> {
+        let scratch = Scratch(std::env::temp_dir().join(format!("{PREFIX}-{}-prometheus", std::process::id())));
+        std::fs::create_dir_all(scratch.0.join("data"))?;
+        let config = scratch.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: l4lb\n    static_configs:\n      - targets: ['{metrics}']\n"
+            ),
+        )?;
+        let log = std::fs::File::create(scratch.0.join("prometheus.log"))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", lb_ns, "prometheus"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", scratch.0.join("data").display()))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|err| fail(format!("starting prometheus: {err}")))?;
+        let prometheus = Prometheus { child, ns: lb_ns.to_string(), _scratch: scratch };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while prometheus.get("/-/ready").map(|(status, _)| status) != Ok(200) {
+            let log = std::fs::read_to_string(prometheus._scratch.0.join("prometheus.log")).unwrap_or_default();
+            ensure!(Instant::now() < deadline, "prometheus not ready within 30 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(prometheus)
+    }
+
+    /// GET `path` from the server: (status, body).
+    fn get(&self, path: &str) -> Result<(u16, String), String> {
+        in_netns(&self.ns, || {
+            let mut stream = TcpStream::connect(PROMETHEUS)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: {PROMETHEUS}\r\n\r\n")?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .map_err(|err| err.message().unwrap_or("failed").to_string())
+        .and_then(|answer| {
+            let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+            Ok((status, body.to_string()))
+        })
+    }
+
+    /// The value of an instant PromQL query with one result.
+    fn query(&self, promql: &str) -> TestResult<f64> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = self.get(&format!("/api/v1/query?query={encoded}")).map_err(fail)?;
+        ensure!(status == 200, "query {promql}: {status} {body}");
+        let answer: Value = serde_json::from_str(&body).map_err(|err| fail(format!("{body}: {err}")))?;
+        let results = answer["data"]["result"].as_array().cloned().unwrap_or_default();
+        ensure!(results.len() == 1, "query {promql}: {} results: {body}", results.len());
+        results[0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| fail(format!("query {promql}: no value in {body}")))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus scrapes the lab's agent (`l4lb serve --metrics`) while
+/// the client makes HTTP connections to the IPv4 VIP for about 8 s: the
+/// packets its samples say l4lb sent each backend over the run equal
+/// exactly what that backend decapsulated (`l4lb decap stats`), and the
+/// rate it computes for each backend is that count over the run's length
+/// (within 25%: the run's edges fall between scrapes).
+fn prometheus_counts_what_backends_got() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(2)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let (lb_ns, vip, client_ns) = (get("LB_NS")?, get("VIP")?, get("CLIENT_NS")?);
+    let vip: IpAddr = vip.parse().map_err(|_| fail("bad VIP"))?;
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let prometheus = Prometheus::start(&lb_ns, &get("METRICS")?)?;
+    // Scrapes before the traffic (the counters' start): Prometheus scrapes
+    // its targets only some seconds after it says it is ready.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prometheus.query("count_over_time(up{job=\"l4lb\"}[1m])").unwrap_or(0.0) < 2.0 {
+        ensure!(Instant::now() < deadline, "Prometheus did not scrape the agent twice within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = [decapsulated(&lab, 1)?.0, decapsulated(&lab, 2)?.0];
+    let started = Instant::now();
+    let mut connections = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let results = in_netns(&client_ns, || Ok((0..50).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+        ensure!(results.iter().all(Result::is_ok), "a connection failed: {:?}", results.iter().find(|r| r.is_err()));
+        connections += results.len();
+    }
+    let ran = started.elapsed().as_secs_f64();
+    let after = [decapsulated(&lab, 1)?.0, decapsulated(&lab, 2)?.0];
+    // Scrapes after the traffic (the counters' end).
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut figures = Vec::new();
+    for (k, addr) in [(1, "198.18.0.101"), (2, "198.18.0.102")] {
+        let series = format!("l4lb_backend_packets_total{{service=\"{vip}:{port}/tcp\",backend=\"{addr}\"}}");
+        let window = "[60s]";
+        let counted =
+            prometheus.query(&format!("max_over_time({series}{window}) - min_over_time({series}{window})"))?;
+        let got = (after[k - 1] - before[k - 1]) as f64;
+        if counted != got {
+            let last = prometheus.query(&series)?;
+            let first = prometheus.query(&format!("min_over_time({series}{window})"))?;
+            let samples = prometheus.query(&format!("count_over_time({series}{window})"))?;
+            let view = lb_view(&lb_ns, &get("LB_DEV")?)?;
+            return Err(fail(format!(
+                "be{k}: Prometheus counted {counted} packets sent to it (last {last}, first {first}, {samples} samples), it decapsulated {got} ({:?} .. {:?}); l4lb's backend packets now {:?}",
+                before,
+                after,
+                &view.packets[..2]
+            )));
+        }
+        let rate = prometheus.query(&format!("max_over_time(rate({series}[3s])[60s:1s])"))?;
+        let mean = got / ran;
+        ensure!(
+            rate >= 0.75 * mean && rate <= 2.0 * mean,
+            "be{k}: Prometheus's highest 3 s rate {rate:.0} pkts/s, its decapsulated mean {mean:.0} pkts/s"
+        );
+        figures.push(format!("be{k}: {got} decapsulated = {counted} counted, rate {rate:.0} pkts/s (mean {mean:.0})"));
+    }
+    println!("prometheus: {connections} connections in {ran:.1} s; {}", figures.join("; "));
     Ok(())
 }
