@@ -274,6 +274,12 @@ fn serve_applies_the_file_and_every_change() -> TestResult {
     ensure!(refused["level"] == "error" && refused["error"].as_str().is_some_and(|e| e.contains(&place)), "{refused}");
     ensure!(running(&topo)? == before, "a refused file changed the running state");
 
+    // Put back as it was: nothing to write, and the log says it is right again.
+    replace_file(&topo, "lb.toml", &second)?;
+    let again = agent.wait_for("unchanged", |e| e["message"].as_str().is_some_and(|m| m.contains("again")))?;
+    ensure!(again["level"] == "info", "{again}");
+    ensure!(running(&topo)? == before, "putting the applied file back changed the running state");
+
     // Fixed again (another change than the last applied): applied.
     let third = config_text(&[2, 3, 4]);
     replace_file(&topo, "lb.toml", &third)?;

@@ -171,6 +171,8 @@ struct Agent<'a> {
     applied: Option<Vec<u8>>,
     /// The agent attached l4lb at its start (none was attached).
     attached_here: bool,
+    /// The last read of the file was refused (said once it is right again).
+    refusing: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -193,6 +195,7 @@ impl<'a> Agent<'a> {
             generation: 0,
             applied: None,
             attached_here,
+            refusing: false,
         })
     }
 
@@ -217,6 +220,11 @@ impl<'a> Agent<'a> {
             Err(err) => return self.refused(cause, err),
         };
         if !forced && self.applied.as_ref() == Some(&bytes) {
+            if self.refusing {
+                self.refusing = false;
+                self.log
+                    .write(Event::info("unchanged", format!("{cause}: the file is the running configuration again")));
+            }
             return;
         }
         match config::parse(&origin, &bytes) {
@@ -271,10 +279,12 @@ impl<'a> Agent<'a> {
             );
         }
         self.applied = Some(bytes);
+        self.refusing = false;
         Ok(())
     }
 
-    fn refused(&self, cause: &str, err: anyhow::Error) {
+    fn refused(&mut self, cause: &str, err: anyhow::Error) {
+        self.refusing = true;
         self.count(|f| f.count_apply("refused"));
         self.log.write(
             Event::error("refused", format!("{cause}: {err:#}; the running configuration is kept"))
@@ -351,6 +361,8 @@ impl<'a> Agent<'a> {
             }
         };
         let (maps, flows) = open(&self.iface, &self.program)?;
+        let capacity = flow_capacity(&flows);
+        self.count(|f| f.flow_table_capacity = capacity);
         (self.maps, self.flows) = (Arc::new(maps), flows);
         *self.shared_maps.lock().unwrap_or_else(|e| e.into_inner()) = self.maps.clone();
         self.applied = None;
