@@ -182,6 +182,17 @@ fn running(topo: &VethPair) -> TestResult<Running> {
     Ok(l4lb::maps::LbMaps::open(&topo.attached_l4lb()?)?.read_running()?)
 }
 
+/// The running state without what the sweep changes on its own (which
+/// slots are in transition): what an apply writes. The agent's sweep ends
+/// transitions at any moment (`idle_timeout = 1` in these files).
+fn configured(topo: &VethPair) -> TestResult<Running> {
+    let mut state = running(topo)?;
+    for service in &mut state.services {
+        service.transitions.clear();
+    }
+    Ok(state)
+}
+
 /// Writes `text` as `name` in the scratch directory the way editors and
 /// deployment tools do: a new file renamed over the old one.
 fn replace_file(topo: &VethPair, name: &str, text: &str) -> TestResult<PathBuf> {
@@ -265,20 +276,30 @@ fn serve_applies_the_file_and_every_change() -> TestResult {
     runs_file(&topo, &second)?;
 
     // A bad file: refused with FILE:LINE, the running state exactly kept.
-    let before = running(&topo)?;
+    let before = configured(&topo)?;
     let bad = second.replace("port = 80\n", "port = 80\nprot = 1\n");
     let bad_line = bad.lines().position(|l| l == "prot = 1").expect("inserted") + 1;
     replace_file(&topo, "lb.toml", &bad)?;
     let refused = agent.wait_for("refused", |_| true)?;
     let place = format!("{}:{bad_line}:", file.display());
     ensure!(refused["level"] == "error" && refused["error"].as_str().is_some_and(|e| e.contains(&place)), "{refused}");
-    ensure!(running(&topo)? == before, "a refused file changed the running state");
+    ensure!(configured(&topo)? == before, "a refused file changed the running state");
 
     // Put back as it was: nothing to write, and the log says it is right again.
     replace_file(&topo, "lb.toml", &second)?;
     let again = agent.wait_for("unchanged", |e| e["message"].as_str().is_some_and(|m| m.contains("again")))?;
     ensure!(again["level"] == "info", "{again}");
-    ensure!(running(&topo)? == before, "putting the applied file back changed the running state");
+    ensure!(configured(&topo)? == before, "putting the applied file back changed the running state");
+
+    // The same bad file again: refused again (once), the running state kept.
+    replace_file(&topo, "lb.toml", &bad)?;
+    agent.wait_for_nth("refused", 2, |_| true)?;
+    // Other files of the directory changing do not make it refuse again.
+    topo.write_file("unrelated.txt", b"x")?;
+    std::thread::sleep(Duration::from_millis(600));
+    let refusals = agent.events()?.iter().filter(|e| e["event"] == "refused").count();
+    ensure!(refusals == 2, "{refusals} refusals of two bad writes");
+    ensure!(configured(&topo)? == before, "a refused file changed the running state");
 
     // Fixed again (another change than the last applied): applied.
     let third = config_text(&[2, 3, 4]);
@@ -296,19 +317,19 @@ fn serve_applies_the_file_and_every_change() -> TestResult {
     runs_file(&topo, &third)?;
 
     // SIGTERM: exits 0, the program stays attached and configured.
-    let before = running(&topo)?;
+    let before = configured(&topo)?;
     agent.signal(nix::sys::signal::Signal::SIGTERM)?;
     ensure!(agent.wait_exit(Duration::from_secs(10))? == Some(0), "the agent should exit 0 on SIGTERM");
     agent.wait_for("stopping", |_| true)?;
     ensure!(topo.attached_l4lb()?.id == program, "the program changed");
-    ensure!(running(&topo)? == before, "stopping the agent changed the running state");
+    ensure!(configured(&topo)? == before, "stopping the agent changed the running state");
 
     // A new agent keeps the program and writes nothing.
     let again = Agent::start(&topo, &file, "agent2.log", &[])?;
     again.wait_for("kept", |e| e["program_id"] == program)?;
     again.wait_for("unchanged", |e| e["cause"] == "start")?;
     ensure!(again.events()?.iter().all(|e| e["event"] != "applied" && e["event"] != "attached"), "wrote something");
-    ensure!(running(&topo)? == before, "a restarted agent changed the running state");
+    ensure!(configured(&topo)? == before, "a restarted agent changed the running state");
     println!("agent: applied 4 generations (start, a renamed file, a fixed file, SIGHUP), refused a bad file at line {bad_line}, stopped on SIGTERM, kept program {program} on restart");
     Ok(())
 }

@@ -65,10 +65,11 @@ pub fn run(options: &Options) -> Result<()> {
     watch::signals(wake.clone())?;
     watch::directory(&options.config, wake)?;
     let mut agent = Agent::start(options, iface, log)?;
-    if let Some(addr) = options.metrics {
-        metrics::serve(addr, agent.shared())?;
-    }
-    if let Err(err) = agent.apply(bytes, wanted, "start") {
+    let started = match options.metrics {
+        Some(addr) => metrics::serve(addr, agent.shared()),
+        None => Ok(()),
+    };
+    if let Err(err) = started.and_then(|()| agent.apply(bytes, wanted, "start")) {
         // Leave the interface as the agent found it.
         if agent.attached_here {
             let _ = crate::attach::detach(&agent.iface);
@@ -173,6 +174,8 @@ struct Agent<'a> {
     attached_here: bool,
     /// The last read of the file was refused (said once it is right again).
     refusing: bool,
+    /// The bytes of the file last refused, not read and refused again.
+    refused_bytes: Option<Vec<u8>>,
 }
 
 impl<'a> Agent<'a> {
@@ -196,6 +199,7 @@ impl<'a> Agent<'a> {
             applied: None,
             attached_here,
             refusing: false,
+            refused_bytes: None,
         })
     }
 
@@ -220,6 +224,7 @@ impl<'a> Agent<'a> {
             Err(err) => return self.refused(cause, err),
         };
         if !forced && self.applied.as_ref() == Some(&bytes) {
+            self.refused_bytes = None;
             if self.refusing {
                 self.refusing = false;
                 self.log
@@ -227,13 +232,15 @@ impl<'a> Agent<'a> {
             }
             return;
         }
-        match config::parse(&origin, &bytes) {
-            Ok(wanted) => {
-                if let Err(err) = self.apply(bytes, wanted, cause) {
-                    self.refused(cause, err);
-                }
-            }
-            Err(err) => self.refused(cause, err),
+        // The same bad bytes again (another file of the directory changed):
+        // refused once is enough.
+        if !forced && self.refused_bytes.as_ref() == Some(&bytes) {
+            return;
+        }
+        let outcome = config::parse(&origin, &bytes).and_then(|wanted| self.apply(bytes.clone(), wanted, cause));
+        if let Err(err) = outcome {
+            self.refused(cause, err);
+            self.refused_bytes = Some(bytes);
         }
     }
 
@@ -280,6 +287,7 @@ impl<'a> Agent<'a> {
         }
         self.applied = Some(bytes);
         self.refusing = false;
+        self.refused_bytes = None;
         Ok(())
     }
 
