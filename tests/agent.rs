@@ -219,12 +219,16 @@ fn runs_file(topo: &VethPair, text: &str) -> TestResult {
 }
 
 /// A configuration: the benchmark's IPv4 VIP (TCP port 80, where the flood
-/// goes) with `backends` (198.18.0.<n>, each with its own MAC).
+/// goes) with `backends` (198.18.0.<n>, each with its own MAC), idle_timeout 1 s.
 fn config_text(backends: &[u8]) -> String {
+    config_with_idle_timeout(backends, 1)
+}
+
+fn config_with_idle_timeout(backends: &[u8], idle_timeout: u32) -> String {
     let mut text =
         format!("# l4lb agent test\n[global]\nsource_v4 = \"{LB_ADDR}\"\ngateway_mac = \"02:00:00:00:00:01\"\n\n");
     text += &format!("[[service]]\nvip = \"{}\"\nprotocol = \"tcp\"\nport = {}\n", frames::VIP4, frames::TCP_PORT);
-    text += "idle_timeout = 1\nbackends = [\n";
+    text += &format!("idle_timeout = {idle_timeout}\nbackends = [\n");
     for n in backends {
         text += &format!("  {{ address = \"198.18.0.{n}\", mac = \"02:00:c6:12:00:{n:02x}\" }},\n");
     }
@@ -415,11 +419,13 @@ fn kill_under_flood() -> TestResult {
 
 fn sweep_ends_transitions() -> TestResult {
     let topo = VethPair::new(PREFIX, true)?;
-    let file = replace_file(&topo, "lb.toml", &config_text(&[1, 2, 3]))?;
+    // idle_timeout 3 s: the sweep ends the transition 2 to 3 s after the
+    // change (the clock ticks in seconds), long after it is read here.
+    let file = replace_file(&topo, "lb.toml", &config_with_idle_timeout(&[1, 2, 3], 3))?;
     let agent = Agent::start(&topo, &file, "agent.log", &["--sweep-every", "0.2"])?;
-    // A fourth backend takes slots of the three: those go in transition
-    // (idle_timeout 1 s in the file; no flow holds a pin).
-    replace_file(&topo, "lb.toml", &config_text(&[1, 2, 3, 4]))?;
+    // A fourth backend takes slots of the three: those go in transition (no
+    // flow holds a pin).
+    replace_file(&topo, "lb.toml", &config_with_idle_timeout(&[1, 2, 3, 4], 3))?;
     agent.wait_for("applied", |e| e["generation"] == 2)?;
     let in_transition = running(&topo)?.services[0].transitions.len();
     ensure!(in_transition > 0, "the change put no slot in transition");
