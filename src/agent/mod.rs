@@ -108,8 +108,9 @@ pub fn run(options: &Options) -> Result<()> {
         if timers.take_reread(now) {
             agent.reload("file changed", false);
         }
-        if timers.take_sweep(now) {
+        if timers.sweep_due(now) {
             agent.sweep();
+            timers.swept(Instant::now());
         }
     }
 }
@@ -146,12 +147,16 @@ impl Timers {
         due
     }
 
-    fn take_sweep(&mut self, now: Instant) -> bool {
-        let due = self.next_sweep <= now;
-        if due {
-            self.next_sweep = now + self.every;
-        }
-        due
+    fn sweep_due(&self, now: Instant) -> bool {
+        self.next_sweep <= now
+    }
+
+    /// A round ended at `now`: the next one is an interval after it, not
+    /// after its start. A round holds the update lock while it walks the
+    /// flow table (long under a flood of pins), and `l4lb apply` must find
+    /// the lock free between rounds, as it does with `l4lb settle --every`.
+    fn swept(&mut self, now: Instant) {
+        self.next_sweep = now + self.every;
     }
 }
 
@@ -439,13 +444,17 @@ mod tests {
     }
 
     #[test]
-    fn sweeps_come_every_interval_from_the_last_one() {
+    fn sweeps_come_an_interval_after_the_last_one_ended() {
         let t0 = Instant::now();
         let mut timers = Timers::new(t0, Duration::from_secs(2));
-        assert!(!timers.take_sweep(t0 + Duration::from_millis(1999)));
-        assert!(timers.take_sweep(t0 + Duration::from_secs(3)));
-        assert!(!timers.take_sweep(t0 + Duration::from_millis(4999)));
-        assert!(timers.take_sweep(t0 + Duration::from_secs(5)));
+        assert!(!timers.sweep_due(t0 + Duration::from_millis(1999)));
+        assert!(timers.sweep_due(t0 + Duration::from_secs(2)));
+        // A round from 2 s to 3.5 s (a long walk of the flow table): the
+        // next is due at 5.5 s, leaving the update lock free for 2 s.
+        timers.swept(t0 + Duration::from_millis(3500));
+        assert!(!timers.sweep_due(t0 + Duration::from_millis(5499)));
+        assert_eq!(timers.wait(t0 + Duration::from_millis(3500)), Duration::from_secs(2));
+        assert!(timers.sweep_due(t0 + Duration::from_millis(5500)));
         // A wait past a deadline is zero, never negative.
         assert_eq!(timers.wait(t0 + Duration::from_secs(60)), Duration::ZERO);
     }
