@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Protocol, ServiceKey};
 use crate::discover::Mode;
@@ -18,6 +18,22 @@ use crate::discover::Mode;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How l4lb is loaded and attached (`attach`, and `serve` where none is attached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct LoadOptions {
+    #[arg(short, long, value_enum, default_value = "drv")]
+    pub mode: AttachMode,
+    /// Hash seed (shared by balancers that must agree on flows); random if not given
+    #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
+    pub seed: Option<u32>,
+    /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
+    #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
+    pub mtu: Option<u32>,
+    /// Flows the connection table holds: pins of flows in slots in transition (an LRU hash: the least recently used pin goes first); about 128 bytes each [default: 262144; hw mode: the object's 65536, fixed]
+    #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
+    pub flow_entries: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,20 +64,11 @@ pub enum Command {
         /// Interface to attach to
         #[arg(short, long, value_name = "DEV")]
         interface: String,
-        #[arg(short, long, value_enum, default_value = "drv")]
-        mode: AttachMode,
+        #[command(flatten)]
+        load: LoadOptions,
         /// Replace an XDP program already attached to DEV
         #[arg(long)]
         force: bool,
-        /// Hash seed (shared by balancers that must agree on flows); random if not given
-        #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
-        seed: Option<u32>,
-        /// Largest packet the balancer sends, outer header included (L3 bytes; 576 to 65535, at least 1320 with IPv6 backends); larger ones get an ICMP too-big answer or are dropped [default: DEV's MTU]
-        #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
-        mtu: Option<u32>,
-        /// Flows the connection table holds: pins of flows in slots in transition (an LRU hash: the least recently used pin goes first); about 128 bytes each [default: 262144; hw mode: the object's 65536, fixed]
-        #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
-        flow_entries: Option<u32>,
     },
     /// Remove the l4lb program from an interface, whatever its mode
     #[command(after_help = "Example: l4lb detach -i eth0")]
@@ -169,6 +176,8 @@ pub enum Command {
         object: Option<PathBuf>,
     },
     /// Run as the balancer's agent: attach l4lb if none is attached, apply FILE, apply it again on every change and on SIGHUP, sweep transitions; stop with SIGTERM (the datapath keeps forwarding)
+    ///
+    /// --mode, --seed, --mtu and --flow-entries are used only when the agent attaches l4lb itself: an l4lb already attached is kept as it is.
     #[command(after_help = "Example: l4lb serve -i eth0 -c /etc/l4lb/lb.toml --log-format json")]
     Serve {
         /// Interface to balance on
@@ -177,18 +186,8 @@ pub enum Command {
         /// Configuration file (the format of `l4lb apply`), watched for changes
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
-        /// Mode to attach in when no l4lb is attached (one that is attached is kept as it is)
-        #[arg(short, long, value_enum, default_value = "drv")]
-        mode: AttachMode,
-        /// Hash seed when attaching (see `attach`)
-        #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
-        seed: Option<u32>,
-        /// MTU when attaching (see `attach`) [default: DEV's MTU]
-        #[arg(long, value_name = "BYTES", value_parser = parse_mtu, allow_hyphen_values = true)]
-        mtu: Option<u32>,
-        /// Flow table size when attaching (see `attach`)
-        #[arg(long, value_name = "N", value_parser = parse_flow_entries, allow_hyphen_values = true)]
-        flow_entries: Option<u32>,
+        #[command(flatten)]
+        load: LoadOptions,
         /// Seconds between two rounds of the sweep that ends transitions (`l4lb settle`)
         #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_interval)]
         sweep_every: f64,
@@ -489,7 +488,7 @@ mod tests {
     #[test]
     fn flow_entries_are_checked() {
         let entries = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
-            Ok(Command::Attach { flow_entries, .. }) => Ok(flow_entries),
+            Ok(Command::Attach { load, .. }) => Ok(load.flow_entries),
             Ok(other) => panic!("{other:?}"),
             Err(err) => Err(err.to_string()),
         };
@@ -513,7 +512,7 @@ mod tests {
     #[test]
     fn mtus_are_checked() {
         let mtu = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
-            Ok(Command::Attach { mtu, .. }) => Ok(mtu),
+            Ok(Command::Attach { load, .. }) => Ok(load.mtu),
             Ok(other) => panic!("parsed as {other:?}"),
             Err(e) => Err(e.to_string()),
         };

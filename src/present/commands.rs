@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::addr::check_unicast_ipv4;
 use crate::apply;
 use crate::bpf::MAGLEV_SIZE;
-use crate::cli::{AttachMode, Command, DecapCommand, DecapMode, Sampling};
+use crate::cli::{Command, DecapCommand, DecapMode, LoadOptions, Sampling};
 use crate::config::{self, ServiceKey};
 use crate::decap::{self, DecapMaps};
 use crate::destinations;
@@ -34,9 +34,7 @@ pub fn run(command: Command) -> Result<()> {
     require_privileges()?;
     match command {
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
-        Command::Attach { interface, mode, force, seed, mtu, flow_entries } => {
-            attach(&interface, mode, force, seed, mtu, flow_entries)
-        }
+        Command::Attach { interface, load, force } => attach(&interface, load, force),
         Command::Detach { interface } => detach(&interface),
         Command::Map { interface, file, vip, source, seed } => map(&interface, &file, vip, source, seed),
         Command::Apply { interface, config, dry_run } => apply(&interface, &config, dry_run),
@@ -50,14 +48,14 @@ pub fn run(command: Command) -> Result<()> {
             let title = format!("l4lb top: {} ({} mode, program id {})", iface.name, program.mode, program.id);
             crate::top::run(title, program.mode, Duration::from_secs_f64(interval), || sample(&maps))
         }
-        Command::Serve { interface, config, mode, seed, mtu, flow_entries, sweep_every, log_format, metrics } => {
+        Command::Serve { interface, config, load, sweep_every, log_format, metrics } => {
             crate::agent::run(&crate::agent::Options {
                 interface,
                 config,
-                mode: Mode::from(mode),
-                seed,
-                mtu,
-                flow_entries,
+                mode: Mode::from(load.mode),
+                seed: load.seed,
+                mtu: load.mtu,
+                flow_entries: load.flow_entries,
                 sweep_every: Duration::from_secs_f64(sweep_every),
                 log_format,
                 metrics,
@@ -120,17 +118,10 @@ fn effective_capabilities() -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-fn attach(
-    name: &str,
-    mode: AttachMode,
-    force: bool,
-    seed: Option<u32>,
-    mtu: Option<u32>,
-    flow_entries: Option<u32>,
-) -> Result<()> {
+fn attach(name: &str, load: LoadOptions, force: bool) -> Result<()> {
     let iface = Interface::by_name(name)?;
     let device::Attached { id, mode, flows, source } =
-        device::attach(&iface, Mode::from(mode), force, seed, mtu, flow_entries)?;
+        device::attach(&iface, Mode::from(load.mode), force, load.seed, load.mtu, load.flow_entries)?;
     println!("l4lb attached to {} in {mode} mode (program id {id}); flow table: {flows}", iface.name);
     match source {
         Some(source) => println!(
