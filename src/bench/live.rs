@@ -629,7 +629,7 @@ struct HeldL4lb {
 fn held_l4lb(iface: &Interface, flow_entries: Option<u32>, model: &Model, tracked: bool) -> Result<HeldL4lb> {
     let (id, program, maps) = fresh_l4lb(iface, flow_entries)?;
     let services = apply_checked(&maps, model, tracked)?;
-    Ok(HeldL4lb { program: sys::prog_fd_by_id(id)?, id, map_ids: program.map_ids, tracked, services })
+    Ok(HeldL4lb { program: discover::program_fd(id)?, id, map_ids: program.map_ids, tracked, services })
 }
 
 /// The services each l4lb holds, by row: the main pair's, and the 64
@@ -721,11 +721,11 @@ fn setup_l4lb(dev: &str, flow_entries: Option<u32>) -> Result<L4lbSetup> {
     // l4lb (replacing the first on the device: the fd keeps the first) with
     // the same services untracked.
     let services = apply_bench_model(&maps, true)?;
-    let tracked = sys::prog_fd_by_id(id)?;
+    let tracked = discover::program_fd(id)?;
     let (untracked_id, untracked_program, untracked_maps) = fresh_l4lb(&iface, flow_entries)?;
     let untracked_services = apply_bench_model(&untracked_maps, false)?;
     // Held from here on: the next attach replaces it on the device.
-    let untracked = sys::prog_fd_by_id(untracked_id)?;
+    let untracked = discover::program_fd(untracked_id)?;
     eprintln!(
         "l4lb bench: two more l4lbs with {} services of {DESTINATIONS} backends (the 64-services row)",
         frames::SPREAD_SERVICES

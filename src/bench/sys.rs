@@ -101,16 +101,6 @@ pub fn prog_info(prog: RawFd) -> Result<libbpf_sys::bpf_prog_info> {
     Ok(info)
 }
 
-pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
-    // SAFETY: plain syscall wrapper.
-    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
-    if fd < 0 {
-        return Err(os_error(fd)).with_context(|| format!("opening program id {id}"));
-    }
-    // SAFETY: fd was just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Turns on run_time_ns/run_cnt accounting of every BPF program while the
 /// returned fd is open (it costs every program run, system-wide).
 pub fn enable_bpf_stats() -> Result<OwnedFd> {

@@ -103,14 +103,19 @@ pub fn attached_programs(iface: &Interface) -> Result<Vec<AttachedProgram>> {
     ids.into_iter().filter(|&(_, id)| id != 0).map(|(mode, id)| program_info(id, mode)).collect()
 }
 
-fn program_info(id: u32, mode: Mode) -> Result<AttachedProgram> {
+/// A file descriptor of the BPF program with this id.
+pub fn program_fd(id: u32) -> Result<OwnedFd> {
     // SAFETY: plain syscall wrapper; a negative return is an error code.
     let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
     if fd < 0 {
         return Err(std::io::Error::from_raw_os_error(-fd)).with_context(|| format!("opening BPF program id {id}"));
     }
     // SAFETY: fd was just returned to us and is owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn program_info(id: u32, mode: Mode) -> Result<AttachedProgram> {
+    let fd = program_fd(id)?;
     let mut map_ids = vec![0u32; 64];
     let mut info = libbpf_sys::bpf_prog_info {
         nr_map_ids: map_ids.len() as u32,

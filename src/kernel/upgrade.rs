@@ -154,13 +154,7 @@ fn share_maps(open: &mut OpenObject, running: &BTreeMap<String, RunningMap>) -> 
 /// Swaps `new` in for `old` on `iface` in one netlink request that fails if
 /// `old` is no longer the attached program; returns the new program's id.
 fn replace(iface: &Interface, old: &AttachedProgram, new: BorrowedFd<'_>) -> Result<u32> {
-    // SAFETY: plain syscall wrapper; the id names a program the kernel checks.
-    let old_fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(old.id) };
-    if old_fd < 0 {
-        return Err(std::io::Error::from_raw_os_error(-old_fd)).with_context(|| format!("opening {old}"));
-    }
-    // SAFETY: the kernel just returned this fd to us.
-    let old_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(old_fd) };
+    let old_fd = discover::program_fd(old.id).with_context(|| format!("opening {old}"))?;
     // SAFETY: an all-zero bpf_xdp_attach_opts with sz set is the documented init.
     let mut opts: libbpf_sys::bpf_xdp_attach_opts = unsafe { std::mem::zeroed() };
     opts.sz = std::mem::size_of::<libbpf_sys::bpf_xdp_attach_opts>() as _;
