@@ -91,6 +91,11 @@ impl Lab {
         self.lab(&["up", "--backends", &backends.to_string()], &[]).success()
     }
 
+    /// `up` with the balancer's flow table of `entries`.
+    fn up_with_flow_entries(&self, backends: usize, entries: u32) -> TestResult<Outcome> {
+        self.lab(&["up", "--backends", &backends.to_string()], &[("LAB_FLOW_ENTRIES", &entries.to_string())]).success()
+    }
+
     fn ns(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
     }
@@ -334,6 +339,8 @@ struct LbView {
     /// Packets per backend number.
     packets: Vec<u64>,
     counters: BTreeMap<&'static str, u64>,
+    /// Entries the flow table holds.
+    flow_entries: u64,
 }
 
 impl LbView {
@@ -348,13 +355,16 @@ impl LbView {
 }
 
 fn lb_view(lb_ns: &str, lb_dev: &str) -> TestResult<LbView> {
-    let (running, traffic, counters) = in_netns(lb_ns, || {
+    let (running, traffic, counters, flow_entries) = in_netns(lb_ns, || {
+        use libbpf_rs::MapCore;
         let iface = l4lb::iface::Interface::by_name(lb_dev)?;
-        let maps = l4lb::maps::LbMaps::open(&l4lb::discover::find_l4lb(&iface)?)?;
-        Ok((maps.read_running()?, maps.read_backend_stats()?, maps.read_counters()?))
+        let program = l4lb::discover::find_l4lb(&iface)?;
+        let maps = l4lb::maps::LbMaps::open(&program)?;
+        let flow_entries = u64::from(l4lb::maps::open_flows(&program)?.max_entries());
+        Ok((maps.read_running()?, maps.read_backend_stats()?, maps.read_counters()?, flow_entries))
     })?;
     let counters = l4lb::bpf::COUNTER_NAMES.iter().copied().zip(counters).collect();
-    Ok(LbView { running, packets: traffic.iter().map(|t| t.packets).collect(), counters })
+    Ok(LbView { running, packets: traffic.iter().map(|t| t.packets).collect(), counters, flow_entries })
 }
 
 /// The decapsulated count of one `l4lb decap stats --json` sample on backend `k`.
@@ -792,6 +802,16 @@ fn slot_lab_backend(running: &l4lb::state::Running, service: &LabService, client
 /// the apply splits: the SYN goes through l4lb before it, the first segment
 /// that acknowledges the SYN-ACK after.
 const STRADDLES_PER_SERVICE: usize = 2;
+
+/// The flow table of the hundred-applies test (256 MiB): sized for its
+/// flood as docs/transitions.md says to size one. The flood (about 270,000
+/// SYNs a second here, nearly all into slots in transition after some
+/// applies) turns the default 262,144 entries over in about 1.4 s, and a
+/// straddling handshake's window (its SYN, the SYNs of the others opened
+/// after it, an unoptimized `l4lb apply` under the flood, the requests)
+/// reached 1.82 s with 301,580 pins written in it (three runs with the
+/// failing seeds): eight times the entries leave a margin of about seven.
+const FLOOD_FLOW_ENTRIES: u32 = 1 << 21;
 /// The straddling connections' client ports: 0xf000 - 0xf3ff (61440-62463),
 /// outside the kernel's ephemeral range, one port per connection.
 const STRADDLE_PORTS: u16 = 0xf000;
@@ -915,6 +935,23 @@ struct Straddle {
     syn_backend: Option<usize>,
 }
 
+/// From the first straddling SYN before an apply to the last request after
+/// it: how long, and how many pins the flood wrote meanwhile. A pin outlives
+/// about as many newer ones as the flow table holds (an LRU; under the lab's
+/// flood with most slots in transition, about 1.4 s for 262,144 entries),
+/// and a straddling handshake whose pin went is sent to its slot's previous
+/// backend (docs/transitions.md, "Bounds under attack"): the window must stay
+/// well inside that.
+#[derive(Clone, Copy, Default)]
+struct Window {
+    took: Duration,
+    pins: u64,
+    flow_entries: u64,
+}
+
+/// The answers of one apply's straddling connections, and their window.
+type Asked = (Vec<(Straddle, Result<String, String>)>, Window);
+
 /// What the connections whose handshake straddled an apply did.
 #[derive(Default)]
 struct Straddles {
@@ -927,6 +964,9 @@ struct Straddles {
     answered: usize,
     /// Broken because the apply removed the backend that had the SYN.
     broken_removed: usize,
+    /// The longest window, and the most pins written in one.
+    longest: Duration,
+    most_pins: u64,
 }
 
 impl Straddles {
@@ -970,9 +1010,10 @@ impl Straddles {
     /// removed that backend.
     /// Right after the apply command returns: each pending connection sends
     /// its request (the first segment acknowledging its SYN-ACK) and reads
-    /// the answer. The backend's listener holds the unacknowledged
-    /// connection meanwhile, and under the flood it drops such ones after a
-    /// few seconds: the window is the apply command alone.
+    /// the answer. Its pin must outlive the window (see `Window`): the
+    /// window is the apply command alone, which no longer waits for a sweep
+    /// walking the flow table (`settle::round` walks it before taking the
+    /// update lock).
     fn ask(pending: Vec<Straddle>, services: &[LabService]) -> Vec<(Straddle, Result<String, String>)> {
         pending
             .into_iter()
@@ -988,13 +1029,15 @@ impl Straddles {
     /// unless the apply removed that backend.
     fn finish(
         &mut self,
-        answered: Vec<(Straddle, Result<String, String>)>,
+        (answered, window): Asked,
         services: &[LabService],
         model: &Model,
         after: &l4lb::state::Running,
         k: usize,
         change: &str,
     ) -> TestResult {
+        self.longest = self.longest.max(window.took);
+        self.most_pins = self.most_pins.max(window.pins);
         for (p, answer) in answered {
             let service = &services[p.service];
             self.opened += 1;
@@ -1019,10 +1062,16 @@ impl Straddles {
                 }
                 Err(_) if !stayed => self.broken_removed += 1,
                 Err(err) => {
+                    let Window { took, pins, flow_entries } = window;
+                    let evicted = if 2 * pins >= flow_entries {
+                        "; that is enough to evict its pin: the window outgrew the table, the test must keep it shorter"
+                    } else {
+                        ""
+                    };
                     return Err(fail(format!(
-                        "apply {k} ({change}): {} port {}: a handshake begun before the apply with backend {syn_backend} (still in the service; its slot names {slot_now:?} now) broke: {err}",
+                        "apply {k} ({change}): {} port {}: a handshake begun before the apply with backend {syn_backend} (still in the service; its slot names {slot_now:?} now) broke: {err}; between its SYN and its request ({took:.2?}) the flood wrote {pins} pins into a flow table of {flow_entries}{evicted}",
                         service.key, p.local_port
-                    )))
+                    )));
                 }
             }
         }
@@ -1264,7 +1313,7 @@ fn kept_answer(stream: &mut TcpStream) -> Result<String, String> {
 fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
-    lab.up(4)?;
+    lab.up_with_flow_entries(4, FLOOD_FLOW_ENTRIES)?;
     let env = lab.env()?;
     let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
     let (lb_ns, lb_dev, client_ns) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?);
@@ -1324,15 +1373,16 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     // With `straddle` (the straddles and the kernel's state before), opens
     // the straddling connections right before the apply command and sends
     // their requests right after it; returns their answers.
-    type Answers = Vec<(Straddle, Result<String, String>)>;
     let apply_straddled = |k: usize,
                            model: &Model,
                            change: &str,
                            straddle: Option<(&mut Straddles, &l4lb::state::Running)>|
-     -> TestResult<(u64, l4lb::state::Running, Answers)> {
+     -> TestResult<(u64, l4lb::state::Running, Asked)> {
         let file = scratch.0.join(format!("update-{k}.toml"));
         std::fs::write(&file, config::to_toml(model)).map_err(|err| fail(format!("{}: {err}", file.display())))?;
-        let rx_before = lb_view(&lb_ns, &lb_dev)?.counters["rx"];
+        let view_before = lb_view(&lb_ns, &lb_dev)?;
+        let (rx_before, pinned_before) = (view_before.counters["rx"], view_before.counters["flow_pinned"]);
+        let opened_at = Instant::now();
         let pending = match straddle {
             Some((straddles, before)) => straddles.open(&client_ns, &services, before, k)?,
             None => Vec::new(),
@@ -1341,12 +1391,15 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             .success()
             .map_err(|err| fail(format!("apply {k} ({change}): {err:?}")))?;
         let answers = Straddles::ask(pending, &services);
+        let took = opened_at.elapsed();
         let view = lb_view(&lb_ns, &lb_dev)?;
+        let pins = view.counters["flow_pinned"] - pinned_before;
+        let window = Window { took, pins, flow_entries: view.flow_entries };
         let drops = view.drops();
         ensure!(drops.is_empty(), "apply {k} ({change}): drop counters moved: {drops:?}");
         let frames = view.counters["rx"] - rx_before;
         ensure!(frames > 0, "apply {k} ({change}): no frame reached l4lb during the apply: is the flood running?");
-        Ok((frames, view.running, answers))
+        Ok((frames, view.running, (answers, window)))
     };
     let apply = |k: usize, model: &Model, change: &str| -> TestResult<(u64, l4lb::state::Running)> {
         apply_straddled(k, model, change, None).map(|(frames, running, _)| (frames, running))
@@ -1380,8 +1433,8 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             "4th service removed"
         };
         *kinds.entry(kind).or_insert(0usize) += 1;
-        let (frames, running, answers) = apply_straddled(k, &model, &change, Some((&mut straddles, &before)))?;
-        straddles.finish(answers, &services, &model, &running, k, &change)?;
+        let (frames, running, asked) = apply_straddled(k, &model, &change, Some((&mut straddles, &before)))?;
+        straddles.finish(asked, &services, &model, &running, k, &change)?;
         during.push(frames);
         conns.round(&model, &running, k, &change, true)?;
         before = running;
@@ -1417,8 +1470,8 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     eprintln!("lab: the {APPLIES} changes: {kinds:?}");
     let held = held_acks(held)?;
     eprintln!(
-        "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (their SYN through l4lb before it; the client's egress dropped {held} pure ACKs of theirs, so the first segment acknowledging the SYN-ACK was the request written after the apply), {} of them in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise",
-        straddles.opened, straddles.slot_changed, straddles.answered, straddles.broken_removed
+        "lab: handshakes straddling an apply, tracked: {} connections opened right before an apply (their SYN through l4lb before it; the client's egress dropped {held} pure ACKs of theirs, so the first segment acknowledging the SYN-ACK was the request written after the apply), {} of them in a slot whose backend the apply changed; {} answered by the backend that had the SYN, {} broken because the apply removed that backend, 0 broken otherwise; from the first SYN to the last request at most {:.2?} and {} pins written (flow table {})",
+        straddles.opened, straddles.slot_changed, straddles.answered, straddles.broken_removed, straddles.longest, straddles.most_pins, lb_view(&lb_ns, &lb_dev)?.flow_entries
     );
     ensure!(
         held >= straddles.opened as u64,

@@ -315,10 +315,7 @@ impl<'a> Agent<'a> {
             self.log.write(Event::error("sweep_failed", format!("{err:#}")));
             return;
         }
-        let round = {
-            let lock = device::update_lock(&self.iface);
-            lock.and_then(|_lock| crate::settle::round(&self.maps, &self.flows))
-        };
+        let round = crate::settle::round(&self.maps, &self.flows, || device::update_lock(&self.iface));
         match round {
             Ok(round) => {
                 self.count(|f| {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
@@ -34,6 +35,10 @@ pub struct Round {
     pub pins_stale: usize,
     /// Pins deleted with the transition of their slot.
     pub pins_ended: usize,
+    /// How long the walk over the flow table took (without the update
+    /// lock), and how long the round then held the lock.
+    pub walked: Duration,
+    pub locked: Duration,
 }
 
 impl fmt::Display for Round {
@@ -49,6 +54,12 @@ impl fmt::Display for Round {
             "{ended} slots left their transition, {open} still in transition; pins: {} seen, {} idle and {} stale deleted, {} deleted with their transition",
             self.pins_seen, self.pins_idle, self.pins_stale, self.pins_ended
         )?;
+        write!(
+            f,
+            "; walked in {} ms, then held the update lock {} ms",
+            self.walked.as_millis(),
+            self.locked.as_millis()
+        )?;
         for (service, n) in &self.open {
             write!(f, "\n  {service}: {n} slots in transition")?;
         }
@@ -56,13 +67,32 @@ impl fmt::Display for Round {
     }
 }
 
-/// One round over `maps` and `flows` (the caller holds the update lock).
-pub fn round(maps: &LbMaps, flows: &MapHandle) -> Result<Round> {
+/// One round over `maps` and `flows`. `lock` takes the update lock, which
+/// the round holds only to judge and write: the walk over the flow table
+/// comes first, without it (in an unoptimized build under the lab's flood a
+/// walk took about a second, and every `l4lb apply` meanwhile would wait for
+/// it). Judging pins walked a moment before the lock is as safe as judging
+/// them under it (the datapath writes pins regardless of the lock): a pin
+/// written after the walk belongs to a flow that was silent until then, and
+/// a slot an apply changed in between carries that apply's change time in
+/// the snapshot read under the lock, so it is not judged idle.
+pub fn round<Guard>(maps: &LbMaps, flows: &MapHandle, lock: impl FnOnce() -> Result<Guard>) -> Result<Round> {
+    let started = Instant::now();
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut pins: Vec<PinView> = Vec::new();
+    maps::walk_flows(flows, |key, pin| {
+        keys.push(bpf::value_bytes(key).to_vec());
+        pins.push(PinView { slot: pin.slot, backend: pin.backend, seen: pin.seen });
+    })
+    .with_context(|| format!("walking map `{}`", bpf::MAP_FLOWS))?;
+    let walked = started.elapsed();
+    let _guard = lock()?;
+    let locked_at = Instant::now();
     let snapshot = maps.read_snapshot()?;
     let now = snapshot.tick;
     let found = snapshot.config.clock;
     let judged_at = (now.wrapping_sub(found) <= STALE_TICK).then_some(found);
-    let mut out = Round { tick: now, judged_at, ..Round::default() };
+    let mut out = Round { tick: now, judged_at, walked, ..Round::default() };
 
     let mut slots: BTreeMap<u32, (u32, u32)> = BTreeMap::new();
     let mut services: BTreeMap<u32, ServiceClock> = BTreeMap::new();
@@ -75,13 +105,6 @@ pub fn round(maps: &LbMaps, flows: &MapHandle) -> Result<Round> {
             slots.insert(base + slot, (s.number, s.table[slot as usize]));
         }
     }
-    let mut keys: Vec<Vec<u8>> = Vec::new();
-    let mut pins: Vec<PinView> = Vec::new();
-    maps::walk_flows(flows, |key, pin| {
-        keys.push(bpf::value_bytes(key).to_vec());
-        pins.push(PinView { slot: pin.slot, backend: pin.backend, seen: pin.seen });
-    })
-    .with_context(|| format!("walking map `{}`", bpf::MAP_FLOWS))?;
     out.pins_seen = pins.len();
 
     if let Some(at) = judged_at {
@@ -112,5 +135,6 @@ pub fn round(maps: &LbMaps, flows: &MapHandle) -> Result<Round> {
     let mut config = snapshot.config;
     config.clock = now;
     maps.write_config(&config)?;
+    out.locked = locked_at.elapsed();
     Ok(out)
 }

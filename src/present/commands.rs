@@ -186,10 +186,8 @@ fn settle(name: &str, every: Option<f64>) -> Result<()> {
     let (iface, program, maps) = open_l4lb(name)?;
     let flows = crate::maps::open_flows(&program).with_context(|| format!("{}: the flow table", iface.name))?;
     loop {
-        let round = {
-            let _lock = update_lock(&iface)?;
-            crate::settle::round(&maps, &flows).with_context(|| format!("{}: settling", iface.name))?
-        };
+        let round = crate::settle::round(&maps, &flows, || update_lock(&iface))
+            .with_context(|| format!("{}: settling", iface.name))?;
         println!("{}: {round}", iface.name);
         match every {
             None => return Ok(()),
