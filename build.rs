@@ -13,7 +13,7 @@ use libbpf_cargo::SkeletonBuilder;
 /// BPF programs under src/bpf/NAME.bpf.c: each is built to OUT_DIR/NAME.o
 /// and gets a skeleton OUT_DIR/NAME.skel.rs and the variable NAME_OBJECT
 /// (upper case) holding the object's path, for tests and tools.
-const BPF_PROGRAMS: &[&str] = &["l4lb_xdp", "l4lb_bench", "l4lb_decap"];
+const BPF_PROGRAMS: &[&str] = &["l4lb_xdp", "l4lb_bench", "l4lb_decap", "l4lb_probe"];
 
 /// The balancer's driver build: the same source compiled with
 /// -DL4LB_DRIVER_BUILD (plain adds into per-CPU counters), which the host
@@ -37,6 +37,7 @@ fn main() {
     let counter_enums = [
         CounterNames::new("l4lb_counter", "L4LB_CNT_", "COUNTER_NAMES"),
         CounterNames::new("l4lb_decap_counter", "L4LB_DECAP_CNT_", "DECAP_COUNTER_NAMES"),
+        CounterNames::new("l4lb_probe_counter", "L4LB_PROBE_CNT_", "PROBE_COUNTER_NAMES"),
     ];
     let mut builder = bindgen::Builder::default()
         .header(manifest_dir.join("include/l4lb.h").display().to_string())

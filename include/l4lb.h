@@ -199,6 +199,41 @@ struct l4lb_backend {
 	__u32 weight;         /* Maglev weight (host bookkeeping); 0 = draining */
 };
 
+/* Health probes (l4lb_probe.bpf.c, `l4lb serve`). The agent probes a
+ * backend the way clients reach it: a TCP connection to the VIP, from a
+ * socket marked L4LB_PROBE_MARK | target number. Marked packets are routed
+ * to the agent's probe device, whose TC egress program encapsulates them to
+ * the target's backend as the balancer would (same outer header, same next
+ * hop) and sends them out of the balancer's device. The backend answers the
+ * balancer's address directly (direct server return), which the stack
+ * delivers to the probing socket.
+ */
+#define L4LB_PROBE_MARK 0x4c340000U      /* "L4" in the upper 16 bits */
+#define L4LB_PROBE_MARK_MASK 0xffff0000U
+#define L4LB_PROBE_TARGETS 4096          /* entries of l4lb_probe_targets */
+#define L4LB_PROBE_TTL 64
+
+/* Where the probes of one target go (l4lb_probe_targets, by target number). */
+struct l4lb_probe_target {
+	__u8 dst[16];         /* outer destination: the backend; IPv4 in dst[0..3] */
+	__u8 src[16];         /* outer source: the balancer's source_v4 / source_v6 */
+	__u8 dst_mac[6];      /* the backend's next hop */
+	__u8 src_mac[6];      /* the balancer's device */
+	__u8 family;          /* L4LB_FAMILY_* of dst and src; 0 = unused entry */
+	__u8 pad[3];
+	__u32 ifindex;        /* the balancer's device, where the frame leaves */
+};
+
+/* l4lb_probe_counters: what the probe device's program did with a frame. */
+enum l4lb_probe_counter {
+	L4LB_PROBE_CNT_SENT = 0,          /* encapsulated and sent out of the balancer's device */
+	L4LB_PROBE_CNT_DROP_UNMARKED,     /* no probe mark: nothing else belongs on the probe device */
+	L4LB_PROBE_CNT_DROP_NO_TARGET,    /* marked for a target number the agent has not filled */
+	L4LB_PROBE_CNT_DROP_NOT_IP,       /* neither IPv4 nor IPv6 */
+	L4LB_PROBE_CNT_DROP_NO_ROOM,      /* bpf_skb_adjust_room refused the outer header */
+	L4LB_PROBE_CNT_MAX,
+};
+
 /* l4lb_backend.flags */
 #define L4LB_BACKEND_ACTIVE 0x1U      /* entry is filled; others are never selected */
 #define L4LB_BACKEND_GATEWAY_MAC 0x2U /* mac is the gateway's (the backend has none of its own) */

@@ -3,7 +3,7 @@
 # balancer and 4 backends on one L2 segment in network namespaces. l4lb is
 # attached in driver mode on the balancer and given the lab's three services
 # (an IPv4 VIP with IPv4 backends, an IPv4 VIP with IPv6 backends, an IPv6
-# VIP) with `l4lb apply`; HTTP requests from different client source ports
+# VIP) by its agent, `l4lb serve`; HTTP requests from different client source ports
 # are answered by different backends straight back to the client (direct
 # server return); then
 # a random-source SYN flood from the client (hping3 --rand-source --flood, as
@@ -90,8 +90,9 @@ step "a change with connections open: 12 keep-alive connections to $VIP, then be
 # after the apply: a connection whose backend stays in the service (be1 at
 # weight 0 included) keeps it although its slot may now name another one;
 # be2's connections break (their backend left). The slots whose backend
-# changed are in transition until `l4lb settle` ends them (the lab runs it
-# every second; one round is also run by hand right after the apply).
+# changed are in transition until the sweep ends them (the lab's agent,
+# `l4lb serve`, runs it every second; one round is also run by hand with
+# `l4lb settle` right after the apply).
 backend_addr_of() { grep -v '^#' "$DESTINATIONS" | sed -n "${1}s/,.*//p" | tr -d ' '; }
 changed="$STATE/lb-changed.toml"
 python3 - "$STATE/lb.toml" "$changed" "$(backend_addr_of 1)" "$(backend_addr_of 2)" <<'PY'
@@ -136,11 +137,11 @@ show ip netns exec "$LB_NS" "$L4LB" settle -i "$LB_DEV"
 echo >&3; exec 3>&-
 wait "$client_pid" || true
 rm -f "$fifo" "$STATE/demo-keepalive.py"
-echo "(the connections' idle time is 5 s here: once they are idle that long, the lab's sweep,"
-echo " \`l4lb settle -i $LB_DEV --every 1' running since \`scripts/lab up', ends the transitions)"
+echo "(the connections' idle time is 5 s here: once they are idle that long, the sweep of the lab's"
+echo " agent, \`l4lb serve -i $LB_DEV ... --sweep-every 1' running since \`scripts/lab up', ends the transitions)"
 sleep 7
-echo "\$ grep -v ' 0 slots left' $STATE/settle.log | tail -n 1    # the sweep's round that ended them"
-grep -v ' 0 slots left' "$STATE/settle.log" | tail -n 1 || true
+echo "\$ grep transition_ended $STATE/agent.log | tail -n 3    # the agent's log of the transitions it ended"
+grep transition_ended "$STATE/agent.log" | tail -n 3 || true
 show ip netns exec "$LB_NS" "$L4LB" settle -i "$LB_DEV"
 show ip netns exec "$LB_NS" "$L4LB" apply -i "$LB_DEV" -c "$STATE/lb.toml"
 rm -f "$changed"

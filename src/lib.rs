@@ -13,7 +13,7 @@ pub mod present;
 // Every module under its short name (`crate::config`, `l4lb::maps`, ...),
 // as the code and the tests name them.
 pub use control::{
-    addr, apply, config, destinations, device, flow_hash, input_file, maglev, settle, state, transition,
+    addr, apply, config, destinations, device, flow_hash, health, input_file, maglev, settle, state, transition,
 };
-pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps, upgrade};
+pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps, probe_path, upgrade};
 pub use present::{cli, commands, generate, stats, status, top};

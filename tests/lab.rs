@@ -38,6 +38,10 @@ const LAB_TIMEOUT: Duration = Duration::from_secs(120);
 const CONNECTIONS: usize = 1000;
 /// Two-sided miss probability of each backend's interval (see `binomial_interval`).
 const ALPHA: f64 = 1e-4;
+/// For tests that count packets exactly (health probes are decapsulated by
+/// the backends but never pass l4lb) or apply their own files.
+const NO_HEALTH_CHECKS: (&str, &str) = ("LAB_HEALTH", "none");
+
 /// The steps of `scripts/lab up`, in order (LAB_FAIL_AFTER accepts each).
 const STEPS: &[&str] = &["namespaces", "segment", "client", "balancer", "backends", "servers", "decap", "l4lb"];
 
@@ -56,6 +60,10 @@ fn main() {
             ("failure_at_every_step_of_up_leaves_nothing_behind", failure_at_every_step_of_up_leaves_nothing_behind),
             ("hundred_applies_under_the_lab_flood_drop_nothing", hundred_applies_under_the_lab_flood_drop_nothing),
             ("too_big_answers_teach_the_client_its_path_mtu", too_big_answers_teach_the_client_its_path_mtu),
+            (
+                "health_checks_take_dead_backends_out_and_bring_them_back",
+                health_checks_take_dead_backends_out_and_bring_them_back,
+            ),
             (
                 "prometheus_scraping_the_agent_counts_what_the_backends_decapsulated",
                 prometheus_counts_what_backends_got,
@@ -91,9 +99,9 @@ impl Lab {
         self.lab(&["up", "--backends", &backends.to_string()], &[]).success()
     }
 
-    /// `up` with the balancer's flow table of `entries`.
-    fn up_with_flow_entries(&self, backends: usize, entries: u32) -> TestResult<Outcome> {
-        self.lab(&["up", "--backends", &backends.to_string()], &[("LAB_FLOW_ENTRIES", &entries.to_string())]).success()
+    /// `up` with the lab's environment variables `env` (LAB_FLOW_ENTRIES, LAB_HEALTH).
+    fn up_with(&self, backends: usize, env: &[(&str, &str)]) -> TestResult<Outcome> {
+        self.lab(&["up", "--backends", &backends.to_string()], env).success()
     }
 
     fn ns(&self, name: &str) -> String {
@@ -472,7 +480,7 @@ fn http_round_trips(
 fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
-    lab.up(4)?;
+    lab.up_with(4, &[NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
     let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
     let addr = |key: &str| -> TestResult<IpAddr> { get(key)?.parse().map_err(|_| fail(format!("bad {key}"))) };
@@ -606,10 +614,16 @@ fn up_down_are_idempotent_and_leave_nothing_behind() -> TestResult {
     ensure!(pids.len() == 2, "expected 2 server pids in the output of up: {}", first.stdout);
     ensure!(pids.iter().all(|pid| Path::new(&format!("/proc/{pid}")).exists()), "a server is not running: {pids:?}");
     let before = lab.traces();
-    ensure!(before.namespaces.len() == 5 && before.state && before.processes.len() == 2, "after up: {before:?}");
+    // The two servers and the agent (`l4lb serve -c STATE/lb.toml`).
+    let agents = before.processes.iter().filter(|p| p.contains(" serve -i ")).count();
     ensure!(
-        lab.lab(&["status"], &[]).success()?.stdout.contains("HTTP pid"),
-        "status after up does not list the servers"
+        before.namespaces.len() == 5 && before.state && before.processes.len() == 3 && agents == 1,
+        "after up: {before:?}"
+    );
+    let status = lab.lab(&["status"], &[]).success()?.stdout;
+    ensure!(
+        status.contains("HTTP pid") && status.contains("agent (l4lb serve) pid"),
+        "status after up does not list the servers and the agent:\n{status}"
     );
 
     let second = lab.up(2)?;
@@ -1313,7 +1327,9 @@ fn kept_answer(stream: &mut TcpStream) -> Result<String, String> {
 fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
-    lab.up_with_flow_entries(4, FLOOD_FLOW_ENTRIES)?;
+    // No health checks: the test applies its own files, which a health
+    // change would make the agent overwrite with the lab's.
+    lab.up_with(4, &[("LAB_FLOW_ENTRIES", &FLOOD_FLOW_ENTRIES.to_string()), NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
     let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
     let (lb_ns, lb_dev, client_ns) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?);
@@ -1617,18 +1633,6 @@ struct Prometheus {
 
 /// Where the test's Prometheus listens, inside the balancer's namespace.
 const PROMETHEUS: &str = "127.0.0.1:9090";
-/// Where the test's agent serves its metrics, inside the balancer's namespace.
-const METRICS: &str = "127.0.0.1:9469";
-
-/// A child process killed (and waited for) on drop.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 impl Prometheus {
     fn start(lb_ns: &str, metrics: &str) -> TestResult<Prometheus> {
@@ -1708,8 +1712,7 @@ impl Drop for Prometheus {
     }
 }
 
-/// A real Prometheus scrapes an agent (`l4lb serve --metrics`) on the lab's
-/// balancer while
+/// A real Prometheus scrapes the lab's agent (`l4lb serve --metrics`) while
 /// the client makes HTTP connections to the IPv4 VIP for about 8 s: the
 /// packets its samples say l4lb sent each backend over the run equal
 /// exactly what that backend decapsulated (`l4lb decap stats`), and the
@@ -1718,25 +1721,13 @@ impl Drop for Prometheus {
 fn prometheus_counts_what_backends_got() -> TestResult {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let lab = Lab::new();
-    lab.up(2)?;
+    lab.up_with(2, &[NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
     let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
     let (lb_ns, vip, client_ns) = (get("LB_NS")?, get("VIP")?, get("CLIENT_NS")?);
     let vip: IpAddr = vip.parse().map_err(|_| fail("bad VIP"))?;
     let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
-    // The agent, beside the lab's sweep (`l4lb settle`): the same file, so its
-    // first apply writes nothing; it serves the metrics.
-    let agent_log = std::fs::File::create(lab.state.join("agent.log"))?;
-    let agent = std::process::Command::new("ip")
-        .args(["netns", "exec", &lb_ns, BIN, "serve", "-i", &get("LB_DEV")?, "-c", &get("CONFIG")?])
-        .args(["--sweep-every", "3600", "--metrics", METRICS])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(agent_log)
-        .spawn()
-        .map_err(|err| fail(format!("starting l4lb serve: {err}")))?;
-    let _agent = KillOnDrop(agent);
-    let prometheus = Prometheus::start(&lb_ns, METRICS)?;
+    let prometheus = Prometheus::start(&lb_ns, &get("METRICS")?)?;
     // Scrapes before the traffic (the counters' start): Prometheus scrapes
     // its targets only some seconds after it says it is ready.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1786,4 +1777,248 @@ fn prometheus_counts_what_backends_got() -> TestResult {
     }
     println!("prometheus: {connections} connections in {ran:.1} s; {}", figures.join("; "));
     Ok(())
+}
+
+// ---------------------------------------------------------------- health checks
+
+/// The lab's health check (scripts/lab, LAB_HEALTH=http): every second,
+/// down after 2 failures, up after 2 passes, each probe within 0.5 s.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+const HEALTH_FALL: u32 = 2;
+const HEALTH_RISE: u32 = 2;
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+/// The first up after a down waits at least this long (health::FLAP_HOLD_MIN).
+const FLAP_HOLD: Duration = Duration::from_secs(10);
+
+/// When a connection began, and the lab backend that answered or the error.
+type Connection = (Instant, Result<usize, String>);
+
+/// New HTTP connections to a VIP, one after the other, from a thread in
+/// the client's namespace until dropped: when each began and how it ended
+/// (the answering lab backend, or the error).
+struct ClientLoad {
+    results: std::sync::Arc<Mutex<Vec<Connection>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ClientLoad {
+    fn start(client_ns: &str, vip: IpAddr, port: u16) -> ClientLoad {
+        let results = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, out, done) = (client_ns.to_string(), results.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let _ = in_netns(&ns, || {
+                while !done.load(Ordering::Relaxed) {
+                    let began = Instant::now();
+                    let result = http_get(vip, port)
+                        .and_then(|(_, body)| answering_backend(&body).map_err(|err| format!("{err:?}")));
+                    out.lock().unwrap_or_else(|e| e.into_inner()).push((began, result));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(())
+            });
+        });
+        ClientLoad { results, stop, thread: Some(thread) }
+    }
+
+    /// The connections begun at or after `since`: (answered per lab
+    /// backend, the failures).
+    fn since(&self, since: Instant) -> (BTreeMap<usize, usize>, Vec<String>) {
+        let mut answered = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (began, result) in self.results.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if *began < since {
+                continue;
+            }
+            match result {
+                Ok(backend) => *answered.entry(*backend).or_insert(0) += 1,
+                Err(err) => failed.push(err.clone()),
+            }
+        }
+        (answered, failed)
+    }
+}
+
+impl Drop for ClientLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits (up to `limit`) for a line of the agent's log that contains
+/// `needle`, beyond the first `seen` bytes; returns when it was found and
+/// the log's length then.
+fn await_log(log: &Path, needle: &str, seen: usize, limit: Duration) -> TestResult<(Instant, usize)> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.get(seen..).and_then(|rest| rest.find(needle)) {
+            return Ok((Instant::now(), seen + at + needle.len()));
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "no `{needle}` in the agent's log within {limit:?}:\n{}",
+            text.get(seen..).unwrap_or("")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Under client load on the IPv4 VIP, the lab's agent (health check http
+/// every second, fall 2, rise 2):
+/// * takes out a backend whose server stopped, within fall x interval plus a
+///   probe's timeout (the first failing probe comes within an interval), and
+///   after that every new connection succeeds; brings it back once its
+///   server answers again (rise x interval, not before the 10 s flap hold);
+/// * takes out a backend whose decapsulation is broken although its server
+///   runs (the probe goes to the VIP through the same encapsulation as
+///   clients), and brings it back once decap is attached again;
+/// * says so in its log (with the reason) and its metrics (l4lb_backend_up).
+fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(4)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let (client_ns, log) = (get("CLIENT_NS")?, PathBuf::from(get("AGENT_LOG")?));
+    let vip: IpAddr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let state = PathBuf::from(get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
+    let backend_ns = |k: usize| format!("{}{k}", get("BACKEND_NS_PREFIX").unwrap_or_default());
+    let service = format!("{vip}:{port}/tcp");
+    let bound_down = HEALTH_INTERVAL * HEALTH_FALL + HEALTH_TIMEOUT;
+    let limit = bound_down + Duration::from_secs(5);
+    let load = ClientLoad::start(&client_ns, vip, port);
+    std::thread::sleep(Duration::from_secs(2));
+    let (answered, failed) = load.since(Instant::now() - Duration::from_secs(2));
+    ensure!(
+        failed.is_empty() && answered.len() == 4,
+        "before anything broke: answered {answered:?}, failed {failed:?}"
+    );
+    let mut seen = std::fs::read_to_string(&log)?.len();
+    let mut figures = Vec::new();
+
+    // Backend 2: its server stops.
+    let pid = std::fs::read_to_string(state.join("be2.pid"))?.trim().to_string();
+    let stopped = Instant::now();
+    run("kill", &[&pid]).success()?;
+    let needle = format!("backend_down: 198.18.0.102 of {service}");
+    let (down, at) = await_log(&log, &needle, seen, limit)?;
+    let (applied, at) = await_log(&log, "applied: health", at, limit)?;
+    seen = at;
+    let took = down - stopped;
+    ensure!(
+        took <= bound_down + Duration::from_millis(500),
+        "server stopped: marked down after {took:?}, more than {bound_down:?}"
+    );
+    let reason = std::fs::read_to_string(&log)?;
+    ensure!(reason.contains(&format!("{needle}: {HEALTH_FALL} probes failed in a row")), "no reason in:\n{reason}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (answered, failed) = load.since(applied);
+    ensure!(
+        failed.is_empty() && !answered.contains_key(&2) && answered.values().sum::<usize>() > 20,
+        "after backend 2 was taken out: answered {answered:?}, failed {failed:?}"
+    );
+    figures.push(format!(
+        "server of be2 stopped: down after {took:.2?} (bound {bound_down:?}), then {} new connections, all answered ({answered:?})",
+        answered.values().sum::<usize>()
+    ));
+    let metrics = metrics_text(&get("LB_NS")?, &get("METRICS")?)?;
+    let up_line = format!("l4lb_backend_up{{service=\"{service}\",backend=\"198.18.0.102\"}} 0");
+    ensure!(metrics.lines().any(|l| l == up_line), "no `{up_line}` in the metrics:\n{metrics}");
+
+    // Its server starts again.
+    let restarted = Instant::now();
+    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let httpd = state.join("httpd.py").display().to_string();
+    let pid_file = state.join("be2.pid").display().to_string();
+    // Its own session and no pipe of ours: it outlives the command (as `up` starts it).
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &backend_ns(2), "setsid", "-f", python, &httpd, "80", "be2", "198.18.0.102", &pid_file])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|err| fail(format!("restarting the server of be2: {err}")))?;
+    let needle = format!("backend_up: 198.18.0.102 of {service}");
+    let (up, at) = await_log(&log, &needle, seen, FLAP_HOLD + limit)?;
+    let (back, at) = await_log(&log, "applied: health", at, limit)?;
+    seen = at;
+    let took = up - restarted;
+    ensure!(
+        up - down >= FLAP_HOLD && up - down <= FLAP_HOLD + HEALTH_INTERVAL * HEALTH_RISE + Duration::from_secs(1),
+        "back up {:?} after going down: not between the flap hold ({FLAP_HOLD:?}) and the hold plus rise x interval",
+        up - down
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (answered, failed) = load.since(back);
+    ensure!(
+        failed.is_empty() && answered.contains_key(&2),
+        "after backend 2 came back: answered {answered:?}, failed {failed:?}"
+    );
+    figures.push(format!(
+        "server of be2 restarted: up after {took:.2?} ({:.2?} after it went down; hold {FLAP_HOLD:?})",
+        up - down
+    ));
+
+    // Backend 3: its decapsulation breaks, its server runs on.
+    lab.l4lb("be3", &["decap", "detach", "-i", "be3"]).success()?;
+    // Broken for sure once the command returned (it may have broken earlier).
+    let broke = Instant::now();
+    let needle = format!("backend_down: 198.18.0.103 of {service}");
+    let (down, at) = await_log(&log, &needle, seen, limit)?;
+    let (applied, at) = await_log(&log, "applied: health", at, limit)?;
+    seen = at;
+    let took = down - broke;
+    ensure!(
+        took <= bound_down + Duration::from_millis(500),
+        "decap detached: marked down after {took:?}, more than {bound_down:?}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (answered, failed) = load.since(applied);
+    ensure!(
+        failed.is_empty() && !answered.contains_key(&3) && answered.values().sum::<usize>() > 20,
+        "after backend 3 was taken out: answered {answered:?}, failed {failed:?}"
+    );
+    figures.push(format!(
+        "decap of be3 detached (server running): down after {took:.2?}, then {} new connections, all answered",
+        answered.values().sum::<usize>()
+    ));
+    let repaired = Instant::now();
+    lab.l4lb(
+        "be3",
+        &["decap", "attach", "-i", "be3", "--mode", "drv", "--addr", "198.18.0.103", "--addr", "2001:db8:18::103"],
+    )
+    .success()?;
+    let (up, at) = await_log(&log, &format!("backend_up: 198.18.0.103 of {service}"), seen, FLAP_HOLD + limit)?;
+    let (back, _) = await_log(&log, "applied: health", at, limit)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (answered, failed) = load.since(back);
+    ensure!(
+        failed.is_empty() && answered.contains_key(&3),
+        "after backend 3 came back: answered {answered:?}, failed {failed:?}"
+    );
+    figures.push(format!("decap of be3 attached again: up after {:.2?}", up - repaired));
+    drop(load);
+    for figure in figures {
+        eprintln!("health: {figure}");
+    }
+    Ok(())
+}
+
+/// The agent's metrics (GET /metrics at `addr` inside `lb_ns`).
+fn metrics_text(lb_ns: &str, addr: &str) -> TestResult<String> {
+    let addr: SocketAddr = addr.parse().map_err(|_| fail(format!("bad metrics address {addr}")))?;
+    in_netns(lb_ns, || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })
 }

@@ -4,7 +4,9 @@
 //! transitions and the flow table as of the last sweep). Nothing else is
 //! served, and nothing is taken from the network.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
@@ -16,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::bpf::COUNTER_NAMES;
+use crate::health::Target;
 use crate::maps::LbMaps;
 use crate::stats::Sample;
 
@@ -29,8 +32,9 @@ const APPLY_SECONDS_BUCKETS: [f64; 14] =
 /// What the agent counts itself; the endpoint's thread reads it.
 #[derive(Debug, Clone)]
 pub struct AgentFigures {
-    /// Applies by result: `applied`, `unchanged`, `refused`.
-    pub applies: [(&'static str, u64); 3],
+    /// Applies by result: `applied`, `unchanged`, `refused` (a bad file),
+    /// `failed` (a health change's apply the kernel refused).
+    pub applies: [(&'static str, u64); 4],
     /// Seconds of each apply that wrote (shared with every clone).
     pub apply_seconds: Histogram,
     pub generation: u64,
@@ -41,12 +45,24 @@ pub struct AgentFigures {
     pub slots_in_transition: Vec<(String, u64)>,
     pub flow_table_entries: u64,
     pub flow_table_capacity: u64,
+    /// Per probed backend of a service.
+    pub health: BTreeMap<Target, HealthFigures>,
+}
+
+/// What the probes of one backend of a service found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HealthFigures {
+    pub up: bool,
+    pub passed: u64,
+    pub failed: u64,
+    /// Seconds the last passed probe took.
+    pub last_seconds: Option<f64>,
 }
 
 impl Default for AgentFigures {
     fn default() -> Self {
         AgentFigures {
-            applies: [("applied", 0), ("unchanged", 0), ("refused", 0)],
+            applies: [("applied", 0), ("unchanged", 0), ("refused", 0), ("failed", 0)],
             apply_seconds: Histogram::new(APPLY_SECONDS_BUCKETS),
             generation: 0,
             sweeps_ok: 0,
@@ -54,12 +70,35 @@ impl Default for AgentFigures {
             slots_in_transition: Vec::new(),
             flow_table_entries: 0,
             flow_table_capacity: 0,
+            health: BTreeMap::new(),
         }
     }
 }
 
 impl AgentFigures {
-    /// Counts one apply of `result` (one of the three).
+    /// Counts one probe of `target` (a backend starts up: see health::Tracker).
+    pub fn probe(&mut self, target: &Target, result: &Result<std::time::Duration, String>) {
+        let figures = self.health.entry(*target).or_insert(HealthFigures { up: true, ..HealthFigures::default() });
+        match result {
+            Ok(took) => {
+                figures.passed += 1;
+                figures.last_seconds = Some(took.as_secs_f64());
+            }
+            Err(_) => figures.failed += 1,
+        }
+    }
+
+    /// Records that `target` went up or down.
+    pub fn backend_state(&mut self, target: &Target, up: bool) {
+        self.health.entry(*target).or_default().up = up;
+    }
+
+    /// Forgets the backends no longer probed.
+    pub fn keep_health_of(&mut self, probed: &[Target]) {
+        self.health.retain(|t, _| probed.contains(t));
+    }
+
+    /// Counts one apply of `result` (one of the four).
     pub fn count_apply(&mut self, result: &str) {
         for (name, count) in &mut self.applies {
             if *name == result {
@@ -205,6 +244,7 @@ fn agent(registry: &mut Registry, figures: &AgentFigures) {
     for (service, slots) in &figures.slots_in_transition {
         in_transition.get_or_create(&labels(&[("service", service)])).set(*slots as i64);
     }
+    health(registry, &figures.health);
     for (name, help, value) in [
         ("flow_table_entries", "Pins in the flow table, as of the last sweep", figures.flow_table_entries),
         ("flow_table_capacity", "Entries the flow table holds at most", figures.flow_table_capacity),
@@ -212,6 +252,31 @@ fn agent(registry: &mut Registry, figures: &AgentFigures) {
         let gauge = Gauge::<i64>::default();
         gauge.set(value as i64);
         registry.register(name, help, gauge);
+    }
+}
+
+/// Per probed backend: up or down, probes by result, the last probe's latency.
+fn health(registry: &mut Registry, health: &BTreeMap<Target, HealthFigures>) {
+    let up = gauges(registry, "backend_up", "1 if the backend passes its service's health check, 0 if it is down");
+    let probes = counters(registry, "health_probes", "Health probes of the backend, by result");
+    let latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    registry.register(
+        "health_probe_duration_seconds",
+        "Seconds the backend's last passed health probe took (connect, and the HTTP answer)",
+        latency.clone(),
+    );
+    for (target, figures) in health {
+        let (service, backend) = (target.service.to_string(), target.backend.to_string());
+        let of_backend = labels(&[("service", &service), ("backend", &backend)]);
+        up.get_or_create(&of_backend).set(i64::from(figures.up));
+        for (result, count) in [("passed", figures.passed), ("failed", figures.failed)] {
+            probes
+                .get_or_create(&labels(&[("service", &service), ("backend", &backend), ("result", result)]))
+                .inc_by(count);
+        }
+        if let Some(seconds) = figures.last_seconds {
+            latency.get_or_create(&of_backend).set(seconds);
+        }
     }
 }
 

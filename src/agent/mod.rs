@@ -2,14 +2,18 @@
 //! the datapath programmed from a file. It attaches l4lb where none is
 //! attached (and keeps one it finds), applies the file, applies it again on
 //! every change and on SIGHUP with the same all-or-nothing apply as
-//! `l4lb apply`, and runs the sweep that ends table transitions.
+//! `l4lb apply`, runs the sweep that ends table transitions, and probes the
+//! backends of services with a health check: what it programs is the file
+//! without the backends that are down (`checks`).
 //!
 //! Forwarding never depends on it: the program stays attached and its maps
 //! stay filled when the agent stops, crashes or restarts; a restarted agent
 //! finds the program, and applying the same file again writes nothing.
 
+mod checks;
 pub mod log;
 pub mod metrics;
+pub mod probes;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -63,8 +67,8 @@ pub fn run(options: &Options) -> Result<()> {
 
     let (wake, woken) = mpsc::channel();
     watch::signals(wake.clone())?;
-    watch::directory(&options.config, wake)?;
-    let mut agent = Agent::start(options, iface, log)?;
+    watch::directory(&options.config, wake.clone())?;
+    let mut agent = Agent::start(options, iface, log, checks::Checks::new(wake))?;
     let started = match options.metrics {
         Some(addr) => metrics::serve(addr, agent.shared()),
         None => Ok(()),
@@ -94,6 +98,7 @@ pub fn run(options: &Options) -> Result<()> {
         match woken.recv_timeout(timers.wait(Instant::now())) {
             Ok(Wake::DirectoryChanged) => timers.file_touched(Instant::now()),
             Ok(Wake::Reload) => agent.reload("SIGHUP", true),
+            Ok(Wake::Probe(outcome)) => agent.probed(outcome),
             Ok(Wake::Stop(signal)) => {
                 agent.log.write(Event::info(
                     "stopping",
@@ -181,12 +186,16 @@ struct Agent<'a> {
     refusing: bool,
     /// The bytes of the file last refused, not read and refused again.
     refused_bytes: Option<Vec<u8>>,
+    /// The model of the file last applied; what is programmed is its
+    /// effective model (down backends out).
+    file_model: Option<config::Model>,
+    checks: checks::Checks,
 }
 
 impl<'a> Agent<'a> {
     /// Keeps the l4lb attached to the interface, or attaches one where no
     /// XDP program is; refuses to replace another program.
-    fn start(options: &'a Options, iface: Interface, log: Log) -> Result<Agent<'a>> {
+    fn start(options: &'a Options, iface: Interface, log: Log, checks: checks::Checks) -> Result<Agent<'a>> {
         let (program, attached_here) = attach_unless_attached(options, &iface, &log)?;
         let (maps, flows) = open(&iface, &program)?;
         let maps = Arc::new(maps);
@@ -205,6 +214,8 @@ impl<'a> Agent<'a> {
             attached_here,
             refusing: false,
             refused_bytes: None,
+            file_model: None,
+            checks,
         })
     }
 
@@ -249,10 +260,70 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// Plans `wanted` against the running state and executes the plan (all
-    /// or nothing: a failed write rolls back the ones before it).
+    /// Takes `wanted` (the file's model, `bytes`): follows its health checks
+    /// and programs its effective model.
     fn apply(&mut self, bytes: Vec<u8>, wanted: config::Model, cause: &str) -> Result<()> {
+        if let Err(err) = self.checks.configure(&self.iface, &wanted) {
+            // Probing is the agent's own work: without it every backend stays.
+            self.log.write(
+                Event::error("health_failed", format!("health checks: {err:#}; every backend is kept"))
+                    .with("error", format!("{err:#}")),
+            );
+            self.checks.configure(&self.iface, &config::Model { health: Default::default(), ..wanted.clone() })?;
+        }
+        if self.file_model.is_none() {
+            self.checks.adopt(&self.maps.read_running()?.model());
+        }
+        let probed: Vec<crate::health::Target> = self.checks.tracker.iter().map(|(t, _)| *t).collect();
+        self.count(|f| f.keep_health_of(&probed));
+        self.program(&wanted, cause)?;
+        self.file_model = Some(wanted);
+        self.applied = Some(bytes);
+        self.refusing = false;
+        self.refused_bytes = None;
+        Ok(())
+    }
+
+    /// A probe's outcome: a backend that went down or came up is logged
+    /// and the file's effective model programmed again.
+    fn probed(&mut self, outcome: probes::Outcome) {
+        let (target, result) = (outcome.target, outcome.result.clone());
+        self.count(|f| f.probe(&target, &result));
+        let Some(change) = self.checks.observe(outcome) else { return };
+        let (event, level) = if change.up { ("backend_up", Level::Info) } else { ("backend_down", Level::Warn) };
+        self.count(|f| f.backend_state(&change.target, change.up));
+        self.log.write(
+            Event::new(level, event, format!("{}: {}", change.target, change.reason))
+                .with("service", change.target.service.to_string())
+                .with("backend", change.target.backend.to_string())
+                .with("reason", change.reason.as_str()),
+        );
+        let Some(model) = self.file_model.clone() else { return };
+        if let Err(err) = self.program(&model, "health") {
+            self.count(|f| f.count_apply("failed"));
+            self.log.write(
+                Event::error("apply_failed", format!("health: {err:#}; the running configuration is kept"))
+                    .with("error", format!("{err:#}")),
+            );
+        }
+    }
+
+    /// Plans the effective model of `file` against the running state and
+    /// executes the plan (all or nothing: a failed write rolls back the
+    /// ones before it).
+    fn program(&mut self, file: &config::Model, cause: &str) -> Result<()> {
         let started = Instant::now();
+        let (wanted, kept_whole) = self.checks.effective(file);
+        for service in kept_whole {
+            self.log.write(
+                Event::new(
+                    Level::Warn,
+                    "all_down",
+                    format!("{service}: no backend that takes new flows is up: all are kept (with none, new clients would have nowhere to go)"),
+                )
+                .with("service", service.to_string()),
+            );
+        }
         let planned = device::plan(&self.iface, &self.maps, wanted)?;
         let plan = &planned.plan;
         if plan.is_empty() {
@@ -290,9 +361,6 @@ impl<'a> Agent<'a> {
                 .with("slots_written", plan.slots_written()),
             );
         }
-        self.applied = Some(bytes);
-        self.refusing = false;
-        self.refused_bytes = None;
         Ok(())
     }
 

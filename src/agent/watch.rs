@@ -10,7 +10,7 @@ use inotify::{Inotify, WatchMask};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wake {
     /// Something in the file's directory changed (the file may not have).
     DirectoryChanged,
@@ -18,6 +18,8 @@ pub enum Wake {
     Reload,
     /// SIGTERM or SIGINT (its name): stop, leaving the datapath as it is.
     Stop(&'static str),
+    /// A health probe's outcome.
+    Probe(super::probes::Outcome),
 }
 
 /// Watches the directory of `file`, not the file: editors and deployment

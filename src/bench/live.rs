@@ -538,7 +538,7 @@ fn spread_model(track_flows: bool) -> Model {
         })
         .collect();
     services.sort_by_key(|s| s.key);
-    Model { global: global(), services }
+    Model { global: global(), services, ..Model::default() }
 }
 
 /// The service of the rows measured right after a change.
@@ -551,7 +551,11 @@ const CHANGE_BACKENDS: usize = 32;
 
 /// One service, the TCP VIP, with backend set `set`: the control-plane timings.
 fn timing_model(set: u8) -> Model {
-    Model { global: global(), services: vec![config::Service::new(tcp_vip(), backends_of(destinations(set)))] }
+    Model {
+        global: global(),
+        services: vec![config::Service::new(tcp_vip(), backends_of(destinations(set)))],
+        ..Model::default()
+    }
 }
 
 /// What the rows are sent to: the TCP VIP (set 0, as the timings leave it),
@@ -570,7 +574,7 @@ fn bench_model_with(track_flows: bool, change: usize) -> Model {
         service(change_vip(), backends_of(destinations(4).into_iter().take(change).collect())),
     ];
     services.sort_by_key(|s| s.key);
-    Model { global: global(), services }
+    Model { global: global(), services, ..Model::default() }
 }
 
 fn bench_model(track_flows: bool) -> Model {

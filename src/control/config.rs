@@ -21,6 +21,7 @@
 //! vip = "203.0.113.10"              # IPv4 or IPv6 address
 //! protocol = "tcp"                  # tcp | udp
 //! port = 80                         # 1..=65535, or 0 = every port of the address
+//! health = { check = "http", path = "/healthz" }  # optional: `l4lb serve` probes each backend
 //! backends = [
 //!   { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
 //!   { address = "198.18.0.102", weight = 2 },       # via gateway_mac
@@ -36,6 +37,10 @@
 //! idle_timeout = 300                # seconds a connection may stay silent through a change
 //! udp_grace = 30                    # seconds after a change unknown UDP flows count as old
 //! backends = [ { address = "2001:db8::101" } ]      # weight 1 by default
+//!
+//! [service.health]                  # the same as health = { ... } above,
+//! check = "tcp"                     # here for the UDP service: probes are
+//! port = 53                         # TCP connections, so it names the port
 //!
 //! [[service]]
 //! vip = "*"                         # the catch-all service: the seed's mode,
@@ -70,7 +75,22 @@
 //!   connections have been idle that long), `udp_grace` (seconds,
 //!   0..=86400, default 30: after a change, UDP flows a slot in transition
 //!   has not seen yet count as flows from before the change for this long),
-//!   `backends` (at least one).
+//!   `health` (optional, below), `backends` (at least one).
+//! * `health`, an inline table or a `[service.health]` table after its
+//!   service; `l4lb serve` probes each backend of the service and takes
+//!   those found down out of its table (`health`): `check` (required:
+//!   `tcp`, a TCP connection is established; `http`, `GET path` answers
+//!   with `status`; `none`, no check, the other keys ignored), `port`
+//!   (1..=65535, default the service's; required for a UDP service, the
+//!   probe being TCP, and for one of port 0), `path` (`http` only; starts
+//!   with `/`, printable ASCII without spaces; default `/`), `status`
+//!   (`http` only, 100..=599, default 200), `interval` (seconds, decimals
+//!   allowed, to the millisecond; 0.1..=3600, default 2), `timeout`
+//!   (seconds, more than 0 and less than `interval`; default 1, or half the
+//!   interval when that is 1 or less), `rise` (passed probes in a row for a
+//!   down backend to come back, 1..=100, default 2), `fall` (failed probes
+//!   in a row for an up backend to go down, 1..=100, default 3). The
+//!   catch-all may not have one (probes go to a service's VIP and port).
 //! * backend: `address` (required), `mac` (optional), `weight` (integer
 //!   0..=[`MAX_WEIGHT`], default 1; 0 drains: no new flows; its connections
 //!   stay until idle while `track_flows` is on).
@@ -102,20 +122,27 @@
 //! (catch-all first, then by address, IPv4 before IPv6, protocol, port),
 //! backends sorted by address, MACs as bytes. Two files that say the same
 //! thing give equal models; [`to_toml`] renders a model so that
-//! `parse(to_toml(m)) == m`, which is what `l4lb config` prints.
+//! `parse(to_toml(m)) == m`, which is what `l4lb config` prints. Health
+//! checks are in [`Model::health`], not in [`Service`]: the datapath does
+//! not hold them, and [`diff`] (what the maps need) ignores them.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::addr::{check_unicast, parse_unicast_mac, MacError};
+use crate::health::{
+    Check, CheckKind, FALL_DEFAULT, INTERVAL_DEFAULT, MAX_INTERVAL, MAX_RISE_FALL, MIN_INTERVAL, PATH_DEFAULT,
+    RISE_DEFAULT, STATUS_DEFAULT, TIMEOUT_DEFAULT,
+};
 pub use crate::maglev::MAX_BACKENDS_PER_SERVICE;
 
 /// Services per configuration.
@@ -287,6 +314,10 @@ pub struct Model {
     pub global: Global,
     /// Sorted by key, keys unique.
     pub services: Vec<Service>,
+    /// The health check of each service that has one. Apart from
+    /// `services`: the datapath does not hold it, so the running state
+    /// (compared with `Service`) has none, and [`diff`] ignores it.
+    pub health: BTreeMap<ServiceKey, Check>,
 }
 
 impl Model {
@@ -347,7 +378,22 @@ struct RawService {
     track_flows: Option<Spanned<bool>>,
     idle_timeout: Option<Spanned<i64>>,
     udp_grace: Option<Spanned<i64>>,
+    health: Option<Spanned<RawHealth>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    path: Option<Spanned<String>>,
+    status: Option<Spanned<i64>>,
+    // Seconds, integer or decimal (serde reads an integer as a float).
+    interval: Option<Spanned<f64>>,
+    timeout: Option<Spanned<f64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -392,9 +438,13 @@ pub fn parse(origin: &str, bytes: &[u8]) -> Result<Model> {
 
 /// toml's message, with serde's type names said for people.
 fn toml_message(e: &toml::de::Error) -> String {
-    let mut message = e.message().trim_end().replace("expected i64", "expected an integer");
+    let mut message = e
+        .message()
+        .trim_end()
+        .replace("expected i64", "expected an integer")
+        .replace("expected f64", "expected a number");
     // serde names the structs a table deserialises into: say "a table".
-    for raw in ["RawGlobal", "RawService", "RawBackend"] {
+    for raw in ["RawGlobal", "RawService", "RawBackend", "RawHealth"] {
         message = message.replace(&format!("expected struct {raw}"), "expected a table");
     }
     message
@@ -426,6 +476,7 @@ impl Validator<'_> {
             None => Global::default(),
         };
         let mut services: Vec<Service> = Vec::new();
+        let mut health = BTreeMap::new();
         // Where each key and backend was first given, for duplicate errors.
         let mut seen: HashMap<ServiceKey, usize> = HashMap::new();
         let mut total = 0usize;
@@ -437,6 +488,9 @@ impl Validator<'_> {
                 );
             }
             let service = self.service(spanned.get_ref(), &span, &global, &mut seen, &mut total)?;
+            if let Some(check) = self.health(spanned.get_ref(), &service.key)? {
+                health.insert(service.key, check);
+            }
             services.push(service);
         }
         services.sort_by_key(|s| s.key);
@@ -445,7 +499,7 @@ impl Validator<'_> {
                 return Err(self.at(&span, problem));
             }
         }
-        Ok(Model { global, services })
+        Ok(Model { global, services, health })
     }
 
     fn global(&self, raw: RawGlobal) -> Result<Global> {
@@ -605,6 +659,135 @@ impl Validator<'_> {
         Ok((hash_ports, track_flows, idle_timeout, udp_grace))
     }
 
+    /// A service's health check, if it has one (`check = "none"` is none,
+    /// whatever else the table says, so that a check can be turned off and
+    /// kept in the file).
+    fn health(&self, raw: &RawService, key: &ServiceKey) -> Result<Option<Check>> {
+        let Some(spanned) = &raw.health else { return Ok(None) };
+        let (h, span) = (spanned.get_ref(), spanned.span());
+        let key = *key;
+        let check = h.check.as_ref().ok_or_else(|| {
+            self.at(&span, format!("service {key}: health has no check (\"tcp\", \"http\" or \"none\")"))
+        })?;
+        let http = match check.get_ref().as_str() {
+            "none" => return Ok(None),
+            "tcp" => false,
+            "http" => true,
+            other => {
+                return Err(self.at(
+                    &check.span(),
+                    format!("service {key}: health check `{other}` is not \"tcp\", \"http\" or \"none\""),
+                ))
+            }
+        };
+        let ServiceKey::Vip { protocol, port: service_port, .. } = key else {
+            return Err(self.at(
+                &span,
+                "the catch-all service (vip = \"*\") cannot have a health check: probes go to a service's VIP and port, and it has neither",
+            ));
+        };
+        let port = match &h.port {
+            Some(p) => u16::try_from(*p.get_ref()).ok().filter(|&p| p != 0).ok_or_else(|| {
+                self.at(&p.span(), format!("service {key}: health port = {} is out of range (1..=65535)", p.get_ref()))
+            })?,
+            None if protocol == Protocol::Udp => {
+                return Err(self.at(
+                    &span,
+                    format!(
+                        "service {key}: health needs a port (the probe is a TCP connection and the service is UDP)"
+                    ),
+                ))
+            }
+            None if service_port == 0 => {
+                return Err(self.at(&span, format!("service {key}: health needs a port (the service takes every port)")))
+            }
+            None => service_port,
+        };
+        let http_only = |name: &str, given: Option<Range<usize>>| match given {
+            Some(at) if !http => {
+                Err(self.at(&at, format!("service {key}: health {name} is for check = \"http\" only")))
+            }
+            _ => Ok(()),
+        };
+        http_only("path", h.path.as_ref().map(Spanned::span))?;
+        http_only("status", h.status.as_ref().map(Spanned::span))?;
+        let kind = if http {
+            let path = match &h.path {
+                None => PATH_DEFAULT.to_string(),
+                Some(p) if p.get_ref().starts_with('/') && p.get_ref().bytes().all(|b| b.is_ascii_graphic()) => {
+                    p.get_ref().clone()
+                }
+                Some(p) => {
+                    let path = p.get_ref();
+                    let what =
+                        format!("health path {path:?} must start with \"/\" and be printable ASCII without spaces");
+                    return Err(self.at(&p.span(), format!("service {key}: {what}")));
+                }
+            };
+            let status = match &h.status {
+                None => STATUS_DEFAULT,
+                Some(s) => u16::try_from(*s.get_ref()).ok().filter(|s| (100..=599).contains(s)).ok_or_else(|| {
+                    self.at(
+                        &s.span(),
+                        format!("service {key}: health status = {} is out of range (100..=599)", s.get_ref()),
+                    )
+                })?,
+            };
+            CheckKind::Http { path, status }
+        } else {
+            CheckKind::Tcp
+        };
+        let (interval, timeout, rise, fall) = self.health_timing(h, &key)?;
+        Ok(Some(Check { kind, port, interval, timeout, rise, fall }))
+    }
+
+    /// A health check's interval, timeout, rise and fall.
+    fn health_timing(&self, h: &RawHealth, key: &ServiceKey) -> Result<(Duration, Duration, u32, u32)> {
+        let key = *key;
+        let interval = match &h.interval {
+            None => INTERVAL_DEFAULT,
+            Some(i) => Some(*i.get_ref())
+                .filter(|s| (MIN_INTERVAL.as_secs_f64()..=MAX_INTERVAL.as_secs_f64()).contains(s))
+                .and_then(millis)
+                .ok_or_else(|| {
+                    self.at(
+                        &i.span(),
+                        format!(
+                            "service {key}: health interval = {} is out of range (0.1..=3600 seconds)",
+                            i.get_ref()
+                        ),
+                    )
+                })?,
+        };
+        let timeout = match &h.timeout {
+            None if interval <= Duration::from_secs(1) => interval / 2,
+            None => TIMEOUT_DEFAULT,
+            Some(t) => millis(*t.get_ref()).filter(|t| !t.is_zero() && *t < interval).ok_or_else(|| {
+                self.at(
+                    &t.span(),
+                    format!(
+                        "service {key}: health timeout = {} is out of range (more than 0 and less than interval = {} seconds)",
+                        t.get_ref(),
+                        seconds(interval)
+                    ),
+                )
+            })?,
+        };
+        let count = |value: &Option<Spanned<i64>>, name: &str, default: u32| -> Result<u32> {
+            match value {
+                None => Ok(default),
+                Some(v) if (1..=i64::from(MAX_RISE_FALL)).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+                Some(v) => Err(self.at(
+                    &v.span(),
+                    format!("service {key}: health {name} = {} is out of range (1..={MAX_RISE_FALL})", v.get_ref()),
+                )),
+            }
+        };
+        let rise = count(&h.rise, "rise", RISE_DEFAULT)?;
+        let fall = count(&h.fall, "fall", FALL_DEFAULT)?;
+        Ok((interval, timeout, rise, fall))
+    }
+
     /// A service's backends, each checked, none twice, sorted; `total`
     /// counts them over the file.
     fn service_backends(
@@ -708,6 +891,22 @@ impl Validator<'_> {
     }
 }
 
+/// Seconds as the file gives them, to the millisecond; None unless finite
+/// and within MAX_INTERVAL.
+fn millis(seconds: f64) -> Option<Duration> {
+    let ms = (seconds * 1000.0).round();
+    (0.0..=MAX_INTERVAL.as_millis() as f64).contains(&ms).then(|| Duration::from_millis(ms as u64))
+}
+
+/// A duration in seconds as the file writes it: `2`, `0.5`, `1.25`.
+fn seconds(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms % 1000 {
+        0 => format!("{}", ms / 1000),
+        fraction => format!("{}.{}", ms / 1000, format!("{fraction:03}").trim_end_matches('0')),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Rendering
 
@@ -748,6 +947,9 @@ pub fn to_toml(model: &Model) -> String {
         }
         let _ = writeln!(out, "track_flows = {}", service.track_flows);
         let _ = writeln!(out, "idle_timeout = {}\nudp_grace = {}", service.idle_timeout, service.udp_grace);
+        if let Some(h) = model.health.get(&service.key) {
+            out.push_str(&health_line(h));
+        }
         out.push_str("backends = [\n");
         for b in &service.backends {
             let _ = write!(out, "  {{ address = \"{}\"", b.addr);
@@ -759,6 +961,24 @@ pub fn to_toml(model: &Model) -> String {
         out.push_str("]\n");
     }
     out
+}
+
+/// `health = { check = "http", port = 80, path = "/", ... }`, every key written.
+fn health_line(h: &Check) -> String {
+    let mut line = String::from("health = { ");
+    match &h.kind {
+        CheckKind::Tcp => {
+            let _ = write!(line, "check = \"tcp\", port = {}", h.port);
+        }
+        CheckKind::Http { path, status } => {
+            // A path is printable ASCII: only `"` and `\` need escaping.
+            let path = path.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = write!(line, "check = \"http\", port = {}, path = \"{path}\", status = {status}", h.port);
+        }
+    }
+    let (interval, timeout) = (seconds(h.interval), seconds(h.timeout));
+    let _ = writeln!(line, ", interval = {interval}, timeout = {timeout}, rise = {}, fall = {} }}", h.rise, h.fall);
+    line
 }
 
 // ---------------------------------------------------------------------------
@@ -1132,6 +1352,14 @@ mod tests {
         assert_eq!(m.total_backends(), 5);
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 53)), Some(&m.services[2]));
         assert_eq!(m.service(&udp(v6("2001:db8::10"), 54)), None);
+        let http = CheckKind::Http { path: "/healthz".to_string(), status: 200 };
+        assert_eq!(
+            m.health,
+            BTreeMap::from([
+                (tcp(v4("203.0.113.10"), 80), Check::new(http, 80)),
+                (udp(v6("2001:db8::10"), 53), Check::new(CheckKind::Tcp, 53)),
+            ])
+        );
     }
 
     #[test]
@@ -1288,7 +1516,7 @@ mod tests {
         );
         assert!(diff(&tuned, &model(&rendered)).is_empty());
         assert_eq!(
-            diff(&Model { global: tuned.global.clone(), services: vec![] }, &tuned).to_string(),
+            diff(&Model { global: tuned.global.clone(), ..Model::default() }, &tuned).to_string(),
             "+ service 203.0.113.10:53/udp (1 backend)\n\
              \x20   idle_timeout 5\n\
              \x20   udp_grace 0\n\
@@ -1296,12 +1524,217 @@ mod tests {
              services: 1 added, 0 removed, 0 changed; global: 0 changed\n"
         );
         assert_eq!(
-            diff(&Model { global: running.global.clone(), services: vec![] }, &running).to_string(),
+            diff(&Model { global: running.global.clone(), ..Model::default() }, &running).to_string(),
             "+ service 203.0.113.10:53/udp (1 backend)\n\
              \x20   + 198.18.0.101 mac gateway weight 1\n\
              services: 1 added, 0 removed, 0 changed; global: 0 changed\n",
             "defaults are not listed"
         );
+    }
+
+    /// A service of `protocol` on `port` of 203.0.113.10 with `health` on line 9.
+    fn checked(protocol: &str, port: u16, health: &str) -> String {
+        with_global(&format!(
+            "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"{protocol}\"\nport = {port}\n{health}\nbackends = [{{ address = \"198.18.0.101\" }}]\n"
+        ))
+    }
+
+    /// The one health check of `text`, if any.
+    fn check_of(text: &str) -> Option<Check> {
+        let m = model(text);
+        assert!(m.health.len() <= 1);
+        m.health.into_values().next()
+    }
+
+    fn http(path: &str, status: u16) -> CheckKind {
+        CheckKind::Http { path: path.to_string(), status }
+    }
+
+    #[test]
+    fn health_checks_default_and_read_both_forms() {
+        let tcp80 = |health: &str| check_of(&checked("tcp", 80, health));
+        assert_eq!(tcp80(""), None, "no health, no check");
+        assert_eq!(tcp80("health = { check = \"tcp\" }"), Some(Check::new(CheckKind::Tcp, 80)), "the service's port");
+        assert_eq!(tcp80("health = { check = \"http\" }"), Some(Check::new(http("/", 200), 80)));
+        assert_eq!(
+            tcp80("health = { check = \"http\", port = 8080, path = \"/healthz?full=1\", status = 204, interval = 0.5, timeout = 0.2, rise = 1, fall = 100 }"),
+            Some(Check {
+                kind: http("/healthz?full=1", 204),
+                port: 8080,
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_millis(200),
+                rise: 1,
+                fall: 100,
+            })
+        );
+        // The timeout's default: 1 s, or half the interval when that is 1 s or less.
+        let timing = |health: &str| tcp80(health).map(|c| (c.interval, c.timeout)).unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(timing("health = { check = \"tcp\", interval = 5 }"), (ms(5000), ms(1000)));
+        assert_eq!(timing("health = { check = \"tcp\", interval = 1.5 }"), (ms(1500), ms(1000)));
+        assert_eq!(timing("health = { check = \"tcp\", interval = 1 }"), (ms(1000), ms(500)));
+        assert_eq!(timing("health = { check = \"tcp\", interval = 0.1 }"), (ms(100), ms(50)));
+        assert_eq!(
+            timing("health = { check = \"tcp\", interval = 3600, timeout = 3599.999 }"),
+            (ms(3_600_000), ms(3_599_999))
+        );
+        assert_eq!(
+            timing("health = { check = \"tcp\", interval = 0.25, timeout = 0.0006 }"),
+            (ms(250), ms(1)),
+            "to the millisecond"
+        );
+        // A UDP service, or one of every port, names the port probed.
+        assert_eq!(
+            check_of(&checked("udp", 53, "health = { check = \"tcp\", port = 53 }")),
+            Some(Check::new(CheckKind::Tcp, 53))
+        );
+        assert_eq!(
+            check_of(&checked("tcp", 0, "health = { check = \"tcp\", port = 22 }")),
+            Some(Check::new(CheckKind::Tcp, 22))
+        );
+        // "none" is no check, whatever else the table says, on the catch-all too.
+        assert_eq!(tcp80("health = { check = \"none\", path = \"/x\", rise = 5 }"), None);
+        let catch_all = with_global(
+            "[[service]]\nvip = \"*\"\nhealth = { check = \"none\" }\nbackends = [{ address = \"198.18.0.101\" }]\n",
+        );
+        assert_eq!(model(&catch_all).health, BTreeMap::new());
+        // A [service.health] table says the same as the inline one.
+        let table = with_global(
+            "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{ address = \"198.18.0.101\" }]\n\
+             [service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval = 2\n",
+        );
+        assert_eq!(model(&table), model(&checked("tcp", 80, "health = { check = \"http\", path = \"/healthz\" }")));
+        // Per service: the other service has none.
+        let two = format!("{}[[service]]\nvip = \"203.0.113.11\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{{ address = \"198.18.0.101\" }}]\n", checked("tcp", 80, "health = { check = \"tcp\" }"));
+        assert_eq!(model(&two).health.keys().copied().collect::<Vec<_>>(), [tcp(v4("203.0.113.10"), 80)]);
+    }
+
+    #[test]
+    fn reads_the_health_example_of_the_configuration_page() {
+        let page = include_str!("../../docs/configuration.md");
+        let section = &page[page.find("## Health checks").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let example = &section[start..start + section[start..].find("```\n").unwrap()];
+        let m = model(&with_global(example));
+        let web = Check::new(http("/healthz", 200), 80);
+        assert_eq!(
+            m.health,
+            BTreeMap::from([
+                (tcp(v4("203.0.113.10"), 80), web),
+                (udp(v4("203.0.113.10"), 53), Check::new(CheckKind::Tcp, 53))
+            ])
+        );
+    }
+
+    #[test]
+    fn refuses_bad_health_checks() {
+        let tcp80 = |health: &str| err(&checked("tcp", 80, &format!("health = {{ {health} }}")));
+        let named = |what: &str| format!("lb.toml:9: service 203.0.113.10:80/tcp: health {what}");
+        assert_eq!(tcp80(""), named("has no check (\"tcp\", \"http\" or \"none\")"));
+        assert_eq!(tcp80("check = \"icmp\""), named("check `icmp` is not \"tcp\", \"http\" or \"none\""));
+        assert_eq!(tcp80("check = \"tcp\", port = 0"), named("port = 0 is out of range (1..=65535)"));
+        assert_eq!(tcp80("check = \"tcp\", port = 65536"), named("port = 65536 is out of range (1..=65535)"));
+        assert_eq!(tcp80("check = \"tcp\", port = -80"), named("port = -80 is out of range (1..=65535)"));
+        assert_eq!(tcp80("check = \"tcp\", path = \"/\""), named("path is for check = \"http\" only"));
+        assert_eq!(tcp80("check = \"tcp\", status = 200"), named("status is for check = \"http\" only"));
+        let path = |p: &str| named(&format!("path {p:?} must start with \"/\" and be printable ASCII without spaces"));
+        for bad in ["healthz", "", "/a b", "/caf\u{e9}", "/a\tb"] {
+            assert_eq!(tcp80(&format!("check = \"http\", path = {bad:?}")), path(bad));
+        }
+        assert_eq!(tcp80("check = \"http\", status = 99"), named("status = 99 is out of range (100..=599)"));
+        assert_eq!(tcp80("check = \"http\", status = 600"), named("status = 600 is out of range (100..=599)"));
+        let interval = |value: &str| named(&format!("interval = {value} is out of range (0.1..=3600 seconds)"));
+        for (given, said) in
+            [("0.09", "0.09"), ("0", "0"), ("-2", "-2"), ("3600.5", "3600.5"), ("nan", "NaN"), ("inf", "inf")]
+        {
+            assert_eq!(tcp80(&format!("check = \"tcp\", interval = {given}")), interval(said));
+        }
+        let timeout = |value: &str, interval: &str| {
+            named(&format!(
+                "timeout = {value} is out of range (more than 0 and less than interval = {interval} seconds)"
+            ))
+        };
+        assert_eq!(tcp80("check = \"tcp\", timeout = 2"), timeout("2", "2"), "the default interval");
+        assert_eq!(tcp80("check = \"tcp\", interval = 0.5, timeout = 1"), timeout("1", "0.5"));
+        assert_eq!(tcp80("check = \"tcp\", timeout = 0"), timeout("0", "2"));
+        assert_eq!(tcp80("check = \"tcp\", timeout = 0.0004"), timeout("0.0004", "2"), "0 once to the millisecond");
+        assert_eq!(tcp80("check = \"tcp\", timeout = -1"), timeout("-1", "2"));
+        assert_eq!(tcp80("check = \"tcp\", rise = 0"), named("rise = 0 is out of range (1..=100)"));
+        assert_eq!(tcp80("check = \"tcp\", fall = 101"), named("fall = 101 is out of range (1..=100)"));
+        assert_eq!(
+            tcp80("check = \"tcp\", intervall = 2"),
+            "lb.toml:9: unknown field `intervall`, expected one of `check`, `port`, `path`, `status`, `interval`, `timeout`, `rise`, `fall`"
+        );
+        assert_eq!(
+            tcp80("check = \"tcp\", interval = \"2s\""),
+            "lb.toml:9: invalid type: string \"2s\", expected a number"
+        );
+        assert_eq!(
+            tcp80("check = \"tcp\", rise = 1.5"),
+            "lb.toml:9: invalid type: floating point `1.5`, expected an integer"
+        );
+        assert_eq!(
+            err(&checked("tcp", 80, "health = \"tcp\"")),
+            "lb.toml:9: invalid type: string \"tcp\", expected a table"
+        );
+
+        // The port probed: a UDP service and one of every port name it.
+        assert_eq!(
+            err(&checked("udp", 53, "health = { check = \"tcp\" }")),
+            "lb.toml:9: service 203.0.113.10:53/udp: health needs a port (the probe is a TCP connection and the service is UDP)"
+        );
+        assert_eq!(
+            err(&checked("tcp", 0, "health = { check = \"http\" }")),
+            "lb.toml:9: service 203.0.113.10:*/tcp: health needs a port (the service takes every port)"
+        );
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"*\"\nbackends = [{ address = \"198.18.0.101\" }]\nhealth = { check = \"tcp\", port = 80 }\n")),
+            "lb.toml:8: the catch-all service (vip = \"*\") cannot have a health check: probes go to a service's VIP and port, and it has neither"
+        );
+
+        // In a [service.health] table, the line of the value.
+        let table = |rest: &str| {
+            err(&with_global(&format!(
+                "[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{{ address = \"198.18.0.101\" }}]\n\n[service.health]\ncheck = \"tcp\"\n{rest}"
+            )))
+        };
+        assert_eq!(
+            table("rise = 2\nfall = 0\n"),
+            "lb.toml:14: service 203.0.113.10:80/tcp: health fall = 0 is out of range (1..=100)"
+        );
+        assert_eq!(table("checks = 2\n"), "lb.toml:13: unknown field `checks`, expected one of `check`, `port`, `path`, `status`, `interval`, `timeout`, `rise`, `fall`");
+        assert_eq!(
+            err(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\nbackends = [{ address = \"198.18.0.101\" }]\n[service.health]\nport = 80\n")),
+            "lb.toml:10: service 203.0.113.10:80/tcp: health has no check (\"tcp\", \"http\" or \"none\")",
+            "the table's header"
+        );
+    }
+
+    #[test]
+    fn health_checks_are_rendered_and_not_diffed() {
+        let text = checked(
+            "tcp",
+            80,
+            "health = { check = \"http\", path = \"/a\\\"b\\\\c\", status = 503, interval = 0.125, timeout = 0.001, rise = 100, fall = 1 }",
+        );
+        let m = model(&text);
+        assert_eq!(m.health.values().next().unwrap().kind, http("/a\"b\\c", 503));
+        let rendered = to_toml(&m);
+        assert!(
+            rendered.contains(
+                "\nudp_grace = 30\nhealth = { check = \"http\", port = 80, path = \"/a\\\"b\\\\c\", status = 503, interval = 0.125, timeout = 0.001, rise = 100, fall = 1 }\nbackends = [\n"
+            ),
+            "{rendered}"
+        );
+        assert_eq!(model(&rendered), m);
+        assert!(to_toml(&model(&checked("udp", 0, "health = { check = \"tcp\", port = 9, interval = 1.5 }")))
+            .contains("\nhealth = { check = \"tcp\", port = 9, interval = 1.5, timeout = 1, rise = 2, fall = 3 }\n"));
+        // The datapath's diff: adding, changing or removing a check is no change to the maps.
+        let plain = model(&checked("tcp", 80, ""));
+        assert!(diff(&plain, &m).is_empty());
+        assert!(diff(&m, &plain).is_empty());
+        assert!(diff(&m, &model(&checked("tcp", 80, "health = { check = \"tcp\" }"))).is_empty());
+        assert_ne!(plain, m, "the models differ");
     }
 
     #[test]
@@ -1446,7 +1879,7 @@ mod tests {
         assert_eq!(err("[globals]\n"), "lb.toml:1: unknown field `globals`, expected `global` or `service`");
         assert_eq!(
             err(&with_global("[[service]]\nvip = \"*\"\nports = 0\n")),
-            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `track_flows`, `idle_timeout`, `udp_grace`, `backends`"
+            "lb.toml:7: unknown field `ports`, expected one of `vip`, `protocol`, `port`, `hash_ports`, `track_flows`, `idle_timeout`, `udp_grace`, `health`, `backends`"
         );
         assert_eq!(
             err(&service("203.0.113.10", "{ address = \"198.18.0.101\", wieght = 2 }")),
@@ -1694,6 +2127,7 @@ port = 80
 track_flows = true
 idle_timeout = 300
 udp_grace = 30
+health = { check = "http", port = 80, path = "/healthz", status = 200, interval = 2, timeout = 1, rise = 2, fall = 3 }
 backends = [
   { address = "198.18.0.101", mac = "02:00:c6:12:00:65", weight = 1 },
   { address = "198.18.0.102", weight = 2 },
@@ -1708,6 +2142,7 @@ hash_ports = false
 track_flows = false
 idle_timeout = 300
 udp_grace = 30
+health = { check = "tcp", port = 53, interval = 2, timeout = 1, rise = 2, fall = 3 }
 backends = [
   { address = "2001:db8::101", weight = 1 },
 ]
@@ -1729,6 +2164,9 @@ backends = [
             model(&with_global("[[service]]\nvip = \"*\"\nhash_ports = false\nbackends = [{ address = \"2001:db8::1\" }]\n")),
             model(&with_global("[[service]]\nvip = \"203.0.113.10\"\nprotocol = \"tcp\"\nport = 80\ntrack_flows = false\nbackends = [{ address = \"198.18.0.101\" }]\n")),
             model(&with_global("[[service]]\nvip = \"*\"\nidle_timeout = 86400\nudp_grace = 0\nbackends = [{ address = \"198.18.0.101\" }]\n")),
+            model(&checked("tcp", 80, "health = { check = \"http\", path = \"/x\\\\y\", interval = 3600, timeout = 0.001 }")),
+            model(&checked("udp", 53, "health = { check = \"tcp\", port = 65535, interval = 0.1, rise = 1, fall = 100 }")),
+            model(&checked("tcp", 0, "health = { check = \"http\", port = 1, status = 599, interval = 1.001 }")),
             big,
         ];
         for m in &models {

@@ -69,6 +69,8 @@ impl Running {
         config::Model {
             global: self.global.clone(),
             services: self.services.iter().map(RunningService::model).collect(),
+            // Not in the maps: the agent's, from its file.
+            health: Default::default(),
         }
     }
 

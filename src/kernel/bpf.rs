@@ -20,17 +20,25 @@ pub mod decap_skel {
     include!(concat!(env!("OUT_DIR"), "/l4lb_decap.skel.rs"));
 }
 
+/// The health probes' encapsulation (src/bpf/l4lb_probe.bpf.c); see `crate::probe_path`.
+#[allow(clippy::all, unused_imports, dead_code, non_camel_case_types, non_snake_case)]
+pub mod probe_skel {
+    include!(concat!(env!("OUT_DIR"), "/l4lb_probe.skel.rs"));
+}
+
 #[allow(dead_code, non_camel_case_types, non_upper_case_globals)]
 pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/l4lb_consts.rs"));
     include!(concat!(env!("OUT_DIR"), "/l4lb_counter_names.rs"));
     include!(concat!(env!("OUT_DIR"), "/l4lb_decap_counter_names.rs"));
+    include!(concat!(env!("OUT_DIR"), "/l4lb_probe_counter_names.rs"));
 }
 
 pub use consts::l4lb_counter as counter;
 pub use consts::l4lb_decap_counter as decap_counter;
-pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES};
+pub use consts::{COUNTER_NAMES, DECAP_COUNTER_NAMES, PROBE_COUNTER_NAMES};
 pub use decap_skel::types::l4lb_decap_addr as DecapAddr;
+pub use probe_skel::types::l4lb_probe_target as ProbeTarget;
 pub use skel::types::{
     l4lb_backend as Backend, l4lb_config as Config, l4lb_flow as FlowPin, l4lb_flow_key as FlowKey,
     l4lb_service as Service, l4lb_traffic as Traffic, l4lb_vip as Vip,
@@ -43,6 +51,7 @@ unsafe impl plain::Plain for Service {}
 unsafe impl plain::Plain for Traffic {}
 unsafe impl plain::Plain for Vip {}
 unsafe impl plain::Plain for DecapAddr {}
+unsafe impl plain::Plain for ProbeTarget {}
 unsafe impl plain::Plain for FlowKey {}
 unsafe impl plain::Plain for FlowPin {}
 

@@ -102,6 +102,16 @@ impl Interface {
         Ok(found)
     }
 
+    /// The interface's Ethernet address (from its link-layer entry, which
+    /// getifaddrs reads in the calling thread's namespace, unlike /sys).
+    pub fn mac(&self) -> Result<[u8; 6]> {
+        let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
+        addrs
+            .filter(|a| a.interface_name == self.name)
+            .find_map(|a| a.address.and_then(|s| s.as_link_addr().and_then(|l| l.addr())))
+            .with_context(|| format!("{}: no Ethernet address", self.name))
+    }
+
     /// The interface MTU (largest L3 packet it sends).
     pub fn mtu(&self) -> Result<u32> {
         let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)

@@ -12,4 +12,5 @@ pub mod discover;
 pub mod iface;
 pub mod libbpf_log;
 pub mod maps;
+pub mod probe_path;
 pub mod upgrade;

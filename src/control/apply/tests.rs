@@ -44,7 +44,7 @@ fn service(key: ServiceKey, backends: &[Backend]) -> Service {
 fn model(services: Vec<Service>) -> Model {
     let mut services = services;
     services.sort_by_key(|s| s.key);
-    Model { global: global(), services }
+    Model { global: global(), services, ..Model::default() }
 }
 
 /// `n` backends 10.0.x.y (weight 1).
@@ -459,7 +459,7 @@ fn any_port_and_catch_all_flags() {
 #[test]
 fn the_seed_is_chosen_once_and_kept() {
     let maps = FakeMaps::new();
-    let plan = run(&maps, &Model { global: global(), services: vec![] });
+    let plan = run(&maps, &Model { global: global(), ..Model::default() });
     assert_eq!(plan.after.running.global.hash_seed, Some(SEED));
     assert!(!plan.after.running.seed_fixed);
     // What `l4lb config` prints (the random seed written out) changes nothing.
@@ -467,7 +467,7 @@ fn the_seed_is_chosen_once_and_kept() {
     assert_eq!(printed.global.hash_seed, Some(SEED));
     assert!(plan_of(&maps, &printed).is_empty());
     // No seed in the file keeps it too.
-    assert!(plan_of(&maps, &Model { global: global(), services: vec![] }).is_empty());
+    assert!(plan_of(&maps, &Model { global: global(), ..Model::default() }).is_empty());
     // A new seed is fixed.
     let mut fixed = printed.clone();
     fixed.global.hash_seed = Some(7);

@@ -1,0 +1,139 @@
+//! The agent's health checks: the probe path (crate::probe_path), the
+//! probers (super::probes) and what they found (crate::health::Tracker).
+//! The agent programs `effective(file)`: the file's model without the
+//! backends that are down.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use super::probes::{Outcome, Probers};
+use super::watch::Wake;
+use crate::config::{Model, ServiceKey};
+use crate::health::{self, Change, Check, Target, Tracker};
+use crate::iface::Interface;
+use crate::probe_path::{self, ProbePath, Route};
+
+/// Health checking of one interface's services.
+pub struct Checks {
+    /// Set up while some service has a check.
+    path: Option<ProbePath>,
+    pub tracker: Tracker,
+    probers: Probers,
+    /// What the probers probe, with each target's mark.
+    probed: Vec<(Target, Check, u32)>,
+    /// Sets of probers started so far (numbers each set's outcomes).
+    rounds: u64,
+    wake: Sender<Wake>,
+}
+
+impl Checks {
+    pub fn new(wake: Sender<Wake>) -> Checks {
+        Checks { path: None, tracker: Tracker::new(), probers: Probers::none(), probed: Vec::new(), rounds: 0, wake }
+    }
+
+    /// Follows the checks of `model` (the file's): sets the probe path up
+    /// (or down when no service has a check), writes each backend's route,
+    /// and restarts the probers if what they probe changed. Backends keep
+    /// their state across changes.
+    pub fn configure(&mut self, iface: &Interface, model: &Model) -> Result<()> {
+        let targets = health::targets(model);
+        if targets.is_empty() {
+            self.probers = Probers::none();
+            self.probed.clear();
+            self.path = None;
+            self.tracker.sync(&[], Instant::now());
+            return Ok(());
+        }
+        let routes = routes(iface, model, &targets)?;
+        if self.path.is_none() {
+            let source_v4 = model.global.source_v4.or(iface.ipv4_addr()?);
+            let source_v6 = model.global.source_v6.or(iface.ipv6_addrs()?.into_iter().find(|a| is_global(*a)));
+            self.path = Some(ProbePath::set_up(iface, source_v4, source_v6).context("setting up the probe path")?);
+        }
+        let path = self.path.as_ref().expect("set up above");
+        let numbers: BTreeMap<IpAddr, usize> = routes.keys().enumerate().map(|(i, &addr)| (addr, i)).collect();
+        for (addr, route) in &routes {
+            path.set_target(numbers[addr], route)?;
+        }
+        let probed: Vec<(Target, Check, u32)> =
+            targets.iter().map(|(t, c)| (*t, c.clone(), probe_path::MARK | numbers[&t.backend] as u32)).collect();
+        self.tracker.sync(&targets, Instant::now());
+        if probed != self.probed {
+            self.probers = Probers::none();
+            self.rounds += 1;
+            self.probers =
+                Probers::start(self.rounds, probed.clone(), &self.wake).context("starting the probe threads")?;
+            self.probed = probed;
+        }
+        Ok(())
+    }
+
+    /// At the agent's start: backends of the file that `running` (the
+    /// datapath as found) has taken out of a service start down, so that a
+    /// restarted agent does not put back a backend it had found dead.
+    pub fn adopt(&mut self, running: &Model) {
+        let now = Instant::now();
+        let absent: Vec<Target> = self
+            .tracker
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| running.service(&t.service).is_some_and(|s| s.backends.iter().all(|b| b.addr != t.backend)))
+            .collect();
+        for target in absent {
+            self.tracker.start_down(&target, now);
+        }
+    }
+
+    /// One probe's outcome; the change it makes, if any. Outcomes of
+    /// probers replaced since are ignored.
+    pub fn observe(&mut self, outcome: Outcome) -> Option<Change> {
+        if outcome.round != self.probers.round || self.probed.is_empty() {
+            return None;
+        }
+        self.tracker.observe(&outcome.target, outcome.result, Instant::now())
+    }
+
+    /// The model to program for the file's `model`, and the services kept
+    /// whole although all their backends are down.
+    pub fn effective(&self, model: &Model) -> (Model, Vec<ServiceKey>) {
+        health::effective(model, &self.tracker)
+    }
+}
+
+/// Each probed backend's route: its address, its next hop (its own MAC or
+/// the gateway's) and the balancer's source of its family.
+fn routes(iface: &Interface, model: &Model, targets: &[(Target, Check)]) -> Result<BTreeMap<IpAddr, Route>> {
+    let mut out = BTreeMap::new();
+    for (target, _) in targets {
+        let service = model.service(&target.service).context("a probed service is not in the model")?;
+        let backend = service.backends.iter().find(|b| b.addr == target.backend).context("a probed backend left")?;
+        let Some(next_hop) = backend.mac.or(model.global.gateway_mac) else {
+            bail!("{target}: no MAC and no gateway_mac: its probes have no next hop");
+        };
+        let source: Option<IpAddr> = match backend.addr {
+            IpAddr::V4(_) => model.global.source_v4.map(IpAddr::V4).or(iface.ipv4_addr()?.map(IpAddr::V4)),
+            IpAddr::V6(_) => model.global.source_v6.map(IpAddr::V6).or(iface
+                .ipv6_addrs()?
+                .into_iter()
+                .find(|a| is_global(*a))
+                .map(IpAddr::V6)),
+        };
+        let Some(source) = source else {
+            bail!("{target}: {} has no address of that family and the file sets no source for it", iface.name);
+        };
+        out.insert(backend.addr, Route { backend: backend.addr, next_hop, source });
+    }
+    if out.len() > probe_path::TARGETS {
+        bail!("{} backends have health checks: at most {} can be probed", out.len(), probe_path::TARGETS);
+    }
+    Ok(out)
+}
+
+/// Not link-local (fe80::/10): an address a backend can answer.
+fn is_global(addr: std::net::Ipv6Addr) -> bool {
+    addr.segments()[0] & 0xffc0 != 0xfe80
+}

@@ -1,0 +1,164 @@
+//! The health probes: one thread per probed backend of a service, each
+//! probing every interval and sending its outcome to the agent's loop. A
+//! probe is a TCP connection (and for `http`, a GET) to the service's VIP
+//! from a socket marked for the backend's probe route (crate::probe_path):
+//! the balancer encapsulates it to that backend as it would a client's
+//! packet, so the probe passes only if the backend's host, its
+//! decapsulation, its VIP binding and its server all work.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::watch::Wake;
+use crate::health::{Check, CheckKind, Target};
+
+/// One probe's outcome: its latency, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub target: Target,
+    /// Which set of probers sent it: outcomes of a replaced set are ignored.
+    pub round: u64,
+    pub result: Result<Duration, String>,
+}
+
+/// The running probers; dropping it stops them (each within an interval).
+pub struct Probers {
+    pub round: u64,
+    _stops: Vec<Sender<()>>,
+}
+
+impl Probers {
+    /// No prober.
+    pub fn none() -> Probers {
+        Probers { round: 0, _stops: Vec::new() }
+    }
+
+    /// Starts one prober per (target, check, mark), numbered `round`.
+    pub fn start(round: u64, targets: Vec<(Target, Check, u32)>, wake: &Sender<Wake>) -> std::io::Result<Probers> {
+        let mut stops = Vec::new();
+        for (target, check, mark) in targets {
+            let (stop, stopped) = mpsc::channel::<()>();
+            let wake = wake.clone();
+            std::thread::Builder::new().name("l4lb-probe".into()).spawn(move || loop {
+                // Probes start an interval apart, however long each took:
+                // a dead backend is down within fall x interval + timeout.
+                let started = Instant::now();
+                let result = probe(&target, &check, mark);
+                if wake.send(Wake::Probe(Outcome { target, round, result })).is_err() {
+                    return;
+                }
+                match stopped.recv_timeout(check.interval.saturating_sub(started.elapsed())) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            })?;
+            stops.push(stop);
+        }
+        Ok(Probers { round, _stops: stops })
+    }
+}
+
+/// One probe of `target` (the whole probe within the check's timeout).
+pub fn probe(target: &Target, check: &Check, mark: u32) -> Result<Duration, String> {
+    let started = Instant::now();
+    let vip = match target.service {
+        crate::config::ServiceKey::Vip { addr, .. } => addr,
+        crate::config::ServiceKey::CatchAll => return Err("the catch-all service has no VIP to probe".into()),
+    };
+    let addr = SocketAddr::new(vip, check.port);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|err| format!("socket: {err}"))?;
+    socket.set_mark(mark).map_err(|err| format!("SO_MARK {mark:#x}: {err}"))?;
+    socket.connect_timeout(&addr.into(), check.timeout).map_err(|err| connect_error(err, check.timeout))?;
+    if let CheckKind::Http { path, status } = &check.kind {
+        let left = check.timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+        let mut stream: std::net::TcpStream = socket.into();
+        http_get(&mut stream, vip, path, *status, left)?;
+    }
+    Ok(started.elapsed())
+}
+
+fn connect_error(err: std::io::Error, timeout: Duration) -> String {
+    match err.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            format!("connect: no answer within {} s", timeout.as_secs_f64())
+        }
+        _ => format!("connect: {err}"),
+    }
+}
+
+/// Sends `GET path` and checks the status line's code against `expected`.
+fn http_get(
+    stream: &mut std::net::TcpStream,
+    vip: IpAddr,
+    path: &str,
+    expected: u16,
+    timeout: Duration,
+) -> Result<(), String> {
+    let host = match vip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(|err| format!("http: {err}"))?;
+    stream.set_write_timeout(Some(timeout)).map_err(|err| format!("http: {err}"))?;
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: l4lb-health\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|err| format!("http: sending the request: {err}"))?;
+    // The status line fits in the first read of any server worth probing;
+    // read until its end or 512 bytes.
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < 512 {
+        let n = stream.read(&mut buffer).map_err(|err| match err.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                format!("http: no answer within {} s", timeout.as_secs_f64())
+            }
+            _ => format!("http: reading the answer: {err}"),
+        })?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buffer[..n]);
+    }
+    let code = status_code(&head).ok_or_else(|| {
+        let line = String::from_utf8_lossy(&head);
+        format!("http: no status line in the answer ({:?})", line.lines().next().unwrap_or(""))
+    })?;
+    if code != expected {
+        return Err(format!("http: status {code}, expected {expected}"));
+    }
+    Ok(())
+}
+
+/// The code of an HTTP status line (`HTTP/1.1 200 OK`).
+fn status_code(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split_whitespace();
+    if !words.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let code = words.next()?;
+    (code.len() == 3).then_some(())?;
+    code.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\nServer: x\r\n"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.1 204\r\n"), Some(204));
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 2000 OK\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 abc OK\r\n"), None);
+        assert_eq!(status_code(b""), None);
+    }
+}
