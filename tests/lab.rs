@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{fail, in_netns, run, run_with, Outcome, TestResult};
 use l4lb::config::{self, Model, Protocol, Service, ServiceKey};
@@ -1791,7 +1791,7 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 const FLAP_HOLD: Duration = Duration::from_secs(10);
 
 /// When a connection began, and the lab backend that answered or the error.
-type Connection = (Instant, Result<usize, String>);
+type Connection = (SystemTime, Result<usize, String>);
 
 /// New HTTP connections to a VIP, one after the other, from a thread in
 /// the client's namespace until dropped: when each began and how it ended
@@ -1810,7 +1810,7 @@ impl ClientLoad {
         let thread = std::thread::spawn(move || {
             let _ = in_netns(&ns, || {
                 while !done.load(Ordering::Relaxed) {
-                    let began = Instant::now();
+                    let began = SystemTime::now();
                     let result = http_get(vip, port)
                         .and_then(|(_, body)| answering_backend(&body).map_err(|err| format!("{err:?}")));
                     out.lock().unwrap_or_else(|e| e.into_inner()).push((began, result));
@@ -1824,7 +1824,7 @@ impl ClientLoad {
 
     /// The connections begun at or after `since`: (answered per lab
     /// backend, the failures).
-    fn since(&self, since: Instant) -> (BTreeMap<usize, usize>, Vec<String>) {
+    fn since(&self, since: SystemTime) -> (BTreeMap<usize, usize>, Vec<String>) {
         let mut answered = BTreeMap::new();
         let mut failed = Vec::new();
         for (began, result) in self.results.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -1850,14 +1850,19 @@ impl Drop for ClientLoad {
 }
 
 /// Waits (up to `limit`) for a line of the agent's log that contains
-/// `needle`, beyond the first `seen` bytes; returns when it was found and
-/// the log's length then.
-fn await_log(log: &Path, needle: &str, seen: usize, limit: Duration) -> TestResult<(Instant, usize)> {
+/// `needle`, beyond the first `seen` bytes; returns the time the agent
+/// wrote on the line and where the line ends.
+fn await_log(log: &Path, needle: &str, seen: usize, limit: Duration) -> TestResult<(SystemTime, usize)> {
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(at) = text.get(seen..).and_then(|rest| rest.find(needle)) {
-            return Ok((Instant::now(), seen + at + needle.len()));
+        if let Some(at) = text.get(seen..).and_then(|rest| rest.find(needle)).map(|at| seen + at) {
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+            let stamp = text[line_start..].split_whitespace().next().unwrap_or_default();
+            let time =
+                humantime::parse_rfc3339(stamp).map_err(|err| fail(format!("log line time {stamp:?}: {err}")))?;
+            return Ok((time, line_end));
         }
         ensure!(
             started.elapsed() < limit,
@@ -1894,7 +1899,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     let limit = bound_down + Duration::from_secs(5);
     let load = ClientLoad::start(&client_ns, vip, port);
     std::thread::sleep(Duration::from_secs(2));
-    let (answered, failed) = load.since(Instant::now() - Duration::from_secs(2));
+    let (answered, failed) = load.since(SystemTime::now() - Duration::from_secs(2));
     ensure!(
         failed.is_empty() && answered.len() == 4,
         "before anything broke: answered {answered:?}, failed {failed:?}"
@@ -1904,13 +1909,13 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
 
     // Backend 2: its server stops.
     let pid = std::fs::read_to_string(state.join("be2.pid"))?.trim().to_string();
-    let stopped = Instant::now();
+    let stopped = SystemTime::now();
     run("kill", &[&pid]).success()?;
     let needle = format!("backend_down: 198.18.0.102 of {service}");
     let (down, at) = await_log(&log, &needle, seen, limit)?;
     let (applied, at) = await_log(&log, "applied: health", at, limit)?;
     seen = at;
-    let took = down - stopped;
+    let took = since(down, stopped);
     ensure!(
         took <= bound_down + Duration::from_millis(500),
         "server stopped: marked down after {took:?}, more than {bound_down:?}"
@@ -1930,9 +1935,10 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     let metrics = metrics_text(&get("LB_NS")?, &get("METRICS")?)?;
     let up_line = format!("l4lb_backend_up{{service=\"{service}\",backend=\"198.18.0.102\"}} 0");
     ensure!(metrics.lines().any(|l| l == up_line), "no `{up_line}` in the metrics:\n{metrics}");
+    promtool_accepts(metrics.split_once("\r\n\r\n").map_or(metrics.as_str(), |(_, body)| body))?;
 
     // Its server starts again.
-    let restarted = Instant::now();
+    let restarted = SystemTime::now();
     let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
     let httpd = state.join("httpd.py").display().to_string();
     let pid_file = state.join("be2.pid").display().to_string();
@@ -1948,11 +1954,13 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     let (up, at) = await_log(&log, &needle, seen, FLAP_HOLD + limit)?;
     let (back, at) = await_log(&log, "applied: health", at, limit)?;
     seen = at;
-    let took = up - restarted;
+    let took = since(up, restarted);
+    let held = since(up, down);
     ensure!(
-        up - down >= FLAP_HOLD && up - down <= FLAP_HOLD + HEALTH_INTERVAL * HEALTH_RISE + Duration::from_secs(1),
-        "back up {:?} after going down: not between the flap hold ({FLAP_HOLD:?}) and the hold plus rise x interval",
-        up - down
+        // The log's times are to the millisecond and written just after each flip.
+        held + Duration::from_millis(20) >= FLAP_HOLD
+            && held <= FLAP_HOLD + HEALTH_INTERVAL * HEALTH_RISE + Duration::from_secs(1),
+        "back up {held:?} after going down: not between the flap hold ({FLAP_HOLD:?}) and the hold plus rise x interval"
     );
     std::thread::sleep(Duration::from_secs(3));
     let (answered, failed) = load.since(back);
@@ -1961,19 +1969,18 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         "after backend 2 came back: answered {answered:?}, failed {failed:?}"
     );
     figures.push(format!(
-        "server of be2 restarted: up after {took:.2?} ({:.2?} after it went down; hold {FLAP_HOLD:?})",
-        up - down
+        "server of be2 restarted: up after {took:.2?} ({held:.2?} after it went down; hold {FLAP_HOLD:?})"
     ));
 
     // Backend 3: its decapsulation breaks, its server runs on.
     lab.l4lb("be3", &["decap", "detach", "-i", "be3"]).success()?;
     // Broken for sure once the command returned (it may have broken earlier).
-    let broke = Instant::now();
+    let broke = SystemTime::now();
     let needle = format!("backend_down: 198.18.0.103 of {service}");
     let (down, at) = await_log(&log, &needle, seen, limit)?;
     let (applied, at) = await_log(&log, "applied: health", at, limit)?;
     seen = at;
-    let took = down - broke;
+    let took = since(down, broke);
     ensure!(
         took <= bound_down + Duration::from_millis(500),
         "decap detached: marked down after {took:?}, more than {bound_down:?}"
@@ -1988,7 +1995,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         "decap of be3 detached (server running): down after {took:.2?}, then {} new connections, all answered",
         answered.values().sum::<usize>()
     ));
-    let repaired = Instant::now();
+    let repaired = SystemTime::now();
     lab.l4lb(
         "be3",
         &["decap", "attach", "-i", "be3", "--mode", "drv", "--addr", "198.18.0.103", "--addr", "2001:db8:18::103"],
@@ -2002,11 +2009,36 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         failed.is_empty() && answered.contains_key(&3),
         "after backend 3 came back: answered {answered:?}, failed {failed:?}"
     );
-    figures.push(format!("decap of be3 attached again: up after {:.2?}", up - repaired));
+    figures.push(format!("decap of be3 attached again: up after {:.2?}", since(up, repaired)));
     drop(load);
     for figure in figures {
         eprintln!("health: {figure}");
     }
+    Ok(())
+}
+
+/// How long after `earlier` `later` was (0 if it was not later).
+fn since(later: SystemTime, earlier: SystemTime) -> Duration {
+    later.duration_since(earlier).unwrap_or_default()
+}
+
+/// `promtool check metrics` passes on `text` (the exposition, without the HTTP header).
+fn promtool_accepts(text: &str) -> TestResult {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| fail(format!("promtool: {err}")))?;
+    child.stdin.take().ok_or_else(|| fail("promtool's stdin"))?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

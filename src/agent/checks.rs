@@ -28,11 +28,21 @@ pub struct Checks {
     /// Sets of probers started so far (numbers each set's outcomes).
     rounds: u64,
     wake: Sender<Wake>,
+    /// Where the state is published (health::state_file), once it was.
+    published: Option<std::path::PathBuf>,
 }
 
 impl Checks {
     pub fn new(wake: Sender<Wake>) -> Checks {
-        Checks { path: None, tracker: Tracker::new(), probers: Probers::none(), probed: Vec::new(), rounds: 0, wake }
+        Checks {
+            path: None,
+            tracker: Tracker::new(),
+            probers: Probers::none(),
+            probed: Vec::new(),
+            rounds: 0,
+            wake,
+            published: None,
+        }
     }
 
     /// Follows the checks of `model` (the file's): sets the probe path up
@@ -97,6 +107,19 @@ impl Checks {
         self.tracker.observe(&outcome.target, outcome.result, Instant::now())
     }
 
+    /// Writes the backends' states where `l4lb top` reads them (renamed
+    /// over the old file: readers never see half of one).
+    pub fn publish(&mut self, iface: &Interface) -> Result<()> {
+        let path = health::state_file(&iface.name);
+        let text = serde_json::to_string_pretty(&health::Published::of(&self.tracker, std::process::id()))?;
+        let partial = path.with_extension("json.tmp");
+        std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, &path)
+            .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
+        self.published = Some(path);
+        Ok(())
+    }
+
     /// The model to program for the file's `model`, and the services kept
     /// whole although all their backends are down.
     pub fn effective(&self, model: &Model) -> (Model, Vec<ServiceKey>) {
@@ -136,4 +159,13 @@ fn routes(iface: &Interface, model: &Model, targets: &[(Target, Check)]) -> Resu
 /// Not link-local (fe80::/10): an address a backend can answer.
 fn is_global(addr: std::net::Ipv6Addr) -> bool {
     addr.segments()[0] & 0xffc0 != 0xfe80
+}
+
+impl Drop for Checks {
+    /// The published state leaves with the agent.
+    fn drop(&mut self) {
+        if let Some(path) = &self.published {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

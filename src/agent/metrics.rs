@@ -319,6 +319,11 @@ mod tests {
         figures.apply_seconds.observe(0.003);
         figures.slots_in_transition = vec![("203.0.113.10:80/tcp".into(), 7)];
         figures.flow_table_capacity = 262144;
+        let key = ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 80 };
+        let target = Target { service: key, backend: "198.18.0.101".parse().unwrap() };
+        figures.probe(&target, &Ok(std::time::Duration::from_millis(3)));
+        figures.probe(&target, &Err("connect: refused".into()));
+        figures.backend_state(&target, false);
         let text = render(&sample(), &figures).unwrap();
         for line in [
             "# TYPE l4lb_service_packets_total counter",
@@ -338,6 +343,9 @@ mod tests {
             "l4lb_config_generation 1",
             "l4lb_slots_in_transition{service=\"203.0.113.10:80/tcp\"} 7",
             "l4lb_flow_table_capacity 262144",
+            "l4lb_backend_up{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\"} 0",
+            "l4lb_health_probes_total{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\",result=\"failed\"} 1",
+            "l4lb_health_probe_duration_seconds{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\"} 0.003",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }

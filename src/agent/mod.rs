@@ -39,6 +39,11 @@ use watch::Wake;
 /// read again: an editor's or a deployment's burst of events is one read.
 const QUIET: Duration = Duration::from_millis(200);
 
+/// How long after a backend went up or down its service is programmed
+/// again: probes of one dead host fail together, for every service it
+/// serves, and become one apply.
+const HEALTH_QUIET: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub interface: String,
@@ -98,7 +103,11 @@ pub fn run(options: &Options) -> Result<()> {
         match woken.recv_timeout(timers.wait(Instant::now())) {
             Ok(Wake::DirectoryChanged) => timers.file_touched(Instant::now()),
             Ok(Wake::Reload) => agent.reload("SIGHUP", true),
-            Ok(Wake::Probe(outcome)) => agent.probed(outcome),
+            Ok(Wake::Probe(outcome)) => {
+                if agent.probed(outcome) {
+                    timers.health_changed(Instant::now());
+                }
+            }
             Ok(Wake::Stop(signal)) => {
                 agent.log.write(Event::info(
                     "stopping",
@@ -113,6 +122,9 @@ pub fn run(options: &Options) -> Result<()> {
         if timers.take_reread(now) {
             agent.reload("file changed", false);
         }
+        if timers.take_reprogram(now) {
+            agent.reprogram();
+        }
         if timers.sweep_due(now) {
             agent.sweep();
             timers.swept(Instant::now());
@@ -124,13 +136,29 @@ pub fn run(options: &Options) -> Result<()> {
 #[derive(Debug)]
 struct Timers {
     reread_at: Option<Instant>,
+    /// When to program the health checks' outcome (HEALTH_QUIET after the
+    /// first change, so that backends found down together are one apply).
+    reprogram_at: Option<Instant>,
     next_sweep: Instant,
     every: Duration,
 }
 
 impl Timers {
     fn new(now: Instant, every: Duration) -> Timers {
-        Timers { reread_at: None, next_sweep: now + every, every }
+        Timers { reread_at: None, reprogram_at: None, next_sweep: now + every, every }
+    }
+
+    /// A backend went up or down.
+    fn health_changed(&mut self, now: Instant) {
+        self.reprogram_at.get_or_insert(now + HEALTH_QUIET);
+    }
+
+    fn take_reprogram(&mut self, now: Instant) -> bool {
+        let due = self.reprogram_at.is_some_and(|at| at <= now);
+        if due {
+            self.reprogram_at = None;
+        }
+        due
     }
 
     /// A change in the directory: read the file QUIET after the first one.
@@ -140,7 +168,7 @@ impl Timers {
 
     /// How long to wait for a wake-up before the next deadline.
     fn wait(&self, now: Instant) -> Duration {
-        let next = self.reread_at.map_or(self.next_sweep, |at| at.min(self.next_sweep));
+        let next = [self.reread_at, self.reprogram_at].into_iter().flatten().fold(self.next_sweep, Instant::min);
         next.saturating_duration_since(now)
     }
 
@@ -157,9 +185,9 @@ impl Timers {
     }
 
     /// A round ended at `now`: the next one is an interval after it, not
-    /// after its start. A round holds the update lock while it walks the
-    /// flow table (long under a flood of pins), and `l4lb apply` must find
-    /// the lock free between rounds, as it does with `l4lb settle --every`.
+    /// after its start, as with `l4lb settle --every`: however long a round
+    /// takes (a walk of a flow table full of a flood's pins), `l4lb apply`
+    /// finds the update lock free between rounds.
     fn swept(&mut self, now: Instant) {
         self.next_sweep = now + self.every;
     }
@@ -276,6 +304,7 @@ impl<'a> Agent<'a> {
         }
         let probed: Vec<crate::health::Target> = self.checks.tracker.iter().map(|(t, _)| *t).collect();
         self.count(|f| f.keep_health_of(&probed));
+        self.publish_health();
         self.program(&wanted, cause)?;
         self.file_model = Some(wanted);
         self.applied = Some(bytes);
@@ -285,19 +314,26 @@ impl<'a> Agent<'a> {
     }
 
     /// A probe's outcome: a backend that went down or came up is logged
-    /// and the file's effective model programmed again.
-    fn probed(&mut self, outcome: probes::Outcome) {
+    /// (then true: the caller has the file's effective model programmed
+    /// again, `reprogram`).
+    fn probed(&mut self, outcome: probes::Outcome) -> bool {
         let (target, result) = (outcome.target, outcome.result.clone());
         self.count(|f| f.probe(&target, &result));
-        let Some(change) = self.checks.observe(outcome) else { return };
+        let Some(change) = self.checks.observe(outcome) else { return false };
         let (event, level) = if change.up { ("backend_up", Level::Info) } else { ("backend_down", Level::Warn) };
         self.count(|f| f.backend_state(&change.target, change.up));
+        self.publish_health();
         self.log.write(
             Event::new(level, event, format!("{}: {}", change.target, change.reason))
                 .with("service", change.target.service.to_string())
                 .with("backend", change.target.backend.to_string())
                 .with("reason", change.reason.as_str()),
         );
+        true
+    }
+
+    /// Programs the file's effective model after backends went up or down.
+    fn reprogram(&mut self) {
         let Some(model) = self.file_model.clone() else { return };
         if let Err(err) = self.program(&model, "health") {
             self.count(|f| f.count_apply("failed"));
@@ -305,6 +341,14 @@ impl<'a> Agent<'a> {
                 Event::error("apply_failed", format!("health: {err:#}; the running configuration is kept"))
                     .with("error", format!("{err:#}")),
             );
+        }
+    }
+
+    /// Publishes the backends' health for `l4lb top`; a failure is logged,
+    /// the agent goes on.
+    fn publish_health(&mut self) {
+        if let Err(err) = self.checks.publish(&self.iface) {
+            self.log.write(Event::new(Level::Warn, "publish_failed", format!("health state: {err:#}")));
         }
     }
 
@@ -522,5 +566,18 @@ mod tests {
         assert!(timers.sweep_due(t0 + Duration::from_millis(5500)));
         // A wait past a deadline is zero, never negative.
         assert_eq!(timers.wait(t0 + Duration::from_secs(60)), Duration::ZERO);
+    }
+
+    #[test]
+    fn backends_that_change_together_are_programmed_once_a_quiet_moment_after_the_first() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0, Duration::from_secs(5));
+        timers.health_changed(t0);
+        timers.health_changed(t0 + Duration::from_millis(30));
+        assert_eq!(timers.wait(t0 + Duration::from_millis(30)), Duration::from_millis(20));
+        assert!(!timers.take_reprogram(t0 + Duration::from_millis(49)));
+        assert!(timers.take_reprogram(t0 + HEALTH_QUIET));
+        assert!(!timers.take_reprogram(t0 + Duration::from_secs(1)), "one apply for both");
+        assert_eq!(timers.wait(t0 + Duration::from_secs(1)), Duration::from_secs(4), "then the sweep's deadline");
     }
 }

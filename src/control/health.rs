@@ -322,6 +322,52 @@ pub fn effective(model: &Model, tracker: &Tracker) -> (Model, Vec<ServiceKey>) {
     (out, kept_whole)
 }
 
+/// What the agent publishes for other commands (`l4lb top`): each probed
+/// backend's state, in `/run/l4lb-DEV.health.json` (see [`state_file`]),
+/// written whole (renamed over) at every change and removed when the agent
+/// stops. `pid` is the agent's: a file whose agent is gone is stale.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    pub pid: u32,
+    pub backends: Vec<PublishedBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishedBackend {
+    /// As `ServiceKey` displays it (`203.0.113.10:80/tcp`).
+    pub service: String,
+    pub backend: IpAddr,
+    pub up: bool,
+    /// The last probe's error, if it failed.
+    pub error: Option<String>,
+}
+
+impl Published {
+    /// The tracker's state, as agent `pid` publishes it.
+    pub fn of(tracker: &Tracker, pid: u32) -> Published {
+        let backends = tracker
+            .iter()
+            .map(|(t, s)| PublishedBackend {
+                service: t.service.to_string(),
+                backend: t.backend,
+                up: s.up,
+                error: s.last_error.clone(),
+            })
+            .collect();
+        Published { pid, backends }
+    }
+
+    /// Whether `backend` of `service` (displayed) is up, down, or not probed.
+    pub fn state(&self, service: &str, backend: IpAddr) -> Option<bool> {
+        self.backends.iter().find(|b| b.service == service && b.backend == backend).map(|b| b.up)
+    }
+}
+
+/// Where the agent of interface `ifname` publishes its health state.
+pub fn state_file(ifname: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/run/l4lb-{ifname}.health.json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,7 +46,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Top { interface, interval } => {
             let (iface, program, maps) = open_l4lb(&interface)?;
             let title = format!("l4lb top: {} ({} mode, program id {})", iface.name, program.mode, program.id);
-            crate::top::run(title, program.mode, Duration::from_secs_f64(interval), || sample(&maps))
+            let health_file = crate::health::state_file(&iface.name);
+            crate::top::run(
+                title,
+                program.mode,
+                Duration::from_secs_f64(interval),
+                || sample(&maps),
+                || published_health(&health_file),
+            )
         }
         Command::Serve { interface, config, load, sweep_every, log_format, metrics } => {
             crate::agent::run(&crate::agent::Options {
@@ -194,6 +201,13 @@ fn settle(name: &str, every: Option<f64>) -> Result<()> {
             Some(seconds) => std::thread::sleep(std::time::Duration::from_secs_f64(seconds)),
         }
     }
+}
+
+/// The health state an agent publishes at `path`, if one runs.
+fn published_health(path: &Path) -> Option<crate::health::Published> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let published: crate::health::Published = serde_json::from_str(&text).ok()?;
+    Path::new(&format!("/proc/{}", published.pid)).exists().then_some(published)
 }
 
 /// `l4lb config`: the running configuration as a file `apply` takes back

@@ -2,8 +2,11 @@
 //! a stats sample is taken and turned into a `stats::Report`; the view keeps
 //! a short history of each service's and backend's packet rate and draws
 //! them as text sparklines beside the rates, with the datapath's drops by
-//! reason below. The drawing is a pure function of the view (tested on
-//! ratatui's test backend); `run` owns the terminal.
+//! reason below. Where an agent probes the backends, their health comes
+//! from the state it publishes (health::Published): up, or DOWN, with the
+//! down backends the agent took out of the datapath listed too. The drawing
+//! is a pure function of the view (tested on ratatui's test backend); `run`
+//! owns the terminal.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -16,25 +19,37 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
 use ratatui::Frame;
 
+use crate::health::Published;
 use crate::stats::{self, thousands, Report, Sample};
 
 /// Rates kept per row: enough for the widest terminal's sparkline.
 const HISTORY: usize = 240;
 const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 /// Width of the columns before the sparkline.
-const FIXED: [u16; 5] = [30, 7, 13, 15, 6];
+const FIXED: [u16; 6] = [30, 7, 6, 13, 15, 6];
 
 /// What the view shows: the last report and the rates before it.
 pub struct View {
     pub title: String,
     pub report: Option<Report>,
+    /// The agent's health state, where one probes.
+    pub health: Option<Published>,
     /// Packet rates, oldest first, by row key (`service` or `service backend`).
     history: BTreeMap<String, VecDeque<f64>>,
 }
 
 impl View {
     pub fn new(title: String) -> View {
-        View { title, report: None, history: BTreeMap::new() }
+        View { title, report: None, health: None, history: BTreeMap::new() }
+    }
+
+    /// `up`, `DOWN`, or empty (not probed) for a backend of a service.
+    fn health_of(&self, service: &str, backend: std::net::IpAddr) -> &'static str {
+        match self.health.as_ref().and_then(|h| h.state(service, backend)) {
+            Some(true) => "up",
+            Some(false) => "DOWN",
+            None => "",
+        }
     }
 
     /// Takes a new report; rows that left the configuration lose their history.
@@ -107,6 +122,7 @@ fn services_table<'a>(view: &View, report: &Report, area: Rect) -> Table<'a> {
             Row::new(vec![
                 stats::service_label(&service.key),
                 String::new(),
+                String::new(),
                 thousands(service.traffic.pps),
                 bits(service.traffic.bps),
                 String::new(),
@@ -120,17 +136,34 @@ fn services_table<'a>(view: &View, report: &Report, area: Rect) -> Table<'a> {
             rows.push(Row::new(vec![
                 format!("  {}", backend.addr),
                 weight,
+                view.health_of(&service.service, backend.addr).to_string(),
                 thousands(backend.traffic.pps),
                 bits(backend.traffic.bps),
                 format!("{share:.0}%"),
                 view.sparkline(&format!("{} {}", service.service, backend.addr), spark_width),
             ]));
         }
+        // Down backends the agent took out: not in the datapath, still in the file.
+        let taken_out =
+            view.health.iter().flat_map(|h| &h.backends).filter(|b| {
+                !b.up && b.service == service.service && service.backends.iter().all(|r| r.addr != b.backend)
+            });
+        for down in taken_out {
+            rows.push(Row::new(vec![
+                format!("  {}", down.backend),
+                "-".to_string(),
+                "DOWN".to_string(),
+                "taken out".to_string(),
+                String::new(),
+                String::new(),
+                down.error.clone().unwrap_or_default(),
+            ]));
+        }
     }
     let widths = FIXED.iter().map(|&w| Constraint::Length(w)).chain([Constraint::Fill(1)]);
     Table::new(rows, widths)
         .header(
-            Row::new(["Service / backend", "weight", "pkts/s", "bits/s", "share", "pkts/s, recent"])
+            Row::new(["Service / backend", "weight", "health", "pkts/s", "bits/s", "share", "pkts/s, recent"])
                 .style(Style::new().add_modifier(Modifier::UNDERLINED)),
         )
         .block(Block::new().borders(Borders::TOP))
@@ -168,6 +201,7 @@ pub fn run(
     mode: crate::discover::Mode,
     interval: Duration,
     mut take: impl FnMut() -> Result<Sample>,
+    mut health: impl FnMut() -> Option<Published>,
 ) -> Result<()> {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() {
@@ -196,6 +230,7 @@ pub fn run(
                 let now = take()?;
                 let at = Instant::now();
                 view.update(stats::report(mode, &before, &now, at - taken));
+                view.health = health();
                 (before, taken) = (now, at);
             }
         }
@@ -260,6 +295,26 @@ mod tests {
         let drained = wide.lines().find(|l| l.starts_with("  198.18.0.102")).expect(&wide);
         assert!(drained.contains("0 drain") && drained.contains("14%"), "{drained}");
         assert!(wide.contains("Drops: bad_csum 5/s (5)"), "{wide}");
+        // With an agent's health state: probed backends say up or DOWN, and
+        // one it took out of the datapath is listed.
+        let backend = |addr: &str, up, error: Option<&str>| crate::health::PublishedBackend {
+            service: "203.0.113.10:80/tcp".into(),
+            backend: addr.parse().unwrap(),
+            up,
+            error: error.map(String::from),
+        };
+        view.health = Some(Published {
+            pid: 1,
+            backends: vec![
+                backend("198.18.0.101", true, None),
+                backend("198.18.0.103", false, Some("connect: Connection refused")),
+            ],
+        });
+        let wide = screen(&view, 120, 16);
+        let first = wide.lines().find(|l| l.starts_with("  198.18.0.101")).expect(&wide);
+        assert!(first.contains(" up "), "{first}");
+        let out = wide.lines().find(|l| l.starts_with("  198.18.0.103")).expect(&wide);
+        assert!(out.contains("DOWN") && out.contains("taken out") && out.contains("connect: Connection"), "{out}");
         // A narrow terminal: every line within its width, the rows still there.
         let narrow = screen(&view, 70, 16);
         assert!(narrow.lines().all(|l| l.chars().count() <= 70), "{narrow}");
