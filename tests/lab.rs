@@ -1873,6 +1873,70 @@ fn await_log(log: &Path, needle: &str, seen: usize, limit: Duration) -> TestResu
     }
 }
 
+/// The agent's log and the client load of the health test.
+struct HealthWatch {
+    log: PathBuf,
+    /// How much of the log was read.
+    seen: usize,
+    load: ClientLoad,
+    /// The IPv4 service (displayed), which the load uses.
+    service: String,
+}
+
+impl HealthWatch {
+    /// The longest a dead backend may stay in: the first failing probe
+    /// within an interval, then fall - 1 more, the last taking the timeout.
+    const BOUND_DOWN: Duration = Duration::from_millis(
+        HEALTH_INTERVAL.as_millis() as u64 * HEALTH_FALL as u64 + HEALTH_TIMEOUT.as_millis() as u64,
+    );
+    /// How long to wait for a log line that should come.
+    const PATIENCE: Duration = Duration::from_secs(8);
+
+    /// Lab backend `k` (`addr`), broken at `broke`: marked down within
+    /// BOUND_DOWN (half a second allowed for the command that broke it),
+    /// and of the new connections after the apply that took it out (3 s of
+    /// them) none fails and none reaches it. Returns when it went down, how
+    /// long after `broke`, and how many connections followed.
+    fn taken_out(&mut self, k: usize, addr: &str, broke: SystemTime) -> TestResult<(SystemTime, Duration, usize)> {
+        let (down, at) =
+            await_log(&self.log, &format!("backend_down: {addr} of {}", self.service), self.seen, Self::PATIENCE)?;
+        let (applied, at) = await_log(&self.log, "applied: health", at, Self::PATIENCE)?;
+        self.seen = at;
+        let took = since(down, broke);
+        ensure!(
+            took <= Self::BOUND_DOWN + Duration::from_millis(500),
+            "be{k}: marked down {took:?} after it broke, more than {:?}",
+            Self::BOUND_DOWN
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let (answered, failed) = self.load.since(applied);
+        let count = answered.values().sum::<usize>();
+        ensure!(
+            failed.is_empty() && !answered.contains_key(&k) && count > 20,
+            "after be{k} was taken out: answered {answered:?}, failed {failed:?}"
+        );
+        Ok((down, took, count))
+    }
+
+    /// Lab backend `k` (`addr`), repaired at `repaired`: back up (after
+    /// its flap hold at the latest), and new connections after the apply
+    /// that put it back reach it (3 s of them, none failing). Returns when
+    /// it came up and how long after `repaired`.
+    fn back(&mut self, k: usize, addr: &str, repaired: SystemTime) -> TestResult<(SystemTime, Duration)> {
+        let patience = FLAP_HOLD + Self::PATIENCE;
+        let (up, at) = await_log(&self.log, &format!("backend_up: {addr} of {}", self.service), self.seen, patience)?;
+        let (back, at) = await_log(&self.log, "applied: health", at, Self::PATIENCE)?;
+        self.seen = at;
+        std::thread::sleep(Duration::from_secs(3));
+        let (answered, failed) = self.load.since(back);
+        ensure!(
+            failed.is_empty() && answered.contains_key(&k),
+            "after be{k} came back: answered {answered:?}, failed {failed:?}"
+        );
+        Ok((up, since(up, repaired)))
+    }
+}
+
 /// Under client load on the IPv4 VIP, the lab's agent (health check http
 /// every second, fall 2, rise 2):
 /// * takes out a backend whose server stopped, within fall x interval plus a
@@ -1895,8 +1959,6 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     let state = PathBuf::from(get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
     let backend_ns = |k: usize| format!("{}{k}", get("BACKEND_NS_PREFIX").unwrap_or_default());
     let service = format!("{vip}:{port}/tcp");
-    let bound_down = HEALTH_INTERVAL * HEALTH_FALL + HEALTH_TIMEOUT;
-    let limit = bound_down + Duration::from_secs(5);
     let load = ClientLoad::start(&client_ns, vip, port);
     std::thread::sleep(Duration::from_secs(2));
     let (answered, failed) = load.since(SystemTime::now() - Duration::from_secs(2));
@@ -1904,33 +1966,20 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         failed.is_empty() && answered.len() == 4,
         "before anything broke: answered {answered:?}, failed {failed:?}"
     );
-    let mut seen = std::fs::read_to_string(&log)?.len();
+    let mut watch = HealthWatch { seen: std::fs::read_to_string(&log)?.len(), log, load, service: service.clone() };
     let mut figures = Vec::new();
 
     // Backend 2: its server stops.
     let pid = std::fs::read_to_string(state.join("be2.pid"))?.trim().to_string();
     let stopped = SystemTime::now();
     run("kill", &[&pid]).success()?;
-    let needle = format!("backend_down: 198.18.0.102 of {service}");
-    let (down, at) = await_log(&log, &needle, seen, limit)?;
-    let (applied, at) = await_log(&log, "applied: health", at, limit)?;
-    seen = at;
-    let took = since(down, stopped);
-    ensure!(
-        took <= bound_down + Duration::from_millis(500),
-        "server stopped: marked down after {took:?}, more than {bound_down:?}"
-    );
-    let reason = std::fs::read_to_string(&log)?;
-    ensure!(reason.contains(&format!("{needle}: {HEALTH_FALL} probes failed in a row")), "no reason in:\n{reason}");
-    std::thread::sleep(Duration::from_secs(3));
-    let (answered, failed) = load.since(applied);
-    ensure!(
-        failed.is_empty() && !answered.contains_key(&2) && answered.values().sum::<usize>() > 20,
-        "after backend 2 was taken out: answered {answered:?}, failed {failed:?}"
-    );
+    let (down, took, answered) = watch.taken_out(2, "198.18.0.102", stopped)?;
+    let log_text = std::fs::read_to_string(&watch.log)?;
+    let reason = format!("backend_down: 198.18.0.102 of {service}: {HEALTH_FALL} probes failed in a row");
+    ensure!(log_text.contains(&reason), "no `{reason}` in:\n{log_text}");
     figures.push(format!(
-        "server of be2 stopped: down after {took:.2?} (bound {bound_down:?}), then {} new connections, all answered ({answered:?})",
-        answered.values().sum::<usize>()
+        "server of be2 stopped: down after {took:.2?} (bound {:?}), then {answered} new connections, all answered",
+        HealthWatch::BOUND_DOWN
     ));
     let metrics = metrics_text(&get("LB_NS")?, &get("METRICS")?)?;
     let up_line = format!("l4lb_backend_up{{service=\"{service}\",backend=\"198.18.0.102\"}} 0");
@@ -1950,23 +1999,13 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         .stderr(std::process::Stdio::null())
         .status()
         .map_err(|err| fail(format!("restarting the server of be2: {err}")))?;
-    let needle = format!("backend_up: 198.18.0.102 of {service}");
-    let (up, at) = await_log(&log, &needle, seen, FLAP_HOLD + limit)?;
-    let (back, at) = await_log(&log, "applied: health", at, limit)?;
-    seen = at;
-    let took = since(up, restarted);
+    let (up, took) = watch.back(2, "198.18.0.102", restarted)?;
     let held = since(up, down);
     ensure!(
         // The log's times are to the millisecond and written just after each flip.
         held + Duration::from_millis(20) >= FLAP_HOLD
             && held <= FLAP_HOLD + HEALTH_INTERVAL * HEALTH_RISE + Duration::from_secs(1),
         "back up {held:?} after going down: not between the flap hold ({FLAP_HOLD:?}) and the hold plus rise x interval"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    let (answered, failed) = load.since(back);
-    ensure!(
-        failed.is_empty() && answered.contains_key(&2),
-        "after backend 2 came back: answered {answered:?}, failed {failed:?}"
     );
     figures.push(format!(
         "server of be2 restarted: up after {took:.2?} ({held:.2?} after it went down; hold {FLAP_HOLD:?})"
@@ -1976,24 +2015,9 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     lab.l4lb("be3", &["decap", "detach", "-i", "be3"]).success()?;
     // Broken for sure once the command returned (it may have broken earlier).
     let broke = SystemTime::now();
-    let needle = format!("backend_down: 198.18.0.103 of {service}");
-    let (down, at) = await_log(&log, &needle, seen, limit)?;
-    let (applied, at) = await_log(&log, "applied: health", at, limit)?;
-    seen = at;
-    let took = since(down, broke);
-    ensure!(
-        took <= bound_down + Duration::from_millis(500),
-        "decap detached: marked down after {took:?}, more than {bound_down:?}"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    let (answered, failed) = load.since(applied);
-    ensure!(
-        failed.is_empty() && !answered.contains_key(&3) && answered.values().sum::<usize>() > 20,
-        "after backend 3 was taken out: answered {answered:?}, failed {failed:?}"
-    );
+    let (_, took, answered) = watch.taken_out(3, "198.18.0.103", broke)?;
     figures.push(format!(
-        "decap of be3 detached (server running): down after {took:.2?}, then {} new connections, all answered",
-        answered.values().sum::<usize>()
+        "decap of be3 detached (server running): down after {took:.2?}, then {answered} new connections, all answered"
     ));
     let repaired = SystemTime::now();
     lab.l4lb(
@@ -2001,16 +2025,9 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         &["decap", "attach", "-i", "be3", "--mode", "drv", "--addr", "198.18.0.103", "--addr", "2001:db8:18::103"],
     )
     .success()?;
-    let (up, at) = await_log(&log, &format!("backend_up: 198.18.0.103 of {service}"), seen, FLAP_HOLD + limit)?;
-    let (back, _) = await_log(&log, "applied: health", at, limit)?;
-    std::thread::sleep(Duration::from_secs(3));
-    let (answered, failed) = load.since(back);
-    ensure!(
-        failed.is_empty() && answered.contains_key(&3),
-        "after backend 3 came back: answered {answered:?}, failed {failed:?}"
-    );
-    figures.push(format!("decap of be3 attached again: up after {:.2?}", since(up, repaired)));
-    drop(load);
+    let (_, took) = watch.back(3, "198.18.0.103", repaired)?;
+    figures.push(format!("decap of be3 attached again: up after {took:.2?}"));
+    drop(watch);
     for figure in figures {
         eprintln!("health: {figure}");
     }
