@@ -10,6 +10,7 @@
 //! stay filled when the agent stops, crashes or restarts; a restarted agent
 //! finds the program, and applying the same file again writes nothing.
 
+pub mod announce;
 mod checks;
 pub mod log;
 pub mod metrics;
@@ -58,6 +59,8 @@ pub struct Options {
     pub log_format: LogFormat,
     /// Where `GET /metrics` is served; None: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// The BIRD protocol that announces the VIPs; None: no announcement.
+    pub bird: Option<announce::Bird>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. A configuration file that does not
@@ -98,6 +101,8 @@ pub fn run(options: &Options) -> Result<()> {
         .with("metrics", options.metrics.map_or("none".to_string(), |addr| format!("http://{addr}/metrics"))),
     );
 
+    agent.announce(true, "the datapath is attached and programmed");
+
     let mut timers = Timers::new(Instant::now(), options.sweep_every);
     loop {
         match woken.recv_timeout(timers.wait(Instant::now())) {
@@ -109,6 +114,8 @@ pub fn run(options: &Options) -> Result<()> {
                 }
             }
             Ok(Wake::Stop(signal)) => {
+                // Clients go to other balancers while this one has no agent.
+                agent.announce(false, signal);
                 agent.log.write(Event::info(
                     "stopping",
                     format!("{signal}: stopping; the datapath keeps forwarding as configured"),
@@ -218,6 +225,8 @@ struct Agent<'a> {
     /// effective model (down backends out).
     file_model: Option<config::Model>,
     checks: checks::Checks,
+    /// Whether BIRD was last told to announce the VIPs (None: not told yet).
+    announced: Option<bool>,
 }
 
 impl<'a> Agent<'a> {
@@ -244,6 +253,7 @@ impl<'a> Agent<'a> {
             refused_bytes: None,
             file_model: None,
             checks,
+            announced: None,
         })
     }
 
@@ -418,15 +428,44 @@ impl<'a> Agent<'a> {
         );
     }
 
+    /// Tells BIRD to announce the VIPs (`want`) or to withdraw them,
+    /// unless it was told so already; `why` goes in the log. A failure is
+    /// logged and tried again at the next sweep.
+    fn announce(&mut self, want: bool, why: &str) {
+        let Some(bird) = &self.options.bird else { return };
+        if self.announced == Some(want) {
+            return;
+        }
+        let (event, result) = if want { ("announced", bird.announce()) } else { ("withdrawn", bird.withdraw()) };
+        match result {
+            Ok(answer) => {
+                self.announced = Some(want);
+                self.log.write(
+                    Event::info(event, format!("{why}: BIRD protocol {}: {answer}", bird.protocol))
+                        .with("protocol", bird.protocol.as_str()),
+                );
+            }
+            Err(err) => {
+                self.announced = None;
+                self.log.write(
+                    Event::error("announce_failed", format!("{why}: {err:#}")).with("error", format!("{err:#}")),
+                );
+            }
+        }
+    }
+
     /// One round of the sweep, after making sure l4lb is still the program
     /// on the interface (attached again if someone detached it); logs each
-    /// service's slots that left their transition.
+    /// service's slots that left their transition. The VIPs are announced
+    /// while the check passes.
     fn sweep(&mut self) {
         if let Err(err) = self.check_attached() {
             self.count(|f| f.sweeps_failed += 1);
             self.log.write(Event::error("sweep_failed", format!("{err:#}")));
+            self.announce(false, "no l4lb on the interface");
             return;
         }
+        self.announce(true, "the datapath is attached and programmed");
         let round = crate::settle::round(&self.maps, &self.flows, || device::update_lock(&self.iface));
         match round {
             Ok(round) => {
@@ -479,6 +518,7 @@ impl<'a> Agent<'a> {
                     "reattaching",
                     format!("{} is no longer attached to {}", self.program, self.iface.name),
                 ));
+                self.announce(false, "l4lb was detached");
                 attach_unless_attached(self.options, &self.iface, &self.log)?.0
             }
         };

@@ -55,7 +55,7 @@ pub fn run(command: Command) -> Result<()> {
                 || published_health(&health_file),
             )
         }
-        Command::Serve { interface, config, load, sweep_every, log_format, metrics } => {
+        Command::Serve { interface, config, load, sweep_every, log_format, metrics, bird_socket, bird_protocol } => {
             crate::agent::run(&crate::agent::Options {
                 interface,
                 config,
@@ -66,6 +66,7 @@ pub fn run(command: Command) -> Result<()> {
                 sweep_every: Duration::from_secs_f64(sweep_every),
                 log_format,
                 metrics,
+                bird: bird_socket.map(|socket| crate::agent::announce::Bird { socket, protocol: bird_protocol }),
             })
         }
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
