@@ -14,6 +14,7 @@ packages=(
   systemd             # systemd-analyze: the agent's unit (systemd/l4lb@.service) is verified by the install test
   prometheus          # promtool checks the agent's metrics (tests/agent.rs)
   tmux                # a real terminal for `l4lb top` (tests/agent.rs)
+  bird2               # BGP: the agent announces the VIPs through BIRD (tests/agent.rs, scale-out lab)
   make
 )
 missing=()

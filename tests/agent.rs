@@ -70,6 +70,7 @@ fn main() {
             ("the_metrics_endpoint_serves_what_the_datapath_counted", metrics_endpoint),
             ("upgrade_in_place_under_a_flood_drops_no_frame_and_keeps_the_maps", upgrade_under_flood),
             ("top_in_a_real_terminal_shows_the_flood_and_follows_resizes", top_in_tmux),
+            ("the_agent_announces_the_vips_through_bird_while_it_serves", announce_through_bird),
         ],
     );
 }
@@ -698,5 +699,74 @@ fn top_in_tmux() -> TestResult {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("top: 120x30 then 72x20, the flood's service and its 3 backends with rates; q quit it\n{narrow}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- BGP
+
+/// A BIRD daemon in the lb namespace (its own config, socket and pid file
+/// in the scratch directory), stopped on drop.
+struct BirdDaemon {
+    socket: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl BirdDaemon {
+    /// BIRD with the VIPs' static protocol `l4lb_vips`, disabled, as the
+    /// agent expects to find it.
+    fn start(topo: &VethPair) -> TestResult<BirdDaemon> {
+        let config = topo.dir.join("bird.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "router id 198.18.0.2;\nprotocol device {{ }}\nprotocol static l4lb_vips {{\n  disabled;\n  ipv4;\n  route {}/32 blackhole;\n}}\n",
+                frames::VIP4
+            ),
+        )?;
+        let (socket, pid_file) = (topo.dir.join("bird.ctl"), topo.dir.join("bird.pid"));
+        let (c, s, p) = (config.display().to_string(), socket.display().to_string(), pid_file.display().to_string());
+        run("ip", &["netns", "exec", &topo.lb, "bird", "-c", &c, "-s", &s, "-P", &p]).success()?;
+        Ok(BirdDaemon { socket, pid_file })
+    }
+
+    /// `birdc show protocols l4lb_vips`: the protocol's state column (`up` or `down`).
+    fn state(&self) -> TestResult<String> {
+        let out =
+            run("birdc", &["-s", &self.socket.display().to_string(), "show", "protocols", "l4lb_vips"]).success()?;
+        let line = out.stdout.lines().find(|l| l.starts_with("l4lb_vips")).ok_or_else(|| fail(out.stdout.clone()))?;
+        Ok(line.split_whitespace().nth(3).unwrap_or_default().to_string())
+    }
+}
+
+impl Drop for BirdDaemon {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
+            let _ = run("kill", &[pid.trim()]);
+        }
+    }
+}
+
+/// With `--bird-socket`, a real BIRD's protocol holding the VIPs (disabled
+/// in its config) is enabled once the agent has attached and applied, and
+/// disabled again when the agent stops (SIGTERM); the agent logs both.
+fn announce_through_bird() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    let bird = BirdDaemon::start(&topo)?;
+    ensure!(bird.state()? == "down", "the protocol should start disabled");
+    let file = replace_file(&topo, "lb.toml", &config_text(&[1, 2]))?;
+    let socket = bird.socket.display().to_string();
+    let mut agent =
+        Agent::start(&topo, &file, "agent.log", &["--bird-socket", &socket, "--bird-protocol", "l4lb_vips"])?;
+    let announced = agent.wait_for("announced", |_| true)?;
+    ensure!(bird.state()? == "up", "announced, but the protocol is not up: {announced}");
+    agent.signal(nix::sys::signal::Signal::SIGTERM)?;
+    ensure!(agent.wait_exit(EVENT_TIMEOUT)? == Some(0), "the agent did not exit cleanly");
+    let events = agent.events()?;
+    let withdrawn = events
+        .iter()
+        .find(|e| e["event"] == "withdrawn")
+        .ok_or_else(|| fail(format!("no `withdrawn` in {events:?}")))?;
+    ensure!(bird.state()? == "down", "the agent stopped, but the protocol is still up: {withdrawn}");
+    println!("agent: BIRD protocol l4lb_vips: {}; then {}", announced["message"], withdrawn["message"]);
     Ok(())
 }

@@ -64,7 +64,7 @@ impl Bird {
 
 /// One reply of BIRD's control protocol: lines `CODE-text` continue it,
 /// lines ` text` continue the previous code, `CODE text` ends it. Returns
-/// the last code and the text of every line, joined.
+/// the last code and the text of every line that has some, joined.
 fn read_reply(reader: &mut impl BufRead) -> Result<(String, String)> {
     let mut texts = Vec::new();
     loop {
@@ -89,6 +89,7 @@ fn read_reply(reader: &mut impl BufRead) -> Result<(String, String)> {
         };
         texts.push(text.to_string());
         if last {
+            texts.retain(|t| !t.trim().is_empty());
             return Ok((code.to_string(), texts.join("; ")));
         }
     }
@@ -104,7 +105,7 @@ mod tests {
         let text = "1002-vips      Static     master4    up     12:00:00\n 2 routes\n0000 \n";
         assert_eq!(
             read_reply(&mut text.as_bytes()).unwrap(),
-            ("0000".into(), "vips      Static     master4    up     12:00:00; 2 routes; ".into())
+            ("0000".into(), "vips      Static     master4    up     12:00:00; 2 routes".into())
         );
         assert_eq!(
             read_reply(&mut "0011 vips: enabled\n".as_bytes()).unwrap(),
