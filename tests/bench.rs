@@ -138,14 +138,11 @@ fn short_run_reports_every_row_and_cleans_up() -> Result<(), Failed> {
         if t["rounds"].as_array().map_or(0, Vec::len) != 1 {
             return Err(fail(format!("{name}: rounds {}", t["rounds"])));
         }
-        // A ratio far from 1 means a program dropped frames, not a slow one;
-        // drops would show in l4lb's counters (rx = tx, checked below).
-        for (key, low) in [("ratio_encap", 0.05), ("ratio_encap_untracked", 0.3)] {
-            let ratio = number(&t[key]["median"]);
-            if !(low..3.0).contains(&ratio) {
-                return Err(fail(format!("{name}: {key} = {ratio}")));
-            }
-        }
+        // No bound on the ratios: one round of 0.2 s per program on a shared
+        // machine gives any ratio (a clean-clone CI run saw 0.21 for
+        // ratio_encap_untracked while other work ran); speed is the bench's
+        // to report, not this test's to judge. Dropped frames, which a ratio
+        // was once meant to catch, show in l4lb's counters (rx = tx, below).
         if !number(&t["ns_tracking"]["median"]).is_finite() {
             return Err(fail(format!("{name}: ns_tracking {}", t["ns_tracking"])));
         }
