@@ -315,7 +315,13 @@ impl<'a> Agent<'a> {
         let probed: Vec<crate::health::Target> = self.checks.tracker.iter().map(|(t, _)| *t).collect();
         self.count(|f| f.keep_health_of(&probed));
         self.publish_health();
-        self.program(&wanted, cause)?;
+        if let Err(err) = self.program(&wanted, cause) {
+            // Refused: the checks go back to the running file's, as the datapath does.
+            if let Some(running) = self.file_model.clone() {
+                let _ = self.checks.configure(&self.iface, &running);
+            }
+            return Err(err);
+        }
         self.file_model = Some(wanted);
         self.applied = Some(bytes);
         self.refusing = false;

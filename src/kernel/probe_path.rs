@@ -77,7 +77,12 @@ impl ProbePath {
             load(&device, &peer).and_then(|_| attach(&device)).inspect_err(|_| tear_down(&device, table))?;
         let path = ProbePath { device, table, ifindex: iface.index, mac, targets, counters };
         path.route(source_v4.map(IpAddr::V4), "-4")?;
-        path.route(source_v6.map(IpAddr::V6), "-6")?;
+        // IPv6 probes go to IPv6 VIPs, whose backends are IPv6: they need a
+        // source of the family. A host without one (or without IPv6) gets
+        // no IPv6 rule, and its IPv4 probes still work.
+        if let Some(source) = source_v6 {
+            path.route(Some(IpAddr::V6(source)), "-6")?;
+        }
         Ok(path)
     }
 
