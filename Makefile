@@ -29,7 +29,7 @@ ZSHDIR    := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 FISHDIR   := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 UNITDIR   := $(DESTDIR)$(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps test demo bench clean install uninstall
+.PHONY: all build deps test demo demo-scale bench clean install uninstall
 all: $(BPF_OBJ) build
 
 $(BPF_OBJ): $(BPF_SRC) $(BPF_DEPS)
@@ -46,6 +46,9 @@ test: deps
 
 demo: deps
 	scripts/demo.sh
+
+demo-scale: deps
+	scripts/demo-scale.sh
 
 # Throughput benchmark (root, about 4 minutes): l4lb against two floors measured in
 # the same run. Tables in bench-results/results.txt, chart in

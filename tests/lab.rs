@@ -288,24 +288,7 @@ fn remove_leftovers() {
 /// One HTTP GET to VIP:port from the calling thread's namespace: (local port,
 /// the answer's body) or what went wrong.
 fn http_get(vip: IpAddr, port: u16) -> Result<(u16, String), String> {
-    let timeout = Duration::from_secs(3);
-    let target = SocketAddr::new(vip, port);
-    let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|err| format!("connect: {err}"))?;
-    let local = stream.local_addr().map_err(|err| format!("local_addr: {err}"))?.port();
-    stream.set_read_timeout(Some(timeout)).map_err(|err| err.to_string())?;
-    stream.set_write_timeout(Some(timeout)).map_err(|err| err.to_string())?;
-    stream
-        .write_all(format!("GET / HTTP/1.0\r\nHost: {target}\r\nUser-Agent: l4lb-lab-test\r\n\r\n").as_bytes())
-        .map_err(|err| format!("port {local}: send: {err}"))?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).map_err(|err| format!("port {local}: receive: {err} (after {answer:?})"))?;
-    let (head, body) =
-        answer.split_once("\r\n\r\n").ok_or_else(|| format!("port {local}: no HTTP header end in {answer:?}"))?;
-    // The lab's servers speak HTTP/1.1 and close after answering a 1.0 request.
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("port {local}: answer {head:?}"));
-    }
-    Ok((local, body.trim().to_string()))
+    common::http::get(SocketAddr::new(vip, port), Duration::from_secs(3))
 }
 
 /// The interval [lo, hi] that a Binomial(n, p) count falls into with

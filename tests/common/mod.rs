@@ -42,6 +42,7 @@ macro_rules! ensure {
 }
 
 pub mod flood;
+pub mod http;
 pub mod lb;
 pub mod packet;
 pub mod services;
