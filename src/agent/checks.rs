@@ -111,6 +111,13 @@ impl Checks {
     /// over the old file: readers never see half of one).
     pub fn publish(&mut self, iface: &Interface) -> Result<()> {
         let path = health::state_file(&iface.name);
+        // Nothing probed: nothing to publish (and what was published goes).
+        if self.probed.is_empty() {
+            if self.published.take().is_some() {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            return Ok(());
+        }
         let text = serde_json::to_string_pretty(&health::Published::of(&self.tracker, std::process::id()))?;
         let partial = path.with_extension("json.tmp");
         std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
