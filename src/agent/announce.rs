@@ -25,24 +25,33 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Bird {
     /// BIRD's control socket (`bird -s PATH`).
     pub socket: PathBuf,
-    /// The protocol holding the VIPs' routes.
-    pub protocol: String,
+    /// The protocols holding the VIPs' routes (a BIRD 2 static protocol
+    /// has one channel: IPv4 and IPv6 VIPs need one each).
+    pub protocols: Vec<String>,
 }
 
 impl Bird {
-    /// Turns the protocol on: the VIPs are announced.
+    /// Turns the protocols on: the VIPs are announced.
     pub fn announce(&self) -> Result<String> {
-        self.command("enable")
+        self.each("enable")
     }
 
-    /// Turns the protocol off: the VIPs are withdrawn.
+    /// Turns the protocols off: the VIPs are withdrawn.
     pub fn withdraw(&self) -> Result<String> {
-        self.command("disable")
+        self.each("disable")
+    }
+
+    /// `VERB` for each protocol, in order; BIRD's answers joined. The first
+    /// error stops (the caller tries again later: enabling or disabling
+    /// twice is harmless).
+    fn each(&self, verb: &str) -> Result<String> {
+        let answers: Vec<String> = self.protocols.iter().map(|p| self.command(verb, p)).collect::<Result<_>>()?;
+        Ok(answers.join("; "))
     }
 
     /// Sends `VERB PROTOCOL` and returns BIRD's answer; an error answer
     /// (a code not starting with 0) is an error naming it.
-    fn command(&self, verb: &str) -> Result<String> {
+    fn command(&self, verb: &str, protocol: &str) -> Result<String> {
         let socket = self.socket.display();
         let stream = UnixStream::connect(&self.socket).with_context(|| format!("connecting to BIRD at {socket}"))?;
         stream.set_read_timeout(Some(TIMEOUT))?;
@@ -52,11 +61,10 @@ impl Bird {
         if !greeting.0.starts_with('0') {
             bail!("BIRD at {socket} is not ready: {}", greeting.1);
         }
-        (&stream).write_all(format!("{verb} {}\n", self.protocol).as_bytes())?;
-        let (code, text) =
-            read_reply(&mut reader).with_context(|| format!("BIRD at {socket}: `{verb} {}`", self.protocol))?;
+        (&stream).write_all(format!("{verb} {protocol}\n").as_bytes())?;
+        let (code, text) = read_reply(&mut reader).with_context(|| format!("BIRD at {socket}: `{verb} {protocol}`"))?;
         if !code.starts_with('0') {
-            bail!("BIRD at {socket} refused `{verb} {}`: {text} ({code})", self.protocol);
+            bail!("BIRD at {socket} refused `{verb} {protocol}`: {text} ({code})");
         }
         Ok(text)
     }
@@ -137,15 +145,23 @@ mod tests {
 
     #[test]
     fn enable_and_disable_name_the_protocol_and_errors_name_the_answer() {
-        let (_dir, socket, bird) =
-            fake_bird(vec!["0011 vips: enabled\n", "0012 vips: disabled\n", "8003 No protocols match\n"]);
-        let announce = Bird { socket: socket.clone(), protocol: "vips".into() };
-        assert_eq!(announce.announce().unwrap(), "vips: enabled");
-        assert_eq!(announce.withdraw().unwrap(), "vips: disabled");
+        let (_dir, socket, bird) = fake_bird(vec![
+            "0011 vips: enabled\n",
+            "0011 vips6: enabled\n",
+            "0012 vips: disabled\n",
+            "0012 vips6: disabled\n",
+            "8003 No protocols match\n",
+        ]);
+        let announce = Bird { socket: socket.clone(), protocols: vec!["vips".into(), "vips6".into()] };
+        assert_eq!(announce.announce().unwrap(), "vips: enabled; vips6: enabled");
+        assert_eq!(announce.withdraw().unwrap(), "vips: disabled; vips6: disabled");
         let err = format!("{:#}", announce.announce().unwrap_err());
         assert!(err.contains("refused `enable vips`: No protocols match (8003)"), "{err}");
-        assert_eq!(bird.join().unwrap(), ["enable vips", "disable vips", "enable vips"]);
-        let gone = Bird { socket: socket.with_file_name("none.ctl"), protocol: "vips".into() };
+        assert_eq!(
+            bird.join().unwrap(),
+            ["enable vips", "enable vips6", "disable vips", "disable vips6", "enable vips"]
+        );
+        let gone = Bird { socket: socket.with_file_name("none.ctl"), protocols: vec!["vips".into()] };
         assert!(format!("{:#}", gone.announce().unwrap_err()).contains("connecting to BIRD at"));
     }
 }

@@ -447,8 +447,8 @@ impl<'a> Agent<'a> {
             Ok(answer) => {
                 self.announced = Some(want);
                 self.log.write(
-                    Event::info(event, format!("{why}: BIRD protocol {}: {answer}", bird.protocol))
-                        .with("protocol", bird.protocol.as_str()),
+                    Event::info(event, format!("{why}: BIRD {}: {answer}", bird.protocols.join(", ")))
+                        .with("protocols", bird.protocols.clone()),
                 );
             }
             Err(err) => {

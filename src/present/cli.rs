@@ -197,12 +197,12 @@ pub enum Command {
         /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a PORT alone: on 127.0.0.1); the only port the agent opens [default: none]
         #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
         metrics: Option<std::net::SocketAddr>,
-        /// BIRD's control socket: the agent enables the protocol --bird-protocol (the VIPs' routes) while the datapath is attached and programmed, and disables it when it stops [default: no announcement]
+        /// BIRD's control socket: the agent enables the --bird-protocol protocols (the VIPs' routes) while the datapath is attached and programmed, and disables them when it stops [default: no announcement]
         #[arg(long, value_name = "PATH")]
         bird_socket: Option<PathBuf>,
-        /// The BIRD protocol holding the VIPs' routes
-        #[arg(long, value_name = "NAME", default_value = "l4lb_vips", requires = "bird_socket")]
-        bird_protocol: String,
+        /// A BIRD protocol holding VIPs' routes; repeat it for several (one static protocol per address family)
+        #[arg(long, value_name = "NAME", default_value = "l4lb_vips", requires = "bird_socket", action = clap::ArgAction::Append)]
+        bird_protocol: Vec<String>,
     },
     /// Throughput benchmark: l4lb against two floors measured in the same run, on a veth pair in private namespaces
     #[command(after_help = "Example: l4lb bench --rounds 3 --seconds 0.5 --chart ratios.svg")]

@@ -66,7 +66,7 @@ pub fn run(command: Command) -> Result<()> {
                 sweep_every: Duration::from_secs_f64(sweep_every),
                 log_format,
                 metrics,
-                bird: bird_socket.map(|socket| crate::agent::announce::Bird { socket, protocol: bird_protocol }),
+                bird: bird_socket.map(|socket| crate::agent::announce::Bird { socket, protocols: bird_protocol }),
             })
         }
         Command::Bench { rounds, seconds, chart, json, variants, flow_entries } => {
