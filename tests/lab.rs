@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,8 +82,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let prefix = common::lab_prefix(PREFIX);
         let state = PathBuf::from(format!("/run/{prefix}"));
         Lab { prefix, state }
     }
@@ -261,24 +260,7 @@ fn assert_nothing_left(
 
 /// Labs of earlier runs of this suite whose process is gone.
 fn remove_leftovers() {
-    let dead = |name: &str| -> Option<String> {
-        let rest = name.strip_prefix(&format!("{PREFIX}-"))?;
-        let mut parts = rest.splitn(3, '-');
-        let pid = parts.next()?.parse::<u32>().ok()?;
-        let n = parts.next()?;
-        (pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
-            .then(|| format!("{PREFIX}-{pid}-{n}"))
-    };
-    let mut prefixes = BTreeSet::new();
-    for line in run("ip", &["netns", "list"]).stdout.lines() {
-        prefixes.extend(dead(line.split_whitespace().next().unwrap_or("")));
-    }
-    if let Ok(entries) = std::fs::read_dir("/run") {
-        for entry in entries.flatten() {
-            prefixes.extend(dead(&entry.file_name().to_string_lossy()));
-        }
-    }
-    for prefix in prefixes {
+    for prefix in common::dead_labs(PREFIX) {
         let _ = run_with(LAB, &["down"], &[("LAB_PREFIX", &prefix), ("L4LB", BIN)], LAB_TIMEOUT);
     }
 }

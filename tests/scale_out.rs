@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -68,8 +67,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let prefix = common::lab_prefix(PREFIX);
         let state = PathBuf::from(format!("/run/{prefix}"));
         Lab { prefix, state }
     }
@@ -169,20 +167,7 @@ impl Drop for Lab {
 
 /// Removes labs of earlier runs whose process is gone.
 fn remove_leftovers() {
-    let mut prefixes: Vec<String> = run("ip", &["netns", "list"])
-        .stdout
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| common::is_leftover(PREFIX, name))
-        .filter_map(|name| {
-            let rest = name.strip_prefix(&format!("{PREFIX}-"))?;
-            let mut parts = rest.splitn(3, '-');
-            Some(format!("{PREFIX}-{}-{}", parts.next()?, parts.next()?))
-        })
-        .collect();
-    prefixes.sort();
-    prefixes.dedup();
-    for prefix in prefixes {
+    for prefix in common::dead_labs(PREFIX) {
         let _ = run_with(SCALE_LAB, &["down"], &[("SCALE_PREFIX", &prefix), ("L4LB", BIN)], LAB_TIMEOUT);
     }
 }

@@ -198,6 +198,36 @@ pub fn is_leftover(prefix: &str, name: &str) -> bool {
         .is_ok_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// A lab's name prefix unique to this process and call:
+/// `<prefix>-<pid>-<n>` (what `is_leftover` and `dead_labs` read back).
+pub fn lab_prefix(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+}
+
+/// The lab prefixes (`<prefix>-<pid>-<n>`, see `lab_prefix`) of earlier runs
+/// whose process is gone, from their namespaces and their /run state
+/// directories, for the lab script's `down`.
+pub fn dead_labs(prefix: &str) -> std::collections::BTreeSet<String> {
+    let lab_of = |name: &str| -> Option<String> {
+        if !is_leftover(prefix, name) {
+            return None;
+        }
+        let mut parts = name.strip_prefix(&format!("{prefix}-"))?.splitn(3, '-');
+        Some(format!("{prefix}-{}-{}", parts.next()?, parts.next()?))
+    };
+    let mut labs = std::collections::BTreeSet::new();
+    for line in run("ip", &["netns", "list"]).stdout.lines() {
+        labs.extend(lab_of(line.split_whitespace().next().unwrap_or("")));
+    }
+    if let Ok(entries) = std::fs::read_dir("/run") {
+        for entry in entries.flatten() {
+            labs.extend(lab_of(&entry.file_name().to_string_lossy()));
+        }
+    }
+    labs
+}
+
 /// Deletes the network namespaces `<prefix>-<pid>-...` of earlier runs whose
 /// process is gone.
 pub fn remove_leftover_namespaces(prefix: &str) {
