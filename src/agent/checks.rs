@@ -58,11 +58,10 @@ impl Checks {
             self.tracker.sync(&[], Instant::now());
             return Ok(());
         }
-        let routes = routes(iface, model, &targets)?;
+        let sources = Sources::of(iface, model)?;
+        let routes = routes(iface, model, &targets, &sources)?;
         if self.path.is_none() {
-            let source_v4 = model.global.source_v4.or(iface.ipv4_addr()?);
-            let source_v6 = model.global.source_v6.or(iface.ipv6_addrs()?.into_iter().find(|a| is_global(*a)));
-            self.path = Some(ProbePath::set_up(iface, source_v4, source_v6).context("setting up the probe path")?);
+            self.path = Some(ProbePath::set_up(iface, sources.v4, sources.v6).context("setting up the probe path")?);
         }
         let path = self.path.as_ref().expect("set up above");
         let numbers: BTreeMap<IpAddr, usize> = routes.keys().enumerate().map(|(i, &addr)| (addr, i)).collect();
@@ -134,9 +133,36 @@ impl Checks {
     }
 }
 
+/// The balancer's probe sources: the file's `source_v4`/`source_v6`, else
+/// the interface's first address of the family (a global one for IPv6),
+/// read once per configuration.
+struct Sources {
+    v4: Option<std::net::Ipv4Addr>,
+    v6: Option<std::net::Ipv6Addr>,
+}
+
+impl Sources {
+    fn of(iface: &Interface, model: &Model) -> Result<Sources> {
+        let v4 = match model.global.source_v4 {
+            Some(source) => Some(source),
+            None => iface.ipv4_addr()?,
+        };
+        let v6 = match model.global.source_v6 {
+            Some(source) => Some(source),
+            None => iface.ipv6_addrs()?.into_iter().find(|a| is_global(*a)),
+        };
+        Ok(Sources { v4, v6 })
+    }
+}
+
 /// Each probed backend's route: its address, its next hop (its own MAC or
 /// the gateway's) and the balancer's source of its family.
-fn routes(iface: &Interface, model: &Model, targets: &[(Target, Check)]) -> Result<BTreeMap<IpAddr, Route>> {
+fn routes(
+    iface: &Interface,
+    model: &Model,
+    targets: &[(Target, Check)],
+    sources: &Sources,
+) -> Result<BTreeMap<IpAddr, Route>> {
     let mut out = BTreeMap::new();
     for (target, _) in targets {
         let service = model.service(&target.service).context("a probed service is not in the model")?;
@@ -145,12 +171,8 @@ fn routes(iface: &Interface, model: &Model, targets: &[(Target, Check)]) -> Resu
             bail!("{target}: no MAC and no gateway_mac: its probes have no next hop");
         };
         let source: Option<IpAddr> = match backend.addr {
-            IpAddr::V4(_) => model.global.source_v4.map(IpAddr::V4).or(iface.ipv4_addr()?.map(IpAddr::V4)),
-            IpAddr::V6(_) => model.global.source_v6.map(IpAddr::V6).or(iface
-                .ipv6_addrs()?
-                .into_iter()
-                .find(|a| is_global(*a))
-                .map(IpAddr::V6)),
+            IpAddr::V4(_) => sources.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => sources.v6.map(IpAddr::V6),
         };
         let Some(source) = source else {
             bail!("{target}: {} has no address of that family and the file sets no source for it", iface.name);
