@@ -8,7 +8,10 @@ BPF_DEPS  := $(wildcard src/bpf/*.h) $(wildcard include/*.h)
 BPF_OBJ   ?= $(BPF_NAME).o
 CLANG     ?= clang
 BPF_EXTRA_CFLAGS ?=
-BPF_CFLAGS := -g -O2 -target bpf -Wall -Wextra -Werror \
+# -mcpu=v3: 32-bit ALU and JMP32 instructions, so 32-bit arithmetic (the
+# hash, ports, lengths) needs no zero-extension pairs (clang 14's default
+# is v1).
+BPF_CFLAGS := -g -O2 -target bpf -mcpu=v3 -Wall -Wextra -Werror \
 	-Iinclude -I/usr/include/$(shell uname -m)-linux-gnu $(BPF_EXTRA_CFLAGS)
 
 CARGO     ?= cargo

@@ -19,6 +19,8 @@
 #define IPV6_FLOW_LABEL_MASK 0xfffff
 /* The longest Ethernet header with tags: 14 + 2 x 4. */
 #define L2_MAX_LEN 22
+/* The tags' length, 0, 4 or 8, fits this mask. */
+#define L2_TAGS_MASK 0xc
 
 /* What the outer header copies from the client's packet, read by the caller
  * before the head moves.
@@ -47,9 +49,14 @@ static __always_inline void *rewrite_ethernet(struct xdp_md *ctx, __u32 moved, _
 	__u8 *new = data, *old = data + moved;
 	void *l3;
 
-	if (l2_len < ETH_HLEN || l2_len > L2_MAX_LEN || (void *)(old + L2_MAX_LEN) > data_end)
+	/* 0, 4 or 8 bytes of tags, bounded by the mask itself: the verifier
+	 * may not tie a range check on l2_len to the register added below.
+	 */
+	__u32 tags = (l2_len - ETH_HLEN) & L2_TAGS_MASK;
+
+	if (l2_len != ETH_HLEN + tags || (void *)(old + L2_MAX_LEN) > data_end)
 		return NULL;
-	l3 = data + l2_len;
+	l3 = data + ETH_HLEN + tags;
 	if (l3 + room > data_end)
 		return NULL;
 	if (dst)

@@ -33,11 +33,15 @@
  */
 static __always_inline int make_room(struct xdp_md *ctx, const struct packet *pkt, __u32 quote, __u32 headers)
 {
-	int len = (long)ctx->data_end - (long)ctx->data;
+	long len = (long)ctx->data_end - (long)ctx->data;
 
+	/* Taken whole: clang would subtract only the low halves (a 32-bit
+	 * operation on packet pointers, which the verifier refuses) for an int.
+	 */
+	barrier_var(len);
 	if (pkt->l3_len < quote)
 		return -1;
-	if (bpf_xdp_adjust_tail(ctx, (int)(pkt->l2_len + quote) - len))
+	if (bpf_xdp_adjust_tail(ctx, (int)((long)(pkt->l2_len + quote) - len)))
 		return -1;
 	return bpf_xdp_adjust_head(ctx, -(int)headers) ? -1 : 0;
 }
