@@ -64,6 +64,7 @@ fn main() {
                 "health_checks_take_dead_backends_out_and_bring_them_back",
                 health_checks_take_dead_backends_out_and_bring_them_back,
             ),
+            ("health_checks_keep_every_backend_when_all_are_down", health_all_down_keeps_every_backend),
             (
                 "prometheus_scraping_the_agent_counts_what_the_backends_decapsulated",
                 prometheus_counts_what_backends_got,
@@ -1953,17 +1954,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
 
     // Its server starts again.
     let restarted = SystemTime::now();
-    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
-    let httpd = state.join("httpd.py").display().to_string();
-    let pid_file = state.join("be2.pid").display().to_string();
-    // Its own session and no pipe of ours: it outlives the command (as `up` starts it).
-    std::process::Command::new("ip")
-        .args(["netns", "exec", &backend_ns(2), "setsid", "-f", python, &httpd, "80", "be2", "198.18.0.102", &pid_file])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map_err(|err| fail(format!("restarting the server of be2: {err}")))?;
+    start_server(&state, &backend_ns(2), 2)?;
     let (up, took) = watch.back(2, "198.18.0.102", restarted)?;
     let held = since(up, down);
     ensure!(
@@ -1997,6 +1988,121 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         eprintln!("health: {figure}");
     }
     Ok(())
+}
+
+/// Starts lab backend `k`'s HTTP server again (in namespace `ns`, as
+/// scripts/lab's `up` starts it: its own session, no pipe of ours, so that it
+/// outlives the command), writing its pid to `state`/beK.pid.
+fn start_server(state: &Path, ns: &str, k: usize) -> TestResult {
+    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let httpd = state.join("httpd.py").display().to_string();
+    let pid_file = state.join(format!("be{k}.pid")).display().to_string();
+    let (name, addr) = (format!("be{k}"), format!("198.18.0.{}", 100 + k));
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "setsid", "-f", python, &httpd, "80", &name, &addr, &pid_file])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|err| fail(format!("restarting the server of {name}: {err}")))?;
+    ensure!(status.success(), "restarting the server of {name}: {status}");
+    Ok(())
+}
+
+/// Stops lab backend `k`'s HTTP server (the pid in `state`/beK.pid).
+fn stop_server(state: &Path, k: usize) -> TestResult {
+    let pid = std::fs::read_to_string(state.join(format!("be{k}.pid")))?.trim().to_string();
+    run("kill", &[&pid]).success()?;
+    Ok(())
+}
+
+/// The backends the balancer runs for `service` (lab.env's LB_NS and LB_DEV).
+fn running_backends(lb_ns: &str, dev: &str, service: &l4lb::config::ServiceKey) -> TestResult<Vec<IpAddr>> {
+    in_netns(lb_ns, || {
+        let iface = l4lb::iface::Interface::by_name(dev)?;
+        let program = l4lb::discover::find_l4lb(&iface)?;
+        let running = l4lb::maps::LbMaps::open(&program)?.read_running()?;
+        let found = running.service(service).ok_or_else(|| fail(format!("no service {service} runs")))?;
+        Ok(found.backends.iter().map(|b| b.backend.addr).collect())
+    })
+}
+
+/// With every backend of a service down, the agent keeps them all (with
+/// none, new connections would have nowhere to go: `all_down` in its log);
+/// the first one back then takes every new connection alone.
+fn health_all_down_keeps_every_backend() -> TestResult {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::new();
+    lab.up(3)?;
+    let env = lab.env()?;
+    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
+    let (client_ns, log) = (get("CLIENT_NS")?, PathBuf::from(get("AGENT_LOG")?));
+    let (lb_ns, lb_dev) = (get("LB_NS")?, get("LB_DEV")?);
+    let vip: IpAddr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
+    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let state = PathBuf::from(get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
+    let key = l4lb::config::ServiceKey::Vip { addr: vip, protocol: l4lb::config::Protocol::Tcp, port };
+    let addr = |k: usize| -> IpAddr { IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 100 + k as u8)) };
+    let patience = HealthWatch::PATIENCE;
+    let mut seen = std::fs::read_to_string(&log)?.len();
+
+    // be1 and be2 die: be3 alone is left.
+    stop_server(&state, 1)?;
+    stop_server(&state, 2)?;
+    let mut after_downs = seen;
+    for k in [1, 2] {
+        let (_, at) = await_log(&log, &format!("backend_down: {} of {key}", addr(k)), seen, patience)?;
+        after_downs = after_downs.max(at);
+    }
+    seen = after_downs;
+    await_backends(&lb_ns, &lb_dev, &key, &[addr(3)], "with be1 and be2 down")?;
+
+    // be3 dies too: all three are kept.
+    stop_server(&state, 3)?;
+    let (_, at) = await_log(&log, &format!("backend_down: {} of {key}", addr(3)), seen, patience)?;
+    let (_, at) = await_log(&log, &format!("all_down: {key}: no backend that takes new flows is up"), at, patience)?;
+    seen = at;
+    await_backends(&lb_ns, &lb_dev, &key, &[addr(1), addr(2), addr(3)], "with every backend down")?;
+
+    // be3's server starts again: after its flap hold, be3 alone takes every new connection.
+    let restarted = SystemTime::now();
+    start_server(&state, &lab.ns("be3"), 3)?;
+    let (up, _) = await_log(&log, &format!("backend_up: {} of {key}", addr(3)), seen, FLAP_HOLD + patience)?;
+    await_backends(&lb_ns, &lb_dev, &key, &[addr(3)], "after be3 came back")?;
+    let back = SystemTime::now();
+    let load = ClientLoad::start(&client_ns, vip, port);
+    std::thread::sleep(Duration::from_secs(2));
+    let (answered, failed) = load.since(back);
+    ensure!(
+        failed.is_empty() && answered.keys().eq([3].iter()) && answered[&3] > 10,
+        "after be3 came back: answered {answered:?}, failed {failed:?}"
+    );
+    eprintln!(
+        "health: be1, be2 down: be3 alone; be3 down: all three kept (all_down); be3's server restarted: up \
+         {:.2?} later (flap hold {FLAP_HOLD:?}), then {} new connections, all answered by be3",
+        since(up, restarted),
+        answered[&3]
+    );
+    Ok(())
+}
+
+/// Waits (up to 5 s) until the balancer runs exactly `want` for `service`.
+fn await_backends(
+    lb_ns: &str,
+    dev: &str,
+    service: &l4lb::config::ServiceKey,
+    want: &[IpAddr],
+    when: &str,
+) -> TestResult {
+    let started = Instant::now();
+    loop {
+        let running = running_backends(lb_ns, dev, service)?;
+        if running == want {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(5), "{when}, {service} runs {running:?}, not {want:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// How long after `earlier` `later` was (0 if it was not later).
