@@ -116,11 +116,13 @@ impl Lab {
         run("ip", &full)
     }
 
-    /// KEY=VALUE pairs of the lab's lab.env.
-    fn env(&self) -> TestResult<BTreeMap<String, String>> {
+    /// The KEY=VALUE pairs of the lab's lab.env.
+    fn env(&self) -> TestResult<LabEnv> {
         let path = self.state.join("lab.env");
         let text = std::fs::read_to_string(&path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
-        Ok(text.lines().filter_map(|line| line.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Ok(LabEnv(
+            text.lines().filter_map(|line| line.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ))
     }
 
     /// (address, MAC) of every backend, from the destination file the lab wrote.
@@ -168,6 +170,22 @@ impl Lab {
             }
         }
         Traces { namespaces, state, processes }
+    }
+}
+
+/// A lab's lab.env: what scripts/lab built (namespaces, addresses, files).
+struct LabEnv(BTreeMap<String, String>);
+
+impl LabEnv {
+    /// The value of `key`.
+    fn get(&self, key: &str) -> TestResult<String> {
+        self.0.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {:?}", self.0)))
+    }
+
+    /// The value of `key`, parsed.
+    fn parse<T: std::str::FromStr>(&self, key: &str) -> TestResult<T> {
+        let text = self.get(key)?;
+        text.parse().map_err(|_| fail(format!("lab.env: {key}={text} does not parse")))
     }
 }
 
@@ -448,11 +466,10 @@ fn round_trips_follow_the_table_and_counters_agree() -> TestResult {
     let lab = Lab::new();
     lab.up_with(4, &[NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let addr = |key: &str| -> TestResult<IpAddr> { get(key)?.parse().map_err(|_| fail(format!("bad {key}"))) };
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let addr = |key: &str| -> TestResult<IpAddr> { env.parse(key) };
+    let port: u16 = env.parse("PORT")?;
     let (client4, client6) = (addr("CLIENT_ADDR")?, addr("CLIENT_ADDR6")?);
-    let (lb_ns, lb_dev) = (get("LB_NS")?, get("LB_DEV")?);
+    let (lb_ns, lb_dev) = (env.get("LB_NS")?, env.get("LB_DEV")?);
     let backends = lab.backends()?;
     ensure!(backends.len() == 4, "4 backends wanted, the destination file has {backends:?}");
 
@@ -1297,18 +1314,17 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     // change would make the agent overwrite with the lab's.
     lab.up_with(4, &[("LAB_FLOW_ENTRIES", &FLOOD_FLOW_ENTRIES.to_string()), NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let (lb_ns, lb_dev, client_ns) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?);
-    let base = config::load(Path::new(&get("CONFIG")?)).map_err(|err| fail(format!("{err:#}")))?;
+    let (lb_ns, lb_dev, client_ns) = (env.get("LB_NS")?, env.get("LB_DEV")?, env.get("CLIENT_NS")?);
+    let base = config::load(Path::new(&env.get("CONFIG")?)).map_err(|err| fail(format!("{err:#}")))?;
     let scratch = Scratch(PathBuf::from(format!("/run/{}-churn", lab.prefix)));
     std::fs::create_dir_all(&scratch.0).map_err(|err| fail(format!("{}: {err}", scratch.0.display())))?;
     let seed: u64 = std::env::var("L4LB_LAB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("lab: changes from seed {seed} (L4LB_LAB_SEED={seed} repeats them)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
+    let port: u16 = env.parse("PORT")?;
     let mut services = Vec::new();
     for name in ["VIP", "VIP_4IN6", "VIP6"] {
-        let vip: IpAddr = get(name)?.parse().map_err(|_| fail(format!("bad {name}")))?;
+        let vip: IpAddr = env.get(name)?.parse().map_err(|_| fail(format!("bad {name}")))?;
         let key = ServiceKey::Vip { addr: vip, protocol: Protocol::Tcp, port };
         let service = base.service(&key).ok_or_else(|| fail(format!("no service {key} in the lab's file")))?;
         ensure!(service.track_flows, "{key}: the lab's services track flows (the default)");
@@ -1334,12 +1350,12 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
             "exec",
             &client_ns,
             "hping3",
-            &get("VIP")?,
+            &env.get("VIP")?,
             "--rand-source",
             "--flood",
             "-S",
             "-p",
-            &get("PORT")?,
+            &env.get("PORT")?,
             "-q",
         ])
         .stdin(std::process::Stdio::null())
@@ -1391,7 +1407,7 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     let mut during = Vec::new();
     let mut kinds = BTreeMap::new();
     let mut straddles = Straddles::default();
-    let held = hold_acks(&client_ns, &get("CLIENT_DEV")?, &scratch.0)?;
+    let held = hold_acks(&client_ns, &env.get("CLIENT_DEV")?, &scratch.0)?;
     let mut before = lb_view(&lb_ns, &lb_dev)?.running;
     let started = Instant::now();
     for k in 1..=APPLIES {
@@ -1515,8 +1531,8 @@ fn hundred_applies_under_the_lab_flood_drop_nothing() -> TestResult {
     ensure!(view.running.model().services == base.services, "the last apply did not bring back the lab's services");
     let hash_seed = view.running.global.hash_seed.ok_or_else(|| fail("no hash seed"))?;
     for (vip, client) in [("VIP", "CLIENT_ADDR"), ("VIP_4IN6", "CLIENT_ADDR"), ("VIP6", "CLIENT_ADDR6")] {
-        let vip: IpAddr = get(vip)?.parse().map_err(|_| fail("bad VIP"))?;
-        let client: IpAddr = get(client)?.parse().map_err(|_| fail("bad client address"))?;
+        let vip: IpAddr = env.get(vip)?.parse().map_err(|_| fail("bad VIP"))?;
+        let client: IpAddr = env.get(client)?.parse().map_err(|_| fail("bad client address"))?;
         let key = ServiceKey::Vip { addr: vip, protocol: Protocol::Tcp, port };
         let service = view.running.service(&key).ok_or_else(|| fail(format!("no service {key}")))?;
         http_round_trips(&client_ns, client, vip, port, 100, service, hash_seed)?;
@@ -1550,13 +1566,13 @@ fn too_big_answers_teach_the_client_its_path_mtu() -> TestResult {
     let lab = Lab::new();
     lab.up(2)?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let (lb_ns, lb_dev, client_ns, client_dev) = (get("LB_NS")?, get("LB_DEV")?, get("CLIENT_NS")?, get("CLIENT_DEV")?);
+    let (lb_ns, lb_dev, client_ns, client_dev) =
+        (env.get("LB_NS")?, env.get("LB_DEV")?, env.get("CLIENT_NS")?, env.get("CLIENT_DEV")?);
     let header = format!("X-Pad: {}", "a".repeat(4000));
     for (vip_key, via_key, family, advertised) in
         [("VIP", "LB_ADDR", "-4", 1480), ("VIP_4IN6", "LB_ADDR", "-4", 1460), ("VIP6", "LB_ADDR6", "-6", 1460)]
     {
-        let (vip, via) = (get(vip_key)?, get(via_key)?);
+        let (vip, via) = (env.get(vip_key)?, env.get(via_key)?);
         let prefix = if family == "-4" { format!("{vip}/32") } else { format!("{vip}/128") };
         run(
             "ip",
@@ -1689,11 +1705,10 @@ fn prometheus_counts_what_backends_got() -> TestResult {
     let lab = Lab::new();
     lab.up_with(2, &[NO_HEALTH_CHECKS])?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let (lb_ns, vip, client_ns) = (get("LB_NS")?, get("VIP")?, get("CLIENT_NS")?);
+    let (lb_ns, vip, client_ns) = (env.get("LB_NS")?, env.get("VIP")?, env.get("CLIENT_NS")?);
     let vip: IpAddr = vip.parse().map_err(|_| fail("bad VIP"))?;
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
-    let prometheus = Prometheus::start(&lb_ns, &get("METRICS")?)?;
+    let port: u16 = env.parse("PORT")?;
+    let prometheus = Prometheus::start(&lb_ns, &env.get("METRICS")?)?;
     // Scrapes before the traffic (the counters' start): Prometheus scrapes
     // its targets only some seconds after it says it is ready.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1725,7 +1740,7 @@ fn prometheus_counts_what_backends_got() -> TestResult {
             let last = prometheus.query(&series)?;
             let first = prometheus.query(&format!("min_over_time({series}{window})"))?;
             let samples = prometheus.query(&format!("count_over_time({series}{window})"))?;
-            let view = lb_view(&lb_ns, &get("LB_DEV")?)?;
+            let view = lb_view(&lb_ns, &env.get("LB_DEV")?)?;
             return Err(fail(format!(
                 "be{k}: Prometheus counted {counted} packets sent to it (last {last}, first {first}, {samples} samples), it decapsulated {got} ({:?} .. {:?}); l4lb's backend packets now {:?}",
                 before,
@@ -1918,12 +1933,12 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
     let lab = Lab::new();
     lab.up(4)?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let (client_ns, log) = (get("CLIENT_NS")?, PathBuf::from(get("AGENT_LOG")?));
-    let vip: IpAddr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
-    let state = PathBuf::from(get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
-    let backend_ns = |k: usize| format!("{}{k}", get("BACKEND_NS_PREFIX").unwrap_or_default());
+    let (client_ns, log) = (env.get("CLIENT_NS")?, PathBuf::from(env.get("AGENT_LOG")?));
+    let vip: IpAddr = env.parse("VIP")?;
+    let port: u16 = env.parse("PORT")?;
+    let state =
+        PathBuf::from(env.get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
+    let backend_ns = |k: usize| format!("{}{k}", env.get("BACKEND_NS_PREFIX").unwrap_or_default());
     let service = format!("{vip}:{port}/tcp");
     let load = ClientLoad::start(&client_ns, vip, port);
     std::thread::sleep(Duration::from_secs(2));
@@ -1947,7 +1962,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() -> TestResult {
         "server of be2 stopped: down after {took:.2?} (bound {:?}), then {answered} new connections, all answered",
         HealthWatch::BOUND_DOWN
     ));
-    let metrics = metrics_text(&get("LB_NS")?, &get("METRICS")?)?;
+    let metrics = metrics_text(&env.get("LB_NS")?, &env.get("METRICS")?)?;
     let up_line = format!("l4lb_backend_up{{service=\"{service}\",backend=\"198.18.0.102\"}} 0");
     ensure!(metrics.lines().any(|l| l == up_line), "no `{up_line}` in the metrics:\n{metrics}");
     promtool_accepts(metrics.split_once("\r\n\r\n").map_or(metrics.as_str(), |(_, body)| body))?;
@@ -2035,12 +2050,12 @@ fn health_all_down_keeps_every_backend() -> TestResult {
     let lab = Lab::new();
     lab.up(3)?;
     let env = lab.env()?;
-    let get = |key: &str| env.get(key).cloned().ok_or_else(|| fail(format!("{key} missing from lab.env: {env:?}")));
-    let (client_ns, log) = (get("CLIENT_NS")?, PathBuf::from(get("AGENT_LOG")?));
-    let (lb_ns, lb_dev) = (get("LB_NS")?, get("LB_DEV")?);
-    let vip: IpAddr = get("VIP")?.parse().map_err(|_| fail("bad VIP"))?;
-    let port: u16 = get("PORT")?.parse().map_err(|_| fail("bad PORT"))?;
-    let state = PathBuf::from(get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
+    let (client_ns, log) = (env.get("CLIENT_NS")?, PathBuf::from(env.get("AGENT_LOG")?));
+    let (lb_ns, lb_dev) = (env.get("LB_NS")?, env.get("LB_DEV")?);
+    let vip: IpAddr = env.parse("VIP")?;
+    let port: u16 = env.parse("PORT")?;
+    let state =
+        PathBuf::from(env.get("CONFIG")?).parent().map(Path::to_path_buf).ok_or_else(|| fail("no state dir"))?;
     let key = l4lb::config::ServiceKey::Vip { addr: vip, protocol: l4lb::config::Protocol::Tcp, port };
     let addr = |k: usize| -> IpAddr { IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 100 + k as u8)) };
     let patience = HealthWatch::PATIENCE;

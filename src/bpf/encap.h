@@ -54,7 +54,7 @@ static __always_inline void *rewrite_ethernet(struct xdp_md *ctx, __u32 moved, _
 	 */
 	__u32 tags = (l2_len - ETH_HLEN) & L2_TAGS_MASK;
 
-	if (l2_len != ETH_HLEN + tags || (void *)(old + L2_MAX_LEN) > data_end)
+	if (l2_len != ETH_HLEN + tags || l2_len > L2_MAX_LEN || (void *)(old + L2_MAX_LEN) > data_end)
 		return NULL;
 	l3 = data + ETH_HLEN + tags;
 	if (l3 + room > data_end)
