@@ -2,6 +2,7 @@
 //! input under systemd), as text for a person or as one JSON object per line
 //! for a log shipper. The lines are built by pure functions, tested here.
 
+use std::io::Write;
 use std::time::SystemTime;
 
 use clap::ValueEnum;
@@ -73,8 +74,15 @@ impl Log {
         Log { format, interface: interface.to_string() }
     }
 
+    /// One write(2) per line, newline included (`eprintln!` writes the
+    /// line and its newline separately): a reader of the log file sees a
+    /// line whole, or as the one unterminated line at the end while the
+    /// kernel copies it in.
     pub fn write(&self, event: Event) {
-        eprintln!("{}", line(self.format, SystemTime::now(), &self.interface, &event));
+        let mut text = line(self.format, SystemTime::now(), &self.interface, &event);
+        text.push('\n');
+        // Nowhere to report a failed log write to.
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
