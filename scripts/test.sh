@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Test namespaces that exist before the run (another run's, a developer's
+# lab) are not this run's to answer for.
+test_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep '^l4lbt-' | sort || true; }
+before=$(test_namespaces)
+
 make --no-print-directory l4lb_xdp.o
 # Style and lints first: they fail fast, before the long suites.
 cargo fmt --check
@@ -16,10 +21,10 @@ cargo test --locked 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 
 # The end-to-end tests remove their namespaces even when they fail; make sure.
-left=$(ip netns list 2>/dev/null | grep -c '^l4lbt-' || true)
-if [ "$left" -gt 0 ]; then
-  echo "test.sh: $left test namespace(s) were left behind:" >&2
-  ip netns list | grep '^l4lbt-' >&2
+left=$(comm -13 <(printf '%s\n' "$before") <(test_namespaces) | sed '/^$/d')
+if [ -n "$left" ]; then
+  echo "test.sh: $(wc -l <<<"$left") test namespace(s) were left behind:" >&2
+  printf '%s\n' "$left" >&2
   status=1
 fi
 
