@@ -386,8 +386,22 @@ fn lab_backend_of(addr: IpAddr) -> Option<usize> {
     (1..=100).find(|&k| addr == backend_addr6(k) || addr == IpAddr::V4(Ipv4Addr::new(198, 18, 0, 100 + k as u8)))
 }
 
+/// Source ports for `count` new connections: never handed out before in
+/// this process, and below the kernel's ephemeral range (32768 on), so that
+/// no other socket takes them meanwhile. The lab suite makes a few thousand
+/// such connections; past 32767 the ports start again from the bottom, by
+/// then long out of TIME_WAIT.
+fn new_source_ports(count: usize) -> Vec<u16> {
+    const FIRST: u32 = 10_000;
+    const END: u32 = 32_768;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = NEXT.fetch_add(count as u32, std::sync::atomic::Ordering::Relaxed);
+    (start..start + count as u32).map(|n| (FIRST + n % (END - FIRST)) as u16).collect()
+}
+
 /// `connections` HTTP GETs from the client namespace to vip:port, each from a
-/// new source port: every one completes, and each is answered by the backend
+/// new source port (the test's: the kernel may hand out a port again):
+/// every one completes, and each is answered by the backend
 /// that its flow's slot names in `service`'s table as the kernel holds it
 /// (flow hash model). Returns how many each lab backend (index K - 1)
 /// answered.
@@ -401,7 +415,14 @@ fn http_round_trips(
     seed: u32,
 ) -> TestResult<Vec<usize>> {
     let key = service.key;
-    let results = in_netns(client_ns, || Ok((0..connections).map(|_| http_get(vip, port)).collect::<Vec<_>>()))?;
+    let target = SocketAddr::new(vip, port);
+    let sports = new_source_ports(connections);
+    let results = in_netns(client_ns, || {
+        Ok(sports
+            .iter()
+            .map(|&sport| common::http::get_from(sport, target, Duration::from_secs(3)))
+            .collect::<Vec<_>>())
+    })?;
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     ensure!(
         failures.is_empty(),
@@ -412,9 +433,8 @@ fn http_round_trips(
     let answers: Vec<(u16, String)> = results.into_iter().map(Result::unwrap).collect();
     let ports: BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
     ensure!(
-        ports.len() == connections,
-        "{key}: only {} distinct source ports in {connections} connections",
-        ports.len()
+        ports.len() == connections && ports.iter().eq(sports.iter().collect::<BTreeSet<_>>()),
+        "{key}: the connections did not leave from the {connections} source ports asked for"
     );
 
     let mut answered = vec![0usize; 4];
