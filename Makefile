@@ -54,14 +54,16 @@ demo-scale: deps
 	scripts/demo-scale.sh
 
 # Throughput benchmark (root, about 4 minutes): l4lb against two floors measured in
-# the same run. Tables in bench-results/results.txt, chart in
+# the same run, then the path length of each row (scripts/path-length). Tables in
+# bench-results/results.txt and path-length.txt, chart in
 # bench-results/ratios.svg. More: make bench BENCH_ARGS="--rounds 8 --variants"
 BENCH_ARGS ?=
 bench: deps
 	$(CARGO) build --release
 	mkdir -p bench-results
 	target/release/l4lb bench --chart bench-results/ratios.svg $(BENCH_ARGS) > bench-results/results.txt
-	cat bench-results/results.txt
+	scripts/path-length > bench-results/path-length.txt
+	cat bench-results/results.txt bench-results/path-length.txt
 
 install: all
 	install -d $(BINDIR) $(OBJDIR) $(MANDIR) $(DOCDIR) $(BASHDIR) $(ZSHDIR) $(FISHDIR) $(UNITDIR)

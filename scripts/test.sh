@@ -13,6 +13,9 @@ test_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep '^l4lbt-
 before=$(test_namespaces)
 
 make --no-print-directory l4lb_xdp.o
+# The path-length count runs the datapath in an interpreter and checks every
+# frame it sends (and that its model of the maps still fits include/l4lb.h).
+scripts/path-length > /dev/null
 # Style and lints first: they fail fast, before the long suites.
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -18,14 +18,20 @@ static __always_inline __u16 csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* The same for a sum of 32-bit words (half the loads of 16-bit ones; the
- * one's complement sum does not care how the bytes are grouped, RFC 1071).
+/* The same for a sum of at most 256 32-bit words (half the loads of 16-bit
+ * ones; the one's complement sum does not care how the bytes are grouped,
+ * RFC 1071). Folding 16 bits at a time keeps the sum modulo 0xffff whatever
+ * its width: below 2^40 the first fold leaves less than 2^25, the second at
+ * most 0xffff + 0x1ff, the third at most 0xffff. Three folds of four
+ * instructions, where folding to 32 bits first took two more.
  */
 static __always_inline __u16 csum_fold64(__u64 sum)
 {
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	return csum_fold((__u32)(sum & 0xffff) + (__u32)(sum >> 16));
+	__u32 folded = (sum & 0xffff) + (sum >> 16);
+
+	folded = (folded & 0xffff) + (folded >> 16);
+	folded = (folded & 0xffff) + (folded >> 16);
+	return (__u16)~folded;
 }
 
 /* The sum of `words` 32-bit words from start, for csum_fold64(); words is

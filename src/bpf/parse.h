@@ -457,7 +457,10 @@ static __always_inline __u32 parse_packet(void *data, void *data_end, struct pac
 
 	if ((void *)(eth + 1) > data_end)
 		return L4LB_CNT_DROP_SHORT_ETH;
-	proto = eth->h_proto;
+	/* struct ethhdr is packed: through it clang reads the EtherType byte by
+	 * byte. It is 2-byte aligned like the frame.
+	 */
+	proto = *(__be16 *)(data + offsetof(struct ethhdr, h_proto));
 	pkt->l2_len = sizeof(*eth);
 	outcome = skip_vlan_tag(&l3, &proto, data_end, pkt);
 	if (outcome != PARSE_BALANCE)
