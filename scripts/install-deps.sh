@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  clang llvm          # BPF compiler; libclang for bindgen
+  clang llvm          # BPF compiler; libclang for bindgen; llvm tools for scripts/path-length
   libelf-dev zlib1g-dev pkg-config   # libbpf-sys (vendored libbpf)
   libbpf-dev          # bpf/bpf_helpers.h for the datapath
   linux-libc-dev      # linux/bpf.h and friends
