@@ -13,9 +13,11 @@
 /* A key as two 64-bit words and one 32-bit word: fewer loads and compares
  * than five 32-bit words. Both keys the datapath reads (the packet's, first
  * in struct packet, and the map value's, first in struct l4lb_vip) are
- * 8-byte aligned.
+ * 8-byte aligned. may_alias: the parser writes the key as bytes and 16-bit
+ * words, find_service() its port between two lookups; without it clang may
+ * take these loads for unrelated to those stores.
  */
-struct vip_key_words {
+struct __attribute__((may_alias)) vip_key_words {
 	__u64 addr[2];
 	__u32 rest;               /* family, protocol, port */
 };
