@@ -6,8 +6,9 @@
 //! every frame they saw through the services the rows are sent to, pin flows
 //! only where they should (none in steady slots; after a change, the ACK
 //! row's flows of slots in transition in its warm-up, at most its 65536, and
-//! some SYNs of the flood), write its chart and JSON, and leave no namespace
-//! behind. Needs root (BPF,
+//! some SYNs of the flood), measure every variant of `--variants` (each
+//! loads, passes the verifier and forwards), write its chart and JSON, and
+//! leave no namespace behind. Needs root (BPF,
 //! network namespaces); without it the test is reported as ignored.
 
 mod common;
@@ -95,12 +96,29 @@ fn flow_event(counts: &Value, name: &str) -> Option<u64> {
     counts["flow_events"].as_array()?.iter().find(|e| e[0] == name).and_then(|e| e[1].as_u64())
 }
 
+/// The variants phase: the floor first, l4lb_balance itself among them,
+/// every program measured (it loaded, passed the verifier and forwarded).
+fn check_variants(variants: &Value) -> Result<(), Failed> {
+    let rows = variants["rows"].as_array().ok_or_else(|| fail(format!("no variants: {variants}")))?;
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    if names.first() != Some(&"encap floor") || !names.contains(&"l4lb") || !names.contains(&"l4lb, atomic adds") {
+        return Err(fail(format!("variants {names:?}")));
+    }
+    for row in rows {
+        let mpps = number(&row["mpps"]["median"]);
+        if !(mpps > 0.0 && mpps.is_finite()) {
+            return Err(fail(format!("variant {}: {mpps} Mpps", row["name"])));
+        }
+    }
+    Ok(())
+}
+
 fn short_run_reports_every_row_and_cleans_up() -> Result<(), Failed> {
     let dir = std::env::temp_dir().join(format!("l4lbt-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let chart = dir.join("ratios.svg");
     let bench = Command::new(BIN)
-        .args(["bench", "--rounds", "1", "--seconds", "0.2", "--json", "--chart"])
+        .args(["bench", "--rounds", "1", "--seconds", "0.2", "--variants", "--json", "--chart"])
         .arg(&chart)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -194,6 +212,7 @@ fn short_run_reports_every_row_and_cleans_up() -> Result<(), Failed> {
         )));
     }
 
+    check_variants(&results["variants"])?;
     if results["control_plane"]["destinations"] != 512 {
         return Err(fail(format!("control plane: {}", results["control_plane"])));
     }

@@ -213,8 +213,8 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
             fd(&progs.bv_select_hot),
         ),
         ("+ select", "the same with all 51203 slots (200 KiB), as l4lb", fd(&progs.bv_select)),
-        ("+ counters", "+ rx and tx counters (atomic adds, per-CPU map)", fd(&progs.bv_count)),
-        ("+ backend stats", "+ per-backend and per-service packets and bytes (atomic adds)", fd(&progs.bv_be_stats)),
+        ("+ counters", "+ rx and tx counters (plain adds, per-CPU map)", fd(&progs.bv_count)),
+        ("+ backend stats", "+ per-backend and per-service packets and bytes", fd(&progs.bv_be_stats)),
         ("+ flow table", "+ 40-byte key, l4lb_flows lookup (LRU hash; a SYN misses) = l4lb's work", fd(&progs.bv_l4lb)),
         ("l4lb", "l4lb_balance itself", l4lb),
         (
@@ -227,7 +227,11 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
             "l4lb's work, VIP looked up at its home entry only (1 probe, no port 0)",
             fd(&progs.bv_vip_home),
         ),
-        ("l4lb, plain adds", "l4lb's work with plain adds instead of atomic adds", fd(&progs.bv_plain_add)),
+        (
+            "l4lb, atomic adds",
+            "l4lb's work with atomic adds, as l4lb_xdp.o counts (iproute2, offload)",
+            fd(&progs.bv_atomic_add),
+        ),
         ("l4lb, cheap hash", "l4lb's work with two multiplications instead of jhash", fd(&progs.bv_cheap_hash)),
         ("l4lb, 128 KiB table", "l4lb's work, slot & 32767 (u16 entries' footprint)", fd(&progs.bv_table_32k)),
         ("l4lb, 16 KiB table", "l4lb's work, slot & 4095", fd(&progs.bv_table_4k)),

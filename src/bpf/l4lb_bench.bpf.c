@@ -324,7 +324,7 @@ int bench_empty(struct xdp_md *ctx)
 #define V_VIP_HOME 0x400   /* VIP lookup at the home entry only (one probe, no port-0 retry) */
 #define V_COUNT 0x4        /* rx and tx counters in l4lb_counters */
 #define V_BE_STATS 0x8     /* per-backend and per-service packets and bytes */
-#define V_PLAIN_ADD 0x10   /* counters with plain adds instead of atomic adds */
+#define V_ATOMIC_ADD 0x10  /* counters with atomic adds (the portable object's) instead of plain ones */
 #define V_SMALL_TABLE 0x20 /* slot within the table's first 256 entries: 1 KiB, stays in L1 */
 #define V_TABLE_4K 0x40    /* slot within the first 4096 entries: 16 KiB */
 #define V_TABLE_32K 0x80   /* slot within the first 32768 entries: 128 KiB */
@@ -332,12 +332,17 @@ int bench_empty(struct xdp_md *ctx)
 #define V_FLOWS 0x800      /* flow table (flows.h): 40-byte key, l4lb_flows lookup, pin as l4lb does */
 #define V_L4LB (V_PARSE | V_SELECT | V_COUNT | V_BE_STATS | V_FLOWS)
 
+/* Plain adds, as the driver build counts (`l4lb attach` in driver and
+ * generic mode, and the bench's l4lbs): the host gives the variants counter
+ * maps of the type l4lb's are, per-CPU there. V_ATOMIC_ADD counts as
+ * l4lb_xdp.o does (iproute2, offload).
+ */
 static __always_inline void v_add(__u64 *value, __u64 n, const __u32 what)
 {
-	if (what & V_PLAIN_ADD)
-		*value += n;
-	else
+	if (what & V_ATOMIC_ADD)
 		__sync_fetch_and_add(value, n);
+	else
+		*value += n;
 }
 
 static __always_inline void v_count(__u32 which, const __u32 what)
@@ -514,9 +519,9 @@ int bv_vip_home(struct xdp_md *ctx)
 }
 
 SEC("xdp")
-int bv_plain_add(struct xdp_md *ctx)
+int bv_atomic_add(struct xdp_md *ctx)
 {
-	return variant(ctx, V_L4LB | V_PLAIN_ADD);
+	return variant(ctx, V_L4LB | V_ATOMIC_ADD);
 }
 
 SEC("xdp")
