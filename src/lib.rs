@@ -15,5 +15,5 @@ pub mod present;
 pub use control::{
     addr, apply, config, destinations, device, flow_hash, health, input_file, maglev, settle, state, transition,
 };
-pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps, probe_path, upgrade};
+pub use kernel::{attach, bpf, decap, discover, iface, libbpf_log, maps, netns_lock, probe_path, upgrade};
 pub use present::{cli, commands, generate, stats, status, top};

@@ -3,7 +3,9 @@
 //! error naming the bad value, a non-zero exit, and the running state left
 //! byte for byte (`LbMaps::dump()` and the XDP programs of both interfaces,
 //! compared before and after each case); running without root or without
-//! the needed capabilities is refused before anything is touched; l4lb needs
+//! the needed capabilities is refused before anything is touched; the update
+//! lock is the network namespace's, waited for when another l4lb holds it and
+//! refused when someone else does; l4lb needs
 //! no bpffs and no RLIMIT_MEMLOCK (kernels from 5.11 charge BPF memory to
 //! the memory cgroup); a NIC or kernel that refuses the program says why.
 //!
@@ -15,8 +17,8 @@
 //! Each balancer is a namespace `l4lbt-cli-<pid>-<n>` holding a veth pair
 //! (`l4lbt-c<n>l` with l4lb attached in driver mode and services applied,
 //! its peer `l4lbt-c<n>p` without a program); a guard deletes the namespace
-//! (and with it the veth and the program), its scratch directory and its
-//! update lock even when an assertion fails.
+//! (and with it the veth and the program) and its scratch directory even
+//! when an assertion fails.
 
 #[macro_use]
 mod common;
@@ -24,6 +26,7 @@ mod common;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use common::services::{probes, Program, PROTO_TCP, PROTO_UDP};
 use common::{fail, in_netns, ip, run, Outcome, TestResult};
@@ -48,6 +51,7 @@ fn main() {
             ("without_root_or_capabilities_every_subcommand_refuses_first", without_privileges),
             ("works_with_bpffs_unmounted", without_bpffs),
             ("loads_with_a_memlock_limit_of_zero", memlock_zero),
+            ("the_update_lock_is_the_namespaces_own", update_lock_per_namespace),
             ("nic_or_kernel_refusing_the_program_says_why", kernel_refusals),
             ("verifier_rejection_carries_the_end_of_the_verifier_log", verifier_rejection),
         ],
@@ -190,9 +194,6 @@ impl Drop for Balancer {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.ns]);
         let _ = std::fs::remove_dir_all(&self.dir);
-        for dev in [&self.dev, &self.peer] {
-            let _ = std::fs::remove_file(format!("/run/l4lb-{dev}.lock"));
-        }
     }
 }
 
@@ -723,6 +724,111 @@ exec nsenter --net=/run/netns/{} {BIN} \"$@\"",
     ensure!(host_bpffs() == pinned_before, "something was pinned: /sys/fs/bpf {pinned_before:?} -> {:?}", host_bpffs());
     println!("without bpffs: attach, apply, map, status, config, stats, decap attach/stats/detach, detach all work");
     Ok(())
+}
+
+/// Binds an abstract socket named argv[1] and listens, as l4lb's update
+/// lock does; prints its pid once it holds it.
+const SQUAT_LOCK: &str = "import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind('\\0' + sys.argv[1])
+s.listen(1)
+print(os.getpid(), flush=True)
+time.sleep(120)";
+
+/// Connections queued on the listening abstract socket `name` in namespace
+/// `ns` (`ss -xl`'s Recv-Q); 0 if nothing listens there.
+fn queued_on(ns: &str, name: &str) -> TestResult<u64> {
+    let out = run("ip", &["netns", "exec", ns, "ss", "-xlH"]).success()?;
+    let at = format!("@{name}");
+    Ok(out
+        .stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(4) == Some(&at.as_str()))
+        .and_then(|fields| fields.get(2)?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// A process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The update lock is an abstract socket, so the network namespace's own:
+/// the same name held in another namespace (the test's) does not hold an
+/// update up; held in the balancer's namespace by a process of l4lb's user,
+/// the update waits for it and says so after two seconds; held there by
+/// another user, the update is refused at once, naming the holder, and the
+/// running state stays as it was.
+fn update_lock_per_namespace() -> TestResult {
+    let b = Balancer::new()?;
+    let config = b.file("lb.toml", CONFIG)?;
+    let name = l4lb::device::update_lock_name(&b.dev);
+    let take = || match l4lb::netns_lock::try_lock(&name)? {
+        l4lb::netns_lock::Tried::Taken(lock) => Ok(lock),
+        l4lb::netns_lock::Tried::Held => Err(fail(format!("@{name} is held already"))),
+    };
+
+    let outside = take()?;
+    b.l4lb(&["apply", "-i", &b.dev, "-c", &config]).success()?;
+    drop(outside);
+
+    let inside = in_netns(&b.ns, take)?;
+    let (out, done) = std::thread::scope(|scope| -> TestResult<_> {
+        let apply = scope.spawn(|| {
+            let out = b.l4lb(&["apply", "-i", &b.dev, "-c", &config]);
+            (out, Instant::now())
+        });
+        // The waiter asks who holds the lock as it starts waiting (a
+        // connection queued on the lock's socket); then its wait is let run
+        // past the point where it says what it waits for.
+        let asked = Instant::now();
+        while queued_on(&b.ns, &name)? == 0 {
+            ensure!(asked.elapsed() < Duration::from_secs(20), "apply never asked who holds @{name}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(l4lb::netns_lock::QUIET_WAIT + Duration::from_millis(500));
+        let released = Instant::now();
+        drop(inside);
+        let (out, done) = apply.join().expect("the apply thread");
+        Ok((out, done.checked_duration_since(released)))
+    })?;
+    let out = out.success()?;
+    ensure!(done.is_some(), "apply finished while its namespace's update lock was held: {}", out.describe());
+    let waiting = format!("waiting for {}'s update lock (@{name}), held by pid {}\n", b.dev, std::process::id());
+    ensure!(out.stderr.contains(&waiting), "no `{}` from apply: {}", waiting.trim_end(), out.describe());
+
+    let mut squatter = KillOnDrop(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &b.ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            // The system's python3 (scripts/install-deps.sh): root's PATH
+            // may lead into directories that uid 65534 cannot enter.
+            .args(["/usr/bin/python3", "-c", SQUAT_LOCK, &name])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let mut pid = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.0.stdout.as_mut().expect("piped stdout")),
+        &mut pid,
+    )?;
+    let pid = pid.trim();
+    ensure!(pid.parse::<u32>().is_ok(), "the squatter did not take @{name}: {pid:?}");
+    check_cases(
+        &b,
+        &[case(
+            &format!("apply -i {} -c {config}", b.dev),
+            l4lb_error(format!(
+                "{}'s update lock (@{name}) is held by pid {pid} of uid 65534, not by an l4lb of uid 0",
+                b.dev
+            )),
+        )],
+    )
 }
 
 fn memlock_zero() -> TestResult {

@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::apply;
 use crate::attach::FlowTable;
@@ -16,7 +16,13 @@ use crate::iface::Interface;
 use crate::maps::{random_seed, LbMaps};
 
 /// The update lock of one interface, held until dropped.
-pub type UpdateLock = nix::fcntl::Flock<std::fs::File>;
+pub type UpdateLock = crate::netns_lock::NetnsLock;
+
+/// The name of interface `ifname`'s update lock: an abstract socket, so one
+/// per network namespace (`ss -xlp | grep l4lb-update` shows who holds it).
+pub fn update_lock_name(ifname: &str) -> String {
+    format!("l4lb-update-{ifname}")
+}
 
 /// The interface, its l4lb program and that program's maps.
 pub fn open_l4lb(name: &str) -> Result<(Interface, discover::AttachedProgram, LbMaps)> {
@@ -27,17 +33,10 @@ pub fn open_l4lb(name: &str) -> Result<(Interface, discover::AttachedProgram, Lb
 }
 
 /// Serialises updates of one interface's maps: two `l4lb map` runs at once
-/// would each plan against a state the other is changing. Held until dropped.
+/// would each plan against a state the other is changing. Waits while
+/// another l4lb holds it; held until dropped.
 pub fn update_lock(iface: &Interface) -> Result<UpdateLock> {
-    let path = std::path::PathBuf::from(format!("/run/l4lb-{}.lock", iface.name));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("{}: opening the update lock", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| anyhow!("{}: taking the update lock: {errno}", path.display()))
+    crate::netns_lock::lock(&update_lock_name(&iface.name), &format!("{}'s update lock", iface.name))
 }
 
 /// The configuration of a freshly attached program: a given seed is fixed,

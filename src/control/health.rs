@@ -323,7 +323,7 @@ pub fn effective(model: &Model, tracker: &Tracker) -> (Model, Vec<ServiceKey>) {
 }
 
 /// What the agent publishes for other commands (`l4lb top`): each probed
-/// backend's state, in `/run/l4lb-DEV.health.json` (see [`state_file`]),
+/// backend's state, in `/run/l4lb-DEV.health.json` (see [`state_file_in`]),
 /// written whole (renamed over) at every change and removed when the agent
 /// stops. `pid` is the agent's: a file whose agent is gone is stale.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -363,14 +363,33 @@ impl Published {
     }
 }
 
-/// Where the agent of interface `ifname` publishes its health state.
+/// Where the agent of interface `ifname` in this network namespace
+/// publishes its health state (see [`state_file_in`]).
 pub fn state_file(ifname: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("/run/l4lb-{ifname}.health.json"))
+    state_file_in(ifname, crate::iface::other_netns())
+}
+
+/// `/run/l4lb-DEV.health.json` in PID 1's network namespace (`netns`
+/// None), `/run/l4lb-DEV.netINODE.health.json` in another: /run is shared,
+/// and two namespaces may each have a DEV with an agent of its own.
+pub fn state_file_in(ifname: &str, netns: Option<u64>) -> std::path::PathBuf {
+    match netns {
+        None => std::path::PathBuf::from(format!("/run/l4lb-{ifname}.health.json")),
+        Some(inode) => std::path::PathBuf::from(format!("/run/l4lb-{ifname}.net{inode}.health.json")),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_files_of_one_interface_name_differ_by_network_namespace() {
+        assert_eq!(state_file_in("eth0", None), std::path::PathBuf::from("/run/l4lb-eth0.health.json"));
+        let (a, b) = (state_file_in("eth0", Some(4026532001)), state_file_in("eth0", Some(4026532002)));
+        assert_eq!(a, std::path::PathBuf::from("/run/l4lb-eth0.net4026532001.health.json"));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn a_target_started_down_comes_up_after_rise_passes_without_a_hold() {

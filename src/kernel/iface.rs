@@ -52,6 +52,18 @@ pub fn current_netns() -> String {
     format!("this network namespace (net:[{}]{init})", own.ino())
 }
 
+/// The inode of this process's network namespace unless it is PID 1's
+/// (None then, or when it cannot be read): what tells apart files in /run,
+/// which every namespace shares, of interfaces of one name in two namespaces.
+pub fn other_netns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/net").ok()?;
+    match std::fs::metadata("/proc/1/ns/net") {
+        Ok(init) if init.dev() == own.dev() && init.ino() == own.ino() => None,
+        _ => Some(own.ino()),
+    }
+}
+
 impl Interface {
     pub fn by_name(name: &str) -> Result<Self> {
         if let Some(why) = name_problem(name) {
