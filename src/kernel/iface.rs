@@ -52,16 +52,17 @@ pub fn current_netns() -> String {
     format!("this network namespace (net:[{}]{init})", own.ino())
 }
 
-/// The inode of this process's network namespace unless it is PID 1's
-/// (None then, or when it cannot be read): what tells apart files in /run,
-/// which every namespace shares, of interfaces of one name in two namespaces.
+/// The inode of this process's network namespace unless it is PID 1's:
+/// what tells apart files in /run, which every namespace shares, of
+/// interfaces of one name in two namespaces. None in PID 1's namespace, and
+/// when either cannot be read (PID 1's needs root or CAP_SYS_PTRACE): the
+/// names then stay those of PID 1's namespace, which the agent, as root,
+/// uses there too.
 pub fn other_netns() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let own = std::fs::metadata("/proc/self/ns/net").ok()?;
-    match std::fs::metadata("/proc/1/ns/net") {
-        Ok(init) if init.dev() == own.dev() && init.ino() == own.ino() => None,
-        _ => Some(own.ino()),
-    }
+    let init = std::fs::metadata("/proc/1/ns/net").ok()?;
+    (init.dev() != own.dev() || init.ino() != own.ino()).then(|| own.ino())
 }
 
 impl Interface {
