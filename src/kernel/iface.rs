@@ -29,18 +29,24 @@ fn name_problem(name: &str) -> Option<String> {
     }
 }
 
+/// Whether the namespace file at `path` (`/proc/PID/ns/net`, a
+/// `/run/netns` name) is the namespace `own` describes; None if it cannot be
+/// read.
+fn is_netns(own: &std::fs::Metadata, path: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.dev() == own.dev() && m.ino() == own.ino())
+}
+
 /// The network namespace this process runs in, for an error message:
 /// "network namespace `NAME`" when `ip netns` named it, else "this network
 /// namespace (net:[INODE])", with ", PID 1's" when it is the init process's.
 pub fn current_netns() -> String {
     use std::os::unix::fs::MetadataExt;
     let Ok(own) = std::fs::metadata("/proc/self/ns/net") else { return "this network namespace".into() };
-    let same =
-        |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino());
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         let mut names: Vec<String> = entries
             .flatten()
-            .filter(|e| same(&e.path()))
+            .filter(|e| is_netns(&own, &e.path()) == Some(true))
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
@@ -48,7 +54,7 @@ pub fn current_netns() -> String {
             return format!("network namespace `{name}`");
         }
     }
-    let init = if same(std::path::Path::new("/proc/1/ns/net")) { ", PID 1's" } else { "" };
+    let init = if is_netns(&own, std::path::Path::new("/proc/1/ns/net")) == Some(true) { ", PID 1's" } else { "" };
     format!("this network namespace (net:[{}]{init})", own.ino())
 }
 
@@ -61,8 +67,10 @@ pub fn current_netns() -> String {
 pub fn other_netns() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let own = std::fs::metadata("/proc/self/ns/net").ok()?;
-    let init = std::fs::metadata("/proc/1/ns/net").ok()?;
-    (init.dev() != own.dev() || init.ino() != own.ino()).then(|| own.ino())
+    match is_netns(&own, std::path::Path::new("/proc/1/ns/net")) {
+        Some(false) => Some(own.ino()),
+        _ => None,
+    }
 }
 
 impl Interface {
