@@ -71,8 +71,41 @@ fn main() {
             ("upgrade_in_place_under_a_flood_drops_no_frame_and_keeps_the_maps", upgrade_under_flood),
             ("top_in_a_real_terminal_shows_the_flood_and_follows_resizes", top_in_tmux),
             ("the_agent_announces_the_vips_through_bird_while_it_serves", announce_through_bird),
+            ("the_link_state_the_probers_read_follows_the_link_and_its_peer", link_state_follows),
         ],
     );
+}
+
+// ---------------------------------------------------------------- link state
+
+/// What the health probers read of the balancer's link (probes during
+/// which it was down are not counted): up, and a carrier change count that
+/// moves when the link is set down, when it comes back, and when its peer
+/// (the other end of the cable) goes down.
+fn link_state_follows() -> TestResult {
+    let topo = VethPair::new(PREFIX, true)?;
+    let state = || common::in_netns(&topo.lb, || Ok(l4lb::iface::Interface::by_name(&topo.lb_dev)?.link_state()?));
+    let first = state()?;
+    ensure!(first.up, "{}: not up after VethPair::new: {first:?}", topo.lb_dev);
+    let mut seen = vec![first];
+    for (ns, dev, updown, up) in [
+        (&topo.lb, &topo.lb_dev, "down", false),
+        (&topo.lb, &topo.lb_dev, "up", true),
+        (&topo.gen, &topo.gen_dev, "down", false),
+        (&topo.gen, &topo.gen_dev, "up", true),
+    ] {
+        common::ip(&["-n", ns, "link", "set", dev, updown])?;
+        let now = state()?;
+        let before = seen.last().expect("seen starts with one");
+        ensure!(
+            now.up == up && now.carrier_changes > before.carrier_changes,
+            "after `ip link set {dev} {updown}`: {} is {now:?}, before {before:?}",
+            topo.lb_dev
+        );
+        seen.push(now);
+    }
+    eprintln!("  {}: {seen:?}", topo.lb_dev);
+    Ok(())
 }
 
 // ---------------------------------------------------------------- the agent

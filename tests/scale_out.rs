@@ -53,6 +53,12 @@ const MIN_SHARE: f64 = 0.2;
 /// Longest wait for the router's route to change.
 const CONVERGENCE_LIMIT: Duration = Duration::from_secs(20);
 
+/// How long lb2's link stays cut at least: longer than the lab's health
+/// checks (interval 1 s, timeout 0.5 s, fall 2, scripts/scale-lab) take to
+/// find a backend down, so that probes counted while the link is down would
+/// take every backend out of lb2's table (and one at a time, as each one's
+/// probe times out, some out before the others).
+const CUT_AT_LEAST: Duration = Duration::from_secs(4);
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn main() {
@@ -103,6 +109,14 @@ impl Lab {
         let path = self.state.join(format!("agent-lb{k}.pid"));
         let text = std::fs::read_to_string(&path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
         text.trim().parse().map_err(|_| fail(format!("{}: {text:?} is no pid", path.display())))
+    }
+
+    /// Balancer K's agent's log lines of `event` (`... lbK EVENT: ...`).
+    fn agent_events(&self, k: usize, event: &str) -> TestResult<Vec<String>> {
+        let path = self.state.join(format!("agent-lb{k}.log"));
+        let text = std::fs::read_to_string(&path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
+        let marker = format!(" lb{k} {event}: ");
+        Ok(text.lines().filter(|line| line.contains(&marker)).map(str::to_string).collect())
     }
 
     /// The router's route to `vip` (`ip route show`).
@@ -522,6 +536,15 @@ fn link_cut_is_withdrawn_by_bfd() -> TestResult {
     let packets = check_kept(&lab, &mut kept, "lb2 cut off")?;
     ensure!(packets[1] == 0, "lb2 got {} packets while its link was down", packets[1]);
     new_round(&lab, "lb2 cut off", 2)?;
+    std::thread::sleep(CUT_AT_LEAST.saturating_sub(t0.elapsed()));
+
+    // Cut off, lb2's agent saw every probe fail, and counted none of them.
+    let said = lab.agent_events(2, "link_down")?;
+    ensure!(said.len() == 1, "lb2's agent said link_down {} times, not once: {said:?}", said.len());
+    let down = lab.agent_events(2, "backend_down")?;
+    ensure!(down.is_empty(), "lb2's agent took backends out while its own link was down: {down:?}");
+    let cut = t0.elapsed();
+    eprintln!("  lb2 cut off for {:.1} s: its agent counted no probe ({})", cut.as_secs_f64(), said[0]);
 
     let t0 = Instant::now();
     common::ip(&["-n", &lb2, "link", "set", "lb2", "up"])?;
@@ -529,6 +552,13 @@ fn link_cut_is_withdrawn_by_bfd() -> TestResult {
     eprintln!("  lb2's link up again: router's routes back to 2 nexthops after {:.1} ms", back.as_secs_f64() * 1e3);
     let packets = check_kept(&lab, &mut kept, "lb2 link back")?;
     ensure!(packets[1] > 0, "lb2 got none of the kept connections' packets after its link came back");
+    // Its probes count again, and find every backend up.
+    while lab.agent_events(2, "link_up")?.is_empty() {
+        ensure!(t0.elapsed() < CONVERGENCE_LIMIT, "lb2's agent did not say link_up within {CONVERGENCE_LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let down = lab.agent_events(2, "backend_down")?;
+    ensure!(down.is_empty(), "lb2's agent took backends out once its link was back: {down:?}");
     Ok(())
 }
 

@@ -75,7 +75,7 @@ impl Checks {
             self.probers = Probers::none();
             self.rounds += 1;
             self.probers =
-                Probers::start(self.rounds, probed.clone(), &self.wake).context("starting the probe threads")?;
+                Probers::start(self.rounds, probed.clone(), iface, &self.wake).context("starting the probe threads")?;
             self.probed = probed;
         }
         Ok(())
@@ -98,9 +98,10 @@ impl Checks {
     }
 
     /// One probe's outcome; the change it makes, if any. Outcomes of
-    /// probers replaced since are ignored.
+    /// probers replaced since are ignored, and so are those of probes that
+    /// ran while the balancer's link was down.
     pub fn observe(&mut self, outcome: Outcome) -> Option<Change> {
-        if outcome.round != self.probers.round || self.probed.is_empty() {
+        if outcome.round != self.probers.round || self.probed.is_empty() || outcome.link_down.is_some() {
             return None;
         }
         self.tracker.observe(&outcome.target, outcome.result, Instant::now())

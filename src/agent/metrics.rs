@@ -55,6 +55,8 @@ pub struct HealthFigures {
     pub up: bool,
     pub passed: u64,
     pub failed: u64,
+    /// Probes not counted: the balancer's link was down while they ran.
+    pub link_down: u64,
     /// Seconds the last passed probe took.
     pub last_seconds: Option<f64>,
 }
@@ -77,9 +79,11 @@ impl Default for AgentFigures {
 
 impl AgentFigures {
     /// Counts one probe of `target` (a backend starts up: see health::Tracker).
-    pub fn probe(&mut self, target: &Target, result: &Result<std::time::Duration, String>) {
+    /// `link_down`: the probe was not counted (see probes::Outcome).
+    pub fn probe(&mut self, target: &Target, result: &Result<std::time::Duration, String>, link_down: bool) {
         let figures = self.health.entry(*target).or_insert(HealthFigures { up: true, ..HealthFigures::default() });
         match result {
+            _ if link_down => figures.link_down += 1,
             Ok(took) => {
                 figures.passed += 1;
                 figures.last_seconds = Some(took.as_secs_f64());
@@ -269,7 +273,9 @@ fn health(registry: &mut Registry, health: &BTreeMap<Target, HealthFigures>) {
         let (service, backend) = (target.service.to_string(), target.backend.to_string());
         let of_backend = labels(&[("service", &service), ("backend", &backend)]);
         up.get_or_create(&of_backend).set(i64::from(figures.up));
-        for (result, count) in [("passed", figures.passed), ("failed", figures.failed)] {
+        for (result, count) in
+            [("passed", figures.passed), ("failed", figures.failed), ("link_down", figures.link_down)]
+        {
             probes
                 .get_or_create(&labels(&[("service", &service), ("backend", &backend), ("result", result)]))
                 .inc_by(count);
@@ -321,8 +327,9 @@ mod tests {
         figures.flow_table_capacity = 262144;
         let key = ServiceKey::Vip { addr: "203.0.113.10".parse().unwrap(), protocol: Protocol::Tcp, port: 80 };
         let target = Target { service: key, backend: "198.18.0.101".parse().unwrap() };
-        figures.probe(&target, &Ok(std::time::Duration::from_millis(3)));
-        figures.probe(&target, &Err("connect: refused".into()));
+        figures.probe(&target, &Ok(std::time::Duration::from_millis(3)), false);
+        figures.probe(&target, &Err("connect: refused".into()), false);
+        figures.probe(&target, &Err("connect: no answer within 0.5 s".into()), true);
         figures.backend_state(&target, false);
         let text = render(&sample(), &figures).unwrap();
         for line in [
@@ -345,6 +352,7 @@ mod tests {
             "l4lb_flow_table_capacity 262144",
             "l4lb_backend_up{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\"} 0",
             "l4lb_health_probes_total{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\",result=\"failed\"} 1",
+            "l4lb_health_probes_total{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\",result=\"link_down\"} 1",
             "l4lb_health_probe_duration_seconds{service=\"203.0.113.10:80/tcp\",backend=\"198.18.0.101\"} 0.003",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

@@ -227,6 +227,9 @@ struct Agent<'a> {
     checks: checks::Checks,
     /// Whether BIRD was last told to announce the VIPs (None: not told yet).
     announced: Option<bool>,
+    /// The last probe outcome came while the interface was down (it was
+    /// not counted): said once when it goes down, once when it is back.
+    link_down: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -254,6 +257,7 @@ impl<'a> Agent<'a> {
             file_model: None,
             checks,
             announced: None,
+            link_down: false,
         })
     }
 
@@ -334,7 +338,8 @@ impl<'a> Agent<'a> {
     /// again, `reprogram`).
     fn probed(&mut self, outcome: probes::Outcome) -> bool {
         let (target, result) = (outcome.target, outcome.result.clone());
-        self.count(|f| f.probe(&target, &result));
+        self.count(|f| f.probe(&target, &result, outcome.link_down.is_some()));
+        self.link_state(outcome.link_down.as_deref());
         let Some(change) = self.checks.observe(outcome) else { return false };
         let (event, level) = if change.up { ("backend_up", Level::Info) } else { ("backend_down", Level::Warn) };
         self.count(|f| f.backend_state(&change.target, change.up));
@@ -346,6 +351,26 @@ impl<'a> Agent<'a> {
                 .with("reason", change.reason.as_str()),
         );
         true
+    }
+
+    /// Says when probes stop counting because the interface is down
+    /// (`why`), and when they count again.
+    fn link_state(&mut self, down: Option<&str>) {
+        match (down, self.link_down) {
+            (Some(why), false) => self.log.write(Event::new(
+                Level::Warn,
+                "link_down",
+                format!(
+                    "{why}: health probes are not counted until it is up (cut off, the balancer would find \
+                     every backend down)"
+                ),
+            )),
+            (None, true) => {
+                self.log.write(Event::info("link_up", format!("{} is up: health probes count again", self.iface.name)))
+            }
+            _ => {}
+        }
+        self.link_down = down.is_some();
     }
 
     /// Programs the file's effective model after backends went up or down.

@@ -5,6 +5,13 @@
 //! the balancer encapsulates it to that backend as it would a client's
 //! packet, so the probe passes only if the backend's host, its
 //! decapsulation, its VIP binding and its server all work.
+//!
+//! A probe also needs the balancer's own link: while that is down, every
+//! probe fails, and the backends would go down one by one as their probes
+//! happen to time out, leaving the balancer a partial table when its link
+//! comes back. So each prober reads the link's state before and after its
+//! probe, and a probe during which the link was down or lost its carrier
+//! says nothing about the backend (`Outcome::link_down`): it is not counted.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::watch::Wake;
 use crate::health::{Check, CheckKind, Target};
+use crate::iface::{Interface, LinkState};
 
 /// One probe's outcome: its latency, or why it failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +31,9 @@ pub struct Outcome {
     /// Which set of probers sent it: outcomes of a replaced set are ignored.
     pub round: u64,
     pub result: Result<Duration, String>,
+    /// Why the probe says nothing about its backend, if it does not: the
+    /// balancer's link was down, or went down (and maybe up), while it ran.
+    pub link_down: Option<String>,
 }
 
 /// The running probers; dropping it stops them (each within an interval).
@@ -37,18 +48,32 @@ impl Probers {
         Probers { round: 0, _stops: Vec::new() }
     }
 
-    /// Starts one prober per (target, check, mark), numbered `round`.
-    pub fn start(round: u64, targets: Vec<(Target, Check, u32)>, wake: &Sender<Wake>) -> std::io::Result<Probers> {
+    /// Starts one prober per (target, check, mark), numbered `round`,
+    /// probing out of `iface`.
+    pub fn start(
+        round: u64,
+        targets: Vec<(Target, Check, u32)>,
+        iface: &Interface,
+        wake: &Sender<Wake>,
+    ) -> std::io::Result<Probers> {
         let mut stops = Vec::new();
         for (target, check, mark) in targets {
             let (stop, stopped) = mpsc::channel::<()>();
-            let wake = wake.clone();
+            let (wake, iface) = (wake.clone(), iface.clone());
             std::thread::Builder::new().name("l4lb-probe".into()).spawn(move || loop {
                 // Probes start an interval apart, however long each took:
                 // a dead backend is down within fall x interval + timeout.
                 let started = Instant::now();
+                let before = iface.link_state();
                 let result = probe(&target, &check, mark);
-                if wake.send(Wake::Probe(Outcome { target, round, result })).is_err() {
+                // A link state that cannot be read (it never happened)
+                // leaves the probe counted: the agent then judges by probes
+                // alone, as it would without this check.
+                let link_down = match (before, iface.link_state()) {
+                    (Ok(before), Ok(after)) => link_down(&iface.name, before, after),
+                    _ => None,
+                };
+                if wake.send(Wake::Probe(Outcome { target, round, result, link_down })).is_err() {
                     return;
                 }
                 match stopped.recv_timeout(check.interval.saturating_sub(started.elapsed())) {
@@ -80,6 +105,20 @@ pub fn probe(target: &Target, check: &Check, mark: u32) -> Result<Duration, Stri
         http_get(&mut stream, vip, path, *status, left)?;
     }
     Ok(started.elapsed())
+}
+
+/// Why a probe that ran while the balancer's link went from `before` to
+/// `after` says nothing about its backend, if it does not.
+fn link_down(dev: &str, before: LinkState, after: LinkState) -> Option<String> {
+    if !after.up {
+        Some(format!("{dev} is down"))
+    } else if !before.up {
+        Some(format!("{dev} came up during the probe"))
+    } else if before.carrier_changes != after.carrier_changes {
+        Some(format!("{dev} lost its carrier during the probe"))
+    } else {
+        None
+    }
 }
 
 fn connect_error(err: std::io::Error, timeout: Duration) -> String {
@@ -150,6 +189,18 @@ fn status_code(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_counts_only_if_the_link_stayed_up_throughout() {
+        let up = |carrier_changes| LinkState { up: true, carrier_changes };
+        let down = |carrier_changes| LinkState { up: false, carrier_changes };
+        assert_eq!(link_down("lb2", up(2), up(2)), None);
+        assert_eq!(link_down("lb2", up(2), down(3)).as_deref(), Some("lb2 is down"));
+        assert_eq!(link_down("lb2", down(3), down(3)).as_deref(), Some("lb2 is down"));
+        assert_eq!(link_down("lb2", down(3), up(4)).as_deref(), Some("lb2 came up during the probe"));
+        // Down and up again while the probe waited for its answer.
+        assert_eq!(link_down("lb2", up(2), up(4)).as_deref(), Some("lb2 lost its carrier during the probe"));
+    }
 
     #[test]
     fn status_lines() {

@@ -1,4 +1,5 @@
-//! Facts about a network interface: index, IPv4 and IPv6 addresses, MTU.
+//! Facts about a network interface: index, IPv4 and IPv6 addresses, MTU,
+//! link state.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -10,6 +11,17 @@ use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 pub struct Interface {
     pub name: String,
     pub index: u32,
+}
+
+/// Whether an interface can pass packets, and how often its carrier has
+/// come and gone since it was created (the kernel's IFLA_CARRIER_CHANGES:
+/// an admin down and up, a pulled cable or a peer going down each count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    /// Administratively up and running (IFF_UP and IFF_RUNNING: carrier, and
+    /// operational state up or unknown).
+    pub up: bool,
+    pub carrier_changes: u32,
 }
 
 /// Why the kernel would refuse `name` as an interface name (its
@@ -131,6 +143,54 @@ impl Interface {
             .filter(|a| a.interface_name == self.name)
             .find_map(|a| a.address.and_then(|s| s.as_link_addr().and_then(|l| l.addr())))
             .with_context(|| format!("{}: no Ethernet address", self.name))
+    }
+
+    /// The link's state, asked of the kernel over rtnetlink (RTM_GETLINK),
+    /// in the calling thread's network namespace.
+    pub fn link_state(&self) -> Result<LinkState> {
+        use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+        use netlink_packet_route::RouteNetlinkMessage;
+        use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+        let context = || format!("{}: reading its link state", self.name);
+        let socket = Socket::new(NETLINK_ROUTE).with_context(context)?;
+        // The kernel answers a request for one link at once; the timeout
+        // only bounds a read that would otherwise never end.
+        let timeout = nix::sys::time::TimeVal::new(1, 0);
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .with_context(context)?;
+        socket.connect(&SocketAddr::new(0, 0)).with_context(context)?;
+        let mut request = LinkMessage::default();
+        request.header.index = self.index;
+        let mut packet = NetlinkMessage::from(RouteNetlinkMessage::GetLink(request));
+        packet.header.flags = NLM_F_REQUEST;
+        packet.header.sequence_number = 1;
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        socket.send(&bytes, 0).with_context(context)?;
+        let (answer, _) = socket.recv_from_full().with_context(context)?;
+        let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
+            .map_err(|err| anyhow::anyhow!("{err}"))
+            .with_context(context)?;
+        let link = match answer.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link,
+            NetlinkPayload::Error(err) => {
+                return Err(err.to_io()).with_context(context);
+            }
+            other => bail!("{}: the kernel answered a link request with {other:?}", self.name),
+        };
+        let flags = link.header.flags;
+        let carrier_changes = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::CarrierChanges(n) => Some(*n),
+                _ => None,
+            })
+            .with_context(|| format!("{}: the kernel's answer has no carrier change count", self.name))?;
+        Ok(LinkState { up: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::Running), carrier_changes })
     }
 
     /// The interface MTU (largest L3 packet it sends).
