@@ -227,9 +227,8 @@ struct Agent<'a> {
     checks: checks::Checks,
     /// Whether BIRD was last told to announce the VIPs (None: not told yet).
     announced: Option<bool>,
-    /// The last probe outcome came while the interface was down (it was
-    /// not counted): said once when it goes down, once when it is back.
-    link_down: bool,
+    /// Whether the interface was down during the probe started last.
+    link: probes::LinkWatch,
 }
 
 impl<'a> Agent<'a> {
@@ -257,7 +256,7 @@ impl<'a> Agent<'a> {
             file_model: None,
             checks,
             announced: None,
-            link_down: false,
+            link: probes::LinkWatch::default(),
         })
     }
 
@@ -339,7 +338,7 @@ impl<'a> Agent<'a> {
     fn probed(&mut self, outcome: probes::Outcome) -> bool {
         let (target, result) = (outcome.target, outcome.result.clone());
         self.count(|f| f.probe(&target, &result, outcome.link_down.is_some()));
-        self.link_state(outcome.link_down.as_deref());
+        self.link_state(outcome.started, outcome.link_down.as_deref());
         let Some(change) = self.checks.observe(outcome) else { return false };
         let (event, level) = if change.up { ("backend_up", Level::Info) } else { ("backend_down", Level::Warn) };
         self.count(|f| f.backend_state(&change.target, change.up));
@@ -353,11 +352,11 @@ impl<'a> Agent<'a> {
         true
     }
 
-    /// Says when probes stop counting because the interface is down
-    /// (`why`), and when they count again.
-    fn link_state(&mut self, down: Option<&str>) {
-        match (down, self.link_down) {
-            (Some(why), false) => self.log.write(Event::new(
+    /// Says once when probes stop counting because the interface is down
+    /// (`why`), and once when they count again.
+    fn link_state(&mut self, started: Instant, down: Option<&str>) {
+        match (down, self.link.see(started, down.is_some())) {
+            (Some(why), Some(true)) => self.log.write(Event::new(
                 Level::Warn,
                 "link_down",
                 format!(
@@ -365,12 +364,11 @@ impl<'a> Agent<'a> {
                      every backend down)"
                 ),
             )),
-            (None, true) => {
+            (None, Some(false)) => {
                 self.log.write(Event::info("link_up", format!("{} is up: health probes count again", self.iface.name)))
             }
             _ => {}
         }
-        self.link_down = down.is_some();
     }
 
     /// Programs the file's effective model after backends went up or down.

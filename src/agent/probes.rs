@@ -30,6 +30,8 @@ pub struct Outcome {
     pub target: Target,
     /// Which set of probers sent it: outcomes of a replaced set are ignored.
     pub round: u64,
+    /// When the probe started.
+    pub started: Instant,
     pub result: Result<Duration, String>,
     /// Why the probe says nothing about its backend, if it does not: the
     /// balancer's link was down, or went down (and maybe up), while it ran.
@@ -73,7 +75,7 @@ impl Probers {
                     (Ok(before), Ok(after)) => link_down(&iface.name, before, after),
                     _ => None,
                 };
-                if wake.send(Wake::Probe(Outcome { target, round, result, link_down })).is_err() {
+                if wake.send(Wake::Probe(Outcome { target, round, started, result, link_down })).is_err() {
                     return;
                 }
                 match stopped.recv_timeout(check.interval.saturating_sub(started.elapsed())) {
@@ -105,6 +107,31 @@ pub fn probe(target: &Target, check: &Check, mark: u32) -> Result<Duration, Stri
         http_get(&mut stream, vip, path, *status, left)?;
     }
     Ok(started.elapsed())
+}
+
+/// Whether the balancer's link is down, as the probes saw it: the state
+/// is that of the probe started last. (Outcomes come in the order the
+/// probes ended, and a probe that started before the link came back may
+/// end after one that started after.)
+#[derive(Debug, Default)]
+pub struct LinkWatch {
+    down: bool,
+    /// When the probe that set `down` started.
+    seen: Option<Instant>,
+}
+
+impl LinkWatch {
+    /// A probe started at `started` found the link `down` or not: the new
+    /// state if that changes it.
+    pub fn see(&mut self, started: Instant, down: bool) -> Option<bool> {
+        if self.seen.is_some_and(|seen| started < seen) {
+            return None;
+        }
+        self.seen = Some(started);
+        let changed = down != self.down;
+        self.down = down;
+        changed.then_some(down)
+    }
 }
 
 /// Why a probe that ran while the balancer's link went from `before` to
@@ -200,6 +227,21 @@ mod tests {
         assert_eq!(link_down("lb2", down(3), up(4)).as_deref(), Some("lb2 came up during the probe"));
         // Down and up again while the probe waited for its answer.
         assert_eq!(link_down("lb2", up(2), up(4)).as_deref(), Some("lb2 lost its carrier during the probe"));
+    }
+
+    #[test]
+    fn the_link_is_as_the_probe_started_last_found_it() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut link = LinkWatch::default();
+        assert_eq!(link.see(at(0), false), None, "up from the start: nothing to say");
+        assert_eq!(link.see(at(1000), true), Some(true), "down");
+        assert_eq!(link.see(at(1001), true), None, "still down");
+        // Back at 1999: a probe started at 2000 ends first, one started at
+        // 1998 (while it was down) ends 0.5 s later, timed out.
+        assert_eq!(link.see(at(2000), false), Some(false), "up");
+        assert_eq!(link.see(at(1998), true), None, "an older probe does not take it down again");
+        assert_eq!(link.see(at(3000), false), None);
     }
 
     #[test]
