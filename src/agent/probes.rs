@@ -68,9 +68,8 @@ impl Probers {
                 let started = Instant::now();
                 let before = iface.link_state();
                 let result = probe(&target, &check, mark);
-                // A link state that cannot be read (it never happened)
-                // leaves the probe counted: the agent then judges by probes
-                // alone, as it would without this check.
+                // A link state that cannot be read leaves the probe
+                // counted: the agent then judges by the probes alone.
                 let link_down = match (before, iface.link_state()) {
                     (Ok(before), Ok(after)) => link_down(&iface.name, before, after),
                     _ => None,
