@@ -259,7 +259,7 @@ fn assert_nothing_left(
     let traces = lab.traces();
     ensure!(traces.is_empty(), "{when}: left behind: {traces:?}");
     for pid in pids {
-        ensure!(!Path::new(&format!("/proc/{pid}")).exists(), "{when}: server pid {pid} still runs");
+        ensure!(!common::runs(*pid), "{when}: server pid {pid} still runs");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -614,7 +614,7 @@ fn up_down_are_idempotent_and_leave_nothing_behind() -> TestResult {
     ensure!(programs.len() == 4, "expected 4 XDP program lines in the output of up: {}", first.stdout);
     let pids = server_pids(&first.stdout);
     ensure!(pids.len() == 2, "expected 2 server pids in the output of up: {}", first.stdout);
-    ensure!(pids.iter().all(|pid| Path::new(&format!("/proc/{pid}")).exists()), "a server is not running: {pids:?}");
+    ensure!(pids.iter().all(|pid| common::runs(*pid)), "a server is not running: {pids:?}");
     let before = lab.traces();
     // The two servers and the agent (`l4lb serve -c STATE/lb.toml`).
     let agents = before.processes.iter().filter(|p| p.contains(" serve -i ")).count();

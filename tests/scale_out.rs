@@ -488,15 +488,12 @@ fn connections_spread_and_survive_one_leaving() -> TestResult {
         withdrawn.as_secs_f64() * 1e3
     );
     for _ in 0..100 {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if !common::runs(pid as u32) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    ensure!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the agent {pid} is still running 5 s after SIGTERM"
-    );
+    ensure!(!common::runs(pid as u32), "the agent {pid} is still running 5 s after SIGTERM");
     let packets = check_kept(&lab, &mut kept, "lb2 withdrawn")?;
     eprintln!("  {on_lb2} of the {KEPT} kept IPv4 connections (and IPv6 ones, not counted) moved from lb2 to lb1 (same table, same backend)");
     ensure!(packets[1] == 0, "lb2 still got {} packets of kept connections after its route was withdrawn", packets[1]);

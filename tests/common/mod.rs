@@ -200,6 +200,16 @@ pub fn is_leftover(prefix: &str, name: &str) -> bool {
 
 /// A lab's name prefix unique to this process and call:
 /// `<prefix>-<pid>-<n>` (what `is_leftover` and `dead_labs` read back).
+/// Whether process `pid` runs: it exists and has not exited. A zombie
+/// (state Z) has exited, freed what it held and only waits for its parent
+/// (for a lab's daemons PID 1, which may reap late) to collect it.
+pub fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
 pub fn lab_prefix(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
