@@ -59,6 +59,7 @@ const CONVERGENCE_LIMIT: Duration = Duration::from_secs(20);
 /// take every backend out of lb2's table (and one at a time, as each one's
 /// probe times out, some out before the others).
 const CUT_AT_LEAST: Duration = Duration::from_secs(4);
+
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn main() {

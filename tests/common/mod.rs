@@ -198,8 +198,6 @@ pub fn is_leftover(prefix: &str, name: &str) -> bool {
         .is_ok_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// A lab's name prefix unique to this process and call:
-/// `<prefix>-<pid>-<n>` (what `is_leftover` and `dead_labs` read back).
 /// Whether process `pid` runs: it exists and has not exited. A zombie
 /// (state Z) has exited, freed what it held and only waits for its parent
 /// (for a lab's daemons PID 1, which may reap late) to collect it.
@@ -210,6 +208,8 @@ pub fn runs(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// A lab's name prefix unique to this process and call:
+/// `<prefix>-<pid>-<n>` (what `is_leftover` and `dead_labs` read back).
 pub fn lab_prefix(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
