@@ -1,6 +1,6 @@
 //! The frames the benchmark sends, built on the host: the template the
-//! generator (`bench_gen` in src/bpf/l4lb_bench.bpf.c) copies into every live
-//! frame, the settings that tell it where to write, and a model of what it
+//! generator (`bench_gen` in src/bpf/l4lb_bench.bpf.c) copies into every
+//! frame it sends, the settings that tell it where to write, and a model of what it
 //! then changes (the last two bytes of the client address, the client port,
 //! the checksums), so that the two can be compared. Also the services the
 //! frames are sent to. Pure.
@@ -26,8 +26,8 @@ pub const MIN_FRAME: usize = 60;
 pub const OPTIONS_HEADER: usize = 66;
 pub const IPV6_HEADER: usize = 74;
 const _: () = assert!(IPV6_HEADER <= TEMPLATE_LEN);
-/// Size of the generator's settings (`struct bench_gen_config`): offsets and
-/// masks (24 bytes), then the template.
+/// Size of the generator's settings (`struct bench_gen_config`): offsets,
+/// masks and the frame's length (24 bytes), then the template.
 pub const GEN_CONFIG_LEN: usize = 24 + TEMPLATE_LEN;
 /// IPv4 clients are 198.18.0.0/16 (the benchmarking range), ports 32768-65535.
 pub const CLIENT_NET: u32 = 0xc612_0000;
@@ -492,7 +492,8 @@ pub fn template(kind: Kind, ends: &Endpoints) -> [u8; TEMPLATE_LEN] {
 
 /// The value of the generator's settings map (`struct bench_gen_config`,
 /// native byte order): what to copy, where to write, the random word's
-/// mask, the destination's offset and mask, and the template.
+/// mask, the destination's offset and mask, the frame's length, and the
+/// template.
 pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
     let mut value = Vec::with_capacity(GEN_CONFIG_LEN);
     for field in [
@@ -508,7 +509,8 @@ pub fn gen_config(kind: Kind, ends: &Endpoints) -> Vec<u8> {
     value.extend_from_slice(&kind.random_mask().to_ne_bytes());
     value.extend_from_slice(&(kind.dst_offset() as u16).to_ne_bytes());
     value.extend_from_slice(&kind.dst_mask().to_ne_bytes());
-    value.extend_from_slice(&[0; 4]);
+    value.extend_from_slice(&(kind.frame_len() as u16).to_ne_bytes());
+    value.extend_from_slice(&[0; 2]);
     value.extend_from_slice(&template(kind, ends));
     value
 }

@@ -1,5 +1,5 @@
 //! The measuring: namespaces and veth, l4lb through the product path, the
-//! floors, the live-frame generator, the test_run loops, bpf stats and the
+//! floors, the ring of frames, the test_run loops, bpf stats and the
 //! control-plane timings. Everything here needs root; the numbers go to the
 //! pure `report` module.
 
@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -20,8 +18,9 @@ use super::report::{
     ControlPlane, FlowEvents, KindResult, L4lbCounts, ProgramSize, ProgramSizes, ProgramTimes, Round, ServicePackets,
     Summary, Throughput, Variants,
 };
+use super::ring::{ctl_value, Ring, RingMaps};
 use super::skel::L4lbBenchSkelBuilder;
-use super::sys::{self, Topology, TEST_XDP_LIVE_FRAMES};
+use super::sys::{self, Topology};
 use super::Options;
 use crate::apply;
 use crate::config::{self, Model, ServiceKey};
@@ -40,12 +39,13 @@ const FLOW_WARMUP: Duration = Duration::from_millis(400);
 const SLICE: Duration = Duration::from_millis(100);
 /// ... each after this much traffic through the freshly swapped program.
 const SETTLE: Duration = Duration::from_millis(20);
-/// A slice in which the generator waited for its CPU (another task had it)
-/// longer than this share of the time is measured again, up to SLICE_TRIES times.
+/// A slice in which the ring's softirq thread waited for its CPU (another
+/// task had it) longer than this share of the time, or in which more than
+/// MAX_OFF_CPU of the frames came back on another CPU, is measured again,
+/// up to SLICE_TRIES times.
 const MAX_WAITED: f64 = 0.05;
+const MAX_OFF_CPU: f64 = 0.01;
 const SLICE_TRIES: usize = 4;
-/// Frames per live test_run call (about 15-30 ms of traffic).
-const LIVE_BATCH: u32 = 1 << 16;
 /// test_run calls per program and packet kind, in chunks taken in turn.
 const TEST_RUN_CHUNKS: usize = 21;
 const TEST_RUN_PER_CHUNK: usize = 500;
@@ -104,8 +104,7 @@ struct Fds {
     /// The pair holding the 64 services of the 64-services row.
     l4lb_spread: RawFd,
     l4lb_spread_untracked: RawFd,
-    gen_cfg: RawFd,
-    sink_cnt: RawFd,
+    ring: RingMaps,
 }
 
 impl Fds {
@@ -121,8 +120,12 @@ impl Fds {
             l4lb_untracked: lb.untracked.as_raw_fd(),
             l4lb_spread: lb.spread.program.as_raw_fd(),
             l4lb_spread_untracked: lb.spread_untracked.program.as_raw_fd(),
-            gen_cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
-            sink_cnt: skel.maps.bench_sink_cnt.as_fd().as_raw_fd(),
+            ring: RingMaps {
+                cfg: skel.maps.bench_gen_cfg.as_fd().as_raw_fd(),
+                ctl: skel.maps.bench_gen_ctl.as_fd().as_raw_fd(),
+                back: skel.maps.bench_back_cnt.as_fd().as_raw_fd(),
+                sent: skel.maps.bench_gen_cnt.as_fd().as_raw_fd(),
+            },
         }
     }
 
@@ -153,11 +156,13 @@ struct Setup<'a> {
     topo: &'a Topology,
     fds: Fds,
     ends: Endpoints,
-    gen_ifindex: u32,
+    /// The ring of frames between the veths: the traffic.
+    ring: Ring,
+    /// ksoftirqd of the ring's CPU, where the ring runs.
+    softirqd: i32,
     lb_ifindex: u32,
-    cpus: usize,
-    /// The CPU the generator is pinned to; everything else of this process
-    /// runs on the others while traffic flows.
+    /// The CPU the ring runs on; everything else of this process runs on
+    /// the others while traffic flows.
     gen_cpu: usize,
     other_cpus: Vec<usize>,
     /// The tracked l4lb's maps: its counters are read around every row.
@@ -193,7 +198,7 @@ pub struct Measured {
     pub stats_overhead_ns: f64,
     pub control: ControlPlane,
     pub variants: Option<Variants>,
-    /// The CPU the generator was pinned to.
+    /// The CPU the ring ran on.
     pub generator_cpu: usize,
     /// l4lb's counters after the run, tracked and untracked.
     pub counts: L4lbCounts,
@@ -242,7 +247,6 @@ fn variant_programs(skel: &super::skel::L4lbBenchSkel<'_>, l4lb: RawFd) -> Vec<(
 
 /// Runs the whole benchmark.
 pub fn measure(options: &Options) -> Result<Measured> {
-    let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
     let topo = Topology::create()?;
     let ends = Endpoints { src_mac: topo.gen_mac, dst_mac: topo.lb_mac };
 
@@ -258,17 +262,18 @@ pub fn measure(options: &Options) -> Result<Measured> {
     // The benchmark's programs; the variants use l4lb's own (filled) maps.
     let mut storage = MaybeUninit::uninit();
     let skel = load_bench_object(&mut storage, &lb.tracked_maps)?;
-    let gen_ifindex = attach_sink_and_park_generator(&topo, &skel)?;
     let fds = Fds::new(&skel, &lb);
     let allowed = sys::allowed_cpus()?;
     let (&gen_cpu, others) = allowed.split_last().ok_or_else(|| anyhow!("no CPU to run on"))?;
+    let ring = Ring::new(fds.gen, fds.ring, (&topo.gen_ns, &topo.gen_dev), gen_cpu, ends)
+        .context("the ring of frames on the generator's veth")?;
     let setup = Setup {
         topo: &topo,
         fds,
         ends,
-        gen_ifindex,
+        ring,
+        softirqd: sys::ksoftirqd(gen_cpu)?,
         lb_ifindex: lb.ifindex,
-        cpus,
         gen_cpu,
         other_cpus: others.to_vec(),
         tracked_maps: &tracked_maps,
@@ -369,27 +374,6 @@ fn load_bench_object<'obj>(
         bail!("bench_gen_cfg has value size {gen_cfg_size}, expected {}", frames::GEN_CONFIG_LEN);
     }
     Ok(skel)
-}
-
-/// Attaches the sink to the gen veth and parks the generator on the gen
-/// namespace's loopback; returns the gen veth's ifindex.
-fn attach_sink_and_park_generator(topo: &Topology, skel: &super::skel::L4lbBenchSkel<'_>) -> Result<u32> {
-    let sink_fd = skel.progs.bench_sink.as_fd().as_raw_fd();
-    let gen_fd = skel.progs.bench_gen.as_fd().as_raw_fd();
-    sys::in_netns(&topo.gen_ns, || {
-        let index = Interface::by_name(&topo.gen_dev)?.index;
-        sys::xdp_attach(index, sink_fd)?;
-        // Every live test_run call puts its program into the kernel's XDP
-        // dispatcher and takes it out again when it returns, and each change
-        // of the dispatcher waits for an RCU grace period (synchronize_rcu,
-        // milliseconds): the generator idled more than half the time. A
-        // program attached to a device stays in the dispatcher, and then a
-        // test_run call only counts one more user. So the generator is parked
-        // on the gen namespace's loopback (generic mode; nothing is sent there).
-        let lo = Interface::by_name("lo")?.index;
-        sys::xdp_attach_mode(lo, gen_fd, libbpf_sys::XDP_FLAGS_SKB_MODE)?;
-        Ok(index)
-    })
 }
 
 /// After the live phases: every l4lb's counters must add up (and every
@@ -875,14 +859,19 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], rows: &RowSer
     Ok(())
 }
 
-/// The generator, run once on a frame of garbage, must write the whole
-/// `kind` frame as the host's model builds it, from a client in its range.
+/// The generator, run once on a frame of garbage as long as the balancer
+/// sends it back, must write the whole `kind` frame as the host's model
+/// builds it, from a client in its range, over the tail of what it got.
 fn check_generator(setup: &Setup, kind: Kind) -> Result<()> {
     let fds = &setup.fds;
-    write_gen_config(fds.gen_cfg, kind, &setup.ends)?;
-    let data = vec![0xa5u8; kind.frame_len()];
+    sys::map_update(fds.ring.cfg, 0, &frames::gen_config(kind, &setup.ends))?;
+    sys::map_update(fds.ring.ctl, 0, &ctl_value(true, 1))?;
+    let back: Vec<u8> = (0..kind.frame_len() + kind.overhead()).map(|i| 0xa5 ^ i as u8).collect();
+    let data = &back[kind.overhead()..];
     let mut out = vec![0u8; 4096];
-    let run = sys::test_run(fds.gen, &data, Some(&mut out), None, 1, 0).context("running the generator once")?;
+    let run = sys::test_run(fds.gen, &back, Some(&mut out)).context("running the generator once");
+    sys::map_update(fds.ring.ctl, 0, &ctl_value(false, 0))?;
+    let run = run?;
     if run.retval != XDP_TX || run.data_len != kind.frame_len() {
         bail!("generator: verdict {} and {} bytes for {}", run.retval, run.data_len, kind.label());
     }
@@ -920,7 +909,7 @@ fn check_generator(setup: &Setup, kind: Kind) -> Result<()> {
 fn check_answer(name: &str, fd: RawFd, kind: Kind, frame: &[u8]) -> Result<Vec<u8>> {
     let expected = frame.len() + kind.overhead();
     let mut out = vec![0u8; 4096];
-    let run = sys::test_run(fd, frame, Some(&mut out), None, 1, 0)?;
+    let run = sys::test_run(fd, frame, Some(&mut out))?;
     if run.retval != XDP_TX || run.data_len != expected {
         bail!(
             "{name} answered a {} frame with verdict {} and {} bytes (expected XDP_TX, {expected})",
@@ -958,10 +947,6 @@ fn check_l4lbs(setup: &Setup, kind: Kind, frame: &[u8], rows: &RowServices<'_>) 
         }
     }
     Ok(l4lb_out)
-}
-
-fn write_gen_config(map: RawFd, kind: Kind, ends: &Endpoints) -> Result<()> {
-    sys::map_update(map, 0, &frames::gen_config(kind, ends))
 }
 
 /// The value of l4lb's counter `name` in `counters` (indexed like COUNTER_NAMES).
@@ -1076,9 +1061,7 @@ fn time_test_run(fds: &Fds, kind: Kind, ends: &Endpoints) -> Result<(ProgramTime
             let mut sum = 0u64;
             for _ in 0..TEST_RUN_PER_CHUNK {
                 next = (next + 1) % frames.len();
-                sum += u64::from(
-                    sys::test_run(fd, &frames[next], None, None, 1, 0).context("timing with test_run")?.duration_ns,
-                );
+                sum += u64::from(sys::test_run(fd, &frames[next], None).context("timing with test_run")?.duration_ns);
             }
             avg[p] = sum as f64 / TEST_RUN_PER_CHUNK as f64;
         }
@@ -1098,7 +1081,7 @@ fn stats_overhead_ns(fds: &Fds) -> Result<f64> {
     let chunk = |fd: RawFd| -> Result<f64> {
         let mut sum = 0u64;
         for _ in 0..TEST_RUN_PER_CHUNK {
-            sum += u64::from(sys::test_run(fd, &frame, None, None, 1, 0)?.duration_ns);
+            sum += u64::from(sys::test_run(fd, &frame, None)?.duration_ns);
         }
         Ok(sum as f64 / TEST_RUN_PER_CHUNK as f64)
     };
@@ -1116,138 +1099,17 @@ fn stats_overhead_ns(fds: &Fds) -> Result<f64> {
 
 // ------------------------------------------------------------ live traffic
 
-const GEN_IDLE: u8 = 0;
-const GEN_QUIT: u8 = 255;
-
-fn kind_code(kind: Kind) -> u8 {
-    Kind::ALL.iter().position(|k| *k == kind).expect("a kind") as u8 + 1
-}
-
-/// The generator thread's controls.
-struct Generator {
-    /// GEN_IDLE, GEN_QUIT or a kind's code.
-    want: AtomicU8,
-    /// The kind being sent now (set once its first batch is under way).
-    active: AtomicU8,
-    /// The generator thread's CPU-time clock. The veths' softirq work (the
-    /// programs, the sink) runs inline when the test_run call re-enables
-    /// bottom halves, on the same CPU; without IRQ time accounting (this
-    /// kernel) it counts as the thread's time, with it it would not.
-    clock: AtomicI32,
-    /// The generator thread's id (for its schedstat).
-    tid: AtomicI32,
-    error: Mutex<Option<String>>,
-}
-
-impl Generator {
-    fn new() -> Generator {
-        Generator {
-            want: AtomicU8::new(GEN_IDLE),
-            active: AtomicU8::new(GEN_IDLE),
-            clock: AtomicI32::new(-1),
-            tid: AtomicI32::new(-1),
-            error: Mutex::new(None),
-        }
-    }
-
-    /// How long the generator thread waited for its CPU so far, ns.
-    fn waited_ns(&self) -> Result<u64> {
-        sys::run_delay_ns(self.tid.load(Ordering::SeqCst))
-    }
-
-    /// CPU time of the generator thread so far, ns.
-    fn cpu_ns(&self) -> Result<u64> {
-        sys::clock_ns(self.clock.load(Ordering::SeqCst))
-    }
-
-    /// The generator loop, in the gen namespace: live test_run calls of
-    /// LIVE_BATCH frames out of the gen veth, for the wanted kind.
-    fn run(&self, setup: &Setup) {
-        if let Err(err) = self.run_inner(setup) {
-            *self.error.lock().unwrap() = Some(format!("{err:#}"));
-        }
-        self.active.store(GEN_QUIT, Ordering::SeqCst);
-    }
-
-    fn run_inner(&self, setup: &Setup) -> Result<()> {
-        sys::enter_netns(&setup.topo.gen_ns)?;
-        sys::set_cpus(&[setup.gen_cpu])?;
-        self.tid.store(sys::gettid(), Ordering::SeqCst);
-        self.clock.store(sys::thread_cpu_clock()?, Ordering::SeqCst);
-        let mut current = GEN_IDLE;
-        let mut data = Vec::new();
-        loop {
-            let want = self.want.load(Ordering::SeqCst);
-            match want {
-                GEN_QUIT => return Ok(()),
-                GEN_IDLE => {
-                    self.active.store(GEN_IDLE, Ordering::SeqCst);
-                    current = GEN_IDLE;
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                code if code != current => {
-                    let kind = Kind::ALL[usize::from(code) - 1];
-                    write_gen_config(setup.fds.gen_cfg, kind, &setup.ends)?;
-                    data = frames::frame(kind, &setup.ends, frames::client_of(kind, 0).0, 0);
-                    current = code;
-                    self.active.store(code, Ordering::SeqCst);
-                }
-                _ => {}
-            }
-            match sys::test_run(setup.fds.gen, &data, None, Some(setup.gen_ifindex), LIVE_BATCH, TEST_XDP_LIVE_FRAMES) {
-                Ok(_) => {}
-                Err(err) if err.raw_os_error() == Some(nix::libc::EINTR) => {}
-                Err(err) => return Err(anyhow!("live test_run of the generator: {err}")),
-            }
-        }
-    }
-
-    /// Asks for `kind` and waits until it is being sent.
-    fn send(&self, kind: Kind) -> Result<()> {
-        let code = kind_code(kind);
-        self.want.store(code, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.active.load(Ordering::SeqCst) != code {
-            self.check()?;
-            if Instant::now() > deadline {
-                bail!("the generator did not start sending {}", kind.label());
-            }
-            sys::sleep(Duration::from_millis(1))?;
-        }
-        Ok(())
-    }
-
-    fn check(&self) -> Result<()> {
-        if let Some(err) = self.error.lock().unwrap().as_ref() {
-            bail!("generator: {err}");
-        }
-        if self.active.load(Ordering::SeqCst) == GEN_QUIT {
-            bail!("the generator stopped");
-        }
-        Ok(())
-    }
-}
-
-/// Stops the generator when the measuring ends, however it ends.
-struct StopOnDrop<'a>(&'a Generator);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.want.store(GEN_QUIT, Ordering::SeqCst);
-    }
+/// Puts `kind` in the ring: empties it, puts the plain floor on the
+/// balancer's veth (an l4lb sees only frames of its own rows: the pair of
+/// the 64-services row has none of the other rows' services, and would pass
+/// their frames to the stack), then starts it with `kind`.
+fn switch_row(setup: &Setup, kind: Kind) -> Result<()> {
+    setup.ring.stop()?;
+    attach(setup, setup.fds.plain)?;
+    setup.ring.start(&[kind]).with_context(|| format!("starting the ring with {}", kind.label()))
 }
 
 /// Puts a program on the balancer's veth (replacing the one there).
-/// Switches the generator to `kind` with the plain floor on the balancer's
-/// veth meanwhile: an l4lb sees only frames of its own rows (the pair of the
-/// 64-services row has none of the other rows' services, and would pass
-/// their frames to the stack).
-fn switch_row(setup: &Setup, generator: &Generator, kind: Kind) -> Result<()> {
-    attach(setup, setup.fds.plain)?;
-    generator.send(kind)
-}
-
 fn attach(setup: &Setup, fd: RawFd) -> Result<()> {
     let ifindex = setup.lb_ifindex;
     sys::in_netns(&setup.topo.lb_ns, || sys::xdp_attach(ifindex, fd))
@@ -1261,68 +1123,86 @@ fn attach_variant(setup: &Setup, variant: Variant, kind: Kind) -> Result<()> {
 /// Throughput of one program over the slices it had.
 #[derive(Debug, Clone, Copy)]
 struct Rate {
-    /// Frames back at the sink per second of wall time, millions.
+    /// Frames back at the generator per second of wall time, millions.
     mpps: f64,
-    /// Share of the time the generator's CPU was busy (softirq included).
+    /// Share of the time the ring's CPU was busy (softirq included).
     busy: f64,
     /// Share of the time the hypervisor took from it.
     steal: f64,
-    /// Share of the wall time the generator thread ran.
-    thread: f64,
-    /// Share of the wall time the generator waited for its CPU.
+    /// Share of the wall time the ring's softirq thread (ksoftirqd) ran.
+    softirq: f64,
+    /// Share of the wall time it was runnable but waited for its CPU.
     waited: f64,
+}
+
+/// One reading of what `interleaved` measures.
+struct Sample {
+    /// Frames back at the generator: on the ring's CPU, and all.
+    back_on_cpu: u64,
+    back: u64,
+    /// The ring's ksoftirqd: time on the CPU, time waiting for it, ns.
+    softirq_ns: u64,
+    waited_ns: u64,
+    ticks: sys::CpuTicks,
+    at: Instant,
+}
+
+fn sample(setup: &Setup) -> Result<Sample> {
+    let (back_on_cpu, back) = setup.ring.back_on_cpu()?;
+    let (softirq_ns, waited_ns) = sys::schedstat(setup.softirqd)?;
+    Ok(Sample { back_on_cpu, back, softirq_ns, waited_ns, ticks: sys::cpu_ticks(setup.gen_cpu)?, at: Instant::now() })
 }
 
 /// Measures the programs `fds` in turn on the balancer's veth, in slices of
 /// SLICE taken in rotating order until each had `seconds`, so that a burst of
 /// load from elsewhere falls on all of them alike. Counts the frames that came
-/// back to the sink per wall-clock second, and how busy the generator's CPU
-/// was meanwhile (/proc/stat) and how much of it the generator thread had.
-/// A slice in which another task took the generator's CPU for more than
-/// MAX_WAITED of the time is measured again (up to SLICE_TRIES times in all).
-fn interleaved(setup: &Setup, generator: &Generator, fds: &[RawFd], seconds: f64, start: usize) -> Result<Vec<Rate>> {
+/// back to the generator per wall-clock second, and how busy the ring's CPU
+/// was meanwhile (/proc/stat) and how much of it the ring's ksoftirqd had.
+/// A slice in which another task took the ring's CPU for more than
+/// MAX_WAITED of the time is measured again (up to SLICE_TRIES times in all);
+/// so is one in which the ring left its CPU (it is started again there).
+fn interleaved(setup: &Setup, fds: &[RawFd], seconds: f64, start: usize) -> Result<Vec<Rate>> {
     let slices = ((seconds / SLICE.as_secs_f64()).round() as usize).max(1);
     let slice = Duration::from_secs_f64(seconds / slices as f64);
     let mut frames = vec![0u64; fds.len()];
     let mut wall = vec![0f64; fds.len()];
-    let mut cpu = vec![0u64; fds.len()];
+    let mut softirq = vec![0u64; fds.len()];
     let mut waited = vec![0u64; fds.len()];
     let mut ticks = vec![sys::CpuTicks::default(); fds.len()];
-    let sample = || -> Result<(u64, u64, u64, sys::CpuTicks, Instant)> {
-        Ok((
-            sys::percpu_sum(setup.fds.sink_cnt, setup.cpus)?,
-            generator.cpu_ns()?,
-            generator.waited_ns()?,
-            sys::cpu_ticks(setup.gen_cpu)?,
-            Instant::now(),
-        ))
-    };
     for cycle in 0..slices {
         for step in 0..fds.len() {
             let p = (start + cycle + step) % fds.len();
             attach(setup, fds[p])?;
             sys::sleep(SETTLE)?;
             for attempt in 1..=SLICE_TRIES {
-                let (c0, cpu0, wait0, ticks0, t0) = sample()?;
+                let s0 = sample(setup)?;
                 sys::sleep(slice)?;
-                let (c1, cpu1, wait1, ticks1, t1) = sample()?;
-                let dt = (t1 - t0).as_secs_f64();
-                let wait = wait1.saturating_sub(wait0);
-                if wait as f64 / 1e9 > MAX_WAITED * dt && attempt < SLICE_TRIES {
-                    continue;
+                let s1 = sample(setup)?;
+                let dt = (s1.at - s0.at).as_secs_f64();
+                let wait = s1.waited_ns.saturating_sub(s0.waited_ns);
+                let back = s1.back.saturating_sub(s0.back);
+                let off_cpu = back.saturating_sub(s1.back_on_cpu.saturating_sub(s0.back_on_cpu));
+                if attempt < SLICE_TRIES {
+                    if off_cpu as f64 > MAX_OFF_CPU * back as f64 {
+                        setup.ring.restart().context("starting the ring again on its CPU")?;
+                        sys::sleep(SETTLE)?;
+                        continue;
+                    }
+                    if wait as f64 / 1e9 > MAX_WAITED * dt {
+                        continue;
+                    }
                 }
                 wall[p] += dt;
-                cpu[p] += cpu1.saturating_sub(cpu0);
+                softirq[p] += s1.softirq_ns.saturating_sub(s0.softirq_ns);
                 waited[p] += wait;
-                frames[p] += c1.saturating_sub(c0);
-                ticks[p].add(&ticks1.since(&ticks0));
+                frames[p] += back;
+                ticks[p].add(&s1.ticks.since(&s0.ticks));
                 break;
             }
         }
-        generator.check()?;
     }
     if let Some(p) = frames.iter().position(|&n| n == 0) {
-        bail!("no frames came back to the sink with program {p} on the balancer's veth");
+        bail!("no frames came back to the generator with program {p} on the balancer's veth");
     }
     Ok((0..fds.len())
         .map(|p| {
@@ -1331,29 +1211,29 @@ fn interleaved(setup: &Setup, generator: &Generator, fds: &[RawFd], seconds: f64
                 mpps: frames[p] as f64 / wall[p] / 1e6,
                 busy: ticks[p].busy as f64 / total,
                 steal: ticks[p].steal as f64 / total,
-                thread: cpu[p] as f64 / 1e9 / wall[p],
+                softirq: softirq[p] as f64 / 1e9 / wall[p],
                 waited: waited[p] as f64 / 1e9 / wall[p],
             }
         })
         .collect())
 }
 
-/// Keeps the calling thread (and the threads it starts) off the generator's
+/// Keeps the calling thread (and the threads it starts) off the ring's
 /// CPU until dropped.
-struct OffGeneratorCpu(Option<Vec<usize>>);
+struct OffRingCpu(Option<Vec<usize>>);
 
-impl OffGeneratorCpu {
-    fn new(setup: &Setup) -> Result<OffGeneratorCpu> {
+impl OffRingCpu {
+    fn new(setup: &Setup) -> Result<OffRingCpu> {
         if setup.other_cpus.is_empty() {
-            return Ok(OffGeneratorCpu(None));
+            return Ok(OffRingCpu(None));
         }
         let before = sys::allowed_cpus()?;
         sys::set_cpus(&setup.other_cpus)?;
-        Ok(OffGeneratorCpu(Some(before)))
+        Ok(OffRingCpu(Some(before)))
     }
 }
 
-impl Drop for OffGeneratorCpu {
+impl Drop for OffRingCpu {
     fn drop(&mut self) {
         if let Some(cpus) = &self.0 {
             let _ = sys::set_cpus(cpus);
@@ -1367,47 +1247,46 @@ type LivePhases = (Vec<Vec<Round>>, Vec<ProgramTimes>, f64, Option<Vec<Vec<f64>>
 /// Returns the rounds per kind, run_time_ns/run_cnt per kind, the measured
 /// cost of bpf stats, and Mpps per variant per round.
 fn live_phases(setup: &Setup, options: &Options, variants: Option<&[(&str, &str, RawFd)]>) -> Result<LivePhases> {
-    let generator = Generator::new();
-    let _off = OffGeneratorCpu::new(setup)?;
-    std::thread::scope(|scope| {
-        let _stop = StopOnDrop(&generator);
-        scope.spawn(|| generator.run(setup));
+    let _off = OffRingCpu::new(setup)?;
+    let phases = (|| -> Result<LivePhases> {
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Kind::ALL.len()];
         for round in 0..options.rounds {
             for (k, kind) in Kind::ALL.into_iter().enumerate() {
-                let r = ab_round(setup, &generator, kind, round + k, options.seconds)?;
+                let r = ab_round(setup, kind, round + k, options.seconds)?;
                 print_round(setup, kind, round, options.rounds, &r);
                 rounds[k].push(r);
             }
         }
         let variant_rounds = match variants {
             None => None,
-            Some(programs) => Some(variant_rounds(setup, &generator, programs, options)?),
+            Some(programs) => Some(variant_rounds(setup, programs, options)?),
         };
         // bpf stats: on only for this phase (they cost every program run).
         eprintln!("l4lb bench: run_time_ns/run_cnt with bpf stats on");
         let stats_overhead = stats_overhead_ns(&setup.fds)?;
         let stats = sys::enable_bpf_stats()?;
-        let run_times = Kind::ALL
-            .into_iter()
-            .map(|kind| run_times_of(setup, &generator, kind, options.seconds))
-            .collect::<Result<Vec<_>>>()?;
+        let run_times =
+            Kind::ALL.into_iter().map(|kind| run_times_of(setup, kind, options.seconds)).collect::<Result<Vec<_>>>()?;
         drop(stats);
-        generator.want.store(GEN_IDLE, Ordering::SeqCst);
-        attach_variant(setup, Variant::L4lb, VARIANT_KIND)?;
         Ok((rounds, run_times, stats_overhead, variant_rounds))
-    })
+    })();
+    // The ring stops however the phases ended.
+    let stopped = setup.ring.stop();
+    let phases = phases?;
+    stopped?;
+    attach_variant(setup, Variant::L4lb, VARIANT_KIND)?;
+    Ok(phases)
 }
 
 /// One A/B round of `kind`: the four programs alternated in slices (`turn`
 /// decides which goes first), with the tracked l4lb's flow events.
-fn ab_round(setup: &Setup, generator: &Generator, kind: Kind, turn: usize, seconds: f64) -> Result<Round> {
+fn ab_round(setup: &Setup, kind: Kind, turn: usize, seconds: f64) -> Result<Round> {
     let counters = |kind: Kind| setup.tracked_maps_of(kind).read_counters();
     // A row measured right after a change: the 33rd backend just added.
     if kind.changed() {
         setup.start_change()?;
     }
-    switch_row(setup, generator, kind)?;
+    switch_row(setup, kind)?;
     // A row of bounded flows: the tracked l4lb alone first, until every flow
     // has its pin; the row then measures pins that hold.
     let mut warmup_pinned = 0;
@@ -1420,7 +1299,7 @@ fn ab_round(setup: &Setup, generator: &Generator, kind: Kind, turn: usize, secon
         warmup_pinned = flow_events(&start, &before).pinned;
     }
     let fds: Vec<RawFd> = VARIANTS.iter().map(|&v| setup.fds.of(v, kind)).collect();
-    let mpps = interleaved(setup, generator, &fds, seconds, turn)?;
+    let mpps = interleaved(setup, &fds, seconds, turn)?;
     let flows = FlowEvents { warmup_pinned, ..flow_events(&before, &counters(kind)?) };
     Ok(Round {
         l4lb: mpps[0].mpps,
@@ -1429,8 +1308,8 @@ fn ab_round(setup: &Setup, generator: &Generator, kind: Kind, turn: usize, secon
         encap: mpps[3].mpps,
         cpu_busy: mpps.iter().map(|m| m.busy).fold(f64::INFINITY, f64::min),
         steal: mpps.iter().map(|m| m.steal).fold(0.0, f64::max),
-        generator_share: mpps.iter().map(|m| m.thread).fold(f64::INFINITY, f64::min),
-        generator_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
+        softirq_share: mpps.iter().map(|m| m.softirq).fold(f64::INFINITY, f64::min),
+        softirq_waited: mpps.iter().map(|m| m.waited).fold(0.0, f64::max),
         flows,
     })
 }
@@ -1439,7 +1318,7 @@ fn ab_round(setup: &Setup, generator: &Generator, kind: Kind, turn: usize, secon
 fn print_round(setup: &Setup, kind: Kind, round: usize, rounds: usize, r: &Round) {
     let warmup = if kind.flows().is_some() { format!(" (warm-up {})", r.flows.warmup_pinned) } else { String::new() };
     eprintln!(
-        "round {}/{} {:<14} l4lb {:.3}  untracked {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}, untracked {:.3}; pinned {}{}  (CPU {} busy {:.0}%, steal {:.0}%, generator ran {:.0}%, waited {:.1}%)",
+        "round {}/{} {:<14} l4lb {:.3}  untracked {:.3}  plain {:.3}  encap {:.3} Mpps  l4lb/encap {:.3}, untracked {:.3}; pinned {}{}  (CPU {} busy {:.0}%, steal {:.0}%, ksoftirqd ran {:.0}%, waited {:.1}%)",
         round + 1,
         rounds,
         kind.label(),
@@ -1454,32 +1333,27 @@ fn print_round(setup: &Setup, kind: Kind, round: usize, rounds: usize, r: &Round
         setup.gen_cpu,
         100.0 * r.cpu_busy,
         100.0 * r.steal,
-        100.0 * r.generator_share,
-        100.0 * r.generator_waited
+        100.0 * r.softirq_share,
+        100.0 * r.softirq_waited
     );
 }
 
 /// The variants phase: every variant program alternated in slices on
 /// VARIANT_KIND, `options.rounds` times; Mpps per program per round.
-fn variant_rounds(
-    setup: &Setup,
-    generator: &Generator,
-    programs: &[(&str, &str, RawFd)],
-    options: &Options,
-) -> Result<Vec<Vec<f64>>> {
+fn variant_rounds(setup: &Setup, programs: &[(&str, &str, RawFd)], options: &Options) -> Result<Vec<Vec<f64>>> {
     eprintln!("l4lb bench: variants, {}", VARIANT_KIND.label());
-    switch_row(setup, generator, VARIANT_KIND)?;
+    switch_row(setup, VARIANT_KIND)?;
     let fds: Vec<RawFd> = programs.iter().map(|p| p.2).collect();
     let mut per_program = vec![Vec::new(); programs.len()];
     for round in 0..options.rounds {
-        let rates = interleaved(setup, generator, &fds, options.seconds, round)?;
+        let rates = interleaved(setup, &fds, options.seconds, round)?;
         let busy = rates.iter().map(|r| r.busy).fold(f64::INFINITY, f64::min);
         let waited = rates.iter().map(|r| r.waited).fold(0.0, f64::max);
         let mpps: Vec<f64> = rates.iter().map(|r| r.mpps).collect();
         let encap = mpps[0];
         let line: Vec<String> = programs.iter().zip(&mpps).map(|(p, m)| format!("{} {:.3}", p.0, m / encap)).collect();
         eprintln!(
-            "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, generator waited {:.1}%): {}",
+            "variants round {}/{} (share of the encap floor; CPU busy {:.0}%, ksoftirqd waited {:.1}%): {}",
             round + 1,
             options.rounds,
             100.0 * busy,
@@ -1495,11 +1369,11 @@ fn variant_rounds(
 
 /// run_time_ns / run_cnt of each of the four programs on `kind`'s live
 /// traffic (bpf stats must be on).
-fn run_times_of(setup: &Setup, generator: &Generator, kind: Kind, seconds: f64) -> Result<ProgramTimes> {
+fn run_times_of(setup: &Setup, kind: Kind, seconds: f64) -> Result<ProgramTimes> {
     if kind.changed() {
         setup.start_change()?;
     }
-    switch_row(setup, generator, kind)?;
+    switch_row(setup, kind)?;
     let mut ns = [0f64; 4];
     for (v, &variant) in VARIANTS.iter().enumerate() {
         attach_variant(setup, variant, kind)?;
@@ -1508,7 +1382,6 @@ fn run_times_of(setup: &Setup, generator: &Generator, kind: Kind, seconds: f64) 
         let before = sys::prog_info(fd)?;
         sys::sleep(Duration::from_secs_f64(STATS_SECONDS.min(seconds)))?;
         let after = sys::prog_info(fd)?;
-        generator.check()?;
         let runs = after.run_cnt.saturating_sub(before.run_cnt);
         if runs == 0 {
             bail!("{} did not run with bpf stats on", variant.name());

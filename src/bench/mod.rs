@@ -1,8 +1,9 @@
 //! `l4lb bench`: the throughput benchmark.
 //!
-//! A generator built on BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES
-//! sends frames with random client addresses and ports out of one end of a
-//! veth pair (two private network namespaces, `l4lbb-<pid>-gen` and `-lb`).
+//! A generator on one end of a veth pair (two private network namespaces,
+//! `l4lbb-<pid>-gen` and `-lb`) sends frames with random client addresses
+//! and ports to the other end and turns every frame that comes back into the
+//! next one: a ring of frames (`ring`).
 //! On the other end runs, in turn, l4lb (loaded and configured through the
 //! product path: `attach`, then `apply::plan` + `apply::execute` with five
 //! services: an IPv4 VIP for TCP and for UDP, an IPv4 VIP with IPv6
@@ -11,16 +12,17 @@
 //! what connection tracking costs), or one of two floors measured in the
 //! same run: the plain floor (count, XDP_TX) and the
 //! encapsulation floor (count, push the outer IPv4 or IPv6 header the row's
-//! backends need, XDP_TX). What comes back is counted and dropped by a sink
-//! on the generator's end. The programs are in src/bpf/l4lb_bench.bpf.c.
+//! backends need, XDP_TX). What comes back is counted by the generator.
+//! The programs are in src/bpf/l4lb_bench.bpf.c.
 //!
 //! Pure parts: `frames` (what the generator sends), `report` (statistics,
-//! ratios, tables, JSON), `chart` (SVG). Syscall parts: `sys`, `live`.
+//! ratios, tables, JSON), `chart` (SVG). Syscall parts: `sys`, `ring`, `live`.
 
 pub mod chart;
 pub mod frames;
 mod live;
 pub mod report;
+pub mod ring;
 mod sys;
 
 use std::path::PathBuf;

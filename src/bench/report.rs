@@ -76,8 +76,8 @@ pub struct FlowEvents {
 /// Throughput of one round: the four programs on the balancer's veth (the
 /// encapsulation floor pushes the outer header the row's backends need: IPv4
 /// or IPv6), frames
-/// back at the sink per second of wall time, millions, measured with the
-/// generator pinned to one CPU; and how busy that CPU was meanwhile.
+/// back at the generator per second of wall time, millions, measured with
+/// the ring of frames on one CPU; and how busy that CPU was meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Round {
     /// l4lb as configured by default: every service tracks flows.
@@ -86,22 +86,22 @@ pub struct Round {
     pub l4lb_untracked: f64,
     pub plain: f64,
     pub encap: f64,
-    /// Share of the measured time the generator's CPU was busy (/proc/stat:
+    /// Share of the measured time the ring's CPU was busy (/proc/stat:
     /// user, system, irq and softirq), the smallest of the programs'.
     /// Near 1: the path was CPU-bound and the wall-clock rates are its own.
     pub cpu_busy: f64,
     /// Share of the measured time the hypervisor took from that CPU (steal),
     /// the largest of the programs'.
     pub steal: f64,
-    /// Share of the wall time the generator thread ran (its test_run call
-    /// and the softirq work it runs inline), the smallest of the three. Below
-    /// `cpu_busy`: something else ran on the generator's CPU. (Softirq work
-    /// counts here only without IRQ time accounting, as on these kernels.)
-    pub generator_share: f64,
-    /// Share of the wall time the generator was runnable but waited for its
+    /// Share of the wall time the ring's CPU ran its softirq thread
+    /// (ksoftirqd/N, where the ring runs once it is busy), the smallest of
+    /// the four. Below `cpu_busy`: something else ran on that CPU, or the
+    /// ring's softirq work ran at the end of interrupts.
+    pub softirq_share: f64,
+    /// Share of the wall time that thread was runnable but waited for its
     /// CPU (schedstat run_delay: another task had it), the largest of the
-    /// three. Slices above 5% are measured again (up to 4 times).
-    pub generator_waited: f64,
+    /// four. Slices above 5% are measured again (up to 4 times).
+    pub softirq_waited: f64,
     /// The tracked l4lb's counters over the row's measurement.
     pub flows: FlowEvents,
 }
@@ -127,8 +127,8 @@ pub struct Throughput {
     pub ns_tracking: Summary,
     pub cpu_busy: Summary,
     pub steal: Summary,
-    pub generator_share: Summary,
-    pub generator_waited: Summary,
+    pub softirq_share: Summary,
+    pub softirq_waited: Summary,
 }
 
 impl Throughput {
@@ -147,8 +147,8 @@ impl Throughput {
             ns_tracking: pick(|r| ns_added(r.l4lb, r.l4lb_untracked))?,
             cpu_busy: pick(|r| r.cpu_busy)?,
             steal: pick(|r| r.steal)?,
-            generator_share: pick(|r| r.generator_share)?,
-            generator_waited: pick(|r| r.generator_waited)?,
+            softirq_share: pick(|r| r.softirq_share)?,
+            softirq_waited: pick(|r| r.softirq_waited)?,
             rounds,
         })
     }
@@ -285,7 +285,7 @@ pub struct Context {
     pub kernel: String,
     pub date: String,
     pub command: String,
-    /// The CPU the generator was pinned to.
+    /// The CPU the ring of frames ran on.
     pub generator_cpu: usize,
     pub rounds: usize,
     pub seconds: f64,
@@ -513,7 +513,7 @@ pub fn control_table(results: &Results) -> Table {
 pub fn render(results: &Results) -> String {
     let mut out = run_header(&results.context);
     out.push_str(&throughput_section(results));
-    out.push_str(&generator_cpu_line(results));
+    out.push_str(&ring_cpu_line(results));
     out.push_str(&target_lines(results));
     out.push_str(&tracking_section(results));
     out.push_str(&programs_section(results));
@@ -542,8 +542,8 @@ fn run_header(c: &Context) -> String {
 /// What the throughput is, its table, and what each row's packets are.
 fn throughput_section(results: &Results) -> String {
     let mut out = format!(
-        "Throughput through the balancer's veth, Mpps: frames back at the sink per wall-clock second. The generator is\n\
-         pinned to CPU {} and keeps it busy; generator, both veths, the program and the sink all run there:\n",
+        "Throughput through the balancer's veth, Mpps: frames back at the generator per wall-clock second. The ring of\n\
+         frames runs on CPU {} and keeps it busy; the generator, both veths and the program all run there:\n",
         results.context.generator_cpu
     );
     out.push_str(&table_lines(&throughput_table(results)));
@@ -556,23 +556,23 @@ fn throughput_section(results: &Results) -> String {
     out
 }
 
-/// How busy the generator's CPU was over all rounds, and whether that makes
-/// the rates understate the path; nothing without rounds.
-fn generator_cpu_line(results: &Results) -> String {
+/// How busy the ring's CPU was over all rounds, and whether that makes the
+/// rates understate the path; nothing without rounds.
+fn ring_cpu_line(results: &Results) -> String {
     let all = |f: fn(&Round) -> f64| -> Vec<f64> {
         results.kinds.iter().flat_map(|k| k.throughput.rounds.iter().map(f)).collect()
     };
     let (Some(busy), Some(steal), Some(thread), Some(waited)) = (
         Summary::of(&all(|r| r.cpu_busy)),
         Summary::of(&all(|r| r.steal)),
-        Summary::of(&all(|r| r.generator_share)),
-        Summary::of(&all(|r| r.generator_waited)),
+        Summary::of(&all(|r| r.softirq_share)),
+        Summary::of(&all(|r| r.softirq_waited)),
     ) else {
         return String::new();
     };
     format!(
         "CPU {} was busy {:.0}% to {:.0}% of the measured time (/proc/stat, softirq included), steal {:.0}% to {:.0}%;\n\
-         the generator thread ran {:.0}% to {:.0}% of it and waited for the CPU {:.1}% to {:.1}%{}.\n",
+         its ksoftirqd ran {:.0}% to {:.0}% of it and waited for the CPU {:.1}% to {:.1}%{}.\n",
         results.context.generator_cpu,
         100.0 * busy.min,
         100.0 * busy.max,
@@ -584,7 +584,7 @@ fn generator_cpu_line(results: &Results) -> String {
         100.0 * waited.max,
         match (busy.min < 0.95, waited.max > 0.05) {
             (true, _) => " (below 95% busy: the path was not CPU-bound there, those rates understate it)",
-            (false, true) => " (other tasks took the generator's CPU: those rounds' rates understate the path)",
+            (false, true) => " (other tasks took the ring's CPU: those rounds' rates understate the path)",
             _ => "",
         }
     )
@@ -695,8 +695,8 @@ pub(crate) mod tests {
             encap,
             cpu_busy: 0.99,
             steal: 0.0,
-            generator_share: 0.97,
-            generator_waited: 0.01,
+            softirq_share: 0.97,
+            softirq_waited: 0.01,
             flows: FlowEvents { tx: 1000, pinned: 7, ..FlowEvents::default() },
         }
     }

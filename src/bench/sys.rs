@@ -3,7 +3,7 @@
 //! benchmark's namespaces.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::libc;
-
-/// BPF_F_TEST_XDP_LIVE_FRAMES.
-pub const TEST_XDP_LIVE_FRAMES: u32 = 2;
 
 /// What one BPF_PROG_TEST_RUN returned.
 #[derive(Debug, Clone, Copy)]
@@ -32,18 +29,8 @@ fn os_error(rc: i32) -> std::io::Error {
     }
 }
 
-/// BPF_PROG_TEST_RUN on an XDP program. `ingress_ifindex` fills ctx_in
-/// (needed for live frames, which then leave through that device).
-pub fn test_run(
-    prog: RawFd,
-    data: &[u8],
-    out: Option<&mut [u8]>,
-    ingress_ifindex: Option<u32>,
-    repeat: u32,
-    flags: u32,
-) -> std::io::Result<TestRun> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let ctx: [u32; 6] = [0, data.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0];
+/// BPF_PROG_TEST_RUN on an XDP program, `data` run through it once.
+pub fn test_run(prog: RawFd, data: &[u8], out: Option<&mut [u8]>) -> std::io::Result<TestRun> {
     // SAFETY: plain C struct; all-zero is its documented default.
     let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
     opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
@@ -54,12 +41,7 @@ pub fn test_run(
         opts.data_out = out.as_mut_ptr().cast();
         opts.data_size_out = out_len as u32;
     }
-    if ingress_ifindex.is_some() {
-        opts.ctx_in = ctx.as_ptr().cast();
-        opts.ctx_size_in = std::mem::size_of_val(&ctx) as u32;
-    }
-    opts.repeat = repeat as i32;
-    opts.flags = flags;
+    opts.repeat = 1;
     // SAFETY: every pointer in opts is valid for the sizes given, for the call.
     let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog, &mut opts) };
     if rc != 0 {
@@ -70,6 +52,11 @@ pub fn test_run(
 
 /// The sum over CPUs of entry 0 of a per-CPU array of u64.
 pub fn percpu_sum(map: RawFd, cpus: usize) -> Result<u64> {
+    Ok(percpu_values(map, cpus)?.iter().sum())
+}
+
+/// Entry 0 of a per-CPU array of u64, one value per possible CPU.
+pub fn percpu_values(map: RawFd, cpus: usize) -> Result<Vec<u64>> {
     let mut values = vec![0u64; cpus];
     let key = 0u32;
     // SAFETY: values holds one 8-byte slot per possible CPU, as the kernel writes.
@@ -77,7 +64,7 @@ pub fn percpu_sum(map: RawFd, cpus: usize) -> Result<u64> {
     if rc != 0 {
         return Err(os_error(rc)).context("reading a per-CPU counter");
     }
-    Ok(values.iter().sum())
+    Ok(values)
 }
 
 pub fn map_update(map: RawFd, key: u32, value: &[u8]) -> Result<()> {
@@ -129,6 +116,62 @@ pub fn xdp_attach_mode(ifindex: u32, prog: RawFd, flags: u32) -> Result<()> {
     Ok(())
 }
 
+/// Attaches `prog` to `ifindex` (driver mode) through a BPF link, in the
+/// calling thread's network namespace: the program leaves the device when
+/// the returned fd is closed, at the latest when this process ends.
+pub fn xdp_link(ifindex: u32, prog: RawFd) -> Result<OwnedFd> {
+    // SAFETY: plain C struct; all-zero is its documented default.
+    let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+    opts.flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
+    // SAFETY: plain syscall wrapper with a valid fd and options.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog, ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+    if fd < 0 {
+        return Err(os_error(fd)).with_context(|| format!("linking an XDP program to ifindex {ifindex}"));
+    }
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A raw packet socket bound to `ifindex` (of the calling thread's network
+/// namespace) that only sends: protocol 0 receives nothing.
+pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a packet socket");
+    }
+    // SAFETY: fd was just returned to us.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain C struct; all-zero is a valid start.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: addr is a valid sockaddr_ll for its size.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("binding a packet socket to ifindex {ifindex}"));
+    }
+    Ok(socket)
+}
+
+/// Sends one whole frame (Ethernet header included) on a bound packet socket.
+pub fn send_frame(socket: &OwnedFd, frame: &[u8]) -> Result<()> {
+    // SAFETY: frame is valid for its length.
+    let sent = unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+    if sent != frame.len() as isize {
+        return Err(std::io::Error::last_os_error()).context("sending a frame on the packet socket");
+    }
+    Ok(())
+}
+
 /// Runs `f` in a thread that entered network namespace `ns` (setns affects
 /// the calling thread only). Panics in `f` are passed on.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -149,42 +192,31 @@ pub fn enter_netns(ns: &str) -> Result<()> {
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))
 }
 
-/// The CPU-time clock of the calling thread (readable from other threads).
-pub fn thread_cpu_clock() -> Result<libc::clockid_t> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: pthread_self() is the calling thread; clock is a valid out pointer.
-    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc)).context("pthread_getcpuclockid");
+/// The pid of `cpu`'s softirq thread, ksoftirqd/N: where softirq work runs
+/// once a CPU has more of it than the end of an interrupt can take.
+pub fn ksoftirqd(cpu: usize) -> Result<i32> {
+    let name = format!("ksoftirqd/{cpu}");
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|comm| comm.trim_end() == name) {
+            return Ok(pid);
+        }
     }
-    Ok(clock)
+    bail!("no {name} in /proc")
 }
 
-/// A clock's reading, ns.
-pub fn clock_ns(clock: libc::clockid_t) -> Result<u64> {
-    // SAFETY: plain C struct, valid out pointer.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("clock_gettime");
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-/// The calling thread's id.
-pub fn gettid() -> i32 {
-    nix::unistd::gettid().as_raw()
-}
-
-/// How long thread `tid` of this process has waited, runnable, for a CPU
-/// (the second field of its schedstat: run_delay), ns.
-pub fn run_delay_ns(tid: i32) -> Result<u64> {
-    let path = format!("/proc/self/task/{tid}/schedstat");
+/// Task `pid`'s time on a CPU and time runnable but waiting for one (the
+/// first two fields of its schedstat), ns.
+pub fn schedstat(pid: i32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/schedstat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|field| field.parse().ok())
-        .ok_or_else(|| anyhow!("unexpected {path}: {text}"))
+    parse_schedstat(&text).ok_or_else(|| anyhow!("unexpected {path}: {text}"))
+}
+
+fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
 }
 
 /// One CPU's line of /proc/stat, in ticks (USER_HZ).
@@ -408,5 +440,12 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat, 2), None);
         let later = CpuTicks { busy: 100, idle: 10, steal: 5 };
         assert_eq!(later.since(&CpuTicks { busy: 40, idle: 8, steal: 5 }), CpuTicks { busy: 60, idle: 2, steal: 0 });
+    }
+
+    #[test]
+    fn schedstat_gives_run_and_wait_time() {
+        assert_eq!(parse_schedstat("12520980978 2005843506 48189\n"), Some((12_520_980_978, 2_005_843_506)));
+        assert_eq!(parse_schedstat("12 x 3"), None);
+        assert_eq!(parse_schedstat(""), None);
     }
 }

@@ -1,17 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The throughput benchmark's programs (`l4lb bench`), not part of the datapath.
  *
- *   bench_gen    traffic generator, run by BPF_PROG_TEST_RUN with
- *                BPF_F_TEST_XDP_LIVE_FRAMES on the generator's veth: returns
- *                XDP_TX, so every frame goes out to the balancer's veth.
+ *   bench_gen    traffic generator, the XDP program of the generator's veth:
+ *                every frame the balancer's veth sends back comes to it, is
+ *                counted, made the next frame of the traffic and sent out
+ *                again (XDP_TX). A few frames sent once from a packet socket
+ *                keep going round this ring (src/bench/ring.rs).
  *   bench_plain  plain floor on the balancer's veth: count, XDP_TX.
  *   bench_encap  encapsulation floor: count, push the outer IPv4 header with
  *                the balancer's own push_ipv4() (encap.h, csum.h), XDP_TX.
  *   bench_encap6 IPv6 encapsulation floor: count, push a constant outer IPv6
  *                header with the balancer's own push_ipv6() (4in6 or 6in6,
  *                by the frame's EtherType), XDP_TX.
- *   bench_sink   on the generator's veth: counts what comes back and drops it
- *                (it is also what lets that veth take XDP_TX frames at all).
  *   bench_empty  returns XDP_PASS: the baseline of the test_run timing loops.
  *   bv_*         variants for `l4lb bench --variants`: the encapsulation floor
  *                with l4lb's stages added one by one (parse, select, counters,
@@ -19,9 +19,11 @@
  *                They use l4lb's own maps (the host points them at the maps
  *                of the tracked l4lb program it attached, already filled).
  *
- * Live frames are recycled, and the receiver modifies them in place (l4lb
- * writes its outer header over the old Ethernet header), so the generator
- * rewrites every header byte of every frame from a template, then draws a
+ * A frame comes back as the balancer sent it (l4lb pushes an outer header in
+ * front), so the generator first gives it the length of the frame it is to
+ * send, removing bytes at its head: what stays is the frame's tail, the
+ * payload the balancer left as it was. It then rewrites every header byte
+ * from a template (the kinds of frame taken in turn), then draws a
  * random client (the last 16 bits of its address, IPv4 or IPv6) and port and
  * fixes the checksums incrementally (IPv4 header, TCP or UDP). The random
  * word is masked first: all ones for a new flow per frame, fewer bits for a
@@ -71,26 +73,52 @@ struct bench_gen_config {
 	__u32 random_mask; /* ANDed into the random word: the flows drawn from */
 	__u16 dst_off;     /* the destination address's last two bytes */
 	__u16 dst_mask;    /* 0, or ANDed into a second random word added to them */
-	__u32 pad;
+	__u16 frame_len;   /* the whole frame's length */
+	__u16 pad;
 	/* The first bytes of the frame with the address's last two bytes and
 	 * the port 0, checksums computed for those zeros. */
 	__u8 tmpl[BENCH_TEMPLATE_LEN] __attribute__((aligned(8)));
+};
+
+/* The kinds of frame the generator sends, in turn. */
+#define BENCH_GEN_KINDS 8
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, BENCH_GEN_KINDS);
+	__type(key, __u32);
+	__type(value, struct bench_gen_config);
+} bench_gen_cfg SEC(".maps");
+
+/* Key 0: whether the ring runs, and how many kinds of bench_gen_cfg it
+ * sends. Stopped, the generator drops what comes back: the ring empties. */
+struct bench_gen_ctl {
+	__u32 running;
+	__u32 kinds;
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct bench_gen_config);
-} bench_gen_cfg SEC(".maps");
+	__type(value, struct bench_gen_ctl);
+} bench_gen_ctl SEC(".maps");
 
-/* Frames the sink received (per CPU). */
+/* Frames the generator sent (per CPU); also which kind goes next. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
-} bench_sink_cnt SEC(".maps");
+} bench_gen_cnt SEC(".maps");
+
+/* Frames that came back to the generator's veth (per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_back_cnt SEC(".maps");
 
 /* Frames the floors sent back (per CPU). */
 struct {
@@ -133,15 +161,31 @@ static __always_inline __u16 *field16(void *data, void *data_end, __u32 off)
 SEC("xdp")
 int bench_gen(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data, *data_end;
 	struct bench_gen_config *cfg;
-	__u32 zero = 0, rnd, lo, sport, i, dst_add = 0;
+	struct bench_gen_ctl *ctl;
+	__u32 zero = 0, key = 0, rnd, lo, sport, i, dst_add = 0;
 	__u16 *addr, *port, *check, *dst;
+	__u64 *sent;
+	int delta;
 
-	cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
+	count_one(&bench_back_cnt);
+	ctl = bpf_map_lookup_elem(&bench_gen_ctl, &zero);
+	sent = bpf_map_lookup_elem(&bench_gen_cnt, &zero);
+	if (!ctl || !sent)
+		return XDP_ABORTED;
+	if (!ctl->running)
+		return XDP_DROP;
+	if (ctl->kinds > 1)
+		key = *sent % ctl->kinds;
+	cfg = bpf_map_lookup_elem(&bench_gen_cfg, &key);
 	if (!cfg)
 		return XDP_ABORTED;
+	delta = (int)(ctx->data_end - ctx->data) - cfg->frame_len;
+	if (delta && bpf_xdp_adjust_head(ctx, delta))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
 	if (data + BENCH_MIN_FRAME > data_end)
 		return XDP_ABORTED;
 	/* 7 x 8 + 4 bytes: every header byte of the 60-byte frames. */
@@ -192,6 +236,7 @@ int bench_gen(struct xdp_md *ctx)
 	*check = csum_add2(*check, lo + dst_add, sport);
 	if (cfg->udp && *check == 0)
 		*check = 0xffff; /* 0 means "no checksum" in UDP */
+	*sent += 1;
 	return XDP_TX;
 }
 
@@ -295,14 +340,6 @@ int bench_encap6(struct xdp_md *ctx)
 		return XDP_DROP;
 	count_one(&bench_floor_cnt);
 	return XDP_TX;
-}
-
-SEC("xdp")
-int bench_sink(struct xdp_md *ctx)
-{
-	(void)ctx;
-	count_one(&bench_sink_cnt);
-	return XDP_DROP;
 }
 
 SEC("xdp")
