@@ -3,17 +3,18 @@
 //! traffic.
 //!
 //! Two namespaces, gen and lb, are joined by a veth pair; `l4lb attach`
-//! (driver mode) runs on the lb end. A live-frame generator (the benchmark's
-//! `bench_gen`, run by BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES in a
-//! thread inside the gen namespace, pinned to one CPU) floods the lb end with
-//! IPv4 TCP SYN and UDP frames to the benchmark's IPv4 VIP, IPv4 SYNs to its
-//! 4in6 VIP and to no VIP (the catch-all), and IPv6 SYNs to its IPv6 VIP, from
-//! random client addresses and ports for
-//! the whole test (in slots in transition each of its frames pins its flow:
-//! millions of pins, an LRU flow table turned over and over); the benchmark's `bench_sink` on the gen end counts and drops
-//! what l4lb sends back (a veth accepts its peer's XDP_TX frames only when it
-//! runs an XDP program). Meanwhile `l4lb map` runs, as a process in the lb
-//! namespace, on the other CPU(s):
+//! (driver mode) runs on the lb end. The benchmark's ring of frames
+//! (`l4lb::bench::ring`: its generator `bench_gen` on the gen end turns every
+//! frame l4lb sends back into the next one, all of it on one CPU) floods the
+//! lb end with IPv4 TCP SYN and UDP frames to the benchmark's IPv4 VIP, IPv4
+//! SYNs to its 4in6 VIP and to no VIP (the catch-all), and, in the apply
+//! test, IPv6 SYNs to its IPv6 VIP, from random client addresses and ports
+//! for the whole test (in slots in transition each of its frames pins its
+//! flow: millions of pins, an LRU flow table turned over and over). The map
+//! tests send only what their catch-all takes: a frame l4lb passes to the
+//! stack leaves the ring, and the ring can replace only a few of those.
+//! Meanwhile `l4lb map` runs, as a process in the lb namespace, on the other
+//! CPU(s):
 //!
 //! * 100 `l4lb map` updates of the catch-all cycling through destination
 //!   sets of 1 to 64 destinations (overlapping sets, additions and removals
@@ -122,8 +123,11 @@ const PREFIX: &str = "l4lbt";
 const UPDATES: usize = 100;
 /// `l4lb apply` updates under the flood.
 const APPLIES: usize = 100;
-/// What the flood sends (spread over the services the tests configure).
+/// What the flood of the apply test sends (spread over the services it configures).
 const FLOOD_KINDS: [Kind; 5] = [Kind::TcpSyn64, Kind::Udp64, Kind::Syn4in6, Kind::Ipv6Syn, Kind::CatchAll];
+/// What the flood of the map tests sends: the IPv4 kinds, all of which their
+/// IPv4 catch-all takes (it passes IPv6 frames to the stack).
+const MAP_FLOOD_KINDS: [Kind; 4] = [Kind::TcpSyn64, Kind::Udp64, Kind::Syn4in6, Kind::CatchAll];
 /// Rounds of two concurrent `l4lb map` processes.
 const CONCURRENT_ROUNDS: usize = 10;
 /// Destinations the sets are drawn from (a full replacement of 64 needs 128).
@@ -666,7 +670,7 @@ fn hundred_map_updates_under_flood() -> TestResult {
     check_map_update("initial fill", &empty, &set, &state)?;
     let maps = topo.open_maps()?;
 
-    let mut flood = Flood::start(&topo, &FLOOD_KINDS)?;
+    let mut flood = Flood::start(&topo, &MAP_FLOOD_KINDS)?;
     let mut times = Vec::new();
     let mut during = Vec::new();
     let mut sizes = Vec::new();
@@ -1630,7 +1634,7 @@ fn concurrent_map_processes_are_serialised() -> TestResult {
     let mut set: Vec<Destination> = sets.make(&first);
     topo.l4lb_many(&[topo.map_args("initial.csv", &set)?])?.remove(0).success()?;
     let mut state = topo.snapshot()?;
-    let mut flood = Flood::start(&topo, &FLOOD_KINDS)?;
+    let mut flood = Flood::start(&topo, &MAP_FLOOD_KINDS)?;
 
     let mut orders = [0usize; 2];
     let mut times = Vec::new();
