@@ -10,8 +10,8 @@
 //!   nothing.
 //! * A bad file at the start, or another XDP program on the interface,
 //!   stops it before anything is touched.
-//! * Forwarding never depends on it: killed with SIGKILL under a flood of
-//!   live frames and started again, no frame is dropped (every frame l4lb
+//! * Forwarding never depends on it: killed with SIGKILL under a flood
+//!   (the benchmark's ring of frames) and started again, no frame is dropped (every frame l4lb
 //!   received went out, no drop counter moved) and no flow moved (the
 //!   program, its services and every table slot are what they were).
 //! * A change's transition ends without a person: the agent's sweep ends it

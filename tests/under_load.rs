@@ -158,7 +158,7 @@ fn main() {
     }
     common::run_suite(
         "under_load",
-        "network namespaces, XDP and live-frame traffic need root",
+        "network namespaces and XDP need root",
         vec![
             ("hundred_map_updates_under_flood_never_expose_a_half_written_table", hundred_map_updates_under_flood),
             ("apply_updates_of_ipv4_and_ipv6_services_under_flood_drop_nothing", apply_updates_under_flood),
@@ -739,7 +739,7 @@ fn hundred_map_updates_under_flood() -> TestResult {
     );
     println!("  frames reaching l4lb during the {UPDATES} updates and checks: {rx_during_updates}");
     println!(
-        "  flood: {:.2} s, generator sent {sent} ({:.2} Mpps), l4lb rx {}, sink received {sunk}",
+        "  flood: {:.2} s, generator sent {sent} ({:.2} Mpps), l4lb rx {}, back at the generator {sunk}",
         ran.as_secs_f64(),
         sent as f64 / ran.as_secs_f64() / 1e6,
         counters["rx"]

@@ -830,7 +830,8 @@ pub(crate) mod tests {
         assert!(text.contains("0.950 0.950 0.950"), "{text}");
         assert!(text.contains("| 3.800 |") || text.contains(" 3.800 "), "{text}");
         assert!(text.contains("about 40 ns per run"), "{text}");
-        assert!(text.contains("pinned to CPU 1"), "{text}");
+        assert!(text.contains("frames runs on CPU 1"), "{text}");
+        assert!(text.contains("its ksoftirqd ran 97% to 97%"), "{text}");
         assert!(text.contains("CPU 1 was busy 99% to 99%"), "{text}");
         assert!(!text.contains("not CPU-bound"), "{text}");
         assert!(text.contains("stats refresh"), "{text}");
