@@ -231,12 +231,16 @@ impl Ring {
         })
     }
 
-    /// Sends `n` frames of the current kinds, in turn, from the calling thread.
+    /// Sends up to `n` frames of the current kinds, in turn, from the calling
+    /// thread; stops at the first the balancer's veth had no room for (its
+    /// queue is full: the ring is, too).
     fn send_seeds(&self, n: usize) -> Result<()> {
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (i, kind) in kinds.iter().cycle().take(if kinds.is_empty() { 0 } else { n }).enumerate() {
             let (client, port) = frames::client_of(*kind, i as u32);
-            sys::send_frame(&self.socket, &frames::frame(*kind, &self.ends, client, port))?;
+            if !sys::send_frame(&self.socket, &frames::frame(*kind, &self.ends, client, port))? {
+                break;
+            }
             self.seeded.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())

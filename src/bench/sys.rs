@@ -162,14 +162,19 @@ pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
     Ok(socket)
 }
 
-/// Sends one whole frame (Ethernet header included) on a bound packet socket.
-pub fn send_frame(socket: &OwnedFd, frame: &[u8]) -> Result<()> {
+/// Sends one whole frame (Ethernet header included) on a bound packet
+/// socket. False: the device's queue was full and dropped it (ENOBUFS).
+pub fn send_frame(socket: &OwnedFd, frame: &[u8]) -> Result<bool> {
     // SAFETY: frame is valid for its length.
     let sent = unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    if sent != frame.len() as isize {
-        return Err(std::io::Error::last_os_error()).context("sending a frame on the packet socket");
+    if sent == frame.len() as isize {
+        return Ok(true);
     }
-    Ok(())
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOBUFS) {
+        return Ok(false);
+    }
+    Err(err).context("sending a frame on the packet socket")
 }
 
 /// Runs `f` in a thread that entered network namespace `ns` (setns affects
