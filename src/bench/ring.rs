@@ -80,6 +80,12 @@ impl Ring {
     /// the packet socket there. The ring runs on `cpu` once started.
     pub fn new(prog: RawFd, maps: RingMaps, (ns, dev): (&str, &str), cpu: usize, ends: Endpoints) -> Result<Ring> {
         let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+        let entries = sys::map_max_entries(maps.cfg).context("the generator's settings")?;
+        if entries as usize != MAX_KINDS {
+            bail!(
+                "bench_gen_cfg has {entries} entries, expected {MAX_KINDS}: the benchmark object is of another build"
+            );
+        }
         let (link, socket) = sys::in_netns(ns, || {
             let ifindex = nix::net::if_::if_nametoindex(dev).with_context(|| format!("no {dev} in {ns}"))?;
             let link = sys::xdp_link(ifindex, prog).with_context(|| format!("the generator on {dev}"))?;

@@ -76,6 +76,19 @@ pub fn map_update(map: RawFd, key: u32, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The number of entries map `map` was created with.
+pub fn map_max_entries(map: RawFd) -> Result<u32> {
+    // SAFETY: plain C struct.
+    let mut info: libbpf_sys::bpf_map_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: info is valid for len bytes.
+    let rc = unsafe { libbpf_sys::bpf_map_get_info_by_fd(map, &mut info, &mut len) };
+    if rc != 0 {
+        return Err(os_error(rc)).context("reading map info");
+    }
+    Ok(info.max_entries)
+}
+
 pub fn prog_info(prog: RawFd) -> Result<libbpf_sys::bpf_prog_info> {
     // SAFETY: plain C struct.
     let mut info: libbpf_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
@@ -103,11 +116,7 @@ pub fn enable_bpf_stats() -> Result<OwnedFd> {
 /// Attaches (or replaces) the XDP program of `ifindex` in driver mode, in the
 /// calling thread's network namespace.
 pub fn xdp_attach(ifindex: u32, prog: RawFd) -> Result<()> {
-    xdp_attach_mode(ifindex, prog, libbpf_sys::XDP_FLAGS_DRV_MODE)
-}
-
-/// Attaches (or replaces) the XDP program of `ifindex` with `flags` (a mode).
-pub fn xdp_attach_mode(ifindex: u32, prog: RawFd, flags: u32) -> Result<()> {
+    let flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
     // SAFETY: plain syscall wrapper with a valid fd, null options.
     let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, prog, flags, std::ptr::null()) };
     if rc != 0 {
