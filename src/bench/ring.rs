@@ -195,15 +195,16 @@ impl Ring {
         self.cpu
     }
 
-    /// Keeps the ring full until `stop` is set: every KEEP_TICK, adds
-    /// SEED_FRAMES frames when none came back, TOP_UP when fewer than half as
-    /// many as in the best tick of late. Runs on the ring's CPU (the calling
-    /// thread is moved there). Does nothing while the ring is stopped.
-    pub fn keep(&self, stop: &AtomicBool) -> Result<()> {
+    /// Keeps the ring full until `stop` is set or `until` passes: every
+    /// KEEP_TICK, adds SEED_FRAMES frames when none came back, TOP_UP when
+    /// fewer than half as many as in the best tick of late. Runs on the
+    /// ring's CPU (the calling thread is moved there). Does nothing while the
+    /// ring is stopped.
+    pub fn keep(&self, stop: &AtomicBool, until: Instant) -> Result<()> {
         sys::set_cpus(&[self.cpu])?;
         let mut last = self.back()?;
         let mut best = 0u64;
-        while !stop.load(Ordering::SeqCst) {
+        while !stop.load(Ordering::SeqCst) && Instant::now() < until {
             std::thread::sleep(KEEP_TICK);
             let now = self.back()?;
             let moved = now.saturating_sub(last);

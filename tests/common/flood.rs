@@ -83,23 +83,14 @@ impl Flood {
         let thread = {
             let (ring, stop, error) = (ring.clone(), stop.clone(), error.clone());
             std::thread::spawn(move || {
-                let deadline = Instant::now() + FLOOD_LIMIT;
-                let result = std::thread::scope(|scope| {
-                    let keeper = scope.spawn(|| ring.keep(&stop));
-                    while !stop.load(Ordering::SeqCst) && !keeper.is_finished() && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    let timed_out = !stop.swap(true, Ordering::SeqCst);
-                    let kept = keeper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                    match kept {
-                        Err(err) => Err(format!("keeping the ring full: {err:#}")),
-                        Ok(()) if timed_out => Err(format!(
-                            "stopped by its backstop after FLOOD_LIMIT = {} s: the test ran longer",
-                            FLOOD_LIMIT.as_secs()
-                        )),
-                        Ok(()) => Ok(()),
-                    }
-                });
+                let result = match ring.keep(&stop, Instant::now() + FLOOD_LIMIT) {
+                    Err(err) => Err(format!("keeping the ring full: {err:#}")),
+                    Ok(()) if !stop.load(Ordering::SeqCst) => Err(format!(
+                        "stopped by its backstop after FLOOD_LIMIT = {} s: the test ran longer",
+                        FLOOD_LIMIT.as_secs()
+                    )),
+                    Ok(()) => Ok(()),
+                };
                 let stopped = ring.stop().map_err(|err| format!("stopping the ring: {err:#}"));
                 if let Err(err) = result.and(stopped) {
                     *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
