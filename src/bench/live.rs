@@ -18,7 +18,7 @@ use super::report::{
     ControlPlane, FlowEvents, KindResult, L4lbCounts, ProgramSize, ProgramSizes, ProgramTimes, Round, ServicePackets,
     Summary, Throughput, Variants,
 };
-use super::ring::{ctl_value, Ring, RingMaps};
+use super::ring::{Ring, RingMaps};
 use super::skel::L4lbBenchSkelBuilder;
 use super::sys::{self, Topology};
 use super::Options;
@@ -865,19 +865,17 @@ fn check_programs(setup: &Setup, variants: &[(&str, &str, RawFd)], rows: &RowSer
 /// A kind whose frame is all header is also made from a shorter frame (in
 /// a ring of several kinds, a frame of another kind): grown at its head.
 fn check_generator(setup: &Setup, kind: Kind) -> Result<()> {
-    let fds = &setup.fds;
-    sys::map_update(fds.ring.cfg, 0, &frames::gen_config(kind, &setup.ends))?;
-    sys::map_update(fds.ring.ctl, 0, &ctl_value(true, 1))?;
+    setup.ring.arm(&[kind])?;
     let back: Vec<u8> = (0..kind.frame_len() + kind.overhead()).map(|i| 0xa5 ^ i as u8).collect();
     let mut checks = vec![("sent back", back.as_slice())];
     if kind.header_len() == kind.frame_len() {
         checks.push(("shorter", &back[..frames::ETH_LEN + 6]));
     }
     let checked = checks.into_iter().try_for_each(|(what, input)| {
-        check_generated(fds.gen, setup, kind, input)
+        check_generated(setup.fds.gen, setup, kind, input)
             .with_context(|| format!("generator, {} from a frame {what}", kind.label()))
     });
-    sys::map_update(fds.ring.ctl, 0, &ctl_value(false, 0))?;
+    setup.ring.disarm()?;
     checked
 }
 

@@ -101,7 +101,7 @@ impl Ring {
             kinds: Mutex::new(Vec::new()),
             _link: link,
         };
-        ring.write_ctl(false, 0)?;
+        ring.disarm()?;
         Ok(ring)
     }
 
@@ -114,11 +114,7 @@ impl Ring {
         if !current.is_empty() {
             bail!("the ring is running already ({:?})", *current);
         }
-        for (key, &kind) in kinds.iter().enumerate() {
-            sys::map_update(self.maps.cfg, key as u32, &frames::gen_config(kind, &self.ends))
-                .with_context(|| format!("the generator's settings for {}", kind.label()))?;
-        }
-        self.write_ctl(true, kinds.len())?;
+        self.arm(kinds)?;
         *current = kinds.to_vec();
         drop(current);
         let before = self.back()?;
@@ -137,7 +133,7 @@ impl Ring {
     /// drops them): the ring is empty.
     pub fn stop(&self) -> Result<()> {
         self.kinds.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.write_ctl(false, 0)?;
+        self.disarm()?;
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut last = self.back()?;
         let mut quiet_since = Instant::now();
@@ -238,6 +234,22 @@ impl Ring {
         })
     }
 
+    /// Writes the settings of `kinds` and lets the generator run: what
+    /// `start` does before it sends the first frames, for one frame run
+    /// through the generator by hand (the ring stays as it was).
+    pub(super) fn arm(&self, kinds: &[Kind]) -> Result<()> {
+        for (key, &kind) in kinds.iter().enumerate() {
+            sys::map_update(self.maps.cfg, key as u32, &frames::gen_config(kind, &self.ends))
+                .with_context(|| format!("the generator's settings for {}", kind.label()))?;
+        }
+        self.write_ctl(true, kinds.len())
+    }
+
+    /// Stops the generator: it drops what comes back.
+    pub(super) fn disarm(&self) -> Result<()> {
+        self.write_ctl(false, 0)
+    }
+
     /// Sends up to `n` frames of the current kinds, in turn, from the calling
     /// thread; stops at the first the balancer's veth had no room for (its
     /// queue is full: the ring is, too).
@@ -260,7 +272,7 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        let _ = self.write_ctl(false, 0);
+        let _ = self.disarm();
     }
 }
 
@@ -271,7 +283,7 @@ impl std::fmt::Debug for Ring {
 }
 
 /// `struct bench_gen_ctl`: running, kinds (native byte order).
-pub(super) fn ctl_value(running: bool, kinds: usize) -> Vec<u8> {
+fn ctl_value(running: bool, kinds: usize) -> Vec<u8> {
     let mut value = u32::from(running).to_ne_bytes().to_vec();
     value.extend_from_slice(&(kinds as u32).to_ne_bytes());
     value
